@@ -1,0 +1,20 @@
+"""sessiondb: a SQLite session store that many local processes share without freezing."""
+
+from .errors import (
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
+    DatabaseOpenError, DiskFullError, IntegrityViolation, InvalidArgument,
+    InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
+    SessionNotFound, StorageError, TitleConflict, WriteTimeout,
+)
+from .store import SessionDB
+from .text import sanitize_title
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SessionDB", "sanitize_title", "__version__",
+    "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
+    "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
+    "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
+    "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
+]

@@ -1,0 +1,179 @@
+"""Opening a connection: where the file lives, and every per-connection pragma.
+
+Each pragma is a small function named for its intent (after apsw's ``bestpractice``), and
+:func:`open_connection` is the only place that applies them, so every connection sessiondb
+makes is configured the same way.
+
+The one rule this module exists to keep: **nothing but SQLite ever opens the database,
+``-wal`` or ``-shm`` files.** Closing *any* descriptor of the database file drops every
+POSIX lock the process holds on it, silently, which has corrupted real deployments
+(https://sqlite.org/howtocorrupt.html#_posix_advisory_locks_canceled_by_a_separate_thread_doing_close_).
+Permissions are therefore set with ``os.chmod`` on the path, never through a descriptor.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import apsw
+import platformdirs
+
+from .errors import ConfigurationError, DatabaseOpenError, translate
+
+#: SQLite versions before this have the WAL-reset bug that can corrupt a database shared by
+#: several processes (https://sqlite.org/wal.html#walresetbug).
+MIN_SQLITE_VERSION = (3, 51, 3)
+
+ENV_PATH = "SESSIONDB_PATH"
+
+
+def default_path() -> Path:
+    """Where a store lives when no path is given.
+
+    ``$SESSIONDB_PATH`` if set, else ``platformdirs.user_data_dir("sessiondb")/state.db``.
+    """
+    env = os.environ.get(ENV_PATH)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("sessiondb")) / "state.db"
+
+
+def sqlite_version() -> tuple[int, int, int]:
+    """The version of the SQLite library apsw is linked against."""
+    parts = apsw.sqlite_lib_version().split(".")
+    return (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 0)
+
+
+def check_sqlite_version(version: tuple[int, int, int] | None = None) -> None:
+    """Refuse SQLite releases with the WAL-reset corruption bug.
+
+    :raises ConfigurationError: if the linked SQLite is older than 3.51.3.
+    """
+    version = version or sqlite_version()
+    if version < MIN_SQLITE_VERSION:
+        have = ".".join(map(str, version))
+        need = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise ConfigurationError(
+            f"SQLite {have} has the WAL-reset bug that corrupts databases shared by "
+            f"several processes (https://sqlite.org/wal.html#walresetbug); sessiondb "
+            f"needs {need} or newer: `pip install -U apsw`"
+        )
+
+
+def prepare_directory(path: Path) -> None:
+    """Create the parent directory (mode 0700) if missing; refuse unusable paths."""
+    parent = path.parent
+    if not parent.exists():
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseOpenError(
+                f"cannot create directory {parent}: {exc.strerror}", str(path)
+            ) from exc
+    if path.is_dir():
+        raise DatabaseOpenError(f"{path} is a directory; pass the path of a file", str(path))
+
+
+def connection_wal(conn: apsw.Connection) -> None:
+    """WAL lets readers and one writer work at once (https://sqlite.org/wal.html)."""
+    mode = conn.pragma("journal_mode", "wal")
+    if str(mode).lower() != "wal":
+        raise ConfigurationError(
+            f"could not switch {conn.filename} to WAL (journal_mode is {mode}); "
+            "the file system may not support shared memory (network drives do not)"
+        )
+
+
+def connection_durability(conn: apsw.Connection) -> None:
+    """``synchronous=NORMAL`` is durable against process crashes in WAL mode; a power
+    loss may lose the last transactions but never corrupts
+    (https://sqlite.org/pragma.html#pragma_synchronous)."""
+    conn.pragma("synchronous", "NORMAL")
+
+
+def connection_foreign_keys(conn: apsw.Connection) -> None:
+    """Enforce parent/child references between sessions and messages."""
+    conn.pragma("foreign_keys", True)
+
+
+def connection_no_mmap(conn: apsw.Connection) -> None:
+    """No memory-mapped I/O: under concurrent writers in other processes a transient WAL
+    race becomes a SIGBUS or structural corruption instead of a retryable error."""
+    conn.pragma("mmap_size", 0)
+
+
+def connection_manual_checkpoints(conn: apsw.Connection, journal_size_limit: int) -> None:
+    """Checkpoints are run by :mod:`sessiondb.checkpoint` outside the write lock, never by
+    whichever writer happens to cross SQLite's auto-checkpoint threshold; after a WAL reset
+    the file is truncated back to ``journal_size_limit`` bytes."""
+    conn.wal_autocheckpoint(0)
+    conn.pragma("journal_size_limit", journal_size_limit)
+
+
+def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
+    """A short busy timeout: long waits are queued in the kernel by the write gate
+    (:mod:`sessiondb.gate`), so SQLite's fixed-schedule busy handler only covers brief
+    collisions with writers that do not use the gate."""
+    conn.set_busy_timeout(milliseconds)
+
+
+def open_connection(
+    path: Path, *, busy_timeout_ms: int, journal_size_limit: int
+) -> apsw.Connection:
+    """Open and configure one connection to ``path`` (created if missing, mode 0600).
+
+    :raises DatabaseOpenError: the path cannot be opened or is not a database.
+    :raises ConfigurationError: WAL mode is unavailable or SQLite is too old.
+    """
+    check_sqlite_version()
+    prepare_directory(path)
+    created = not path.exists()
+    flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    try:
+        conn = apsw.Connection(str(path), flags=flags)
+    except apsw.Error as exc:
+        raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
+    try:
+        if created:
+            _restrict_new_file(path)
+        connection_busy_timeout(conn, busy_timeout_ms)
+        connection_wal(conn)
+        connection_durability(conn)
+        connection_foreign_keys(conn)
+        connection_no_mmap(conn)
+        connection_manual_checkpoints(conn, journal_size_limit)
+    except apsw.Error as exc:
+        conn.close()
+        if isinstance(exc, (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError,
+                            apsw.ReadOnlyError, apsw.PermissionsError)):
+            raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
+        raise translate(exc, str(path)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _restrict_new_file(path: Path) -> None:
+    # chmod by path, not through a descriptor (see the module docstring). SQLite creates
+    # the -wal and -shm files later with the database file's permissions.
+    try:
+        if path.stat().st_uid == os.geteuid():
+            os.chmod(path, 0o600)
+    except (OSError, AttributeError):  # AttributeError: no geteuid (Windows)
+        pass
+
+
+def _open_advice(path: Path, exc: apsw.Error) -> str:
+    if isinstance(exc, apsw.NotADBError):
+        return f"{path} is not a SQLite database (or is encrypted); nothing was changed"
+    if isinstance(exc, apsw.CorruptError):
+        return f"{path} is damaged: {exc}; run `sessiondb doctor --db {path}`"
+    if isinstance(exc, (apsw.ReadOnlyError, apsw.PermissionsError)):
+        return (f"{path} is not writable by this user ({exc}); sessiondb needs write "
+                "access to the file and its directory (for the -wal and -shm files)")
+    if isinstance(exc, apsw.CantOpenError):
+        return (f"cannot open {path}: {exc}; check that the directory exists and is "
+                "writable")
+    return f"cannot open {path}: {exc}"

@@ -1,0 +1,197 @@
+"""The sessiondb exception tree.
+
+Every error the library raises on purpose derives from :class:`SessionDBError`, so one
+``except SessionDBError`` catches them all and callers never need to import ``apsw``::
+
+    SessionDBError
+    ├── ConfigurationError          bad option value, unsupported SQLite
+    ├── DatabaseOpenError           the path cannot be opened as a sessiondb store
+    │   └── SchemaTooNewError       written by a newer sessiondb; left untouched
+    ├── ClosedError                 the instance was closed
+    ├── InvalidArgument (ValueError)    a value the store will not accept
+    │   ├── InvalidTitle            title too long after sanitizing
+    │   └── TitleConflict           another session already has the title
+    ├── InvalidArgumentType (TypeError) e.g. tool_calls that are not JSON-serializable
+    ├── SessionNotFound             the session a write names does not exist
+    ├── IntegrityViolation          a constraint the schema enforces (e.g. a referenced parent)
+    ├── DatabaseBusyError           a lock stayed taken longer than the time budget
+    │   └── WriteTimeout            the write lock could not be had within the time budget
+    ├── StorageError                SQLite reported an I/O-level problem
+    │   ├── DiskFullError           SQLITE_FULL: free space, then retry
+    │   └── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
+    └── SearchIndexError            the full-text index is damaged (messages are intact)
+
+Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
+original ``apsw`` exception stays reachable as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import apsw
+
+__all__ = [
+    "SessionDBError",
+    "ConfigurationError",
+    "DatabaseOpenError",
+    "SchemaTooNewError",
+    "ClosedError",
+    "InvalidArgument",
+    "InvalidTitle",
+    "TitleConflict",
+    "InvalidArgumentType",
+    "SessionNotFound",
+    "IntegrityViolation",
+    "DatabaseBusyError",
+    "WriteTimeout",
+    "StorageError",
+    "DiskFullError",
+    "CorruptDatabaseError",
+    "SearchIndexError",
+    "translate",
+]
+
+
+class SessionDBError(Exception):
+    """Base class of every error sessiondb raises on purpose."""
+
+
+class ConfigurationError(SessionDBError):
+    """An option has an invalid value, or the linked SQLite is unsafe to use."""
+
+
+class DatabaseOpenError(SessionDBError):
+    """The path cannot be opened as a sessiondb store.
+
+    :ivar path: the database path that failed.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SchemaTooNewError(DatabaseOpenError):
+    """The store was written by a newer sessiondb; it is left untouched.
+
+    :ivar found: the schema version in the file.
+    :ivar supported: the newest version this library knows.
+    """
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(
+            f"{path} has schema version {found}, but this sessiondb only knows up to "
+            f"{supported}; upgrade sessiondb to open it (the file was not modified)",
+            path,
+        )
+        self.found = found
+        self.supported = supported
+
+
+class ClosedError(SessionDBError):
+    """The instance was closed; open a new :class:`~sessiondb.SessionDB`."""
+
+
+class InvalidArgument(SessionDBError, ValueError):
+    """A value the store will not accept (also a :class:`ValueError`)."""
+
+
+class InvalidTitle(InvalidArgument):
+    """A session title is too long after sanitizing."""
+
+
+class TitleConflict(InvalidArgument):
+    """Another session already uses this title.
+
+    :ivar title: the sanitized title.
+    :ivar session_id: the session that holds it.
+    """
+
+    def __init__(self, title: str, session_id: str) -> None:
+        super().__init__(f"Title {title!r} is already in use by session {session_id}")
+        self.title = title
+        self.session_id = session_id
+
+
+class InvalidArgumentType(SessionDBError, TypeError):
+    """An argument has a type the store cannot persist (also a :class:`TypeError`)."""
+
+
+class SessionNotFound(SessionDBError):
+    """The session a write refers to does not exist.
+
+    :ivar session_id: the id that was not found.
+    """
+
+    def __init__(self, session_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"session {session_id!r} does not exist")
+        self.session_id = session_id
+
+
+class IntegrityViolation(SessionDBError):
+    """A constraint of the schema was violated; nothing was written."""
+
+
+class DatabaseBusyError(SessionDBError):
+    """Another process held a lock for longer than this call's time budget."""
+
+
+class WriteTimeout(DatabaseBusyError):
+    """The write could not get the write lock within its time budget; nothing was written.
+
+    :ivar waited_s: seconds spent waiting, all attempts included.
+    :ivar attempts: how many times the write lock was requested.
+    """
+
+    def __init__(self, waited_s: float, attempts: int, detail: str = "") -> None:
+        msg = (
+            f"could not get the write lock in {waited_s:.2f}s ({attempts} attempt(s)); "
+            "another process holds it. Nothing was written; retry later, or raise "
+            "write_timeout if writes legitimately take this long"
+        )
+        super().__init__(msg + (f" [{detail}]" if detail else ""))
+        self.waited_s = waited_s
+        self.attempts = attempts
+
+
+class StorageError(SessionDBError):
+    """SQLite reported an I/O-level problem; the transaction was rolled back."""
+
+
+class DiskFullError(StorageError):
+    """The disk (or a quota) is full; free space and retry. Nothing was written."""
+
+
+class CorruptDatabaseError(StorageError):
+    """The database file is damaged. Run ``sessiondb doctor`` and restore from backup."""
+
+
+class SearchIndexError(SessionDBError):
+    """The full-text index is damaged; messages are intact.
+
+    Rebuild it with ``sessiondb doctor --repair``.
+    """
+
+
+def translate(exc: BaseException, path: str = "") -> BaseException:
+    """Map an ``apsw`` exception to the sessiondb equivalent (chain it with ``from``).
+
+    Exceptions that are not from apsw are returned unchanged.
+    """
+    where = f" ({path})" if path else ""
+    if isinstance(exc, SessionDBError) or not isinstance(exc, apsw.Error):
+        return exc
+    text = str(exc)
+    if isinstance(exc, apsw.FullError):
+        return DiskFullError(f"disk full{where}: {text}; free space, then retry")
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return CorruptDatabaseError(
+            f"database is damaged{where}: {text}; run `sessiondb doctor` on it"
+        )
+    if isinstance(exc, apsw.ConstraintError):
+        return IntegrityViolation(f"constraint failed{where}: {text}")
+    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
+        return DatabaseBusyError(f"database busy{where}: {text}; retry later")
+    if isinstance(exc, (apsw.IOError, apsw.CantOpenError, apsw.ReadOnlyError,
+                        apsw.PermissionsError, apsw.ProtocolError)):
+        return StorageError(f"storage error{where}: {text}")
+    return StorageError(f"SQLite error{where}: {text}")

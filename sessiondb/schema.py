@@ -1,0 +1,162 @@
+"""The schema and its migration ladder, versioned by ``PRAGMA user_version``.
+
+A fresh file is brought to :data:`SCHEMA_VERSION` step by step, each step one write
+transaction through the normal write path, while a ``filelock`` sidecar
+(``<db>.sessiondb-migrate.lock``) makes the processes that open the same new file at once
+take turns: the first creates the schema, the others find it done. ``filelock`` polls,
+which is right for a once-per-file event and wrong for the hot write path (that is what
+:mod:`sessiondb.gate` is for).
+
+Lookups use real indexed columns (never JSON extraction). Messages are ordered by their
+integer key, which also serves keyset pagination. ``messages_fts`` is an FTS5
+external-content index over ``messages.content`` kept in sync by triggers
+(https://sqlite.org/fts5.html#external_content_tables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import apsw
+import filelock
+
+from .errors import DatabaseOpenError, SchemaTooNewError
+
+SCHEMA_VERSION = 1
+
+# Column order follows the hermes-agent lineage (see README, "Coming from hermes-agent"),
+# so rows read naturally to code written against it.
+_V1 = """
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    user_id TEXT,
+    model TEXT,
+    model_config TEXT,
+    system_prompt TEXT,
+    parent_session_id TEXT REFERENCES sessions(id),
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    end_reason TEXT,
+    message_count INTEGER DEFAULT 0,
+    tool_call_count INTEGER DEFAULT 0,
+    input_tokens INTEGER DEFAULT 0,
+    output_tokens INTEGER DEFAULT 0,
+    cache_read_tokens INTEGER DEFAULT 0,
+    cache_write_tokens INTEGER DEFAULT 0,
+    reasoning_tokens INTEGER DEFAULT 0,
+    billing_provider TEXT,
+    billing_base_url TEXT,
+    billing_mode TEXT,
+    estimated_cost_usd REAL,
+    actual_cost_usd REAL,
+    cost_status TEXT,
+    cost_source TEXT,
+    pricing_version TEXT,
+    title TEXT
+);
+CREATE INDEX idx_sessions_source ON sessions(source);
+CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
+CREATE INDEX idx_sessions_started ON sessions(started_at DESC);
+CREATE UNIQUE INDEX idx_sessions_title_unique ON sessions(title) WHERE title IS NOT NULL;
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    role TEXT NOT NULL,
+    content TEXT,
+    tool_call_id TEXT,
+    tool_calls TEXT,
+    tool_name TEXT,
+    timestamp REAL NOT NULL,
+    token_count INTEGER,
+    finish_reason TEXT,
+    reasoning TEXT,
+    reasoning_details TEXT,
+    codex_reasoning_items TEXT,
+    metadata TEXT
+);
+CREATE INDEX idx_messages_session ON messages(session_id, id);
+CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp);
+
+CREATE VIRTUAL TABLE messages_fts USING fts5(
+    content, content='messages', content_rowid='id'
+);
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+"""
+
+#: MIGRATIONS[n] brings a store from version n to n + 1.
+MIGRATIONS: list[str] = [_V1]
+
+WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
+
+
+def user_version(conn: apsw.Connection) -> int:
+    return int(conn.pragma("user_version"))
+
+
+def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
+                  lock_timeout: float) -> int:
+    """Bring the store at ``path`` to :data:`SCHEMA_VERSION`; return the version found.
+
+    :param run_write: the instance's ``_execute_write`` (DDL is a mutation too).
+    :raises SchemaTooNewError: the file is newer than this library; it is not touched.
+    :raises DatabaseOpenError: the file holds tables that are not a sessiondb store.
+    """
+    found = user_version(conn)
+    if found == SCHEMA_VERSION:
+        return found
+    _refuse_newer(path, found)
+    lock_path = path.with_name(path.name + ".sessiondb-migrate.lock")
+    try:
+        with filelock.FileLock(str(lock_path), timeout=lock_timeout):
+            found = user_version(conn)
+            _refuse_newer(path, found)
+            if found == 0:
+                _refuse_foreign(conn, path)
+                # Must precede the first CREATE TABLE; lets prune give space back.
+                conn.pragma("auto_vacuum", "INCREMENTAL")
+            for version in range(found, SCHEMA_VERSION):
+                run_write(_step(version))
+    except filelock.Timeout as exc:
+        raise DatabaseOpenError(
+            f"another process has been migrating {path} for over {lock_timeout:.0f}s; "
+            f"if none is running, remove the stale lock file {lock_path}",
+            str(path),
+        ) from exc
+    return found
+
+
+def _step(version: int) -> Callable[[apsw.Connection], None]:
+    def migrate(conn: apsw.Connection) -> None:
+        if user_version(conn) != version:  # another process got here first
+            return
+        conn.execute(MIGRATIONS[version])
+        conn.pragma("user_version", version + 1)
+    return migrate
+
+
+def _refuse_newer(path: Path, found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNewError(str(path), found, SCHEMA_VERSION)
+
+
+def _refuse_foreign(conn: apsw.Connection, path: Path) -> None:
+    names = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite%'")]
+    if names:
+        raise DatabaseOpenError(
+            f"{path} is a SQLite database with other tables ({', '.join(sorted(names)[:5])}) "
+            "and no sessiondb schema; refusing to modify it. Use a new file",
+            str(path),
+        )

@@ -1,0 +1,832 @@
+"""``SessionDB``: the public session and message API over one shared SQLite file.
+
+One instance owns one apsw connection. All calls of an instance are serialized by an
+instance lock, so an instance may be shared by the threads of a process. After
+``fork()`` the child's first call opens a new connection (and a new gate descriptor);
+the parent's connection is never touched, not even closed, in the child.
+
+Every mutation goes through :meth:`SessionDB._execute_write` (see :mod:`sessiondb.writes`).
+Reads are single short statements or short snapshots (all rows fetched before the lock
+is released); no read transaction is ever held across user code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import apsw
+
+from . import records
+from .checkpoint import CheckpointPolicy
+from .connection import default_path, open_connection, sqlite_version
+from .errors import (
+    ClosedError, ConfigurationError, IntegrityViolation, InvalidArgument, SearchIndexError, SessionNotFound,
+    TitleConflict, translate,
+)
+from .gate import FifoGate, make_gate
+from .schema import SCHEMA_VERSION, ensure_schema
+from .text import (
+    check_cost, check_count, check_id, check_limit, check_list, check_text, like_prefix,
+    lineage_number, sanitize_fts_query, sanitize_title, split_lineage, to_json,
+)
+from .writes import WritePath, backoff
+
+T = TypeVar("T")
+
+# Connections inherited across fork(): kept referenced forever so that garbage collection
+# never closes them in the child (closing would touch files and locks the parent owns).
+_INHERITED: list[apsw.Connection] = []
+_INSTANCES: "weakref.WeakSet[SessionDB]" = weakref.WeakSet()
+
+
+def _reset_locks_in_child() -> None:
+    # A lock held by another parent thread at fork time would stay held forever here.
+    for db in list(_INSTANCES):
+        db._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_in_child)
+
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "reasoning_tokens")
+_LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
+_FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
+_SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_session_id",
+                   "title")
+
+
+class SessionDB:
+    """A session store that many processes can share.
+
+    :param path: the database file; ``None`` means ``$SESSIONDB_PATH`` or
+        ``platformdirs.user_data_dir("sessiondb")/state.db``.
+    :param write_timeout: seconds a write may wait for the lock before
+        :class:`~sessiondb.errors.WriteTimeout` (default 30).
+    :param busy_timeout: seconds SQLite itself retries a busy lock before our jittered
+        retry takes over (default 0.05; long waits queue in the kernel gate instead).
+    :param checkpoint_every: PASSIVE checkpoint after this many writes (default 50; 0 = never).
+    :param wal_limit: bytes the ``-wal`` file is kept under (default 64 MiB; 0 = no bound).
+    :param reset_timeout: seconds a WAL reset may wait for readers (default 1.0); writers
+        wait too while it does, see :mod:`sessiondb.checkpoint`.
+    :param journal_size_limit: bytes the ``-wal`` file is truncated to after a reset.
+    :param gate: use the kernel-queued FIFO write gate where available (default True).
+    :raises DatabaseOpenError: the path is unusable (directory, not a database, no access).
+    :raises SchemaTooNewError: the store was written by a newer sessiondb.
+    :raises ConfigurationError: an option is invalid or the SQLite is too old.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        write_timeout: float = 30.0,
+        busy_timeout: float = 0.05,
+        checkpoint_every: int = 50,
+        wal_limit: int = 64 * 1024 * 1024,
+        reset_timeout: float = 1.0,
+        journal_size_limit: int = 8 * 1024 * 1024,
+        gate: bool = True,
+    ) -> None:
+        for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
+                            ("reset_timeout", reset_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
+                            ("journal_size_limit", journal_size_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"{name} must be an int >= 0")
+        self.path = Path(path).expanduser() if path is not None else default_path()
+        self.path = Path(os.path.abspath(self.path))
+        self._options = dict(write_timeout=float(write_timeout),
+                             busy_timeout_ms=max(1, int(busy_timeout * 1000)),
+                             checkpoint_every=checkpoint_every, wal_limit=wal_limit,
+                             reset_timeout=float(reset_timeout),
+                             journal_size_limit=journal_size_limit, gate=gate)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._conn: apsw.Connection | None = None
+        self._open()
+        _INSTANCES.add(self)
+
+    # -- connection lifecycle ---------------------------------------------------------
+    def _open(self) -> None:
+        o = self._options
+        conn = open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
+                               journal_size_limit=o["journal_size_limit"])
+        try:
+            self._gate = make_gate(self.path, o["gate"])
+            self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
+            self._checkpoints = CheckpointPolicy(
+                self._gate, o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
+                o["busy_timeout_ms"], conn.filename_wal)
+            self._conn = conn
+            self._pid = os.getpid()
+            ensure_schema(conn, self.path, self._execute_write, o["write_timeout"])
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conn, self._conn = self._conn, None
+            if conn is None or os.getpid() != self._pid:
+                return
+            try:
+                self._checkpoints.passive(conn)
+            except apsw.Error:
+                pass
+            finally:
+                conn.close()
+                self._gate.close()
+
+    def __enter__(self) -> "SessionDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
+
+    @contextmanager
+    def _connection(self) -> Iterator[apsw.Connection]:
+        """The instance lock plus a usable connection (reopened after fork)."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+            if os.getpid() != self._pid:
+                if self._conn is not None:
+                    _INHERITED.append(self._conn)
+                self._conn = None
+                self._open()
+            assert self._conn is not None
+            yield self._conn
+
+    # -- the two doors: every write and every read ----------------------------------
+    def _execute_write(self, fn: Callable[[apsw.Connection], T]) -> T:
+        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (the only write path).
+
+        Busy errors are retried with jitter until ``write_timeout``; any other exception
+        rolls everything back and propagates (apsw errors mapped to sessiondb errors).
+        Called inside :meth:`transaction` it joins that transaction (as a savepoint).
+        """
+        with self._connection() as conn:
+            if self._writes.active:
+                return self._nested(conn, fn)
+            result = self._writes.run(conn, fn)
+            self._checkpoints.after_write(conn)
+            return result
+
+    def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        conn.execute("SAVEPOINT sessiondb_nested")
+        try:
+            result = fn(conn)
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
+            if isinstance(exc, apsw.Error):
+                raise translate(exc, str(self.path)) from exc
+            raise
+        conn.execute("RELEASE sessiondb_nested")
+        return result
+
+    def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
+        """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors
+        (rare in WAL mode) are retried like writes; other errors are translated."""
+        with self._connection() as conn:
+            deadline = time.monotonic() + self._options["write_timeout"]
+            attempt = 0
+            while True:
+                attempt += 1
+                nested = not conn.get_autocommit()
+                try:
+                    if snapshot and not nested:
+                        conn.execute("BEGIN DEFERRED")
+                        try:
+                            return fn(conn)
+                        finally:
+                            conn.execute("COMMIT")
+                    return fn(conn)
+                except (apsw.BusyError, apsw.LockedError) as exc:
+                    remaining = deadline - time.monotonic()
+                    if nested or remaining <= 0:
+                        raise translate(exc, str(self.path)) from exc
+                    time.sleep(backoff(attempt, remaining))
+                except apsw.Error as exc:
+                    raise translate(exc, str(self.path)) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator["SessionDB"]:
+        """Group several calls into one atomic write transaction::
+
+            with db.transaction():
+                db.append_message(sid, "assistant", text)
+                db.update_token_counts(sid, output_tokens=120)
+
+        The write lock is taken up front (``BEGIN IMMEDIATE``) and held until the block
+        ends: keep the block short and do no slow work (model calls, network) inside it.
+        Other threads using this instance wait for the block to finish. Calls inside run
+        as savepoints: a call that raises undoes only itself; an exception leaving the
+        block rolls back everything.
+        """
+        with self._connection() as conn:
+            if self._writes.active:
+                raise ConfigurationError("transaction() blocks cannot be nested")
+            started = self._writes.begin(conn)
+            ok = False
+            try:
+                yield self
+                ok = True
+            finally:
+                self._writes.finish(conn, started, ok)
+            self._checkpoints.after_write(conn)
+
+    # -- sessions ---------------------------------------------------------------------
+    def create_session(self, session_id: str, source: str, **fields: Any) -> str:
+        """Create a session; creating an existing id again changes nothing.
+
+        :param fields: ``model``, ``model_config`` (JSON-serializable), ``system_prompt``,
+            ``user_id``, ``parent_session_id``, ``title``.
+        :returns: ``session_id``.
+        :raises SessionNotFound: ``parent_session_id`` names a missing session.
+        :raises TitleConflict: another session has the title.
+        """
+        values = self._session_values(session_id, source, fields)
+
+        def write(conn: apsw.Connection) -> None:
+            if _exists(conn, session_id):
+                return
+            parent = values["parent_session_id"]
+            if parent is not None and parent != session_id and not _exists(conn, parent):
+                raise SessionNotFound(parent, f"parent session {parent!r} does not exist")
+            if values["title"] is not None:
+                _check_title_free(conn, values["title"], session_id)
+            cols = ", ".join(values)
+            marks = ", ".join("?" * len(values))
+            conn.execute(f"INSERT INTO sessions ({cols}, started_at) VALUES ({marks}, ?)",
+                         (*values.values(), time.time()))
+
+        self._execute_write(write)
+        return session_id
+
+    def ensure_session(self, session_id: str, source: str = "unknown", **fields: Any) -> str:
+        """Create the session if it is missing (same arguments as :meth:`create_session`)."""
+        return self.create_session(session_id, source, **fields)
+
+    def _session_values(self, session_id: str, source: str, fields: dict[str, Any]
+                        ) -> dict[str, Any]:
+        unknown = set(fields) - set(_SESSION_FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected session field(s): {', '.join(sorted(unknown))}")
+        return {
+            "id": check_id("session_id", session_id),
+            "source": check_id("source", source),
+            "model": check_text("model", fields.get("model")),
+            "model_config": to_json("model_config", fields.get("model_config")),
+            "system_prompt": check_text("system_prompt", fields.get("system_prompt")),
+            "user_id": check_text("user_id", fields.get("user_id")),
+            "parent_session_id": check_text("parent_session_id",
+                                            fields.get("parent_session_id")),
+            "title": sanitize_title(fields.get("title")),
+        }
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session as a dict (all columns, ``model_config`` decoded), or None."""
+        check_text("session_id", session_id, optional=False)
+        rows = self._read(lambda c: _rows(c, "SELECT * FROM sessions WHERE id = ?",
+                                          (session_id,)))
+        return records.session(rows[0]) if rows else None
+
+    def list_sessions(self, source: str | None = None, *,
+                      exclude_sources: list[str] | None = None, active: bool | None = None,
+                      limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
+        """Sessions, newest first, each with ``preview`` (first user message, 60 chars)
+        and ``last_active`` (latest message time, else start time).
+
+        :param active: True = only sessions not ended; False = only ended ones.
+        """
+        limit, offset = check_limit(limit, offset)
+        where, args = _source_filter(check_text("source", source),
+                                     check_list("exclude_sources", exclude_sources))
+        if active is not None:
+            where.append("s.ended_at IS NULL" if active else "s.ended_at IS NOT NULL")
+        sql = (
+            "SELECT s.*, COALESCE((SELECT MAX(m.timestamp) FROM messages m "
+            "WHERE m.session_id = s.id), s.started_at) AS last_active, "
+            "(SELECT m.content FROM messages m WHERE m.session_id = s.id AND m.role = 'user'"
+            " AND m.content IS NOT NULL ORDER BY m.id LIMIT 1) AS preview FROM sessions s"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY s.started_at DESC, s.id LIMIT ? OFFSET ?"
+        )
+        rows = self._read(lambda c: _rows(c, sql, (*args, limit, offset)), snapshot=True)
+        return [records.listed_session(r) for r in rows]
+
+    def end_session(self, session_id: str, reason: str | None = None) -> None:
+        """Mark the session ended now, with a reason (ending again updates both)."""
+        reason = check_text("reason", reason)
+        self._update_session(session_id, "ended_at = ?, end_reason = ?", (time.time(), reason))
+
+    def reopen_session(self, session_id: str) -> None:
+        """Clear the ended state."""
+        self._update_session(session_id, "ended_at = NULL, end_reason = NULL", ())
+
+    def update_system_prompt(self, session_id: str, system_prompt: str | None) -> None:
+        """Replace the session's system prompt snapshot."""
+        prompt = check_text("system_prompt", system_prompt)
+        self._update_session(session_id, "system_prompt = ?", (prompt,))
+
+    def set_model(self, session_id: str, model: str | None,
+                  model_config: dict[str, Any] | None = None) -> None:
+        """Set the session's model and model config (JSON-serializable)."""
+        model = check_text("model", model)
+        config = to_json("model_config", model_config)
+        self._update_session(session_id, "model = ?, model_config = ?", (model, config))
+
+    def _update_session(self, session_id: str, assignments: str, args: tuple) -> None:
+        check_id("session_id", session_id)
+
+        def write(conn: apsw.Connection) -> None:
+            conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", (*args, session_id))
+            if conn.changes() == 0:
+                raise SessionNotFound(session_id)
+
+        self._execute_write(write)
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete the session and its messages; False if it did not exist.
+
+        :raises IntegrityViolation: another session names it as parent (delete those first).
+        """
+        check_text("session_id", session_id, optional=False)
+
+        def write(conn: apsw.Connection) -> bool:
+            if not _exists(conn, session_id):
+                return False
+            child = _first(conn, "SELECT id FROM sessions WHERE parent_session_id = ? "
+                                 "AND id != ? LIMIT 1", (session_id, session_id))
+            if child is not None:
+                raise IntegrityViolation(
+                    f"session {session_id!r} is the parent of {child!r}; delete or re-parent "
+                    "its child sessions first")
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            return True
+
+        return self._execute_write(write)
+
+    def resolve_session_id(self, prefix: str) -> str | None:
+        """The id equal to ``prefix``, else the only id starting with it (ASCII case
+        folded); None when no or several sessions match."""
+        check_text("prefix", prefix, optional=False)
+
+        def read(conn: apsw.Connection) -> str | None:
+            if _exists(conn, prefix):
+                return prefix
+            rows = _fetch(conn, "SELECT id FROM sessions WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
+                          (like_prefix(prefix),))
+            return rows[0][0] if len(rows) == 1 else None
+
+        return self._read(read, snapshot=True)
+
+    def session_count(self, source: str | None = None) -> int:
+        """Number of sessions, optionally of one source."""
+        source = check_text("source", source)
+        if source:
+            return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM sessions WHERE source = ?",
+                                               (source,)))
+        return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM sessions", ()))
+
+    def message_count(self, session_id: str | None = None) -> int:
+        """Number of messages, in one session or in all."""
+        session_id = check_text("session_id", session_id)
+        if session_id:
+            return self._read(lambda c: _first(
+                c, "SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)))
+        return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM messages", ()))
+
+    # -- titles -----------------------------------------------------------------------
+    def set_session_title(self, session_id: str, title: str | None) -> bool:
+        """Set (or, with empty text, clear) the title; False if the session is missing.
+
+        :raises InvalidTitle: over 100 characters after sanitizing.
+        :raises TitleConflict: another session has this title (exact, case-sensitive).
+        """
+        check_text("session_id", session_id, optional=False)
+        clean = sanitize_title(title)
+
+        def write(conn: apsw.Connection) -> bool:
+            if clean is not None:
+                _check_title_free(conn, clean, session_id)
+            conn.execute("UPDATE sessions SET title = ? WHERE id = ?", (clean, session_id))
+            return conn.changes() > 0
+
+        return self._execute_write(write)
+
+    def get_session_title(self, session_id: str) -> str | None:
+        session = self.get_session(session_id)
+        return session["title"] if session else None
+
+    def get_session_by_title(self, title: str) -> dict[str, Any] | None:
+        """The session whose title is exactly ``title``, or None."""
+        check_text("title", title, optional=False)
+        rows = self._read(lambda c: _rows(c, "SELECT * FROM sessions WHERE title = ?", (title,)))
+        return records.session(rows[0]) if rows else None
+
+    def resolve_session_by_title(self, title: str) -> str | None:
+        """The newest session among ``title`` and its numbered variants ``title #N``."""
+        check_text("title", title, optional=False)
+
+        def read(conn: apsw.Connection) -> str | None:
+            variant = _first(conn, "SELECT id FROM sessions WHERE title LIKE ? ESCAPE '\\' "
+                                   "ORDER BY started_at DESC LIMIT 1",
+                             (like_prefix(title + " #"),))
+            return variant or _first(conn, "SELECT id FROM sessions WHERE title = ?", (title,))
+
+        return self._read(read, snapshot=True)
+
+    def get_next_title_in_lineage(self, title: str) -> str:
+        """The next free title of a lineage: ``"name"`` -> ``"name #2"`` -> ``"name #3"``."""
+        check_text("title", title, optional=False)
+        base = split_lineage(title)
+        rows = self._read(lambda c: _fetch(
+            c, "SELECT title FROM sessions WHERE title = ? OR title LIKE ? ESCAPE '\\'",
+            (base, like_prefix(base + " #"))))
+        if not rows:
+            return base
+        highest = max([1] + [lineage_number(r[0]) or 1 for r in rows])
+        return f"{base} #{highest + 1}"
+
+    # -- messages ---------------------------------------------------------------------
+    def append_message(self, session_id: str, role: str, content: str | None = None, *,
+                       tool_name: str | None = None, tool_calls: Any = None,
+                       tool_call_id: str | None = None, token_count: int | None = None,
+                       finish_reason: str | None = None, reasoning: str | None = None,
+                       reasoning_details: Any = None, codex_reasoning_items: Any = None,
+                       metadata: Any = None) -> int:
+        """Append a message and keep the session's counters exact.
+
+        ``message_count`` grows by one; ``tool_call_count`` by the number of calls in
+        ``tool_calls`` (a list counts its items, any other value one call).
+
+        :returns: the new message id (increasing; usable for keyset pagination).
+        :raises SessionNotFound: the session does not exist (nothing is written).
+        """
+        check_id("session_id", session_id)
+        row = {
+            "session_id": session_id,
+            "role": check_id("role", role),
+            "content": check_text("content", content),
+            "tool_call_id": check_text("tool_call_id", tool_call_id),
+            "tool_calls": to_json("tool_calls", tool_calls),
+            "tool_name": check_text("tool_name", tool_name),
+            "token_count": check_count("token_count", token_count, optional=True),
+            "finish_reason": check_text("finish_reason", finish_reason),
+            "reasoning": check_text("reasoning", reasoning),
+            "reasoning_details": to_json("reasoning_details", reasoning_details),
+            "codex_reasoning_items": to_json("codex_reasoning_items", codex_reasoning_items),
+            "metadata": to_json("metadata", metadata),
+        }
+        calls = 0 if tool_calls is None else len(tool_calls) if isinstance(tool_calls, list) else 1
+
+        def write(conn: apsw.Connection) -> int:
+            conn.execute("UPDATE sessions SET message_count = message_count + 1, "
+                         "tool_call_count = tool_call_count + ? WHERE id = ?",
+                         (calls, session_id))
+            if conn.changes() == 0:
+                raise SessionNotFound(session_id)
+            cols = ", ".join(row)
+            marks = ", ".join("?" * len(row))
+            conn.execute(f"INSERT INTO messages ({cols}, timestamp) VALUES ({marks}, ?)",
+                         (*row.values(), time.time()))
+            return conn.last_insert_rowid()
+
+        return self._execute_write(write)
+
+    def get_messages(self, session_id: str, *, after_id: int | None = None,
+                     limit: int | None = None) -> list[dict[str, Any]]:
+        """Messages of a session in order; page with ``after_id`` = the last id seen."""
+        check_text("session_id", session_id, optional=False)
+        after = check_count("after_id", after_id, optional=True) or 0
+        limit, _ = check_limit(limit, 0)
+        rows = self._read(lambda c: _rows(
+            c, "SELECT * FROM messages WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (session_id, after, limit)))
+        return [records.message(r) for r in rows]
+
+    def get_messages_as_conversation(self, session_id: str) -> list[dict[str, Any]]:
+        """The session as an OpenAI-style message list (role, content, tool fields)."""
+        return [records.conversation_item(m) for m in self.get_messages(session_id)]
+
+    def clear_messages(self, session_id: str) -> None:
+        """Delete all messages of a session and zero its counters (the session stays)."""
+        check_id("session_id", session_id)
+
+        def write(conn: apsw.Connection) -> None:
+            conn.execute("UPDATE sessions SET message_count = 0, tool_call_count = 0 "
+                         "WHERE id = ?", (session_id,))
+            if conn.changes() == 0:
+                raise SessionNotFound(session_id)
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+
+        self._execute_write(write)
+
+    # -- accounting -------------------------------------------------------------------
+    def update_token_counts(self, session_id: str, input_tokens: int = 0,
+                            output_tokens: int = 0, *, cache_read_tokens: int = 0,
+                            cache_write_tokens: int = 0, reasoning_tokens: int = 0,
+                            estimated_cost_usd: float | None = None,
+                            actual_cost_usd: float | None = None, model: str | None = None,
+                            cost_status: str | None = None, cost_source: str | None = None,
+                            pricing_version: str | None = None,
+                            billing_provider: str | None = None,
+                            billing_base_url: str | None = None,
+                            billing_mode: str | None = None, absolute: bool = False) -> None:
+        """Add to (or with ``absolute=True`` set) the token counters and costs.
+
+        Cost status, source and pricing version: the latest non-None value wins. Model
+        and billing fields: filled in only while unset (the first value wins).
+        """
+        self._account(session_id, absolute, False, locals())
+
+    def set_token_counts(self, session_id: str, input_tokens: int = 0, output_tokens: int = 0,
+                         *, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
+                         reasoning_tokens: int = 0, estimated_cost_usd: float | None = None,
+                         actual_cost_usd: float | None = None, model: str | None = None,
+                         cost_status: str | None = None, cost_source: str | None = None,
+                         pricing_version: str | None = None,
+                         billing_provider: str | None = None,
+                         billing_base_url: str | None = None,
+                         billing_mode: str | None = None) -> None:
+        """Set the token counters and estimated cost to exactly these values (None cost
+        clears it); other fields as in :meth:`update_token_counts`."""
+        self._account(session_id, True, True, locals())
+
+    def _account(self, session_id: str, absolute: bool, exact: bool, args: dict) -> None:
+        check_id("session_id", session_id)
+        tokens = [check_count(f, args[f]) for f in _TOKEN_FIELDS]
+        est = check_cost("estimated_cost_usd", args["estimated_cost_usd"])
+        act = check_cost("actual_cost_usd", args["actual_cost_usd"])
+        texts = {f: check_text(f, args[f]) for f in _LATEST_WINS + _FIRST_WINS}
+        sets = [f"{f} = {f} + ?" if not absolute else f"{f} = ?" for f in _TOKEN_FIELDS]
+        values: list[Any] = list(tokens)
+        if exact:
+            sets.append("estimated_cost_usd = ?")
+        elif absolute:
+            sets.append("estimated_cost_usd = COALESCE(?, 0.0)")
+        else:
+            sets.append("estimated_cost_usd = COALESCE(estimated_cost_usd, 0.0) + COALESCE(?, 0.0)")
+        values.append(est)
+        if act is not None:
+            sets.append("actual_cost_usd = ?" if absolute
+                        else "actual_cost_usd = COALESCE(actual_cost_usd, 0.0) + ?")
+            values.append(act)
+        for f in _LATEST_WINS:
+            sets.append(f"{f} = COALESCE(?, {f})")
+            values.append(texts[f])
+        for f in _FIRST_WINS:
+            sets.append(f"{f} = COALESCE({f}, ?)")
+            values.append(texts[f])
+        self._update_session(session_id, ", ".join(sets), tuple(values))
+
+    # -- search -----------------------------------------------------------------------
+    def search_messages(self, query: str, *, sources: list[str] | None = None,
+                        exclude_sources: list[str] | None = None,
+                        roles: list[str] | None = None, session_id: str | None = None,
+                        limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
+        """Full-text search over message content, best match first.
+
+        Any text is accepted (quotes, ``-``, ``AND``/``OR``/``NOT``, ``*``, ``:``,
+        unbalanced parentheses): it is sanitized, never a syntax error. Each hit has
+        ``id``, ``session_id``, ``role``, ``snippet`` (matches wrapped in ``>>> <<<``),
+        ``timestamp``, ``tool_name``, ``source``, ``model``, ``session_started`` and
+        ``context`` (the previous message, the match and the next one of its session).
+
+        :raises SearchIndexError: the full-text index is damaged.
+        """
+        check_text("query", query, optional=False)
+        limit, offset = check_limit(limit, offset)
+        match = sanitize_fts_query(query)
+        if not match:
+            return []
+        where, args = _source_filter(None, check_list("exclude_sources", exclude_sources))
+        sources = check_list("sources", sources)
+        if sources is not None:
+            where.append(f"s.source IN ({', '.join('?' * len(sources))})")
+            args.extend(sources)
+        roles = check_list("roles", roles)
+        if roles:
+            where.append(f"m.role IN ({', '.join('?' * len(roles))})")
+            args.extend(roles)
+        if check_text("session_id", session_id) is not None:
+            where.append("m.session_id = ?")
+            args.append(session_id)
+        sql = (
+            "SELECT m.id, m.session_id, m.role, "
+            "snippet(messages_fts, 0, '>>>', '<<<', '...', 40), m.timestamp, m.tool_name, "
+            "s.source, s.model, s.started_at FROM messages_fts "
+            "JOIN messages m ON m.id = messages_fts.rowid "
+            "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
+            + "".join(" AND " + w for w in where)
+            + " ORDER BY rank LIMIT ? OFFSET ?"
+        )
+
+        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            hits = [records.search_hit(r) for r in _fetch(conn, sql, (match, *args, limit, offset))]
+            for hit in hits:
+                hit["context"] = [records.context_item(r) for r in _fetch(
+                    conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)]
+            return hits
+
+        try:
+            return self._read(read, snapshot=True)
+        except (ClosedError, SessionNotFound):
+            raise
+        except Exception as exc:
+            if _is_fts_damage(exc):
+                raise SearchIndexError(
+                    f"the full-text index of {self.path} is damaged ({exc.__cause__ or exc}); "
+                    f"messages are intact: run `sessiondb doctor --repair --db {self.path}`"
+                ) from exc
+            raise
+
+    # -- export, import, prune ---------------------------------------------------------
+    def export_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session and its messages as one JSON-ready dict, or None."""
+        check_text("session_id", session_id, optional=False)
+        return self._read(lambda c: _export(c, session_id), snapshot=True)
+
+    def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Every session (optionally of one source), oldest first, with its messages."""
+        source = check_text("source", source)
+        sql = "SELECT id FROM sessions" + (" WHERE source = ?" if source else "") + \
+            " ORDER BY started_at, id"
+
+        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            ids = [r[0] for r in _fetch(conn, sql, (source,) if source else ())]
+            return [_export(conn, sid) for sid in ids]
+
+        return self._read(read, snapshot=True)
+
+    def import_sessions(self, data: dict[str, Any] | list[dict[str, Any]], *,
+                        skip_existing: bool = False) -> int:
+        """Import what :meth:`export_session` / :meth:`export_all` produced, atomically.
+
+        Message ids are kept where free (so a round trip into a fresh store is equal);
+        parents are imported before children.
+
+        :returns: number of sessions imported.
+        :raises IntegrityViolation: a session already exists (unless ``skip_existing``).
+        """
+        items = records.check_import(data)
+
+        def write(conn: apsw.Connection) -> int:
+            imported = 0
+            for item in records.parents_first(items):
+                if _exists(conn, item["id"]):
+                    if skip_existing:
+                        continue
+                    raise IntegrityViolation(
+                        f"session {item['id']!r} already exists; nothing was imported "
+                        "(pass skip_existing=True to import only the new ones)")
+                records.insert_session(conn, item)
+                imported += 1
+            return imported
+
+        return self._execute_write(write)
+
+    def prune_sessions(self, older_than_days: float = 90, source: str | None = None) -> int:
+        """Delete ended sessions started more than ``older_than_days`` ago, with their
+        messages, and give the space back. Active sessions are never pruned; neither is
+        a session that a remaining session names as its parent.
+
+        :returns: number of sessions deleted.
+        """
+        days = check_cost("older_than_days", older_than_days)
+        if days is None:
+            raise InvalidArgument("older_than_days is required")
+        source = check_text("source", source)
+        cutoff = time.time() - days * 86400
+        cond = "started_at < ? AND ended_at IS NOT NULL" + (" AND source = ?" if source else "")
+        args = (cutoff, source) if source else (cutoff,)
+        # A parent goes only once no remaining session refers to it; loop for chains.
+        pick = (f"SELECT id FROM sessions s WHERE {cond} AND NOT EXISTS (SELECT 1 FROM "
+                "sessions c WHERE c.parent_session_id = s.id AND c.id != s.id)")
+
+        def write(conn: apsw.Connection) -> int:
+            deleted = 0
+            while True:
+                ids = [r[0] for r in _fetch(conn, pick, args)]
+                if not ids:
+                    break
+                for sid in ids:
+                    conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
+                    conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+                deleted += len(ids)
+            if deleted:
+                conn.execute("PRAGMA incremental_vacuum")
+            return deleted
+
+        return self._execute_write(write)
+
+    # -- operations -------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, int]:
+        """Run a PASSIVE checkpoint now (escalating to a reset past half the WAL limit)."""
+        with self._connection() as conn:
+            result = self._checkpoints.passive(conn)
+        frames, done = result or (-1, -1)
+        return {"wal_frames": frames, "checkpointed_frames": done}
+
+    def stats(self) -> dict[str, Any]:
+        """Figures to act on: writes, retries, timeouts, lock-wait percentiles (s),
+        longest lock hold (s), checkpoints and their results, current WAL size (bytes)."""
+        with self._connection():
+            figures: dict[str, Any] = self._writes.counters.snapshot()
+            figures["checkpoint"] = self._checkpoints.counters.snapshot()
+            figures["wal_bytes"] = self._checkpoints.wal_bytes()
+            figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            figures["path"] = str(self.path)
+            figures["schema_version"] = SCHEMA_VERSION
+            figures["sqlite_version"] = ".".join(map(str, sqlite_version()))
+            return figures
+
+
+# -- helpers (module level: pure functions of a connection) ---------------------------
+
+_CONTEXT_SQL = (
+    "SELECT role, content FROM ("
+    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
+    "  ORDER BY id DESC LIMIT 1)"
+    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
+    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
+    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
+)
+
+
+def _fetch(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[tuple]:
+    return conn.execute(sql, args).fetchall()
+
+
+def _rows(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
+    """Rows as dicts keyed by column name, in column order."""
+    cursor = conn.execute(sql, args)
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no rows
+        return []
+    return [dict(zip(names, row)) for row in cursor]
+
+
+def _first(conn: apsw.Connection, sql: str, args: tuple | list) -> Any:
+    row = conn.execute(sql, args).fetchone()
+    return row[0] if row else None
+
+
+def _exists(conn: apsw.Connection, session_id: str) -> bool:
+    return _first(conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
+
+
+def _check_title_free(conn: apsw.Connection, title: str, session_id: str) -> None:
+    other = _first(conn, "SELECT id FROM sessions WHERE title = ? AND id != ?",
+                   (title, session_id))
+    if other is not None:
+        raise TitleConflict(title, other)
+
+
+def _source_filter(source: str | None, exclude: list[str] | None) -> tuple[list[str], list]:
+    where: list[str] = []
+    args: list[Any] = []
+    if source:
+        where.append("s.source = ?")
+        args.append(source)
+    if exclude:
+        where.append(f"s.source NOT IN ({', '.join('?' * len(exclude))})")
+        args.extend(exclude)
+    return where, args
+
+
+def _export(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
+    rows = _rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
+    if not rows:
+        return None
+    out = records.session(rows[0])
+    out["messages"] = [records.message(r) for r in _rows(
+        conn, "SELECT * FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
+    return out
+
+
+def _is_fts_damage(exc: BaseException) -> bool:
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return isinstance(cause, (apsw.CorruptError, apsw.SQLError)) and (
+        "fts5" in str(cause).lower() or "malformed" in str(cause).lower()
+        or "corrupt" in str(cause).lower())

@@ -1,0 +1,207 @@
+"""Input checking and text rules: argument validation, titles, search-query sanitizing.
+
+Everything here is pure (no database), so every rule can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from .errors import InvalidArgument, InvalidArgumentType, InvalidTitle
+
+MAX_TITLE_LENGTH = 100
+MAX_ID_LENGTH = 1024
+_INT64_MAX = 2**63 - 1
+
+# -- argument validation -------------------------------------------------------------
+
+
+def check_text(name: str, value: Any, *, optional: bool = True, max_length: int | None = None
+               ) -> str | None:
+    """A str that SQLite can store as UTF-8 (no lone surrogates), or None if optional."""
+    if value is None:
+        if optional:
+            return None
+        raise InvalidArgument(f"{name} is required")
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{name} contains a lone surrogate at index {exc.start}; it is not valid "
+            "Unicode text and cannot be stored"
+        ) from None
+    if max_length is not None and len(value) > max_length:
+        raise InvalidArgument(f"{name} is {len(value)} characters; the limit is {max_length}")
+    return value
+
+
+def check_id(name: str, value: Any) -> str:
+    """A non-empty identifier string."""
+    text = check_text(name, value, optional=False, max_length=MAX_ID_LENGTH)
+    if not text:
+        raise InvalidArgument(f"{name} must not be empty")
+    return text
+
+
+def check_count(name: str, value: Any, *, optional: bool = False) -> int | None:
+    """A non-negative integer that fits in SQLite's 64-bit INTEGER."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0 or value > _INT64_MAX:
+        raise InvalidArgument(f"{name} must be between 0 and 2**63-1, got {value}")
+    return value
+
+
+def check_cost(name: str, value: Any) -> float | None:
+    """None, or a finite non-negative number of US dollars."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_limit(limit: Any, offset: Any) -> tuple[int, int]:
+    """``limit`` (None or negative means no limit) and ``offset`` as SQL values."""
+    if limit is None:
+        limit = -1
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise InvalidArgumentType(f"limit must be an int, not {type(limit).__name__}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise InvalidArgumentType(f"offset must be an int, not {type(offset).__name__}")
+    if offset < 0:
+        raise InvalidArgument(f"offset must be >= 0, got {offset}")
+    return (limit if limit >= 0 else -1), offset
+
+
+def check_list(name: str, values: Any) -> list[str] | None:
+    """None, or a list/tuple/set of strings."""
+    if values is None:
+        return None
+    if isinstance(values, str) or not isinstance(values, (list, tuple, set, frozenset)):
+        raise InvalidArgumentType(f"{name} must be a list of str, not {type(values).__name__}")
+    return [check_text(f"{name} item", v, optional=False) for v in values]  # type: ignore[misc]
+
+
+def to_json(name: str, value: Any) -> str | None:
+    """JSON text for ``value`` (None stays None); NaN and non-serializable values refused."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgumentType(f"{name} is not JSON-serializable: {exc}") from None
+
+
+def from_json(text: str | None) -> Any:
+    """Decode stored JSON; text that does not decode is returned as it is."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+# -- titles ---------------------------------------------------------------------------
+
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffc]"
+)
+_SPACE_RUN = re.compile(r"\s+")
+_LINEAGE_SUFFIX = re.compile(r"^(.*) #(\d+)$", re.DOTALL)
+
+
+def sanitize_title(title: str | None) -> str | None:
+    """Clean a session title for display and uniqueness.
+
+    Deletes control, zero-width, bidi-override and BOM characters, collapses whitespace
+    runs to one space and trims; an empty result is None.
+
+    :raises InvalidTitle: longer than 100 characters after cleaning (never truncated).
+    """
+    if not title:
+        return None
+    check_text("title", title)
+    cleaned = _SPACE_RUN.sub(" ", _INVISIBLE.sub("", title)).strip()
+    if not cleaned:
+        return None
+    if len(cleaned) > MAX_TITLE_LENGTH:
+        raise InvalidTitle(f"Title too long ({len(cleaned)} chars, max {MAX_TITLE_LENGTH})")
+    return cleaned
+
+
+def split_lineage(title: str) -> str:
+    """``"name #3"`` -> ``"name"``; anything else unchanged."""
+    match = _LINEAGE_SUFFIX.match(title)
+    return match.group(1) if match else title
+
+
+def lineage_number(title: str) -> int | None:
+    match = _LINEAGE_SUFFIX.match(title)
+    return int(match.group(2)) if match else None
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching values that start with ``text``, wildcards escaped (use
+    with ``ESCAPE '\\'``)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+# -- full-text query sanitizing ------------------------------------------------------
+
+_OPERATORS = {"AND", "OR", "NOT"}
+_WORD = re.compile(r"\w", re.UNICODE)
+
+
+def sanitize_fts_query(query: str) -> str:
+    """Turn arbitrary user text into an FTS5 query that cannot be a syntax error.
+
+    Balanced double-quoted phrases are kept as phrases; every other word becomes a quoted
+    term (so ``:``, ``-``, ``(`` and friends lose their syntax meaning but hyphenated
+    words still match as adjacent tokens); a trailing ``*`` keeps prefix search;
+    uppercase ``AND``/``OR``/``NOT`` stay operators only where they stand between two
+    terms. Returns ``""`` when nothing searchable is left.
+    """
+    pieces: list[str] = []
+    parts = query.split('"')
+    # Even indexes are outside quotes; odd ones inside. An unmatched final quote leaves
+    # an odd number of quotes: its text is treated as unquoted.
+    if len(parts) % 2 == 0:
+        parts[-2] = parts[-2] + " " + parts[-1]
+        parts.pop()
+    for i, part in enumerate(parts):
+        if i % 2:
+            if _WORD.search(part):
+                pieces.append('"' + part + '"')
+            continue
+        for chunk in part.split():
+            if chunk in _OPERATORS:
+                pieces.append(chunk)
+                continue
+            prefix = chunk.endswith("*")
+            word = chunk.strip("*").replace('"', "")
+            if not _WORD.search(word):
+                continue
+            pieces.append('"' + word + '"' + ("*" if prefix else ""))
+    # Operators must sit between two terms: drop leading, trailing and repeated ones.
+    out: list[str] = []
+    for piece in pieces:
+        if piece in _OPERATORS and (not out or out[-1] in _OPERATORS):
+            continue
+        out.append(piece)
+    while out and out[-1] in _OPERATORS:
+        out.pop()
+    return " ".join(out)

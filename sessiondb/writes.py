@@ -1,0 +1,207 @@
+"""The write path: every mutation runs here, inside ``BEGIN IMMEDIATE``.
+
+:meth:`WritePath.run` is the body of ``SessionDB._execute_write``:
+
+1. enter the write gate (:mod:`sessiondb.gate`; waiters queue in the kernel, FIFO);
+2. ``BEGIN IMMEDIATE`` takes SQLite's write lock up front, so a transaction never has
+   to upgrade a read lock halfway through (the source of ``SQLITE_BUSY`` that no busy
+   handler can fix, https://sqlite.org/lang_transaction.html#deferred_immediate_and_exclusive_transactions);
+3. ``fn(conn)``, then ``COMMIT``; on *any* exception ``ROLLBACK`` and re-raise;
+4. on ``SQLITE_BUSY``/``SQLITE_LOCKED`` (a writer that bypasses the gate, or a
+   checkpoint) leave the gate, sleep a randomized, growing interval and try again until
+   the time budget is spent, then raise :class:`~sessiondb.errors.WriteTimeout`.
+   Nothing else is ever retried.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import apsw
+
+from .errors import WriteTimeout, translate
+from .gate import Gate, GateTimeout
+
+T = TypeVar("T")
+
+_BUSY = (apsw.BusyError, apsw.LockedError)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``samples`` by nearest rank; 0.0 when empty."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class WriteCounters:
+    """Raw figures kept by :class:`WritePath`; :meth:`SessionDB.stats` reports them."""
+
+    writes: int = 0
+    failed: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    contended: int = 0
+    longest_hold_s: float = 0.0
+    longest_wait_s: float = 0.0
+    # Recent samples only, so percentiles describe current behaviour in bounded memory.
+    waits: deque = field(default_factory=lambda: deque(maxlen=4096))
+    holds: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+    def snapshot(self) -> dict[str, float | int]:
+        waits, holds = list(self.waits), list(self.holds)
+        return {
+            "writes": self.writes,
+            "failed_writes": self.failed,
+            "retries": self.retries,
+            "timeouts": self.timeouts,
+            "contended_writes": self.contended,
+            "lock_wait_p50_s": percentile(waits, 50),
+            "lock_wait_p90_s": percentile(waits, 90),
+            "lock_wait_p99_s": percentile(waits, 99),
+            "lock_wait_max_s": self.longest_wait_s,
+            "lock_hold_p50_s": percentile(holds, 50),
+            "lock_hold_p99_s": percentile(holds, 99),
+            "lock_hold_max_s": self.longest_hold_s,
+        }
+
+
+def backoff(attempt: int, remaining: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0.5, 1.5) x min(50 ms, 1 ms x 2^n),
+    never past the deadline. Randomness is what breaks lock-step convoys."""
+    base = min(0.050, 0.001 * (2 ** min(attempt, 10)))
+    return max(0.0, min(remaining, base * random.uniform(0.5, 1.5)))
+
+
+class WritePath:
+    """Runs write transactions for one connection; see the module docstring.
+
+    :param gate: the write gate shared by every writer of this database.
+    :param write_timeout: seconds a write may spend waiting for the lock, retries included.
+    :param path: the database path, for error messages.
+    """
+
+    def __init__(self, gate: Gate, write_timeout: float, path: str) -> None:
+        self.gate = gate
+        self.write_timeout = write_timeout
+        self.path = path
+        self.counters = WriteCounters()
+        self._active = threading.local()
+
+    @property
+    def active(self) -> bool:
+        """True while the calling thread is inside a write transaction."""
+        return getattr(self._active, "depth", 0) > 0
+
+    def run(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        """Run ``fn(conn)`` as one ``BEGIN IMMEDIATE`` transaction, retrying on busy."""
+        return self._attempts(conn, fn)
+
+    def begin(self, conn: apsw.Connection) -> float:
+        """Enter the gate and ``BEGIN IMMEDIATE`` (retrying busy), for a transaction whose
+        body the caller runs; pair with :meth:`finish`. Returns the time it started."""
+        return self._attempts(conn, None)
+
+    def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
+        """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""
+        try:
+            if ok:
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    rollback(conn)
+                    raise
+                self.counters.writes += 1
+            else:
+                rollback(conn)
+                self.counters.failed += 1
+        except apsw.Error as exc:
+            self.counters.failed += 1
+            raise translate(exc, self.path) from exc
+        finally:
+            self._leave(started)
+
+    # -- internals --------------------------------------------------------------------
+    def _attempts(self, conn: apsw.Connection, fn):
+        start = time.monotonic()
+        deadline = start + self.write_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
+            except GateTimeout:
+                self._timed_out(start, attempt, None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except _BUSY as exc:
+                self.gate.release()
+                busy: BaseException = exc
+            except BaseException:
+                self.gate.release()
+                raise
+            else:
+                entered = time.monotonic()
+                self._record_wait(entered - start, contended)
+                self._active.depth = 1
+                if fn is None:
+                    return entered
+                try:
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except _BUSY as exc:
+                    rollback(conn)
+                    self._leave(entered)
+                    busy = exc
+                except BaseException as exc:
+                    rollback(conn)
+                    self.counters.failed += 1
+                    self._leave(entered)
+                    if isinstance(exc, apsw.Error):
+                        raise translate(exc, self.path) from exc
+                    raise
+                else:
+                    self.counters.writes += 1
+                    self._leave(entered)
+                    return result
+            self.counters.retries += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out(start, attempt, busy)
+            time.sleep(backoff(attempt, remaining))
+
+    def _record_wait(self, waited: float, contended: bool) -> None:
+        c = self.counters
+        c.waits.append(waited)
+        c.longest_wait_s = max(c.longest_wait_s, waited)
+        c.contended += contended
+
+    def _leave(self, entered: float) -> None:
+        self._active.depth = 0
+        held = time.monotonic() - entered
+        self.gate.release()
+        c = self.counters
+        c.holds.append(held)
+        c.longest_hold_s = max(c.longest_hold_s, held)
+
+    def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
+        self.counters.timeouts += 1
+        raise WriteTimeout(time.monotonic() - start, attempts) from cause
+
+
+def rollback(conn: apsw.Connection) -> None:
+    """Roll back if a transaction is open; SQLite may already have rolled back on its own
+    (after SQLITE_FULL or an I/O error), which is not an error here."""
+    if not conn.get_autocommit():
+        try:
+            conn.execute("ROLLBACK")
+        except apsw.Error:
+            pass

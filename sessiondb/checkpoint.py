@@ -7,7 +7,13 @@ waits and never blocks anyone, but it cannot copy frames that a reader's snapsho
 needs, so a store whose readers are never all idle would grow its WAL without bound (1.4 -
 2.9 GB in 10 s was measured with a reader holding 500 ms transactions back to back).
 
-So when the WAL passes half of ``wal_limit`` a *reset* is attempted: the checkpointer
+So when the WAL passes half of ``wal_limit`` a *reset* is attempted. The WAL size is
+known after every commit (SQLite's WAL hook reports its frame count, at no cost), so the
+check runs after every write, not only every ``checkpoint_every`` writes: with large
+messages, 50 writes alone can add more than the whole limit. After a failed reset, the
+next attempt waits for the next periodic checkpoint, so a reader that defeats resets
+costs writers one ``reset_timeout`` stall per ``checkpoint_every`` writes, not per write.
+A reset works like this: the checkpointer
 enters the write gate (so this library's writers queue fairly behind it instead of
 colliding with it), and runs a TRUNCATE checkpoint with a busy timeout of
 ``reset_timeout``. That waits for the readers that pin old frames to finish (new readers
@@ -63,12 +69,32 @@ class CheckpointPolicy:
         self.counters = CheckpointCounters()
         self._since = 0
         self._frame_bytes = 0
+        self._hooked: apsw.Connection | None = None
+        self._wal_frames = 0        # WAL size in frames after this connection's last commit
+        self._reset_backoff = False  # the last reset failed: retry only when periodic
 
     def after_write(self, conn: apsw.Connection) -> None:
         """Count a committed write; checkpoint when due. Call outside the write gate."""
+        if self._hooked is not conn:
+            self.attach(conn)
         self._since += 1
         if self.every and self._since >= self.every:
             self.passive(conn)
+        elif (self.wal_limit and not self._reset_backoff
+              and self._wal_frames * self._frame_size(conn) > self.wal_limit // 2):
+            self.passive(conn)
+
+    def attach(self, conn: apsw.Connection) -> None:
+        """Follow the WAL size through SQLite's WAL hook (called after each commit of
+        this connection, https://sqlite.org/c3ref/wal_hook.html). The hook only records
+        the figure: checkpointing there would run inside the write gate."""
+        conn.set_wal_hook(self._on_commit)
+        self._hooked = conn
+
+    def _on_commit(self, conn: apsw.Connection, dbname: str, frames: int) -> int:
+        if dbname == "main":
+            self._wal_frames = frames
+        return apsw.SQLITE_OK
 
     def passive(self, conn: apsw.Connection) -> tuple[int, int] | None:
         """Run a PASSIVE checkpoint; escalate to a reset if the WAL is past half the limit.
@@ -96,6 +122,7 @@ class CheckpointPolicy:
             self.gate.acquire(self.reset_timeout)
         except GateTimeout:
             self.counters.resets_failed += 1
+            self._reset_backoff = True
             return False
         try:
             conn.set_busy_timeout(max(1, int(self.reset_timeout * 1000)))
@@ -112,8 +139,10 @@ class CheckpointPolicy:
         if ok:
             c.resets_ok += 1
             c.last_wal_frames = c.last_checkpointed_frames = 0
+            self._wal_frames = 0
         else:
             c.resets_failed += 1
+        self._reset_backoff = not ok
         c.longest_reset_s = max(c.longest_reset_s, time.monotonic() - start)
         return ok
 

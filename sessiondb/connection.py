@@ -14,12 +14,15 @@ Permissions are therefore set with ``os.chmod`` on the path, never through a des
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import apsw
 import platformdirs
 
-from .errors import ConfigurationError, DatabaseOpenError, translate
+from .errors import ConfigurationError, DatabaseBusyError, DatabaseOpenError, translate
+from .schema import refuse_unusable
+from .writes import backoff
 
 #: SQLite versions before this have the WAL-reset bug that can corrupt a database shared by
 #: several processes (https://sqlite.org/wal.html#walresetbug).
@@ -111,6 +114,15 @@ def connection_manual_checkpoints(conn: apsw.Connection, journal_size_limit: int
     conn.pragma("journal_size_limit", journal_size_limit)
 
 
+def connection_incremental_vacuum(conn: apsw.Connection) -> None:
+    """On a brand-new (empty) file, ask for incremental auto-vacuum so that pruning can
+    give space back. It must precede the switch to WAL: that switch already writes the
+    first page, after which auto-vacuum can no longer be turned on without a VACUUM
+    (https://sqlite.org/pragma.html#pragma_auto_vacuum)."""
+    if int(conn.pragma("page_count")) == 0:
+        conn.pragma("auto_vacuum", "INCREMENTAL")
+
+
 def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
     """A short busy timeout: long waits are queued in the kernel by the write gate
     (:mod:`sessiondb.gate`), so SQLite's fixed-schedule busy handler only covers brief
@@ -119,11 +131,19 @@ def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
 
 
 def open_connection(
-    path: Path, *, busy_timeout_ms: int, journal_size_limit: int
+    path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0
 ) -> apsw.Connection:
     """Open and configure one connection to ``path`` (created if missing, mode 0600).
 
-    :raises DatabaseOpenError: the path cannot be opened or is not a database.
+    The file is inspected before anything could change it: a file that is not a
+    database, a store written by a newer sessiondb, or a database with foreign tables is
+    refused with its bytes untouched (the switch to WAL alone would rewrite its header).
+    Busy errors while configuring (several processes switching one new file to WAL at
+    once) are retried with jitter for up to ``timeout`` seconds.
+
+    :raises DatabaseOpenError: the path cannot be opened or is not a sessiondb store.
+    :raises SchemaTooNewError: the store was written by a newer sessiondb.
+    :raises DatabaseBusyError: the file stayed locked for ``timeout`` seconds.
     :raises ConfigurationError: WAL mode is unavailable or SQLite is too old.
     """
     check_sqlite_version()
@@ -138,11 +158,7 @@ def open_connection(
         if created:
             _restrict_new_file(path)
         connection_busy_timeout(conn, busy_timeout_ms)
-        connection_wal(conn)
-        connection_durability(conn)
-        connection_foreign_keys(conn)
-        connection_no_mmap(conn)
-        connection_manual_checkpoints(conn, journal_size_limit)
+        _configure(conn, path, journal_size_limit, timeout)
     except apsw.Error as exc:
         conn.close()
         if isinstance(exc, (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError,
@@ -153,6 +169,31 @@ def open_connection(
         conn.close()
         raise
     return conn
+
+
+def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
+               timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            refuse_unusable(conn, path)
+            connection_incremental_vacuum(conn)
+            connection_wal(conn)
+            connection_durability(conn)
+            connection_foreign_keys(conn)
+            connection_no_mmap(conn)
+            connection_manual_checkpoints(conn, journal_size_limit)
+            return
+        except (apsw.BusyError, apsw.LockedError) as exc:
+            remaining = -1
+            if remaining <= 0:
+                raise DatabaseBusyError(
+                    f"{path} stayed locked by another process for {timeout:.1f}s while "
+                    "opening; retry later"
+                ) from exc
+            time.sleep(backoff(attempt, remaining))
 
 
 def _restrict_new_file(path: Path) -> None:
@@ -177,3 +218,23 @@ def _open_advice(path: Path, exc: apsw.Error) -> str:
         return (f"cannot open {path}: {exc}; check that the directory exists and is "
                 "writable")
     return f"cannot open {path}: {exc}"
+
+
+def close_for_fork(conn: apsw.Connection) -> None:
+    """Close an idle connection just before ``fork()``, cheaply: no checkpoint and no
+    WAL clean-up on the way out (``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE``), since the
+    owner reopens at its next call.
+
+    Why close at all: SQLite keeps per-process lock state for every open file, and a
+    child inherits it. A connection the child then opens to the same file joins that
+    copied state instead of taking real locks, so its locks protect nothing: the parent
+    closing its last connection can delete the ``-wal`` file under the child
+    (acknowledged writes lost), and a child forked during a write waits on the parent's
+    write lock forever. With no connection open at fork time the child starts clean
+    (https://sqlite.org/howtocorrupt.html#_carrying_an_open_database_connection_across_a_fork_).
+    """
+    try:
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    except apsw.Error:
+        pass
+    conn.close()

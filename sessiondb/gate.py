@@ -27,6 +27,9 @@ unrelated descriptor never drops them. A blocking lock call has no timeout, so t
 runs in a short-lived helper thread while the caller waits on an event with the remaining
 time budget; a caller that gives up unlocks its slot (its successors walk past it), and
 the helper lets go of the predecessor's slot as soon as the kernel hands it over.
+A fork child closes its inherited copies of the sidecar descriptor at once (they share
+the parent's locks, and would keep a killed parent's ticket alive) and opens its own on
+first use.
 
 Where OFD locks do not exist (macOS, Windows) :class:`NullGate` is used: writes then rely
 on ``BEGIN IMMEDIATE`` plus jittered retry alone (fair enough for a few processes; the
@@ -42,6 +45,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 try:
@@ -132,6 +136,7 @@ class FifoGate(Gate):
         self._fd = self._open(path)
         self._pid = os.getpid()
         self._ticket: int | None = None
+        _GATES.add(self)
 
     @staticmethod
     def _open(path: Path) -> int:
@@ -161,7 +166,7 @@ class FifoGate(Gate):
 
     def _done(self) -> int:
         raw = os.pread(self._fd, _ONE.size, _COUNTERS + _ONE.size)
-        return _ONE.unpack(raw)[0] if len(raw) == _ONE.size else 0
+        return _ONE.unpack(raw.ljust(_ONE.size, b"\0"))[0]
 
     # -- public -----------------------------------------------------------------------
     def acquire(self, timeout: float) -> tuple[float, bool]:
@@ -172,6 +177,11 @@ class FifoGate(Gate):
         """
         if os.getpid() != self._pid:
             self._after_fork()
+        if self._ticket is not None:
+            # A second ticket on the same open file description would "lock" our own
+            # slot (OFD locks never conflict with themselves) and then unlock it while
+            # we still hold the gate, letting the next writer in early.
+            raise RuntimeError("this gate is already held; release it first")
         start = time.monotonic()
         deadline = start + timeout
         ticket, done = self._take_ticket(deadline, start)
@@ -219,8 +229,11 @@ class FifoGate(Gate):
                 raise GateTimeout(time.monotonic() - start)
             time.sleep(random.uniform(20e-6, 200e-6))
         try:
-            raw = os.pread(self._fd, _PAIR.size, _COUNTERS)
-            nxt, done = _PAIR.unpack(raw) if len(raw) == _PAIR.size else (0, 0)
+            # A short read is a new file, or one whose ``done`` was never written (no
+            # writer has left yet): missing bytes are zeros. Reading such a file as
+            # (0, 0) would hand out the same first ticket twice.
+            raw = os.pread(self._fd, _PAIR.size, _COUNTERS).ljust(_PAIR.size, b"\0")
+            nxt, done = _PAIR.unpack(raw)
             ticket = max(nxt, done + 1)
             os.pwrite(self._fd, _ONE.pack(ticket + 1), _COUNTERS)
             if not self._lock(self._slot(ticket), wait=False):
@@ -253,17 +266,38 @@ class FifoGate(Gate):
         self._ticket = None
         self._unlock(self._slot(ticket))
 
+    def _drop_inherited(self) -> None:
+        # Runs in a fork child (see _close_inherited_gates). The inherited descriptor
+        # shares the parent's open file description, and so its locks: as long as the
+        # child keeps it open, a ticket the parent holds or waits with outlives the
+        # parent (a parent killed while holding the gate would wedge every writer until
+        # the child exits). Closing our copy leaves the parent's locks intact, since
+        # OFD locks go only when the last descriptor of the description closes.
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+        self._ticket = None
+
     def _after_fork(self) -> None:
-        # The inherited descriptor shares its open file description, and so its locks,
-        # with the parent: never use it in the child. Closing our copy leaves the
-        # parent's locks intact (OFD locks go only when the last descriptor closes).
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        self._drop_inherited()  # already done at fork time where register_at_fork exists
         self._fd = self._open(self.path)
         self._pid = os.getpid()
-        self._ticket = None
+
+
+# Every live FifoGate of this process, so a fork child can let go of them at once.
+_GATES: "weakref.WeakSet[FifoGate]" = weakref.WeakSet()
+
+
+def _close_inherited_gates() -> None:
+    for gate in list(_GATES):
+        gate._drop_inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_gates)
 
 
 def make_gate(db_path: Path, enabled: bool = True) -> Gate:

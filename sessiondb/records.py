@@ -59,6 +59,14 @@ def conversation_item(msg: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+def count_tool_calls(tool_calls: Any) -> int:
+    """Calls in an assistant message's ``tool_calls``: a list counts its items, any other
+    value one call, None none."""
+    if tool_calls is None:
+        return 0
+    return len(tool_calls) if isinstance(tool_calls, list) else 1
+
+
 def search_hit(row: tuple) -> dict[str, Any]:
     keys = ("id", "session_id", "role", "snippet", "timestamp", "tool_name", "source",
             "model", "session_started")
@@ -136,13 +144,18 @@ def parents_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def insert_session(conn: apsw.Connection, item: dict[str, Any]) -> None:
     """Insert one exported session and its messages (message ids kept where free)."""
-    values = [item.get(c) for c in _SESSION_COLUMNS]
-    values[_SESSION_COLUMNS.index("model_config")] = to_json("model_config",
-                                                              item.get("model_config"))
-    cols = ", ".join(_SESSION_COLUMNS)
-    conn.execute(f"INSERT INTO sessions ({cols}) VALUES ({', '.join('?' * len(values))})",
-                 values)
-    for m in item.get("messages", []):
+    row = {c: item.get(c) for c in _SESSION_COLUMNS}
+    row["model_config"] = to_json("model_config", item.get("model_config"))
+    # Counters are derived from the messages imported, never trusted from the input.
+    messages = item.get("messages", [])
+    row["message_count"] = len(messages)
+    row["tool_call_count"] = sum(count_tool_calls(m.get("tool_calls")) for m in messages)
+    # Absent fields take the column default: an explicit NULL counter would stay NULL
+    # forever (NULL + 1 is NULL), so later appends would never be counted.
+    row = {c: v for c, v in row.items() if v is not None}
+    conn.execute(f"INSERT INTO sessions ({', '.join(row)}) VALUES "
+                 f"({', '.join('?' * len(row))})", list(row.values()))
+    for m in messages:
         row = {c: m.get(c) for c in _MESSAGE_COLUMNS}
         row["session_id"] = item["id"]
         for key in _MESSAGE_JSON:

@@ -124,8 +124,6 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
             _refuse_newer(path, found)
             if found == 0:
                 _refuse_foreign(conn, path)
-                # Must precede the first CREATE TABLE; lets prune give space back.
-                conn.pragma("auto_vacuum", "INCREMENTAL")
             for version in range(found, SCHEMA_VERSION):
                 run_write(_step(version))
     except filelock.Timeout as exc:
@@ -135,6 +133,19 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
             str(path),
         ) from exc
     return found
+
+
+def refuse_unusable(conn: apsw.Connection, path: Path) -> None:
+    """Refuse, before anything is written, a store newer than this library or a
+    database that holds other tables and no sessiondb schema.
+
+    :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
+    :raises DatabaseOpenError: foreign tables and no schema version.
+    """
+    found = user_version(conn)
+    _refuse_newer(path, found)
+    if found == 0:
+        _refuse_foreign(conn, path)
 
 
 def _step(version: int) -> Callable[[apsw.Connection], None]:

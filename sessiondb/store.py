@@ -12,6 +12,7 @@ is released); no read transaction is ever held across user code.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -24,10 +25,10 @@ import apsw
 
 from . import records
 from .checkpoint import CheckpointPolicy
-from .connection import default_path, open_connection, sqlite_version
+from .connection import close_for_fork, default_path, open_connection, sqlite_version
 from .errors import (
-    ClosedError, ConfigurationError, IntegrityViolation, InvalidArgument, SearchIndexError, SessionNotFound,
-    TitleConflict, translate,
+    ClosedError, ConfigurationError, DatabaseOpenError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
+    SearchIndexError, SessionNotFound, TitleConflict, translate,
 )
 from .gate import FifoGate, make_gate
 from .schema import SCHEMA_VERSION, ensure_schema
@@ -43,21 +44,41 @@ T = TypeVar("T")
 # never closes them in the child (closing would touch files and locks the parent owns).
 _INHERITED: list[apsw.Connection] = []
 _INSTANCES: "weakref.WeakSet[SessionDB]" = weakref.WeakSet()
+# Files that had a connection in use (mid-transaction) when this process was forked: no
+# connection to them is safe in this process (see connection.close_for_fork).
+_FORKED_BUSY: set[Path] = set()
 
 
-def _reset_locks_in_child() -> None:
-    # A lock held by another parent thread at fork time would stay held forever here.
+def _before_fork() -> None:
+    # Wait for calls in progress (bounded by write_timeout), then close idle connections
+    # so the child inherits no SQLite lock state; both sides reopen at their next call.
     for db in list(_INSTANCES):
+        db._park_for_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for db in list(_INSTANCES):
+        db._unpark()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_INSTANCES):
+        # Held by the forking thread, or by a parent thread that does not exist here.
         db._lock = threading.RLock()
+        db._fork_locked = False
+        if db._conn is not None and not db._closed:
+            _FORKED_BUSY.add(db.path)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens")
 _LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
 _FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
+_INT64_MAX = 2**63 - 1
 _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_session_id",
                    "title")
 
@@ -110,6 +131,7 @@ class SessionDB:
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate)
         self._lock = threading.RLock()
+        self._fork_locked = False
         self._closed = False
         self._conn: apsw.Connection | None = None
         self._open()
@@ -117,11 +139,18 @@ class SessionDB:
 
     # -- connection lifecycle ---------------------------------------------------------
     def _open(self) -> None:
+        if self.path in _FORKED_BUSY:
+            raise DatabaseOpenError(
+                f"this process was forked while another thread of its parent was writing "
+                f"to {self.path}; SQLite's lock state for that file was copied mid-write, "
+                "so no connection to it is safe here. Fork while no thread is inside a "
+                "transaction (sessiondb waits up to write_timeout for one to finish)",
+                str(self.path))
+        conn = self._new_connection()
+        gate = None
         o = self._options
-        conn = open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
-                               journal_size_limit=o["journal_size_limit"])
         try:
-            self._gate = make_gate(self.path, o["gate"])
+            self._gate = gate = make_gate(self.path, o["gate"])
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
             self._checkpoints = CheckpointPolicy(
                 self._gate, o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
@@ -132,7 +161,30 @@ class SessionDB:
         except BaseException:
             self._conn = None
             conn.close()
+            if gate is not None:
+                gate.close()
             raise
+
+    def _new_connection(self) -> apsw.Connection:
+        o = self._options
+        return open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
+                               journal_size_limit=o["journal_size_limit"],
+                               timeout=o["write_timeout"])
+
+    def _park_for_fork(self) -> None:
+        """Before fork(): take the instance lock and close an idle connection (see
+        :func:`sessiondb.connection.close_for_fork`). Released by :meth:`_unpark`."""
+        self._fork_locked = self._lock.acquire(timeout=self._options["write_timeout"])
+        conn = self._conn
+        if (self._fork_locked and conn is not None and not self._closed
+                and os.getpid() == self._pid and conn.get_autocommit()):
+            self._conn = None
+            close_for_fork(conn)
+
+    def _unpark(self) -> None:
+        if self._fork_locked:
+            self._fork_locked = False
+            self._lock.release()
 
     def close(self) -> None:
         """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
@@ -141,7 +193,10 @@ class SessionDB:
                 return
             self._closed = True
             conn, self._conn = self._conn, None
-            if conn is None or os.getpid() != self._pid:
+            if os.getpid() != self._pid:
+                return
+            if conn is None:  # closed for a fork and not reopened since
+                self._gate.close()
                 return
             try:
                 self._checkpoints.passive(conn)
@@ -171,6 +226,8 @@ class SessionDB:
                     _INHERITED.append(self._conn)
                 self._conn = None
                 self._open()
+            elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
+                self._conn = self._new_connection()
             assert self._conn is not None
             yield self._conn
 
@@ -288,7 +345,9 @@ class SessionDB:
                         ) -> dict[str, Any]:
         unknown = set(fields) - set(_SESSION_FIELDS)
         if unknown:
-            raise TypeError(f"unexpected session field(s): {', '.join(sorted(unknown))}")
+            raise InvalidArgumentType(
+                f"unexpected session field(s): {', '.join(sorted(unknown))}; known fields "
+                f"are {', '.join(_SESSION_FIELDS)}")
         return {
             "id": check_id("session_id", session_id),
             "source": check_id("source", source),
@@ -314,11 +373,13 @@ class SessionDB:
         """Sessions, newest first, each with ``preview`` (first user message, 60 chars)
         and ``last_active`` (latest message time, else start time).
 
-        :param active: True = only sessions not ended; False = only ended ones.
+        :param active: True = only sessions not ended; False = only ended ones; None = all.
         """
         limit, offset = check_limit(limit, offset)
         where, args = _source_filter(check_text("source", source),
                                      check_list("exclude_sources", exclude_sources))
+        if active is not None and not isinstance(active, bool):
+            raise InvalidArgumentType(f"active must be True, False or None, not {active!r}")
         if active is not None:
             where.append("s.ended_at IS NULL" if active else "s.ended_at IS NOT NULL")
         sql = (
@@ -448,10 +509,17 @@ class SessionDB:
         check_text("title", title, optional=False)
 
         def read(conn: apsw.Connection) -> str | None:
-            variant = _first(conn, "SELECT id FROM sessions WHERE title LIKE ? ESCAPE '\\' "
-                                   "ORDER BY started_at DESC LIMIT 1",
-                             (like_prefix(title + " #"),))
-            return variant or _first(conn, "SELECT id FROM sessions WHERE title = ?", (title,))
+            # LIKE narrows the candidates but folds ASCII case and admits any suffix;
+            # titles are unique case-sensitively, so keep exactly ``title`` and
+            # ``title #<digits>``. The exact title competes too: newest wins, ties go
+            # to the higher number.
+            rows = _fetch(conn, "SELECT id, title, started_at FROM sessions WHERE title = ? "
+                                "OR title LIKE ? ESCAPE '\\'",
+                          (title, like_prefix(title + " #")))
+            family = [(started, 1 if t == title else lineage_number(t), sid)
+                      for sid, t, started in rows
+                      if t == title or (split_lineage(t) == title and lineage_number(t))]
+            return max(family)[2] if family else None
 
         return self._read(read, snapshot=True)
 
@@ -497,7 +565,7 @@ class SessionDB:
             "codex_reasoning_items": to_json("codex_reasoning_items", codex_reasoning_items),
             "metadata": to_json("metadata", metadata),
         }
-        calls = 0 if tool_calls is None else len(tool_calls) if isinstance(tool_calls, list) else 1
+        calls = records.count_tool_calls(tool_calls)
 
         def write(conn: apsw.Connection) -> int:
             conn.execute("UPDATE sessions SET message_count = message_count + 1, "
@@ -556,6 +624,10 @@ class SessionDB:
 
         Cost status, source and pricing version: the latest non-None value wins. Model
         and billing fields: filled in only while unset (the first value wins).
+
+        :raises InvalidArgument: a negative, non-finite or too large value, or an
+            increment that would overflow a counter (nothing is written).
+        :raises SessionNotFound: the session does not exist.
         """
         self._account(session_id, absolute, False, locals())
 
@@ -597,7 +669,17 @@ class SessionDB:
         for f in _FIRST_WINS:
             sets.append(f"{f} = COALESCE({f}, ?)")
             values.append(texts[f])
-        self._update_session(session_id, ", ".join(sets), tuple(values))
+        assignments = ", ".join(sets)
+
+        def write(conn: apsw.Connection) -> None:
+            if not absolute:
+                _check_sums(conn, session_id, tokens, est, act)
+            conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?",
+                         (*values, session_id))
+            if conn.changes() == 0:
+                raise SessionNotFound(session_id)
+
+        self._execute_write(write)
 
     # -- search -----------------------------------------------------------------------
     def search_messages(self, query: str, *, sources: list[str] | None = None,
@@ -734,7 +816,9 @@ class SessionDB:
                     conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                 deleted += len(ids)
             if deleted:
-                conn.execute("PRAGMA incremental_vacuum")
+                # Each step of this pragma frees one page: run it to completion, or only
+                # the first page comes back.
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
             return deleted
 
         return self._execute_write(write)
@@ -794,6 +878,25 @@ def _first(conn: apsw.Connection, sql: str, args: tuple | list) -> Any:
 
 def _exists(conn: apsw.Connection, session_id: str) -> bool:
     return _first(conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
+
+
+def _check_sums(conn: apsw.Connection, session_id: str, tokens: list[Any],
+                est: float | None, act: float | None) -> None:
+    """Refuse increments that would leave a counter unrepresentable: SQLite silently
+    turns an INTEGER overflow into an imprecise REAL, and a REAL overflow into Inf."""
+    row = conn.execute(f"SELECT {', '.join(_TOKEN_FIELDS)}, estimated_cost_usd, "
+                       "actual_cost_usd FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    if row is None:
+        raise SessionNotFound(session_id)
+    for name, cur, add in zip(_TOKEN_FIELDS, row, tokens):
+        if add and isinstance(cur, int) and cur + add > _INT64_MAX:
+            raise InvalidArgument(f"{name} would exceed 2**63-1 ({cur} + {add}); "
+                                  "nothing was written")
+    for name, cur, add in (("estimated_cost_usd", row[5], est),
+                           ("actual_cost_usd", row[6], act)):
+        if add and isinstance(cur, float) and not math.isfinite(cur + add):
+            raise InvalidArgument(f"{name} would overflow ({cur} + {add}); "
+                                  "nothing was written")
 
 
 def _check_title_free(conn: apsw.Connection, title: str, session_id: str) -> None:

@@ -131,9 +131,9 @@ def sanitize_title(title: str | None) -> str | None:
 
     :raises InvalidTitle: longer than 100 characters after cleaning (never truncated).
     """
-    if not title:
+    # Type first: a falsy non-str (0, [], False) must not silently clear a title.
+    if not check_text("title", title):
         return None
-    check_text("title", title)
     cleaned = _SPACE_RUN.sub(" ", _INVISIBLE.sub("", title)).strip()
     if not cleaned:
         return None
@@ -176,7 +176,8 @@ def sanitize_fts_query(query: str) -> str:
     terms. Returns ``""`` when nothing searchable is left.
     """
     pieces: list[str] = []
-    parts = query.split('"')
+    # FTS5 reads the query as a C string: a NUL ends it mid-token ("unterminated string").
+    parts = query.replace("\x00", " ").split('"')
     # Even indexes are outside quotes; odd ones inside. An unmatched final quote leaves
     # an odd number of quotes: its text is treated as unquoted.
     if len(parts) % 2 == 0:

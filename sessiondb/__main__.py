@@ -1,0 +1,3 @@
+"""``python -m sessiondb``: the command line, see :mod:`sessiondb.cli`."""
+from sessiondb.cli import main
+raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The multi-process contention benchmark: ``sessiondb bench`` or
+``python -m benchmarks.contention``. See :mod:`sessiondb.bench.run` and the README."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .run import STRATEGIES, benchmark
+
+__all__ = ["add_arguments", "main", "benchmark"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced set (convoy and fast, 8 writers, 4 s each) in under 60 s")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (overrides)")
+    parser.add_argument("--writers", type=int, help="writer processes per scenario (overrides)")
+    parser.add_argument("--only", action="append", metavar="SCENARIO",
+                        help="run only this scenario (convoy, agent, burst, fast, gateway); "
+                             "repeatable")
+    parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
+                        help="run only this strategy (repeatable; default all)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
+    parser.add_argument("--json", dest="json_file", metavar="FILE",
+                        help="write every raw figure as JSON to FILE (schema in the README)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw latency CDFs per strategy (needs the 'bench' extra)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import plot, table
+
+    doc = benchmark(quick=args.quick, duration=args.duration, writers=args.writers,
+                    only=args.only, strategies=tuple(args.strategies or STRATEGIES),
+                    seed=args.seed)
+    print(table(doc))
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        print(f"wrote {args.json_file}", file=sys.stderr)
+    if args.plot:
+        try:
+            plot(doc, args.plot)
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'sessiondb[bench]'", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 1 if any(r["failed"] for r in doc["runs"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.contention",
+        description="Reproduce the SQLite convoy freeze with real processes, then show "
+                    "sessiondb without it.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

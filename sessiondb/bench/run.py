@@ -1,0 +1,242 @@
+"""Scenarios and the orchestration of one benchmark invocation.
+
+Each (scenario, strategy) pair runs on a fresh database file in a temporary directory:
+the parent creates the schema and one session per writer, starts every process
+(``multiprocessing`` spawn) behind one barrier, samples the ``-wal`` size every 50 ms
+(``os.stat`` only), then collects the workers' figures from a queue and checks the file
+(``integrity_check``, acknowledged writes all present).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import apsw
+
+from .. import __version__
+from ..writes import percentile
+from .workers import Job, Result, run_job
+
+STRATEGIES = ("naive", "seedfix", "sessiondb")
+
+
+@dataclass
+class Scenario:
+    name: str
+    writers: int
+    duration: float
+    hold: float = 0.0
+    think: float = 0.0
+    burst: int = 0
+    gateway_rate: float = 0.0
+    readers: bool = True
+    description: str = ""
+
+
+def scenarios(quick: bool, duration: float | None = None,
+              writers: int | None = None) -> list[Scenario]:
+    """The scenario set; ``duration``/``writers`` override every scenario's value."""
+    if quick:
+        chosen = [
+            Scenario("convoy", 8, 4.0, hold=0.010, description="10 ms transactions, closed loop"),
+            Scenario("fast", 8, 4.0, description="tiny transactions, closed loop"),
+        ]
+    else:
+        chosen = [
+            Scenario("convoy", 16, 30.0, hold=0.010,
+                     description="10 ms transactions, closed loop"),
+            *[Scenario(f"agent-{n}", n, 10.0, hold=0.005, think=0.005,
+                       description="5 ms transactions, exponential think mean 5 ms")
+              for n in (4, 8, 16)],
+            Scenario("burst", 16, 10.0, burst=10,
+                     description="each second every process fires 10 writes at once"),
+            Scenario("fast", 8, 10.0, description="tiny transactions, closed loop"),
+            Scenario("gateway", 8, 10.0, hold=0.005, think=0.005, gateway_rate=20.0,
+                     description="a gateway creates 20 sessions/s while agents write"),
+        ]
+    return [replace(s, duration=duration or s.duration, writers=writers or s.writers)
+            for s in chosen]
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    strategy: str
+    duration: float
+    writers: list[Result] = field(default_factory=list)
+    gateway: Result | None = None
+    poller: Result | None = None
+    long_reader: Result | None = None
+    wal_peak: int = 0
+    wal_samples: list[tuple[float, int]] = field(default_factory=list)
+    integrity: str = ""
+    rows: int = 0
+    failed: str = ""
+
+
+def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
+            serial: bool = False) -> RunResult:
+    """Run one scenario with one strategy (``serial``: one writer, no readers)."""
+    from .. import SessionDB
+
+    path = os.path.join(workdir, f"{scenario.name}-{strategy}{'-serial' if serial else ''}.db")
+    n = 1 if serial else scenario.writers
+    with SessionDB(path) as db:
+        for i in range(n):
+            db.create_session(f"w-{i}", "bench")
+    jobs = [Job("writer", strategy, path, seed * 1000 + i, scenario.duration,
+                hold=scenario.hold, think=0.0 if serial else scenario.think,
+                burst=0 if serial else scenario.burst, session_id=f"w-{i}", index=i)
+            for i in range(n)]
+    if not serial:
+        if scenario.gateway_rate:
+            jobs.append(Job("gateway", strategy, path, seed * 1000 + 900, scenario.duration,
+                            rate=scenario.gateway_rate))
+        if scenario.readers:
+            jobs.append(Job("poller", strategy, path, seed * 1000 + 901, scenario.duration))
+            jobs.append(Job("long_reader", strategy, path, seed * 1000 + 902,
+                            scenario.duration))
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(len(jobs) + 1)
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=run_job, args=(job, start, results), daemon=True)
+             for job in jobs]
+    for p in procs:
+        p.start()
+    out = RunResult(scenario.name, strategy, scenario.duration)
+    try:
+        start.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        out.failed = "a process failed to start"
+    sampler = _WalSampler(path + "-wal")
+    sampler.start()
+    collected: list[Result] = []
+    deadline = time.monotonic() + scenario.duration + 60
+    while len(collected) < len(jobs) and time.monotonic() < deadline:
+        try:
+            collected.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+    sampler.stop()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    out.wal_peak, out.wal_samples = sampler.peak, sampler.samples
+    for r in collected:
+        if r.crashed and not out.failed:
+            out.failed = r.crashed.strip().splitlines()[-1]
+        if r.role == "writer":
+            out.writers.append(r)
+        else:
+            setattr(out, r.role, r)
+    out.writers.sort(key=lambda r: r.index)
+    if len(collected) < len(jobs) and not out.failed:
+        out.failed = f"{len(jobs) - len(collected)} process(es) never reported"
+    out.integrity, out.rows = _check_file(path)
+    return out
+
+
+class _WalSampler(threading.Thread):
+    def __init__(self, wal_path: str) -> None:
+        super().__init__(daemon=True)
+        self.wal_path = wal_path
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            try:
+                size = os.stat(self.wal_path).st_size
+            except OSError:
+                size = 0
+            self.peak = max(self.peak, size)
+            self.samples.append((round(time.monotonic() - self._t0, 3), size))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _check_file(path: str) -> tuple[str, int]:
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        integrity = conn.execute("PRAGMA integrity_check").fetchall()[0][0]
+        rows = conn.execute("SELECT COUNT(*) FROM messages").fetchall()[0][0]
+    finally:
+        conn.close()
+    return integrity, rows
+
+
+def header(options: dict[str, Any]) -> dict[str, Any]:
+    import sqlite3
+    return {
+        "sessiondb": __version__,
+        "python": platform.python_version(),
+        "apsw": apsw.apsw_version() if hasattr(apsw, "apsw_version") else apsw.apswversion(),
+        "sqlite_apsw": apsw.sqlite_lib_version(),
+        "sqlite_stdlib": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "options": options,
+    }
+
+
+def benchmark(*, quick: bool = False, duration: float | None = None,
+              writers: int | None = None, only: list[str] | None = None,
+              strategies: tuple[str, ...] = STRATEGIES, seed: int = 1,
+              progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+              ) -> dict[str, Any]:
+    """Run every scenario with every strategy (plus a serial ceiling) and summarize.
+
+    :returns: ``{"header": ..., "runs": [...]}``, the JSON document ``--json`` writes.
+    """
+    from .report import summarize
+
+    chosen = [s for s in scenarios(quick, duration, writers) if not only or s.name in only
+              or s.name.split("-")[0] in only]
+    options = {"quick": quick, "duration": duration, "writers": writers, "only": only,
+               "strategies": list(strategies), "seed": seed,
+               "scenarios": [s.__dict__ for s in chosen]}
+    doc: dict[str, Any] = {"header": header(options), "runs": []}
+    total = len(chosen) * (len(strategies) + 1)
+    step = 0
+    workdir = tempfile.mkdtemp(prefix="sessiondb-bench-")
+    try:
+        for scenario in chosen:
+            plan = [("serial", "sessiondb", True)] + [(s, s, False) for s in strategies]
+            for label, strategy, serial in plan:
+                step += 1
+                shown = replace(scenario, duration=min(scenario.duration, 3.0)) if serial \
+                    else scenario
+                progress(f"[{step}/{total}] {scenario.name:<9} {label:<9} "
+                         f"{shown.writers if not serial else 1} writer(s), {shown.duration:g} s")
+                t0 = time.monotonic()
+                run = run_one(shown, strategy, workdir, seed, serial=serial)
+                summary = summarize(run, label)
+                doc["runs"].append(summary)
+                progress(f"    done in {time.monotonic() - t0:.1f} s: "
+                         f"{summary['commits']} commits, max {summary['latency_s']['max']:.3f} s, "
+                         f"errors {summary['errors']}" + (f", FAILED: {run.failed}"
+                                                          if run.failed else ""))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return doc
+
+
+__all__ = ["benchmark", "scenarios", "run_one", "Scenario", "percentile"]

@@ -1,0 +1,365 @@
+"""The processes of the contention benchmark: writers, a gateway, and two readers.
+
+Every strategy does the same work per write (one agent turn): insert a 200-2000 byte
+message (indexed by the FTS5 trigger) and add to the session's token counters, then hold
+the transaction open for the scenario's extra lock-hold time (a sleep, identical in every
+strategy). What differs is only how the transaction is run:
+
+``naive``     stdlib ``sqlite3``, ``timeout=30``, implicit DEFERRED transactions, no manual
+              checkpoints (the setup that froze).
+``seedfix``   stdlib ``sqlite3``, ``timeout=1``, ``BEGIN IMMEDIATE`` with up to 15 retries
+              sleeping 20-150 ms, PASSIVE checkpoint every 50 writes and at close.
+``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``.
+
+Workers are seeded, measure every call end to end (waits and retries included) and send
+their figures back through a queue; they never write files of their own.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+_WORDS = ("deploy parser lexer gateway token session agent model cache retry socket "
+          "kernel tool search index commit rollback schema docker build test queue "
+          "lease claim timeout convoy reader writer snapshot checkpoint").split()
+
+
+@dataclass
+class Job:
+    """What one worker process does (picklable; sent to a spawned process)."""
+
+    role: str                 # "writer" | "gateway" | "poller" | "long_reader"
+    strategy: str             # "naive" | "seedfix" | "sessiondb"
+    path: str
+    seed: int
+    duration: float
+    hold: float = 0.0         # extra seconds each write transaction holds the lock
+    think: float = 0.0        # mean of the exponential think time between writes (0: none)
+    burst: int = 0            # >0: fire this many writes at each second boundary
+    rate: float = 0.0         # gateway: sessions created per second
+    session_id: str = ""
+    index: int = 0
+
+
+@dataclass
+class Result:
+    role: str
+    index: int
+    latencies: list[float] = field(default_factory=list)
+    holds: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    commits: int = 0
+    sqlite_version: str = ""
+    crashed: str = ""
+
+
+def message_text(rng: random.Random) -> str:
+    """200-2000 bytes of words, so the FTS index does real work."""
+    target = rng.randint(200, 2000)
+    words: list[str] = []
+    size = 0
+    while size < target:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+# -- the three ways to run one write -------------------------------------------------
+
+class _Stdlib:
+    """Shared by naive and seedfix: the same statements sessiondb runs."""
+
+    def __init__(self, job: Job, timeout: float, isolation: str | None) -> None:
+        self.job = job
+        self.conn = sqlite3.connect(job.path, timeout=timeout, isolation_level=isolation)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.sqlite_version = sqlite3.sqlite_version
+
+    def statements(self, session_id: str, text: str, hold: float) -> float:
+        """Run the turn's statements; return when the write lock was known to be held
+        (after BEGIN IMMEDIATE, or for DEFERRED once the INSERT got the lock)."""
+        held_from = time.monotonic()
+        self.conn.execute(
+            "INSERT INTO messages (session_id, role, content, timestamp) VALUES (?, ?, ?, ?)",
+            (session_id, "assistant", text, time.time()))
+        if self.conn.isolation_level is not None:  # naive: the INSERT took the lock
+            held_from = time.monotonic()
+        self.conn.execute(
+            "UPDATE sessions SET message_count = message_count + 1, input_tokens = "
+            "input_tokens + ?, output_tokens = output_tokens + ? WHERE id = ?",
+            (120, 40, session_id))
+        if hold:
+            time.sleep(hold)
+        return held_from
+
+    def create(self, session_id: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Naive(_Stdlib):
+    def __init__(self, job: Job) -> None:
+        super().__init__(job, timeout=30, isolation="")  # "" = implicit DEFERRED BEGIN
+
+    def write(self, session_id: str, text: str, hold: float) -> float:
+        try:
+            held_from = self.statements(session_id, text, hold)
+            self.conn.commit()
+            return time.monotonic() - held_from
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def create(self, session_id: str) -> None:
+        try:
+            self.conn.execute("INSERT OR IGNORE INTO sessions (id, source, started_at) "
+                              "VALUES (?, 'gateway', ?)", (session_id, time.time()))
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+
+class SeedFix(_Stdlib):
+    ATTEMPTS = 15
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job, timeout=1, isolation=None)
+        self.rng = random.Random(job.seed ^ 0x5EED)
+        self.writes = 0
+
+    def _retrying(self, body: Callable[[], float | None]) -> float | None:
+        for attempt in range(self.ATTEMPTS):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = body()
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if attempt == self.ATTEMPTS - 1:
+                    raise
+                time.sleep(self.rng.uniform(0.020, 0.150))
+        self.writes += 1
+        if self.writes % 50 == 0:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
+        return result
+
+    def write(self, session_id: str, text: str, hold: float) -> float:
+        started: list[float] = []
+
+        def body() -> None:
+            started.append(self.statements(session_id, text, hold))
+
+        self._retrying(body)
+        return time.monotonic() - started[-1]
+
+    def create(self, session_id: str) -> None:
+        self._retrying(lambda: self.conn.execute(
+            "INSERT OR IGNORE INTO sessions (id, source, started_at) VALUES (?, 'gateway', ?)",
+            (session_id, time.time())) and None)
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            super().close()
+
+
+class Library:
+    def __init__(self, job: Job) -> None:
+        from sessiondb import SessionDB
+        from sessiondb.connection import sqlite_version
+
+        self.db = SessionDB(job.path)
+        self.sqlite_version = ".".join(map(str, sqlite_version()))
+
+    def write(self, session_id: str, text: str, hold: float) -> float:
+        with self.db.transaction():
+            held_from = time.monotonic()
+            self.db.append_message(session_id, "assistant", text)
+            self.db.update_token_counts(session_id, 120, 40)
+            if hold:
+                time.sleep(hold)
+        return time.monotonic() - held_from
+
+    def create(self, session_id: str) -> None:
+        self.db.create_session(session_id, "gateway")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+STRATEGIES: dict[str, Callable[[Job], Any]] = {
+    "naive": Naive, "seedfix": SeedFix, "sessiondb": Library,
+}
+
+
+# -- process bodies -----------------------------------------------------------------
+
+def run_job(job: Job, start: Any, results: Any) -> None:
+    """Entry point of every benchmark process (spawned). ``start`` is a Barrier shared
+    by all processes of a run and the parent, so everyone starts at the same moment."""
+    result = Result(job.role, job.index)
+    try:
+        body = {"writer": _writer, "gateway": _gateway, "poller": _poller,
+                "long_reader": _long_reader}[job.role]
+        body(job, result, start)
+    except BaseException:  # report, never hang the parent
+        result.crashed = traceback.format_exc()
+        start.abort()
+    results.put(result)
+
+
+def _begin(start: Any, duration: float) -> float:
+    start.wait()
+    return time.monotonic() + duration
+
+
+def _record_error(result: Result, exc: BaseException) -> None:
+    result.errors += 1
+    if len(result.error_samples) < 3:
+        result.error_samples.append(f"{type(exc).__name__}: {exc}")
+
+
+def _writer(job: Job, result: Result, start: Any) -> None:
+    rng = random.Random(job.seed)
+    runner = STRATEGIES[job.strategy](job)
+    result.sqlite_version = runner.sqlite_version
+    texts = [message_text(rng) for _ in range(64)]
+    end = _begin(start, job.duration)
+    try:
+        while time.monotonic() < end:
+            if job.burst:
+                # Synchronized bursts: every process fires at the same wall-clock second.
+                time.sleep(max(0.0, 1.0 - time.time() % 1.0))
+                count = job.burst
+            else:
+                count = 1
+            for _ in range(count):
+                t0 = time.monotonic()
+                try:
+                    hold = runner.write(job.session_id, rng.choice(texts), job.hold)
+                except Exception as exc:
+                    _record_error(result, exc)
+                else:
+                    result.latencies.append(time.monotonic() - t0)
+                    result.holds.append(hold)
+                    result.commits += 1
+            if job.think:
+                time.sleep(rng.expovariate(1.0 / job.think))
+    finally:
+        runner.close()
+
+
+def _gateway(job: Job, result: Result, start: Any) -> None:
+    runner = STRATEGIES[job.strategy](job)
+    result.sqlite_version = runner.sqlite_version
+    end = _begin(start, job.duration)
+    period = 1.0 / job.rate
+    next_at = time.monotonic()
+    n = 0
+    try:
+        while time.monotonic() < end:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += period
+            t0 = time.monotonic()
+            try:
+                runner.create(f"gw-{job.seed}-{n}")
+            except Exception as exc:
+                _record_error(result, exc)
+            else:
+                result.latencies.append(time.monotonic() - t0)
+                result.commits += 1
+            n += 1
+    finally:
+        runner.close()
+
+
+def _poller(job: Job, result: Result, start: Any) -> None:
+    """A TUI: every 20 ms list the newest sessions and run a search."""
+    rng = random.Random(job.seed)
+    if job.strategy == "sessiondb":
+        from sessiondb import SessionDB
+        db = SessionDB(job.path)
+
+        def poll() -> None:
+            db.list_sessions(limit=20)
+            db.search_messages(rng.choice(_WORDS), limit=10)
+        close = db.close
+    else:
+        conn = sqlite3.connect(job.path, timeout=30)
+
+        def poll() -> None:
+            conn.execute("SELECT id, title, message_count FROM sessions "
+                         "ORDER BY started_at DESC LIMIT 20").fetchall()
+            conn.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? "
+                         "ORDER BY rank LIMIT 10", (rng.choice(_WORDS),)).fetchall()
+        close = conn.close
+    end = _begin(start, job.duration)
+    try:
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                poll()
+            except Exception as exc:
+                _record_error(result, exc)
+            else:
+                result.latencies.append(time.monotonic() - t0)
+            time.sleep(0.020)
+    finally:
+        close()
+
+
+def _long_reader(job: Job, result: Result, start: Any) -> None:
+    """A reader that holds a read transaction open 500 ms at a time, back to back."""
+    if job.strategy == "sessiondb":
+        from sessiondb import SessionDB
+        db = SessionDB(job.path)
+
+        def read_500ms() -> None:
+            with db.snapshot():
+                db.message_count()
+                time.sleep(0.5)
+        close = db.close
+    else:
+        conn = sqlite3.connect(job.path, timeout=30, isolation_level=None)
+
+        def read_500ms() -> None:
+            conn.execute("BEGIN")
+            try:
+                conn.execute("SELECT COUNT(*) FROM messages").fetchall()
+                time.sleep(0.5)
+            finally:
+                conn.execute("COMMIT")
+        close = conn.close
+    end = _begin(start, job.duration)
+    try:
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                read_500ms()
+            except Exception as exc:
+                _record_error(result, exc)
+            else:
+                result.latencies.append(time.monotonic() - t0)
+    finally:
+        close()
+

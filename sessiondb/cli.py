@@ -1,0 +1,489 @@
+"""The ``sessiondb`` command: one subcommand per library verb, each body open, call, print.
+
+``--db PATH`` and ``--json`` work on every store command, before or after the subcommand
+(``sessiondb list --db x --json``). Without ``--json`` output is a readable table.
+
+Exit status: 0 success; 1 nothing found (``show``, ``export --session``), problems found
+(``doctor``) or a failed ``demo``; 2 bad usage or an error from the library (one line on
+stderr, no traceback); 130 interrupted.
+
+``prune`` is a dry run unless ``--yes`` is given: it reports how many sessions it would
+delete (counted by running the real prune in a transaction that is then rolled back) and
+deletes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from . import __version__, bench, demo, doctor
+from .connection import default_path
+from .errors import SessionDBError
+from .store import SessionDB
+
+__all__ = ["main", "build_parser"]
+
+
+# -- commands -------------------------------------------------------------------------
+
+def cmd_path(args: argparse.Namespace) -> int:
+    path = _db_path(args)
+    _emit(args, {"path": str(path), "exists": path.exists()}, lambda d: d["path"])
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    active = True if args.active else False if args.ended else None
+    with SessionDB(args.db) as db:
+        rows = db.list_sessions(args.source, active=active, limit=args.limit)
+    _emit(args, rows, lambda rs: _table(
+        ["id", "source", "title", "messages", "started", "ended", "preview"],
+        [[r["id"], r["source"], r["title"] or "", r["message_count"], _when(r["started_at"]),
+          _when(r["ended_at"]), r["preview"]] for r in rows],
+        widths={"id": 36, "title": 30, "preview": 50}) or "no sessions")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with SessionDB(args.db) as db:
+        sid = db.resolve_session_id(args.id)
+        data = db.export_session(sid) if sid else None
+    if data is None:
+        return _not_found(args.id)
+    _emit(args, data, _show_text)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    with SessionDB(args.db) as db:
+        hits = db.search_messages(args.text, sources=args.source, roles=args.role,
+                                  limit=args.limit)
+    _emit(args, hits, lambda hs: _table(
+        ["session", "role", "when", "snippet"],
+        [[h["session_id"], h["role"], _when(h["timestamp"]), h["snippet"]] for h in hs],
+        widths={"session": 36, "snippet": 80}) or "no matches")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.output:
+        _refuse_store_file(args.output, args)
+    with SessionDB(args.db) as db:
+        if args.session:
+            sid = db.resolve_session_id(args.session)
+            one = db.export_session(sid) if sid else None
+            if one is None:
+                return _not_found(args.session)
+            data = [one]
+        else:
+            data = db.export_all(args.source)
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    _write_atomically(Path(args.output), text)
+    summary = {"file": args.output, "sessions": len(data),
+               "messages": sum(len(s["messages"]) for s in data)}
+    _emit(args, summary,
+          lambda d: f"exported {d['sessions']} session(s), {d['messages']} message(s) "
+                    f"to {d['file']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    data = _read_json(args.file, args)
+    with SessionDB(args.db) as db:
+        count = db.import_sessions(data, skip_existing=args.skip_existing)
+    _emit(args, {"imported": count}, lambda d: f"imported {d['imported']} session(s)")
+    return 0
+
+
+class _DryRun(Exception):
+    """Raised inside a transaction to roll the prune back."""
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    with SessionDB(args.db) as db:
+        if args.yes:
+            deleted, would = db.prune_sessions(args.days, args.source), None
+        else:
+            # The real prune, rolled back: the count is exactly what --yes would delete
+            # (no copy of its selection rules here to drift out of date).
+            counted: list[int] = []
+            try:
+                with db.transaction():
+                    counted.append(db.prune_sessions(args.days, args.source))
+                    raise _DryRun
+            except _DryRun:
+                pass
+            deleted, would = 0, counted[0]
+    result = {"dry_run": not args.yes, "deleted": deleted, "would_delete": would,
+              "days": args.days, "source": args.source}
+    scope = f"ended {args.source + ' ' if args.source else ''}session(s) started over " \
+            f"{args.days:g} day(s) ago"
+    _emit(args, result, lambda d: f"deleted {d['deleted']} {scope}" if args.yes else
+          f"would delete {d['would_delete']} {scope}; nothing was deleted "
+          "(run again with --yes to delete them)")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with SessionDB(args.db) as db:
+        figures = db.stats()
+        figures["sessions"] = db.session_count()
+        figures["messages"] = db.message_count()
+    _emit(args, figures, lambda f: _table(["figure", "value"], [
+        [k, _figure(v)] for k, v in _flatten(f)]))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = doctor.check(_db_path(args), repair=args.repair)
+    _emit(args, report, _doctor_text)
+    return 0 if report["ok"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    say = None if args.json else (lambda line: print(line, flush=True))
+    result = demo.run(args.db, workers=args.workers, messages=args.messages, progress=say)
+    _emit(args, result, _demo_text)
+    return 0 if result["ok"] else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench.run(args)
+
+
+# -- the parser -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and documentation tools)."""
+    # SUPPRESS keeps a subcommand's defaults from overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+                        help="database file (default: $SESSIONDB_PATH, else "
+                             "the user data dir's sessiondb/state.db)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON for machines instead of a table")
+    parser = argparse.ArgumentParser(
+        prog="sessiondb", parents=[common],
+        description="Inspect and maintain a sessiondb store: a SQLite session store "
+                    "shared by many processes.",
+        epilog="Exit status: 0 ok; 1 not found, problems found or demo failed; "
+               "2 usage or library error.")
+    parser.add_argument("--version", action="version", version=f"sessiondb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], summary: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=summary,
+                           description=description or summary)
+        p.set_defaults(func=fn)
+        return p
+
+    command("path", cmd_path, "print the resolved database path (without opening it)")
+
+    p = command("list", cmd_list, "list sessions, newest first")
+    p.add_argument("--source", help="only sessions of this source")
+    p.add_argument("--limit", type=_count, default=20, help="at most N sessions (default 20)")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--active", action="store_true", help="only sessions not ended")
+    state.add_argument("--ended", action="store_true", help="only ended sessions")
+
+    p = command("show", cmd_show, "print a session, then its messages")
+    p.add_argument("id", help="session id, or a unique prefix of one")
+
+    p = command("search", cmd_search, "full-text search over message content",
+                "Full-text search over message content, best match first. Any text is "
+                "accepted: quotes, AND/OR/NOT, '*' and ':' are never a syntax error.")
+    p.add_argument("text", help="what to search for")
+    p.add_argument("--source", action="append",
+                   help="only sessions of this source (repeatable)")
+    p.add_argument("--role", action="append",
+                   help="only messages with this role, e.g. user (repeatable)")
+    p.add_argument("--limit", type=_count, default=20, help="at most N hits (default 20)")
+
+    p = command("export", cmd_export, "export sessions with their messages as JSON",
+                "Export sessions with their messages as a JSON list (the format `import` "
+                "reads), to stdout or a file.")
+    p.add_argument("--session", metavar="ID", help="only this session (id or unique prefix)")
+    p.add_argument("--source", help="only sessions of this source")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write to FILE (replaced atomically) instead of stdout")
+
+    p = command("import", cmd_import, "import sessions from an export file",
+                "Import sessions written by `export`, all or nothing.")
+    p.add_argument("file", help="JSON file written by `export` ('-' for stdin)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip sessions that already exist instead of failing")
+
+    p = command("prune", cmd_prune, "delete old ended sessions (dry run unless --yes)",
+                "Delete ended sessions started more than N days ago, with their messages, "
+                "and give the space back. Active sessions are never pruned. Without "
+                "--yes this only reports how many would be deleted.")
+    p.add_argument("--days", type=_days, required=True, metavar="N",
+                   help="prune sessions started more than N days ago")
+    p.add_argument("--source", help="only sessions of this source")
+    p.add_argument("--yes", action="store_true", help="really delete them")
+
+    command("stats", cmd_stats, "print store figures: writes, lock waits, WAL size, counts",
+            "Print the figures of SessionDB.stats() plus session and message counts. "
+            "Write and wait figures describe this process's connection only.")
+
+    p = command("doctor", cmd_doctor, "check the store's health (exit 1 on problems)",
+                "Check integrity (PRAGMA integrity_check), the full-text index, foreign "
+                "keys and message counters; report versions, journal mode, schema version, "
+                "WAL size and sidecar files. A missing file is reported, not created. "
+                "Exit 0 when healthy, 1 when problems were found.")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild the full-text index from the messages (messages untouched)")
+
+    p = command("demo", cmd_demo, "several processes write one database at once",
+                "Spawn worker processes that each create a session and append messages, "
+                "while a gateway process creates sessions, all sharing one database; then "
+                "print per-process commits, the longest lock wait and the integrity "
+                "check. Without --db a temporary database is used and removed.")
+    p.add_argument("--workers", type=_positive, default=4, help="worker processes (default 4)")
+    p.add_argument("--messages", type=_count, default=200,
+                   help="messages each worker appends (default 200)")
+
+    # Not a store verb: no --db (every run uses fresh files) and its --json takes a FILE.
+    p = sub.add_parser("bench", help="run the multi-process contention benchmark",
+                       description="Reproduce the SQLite convoy freeze with real processes "
+                                   "(naive and seedfix strategies), then run the same work "
+                                   "through sessiondb; print latency, fairness and WAL "
+                                   "figures side by side. Each run uses a fresh database.")
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (never raises for library errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.db = getattr(args, "db", None)
+        args.json = getattr(args, "json", False)
+        return args.func(args)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except (SessionDBError, _InputError) as exc:
+        print(f"sessiondb: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sessiondb: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `sessiondb export | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+# -- helpers --------------------------------------------------------------------------
+
+class _InputError(Exception):
+    """A problem with a file the user named (not with the store): exit 2, one line."""
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    return Path(os.path.abspath(Path(args.db).expanduser() if args.db else default_path()))
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(human(data))
+
+
+def _not_found(prefix: str) -> int:
+    print(f"sessiondb: no session matches {prefix!r} (or several do: give more of the id)",
+          file=sys.stderr)
+    return 1
+
+
+def _refuse_store_file(name: str, args: argparse.Namespace) -> None:
+    """Never read or write the store's own files with open(): that would clobber the
+    database, or (on close) drop this process's SQLite locks on it."""
+    db = _db_path(args)
+    own = {str(db), f"{db}-wal", f"{db}-shm", f"{db}-journal"}
+    if os.path.realpath(name) in {os.path.realpath(p) for p in own}:
+        raise _InputError(f"{name} is a file of the database itself; choose another file")
+
+
+def _read_json(name: str, args: argparse.Namespace) -> Any:
+    try:
+        if name == "-":
+            return json.load(sys.stdin)
+        _refuse_store_file(name, args)
+        with open(name, encoding="utf-8") as fh:
+            return json.load(fh)
+    except OSError as exc:
+        raise _InputError(f"cannot read {name}: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _InputError(f"{name} is not a JSON export: {exc}") from exc
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of days >= 0")
+    return value
+
+
+# -- human output ---------------------------------------------------------------------
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
+
+
+def _cell(value: Any, width: int | None) -> str:
+    text = " ".join(str("" if value is None else value).split())  # one line
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+def _table(headers: list[str], rows: list[list[Any]], widths: dict[str, int] | None = None
+           ) -> str:
+    """Left-aligned columns (numbers right-aligned); '' when there are no rows."""
+    if not rows:
+        return ""
+    widths = widths or {}
+    cells = [[_cell(v, widths.get(h)) for h, v in zip(headers, row)] for row in rows]
+    size = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows)
+               for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(size[i]) if numeric[i] else v.ljust(size[i])
+                         for i, v in enumerate(values)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * s for s in size])] + [line(r) for r in cells])
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    return str(value)
+
+
+def _bytes(n: int | None) -> str:
+    return "?" if n is None else f"{n:,} bytes"
+
+
+def _show_text(s: dict[str, Any]) -> str:
+    skip = {"messages", "system_prompt"}
+    fields = [(k, v) for k, v in s.items() if k not in skip and v not in (None, "", {})]
+    out = [f"{k:<20} {_when(v) if k in ('started_at', 'ended_at') else v}" for k, v in fields]
+    if s.get("system_prompt"):
+        out += ["", "system prompt:", s["system_prompt"]]
+    out.append("")
+    for m in s["messages"]:
+        tools = f" tool={m['tool_name']}" if m.get("tool_name") else ""
+        calls = f" tool_calls={json.dumps(m['tool_calls'])}" if m.get("tool_calls") else ""
+        out.append(f"--- #{m['id']} {m['role']}{tools}  {_when(m['timestamp'])}{calls}")
+        if m.get("content"):
+            out.append(m["content"])
+    if not s["messages"]:
+        out.append("(no messages)")
+    return "\n".join(out)
+
+
+def _doctor_text(r: dict[str, Any]) -> str:
+    v = r["versions"]
+    rows = [
+        ("versions", f"sessiondb {v['sessiondb']}, SQLite {v['sqlite']}, apsw {v['apsw']}, "
+                     f"Python {v['python']}"),
+        ("file", "missing" if not r["exists"] else _bytes(r["db_bytes"])),
+        ("opened", "ok" if r["opened"] else f"no: {r['open_error'] or 'not attempted'}"),
+        ("schema version", "?" if r["schema_version"] is None else
+         f"{r['schema_version']} (this sessiondb knows up to {r['schema_supported']})"),
+    ]
+    if r["opened"]:
+        rows += [
+            ("journal mode", r["journal_mode"]),
+            ("pages", f"{r['page_count']} of {r['page_size']} bytes, "
+                      f"{r['freelist_count']} free"),
+            ("write gate", r["gate"]),
+            ("contents", f"{r['sessions']} sessions, {r['messages']} messages"),
+        ]
+    rows.append(("WAL size", _bytes(r["wal_bytes"])))
+    rows.append(("sidecar files", ", ".join(f"{s['name']} ({s['bytes']:,} bytes)"
+                                            for s in r["sidecars"]) or "none"))
+    if r["opened"]:
+        if r["repaired"] is not None:
+            rows.append(("repaired", "rebuilt the full-text index (it was: "
+                                     f"{r['repaired']['fts_index_before']})"))
+        rows += [("integrity", r["integrity"]), ("full-text index", r["fts_index"]),
+                 ("foreign keys", r["foreign_keys"]), ("counters", r["counters"])]
+    out = [f"sessiondb doctor: {r['path']}"]
+    out += [f"  {k:<17}{'not checked' if val is None else val}" for k, val in rows]
+    if r["ok"]:
+        out.append("healthy")
+    else:
+        out.append(f"{len(r['problems'])} problem(s):")
+        out += [f"  - {p}" for p in r["problems"]]
+    return "\n".join(out)
+
+
+def _demo_text(d: dict[str, Any]) -> str:
+    rows = [[p["name"], p.get("pid") or "", p.get("writes", ""), p.get("retries", ""),
+             f"{p['lock_wait_max_s'] * 1000:.1f} ms" if "lock_wait_max_s" in p else "",
+             p.get("error") or ("ok" if p["exitcode"] == 0 else f"exit {p['exitcode']}")]
+            for p in d["processes"]]
+    out = [_table(["process", "pid", "commits", "retries", "longest wait", "result"], rows), ""]
+    rate = d["total_writes"] / d["elapsed_s"] if d["elapsed_s"] else 0.0
+    out += [
+        f"total writes:      {d['total_writes']} in {d['elapsed_s']:.2f}s "
+        f"({rate:,.0f} commits/s across processes)",
+        f"longest lock wait: {d['longest_wait_s'] * 1000:.1f} ms ({d['longest_wait_process']})",
+        f"messages:          {d['messages_found']}/{d['messages_expected']} present, "
+        f"counters {'exact' if d['counters_exact'] else 'WRONG'}; "
+        f"{d['gateway_sessions']} gateway sessions",
+        f"integrity:         {d['integrity']}; full-text index: {d['fts_index']}",
+    ]
+    out += [f"problem: {p}" for p in d["problems"]]
+    out.append(f"database:          {d['path']}" if d["kept"] else
+               "database:          temporary, removed (pass --db PATH to keep it)")
+    out.append("ok" if d["ok"] else "FAILED")
+    return "\n".join(out)

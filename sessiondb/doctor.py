@@ -1,0 +1,301 @@
+"""Health checks of a store: what ``sessiondb doctor`` reports, as a library call.
+
+:func:`check` returns a :class:`DoctorReport` (a plain dict, JSON-ready) and never raises
+for a damaged or unopenable store: every failure becomes a line in ``problems``. The
+files are only ever touched through SQLite; sizes come from ``os.stat`` (opening the
+database, ``-wal`` or ``-shm`` file with ``open()`` and closing it again would drop this
+process's POSIX locks on the database, see :mod:`sessiondb.connection`).
+
+Before anything opens the file read-write, a read-only connection makes sure that doing
+so changes nothing: opening a :class:`SessionDB` switches the file to WAL and creates the
+schema, which doctor must not do to a file that is not (yet) a sessiondb store.
+
+Checks, in order: the file opens as a sessiondb store (schema not newer than this
+library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
+(``'integrity-check'`` command with ``rank = 1``,
+https://sqlite.org/fts5.html#the_integrity_check_command),
+``PRAGMA foreign_key_check``, and each session's ``message_count`` against its messages.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, TypedDict
+
+import apsw
+
+from . import __version__
+from .connection import _open_advice, default_path
+from .errors import DatabaseOpenError, SchemaTooNewError, SessionDBError
+from .schema import SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version
+from .store import SessionDB
+
+__all__ = ["DoctorReport", "check", "rebuild_search_index"]
+
+# rank = 1 also compares the index with the external content table (the messages); the
+# plain command checks only the index's internal structure and passes an index that has
+# drifted from the messages (https://sqlite.org/fts5.html#the_integrity_check_command).
+_FTS_CHECK = "INSERT INTO messages_fts(messages_fts, rank) VALUES('integrity-check', 1)"
+_FTS_REBUILD = "INSERT INTO messages_fts(messages_fts) VALUES('rebuild')"
+_COUNTER_CHECK = (
+    "SELECT id, message_count, n FROM (SELECT s.id, s.message_count, "
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n FROM sessions s) "
+    "WHERE message_count IS NOT n LIMIT 5"
+)
+_MAX_LINES = 10  # of integrity_check output kept in the report
+
+
+class DoctorReport(TypedDict):
+    """What :func:`check` found. Checks that could not run are ``None``.
+
+    :ivar path: the database path checked.
+    :ivar ok: True when ``problems`` is empty.
+    :ivar problems: one line per problem, saying what to do where there is something to do.
+    :ivar versions: ``sessiondb``, ``sqlite``, ``apsw``, ``python``.
+    :ivar exists: whether the file existed (a missing file is reported, not created).
+    :ivar opened: whether it opened as a sessiondb store.
+    :ivar open_error: the error text when it did not.
+    :ivar integrity: ``"ok"`` or the first lines ``PRAGMA integrity_check`` returned.
+    :ivar fts_index: ``"ok"`` or why the full-text index does not match the messages.
+    :ivar foreign_keys: ``"ok"`` or the violations found.
+    :ivar counters: ``"ok"`` or the sessions whose ``message_count`` is wrong.
+    :ivar journal_mode: e.g. ``"wal"``.
+    :ivar schema_version: ``PRAGMA user_version`` of the file.
+    :ivar schema_supported: the newest schema this library knows.
+    :ivar page_size, page_count, freelist_count: from the pragmas of the same names.
+    :ivar db_bytes: size of the database file.
+    :ivar wal_bytes: size of the ``-wal`` file as found (0 when absent).
+    :ivar sidecars: ``{"name", "bytes"}`` of each file next to the database whose name
+        starts with the database's name (``-wal``, ``-shm``, the write gate ...), as found.
+    :ivar sessions, messages: row counts.
+    :ivar gate: the write gate in use (``"fifo"`` or ``"none"``).
+    :ivar repaired: with ``repair=True``, the full-text index state before the rebuild.
+    """
+
+    path: str
+    ok: bool
+    problems: list[str]
+    versions: dict[str, str]
+    exists: bool
+    opened: bool
+    open_error: str | None
+    integrity: str | None
+    fts_index: str | None
+    foreign_keys: str | None
+    counters: str | None
+    journal_mode: str | None
+    schema_version: int | None
+    schema_supported: int
+    page_size: int | None
+    page_count: int | None
+    freelist_count: int | None
+    db_bytes: int | None
+    wal_bytes: int
+    sidecars: list[dict[str, Any]]
+    sessions: int | None
+    messages: int | None
+    gate: str | None
+    repaired: dict[str, str | None] | None
+
+
+def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False) -> DoctorReport:
+    """Check the store at ``path`` (``None``: the default path) and report.
+
+    A missing file is reported, never created. A file that does not open as a sessiondb
+    store (not SQLite, damaged header, schema newer than this library) is reported with
+    the reason and left as it was.
+
+    :param repair: rebuild the full-text index from the ``messages`` table before checking
+        (messages are not touched; the state found before is in ``repaired``).
+    :returns: the report; ``report["ok"]`` is False when any problem was found.
+    """
+    target = Path(os.path.abspath(Path(path).expanduser() if path is not None
+                                  else default_path()))
+    report = _empty_report(target)
+    _files(target, report)
+    if not report["exists"]:
+        report["problems"].append(f"no database at {target} (nothing was created)")
+        return _finish(report)
+    try:
+        _probe(target, report)
+        db = SessionDB(target)
+    except SchemaTooNewError as exc:
+        report["schema_version"] = exc.found
+        return _open_failed(report, exc)
+    except DatabaseOpenError as exc:
+        return _open_failed(report, exc)
+    except SessionDBError as exc:  # e.g. a CorruptDatabaseError while reading the schema
+        return _open_failed(report, exc)
+    report["opened"] = True
+    with db:
+        if repair:
+            report["repaired"] = {"fts_index_before": _fts_state(db)}
+            rebuild_search_index(db)
+        _inspect(db, report)
+    return _finish(report)
+
+
+def _probe(path: Path, report: DoctorReport) -> None:
+    """Refuse, through a read-only connection, what opening a :class:`SessionDB` would
+    modify: a file that is not SQLite, a newer schema, another application's database or
+    an empty one (opening switches the file to WAL and creates the schema).
+
+    :raises DatabaseOpenError: the file is not a sessiondb store (yet).
+    :raises SchemaTooNewError: the schema is newer than this library.
+    """
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error as exc:
+        raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
+    try:
+        found = user_version(conn)
+        report["schema_version"] = found
+        _refuse_newer(path, found)
+        if found == 0:
+            _refuse_foreign(conn, path)
+            raise DatabaseOpenError(
+                f"{path} has no sessiondb schema yet (an empty database); nothing was "
+                "changed. Opening it with SessionDB creates the schema", str(path))
+    except apsw.Error as exc:
+        raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
+    finally:
+        conn.close()
+
+
+def rebuild_search_index(db: SessionDB) -> None:
+    """Rebuild the FTS5 index from the ``messages`` table (which is only read).
+
+    :raises SessionDBError: the rebuild failed (e.g. the messages table itself is damaged).
+    """
+    db._execute_write(lambda conn: conn.execute(_FTS_REBUILD))
+
+
+# -- the checks -----------------------------------------------------------------------
+
+def _inspect(db: SessionDB, report: DoctorReport) -> None:
+    problems = report["problems"]
+
+    def guarded(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except SessionDBError as exc:
+            problems.append(f"{name}: {exc}")
+            return None
+
+    pragmas = guarded("reading the database header", lambda: db._read(_pragmas))
+    if pragmas:
+        report.update(pragmas)  # type: ignore[typeddict-item]
+    gate = guarded("stats", db.stats)
+    report["gate"] = gate["gate"] if gate else None
+
+    lines = guarded("integrity check", lambda: db._read(
+        lambda c: [str(r[0]) for r in c.execute("PRAGMA integrity_check")]))
+    if lines is not None:
+        report["integrity"] = "ok" if lines == ["ok"] else "\n".join(lines[:_MAX_LINES])
+        if report["integrity"] != "ok":
+            problems.append("PRAGMA integrity_check found damage: "
+                            + "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+                            + "; restore from a backup or export what still reads")
+
+    report["fts_index"] = _fts_state(db)
+    if report["fts_index"] != "ok":
+        problems.append(f"full-text index: {report['fts_index']}; messages are intact: run "
+                        f"`sessiondb doctor --repair --db {report['path']}` to rebuild it")
+
+    fks = guarded("foreign key check", lambda: db._read(
+        lambda c: c.execute("PRAGMA foreign_key_check").fetchall()))
+    if fks is not None:
+        report["foreign_keys"] = "ok" if not fks else "; ".join(
+            f"{table} row {rowid} -> {parent}" for table, rowid, parent, _ in fks[:5])
+        if fks:
+            problems.append(f"{len(fks)} row(s) reference missing rows: "
+                            f"{report['foreign_keys']}")
+
+    wrong = guarded("counter check", lambda: db._read(
+        lambda c: c.execute(_COUNTER_CHECK).fetchall()))
+    if wrong is not None:
+        report["counters"] = "ok" if not wrong else "; ".join(
+            f"{sid}: message_count {count}, {n} messages" for sid, count, n in wrong)
+        if wrong:
+            problems.append(f"message counters disagree with the messages: "
+                            f"{report['counters']}")
+
+    report["sessions"] = guarded("counting sessions", db.session_count)
+    report["messages"] = guarded("counting messages", db.message_count)
+
+
+def _pragmas(conn: apsw.Connection) -> dict[str, Any]:
+    return {
+        "journal_mode": str(conn.pragma("journal_mode")),
+        "schema_version": int(conn.pragma("user_version")),
+        "page_size": int(conn.pragma("page_size")),
+        "page_count": int(conn.pragma("page_count")),
+        "freelist_count": int(conn.pragma("freelist_count")),
+    }
+
+
+def _fts_state(db: SessionDB) -> str:
+    """``"ok"`` or why the index does not match. The check is an FTS5 *command*, which
+    SQLite spells as an INSERT, so it runs on the write path like any statement that
+    looks like a mutation (it changes nothing)."""
+    try:
+        db._execute_write(lambda conn: conn.execute(_FTS_CHECK))
+    except SessionDBError as exc:
+        cause = exc.__cause__ or exc
+        return f"does not match the messages ({cause})"
+    return "ok"
+
+
+def _files(path: Path, report: DoctorReport) -> None:
+    """Sizes by ``os.stat`` only: nothing here opens a file."""
+    try:
+        report["db_bytes"] = os.stat(path).st_size
+        report["exists"] = path.is_file()
+    except OSError:
+        report["exists"] = False
+    try:
+        entries = sorted(os.scandir(path.parent), key=lambda e: e.name)
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.name.startswith(path.name) and entry.name != path.name:
+            try:
+                size = entry.stat().st_size
+            except OSError:
+                continue
+            report["sidecars"].append({"name": entry.name, "bytes": size})
+            if entry.name == path.name + "-wal":
+                report["wal_bytes"] = size
+
+
+# -- report plumbing ------------------------------------------------------------------
+
+def _empty_report(path: Path) -> DoctorReport:
+    return DoctorReport(
+        path=str(path), ok=False, problems=[], versions=_versions(), exists=False,
+        opened=False, open_error=None, integrity=None, fts_index=None, foreign_keys=None,
+        counters=None, journal_mode=None, schema_version=None,
+        schema_supported=SCHEMA_VERSION, page_size=None, page_count=None,
+        freelist_count=None, db_bytes=None, wal_bytes=0, sidecars=[], sessions=None,
+        messages=None, gate=None, repaired=None,
+    )
+
+
+def _versions() -> dict[str, str]:
+    return {"sessiondb": __version__, "sqlite": apsw.sqlite_lib_version(),
+            "apsw": apsw.apsw_version(), "python": platform.python_version()}
+
+
+def _open_failed(report: DoctorReport, exc: SessionDBError) -> DoctorReport:
+    report["open_error"] = str(exc)
+    where = getattr(exc, "path", report["path"])
+    text = str(exc)
+    report["problems"].append(text if where in text else f"{where}: {text}")
+    return _finish(report)
+
+
+def _finish(report: DoctorReport) -> DoctorReport:
+    report["ok"] = not report["problems"]
+    return report

@@ -1,0 +1,329 @@
+"""The ``sessiondb`` command line, run in-process through ``sessiondb.cli.main``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from sessiondb import SessionDB
+from sessiondb import cli, doctor
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def cli_db(tmp_path: Path) -> Path:
+    """A store with three sessions: an active one, an ended one, and one ended long ago."""
+    path = tmp_path / "cli.db"
+    with SessionDB(path) as db:
+        db.create_session("alpha-1111", "cli", title="Refactor the parser", model="m1")
+        db.append_message("alpha-1111", "user", "Split parse() into a lexer and a parser")
+        db.append_message("alpha-1111", "assistant", "Done.", tool_calls=[{"id": "c1"}])
+        db.create_session("beta-2222", "gateway")
+        db.append_message("beta-2222", "user", "what is the weather")
+        db.end_session("beta-2222", "user_exit")
+        db.import_sessions({"id": "old-3333", "source": "cron",
+                            "started_at": time.time() - 40 * DAY,
+                            "ended_at": time.time() - 39 * DAY, "message_count": 1,
+                            "messages": [
+                                {"role": "user", "content": "nightly lexer job",
+                                 "timestamp": time.time() - 40 * DAY}]})
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv: str):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- help and options ------------------------------------------------------------------
+
+COMMANDS = ["path", "list", "show", "search", "export", "import", "prune", "stats", "doctor",
+            "demo"]
+
+
+def test_every_subcommand_has_help_text(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS + ["bench"])
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    assert summaries["bench"]
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == 0 and "--quick" in out and "--json FILE" in out
+    assert all(action.help for action in sub.choices["bench"]._actions)
+    for name in COMMANDS:
+        assert summaries[name], f"{name} has no summary"
+        code, out, _ = run(capsys, name, "--help")
+        assert code == 0
+        assert f"usage: sessiondb {name}" in out
+        assert "--db PATH" in out and "--json" in out
+        for action in sub.choices[name]._actions:
+            assert action.help, f"{name}: {action.dest} has no help"
+
+
+def test_python_m_sessiondb_help_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "sessiondb", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in COMMANDS:
+        assert name in proc.stdout
+
+
+def test_db_and_json_work_before_or_after_the_subcommand(capsys, cli_db):
+    after = run_json(capsys, "list", "--db", str(cli_db))
+    code, out, _ = run(capsys, "--db", str(cli_db), "--json", "list")
+    assert code == 0 and json.loads(out) == after
+    assert {s["id"] for s in after} == {"alpha-1111", "beta-2222", "old-3333"}
+
+
+def test_usage_error_exits_2(capsys):
+    code, _, err = run(capsys, "list", "--limit", "-1")
+    assert code == 2 and "must be >= 0" in err
+    assert run(capsys)[0] == 2  # no subcommand
+
+
+def test_library_error_is_one_line_exit_2(capsys, tmp_path):
+    code, out, err = run(capsys, "list", "--db", str(tmp_path))  # a directory
+    assert code == 2 and out == ""
+    assert err.startswith("sessiondb: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+# -- the read commands -------------------------------------------------------------------
+
+def test_path_does_not_create_the_file(capsys, tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "x.db"
+    assert run_json(capsys, "path", "--db", str(target)) == {"path": str(target),
+                                                             "exists": False}
+    monkeypatch.setenv("SESSIONDB_PATH", str(tmp_path / "env.db"))
+    code, out, _ = run(capsys, "path")
+    assert code == 0 and out.strip() == str(tmp_path / "env.db")
+    assert not target.parent.exists()
+
+
+def test_list_table_and_filters(capsys, cli_db):
+    code, out, _ = run(capsys, "list", "--db", str(cli_db))
+    assert code == 0
+    header = out.splitlines()[0].split()
+    assert header == ["id", "source", "title", "messages", "started", "ended", "preview"]
+    assert "Refactor the parser" in out and "Split parse() into a lexer" in out
+    assert [s["id"] for s in run_json(capsys, "list", "--db", str(cli_db), "--active")] == \
+        ["alpha-1111"]
+    ended = run_json(capsys, "list", "--db", str(cli_db), "--ended", "--source", "gateway")
+    assert [s["id"] for s in ended] == ["beta-2222"]
+    assert len(run_json(capsys, "list", "--db", str(cli_db), "--limit", "1")) == 1
+    assert run(capsys, "list", "--db", str(cli_db), "--active", "--ended")[0] == 2
+
+
+def test_show_accepts_a_unique_prefix(capsys, cli_db):
+    code, out, _ = run(capsys, "show", "alp", "--db", str(cli_db))
+    assert code == 0
+    assert "alpha-1111" in out and "Split parse() into a lexer and a parser" in out
+    assert out.index("Refactor the parser") < out.index("Split parse()")
+    data = run_json(capsys, "show", "beta", "--db", str(cli_db))
+    assert data["id"] == "beta-2222" and [m["role"] for m in data["messages"]] == ["user"]
+
+
+def test_show_missing_or_ambiguous_exits_1(capsys, cli_db):
+    with SessionDB(cli_db) as db:
+        db.create_session("alpha-2222", "cli")
+    for prefix in ("alpha", "nope"):
+        code, out, err = run(capsys, "show", prefix, "--db", str(cli_db))
+        assert code == 1 and out == "" and "no session matches" in err
+
+
+def test_search_with_filters(capsys, cli_db):
+    hits = run_json(capsys, "search", "lexer", "--db", str(cli_db))
+    assert {h["session_id"] for h in hits} == {"alpha-1111", "old-3333"}
+    hits = run_json(capsys, "search", "lexer", "--source", "cron", "--role", "user",
+                    "--db", str(cli_db))
+    assert [h["session_id"] for h in hits] == ["old-3333"]
+    code, out, _ = run(capsys, "search", 'lexer AND ("unbalanced', "--db", str(cli_db))
+    assert code == 0
+    code, out, _ = run(capsys, "search", "lexer", "--role", "assistant", "--db", str(cli_db))
+    assert code == 0 and out.strip() == "no matches"
+
+
+def test_stats_adds_counts(capsys, cli_db):
+    figures = run_json(capsys, "stats", "--db", str(cli_db))
+    assert figures["sessions"] == 3 and figures["messages"] == 4
+    assert "lock_wait_max_s" in figures and "wal_bytes" in figures
+    code, out, _ = run(capsys, "stats", "--db", str(cli_db))
+    assert code == 0 and "checkpoint.passive_runs" in out
+
+
+# -- export, import, prune -----------------------------------------------------------------
+
+def test_export_import_round_trip_through_files(capsys, cli_db, tmp_path):
+    dump = tmp_path / "dump.json"
+    summary = run_json(capsys, "export", "--db", str(cli_db), "-o", str(dump))
+    assert summary == {"file": str(dump), "sessions": 3, "messages": 4}
+    fresh = tmp_path / "fresh.db"
+    assert run_json(capsys, "import", str(dump), "--db", str(fresh)) == {"imported": 3}
+    code, out, _ = run(capsys, "export", "--db", str(fresh))
+    assert code == 0 and json.loads(out) == json.loads(dump.read_text())
+    # importing again fails as a whole; --skip-existing imports nothing new
+    code, _, err = run(capsys, "import", str(dump), "--db", str(fresh))
+    assert code == 2 and "already exists" in err
+    assert run_json(capsys, "import", str(dump), "--db", str(fresh),
+                    "--skip-existing") == {"imported": 0}
+
+
+def test_export_one_session_by_prefix(capsys, cli_db):
+    code, out, _ = run(capsys, "export", "--session", "beta", "--db", str(cli_db))
+    assert code == 0 and [s["id"] for s in json.loads(out)] == ["beta-2222"]
+    assert run(capsys, "export", "--session", "zzz", "--db", str(cli_db))[0] == 1
+
+
+def test_export_and_import_refuse_the_database_files(capsys, cli_db):
+    before = digest(cli_db)
+    for argv in (["export", "-o", str(cli_db)], ["import", str(cli_db)]):
+        code, _, err = run(capsys, *argv, "--db", str(cli_db))
+        assert code == 2 and "file of the database itself" in err
+    assert digest(cli_db) == before
+
+
+def test_import_bad_file_exits_2(capsys, cli_db, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "import", str(bad), "--db", str(cli_db))
+    assert code == 2 and "not a JSON export" in err
+    code, _, err = run(capsys, "import", str(tmp_path / "missing.json"), "--db", str(cli_db))
+    assert code == 2 and "cannot read" in err
+
+
+def test_prune_is_a_dry_run_without_yes(capsys, cli_db):
+    result = run_json(capsys, "prune", "--days", "30", "--db", str(cli_db))
+    assert result["dry_run"] and result["would_delete"] == 1 and result["deleted"] == 0
+    code, out, _ = run(capsys, "prune", "--days", "30", "--db", str(cli_db))
+    assert code == 0 and "would delete 1" in out and "--yes" in out
+    with SessionDB(cli_db) as db:
+        assert db.session_count() == 3 and db.message_count() == 4
+    assert run_json(capsys, "prune", "--days", "30", "--source", "gateway",
+                    "--db", str(cli_db))["would_delete"] == 0
+    result = run_json(capsys, "prune", "--days", "30", "--yes", "--db", str(cli_db))
+    assert result["deleted"] == 1 and not result["dry_run"]
+    with SessionDB(cli_db) as db:
+        assert db.get_session("old-3333") is None and db.session_count() == 2
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+def test_doctor_on_a_healthy_store(capsys, cli_db):
+    code, out, _ = run(capsys, "doctor", "--db", str(cli_db))
+    assert code == 0
+    assert "integrity        ok" in out and "healthy" in out and "journal mode     wal" in out
+    report = run_json(capsys, "doctor", "--db", str(cli_db))
+    assert report["ok"] and report["problems"] == []
+    assert report["integrity"] == report["fts_index"] == "ok"
+    assert report["counters"] == report["foreign_keys"] == "ok"
+    assert report["journal_mode"] == "wal" and report["schema_version"] == 1
+    assert report["sessions"] == 3 and report["messages"] == 4
+    assert set(report["versions"]) == {"sessiondb", "sqlite", "apsw", "python"}
+    assert doctor.check(cli_db)["ok"]  # the same as a library call
+
+
+def test_doctor_on_a_non_sqlite_file_exits_1_and_changes_nothing(capsys, tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(os.urandom(4096))
+    before, mtime = digest(junk), junk.stat().st_mtime_ns
+    code, out, _ = run(capsys, "doctor", "--db", str(junk))
+    assert code == 1 and "not a SQLite database" in out and str(junk) in out
+    assert digest(junk) == before and junk.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.db"]  # no -wal, -shm, gate
+
+
+def test_doctor_on_a_missing_file_creates_nothing(capsys, tmp_path):
+    report = json.loads(run(capsys, "doctor", "--json", "--db", str(tmp_path / "no.db"))[1])
+    assert not report["ok"] and not report["exists"] and "no database" in report["problems"][0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["newer", "foreign", "empty"])
+def test_doctor_leaves_other_files_untouched(capsys, tmp_path, kind):
+    path = tmp_path / f"{kind}.db"
+    if kind == "empty":
+        path.write_bytes(b"")
+    else:
+        conn = apsw.Connection(str(path))
+        conn.execute("CREATE TABLE t(x)")
+        if kind == "newer":
+            conn.pragma("user_version", 99)
+        conn.close()
+    before = digest(path)
+    code, out, _ = run(capsys, "doctor", "--db", str(path))
+    assert code == 1 and str(path) in out
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    if kind == "newer":
+        assert "schema version 99" in out
+
+
+def test_doctor_finds_and_repairs_a_damaged_search_index(capsys, cli_db):
+    with SessionDB(cli_db) as db:
+        # Delete an index entry with the wrong content: the index no longer matches.
+        db._execute_write(lambda c: c.execute(
+            "INSERT INTO messages_fts(messages_fts, rowid, content) "
+            "VALUES('delete', 1, 'something else entirely')"))
+        before = db.export_all()
+    report = json.loads(run(capsys, "doctor", "--json", "--db", str(cli_db))[1])
+    assert not report["ok"] and report["fts_index"] != "ok"
+    assert any("--repair" in p for p in report["problems"])
+    code, out, _ = run(capsys, "doctor", "--repair", "--db", str(cli_db))
+    assert code == 0 and "rebuilt the full-text index" in out and "healthy" in out
+    with SessionDB(cli_db) as db:
+        assert db.export_all() == before  # messages untouched
+        assert [h["session_id"] for h in db.search_messages("weather")] == ["beta-2222"]
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_small(capsys, tmp_path):
+    path = tmp_path / "demo.db"
+    code, out, err = run(capsys, "demo", "--workers", "2", "--messages", "20", "--json",
+                         "--db", str(path))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] and result["integrity"] == "ok" and result["kept"]
+    assert [p["name"] for p in result["processes"]] == ["gateway", "worker-0", "worker-1"]
+    assert all(p["exitcode"] == 0 for p in result["processes"])
+    assert result["messages_found"] == 40 and result["counters_exact"]
+    assert result["total_writes"] >= 2 * 22  # create + 20 appends + end, per worker
+    code, out, _ = run(capsys, "doctor", "--db", str(path))
+    assert code == 0 and "healthy" in out
+
+
+def test_demo_human_output_with_a_temporary_db(capsys):
+    code, out, _ = run(capsys, "demo", "--workers", "1", "--messages", "5")
+    assert code == 0
+    assert "commits" in out and "longest lock wait" in out and "integrity:         ok" in out
+    assert "removed" in out
+
+
+def test_doctor_reports_wrong_message_counters(capsys, cli_db):
+    with SessionDB(cli_db) as db:
+        db._execute_write(lambda c: c.execute(
+            "UPDATE sessions SET message_count = 7 WHERE id = 'beta-2222'"))
+    code, out, _ = run(capsys, "doctor", "--db", str(cli_db))
+    assert code == 1 and "beta-2222: message_count 7, 1 messages" in out

@@ -1,0 +1,275 @@
+"""Connection discipline: where the file lives, its permissions, pragmas, refusals that
+leave the file untouched, and one instance shared by threads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from pathlib import Path
+
+import apsw
+import pytest
+
+from sessiondb import (
+    ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDB, SessionDBError,
+)
+from sessiondb.connection import (
+    ENV_PATH, MIN_SQLITE_VERSION, check_sqlite_version, default_path, sqlite_version,
+)
+
+
+def mode(path: Path | str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def fingerprint(path: Path) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns
+
+
+def files_next_to(path: Path) -> set[str]:
+    return {p.name for p in path.parent.iterdir()}
+
+
+# -- where and how the file is created -------------------------------------------------
+
+
+def test_new_directory_is_0700_and_files_are_0600(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "new" / "state.db"
+        db = SessionDB(path)
+        db.create_session("s", "cli")
+        db.append_message("s", "user", "hello")
+        assert mode(path.parent) == 0o700
+        assert mode(path) == 0o600
+        assert mode(str(path) + "-wal") == 0o600
+        assert mode(str(path) + "-shm") == 0o600
+        assert mode(str(path) + ".sessiondb-gate") == 0o600
+        db.close()
+    finally:
+        os.umask(old)
+
+
+def test_existing_file_permissions_are_left_alone(tmp_path: Path):
+    path = tmp_path / "shared.db"
+    SessionDB(path).close()
+    os.chmod(path, 0o640)
+    SessionDB(path).close()
+    assert mode(path) == 0o640
+
+
+def test_sessiondb_path_environment_variable(tmp_path: Path, monkeypatch):
+    target = tmp_path / "from-env" / "custom.db"
+    monkeypatch.setenv(ENV_PATH, str(target))
+    assert default_path() == target
+    db = SessionDB()
+    assert db.path == target
+    db.create_session("s", "cli")
+    db.close()
+    assert target.exists()
+
+
+def test_platformdirs_default_location(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(ENV_PATH, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = tmp_path / "xdg" / "sessiondb" / "state.db"
+    assert default_path() == expected
+    with SessionDB() as db:
+        assert db.path == expected
+        db.create_session("s", "cli")
+    assert expected.exists()
+    assert mode(expected.parent) == 0o700
+    assert mode(expected) == 0o600
+
+
+def test_tilde_is_expanded(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with SessionDB("~/tilde.db") as db:
+        assert db.path == tmp_path / "tilde.db"
+    assert (tmp_path / "tilde.db").exists()
+
+
+# -- pragmas -------------------------------------------------------------------------
+
+
+def test_connection_pragmas(db: SessionDB):
+    conn = db._conn
+    assert conn.pragma("journal_mode") == "wal"
+    assert conn.pragma("synchronous") == 1  # NORMAL
+    assert conn.pragma("foreign_keys") == 1
+    assert conn.pragma("mmap_size") == 0
+    assert conn.pragma("wal_autocheckpoint") == 0  # checkpoints are ours
+    assert conn.pragma("journal_size_limit") == 8 * 1024 * 1024
+    assert conn.pragma("auto_vacuum") == 2  # incremental: prune gives space back
+    assert conn.pragma("user_version") == 1
+    assert 0 < conn.pragma("busy_timeout") <= 1000  # short: long waits queue in the gate
+
+
+def test_auto_vacuum_is_set_only_on_a_brand_new_file(tmp_path: Path):
+    path = tmp_path / "old.db"
+    conn = apsw.Connection(str(path))
+    conn.pragma("journal_mode", "wal")  # an empty WAL database: page 1 written, no tables
+    conn.close()
+    with SessionDB(path) as db:
+        assert db._conn.pragma("auto_vacuum") == 0  # could not be turned on any more
+        db.create_session("s", "cli")
+
+
+# -- SQLite version --------------------------------------------------------------------
+
+
+def test_refuses_sqlite_with_the_wal_reset_bug():
+    with pytest.raises(ConfigurationError) as caught:
+        check_sqlite_version((3, 51, 2))
+    assert "3.51.2" in str(caught.value) and "3.51.3" in str(caught.value)
+    with pytest.raises(ConfigurationError):
+        check_sqlite_version((3, 7, 0))
+    check_sqlite_version((3, 51, 3))
+    check_sqlite_version((3, 52, 0))
+    check_sqlite_version()
+    assert sqlite_version() >= MIN_SQLITE_VERSION
+
+
+# -- refusals leave the file untouched -----------------------------------------------
+
+
+def test_path_is_a_directory(tmp_path: Path):
+    target = tmp_path / "adir"
+    target.mkdir()
+    with pytest.raises(DatabaseOpenError) as caught:
+        SessionDB(target)
+    assert str(target) in str(caught.value)
+    assert caught.value.path == str(target)
+    assert list(target.iterdir()) == []
+
+
+def test_not_a_sqlite_file(tmp_path: Path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"definitely not SQLite\n" * 500)
+    before, names = fingerprint(path), files_next_to(path)
+    with pytest.raises(DatabaseOpenError) as caught:
+        SessionDB(path)
+    assert str(path) in str(caught.value)
+    assert fingerprint(path) == before
+    assert files_next_to(path) == names
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_schema_newer_than_the_library(tmp_path: Path, journal: str):
+    path = tmp_path / "future.db"
+    conn = apsw.Connection(str(path))
+    conn.pragma("journal_mode", journal)
+    conn.execute("CREATE TABLE sessions(id); CREATE TABLE from_the_future(x);"
+                 "PRAGMA user_version = 99")
+    conn.close()
+    before, names = fingerprint(path), files_next_to(path)
+    with pytest.raises(SchemaTooNewError) as caught:
+        SessionDB(path)
+    err = caught.value
+    assert isinstance(err, DatabaseOpenError)
+    assert err.found == 99 and err.supported == 1
+    assert fingerprint(path) == before
+    assert files_next_to(path) == names
+
+
+def test_sqlite_database_with_foreign_tables(tmp_path: Path):
+    path = tmp_path / "app.db"
+    conn = apsw.Connection(str(path))
+    conn.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, name TEXT);"
+                 "INSERT INTO accounts(name) VALUES ('alice')")
+    conn.close()
+    before, names = fingerprint(path), files_next_to(path)
+    with pytest.raises(DatabaseOpenError) as caught:
+        SessionDB(path)
+    assert "accounts" in str(caught.value)
+    assert fingerprint(path) == before
+    assert files_next_to(path) == names
+    conn = apsw.Connection(str(path))
+    assert conn.pragma("journal_mode") == "delete"  # never switched to WAL
+    conn.close()
+
+
+def test_refusals_are_sessiondb_errors(tmp_path: Path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SessionDBError):
+        SessionDB(tmp_path / "d")
+
+
+def test_open_busy_while_another_connection_holds_an_exclusive_lock(tmp_path: Path):
+    """A fresh file held in a rollback-journal EXCLUSIVE transaction by someone else:
+    opening waits (bounded by write_timeout) and fails with a typed error."""
+    from sessiondb import DatabaseBusyError
+    path = tmp_path / "locked.db"
+    other = apsw.Connection(str(path))
+    other.execute("BEGIN EXCLUSIVE; CREATE TABLE t(x)")
+    try:
+        with pytest.raises(DatabaseBusyError):
+            SessionDB(path, write_timeout=0.3)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with SessionDB(path) as db:
+        db.create_session("s", "cli")
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_final(db_path: Path):
+    from sessiondb import ClosedError
+    db = SessionDB(db_path)
+    db.create_session("s", "cli")
+    db.close()
+    db.close()
+    with pytest.raises(ClosedError):
+        db.get_session("s")
+    with pytest.raises(ClosedError):
+        db.append_message("s", "user", "x")
+    with SessionDB(db_path) as again:
+        assert again.get_session("s") is not None
+    assert again._closed
+
+
+# -- threads ---------------------------------------------------------------------------
+
+
+def test_threads_share_one_instance(db: SessionDB):
+    threads_n, count = 8, 200
+    db.create_session("shared", "threads")
+    errors: list[BaseException] = []
+    acked: dict[int, list[int]] = {}
+    start = threading.Barrier(threads_n)
+
+    def work(n: int) -> None:
+        try:
+            start.wait(30)
+            ids = []
+            for i in range(count):
+                ids.append(db.append_message("shared", "user", f"t{n}-m{i}"))
+                if i % 50 == 0:
+                    db.create_session(f"t{n}-s{i}", "threads")
+                    db.get_messages("shared", limit=5)
+            acked[n] = ids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    messages = db.get_messages("shared")
+    contents = [m["content"] for m in messages]
+    assert sorted(contents) == sorted(f"t{n}-m{i}" for n in range(threads_n)
+                                      for i in range(count))
+    assert db.get_session("shared")["message_count"] == threads_n * count
+    by_id = {m["id"]: m["content"] for m in messages}
+    for n, ids in acked.items():
+        assert [by_id[i] for i in ids] == [f"t{n}-m{i}" for i in range(count)]
+    assert db.session_count() == 1 + threads_n * (count // 50)
+    assert db.stats()["timeouts"] == 0

@@ -1,0 +1,243 @@
+"""Export, import (atomic, parents first) and pruning of old ended sessions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from sessiondb import (
+    IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDB,
+)
+
+DAY = 86400.0
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def populate(db: SessionDB) -> None:
+    db.create_session("root", "cli", model="m1", model_config={"t": 0.1},
+                      system_prompt="sys", user_id="u", title="Root")
+    db.create_session("child", "cli", parent_session_id="root", title="Root #2")
+    db.create_session("other", "telegram")
+    db.append_message("root", "user", "hello there", metadata={"k": [1, 2]})
+    db.append_message("root", "assistant", None, tool_calls=[CALL], reasoning="r",
+                      reasoning_details=[{"d": 1}], codex_reasoning_items=[{"c": 2}],
+                      token_count=5, finish_reason="tool_calls")
+    db.append_message("root", "tool", "result", tool_call_id="c1", tool_name="f")
+    db.append_message("child", "user", "continued")
+    db.append_message("other", "user", "elsewhere")
+    db.update_token_counts("root", 10, 20, cache_read_tokens=1, estimated_cost_usd=0.5,
+                           actual_cost_usd=0.25, cost_status="final",
+                           billing_provider="p")
+    db.end_session("root", "compressed")
+
+
+@pytest.fixture
+def fresh(tmp_path: Path):
+    store = SessionDB(tmp_path / "fresh.db")
+    yield store
+    store.close()
+
+
+def test_export_session_shape(db: SessionDB) -> None:
+    populate(db)
+    out = db.export_session("root")
+    assert {k: v for k, v in out.items() if k != "messages"} == db.get_session("root")
+    assert out["messages"] == db.get_messages("root")
+    assert db.export_session("missing") is None
+    json.dumps(out)  # JSON-ready
+
+
+def test_export_all_oldest_first_and_by_source(db: SessionDB, make_session) -> None:
+    make_session("new", 3.0)
+    make_session("old", 1.0)
+    make_session("mid", 2.0, source="telegram")
+    assert [s["id"] for s in db.export_all()] == ["old", "mid", "new"]
+    assert [s["id"] for s in db.export_all("telegram")] == ["mid"]
+    assert db.export_all("none") == []
+
+
+def test_round_trip_into_fresh_store_is_equal(db: SessionDB, fresh: SessionDB) -> None:
+    populate(db)
+    exported = db.export_all()
+    assert fresh.import_sessions(json.loads(json.dumps(exported))) == 3
+    assert fresh.export_all() == exported
+    # The imported copy is a working store: counters, search and titles carry on.
+    assert [h["session_id"] for h in fresh.search_messages("continued")] == ["child"]
+    fresh.append_message("child", "assistant", None, tool_calls=[CALL, CALL])
+    child = fresh.get_session("child")
+    assert (child["message_count"], child["tool_call_count"]) == (2, 2)
+    assert fresh.resolve_session_by_title("Root") == "child"
+
+
+def test_round_trip_single_session(db: SessionDB, fresh: SessionDB) -> None:
+    populate(db)
+    one = db.export_session("other")
+    assert fresh.import_sessions(one) == 1
+    assert fresh.export_session("other") == one
+
+
+def test_import_existing_id_is_atomic(db: SessionDB, fresh: SessionDB) -> None:
+    populate(db)
+    exported = db.export_all()
+    fresh.create_session("other", "mine")
+    with pytest.raises(IntegrityViolation):
+        fresh.import_sessions(exported)
+    assert fresh.session_count() == 1
+    assert fresh.message_count() == 0
+    assert fresh.get_session("other")["source"] == "mine"
+    assert fresh.search_messages("hello") == []
+
+
+def test_import_skip_existing(db: SessionDB, fresh: SessionDB) -> None:
+    populate(db)
+    fresh.create_session("other", "mine")
+    assert fresh.import_sessions(db.export_all(), skip_existing=True) == 2
+    assert fresh.get_session("other")["source"] == "mine"
+    assert fresh.message_count("other") == 0
+    assert fresh.export_session("root") == db.export_session("root")
+    assert fresh.import_sessions(db.export_all(), skip_existing=True) == 0
+
+
+def test_import_parents_before_children(db: SessionDB, fresh: SessionDB) -> None:
+    db.create_session("a", "cli")
+    db.create_session("b", "cli", parent_session_id="a")
+    db.create_session("c", "cli", parent_session_id="b")
+    exported = db.export_all()
+    assert fresh.import_sessions(list(reversed(exported))) == 3
+    assert fresh.export_all() == exported
+
+
+def test_import_with_missing_parent_is_refused(fresh: SessionDB) -> None:
+    data = [{"id": "ok", "source": "cli", "started_at": 1.0},
+            {"id": "orphan", "source": "cli", "started_at": 2.0, "parent_session_id": "x"}]
+    with pytest.raises(IntegrityViolation):
+        fresh.import_sessions(data)
+    assert fresh.session_count() == 0
+
+
+def test_import_keeps_order_when_message_ids_are_taken(db: SessionDB,
+                                                       fresh: SessionDB) -> None:
+    db.create_session("s", "cli")
+    for i in range(3):
+        db.append_message("s", "user", f"m{i}")
+    fresh.create_session("local", "cli")
+    for i in range(5):
+        fresh.append_message("local", "user", f"x{i}")
+    fresh.import_sessions(db.export_all())
+    got = fresh.get_messages("s")
+    assert [m["content"] for m in got] == ["m0", "m1", "m2"]
+    assert fresh.get_session("s")["message_count"] == 3
+
+
+def test_minimal_import_gets_column_defaults(fresh: SessionDB) -> None:
+    fresh.import_sessions({"id": "s", "source": "cli", "started_at": 5.0,
+                           "messages": [{"role": "user", "content": "hi", "timestamp": 6.0}]})
+    s = fresh.get_session("s")
+    assert s["started_at"] == 5.0
+    assert s["input_tokens"] == 0 and s["tool_call_count"] == 0
+    fresh.append_message("s", "user", "more")
+    fresh.update_token_counts("s", 3)
+    s = fresh.get_session("s")
+    assert s["input_tokens"] == 3
+    assert fresh.message_count("s") == 2
+
+
+@pytest.mark.parametrize("data, error", [
+    ("not a list", InvalidArgumentType),
+    (42, InvalidArgumentType),
+    ([1, 2], InvalidArgumentType),
+    ([{"source": "cli", "started_at": 1.0}], InvalidArgument),
+    ([{"id": "s", "started_at": 1.0}], InvalidArgument),
+    ([{"id": "s", "source": "cli"}], InvalidArgument),
+    ([{"id": "s", "source": "cli", "started_at": 1.0}] * 2, InvalidArgument),
+    ([{"id": "s", "source": "cli", "started_at": 1.0, "messages": "x"}], InvalidArgumentType),
+    ([{"id": "s", "source": "cli", "started_at": 1.0,
+       "messages": [{"role": "user", "content": "x"}]}], InvalidArgument),
+    ([{"id": "s", "source": "cli", "started_at": 1.0,
+       "messages": [{"content": "x", "timestamp": 1.0}]}], InvalidArgument),
+], ids=["str", "int", "ints", "no-id", "no-source", "no-start", "dup", "messages-str",
+        "msg-no-ts", "msg-no-role"])
+def test_bad_import_data_writes_nothing(fresh: SessionDB, data, error) -> None:
+    with pytest.raises(error):
+        fresh.import_sessions(data)
+    assert fresh.session_count() == 0
+
+
+# -- prune --------------------------------------------------------------------------
+
+@pytest.fixture
+def aged(db: SessionDB, make_session) -> SessionDB:
+    now = time.time()
+    make_session("old_ended", now - 100 * DAY, ended_at=now - 99 * DAY)
+    make_session("old_active", now - 100 * DAY)
+    make_session("new_ended", now - 1 * DAY, ended_at=now - 1 * DAY)
+    make_session("old_ended_recently", now - 100 * DAY, ended_at=now - 60)
+    make_session("old_tg", now - 100 * DAY, source="telegram", ended_at=now - 99 * DAY)
+    for sid in ("old_ended", "old_active", "new_ended"):
+        db.append_message(sid, "user", f"text of {sid}")
+    return db
+
+
+def test_prune_old_ended_only(aged: SessionDB) -> None:
+    assert aged.prune_sessions(90) == 3
+    remaining = {s["id"] for s in aged.list_sessions(limit=None)}
+    assert remaining == {"old_active", "new_ended"}
+    assert aged.message_count() == 2
+    assert aged.search_messages("old_ended") == []
+    assert aged.prune_sessions(90) == 0
+
+
+def test_prune_by_source(aged: SessionDB) -> None:
+    assert aged.prune_sessions(90, source="telegram") == 1
+    assert aged.get_session("old_tg") is None
+    assert aged.get_session("old_ended") is not None
+
+
+def test_prune_zero_days_never_touches_active(aged: SessionDB) -> None:
+    assert aged.prune_sessions(0) == 4
+    assert [s["id"] for s in aged.list_sessions(limit=None)] == ["old_active"]
+
+
+def test_prune_keeps_parents_of_remaining_sessions(db: SessionDB, make_session) -> None:
+    now = time.time()
+    old, ended = now - 100 * DAY, now - 99 * DAY
+    make_session("p_kept", old, ended_at=ended)
+    make_session("active_child", old + 1, parent_session_id="p_kept")
+    make_session("gp", old, ended_at=ended)
+    make_session("p", old + 1, parent_session_id="gp", ended_at=ended)
+    make_session("c", old + 2, parent_session_id="p", ended_at=ended)
+    make_session("self", old, parent_session_id="self", ended_at=ended)
+    assert db.prune_sessions(90) == 4
+    assert {s["id"] for s in db.list_sessions(limit=None)} == {"p_kept", "active_child"}
+
+
+def test_prune_gives_space_back(db: SessionDB, make_session, db_path: Path) -> None:
+    now = time.time()
+    make_session("big", now - 100 * DAY, ended_at=now - 100 * DAY)
+    for _ in range(50):
+        db.append_message("big", "user", "x" * 20_000)
+    size_before = db_path.stat().st_size + Path(str(db_path) + "-wal").stat().st_size
+    assert db.prune_sessions(90) == 1
+    db.checkpoint()
+    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert reader.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        pages = reader.execute("PRAGMA page_count").fetchone()[0]
+        page_size = reader.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        reader.close()
+    assert pages * page_size < size_before / 4
+
+
+@pytest.mark.parametrize("days, error", [
+    (-1, InvalidArgument), (float("nan"), InvalidArgument), (None, InvalidArgument),
+    ("90", InvalidArgumentType), (True, InvalidArgumentType),
+])
+def test_prune_bad_days(aged: SessionDB, days, error) -> None:
+    with pytest.raises(error):
+        aged.prune_sessions(days)
+    assert aged.session_count() == 5

@@ -1,0 +1,230 @@
+"""An instance used in a child after ``os.fork()``: the child opens its own connection and
+never touches the parent's (not even to close it), while the parent keeps writing.
+
+The children here report through exit codes (``os._exit``), never by raising into pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import apsw
+import pytest
+
+import sessiondb.store
+from sessiondb import DatabaseOpenError, SessionDB
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")]
+
+
+def run_child(body: Callable[[], int]) -> int:
+    """Fork; the child runs ``body`` and exits with its return value (1 on exception)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            os.write(2, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, timeout: float = 120.0) -> int:
+    """Exit code of the child; kill it and fail if it is still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("forked child hung")
+        time.sleep(0.01)
+
+
+def integrity(path: Path) -> list[tuple]:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path: Path):
+    db = SessionDB(db_path)
+    db.create_session("shared", "fork")
+    db.append_message("shared", "user", "before the fork")
+    before_fork = db._conn
+    count = 300
+
+    def child() -> int:
+        for i in range(count):
+            db.append_message("shared", "user", f"c-{i}")
+        db.create_session("child-own", "fork")
+        if db._conn is before_fork:
+            return 10
+        if db._gate._pid != os.getpid():  # a gate descriptor of its own
+            return 11
+        db.close()
+        return 0
+
+    pid = run_child(child)
+    for i in range(count):
+        db.append_message("shared", "user", f"p-{i}")
+    assert wait_child(pid) == 0
+    db.append_message("shared", "user", "after the child")
+    contents = [m["content"] for m in db.get_messages("shared")]
+    expected = (["before the fork", "after the child"] + [f"c-{i}" for i in range(count)]
+                + [f"p-{i}" for i in range(count)])
+    assert sorted(contents) == sorted(expected)
+    assert [c for c in contents if c.startswith("c-")] == [f"c-{i}" for i in range(count)]
+    assert [c for c in contents if c.startswith("p-")] == [f"p-{i}" for i in range(count)]
+    assert db.get_session("shared")["message_count"] == len(expected)
+    assert db.get_session("child-own") is not None
+    db.close()
+    assert integrity(db_path) == [("ok",)]
+
+
+def test_child_writes_survive_the_parent_closing_its_store(db_path: Path):
+    """SQLite's per-process lock state is inherited by a fork child: a connection the
+    child opens to a file the parent still had open joins that state and takes no real
+    locks, so the parent closing its last connection may delete the -wal file under the
+    child, and the child's later commits go to an unlinked file: lost as soon as the
+    child exits without a final checkpoint (a crash, ``os._exit``). The store closes idle
+    connections before fork() so that both sides start clean."""
+    db = SessionDB(db_path)
+    db.create_session("s", "fork")
+    db.append_message("s", "user", "parent")
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+
+    def child() -> int:
+        os.close(to_child_w)
+        os.close(from_child_r)
+        db.append_message("s", "user", "child before")
+        os.write(from_child_w, b"1")
+        os.read(to_child_r, 1)  # the parent has closed its store
+        db.append_message("s", "user", "child after")
+        return 0  # exit without close, as a crash would: committed writes must survive
+
+    pid = run_child(child)
+    os.close(to_child_r)
+    os.close(from_child_w)
+    try:
+        assert os.read(from_child_r, 1) == b"1"
+        db.close()  # the parent's last connection to the file
+        os.write(to_child_w, b"1")
+        assert wait_child(pid) == 0
+    finally:
+        os.close(to_child_w)
+        os.close(from_child_r)
+    reader = SessionDB(db_path)
+    assert [m["content"] for m in reader.get_messages("s")] == [
+        "parent", "child before", "child after"]
+    reader.close()
+    assert integrity(db_path) == [("ok",)]
+
+
+def test_close_in_the_child_leaves_the_parent_alone(db_path: Path):
+    db = SessionDB(db_path)
+    db.create_session("s", "fork")
+
+    def child() -> int:
+        db.close()  # never used in the child: nothing of the parent's is touched
+        db.close()
+        return 0
+
+    assert wait_child(run_child(child)) == 0
+    db.append_message("s", "user", "still writing")
+    assert db.message_count("s") == 1
+    db.close()
+    assert integrity(db_path) == [("ok",)]
+
+
+def test_fork_waits_for_another_threads_transaction(db_path: Path):
+    """fork() from one thread while another is inside a transaction: the fork waits for
+    the transaction to end (bounded by write_timeout), so the child starts clean and
+    neither deadlocks on the instance lock nor inherits the parent's write lock."""
+    db = SessionDB(db_path)
+    db.create_session("s", "fork")
+    inside = threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            db.append_message("s", "user", "parent in transaction")
+            inside.set()
+            time.sleep(0.3)
+        db.append_message("s", "user", "parent after")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(30)
+
+    def child() -> int:
+        db.append_message("s", "user", "child")
+        return 0
+
+    pid = run_child(child)
+    holder.join(30)
+    assert wait_child(pid) == 0
+    contents = [m["content"] for m in db.get_messages("s")]
+    assert contents[0] == "parent in transaction"
+    assert sorted(contents[1:]) == ["child", "parent after"]
+    db.close()
+    assert integrity(db_path) == [("ok",)]
+
+
+def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path: Path):
+    """Forking from inside a write transaction copies SQLite's lock state mid-write. The
+    child gets a typed error (no hang, no write), never touches the inherited connection,
+    and the parent's transaction commits normally."""
+    db = SessionDB(db_path)
+    db.create_session("s", "fork")
+    parent_pid = os.getpid()
+    used_in_child: list[str] = []
+
+    def trace(cursor: apsw.Cursor, sql: str, bindings: object) -> bool:
+        if os.getpid() != parent_pid:
+            used_in_child.append(sql)
+        return True
+
+    def child() -> int:
+        try:
+            db.append_message("s", "user", "from the child")
+            return 10
+        except DatabaseOpenError:
+            pass
+        try:
+            SessionDB(db_path).append_message("s", "user", "from a new instance")
+            return 11
+        except DatabaseOpenError:
+            pass
+        if used_in_child:
+            return 12
+        if inherited not in sessiondb.store._INHERITED:  # kept referenced, never closed
+            return 13
+        db.close()
+        return 0
+
+    with db.transaction():
+        db.append_message("s", "user", "parent")
+        inherited = db._conn
+        inherited.exec_trace = trace
+        pid = run_child(child)
+    assert wait_child(pid) == 0
+    inherited.exec_trace = None
+    db.append_message("s", "user", "parent again")
+    assert [m["content"] for m in db.get_messages("s")] == ["parent", "parent again"]
+    db.close()
+    assert integrity(db_path) == [("ok",)]

@@ -1,0 +1,152 @@
+"""Many spawned processes sharing one file: every acknowledged write is there exactly once.
+
+Asserted: exit codes, exact counts, ``integrity_check``, no surfaced error. Never timing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+import workers
+from sessiondb import SessionDB
+
+pytestmark = pytest.mark.slow
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def integrity(path: Path) -> list[tuple]:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def test_eight_processes_append_to_one_session(db_path: Path):
+    procs_n, count, every = 8, 500, 25
+    results, start = SPAWN.Queue(), SPAWN.Event()
+    procs = [SPAWN.Process(target=workers.append_worker,
+                           args=(str(db_path), w, count, every, results, start))
+             for w in range(procs_n)]
+    for p in procs:
+        p.start()
+    start.set()
+    reports = []
+    for _ in procs:  # drain before joining: a child blocks on exit until its data is read
+        reports.append(results.get(timeout=240))
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * procs_n
+
+    db = SessionDB(db_path)
+    messages = db.get_messages("shared")
+    by_id = {m["id"]: m["content"] for m in messages}
+    contents = [m["content"] for m in messages]
+    expected = [f"p{w}-m{i}" for w in range(procs_n) for i in range(count)]
+    assert len(contents) == len(set(contents)) == procs_n * count  # exactly once
+    assert set(contents) == set(expected)
+    for report in sorted(reports, key=lambda r: r["worker"]):
+        assert report["timeouts"] == 0 and report["failed"] == 0
+        for mid, content in report["acked"]:  # every acknowledged id holds its content
+            assert by_id[mid] == content
+        # A worker's own messages appear in the order it wrote them.
+        own = [m["id"] for m in messages if m["content"].startswith(f"p{report['worker']}-m")]
+        assert own == sorted(own)
+        assert own == [mid for mid, _ in report["acked"]]
+    shared = db.get_session("shared")
+    assert shared["message_count"] == procs_n * count
+    assert shared["tool_call_count"] == 0
+    created = [sid for r in reports for sid in r["created"]]
+    assert len(created) == procs_n * (count // every)
+    for sid in created:
+        session = db.get_session(sid)
+        assert session["message_count"] == 1 and session["tool_call_count"] == 2
+    assert db.session_count() == 1 + len(created)
+    assert db.message_count() == procs_n * count + len(created)
+    # The full-text index agrees with the table.
+    assert len(db.search_messages("p3-m17")) >= 1
+    db.close()
+    assert integrity(db_path) == [("ok",)]
+
+
+def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
+    path = tmp_path / "fresh" / "state.db"  # neither the directory nor the file exists
+    procs_n = 16
+    results, start = SPAWN.Queue(), SPAWN.Event()
+    procs = [SPAWN.Process(target=workers.open_fresh_worker, args=(str(path), start, results))
+             for _ in range(procs_n)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # not needed for correctness: lets most children reach the start line
+    start.set()
+    reports = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * procs_n
+    assert sum(r["creates"] for r in reports) == 1  # the schema was created exactly once
+    assert {r["user_version"] for r in reports} == {1}
+    db = SessionDB(path)
+    assert db.session_count() == procs_n
+    assert int(db._conn.pragma("user_version")) == 1
+    assert int(db._conn.pragma("auto_vacuum")) == 2  # incremental, set before WAL
+    db.close()
+    assert integrity(path) == [("ok",)]
+    assert oct(os.stat(path.parent).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_wal_stays_bounded_while_foreign_readers_never_stop(tmp_path: Path):
+    """A foreign process keeps overlapping 0.3 s read transactions open back to back, so
+    PASSIVE checkpoints can never reset the WAL; the reset policy must keep the -wal file
+    under ``wal_limit`` while the writer keeps going. The -wal size is sampled here with
+    ``os.stat`` (never opened)."""
+    path = tmp_path / "state.db"
+    wal_limit = 8 * 1024 * 1024
+    count, size = 600, 8000  # ~40 MB of WAL traffic without resets: 5x the limit
+    SessionDB(path, wal_limit=wal_limit).close()
+    stop, ready, reader_results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    reader = SPAWN.Process(target=workers.long_reader_worker,
+                           args=(str(path), 0.3, stop, ready, reader_results))
+    reader.start()
+    assert ready.wait(60), "the readers never started"
+    writer_results = SPAWN.Queue()
+    writer = SPAWN.Process(target=workers.wal_writer_worker,
+                           args=(str(path), count, size, wal_limit, writer_results))
+    writer.start()
+    wal = Path(str(path) + "-wal")
+    peak, samples = 0, 0
+    try:
+        while writer.is_alive() and writer_results.empty():
+            try:
+                peak = max(peak, os.stat(wal).st_size)
+            except FileNotFoundError:
+                pass
+            samples += 1
+            time.sleep(0.005)
+        report = writer_results.get(timeout=240)
+        writer.join(60)
+    finally:
+        stop.set()
+        reads = reader_results.get(timeout=60)
+        reader.join(60)
+        if writer.is_alive():
+            writer.kill()
+    assert writer.exitcode == 0 and reader.exitcode == 0
+    assert samples > 10
+    assert peak < wal_limit, f"-wal reached {peak} bytes"
+    cp = report["checkpoint"]
+    assert cp["resets_ok"] >= 1
+    assert report["timeouts"] == 0
+    assert min(reads["reads"]) >= 2  # the readers really were reading throughout
+    db = SessionDB(path)
+    assert db.message_count("big") == count
+    assert db.get_session("big")["message_count"] == count
+    db.close()
+    assert integrity(path) == [("ok",)]

@@ -1,0 +1,107 @@
+"""db.transaction(): several calls as one atomic write, savepoints inside it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sessiondb import (
+    ConfigurationError, IntegrityViolation, InvalidArgumentType, SessionDB, SessionNotFound,
+    TitleConflict,
+)
+
+
+class Boom(Exception):
+    pass
+
+
+def test_calls_are_grouped_and_committed(db: SessionDB, db_path) -> None:
+    with db.transaction() as tx:
+        assert tx is db
+        db.create_session("s1", "cli")
+        mid = db.append_message("s1", "user", "hello")
+        db.update_token_counts("s1", 5, 7)
+        # Reads inside the block see the block's own writes.
+        assert db.get_session("s1")["message_count"] == 1
+        assert [m["id"] for m in db.get_messages("s1")] == [mid]
+    with SessionDB(db_path) as other:
+        s = other.get_session("s1")
+        assert (s["message_count"], s["input_tokens"], s["output_tokens"]) == (1, 5, 7)
+
+
+def test_exception_leaving_the_block_rolls_back_everything(db: SessionDB, db_path) -> None:
+    db.create_session("kept", "cli")
+    with pytest.raises(Boom):
+        with db.transaction():
+            db.create_session("s1", "cli")
+            db.append_message("s1", "user", "gone")
+            db.append_message("kept", "user", "also gone")
+            db.set_session_title("kept", "gone too")
+            raise Boom
+    assert db.get_session("s1") is None
+    assert db.get_session("kept")["message_count"] == 0
+    assert db.get_session("kept")["title"] is None
+    assert db.message_count() == 0
+    assert db.search_messages("gone") == []
+    with SessionDB(db_path) as other:
+        assert other.session_count() == 1
+
+
+def test_library_error_leaving_the_block_rolls_back(db: SessionDB) -> None:
+    with pytest.raises(SessionNotFound):
+        with db.transaction():
+            db.create_session("s1", "cli")
+            db.append_message("ghost", "user", "x")
+    assert db.session_count() == 0
+
+
+def test_caught_failure_inside_undoes_only_itself(db: SessionDB) -> None:
+    db.create_session("other", "cli", title="Taken")
+    with db.transaction():
+        db.create_session("s1", "cli")
+        db.append_message("s1", "user", "kept")
+        with pytest.raises(SessionNotFound):
+            db.append_message("ghost", "user", "x")
+        with pytest.raises(TitleConflict):
+            db.set_session_title("s1", "Taken")
+        with pytest.raises(InvalidArgumentType):
+            db.append_message("s1", "user", "x", metadata={"bad": object()})
+        db.append_message("s1", "assistant", "also kept")
+    s = db.get_session("s1")
+    assert s["message_count"] == 2
+    assert s["title"] is None
+    assert [m["content"] for m in db.get_messages("s1")] == ["kept", "also kept"]
+
+
+def test_failed_delete_inside_is_undone_alone(db: SessionDB) -> None:
+    db.create_session("parent", "cli")
+    db.append_message("parent", "user", "stays")
+    db.create_session("child", "cli", parent_session_id="parent")
+    with db.transaction():
+        db.append_message("child", "user", "new")
+        with pytest.raises(IntegrityViolation):
+            db.delete_session("parent")
+    assert db.message_count("parent") == 1
+    assert db.message_count("child") == 1
+
+
+def test_nested_transaction_refused(db: SessionDB) -> None:
+    with db.transaction():
+        db.create_session("s1", "cli")
+        with pytest.raises(ConfigurationError):
+            with db.transaction():
+                pass  # pragma: no cover
+        db.append_message("s1", "user", "after the refusal")
+    assert db.message_count("s1") == 1
+
+
+def test_usable_again_after_each_outcome(db: SessionDB) -> None:
+    with pytest.raises(Boom):
+        with db.transaction():
+            db.create_session("a", "cli")
+            raise Boom
+    with db.transaction():
+        db.create_session("b", "cli")
+    db.create_session("c", "cli")
+    with db.transaction():
+        pass
+    assert sorted(s["id"] for s in db.list_sessions()) == ["b", "c"]

@@ -1,0 +1,416 @@
+"""The write path: BEGIN IMMEDIATE, bounded jittered retry, rollback, one door for writes.
+
+Contention is made deterministic first: a foreign apsw connection (not sessiondb, so it
+bypasses the gate as the ``sqlite3`` shell would) holds the write lock, and the store must
+wait or raise exactly as specified.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+import workers
+from sessiondb import (
+    DatabaseBusyError, IntegrityViolation, SessionDB, SessionNotFound, StorageError,
+    WriteTimeout,
+)
+
+
+def hold_write_lock(path: Path, how: str = "EXCLUSIVE") -> apsw.Connection:
+    """A foreign connection holding SQLite's write lock until it commits."""
+    conn = apsw.Connection(str(path))
+    conn.execute(f"BEGIN {how}")
+    conn.execute("CREATE TABLE IF NOT EXISTS foreign_marker(x)")
+    return conn
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    """Poll until ``predicate()`` is true (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within the bound")
+        time.sleep(0.002)
+
+
+# -- bounded waiting -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["EXCLUSIVE", "IMMEDIATE"])
+def test_write_times_out_while_a_foreign_connection_holds_the_lock(db_path: Path, how: str):
+    db = SessionDB(db_path, write_timeout=0.3)
+    db.create_session("s", "cli")
+    before = db.stats()
+    foreign = hold_write_lock(db_path, how)
+    try:
+        with pytest.raises(WriteTimeout) as caught:
+            db.append_message("s", "user", "never written")
+    finally:
+        foreign.execute("ROLLBACK")
+        foreign.close()
+    err = caught.value
+    assert isinstance(err, DatabaseBusyError)
+    assert err.attempts >= 1
+    assert err.waited_s >= 0.3
+    assert "Nothing was written" in str(err)
+    assert isinstance(err.__cause__, (apsw.BusyError, apsw.LockedError))
+    after = db.stats()
+    assert after["timeouts"] == before["timeouts"] + 1
+    assert after["retries"] - before["retries"] == err.attempts
+    assert after["writes"] == before["writes"]
+    # Nothing was written, the transaction is closed and the gate is free again.
+    assert db.message_count("s") == 0
+    assert db.get_session("s")["message_count"] == 0
+    assert db._conn.get_autocommit()
+    other = SessionDB(db_path, write_timeout=1.0)
+    other.append_message("s", "user", "after")
+    other.close()
+    assert db.message_count("s") == 1
+    db.close()
+
+
+def test_write_succeeds_when_the_lock_is_released_during_the_wait(db_path: Path):
+    db = SessionDB(db_path, write_timeout=30.0)
+    db.create_session("s", "cli")
+    foreign = hold_write_lock(db_path)
+
+    def release_once_the_writer_has_retried() -> None:
+        wait_for(lambda: db._writes.counters.retries >= 1)
+        time.sleep(0.1)
+        foreign.execute("ROLLBACK")
+
+    releaser = threading.Thread(target=release_once_the_writer_has_retried)
+    releaser.start()
+    try:
+        mid = db.append_message("s", "user", "eventually")
+    finally:
+        releaser.join()
+        foreign.close()
+    assert db.stats()["retries"] >= 1
+    assert db.stats()["timeouts"] == 0
+    assert [m["id"] for m in db.get_messages("s")] == [mid]
+    assert db.get_session("s")["message_count"] == 1
+    db.close()
+
+
+def test_a_write_that_waits_on_the_gate_times_out_as_write_timeout(db_path: Path):
+    """Another SessionDB holding a transaction open: the wait is in the gate (kernel
+    queue), and it is still bounded by write_timeout."""
+    holder = SessionDB(db_path)
+    holder.create_session("s", "cli")
+    waiter = SessionDB(db_path, write_timeout=0.3)
+    with holder.transaction():
+        holder.append_message("s", "user", "held")
+        with pytest.raises(WriteTimeout) as caught:
+            waiter.append_message("s", "user", "too late")
+    assert caught.value.waited_s >= 0.3
+    assert caught.value.attempts >= 1
+    assert waiter.stats()["timeouts"] == 1
+    waiter.append_message("s", "user", "now")
+    assert [m["content"] for m in waiter.get_messages("s")] == ["held", "now"]
+    holder.close()
+    waiter.close()
+
+
+# -- nothing but busy is retried -------------------------------------------------------
+
+
+def test_non_busy_errors_are_never_retried(db: SessionDB):
+    calls = []
+
+    def fails_with_value_error(conn: apsw.Connection) -> None:
+        calls.append(1)
+        conn.execute("INSERT INTO sessions (id, source, started_at) VALUES ('v', 'x', 0)")
+        raise ValueError("boom")
+
+    def violates_a_constraint(conn: apsw.Connection) -> None:
+        calls.append(1)
+        conn.execute("INSERT INTO sessions (id, source, started_at) VALUES ('dup', 'x', 0)")
+        conn.execute("INSERT INTO sessions (id, source, started_at) VALUES ('dup', 'x', 0)")
+
+    def bad_sql(conn: apsw.Connection) -> None:
+        calls.append(1)
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    before = db.stats()
+    for fn, expected in ((fails_with_value_error, ValueError),
+                         (violates_a_constraint, IntegrityViolation),
+                         (bad_sql, StorageError)):
+        calls.clear()
+        with pytest.raises(expected):
+            db._execute_write(fn)
+        assert len(calls) == 1, fn.__name__
+    with pytest.raises(SessionNotFound):
+        db.append_message("missing", "user", "x")
+    with pytest.raises(SessionNotFound):
+        db.create_session("orphan", "cli", parent_session_id="missing")
+    after = db.stats()
+    assert after["retries"] == before["retries"]
+    assert after["failed_writes"] == before["failed_writes"] + 5
+    assert after["writes"] == before["writes"]
+    assert db.session_count() == 0
+    assert db._conn.get_autocommit()
+
+
+def test_busy_inside_the_body_is_rolled_back_then_retried(db: SessionDB):
+    """SQLITE_BUSY raised mid-transaction (here by the body itself on its first run) is
+    retried on a clean slate: the first run's INSERT is rolled back, not doubled."""
+    calls = []
+
+    def body(conn: apsw.Connection) -> int:
+        calls.append(1)
+        conn.execute("INSERT INTO sessions (id, source, started_at) VALUES ('b', 'x', 0)")
+        if len(calls) == 1:
+            raise apsw.BusyError("database is locked")
+        return len(calls)
+
+    before = db.stats()["retries"]
+    assert db._execute_write(body) == 2
+    assert db.stats()["retries"] == before + 1
+    assert db.session_count() == 1
+
+
+# -- rollback on any exception ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc", [ValueError("x"), KeyboardInterrupt(), SystemExit(2)])
+def test_any_exception_in_the_body_rolls_back(db: SessionDB, exc: BaseException):
+    db.create_session("s", "cli")
+
+    def body(conn: apsw.Connection) -> None:
+        conn.execute("INSERT INTO messages (session_id, role, content, timestamp) "
+                     "VALUES ('s', 'user', 'ghost', 0)")
+        conn.execute("UPDATE sessions SET message_count = 99 WHERE id = 's'")
+        raise exc
+
+    with pytest.raises(type(exc)):
+        db._execute_write(body)
+    assert db.message_count("s") == 0
+    assert db.get_session("s")["message_count"] == 0
+    assert db.search_messages("ghost") == []
+    assert db._conn.get_autocommit()
+    assert not db._writes.active
+    # The gate was released: a second instance writes at once.
+    other = SessionDB(db.path, write_timeout=1.0)
+    other.append_message("s", "user", "real")
+    other.close()
+
+
+def test_transaction_block_rolls_back_everything_on_exception(db: SessionDB):
+    db.create_session("s", "cli")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            db.append_message("s", "user", "one")
+            db.create_session("t", "cli")
+            raise RuntimeError("abandon")
+    assert db.message_count() == 0
+    assert db.get_session("t") is None
+    assert db.get_session("s")["message_count"] == 0
+    assert db._conn.get_autocommit()
+
+
+def test_failed_call_inside_transaction_undoes_only_itself(db: SessionDB):
+    db.create_session("s", "cli")
+    with db.transaction():
+        db.append_message("s", "user", "kept")
+        with pytest.raises(SessionNotFound):
+            db.append_message("missing", "user", "undone")
+        db.append_message("s", "user", "kept too")
+    assert [m["content"] for m in db.get_messages("s")] == ["kept", "kept too"]
+    assert db.get_session("s")["message_count"] == 2
+
+
+def test_transaction_holds_the_write_lock_for_the_whole_block(db_path: Path):
+    a = SessionDB(db_path)
+    b = SessionDB(db_path, write_timeout=0.2)
+    a.create_session("s", "cli")
+    with a.transaction():
+        a.append_message("s", "user", "first")
+        with pytest.raises(WriteTimeout):
+            b.append_message("s", "user", "blocked")
+        a.append_message("s", "user", "second")
+    b.append_message("s", "user", "third")
+    assert [m["content"] for m in b.get_messages("s")] == ["first", "second", "third"]
+    a.close()
+    b.close()
+
+
+# -- one door: no mutation outside the write helper ------------------------------------
+
+_MUTATING = re.compile(
+    r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|VACUUM|REINDEX)\b",
+    re.IGNORECASE | re.DOTALL)
+_PRAGMA = re.compile(r'^\s*PRAGMA\s+(?:"?\w+"?\.)?"?(\w+)"?\s*([=(])?', re.IGNORECASE)
+# Per-connection settings applied when a connection is opened (not data changes).
+_SETUP_PRAGMAS = {"journal_mode", "synchronous", "foreign_keys", "mmap_size",
+                  "journal_size_limit", "auto_vacuum", "busy_timeout", "wal_autocheckpoint",
+                  "cache_size", "temp_store"}
+_ALWAYS_MUTATING_PRAGMAS = {"incremental_vacuum", "optimize", "user_version",
+                            "application_id", "writable_schema"}
+
+
+def is_mutation(sql: str) -> bool:
+    if _MUTATING.match(sql):
+        return True
+    m = _PRAGMA.match(sql)
+    if not m:
+        return False
+    name, assigns = m.group(1).lower(), m.group(2) is not None
+    if name in ("incremental_vacuum", "optimize"):
+        return True
+    return assigns and name not in _SETUP_PRAGMAS
+
+
+def test_mutation_classifier():
+    assert is_mutation("INSERT INTO x VALUES (1)")
+    assert is_mutation("  replace into x values (1)")
+    assert is_mutation("WITH a(x) AS (SELECT 1) DELETE FROM t WHERE x IN a")
+    assert is_mutation('pragma "user_version"(1)')
+    assert is_mutation("PRAGMA incremental_vacuum")
+    assert not is_mutation('pragma "user_version"')
+    assert not is_mutation('pragma "journal_mode"(\'wal\')')
+    assert not is_mutation("SELECT 'INSERT'")
+
+
+def test_every_mutation_runs_inside_the_write_helper(tmp_path: Path, monkeypatch):
+    """apsw's exec tracer sees every statement of every connection the library opens
+    (installed through ``apsw.connection_hooks``, so the schema creation is seen too).
+    A mutating statement must run inside a ``BEGIN IMMEDIATE`` bracket that the write
+    helper opened, with the helper marked active."""
+    seen: list[tuple[str, bool, bool | None]] = []
+    current: dict[str, SessionDB] = {}
+
+    def hook(conn: apsw.Connection) -> None:
+        state = {"immediate": False}
+
+        def trace(cursor: Any, sql: str, bindings: Any) -> bool:
+            upper = sql.strip().upper()
+            if upper.startswith("BEGIN IMMEDIATE"):
+                state["immediate"] = True
+            db = current.get("db")
+            active = db._writes.active if db is not None and db._conn is conn else None
+            seen.append((sql, state["immediate"], active))
+            if upper.startswith(("COMMIT", "END")) or (
+                    upper.startswith("ROLLBACK") and not upper.startswith("ROLLBACK TO")):
+                state["immediate"] = False
+            return True
+
+        conn.exec_trace = trace
+
+    monkeypatch.setattr(apsw, "connection_hooks", [*apsw.connection_hooks, hook])
+    workers.TOURED.clear()
+    workers.tour_api(tmp_path / "tour.db", on_open=lambda db: current.update(db=db))
+
+    public = {n for n, _ in inspect.getmembers(SessionDB) if not n.startswith("_")}
+    assert public <= workers.TOURED, f"not exercised: {sorted(public - workers.TOURED)}"
+
+    mutations = [(sql, immediate, active) for sql, immediate, active in seen
+                 if is_mutation(sql)]
+    outside = [sql for sql, immediate, active in mutations
+               if not immediate or active is False]
+    assert outside == []
+    kinds = {_MUTATING.match(sql).group(1).upper() for sql, _, _ in mutations
+             if _MUTATING.match(sql)}
+    assert {"INSERT", "UPDATE", "DELETE", "CREATE"} <= kinds
+    assert any(sql.strip().upper().startswith("CREATE TABLE SESSIONS") for sql, _, _ in mutations)
+    assert any(active is True for _, _, active in mutations)
+
+
+# -- stats -----------------------------------------------------------------------------
+
+
+def test_stats_report_actionable_figures(db_path: Path):
+    db = SessionDB(db_path, checkpoint_every=5)
+    db.create_session("s", "cli")
+    start = db.stats()
+    for i in range(20):
+        db.append_message("s", "user", f"m{i}")
+    s = db.stats()
+    for key in ("writes", "failed_writes", "retries", "timeouts", "contended_writes",
+                "lock_wait_p50_s", "lock_wait_p90_s", "lock_wait_p99_s", "lock_wait_max_s",
+                "lock_hold_p50_s", "lock_hold_p99_s", "lock_hold_max_s", "checkpoint",
+                "wal_bytes", "gate"):
+        assert key in s, key
+    assert s["writes"] - start["writes"] == 20
+    assert s["retries"] == s["timeouts"] == s["failed_writes"] == 0
+    assert s["contended_writes"] == 0
+    assert 0 <= s["lock_wait_p50_s"] <= s["lock_wait_p90_s"] <= s["lock_wait_p99_s"] \
+        <= s["lock_wait_max_s"]
+    assert 0 < s["lock_hold_p50_s"] <= s["lock_hold_p99_s"] <= s["lock_hold_max_s"]
+    cp = s["checkpoint"]
+    for key in ("passive_runs", "passive_busy", "resets_ok", "resets_failed",
+                "last_wal_frames", "last_checkpointed_frames", "longest_reset_s"):
+        assert key in cp, key
+    assert cp["passive_runs"] + cp["passive_busy"] >= 4
+    assert s["wal_bytes"] == os.stat(str(db_path) + "-wal").st_size > 0
+    assert s["gate"] == "fifo"
+    runs = cp["passive_runs"]
+    result = db.checkpoint()
+    assert result["wal_frames"] >= result["checkpointed_frames"] >= 0
+    assert db.stats()["checkpoint"]["passive_runs"] == runs + 1
+    db.close()
+    assert SessionDB(db_path, gate=False).stats()["gate"] == "none"
+
+
+def test_wal_bound_is_checked_after_every_write(db_path: Path):
+    """Large messages: a handful of writes add more than the whole WAL limit, so the
+    bound cannot wait for the periodic (every 50 writes) checkpoint."""
+    limit = 512 * 1024
+    db = SessionDB(db_path, checkpoint_every=50, wal_limit=limit)
+    db.create_session("s", "cli")
+    wal = str(db_path) + "-wal"
+    peak = 0
+    for i in range(30):
+        db.append_message("s", "user", f"m{i} " + "z" * 100_000)
+        peak = max(peak, os.stat(wal).st_size)
+    assert peak < limit
+    assert db.stats()["checkpoint"]["resets_ok"] >= 3
+    db.close()
+
+
+def test_wal_reset_truncates_and_counts(db_path: Path):
+    db = SessionDB(db_path, checkpoint_every=5, wal_limit=64 * 1024)
+    db.create_session("s", "cli")
+    for i in range(40):
+        db.append_message("s", "user", "x" * 2000)
+    cp = db.stats()["checkpoint"]
+    assert cp["resets_ok"] >= 1
+    assert cp["resets_failed"] == 0
+    db.checkpoint()
+    assert db.stats()["wal_bytes"] == 0  # TRUNCATE leaves an empty -wal file
+    db.close()
+
+
+def test_wal_reset_fails_against_a_pinned_reader_but_writes_flow(db_path: Path):
+    """A foreign reader that never ends its snapshot defeats the reset (counted as
+    failed, bounded by reset_timeout); every write still succeeds."""
+    db = SessionDB(db_path, checkpoint_every=5, wal_limit=64 * 1024, reset_timeout=0.1)
+    db.create_session("s", "cli")
+    reader = apsw.Connection(str(db_path))
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM messages").fetchall()
+    before = db.stats()["checkpoint"]
+    for i in range(40):
+        db.append_message("s", "user", "y" * 2000)
+    cp = db.stats()["checkpoint"]
+    assert cp["resets_failed"] > before["resets_failed"]
+    assert cp["resets_ok"] == before["resets_ok"]
+    # After a failed reset the next try waits for the periodic checkpoint (every 5
+    # writes here), so a pinned reader stalls writers per period, not per write.
+    assert cp["resets_failed"] - before["resets_failed"] <= 40 // 5
+    assert db.message_count("s") == 40
+    reader.execute("COMMIT")
+    reader.close()
+    db.checkpoint()
+    assert db.stats()["checkpoint"]["resets_ok"] == before["resets_ok"] + 1
+    assert db.stats()["wal_bytes"] == 0
+    db.close()

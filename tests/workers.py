@@ -1,0 +1,303 @@
+"""Worker functions for the multi-process tests, plus the shared API tour.
+
+``multiprocessing`` with the "spawn" start method imports its targets by name in a fresh
+interpreter, so every worker lives at the top level of this importable module (pytest
+puts ``tests/`` on ``sys.path``, and spawn hands ``sys.path`` to its children). A worker
+reports failure by raising: the child then exits non-zero and the test asserts
+``exitcode == 0``. Results travel back through a queue, never through files in the CWD.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import apsw
+
+from sessiondb import SessionDB
+from sessiondb.gate import FifoGate
+
+# -- gate workers ----------------------------------------------------------------------
+
+
+def gate_cycle_worker(gate_path: str, log_path: str, rounds: int, seed: int,
+                      start: Any) -> None:
+    """Enter the gate ``rounds`` times; log ``enter``/``exit`` lines (O_APPEND) inside."""
+    rng = random.Random(seed)
+    gate = FifoGate(Path(gate_path))
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    pid = os.getpid()
+    start.wait(60)
+    for _ in range(rounds):
+        gate.acquire(60.0)
+        try:
+            os.write(fd, f"enter {pid}\n".encode())
+            if rng.random() < 0.3:
+                time.sleep(rng.uniform(0, 0.002))  # give a rival the chance to barge in
+            os.write(fd, f"exit {pid}\n".encode())
+        finally:
+            gate.release()
+    os.close(fd)
+    gate.close()
+
+
+def gate_hold_worker(gate_path: str, held: Any, release: Any) -> None:
+    """Take the gate, say so, keep it until ``release`` is set (or the process is killed)."""
+    gate = FifoGate(Path(gate_path))
+    gate.acquire(30.0)
+    held.set()
+    if not release.wait(120):
+        raise SystemExit(3)
+    gate.release()
+    gate.close()
+
+
+def gate_wait_worker(gate_path: str, timeout: float, entered: Any) -> None:
+    """Queue for the gate (killed while queued by the test, or let in)."""
+    gate = FifoGate(Path(gate_path))
+    gate.acquire(timeout)
+    entered.set()
+    gate.release()
+    gate.close()
+
+
+def gate_hold_then_fork_worker(gate_path: str, held: Any, results: Any) -> None:
+    """Take the gate, fork a child that outlives us (sleeping), report its pid, wait to
+    be killed. The child must not keep our gate ticket alive."""
+    gate = FifoGate(Path(gate_path))
+    gate.acquire(30.0)
+    inherited = gate._fd
+    pid = os.fork()
+    if pid == 0:  # the child: touch nothing of the gate, just live on
+        # Close every other inherited descriptor (multiprocessing's sentinel pipe among
+        # them, so the parent's death is visible to the test) but leave the gate's as the
+        # fork left it: whether it is still open is what the test is about.
+        os.closerange(3, inherited)
+        os.closerange(inherited + 1, 4096)
+        time.sleep(60)
+        os._exit(0)
+    results.put(pid)
+    held.set()
+    time.sleep(120)
+    raise SystemExit(3)
+
+
+# -- store workers ---------------------------------------------------------------------
+
+
+def append_worker(path: str, worker: int, count: int, session_every: int,
+                  results: Any, start: Any, gate: bool = True) -> None:
+    """Append ``count`` messages ``p<worker>-m<i>`` to the shared session, creating a
+    session of its own every ``session_every`` messages; report acknowledged ids."""
+    db = SessionDB(path, gate=gate)
+    start.wait(60)
+    db.ensure_session("shared", "mp")
+    acked: list[tuple[int, str]] = []
+    created: list[str] = []
+    for i in range(count):
+        content = f"p{worker}-m{i}"
+        acked.append((db.append_message("shared", "user", content), content))
+        if i % session_every == 0:
+            sid = f"p{worker}-s{i}"
+            db.create_session(sid, "mp", title=f"worker {worker} session {i}")
+            db.append_message(sid, "assistant", f"own {sid}",
+                              tool_calls=[{"id": "a"}, {"id": "b"}])
+            created.append(sid)
+    stats = db.stats()
+    db.close()
+    results.put({"worker": worker, "acked": acked, "created": created,
+                 "timeouts": stats["timeouts"], "failed": stats["failed_writes"]})
+
+
+def open_fresh_worker(path: str, start: Any, results: Any) -> None:
+    """Open a brand-new file at the same moment as the others; count the schema
+    creations this process executed (seen by apsw's exec tracer)."""
+    creates: list[str] = []
+
+    def hook(conn: apsw.Connection) -> None:
+        def trace(cursor: Any, sql: str, bindings: Any) -> bool:
+            if sql.strip().upper().startswith("CREATE TABLE SESSIONS"):
+                creates.append(sql)
+            return True
+        conn.exec_trace = trace
+
+    apsw.connection_hooks.append(hook)
+    start.wait(60)
+    db = SessionDB(path)
+    db.create_session(f"s{os.getpid()}", "fresh")
+    version = int(db._conn.pragma("user_version"))
+    db.close()
+    results.put({"pid": os.getpid(), "creates": len(creates), "user_version": version})
+
+
+def long_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
+                       results: Any) -> None:
+    """A foreign process (raw apsw, not sessiondb) that is never without a read
+    transaction: two connections each run ``BEGIN; SELECT; sleep; COMMIT`` back to back,
+    offset by half a period so their snapshots overlap."""
+    reads = [0, 0]
+    started = [threading.Event(), threading.Event()]
+
+    def reader(n: int) -> None:
+        conn = apsw.Connection(path)
+        conn.set_busy_timeout(5000)
+        if n == 1:
+            started[0].wait(30)
+            time.sleep(hold_s / 2)
+        while not stop.is_set():
+            conn.execute("BEGIN")
+            conn.execute("SELECT COUNT(*) FROM messages").fetchall()
+            started[n].set()
+            time.sleep(hold_s)
+            conn.execute("COMMIT")
+            reads[n] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for event in started:
+        event.wait(30)
+    ready.set()
+    for t in threads:
+        t.join()
+    results.put({"reads": reads})
+
+
+def wal_writer_worker(path: str, count: int, size: int, wal_limit: int,
+                      results: Any) -> None:
+    """Write ``count`` messages of ``size`` bytes as fast as possible."""
+    rng = random.Random(7)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    db = SessionDB(path, wal_limit=wal_limit)
+    db.ensure_session("big", "wal")
+    for i in range(count):
+        body = " ".join(rng.choice(words) for _ in range(size // 6))
+        db.append_message("big", "assistant", f"w{i} {body}")
+    stats = db.stats()
+    db.close()
+    results.put({"checkpoint": stats["checkpoint"], "timeouts": stats["timeouts"],
+                 "writes": stats["writes"]})
+
+
+# -- the API tour ----------------------------------------------------------------------
+
+#: Every public method of SessionDB that :func:`tour_api` calls.
+TOURED: set[str] = set()
+
+
+class Tour:
+    """Delegates to a SessionDB and notes which public methods were called."""
+
+    def __init__(self, db: SessionDB) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            TOURED.add(name)
+        return getattr(self._db, name)
+
+
+def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None) -> None:
+    """Call every public method of SessionDB at least once (writes, reads, errors,
+    close and reopen), so that traps installed around it see the whole library."""
+    from sessiondb import IntegrityViolation, SessionNotFound, TitleConflict
+
+    raw = SessionDB(path, checkpoint_every=5, wal_limit=256 * 1024)
+    on_open(raw)
+    db = Tour(raw)
+    db.create_session("root", "cli", model="m1", model_config={"t": 1},
+                      system_prompt="be brief", user_id="u", title="Project")
+    db.ensure_session("root", "cli")
+    db.ensure_session("child", "api", parent_session_id="root")
+    db.create_session("old", "cron")
+    for i in range(12):
+        db.append_message("root", "user" if i % 2 == 0 else "assistant", f"hello world {i}",
+                          tool_calls=[{"id": str(i)}] if i % 3 == 0 else None,
+                          metadata={"i": i}, token_count=i)
+    db.append_message("child", "tool", "result", tool_name="grep", tool_call_id="0")
+    db.append_message("old", "user", "ancient history")
+    try:
+        db.append_message("missing", "user", "x")
+    except SessionNotFound:
+        pass
+    db.get_session("root")
+    db.list_sessions()
+    db.list_sessions(source="cli", exclude_sources=["cron"], active=True, limit=5)
+    db.get_messages("root", after_id=1, limit=3)
+    db.get_messages_as_conversation("root")
+    db.search_messages('hello "world" AND (x OR -y* :')
+    db.search_messages("hello", sources=["cli"], roles=["user"], session_id="root")
+    db.resolve_session_id("ro")
+    db.session_count()
+    db.session_count("cli")
+    db.message_count()
+    db.message_count("root")
+    db.set_session_title("child", "Project #2")
+    try:
+        db.set_session_title("child", "Project")
+    except TitleConflict:
+        pass
+    db.get_session_title("child")
+    db.get_session_by_title("Project")
+    db.resolve_session_by_title("Project")
+    db.get_next_title_in_lineage("Project")
+    db.update_system_prompt("root", "be verbose")
+    db.set_model("root", "m2", {"t": 2})
+    db.update_token_counts("root", 10, 20, cache_read_tokens=1, estimated_cost_usd=0.5,
+                           model="m3", billing_provider="p", cost_status="ok")
+    db.update_token_counts("root", 1, 2, absolute=True)
+    db.set_token_counts("root", 5, 6, reasoning_tokens=7, actual_cost_usd=1.0)
+    with db.transaction():
+        raw.append_message("root", "assistant", "inside a transaction")
+        raw.update_token_counts("root", 1, 1)
+        try:
+            raw.append_message("missing", "user", "undone alone")
+        except SessionNotFound:
+            pass
+    try:
+        with db.transaction():
+            raw.append_message("root", "user", "rolled back")
+            raise KeyError("abandon")
+    except KeyError:
+        pass
+    db.end_session("old", "done")
+    db.end_session("child", "done")
+    db.reopen_session("child")
+    exported = db.export_session("root")
+    everything = db.export_all()
+    db.export_all(source="cli")
+    db.checkpoint()
+    db.stats()
+    db.clear_messages("child")
+    try:
+        db.delete_session("root")  # has a child
+    except IntegrityViolation:
+        pass
+    db.delete_session("child")
+    db.delete_session("nobody")
+    db.close()
+    db.close()
+
+    raw = SessionDB(path, checkpoint_every=5, wal_limit=256 * 1024)
+    on_open(raw)
+    db = Tour(raw)
+    db.prune_sessions(older_than_days=0)
+    db.prune_sessions(older_than_days=0, source="cli")
+    db.delete_session("root")
+    assert exported is not None
+    assert db.import_sessions(exported) == 1
+    assert db.import_sessions(everything, skip_existing=True) >= 1
+    try:
+        db.import_sessions(exported)
+    except IntegrityViolation:
+        pass
+    with db.transaction():
+        raw.create_session("late", "cli")
+    db.stats()
+    db.checkpoint()
+    db.close()

@@ -187,7 +187,7 @@ def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
             connection_manual_checkpoints(conn, journal_size_limit)
             return
         except (apsw.BusyError, apsw.LockedError) as exc:
-            remaining = -1
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DatabaseBusyError(
                     f"{path} stayed locked by another process for {timeout:.1f}s while "

@@ -25,8 +25,9 @@ POSIX locks they belong to this file descriptor, not to the process, so two
 :class:`~sessiondb.SessionDB` instances in one process exclude each other, and closing an
 unrelated descriptor never drops them. A blocking lock call has no timeout, so the wait
 runs in a short-lived helper thread while the caller waits on an event with the remaining
-time budget; a caller that gives up unlocks its slot (its successors walk past it), and
-the helper lets go of the predecessor's slot as soon as the kernel hands it over.
+time budget; a caller that gives up (a timeout, or any exception while queued, Ctrl-C
+included) unlocks its slot (its successors walk past it), and the helper lets go of the
+predecessor's slot as soon as the kernel hands it over.
 A fork child closes its inherited copies of the sidecar descriptor at once (they share
 the parent's locks, and would keep a killed parent's ticket alive) and opens its own on
 first use.
@@ -183,40 +184,64 @@ class FifoGate(Gate):
             # we still hold the gate, letting the next writer in early.
             raise RuntimeError("this gate is already held; release it first")
         start = time.monotonic()
-        deadline = start + timeout
+        try:
+            return self._enter(start, start + timeout)
+        except BaseException:
+            # A timeout, an OS error, or KeyboardInterrupt (any exception a signal
+            # handler raises, wherever it lands): never leave the dispenser or a ticket
+            # behind, or every writer of every process would wedge behind it. Giving up
+            # a ticket that had already entered is safe as well: its successors treat it
+            # as a dead holder's and walk past it.
+            try:
+                self._unlock(_DISPENSER)  # a no-op unless this description holds it
+                if self._ticket is not None:
+                    self._give_up(self._ticket)
+            except OSError:  # e.g. the gate was closed: the original error matters
+                pass
+            raise
+
+    def _enter(self, start: float, deadline: float) -> tuple[float, bool]:
         ticket, done = self._take_ticket(deadline, start)
-        self._ticket = ticket
         if done >= ticket - 1:
             return time.monotonic() - start, False
         wait = _Wait()
-        helper = threading.Thread(
-            target=self._walk, args=(ticket, wait), name="sessiondb-gate-wait", daemon=True
-        )
-        helper.start()
-        wait.event.wait(max(0.0, deadline - time.monotonic()))
-        with wait.lock:
-            if not wait.acquired:
-                wait.abandoned = True
+        try:
+            helper = threading.Thread(target=self._walk, args=(ticket, wait),
+                                      name="sessiondb-gate-wait", daemon=True)
+            helper.start()
+            wait.event.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            with wait.lock:
+                if not wait.acquired:
+                    wait.abandoned = True
         if wait.error is not None:
-            self._give_up(ticket)
             raise wait.error
         if wait.abandoned:
-            self._give_up(ticket)
             raise GateTimeout(time.monotonic() - start)
         return time.monotonic() - start, True
 
     def release(self) -> None:
         """Leave the gate: mark this ticket done and wake the successor."""
-        ticket, self._ticket = self._ticket, None
+        ticket = self._ticket
         if ticket is None or os.getpid() != self._pid:
+            self._ticket = None
             return
-        os.pwrite(self._fd, _ONE.pack(ticket), _COUNTERS + _ONE.size)
-        self._unlock(self._slot(ticket))
+        unlock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self._slot(ticket), 1, 0)
+        try:
+            os.pwrite(self._fd, _ONE.pack(ticket), _COUNTERS + _ONE.size)
+        finally:
+            # Only C calls from here on, so that an exception raised by a signal
+            # handler cannot land between forgetting the ticket and unlocking its slot.
+            self._ticket = None
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, unlock)
 
     def close(self) -> None:
         if self._fd >= 0 and os.getpid() == self._pid:
             self.release()
-            os.close(self._fd)
+            # Forget the number before closing it: a helper thread of an abandoned wait
+            # that wakes up later must find -1 (EBADF), never a reused descriptor.
+            fd, self._fd = self._fd, -1
+            os.close(fd)
         self._fd = -1
 
     # -- internals --------------------------------------------------------------------
@@ -235,6 +260,7 @@ class FifoGate(Gate):
             raw = os.pread(self._fd, _PAIR.size, _COUNTERS).ljust(_PAIR.size, b"\0")
             nxt, done = _PAIR.unpack(raw)
             ticket = max(nxt, done + 1)
+            self._ticket = ticket  # before it is issued, so that acquire can give it back
             os.pwrite(self._fd, _ONE.pack(ticket + 1), _COUNTERS)
             if not self._lock(self._slot(ticket), wait=False):
                 # Only a waiter 2**20 tickets old could hold this slot.

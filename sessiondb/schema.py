@@ -15,6 +15,7 @@ external-content index over ``messages.content`` kept in sync by triggers
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -120,10 +121,7 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
     lock_path = path.with_name(path.name + ".sessiondb-migrate.lock")
     try:
         with filelock.FileLock(str(lock_path), timeout=lock_timeout):
-            found = user_version(conn)
-            _refuse_newer(path, found)
-            if found == 0:
-                _refuse_foreign(conn, path)
+            found = refuse_unusable(conn, path)
             for version in range(found, SCHEMA_VERSION):
                 run_write(_step(version))
     except filelock.Timeout as exc:
@@ -135,17 +133,27 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
     return found
 
 
-def refuse_unusable(conn: apsw.Connection, path: Path) -> None:
+def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     """Refuse, before anything is written, a store newer than this library or a
-    database that holds other tables and no sessiondb schema.
+    database that holds other tables and no sessiondb schema; return the version.
+
+    The version and the table names are read by one statement, so from one snapshot:
+    read one after the other, a migration committed by another process in between
+    would show tables without a version, and a fresh store would be taken for a
+    foreign database.
 
     :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
     :raises DatabaseOpenError: foreign tables and no schema version.
     """
-    found = user_version(conn)
+    found, names = conn.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version), "
+        "(SELECT json_group_array(name) FROM sqlite_schema "
+        " WHERE type = 'table' AND name NOT LIKE 'sqlite%')").fetchone()
+    found = int(found)
     _refuse_newer(path, found)
     if found == 0:
-        _refuse_foreign(conn, path)
+        _refuse_foreign_names(path, json.loads(names))
+    return found
 
 
 def _step(version: int) -> Callable[[apsw.Connection], None]:
@@ -165,6 +173,10 @@ def _refuse_newer(path: Path, found: int) -> None:
 def _refuse_foreign(conn: apsw.Connection, path: Path) -> None:
     names = [r[0] for r in conn.execute(
         "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite%'")]
+    _refuse_foreign_names(path, names)
+
+
+def _refuse_foreign_names(path: Path, names: list[str]) -> None:
     if names:
         raise DatabaseOpenError(
             f"{path} is a SQLite database with other tables ({', '.join(sorted(names)[:5])}) "

@@ -1,9 +1,13 @@
 """``SessionDB``: the public session and message API over one shared SQLite file.
 
 One instance owns one apsw connection. All calls of an instance are serialized by an
-instance lock, so an instance may be shared by the threads of a process. After
-``fork()`` the child's first call opens a new connection (and a new gate descriptor);
-the parent's connection is never touched, not even closed, in the child.
+instance lock, so an instance may be shared by the threads of a process. Just before
+``fork()`` every instance waits for its call in progress (up to ``write_timeout``) and
+closes its idle connection, because SQLite's per-process lock state would otherwise be
+copied into the child (see :func:`sessiondb.connection.close_for_fork`); parent and child
+reopen at their next call, the child with a new gate descriptor. A connection that was
+inside a transaction at fork time is never touched, not even closed, in the child, and
+the child refuses its file with :class:`~sessiondb.errors.DatabaseOpenError`.
 
 Every mutation goes through :meth:`SessionDB._execute_write` (see :mod:`sessiondb.writes`).
 Reads are single short statements or short snapshots (all rows fetched before the lock
@@ -178,8 +182,11 @@ class SessionDB:
         conn = self._conn
         if (self._fork_locked and conn is not None and not self._closed
                 and os.getpid() == self._pid and conn.get_autocommit()):
+            try:
+                close_for_fork(conn)
+            except apsw.Error:
+                return  # still open: the child will refuse this file
             self._conn = None
-            close_for_fork(conn)
 
     def _unpark(self) -> None:
         if self._fork_locked:

@@ -140,38 +140,35 @@ class WritePath:
                 _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
             except GateTimeout:
                 self._timed_out(start, attempt, None)
+            # From here on one handler covers everything, so that no exception (a
+            # KeyboardInterrupt included, wherever it lands) can leave the gate held or
+            # a write transaction open on the connection.
+            entered = None
             try:
                 conn.execute("BEGIN IMMEDIATE")
-            except _BUSY as exc:
-                self.gate.release()
-                busy: BaseException = exc
-            except BaseException:
-                self.gate.release()
-                raise
-            else:
                 entered = time.monotonic()
                 self._record_wait(entered - start, contended)
                 self._active.depth = 1
                 if fn is None:
-                    return entered
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except _BUSY as exc:
-                    rollback(conn)
-                    self._leave(entered)
-                    busy = exc
-                except BaseException as exc:
-                    rollback(conn)
+                    return entered  # transaction(): finish() commits and leaves
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except _BUSY as exc:
+                rollback(conn)
+                self._leave(entered)
+                busy: BaseException = exc
+            except BaseException as exc:
+                rollback(conn)
+                if entered is not None:
                     self.counters.failed += 1
-                    self._leave(entered)
-                    if isinstance(exc, apsw.Error):
-                        raise translate(exc, self.path) from exc
-                    raise
-                else:
-                    self.counters.writes += 1
-                    self._leave(entered)
-                    return result
+                self._leave(entered)
+                if isinstance(exc, apsw.Error):
+                    raise translate(exc, self.path) from exc
+                raise
+            else:
+                self.counters.writes += 1
+                self._leave(entered)
+                return result
             self.counters.retries += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -184,13 +181,15 @@ class WritePath:
         c.longest_wait_s = max(c.longest_wait_s, waited)
         c.contended += contended
 
-    def _leave(self, entered: float) -> None:
+    def _leave(self, entered: float | None) -> None:
+        """Leave the gate; ``entered`` is None when BEGIN never succeeded."""
         self._active.depth = 0
-        held = time.monotonic() - entered
         self.gate.release()
-        c = self.counters
-        c.holds.append(held)
-        c.longest_hold_s = max(c.longest_hold_s, held)
+        if entered is not None:
+            held = time.monotonic() - entered
+            c = self.counters
+            c.holds.append(held)
+            c.longest_hold_s = max(c.longest_hold_s, held)
 
     def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
         self.counters.timeouts += 1

@@ -1,14 +1,16 @@
 """An instance used in a child after ``os.fork()``: the child opens its own connection and
 never touches the parent's (not even to close it), while the parent keeps writing.
 
-The children here report through exit codes (``os._exit``), never by raising into pytest.
+SQLite's per-process lock state is copied by fork(), so the store closes idle
+connections just before it (both sides reopen on their next call) and refuses, with a
+typed error, a file whose connection was mid-transaction at fork time. The children here
+report through exit codes (``os._exit``), never by raising into pytest.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import traceback

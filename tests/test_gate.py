@@ -343,10 +343,11 @@ def test_null_gate_fallback_writes_correctly_under_contention(db_path: Path):
     for p in procs:
         p.start()
     start.set()
-    reports = [results.get(timeout=120) for _ in procs]
+    reports = workers.collect(results, procs, procs_n)
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * procs_n
+    assert len(reports) == procs_n
     db = SessionDB(db_path, gate=False)
     contents = [m["content"] for m in db.get_messages("shared")]
     expected = {f"p{w}-m{i}" for w in range(procs_n) for i in range(count)}
@@ -355,6 +356,110 @@ def test_null_gate_fallback_writes_correctly_under_contention(db_path: Path):
     for report in reports:
         assert report["timeouts"] == 0 and report["failed"] == 0
     assert db._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db.close()
+
+
+class Interrupted(BaseException):
+    """Raised by a signal handler, like KeyboardInterrupt from Ctrl-C."""
+
+
+@pytest.mark.slow
+def test_a_waiter_interrupted_by_a_signal_gives_up_its_place(tmp_path: Path):
+    """Ctrl-C (or any exception raised by a signal handler) while a writer is queued
+    must not leave its ticket behind: that would wedge every writer of every process."""
+    path = gate_path(tmp_path)
+    holder, release = start_holder(path)
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        gate = FifoGate(path)
+        issued = tickets_issued(path)
+
+        def send_once_queued() -> None:
+            wait_for(lambda: tickets_issued(path) > issued)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        sender = threading.Thread(target=send_once_queued)
+        sender.start()
+        with pytest.raises(Interrupted):
+            gate.acquire(30.0)
+        sender.join()
+        release.set()
+        holder.join(30)
+        assert holder.exitcode == 0
+        other = FifoGate(path)
+        other.acquire(10.0)  # GateTimeout here: the interrupted ticket was left behind
+        other.release()
+        gate.acquire(1.0)  # and the interrupted gate itself is usable again
+        gate.release()
+        gate.close()
+        other.close()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        kill(holder)
+
+
+@pytest.mark.slow
+def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
+    """Exceptions raised by a signal handler at random moments of contended writes
+    (another process writes all the while): whatever was interrupted, the gate is not
+    left held, no transaction stays open, and every acknowledged write is there. A
+    write interrupted after its COMMIT may be present without an acknowledgement."""
+    import random
+    SessionDB(db_path).close()
+    results, start = SPAWN.Queue(), SPAWN.Event()
+    rival = SPAWN.Process(target=workers.append_worker,
+                          args=(str(db_path), 0, 400, 1000, results, start))
+    rival.start()
+    db = SessionDB(db_path, write_timeout=10)
+    db.ensure_session("mine", "signals")
+    rng = random.Random(11)
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    acked, attempted, interrupted = [], [], 0
+    start.set()
+    try:
+        for i in range(150):
+            delay = rng.uniform(0, 0.003)
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGUSR1))
+            content = f"i{i}"
+            try:
+                timer.start()
+                attempted.append(content)
+                db.append_message("mine", "user", content)
+                acked.append(content)
+                timer.join()
+                time.sleep(0.001)  # let a late signal land here, inside the try
+            except Interrupted:
+                interrupted += 1
+                timer.join()
+                try:
+                    time.sleep(0.001)
+                except Interrupted:
+                    pass
+            # Whatever happened, nothing is left behind:
+            assert db._gate._ticket is None
+            assert db._conn.get_autocommit()
+            assert not db._writes.active
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    reports = workers.collect(results, [rival], 1)
+    rival.join(60)
+    assert rival.exitcode == 0 and len(reports) == 1
+    assert interrupted > 0
+    present = [m["content"] for m in db.get_messages("mine")]
+    assert set(acked) <= set(present) <= set(attempted)
+    assert len(present) == len(set(present))
+    assert db.get_session("mine")["message_count"] == len(present)
+    other = SessionDB(db_path, write_timeout=5)
+    other.append_message("mine", "user", "after")  # the gate is free
+    other.close()
     db.close()
 
 

@@ -10,6 +10,7 @@ reports failure by raising: the child then exits non-zero and the test asserts
 from __future__ import annotations
 
 import os
+import queue
 import random
 import threading
 import time
@@ -20,6 +21,26 @@ import apsw
 
 from sessiondb import SessionDB
 from sessiondb.gate import FifoGate
+
+
+def collect(results: Any, procs: list[Any], expected: int, timeout: float = 240) -> list[Any]:
+    """Read up to ``expected`` results, returning early once every process has exited
+    (a worker that died reports nothing; its exit code tells the test why)."""
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < expected and time.monotonic() < deadline:
+        try:
+            out.append(results.get(timeout=0.5))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                try:  # a child flushes its queue before it exits: drain what is left
+                    while len(out) < expected:
+                        out.append(results.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                break
+    return out
+
 
 # -- gate workers ----------------------------------------------------------------------
 

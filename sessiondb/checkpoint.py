@@ -7,28 +7,40 @@ waits and never blocks anyone, but it cannot copy frames that a reader's snapsho
 needs, so a store whose readers are never all idle would grow its WAL without bound (1.4 -
 2.9 GB in 10 s was measured with a reader holding 500 ms transactions back to back).
 
-So when the WAL passes half of ``wal_limit`` a *reset* is attempted. The WAL size is
-known after every commit (SQLite's WAL hook reports its frame count, at no cost), so the
-check runs after every write, not only every ``checkpoint_every`` writes: with large
-messages, 50 writes alone can add more than the whole limit. After a failed reset, the
-next attempt waits for the next periodic checkpoint, so a reader that defeats resets
-costs writers one ``reset_timeout`` stall per ``checkpoint_every`` writes, not per write.
-A reset works like this: the checkpointer
-enters the write gate (so this library's writers queue fairly behind it instead of
-colliding with it), and runs a TRUNCATE checkpoint with a busy timeout of
-``reset_timeout``. That waits for the readers that pin old frames to finish (new readers
-no longer need the WAL), then truncates the file to zero bytes. The trade-off, which the
-option makes explicit: writers wait up to ``reset_timeout`` while a reset waits for a
-long reader. Readers that go through sessiondb are always short; a foreign process that
-holds read transactions longer than ``reset_timeout`` back to back can defeat the bound,
-and ``stats()["checkpoint"]["resets_failed"]`` then counts the failed attempts.
+So when the WAL passes half of ``wal_limit`` a *reset* is requested. The WAL size is known
+after every commit (SQLite's WAL hook reports its frame count, at no cost), so the check
+runs after every write. A reset runs in a background thread of the instance, so the write
+that crossed the line returns at once:
+
+1. *Close the door* of the reader room (:mod:`sessiondb.gate`): new ``snapshot()`` readers
+   wait; writers keep going. Only one process's checkpointer can hold the door.
+2. *Wait for the room to empty*: the snapshots already open finish (a few hundred ms for
+   a TUI's long read); writers still keep going.
+3. With no cooperating reader left, take the instance's connection, run PASSIVE (copies
+   nearly everything, blocks nobody), then enter the write gate and run TRUNCATE with a
+   short busy timeout: only frames written in the last moments remain to copy, so
+   writers queue behind it for milliseconds, fairly, in the gate.
+4. Open the door.
+
+If the WAL still grows past 60% of the limit before the background reset got to it (very
+large writes), the writer that grew it runs the reset itself before its call returns.
+
+Readers that do not cooperate (another program, or a ``sqlite3`` shell holding a
+transaction) make step 3 fail quickly. The reset is then retried at once with a busy
+timeout of ``reset_timeout``: the trade-off made
+explicit by that option is that writers wait up to ``reset_timeout`` while the reset waits
+for such a reader. A foreign reader that holds transactions longer than ``reset_timeout``
+back to back can defeat the bound; ``stats()["checkpoint"]["resets_failed"]`` counts the
+failed attempts.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import apsw
 
@@ -41,6 +53,7 @@ class CheckpointCounters:
     passive_busy: int = 0
     resets_ok: int = 0
     resets_failed: int = 0
+    resets_skipped: int = 0     # another process's checkpointer was already at it
     last_wal_frames: int = 0
     last_checkpointed_frames: int = 0
     longest_reset_s: float = 0.0
@@ -52,15 +65,25 @@ class CheckpointCounters:
 class CheckpointPolicy:
     """Decides when to checkpoint, and how; one per connection.
 
+    :param gate: the instance's write gate.
+    :param room: a second gate handle (its own descriptor) for the reader room's door.
+    :param run_locked: runs ``fn(conn)`` under the instance lock with its connection.
     :param every: run a PASSIVE checkpoint after this many writes (0 disables).
     :param wal_limit: bytes; above half of it a reset (TRUNCATE) is attempted.
-    :param reset_timeout: seconds a reset may wait for readers (and make writers wait).
+    :param reset_timeout: seconds a reset may make writers wait for foreign readers.
     :param busy_timeout_ms: the connection's normal busy timeout, restored after a reset.
     """
 
-    def __init__(self, gate: Gate, every: int, wal_limit: int, reset_timeout: float,
-                 busy_timeout_ms: int, wal_path: str) -> None:
+    QUICK_RESET_MS = 50     # busy timeout of a reset once cooperating readers are out
+
+    def __init__(self, gate: Gate, room: Callable[[], Gate],
+                 run_locked: Callable[[Callable[[apsw.Connection], object]], object],
+                 every: int, wal_limit: int, reset_timeout: float, busy_timeout_ms: int,
+                 wal_path: str) -> None:
         self.gate = gate
+        self._room_factory = room
+        self._room: Gate | None = None
+        self._run_locked = run_locked
         self.every = every
         self.wal_limit = wal_limit
         self.reset_timeout = reset_timeout
@@ -71,7 +94,11 @@ class CheckpointPolicy:
         self._frame_bytes = 0
         self._hooked: apsw.Connection | None = None
         self._wal_frames = 0        # WAL size in frames after this connection's last commit
-        self._reset_backoff = False  # the last reset failed: retry only when periodic
+        self._backoff = False       # the last reset failed: wait for the next periodic one
+        self._reset_mu = threading.Lock()
+        self._wanted = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
 
     def after_write(self, conn: apsw.Connection) -> None:
         """Count a committed write; checkpoint when due. Call outside the write gate."""
@@ -80,9 +107,12 @@ class CheckpointPolicy:
         self._since += 1
         if self.every and self._since >= self.every:
             self.passive(conn)
-        elif (self.wal_limit and not self._reset_backoff
-              and self._wal_frames * self._frame_size(conn) > self.wal_limit // 2):
-            self.passive(conn)
+        elif not self._backoff and self._over(conn, 0.5):
+            self._request_reset()
+        if not self._backoff and self._over(conn, 0.6):
+            # The background reset has not kept up (huge writes, or it is waiting for
+            # a reader): reset here, so the writer that grows the WAL pays for it.
+            self.reset()
 
     def attach(self, conn: apsw.Connection) -> None:
         """Follow the WAL size through SQLite's WAL hook (called after each commit of
@@ -96,13 +126,15 @@ class CheckpointPolicy:
             self._wal_frames = frames
         return apsw.SQLITE_OK
 
-    def passive(self, conn: apsw.Connection) -> tuple[int, int] | None:
-        """Run a PASSIVE checkpoint; escalate to a reset if the WAL is past half the limit.
+    def passive(self, conn: apsw.Connection, escalate: bool = True
+                ) -> tuple[int, int] | None:
+        """Run a PASSIVE checkpoint; request a reset if the WAL is past half the limit.
 
         :returns: (frames in the WAL, frames checkpointed), or None if another
             checkpoint was running.
         """
         self._since = 0
+        self._backoff = False
         try:
             frames, done = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
@@ -111,21 +143,88 @@ class CheckpointPolicy:
         c = self.counters
         c.passive_runs += 1
         c.last_wal_frames, c.last_checkpointed_frames = frames, done
-        if self.wal_limit and frames * self._frame_size(conn) > self.wal_limit // 2:
-            self.reset(conn)
+        self._wal_frames = frames
+        if escalate and self._over(conn, 0.5):
+            self._request_reset()
         return frames, done
 
-    def reset(self, conn: apsw.Connection) -> bool:
-        """TRUNCATE checkpoint inside the write gate, waiting up to ``reset_timeout``."""
+    def over_half(self, conn: apsw.Connection) -> bool:
+        """True when the WAL is past half of ``wal_limit`` (a reset is due)."""
+        return self._over(conn, 0.5)
+
+    def _over(self, conn: apsw.Connection, fraction: float) -> bool:
+        return bool(self.wal_limit) and (
+            self._wal_frames * self._frame_size(conn) > self.wal_limit * fraction)
+
+    # -- resets, in a background thread --------------------------------------------
+    def _request_reset(self) -> None:
+        if self._stopped or self._backoff:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._reset_loop, daemon=True,
+                                            name="sessiondb-checkpoint")
+            self._thread.start()
+        self._wanted.set()
+
+    def _reset_loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._stopped:
+                return
+            self._wanted.clear()
+            if self._backoff:
+                continue
+            try:
+                self.reset()
+            except Exception:  # closed underneath us, or the OS failed: stop quietly
+                return
+
+    def reset(self, wait: bool = False) -> bool:
+        """Reset the WAL cooperatively (see the module docstring); True on success.
+        A failed reset is retried at the next periodic checkpoint, not before.
+
+        :param wait: if another reset is running, wait for it and then reset again
+            (only without the instance lock held); else return False at once.
+        """
+        if not self._reset_mu.acquire(blocking=wait):
+            return False  # the background thread is at it
+        try:
+            if self._room is None:
+                self._room = self._room_factory()
+            room = self._room
+            if not room.close_door(0.1):
+                self.counters.resets_skipped += 1
+                return False
+            try:
+                room.empty_room(max(2.0, 2 * self.reset_timeout))
+                ok = self._run_locked(lambda conn: self._truncate(conn, self.QUICK_RESET_MS))
+                if not ok:  # a reader that does not cooperate: wait for it, writers too
+                    ok = self._run_locked(lambda conn: self._truncate(
+                        conn, int(self.reset_timeout * 1000)))
+            finally:
+                room.open_door()
+            if ok:
+                self.counters.resets_ok += 1
+            else:
+                self.counters.resets_failed += 1
+            self._backoff = not ok
+            return bool(ok)
+        finally:
+            self._reset_mu.release()
+
+    def _truncate(self, conn: apsw.Connection, busy_ms: int) -> bool:
+        """PASSIVE outside the gate, then TRUNCATE inside it (writers queue meanwhile)."""
+        try:
+            self._wal_frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except (apsw.BusyError, apsw.LockedError):
+            pass
         start = time.monotonic()
         try:
-            self.gate.acquire(self.reset_timeout)
+            self.gate.acquire(max(self.reset_timeout, busy_ms / 1000))
         except GateTimeout:
-            self.counters.resets_failed += 1
-            self._reset_backoff = True
             return False
         try:
-            conn.set_busy_timeout(max(1, int(self.reset_timeout * 1000)))
+            conn.set_busy_timeout(busy_ms)
             try:
                 frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
                 ok = frames == 0
@@ -136,15 +235,19 @@ class CheckpointPolicy:
         finally:
             self.gate.release()
         c = self.counters
-        if ok:
-            c.resets_ok += 1
-            c.last_wal_frames = c.last_checkpointed_frames = 0
-            self._wal_frames = 0
-        else:
-            c.resets_failed += 1
-        self._reset_backoff = not ok
         c.longest_reset_s = max(c.longest_reset_s, time.monotonic() - start)
+        if ok:
+            c.last_wal_frames = c.last_checkpointed_frames = self._wal_frames = 0
         return ok
+
+    def close(self) -> None:
+        """Stop the background thread (call without holding the instance lock)."""
+        self._stopped = True
+        self._wanted.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self._room is not None:
+            self._room.close()
 
     def wal_bytes(self) -> int:
         """Current size of the ``-wal`` file (``os.stat`` only; the file is never opened)."""

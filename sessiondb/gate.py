@@ -32,6 +32,16 @@ A fork child closes its inherited copies of the sidecar descriptor at once (they
 the parent's locks, and would keep a killed parent's ticket alive) and opens its own on
 first use.
 
+*Turns.* Handing the gate to another process costs more than the syscalls: after another
+connection wrote, SQLite drops its page cache, so a process's first write after a switch
+takes about twice as long as the next ones. A process that just committed a *short*
+write (under ``TURN_HOLD``) therefore keeps the gate for its next write, for at most
+``TURN_WRITES`` writes or ``TURN_SECONDS``, whichever ends first, and a helper thread
+hands it on after ``IDLE_RELEASE`` without a next write. The cap is unconditional (kept
+even while others wait), which is what recovers the plain setup's throughput on tiny
+transactions; long transactions never extend a turn, so the queue stays FIFO where
+waits are long.
+
 Where OFD locks do not exist (macOS, Windows) :class:`NullGate` is used: writes then rely
 on ``BEGIN IMMEDIATE`` plus jittered retry alone (fair enough for a few processes; the
 convoy protection is Linux-only).
@@ -58,6 +68,8 @@ __all__ = ["Gate", "FifoGate", "NullGate", "GateTimeout", "ofd_locks_available",
 
 # Byte offsets in the sidecar file.
 _DISPENSER = 0          # lock byte guarding the counters
+_DOOR = 2               # reader room: snapshot readers pass through the door (shared) ...
+_ROOM = 3               # ... and stay in the room (shared); a checkpointer locks both
 _COUNTERS = 8           # u64 next, u64 done (little endian), read and written with pread/pwrite
 _SLOT_BASE = 1 << 20    # lock byte of ticket t: _SLOT_BASE + t % _SLOTS
 _SLOTS = 1 << 20        # more outstanding tickets than this is impossible in practice
@@ -90,11 +102,28 @@ class Gate:
     def acquire(self, timeout: float) -> tuple[float, bool]:
         raise NotImplementedError
 
-    def release(self) -> None:
+    def release(self, held: float | None = None) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+    # The reader room (see sessiondb.checkpoint): long readers wait at the door while a
+    # checkpointer resets the WAL; the checkpointer waits for the room to empty.
+    def enter_room(self, timeout: float) -> bool:
+        return False
+
+    def leave_room(self) -> None:
+        pass
+
+    def close_door(self, timeout: float) -> bool:
+        return True
+
+    def empty_room(self, timeout: float) -> bool:
+        return True
+
+    def open_door(self) -> None:
+        pass
 
 
 class NullGate(Gate):
@@ -103,7 +132,7 @@ class NullGate(Gate):
     def acquire(self, timeout: float) -> tuple[float, bool]:
         return 0.0, False
 
-    def release(self) -> None:
+    def release(self, held: float | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -132,12 +161,28 @@ class FifoGate(Gate):
     :param path: the sidecar file; created 0600, never followed if it is a symlink.
     """
 
+    TURN_HOLD = 0.002       # only writes that held the gate less than this extend a turn
+    TURN_WRITES = 64        # a turn ends after this many writes ...
+    TURN_SECONDS = 0.010    # ... or this long after it began
+    IDLE_RELEASE = 0.0005   # a kept gate is handed on after this long without a write
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = self._open(path)
         self._pid = os.getpid()
         self._ticket: int | None = None
+        self._new_turn_state()
         _GATES.add(self)
+
+    def _new_turn_state(self) -> None:
+        self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
+        self._kept = False          # between two writes of one turn
+        self._kept_since = 0.0
+        self._turn_start = 0.0
+        self._turn_writes = 0
+        self._idle_thread: threading.Thread | None = None
+        self._idle_asleep = False   # the idle thread waits with no timeout
 
     @staticmethod
     def _open(path: Path) -> int:
@@ -147,10 +192,11 @@ class FifoGate(Gate):
         return os.open(path, flags, 0o600)
 
     # -- kernel lock primitives -------------------------------------------------------
-    def _lock(self, offset: int, wait: bool) -> bool:
+    def _lock(self, offset: int, wait: bool, shared: bool = False) -> bool:
         cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
         try:
-            fcntl.fcntl(self._fd, cmd, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            fcntl.fcntl(self._fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -178,6 +224,10 @@ class FifoGate(Gate):
         """
         if os.getpid() != self._pid:
             self._after_fork()
+        with self._mu:
+            if self._kept:  # this process's turn goes on
+                self._kept = False
+                return 0.0, False
         if self._ticket is not None:
             # A second ticket on the same open file description would "lock" our own
             # slot (OFD locks never conflict with themselves) and then unlock it while
@@ -185,7 +235,9 @@ class FifoGate(Gate):
             raise RuntimeError("this gate is already held; release it first")
         start = time.monotonic()
         try:
-            return self._enter(start, start + timeout)
+            entered = self._enter(start, start + timeout)
+            self._turn_start, self._turn_writes = time.monotonic(), 0
+            return entered
         except BaseException:
             # A timeout, an OS error, or KeyboardInterrupt (any exception a signal
             # handler raises, wherever it lands): never leave the dispenser or a ticket
@@ -220,8 +272,59 @@ class FifoGate(Gate):
             raise GateTimeout(time.monotonic() - start)
         return time.monotonic() - start, True
 
-    def release(self) -> None:
-        """Leave the gate: mark this ticket done and wake the successor."""
+    def release(self, held: float | None = None) -> None:
+        """Leave the gate: mark this ticket done and wake the successor.
+
+        :param held: seconds the write that just committed held the gate; a short one
+            keeps this process's turn going (see "Turns" in the module docstring).
+            None (a failed write, a checkpoint, close) always leaves.
+        """
+        try:
+            if held is not None and self._ticket is not None and held < self.TURN_HOLD:
+                with self._mu:
+                    self._turn_writes += 1
+                    now = time.monotonic()
+                    if (self._turn_writes < self.TURN_WRITES
+                            and now - self._turn_start < self.TURN_SECONDS):
+                        if self._idle_thread is None:
+                            self._idle_thread = threading.Thread(
+                                target=self._idle_loop, daemon=True,
+                                name="sessiondb-gate-idle")
+                            self._idle_thread.start()
+                        self._kept, self._kept_since = True, now
+                        if self._idle_asleep:
+                            self._cv.notify()
+                        return
+        except BaseException:  # e.g. a signal handler's exception: never keep by accident
+            with self._mu:
+                self._kept = False
+                self._leave()
+            raise
+        with self._mu:
+            self._kept = False
+            self._leave()
+
+    def _idle_loop(self) -> None:
+        """Hand a kept gate on once its holder has not written for IDLE_RELEASE."""
+        pid = self._pid
+        with self._cv:
+            while self._fd >= 0 and os.getpid() == pid:
+                if not self._kept:
+                    self._idle_asleep = True
+                    self._cv.wait(0.05)  # a timeout too, in case a notify was missed
+                    self._idle_asleep = False
+                    continue
+                remaining = self._kept_since + self.IDLE_RELEASE - time.monotonic()
+                if remaining > 0:
+                    self._cv.wait(remaining)
+                    continue
+                self._kept = False
+                try:
+                    self._leave()
+                except OSError:  # closed meanwhile
+                    return
+
+    def _leave(self) -> None:
         ticket = self._ticket
         if ticket is None or os.getpid() != self._pid:
             self._ticket = None
@@ -239,10 +342,49 @@ class FifoGate(Gate):
         if self._fd >= 0 and os.getpid() == self._pid:
             self.release()
             # Forget the number before closing it: a helper thread of an abandoned wait
-            # that wakes up later must find -1 (EBADF), never a reused descriptor.
-            fd, self._fd = self._fd, -1
+            # that wakes up later must find -1 (EBADF), never a reused descriptor; the
+            # idle thread sees -1 and ends.
+            with self._mu:
+                fd, self._fd = self._fd, -1
+                self._cv.notify()
             os.close(fd)
         self._fd = -1
+
+    # -- the reader room ----------------------------------------------------------------
+    # Door and room are held only for a checkpoint reset (rare) or one snapshot, so short
+    # polls are the right wait here: nothing on the write path waits on them.
+    def _poll(self, offset: int, shared: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._lock(offset, wait=False, shared=shared):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def enter_room(self, timeout: float) -> bool:
+        """A snapshot reader comes in (waits while a checkpointer has the door shut).
+        :returns: False if the door stayed shut for ``timeout`` (read without the room)."""
+        if not self._poll(_DOOR, True, timeout):
+            return False
+        try:
+            return self._lock(_ROOM, wait=False, shared=True)
+        finally:
+            self._unlock(_DOOR)
+
+    def leave_room(self) -> None:
+        self._unlock(_ROOM)
+
+    def close_door(self, timeout: float) -> bool:
+        """A checkpointer stops new snapshot readers; False if another one holds it."""
+        return self._poll(_DOOR, False, timeout)
+
+    def empty_room(self, timeout: float) -> bool:
+        """Wait until no snapshot reader is inside (after :meth:`close_door`)."""
+        return self._poll(_ROOM, False, timeout)
+
+    def open_door(self) -> None:
+        self._unlock(_ROOM)
+        self._unlock(_DOOR)
 
     # -- internals --------------------------------------------------------------------
     def _take_ticket(self, deadline: float, start: float) -> tuple[int, int]:
@@ -306,6 +448,7 @@ class FifoGate(Gate):
                 pass
         self._fd = -1
         self._ticket = None
+        self._new_turn_state()  # the parent's idle thread and its lock did not come along
 
     def _after_fork(self) -> None:
         self._drop_inherited()  # already done at fork time where register_at_fork exists

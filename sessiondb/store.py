@@ -40,7 +40,7 @@ from .text import (
     check_cost, check_count, check_id, check_limit, check_list, check_text, like_prefix,
     lineage_number, sanitize_fts_query, sanitize_title, split_lineage, to_json,
 )
-from .writes import WritePath, backoff
+from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
 
@@ -157,7 +157,8 @@ class SessionDB:
             self._gate = gate = make_gate(self.path, o["gate"])
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
             self._checkpoints = CheckpointPolicy(
-                self._gate, o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
+                self._gate, lambda: make_gate(self.path, o["gate"]), self._locked,
+                o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
             self._conn = conn
             self._pid = os.getpid()
@@ -195,6 +196,8 @@ class SessionDB:
 
     def close(self) -> None:
         """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
+        if os.getpid() == self._pid and not self._closed:
+            self._checkpoints.close()  # outside the lock: its thread may be waiting for it
         with self._lock:
             if self._closed:
                 return
@@ -206,7 +209,7 @@ class SessionDB:
                 self._gate.close()
                 return
             try:
-                self._checkpoints.passive(conn)
+                self._checkpoints.passive(conn, escalate=False)
             except apsw.Error:
                 pass
             finally:
@@ -221,6 +224,11 @@ class SessionDB:
 
     def __repr__(self) -> str:
         return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
+
+    def _locked(self, fn: Callable[[apsw.Connection], T]) -> T:
+        """``fn(conn)`` under the instance lock (for the background checkpointer)."""
+        with self._connection() as conn:
+            return fn(conn)
 
     @contextmanager
     def _connection(self) -> Iterator[apsw.Connection]:
@@ -249,6 +257,9 @@ class SessionDB:
         with self._connection() as conn:
             if self._writes.active:
                 return self._nested(conn, fn)
+            if not conn.get_autocommit():
+                raise ConfigurationError("cannot write inside a snapshot() block; "
+                                         "write after it ends")
             result = self._writes.run(conn, fn)
             self._checkpoints.after_write(conn)
             return result
@@ -315,6 +326,41 @@ class SessionDB:
             finally:
                 self._writes.finish(conn, started, ok)
             self._checkpoints.after_write(conn)
+
+    @contextmanager
+    def snapshot(self) -> Iterator["SessionDB"]:
+        """Read several things as of one moment::
+
+            with db.snapshot():
+                newest = db.list_sessions(limit=1)
+                messages = db.get_messages(newest[0]["id"])
+
+        Every read inside the block sees the store as it was when the block began;
+        writing inside it raises :class:`~sessiondb.errors.ConfigurationError`. The block
+        holds a read transaction, which keeps the WAL frames written meanwhile from being
+        checkpointed: keep it short (sessiondb's own calls never hold one). Other threads
+        using this instance wait for the block to finish.
+
+        Snapshots cooperate with WAL resets (:mod:`sessiondb.checkpoint`): while a reset
+        is being prepared, a new snapshot waits for it (typically well under a second;
+        past ``2 x reset_timeout + 1`` s it proceeds without cooperating).
+        """
+        with self._connection() as conn:
+            if not conn.get_autocommit():
+                raise ConfigurationError("snapshot() cannot be nested or used inside "
+                                         "transaction()")
+            in_room = self._gate.enter_room(max(2.0, 2 * self._options["reset_timeout"]) + 1)
+            try:
+                # The SELECT is what starts the read transaction (BEGIN alone defers it).
+                self._read(lambda c: c.execute(
+                    "BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1").fetchall())
+                try:
+                    yield self
+                finally:
+                    rollback(conn)
+            finally:
+                if in_room:
+                    self._gate.leave_room()
 
     # -- sessions ---------------------------------------------------------------------
     def create_session(self, session_id: str, source: str, **fields: Any) -> str:
@@ -832,9 +878,13 @@ class SessionDB:
 
     # -- operations -------------------------------------------------------------------
     def checkpoint(self) -> dict[str, int]:
-        """Run a PASSIVE checkpoint now (escalating to a reset past half the WAL limit)."""
+        """Run a PASSIVE checkpoint now, and a WAL reset if the WAL is past half of
+        ``wal_limit``; returns when both are done."""
         with self._connection() as conn:
-            result = self._checkpoints.passive(conn)
+            result = self._checkpoints.passive(conn, escalate=False)
+            due = self._checkpoints.over_half(conn)
+        if due:  # outside the lock: a background reset in progress may need it
+            self._checkpoints.reset(wait=True)
         frames, done = result or (-1, -1)
         return {"wal_frames": frames, "checkpointed_frames": done}
 

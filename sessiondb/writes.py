@@ -112,6 +112,7 @@ class WritePath:
 
     def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
         """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""
+        committed = False
         try:
             if ok:
                 try:
@@ -120,6 +121,7 @@ class WritePath:
                     rollback(conn)
                     raise
                 self.counters.writes += 1
+                committed = True
             else:
                 rollback(conn)
                 self.counters.failed += 1
@@ -127,7 +129,7 @@ class WritePath:
             self.counters.failed += 1
             raise translate(exc, self.path) from exc
         finally:
-            self._leave(started)
+            self._leave(started, committed)
 
     # -- internals --------------------------------------------------------------------
     def _attempts(self, conn: apsw.Connection, fn):
@@ -167,7 +169,7 @@ class WritePath:
                 raise
             else:
                 self.counters.writes += 1
-                self._leave(entered)
+                self._leave(entered, committed=True)
                 return result
             self.counters.retries += 1
             remaining = deadline - time.monotonic()
@@ -181,12 +183,14 @@ class WritePath:
         c.longest_wait_s = max(c.longest_wait_s, waited)
         c.contended += contended
 
-    def _leave(self, entered: float | None) -> None:
-        """Leave the gate; ``entered`` is None when BEGIN never succeeded."""
+    def _leave(self, entered: float | None, committed: bool = False) -> None:
+        """Leave the gate; ``entered`` is None when BEGIN never succeeded. After a commit
+        the gate learns how long it was held, so that it may keep a turn going for this
+        process's next short write (see :mod:`sessiondb.gate`)."""
         self._active.depth = 0
-        self.gate.release()
-        if entered is not None:
-            held = time.monotonic() - entered
+        held = None if entered is None else time.monotonic() - entered
+        self.gate.release(held if committed else None)
+        if held is not None:
             c = self.counters
             c.holds.append(held)
             c.longest_hold_s = max(c.longest_hold_s, held)

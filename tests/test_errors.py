@@ -116,6 +116,7 @@ CLOSED_CALLS = {
     "checkpoint": lambda db: db.checkpoint(),
     "stats": lambda db: db.stats(),
     "transaction": lambda db: db.transaction().__enter__(),
+    "snapshot": lambda db: db.snapshot().__enter__(),
 }
 
 

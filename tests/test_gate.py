@@ -443,8 +443,9 @@ def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
                     time.sleep(0.001)
                 except Interrupted:
                     pass
-            # Whatever happened, nothing is left behind:
-            assert db._gate._ticket is None
+            # Whatever happened, nothing is left behind (a turn kept after a short
+            # write is handed on by the gate's idle thread within IDLE_RELEASE):
+            assert db._gate._ticket is None or db._gate._kept
             assert db._conn.get_autocommit()
             assert not db._writes.active
     finally:

@@ -401,12 +401,13 @@ def test_wal_reset_fails_against_a_pinned_reader_but_writes_flow(db_path: Path):
     before = db.stats()["checkpoint"]
     for i in range(40):
         db.append_message("s", "user", "y" * 2000)
+    db.checkpoint()  # resets run in the background: one more, synchronous, to count
     cp = db.stats()["checkpoint"]
     assert cp["resets_failed"] > before["resets_failed"]
     assert cp["resets_ok"] == before["resets_ok"]
     # After a failed reset the next try waits for the periodic checkpoint (every 5
     # writes here), so a pinned reader stalls writers per period, not per write.
-    assert cp["resets_failed"] - before["resets_failed"] <= 40 // 5
+    assert cp["resets_failed"] - before["resets_failed"] <= 40 // 5 + 1
     assert db.message_count("s") == 40
     reader.execute("COMMIT")
     reader.close()

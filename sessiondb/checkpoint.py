@@ -15,7 +15,11 @@ that crossed the line returns at once:
 1. *Close the door* of the reader room (:mod:`sessiondb.gate`): new ``snapshot()`` readers
    wait; writers keep going. Only one process's checkpointer can hold the door.
 2. *Wait for the room to empty*: the snapshots already open finish (a few hundred ms for
-   a TUI's long read); writers still keep going.
+   a TUI's long read); writers still keep going, unless the WAL passes 75% of the limit
+   meanwhile (writes faster than one snapshot's worth of WAL fits in the limit): then the
+   checkpointer waits inside the write gate, holding writers back until the readers are
+   out. This is the only way to bound a WAL that a reader pins; it costs throughput only
+   when writes are that fast.
 3. With no cooperating reader left, take the instance's connection, run PASSIVE (copies
    nearly everything, blocks nobody), then enter the write gate and run TRUNCATE with a
    short busy timeout: only frames written in the last moments remain to copy, so
@@ -75,6 +79,8 @@ class CheckpointPolicy:
     """
 
     QUICK_RESET_MS = 50     # busy timeout of a reset once cooperating readers are out
+    HOLD_WRITERS_AT = 0.75  # WAL fraction past which a reset waits for readers in the gate
+    INLINE_AT = 0.6         # WAL fraction past which the writer itself resets
 
     def __init__(self, gate: Gate, room: Callable[[], Gate],
                  run_locked: Callable[[Callable[[apsw.Connection], object]], object],
@@ -100,19 +106,22 @@ class CheckpointPolicy:
         self._stopped = False
         self._thread: threading.Thread | None = None
 
-    def after_write(self, conn: apsw.Connection) -> None:
-        """Count a committed write; checkpoint when due. Call outside the write gate."""
+    def after_write(self, conn: apsw.Connection) -> bool:
+        """Count a committed write; checkpoint when due. Call outside the write gate.
+
+        :returns: True when the background reset has not kept up (huge writes, or it
+            is waiting for a reader) and the WAL is past 60% of the limit: the caller
+            must then call ``reset(wait=True, past=0.6)`` once it has let go of the
+            instance lock, so that the writer that grows the WAL pays for it.
+        """
         if self._hooked is not conn:
             self.attach(conn)
         self._since += 1
         if self.every and self._since >= self.every:
             self.passive(conn)
-        elif not self._backoff and self._over(conn, 0.5):
+        elif not self._backoff and self._over(0.5):
             self._request_reset()
-        if not self._backoff and self._over(conn, 0.6):
-            # The background reset has not kept up (huge writes, or it is waiting for
-            # a reader): reset here, so the writer that grows the WAL pays for it.
-            self.reset()
+        return not self._backoff and self._over(self.INLINE_AT)
 
     def attach(self, conn: apsw.Connection) -> None:
         """Follow the WAL size through SQLite's WAL hook (called after each commit of
@@ -120,6 +129,7 @@ class CheckpointPolicy:
         the figure: checkpointing there would run inside the write gate."""
         conn.set_wal_hook(self._on_commit)
         self._hooked = conn
+        self._frame_bytes = int(conn.pragma("page_size")) + 24
 
     def _on_commit(self, conn: apsw.Connection, dbname: str, frames: int) -> int:
         if dbname == "main":
@@ -144,17 +154,17 @@ class CheckpointPolicy:
         c.passive_runs += 1
         c.last_wal_frames, c.last_checkpointed_frames = frames, done
         self._wal_frames = frames
-        if escalate and self._over(conn, 0.5):
+        if escalate and self._over(0.5):
             self._request_reset()
         return frames, done
 
-    def over_half(self, conn: apsw.Connection) -> bool:
+    def over_half(self) -> bool:
         """True when the WAL is past half of ``wal_limit`` (a reset is due)."""
-        return self._over(conn, 0.5)
+        return self._over(0.5)
 
-    def _over(self, conn: apsw.Connection, fraction: float) -> bool:
+    def _over(self, fraction: float) -> bool:
         return bool(self.wal_limit) and (
-            self._wal_frames * self._frame_size(conn) > self.wal_limit * fraction)
+            self._wal_frames * self._frame_bytes > self.wal_limit * fraction)
 
     # -- resets, in a background thread --------------------------------------------
     def _request_reset(self) -> None:
@@ -179,16 +189,19 @@ class CheckpointPolicy:
             except Exception:  # closed underneath us, or the OS failed: stop quietly
                 return
 
-    def reset(self, wait: bool = False) -> bool:
+    def reset(self, wait: bool = False, past: float = 0.0) -> bool:
         """Reset the WAL cooperatively (see the module docstring); True on success.
         A failed reset is retried at the next periodic checkpoint, not before.
 
-        :param wait: if another reset is running, wait for it and then reset again
-            (only without the instance lock held); else return False at once.
+        :param wait: if another reset is running, wait for it (only without the
+            instance lock held); else return False at once.
+        :param past: reset only if the WAL is still past this fraction of the limit.
         """
         if not self._reset_mu.acquire(blocking=wait):
             return False  # the background thread is at it
         try:
+            if past and not self._over(past):
+                return True  # another reset got there first
             if self._room is None:
                 self._room = self._room_factory()
             room = self._room
@@ -196,8 +209,10 @@ class CheckpointPolicy:
                 self.counters.resets_skipped += 1
                 return False
             try:
-                room.empty_room(max(2.0, 2 * self.reset_timeout))
-                ok = self._run_locked(lambda conn: self._truncate(conn, self.QUICK_RESET_MS))
+                deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
+                emptied = self._wait_for_room(room, deadline)
+                ok = self._run_locked(lambda conn: self._truncate(
+                    conn, self.QUICK_RESET_MS, None if emptied else (room, deadline)))
                 if not ok:  # a reader that does not cooperate: wait for it, writers too
                     ok = self._run_locked(lambda conn: self._truncate(
                         conn, int(self.reset_timeout * 1000)))
@@ -212,8 +227,33 @@ class CheckpointPolicy:
         finally:
             self._reset_mu.release()
 
-    def _truncate(self, conn: apsw.Connection, busy_ms: int) -> bool:
-        """PASSIVE outside the gate, then TRUNCATE inside it (writers queue meanwhile)."""
+    def _wait_for_room(self, room: Gate, deadline: float) -> bool:
+        """Wait for the snapshot readers inside to leave, while writers keep going, but
+        only until the WAL passes ``HOLD_WRITERS_AT`` of the limit. True: room empty."""
+        while time.monotonic() < deadline:
+            if room.empty_room(0.005):
+                return True
+            if self.wal_limit and self.wal_bytes() > self.wal_limit * self.HOLD_WRITERS_AT:
+                return False
+        return False
+
+    def _truncate(self, conn: apsw.Connection, busy_ms: int,
+                  room: tuple[Gate, float] | None = None) -> bool:
+        """PASSIVE outside the gate, then TRUNCATE inside it (writers queue meanwhile).
+
+        :param room: (room, deadline): the readers have not left yet, so wait for them
+            inside the gate: writers are held back, which is what bounds the WAL when
+            writes outpace what one long snapshot pins.
+        """
+        if room is not None:
+            try:
+                self.gate.acquire(max(self.reset_timeout, busy_ms / 1000))
+            except GateTimeout:
+                return False
+            try:
+                room[0].empty_room(max(0.0, room[1] - time.monotonic()))
+            finally:
+                self.gate.release()
         try:
             self._wal_frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
@@ -255,8 +295,3 @@ class CheckpointPolicy:
             return os.stat(self.wal_path).st_size
         except OSError:
             return 0
-
-    def _frame_size(self, conn: apsw.Connection) -> int:
-        if not self._frame_bytes:
-            self._frame_bytes = int(conn.pragma("page_size")) + 24
-        return self._frame_bytes

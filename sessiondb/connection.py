@@ -114,12 +114,22 @@ def connection_manual_checkpoints(conn: apsw.Connection, journal_size_limit: int
     conn.pragma("journal_size_limit", journal_size_limit)
 
 
-def connection_incremental_vacuum(conn: apsw.Connection) -> None:
-    """On a brand-new (empty) file, ask for incremental auto-vacuum so that pruning can
-    give space back. It must precede the switch to WAL: that switch already writes the
-    first page, after which auto-vacuum can no longer be turned on without a VACUUM
-    (https://sqlite.org/pragma.html#pragma_auto_vacuum)."""
+#: Page size of new stores. Every commit appends each page it touched to the WAL, and an
+#: agent turn touches about 13-16 pages (message row, two indexes, session row, FTS
+#: segment, structure and docsize records): 1 KiB pages make that 17 KiB of WAL per turn
+#: instead of 52 KiB with the 4 KiB default, at the same write cost (measured). Three
+#: times less WAL is three times more writing before a long reader's snapshot pins the
+#: WAL at its bound (see sessiondb.checkpoint).
+NEW_PAGE_SIZE = 1024
+
+
+def connection_new_file_layout(conn: apsw.Connection) -> None:
+    """On a brand-new (empty) file: small pages (:data:`NEW_PAGE_SIZE`), and incremental
+    auto-vacuum so that pruning can give space back. Both must precede the switch to
+    WAL: that switch already writes the first page, after which neither can change
+    without a VACUUM (https://sqlite.org/pragma.html#pragma_auto_vacuum)."""
     if int(conn.pragma("page_count")) == 0:
+        conn.pragma("page_size", NEW_PAGE_SIZE)
         conn.pragma("auto_vacuum", "INCREMENTAL")
 
 
@@ -179,7 +189,7 @@ def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
         attempt += 1
         try:
             refuse_unusable(conn, path)
-            connection_incremental_vacuum(conn)
+            connection_new_file_layout(conn)
             connection_wal(conn)
             connection_durability(conn)
             connection_foreign_keys(conn)

@@ -261,8 +261,10 @@ class SessionDB:
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
             result = self._writes.run(conn, fn)
-            self._checkpoints.after_write(conn)
-            return result
+            overgrown = self._checkpoints.after_write(conn)
+        if overgrown:  # outside the lock: the background reset may be waiting for it
+            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
+        return result
 
     def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
         conn.execute("SAVEPOINT sessiondb_nested")
@@ -325,7 +327,9 @@ class SessionDB:
                 ok = True
             finally:
                 self._writes.finish(conn, started, ok)
-            self._checkpoints.after_write(conn)
+            overgrown = self._checkpoints.after_write(conn)
+        if overgrown:
+            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
 
     @contextmanager
     def snapshot(self) -> Iterator["SessionDB"]:
@@ -877,12 +881,13 @@ class SessionDB:
         return self._execute_write(write)
 
     # -- operations -------------------------------------------------------------------
-    def checkpoint(self) -> dict[str, int]:
-        """Run a PASSIVE checkpoint now, and a WAL reset if the WAL is past half of
+    def checkpoint(self, reset: bool = False) -> dict[str, int]:
+        """Run a PASSIVE checkpoint now, and a WAL reset (TRUNCATE, see
+        :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
         ``wal_limit``; returns when both are done."""
         with self._connection() as conn:
             result = self._checkpoints.passive(conn, escalate=False)
-            due = self._checkpoints.over_half(conn)
+            due = reset or self._checkpoints.over_half()
         if due:  # outside the lock: a background reset in progress may need it
             self._checkpoints.reset(wait=True)
         frames, done = result or (-1, -1)

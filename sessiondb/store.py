@@ -320,6 +320,9 @@ class SessionDB:
         with self._connection() as conn:
             if self._writes.active:
                 raise ConfigurationError("transaction() blocks cannot be nested")
+            if not conn.get_autocommit():
+                raise ConfigurationError("cannot write inside a snapshot() block; "
+                                         "write after it ends")
             started = self._writes.begin(conn)
             ok = False
             try:

@@ -325,3 +325,33 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     db.stats()
     db.checkpoint()
     db.close()
+
+
+# -- turn and reader-room workers -------------------------------------------------------
+
+
+def burst_writer_worker(path: str, count: int, start: Any, results: Any) -> None:
+    """Append ``count`` tiny messages back to back (the writes that form gate turns)."""
+    db = SessionDB(path, write_timeout=30)
+    db.ensure_session(f"burst-{os.getpid()}", "test")
+    start.wait(60)
+    for i in range(count):
+        db.append_message(f"burst-{os.getpid()}", "user", f"b{i}")
+    results.put(("done", os.getpid(), db.stats()["lock_wait_max_s"]))
+    db.close()
+
+
+def snapshot_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
+                           results: Any) -> None:
+    """Hold ``snapshot()`` blocks of ``hold_s`` back to back through the library (a TUI's
+    long read, cooperating with WAL resets) until ``stop``."""
+    db = SessionDB(path)
+    snapshots = 0
+    ready.set()
+    while not stop.is_set():
+        with db.snapshot():
+            db.message_count()
+            time.sleep(hold_s)
+        snapshots += 1
+    results.put(snapshots)
+    db.close()

@@ -48,6 +48,7 @@ from typing import Callable
 
 import apsw
 
+from .connection import close_for_fork
 from .gate import Gate, GateTimeout
 
 
@@ -67,11 +68,15 @@ class CheckpointCounters:
 
 
 class CheckpointPolicy:
-    """Decides when to checkpoint, and how; one per connection.
+    """Decides when to checkpoint, and how; one per :class:`~sessiondb.SessionDB`.
 
-    :param gate: the instance's write gate.
-    :param room: a second gate handle (its own descriptor) for the reader room's door.
-    :param run_locked: runs ``fn(conn)`` under the instance lock with its connection.
+    Resets run on a connection and a gate handle of their own (opened on first use), so
+    that they never need the instance lock: the instance's writers keep going while a
+    reset waits for readers or copies pages, and queue in the gate like everyone else
+    only for the final TRUNCATE.
+
+    :param open_gate: opens a gate handle with its own descriptor (door, room, tickets).
+    :param open_conn: opens a connection configured like the instance's.
     :param every: run a PASSIVE checkpoint after this many writes (0 disables).
     :param wal_limit: bytes; above half of it a reset (TRUNCATE) is attempted.
     :param reset_timeout: seconds a reset may make writers wait for foreign readers.
@@ -82,14 +87,13 @@ class CheckpointPolicy:
     HOLD_WRITERS_AT = 0.75  # WAL fraction past which a reset waits for readers in the gate
     INLINE_AT = 0.6         # WAL fraction past which the writer itself resets
 
-    def __init__(self, gate: Gate, room: Callable[[], Gate],
-                 run_locked: Callable[[Callable[[apsw.Connection], object]], object],
-                 every: int, wal_limit: int, reset_timeout: float, busy_timeout_ms: int,
-                 wal_path: str) -> None:
-        self.gate = gate
-        self._room_factory = room
-        self._room: Gate | None = None
-        self._run_locked = run_locked
+    def __init__(self, open_gate: Callable[[], Gate],
+                 open_conn: Callable[[], apsw.Connection], every: int, wal_limit: int,
+                 reset_timeout: float, busy_timeout_ms: int, wal_path: str) -> None:
+        self._open_gate = open_gate
+        self._open_conn = open_conn
+        self._gate: Gate | None = None
+        self._conn: apsw.Connection | None = None
         self.every = every
         self.wal_limit = wal_limit
         self.reset_timeout = reset_timeout
@@ -193,8 +197,7 @@ class CheckpointPolicy:
         """Reset the WAL cooperatively (see the module docstring); True on success.
         A failed reset is retried at the next periodic checkpoint, not before.
 
-        :param wait: if another reset is running, wait for it (only without the
-            instance lock held); else return False at once.
+        :param wait: if another reset is running, wait for it; else return False at once.
         :param past: reset only if the WAL is still past this fraction of the limit.
         """
         if not self._reset_mu.acquire(blocking=wait):
@@ -202,65 +205,70 @@ class CheckpointPolicy:
         try:
             if past and not self._over(past):
                 return True  # another reset got there first
-            if self._room is None:
-                self._room = self._room_factory()
-            room = self._room
-            if not room.close_door(0.1):
+            if self._stopped:
+                return False
+            if self._gate is None:
+                self._gate = self._open_gate()
+            if self._conn is None:
+                self._conn = self._open_conn()
+            gate, conn = self._gate, self._conn
+            if not gate.close_door(0.1):
                 self.counters.resets_skipped += 1
                 return False
             try:
                 deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
-                emptied = self._wait_for_room(room, deadline)
-                ok = self._run_locked(lambda conn: self._truncate(
-                    conn, self.QUICK_RESET_MS, None if emptied else (room, deadline)))
+                emptied = self._wait_for_room(gate, deadline)
+                ok = self._truncate(conn, self.QUICK_RESET_MS,
+                                    None if emptied else deadline)
                 if not ok:  # a reader that does not cooperate: wait for it, writers too
-                    ok = self._run_locked(lambda conn: self._truncate(
-                        conn, int(self.reset_timeout * 1000)))
+                    ok = self._truncate(conn, int(self.reset_timeout * 1000))
             finally:
-                room.open_door()
+                gate.open_door()
             if ok:
                 self.counters.resets_ok += 1
             else:
                 self.counters.resets_failed += 1
             self._backoff = not ok
-            return bool(ok)
+            return ok
         finally:
             self._reset_mu.release()
 
-    def _wait_for_room(self, room: Gate, deadline: float) -> bool:
+    def _wait_for_room(self, gate: Gate, deadline: float) -> bool:
         """Wait for the snapshot readers inside to leave, while writers keep going, but
         only until the WAL passes ``HOLD_WRITERS_AT`` of the limit. True: room empty."""
         while time.monotonic() < deadline:
-            if room.empty_room(0.005):
+            if gate.empty_room(0.005):
                 return True
             if self.wal_limit and self.wal_bytes() > self.wal_limit * self.HOLD_WRITERS_AT:
                 return False
         return False
 
     def _truncate(self, conn: apsw.Connection, busy_ms: int,
-                  room: tuple[Gate, float] | None = None) -> bool:
+                  readers_until: float | None = None) -> bool:
         """PASSIVE outside the gate, then TRUNCATE inside it (writers queue meanwhile).
 
-        :param room: (room, deadline): the readers have not left yet, so wait for them
-            inside the gate: writers are held back, which is what bounds the WAL when
-            writes outpace what one long snapshot pins.
+        :param readers_until: the snapshot readers have not left yet: wait for them (up
+            to this time) inside the gate, holding writers back; that is what bounds
+            the WAL when writes outpace what one long snapshot pins.
         """
-        if room is not None:
+        assert self._gate is not None
+        gate = self._gate
+        if readers_until is not None:
             try:
-                self.gate.acquire(max(self.reset_timeout, busy_ms / 1000))
+                gate.acquire(self.reset_timeout)
             except GateTimeout:
                 return False
             try:
-                room[0].empty_room(max(0.0, room[1] - time.monotonic()))
+                gate.empty_room(max(0.0, readers_until - time.monotonic()))
             finally:
-                self.gate.release()
+                gate.release()
         try:
             self._wal_frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
             pass
         start = time.monotonic()
         try:
-            self.gate.acquire(max(self.reset_timeout, busy_ms / 1000))
+            gate.acquire(max(self.reset_timeout, busy_ms / 1000))
         except GateTimeout:
             return False
         try:
@@ -273,7 +281,7 @@ class CheckpointPolicy:
             finally:
                 conn.set_busy_timeout(self.busy_timeout_ms)
         finally:
-            self.gate.release()
+            gate.release()
         c = self.counters
         c.longest_reset_s = max(c.longest_reset_s, time.monotonic() - start)
         if ok:
@@ -281,13 +289,36 @@ class CheckpointPolicy:
         return ok
 
     def close(self) -> None:
-        """Stop the background thread (call without holding the instance lock)."""
+        """Stop the background thread and close what resets opened (call without holding
+        the instance lock)."""
         self._stopped = True
         self._wanted.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        if self._room is not None:
-            self._room.close()
+            self._thread.join(timeout=10)
+        with self._reset_mu:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._gate is not None:
+                self._gate.close()
+                self._gate = None
+
+    def park(self, timeout: float) -> bool:
+        """Before fork(): wait for a reset in progress, close the reset connection (see
+        :func:`sessiondb.connection.close_for_fork`) and keep resets out until
+        :meth:`unpark`. Returns whether it got hold (then call unpark)."""
+        if not self._reset_mu.acquire(timeout=timeout):
+            return False
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            close_for_fork(conn)
+        return True
+
+    def has_connection(self) -> bool:
+        return self._conn is not None
+
+    def unpark(self) -> None:
+        self._reset_mu.release()
 
     def wal_bytes(self) -> int:
         """Current size of the ``-wal`` file (``os.stat`` only; the file is never opened)."""

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import random
 import struct
 import sys
@@ -182,6 +183,7 @@ class FifoGate(Gate):
         self._turn_start = 0.0
         self._turn_writes = 0
         self._idle_thread: threading.Thread | None = None
+        self._waiter: threading.Thread | None = None
         self._idle_asleep = False   # the idle thread waits with no timeout
 
     @staticmethod
@@ -258,9 +260,7 @@ class FifoGate(Gate):
             return time.monotonic() - start, False
         wait = _Wait()
         try:
-            helper = threading.Thread(target=self._walk, args=(ticket, wait),
-                                      name="sessiondb-gate-wait", daemon=True)
-            helper.start()
+            self._waiter_queue().put((ticket, wait))
             wait.event.wait(max(0.0, deadline - time.monotonic()))
         finally:
             with wait.lock:
@@ -303,6 +303,27 @@ class FifoGate(Gate):
         with self._mu:
             self._kept = False
             self._leave()
+
+    def _waiter_queue(self) -> "queue.SimpleQueue[tuple[int, _Wait] | None]":
+        """The queue of this gate's waiter thread, started on first use. One long-lived
+        thread, not one per wait: starting a thread blocks until it has run, which on a
+        busy machine costs more than the wait it serves."""
+        with self._mu:
+            if self._waiter is None:
+                self._waits: "queue.SimpleQueue[tuple[int, _Wait] | None]" = \
+                    queue.SimpleQueue()
+                self._waiter = threading.Thread(target=self._waiter_loop,
+                                                args=(self._waits,), daemon=True,
+                                                name="sessiondb-gate-wait")
+                self._waiter.start()
+            return self._waits
+
+    def _waiter_loop(self, waits: "queue.SimpleQueue[tuple[int, _Wait] | None]") -> None:
+        while True:
+            item = waits.get()
+            if item is None:
+                return
+            self._walk(*item)
 
     def _idle_loop(self) -> None:
         """Hand a kept gate on once its holder has not written for IDLE_RELEASE."""
@@ -347,6 +368,8 @@ class FifoGate(Gate):
             with self._mu:
                 fd, self._fd = self._fd, -1
                 self._cv.notify()
+                if self._waiter is not None:
+                    self._waits.put(None)
             os.close(fd)
         self._fd = -1
 

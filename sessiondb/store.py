@@ -70,7 +70,9 @@ def _after_fork_in_child() -> None:
         # Held by the forking thread, or by a parent thread that does not exist here.
         db._lock = threading.RLock()
         db._fork_locked = False
-        if db._conn is not None and not db._closed:
+        reset_conn_open = not db._ckpt_parked and db._checkpoints.has_connection()
+        db._ckpt_parked = False
+        if (db._conn is not None or reset_conn_open) and not db._closed:
             _FORKED_BUSY.add(db.path)
 
 
@@ -136,6 +138,7 @@ class SessionDB:
                              journal_size_limit=journal_size_limit, gate=gate)
         self._lock = threading.RLock()
         self._fork_locked = False
+        self._ckpt_parked = False
         self._closed = False
         self._conn: apsw.Connection | None = None
         self._open()
@@ -157,7 +160,7 @@ class SessionDB:
             self._gate = gate = make_gate(self.path, o["gate"])
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
             self._checkpoints = CheckpointPolicy(
-                self._gate, lambda: make_gate(self.path, o["gate"]), self._locked,
+                lambda: make_gate(self.path, o["gate"]), self._new_connection,
                 o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
             self._conn = conn
@@ -179,7 +182,11 @@ class SessionDB:
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see
         :func:`sessiondb.connection.close_for_fork`). Released by :meth:`_unpark`."""
-        self._fork_locked = self._lock.acquire(timeout=self._options["write_timeout"])
+        timeout = self._options["write_timeout"]
+        self._fork_locked = self._lock.acquire(timeout=timeout)
+        self._ckpt_parked = (self._fork_locked and not self._closed
+                             and os.getpid() == self._pid
+                             and self._checkpoints.park(timeout))
         conn = self._conn
         if (self._fork_locked and conn is not None and not self._closed
                 and os.getpid() == self._pid and conn.get_autocommit()):
@@ -190,6 +197,9 @@ class SessionDB:
             self._conn = None
 
     def _unpark(self) -> None:
+        if self._ckpt_parked:
+            self._ckpt_parked = False
+            self._checkpoints.unpark()
         if self._fork_locked:
             self._fork_locked = False
             self._lock.release()
@@ -224,11 +234,6 @@ class SessionDB:
 
     def __repr__(self) -> str:
         return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
-
-    def _locked(self, fn: Callable[[apsw.Connection], T]) -> T:
-        """``fn(conn)`` under the instance lock (for the background checkpointer)."""
-        with self._connection() as conn:
-            return fn(conn)
 
     @contextmanager
     def _connection(self) -> Iterator[apsw.Connection]:

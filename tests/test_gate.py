@@ -181,10 +181,11 @@ def test_a_timed_out_waiter_gives_up_its_place(tmp_path: Path):
     patient.release()
     impatient.acquire(1.0)
     impatient.release()
-    # The abandoned waits' helper threads end once their predecessor left.
-    wait_for(lambda: not any(t.name == "sessiondb-gate-wait" for t in threading.enumerate()))
+    # The abandoned waits end once their predecessor left, and each gate's waiter
+    # thread ends with the gate: nothing is left running.
     for g in (holder, impatient, patient):
         g.close()
+    wait_for(lambda: not any(t.name == "sessiondb-gate-wait" for t in threading.enumerate()))
 
 
 def test_a_child_after_fork_does_not_share_the_parents_ticket(tmp_path: Path):

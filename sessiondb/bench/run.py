@@ -108,8 +108,9 @@ def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
                             scenario.duration))
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(len(jobs) + 1)
+    finish = ctx.Barrier(len(jobs))
     results: Any = ctx.Queue()
-    procs = [ctx.Process(target=run_job, args=(job, start, results), daemon=True)
+    procs = [ctx.Process(target=run_job, args=(job, start, finish, results), daemon=True)
              for job in jobs]
     for p in procs:
         p.start()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -214,23 +215,33 @@ STRATEGIES: dict[str, Callable[[Job], Any]] = {
 
 # -- process bodies -----------------------------------------------------------------
 
-def run_job(job: Job, start: Any, results: Any) -> None:
+def run_job(job: Job, start: Any, finish: Any, results: Any) -> None:
     """Entry point of every benchmark process (spawned). ``start`` is a Barrier shared
-    by all processes of a run and the parent, so everyone starts at the same moment."""
+    by all processes of a run and the parent, so everyone starts at the same moment;
+    ``finish`` one shared by the processes, so nobody closes its connection (and runs
+    its closing checkpoint) while others are still measuring."""
     result = Result(job.role, job.index)
     try:
         body = {"writer": _writer, "gateway": _gateway, "poller": _poller,
                 "long_reader": _long_reader}[job.role]
-        body(job, result, start)
+        body(job, result, (start, finish))
     except BaseException:  # report, never hang the parent
         result.crashed = traceback.format_exc()
         start.abort()
+        finish.abort()
     results.put(result)
 
 
-def _begin(start: Any, duration: float) -> float:
-    start.wait()
+def _begin(barriers: Any, duration: float) -> float:
+    barriers[0].wait()
     return time.monotonic() + duration
+
+
+def _end(barriers: Any) -> None:
+    try:
+        barriers[1].wait(timeout=120)
+    except threading.BrokenBarrierError:
+        pass
 
 
 def _record_error(result: Result, exc: BaseException) -> None:
@@ -239,12 +250,12 @@ def _record_error(result: Result, exc: BaseException) -> None:
         result.error_samples.append(f"{type(exc).__name__}: {exc}")
 
 
-def _writer(job: Job, result: Result, start: Any) -> None:
+def _writer(job: Job, result: Result, barriers: Any) -> None:
     rng = random.Random(job.seed)
     runner = STRATEGIES[job.strategy](job)
     result.sqlite_version = runner.sqlite_version
     texts = [message_text(rng) for _ in range(64)]
-    end = _begin(start, job.duration)
+    end = _begin(barriers, job.duration)
     try:
         while time.monotonic() < end:
             if job.burst:
@@ -266,13 +277,14 @@ def _writer(job: Job, result: Result, start: Any) -> None:
             if job.think:
                 time.sleep(rng.expovariate(1.0 / job.think))
     finally:
+        _end(barriers)
         runner.close()
 
 
-def _gateway(job: Job, result: Result, start: Any) -> None:
+def _gateway(job: Job, result: Result, barriers: Any) -> None:
     runner = STRATEGIES[job.strategy](job)
     result.sqlite_version = runner.sqlite_version
-    end = _begin(start, job.duration)
+    end = _begin(barriers, job.duration)
     period = 1.0 / job.rate
     next_at = time.monotonic()
     n = 0
@@ -290,10 +302,11 @@ def _gateway(job: Job, result: Result, start: Any) -> None:
                 result.commits += 1
             n += 1
     finally:
+        _end(barriers)
         runner.close()
 
 
-def _poller(job: Job, result: Result, start: Any) -> None:
+def _poller(job: Job, result: Result, barriers: Any) -> None:
     """A TUI: every 20 ms list the newest sessions and run a search."""
     rng = random.Random(job.seed)
     if job.strategy == "sessiondb":
@@ -313,7 +326,7 @@ def _poller(job: Job, result: Result, start: Any) -> None:
             conn.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? "
                          "ORDER BY rank LIMIT 10", (rng.choice(_WORDS),)).fetchall()
         close = conn.close
-    end = _begin(start, job.duration)
+    end = _begin(barriers, job.duration)
     try:
         while time.monotonic() < end:
             t0 = time.monotonic()
@@ -325,10 +338,11 @@ def _poller(job: Job, result: Result, start: Any) -> None:
                 result.latencies.append(time.monotonic() - t0)
             time.sleep(0.020)
     finally:
+        _end(barriers)
         close()
 
 
-def _long_reader(job: Job, result: Result, start: Any) -> None:
+def _long_reader(job: Job, result: Result, barriers: Any) -> None:
     """A reader that holds a read transaction open 500 ms at a time, back to back."""
     if job.strategy == "sessiondb":
         from sessiondb import SessionDB
@@ -350,7 +364,7 @@ def _long_reader(job: Job, result: Result, start: Any) -> None:
             finally:
                 conn.execute("COMMIT")
         close = conn.close
-    end = _begin(start, job.duration)
+    end = _begin(barriers, job.duration)
     try:
         while time.monotonic() < end:
             t0 = time.monotonic()
@@ -361,5 +375,6 @@ def _long_reader(job: Job, result: Result, start: Any) -> None:
             else:
                 result.latencies.append(time.monotonic() - t0)
     finally:
+        _end(barriers)
         close()
 

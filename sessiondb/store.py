@@ -11,7 +11,8 @@ the child refuses its file with :class:`~sessiondb.errors.DatabaseOpenError`.
 
 Every mutation goes through :meth:`SessionDB._execute_write` (see :mod:`sessiondb.writes`).
 Reads are single short statements or short snapshots (all rows fetched before the lock
-is released); no read transaction is ever held across user code.
+is released); no read transaction is ever held across user code, except inside an
+explicit :meth:`SessionDB.snapshot` block.
 """
 
 from __future__ import annotations

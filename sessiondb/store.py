@@ -1,85 +1,28 @@
 """``SessionDB``: the public session and message API over one shared SQLite file.
 
-One instance owns one apsw connection. All calls of an instance are serialized by an
-instance lock, so an instance may be shared by the threads of a process. Just before
-``fork()`` every instance waits for its call in progress (up to ``write_timeout``) and
-closes its idle connection, because SQLite's per-process lock state would otherwise be
-copied into the child (see :func:`sessiondb.connection.close_for_fork`); parent and child
-reopen at their next call, the child with a new gate descriptor. A connection that was
-inside a transaction at fork time is never touched, not even closed, in the child, and
-the child refuses its file with :class:`~sessiondb.errors.DatabaseOpenError`.
-
-Every mutation goes through :meth:`SessionDB._execute_write` (see :mod:`sessiondb.writes`).
-Reads are single short statements or short snapshots (all rows fetched before the lock
-is released); no read transaction is ever held across user code, except inside an
-explicit :meth:`SessionDB.snapshot` block.
+Every method is a short read through ``Engine._read`` or a write through
+``Engine._execute_write``, the only write path (see :mod:`sessiondb.engine` and
+:mod:`sessiondb.writes`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
-import weakref
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any
 
 import apsw
 
 from . import records
-from .checkpoint import CheckpointPolicy
-from .connection import close_for_fork, default_path, open_connection, sqlite_version
+from .engine import Engine, _fetch, _first, _rows
 from .errors import (
-    ClosedError, ConfigurationError, DatabaseOpenError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
-    SearchIndexError, SessionNotFound, TitleConflict, translate,
+    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SearchIndexError,
+    SessionNotFound, TitleConflict,
 )
-from .gate import FifoGate, make_gate
-from .schema import SCHEMA_VERSION, ensure_schema
 from .text import (
     check_cost, check_count, check_id, check_limit, check_list, check_text, like_prefix,
     lineage_number, sanitize_fts_query, sanitize_title, split_lineage, to_json,
 )
-from .writes import WritePath, backoff, rollback
-
-T = TypeVar("T")
-
-# Connections inherited across fork(): kept referenced forever so that garbage collection
-# never closes them in the child (closing would touch files and locks the parent owns).
-_INHERITED: list[apsw.Connection] = []
-_INSTANCES: "weakref.WeakSet[SessionDB]" = weakref.WeakSet()
-# Files that had a connection in use (mid-transaction) when this process was forked: no
-# connection to them is safe in this process (see connection.close_for_fork).
-_FORKED_BUSY: set[Path] = set()
-
-
-def _before_fork() -> None:
-    # Wait for calls in progress (bounded by write_timeout), then close idle connections
-    # so the child inherits no SQLite lock state; both sides reopen at their next call.
-    for db in list(_INSTANCES):
-        db._park_for_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for db in list(_INSTANCES):
-        db._unpark()
-
-
-def _after_fork_in_child() -> None:
-    for db in list(_INSTANCES):
-        # Held by the forking thread, or by a parent thread that does not exist here.
-        db._lock = threading.RLock()
-        db._fork_locked = False
-        reset_conn_open = not db._ckpt_parked and db._checkpoints.has_connection()
-        db._ckpt_parked = False
-        if (db._conn is not None or reset_conn_open) and not db._closed:
-            _FORKED_BUSY.add(db.path)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens")
@@ -90,7 +33,7 @@ _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_
                    "title")
 
 
-class SessionDB:
+class SessionDB(Engine):
     """A session store that many processes can share.
 
     :param path: the database file; ``None`` means ``$SESSIONDB_PATH`` or
@@ -109,271 +52,6 @@ class SessionDB:
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises ConfigurationError: an option is invalid or the SQLite is too old.
     """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        write_timeout: float = 30.0,
-        busy_timeout: float = 0.05,
-        checkpoint_every: int = 50,
-        wal_limit: int = 64 * 1024 * 1024,
-        reset_timeout: float = 1.0,
-        journal_size_limit: int = 8 * 1024 * 1024,
-        gate: bool = True,
-    ) -> None:
-        for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
-                            ("reset_timeout", reset_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
-        for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
-                            ("journal_size_limit", journal_size_limit)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigurationError(f"{name} must be an int >= 0")
-        self.path = Path(path).expanduser() if path is not None else default_path()
-        self.path = Path(os.path.abspath(self.path))
-        self._options = dict(write_timeout=float(write_timeout),
-                             busy_timeout_ms=max(1, int(busy_timeout * 1000)),
-                             checkpoint_every=checkpoint_every, wal_limit=wal_limit,
-                             reset_timeout=float(reset_timeout),
-                             journal_size_limit=journal_size_limit, gate=gate)
-        self._lock = threading.RLock()
-        self._fork_locked = False
-        self._ckpt_parked = False
-        self._closed = False
-        self._conn: apsw.Connection | None = None
-        self._open()
-        _INSTANCES.add(self)
-
-    # -- connection lifecycle ---------------------------------------------------------
-    def _open(self) -> None:
-        if self.path in _FORKED_BUSY:
-            raise DatabaseOpenError(
-                f"this process was forked while another thread of its parent was writing "
-                f"to {self.path}; SQLite's lock state for that file was copied mid-write, "
-                "so no connection to it is safe here. Fork while no thread is inside a "
-                "transaction (sessiondb waits up to write_timeout for one to finish)",
-                str(self.path))
-        conn = self._new_connection()
-        gate = None
-        o = self._options
-        try:
-            self._gate = gate = make_gate(self.path, o["gate"])
-            self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
-            self._checkpoints = CheckpointPolicy(
-                lambda: make_gate(self.path, o["gate"]), self._new_connection,
-                o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
-                o["busy_timeout_ms"], conn.filename_wal)
-            self._conn = conn
-            self._pid = os.getpid()
-            ensure_schema(conn, self.path, self._execute_write, o["write_timeout"])
-        except BaseException:
-            self._conn = None
-            conn.close()
-            if gate is not None:
-                gate.close()
-            raise
-
-    def _new_connection(self) -> apsw.Connection:
-        o = self._options
-        return open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
-                               journal_size_limit=o["journal_size_limit"],
-                               timeout=o["write_timeout"])
-
-    def _park_for_fork(self) -> None:
-        """Before fork(): take the instance lock and close an idle connection (see
-        :func:`sessiondb.connection.close_for_fork`). Released by :meth:`_unpark`."""
-        timeout = self._options["write_timeout"]
-        self._fork_locked = self._lock.acquire(timeout=timeout)
-        self._ckpt_parked = (self._fork_locked and not self._closed
-                             and os.getpid() == self._pid
-                             and self._checkpoints.park(timeout))
-        conn = self._conn
-        if (self._fork_locked and conn is not None and not self._closed
-                and os.getpid() == self._pid and conn.get_autocommit()):
-            try:
-                close_for_fork(conn)
-            except apsw.Error:
-                return  # still open: the child will refuse this file
-            self._conn = None
-
-    def _unpark(self) -> None:
-        if self._ckpt_parked:
-            self._ckpt_parked = False
-            self._checkpoints.unpark()
-        if self._fork_locked:
-            self._fork_locked = False
-            self._lock.release()
-
-    def close(self) -> None:
-        """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
-        if os.getpid() == self._pid and not self._closed:
-            self._checkpoints.close()  # outside the lock: its thread may be waiting for it
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            conn, self._conn = self._conn, None
-            if os.getpid() != self._pid:
-                return
-            if conn is None:  # closed for a fork and not reopened since
-                self._gate.close()
-                return
-            try:
-                self._checkpoints.passive(conn, escalate=False)
-            except apsw.Error:
-                pass
-            finally:
-                conn.close()
-                self._gate.close()
-
-    def __enter__(self) -> "SessionDB":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
-
-    @contextmanager
-    def _connection(self) -> Iterator[apsw.Connection]:
-        """The instance lock plus a usable connection (reopened after fork)."""
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed; open a new SessionDB")
-            if os.getpid() != self._pid:
-                if self._conn is not None:
-                    _INHERITED.append(self._conn)
-                self._conn = None
-                self._open()
-            elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
-                self._conn = self._new_connection()
-            assert self._conn is not None
-            yield self._conn
-
-    # -- the two doors: every write and every read ----------------------------------
-    def _execute_write(self, fn: Callable[[apsw.Connection], T]) -> T:
-        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (the only write path).
-
-        Busy errors are retried with jitter until ``write_timeout``; any other exception
-        rolls everything back and propagates (apsw errors mapped to sessiondb errors).
-        Called inside :meth:`transaction` it joins that transaction (as a savepoint).
-        """
-        with self._connection() as conn:
-            if self._writes.active:
-                return self._nested(conn, fn)
-            if not conn.get_autocommit():
-                raise ConfigurationError("cannot write inside a snapshot() block; "
-                                         "write after it ends")
-            result = self._writes.run(conn, fn)
-            overgrown = self._checkpoints.after_write(conn)
-        if overgrown:  # outside the lock: the background reset may be waiting for it
-            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
-        return result
-
-    def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        conn.execute("SAVEPOINT sessiondb_nested")
-        try:
-            result = fn(conn)
-        except BaseException as exc:
-            conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
-            if isinstance(exc, apsw.Error):
-                raise translate(exc, str(self.path)) from exc
-            raise
-        conn.execute("RELEASE sessiondb_nested")
-        return result
-
-    def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
-        """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors
-        (rare in WAL mode) are retried like writes; other errors are translated."""
-        with self._connection() as conn:
-            deadline = time.monotonic() + self._options["write_timeout"]
-            attempt = 0
-            while True:
-                attempt += 1
-                nested = not conn.get_autocommit()
-                try:
-                    if snapshot and not nested:
-                        conn.execute("BEGIN DEFERRED")
-                        try:
-                            return fn(conn)
-                        finally:
-                            conn.execute("COMMIT")
-                    return fn(conn)
-                except (apsw.BusyError, apsw.LockedError) as exc:
-                    remaining = deadline - time.monotonic()
-                    if nested or remaining <= 0:
-                        raise translate(exc, str(self.path)) from exc
-                    time.sleep(backoff(attempt, remaining))
-                except apsw.Error as exc:
-                    raise translate(exc, str(self.path)) from exc
-
-    @contextmanager
-    def transaction(self) -> Iterator["SessionDB"]:
-        """Group several calls into one atomic write transaction::
-
-            with db.transaction():
-                db.append_message(sid, "assistant", text)
-                db.update_token_counts(sid, output_tokens=120)
-
-        The write lock is taken up front (``BEGIN IMMEDIATE``) and held until the block
-        ends: keep the block short and do no slow work (model calls, network) inside it.
-        Other threads using this instance wait for the block to finish. Calls inside run
-        as savepoints: a call that raises undoes only itself; an exception leaving the
-        block rolls back everything.
-        """
-        with self._connection() as conn:
-            if self._writes.active:
-                raise ConfigurationError("transaction() blocks cannot be nested")
-            if not conn.get_autocommit():
-                raise ConfigurationError("cannot write inside a snapshot() block; "
-                                         "write after it ends")
-            started = self._writes.begin(conn)
-            ok = False
-            try:
-                yield self
-                ok = True
-            finally:
-                self._writes.finish(conn, started, ok)
-            overgrown = self._checkpoints.after_write(conn)
-        if overgrown:
-            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
-
-    @contextmanager
-    def snapshot(self) -> Iterator["SessionDB"]:
-        """Read several things as of one moment::
-
-            with db.snapshot():
-                newest = db.list_sessions(limit=1)
-                messages = db.get_messages(newest[0]["id"])
-
-        Every read inside the block sees the store as it was when the block began;
-        writing inside it raises :class:`~sessiondb.errors.ConfigurationError`. The block
-        holds a read transaction, which keeps the WAL frames written meanwhile from being
-        checkpointed: keep it short (sessiondb's own calls never hold one). Other threads
-        using this instance wait for the block to finish.
-
-        Snapshots cooperate with WAL resets (:mod:`sessiondb.checkpoint`): while a reset
-        is being prepared, a new snapshot waits for it (typically well under a second;
-        past ``2 x reset_timeout + 1`` s it proceeds without cooperating).
-        """
-        with self._connection() as conn:
-            if not conn.get_autocommit():
-                raise ConfigurationError("snapshot() cannot be nested or used inside "
-                                         "transaction()")
-            in_room = self._gate.enter_room(max(2.0, 2 * self._options["reset_timeout"]) + 1)
-            try:
-                # The SELECT is what starts the read transaction (BEGIN alone defers it).
-                self._read(lambda c: c.execute(
-                    "BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1").fetchall())
-                try:
-                    yield self
-                finally:
-                    rollback(conn)
-            finally:
-                if in_room:
-                    self._gate.leave_room()
 
     # -- sessions ---------------------------------------------------------------------
     def create_session(self, session_id: str, source: str, **fields: Any) -> str:
@@ -889,32 +567,6 @@ class SessionDB:
 
         return self._execute_write(write)
 
-    # -- operations -------------------------------------------------------------------
-    def checkpoint(self, reset: bool = False) -> dict[str, int]:
-        """Run a PASSIVE checkpoint now, and a WAL reset (TRUNCATE, see
-        :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
-        ``wal_limit``; returns when both are done."""
-        with self._connection() as conn:
-            result = self._checkpoints.passive(conn, escalate=False)
-            due = reset or self._checkpoints.over_half()
-        if due:  # outside the lock: a background reset in progress may need it
-            self._checkpoints.reset(wait=True)
-        frames, done = result or (-1, -1)
-        return {"wal_frames": frames, "checkpointed_frames": done}
-
-    def stats(self) -> dict[str, Any]:
-        """Figures to act on: writes, retries, timeouts, lock-wait percentiles (s),
-        longest lock hold (s), checkpoints and their results, current WAL size (bytes)."""
-        with self._connection():
-            figures: dict[str, Any] = self._writes.counters.snapshot()
-            figures["checkpoint"] = self._checkpoints.counters.snapshot()
-            figures["wal_bytes"] = self._checkpoints.wal_bytes()
-            figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
-            figures["path"] = str(self.path)
-            figures["schema_version"] = SCHEMA_VERSION
-            figures["sqlite_version"] = ".".join(map(str, sqlite_version()))
-            return figures
-
 
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
@@ -926,26 +578,6 @@ _CONTEXT_SQL = (
     " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
     "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
 )
-
-
-def _fetch(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[tuple]:
-    return conn.execute(sql, args).fetchall()
-
-
-def _rows(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
-    """Rows as dicts keyed by column name, in column order."""
-    cursor = conn.execute(sql, args)
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:  # no rows
-        return []
-    return [dict(zip(names, row)) for row in cursor]
-
-
-def _first(conn: apsw.Connection, sql: str, args: tuple | list) -> Any:
-    row = conn.execute(sql, args).fetchone()
-    return row[0] if row else None
-
 
 def _exists(conn: apsw.Connection, session_id: str) -> bool:
     return _first(conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None

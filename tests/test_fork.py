@@ -20,7 +20,7 @@ from typing import Callable
 import apsw
 import pytest
 
-import sessiondb.store
+import sessiondb.engine
 from sessiondb import DatabaseOpenError, SessionDB
 
 pytestmark = [pytest.mark.slow,
@@ -214,7 +214,7 @@ def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path:
             pass
         if used_in_child:
             return 12
-        if inherited not in sessiondb.store._INHERITED:  # kept referenced, never closed
+        if inherited not in sessiondb.engine._INHERITED:  # kept referenced, never closed
             return 13
         db.close()
         return 0

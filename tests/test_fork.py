@@ -20,6 +20,8 @@ from typing import Callable
 import apsw
 import pytest
 
+import workers
+
 import sessiondb.engine
 from sessiondb import DatabaseOpenError, SessionDB
 
@@ -55,12 +57,6 @@ def wait_child(pid: int, timeout: float = 120.0) -> int:
         time.sleep(0.01)
 
 
-def integrity(path: Path) -> list[tuple]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        conn.close()
 
 
 def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path: Path):
@@ -95,7 +91,7 @@ def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path:
     assert db.get_session("shared")["message_count"] == len(expected)
     assert db.get_session("child-own") is not None
     db.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]
 
 
 def test_child_writes_survive_the_parent_closing_its_store(db_path: Path):
@@ -135,7 +131,7 @@ def test_child_writes_survive_the_parent_closing_its_store(db_path: Path):
     assert [m["content"] for m in reader.get_messages("s")] == [
         "parent", "child before", "child after"]
     reader.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]
 
 
 def test_close_in_the_child_leaves_the_parent_alone(db_path: Path):
@@ -151,7 +147,7 @@ def test_close_in_the_child_leaves_the_parent_alone(db_path: Path):
     db.append_message("s", "user", "still writing")
     assert db.message_count("s") == 1
     db.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]
 
 
 def test_fork_waits_for_another_threads_transaction(db_path: Path):
@@ -184,7 +180,7 @@ def test_fork_waits_for_another_threads_transaction(db_path: Path):
     assert contents[0] == "parent in transaction"
     assert sorted(contents[1:]) == ["child", "parent after"]
     db.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]
 
 
 def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path: Path):
@@ -229,4 +225,4 @@ def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path:
     db.append_message("s", "user", "parent again")
     assert [m["content"] for m in db.get_messages("s")] == ["parent", "parent again"]
     db.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]

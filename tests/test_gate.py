@@ -39,12 +39,6 @@ def tickets_issued(path: Path) -> int:
     return struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the bound")
-        time.sleep(0.002)
 
 
 class Acquirer(threading.Thread):
@@ -137,7 +131,7 @@ def test_two_sessiondb_instances_in_one_process_queue_at_the_gate(db_path: Path)
     writer = threading.Thread(target=lambda: done.append(
         second.append_message("s", "user", "second")))
     writer.start()
-    wait_for(lambda: tickets_issued(Path(str(db_path) + ".sessiondb-gate")) > issued)
+    workers.wait_for(lambda: tickets_issued(Path(str(db_path) + ".sessiondb-gate")) > issued)
     leave.set()
     holder.join()
     writer.join()
@@ -171,7 +165,7 @@ def test_a_timed_out_waiter_gives_up_its_place(tmp_path: Path):
     waiter = Acquirer(patient, 30.0)
     issued = tickets_issued(holder.path)
     waiter.start()
-    wait_for(lambda: tickets_issued(holder.path) > issued)
+    workers.wait_for(lambda: tickets_issued(holder.path) > issued)
     holder.release()
     waiter.join(30)
     assert waiter.error is None and waiter.result is not None
@@ -185,7 +179,7 @@ def test_a_timed_out_waiter_gives_up_its_place(tmp_path: Path):
     # thread ends with the gate: nothing is left running.
     for g in (holder, impatient, patient):
         g.close()
-    wait_for(lambda: not any(t.name == "sessiondb-gate-wait" for t in threading.enumerate()))
+    workers.wait_for(lambda: not any(t.name == "sessiondb-gate-wait" for t in threading.enumerate()))
 
 
 def test_a_child_after_fork_does_not_share_the_parents_ticket(tmp_path: Path):
@@ -260,7 +254,7 @@ def test_a_holder_killed_while_holding_frees_the_gate(tmp_path: Path):
         waiter = Acquirer(gate, 30.0)
         issued = tickets_issued(path)
         waiter.start()
-        wait_for(lambda: tickets_issued(path) > issued)  # queued behind the holder
+        workers.wait_for(lambda: tickets_issued(path) > issued)  # queued behind the holder
         os.kill(proc.pid, signal.SIGKILL)
         waiter.join(30)
         assert waiter.error is None and waiter.result is not None
@@ -281,7 +275,7 @@ def test_a_waiter_killed_while_queued_does_not_block_those_behind_it(tmp_path: P
     try:
         issued = tickets_issued(path)
         queued.start()
-        wait_for(lambda: tickets_issued(path) > issued)  # it holds a ticket: queued
+        workers.wait_for(lambda: tickets_issued(path) > issued)  # it holds a ticket: queued
         os.kill(queued.pid, signal.SIGKILL)
         queued.join(30)
         assert not entered.is_set()
@@ -289,7 +283,7 @@ def test_a_waiter_killed_while_queued_does_not_block_those_behind_it(tmp_path: P
         waiter = Acquirer(gate, 30.0)
         issued = tickets_issued(path)
         waiter.start()
-        wait_for(lambda: tickets_issued(path) > issued)
+        workers.wait_for(lambda: tickets_issued(path) > issued)
         release.set()
         waiter.join(30)
         assert waiter.error is None and waiter.result is not None
@@ -380,7 +374,7 @@ def test_a_waiter_interrupted_by_a_signal_gives_up_its_place(tmp_path: Path):
         issued = tickets_issued(path)
 
         def send_once_queued() -> None:
-            wait_for(lambda: tickets_issued(path) > issued)
+            workers.wait_for(lambda: tickets_issued(path) > issued)
             os.kill(os.getpid(), signal.SIGUSR1)
 
         sender = threading.Thread(target=send_once_queued)

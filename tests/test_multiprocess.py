@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 
-import apsw
 import pytest
 
 import workers
@@ -21,12 +20,6 @@ pytestmark = pytest.mark.slow
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def integrity(path: Path) -> list[tuple]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        conn.close()
 
 
 def test_eight_processes_append_to_one_session(db_path: Path):
@@ -73,7 +66,7 @@ def test_eight_processes_append_to_one_session(db_path: Path):
     # The full-text index agrees with the table.
     assert len(db.search_messages("p3-m17")) >= 1
     db.close()
-    assert integrity(db_path) == [("ok",)]
+    assert workers.integrity(db_path) == [("ok",)]
 
 
 def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
@@ -98,7 +91,7 @@ def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
     assert int(db._conn.pragma("user_version")) == 1
     assert int(db._conn.pragma("auto_vacuum")) == 2  # incremental, set before WAL
     db.close()
-    assert integrity(path) == [("ok",)]
+    assert workers.integrity(path) == [("ok",)]
     assert oct(os.stat(path.parent).st_mode & 0o777) == "0o700"
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
 
@@ -151,4 +144,4 @@ def test_wal_stays_bounded_while_foreign_readers_never_stop(tmp_path: Path):
     assert db.message_count("big") == count
     assert db.get_session("big")["message_count"] == count
     db.close()
-    assert integrity(path) == [("ok",)]
+    assert workers.integrity(path) == [("ok",)]

@@ -33,13 +33,6 @@ def hold_write_lock(path: Path, how: str = "EXCLUSIVE") -> apsw.Connection:
     return conn
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    """Poll until ``predicate()`` is true (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the bound")
-        time.sleep(0.002)
 
 
 # -- bounded waiting -------------------------------------------------------------------
@@ -84,7 +77,7 @@ def test_write_succeeds_when_the_lock_is_released_during_the_wait(db_path: Path)
     foreign = hold_write_lock(db_path)
 
     def release_once_the_writer_has_retried() -> None:
-        wait_for(lambda: db._writes.counters.retries >= 1)
+        workers.wait_for(lambda: db._writes.counters.retries >= 1)
         time.sleep(0.1)
         foreign.execute("ROLLBACK")
 

@@ -23,6 +23,24 @@ from sessiondb import SessionDB
 from sessiondb.gate import FifoGate
 
 
+def integrity(path: Path) -> list[tuple]:
+    """``PRAGMA integrity_check`` through a read-only connection of its own."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll until ``predicate()`` is true (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within the bound")
+        time.sleep(0.002)
+
+
 def collect(results: Any, procs: list[Any], expected: int, timeout: float = 240) -> list[Any]:
     """Read up to ``expected`` results, returning early once every process has exited
     (a worker that died reports nothing; its exit code tells the test why)."""

@@ -326,20 +326,7 @@ def _poller(job: Job, result: Result, barriers: Any) -> None:
             conn.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? "
                          "ORDER BY rank LIMIT 10", (rng.choice(_WORDS),)).fetchall()
         close = conn.close
-    end = _begin(barriers, job.duration)
-    try:
-        while time.monotonic() < end:
-            t0 = time.monotonic()
-            try:
-                poll()
-            except Exception as exc:
-                _record_error(result, exc)
-            else:
-                result.latencies.append(time.monotonic() - t0)
-            time.sleep(0.020)
-    finally:
-        _end(barriers)
-        close()
+    _repeat(poll, close, 0.020, job, result, barriers)
 
 
 def _long_reader(job: Job, result: Result, barriers: Any) -> None:
@@ -364,16 +351,24 @@ def _long_reader(job: Job, result: Result, barriers: Any) -> None:
             finally:
                 conn.execute("COMMIT")
         close = conn.close
+    _repeat(read_500ms, close, 0.0, job, result, barriers)
+
+
+def _repeat(op: Callable[[], None], close: Callable[[], None], pause: float, job: Job,
+            result: Result, barriers: Any) -> None:
+    """A reader's loop: time ``op`` back to back (``pause`` between) for the run."""
     end = _begin(barriers, job.duration)
     try:
         while time.monotonic() < end:
             t0 = time.monotonic()
             try:
-                read_500ms()
+                op()
             except Exception as exc:
                 _record_error(result, exc)
             else:
                 result.latencies.append(time.monotonic() - t0)
+            if pause:
+                time.sleep(pause)
     finally:
         _end(barriers)
         close()

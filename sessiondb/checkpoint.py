@@ -190,7 +190,8 @@ class CheckpointPolicy:
                 continue
             try:
                 self.reset()
-            except Exception:  # closed underneath us, or the OS failed: stop quietly
+            except Exception:  # closed underneath us, or the OS failed: stop; a later
+                self._thread = None  # request starts a new thread
                 return
 
     def reset(self, wait: bool = False, past: float = 0.0) -> bool:

@@ -33,7 +33,9 @@ import apsw
 
 from .checkpoint import CheckpointPolicy
 from .connection import close_for_fork, default_path, open_connection, sqlite_version
-from .errors import ClosedError, ConfigurationError, DatabaseOpenError, translate
+from .errors import (
+    ClosedError, ConfigurationError, DatabaseOpenError, StorageError, translate,
+)
 from .gate import FifoGate, make_gate
 from .schema import SCHEMA_VERSION, ensure_schema
 from .writes import WritePath, backoff, rollback
@@ -140,6 +142,7 @@ class Engine:
             ensure_schema(conn, self.path, self._execute_write, o["write_timeout"])
         except BaseException:
             self._conn = None
+            self._pid = -1  # the next call opens everything again
             conn.close()
             if gate is not None:
                 gate.close()
@@ -244,11 +247,17 @@ class Engine:
         return result
 
     def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        if conn.get_autocommit():
+            # SQLite itself rolled the whole transaction back (disk full, I/O error):
+            # running on would commit the rest of the block call by call.
+            raise StorageError(f"the transaction on {self.path} was rolled back by an "
+                               "earlier error; leave the transaction() block and retry")
         conn.execute("SAVEPOINT sessiondb_nested")
         try:
             result = fn(conn)
         except BaseException as exc:
-            conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
             if isinstance(exc, apsw.Error):
                 raise translate(exc, str(self.path)) from exc
             raise
@@ -261,9 +270,9 @@ class Engine:
         with self._connection() as conn:
             deadline = time.monotonic() + self._options["write_timeout"]
             attempt = 0
+            nested = not conn.get_autocommit()
             while True:
                 attempt += 1
-                nested = not conn.get_autocommit()
                 try:
                     if snapshot and not nested:
                         conn.execute("BEGIN DEFERRED")
@@ -273,11 +282,15 @@ class Engine:
                             conn.execute("COMMIT")
                     return fn(conn)
                 except (apsw.BusyError, apsw.LockedError) as exc:
+                    if not nested:
+                        rollback(conn)  # a half-started read transaction must not stay
                     remaining = deadline - time.monotonic()
                     if nested or remaining <= 0:
                         raise translate(exc, str(self.path)) from exc
                     time.sleep(backoff(attempt, remaining))
                 except apsw.Error as exc:
+                    if not nested:
+                        rollback(conn)
                     raise translate(exc, str(self.path)) from exc
 
     @contextmanager
@@ -336,12 +349,18 @@ class Engine:
             in_room = self._gate.enter_room(max(2.0, 2 * self._options["reset_timeout"]) + 1)
             try:
                 # The SELECT is what starts the read transaction (BEGIN alone defers it).
-                self._read(lambda c: c.execute(
-                    "BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1").fetchall())
+                try:
+                    self._read(lambda c: c.execute(
+                        "BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1").fetchall())
+                except BaseException:
+                    rollback(conn)
+                    raise
+                pid = os.getpid()
                 try:
                     yield self
                 finally:
-                    rollback(conn)
+                    if os.getpid() == pid:  # a fork child must not end the parent's
+                        rollback(conn)
             finally:
                 if in_room:
                     self._gate.leave_room()

@@ -63,6 +63,8 @@ import time
 import weakref
 from pathlib import Path
 
+from .errors import DatabaseOpenError
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -353,7 +355,8 @@ class FifoGate(Gate):
                 self._kept = False
                 try:
                     self._leave()
-                except OSError:  # closed meanwhile
+                except OSError:  # closed meanwhile: no more turns without this thread
+                    self._idle_thread = None
                     return
 
     def _leave(self) -> None:
@@ -504,7 +507,19 @@ if hasattr(os, "register_at_fork"):
 
 
 def make_gate(db_path: Path, enabled: bool = True) -> Gate:
-    """The best gate for this platform: FIFO where OFD locks exist, else :class:`NullGate`."""
-    if enabled and ofd_locks_available():
-        return FifoGate(db_path.with_name(db_path.name + ".sessiondb-gate"))
-    return NullGate()
+    """The best gate for this platform: FIFO where OFD locks exist, else :class:`NullGate`.
+
+    :raises DatabaseOpenError: the sidecar cannot be opened (a symlink, which is never
+        followed, or no permission).
+    """
+    if not (enabled and ofd_locks_available()):
+        return NullGate()
+    sidecar = db_path.with_name(db_path.name + ".sessiondb-gate")
+    try:
+        return FifoGate(sidecar)
+    except OSError as exc:
+        why = ("it is a symbolic link, which sessiondb never follows"
+               if exc.errno == errno.ELOOP else exc.strerror)
+        raise DatabaseOpenError(
+            f"cannot open the write-gate sidecar {sidecar}: {why}; remove it (it holds "
+            "no data) or fix its permissions", str(db_path)) from exc

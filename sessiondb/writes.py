@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Callable, TypeVar
 
 import apsw
 
-from .errors import WriteTimeout, translate
+from .errors import ConfigurationError, WriteTimeout, translate
 from .gate import Gate, GateTimeout
 
 T = TypeVar("T")
@@ -95,6 +96,7 @@ class WritePath:
         self.path = path
         self.counters = WriteCounters()
         self._active = threading.local()
+        self._owner = os.getpid()  # the process that began the open transaction
 
     @property
     def active(self) -> bool:
@@ -112,6 +114,14 @@ class WritePath:
 
     def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
         """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""
+        if os.getpid() != self._owner:
+            # A fork child leaving the parent's transaction() block: that transaction
+            # (and SQLite's lock state for it) belongs to the parent; ending it here
+            # would rewrite the shared WAL index under other processes' writes.
+            self._active.depth = 0
+            raise ConfigurationError(
+                "this process was forked inside a transaction() block; the transaction "
+                "belongs to the parent and was left alone (nothing was written here)")
         committed = False
         try:
             if ok:
@@ -138,15 +148,16 @@ class WritePath:
         attempt = 0
         while True:
             attempt += 1
-            try:
-                _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
-            except GateTimeout:
-                self._timed_out(start, attempt, None)
-            # From here on one handler covers everything, so that no exception (a
-            # KeyboardInterrupt included, wherever it lands) can leave the gate held or
-            # a write transaction open on the connection.
+            # One handler covers everything from entering the gate to COMMIT, so that no
+            # exception (a KeyboardInterrupt included, wherever it lands) can leave the
+            # gate held or a write transaction open on the connection.
             entered = None
+            self._owner = os.getpid()
             try:
+                try:
+                    _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
+                except GateTimeout:
+                    self._timed_out(start, attempt, None)
                 conn.execute("BEGIN IMMEDIATE")
                 entered = time.monotonic()
                 self._record_wait(entered - start, contended)
@@ -154,16 +165,21 @@ class WritePath:
                 if fn is None:
                     return entered  # transaction(): finish() commits and leaves
                 result = fn(conn)
+                if os.getpid() != self._owner:  # fn forked: see finish()
+                    self._active.depth = 0
+                    raise ConfigurationError("a write callback forked; the child must "
+                                             "not commit the parent's transaction")
                 conn.execute("COMMIT")
             except _BUSY as exc:
                 rollback(conn)
                 self._leave(entered)
                 busy: BaseException = exc
             except BaseException as exc:
-                rollback(conn)
-                if entered is not None:
-                    self.counters.failed += 1
-                self._leave(entered)
+                if os.getpid() == self._owner:
+                    rollback(conn)
+                    if entered is not None:
+                        self.counters.failed += 1
+                    self._leave(entered)
                 if isinstance(exc, apsw.Error):
                     raise translate(exc, self.path) from exc
                 raise

@@ -273,3 +273,13 @@ def test_threads_share_one_instance(db: SessionDB):
         assert [by_id[i] for i in ids] == [f"t{n}-m{i}" for i in range(count)]
     assert db.session_count() == 1 + threads_n * (count // 50)
     assert db.stats()["timeouts"] == 0
+
+
+def test_a_symlinked_gate_sidecar_is_refused_not_followed(tmp_path: Path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"do not touch")
+    (tmp_path / "state.db.sessiondb-gate").symlink_to(target)
+    with pytest.raises(DatabaseOpenError, match="symbolic link") as info:
+        SessionDB(tmp_path / "state.db")
+    assert info.value.path == str(tmp_path / "state.db")
+    assert target.read_bytes() == b"do not touch"

@@ -22,6 +22,7 @@ import pytest
 
 import workers
 
+import sessiondb
 import sessiondb.engine
 from sessiondb import DatabaseOpenError, SessionDB
 
@@ -226,3 +227,34 @@ def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path:
     assert [m["content"] for m in db.get_messages("s")] == ["parent", "parent again"]
     db.close()
     assert workers.integrity(db_path) == [("ok",)]
+
+
+def test_a_child_leaving_the_parents_transaction_block_touches_nothing(db_path: Path):
+    """Forked inside ``transaction()``, the child unwinds the block too: it must neither
+    commit nor roll back the parent's transaction (that would rewrite the shared WAL
+    index under other writers), and the parent's transaction still commits."""
+    db = SessionDB(db_path)
+    db.create_session("s", "cli")
+    with db.transaction():
+        db.append_message("s", "user", "parent, inside")
+
+        pid = os.fork()
+        if pid == 0:  # the child leaves the block the parent is in
+            code = 3
+            try:
+                db._writes.finish(db._conn, 0.0, True)
+            except sessiondb.ConfigurationError:
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported through the exit code
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        db.append_message("s", "user", "parent, still inside")
+    other = SessionDB(db_path, write_timeout=5)
+    other.append_message("s", "user", "another writer after")
+    assert [m["content"] for m in other.get_messages("s")] == [
+        "parent, inside", "parent, still inside", "another writer after"]
+    assert workers.integrity(db_path) == [("ok",)]
+    other.close()
+    db.close()

@@ -126,3 +126,33 @@ def test_wal_stays_bounded_with_a_cooperating_long_reader(tmp_path: Path):
     assert db.message_count("w") == written
     assert db.stats()["checkpoint"]["resets_ok"] >= 1
     db.close()
+
+
+@pytest.mark.parametrize("fault", ["busy", "interrupt"])
+def test_a_snapshot_that_fails_to_start_leaves_no_transaction(db: SessionDB, fault: str):
+    """An error right after BEGIN (a busy WAL recovery, Ctrl-C) must not leave the
+    connection inside a read transaction: the instance stays fully usable."""
+    import apsw
+    db.create_session("s", "cli")
+    fired: list[int] = []
+
+    def tracer(cursor, sql, bindings):
+        if "sqlite_schema" in sql and not fired:
+            fired.append(1)
+            if fault == "busy":
+                raise apsw.BusyError("injected: database is locked")
+            raise KeyboardInterrupt
+        return True
+
+    db._conn.exec_trace = tracer
+    try:
+        with db.snapshot():
+            pass
+    except KeyboardInterrupt:
+        assert fault == "interrupt"
+    finally:
+        db._conn.exec_trace = None
+    assert fired and db._conn.get_autocommit()
+    db.append_message("s", "user", "writes still work")
+    with db.snapshot():
+        assert db.message_count() == 1

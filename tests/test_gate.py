@@ -332,17 +332,9 @@ def test_null_gate_fallback_writes_correctly_under_contention(db_path: Path):
     SessionDB(db_path, gate=False).close()
     procs_n, count = 4, 150
     results, start = SPAWN.Queue(), SPAWN.Event()
-    procs = [SPAWN.Process(target=workers.append_worker,
-                           args=(str(db_path), w, count, 50, results, start, False))
-             for w in range(procs_n)]
-    for p in procs:
-        p.start()
-    start.set()
-    reports = workers.collect(results, procs, procs_n)
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * procs_n
-    assert len(reports) == procs_n
+    reports = workers.run_all(SPAWN, workers.append_worker,
+                              [(str(db_path), w, count, 50, results, start, False)
+                               for w in range(procs_n)], results, start)
     db = SessionDB(db_path, gate=False)
     contents = [m["content"] for m in db.get_messages("shared")]
     expected = {f"p{w}-m{i}" for w in range(procs_n) for i in range(count)}

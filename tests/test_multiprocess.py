@@ -25,18 +25,9 @@ SPAWN = multiprocessing.get_context("spawn")
 def test_eight_processes_append_to_one_session(db_path: Path):
     procs_n, count, every = 8, 500, 25
     results, start = SPAWN.Queue(), SPAWN.Event()
-    procs = [SPAWN.Process(target=workers.append_worker,
-                           args=(str(db_path), w, count, every, results, start))
-             for w in range(procs_n)]
-    for p in procs:
-        p.start()
-    start.set()
-    # Drain before joining: a child blocks on exit until its queued data is read.
-    reports = workers.collect(results, procs, procs_n)
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * procs_n
-    assert len(reports) == procs_n
+    reports = workers.run_all(SPAWN, workers.append_worker,
+                              [(str(db_path), w, count, every, results, start)
+                               for w in range(procs_n)], results, start)
 
     db = SessionDB(db_path)
     messages = db.get_messages("shared")

@@ -71,16 +71,8 @@ def test_processes_writing_back_to_back_all_get_turns(tmp_path: Path):
     path = tmp_path / "state.db"
     SessionDB(path).close()
     start, results = SPAWN.Event(), SPAWN.Queue()
-    procs = [SPAWN.Process(target=workers.burst_writer_worker,
-                           args=(str(path), 300, start, results)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    reports = workers.collect(results, procs, 4)
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    assert len(reports) == 4
+    workers.run_all(SPAWN, workers.burst_writer_worker,
+                    [(str(path), 300, start, results)] * 4, results, start)
     db = SessionDB(path)
     assert db.message_count() == 1200
     assert db._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -41,6 +41,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
+def run_all(spawn: Any, target: Callable[..., None], arg_lists: list[tuple],
+            results: Any, start: Any | None = None) -> list[Any]:
+    """Start one spawned process per argument tuple, release them together through
+    ``start`` (an Event, if given), collect one report each, join them, and assert that
+    every process exited 0 and reported."""
+    procs = [spawn.Process(target=target, args=args) for args in arg_lists]
+    for p in procs:
+        p.start()
+    if start is not None:
+        start.set()
+    # Drain before joining: a child blocks on exit until its queued data is read.
+    reports = collect(results, procs, len(procs))
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert len(reports) == len(procs)
+    return reports
+
+
 def collect(results: Any, procs: list[Any], expected: int, timeout: float = 240) -> list[Any]:
     """Read up to ``expected`` results, returning early once every process has exited
     (a worker that died reports nothing; its exit code tells the test why)."""

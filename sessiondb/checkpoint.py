@@ -315,8 +315,11 @@ class CheckpointPolicy:
             close_for_fork(conn)
         return True
 
-    def has_connection(self) -> bool:
-        return self._conn is not None
+    def take_connection(self) -> apsw.Connection | None:
+        """Forget (and return) the reset connection: used in a fork child, where it must
+        never be used or closed."""
+        conn, self._conn = self._conn, None
+        return conn
 
     def unpark(self) -> None:
         self._reset_mu.release()

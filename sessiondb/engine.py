@@ -21,6 +21,7 @@ explicit :meth:`Engine.snapshot` block.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -68,10 +69,23 @@ def _after_fork_in_child() -> None:
         # Held by the forking thread, or by a parent thread that does not exist here.
         db._lock = threading.RLock()
         db._fork_locked = False
-        reset_conn_open = not db._ckpt_parked and db._checkpoints.has_connection()
+        reset_conn = None if db._ckpt_parked else db._checkpoints.take_connection()
         db._ckpt_parked = False
-        if (db._conn is not None or reset_conn_open) and not db._closed:
+        if (db._conn is not None or reset_conn is not None) and not db._closed:
             _FORKED_BUSY.add(db.path)
+            for conn in (db._conn, reset_conn):
+                if conn is not None:
+                    _keep_forever(conn)
+
+
+def _keep_forever(conn: apsw.Connection) -> None:
+    """Make sure a connection inherited mid-transaction is never closed in this process,
+    not even when the interpreter shuts down: closing it would roll the parent's
+    transaction back through the shared WAL index, under other processes' writes (seen
+    as "database disk image is malformed" in a concurrent writer). The extra reference
+    is never released; the OS reclaims the memory when the process exits."""
+    _INHERITED.append(conn)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
 
 
 if hasattr(os, "register_at_fork"):

@@ -258,3 +258,69 @@ def test_a_child_leaving_the_parents_transaction_block_touches_nothing(db_path: 
     assert workers.integrity(db_path) == [("ok",)]
     other.close()
     db.close()
+
+
+_FINALIZING_CHILD = r'''
+import os, subprocess, sys
+from sessiondb import SessionDB
+path, writer_script = sys.argv[1], sys.argv[2]
+db = SessionDB(path, checkpoint_every=0, wal_limit=0)
+db.create_session("s1", "cli")
+r, w = os.pipe()
+try:
+    with db.transaction():
+        db.create_session("s2", "cli")
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)      # until the other writer has spilled frames into the WAL
+            sys.exit(0)        # a normal exit: the interpreter finalizes every object
+except Exception:
+    if pid == 0:
+        raise
+os.close(r)
+writer = subprocess.Popen([sys.executable, "-c", writer_script, path],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert writer.stdout.readline().startswith("spilled")
+os.write(w, b"x")
+os.waitpid(pid, 0)
+writer.stdin.write("\n")
+writer.stdin.flush()
+print(writer.stdout.readline().strip())
+sys.exit(writer.wait())
+'''
+
+_SPILLING_WRITER = r'''
+import sys
+import apsw
+c = apsw.Connection(sys.argv[1])
+c.set_busy_timeout(10000)
+c.execute("PRAGMA cache_size=20")  # a small cache: the open transaction spills to the WAL
+c.execute("BEGIN IMMEDIATE")
+for i in range(400):
+    c.execute("INSERT INTO messages(session_id, role, content, timestamp) "
+              "VALUES('s1', 'user', ?, 0)", (f"{i}:" + "x" * 3000,))
+print("spilled", flush=True)
+sys.stdin.readline()
+c.execute("COMMIT")
+print("committed", flush=True)
+'''
+
+
+def test_a_child_forked_mid_transaction_never_closes_the_inherited_connection(
+        tmp_path: Path):
+    """The child leaves the parent's transaction() block and exits normally, so the
+    interpreter finalizes every object; the inherited connection must not be closed (that
+    would roll the parent's transaction back through the shared WAL index and corrupt a
+    concurrent writer's spilled frames). Found in review; reproduced with a real writer."""
+    import subprocess
+    import sys
+    path = tmp_path / "state.db"
+    done = subprocess.run([sys.executable, "-c", _FINALIZING_CHILD, str(path),
+                           _SPILLING_WRITER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "committed"
+    db = SessionDB(path)
+    assert db.message_count("s1") == 400
+    assert workers.integrity(path) == [("ok",)]
+    db.close()

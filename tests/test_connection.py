@@ -147,15 +147,20 @@ def test_path_is_a_directory(tmp_path: Path):
     assert list(target.iterdir()) == []
 
 
+def refused_untouched(path: Path, error: type[Exception]) -> Exception:
+    """Opening ``path`` raises ``error``, and neither the file nor its directory changed."""
+    before, names = fingerprint(path), files_next_to(path)
+    with pytest.raises(error) as caught:
+        SessionDB(path)
+    assert fingerprint(path) == before
+    assert files_next_to(path) == names
+    return caught.value
+
+
 def test_not_a_sqlite_file(tmp_path: Path):
     path = tmp_path / "notes.db"
     path.write_bytes(b"definitely not SQLite\n" * 500)
-    before, names = fingerprint(path), files_next_to(path)
-    with pytest.raises(DatabaseOpenError) as caught:
-        SessionDB(path)
-    assert str(path) in str(caught.value)
-    assert fingerprint(path) == before
-    assert files_next_to(path) == names
+    assert str(path) in str(refused_untouched(path, DatabaseOpenError))
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
@@ -166,14 +171,9 @@ def test_schema_newer_than_the_library(tmp_path: Path, journal: str):
     conn.execute("CREATE TABLE sessions(id); CREATE TABLE from_the_future(x);"
                  "PRAGMA user_version = 99")
     conn.close()
-    before, names = fingerprint(path), files_next_to(path)
-    with pytest.raises(SchemaTooNewError) as caught:
-        SessionDB(path)
-    err = caught.value
+    err = refused_untouched(path, SchemaTooNewError)
     assert isinstance(err, DatabaseOpenError)
     assert err.found == 99 and err.supported == 1
-    assert fingerprint(path) == before
-    assert files_next_to(path) == names
 
 
 def test_sqlite_database_with_foreign_tables(tmp_path: Path):
@@ -182,12 +182,7 @@ def test_sqlite_database_with_foreign_tables(tmp_path: Path):
     conn.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, name TEXT);"
                  "INSERT INTO accounts(name) VALUES ('alice')")
     conn.close()
-    before, names = fingerprint(path), files_next_to(path)
-    with pytest.raises(DatabaseOpenError) as caught:
-        SessionDB(path)
-    assert "accounts" in str(caught.value)
-    assert fingerprint(path) == before
-    assert files_next_to(path) == names
+    assert "accounts" in str(refused_untouched(path, DatabaseOpenError))
     conn = apsw.Connection(str(path))
     assert conn.pragma("journal_mode") == "delete"  # never switched to WAL
     conn.close()

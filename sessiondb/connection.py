@@ -141,7 +141,8 @@ def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
 
 
 def open_connection(
-    path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0
+    path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0,
+    vfs: str | None = None,
 ) -> apsw.Connection:
     """Open and configure one connection to ``path`` (created if missing, mode 0600).
 
@@ -161,7 +162,7 @@ def open_connection(
     created = not path.exists()
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     try:
-        conn = apsw.Connection(str(path), flags=flags)
+        conn = apsw.Connection(str(path), flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
     try:

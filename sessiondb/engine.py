@@ -108,6 +108,7 @@ class Engine:
         reset_timeout: float = 1.0,
         journal_size_limit: int = 8 * 1024 * 1024,
         gate: bool = True,
+        vfs: str | None = None,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
@@ -117,13 +118,16 @@ class Engine:
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{name} must be an int >= 0")
+        if vfs is not None and vfs not in apsw.vfs_names():
+            raise ConfigurationError(f"no SQLite VFS named {vfs!r} is registered "
+                                     f"(registered: {', '.join(apsw.vfs_names())})")
         self.path = Path(path).expanduser() if path is not None else default_path()
         self.path = Path(os.path.abspath(self.path))
         self._options = dict(write_timeout=float(write_timeout),
                              busy_timeout_ms=max(1, int(busy_timeout * 1000)),
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
-                             journal_size_limit=journal_size_limit, gate=gate)
+                             journal_size_limit=journal_size_limit, gate=gate, vfs=vfs)
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -166,7 +170,7 @@ class Engine:
         o = self._options
         return open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
                                journal_size_limit=o["journal_size_limit"],
-                               timeout=o["write_timeout"])
+                               timeout=o["write_timeout"], vfs=o["vfs"])
 
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see

@@ -48,6 +48,8 @@ class SessionDB(Engine):
         wait too while it does, see :mod:`sessiondb.checkpoint`.
     :param journal_size_limit: bytes the ``-wal`` file is truncated to after a reset.
     :param gate: use the kernel-queued FIFO write gate where available (default True).
+    :param vfs: the name of a registered SQLite VFS to open the file through (default: the
+        platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
     :raises DatabaseOpenError: the path is unusable (directory, not a database, no access).
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises ConfigurationError: an option is invalid or the SQLite is too old.

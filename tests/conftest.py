@@ -1,9 +1,10 @@
-"""Shared fixtures: every test gets its own store under ``tmp_path``."""
+"""Shared fixtures: every test gets its own store under ``tmp_path``; and the failure
+museum's figures table (see ``tests/museum/conftest.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -38,3 +39,39 @@ def make_session(db: SessionDB):
         return session_id
 
     return make
+
+
+# -- the failure museum's figures -------------------------------------------------------
+
+MUSEUM_KEY = "museum"
+
+
+@pytest.fixture
+def exhibit(record_property) -> Callable[..., None]:
+    """Record one row of the museum table: ``exhibit("SIGKILL chaos", "ledger exact,
+    integrity ok", kills=163, lost=0)``. Rows travel in the test report, so they reach
+    the xdist controller, which prints them at the end of the run."""
+
+    def record(fault: str, outcome: str, **figures: Any) -> None:
+        record_property(MUSEUM_KEY, {"fault": fault, "outcome": outcome,
+                                     "figures": figures})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    rows = []
+    for report in terminalreporter.stats.get("passed", []):
+        if getattr(report, "when", None) != "call":
+            continue
+        for key, row in getattr(report, "user_properties", []):
+            if key == MUSEUM_KEY:
+                rows.append((report.nodeid.split("::")[0].rsplit("/", 1)[-1], row))
+    if not rows:
+        return
+    terminalreporter.section("failure museum: fault -> what happened -> figures")
+    for exhibit_file, row in sorted(rows, key=lambda r: r[0]):
+        figures = ", ".join(f"{k}={v}" for k, v in row["figures"].items())
+        terminalreporter.write_line(
+            f"{exhibit_file}: {row['fault']} -> {row['outcome']}"
+            + (f" -> {figures}" if figures else ""))

@@ -2,7 +2,7 @@
 
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, DiskFullError, IntegrityViolation, InvalidArgument,
+    DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
     InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
     SessionNotFound, StorageError, TitleConflict, WriteTimeout,
 )
@@ -16,5 +16,5 @@ __all__ = [
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
     "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
-    "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
+    "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
 ]

@@ -102,6 +102,7 @@ class Engine:
         path: str | os.PathLike[str] | None = None,
         *,
         write_timeout: float = 30.0,
+        hold_timeout: float | None = 10.0,
         busy_timeout: float = 0.05,
         checkpoint_every: int = 50,
         wal_limit: int = 64 * 1024 * 1024,
@@ -114,6 +115,10 @@ class Engine:
                             ("reset_timeout", reset_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if hold_timeout is not None and (isinstance(hold_timeout, bool) or not isinstance(
+                hold_timeout, (int, float)) or not hold_timeout > 0):
+            raise ConfigurationError("hold_timeout must be a positive number of seconds "
+                                     "or None (no bound)")
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -124,6 +129,7 @@ class Engine:
         self.path = Path(path).expanduser() if path is not None else default_path()
         self.path = Path(os.path.abspath(self.path))
         self._options = dict(write_timeout=float(write_timeout),
+                             hold_timeout=None if hold_timeout is None else float(hold_timeout),
                              busy_timeout_ms=max(1, int(busy_timeout * 1000)),
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
@@ -150,7 +156,8 @@ class Engine:
         o = self._options
         try:
             self._gate = gate = make_gate(self.path, o["gate"])
-            self._writes = WritePath(self._gate, o["write_timeout"], str(self.path))
+            self._writes = WritePath(self._gate, o["write_timeout"], str(self.path),
+                                     o["hold_timeout"])
             self._checkpoints = CheckpointPolicy(
                 lambda: make_gate(self.path, o["gate"]), self._new_connection,
                 o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
@@ -265,22 +272,23 @@ class Engine:
         return result
 
     def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        if conn.get_autocommit():
-            # SQLite itself rolled the whole transaction back (disk full, I/O error):
-            # running on would commit the rest of the block call by call.
-            raise StorageError(f"the transaction on {self.path} was rolled back by an "
-                               "earlier error; leave the transaction() block and retry")
-        conn.execute("SAVEPOINT sessiondb_nested")
-        try:
-            result = fn(conn)
-        except BaseException as exc:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
-            if isinstance(exc, apsw.Error):
-                raise translate(exc, str(self.path)) from exc
-            raise
-        conn.execute("RELEASE sessiondb_nested")
-        return result
+        with self._writes.guard():  # raises HoldTimeout if the watchdog ended the block
+            if conn.get_autocommit():
+                # SQLite itself rolled the whole transaction back (disk full, I/O
+                # error): running on would commit the rest of the block call by call.
+                raise StorageError(f"the transaction on {self.path} was rolled back by an "
+                                   "earlier error; leave the transaction() block and retry")
+            conn.execute("SAVEPOINT sessiondb_nested")
+            try:
+                result = fn(conn)
+            except BaseException as exc:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
+                if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
+                    raise translate(exc, str(self.path)) from exc
+                raise
+            conn.execute("RELEASE sessiondb_nested")
+            return result
 
     def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors
@@ -289,6 +297,14 @@ class Engine:
             deadline = time.monotonic() + self._options["write_timeout"]
             attempt = 0
             nested = not conn.get_autocommit()
+            if nested and self._writes.active:  # a read inside a transaction() block
+                with self._writes.guard():
+                    try:
+                        return fn(conn)
+                    except apsw.Error as exc:
+                        if isinstance(exc, apsw.InterruptError):
+                            raise  # the guard turns it into HoldTimeout
+                        raise translate(exc, str(self.path)) from exc
             while True:
                 attempt += 1
                 try:
@@ -389,6 +405,9 @@ class Engine:
         :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
         ``wal_limit``; returns when both are done."""
         with self._connection() as conn:
+            if not conn.get_autocommit():
+                raise ConfigurationError("checkpoint() cannot run inside a transaction() "
+                                         "or snapshot() block; call it after the block")
             result = self._checkpoints.passive(conn, escalate=False)
             due = reset or self._checkpoints.over_half()
         if due:  # outside the lock: a background reset in progress may need it

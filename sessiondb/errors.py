@@ -16,6 +16,7 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     ├── IntegrityViolation          a constraint the schema enforces (e.g. a referenced parent)
     ├── DatabaseBusyError           a lock stayed taken longer than the time budget
     │   └── WriteTimeout            the write lock could not be had within the time budget
+    ├── HoldTimeout                 this write held the lock past hold_timeout: rolled back
     ├── StorageError                SQLite reported an I/O-level problem
     │   ├── DiskFullError           SQLITE_FULL: free space, then retry
     │   └── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
@@ -43,6 +44,7 @@ __all__ = [
     "IntegrityViolation",
     "DatabaseBusyError",
     "WriteTimeout",
+    "HoldTimeout",
     "StorageError",
     "DiskFullError",
     "CorruptDatabaseError",
@@ -151,6 +153,24 @@ class WriteTimeout(DatabaseBusyError):
         super().__init__(msg + (f" [{detail}]" if detail else ""))
         self.waited_s = waited_s
         self.attempts = attempts
+
+
+class HoldTimeout(SessionDBError):
+    """This write held the write lock longer than ``hold_timeout`` and was rolled back (by
+    a watchdog thread, so that other processes could go on); nothing of it was written.
+
+    :ivar held_s: seconds the transaction had held the lock when it was rolled back.
+    :ivar hold_timeout: the bound it crossed.
+    """
+
+    def __init__(self, held_s: float, hold_timeout: float) -> None:
+        super().__init__(
+            f"this write held the write lock for {held_s:.2f}s, past hold_timeout="
+            f"{hold_timeout:g}s, and was rolled back so that other processes could write; "
+            "nothing of it was written. Keep transaction() blocks short (no model, network "
+            "or other slow calls inside), or raise hold_timeout")
+        self.held_s = held_s
+        self.hold_timeout = hold_timeout
 
 
 class StorageError(SessionDBError):

@@ -40,6 +40,10 @@ class SessionDB(Engine):
         ``platformdirs.user_data_dir("sessiondb")/state.db``.
     :param write_timeout: seconds a write may wait for the lock before
         :class:`~sessiondb.errors.WriteTimeout` (default 30).
+    :param hold_timeout: seconds a write transaction may hold the write lock (default 10;
+        None = no bound); past it a watchdog rolls it back and the write raises
+        :class:`~sessiondb.errors.HoldTimeout`, so a stuck ``transaction()`` block cannot
+        freeze the other processes.
     :param busy_timeout: seconds SQLite itself retries a busy lock before our jittered
         retry takes over (default 0.05; long waits queue in the kernel gate instead).
     :param checkpoint_every: PASSIVE checkpoint after this many writes (default 50; 0 = never).

@@ -11,21 +11,36 @@
    checkpoint) leave the gate, sleep a randomized, growing interval and try again until
    the time budget is spent, then raise :class:`~sessiondb.errors.WriteTimeout`.
    Nothing else is ever retried.
+
+*The hold bound.* A transaction that holds the write lock past ``hold_timeout`` (a
+``transaction()`` block doing slow work, a runaway statement) makes every other process
+wait, so a watchdog thread (one per process) ends it: it interrupts the running
+statement (:meth:`apsw.Connection.interrupt`), rolls the transaction back and leaves the
+gate; the owner's next call, or the end of its block, raises
+:class:`~sessiondb.errors.HoldTimeout`. The owner holds ``WritePath._sql`` while it runs
+SQL inside a transaction and the watchdog takes it before rolling back, because an apsw
+connection refuses to be used by two threads at once; the watchdog interrupts only while
+that transaction is still open (``_imu``), so an interrupt never lands on a later
+statement. A process that is stopped (SIGSTOP) or hung in C cannot be helped this way:
+the others then wait their ``write_timeout`` and get ``WriteTimeout``, and go on as soon
+as it dies (its kernel locks die with it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import apsw
 
-from .errors import ConfigurationError, WriteTimeout, translate
+from .errors import ConfigurationError, HoldTimeout, WriteTimeout, translate
 from .gate import Gate, GateTimeout
 
 T = TypeVar("T")
@@ -50,6 +65,7 @@ class WriteCounters:
     failed: int = 0
     retries: int = 0
     timeouts: int = 0
+    hold_timeouts: int = 0
     contended: int = 0
     longest_hold_s: float = 0.0
     longest_wait_s: float = 0.0
@@ -64,6 +80,7 @@ class WriteCounters:
             "failed_writes": self.failed,
             "retries": self.retries,
             "timeouts": self.timeouts,
+            "hold_timeouts": self.hold_timeouts,
             "contended_writes": self.contended,
             "lock_wait_p50_s": percentile(waits, 50),
             "lock_wait_p90_s": percentile(waits, 90),
@@ -88,15 +105,24 @@ class WritePath:
     :param gate: the write gate shared by every writer of this database.
     :param write_timeout: seconds a write may spend waiting for the lock, retries included.
     :param path: the database path, for error messages.
+    :param hold_timeout: seconds a transaction may hold the write lock before the
+        watchdog rolls it back (None: no bound).
     """
 
-    def __init__(self, gate: Gate, write_timeout: float, path: str) -> None:
+    def __init__(self, gate: Gate, write_timeout: float, path: str,
+                 hold_timeout: float | None = None) -> None:
         self.gate = gate
         self.write_timeout = write_timeout
+        self.hold_timeout = hold_timeout
         self.path = path
         self.counters = WriteCounters()
         self._active = threading.local()
         self._owner = os.getpid()  # the process that began the open transaction
+        self._sql = threading.Lock()   # held by the owner while it runs SQL in a transaction
+        self._imu = threading.Lock()   # guards _tx and the watchdog's interrupt
+        self._seq = 0
+        self._tx: tuple[int, apsw.Connection, float] | None = None  # (seq, conn, entered)
+        self._expired = (-1, 0.0)      # (seq, held_s) of the transaction the watchdog ended
 
     @property
     def active(self) -> bool:
@@ -112,6 +138,19 @@ class WritePath:
         body the caller runs; pair with :meth:`finish`. Returns the time it started."""
         return self._attempts(conn, None)
 
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around SQL that the caller runs inside an open transaction (a call inside a
+        ``transaction()`` block): excludes the watchdog, and raises
+        :class:`~sessiondb.errors.HoldTimeout` if it already ended the transaction."""
+        with self._sql:
+            self._raise_if_expired()
+            try:
+                yield
+            except apsw.InterruptError as exc:
+                self._raise_if_expired(exc)
+                raise
+
     def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
         """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""
         if os.getpid() != self._owner:
@@ -123,23 +162,32 @@ class WritePath:
                 "this process was forked inside a transaction() block; the transaction "
                 "belongs to the parent and was left alone (nothing was written here)")
         committed = False
-        try:
-            if ok:
-                try:
-                    conn.execute("COMMIT")
-                except BaseException:
+        with self._sql:
+            if self._tx is None:  # the watchdog rolled it back and left the gate
+                self._active.depth = 0
+                if ok:
+                    self._raise_if_expired()
+                return
+            try:
+                if ok:
+                    try:
+                        self._raise_if_expired()
+                        conn.execute("COMMIT")
+                    except BaseException as exc:
+                        rollback(conn)
+                        if isinstance(exc, apsw.InterruptError):
+                            self._raise_if_expired(exc)
+                        raise
+                    self.counters.writes += 1
+                    committed = True
+                else:
                     rollback(conn)
-                    raise
-                self.counters.writes += 1
-                committed = True
-            else:
-                rollback(conn)
+                    self.counters.failed += 1
+            except apsw.Error as exc:
                 self.counters.failed += 1
-        except apsw.Error as exc:
-            self.counters.failed += 1
-            raise translate(exc, self.path) from exc
-        finally:
-            self._leave(started, committed)
+                raise translate(exc, self.path) from exc
+            finally:
+                self._leave(started, committed)
 
     # -- internals --------------------------------------------------------------------
     def _attempts(self, conn: apsw.Connection, fn):
@@ -148,50 +196,104 @@ class WritePath:
         attempt = 0
         while True:
             attempt += 1
-            # One handler covers everything from entering the gate to COMMIT, so that no
-            # exception (a KeyboardInterrupt included, wherever it lands) can leave the
-            # gate held or a write transaction open on the connection.
-            entered = None
-            self._owner = os.getpid()
-            try:
-                try:
-                    _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
-                except GateTimeout:
-                    self._timed_out(start, attempt, None)
-                conn.execute("BEGIN IMMEDIATE")
-                entered = time.monotonic()
-                self._record_wait(entered - start, contended)
-                self._active.depth = 1
-                if fn is None:
-                    return entered  # transaction(): finish() commits and leaves
-                result = fn(conn)
-                if os.getpid() != self._owner:  # fn forked: see finish()
-                    self._active.depth = 0
-                    raise ConfigurationError("a write callback forked; the child must "
-                                             "not commit the parent's transaction")
-                conn.execute("COMMIT")
-            except _BUSY as exc:
-                rollback(conn)
-                self._leave(entered)
-                busy: BaseException = exc
-            except BaseException as exc:
-                if os.getpid() == self._owner:
-                    rollback(conn)
-                    if entered is not None:
-                        self.counters.failed += 1
-                    self._leave(entered)
-                if isinstance(exc, apsw.Error):
-                    raise translate(exc, self.path) from exc
-                raise
-            else:
-                self.counters.writes += 1
-                self._leave(entered, committed=True)
-                return result
+            with self._sql:
+                done, outcome = self._attempt(conn, fn, start, deadline, attempt)
+            if done:
+                return outcome
             self.counters.retries += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._timed_out(start, attempt, busy)
+                self._timed_out(start, attempt, outcome)
             time.sleep(backoff(attempt, remaining))
+
+    def _attempt(self, conn: apsw.Connection, fn, start: float, deadline: float,
+                 attempt: int) -> tuple[bool, object]:
+        """One try: (True, result), or (False, the busy error) to retry. One handler
+        covers everything from entering the gate to COMMIT, so that no exception (a
+        KeyboardInterrupt included, wherever it lands) can leave the gate held or a write
+        transaction open on the connection."""
+        entered = None
+        self._owner = os.getpid()
+        try:
+            try:
+                _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
+            except GateTimeout:
+                self._timed_out(start, attempt, None)
+            conn.execute("BEGIN IMMEDIATE")
+            entered = time.monotonic()
+            self._opened(conn, entered)
+            self._record_wait(entered - start, contended)
+            self._active.depth = 1
+            if fn is None:
+                return True, entered  # transaction(): finish() commits and leaves
+            result = fn(conn)
+            if os.getpid() != self._owner:  # fn forked: see finish()
+                self._active.depth = 0
+                raise ConfigurationError("a write callback forked; the child must "
+                                         "not commit the parent's transaction")
+            self._raise_if_expired()
+            conn.execute("COMMIT")
+        except _BUSY as exc:
+            rollback(conn)
+            self._leave(entered)
+            return False, exc
+        except BaseException as exc:
+            if os.getpid() == self._owner:
+                rollback(conn)
+                if entered is not None:
+                    self.counters.failed += 1
+                self._leave(entered)
+                if entered is not None and isinstance(exc, apsw.InterruptError):
+                    self._raise_if_expired(exc)
+            if isinstance(exc, apsw.Error):
+                raise translate(exc, self.path) from exc
+            raise
+        self.counters.writes += 1
+        self._leave(entered, committed=True)
+        return True, result
+
+    # -- the hold bound (see the module docstring) ------------------------------------
+    def _opened(self, conn: apsw.Connection, entered: float) -> None:
+        with self._imu:
+            self._seq += 1
+            self._tx = (self._seq, conn, entered)
+        if self.hold_timeout is not None:
+            _WATCHDOG.watch(self, self._seq, entered + self.hold_timeout)
+
+    def _raise_if_expired(self, cause: BaseException | None = None) -> None:
+        seq, held = self._expired
+        if seq == self._seq and self.hold_timeout is not None:
+            raise HoldTimeout(held, self.hold_timeout) from cause
+
+    def is_open(self, seq: int) -> bool:
+        tx = self._tx
+        return tx is not None and tx[0] == seq
+
+    def expire(self, seq: int) -> None:
+        """Called by the watchdog: end transaction ``seq`` if it is still open."""
+        with self._imu:
+            if not self.is_open(seq):
+                return
+            _, conn, entered = self._tx  # type: ignore[misc]
+            self._expired = (seq, time.monotonic() - entered)
+            self.counters.hold_timeouts += 1
+        # Statements that are running are interrupted; one started between two of our
+        # polls is too (the flag stays set while any statement of the connection runs).
+        while not self._sql.acquire(timeout=0.005):
+            with self._imu:
+                if not self.is_open(seq):
+                    return
+                conn.interrupt()
+        try:
+            with self._imu:
+                if not self.is_open(seq):
+                    return  # the owner ended it meanwhile (and raised HoldTimeout)
+                self._tx = None
+            rollback(conn)
+            self.counters.failed += 1
+            self.gate.release(None)
+        finally:
+            self._sql.release()
 
     def _record_wait(self, waited: float, contended: bool) -> None:
         c = self.counters
@@ -204,6 +306,10 @@ class WritePath:
         the gate learns how long it was held, so that it may keep a turn going for this
         process's next short write (see :mod:`sessiondb.gate`)."""
         self._active.depth = 0
+        with self._imu:
+            tx, self._tx = self._tx, None
+        if entered is not None and tx is None:
+            return  # the watchdog ended this transaction and left the gate already
         held = None if entered is None else time.monotonic() - entered
         self.gate.release(held if committed else None)
         if held is not None:
@@ -224,3 +330,60 @@ def rollback(conn: apsw.Connection) -> None:
             conn.execute("ROLLBACK")
         except apsw.Error:
             pass
+
+
+class _Watchdog:
+    """One daemon thread per process that ends write transactions held past their
+    ``hold_timeout`` (:meth:`WritePath.expire`). A transaction costs it one dict update;
+    the thread wakes at the earliest deadline, about once per ``hold_timeout`` while
+    transactions keep ending in time."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cv = threading.Condition()
+        self._due: dict[WritePath, tuple[int, float]] = {}
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    def watch(self, wp: WritePath, seq: int, deadline: float) -> None:
+        with self._cv:
+            self._due[wp] = (seq, deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="sessiondb-hold-watchdog")
+                self._thread.start()
+            if deadline < self._wake_at:
+                self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            due = []
+            with self._cv:
+                now = time.monotonic()
+                soonest = math.inf
+                for wp, (seq, deadline) in list(self._due.items()):
+                    if not wp.is_open(seq):
+                        del self._due[wp]
+                    elif deadline <= now:
+                        del self._due[wp]
+                        due.append((wp, seq))
+                    else:
+                        soonest = min(soonest, deadline)
+                if not due:
+                    self._wake_at = soonest
+                    self._cv.wait(None if soonest == math.inf else soonest - now)
+                    self._wake_at = 0.0
+                    continue
+            for wp, seq in due:
+                try:
+                    wp.expire(seq)
+                except Exception:  # noqa: BLE001 - the watchdog must outlive any one error
+                    pass
+
+
+_WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    # The thread does not exist in a child, and a parent thread may hold its lock.
+    os.register_at_fork(after_in_child=_WATCHDOG._reset)

@@ -13,9 +13,13 @@ Permissions are therefore set with ``os.chmod`` on the path, never through a des
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 import time
 from pathlib import Path
+from typing import Callable
 
 import apsw
 import platformdirs
@@ -142,16 +146,18 @@ def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
 
 def open_connection(
     path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0,
-    vfs: str | None = None,
+    vfs: str | None = None, create: bool = False,
 ) -> apsw.Connection:
-    """Open and configure one connection to ``path`` (created if missing, mode 0600).
+    """Open and configure one connection to the store at ``path``.
 
     The file is inspected before anything could change it: a file that is not a
-    database, a store written by a newer sessiondb, or a database with foreign tables is
-    refused with its bytes untouched (the switch to WAL alone would rewrite its header).
-    Busy errors while configuring (several processes switching one new file to WAL at
-    once) are retried with jitter for up to ``timeout`` seconds.
+    database, an empty (zero-byte) file, a store written by a newer sessiondb, or a
+    database with foreign tables is refused with its bytes untouched (the switch to WAL
+    alone would rewrite its header). Busy errors while configuring are retried with
+    jitter for up to ``timeout`` seconds.
 
+    :param create: create the file (mode 0600) if missing; only :func:`create_store`
+        does, under a private name, so a store never appears half-made.
     :raises DatabaseOpenError: the path cannot be opened or is not a sessiondb store.
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises DatabaseBusyError: the file stayed locked for ``timeout`` seconds.
@@ -159,8 +165,10 @@ def open_connection(
     """
     check_sqlite_version()
     prepare_directory(path)
-    created = not path.exists()
-    flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    created = create and not path.exists()
+    if not create:
+        refuse_empty_file(path)
+    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     try:
         conn = apsw.Connection(str(path), flags=flags, vfs=vfs)
     except apsw.Error as exc:
@@ -180,6 +188,90 @@ def open_connection(
         conn.close()
         raise
     return conn
+
+
+def refuse_empty_file(path: Path) -> None:
+    """Refuse a zero-byte file: sessiondb never leaves one (see :func:`create_store`), so
+    one is something else's doing (``touch``, a tool that truncated the store), and
+    quietly making a new store in it would hide that the data is gone.
+
+    :raises DatabaseOpenError: the file exists and is empty.
+    """
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return  # missing or unreadable: opening it reports that
+    if empty:
+        raise DatabaseOpenError(
+            f"{path} is an empty file (0 bytes), not a sessiondb store; nothing was "
+            "changed. If the store's data should be there, restore it from a backup; if "
+            "the file is a leftover, delete it and sessiondb will create a new store",
+            str(path))
+
+
+#: Name of a store being built by :func:`create_store`: ``<db>.sessiondb-new-<pid>-<hex>``.
+_NEW = ".sessiondb-new-"
+
+
+def create_store(path: Path, open_new: Callable[[Path], apsw.Connection],
+                 build: Callable[[apsw.Connection, Path], None]) -> None:
+    """Create the store at ``path`` so that it appears complete or not at all.
+
+    The store is built under a private name next to ``path`` (``open_new`` opens it,
+    ``build`` creates the schema through the write path), closed (SQLite checkpoints
+    and removes its ``-wal``), and then hard-linked to ``path``, which fails if the
+    path exists meanwhile: of several processes creating one store at once, one wins and
+    the others open its file. The private name is then removed. So no process ever sees
+    a zero-byte or schema-less store at ``path``, and a process killed while creating
+    leaves only its private files, which the next creation removes.
+
+    :raises DatabaseOpenError: the directory is not writable or does not allow links.
+    """
+    _sweep_abandoned(path)
+    tmp = path.with_name(f"{path.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        conn = open_new(tmp)
+        try:
+            build(conn, tmp)
+        finally:
+            conn.close()  # the last connection: SQLite checkpoints and deletes tmp-wal
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created the store first: use its file
+        except OSError as exc:
+            raise DatabaseOpenError(
+                f"cannot create {path}: {exc.strerror} (sessiondb creates a store under "
+                "a private name and links it into place, which this file system refused)",
+                str(path)) from exc
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp}{suffix}")
+
+
+def _sweep_abandoned(path: Path) -> None:
+    """Remove stores a killed process left half-built (their pid no longer runs)."""
+    pattern = re.compile(re.escape(path.name + _NEW) + r"(\d+)-[0-9a-f]+(-wal|-shm|-journal)?$")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,

@@ -27,18 +27,22 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
 from .checkpoint import CheckpointPolicy
-from .connection import close_for_fork, default_path, open_connection, sqlite_version
+from .connection import (
+    close_for_fork, create_store, default_path, open_connection, prepare_directory,
+    sqlite_version,
+)
 from .errors import (
     ClosedError, ConfigurationError, DatabaseOpenError, StorageError, translate,
 )
-from .gate import FifoGate, make_gate
-from .schema import SCHEMA_VERSION, ensure_schema
+from .gate import FifoGate, NullGate, make_gate
+from .schema import SCHEMA_VERSION, build_schema, ensure_schema
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
@@ -151,9 +155,14 @@ class Engine:
                 "so no connection to it is safe here. Fork while no thread is inside a "
                 "transaction (sessiondb waits up to write_timeout for one to finish)",
                 str(self.path))
+        o = self._options
+        if not self.path.exists():
+            prepare_directory(self.path)
+            create_store(self.path, lambda tmp: self._new_connection(tmp),
+                         lambda conn, tmp: build_schema(conn, partial(
+                             WritePath(NullGate(), o["write_timeout"], str(tmp)).run, conn)))
         conn = self._new_connection()
         gate = None
-        o = self._options
         try:
             self._gate = gate = make_gate(self.path, o["gate"])
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path),
@@ -173,11 +182,14 @@ class Engine:
                 gate.close()
             raise
 
-    def _new_connection(self) -> apsw.Connection:
+    def _new_connection(self, new_file: Path | None = None) -> apsw.Connection:
+        """A configured connection to the store, or to ``new_file`` (created) while
+        :func:`~sessiondb.connection.create_store` builds a store."""
         o = self._options
-        return open_connection(self.path, busy_timeout_ms=o["busy_timeout_ms"],
+        return open_connection(new_file or self.path, busy_timeout_ms=o["busy_timeout_ms"],
                                journal_size_limit=o["journal_size_limit"],
-                               timeout=o["write_timeout"], vfs=o["vfs"])
+                               timeout=o["write_timeout"], vfs=o["vfs"],
+                               create=new_file is not None)
 
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see

@@ -133,6 +133,13 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
     return found
 
 
+def build_schema(conn: apsw.Connection, run_write: WriteRunner) -> None:
+    """Create the current schema in a brand-new store that no other process can see yet
+    (see :func:`sessiondb.connection.create_store`), so no lock is needed."""
+    for version in range(user_version(conn), SCHEMA_VERSION):
+        run_write(_step(version))
+
+
 def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     """Refuse, before anything is written, a store newer than this library or a
     database that holds other tables and no sessiondb schema; return the version.

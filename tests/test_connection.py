@@ -195,12 +195,15 @@ def test_refusals_are_sessiondb_errors(tmp_path: Path):
 
 
 def test_open_busy_while_another_connection_holds_an_exclusive_lock(tmp_path: Path):
-    """A fresh file held in a rollback-journal EXCLUSIVE transaction by someone else:
-    opening waits (bounded by write_timeout) and fails with a typed error."""
+    """A store held in an EXCLUSIVE transaction by a connection in exclusive locking
+    mode (which locks the file itself, not just the WAL): opening waits (bounded by
+    write_timeout) and fails with a typed error."""
     from sessiondb import DatabaseBusyError
     path = tmp_path / "locked.db"
+    SessionDB(path).close()
     other = apsw.Connection(str(path))
-    other.execute("BEGIN EXCLUSIVE; CREATE TABLE t(x)")
+    other.pragma("locking_mode", "exclusive")
+    other.execute("BEGIN EXCLUSIVE; DELETE FROM sessions")
     try:
         with pytest.raises(DatabaseBusyError):
             SessionDB(path, write_timeout=0.3)

@@ -75,8 +75,11 @@ def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * procs_n
     assert len(reports) == procs_n
-    assert sum(r["creates"] for r in reports) == 1  # the schema was created exactly once
+    # Racing creators may each build a private copy; exactly one is linked into place,
+    # and none is left behind.
+    assert sum(r["creates"] for r in reports) >= 1
     assert {r["user_version"] for r in reports} == {1}
+    assert not [n for n in os.listdir(path.parent) if ".sessiondb-new-" in n]
     db = SessionDB(path)
     assert db.session_count() == procs_n
     assert int(db._conn.pragma("user_version")) == 1

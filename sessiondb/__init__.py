@@ -4,7 +4,7 @@ from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
     InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
-    SessionNotFound, StorageError, TitleConflict, WriteTimeout,
+    SessionNotFound, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
 )
 from .store import SessionDB
 from .text import sanitize_title
@@ -17,4 +17,5 @@ __all__ = [
     "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
+    "WalDeletedError",
 ]

@@ -26,6 +26,7 @@ import platformdirs
 
 from .errors import ConfigurationError, DatabaseBusyError, DatabaseOpenError, translate
 from .schema import refuse_unusable
+from .walguard import refuse_marked
 from .writes import backoff
 
 #: SQLite versions before this have the WAL-reset bug that can corrupt a database shared by
@@ -167,6 +168,7 @@ def open_connection(
     prepare_directory(path)
     created = create and not path.exists()
     if not create:
+        refuse_marked(path)
         refuse_empty_file(path)
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     try:
@@ -174,6 +176,10 @@ def open_connection(
     except apsw.Error as exc:
         raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
     try:
+        if conn.readonly("main"):
+            # SQLite falls back to read-only without a word when the file is not
+            # writable; the first write would then fail far from the cause.
+            raise apsw.ReadOnlyError("the file is read-only for this user")
         if created:
             _restrict_new_file(path)
         connection_busy_timeout(conn, busy_timeout_ms)

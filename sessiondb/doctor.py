@@ -10,8 +10,9 @@ Before anything opens the file read-write, a read-only connection makes sure tha
 so changes nothing: opening a :class:`SessionDB` switches the file to WAL and creates the
 schema, which doctor must not do to a file that is not (yet) a sessiondb store.
 
-Checks, in order: the file opens as a sessiondb store (schema not newer than this
-library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
+Checks, in order: no marker says the store's ``-wal`` was deleted while in use
+(:mod:`sessiondb.walguard`), the file opens as a sessiondb store (not empty, schema not
+newer than this library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
 (``'integrity-check'`` command with ``rank = 1``,
 https://sqlite.org/fts5.html#the_integrity_check_command),
 ``PRAGMA foreign_key_check``, and each session's ``message_count`` against its messages.
@@ -27,10 +28,11 @@ from typing import Any, TypedDict
 import apsw
 
 from . import __version__
-from .connection import _open_advice, default_path
+from .connection import _open_advice, default_path, refuse_empty_file
 from .errors import DatabaseOpenError, SchemaTooNewError, SessionDBError
 from .schema import SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version
 from .store import SessionDB
+from .walguard import refuse_marked
 
 __all__ = ["DoctorReport", "check", "rebuild_search_index"]
 
@@ -119,6 +121,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False) -
         report["problems"].append(f"no database at {target} (nothing was created)")
         return _finish(report)
     try:
+        refuse_marked(target)
         _probe(target, report)
         db = SessionDB(target)
     except SchemaTooNewError as exc:
@@ -145,6 +148,7 @@ def _probe(path: Path, report: DoctorReport) -> None:
     :raises DatabaseOpenError: the file is not a sessiondb store (yet).
     :raises SchemaTooNewError: the schema is newer than this library.
     """
+    refuse_empty_file(path)
     try:
         conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     except apsw.Error as exc:

@@ -39,10 +39,12 @@ from .connection import (
     sqlite_version,
 )
 from .errors import (
-    ClosedError, ConfigurationError, DatabaseOpenError, StorageError, translate,
+    ClosedError, ConfigurationError, DatabaseOpenError, StorageError, WalDeletedError,
+    translate,
 )
 from .gate import FifoGate, NullGate, make_gate
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
+from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
@@ -143,6 +145,7 @@ class Engine:
         self._ckpt_parked = False
         self._closed = False
         self._conn: apsw.Connection | None = None
+        self._lost: WalDeletedError | None = None  # see sessiondb.walguard
         self._open()
         _INSTANCES.add(self)
 
@@ -167,6 +170,9 @@ class Engine:
             self._gate = gate = make_gate(self.path, o["gate"])
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path),
                                      o["hold_timeout"])
+            self._walguard = WalGuard(self.path)
+            self._walguard.record()
+            self._writes.verify = self._walguard.check
             self._checkpoints = CheckpointPolicy(
                 lambda: make_gate(self.path, o["gate"]), self._new_connection,
                 o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
@@ -231,7 +237,11 @@ class Engine:
                 self._gate.close()
                 return
             try:
-                self._checkpoints.passive(conn, escalate=False)
+                lost = None if self._lost else self._walguard.lost()
+                if lost is not None:
+                    self._lost = handle_lost(conn, self.path, lost)
+                if self._lost is None:  # never checkpoint an orphaned WAL
+                    self._checkpoints.passive(conn, escalate=False)
             except apsw.Error:
                 pass
             finally:
@@ -253,6 +263,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+            if self._lost is not None:
+                raise WalDeletedError(str(self._lost), *self._lost_args())
             if os.getpid() != self._pid:
                 if self._conn is not None:
                     _INHERITED.append(self._conn)
@@ -260,6 +272,7 @@ class Engine:
                 self._open()
             elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
                 self._conn = self._new_connection()
+                self._walguard.record()  # SQLite may have made new -wal/-shm files
             assert self._conn is not None
             yield self._conn
 
@@ -277,11 +290,27 @@ class Engine:
             if not conn.get_autocommit():
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
-            result = self._writes.run(conn, fn)
+            with self._files_guard(conn):
+                result = self._writes.run(conn, fn)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
         return result
+
+    @contextmanager
+    def _files_guard(self, conn: apsw.Connection) -> Iterator[None]:
+        """Turn a lost -wal/-shm, found by the write path after BEGIN (and rolled back),
+        into WalDeletedError, now and for every later call (see sessiondb.walguard)."""
+        try:
+            yield
+        except FilesLost as exc:
+            self._lost = handle_lost(conn, self.path, exc.name)
+            raise WalDeletedError(str(self._lost), *self._lost_args()) from None
+
+    def _lost_args(self) -> tuple[str, str, str | None]:
+        e = self._lost
+        assert e is not None
+        return e.path, e.marker, e.rescue
 
     def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
         with self._writes.guard():  # raises HoldTimeout if the watchdog ended the block
@@ -359,7 +388,8 @@ class Engine:
             if not conn.get_autocommit():
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
-            started = self._writes.begin(conn)
+            with self._files_guard(conn):
+                started = self._writes.begin(conn)
             ok = False
             try:
                 yield self

@@ -19,7 +19,8 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     ├── HoldTimeout                 this write held the lock past hold_timeout: rolled back
     ├── StorageError                SQLite reported an I/O-level problem
     │   ├── DiskFullError           SQLITE_FULL: free space, then retry
-    │   └── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
+    │   ├── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
+    │   └── WalDeletedError         the -wal/-shm was deleted under a live connection
     └── SearchIndexError            the full-text index is damaged (messages are intact)
 
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
@@ -48,6 +49,7 @@ __all__ = [
     "StorageError",
     "DiskFullError",
     "CorruptDatabaseError",
+    "WalDeletedError",
     "SearchIndexError",
     "translate",
 ]
@@ -183,6 +185,25 @@ class DiskFullError(StorageError):
 
 class CorruptDatabaseError(StorageError):
     """The database file is damaged. Run ``sessiondb doctor`` and restore from backup."""
+
+
+class WalDeletedError(StorageError):
+    """The ``-wal`` or ``-shm`` file of a store in use was deleted or replaced by
+    something other than SQLite. Writing on would fork the database into two histories,
+    so sessiondb stops writing it, saves what this process could still read into a
+    rescue copy, and leaves a marker that refuses every later open until a person has
+    looked (the message says how).
+
+    :ivar path: the database path.
+    :ivar marker: the marker file (``<db>.sessiondb-wal-lost``).
+    :ivar rescue: the rescue copy, if one was written.
+    """
+
+    def __init__(self, message: str, path: str, marker: str, rescue: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.marker = marker
+        self.rescue = rescue
 
 
 class SearchIndexError(SessionDBError):

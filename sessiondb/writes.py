@@ -123,6 +123,9 @@ class WritePath:
         self._seq = 0
         self._tx: tuple[int, apsw.Connection, float] | None = None  # (seq, conn, entered)
         self._expired = (-1, 0.0)      # (seq, held_s) of the transaction the watchdog ended
+        #: called right after BEGIN IMMEDIATE; an exception rolls back and propagates
+        #: (the engine checks that the -wal/-shm files are still SQLite's, walguard)
+        self.verify: Callable[[], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -222,6 +225,8 @@ class WritePath:
             conn.execute("BEGIN IMMEDIATE")
             entered = time.monotonic()
             self._opened(conn, entered)
+            if self.verify is not None:
+                self.verify()
             self._record_wait(entered - start, contended)
             self._active.depth = 1
             if fn is None:

@@ -13,7 +13,7 @@ import apsw
 import pytest
 
 from sessiondb import (
-    ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDB, SessionDBError,
+    ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDB,
 )
 from sessiondb.connection import (
     ENV_PATH, MIN_SQLITE_VERSION, check_sqlite_version, default_path, sqlite_version,
@@ -134,17 +134,7 @@ def test_refuses_sqlite_with_the_wal_reset_bug():
     assert sqlite_version() >= MIN_SQLITE_VERSION
 
 
-# -- refusals leave the file untouched -----------------------------------------------
-
-
-def test_path_is_a_directory(tmp_path: Path):
-    target = tmp_path / "adir"
-    target.mkdir()
-    with pytest.raises(DatabaseOpenError) as caught:
-        SessionDB(target)
-    assert str(target) in str(caught.value)
-    assert caught.value.path == str(target)
-    assert list(target.iterdir()) == []
+# -- refusals leave the file untouched (more bad files: tests/museum/test_07_bad_files.py)
 
 
 def refused_untouched(path: Path, error: type[Exception]) -> Exception:
@@ -155,12 +145,6 @@ def refused_untouched(path: Path, error: type[Exception]) -> Exception:
     assert fingerprint(path) == before
     assert files_next_to(path) == names
     return caught.value
-
-
-def test_not_a_sqlite_file(tmp_path: Path):
-    path = tmp_path / "notes.db"
-    path.write_bytes(b"definitely not SQLite\n" * 500)
-    assert str(path) in str(refused_untouched(path, DatabaseOpenError))
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
@@ -186,12 +170,6 @@ def test_sqlite_database_with_foreign_tables(tmp_path: Path):
     conn = apsw.Connection(str(path))
     assert conn.pragma("journal_mode") == "delete"  # never switched to WAL
     conn.close()
-
-
-def test_refusals_are_sessiondb_errors(tmp_path: Path):
-    (tmp_path / "d").mkdir()
-    with pytest.raises(SessionDBError):
-        SessionDB(tmp_path / "d")
 
 
 def test_open_busy_while_another_connection_holds_an_exclusive_lock(tmp_path: Path):

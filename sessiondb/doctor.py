@@ -27,7 +27,7 @@ from typing import Any, TypedDict
 
 import apsw
 
-from . import __version__
+from . import __version__, search_index
 from .connection import _open_advice, default_path, refuse_empty_file
 from .errors import DatabaseOpenError, SchemaTooNewError, SessionDBError
 from .schema import SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version
@@ -40,7 +40,6 @@ __all__ = ["DoctorReport", "check", "rebuild_search_index"]
 # plain command checks only the index's internal structure and passes an index that has
 # drifted from the messages (https://sqlite.org/fts5.html#the_integrity_check_command).
 _FTS_CHECK = "INSERT INTO messages_fts(messages_fts, rank) VALUES('integrity-check', 1)"
-_FTS_REBUILD = "INSERT INTO messages_fts(messages_fts) VALUES('rebuild')"
 _COUNTER_CHECK = (
     "SELECT id, message_count, n FROM (SELECT s.id, s.message_count, "
     "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n FROM sessions s) "
@@ -169,11 +168,12 @@ def _probe(path: Path, report: DoctorReport) -> None:
 
 
 def rebuild_search_index(db: SessionDB) -> None:
-    """Rebuild the FTS5 index from the ``messages`` table (which is only read).
+    """Rebuild the FTS5 index from the ``messages`` table (which is only read), and clear
+    the mark a write left when it found the index damaged (:mod:`sessiondb.search_index`).
 
     :raises SessionDBError: the rebuild failed (e.g. the messages table itself is damaged).
     """
-    db._execute_write(lambda conn: conn.execute(_FTS_REBUILD))
+    db._execute_write(search_index.rebuild)
 
 
 # -- the checks -----------------------------------------------------------------------
@@ -245,11 +245,12 @@ def _fts_state(db: SessionDB) -> str:
     SQLite spells as an INSERT, so it runs on the write path like any statement that
     looks like a mutation (it changes nothing)."""
     try:
+        note = db._read(search_index.damage_note)
         db._execute_write(lambda conn: conn.execute(_FTS_CHECK))
     except SessionDBError as exc:
         cause = exc.__cause__ or exc
         return f"does not match the messages ({cause})"
-    return "ok"
+    return "ok" if note is None else f"marked damaged ({note}); it misses newer messages"
 
 
 def _files(path: Path, report: DoctorReport) -> None:

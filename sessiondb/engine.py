@@ -38,9 +38,10 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
+from . import search_index
 from .errors import (
-    ClosedError, ConfigurationError, DatabaseOpenError, StorageError, WalDeletedError,
-    translate,
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseOpenError, StorageError,
+    WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
@@ -283,7 +284,18 @@ class Engine:
         Busy errors are retried with jitter until ``write_timeout``; any other exception
         rolls everything back and propagates (apsw errors mapped to sessiondb errors).
         Called inside :meth:`transaction` it joins that transaction (as a savepoint).
+        A write that fails only because the full-text index is damaged marks the index
+        so and runs again without it (:mod:`sessiondb.search_index`).
         """
+        try:
+            return self._write(fn)
+        except CorruptDatabaseError as exc:
+            if fn is search_index.mark_damaged or not search_index.is_damage(exc):
+                raise
+            self._write(search_index.mark_damaged)
+            return self._write(fn)
+
+    def _write(self, fn: Callable[[apsw.Connection], T]) -> T:
         with self._connection() as conn:
             if self._writes.active:
                 return self._nested(conn, fn)

@@ -24,11 +24,16 @@ import filelock
 
 from .errors import DatabaseOpenError, SchemaTooNewError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: The full-text index table (also recreated by sessiondb.search_index.rebuild).
+FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
+    content, content='messages', content_rowid='id'
+)"""
 
 # Column order follows the hermes-agent lineage (see README, "Coming from hermes-agent"),
 # so rows read naturally to code written against it.
-_V1 = """
+_V1 = f"""
 CREATE TABLE sessions (
     id TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -81,9 +86,7 @@ CREATE TABLE messages (
 CREATE INDEX idx_messages_session ON messages(session_id, id);
 CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp);
 
-CREATE VIRTUAL TABLE messages_fts USING fts5(
-    content, content='messages', content_rowid='id'
-);
+{FTS_TABLE};
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
@@ -96,8 +99,29 @@ CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages BEGIN
 END;
 """
 
+# v2: a damaged full-text index must not stop messages from being written (see
+# sessiondb.search_index). The triggers maintain the index only while no
+# 'fts_damaged' row says it is damaged; a rebuild deletes that row.
+_WHEN_INDEX_OK = "WHEN NOT EXISTS (SELECT 1 FROM sessiondb_meta WHERE key = 'fts_damaged')"
+_V2 = f"""
+CREATE TABLE sessiondb_meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+DROP TRIGGER messages_fts_insert;
+DROP TRIGGER messages_fts_delete;
+DROP TRIGGER messages_fts_update;
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages {_WHEN_INDEX_OK} BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages {_WHEN_INDEX_OK} BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages {_WHEN_INDEX_OK} BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+"""
+
 #: MIGRATIONS[n] brings a store from version n to n + 1.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 
 WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import apsw
 
-from . import records
+from . import records, search_index
 from .engine import Engine, _fetch, _first, _rows
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SearchIndexError,
@@ -474,6 +474,7 @@ class SessionDB(Engine):
         )
 
         def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            search_index.raise_if_damaged(conn, self.path)
             hits = [records.search_hit(r) for r in _fetch(conn, sql, (match, *args, limit, offset))]
             for hit in hits:
                 hit["context"] = [records.context_item(r) for r in _fetch(

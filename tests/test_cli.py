@@ -15,6 +15,7 @@ import apsw
 import pytest
 
 from sessiondb import SessionDB
+from sessiondb.schema import SCHEMA_VERSION
 from sessiondb import cli, doctor
 
 DAY = 86400.0
@@ -237,7 +238,7 @@ def test_doctor_on_a_healthy_store(capsys, cli_db):
     assert report["ok"] and report["problems"] == []
     assert report["integrity"] == report["fts_index"] == "ok"
     assert report["counters"] == report["foreign_keys"] == "ok"
-    assert report["journal_mode"] == "wal" and report["schema_version"] == 1
+    assert report["journal_mode"] == "wal" and report["schema_version"] == SCHEMA_VERSION
     assert report["sessions"] == 3 and report["messages"] == 4
     assert set(report["versions"]) == {"sessiondb", "sqlite", "apsw", "python"}
     assert doctor.check(cli_db)["ok"]  # the same as a library call

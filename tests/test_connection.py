@@ -18,6 +18,7 @@ from sessiondb import (
 from sessiondb.connection import (
     ENV_PATH, MIN_SQLITE_VERSION, check_sqlite_version, default_path, sqlite_version,
 )
+from sessiondb.schema import SCHEMA_VERSION
 
 
 def mode(path: Path | str) -> int:
@@ -105,7 +106,7 @@ def test_connection_pragmas(db: SessionDB):
     assert conn.pragma("wal_autocheckpoint") == 0  # checkpoints are ours
     assert conn.pragma("journal_size_limit") == 8 * 1024 * 1024
     assert conn.pragma("auto_vacuum") == 2  # incremental: prune gives space back
-    assert conn.pragma("user_version") == 1
+    assert conn.pragma("user_version") == SCHEMA_VERSION
     assert 0 < conn.pragma("busy_timeout") <= 1000  # short: long waits queue in the gate
 
 
@@ -157,7 +158,7 @@ def test_schema_newer_than_the_library(tmp_path: Path, journal: str):
     conn.close()
     err = refused_untouched(path, SchemaTooNewError)
     assert isinstance(err, DatabaseOpenError)
-    assert err.found == 99 and err.supported == 1
+    assert err.found == 99 and err.supported == SCHEMA_VERSION
 
 
 def test_sqlite_database_with_foreign_tables(tmp_path: Path):
@@ -259,3 +260,28 @@ def test_a_symlinked_gate_sidecar_is_refused_not_followed(tmp_path: Path):
         SessionDB(tmp_path / "state.db")
     assert info.value.path == str(tmp_path / "state.db")
     assert target.read_bytes() == b"do not touch"
+
+
+# -- schema upgrades ---------------------------------------------------------------------
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path):
+    """v1 (0.1.0) maintained the full-text index unconditionally; v2 adds
+    ``sessiondb_meta`` and lets a damaged index be skipped (sessiondb.search_index)."""
+    from sessiondb import schema
+    path = tmp_path / "v1.db"
+    conn = apsw.Connection(str(path))
+    conn.pragma("journal_mode", "wal")
+    conn.execute(schema.MIGRATIONS[0])
+    conn.pragma("user_version", 1)
+    conn.execute("INSERT INTO sessions(id, source, started_at, message_count) "
+                 "VALUES ('old', 'cli', 1.0, 1);"
+                 "INSERT INTO messages(session_id, role, content, timestamp) "
+                 "VALUES ('old', 'user', 'written by 0.1.0', 1.0)")
+    conn.close()
+    with SessionDB(path) as db:
+        assert db._conn.pragma("user_version") == SCHEMA_VERSION == 2
+        assert [h["session_id"] for h in db.search_messages("written")] == ["old"]
+        db.append_message("old", "user", "written by this version")
+        assert len(db.search_messages("written")) == 2
+        assert db.get_session("old")["message_count"] == 2

@@ -14,6 +14,7 @@ import pytest
 
 import workers
 from sessiondb import SessionDB
+from sessiondb.schema import SCHEMA_VERSION
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +79,11 @@ def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
     # Racing creators may each build a private copy; exactly one is linked into place,
     # and none is left behind.
     assert sum(r["creates"] for r in reports) >= 1
-    assert {r["user_version"] for r in reports} == {1}
+    assert {r["user_version"] for r in reports} == {SCHEMA_VERSION}
     assert not [n for n in os.listdir(path.parent) if ".sessiondb-new-" in n]
     db = SessionDB(path)
     assert db.session_count() == procs_n
-    assert int(db._conn.pragma("user_version")) == 1
+    assert int(db._conn.pragma("user_version")) == SCHEMA_VERSION
     assert int(db._conn.pragma("auto_vacuum")) == 2  # incremental, set before WAL
     db.close()
     assert workers.integrity(path) == [("ok",)]

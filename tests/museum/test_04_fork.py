@@ -1,4 +1,4 @@
-"""An instance used in a child after ``os.fork()``: the child opens its own connection and
+"""Exhibit 4: fork. An instance used in a child after ``os.fork()``: the child opens its own connection and
 never touches the parent's (not even to close it), while the parent keeps writing.
 
 SQLite's per-process lock state is copied by fork(), so the store closes idle
@@ -60,7 +60,8 @@ def wait_child(pid: int, timeout: float = 120.0) -> int:
 
 
 
-def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path: Path):
+def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path: Path,
+                                                                        exhibit):
     db = SessionDB(db_path)
     db.create_session("shared", "fork")
     db.append_message("shared", "user", "before the fork")
@@ -93,6 +94,9 @@ def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path:
     assert db.get_session("child-own") is not None
     db.close()
     assert workers.integrity(db_path) == [("ok",)]
+    exhibit("fork(): parent and child write through one SessionDB at once",
+            "each side on its own connection; every write present, integrity ok",
+            child_writes=count, parent_writes=count, lost=0)
 
 
 def test_child_writes_survive_the_parent_closing_its_store(db_path: Path):

@@ -1,4 +1,5 @@
-"""Nothing but SQLite opens, truncates, renames, deletes or closes the database files.
+"""Exhibit 5: descriptor hygiene. Nothing but SQLite opens, truncates, renames, deletes
+or closes the database files.
 
 Closing *any* descriptor of the database file drops every POSIX lock the process holds
 on it (https://sqlite.org/howtocorrupt.html#_posix_advisory_locks_canceled_by_a_separate_thread_doing_close_),
@@ -12,6 +13,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import subprocess
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +22,8 @@ import apsw
 import pytest
 
 import workers
-from sessiondb import DatabaseOpenError, SchemaTooNewError, SessionDB
+from sessiondb import DatabaseOpenError, SchemaTooNewError, SessionDB, WalDeletedError, doctor
+from sessiondb.cli import main as cli
 
 
 class FileTrap(BaseException):
@@ -137,7 +140,7 @@ def test_the_trap_sees_python_level_access(tmp_path: Path, monkeypatch):
 
 
 def test_no_python_level_access_to_database_files_during_the_api_tour(tmp_path: Path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, exhibit):
     main = tmp_path / "data" / "tour.db"  # directory and file created inside the trap
     not_a_db = tmp_path / "notes.txt"
     not_a_db.write_bytes(b"this is not a database\n" * 100)
@@ -160,6 +163,15 @@ def test_no_python_level_access_to_database_files_during_the_api_tour(tmp_path: 
             db.stats()
             db.checkpoint()
             db.export_all()
+        # doctor (library and CLI, repair included) and the CLI's file commands
+        assert doctor.check(main)["ok"] and doctor.check(main, repair=True)["ok"]
+        dump = tmp_path / "dump.json"
+        for argv in (["doctor"], ["doctor", "--repair"], ["stats"], ["list"],
+                     ["export", "--output", str(dump)], ["import", "--skip-existing", str(dump)],
+                     ["prune", "--days", "0", "--yes"]):
+            assert cli([*argv, "--db", str(main)]) in (0, 1), argv
+        for path in (not_a_db, too_new, foreign):
+            assert not doctor.check(path)["ok"]
         with pytest.raises(DatabaseOpenError):
             SessionDB(not_a_db)
         with pytest.raises(SchemaTooNewError):
@@ -168,6 +180,33 @@ def test_no_python_level_access_to_database_files_during_the_api_tour(tmp_path: 
             SessionDB(foreign)
     except FileTrap:
         pass  # reported below with the offending call stacks
+    finally:
+        monkeypatch.undo()
+    assert trap.violations == []
+    exhibit("code that open()s/close()s the db file (drops SQLite's POSIX locks)",
+            "traps on every Python file call: the whole API, CLI and doctor never do it",
+            violations=len(trap.violations))
+
+
+def test_no_python_level_access_when_a_wal_is_lost(tmp_path: Path, monkeypatch):
+    """The rescue path (sessiondb.walguard) works through SQLite and sidecars only."""
+    path = tmp_path / "state.db"
+    db = SessionDB(path, checkpoint_every=0)
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "acknowledged")
+    subprocess.run(["rm", f"{path}-wal"], check=True)  # another process's doing
+    trap = Trap(monkeypatch)
+    trap.guard(path)
+    trap.install()
+    try:
+        with pytest.raises(WalDeletedError):
+            db.append_message("s", "user", "refused")
+        db.close()
+        with pytest.raises(WalDeletedError):
+            SessionDB(path)
+        assert not doctor.check(path)["ok"]
+    except FileTrap:
+        pass
     finally:
         monkeypatch.undo()
     assert trap.violations == []

@@ -1,5 +1,6 @@
-"""Exhibit 4: fork. An instance used in a child after ``os.fork()``: the child opens its own connection and
-never touches the parent's (not even to close it), while the parent keeps writing.
+"""Exhibit 4: fork. An instance used in a child after ``os.fork()``: the child opens its
+own connection and never touches the parent's (not even to close it), while the parent
+keeps writing.
 
 SQLite's per-process lock state is copied by fork(), so the store closes idle
 connections just before it (both sides reopen on their next call) and refuses, with a

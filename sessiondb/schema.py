@@ -154,6 +154,12 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
             f"if none is running, remove the stale lock file {lock_path}",
             str(path),
         ) from exc
+    except OSError as exc:  # e.g. ELOOP: the sidecar is a symlink, never followed
+        raise DatabaseOpenError(
+            f"cannot open the migration lock sidecar {lock_path}: {exc.strerror}; "
+            "remove it (it holds no data) or fix its permissions, then retry",
+            str(path),
+        ) from exc
     return found
 
 

@@ -33,6 +33,7 @@ import apsw
 from .errors import WalDeletedError
 
 MARKER_SUFFIX = ".sessiondb-wal-lost"
+_PRIVATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _FILES = ("-wal", "-shm")
 
 
@@ -96,10 +97,14 @@ def handle_lost(conn: apsw.Connection, path: Path, lost: str) -> WalDeletedError
     rescue: str | None = str(path.with_name(
         f"{path.name}.sessiondb-rescue-{os.getpid()}-{stamp}.db"))
     try:
+        # Created empty and private first (VACUUM INTO fills an empty file): the copy
+        # holds every transcript, so it must never be readable by others, not even
+        # for a moment.
+        os.close(os.open(rescue, _PRIVATE_NEW, 0o600))
         conn.execute("VACUUM INTO ?", (rescue,))
         saved = f"Everything this process could still read, its latest writes included, " \
                 f"was saved to {rescue}."
-    except apsw.Error as exc:
+    except (apsw.Error, OSError) as exc:
         saved = f"Saving a rescue copy to {rescue} failed ({exc})."
         rescue = None
     marker = marker_path(path)
@@ -123,7 +128,7 @@ def _write_marker(marker: Path, record: dict) -> None:
     # A marker that already exists (another process found the loss first) is kept.
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
+        with os.fdopen(os.open(tmp, _PRIVATE_NEW, 0o600), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         if not marker.exists():
             os.replace(tmp, marker)

@@ -1,11 +1,11 @@
-"""Connection discipline: where the file lives, its permissions, pragmas, refusals that
-leave the file untouched, and one instance shared by threads."""
+"""Connection discipline: the SQLite version, pragmas, refusals that leave the file
+untouched, lifecycle, one instance shared by threads, schema upgrades. (Where files live
+and their permissions: tests/museum/test_09_files_and_permissions.py.)"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import threading
 from pathlib import Path
 
@@ -16,13 +16,9 @@ from sessiondb import (
     ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDB,
 )
 from sessiondb.connection import (
-    ENV_PATH, MIN_SQLITE_VERSION, check_sqlite_version, default_path, sqlite_version,
+    MIN_SQLITE_VERSION, check_sqlite_version, sqlite_version,
 )
 from sessiondb.schema import SCHEMA_VERSION
-
-
-def mode(path: Path | str) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def fingerprint(path: Path) -> tuple[str, int, int]:
@@ -32,66 +28,6 @@ def fingerprint(path: Path) -> tuple[str, int, int]:
 
 def files_next_to(path: Path) -> set[str]:
     return {p.name for p in path.parent.iterdir()}
-
-
-# -- where and how the file is created -------------------------------------------------
-
-
-def test_new_directory_is_0700_and_files_are_0600(tmp_path: Path):
-    old = os.umask(0o022)
-    try:
-        path = tmp_path / "new" / "state.db"
-        db = SessionDB(path)
-        db.create_session("s", "cli")
-        db.append_message("s", "user", "hello")
-        assert mode(path.parent) == 0o700
-        assert mode(path) == 0o600
-        assert mode(str(path) + "-wal") == 0o600
-        assert mode(str(path) + "-shm") == 0o600
-        assert mode(str(path) + ".sessiondb-gate") == 0o600
-        db.close()
-    finally:
-        os.umask(old)
-
-
-def test_existing_file_permissions_are_left_alone(tmp_path: Path):
-    path = tmp_path / "shared.db"
-    SessionDB(path).close()
-    os.chmod(path, 0o640)
-    SessionDB(path).close()
-    assert mode(path) == 0o640
-
-
-def test_sessiondb_path_environment_variable(tmp_path: Path, monkeypatch):
-    target = tmp_path / "from-env" / "custom.db"
-    monkeypatch.setenv(ENV_PATH, str(target))
-    assert default_path() == target
-    db = SessionDB()
-    assert db.path == target
-    db.create_session("s", "cli")
-    db.close()
-    assert target.exists()
-
-
-def test_platformdirs_default_location(tmp_path: Path, monkeypatch):
-    monkeypatch.delenv(ENV_PATH, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    expected = tmp_path / "xdg" / "sessiondb" / "state.db"
-    assert default_path() == expected
-    with SessionDB() as db:
-        assert db.path == expected
-        db.create_session("s", "cli")
-    assert expected.exists()
-    assert mode(expected.parent) == 0o700
-    assert mode(expected) == 0o600
-
-
-def test_tilde_is_expanded(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    with SessionDB("~/tilde.db") as db:
-        assert db.path == tmp_path / "tilde.db"
-    assert (tmp_path / "tilde.db").exists()
 
 
 # -- pragmas -------------------------------------------------------------------------
@@ -250,16 +186,6 @@ def test_threads_share_one_instance(db: SessionDB):
         assert [by_id[i] for i in ids] == [f"t{n}-m{i}" for i in range(count)]
     assert db.session_count() == 1 + threads_n * (count // 50)
     assert db.stats()["timeouts"] == 0
-
-
-def test_a_symlinked_gate_sidecar_is_refused_not_followed(tmp_path: Path):
-    target = tmp_path / "elsewhere"
-    target.write_bytes(b"do not touch")
-    (tmp_path / "state.db.sessiondb-gate").symlink_to(target)
-    with pytest.raises(DatabaseOpenError, match="symbolic link") as info:
-        SessionDB(tmp_path / "state.db")
-    assert info.value.path == str(tmp_path / "state.db")
-    assert target.read_bytes() == b"do not touch"
 
 
 # -- schema upgrades ---------------------------------------------------------------------

@@ -36,6 +36,16 @@ explicit by that option is that writers wait up to ``reset_timeout`` while the r
 for such a reader. A foreign reader that holds transactions longer than ``reset_timeout``
 back to back can defeat the bound; ``stats()["checkpoint"]["resets_failed"]`` counts the
 failed attempts.
+
+*Disk faults* (``SQLITE_FULL``, ``SQLITE_IOERR`` while a checkpoint writes, syncs or
+truncates a file) lose nothing: the frames stay in the WAL and the next checkpoint copies
+them. They reach the caller that asked for the checkpoint, typed
+(:func:`sessiondb.errors.translate`): :meth:`Engine.checkpoint
+<sessiondb.engine.Engine.checkpoint>`. A checkpoint that runs because of a write (the
+periodic PASSIVE, the background or inline reset) only counts them
+(``passive_failed``, ``resets_failed``, ``last_error``): that write has committed, and
+raising would report it as failed, so the caller would write it twice. The next write
+meets a disk that is still failing on its own.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from typing import Callable
 import apsw
 
 from .connection import close_for_fork
+from .errors import SessionDBError, translate
 from .gate import Gate, GateTimeout
 
 
@@ -56,14 +67,16 @@ from .gate import Gate, GateTimeout
 class CheckpointCounters:
     passive_runs: int = 0
     passive_busy: int = 0
+    passive_failed: int = 0     # a disk fault (not busy) stopped a PASSIVE checkpoint
     resets_ok: int = 0
     resets_failed: int = 0
     resets_skipped: int = 0     # another process's checkpointer was already at it
     last_wal_frames: int = 0
     last_checkpointed_frames: int = 0
     longest_reset_s: float = 0.0
+    last_error: str = ""        # the last disk fault a checkpoint or reset met
 
-    def snapshot(self) -> dict[str, float | int]:
+    def snapshot(self) -> dict[str, float | int | str]:
         return dict(self.__dict__)
 
 
@@ -122,7 +135,10 @@ class CheckpointPolicy:
             self.attach(conn)
         self._since += 1
         if self.every and self._since >= self.every:
-            self.passive(conn)
+            try:
+                self.passive(conn)
+            except SessionDBError:
+                pass  # counted by passive(); the write has committed (module docstring)
         elif not self._backoff and self._over(0.5):
             self._request_reset()
         return not self._backoff and self._over(self.INLINE_AT)
@@ -145,7 +161,10 @@ class CheckpointPolicy:
         """Run a PASSIVE checkpoint; request a reset if the WAL is past half the limit.
 
         :returns: (frames in the WAL, frames checkpointed), or None if another
-            checkpoint was running.
+            checkpoint was running (or a disk fault stopped the last one of a closing
+            instance).
+        :raises StorageError: a disk fault stopped it (:class:`DiskFullError` for
+            ``SQLITE_FULL``); nothing is lost, the frames stay in the WAL.
         """
         self._since = 0
         self._backoff = False
@@ -154,6 +173,14 @@ class CheckpointPolicy:
         except (apsw.BusyError, apsw.LockedError):
             self.counters.passive_busy += 1
             return None
+        except apsw.Error as exc:
+            self.counters.passive_failed += 1
+            self.counters.last_error = repr(exc)
+            if self._stopped:
+                # The instance's close(): its last checkpoint is a courtesy; the frames
+                # stay in the WAL and the next open (or checkpoint) copies them.
+                return None
+            raise translate(exc, conn.filename) from exc
         c = self.counters
         c.passive_runs += 1
         c.last_wal_frames, c.last_checkpointed_frames = frames, done
@@ -189,50 +216,73 @@ class CheckpointPolicy:
             if self._backoff:
                 continue
             try:
-                self.reset()
+                self.reset(quiet=True)
             except Exception:  # closed underneath us, or the OS failed: stop; a later
                 self._thread = None  # request starts a new thread
                 return
 
-    def reset(self, wait: bool = False, past: float = 0.0) -> bool:
+    def reset(self, wait: bool = False, past: float = 0.0, *,
+              quiet: bool | None = None) -> bool:
         """Reset the WAL cooperatively (see the module docstring); True on success.
         A failed reset is retried at the next periodic checkpoint, not before.
 
         :param wait: if another reset is running, wait for it; else return False at once.
         :param past: reset only if the WAL is still past this fraction of the limit.
+        :param quiet: count a disk fault and return False instead of raising it. The
+            default is quiet for a writer's inline reset (``past`` given), whose own
+            write has already committed, and loud for an explicit request.
+        :raises StorageError: (unless quiet) a disk fault stopped the reset; nothing is
+            lost, the frames stay in the WAL.
         """
+        if quiet is None:
+            quiet = past > 0
         if not self._reset_mu.acquire(blocking=wait):
             return False  # the background thread is at it
         try:
-            if past and not self._over(past):
-                return True  # another reset got there first
-            if self._stopped:
+            return self._reset(past)
+        except (apsw.Error, SessionDBError) as exc:  # busy is handled inside: the disk
+            self.counters.resets_failed += 1
+            self.counters.last_error = repr(exc)
+            self._backoff = True
+            if quiet:
                 return False
-            if self._gate is None:
-                self._gate = self._open_gate()
-            if self._conn is None:
-                self._conn = self._open_conn()
-            gate, conn = self._gate, self._conn
-            if not gate.close_door(0.1):
-                self.counters.resets_skipped += 1
-                return False
-            try:
-                deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
-                emptied = self._wait_for_room(gate, deadline)
-                ok = self._truncate(conn, self.QUICK_RESET_MS,
-                                    None if emptied else deadline)
-                if not ok:  # a reader that does not cooperate: wait for it, writers too
-                    ok = self._truncate(conn, int(self.reset_timeout * 1000))
-            finally:
-                gate.open_door()
-            if ok:
-                self.counters.resets_ok += 1
-            else:
-                self.counters.resets_failed += 1
-            self._backoff = not ok
-            return ok
+            if isinstance(exc, SessionDBError):
+                raise
+            raise translate(exc, self.wal_path.removesuffix("-wal")) from exc
         finally:
             self._reset_mu.release()
+
+    def _reset(self, past: float) -> bool:
+        """The body of :meth:`reset`, under ``_reset_mu``."""
+        if past and self._backoff:
+            return False  # one failed meanwhile (it waited for us): retry next period
+        if past and not self._over(past):
+            return True  # another reset got there first
+        if self._stopped:
+            return False
+        if self._gate is None:
+            self._gate = self._open_gate()
+        if self._conn is None:
+            self._conn = self._open_conn()
+        gate, conn = self._gate, self._conn
+        if not gate.close_door(0.1):
+            self.counters.resets_skipped += 1
+            return False
+        try:
+            deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
+            emptied = self._wait_for_room(gate, deadline)
+            ok = self._truncate(conn, self.QUICK_RESET_MS,
+                                None if emptied else deadline)
+            if not ok:  # a reader that does not cooperate: wait for it, writers too
+                ok = self._truncate(conn, int(self.reset_timeout * 1000))
+        finally:
+            gate.open_door()
+        if ok:
+            self.counters.resets_ok += 1
+        else:
+            self.counters.resets_failed += 1
+        self._backoff = not ok
+        return ok
 
     def _wait_for_room(self, gate: Gate, deadline: float) -> bool:
         """Wait for the snapshot readers inside to leave, while writers keep going, but
@@ -297,12 +347,19 @@ class CheckpointPolicy:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         with self._reset_mu:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._gate is not None:
-                self._gate.close()
-                self._gate = None
+            conn, self._conn = self._conn, None
+            gate, self._gate = self._gate, None
+            try:
+                if conn is not None:
+                    conn.close()
+            except apsw.Error:
+                # Closed all the same. It holds no transaction (resets run under
+                # _reset_mu), so nothing is lost; raising here would stop the instance's
+                # close() before its own connection and gate are closed.
+                pass
+            finally:
+                if gate is not None:
+                    gate.close()
 
     def park(self, timeout: float) -> bool:
         """Before fork(): wait for a reset in progress, close the reset connection (see

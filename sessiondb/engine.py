@@ -40,8 +40,8 @@ from .connection import (
 )
 from . import search_index
 from .errors import (
-    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseOpenError, StorageError,
-    WalDeletedError, translate,
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseOpenError, SessionDBError,
+    StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
@@ -243,11 +243,15 @@ class Engine:
                     self._lost = handle_lost(conn, self.path, lost)
                 if self._lost is None:  # never checkpoint an orphaned WAL
                     self._checkpoints.passive(conn, escalate=False)
-            except apsw.Error:
-                pass
+            except (apsw.Error, SessionDBError):
+                pass  # a courtesy checkpoint: the frames stay in the WAL for the next one
             finally:
-                conn.close()
-                self._gate.close()
+                try:
+                    conn.close()
+                except apsw.Error as exc:
+                    raise translate(exc, str(self.path)) from exc
+                finally:
+                    self._gate.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -306,7 +310,7 @@ class Engine:
                 result = self._writes.run(conn, fn)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
-            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
+            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
         return result
 
     @contextmanager
@@ -410,7 +414,7 @@ class Engine:
                 self._writes.finish(conn, started, ok)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:
-            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT)
+            self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
 
     @contextmanager
     def snapshot(self) -> Iterator["Engine"]:

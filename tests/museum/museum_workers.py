@@ -1,0 +1,212 @@
+"""Worker functions of the failure museum's multi-process exhibits.
+
+Spawned children import their target by name, so every worker lives at the top level of
+this importable module (``tests/museum`` is on ``sys.path`` under pytest, and spawn
+hands ``sys.path`` to its children). A worker reports failure by raising (the test
+asserts ``exitcode == 0``); results travel back through a queue, a pipe, or (for workers
+that may be SIGKILLed) an append-only ledger file of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import traceback
+from typing import Any
+
+import apsw
+
+from sessiondb import SessionDB
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+         "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+
+
+# -- exhibit 1: SIGKILL chaos ----------------------------------------------------------
+
+
+def chaos_writer(path: str, writer: int, ledger_path: str, sessions: list[str],
+                 seed: int, stop_path: str, in_call: Any) -> None:
+    """Append messages to randomly chosen shared sessions until ``stop_path`` exists.
+
+    This process may be SIGKILLed at any instruction, so it shares no lock with anyone
+    but SQLite and the write gate: no multiprocessing Event or Queue (a process killed
+    inside ``Event.is_set()`` would leave its semaphore taken, and every other process
+    would hang on it). It reports through its own ledger, one ``os.write`` of one line
+    per acknowledged write, made only after ``append_message`` returned::
+
+        ack <token> <message id> <session> <seconds the call took>
+        end <writes> <longest lock wait>      (a clean stop)
+        err <traceback on one line>           (anything raised)
+
+    The token ``w<writer>-<seq>`` is also the first word of the message's content.
+    ``in_call[writer]`` (a lock-free shared byte array) is 1 from just before the call
+    until its ledger line is written, so the killer can tell where its kill landed.
+    """
+    fd = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        rng = random.Random(seed)
+        db = SessionDB(path)
+        seq = 0
+        while not os.path.exists(stop_path):
+            seq += 1
+            token = f"w{writer}-{seq}"
+            sid = rng.choice(sessions)
+            body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+            in_call[writer] = 1
+            began = time.monotonic()
+            mid = db.append_message(sid, "user", f"{token} {body}")
+            took = time.monotonic() - began
+            os.write(fd, f"ack {token} {mid} {sid} {took:.6f}\n".encode())
+            in_call[writer] = 0
+            time.sleep(rng.uniform(0, 0.0005))
+        stats = db.stats()
+        db.close()
+        os.write(fd, f"end {seq} {stats['lock_wait_max_s']:.6f}\n".encode())
+    except BaseException:
+        os.write(fd, ("err " + traceback.format_exc().replace("\n", " | ") + "\n").encode())
+        raise
+    finally:
+        os.close(fd)
+
+
+# -- exhibit 3: readers that never stop ----------------------------------------------
+
+
+def overlapping_readers(path: str, hold_s: float, stop: Any, ready: Any,
+                        results: Any) -> None:
+    """A foreign process (plain apsw, not sessiondb) that always has a read transaction
+    open: two connections each run ``BEGIN; SELECT; hold; COMMIT`` back to back, a half
+    period apart, and a reader commits only once the other one holds a transaction of
+    its own (a hand-off, so the overlap holds by construction, however the machine
+    schedules us). Reports every transaction as (snapshot taken, about to commit)
+    in ``time.monotonic()`` seconds, which is one clock for every process of the host.
+    """
+    intervals: list[list[tuple[float, float]]] = [[], []]
+    cond = threading.Condition()
+    open_now = [0]
+    started = [threading.Event(), threading.Event()]
+    errors: list[str] = []
+
+    def reader(n: int) -> None:
+        try:
+            conn = apsw.Connection(path)
+            conn.set_busy_timeout(5000)
+            if n == 1:
+                started[0].wait(30)
+                time.sleep(hold_s / 2)
+            while not stop.is_set():
+                conn.execute("BEGIN")
+                conn.execute("SELECT COUNT(*) FROM messages").fetchall()  # the snapshot
+                began = time.monotonic()
+                with cond:
+                    open_now[0] += 1
+                    cond.notify_all()
+                started[n].set()
+                time.sleep(hold_s)
+                with cond:  # hand off: leave only while the other reader is inside
+                    while open_now[0] < 2 and not stop.is_set():
+                        cond.wait(0.05)
+                    open_now[0] -= 1
+                    ended = time.monotonic()
+                conn.execute("COMMIT")
+                intervals[n].append((began, ended))
+            conn.close()
+        except BaseException:
+            errors.append(traceback.format_exc())
+            started[n].set()
+            raise
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for event in started:
+        event.wait(30)
+    ready.set()
+    for t in threads:
+        t.join()
+    results.put({"intervals": intervals, "errors": errors})
+
+
+def bounded_wal_writer(path: str, count: int, size: int, wal_limit: int,
+                       results: Any) -> None:
+    """Write ``count`` messages of about ``size`` bytes as fast as possible; report the
+    -wal size seen after every write (``os.stat``), the longest call, and stats()."""
+    rng = random.Random(7)
+    db = SessionDB(path, wal_limit=wal_limit)
+    db.ensure_session("big", "wal")
+    wal = path + "-wal"
+    peak, longest, ids = 0, 0.0, []
+    began = time.monotonic()
+    for i in range(count):
+        body = " ".join(rng.choice(WORDS[:8]) for _ in range(size // 6))
+        t0 = time.monotonic()
+        ids.append(db.append_message("big", "assistant", f"w{i} {body}"))
+        longest = max(longest, time.monotonic() - t0)
+        try:
+            peak = max(peak, os.stat(wal).st_size)
+        except FileNotFoundError:
+            pass
+    ended = time.monotonic()
+    stats = db.stats()
+    db.close()
+    results.put({"began": began, "ended": ended, "ids": ids, "wal_peak": peak,
+                 "longest_call_s": longest, "lock_wait_max_s": stats["lock_wait_max_s"],
+                 "checkpoint": stats["checkpoint"], "timeouts": stats["timeouts"],
+                 "writes": stats["writes"]})
+
+
+# -- exhibit 10: many handles ----------------------------------------------------------
+
+
+def steady_writer(path: str, worker: int, stop: Any, ready: Any, results: Any) -> None:
+    """Append ``f<worker>-m<i>`` to a session of its own until ``stop``; report every
+    acknowledged (id, content)."""
+    db = SessionDB(path)
+    sid = f"foreign-{worker}"
+    db.ensure_session(sid, "foreign")
+    ready.set()
+    acked: list[tuple[int, str]] = []
+    i = 0
+    while not stop.is_set():
+        content = f"f{worker}-m{i}"
+        acked.append((db.append_message(sid, "user", content), content))
+        i += 1
+        time.sleep(0.001)
+    stats = db.stats()
+    db.close()
+    results.put({"worker": worker, "session": sid, "acked": acked,
+                 "timeouts": stats["timeouts"], "failed": stats["failed_writes"]})
+
+
+def lock_probe(path: str, pipe: Any) -> None:
+    """Answer each ``"probe"`` received on ``pipe`` with what ``BEGIN IMMEDIATE`` (busy
+    timeout 0, so no waiting) does on a plain apsw connection kept open, and on a fresh
+    one: ``"busy"`` (someone holds the write lock), ``"acquired"`` (rolled back at
+    once), or the repr of any other error. ``"quit"`` ends it."""
+    kept = apsw.Connection(path)
+    kept.set_busy_timeout(0)
+
+    def attempt(conn: apsw.Connection) -> str:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            return "busy"
+        except apsw.Error as exc:
+            return repr(exc)
+        conn.execute("ROLLBACK")
+        return "acquired"
+
+    while True:
+        if pipe.recv() == "quit":
+            break
+        fresh = apsw.Connection(path)
+        fresh.set_busy_timeout(0)
+        try:
+            pipe.send((attempt(kept), attempt(fresh)))
+        finally:
+            fresh.close()
+    kept.close()
+    pipe.send("bye")

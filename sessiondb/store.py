@@ -49,7 +49,8 @@ class SessionDB(Engine):
     :param checkpoint_every: PASSIVE checkpoint after this many writes (default 50; 0 = never).
     :param wal_limit: bytes the ``-wal`` file is kept under (default 64 MiB; 0 = no bound).
     :param reset_timeout: seconds a WAL reset may wait for readers (default 1.0); writers
-        wait too while it does, see :mod:`sessiondb.checkpoint`.
+        wait too while it does. It keeps ``wal_limit`` against foreign readers whose
+        transactions last up to about half of it, see :mod:`sessiondb.checkpoint`.
     :param journal_size_limit: bytes the ``-wal`` file is truncated to after a reset.
     :param gate: use the kernel-queued FIFO write gate where available (default True).
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the

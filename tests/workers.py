@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import queue
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -190,56 +189,6 @@ def open_fresh_worker(path: str, start: Any, results: Any) -> None:
     version = int(db._conn.pragma("user_version"))
     db.close()
     results.put({"pid": os.getpid(), "creates": len(creates), "user_version": version})
-
-
-def long_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
-                       results: Any) -> None:
-    """A foreign process (raw apsw, not sessiondb) that is never without a read
-    transaction: two connections each run ``BEGIN; SELECT; sleep; COMMIT`` back to back,
-    offset by half a period so their snapshots overlap."""
-    reads = [0, 0]
-    started = [threading.Event(), threading.Event()]
-
-    def reader(n: int) -> None:
-        conn = apsw.Connection(path)
-        conn.set_busy_timeout(5000)
-        if n == 1:
-            started[0].wait(30)
-            time.sleep(hold_s / 2)
-        while not stop.is_set():
-            conn.execute("BEGIN")
-            conn.execute("SELECT COUNT(*) FROM messages").fetchall()
-            started[n].set()
-            time.sleep(hold_s)
-            conn.execute("COMMIT")
-            reads[n] += 1
-        conn.close()
-
-    threads = [threading.Thread(target=reader, args=(n,)) for n in (0, 1)]
-    for t in threads:
-        t.start()
-    for event in started:
-        event.wait(30)
-    ready.set()
-    for t in threads:
-        t.join()
-    results.put({"reads": reads})
-
-
-def wal_writer_worker(path: str, count: int, size: int, wal_limit: int,
-                      results: Any) -> None:
-    """Write ``count`` messages of ``size`` bytes as fast as possible."""
-    rng = random.Random(7)
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
-    db = SessionDB(path, wal_limit=wal_limit)
-    db.ensure_session("big", "wal")
-    for i in range(count):
-        body = " ".join(rng.choice(words) for _ in range(size // 6))
-        db.append_message("big", "assistant", f"w{i} {body}")
-    stats = db.stats()
-    db.close()
-    results.put({"checkpoint": stats["checkpoint"], "timeouts": stats["timeouts"],
-                 "writes": stats["writes"]})
 
 
 # -- the API tour ----------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .errors import (
 )
 from .gate import FifoGate, NullGate, make_gate
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
+from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
@@ -461,7 +462,12 @@ class Engine:
     def checkpoint(self, reset: bool = False) -> dict[str, int]:
         """Run a PASSIVE checkpoint now, and a WAL reset (TRUNCATE, see
         :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
-        ``wal_limit``; returns when both are done."""
+        ``wal_limit``; returns when both are done.
+
+        :raises InvalidArgumentType: ``reset`` is not True or False.
+        :raises StorageError: a disk fault stopped it; nothing is lost.
+        """
+        reset = check_flag("reset", reset)
         with self._connection() as conn:
             if not conn.get_autocommit():
                 raise ConfigurationError("checkpoint() cannot run inside a transaction() "

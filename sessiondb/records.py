@@ -13,7 +13,10 @@ from typing import Any
 import apsw
 
 from .errors import InvalidArgument, InvalidArgumentType
-from .text import check_id, check_text, from_json, to_json
+from .text import (
+    check_cost, check_count, check_id, check_number, check_text, from_json, sanitize_title,
+    to_json,
+)
 
 _SESSION_JSON = ("model_config",)
 _MESSAGE_JSON = ("tool_calls", "reasoning_details", "codex_reasoning_items", "metadata")
@@ -80,46 +83,81 @@ def context_item(row: tuple) -> dict[str, Any]:
 
 # -- import -------------------------------------------------------------------------
 
-_SESSION_COLUMNS = (
-    "id", "source", "user_id", "model", "model_config", "system_prompt", "parent_session_id",
-    "started_at", "ended_at", "end_reason", "message_count", "tool_call_count",
-    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-    "reasoning_tokens", "billing_provider", "billing_base_url", "billing_mode",
-    "estimated_cost_usd", "actual_cost_usd", "cost_status", "cost_source", "pricing_version",
-    "title",
-)
-_MESSAGE_COLUMNS = (
-    "id", "session_id", "role", "content", "tool_call_id", "tool_calls", "tool_name",
-    "timestamp", "token_count", "finish_reason", "reasoning", "reasoning_details",
-    "codex_reasoning_items", "metadata",
-)
+_SESSION_TEXT = ("user_id", "model", "system_prompt", "parent_session_id", "end_reason",
+                 "billing_provider", "billing_base_url", "billing_mode", "cost_status",
+                 "cost_source", "pricing_version")
+_SESSION_COUNTERS = ("input_tokens", "output_tokens", "cache_read_tokens",
+                     "cache_write_tokens", "reasoning_tokens")
+_MESSAGE_TEXT = ("content", "tool_call_id", "tool_name", "finish_reason", "reasoning")
 
 
 def check_import(data: Any) -> list[dict[str, Any]]:
-    """Validate an export (one session dict or a list of them) before any write."""
+    """Validate an export (one session dict or a list of them) before any write.
+
+    Every column is checked as the API checks it (text, counters, costs, times, JSON,
+    the title sanitized), so that nothing an export cannot hold reaches the store.
+
+    :returns: the sessions as rows ready for :func:`insert_session`, each with its
+        ``messages`` as rows.
+    :raises InvalidArgument: a value the store will not accept.
+    :raises InvalidArgumentType: a value of the wrong type.
+    """
     items = [data] if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise InvalidArgumentType("import data must be a session dict or a list of them")
     seen: set[str] = set()
+    rows = []
     for item in items:
         if not isinstance(item, dict):
             raise InvalidArgumentType("each imported session must be a dict")
         sid = check_id("session id", item.get("id"))
-        check_id("source", item.get("source"))
         if sid in seen:
             raise InvalidArgument(f"session {sid!r} appears twice in the import")
         seen.add(sid)
-        if not isinstance(item.get("started_at"), (int, float)):
-            raise InvalidArgument(f"session {sid!r} has no numeric started_at")
-        messages = item.get("messages", [])
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise InvalidArgumentType(f"messages of session {sid!r} must be a list of dicts")
-        for m in messages:
-            check_id("message role", m.get("role"))
-            check_text("message content", m.get("content"))
-            if not isinstance(m.get("timestamp"), (int, float)):
-                raise InvalidArgument(f"a message of session {sid!r} has no numeric timestamp")
-    return items
+        rows.append(_session_row(sid, item))
+    return rows
+
+
+def _session_row(sid: str, item: dict[str, Any]) -> dict[str, Any]:
+    of = f" of imported session {sid!r}"
+    row: dict[str, Any] = {"id": sid, "source": check_id("source" + of, item.get("source"))}
+    for c in _SESSION_TEXT:
+        row[c] = check_text(c + of, item.get(c))
+    row["title"] = sanitize_title(item.get("title"))
+    row["model_config"] = to_json("model_config" + of, item.get("model_config"))
+    row["started_at"] = check_number("started_at" + of, item.get("started_at"))
+    row["ended_at"] = check_number("ended_at" + of, item.get("ended_at"), optional=True)
+    for c in _SESSION_COUNTERS:
+        row[c] = check_count(c + of, item.get(c), optional=True)
+    for c in ("estimated_cost_usd", "actual_cost_usd"):
+        row[c] = check_cost(c + of, item.get(c))
+    messages = item.get("messages", [])
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InvalidArgumentType(f"messages of session {sid!r} must be a list of dicts")
+    # Counters are derived from the messages imported, never trusted from the input.
+    row["message_count"] = len(messages)
+    row["tool_call_count"] = sum(count_tool_calls(m.get("tool_calls")) for m in messages)
+    # Absent fields take the column default: an explicit NULL counter would stay NULL
+    # forever (NULL + 1 is NULL), so later appends would never be counted.
+    row = {c: v for c, v in row.items() if v is not None}
+    row["messages"] = [_message_row(sid, m) for m in messages]
+    return row
+
+
+def _message_row(sid: str, m: dict[str, Any]) -> dict[str, Any]:
+    of = f" of a message of imported session {sid!r}"
+    row: dict[str, Any] = {
+        "id": check_count("id" + of, m.get("id"), optional=True),
+        "session_id": sid,
+        "role": check_id("role" + of, m.get("role")),
+        "timestamp": check_number("timestamp" + of, m.get("timestamp")),
+        "token_count": check_count("token_count" + of, m.get("token_count"), optional=True),
+    }
+    for c in _MESSAGE_TEXT:
+        row[c] = check_text(c + of, m.get(c))
+    for c in _MESSAGE_JSON:
+        row[c] = to_json(c + of, m.get(c))
+    return row
 
 
 def parents_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,26 +181,15 @@ def parents_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def insert_session(conn: apsw.Connection, item: dict[str, Any]) -> None:
-    """Insert one exported session and its messages (message ids kept where free)."""
-    row = {c: item.get(c) for c in _SESSION_COLUMNS}
-    row["model_config"] = to_json("model_config", item.get("model_config"))
-    # Counters are derived from the messages imported, never trusted from the input.
-    messages = item.get("messages", [])
-    row["message_count"] = len(messages)
-    row["tool_call_count"] = sum(count_tool_calls(m.get("tool_calls")) for m in messages)
-    # Absent fields take the column default: an explicit NULL counter would stay NULL
-    # forever (NULL + 1 is NULL), so later appends would never be counted.
-    row = {c: v for c, v in row.items() if v is not None}
+    """Insert one session as :func:`check_import` returned it, and its messages
+    (message ids kept where free)."""
+    row = {c: v for c, v in item.items() if c != "messages"}
     conn.execute(f"INSERT INTO sessions ({', '.join(row)}) VALUES "
                  f"({', '.join('?' * len(row))})", list(row.values()))
-    for m in messages:
-        row = {c: m.get(c) for c in _MESSAGE_COLUMNS}
-        row["session_id"] = item["id"]
-        for key in _MESSAGE_JSON:
-            row[key] = to_json(key, m.get(key))
+    for m in item["messages"]:
+        row = dict(m)
         if row["id"] is not None and conn.execute(
                 "SELECT 1 FROM messages WHERE id = ?", (row["id"],)).fetchone():
             row["id"] = None  # taken: let SQLite assign a new one, order is kept
         conn.execute(f"INSERT INTO messages ({', '.join(row)}) VALUES "
                      f"({', '.join('?' * len(row))})", list(row.values()))
-

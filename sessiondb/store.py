@@ -7,6 +7,7 @@ Every method is a short read through ``Engine._read`` or a write through
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -20,8 +21,9 @@ from .errors import (
     SessionNotFound, TitleConflict,
 )
 from .text import (
-    check_cost, check_count, check_id, check_limit, check_list, check_text, like_prefix,
-    lineage_number, sanitize_fts_query, sanitize_title, split_lineage, to_json,
+    MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
+    check_limit, check_list, check_text, lineage_number, plain_snippet,
+    sanitize_fts_query, sanitize_title, split_lineage, to_json,
 )
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
@@ -130,7 +132,8 @@ class SessionDB(Engine):
         where, args = _source_filter(check_text("source", source),
                                      check_list("exclude_sources", exclude_sources))
         if active is not None and not isinstance(active, bool):
-            raise InvalidArgumentType(f"active must be True, False or None, not {active!r}")
+            raise InvalidArgumentType("active must be True, False or None, not "
+                                      f"{type(active).__name__}")
         if active is not None:
             where.append("s.ended_at IS NULL" if active else "s.ended_at IS NOT NULL")
         sql = (
@@ -203,10 +206,16 @@ class SessionDB(Engine):
         check_text("prefix", prefix, optional=False)
 
         def read(conn: apsw.Connection) -> str | None:
+            if len(prefix) > MAX_ID_LENGTH:
+                return None  # no id is that long
             if _exists(conn, prefix):
                 return prefix
-            rows = _fetch(conn, "SELECT id FROM sessions WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
-                          (like_prefix(prefix),))
+            # Byte prefixes of lower() (ASCII folding, as LIKE's), not LIKE itself: LIKE
+            # reads pattern and id as C strings, so a NUL ended both and "a\0y" resolved
+            # to "a\0x"; and it refuses patterns over 50,000 bytes.
+            rows = _fetch(conn, "SELECT id FROM sessions WHERE substr(CAST(lower(id) "
+                                "AS BLOB), 1, ?) = CAST(lower(?) AS BLOB) LIMIT 2",
+                          (len(prefix.encode()), prefix))
             return rows[0][0] if len(rows) == 1 else None
 
         return self._read(read, snapshot=True)
@@ -260,16 +269,10 @@ class SessionDB(Engine):
         check_text("title", title, optional=False)
 
         def read(conn: apsw.Connection) -> str | None:
-            # LIKE narrows the candidates but folds ASCII case and admits any suffix;
-            # titles are unique case-sensitively, so keep exactly ``title`` and
-            # ``title #<digits>``. The exact title competes too: newest wins, ties go
-            # to the higher number.
-            rows = _fetch(conn, "SELECT id, title, started_at FROM sessions WHERE title = ? "
-                                "OR title LIKE ? ESCAPE '\\'",
-                          (title, like_prefix(title + " #")))
+            # The exact title competes too: newest wins, ties go to the higher number.
             family = [(started, 1 if t == title else lineage_number(t), sid)
-                      for sid, t, started in rows
-                      if t == title or (split_lineage(t) == title and lineage_number(t))]
+                      for sid, t, started in _lineage(conn, title)
+                      if t == title or lineage_number(t)]
             return max(family)[2] if family else None
 
         return self._read(read, snapshot=True)
@@ -278,12 +281,10 @@ class SessionDB(Engine):
         """The next free title of a lineage: ``"name"`` -> ``"name #2"`` -> ``"name #3"``."""
         check_text("title", title, optional=False)
         base = split_lineage(title)
-        rows = self._read(lambda c: _fetch(
-            c, "SELECT title FROM sessions WHERE title = ? OR title LIKE ? ESCAPE '\\'",
-            (base, like_prefix(base + " #"))))
+        rows = self._read(lambda c: _lineage(c, base))
         if not rows:
             return base
-        highest = max([1] + [lineage_number(r[0]) or 1 for r in rows])
+        highest = max([1] + [lineage_number(t) or 1 for _, t, _ in rows])
         return f"{base} #{highest + 1}"
 
     # -- messages ---------------------------------------------------------------------
@@ -380,7 +381,7 @@ class SessionDB(Engine):
             increment that would overflow a counter (nothing is written).
         :raises SessionNotFound: the session does not exist.
         """
-        self._account(session_id, absolute, False, locals())
+        self._account(session_id, check_flag("absolute", absolute), False, locals())
 
     def set_token_counts(self, session_id: str, input_tokens: int = 0, output_tokens: int = 0,
                          *, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
@@ -439,12 +440,14 @@ class SessionDB(Engine):
                         limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
         """Full-text search over message content, best match first.
 
-        Any text is accepted (quotes, ``-``, ``AND``/``OR``/``NOT``, ``*``, ``:``,
-        unbalanced parentheses): it is sanitized, never a syntax error. Each hit has
-        ``id``, ``session_id``, ``role``, ``snippet`` (matches wrapped in ``>>> <<<``),
-        ``timestamp``, ``tool_name``, ``source``, ``model``, ``session_started`` and
-        ``context`` (the previous message, the match and the next one of its session).
+        Any text up to 1,000 characters is accepted (quotes, ``-``, ``AND``/``OR``/
+        ``NOT``, ``*``, ``:``, unbalanced parentheses): it is sanitized, never a syntax
+        error. Each hit has ``id``, ``session_id``, ``role``, ``snippet`` (matches wrapped
+        in ``>>> <<<``), ``timestamp``, ``tool_name``, ``source``, ``model``,
+        ``session_started`` and ``context`` (the previous message, the match and the next
+        one of its session).
 
+        :raises InvalidArgument: the query is longer than 1,000 characters.
         :raises SearchIndexError: the full-text index is damaged.
         """
         check_text("query", query, optional=False)
@@ -455,19 +458,19 @@ class SessionDB(Engine):
         where, args = _source_filter(None, check_list("exclude_sources", exclude_sources))
         sources = check_list("sources", sources)
         if sources is not None:
-            where.append(f"s.source IN ({', '.join('?' * len(sources))})")
-            args.extend(sources)
+            where.append(f"s.source IN {_IN_LIST}")
+            args.append(json.dumps(sources))
         roles = check_list("roles", roles)
         if roles:
-            where.append(f"m.role IN ({', '.join('?' * len(roles))})")
-            args.extend(roles)
+            where.append(f"m.role IN {_IN_LIST}")
+            args.append(json.dumps(roles))
         if check_text("session_id", session_id) is not None:
             where.append("m.session_id = ?")
             args.append(session_id)
         sql = (
-            "SELECT m.id, m.session_id, m.role, "
-            "snippet(messages_fts, 0, '>>>', '<<<', '...', 40), m.timestamp, m.tool_name, "
-            "s.source, s.model, s.started_at FROM messages_fts "
+            "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
+            "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END, m.timestamp, "
+            "m.tool_name, s.source, s.model, s.started_at FROM messages_fts "
             "JOIN messages m ON m.id = messages_fts.rowid "
             "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
             + "".join(" AND " + w for w in where)
@@ -476,10 +479,21 @@ class SessionDB(Engine):
 
         def read(conn: apsw.Connection) -> list[dict[str, Any]]:
             search_index.raise_if_damaged(conn, self.path)
-            hits = [records.search_hit(r) for r in _fetch(conn, sql, (match, *args, limit, offset))]
+            # FTS5's snippet() takes time that grows with the square of the matches in a
+            # message (a 10 MB one: hours, holding a read transaction); each phrase of the
+            # query can match every word, so past a budget of phrases x bytes the snippet
+            # is made in linear time by plain_snippet instead. (octet_length, because
+            # length() stops at a NUL.)
+            phrases = match.count('"') // 2
+            hits = [records.search_hit(r) for r in _fetch(
+                conn, sql, (phrases, _SNIPPET_BUDGET, match, *args, limit, offset))]
             for hit in hits:
-                hit["context"] = [records.context_item(r) for r in _fetch(
-                    conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)]
+                if hit["snippet"] is None:
+                    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, hit["id"]))
+                    hit["snippet"] = plain_snippet(_decode(head) or "", match)
+                around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
+                hit["context"] = [records.context_item((role, _decode(head)))
+                                  for role, head in around]
             return hits
 
         try:
@@ -523,6 +537,7 @@ class SessionDB(Engine):
         :raises IntegrityViolation: a session already exists (unless ``skip_existing``).
         """
         items = records.check_import(data)
+        check_flag("skip_existing", skip_existing)
 
         def write(conn: apsw.Connection) -> int:
             imported = 0
@@ -575,17 +590,32 @@ class SessionDB(Engine):
 
         return self._execute_write(write)
 
-
+    # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
+# The first bytes of a message, not the whole of it (it may be 10 MB): substr() of a
+# BLOB, because of a TEXT it stops at the first NUL; _decode drops a character cut in two.
+_HEAD_SQL = "SELECT substr(CAST(content AS BLOB), 1, ?) FROM messages WHERE id = ?"
 _CONTEXT_SQL = (
-    "SELECT role, content FROM ("
+    "SELECT role, substr(CAST(content AS BLOB), 1, 800) FROM ("  # 200 chars: <= 800 bytes
     " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
     "  ORDER BY id DESC LIMIT 1)"
     " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
     " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
     "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
 )
+# A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
+# 32,766 variables, and its statement text grows with the list.
+_IN_LIST = "(SELECT value FROM json_each(?))"
+# snippet() for a message while its bytes x query phrases stay under this (at most
+# ~10,000 matches: under a second even when every word matches); see search_messages.
+_SNIPPET_BUDGET = 20_000
+_PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
+
+
+def _decode(head: bytes | None) -> str | None:
+    return None if head is None else head.decode("utf-8", "ignore")
+
 
 def _exists(conn: apsw.Connection, session_id: str) -> bool:
     return _first(conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
@@ -610,6 +640,20 @@ def _check_sums(conn: apsw.Connection, session_id: str, tokens: list[Any],
                                   "nothing was written")
 
 
+def _lineage(conn: apsw.Connection, base: str) -> list[tuple[str, str, float]]:
+    """``(id, title, started_at)`` of the sessions titled ``base`` or ``base #<digits>``,
+    exactly: titles are unique case-sensitively. Byte prefixes, not LIKE, which folds
+    case, reads its pattern as a C string (a NUL ends it) and refuses patterns over
+    50,000 bytes."""
+    if len(base) > MAX_TITLE_LENGTH:
+        return []  # no title is that long
+    prefix = (base + " #").encode()
+    rows = _fetch(conn, "SELECT id, title, started_at FROM sessions WHERE title = ? "
+                        "OR substr(CAST(title AS BLOB), 1, ?) = ?",
+                  (base, len(prefix), prefix))
+    return [r for r in rows if r[1] == base or split_lineage(r[1]) == base]
+
+
 def _check_title_free(conn: apsw.Connection, title: str, session_id: str) -> None:
     other = _first(conn, "SELECT id FROM sessions WHERE title = ? AND id != ?",
                    (title, session_id))
@@ -624,8 +668,8 @@ def _source_filter(source: str | None, exclude: list[str] | None) -> tuple[list[
         where.append("s.source = ?")
         args.append(source)
     if exclude:
-        where.append(f"s.source NOT IN ({', '.join('?' * len(exclude))})")
-        args.extend(exclude)
+        where.append(f"s.source NOT IN {_IN_LIST}")
+        args.append(json.dumps(exclude))
     return where, args
 
 

@@ -1,4 +1,5 @@
-"""Input checking and text rules: argument validation, titles, search-query sanitizing.
+"""Input checking and text rules: argument validation, titles, search-query sanitizing,
+snippets of texts too long for FTS5's own.
 
 Everything here is pure (no database), so every rule can be tested on its own.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from typing import Any
 
 from .errors import InvalidArgument, InvalidArgumentType, InvalidTitle
@@ -55,19 +57,40 @@ def check_count(name: str, value: Any, *, optional: bool = False) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentType(f"{name} must be an int, not {type(value).__name__}")
     if value < 0 or value > _INT64_MAX:
-        raise InvalidArgument(f"{name} must be between 0 and 2**63-1, got {value}")
+        raise InvalidArgument(f"{name} must be between 0 and 2**63-1, got {_short(value)}")
     return value
 
 
 def check_cost(name: str, value: Any) -> float | None:
     """None, or a finite non-negative number of US dollars."""
+    number = check_number(name, value, optional=True)
+    if number is not None and number < 0:
+        raise InvalidArgument(f"{name} must be a finite number >= 0, got {number}")
+    return number
+
+
+def check_number(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """A finite int or float, as a float (e.g. a Unix time); None if optional."""
     if value is None:
-        return None
+        if optional:
+            return None
+        raise InvalidArgument(f"{name} is required")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentType(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range: 2**1024 and up
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidArgument(f"{name} must be a finite number, got {_short(value)}")
+    return number
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """True or False: a flag is never guessed from the truth value of something else."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentType(f"{name} must be True or False, not "
+                                  f"{type(value).__name__}")
     return value
 
 
@@ -81,6 +104,10 @@ def check_limit(limit: Any, offset: Any) -> tuple[int, int]:
         raise InvalidArgumentType(f"offset must be an int, not {type(offset).__name__}")
     if offset < 0:
         raise InvalidArgument(f"offset must be >= 0, got {offset}")
+    for name, value in (("limit", limit), ("offset", offset)):
+        if value > _INT64_MAX:  # SQLite's LIMIT is a 64-bit integer
+            raise InvalidArgument(f"{name} must be at most 2**63-1, got {_short(value)}; "
+                                  "pass limit=None for no limit")
     return (limit if limit >= 0 else -1), offset
 
 
@@ -101,6 +128,16 @@ def to_json(name: str, value: Any) -> str | None:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidArgumentType(f"{name} is not JSON-serializable: {exc}") from None
+
+
+def _short(value: Any) -> str:
+    """A number for an error message: ``2**1100`` has 332 digits (and ``10**5000`` more
+    than ``str()`` converts), so long ones are cut."""
+    try:
+        text = str(value)
+    except ValueError:
+        return f"an int of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def from_json(text: str | None) -> Any:
@@ -153,17 +190,13 @@ def lineage_number(title: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
-def like_prefix(text: str) -> str:
-    """A LIKE pattern matching values that start with ``text``, wildcards escaped (use
-    with ``ESCAPE '\\'``)."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
-
-
 # -- full-text query sanitizing ------------------------------------------------------
 
 _OPERATORS = {"AND", "OR", "NOT"}
 _WORD = re.compile(r"\w", re.UNICODE)
+#: FTS5 parses a query in time that grows with the square of its terms (100,000 terms
+#: take seconds, 10 MB of text half an hour); no one types more than this.
+MAX_QUERY_LENGTH = 1000
 
 
 def sanitize_fts_query(query: str) -> str:
@@ -174,7 +207,12 @@ def sanitize_fts_query(query: str) -> str:
     words still match as adjacent tokens); a trailing ``*`` keeps prefix search;
     uppercase ``AND``/``OR``/``NOT`` stay operators only where they stand between two
     terms. Returns ``""`` when nothing searchable is left.
+
+    :raises InvalidArgument: longer than :data:`MAX_QUERY_LENGTH` characters.
     """
+    if len(query) > MAX_QUERY_LENGTH:
+        raise InvalidArgument(f"search query is {len(query)} characters; the limit is "
+                              f"{MAX_QUERY_LENGTH}: search for a few distinctive words")
     pieces: list[str] = []
     # FTS5 reads the query as a C string: a NUL ends it mid-token ("unterminated string").
     parts = query.replace("\x00", " ").split('"')
@@ -206,3 +244,73 @@ def sanitize_fts_query(query: str) -> str:
     while out and out[-1] in _OPERATORS:
         out.pop()
     return " ".join(out)
+
+
+# -- snippets of long texts ---------------------------------------------------------
+
+_TOKEN = re.compile(r"[^\W_]+")
+_PHRASE = re.compile(r'"([^"]*)"(\*?)')
+
+
+def plain_snippet(text: str, match: str, tokens: int = 40) -> str:
+    """A snippet shaped like FTS5's ``snippet(..., '>>>', '<<<', '...', tokens)``, for a
+    text too long to hand to FTS5: its snippet() takes time that grows with the square
+    of the matches in the text (a 10 MB message: hours), this one linear time.
+
+    Up to ``tokens`` words from a little before the first match, each matching word
+    wrapped in ``>>> <<<``, ``...`` where text was cut; the beginning of the text when
+    nothing matches. Words match as the ``unicode61`` tokenizer would have them
+    (case-folded, accents removed), approximately.
+
+    :param match: a query as :func:`sanitize_fts_query` returns it.
+    """
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for phrase, star in _PHRASE.findall(match):
+        words = [_fold(w) for w in _TOKEN.findall(phrase)]
+        if star and words:
+            prefixes.append(words.pop())
+        exact.update(words)
+    starts = tuple(prefixes)
+
+    def hit(word: str) -> bool:
+        folded = _fold(word)
+        return folded in exact or bool(starts and folded.startswith(starts))
+
+    lead = max(1, tokens // 4)  # words shown before the first match
+    found = iter(_TOKEN.finditer(text))
+    window: list[re.Match] = []
+    first = None
+    for index, m in enumerate(found):
+        window.append(m)
+        if hit(m.group()):
+            first = index
+            break
+        if len(window) > tokens:  # keep memory bounded on a long text without matches
+            del window[:-lead]
+    if first is None:  # no match: the beginning of the text
+        window = list(_TOKEN.finditer(text[:tokens * 64]))[:tokens + 1]
+        first_index = 0
+    else:
+        window = window[-lead:]
+        first_index = first - len(window) + 1
+        window += [m for _, m in zip(range(tokens - len(window) + 1), found)]
+    more = len(window) > tokens
+    window = window[:tokens]
+    if not window:
+        return ""
+    out = ["..." if first_index > 0 else ""]
+    for i, m in enumerate(window):
+        if i:
+            out.append(text[window[i - 1].end():m.start()])
+        out.append(f">>>{m.group()}<<<" if hit(m.group()) else m.group())
+    out.append("..." if more else "")
+    return "".join(out)
+
+
+def _fold(word: str) -> str:
+    word = word.casefold()
+    if word.isascii():
+        return word
+    return "".join(c for c in unicodedata.normalize("NFKD", word)
+                   if not unicodedata.combining(c))

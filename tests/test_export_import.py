@@ -241,3 +241,29 @@ def test_prune_bad_days(aged: SessionDB, days, error) -> None:
     with pytest.raises(error):
         aged.prune_sessions(days)
     assert aged.session_count() == 5
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("started_at", 2**1100, InvalidArgument), ("started_at", float("nan"), InvalidArgument),
+    ("ended_at", "yesterday", InvalidArgumentType), ("input_tokens", -5, InvalidArgument),
+    ("output_tokens", 2**64, InvalidArgument), ("estimated_cost_usd", float("inf"),
+                                                InvalidArgument),
+    ("title", "x" * 200, InvalidArgument), ("parent_session_id", ["p"], InvalidArgumentType),
+    ("model", b"m", InvalidArgumentType), ("model_config", {1, 2}, InvalidArgumentType),
+    ("messages", [{"role": "user", "timestamp": 1.0, "tool_name": "\ud800"}], InvalidArgument),
+    ("messages", [{"role": "user", "timestamp": 1.0, "id": 2**63}], InvalidArgument),
+    ("messages", [{"role": "user", "timestamp": 1.0, "metadata": object()}],
+     InvalidArgumentType),
+])
+def test_every_imported_column_is_checked(fresh: SessionDB, field, value, error) -> None:
+    # Previously only ids, times and content were: the rest reached SQLite raw
+    # (OverflowError, "Bad binding argument", counters stored negative).
+    with pytest.raises(error):
+        fresh.import_sessions({"id": "s", "source": "cli", "started_at": 1.0, field: value})
+    assert fresh.session_count() == 0
+
+
+def test_imported_title_is_sanitized(fresh: SessionDB) -> None:
+    fresh.import_sessions({"id": "s", "source": "cli", "started_at": 1.0,
+                           "title": " a\u200b  b\n"})
+    assert fresh.get_session("s")["title"] == "a b"

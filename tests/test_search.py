@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessiondb import SessionDB
+from sessiondb import InvalidArgument, SessionDB
 from sessiondb.text import sanitize_fts_query
 
 
@@ -184,3 +184,30 @@ def test_any_text_query_returns_a_list(corpus: SessionDB, query: str) -> None:
      "content", " ", "\x00", "'", "{", "}", ",", "."]), max_size=12).map("".join))
 def test_any_operator_soup_returns_a_list(corpus: SessionDB, query: str) -> None:
     assert isinstance(corpus.search_messages(query), list)
+
+
+def test_long_message_gets_a_linear_snippet(db: SessionDB) -> None:
+    # FTS5's snippet() is quadratic in the matches of a message (100,000: 45 s); past a
+    # budget the snippet is made in Python, with the same shape.
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "\x00word " * 150_000 + "needle Café tail")
+    db.append_message("s", "user", "after")
+    (hit,) = db.search_messages("cafe needle")
+    assert hit["snippet"].startswith("...") and hit["snippet"].endswith("tail")
+    assert ">>>needle<<< >>>Café<<<" in hit["snippet"]
+    assert hit["context"][0]["content"] == ("\x00word " * 34)[:200]  # NULs kept
+    (hit,) = db.search_messages("word")
+    assert hit["snippet"].startswith(">>>word<<< \x00>>>word<<<")
+
+
+def test_query_length_limit(corpus: SessionDB) -> None:
+    assert corpus.search_messages("deploy " + " " * 993)
+    with pytest.raises(InvalidArgument, match="1001 characters"):
+        corpus.search_messages("deploy " * 143)
+
+
+def test_many_sources_and_roles(corpus: SessionDB) -> None:
+    many = ["cli"] + [f"x{i}" for i in range(40_000)]  # past SQLite's 32,766 variables
+    hits = corpus.search_messages("deploy", sources=many, roles=many + ["user", "tool"])
+    assert ids(hits) == [("a", "tool"), ("a", "user")]
+    assert {s["id"] for s in corpus.list_sessions(exclude_sources=many)} == {"b", "c"}

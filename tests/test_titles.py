@@ -229,3 +229,23 @@ def test_next_title_escapes_wildcards(db: SessionDB) -> None:
     assert db.get_next_title_in_lineage("50% off") == "50% off #2"
     assert db.get_next_title_in_lineage("axb") == "axb"
     assert db.get_next_title_in_lineage("a_b") == "a_b #5"
+
+
+def test_next_title_lineage_is_case_sensitive(db: SessionDB) -> None:
+    # Titles are unique case-sensitively, so "cd #2" is no relative of "CD".
+    db.create_session("s1", "cli", title="cd #2")
+    db.create_session("s2", "cli", title="CD")
+    assert db.get_next_title_in_lineage("CD") == "CD #2"
+    assert db.get_next_title_in_lineage("cd") == "cd #3"
+    assert db.resolve_session_by_title("CD") == "s2"
+
+
+def test_nul_in_a_lookup_matches_nothing_it_should_not(db: SessionDB) -> None:
+    # LIKE read pattern and value as C strings: a NUL ended both.
+    db.create_session("a\x00x", "cli", title="ab")
+    db.create_session("s", "cli")
+    assert db.resolve_session_id("a\x00y") is None
+    assert db.resolve_session_id("a\x00") == "a\x00x"
+    assert db.resolve_session_id("s\x00") is None
+    assert db.resolve_session_by_title("ab\x00") is None
+    assert db.get_next_title_in_lineage("ab\x00") == "ab\x00"

@@ -127,6 +127,9 @@ class CheckpointPolicy:
         self._reset_mu = threading.Lock()
         self._wanted = threading.Event()
         self._stopped = False
+        #: False when the -wal/-shm are no longer SQLite's (set by the engine, walguard):
+        #: then no checkpoint runs
+        self.verify: Callable[[], bool] = lambda: True
         self._thread: threading.Thread | None = None
 
     def after_write(self, conn: apsw.Connection) -> bool:
@@ -174,6 +177,8 @@ class CheckpointPolicy:
         """
         self._since = 0
         self._backoff = False
+        if not self.verify():
+            return None  # an orphaned WAL must never be copied (sessiondb.walguard)
         try:
             frames, done = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
@@ -264,8 +269,8 @@ class CheckpointPolicy:
             return False  # one failed meanwhile (it waited for us): retry next period
         if past and not self._over(past):
             return True  # another reset got there first
-        if self._stopped:
-            return False
+        if self._stopped or not self.verify():
+            return False  # (an orphaned WAL: the next write reports it, walguard)
         if self._gate is None:
             self._gate = self._open_gate()
         if self._conn is None:

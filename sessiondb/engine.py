@@ -179,6 +179,7 @@ class Engine:
                 lambda: make_gate(self.path, o["gate"]), self._new_connection,
                 o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
+            self._checkpoints.verify = lambda: self._walguard.lost() is None
             self._conn = conn
             self._pid = os.getpid()
             ensure_schema(conn, self.path, self._execute_write, o["write_timeout"])
@@ -354,8 +355,8 @@ class Engine:
         with self._connection() as conn:
             deadline = time.monotonic() + self._options["write_timeout"]
             attempt = 0
-            nested = not conn.get_autocommit()
-            if nested and self._writes.active:  # a read inside a transaction() block
+            if self._writes.active:  # a read inside a transaction() block: the guard
+                # first, since the watchdog may be rolling this connection back
                 with self._writes.guard():
                     try:
                         return fn(conn)
@@ -363,6 +364,7 @@ class Engine:
                         if isinstance(exc, apsw.InterruptError):
                             raise  # the guard turns it into HoldTimeout
                         raise translate(exc, str(self.path)) from exc
+            nested = not conn.get_autocommit()
             while True:
                 attempt += 1
                 try:
@@ -436,7 +438,7 @@ class Engine:
         past ``2 x reset_timeout + 1`` s it proceeds without cooperating).
         """
         with self._connection() as conn:
-            if not conn.get_autocommit():
+            if self._writes.active or not conn.get_autocommit():
                 raise ConfigurationError("snapshot() cannot be nested or used inside "
                                          "transaction()")
             in_room = self._gate.enter_room(max(2.0, 2 * self._options["reset_timeout"]) + 1)
@@ -469,9 +471,11 @@ class Engine:
         """
         reset = check_flag("reset", reset)
         with self._connection() as conn:
-            if not conn.get_autocommit():
+            if self._writes.active or not conn.get_autocommit():
                 raise ConfigurationError("checkpoint() cannot run inside a transaction() "
                                          "or snapshot() block; call it after the block")
+            with self._files_guard(conn):
+                self._walguard.check()  # never copy an orphaned WAL over the database
             result = self._checkpoints.passive(conn, escalate=False)
             due = reset or self._checkpoints.over_half()
         if due:  # outside the lock: a background reset in progress may need it

@@ -168,6 +168,7 @@ class WritePath:
         with self._sql:
             if self._tx is None:  # the watchdog rolled it back and left the gate
                 self._active.depth = 0
+                rollback(conn)  # a no-op, unless the watchdog's ROLLBACK failed
                 if ok:
                     self._raise_if_expired()
                 return
@@ -294,9 +295,11 @@ class WritePath:
                 if not self.is_open(seq):
                     return  # the owner ended it meanwhile (and raised HoldTimeout)
                 self._tx = None
-            rollback(conn)
-            self.counters.failed += 1
-            self.gate.release(None)
+            try:
+                rollback(conn)
+                self.counters.failed += 1
+            finally:
+                self.gate.release(None)
         finally:
             self._sql.release()
 
@@ -330,11 +333,11 @@ class WritePath:
 def rollback(conn: apsw.Connection) -> None:
     """Roll back if a transaction is open; SQLite may already have rolled back on its own
     (after SQLITE_FULL or an I/O error), which is not an error here."""
-    if not conn.get_autocommit():
-        try:
+    try:
+        if not conn.get_autocommit():
             conn.execute("ROLLBACK")
-        except apsw.Error:
-            pass
+    except apsw.Error:
+        pass
 
 
 class _Watchdog:

@@ -188,3 +188,21 @@ def test_a_sigstopped_holder_gives_write_timeout_then_recovery_when_killed(db_pa
             "WriteTimeout after each 1 s budget, no hang; writes resume after the kill",
             write_timeouts=timeouts, blocked_s=round(blocked_for, 2),
             first_write_after_kill_s=round(recovered_in, 3))
+
+
+def test_reads_in_a_block_the_watchdog_ends_raise_only_hold_timeout(db_path: Path):
+    """The watchdog rolls back from its own thread while the owner keeps calling: the
+    owner sees HoldTimeout, never apsw's refusal of a connection busy in another thread."""
+    db = SessionDB(db_path, hold_timeout=0.02)
+    db.create_session("s", "cli")
+    for _ in range(20):
+        with pytest.raises(HoldTimeout):
+            with db.transaction():
+                db.append_message("s", "user", "x" * 100_000)
+                while True:
+                    time.sleep(0.0002)
+                    db.session_count()
+    assert db.message_count("s") == 0
+    db.append_message("s", "user", "fine afterwards")
+    db.close()
+    assert workers.integrity(db_path) == [("ok",)]

@@ -234,3 +234,30 @@ def test_a_wal_deleted_under_a_live_connection(tmp_path: Path, deleted: list[str
     exhibit(f"{' and '.join('state.db' + s for s in deleted)} deleted under a live writer",
             "WalDeletedError at the next write, rescue copy, later opens refused",
             acknowledged=len(acknowledged), lost=0)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_never_copies_an_orphaned_wal_over_another_process_write(
+        tmp_path: Path):
+    """The -wal/-shm are deleted; another process opens the store before the live one
+    notices and commits a session. The live one's checkpoint() must not copy its orphaned
+    frames over the database file (that erased the other process's write)."""
+    path = tmp_path / "state.db"
+    db = SessionDB(path, checkpoint_every=0, wal_limit=0)
+    db.create_session("a", "cli")
+    for i in range(20):
+        db.append_message("a", "user", f"hello {i}")
+    subprocess.run(["rm", f"{path}-wal", f"{path}-shm"], check=True)
+    other = subprocess.run(
+        [sys.executable, "-c", "from sessiondb import SessionDB\n"
+         f"with SessionDB({str(path)!r}) as db:\n"
+         "    db.create_session('b', 'cli'); db.append_message('b', 'user', 'from B')"],
+        capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    before = digest(path)
+    with pytest.raises(WalDeletedError):
+        db.checkpoint()
+    with pytest.raises(WalDeletedError):
+        db.checkpoint(reset=True)
+    db.close()
+    assert digest(path) == before  # B's committed write is still in the file

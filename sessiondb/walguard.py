@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def handle_lost(conn: apsw.Connection, path: Path, lost: str) -> WalDeletedError
         pass
     stamp = time.strftime("%Y%m%dT%H%M%S")
     rescue: str | None = str(path.with_name(
-        f"{path.name}.sessiondb-rescue-{os.getpid()}-{stamp}.db"))
+        f"{path.name}.sessiondb-rescue-{os.getpid()}-{stamp}-{secrets.token_hex(2)}.db"))
     try:
         # Created empty and private first (VACUUM INTO fills an empty file): the copy
         # holds every transcript, so it must never be readable by others, not even
@@ -126,10 +127,13 @@ def handle_lost(conn: apsw.Connection, path: Path, lost: str) -> WalDeletedError
 def _write_marker(marker: Path, record: dict) -> None:
     # Written whole under a private name, then renamed: a reader never sees half of it.
     # A marker that already exists (another process found the loss first) is kept.
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with os.fdopen(os.open(tmp, _PRIVATE_NEW, 0o600), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
+    except OSError:
+        return
+    try:
         if not marker.exists():
             os.replace(tmp, marker)
     except OSError:

@@ -362,7 +362,7 @@ class Engine:
                         return fn(conn)
                     except apsw.Error as exc:
                         if isinstance(exc, apsw.InterruptError):
-                            raise  # the guard turns it into HoldTimeout
+                            raise  # the guard turns it into HoldTimeout (typed)
                         raise translate(exc, str(self.path)) from exc
             nested = not conn.get_autocommit()
             while True:

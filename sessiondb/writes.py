@@ -152,7 +152,7 @@ class WritePath:
                 yield
             except apsw.InterruptError as exc:
                 self._raise_if_expired(exc)
-                raise
+                raise translate(exc, self.path) from exc
 
     def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
         """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""

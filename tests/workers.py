@@ -22,13 +22,18 @@ from sessiondb import SessionDB
 from sessiondb.gate import FifoGate
 
 
-def integrity(path: Path) -> list[tuple]:
-    """``PRAGMA integrity_check`` through a read-only connection of its own."""
+def read_only(path: Path, sql: str) -> list[tuple]:
+    """The rows of ``sql``, through a read-only connection of its own (not sessiondb)."""
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return conn.execute("PRAGMA integrity_check").fetchall()
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def integrity(path: Path) -> list[tuple]:
+    """``PRAGMA integrity_check`` through a read-only connection of its own."""
+    return read_only(path, "PRAGMA integrity_check")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

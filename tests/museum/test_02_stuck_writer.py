@@ -51,15 +51,21 @@ def holder_worker(path: str, hold_timeout: float | None, stall: float, ready, re
     db.close()
 
 
+def start_holder(db_path: Path, hold_timeout: float | None, stall: float):
+    """Spawn :func:`holder_worker`; returns (process, ready event, results queue)."""
+    ready, results = SPAWN.Event(), SPAWN.Queue()
+    holder = SPAWN.Process(target=holder_worker,
+                           args=(str(db_path), hold_timeout, stall, ready, results))
+    holder.start()
+    return holder, ready, results
+
+
 def test_a_transaction_block_that_stalls_is_rolled_back_at_the_bound(db_path: Path,
                                                                      exhibit):
     bound = 1.0
     db = SessionDB(db_path, write_timeout=30)
     db.create_session("s", "cli")
-    ready, results = SPAWN.Event(), SPAWN.Queue()
-    holder = SPAWN.Process(target=holder_worker,
-                           args=(str(db_path), bound, 8.0, ready, results))
-    holder.start()
+    holder, ready, results = start_holder(db_path, bound, 8.0)
     try:
         assert ready.wait(60)
         started = time.monotonic()
@@ -154,10 +160,7 @@ def test_a_sigstopped_holder_gives_write_timeout_then_recovery_when_killed(db_pa
     db = SessionDB(db_path, write_timeout=1.0)
     db.create_session("s", "cli")
     db.append_message("s", "user", "acknowledged before")
-    ready, results = SPAWN.Event(), SPAWN.Queue()
-    holder = SPAWN.Process(target=holder_worker,
-                           args=(str(db_path), None, 60.0, ready, results))
-    holder.start()
+    holder, ready, results = start_holder(db_path, None, 60.0)
     try:
         assert ready.wait(60)
         os.kill(holder.pid, signal.SIGSTOP)

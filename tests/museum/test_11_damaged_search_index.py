@@ -49,11 +49,7 @@ def damage(path: Path, sql: str) -> None:
 
 
 def messages_table(path: Path) -> list[tuple]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    return workers.read_only(path, "SELECT * FROM messages ORDER BY id")
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))

@@ -1,10 +1,13 @@
 """sessiondb: a SQLite session store that many local processes share without freezing."""
 
+from .bounded import Deadline, Heartbeat
+from .coordination import Claim, Lease
 from .errors import (
-    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
-    InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
-    SessionNotFound, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
+    CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, CoordinationError,
+    CorruptDatabaseError, DatabaseBusyError, DatabaseOpenError, DeadlineExceeded,
+    DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType,
+    InvalidTitle, LeaseHeld, LeaseLost, SchemaTooNewError, SearchIndexError, SessionDBError,
+    SessionNotFound, StaleRevision, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
 )
 from .store import SessionDB
 from .text import sanitize_title
@@ -17,5 +20,7 @@ __all__ = [
     "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
-    "WalDeletedError",
+    "WalDeletedError", "StaleRevision", "CoordinationError", "LeaseHeld", "LeaseLost",
+    "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning",
+    "Lease", "Claim", "Heartbeat", "Deadline",
 ]

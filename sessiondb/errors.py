@@ -21,13 +21,24 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     │   ├── DiskFullError           SQLITE_FULL: free space, then retry
     │   ├── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
     │   └── WalDeletedError         the -wal/-shm was deleted under a live connection
-    └── SearchIndexError            the full-text index is damaged (messages are intact)
+    ├── SearchIndexError            the full-text index is damaged (messages are intact)
+    ├── StaleRevision               the session changed since the revision the update expected
+    └── CoordinationError           leases and work claims (sessiondb.coordination)
+        ├── LeaseHeld               someone else holds the lease (``.holder``, ``.expires_at``)
+        ├── LeaseLost               the lease (or claim) is no longer this holder's: fenced out
+        │   └── ClaimLost           the work claim expired or went back to the queue
+        ├── CapExceeded             the owner holds as many leases or claims as its cap allows
+        └── DeadlineExceeded        work under a lease or claim ran past its deadline
+
+Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap.
 
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
 original ``apsw`` exception stays reachable as ``__cause__``.
 """
 
 from __future__ import annotations
+
+import time
 
 import apsw
 
@@ -51,6 +62,14 @@ __all__ = [
     "CorruptDatabaseError",
     "WalDeletedError",
     "SearchIndexError",
+    "StaleRevision",
+    "CoordinationError",
+    "LeaseHeld",
+    "LeaseLost",
+    "ClaimLost",
+    "CapExceeded",
+    "DeadlineExceeded",
+    "CapWarning",
     "translate",
 ]
 
@@ -211,6 +230,121 @@ class SearchIndexError(SessionDBError):
 
     Rebuild it with ``sessiondb doctor --repair``.
     """
+
+
+class StaleRevision(SessionDBError):
+    """The session was changed by someone else since the revision this update expected;
+    nothing was written. Read the session again, merge, and retry with its revision.
+
+    :ivar session_id: the session.
+    :ivar expected: the revision the caller passed.
+    :ivar actual: the session's revision now.
+    """
+
+    def __init__(self, session_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"session {session_id!r} is at revision {actual}, not {expected}: someone else "
+            "changed it meanwhile; nothing was written. Read it again and retry with "
+            f"expected_revision={actual}")
+        self.session_id = session_id
+        self.expected = expected
+        self.actual = actual
+
+
+class CoordinationError(SessionDBError):
+    """Base of the lease and work-claim errors (:mod:`sessiondb.coordination`)."""
+
+
+class LeaseHeld(CoordinationError):
+    """Another owner holds the lease.
+
+    :ivar name: the lease name.
+    :ivar holder: the owner holding it.
+    :ivar expires_at: when it lapses unless renewed (epoch seconds).
+    :ivar token: the holder's fencing token.
+    """
+
+    def __init__(self, name: str, holder: str, expires_at: float, token: int) -> None:
+        super().__init__(
+            f"lease {name!r} is held by {holder!r} until {_clock(expires_at)} (token {token}); "
+            "try again after that, or pass wait= to acquire_lease")
+        self.name = name
+        self.holder = holder
+        self.expires_at = expires_at
+        self.token = token
+
+
+class LeaseLost(CoordinationError):
+    """The lease is no longer this holder's (it expired, was released, or was taken over
+    with a higher fencing token); the write or renewal that found out was refused and
+    nothing of it was written. Stop the work done under it.
+
+    :ivar name: the lease name.
+    :ivar token: the token this holder had.
+    :ivar reason: what happened, in words.
+    """
+
+    def __init__(self, name: str, token: int, reason: str) -> None:
+        super().__init__(f"lease {name!r} (token {token}) is no longer yours: {reason}; "
+                         "nothing was written. Stop the work done under it")
+        self.name = name
+        self.token = token
+        self.reason = reason
+
+
+class ClaimLost(LeaseLost):
+    """The work claim expired or went back to the queue (someone else may run the item);
+    the completion or write that found out was refused.
+
+    :ivar claim_id: the item.
+    """
+
+    def __init__(self, claim_id: int, token: int, reason: str) -> None:
+        super().__init__(f"claim:{claim_id}", token, reason)
+        self.claim_id = claim_id
+
+
+class CapExceeded(CoordinationError):
+    """The owner already holds as many leases or claims as its cap allows; nothing was
+    taken. Release some, or put the work back in the queue and try later.
+
+    :ivar owner: the owner.
+    :ivar kind: ``"leases"`` or ``"claims"``.
+    :ivar held: how many it holds.
+    :ivar cap: the cap.
+    """
+
+    def __init__(self, owner: str, kind: str, held: int, cap: int) -> None:
+        super().__init__(f"{owner!r} holds {held} {kind}, its cap is {cap}; nothing was "
+                         f"taken. Release {kind} (or re-queue the work) and try again, or "
+                         f"raise max_{kind}_per_owner")
+        self.owner = owner
+        self.kind = kind
+        self.held = held
+        self.cap = cap
+
+
+class DeadlineExceeded(CoordinationError):
+    """Work under a lease or claim ran past its deadline; the lease was released or the
+    claim returned to the queue, so later writes fenced by it are refused.
+
+    :ivar name: the lease name (``claim:<id>`` for a claim).
+    :ivar seconds: the deadline that passed.
+    """
+
+    def __init__(self, name: str, seconds: float) -> None:
+        super().__init__(f"work under {name!r} ran past its {seconds:g}s deadline; the "
+                         "slot was given back (lease released / claim returned to the queue)")
+        self.name = name
+        self.seconds = seconds
+
+
+class CapWarning(UserWarning):
+    """An owner holds 80% or more of its lease or claim cap."""
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f" ({ts:.3f})"
 
 
 def translate(exc: BaseException, path: str = "") -> BaseException:

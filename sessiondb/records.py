@@ -127,7 +127,7 @@ def _session_row(sid: str, item: dict[str, Any]) -> dict[str, Any]:
     row["model_config"] = to_json("model_config" + of, item.get("model_config"))
     row["started_at"] = check_number("started_at" + of, item.get("started_at"))
     row["ended_at"] = check_number("ended_at" + of, item.get("ended_at"), optional=True)
-    for c in _SESSION_COUNTERS:
+    for c in _SESSION_COUNTERS + ("revision",):
         row[c] = check_count(c + of, item.get(c), optional=True)
     for c in ("estimated_cost_usd", "actual_cost_usd"):
         row[c] = check_cost(c + of, item.get(c))

@@ -24,7 +24,7 @@ import filelock
 
 from .errors import DatabaseOpenError, SchemaTooNewError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The full-text index table (also recreated by sessiondb.search_index.rebuild).
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
@@ -120,8 +120,67 @@ CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages {_WHEN_INDEX_OK} BEG
 END;
 """
 
+# v3: coordination (sessiondb.coordination) and optimistic revisions (#5).
+# A session's revision counts changes to its own fields, made by any code path (a trigger,
+# not the API, so every writer agrees); an UPDATE that stores the same values does not
+# count, so it never makes another editor's expected revision stale. Counters (messages,
+# tokens, cost) are not fields an editor edits and do not count either.
+_EDITABLE = ("user_id", "model", "model_config", "system_prompt", "parent_session_id",
+             "ended_at", "end_reason", "title")
+_CHANGED = " OR ".join(f"new.{c} IS NOT old.{c}" for c in _EDITABLE)
+# A lease row outlives its holders: ``token`` is the last fencing token handed out for
+# the name, so tokens keep increasing across releases. The holder's process identity
+# (host, boot id, pid, pid start time) lets a same-host process reclaim a lease whose
+# holder died before its TTL. A claim row is one work item; ``token`` counts its claims.
+_V3 = f"""
+ALTER TABLE sessions ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+CREATE TRIGGER sessions_revision AFTER UPDATE OF {", ".join(_EDITABLE)} ON sessions
+WHEN new.revision IS old.revision AND ({_CHANGED}) BEGIN
+    UPDATE sessions SET revision = old.revision + 1 WHERE id = new.id;
+END;
+
+CREATE TABLE sessiondb_leases (
+    name TEXT PRIMARY KEY,
+    token INTEGER NOT NULL,
+    owner TEXT,
+    ttl REAL,
+    acquired_at REAL,
+    expires_at REAL,
+    host TEXT,
+    boot_id TEXT,
+    pid INTEGER,
+    pid_start INTEGER
+) WITHOUT ROWID;
+CREATE INDEX sessiondb_leases_owner ON sessiondb_leases(owner) WHERE owner IS NOT NULL;
+
+CREATE TABLE sessiondb_claims (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    payload TEXT,
+    session_id TEXT,
+    state TEXT NOT NULL DEFAULT 'ready'
+        CHECK (state IN ('ready', 'claimed', 'done', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    available_at REAL NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    claimed_at REAL,
+    expires_at REAL,
+    host TEXT,
+    boot_id TEXT,
+    pid INTEGER,
+    pid_start INTEGER,
+    finished_at REAL,
+    last_error TEXT
+);
+CREATE INDEX sessiondb_claims_ready ON sessiondb_claims(queue, id) WHERE state = 'ready';
+CREATE INDEX sessiondb_claims_held ON sessiondb_claims(owner) WHERE state = 'claimed';
+"""
+
 #: MIGRATIONS[n] brings a store from version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 
 WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
 

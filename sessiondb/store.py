@@ -15,10 +15,11 @@ from typing import Any
 import apsw
 
 from . import records, search_index
-from .engine import Engine, _fetch, _first, _rows
+from .coordination import Coordination
+from .engine import _fetch, _first, _rows
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SearchIndexError,
-    SessionNotFound, TitleConflict,
+    SessionNotFound, StaleRevision, TitleConflict,
 )
 from .text import (
     MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
@@ -35,7 +36,7 @@ _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_
                    "title")
 
 
-class SessionDB(Engine):
+class SessionDB(Coordination):
     """A session store that many processes can share.
 
     :param path: the database file; ``None`` means ``$SESSIONDB_PATH`` or
@@ -57,6 +58,9 @@ class SessionDB(Engine):
     :param gate: use the kernel-queued FIFO write gate where available (default True).
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the
         platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
+    :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
+        cap); see :mod:`sessiondb.coordination`.
+    :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).
     :raises DatabaseOpenError: the path is unusable (directory, not a database, no access).
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises ConfigurationError: an option is invalid or the SQLite is too old.
@@ -147,36 +151,90 @@ class SessionDB(Engine):
         rows = self._read(lambda c: _rows(c, sql, (*args, limit, offset)), snapshot=True)
         return [records.listed_session(r) for r in rows]
 
-    def end_session(self, session_id: str, reason: str | None = None) -> None:
-        """Mark the session ended now, with a reason (ending again updates both)."""
+    def end_session(self, session_id: str, reason: str | None = None, *,
+                    expected_revision: int | None = None) -> int:
+        """Mark the session ended now, with a reason (ending again updates both).
+
+        :returns: the session's revision after the change.
+        """
         reason = check_text("reason", reason)
-        self._update_session(session_id, "ended_at = ?, end_reason = ?", (time.time(), reason))
+        return self._update_session(session_id, {"ended_at": time.time(), "end_reason": reason},
+                                    expected_revision)
 
-    def reopen_session(self, session_id: str) -> None:
-        """Clear the ended state."""
-        self._update_session(session_id, "ended_at = NULL, end_reason = NULL", ())
+    def reopen_session(self, session_id: str, *, expected_revision: int | None = None) -> int:
+        """Clear the ended state; returns the revision after the change."""
+        return self._update_session(session_id, {"ended_at": None, "end_reason": None},
+                                    expected_revision)
 
-    def update_system_prompt(self, session_id: str, system_prompt: str | None) -> None:
-        """Replace the session's system prompt snapshot."""
+    def update_system_prompt(self, session_id: str, system_prompt: str | None, *,
+                             expected_revision: int | None = None) -> int:
+        """Replace the session's system prompt snapshot; returns the revision after it."""
         prompt = check_text("system_prompt", system_prompt)
-        self._update_session(session_id, "system_prompt = ?", (prompt,))
+        return self._update_session(session_id, {"system_prompt": prompt}, expected_revision)
 
     def set_model(self, session_id: str, model: str | None,
-                  model_config: dict[str, Any] | None = None) -> None:
-        """Set the session's model and model config (JSON-serializable)."""
+                  model_config: dict[str, Any] | None = None, *,
+                  expected_revision: int | None = None) -> int:
+        """Set the session's model and model config (JSON-serializable); returns the
+        revision after it."""
         model = check_text("model", model)
         config = to_json("model_config", model_config)
-        self._update_session(session_id, "model = ?, model_config = ?", (model, config))
+        return self._update_session(session_id, {"model": model, "model_config": config},
+                                    expected_revision)
 
-    def _update_session(self, session_id: str, assignments: str, args: tuple) -> None:
+    def update_session(self, session_id: str, *, expected_revision: int | None = None,
+                       **fields: Any) -> int:
+        """Change several fields of a session at once, optionally only if nobody changed
+        the session since ``expected_revision`` (optimistic concurrency)::
+
+            s = db.get_session(sid)
+            db.update_session(sid, expected_revision=s["revision"], title="Parser work")
+
+        A session's ``revision`` (0 when created) grows by one with every change to its
+        fields, by any method; counters (messages, tokens, cost) do not count. An update
+        that changes nothing leaves the revision alone, and is never a conflict, even
+        with an older ``expected_revision``.
+
+        :param fields: ``title``, ``model``, ``model_config``, ``system_prompt``,
+            ``user_id``.
+        :returns: the revision after the update.
+        :raises StaleRevision: the session changed since ``expected_revision``
+            (``.actual``); nothing was written.
+        :raises SessionNotFound: no such session.
+        :raises TitleConflict: another session has the title.
+        """
+        editable = ("title", "model", "model_config", "system_prompt", "user_id")
+        unknown = set(fields) - set(editable)
+        if unknown:
+            raise InvalidArgumentType(
+                f"unexpected session field(s): {', '.join(sorted(unknown))}; editable "
+                f"fields are {', '.join(editable)}")
+        values = {k: (sanitize_title(v) if k == "title" else to_json(k, v)
+                      if k == "model_config" else check_text(k, v)) for k, v in fields.items()}
+        return self._update_session(session_id, values, expected_revision)
+
+    def _update_session(self, session_id: str, values: dict[str, Any],
+                        expected: int | None) -> int:
         check_id("session_id", session_id)
+        if expected is not None:
+            check_count("expected_revision", expected)
+        assignments = ", ".join(f"{column} = ?" for column in values)
 
-        def write(conn: apsw.Connection) -> None:
-            conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", (*args, session_id))
-            if conn.changes() == 0:
+        def write(conn: apsw.Connection) -> int:
+            if values.get("title") is not None:
+                _check_title_free(conn, values["title"], session_id)
+            before = _revision(conn, session_id)
+            if before is None:
                 raise SessionNotFound(session_id)
+            if values:
+                conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?",
+                             (*values.values(), session_id))
+            after = _revision(conn, session_id)
+            if expected is not None and expected != before and after != before:
+                raise StaleRevision(session_id, expected, before)  # rolls the update back
+            return after
 
-        self._execute_write(write)
+        return self._execute_write(write)
 
     def delete_session(self, session_id: str) -> bool:
         """Delete the session and its messages; False if it did not exist.
@@ -237,22 +295,23 @@ class SessionDB(Engine):
         return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM messages", ()))
 
     # -- titles -----------------------------------------------------------------------
-    def set_session_title(self, session_id: str, title: str | None) -> bool:
+    def set_session_title(self, session_id: str, title: str | None, *,
+                          expected_revision: int | None = None) -> bool:
         """Set (or, with empty text, clear) the title; False if the session is missing.
 
         :raises InvalidTitle: over 100 characters after sanitizing.
         :raises TitleConflict: another session has this title (exact, case-sensitive).
+        :raises StaleRevision: ``expected_revision`` given and the session changed since.
         """
         check_text("session_id", session_id, optional=False)
         clean = sanitize_title(title)
-
-        def write(conn: apsw.Connection) -> bool:
-            if clean is not None:
-                _check_title_free(conn, clean, session_id)
-            conn.execute("UPDATE sessions SET title = ? WHERE id = ?", (clean, session_id))
-            return conn.changes() > 0
-
-        return self._execute_write(write)
+        if not session_id or len(session_id) > MAX_ID_LENGTH:
+            return False  # no session has such an id
+        try:
+            self._update_session(session_id, {"title": clean}, expected_revision)
+        except SessionNotFound:
+            return False
+        return True
 
     def get_session_title(self, session_id: str) -> str | None:
         session = self.get_session(session_id)
@@ -652,6 +711,10 @@ def _lineage(conn: apsw.Connection, base: str) -> list[tuple[str, str, float]]:
                         "OR substr(CAST(title AS BLOB), 1, ?) = ?",
                   (base, len(prefix), prefix))
     return [r for r in rows if r[1] == base or split_lineage(r[1]) == base]
+
+
+def _revision(conn: apsw.Connection, session_id: str) -> int | None:
+    return _first(conn, "SELECT revision FROM sessions WHERE id = ?", (session_id,))
 
 
 def _check_title_free(conn: apsw.Connection, title: str, session_id: str) -> None:

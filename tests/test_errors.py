@@ -9,6 +9,7 @@ import apsw
 import pytest
 
 import sessiondb
+from sessiondb import Claim, Lease
 from sessiondb import (
     ClosedError, ConfigurationError, DatabaseOpenError, InvalidArgument, InvalidArgumentType,
     SessionDB, SessionDBError,
@@ -84,6 +85,8 @@ def test_apsw_errors_are_chained(db: SessionDB) -> None:
 
 # -- closing ------------------------------------------------------------------------
 
+LEASE = Lease("l", "o", 1, 30.0, 0.0, 2e9)
+CLAIM = Claim(1, "q", None, None, "o", 1, 1, 5, 30.0, 2e9)
 CLOSED_CALLS = {
     "create_session": lambda db: db.create_session("s", "cli"),
     "ensure_session": lambda db: db.ensure_session("s"),
@@ -115,6 +118,26 @@ CLOSED_CALLS = {
     "prune_sessions": lambda db: db.prune_sessions(1),
     "checkpoint": lambda db: db.checkpoint(),
     "stats": lambda db: db.stats(),
+    "update_session": lambda db: db.update_session("s", title="t"),
+    "acquire_lease": lambda db: db.acquire_lease("l", "o"),
+    "acquire_session": lambda db: db.acquire_session("s", "o"),
+    "session_holder": lambda db: db.session_holder("s"),
+    "renew_lease": lambda db: db.renew_lease(LEASE),
+    "release_lease": lambda db: db.release_lease(LEASE),
+    "get_lease": lambda db: db.get_lease("l"),
+    "list_leases": lambda db: db.list_leases(),
+    "fenced": lambda db: db.fenced(LEASE).__enter__(),
+    "heartbeat": lambda db: db.heartbeat(LEASE).check(),
+    "deadline": lambda db: db.deadline(LEASE, 0.001).call(lambda: None),
+    "enqueue": lambda db: db.enqueue("q"),
+    "claim": lambda db: db.claim("q", "o"),
+    "complete_claim": lambda db: db.complete_claim(CLAIM),
+    "fail_claim": lambda db: db.fail_claim(CLAIM),
+    "release_claim": lambda db: db.release_claim(CLAIM),
+    "extend_claim": lambda db: db.extend_claim(CLAIM),
+    "reap_claims": lambda db: db.reap_claims(),
+    "get_claim": lambda db: db.get_claim(1),
+    "queue_counts": lambda db: db.queue_counts(),
     "transaction": lambda db: db.transaction().__enter__(),
     "snapshot": lambda db: db.snapshot().__enter__(),
 }

@@ -289,6 +289,7 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     db.checkpoint()
     db.stats()
     db.clear_messages("child")
+    tour_coordination(db, raw)
     try:
         db.delete_session("root")  # has a child
     except IntegrityViolation:
@@ -316,6 +317,64 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     db.stats()
     db.checkpoint()
     db.close()
+
+
+def tour_coordination(db: Any, raw: SessionDB) -> None:
+    """The coordination API (leases, claims, revisions, heartbeat, deadline) once each."""
+    from sessiondb import ClaimLost, DeadlineExceeded, LeaseHeld, LeaseLost, StaleRevision
+
+    revision = db.update_session("root", title="Project renamed", system_prompt="p")
+    try:
+        db.update_session("root", expected_revision=revision - 1, title="stale")
+    except StaleRevision:
+        pass
+    lease = db.acquire_lease("tour", "owner-a", ttl=30)
+    try:
+        db.acquire_lease("tour", "owner-b")
+    except LeaseHeld:
+        pass
+    lease = db.renew_lease(lease)
+    with db.fenced(lease):
+        raw.append_message("root", "assistant", "fenced")
+    db.get_lease("tour")
+    db.list_leases()
+    db.list_leases(owner="owner-a")
+    with db.heartbeat(lease, interval=0.01) as hb:
+        while hb.renewals == 0:
+            time.sleep(0.01)
+    db.release_lease(lease)
+    try:
+        db.renew_lease(lease)
+    except LeaseLost:
+        pass
+    session_lease = db.acquire_session("root", "agent-1", ttl=30)
+    db.session_holder("root")
+    db.release_lease(session_lease)
+    item = db.enqueue("tour-q", {"n": 1}, session_id="root", max_attempts=2)
+    db.enqueue("tour-q", [2])
+    claim = db.claim("tour-q", "worker-1", ttl=30)
+    claim = db.extend_claim(claim)
+    db.fail_claim(claim, "try again")
+    claim = db.claim("tour-q", "worker-1", ttl=30)
+    with db.fenced(claim):
+        raw.append_message("root", "assistant", "worked on it")
+        raw.complete_claim(claim)
+    try:
+        db.complete_claim(claim)
+    except ClaimLost:
+        pass
+    claim = db.claim("tour-q", "worker-1", ttl=30)
+    db.release_claim(claim)
+    claim = db.claim("tour-q", "worker-1", ttl=30)
+    try:
+        with db.deadline(claim, 0.01) as bound:
+            bound.call(time.sleep, 0.5)
+    except DeadlineExceeded:
+        pass
+    db.reap_claims()
+    db.get_claim(item)
+    db.queue_counts()
+    db.queue_counts("tour-q")
 
 
 # -- turn and reader-room workers -------------------------------------------------------

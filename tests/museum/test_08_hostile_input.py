@@ -40,13 +40,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sessiondb import (
-    ClosedError, ConfigurationError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
-    SessionDB, SessionDBError, SessionNotFound,
+    Claim, ClosedError, ConfigurationError, CoordinationError, IntegrityViolation,
+    InvalidArgument, InvalidArgumentType, Lease, SessionDB, SessionDBError, SessionNotFound,
+    StaleRevision,
 )
 from sessiondb.text import lineage_number, split_lineage
 
 EXAMPLES = 2500
-INPUT_ERRORS = (InvalidArgument, InvalidArgumentType, SessionNotFound, IntegrityViolation)
+# Coordination answers ("held by", "no longer yours", "at the cap") and stale revisions
+# are answers about the state of the store, not failures.
+INPUT_ERRORS = (InvalidArgument, InvalidArgumentType, SessionNotFound, IntegrityViolation,
+                CoordinationError, StaleRevision)
 NAN, INF = float("nan"), float("inf")
 INT64_MAX = 2**63 - 1
 
@@ -174,18 +178,28 @@ class Call:
         return f"db.{self.name}({', '.join(parts)})"
 
 
-class Block(Call):
-    """``with db.transaction():`` or ``with db.snapshot():`` around one inner call; the
-    inner error (a checked one) either leaves the block or is caught inside it."""
+class Stopped(Call):
+    """A call that starts a helper (``heartbeat``, ``deadline``), stopped at once."""
 
-    def __init__(self, name: str, inner: Call, reraise: bool) -> None:
-        super().__init__(name)
+    def run(self, db: SessionDB) -> Any:
+        helper = super().run(db)
+        helper.stop() if hasattr(helper, "stop") else helper.cancel()
+        return helper
+
+
+class Block(Call):
+    """``with db.transaction():``, ``with db.snapshot():`` or ``with db.fenced(x):``
+    around one inner call; the inner error (a checked one) either leaves the block or is
+    caught inside it."""
+
+    def __init__(self, name: str, inner: Call, reraise: bool, *args: Any) -> None:
+        super().__init__(name, *args)
         self.inner, self.reraise = inner, reraise
         self.inner_error: BaseException | None = None
 
     def run(self, db: SessionDB) -> Any:
         self.inner_error = None
-        with getattr(db, self.name)():
+        with getattr(db, self.name)(*self.args):
             self.inner_error = checked(db, self.inner, in_block=True)
             if self.inner_error is not None and self.reraise:
                 raise self.inner_error
@@ -226,10 +240,11 @@ def record(required: dict[str, Arg], optional: dict[str, Arg]) -> st.SearchStrat
     return fields(required, optional).map(lambda f: {**f[0], **f[1]})
 
 
-def call(name: str, *positional: Arg, **keywords: Arg) -> st.SearchStrategy["Call"]:
+def call(name: str, *positional: Arg, kind: type = Call, **keywords: Arg
+         ) -> st.SearchStrategy["Call"]:
     required = {f"{i}": a for i, a in enumerate(positional)}
     return fields(required, keywords).map(
-        lambda f: Call(name, *[f[0][k] for k in sorted(f[0], key=int)], **f[1]))
+        lambda f: kind(name, *[f[0][k] for k in sorted(f[0], key=int)], **f[1]))
 
 
 VALID_ID = st.sampled_from(EXISTING)
@@ -289,6 +304,29 @@ IMPORTED_SESSION = record(
 IMPORT_DATA = Arg(IMPORTED_SESSION | st.lists(IMPORTED_SESSION, max_size=3),
                   st.lists(WRONG, min_size=1, max_size=2))
 
+# Coordination: a few names and owners, so that calls meet each other's leases and claims.
+# ``wait`` and ``seconds`` are attacked with invalid values only: a valid large wait for a
+# held lease is a legitimate (long) wait, not hostile input.
+NAME = Arg(st.sampled_from(["L1", "L2", "session:s1"]), TEXT)
+OWNER = Arg(st.sampled_from(["o1", "o2"]), TEXT)
+QUEUE = Arg(st.sampled_from(["q1", "q2"]), TEXT)
+TTL = Arg(st.floats(1, 60), st.one_of(INTS, FLOATS))
+OPT_TTL = Arg(st.none() | st.floats(1, 60), st.one_of(INTS, FLOATS))
+NOT_SECONDS = st.sampled_from([0, 0.0, -1, -1.0, NAN, INF, -INF])
+WAIT = Arg(st.just(0.0), NOT_SECONDS)
+DELAY = Arg(st.just(0.0) | st.floats(0, 5), NOT_SECONDS)
+REVISION = Arg(st.none() | st.integers(0, 3), st.one_of(INTS, FLOATS))
+LEASE = Arg(st.builds(Lease, NAME.valid, OWNER.valid, st.integers(0, 4), st.just(30.0),
+                      st.just(0.0), st.just(2e9)),
+            st.builds(Lease, TEXT | WRONG, TEXT | WRONG, INTS | WRONG, FLOATS | WRONG,
+                      FLOATS, FLOATS))
+CLAIM = Arg(st.builds(Claim, st.integers(0, 4), QUEUE.valid, st.none(), st.none(), OWNER.valid,
+                      st.integers(0, 4), st.integers(1, 3), st.just(3), st.just(30.0),
+                      st.just(2e9)),
+            st.builds(Claim, INTS | WRONG, TEXT, WRONG, WRONG, TEXT | WRONG, INTS | WRONG,
+                      INTS, INTS, FLOATS | WRONG, FLOATS))
+HOLDING = Arg(LEASE.valid | CLAIM.valid, st.none())
+
 STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "create_session": call("create_session", NEW_ID, SOURCE, **SESSION_FIELDS_PLUS),
     "ensure_session": call("ensure_session", NEW_ID, source=SOURCE, **SESSION_FIELDS_PLUS),
@@ -327,12 +365,37 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "checkpoint": call("checkpoint", reset=FLAG),
     "stats": call("stats"),
     "close": call("close"),
+    "update_session": call("update_session", SESSION_ID, expected_revision=REVISION,
+                           title=TITLE, model=OPT_TEXT, model_config=JSON_ARG,
+                           system_prompt=OPT_TEXT, user_id=OPT_TEXT, bogus=Arg(None, TEXT)),
+    "acquire_lease": call("acquire_lease", NAME, OWNER, ttl=TTL, wait=WAIT),
+    "acquire_session": call("acquire_session", SESSION_ID, OWNER, ttl=TTL, wait=WAIT),
+    "session_holder": call("session_holder", SESSION_ID),
+    "renew_lease": call("renew_lease", LEASE, ttl=OPT_TTL),
+    "release_lease": call("release_lease", LEASE),
+    "get_lease": call("get_lease", NAME),
+    "list_leases": call("list_leases", owner=OPT_TEXT),
+    "heartbeat": call("heartbeat", HOLDING, interval=Arg(st.none() | st.floats(0.01, 1),
+                                                         NOT_SECONDS), kind=Stopped),
+    "deadline": call("deadline", HOLDING, Arg(st.floats(5, 60), NOT_SECONDS), kind=Stopped),
+    "enqueue": call("enqueue", QUEUE, payload=JSON_ARG, session_id=OPT_TEXT,
+                    max_attempts=Arg(st.integers(1, 5), st.one_of(INTS, FLOATS)), delay=DELAY),
+    "claim": call("claim", QUEUE, OWNER, ttl=TTL),
+    "complete_claim": call("complete_claim", CLAIM),
+    "fail_claim": call("fail_claim", CLAIM, error=OPT_TEXT, retry_delay=DELAY),
+    "release_claim": call("release_claim", CLAIM),
+    "extend_claim": call("extend_claim", CLAIM, ttl=OPT_TTL),
+    "reap_claims": call("reap_claims"),
+    "get_claim": call("get_claim", Arg(st.integers(0, 5), st.one_of(INTS, FLOATS))),
+    "queue_counts": call("queue_counts", queue=OPT_TEXT),
 }
 # A block wraps one inner call of any method above (close left out: closing inside a
 # block is not an input problem), whose error either leaves the block or is caught in it.
 _INNER = st.one_of([s for name, s in STRATEGIES.items() if name != "close"])
 STRATEGIES["transaction"] = st.builds(Block, st.just("transaction"), _INNER, st.booleans())
 STRATEGIES["snapshot"] = st.builds(Block, st.just("snapshot"), _INNER, st.booleans())
+STRATEGIES["fenced"] = st.builds(Block, st.just("fenced"), _INNER, st.booleans(),
+                                 st.one_of(HOLDING.valid, WRONG))
 ANY_CALL = st.one_of(list(STRATEGIES.values()))
 
 
@@ -401,7 +464,8 @@ class Arena:
         self.reader.execute("BEGIN")
         try:
             return tuple(self.reader.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-                         for table in ("sessions", "messages", "sqlite_sequence"))
+                         for table in ("sessions", "messages", "sqlite_sequence",
+                                       "sessiondb_leases", "sessiondb_claims"))
         finally:
             self.reader.execute("COMMIT")
 
@@ -411,7 +475,8 @@ class Arena:
         try:
             writer.set_busy_timeout(5000)
             writer.execute("BEGIN IMMEDIATE; DELETE FROM messages; DELETE FROM sessions; "
-                           "DELETE FROM sqlite_sequence; COMMIT")
+                           "DELETE FROM sqlite_sequence; DELETE FROM sessiondb_leases; "
+                           "DELETE FROM sessiondb_claims; COMMIT")
         finally:
             writer.close()
         self.db.import_sessions(SEED)

@@ -1,0 +1,200 @@
+"""Keeping a lease or claim alive, and bounding the work done under it.
+
+:class:`Heartbeat` renews a lease (or extends a claim) from a thread every third of its
+TTL and tells its owner as soon as a renewal fails for good: ``on_lost`` is called, the
+``lost`` event is set, and :meth:`Heartbeat.check` raises. The renewals are rows written
+through the store's write path, not a connection's keep-alive, so a pooler that reaps an
+idle connection cannot make a worker lose (and evict) its own job.
+
+:class:`Deadline` bounds the work done under a lease or claim: when the time is up it
+gives the slot back at once -- the lease is released, the claim is failed (back to the
+queue, or to the dead letters when out of attempts) -- even while the work itself is still
+hung in a call nobody can interrupt. Whatever that work writes later through
+:meth:`~sessiondb.coordination.Coordination.fenced` is refused, since its token is no
+longer current. Run the work through :meth:`Deadline.call` to get control back at the
+deadline (the hung call is left running in a daemon thread); in a ``with`` block, the
+block itself is not interrupted, and :class:`~sessiondb.errors.DeadlineExceeded` is raised
+when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .errors import DeadlineExceeded, InvalidArgument, LeaseLost, SessionDBError
+from .text import check_number
+
+if TYPE_CHECKING:
+    from .coordination import Coordination, Holding
+
+log = logging.getLogger("sessiondb")
+T = TypeVar("T")
+
+
+class Heartbeat:
+    """Renews ``holding`` every ``interval`` seconds (default ``ttl / 3``) until stopped.
+
+    Use it as a context manager, or call :meth:`stop`::
+
+        with db.heartbeat(lease, on_lost=lambda exc: stop_event.set()) as hb:
+            for step in work:
+                hb.check()                      # raises LeaseLost once it is gone
+                with db.fenced(hb.holding):
+                    ...
+
+    A renewal refused (:class:`~sessiondb.errors.LeaseLost`) ends it at once. A renewal
+    that fails otherwise (the store busy past ``write_timeout``, a disk error) is retried
+    until the lease expires, and then counts as lost.
+
+    :ivar lost: an event set when the holding is lost.
+    :ivar error: the :class:`~sessiondb.errors.LeaseLost` that ended it, or None.
+    """
+
+    def __init__(self, db: "Coordination", holding: "Holding", *,
+                 on_lost: Callable[[LeaseLost], Any] | None = None,
+                 interval: float | None = None) -> None:
+        self._db = db
+        self._holding = holding
+        self._on_lost = on_lost
+        self._interval = holding.ttl / 3 if interval is None else _positive("interval", interval)
+        self._stop = threading.Event()
+        self._guard = threading.Lock()
+        self.lost = threading.Event()
+        self.error: LeaseLost | None = None
+        self.renewals = 0
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"sessiondb-heartbeat-{holding.name}")
+        self._thread.start()
+
+    @property
+    def holding(self) -> "Holding":
+        """The lease or claim as last renewed (its ``expires_at`` moves on)."""
+        with self._guard:
+            return self._holding
+
+    def check(self) -> None:
+        """Raise :class:`~sessiondb.errors.LeaseLost` if the holding is lost, or has
+        expired without a successful renewal (known here even before the thread is)."""
+        if self.error is not None:
+            raise self.error
+        holding = self.holding
+        if time.time() >= holding.expires_at:
+            raise LeaseLost(holding.name, holding.token, "it expired before a renewal "
+                            "succeeded")
+
+    def stop(self) -> None:
+        """Stop renewing (the holding stays until released or expired); idempotent."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> "Heartbeat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        wait = self._interval
+        while not self._stop.wait(wait):
+            holding = self.holding
+            try:
+                renewed = self._db._renew(holding)
+            except LeaseLost as exc:
+                self._lose(exc)
+                return
+            except SessionDBError as exc:
+                if time.time() >= holding.expires_at:
+                    self._lose(LeaseLost(holding.name, holding.token,
+                                         f"every renewal failed until it expired ({exc})"))
+                    return
+                log.warning("sessiondb: renewing %s failed, retrying: %s", holding.name, exc)
+                wait = min(self._interval, max(0.01, (holding.expires_at - time.time()) / 4))
+                continue
+            with self._guard:
+                self._holding = renewed
+            self.renewals += 1
+            wait = self._interval
+
+    def _lose(self, exc: LeaseLost) -> None:
+        self.error = exc
+        self.lost.set()
+        if self._on_lost is not None:
+            try:
+                self._on_lost(exc)
+            except Exception:  # the owner's callback must not kill the report
+                log.exception("sessiondb: the on_lost callback of %s raised", exc.name)
+
+
+class Deadline:
+    """Gives ``holding`` back ``seconds`` from now unless the work is done first.
+
+    :ivar expired: an event set when the deadline passed and the slot was given back.
+    """
+
+    def __init__(self, db: "Coordination", holding: "Holding", seconds: float) -> None:
+        self._db = db
+        self._holding = holding
+        self.seconds = _positive("seconds", seconds)
+        self.expired = threading.Event()
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def check(self) -> None:
+        """Raise :class:`~sessiondb.errors.DeadlineExceeded` if the deadline has passed."""
+        if self.expired.is_set():
+            raise DeadlineExceeded(self._holding.name, self.seconds)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a helper thread and return its result, or raise
+        :class:`~sessiondb.errors.DeadlineExceeded` at the deadline while a hung ``fn``
+        goes on alone (its fenced writes refused)."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the caller below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True,
+                                  name=f"sessiondb-bounded-{self._holding.name}")
+        worker.start()
+        while worker.is_alive() and not self.expired.is_set():
+            worker.join(0.02)
+        self.check()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def cancel(self) -> None:
+        """The work is done: keep the holding (idempotent)."""
+        self._timer.cancel()
+
+    def __enter__(self) -> "Deadline":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.cancel()
+        if self.expired.is_set() and not isinstance(exc, DeadlineExceeded):
+            raise DeadlineExceeded(self._holding.name, self.seconds) from exc
+
+    def _expire(self) -> None:
+        try:
+            self._db._give_back(self._holding, f"deadline of {self.seconds:g}s passed")
+        except Exception as exc:  # keep going: the holding lapses by its TTL anyway
+            log.warning("sessiondb: giving back %s at its deadline failed (%s); it lapses "
+                        "at its TTL", self._holding.name, exc)
+        self.expired.set()
+
+
+def _positive(name: str, value: Any) -> float:
+    number = check_number(name, value)
+    assert number is not None
+    if number <= 0:
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {number}")
+    return number

@@ -1,0 +1,687 @@
+"""Coordination between a gateway and its agents: leases with fencing tokens, work claims,
+caps per owner. Everything is rows in the store, written through the one write path, and
+nothing is tied to a connection's lifetime (a pooler reaping a connection, or a process
+reconnecting, changes nothing).
+
+**Leases.** :meth:`Coordination.acquire_lease` gives a named lease to one owner for a TTL
+and returns a :class:`Lease` whose ``token`` strictly increases across all holders of that
+name (the row outlives its holders, so a token is never handed out twice). A lease lapses
+at ``expires_at`` unless renewed; one whose holder process is gone (same host: the pid is
+not running, or runs another program started later, or the machine rebooted) can be taken
+before that. A write made inside :meth:`Coordination.fenced` runs only while the lease is
+still the caller's, so a holder that was paused past its TTL and taken over gets
+:class:`~sessiondb.errors.LeaseLost` instead of clobbering its successor's work.
+
+**Work claims.** A queue of items (:meth:`Coordination.enqueue`) that workers claim
+atomically (:meth:`Coordination.claim`: one ``BEGIN IMMEDIATE`` transaction, so no item is
+ever claimed twice), complete, or fail; an item failed ``max_attempts`` times goes to the
+dead letters. Every :meth:`Coordination.claim` first returns expired claims (and claims of
+dead processes) to the queue, whatever else happens, so a full or busy pool can never stop
+the reaper.
+
+**The rule for both.** Giving back (release, fail) works while your token is current.
+Acting as the holder (renew, complete, a fenced write) also needs the lease or claim not to
+have expired: after ``expires_at`` it is not yours any more, even if nobody has taken it.
+
+**Caps.** An owner may hold at most ``max_leases_per_owner`` live leases and
+``max_claims_per_owner`` claims; at 80% a :class:`~sessiondb.errors.CapWarning` is issued,
+at the cap :class:`~sessiondb.errors.CapExceeded` is raised and nothing is taken.
+
+Times are wall-clock (``time.time()``), shared by the processes of one machine; a holder's
+process identity is only judged on its own host (other hosts' leases lapse by TTL only).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Union
+
+import apsw
+
+from .bounded import Deadline, Heartbeat
+from .engine import Engine, _fetch, _first, _rows
+from .errors import (
+    CapExceeded, CapWarning, ClaimLost, ConfigurationError, InvalidArgument,
+    InvalidArgumentType, LeaseHeld, LeaseLost, SessionNotFound,
+)
+from .text import check_count, check_id, check_number, check_text, from_json, to_json
+
+#: The default caps (see :class:`Coordination`).
+MAX_LEASES_PER_OWNER = 1000
+MAX_CLAIMS_PER_OWNER = 100
+#: The share of a cap at which a CapWarning is issued.
+WARN_AT = 0.8
+_CLAIM_STATES = ("ready", "claimed", "done", "dead")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease held by ``owner``, as returned by acquire and renew.
+
+    :ivar name: the lease name (``session:<id>`` for a session lease).
+    :ivar owner: who holds it.
+    :ivar token: the fencing token: larger than every token handed out for this name before.
+    :ivar ttl: the seconds each renewal extends it by.
+    :ivar acquired_at: when this holder got it (epoch seconds).
+    :ivar expires_at: when it lapses unless renewed (epoch seconds).
+    """
+
+    name: str
+    owner: str
+    token: int
+    ttl: float
+    acquired_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A work item claimed by ``owner``, as returned by :meth:`Coordination.claim`.
+
+    :ivar id: the item id (from :meth:`Coordination.enqueue`).
+    :ivar queue: its queue.
+    :ivar payload: the payload given to enqueue (decoded JSON).
+    :ivar session_id: the session it is about, if any.
+    :ivar owner: who claimed it.
+    :ivar token: counts the item's claims; fences this claim against later ones.
+    :ivar attempts: claims so far, this one included.
+    :ivar max_attempts: the attempts after which a failure sends it to the dead letters.
+    :ivar ttl: the seconds a claim (and each extension) lasts.
+    :ivar expires_at: when the claim lapses and the item goes back to the queue.
+    """
+
+    id: int
+    queue: str
+    payload: Any
+    session_id: str | None
+    owner: str
+    token: int
+    attempts: int
+    max_attempts: int
+    ttl: float
+    expires_at: float
+
+    @property
+    def name(self) -> str:
+        return f"claim:{self.id}"
+
+
+Holding = Union[Lease, Claim]
+
+
+# -- process identity -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Process:
+    host: str
+    boot_id: str | None
+    pid: int
+    start: int | None  # clock ticks after boot (/proc/<pid>/stat, field 22)
+
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a running pid, from /proc (None: no such process)."""
+    text = _read_proc(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the name may hold spaces and ')'
+    return fields[0], int(fields[19])
+
+
+@lru_cache(maxsize=None)
+def _boot_id() -> str | None:
+    text = _read_proc("/proc/sys/kernel/random/boot_id")
+    return text.strip() if text else None
+
+
+def this_process() -> _Process:
+    pid = os.getpid()
+    st = _stat(pid)
+    return _Process(socket.gethostname(), _boot_id(), pid, st[1] if st else None)
+
+
+def holder_gone(host: str | None, boot_id: str | None, pid: int | None,
+                start: int | None) -> bool:
+    """True when the recorded holder process has surely ended: on this host, the machine
+    rebooted since, or the pid runs no longer (a zombie counts as ended) or runs a process
+    started at another time. Unknown (another host, no /proc) is False: wait for the TTL."""
+    if host != socket.gethostname() or pid is None or start is None:
+        return False
+    mine = _boot_id()
+    if mine is None or boot_id is None:
+        return False
+    if boot_id != mine:
+        return True
+    st = _stat(pid)
+    return st is None or st[0] in ("Z", "X") or st[1] != start
+
+
+def _check_ttl(ttl: Any) -> float:
+    value = check_number("ttl", ttl)
+    assert value is not None
+    if not 0 < value <= 10 * 365 * 86400:
+        raise InvalidArgument(f"ttl must be more than 0 and at most ten years, got {value}")
+    return value
+
+
+def _check_wait(wait: Any) -> float:
+    value = check_number("wait", wait)
+    assert value is not None
+    if value < 0:
+        raise InvalidArgument(f"wait must be >= 0 seconds, got {value}")
+    return value
+
+
+def _check_cap(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, or None for no cap")
+    return value
+
+
+def _warn_near_cap(owner: str, kind: str, held: int, cap: int | None) -> None:
+    if cap is not None and held >= WARN_AT * cap:
+        warnings.warn(CapWarning(f"{owner!r} holds {held} {kind} of its cap of {cap} "
+                                 f"({held / cap:.0%})"), stacklevel=3)
+
+
+class Coordination(Engine):
+    """Leases, session ownership, work claims and caps (see the module docstring); the
+    options are those of :class:`~sessiondb.SessionDB`."""
+
+    def __init__(self, path: Any = None, *,
+                 max_leases_per_owner: int | None = MAX_LEASES_PER_OWNER,
+                 max_claims_per_owner: int | None = MAX_CLAIMS_PER_OWNER,
+                 **options: Any) -> None:
+        self._caps = {"leases": _check_cap("max_leases_per_owner", max_leases_per_owner),
+                      "claims": _check_cap("max_claims_per_owner", max_claims_per_owner)}
+        super().__init__(path, **options)
+
+    # -- leases -----------------------------------------------------------------------
+    def acquire_lease(self, name: str, owner: str, ttl: float = 30.0, *,
+                      wait: float = 0.0) -> Lease:
+        """Take the lease ``name`` for ``owner`` for ``ttl`` seconds.
+
+        Acquiring a lease the same owner already holds renews it (same token). A lease
+        that has expired, or whose holder process has died on this machine, is taken over
+        with a new, larger token.
+
+        :param wait: seconds to keep trying while someone else holds it (default 0: one try).
+        :returns: the lease; pass it to :meth:`renew_lease`, :meth:`release_lease`,
+            :meth:`fenced` and :meth:`heartbeat`.
+        :raises LeaseHeld: someone else holds it (``.holder``, ``.expires_at``).
+        :raises CapExceeded: ``owner`` already holds ``max_leases_per_owner`` leases.
+        """
+        return self._acquire(check_id("name", name), owner, ttl, wait)
+
+    def acquire_session(self, session_id: str, owner: str, ttl: float = 30.0, *,
+                        wait: float = 0.0) -> Lease:
+        """Take the session's lease (``session:<id>``): one agent drives a conversation
+        at a time. Same rules as :meth:`acquire_lease`.
+
+        :raises SessionNotFound: the session does not exist.
+        """
+        session_id = check_id("session_id", session_id)
+        return self._acquire(f"session:{session_id}", owner, ttl, wait, session_id)
+
+    def session_holder(self, session_id: str) -> Lease | None:
+        """The live lease on the session, or None when nobody drives it."""
+        return self.get_lease(f"session:{check_id('session_id', session_id)}")
+
+    def _acquire(self, name: str, owner: str, ttl: float, wait: float,
+                 session_id: str | None = None) -> Lease:
+        owner = check_id("owner", owner)
+        ttl, wait = _check_ttl(ttl), _check_wait(wait)
+        me = this_process()
+        cap = self._caps["leases"]
+
+        def write(conn: apsw.Connection) -> tuple[Lease, int]:
+            if session_id is not None and _first(
+                    conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
+                raise SessionNotFound(session_id)
+            now = time.time()
+            row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, "
+                               "pid, pid_start FROM sessiondb_leases WHERE name = ?",
+                               (name,)).fetchone()
+            token, holder, acquired = (row[0], row[1], row[2]) if row else (0, None, None)
+            if holder is not None and holder != owner and row[3] > now \
+                    and not holder_gone(*row[4:]):
+                raise LeaseHeld(name, holder, row[3], token)
+            held = _first(conn, "SELECT COUNT(*) FROM sessiondb_leases WHERE owner = ? "
+                                "AND expires_at > ? AND name != ?", (owner, now, name))
+            if cap is not None and held >= cap:
+                raise CapExceeded(owner, "leases", held, cap)
+            if holder != owner or row[3] <= now:  # a new holding: a new token
+                token, acquired = token + 1, now
+            conn.execute(
+                "INSERT OR REPLACE INTO sessiondb_leases (name, token, owner, ttl, "
+                "acquired_at, expires_at, host, boot_id, pid, pid_start) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (name, token, owner, ttl, acquired, now + ttl, me.host, me.boot_id, me.pid,
+                 me.start))
+            return Lease(name, owner, token, ttl, acquired, now + ttl), held + 1
+
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                lease, held = self._execute_write(write)
+            except LeaseHeld as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                pause = min(remaining, max(0.0, exc.expires_at - time.time()) + 0.001,
+                            random.uniform(0.02, 0.1))
+                time.sleep(pause)
+                continue
+            _warn_near_cap(owner, "leases", held, cap)
+            return lease
+
+    def renew_lease(self, lease: Lease, ttl: float | None = None) -> Lease:
+        """Extend the lease by ``ttl`` (default: its own) from now.
+
+        :raises LeaseLost: it expired, was released, or another holder has it now.
+        """
+        lease = _check_holding(lease, Lease)
+        ttl = lease.ttl if ttl is None else _check_ttl(ttl)
+
+        def write(conn: apsw.Connection) -> Lease:
+            now = time.time()
+            _check_lease(conn, lease, now)
+            conn.execute("UPDATE sessiondb_leases SET expires_at = ?, ttl = ? WHERE name = ?",
+                         (now + ttl, ttl, lease.name))
+            return replace(lease, ttl=ttl, expires_at=now + ttl)
+
+        return self._execute_write(write)
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give the lease up (the next acquire gets a larger token).
+
+        :returns: False when it was no longer this holder's (taken over meanwhile).
+        """
+        lease = _check_holding(lease, Lease)
+
+        def write(conn: apsw.Connection) -> bool:
+            conn.execute("UPDATE sessiondb_leases SET owner = NULL, expires_at = NULL, "
+                         "pid = NULL WHERE name = ? AND token = ? "
+                         "AND owner = ?", (lease.name, lease.token, lease.owner))
+            return conn.changes() > 0
+
+        return self._execute_write(write)
+
+    def get_lease(self, name: str) -> Lease | None:
+        """The live lease called ``name`` (held and not expired), or None."""
+        name = check_id("name", name)
+        rows = self._read(lambda c: _fetch(
+            c, "SELECT name, owner, token, ttl, acquired_at, expires_at FROM sessiondb_leases "
+               "WHERE name = ? AND owner IS NOT NULL AND expires_at > ?", (name, time.time())))
+        return _lease_row(rows[0]) if rows else None
+
+    def list_leases(self, owner: str | None = None) -> list[Lease]:
+        """The live leases (of one owner, or all), by name."""
+        owner = check_text("owner", owner)
+        where, args = "owner IS NOT NULL AND expires_at > ?", [time.time()]
+        if owner is not None:
+            where, args = where + " AND owner = ?", args + [owner]
+        rows = self._read(lambda c: _fetch(
+            c, "SELECT name, owner, token, ttl, acquired_at, expires_at FROM sessiondb_leases "
+               f"WHERE {where} ORDER BY name", args))
+        return [_lease_row(r) for r in rows]
+
+    @contextmanager
+    def fenced(self, holding: Holding) -> Iterator["Coordination"]:
+        """A :meth:`transaction` that commits only while ``holding`` (a lease or a claim)
+        is still the caller's::
+
+            with db.fenced(lease):
+                db.append_message(sid, "assistant", text)
+
+        The check runs under the write lock, which a successor needs to take over, so no
+        write of a fenced-out holder can land after its successor's acquire.
+
+        :raises LeaseLost: the lease expired or was taken over (``ClaimLost`` for a
+            claim); nothing of the block was written.
+        """
+        _check_holding(holding, (Lease, Claim))
+        with self.transaction():
+            self._execute_write(lambda conn: _check_holding_row(conn, holding, time.time()))
+            yield self
+
+    # -- work claims ------------------------------------------------------------------
+    def enqueue(self, queue: str, payload: Any = None, *, session_id: str | None = None,
+                max_attempts: int = 5, delay: float = 0.0) -> int:
+        """Put a work item in ``queue``; returns its id.
+
+        :param payload: any JSON-serializable value, given back in the :class:`Claim`.
+        :param session_id: the session the work is about (a gateway -> agent handoff).
+        :param max_attempts: claims after which a failure sends it to the dead letters.
+        :param delay: seconds before it may be claimed.
+        """
+        queue = check_id("queue", queue)
+        body = to_json("payload", payload)
+        session_id = check_text("session_id", session_id)
+        if check_count("max_attempts", max_attempts) < 1:
+            raise InvalidArgument("max_attempts must be at least 1")
+        delay = _check_wait(delay)
+
+        def write(conn: apsw.Connection) -> int:
+            now = time.time()
+            conn.execute("INSERT INTO sessiondb_claims (queue, payload, session_id, "
+                         "max_attempts, created_at, available_at) VALUES (?,?,?,?,?,?)",
+                         (queue, body, session_id, max_attempts, now, now + delay))
+            return conn.last_insert_rowid()
+
+        return self._execute_write(write)
+
+    def claim(self, queue: str, owner: str, ttl: float = 60.0) -> Claim | None:
+        """Claim the oldest ready item of ``queue`` for ``owner`` for ``ttl`` seconds.
+
+        Before anything else it returns expired claims, and claims whose process died, to
+        their queues (or to the dead letters when out of attempts) -- on every call, also
+        when the owner is at its cap.
+
+        :returns: the claim, or None when no item is ready.
+        :raises CapExceeded: ``owner`` already holds ``max_claims_per_owner`` claims
+            (the expired ones were still returned).
+        """
+        queue, owner = check_id("queue", queue), check_id("owner", owner)
+        ttl = _check_ttl(ttl)
+        me = this_process()
+        cap = self._caps["claims"]
+
+        def write(conn: apsw.Connection) -> tuple[Claim | None, int]:
+            now = time.time()
+            _reap(conn, now)
+            held = _first(conn, "SELECT COUNT(*) FROM sessiondb_claims WHERE state = "
+                                "'claimed' AND owner = ?", (owner,))
+            if cap is not None and held >= cap:
+                return None, held  # raised after commit: the reaping must stay
+            row = conn.execute(
+                "SELECT id FROM sessiondb_claims WHERE queue = ? AND state = 'ready' AND "
+                "available_at <= ? ORDER BY id LIMIT 1", (queue, now)).fetchone()
+            if row is None:
+                return None, held
+            rows = _rows(conn, (
+                "UPDATE sessiondb_claims SET state = 'claimed', token = token + 1, "
+                "attempts = attempts + 1, owner = ?, claimed_at = ?, expires_at = ?, "
+                "host = ?, boot_id = ?, pid = ?, pid_start = ? WHERE id = ? RETURNING "
+                "id, queue, payload, session_id, owner, token, attempts, max_attempts, "
+                "expires_at"),
+                (owner, now, now + ttl, me.host, me.boot_id, me.pid, me.start, row[0]))
+            r = rows[0]
+            r["payload"] = from_json(r["payload"])
+            return Claim(ttl=ttl, **r), held + 1
+
+        claim, held = self._execute_write(write)
+        if cap is not None and held >= cap and claim is None:
+            raise CapExceeded(owner, "claims", held, cap)
+        _warn_near_cap(owner, "claims", held, cap)
+        return claim
+
+    def complete_claim(self, claim: Claim) -> None:
+        """Mark the item done. Do it in the same :meth:`fenced` block as the work's
+        writes to make them one atomic step::
+
+            with db.fenced(claim):
+                db.append_message(claim.session_id, "assistant", answer)
+                db.complete_claim(claim)
+
+        :raises ClaimLost: the claim expired or the item went back to the queue.
+        """
+        claim = _check_holding(claim, Claim)
+
+        def write(conn: apsw.Connection) -> None:
+            now = time.time()
+            _check_claim(conn, claim, now)
+            conn.execute("UPDATE sessiondb_claims SET state = 'done', finished_at = ?, "
+                         "owner = NULL, expires_at = NULL WHERE id = ?", (now, claim.id))
+
+        self._execute_write(write)
+
+    def fail_claim(self, claim: Claim, error: str | None = None, *,
+                   retry_delay: float = 0.0) -> str:
+        """Give the item back after a failed attempt: to the queue (claimable again after
+        ``retry_delay`` seconds), or to the dead letters when it has had ``max_attempts``.
+
+        :returns: the item's new state, ``"ready"`` or ``"dead"``.
+        :raises ClaimLost: the item is no longer this claim's (it was reaped meanwhile).
+        """
+        claim = _check_holding(claim, Claim)
+        error = check_text("error", error)
+        delay = _check_wait(retry_delay)
+
+        def write(conn: apsw.Connection) -> str:
+            now = time.time()
+            _check_claim(conn, claim, now, giving_back=True)
+            attempts, most = conn.execute("SELECT attempts, max_attempts FROM "
+                                          "sessiondb_claims WHERE id = ?", (claim.id,)).fetchone()
+            state = "dead" if attempts >= most else "ready"
+            conn.execute("UPDATE sessiondb_claims SET state = ?, available_at = ?, "
+                         "last_error = ?, owner = NULL, expires_at = NULL, finished_at = ? "
+                         "WHERE id = ?", (state, now + delay, error,
+                                          now if state == "dead" else None, claim.id))
+            return state
+
+        return self._execute_write(write)
+
+    def release_claim(self, claim: Claim) -> bool:
+        """Put the item back in the queue without counting the attempt (e.g. at shutdown).
+
+        :returns: False when it was no longer this claim's.
+        """
+        claim = _check_holding(claim, Claim)
+
+        def write(conn: apsw.Connection) -> bool:
+            conn.execute("UPDATE sessiondb_claims SET state = 'ready', attempts = attempts "
+                         "- 1, owner = NULL, expires_at = NULL WHERE id = ? AND token = ? "
+                         "AND state = 'claimed'", (claim.id, claim.token))
+            return conn.changes() > 0
+
+        return self._execute_write(write)
+
+    def extend_claim(self, claim: Claim, ttl: float | None = None) -> Claim:
+        """Extend the claim by ``ttl`` (default: its own) from now.
+
+        :raises ClaimLost: it expired or the item went back to the queue.
+        """
+        claim = _check_holding(claim, Claim)
+        ttl = claim.ttl if ttl is None else _check_ttl(ttl)
+
+        def write(conn: apsw.Connection) -> Claim:
+            now = time.time()
+            _check_claim(conn, claim, now)
+            conn.execute("UPDATE sessiondb_claims SET expires_at = ? WHERE id = ?",
+                         (now + ttl, claim.id))
+            return replace(claim, ttl=ttl, expires_at=now + ttl)
+
+        return self._execute_write(write)
+
+    def reap_claims(self) -> int:
+        """Return expired claims and claims of dead processes to their queues (or to the
+        dead letters); :meth:`claim` does this on every call. Returns how many."""
+        return self._execute_write(lambda conn: _reap(conn, time.time()))
+
+    def get_claim(self, claim_id: int) -> dict[str, Any] | None:
+        """The item as a dict (``state`` is ready, claimed, done or dead), or None."""
+        claim_id = check_count("claim_id", claim_id)
+        rows = self._read(lambda c: _rows(
+            c, "SELECT id, queue, payload, session_id, state, attempts, max_attempts, "
+               "created_at, available_at, token, owner, claimed_at, expires_at, finished_at, "
+               "last_error FROM sessiondb_claims WHERE id = ?", (claim_id,)))
+        if not rows:
+            return None
+        rows[0]["payload"] = from_json(rows[0]["payload"])
+        return rows[0]
+
+    def queue_counts(self, queue: str | None = None) -> dict[str, int]:
+        """Items per state (ready, claimed, done, dead), in one queue or in all."""
+        queue = check_text("queue", queue)
+        where, args = ("WHERE queue = ?", (queue,)) if queue is not None else ("", ())
+        rows = self._read(lambda c: _fetch(
+            c, f"SELECT state, COUNT(*) FROM sessiondb_claims {where} GROUP BY state", args))
+        counts = dict.fromkeys(_CLAIM_STATES, 0)
+        counts.update(dict(rows))
+        return counts
+
+    # -- keeping a holding alive, bounding the work under it ---------------------------
+    def heartbeat(self, holding: Holding, *,
+                  on_lost: Callable[[LeaseLost], Any] | None = None,
+                  interval: float | None = None) -> Heartbeat:
+        """Start renewing ``holding`` (a lease or a claim) from a thread every ``interval``
+        seconds (default: a third of its TTL); see :class:`~sessiondb.bounded.Heartbeat`.
+
+        The first renewal runs before this returns, so a holding already lost raises
+        here rather than in the thread.
+
+        :param on_lost: called (from the heartbeat thread) with the
+            :class:`~sessiondb.errors.LeaseLost` as soon as a renewal fails for good.
+        :raises LeaseLost: the holding is not the caller's any more (``ClaimLost``).
+        """
+        _check_holding(holding, (Lease, Claim))
+        return Heartbeat(self, self._renew(holding), on_lost=on_lost, interval=interval)
+
+    def deadline(self, holding: Holding, seconds: float) -> Deadline:
+        """Give ``holding`` back after ``seconds`` unless the work is done by then (the
+        lease is released, the claim failed back to its queue); see
+        :class:`~sessiondb.bounded.Deadline`::
+
+            with db.deadline(claim, 120) as d:
+                answer = d.call(call_the_model, prompt)   # DeadlineExceeded at 120 s
+                with db.fenced(claim):
+                    db.append_message(claim.session_id, "assistant", answer)
+                    db.complete_claim(claim)
+
+        :raises LeaseLost: the holding is not the caller's any more (``ClaimLost``).
+        """
+        _check_holding(holding, (Lease, Claim))
+        self._read(lambda conn: _check_holding_row(conn, holding, time.time()))
+        return Deadline(self, holding, seconds)
+
+    def _renew(self, holding: Holding) -> Holding:
+        if isinstance(holding, Lease):
+            return self.renew_lease(holding)
+        return self.extend_claim(holding)
+
+    def _give_back(self, holding: Holding, why: str) -> None:
+        if isinstance(holding, Lease):
+            self.release_lease(holding)
+        else:
+            try:
+                self.fail_claim(holding, why)
+            except ClaimLost:
+                pass  # already back in the queue
+
+    # -- figures ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The engine's figures plus ``coordination``: live leases, claims per state, what
+        each owner holds, and the caps."""
+        figures = super().stats()
+
+        def read(conn: apsw.Connection) -> dict[str, Any]:
+            now = time.time()
+            owners: dict[str, dict[str, int]] = {}
+            for owner, n in _fetch(conn, "SELECT owner, COUNT(*) FROM sessiondb_leases WHERE "
+                                         "owner IS NOT NULL AND expires_at > ? GROUP BY owner",
+                                   (now,)):
+                owners.setdefault(owner, {"leases": 0, "claims": 0})["leases"] = n
+            for owner, n in _fetch(conn, "SELECT owner, COUNT(*) FROM sessiondb_claims WHERE "
+                                         "state = 'claimed' GROUP BY owner"):
+                owners.setdefault(owner, {"leases": 0, "claims": 0})["claims"] = n
+            counts = dict.fromkeys(_CLAIM_STATES, 0)
+            counts.update(dict(_fetch(conn, "SELECT state, COUNT(*) FROM sessiondb_claims "
+                                            "GROUP BY state")))
+            return {"leases_held": sum(o["leases"] for o in owners.values()),
+                    "claims": counts, "owners": dict(sorted(owners.items())),
+                    "caps": {f"max_{k}_per_owner": v for k, v in self._caps.items()}}
+
+        figures["coordination"] = self._read(read, snapshot=True)
+        return figures
+
+
+# -- checks inside a write (pure functions of a connection) -----------------------------
+
+def _check_holding(holding: Any, kind: type | tuple[type, ...]) -> Any:
+    """A Lease or Claim as the API hands them out (they are plain dataclasses, so one
+    may have been built or unpickled with anything in it)."""
+    if not isinstance(holding, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise InvalidArgumentType(f"expected a {names}, not {type(holding).__name__}")
+    if isinstance(holding, Lease):
+        check_id("lease name", holding.name)
+    else:
+        check_count("claim id", holding.id)
+    check_id("owner", holding.owner)
+    check_count("token", holding.token)
+    _check_ttl(holding.ttl)
+    return holding
+
+
+def _check_holding_row(conn: apsw.Connection, holding: Holding, now: float) -> None:
+    if isinstance(_check_holding(holding, (Lease, Claim)), Lease):
+        _check_lease(conn, holding, now)
+    else:
+        _check_claim(conn, holding, now)
+
+
+def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:
+    row = conn.execute("SELECT token, owner, expires_at FROM sessiondb_leases WHERE name = ?",
+                       (lease.name,)).fetchone()
+    if row is None or row[0] != lease.token:
+        raise LeaseLost(lease.name, lease.token,
+                        f"taken over by {row[1]!r} with token {row[0]}" if row and row[1]
+                        else "released and taken again since" if row else "it does not exist")
+    if row[1] != lease.owner:
+        raise LeaseLost(lease.name, lease.token, "released")
+    if row[2] <= now:
+        raise LeaseLost(lease.name, lease.token, f"expired {now - row[2]:.3f}s ago")
+
+
+def _check_claim(conn: apsw.Connection, claim: Claim, now: float,
+                 giving_back: bool = False) -> None:
+    row = conn.execute("SELECT token, state, expires_at FROM sessiondb_claims WHERE id = ?",
+                       (claim.id,)).fetchone()
+    if row is None:
+        raise ClaimLost(claim.id, claim.token, "the item does not exist")
+    if row[0] != claim.token or row[1] != "claimed":
+        raise ClaimLost(claim.id, claim.token,
+                        f"the item is {row[1]} now" + (" (claimed again since)"
+                                                       if row[0] != claim.token else ""))
+    if not giving_back and row[2] <= now:
+        raise ClaimLost(claim.id, claim.token, f"the claim expired {now - row[2]:.3f}s ago")
+
+
+def _reap(conn: apsw.Connection, now: float) -> int:
+    """Return expired claims and claims of dead holders to their queues; out of attempts,
+    to the dead letters. The claim is counted as a failed attempt."""
+    rows = _fetch(conn, "SELECT id, attempts, max_attempts, expires_at, host, boot_id, pid, "
+                        "pid_start FROM sessiondb_claims WHERE state = 'claimed'")
+    reaped = 0
+    for item, attempts, max_attempts, expires_at, *process in rows:
+        if expires_at > now and not holder_gone(*process):
+            continue
+        why = "the claim expired" if expires_at <= now else "the claiming process died"
+        state = "dead" if attempts >= max_attempts else "ready"
+        conn.execute("UPDATE sessiondb_claims SET state = ?, available_at = ?, last_error = ?, "
+                     "owner = NULL, expires_at = NULL, finished_at = ? WHERE id = ?",
+                     (state, now, why, now if state == "dead" else None, item))
+        reaped += 1
+    return reaped
+
+
+def _lease_row(row: tuple) -> Lease:
+    return Lease(*row)

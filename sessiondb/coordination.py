@@ -195,10 +195,11 @@ def _check_cap(name: str, value: Any) -> int | None:
     return value
 
 
-def _warn_near_cap(owner: str, kind: str, held: int, cap: int | None) -> None:
+def _warn_near_cap(owner: str, kind: str, held: int, cap: int | None, depth: int) -> None:
+    """Warn at 80% of the cap, pointing at the caller ``depth`` frames up from here."""
     if cap is not None and held >= WARN_AT * cap:
         warnings.warn(CapWarning(f"{owner!r} holds {held} {kind} of its cap of {cap} "
-                                 f"({held / cap:.0%})"), stacklevel=3)
+                                 f"({held / cap:.0%})"), stacklevel=depth + 1)
 
 
 class Coordination(Engine):
@@ -256,13 +257,8 @@ class Coordination(Engine):
                     conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
                 raise SessionNotFound(session_id)
             now = time.time()
-            row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, "
-                               "pid, pid_start FROM sessiondb_leases WHERE name = ?",
-                               (name,)).fetchone()
+            row = _refuse_if_held(conn, name, owner, now)
             token, holder, acquired = (row[0], row[1], row[2]) if row else (0, None, None)
-            if holder is not None and holder != owner and row[3] > now \
-                    and not holder_gone(*row[4:]):
-                raise LeaseHeld(name, holder, row[3], token)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_leases WHERE owner = ? "
                                 "AND expires_at > ? AND name != ?", (owner, now, name))
             if cap is not None and held >= cap:
@@ -280,6 +276,9 @@ class Coordination(Engine):
         deadline = time.monotonic() + wait
         while True:
             try:
+                # A read first: a waiter polling a held lease must not queue for the
+                # write lock every time (the write decides, under the lock).
+                self._read(lambda conn: _refuse_if_held(conn, name, owner, time.time()))
                 lease, held = self._execute_write(write)
             except LeaseHeld as exc:
                 remaining = deadline - time.monotonic()
@@ -289,7 +288,7 @@ class Coordination(Engine):
                             random.uniform(0.02, 0.1))
                 time.sleep(pause)
                 continue
-            _warn_near_cap(owner, "leases", held, cap)
+            _warn_near_cap(owner, "leases", held, cap, depth=3)
             return lease
 
     def renew_lease(self, lease: Lease, ttl: float | None = None) -> Lease:
@@ -430,7 +429,7 @@ class Coordination(Engine):
         claim, held = self._execute_write(write)
         if cap is not None and held >= cap and claim is None:
             raise CapExceeded(owner, "claims", held, cap)
-        _warn_near_cap(owner, "claims", held, cap)
+        _warn_near_cap(owner, "claims", held, cap, depth=2)
         return claim
 
     def complete_claim(self, claim: Claim) -> None:
@@ -636,6 +635,16 @@ def _check_holding_row(conn: apsw.Connection, holding: Holding, now: float) -> N
         _check_lease(conn, holding, now)
     else:
         _check_claim(conn, holding, now)
+
+
+def _refuse_if_held(conn: apsw.Connection, name: str, owner: str, now: float) -> tuple | None:
+    """The lease's row, unless another live owner holds it: then LeaseHeld."""
+    row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, pid, "
+                       "pid_start FROM sessiondb_leases WHERE name = ?", (name,)).fetchone()
+    if row and row[1] is not None and row[1] != owner and row[3] > now \
+            and not holder_gone(*row[4:]):
+        raise LeaseHeld(name, row[1], row[3], row[0])
+    return row
 
 
 def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:

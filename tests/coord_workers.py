@@ -115,3 +115,9 @@ def edit_prompt(path: str, session_id: str, marker: str, edits: int, start: Any,
                 conflicts += 1
     results.put({"marker": marker, "conflicts": conflicts})
     db.close()
+
+
+def claim_and_exit(path: str, queue: str, results: Any) -> None:
+    """Claim an item for an hour and exit without completing it."""
+    with SessionDB(path) as db:
+        results.put(db.claim(queue, "exited", ttl=3600).id)

@@ -173,6 +173,22 @@ def test_stats_adds_counts(capsys, cli_db):
     assert code == 0 and "checkpoint.passive_runs" in out
 
 
+def test_stats_shows_what_each_owner_holds(capsys, cli_db):
+    with SessionDB(cli_db) as db:
+        db.acquire_lease("gateway", "gw-1")
+        db.enqueue("turns")
+        db.enqueue("turns")
+        db.claim("turns", "agent-1")
+    figures = run_json(capsys, "stats", "--db", str(cli_db))["coordination"]
+    assert figures["leases_held"] == 1
+    assert figures["claims"] == {"ready": 1, "claimed": 1, "done": 0, "dead": 0}
+    assert figures["owners"] == {"agent-1": {"leases": 0, "claims": 1},
+                                 "gw-1": {"leases": 1, "claims": 0}}
+    code, out, _ = run(capsys, "stats", "--db", str(cli_db))
+    assert "coordination.owners.gw-1.leases" in out
+    assert "coordination.caps.max_claims_per_owner" in out
+
+
 # -- export, import, prune -----------------------------------------------------------------
 
 def test_export_import_round_trip_through_files(capsys, cli_db, tmp_path):

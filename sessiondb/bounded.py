@@ -24,7 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from .errors import DeadlineExceeded, InvalidArgument, LeaseLost, SessionDBError
+from .errors import ClosedError, DeadlineExceeded, InvalidArgument, LeaseLost, SessionDBError
 from .text import check_number
 
 if TYPE_CHECKING:
@@ -105,6 +105,10 @@ class Heartbeat:
                 renewed = self._db._renew(holding)
             except LeaseLost as exc:
                 self._lose(exc)
+                return
+            except ClosedError:
+                self._lose(LeaseLost(holding.name, holding.token, "its SessionDB was closed, "
+                                     "so it is no longer renewed"))
                 return
             except SessionDBError as exc:
                 if time.time() >= holding.expires_at:

@@ -241,3 +241,13 @@ def test_work_done_within_the_deadline_keeps_the_lease(db: SessionDB) -> None:
     with pytest.raises(ZeroDivisionError):  # the work's own error comes through
         with db.deadline(lease, 30) as bound:
             bound.call(lambda: 1 / 0)
+
+
+def test_closing_the_store_ends_its_heartbeats_as_lost(db_path: Path) -> None:
+    db = SessionDB(db_path)
+    lease = db.acquire_lease("job", "a", ttl=0.3)
+    hb = db.heartbeat(lease)
+    db.close()
+    workers.wait_for(hb.lost.is_set)
+    assert "closed" in hb.error.reason
+    hb.stop()

@@ -102,7 +102,7 @@ class Heartbeat:
         while not self._stop.wait(wait):
             holding = self.holding
             try:
-                renewed = self._db._renew(holding)
+                renewed = self._db._extend(holding)
             except LeaseLost as exc:
                 self._lose(exc)
                 return

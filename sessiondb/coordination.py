@@ -296,17 +296,7 @@ class Coordination(Engine):
 
         :raises LeaseLost: it expired, was released, or another holder has it now.
         """
-        lease = _check_holding(lease, Lease)
-        ttl = lease.ttl if ttl is None else _check_ttl(ttl)
-
-        def write(conn: apsw.Connection) -> Lease:
-            now = time.time()
-            _check_lease(conn, lease, now)
-            conn.execute("UPDATE sessiondb_leases SET expires_at = ?, ttl = ? WHERE name = ?",
-                         (now + ttl, ttl, lease.name))
-            return replace(lease, ttl=ttl, expires_at=now + ttl)
-
-        return self._execute_write(write)
+        return self._extend(_check_holding(lease, Lease), ttl)
 
     def release_lease(self, lease: Lease) -> bool:
         """Give the lease up (the next acquire gets a larger token).
@@ -417,14 +407,14 @@ class Coordination(Engine):
                 return None, held
             rows = _rows(conn, (
                 "UPDATE sessiondb_claims SET state = 'claimed', token = token + 1, "
-                "attempts = attempts + 1, owner = ?, claimed_at = ?, expires_at = ?, "
+                "attempts = attempts + 1, owner = ?, ttl = ?, claimed_at = ?, expires_at = ?, "
                 "host = ?, boot_id = ?, pid = ?, pid_start = ? WHERE id = ? RETURNING "
-                "id, queue, payload, session_id, owner, token, attempts, max_attempts, "
+                "id, queue, payload, session_id, owner, token, attempts, max_attempts, ttl, "
                 "expires_at"),
-                (owner, now, now + ttl, me.host, me.boot_id, me.pid, me.start, row[0]))
+                (owner, ttl, now, now + ttl, me.host, me.boot_id, me.pid, me.start, row[0]))
             r = rows[0]
             r["payload"] = from_json(r["payload"])
-            return Claim(ttl=ttl, **r), held + 1
+            return Claim(**r), held + 1
 
         claim, held = self._execute_write(write)
         if cap is not None and held >= cap and claim is None:
@@ -498,17 +488,7 @@ class Coordination(Engine):
 
         :raises ClaimLost: it expired or the item went back to the queue.
         """
-        claim = _check_holding(claim, Claim)
-        ttl = claim.ttl if ttl is None else _check_ttl(ttl)
-
-        def write(conn: apsw.Connection) -> Claim:
-            now = time.time()
-            _check_claim(conn, claim, now)
-            conn.execute("UPDATE sessiondb_claims SET expires_at = ? WHERE id = ?",
-                         (now + ttl, claim.id))
-            return replace(claim, ttl=ttl, expires_at=now + ttl)
-
-        return self._execute_write(write)
+        return self._extend(_check_holding(claim, Claim), ttl)
 
     def reap_claims(self) -> int:
         """Return expired claims and claims of dead processes to their queues (or to the
@@ -552,7 +532,7 @@ class Coordination(Engine):
         :raises LeaseLost: the holding is not the caller's any more (``ClaimLost``).
         """
         _check_holding(holding, (Lease, Claim))
-        return Heartbeat(self, self._renew(holding), on_lost=on_lost, interval=interval)
+        return Heartbeat(self, self._extend(holding), on_lost=on_lost, interval=interval)
 
     def deadline(self, holding: Holding, seconds: float) -> Deadline:
         """Give ``holding`` back after ``seconds`` unless the work is done by then (the
@@ -571,10 +551,21 @@ class Coordination(Engine):
         self._read(lambda conn: _check_holding_row(conn, holding, time.time()))
         return Deadline(self, holding, seconds)
 
-    def _renew(self, holding: Holding) -> Holding:
-        if isinstance(holding, Lease):
-            return self.renew_lease(holding)
-        return self.extend_claim(holding)
+    def _extend(self, holding: Holding, ttl: float | None = None) -> Any:
+        """Renew a lease or extend a claim by ``ttl`` (default: its own) from now."""
+        ttl = holding.ttl if ttl is None else _check_ttl(ttl)
+        table, column, key = (("sessiondb_leases", "name", holding.name)
+                              if isinstance(holding, Lease) else
+                              ("sessiondb_claims", "id", holding.id))
+        sql = f"UPDATE {table} SET expires_at = ?, ttl = ? WHERE {column} = ?"
+
+        def write(conn: apsw.Connection) -> Holding:
+            now = time.time()
+            _check_holding_row(conn, holding, now)
+            conn.execute(sql, (now + ttl, ttl, key))
+            return replace(holding, ttl=ttl, expires_at=now + ttl)
+
+        return self._execute_write(write)
 
     def _give_back(self, holding: Holding, why: str) -> None:
         if isinstance(holding, Lease):

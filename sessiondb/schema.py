@@ -166,6 +166,7 @@ CREATE TABLE sessiondb_claims (
     available_at REAL NOT NULL,
     token INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
+    ttl REAL,
     claimed_at REAL,
     expires_at REAL,
     host TEXT,

@@ -273,7 +273,9 @@ class Coordination(Engine):
                  me.start))
             return Lease(name, owner, token, ttl, acquired, now + ttl), held + 1
 
-        deadline = time.monotonic() + wait
+        # Inside transaction() this process holds the write lock, so nobody can let go
+        # meanwhile: waiting would only hold everyone else up.
+        deadline = time.monotonic() + (0.0 if self._writes.active else wait)
         while True:
             try:
                 # A read first: a waiter polling a held lease must not queue for the

@@ -2,9 +2,10 @@
 
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
-    InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
-    SessionNotFound, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
+    DatabaseOpenError, DiskFullError, HermesSchemaError, HoldTimeout, IntegrityViolation,
+    InvalidArgument, InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError,
+    SessionDBError, SessionNotFound, StorageError, TitleConflict, WalDeletedError,
+    WriteTimeout,
 )
 from .store import SessionDB
 from .text import sanitize_title
@@ -14,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SessionDB", "sanitize_title", "__version__",
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
-    "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
+    "HermesSchemaError", "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict",
+    "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
     "WalDeletedError",

@@ -346,3 +346,19 @@ def snapshot_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
         snapshots += 1
     results.put(snapshots)
     db.close()
+
+
+def hermes_facade_worker(path: str, results: Any) -> None:
+    """Through the hermes-agent facade (#6): report what it sees of the session the
+    parent wrote with sessiondb.SessionDB, then write one session of its own."""
+    from sessiondb.compat.hermes import SessionDB as HermesSessionDB
+
+    with HermesSessionDB(Path(path)) as db:
+        seen = db.get_session("core-1")
+        messages = db.get_messages("core-1")
+        db.create_session("hermes-1", "telegram", model="m", model_config={"t": 0.2})
+        db.set_session_title("hermes-1", "From the facade")
+        db.append_message("hermes-1", "user", "written through the hermes facade",
+                          tool_calls=[{"id": "c1"}])
+        db.update_token_counts("hermes-1", 10, 5, estimated_cost_usd=0.5)
+    results.put({"seen": seen, "messages": messages})

@@ -188,7 +188,9 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     foreign database.
 
     :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
-    :raises DatabaseOpenError: foreign tables and no schema version.
+    :raises DatabaseOpenError: foreign tables and no schema version (a hermes-agent
+        ``state.db`` of schema 6 is not foreign: :func:`ensure_schema` converts it).
+    :raises HermesSchemaError: a hermes-agent ``state.db`` of another schema version.
     """
     found, names = conn.execute(
         "SELECT (SELECT user_version FROM pragma_user_version), "
@@ -196,8 +198,10 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
         " WHERE type = 'table' AND name NOT LIKE 'sqlite%')").fetchone()
     found = int(found)
     _refuse_newer(path, found)
-    if found == 0 and hermes_version(conn, path, json.loads(names)) is None:
-        _refuse_foreign_names(path, json.loads(names))
+    if found == 0:
+        names = json.loads(names)
+        if hermes_version(conn, path, names) is None:  # a hermes-agent file is converted
+            _refuse_foreign_names(path, names)
     return found
 
 

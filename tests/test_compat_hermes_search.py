@@ -198,3 +198,12 @@ def test_search_sees_messages_after_updates_and_deletes(hdb):
     assert len(hdb.search_messages("ephemeral")) == 1
     hdb.clear_messages("s")
     assert hdb.search_messages("ephemeral") == []
+
+
+def test_a_damaged_index_is_reported_not_answered_with_an_empty_list(hdb):
+    from sessiondb import SearchIndexError, search_index
+    hdb.create_session("s", "cli")
+    hdb.append_message("s", "user", "words")
+    hdb._execute_write(search_index.mark_damaged)
+    with pytest.raises(SearchIndexError):
+        hdb.search_messages("words")

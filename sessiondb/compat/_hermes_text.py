@@ -119,14 +119,6 @@ def encode_if_truthy(value: Any) -> str | None:
     return json.dumps(value) if value else None
 
 
-def decode_or_raw(value: str | None) -> Any:
-    """Decoded JSON; text that does not decode is returned as it is."""
-    try:
-        return json.loads(value)  # type: ignore[arg-type]
-    except (ValueError, TypeError, RecursionError):
-        return value
-
-
 def decodes(value: str) -> tuple[bool, Any]:
     """``(True, decoded)``, or ``(False, None)`` when the text is not JSON."""
     try:

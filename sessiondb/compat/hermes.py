@@ -42,15 +42,15 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
-from .. import search_index
+from .. import records, search_index
 from ..engine import Engine, _fetch, _first, _rows
 from ..errors import (
-    ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
-    TitleConflict, WriteTimeout,
+    ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SearchIndexError,
+    SessionDBError, StorageError, TitleConflict, WriteTimeout,
 )
 from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
-from ..store import _HEAD_SQL, _PLAIN_SNIPPET_SCAN, _SNIPPET_BUDGET, _decode
-from ..text import MAX_QUERY_LENGTH, plain_snippet, sanitize_fts_query
+from ..store import _HEAD_SQL, _PLAIN_SNIPPET_SCAN, _SNIPPET_BUDGET, _decode, _is_fts_damage
+from ..text import MAX_QUERY_LENGTH, from_json, plain_snippet, sanitize_fts_query
 from . import _hermes_text as rules
 
 __all__ = [
@@ -99,19 +99,25 @@ class TitleInUse(TitleConflict):
         self.args = (f"Title '{title}' is already in use by session {session_id}",)
 
 
-def _compatible(exc: SessionDBError) -> BaseException:
-    """The hermes-compatible form of an error of the engine (or ``exc`` itself)."""
-    cause = exc.__cause__
-    if isinstance(exc, (IntegrityError, DatabaseLocked)):
-        return exc
-    if isinstance(exc, IntegrityViolation) or isinstance(
-            cause, (apsw.ConstraintError, apsw.MismatchError)):
-        return IntegrityError(str(cause) if isinstance(cause, apsw.Error) else str(exc))
-    if isinstance(exc, WriteTimeout):
-        return LockTimeout(exc.waited_s, exc.attempts)
-    if isinstance(exc, DatabaseBusyError):
-        return DatabaseLocked(str(exc))
-    return exc
+@contextmanager
+def _compatible_errors() -> Iterator[None]:
+    """Raise the engine's errors in their hermes-compatible form (chained)."""
+    try:
+        yield
+    except (IntegrityError, DatabaseLocked):
+        raise
+    except SessionDBError as exc:
+        cause = exc.__cause__
+        if isinstance(exc, IntegrityViolation) or isinstance(
+                cause, (apsw.ConstraintError, apsw.MismatchError)):
+            # SQLite's own words, as sqlite3 gave them: "FOREIGN KEY constraint failed"
+            text = str(cause) if isinstance(cause, apsw.Error) else str(exc)
+            raise IntegrityError(text) from exc
+        if isinstance(exc, WriteTimeout):
+            raise LockTimeout(exc.waited_s, exc.attempts) from exc
+        if isinstance(exc, DatabaseBusyError):
+            raise DatabaseLocked(str(exc)) from exc
+        raise
 
 
 _BINDABLE = (type(None), int, float, str, bytes, bytearray, memoryview)
@@ -140,6 +146,7 @@ _SESSION = ", ".join(HERMES_SESSION_COLUMNS)
 _S_SESSION = ", ".join("s." + c for c in HERMES_SESSION_COLUMNS)
 _MESSAGE = ", ".join(HERMES_MESSAGE_COLUMNS)
 _ASSISTANT_ONLY = ("reasoning", "reasoning_details", "codex_reasoning_items")
+_JSON_KEYS = ("tool_calls", "reasoning_details", "codex_reasoning_items")
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
            "reasoning_tokens")
 _LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
@@ -173,22 +180,12 @@ class SessionDB(Engine):
                 yield conn
 
     def _execute_write(self, fn: Callable[[apsw.Connection], T]) -> T:
-        try:
+        with _compatible_errors():
             return super()._execute_write(fn)
-        except SessionDBError as exc:
-            mapped = _compatible(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
 
     def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
-        try:
+        with _compatible_errors():
             return super()._read(fn, snapshot)
-        except SessionDBError as exc:
-            mapped = _compatible(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
 
     def _run(self, sql: str, args: tuple | dict) -> None:
         _bindable(args)
@@ -416,8 +413,7 @@ class SessionDB(Engine):
             tool_name, time.time(), token_count, finish_reason, reasoning,
             rules.encode_if_truthy(reasoning_details),
             rules.encode_if_truthy(codex_reasoning_items)))
-        calls = 0 if tool_calls is None else (
-            len(tool_calls) if isinstance(tool_calls, list) else 1)
+        calls = records.count_tool_calls(tool_calls)  # the same rule as sessiondb's
         columns = ", ".join(HERMES_MESSAGE_COLUMNS[1:])
 
         def write(conn: apsw.Connection) -> int:
@@ -450,12 +446,12 @@ class SessionDB(Engine):
                         "reasoning_details", "codex_reasoning_items"):
                 if not m[key] or key in _ASSISTANT_ONLY and m["role"] != "assistant":
                     continue
-                if key == "tool_call_id" or key == "tool_name" or key == "reasoning":
+                if key not in _JSON_KEYS:
                     item[key] = m[key]
-                else:  # JSON: kept only if it decodes
-                    ok, value = rules.decodes(m[key])
-                    if ok:
-                        item[key] = value
+                    continue
+                ok, value = rules.decodes(m[key])
+                if ok:  # JSON that does not decode is left out
+                    item[key] = value
             out.append(item)
         return out
 
@@ -510,7 +506,7 @@ class SessionDB(Engine):
                 hits = _rows(conn, sql, params)
             except apsw.SQLError as exc:
                 if "malformed" in str(exc) or "corrupt" in str(exc):
-                    raise
+                    raise  # damage, not syntax: SearchIndexError below
                 return []  # not valid FTS5 after sanitizing: the original's []
             for hit in hits:
                 if hit["snippet"] is None:  # too long for FTS5's snippet(): see store.py
@@ -526,7 +522,15 @@ class SessionDB(Engine):
                     hit["context"] = []
             return hits
 
-        return self._read(read, snapshot=True)
+        try:
+            return self._read(read, snapshot=True)
+        except StorageError as exc:
+            if _is_fts_damage(exc):
+                raise SearchIndexError(
+                    f"the full-text index of {self.path} is damaged ({exc.__cause__}); "
+                    f"messages are intact: run `sessiondb doctor --repair --db {self.path}`"
+                ) from exc
+            raise
 
     # -- export and cleanup -----------------------------------------------------------
     def export_session(self, session_id: str) -> dict[str, Any] | None:
@@ -671,7 +675,7 @@ def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:
                        "ORDER BY timestamp, id", (session_id,))
     for row in rows:
         if row["tool_calls"]:
-            row["tool_calls"] = rules.decode_or_raw(row["tool_calls"])
+            row["tool_calls"] = from_json(row["tool_calls"])
     return rows
 
 

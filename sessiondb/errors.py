@@ -24,6 +24,16 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     │   └── WalDeletedError         the -wal/-shm was deleted under a live connection
     └── SearchIndexError            the full-text index is damaged (messages are intact)
 
+:mod:`sessiondb.compat.hermes` raises subclasses that are also the ``sqlite3`` (or
+builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep working::
+
+    IntegrityViolation  └── hermes.IntegrityError      + sqlite3.IntegrityError
+    InvalidArgumentType └── hermes.ProgrammingError    + sqlite3.ProgrammingError
+    DatabaseBusyError   └── hermes.DatabaseLocked      + sqlite3.OperationalError
+    WriteTimeout            └── hermes.LockTimeout     (both of the above)
+    ClosedError         └── hermes.DatabaseClosed      + AttributeError
+    TitleConflict       └── hermes.TitleInUse          (hermes-agent's message)
+
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
 original ``apsw`` exception stays reachable as ``__cause__``.
 """

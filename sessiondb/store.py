@@ -17,7 +17,7 @@ import apsw
 from . import records, search_index
 from .engine import Engine, _fetch, _first, _rows
 from .errors import (
-    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SearchIndexError,
+    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, TitleConflict,
 )
 from .text import (
@@ -501,11 +501,8 @@ class SessionDB(Engine):
         except (ClosedError, SessionNotFound):
             raise
         except Exception as exc:
-            if _is_fts_damage(exc):
-                raise SearchIndexError(
-                    f"the full-text index of {self.path} is damaged ({exc.__cause__ or exc}); "
-                    f"messages are intact: run `sessiondb doctor --repair --db {self.path}`"
-                ) from exc
+            if search_index.is_search_damage(exc):
+                raise search_index.search_damage_error(exc, self.path) from exc
             raise
 
     # -- export, import, prune ---------------------------------------------------------
@@ -682,9 +679,3 @@ def _export(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
         conn, "SELECT * FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
     return out
 
-
-def _is_fts_damage(exc: BaseException) -> bool:
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    return isinstance(cause, (apsw.CorruptError, apsw.SQLError)) and (
-        "fts5" in str(cause).lower() or "malformed" in str(cause).lower()
-        or "corrupt" in str(cause).lower())

@@ -45,11 +45,11 @@ import apsw
 from .. import records, search_index
 from ..engine import Engine, _fetch, _first, _rows
 from ..errors import (
-    ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SearchIndexError,
-    SessionDBError, StorageError, TitleConflict, WriteTimeout,
+    ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
+    StorageError, TitleConflict, WriteTimeout,
 )
 from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
-from ..store import _HEAD_SQL, _PLAIN_SNIPPET_SCAN, _SNIPPET_BUDGET, _decode, _is_fts_damage
+from ..store import _HEAD_SQL, _PLAIN_SNIPPET_SCAN, _SNIPPET_BUDGET, _decode
 from ..text import MAX_QUERY_LENGTH, from_json, plain_snippet, sanitize_fts_query
 from . import _hermes_text as rules
 
@@ -525,11 +525,8 @@ class SessionDB(Engine):
         try:
             return self._read(read, snapshot=True)
         except StorageError as exc:
-            if _is_fts_damage(exc):
-                raise SearchIndexError(
-                    f"the full-text index of {self.path} is damaged ({exc.__cause__}); "
-                    f"messages are intact: run `sessiondb doctor --repair --db {self.path}`"
-                ) from exc
+            if search_index.is_search_damage(exc):
+                raise search_index.search_damage_error(exc, self.path) from exc
             raise
 
     # -- export and cleanup -----------------------------------------------------------

@@ -32,8 +32,6 @@ FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
 )"""
 
 # The indexes of v1 (also made by the conversion of a hermes-agent file, see from_hermes).
-_INDEX_NAMES = ("idx_sessions_source", "idx_sessions_parent", "idx_sessions_started",
-                "idx_sessions_title_unique", "idx_messages_session", "idx_messages_session_ts")
 _INDEXES = """
 CREATE INDEX idx_sessions_source ON sessions(source);
 CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
@@ -299,19 +297,23 @@ def from_hermes(conn: apsw.Connection) -> None:
 
     Kept: every row, and hermes-agent's ``schema_version`` table, so that hermes-agent
     itself still opens the file (its ``CREATE ... IF NOT EXISTS`` steps find everything
-    there). Added: ``messages.metadata``, ``sessiondb_meta``, sessiondb's indexes (same
-    names; hermes' ``idx_messages_session`` is on ``(session_id, timestamp)`` and is
-    replaced) and its v2 triggers. The full-text index is created anew and rebuilt from
-    the messages: hermes-agent never indexed the messages it had before the index existed.
+    there). Replaced: the indexes of both tables by sessiondb's (hermes-agent's
+    ``idx_messages_session`` is on ``(session_id, timestamp)``, sessiondb's on
+    ``(session_id, id)``) and the full-text index and its triggers by sessiondb's v2 ones;
+    the index is rebuilt from the messages, since hermes-agent never indexed the messages
+    it had before the index existed. Added: ``messages.metadata``, ``sessiondb_meta``.
     """
     if user_version(conn) != 0:  # another process converted it first
         return
     if "metadata" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}:
         conn.execute("ALTER TABLE messages ADD COLUMN metadata TEXT")
-    for name in _FTS_TRIGGER_NAMES:
-        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-    for name in _INDEX_NAMES:
-        conn.execute(f"DROP INDEX IF EXISTS {name}")
+    # Whatever hermes-agent named its index triggers and indexes: none may survive to
+    # feed the new index twice or to hold sessiondb's index names with other columns.
+    for kind, name in conn.execute(
+            "SELECT type, name FROM sqlite_schema WHERE tbl_name IN ('sessions', 'messages') "
+            "AND sql IS NOT NULL AND (type = 'index' OR (type = 'trigger' AND "
+            "sql LIKE '%messages_fts%'))").fetchall():
+        conn.execute(f'DROP {kind.upper()} "{name}"')
     conn.execute(_INDEXES)
     conn.execute("DROP TABLE IF EXISTS messages_fts")
     conn.execute(FTS_TABLE)

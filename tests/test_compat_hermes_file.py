@@ -94,13 +94,27 @@ def hermes_message(conn: sqlite3.Connection, sid: str, role: str, content: str |
     conn.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = ?", (sid,))
 
 
-def build_hermes_db(path: Path, migrated: bool = False, version: int = 6) -> None:
+# Other names hermes-agent could have given its triggers and indexes (the spec names none).
+_RENAMED = {"messages_fts_insert": "messages_ai", "messages_fts_delete": "messages_ad",
+            "messages_fts_update": "messages_au", "idx_sessions_title_unique": "idx_title",
+            "idx_messages_session": "idx_msg_session_ts", "idx_sessions_source": "by_source"}
+
+
+def renamed(ddl: str) -> str:
+    for old, new in _RENAMED.items():
+        ddl = ddl.replace(old, new)
+    return ddl
+
+
+def build_hermes_db(path: Path, migrated: bool = False, version: int = 6,
+                    rename: bool = False) -> None:
     """A hermes-agent state.db with sessions, titles, a parent, counters, costs, and
     messages from before its full-text index existed (never indexed by hermes-agent)."""
+    names = renamed if rename else (lambda ddl: ddl)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.executescript(hermes_ddl(migrated) + _INDEXES + _TITLE_INDEX
+    conn.executescript(hermes_ddl(migrated) + names(_INDEXES + _TITLE_INDEX)
                        + "CREATE TABLE schema_version (version INTEGER NOT NULL);")
     conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
     conn.execute("INSERT INTO sessions (id, source, model, model_config, started_at, "
@@ -115,7 +129,7 @@ def build_hermes_db(path: Path, migrated: bool = False, version: int = 6) -> Non
     hermes_message(conn, "p", "assistant", "legacy answer", 102.0, tool_calls='[{"id": 1}]',
                    finish_reason="stop", reasoning="r", reasoning_details='[{"d": 1}]')
     conn.execute("UPDATE sessions SET tool_call_count = 1 WHERE id = 'p'")
-    conn.executescript(_FTS)
+    conn.executescript(names(_FTS))
     hermes_message(conn, "c", "user", "indexed message about terraform", 201.0)
     hermes_message(conn, "c", "tool", None, 202.0, tool_name="grep", token_count=7)
     conn.close()
@@ -131,10 +145,11 @@ def snapshot_rows(path: Path) -> dict[str, list[tuple]]:
     }
 
 
-@pytest.mark.parametrize("migrated", [False, True], ids=["created-at-6", "migrated-to-6"])
-def test_a_hermes_state_db_is_converted_in_place_losing_nothing(tmp_path, migrated):
+@pytest.mark.parametrize("migrated, rename", [(False, False), (True, False), (False, True)],
+                         ids=["created-at-6", "migrated-to-6", "other-index-names"])
+def test_a_hermes_state_db_is_converted_in_place_losing_nothing(tmp_path, migrated, rename):
     path = tmp_path / "state.db"
-    build_hermes_db(path, migrated)
+    build_hermes_db(path, migrated, rename=rename)
     before = snapshot_rows(path)
     with SessionDB(path) as db:
         assert snapshot_rows(path) == before
@@ -151,10 +166,19 @@ def test_a_hermes_state_db_is_converted_in_place_losing_nothing(tmp_path, migrat
         assert [h["session_id"] for h in db.search_messages("conversion")] == ["x"]
     assert read_only(path, "PRAGMA user_version") == [(schema.SCHEMA_VERSION,)]
     assert read_only(path, "SELECT version FROM schema_version") == [(6,)]  # kept
+    fresh = tmp_path / "fresh.db"
+    sessiondb.SessionDB(fresh).close()
+    assert layout(path) == layout(fresh)  # sessiondb's indexes and triggers, none other
     assert integrity(path) == [("ok",)]
     report = doctor.check(path)
     assert report["ok"], report["problems"]
     assert (report["sessions"], report["messages"]) == (3, 5)
+
+
+def layout(path: Path) -> list[tuple]:
+    """The indexes and triggers of the two tables, as SQL."""
+    return read_only(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE "
+                           "type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY name")
 
 
 def test_hermes_agent_can_still_open_and_write_a_converted_file(tmp_path):

@@ -816,3 +816,9 @@ def test_prune_of_a_referenced_parent_deletes_nothing(hdb, clock, child):
     with pytest.raises(sqlite3.IntegrityError):
         hdb.prune_sessions(source="cli")
     assert hdb.session_count() == 3 and hdb.message_count() == 3
+
+
+def test_write_timeout_defaults_to_about_the_originals_longest_wait(hdb, db_path):
+    assert hdb._options["write_timeout"] == hermes.WRITE_TIMEOUT == 16.0
+    with SessionDB(db_path, write_timeout=3) as db:
+        assert db._options["write_timeout"] == 3.0

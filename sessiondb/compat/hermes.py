@@ -26,7 +26,7 @@ that ``sqlite3`` class and a sessiondb error, so ``except sqlite3.IntegrityError
     TitleInUse          TitleConflict (a ValueError), hermes-agent's message
 
 Deliberate differences (README, "Coming from hermes-agent"): ``close()`` runs a last
-PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (30 s) in a FIFO queue
+PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (16 s) in a FIFO queue
 rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snippet()``
 gets sessiondb's linear-time snippet; rows read from a file hermes-agent had migrated
 from an older version have their keys in the documented order, not the file's. A query
@@ -67,6 +67,8 @@ T = TypeVar("T")
 SCHEMA_VERSION = 6
 #: ``$HERMES_HOME/state.db``, else ``~/.hermes/state.db`` (read once, at import).
 DEFAULT_DB_PATH = Path(os.environ.get("HERMES_HOME") or Path.home() / ".hermes") / "state.db"
+#: Seconds a write waits for the lock before :class:`LockTimeout` (see SessionDB).
+WRITE_TIMEOUT = 16.0
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -162,7 +164,9 @@ class SessionDB(Engine):
     :param db_path: the database file (``Path`` or ``str``); None means
         :data:`DEFAULT_DB_PATH`. Missing parent directories are created.
     :param options: keyword options of :class:`sessiondb.SessionDB` (``write_timeout``,
-        ``hold_timeout``, ...), all optional.
+        ``hold_timeout``, ...), all optional. ``write_timeout`` defaults to 16 s here,
+        about the longest the original's 15 attempts of up to 1 s (plus 20-150 ms
+        pauses) waited before raising ``OperationalError``.
     :raises DatabaseOpenError: the path cannot be opened as a store, or is a hermes-agent
         file of another schema version (:class:`~sessiondb.errors.HermesSchemaError`).
     """
@@ -171,6 +175,7 @@ class SessionDB(Engine):
 
     def __init__(self, db_path: Path | str | None = None, **options: Any) -> None:
         self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
+        options.setdefault("write_timeout", WRITE_TIMEOUT)
         super().__init__(self.db_path, **options)
 
     # -- the engine's doors, with hermes-compatible errors ------------------------------

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import apsw
@@ -822,3 +823,29 @@ def test_write_timeout_defaults_to_about_the_originals_longest_wait(hdb, db_path
     assert hdb._options["write_timeout"] == hermes.WRITE_TIMEOUT == 16.0
     with SessionDB(db_path, write_timeout=3) as db:
         assert db._options["write_timeout"] == 3.0
+
+
+def test_one_instance_is_shared_by_threads(hdb):
+    hdb.create_session("s", "cli")
+
+    def append(n: int) -> list[int]:
+        return [hdb.append_message("s", "user", f"thread {n} message {i}", tool_calls=[n])
+                for i in range(25)]
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = [i for chunk in pool.map(append, range(4)) for i in chunk]
+    assert len(set(ids)) == 100
+    row = hdb.get_session("s")
+    assert (row["message_count"], row["tool_call_count"]) == (100, 100)
+
+
+def test_sessiondb_transaction_groups_facade_calls(hdb):
+    with hdb.transaction():
+        hdb.create_session("s", "cli")
+        hdb.append_message("s", "user", "kept")
+    with pytest.raises(RuntimeError):
+        with hdb.transaction():
+            hdb.append_message("s", "user", "rolled back")
+            raise RuntimeError("the turn failed")
+    assert [m["content"] for m in hdb.get_messages("s")] == ["kept"]
+    assert hdb.get_session("s")["message_count"] == 1

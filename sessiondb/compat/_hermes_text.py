@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import chain
 from typing import Any
 
 from .. import text
@@ -62,7 +63,8 @@ def sanitize_fts5_query(query: str) -> str:
     phrases: list[str] = []
     # A placeholder character absent from the query, neither a word character nor
     # whitespace, so that the later steps see phrase boundaries as the original did.
-    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in query)
+    mark = next(chr(c) for c in chain(range(0xE000, 0xF900), range(0xF0000, 0xFFFFE))
+                if chr(c) not in query)
 
     def protect(match: re.Match) -> str:
         phrases.append(match.group(0))

@@ -651,10 +651,15 @@ def test_append_message_errors_change_nothing(hdb):
     with pytest.raises(sqlite3.IntegrityError) as missing:
         hdb.append_message("missing", "user", "x")
     assert "FOREIGN KEY" in str(missing.value)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as caught:
         hdb.append_message("s", "assistant", "x", tool_calls=[object()])
+    assert isinstance(caught.value, sessiondb.InvalidArgumentType)
     with pytest.raises(TypeError):
         hdb.append_message("s", "assistant", "x", reasoning_details={"x": {1, 2}})
+    circular: list = []
+    circular.append(circular)
+    with pytest.raises(ValueError):
+        hdb.append_message("s", "assistant", "x", codex_reasoning_items=circular)
     row = hdb.get_session("s")
     assert (row["message_count"], row["tool_call_count"]) == (0, 0)
     assert hdb.message_count() == 0

@@ -13,6 +13,7 @@ from itertools import chain
 from typing import Any
 
 from .. import text
+from ..errors import InvalidArgument, InvalidArgumentType
 
 # -- titles -----------------------------------------------------------------------------
 
@@ -116,9 +117,17 @@ def head_sql(column: str, chars: int) -> str:
 def encode_if_truthy(value: Any) -> str | None:
     """``json.dumps`` with default settings for a truthy value; a falsy one is NULL.
 
-    :raises TypeError: not JSON-serializable.
+    :raises InvalidArgumentType: (a ``TypeError``, as json raises) not serializable.
+    :raises InvalidArgument: (a ``ValueError``, as json raises) a circular reference.
     """
-    return json.dumps(value) if value else None
+    if not value:
+        return None
+    try:
+        return json.dumps(value)
+    except TypeError as exc:
+        raise InvalidArgumentType(f"not JSON-serializable: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidArgument(f"not JSON-serializable: {exc}") from exc
 
 
 def decodes(value: str) -> tuple[bool, Any]:

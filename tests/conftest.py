@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from sessiondb import SessionDB
+from sessiondb.compat import hermes
+from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 
 
 @pytest.fixture
@@ -93,16 +95,14 @@ class FakeClock:
 def clock(monkeypatch) -> FakeClock:
     """The clock of the hermes facade, under the test's control (so ordering tests never
     depend on the real clock)."""
-    from sessiondb.compat import hermes
     fake = FakeClock()
     monkeypatch.setattr(hermes, "time", fake)
     return fake
 
 
 @pytest.fixture
-def hdb(db_path: Path) -> Iterator[Any]:
+def hdb(db_path: Path) -> Iterator[HermesSessionDB]:
     """A fresh store opened through the hermes-agent facade, closed after the test."""
-    from sessiondb.compat.hermes import SessionDB as HermesSessionDB
     store = HermesSessionDB(db_path)
     try:
         yield store

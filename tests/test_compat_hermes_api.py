@@ -375,7 +375,7 @@ def test_set_session_title(hdb):
 
 
 def test_set_session_title_on_a_missing_session(hdb):
-    hdb.create_session("a", "cli", )
+    hdb.create_session("a", "cli")
     hdb.set_session_title("a", "Taken")
     assert hdb.set_session_title("missing", "Free") is False
     with pytest.raises(ValueError, match="already in use by session a"):

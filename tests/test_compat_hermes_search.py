@@ -42,7 +42,7 @@ def test_sanitize_fts5_query(query, expected):
     assert SessionDB._sanitize_fts5_query(query) == expected
 
 
-def test_a_query_holding_the_placeholder_text_is_not_confused(hdb):
+def test_a_query_holding_the_placeholder_text_is_not_confused():
     assert SessionDB._sanitize_fts5_query('\x00Q0\x00 "a b"') == '\x00Q0\x00 "a b"'
     assert SessionDB._sanitize_fts5_query('\ue000Q0\ue000 "x"') == '\ue000Q0\ue000 "x"'
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import apsw
 
 from sessiondb import SessionDB
+from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 from sessiondb.gate import FifoGate
 
 
@@ -351,8 +352,6 @@ def snapshot_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
 def hermes_facade_worker(path: str, results: Any) -> None:
     """Through the hermes-agent facade (#6): report what it sees of the session the
     parent wrote with sessiondb.SessionDB, then write one session of its own."""
-    from sessiondb.compat.hermes import SessionDB as HermesSessionDB
-
     with HermesSessionDB(Path(path)) as db:
         seen = db.get_session("core-1")
         messages = db.get_messages("core-1")

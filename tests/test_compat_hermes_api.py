@@ -41,6 +41,14 @@ def raw(db: SessionDB, sql: str, args: tuple = ()) -> list[tuple]:
 # -- module surface and construction (spec 1) ------------------------------------------
 
 
+def test_default_path_when_none_is_given(monkeypatch, tmp_path):
+    monkeypatch.setattr(hermes, "DEFAULT_DB_PATH", tmp_path / "home" / "state.db")
+    with SessionDB() as db:
+        assert db.db_path == tmp_path / "home" / "state.db"
+        db.ensure_session("s")
+    assert (tmp_path / "home" / "state.db").exists()
+
+
 def test_module_names():
     assert hermes.SCHEMA_VERSION == 6
     assert SessionDB.MAX_TITLE_LENGTH == 100
@@ -64,8 +72,10 @@ def test_default_db_path_is_computed_at_import(tmp_path, home):
 @pytest.mark.parametrize("as_type", [Path, str])
 def test_path_or_str_and_missing_parents_are_created(tmp_path, as_type):
     path = tmp_path / "a" / "b" / "state.db"
-    with SessionDB(as_type(path)) as db:
-        assert db.db_path == path
+    given = as_type(path)
+    with SessionDB(given) as db:
+        assert db.db_path == path and isinstance(db.db_path, Path)
+        assert as_type is str or db.db_path is given
         db.create_session("s", "cli")
     with SessionDB(path) as db:
         assert db.get_session("s")["source"] == "cli"

@@ -174,7 +174,9 @@ class SessionDB(Engine):
     MAX_TITLE_LENGTH = 100
 
     def __init__(self, db_path: Path | str | None = None, **options: Any) -> None:
-        self.db_path = Path(db_path) if db_path is not None else DEFAULT_DB_PATH
+        # The argument itself (a str becomes a Path, as code using db_path.parent needs).
+        self.db_path = DEFAULT_DB_PATH if db_path is None else (
+            db_path if isinstance(db_path, Path) else Path(db_path))
         options.setdefault("write_timeout", WRITE_TIMEOUT)
         super().__init__(self.db_path, **options)
 

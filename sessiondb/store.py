@@ -489,8 +489,7 @@ class SessionDB(Engine):
                 conn, sql, (phrases, _SNIPPET_BUDGET, match, *args, limit, offset))]
             for hit in hits:
                 if hit["snippet"] is None:
-                    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, hit["id"]))
-                    hit["snippet"] = plain_snippet(_decode(head) or "", match)
+                    hit["snippet"] = long_message_snippet(conn, hit["id"], match)
                 around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
                 hit["context"] = [records.context_item((role, _decode(head)))
                                   for role, head in around]
@@ -608,6 +607,16 @@ _IN_LIST = "(SELECT value FROM json_each(?))"
 # ~10,000 matches: under a second even when every word matches); see search_messages.
 _SNIPPET_BUDGET = 20_000
 _PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
+
+
+def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
+    """The snippet of a message too long for FTS5's ``snippet()`` (see search_messages),
+    made from its first megabyte by :func:`~sessiondb.text.plain_snippet`.
+
+    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
+    """
+    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
+    return plain_snippet(_decode(head) or "", match)
 
 
 def _decode(head: bytes | None) -> str | None:

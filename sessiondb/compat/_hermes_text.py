@@ -1,5 +1,5 @@
 """The text rules of hermes-agent's ``SessionDB`` (March 2026), as pure functions: title
-sanitizing, the full-text query sanitizer, list previews, title lineages, JSON columns.
+sanitizing, the full-text query sanitizer, list previews, JSON columns.
 
 They differ from sessiondb's own rules (:mod:`sessiondb.text`) on purpose, in the details
 that code written against hermes-agent can observe; see :mod:`sessiondb.compat.hermes`.
@@ -27,22 +27,6 @@ def sanitize_title(title: str | None) -> str | None:
     :raises InvalidArgumentType: (a ``TypeError``) a truthy non-str.
     """
     return text.sanitize_title(title) if title else None
-
-
-# ``str.isdecimal`` digits, as Python's ``\d``; the whole title, newlines included.
-_NUMBERED = re.compile(r"(.*) #(\d+)", re.DOTALL)
-
-
-def lineage_base(title: str) -> str:
-    """``"a #1 #2"`` -> ``"a #1"``: the title without one final `` #<digits>``."""
-    match = _NUMBERED.fullmatch(title)
-    return match.group(1) if match else title
-
-
-def lineage_number(title: str) -> int | None:
-    """The number of a title ending in `` #<digits>`` (leading zeros ignored), else None."""
-    match = _NUMBERED.fullmatch(title)
-    return int(match.group(2)) if match else None
 
 
 # -- full-text query --------------------------------------------------------------------

@@ -52,8 +52,10 @@ from ..errors import (
     StorageError, TitleConflict, WriteTimeout,
 )
 from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
-from ..store import _HEAD_SQL, _PLAIN_SNIPPET_SCAN, _SNIPPET_BUDGET, _decode
-from ..text import MAX_QUERY_LENGTH, from_json, plain_snippet, sanitize_fts_query
+from ..store import _SNIPPET_BUDGET, long_message_snippet
+from ..text import (
+    MAX_QUERY_LENGTH, from_json, lineage_number, sanitize_fts_query, split_lineage,
+)
 from . import _hermes_text as rules
 
 __all__ = [
@@ -344,13 +346,13 @@ class SessionDB(Engine):
     def get_next_title_in_lineage(self, base_title: str) -> str:
         """The next title of a lineage: ``"X"`` -> ``"X #2"``, ``"X #2"`` -> ``"X #3"``;
         the base itself while no title of the lineage exists."""
-        base = rules.lineage_base(base_title)
+        base = split_lineage(base_title)  # the same rule as sessiondb's
         rows = self._select("SELECT title FROM sessions WHERE title = ? OR "
                             + _ASCII_CI_PREFIX.format("title"),
                             (base, *_prefix_args(f"{base} #")))
         if not rows:
             return base
-        highest = max([1] + [rules.lineage_number(r["title"]) or 1 for r in rows])
+        highest = max([1] + [lineage_number(r["title"]) or 1 for r in rows])
         return f"{base} #{highest + 1}"
 
     # -- lookup, listing, counts ------------------------------------------------------
@@ -519,10 +521,9 @@ class SessionDB(Engine):
                     raise  # damage, not syntax: SearchIndexError below
                 return []  # not valid FTS5 after sanitizing: the original's []
             for hit in hits:
-                if hit["snippet"] is None:  # too long for FTS5's snippet(): see store.py
-                    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, hit["id"]))
-                    hit["snippet"] = plain_snippet(
-                        _decode(head) or "", sanitize_fts_query(query[:MAX_QUERY_LENGTH]))
+                if hit["snippet"] is None:  # too long for FTS5's snippet()
+                    hit["snippet"] = long_message_snippet(
+                        conn, hit["id"], sanitize_fts_query(query[:MAX_QUERY_LENGTH]))
                 try:
                     hit["context"] = [
                         {"role": role, "content": rules.head_text(head, 200)}

@@ -195,8 +195,9 @@ def test_ensure_session(hdb, clock):
     clock.now += 5
     hdb.ensure_session("t", "tg", "n")
     hdb.ensure_session("s", "tg", "n")
-    assert hdb.get_session("t") == hdb.get_session("t") | {
-        "source": "cli", "model": "m", "system_prompt": "p", "started_at": 1000.0}
+    row = hdb.get_session("t")
+    assert (row["source"], row["model"], row["system_prompt"], row["started_at"]) == (
+        "cli", "m", "p", 1000.0)
     assert hdb.get_session("s")["source"] == "unknown"
     hdb.ensure_session("u", "gw", "m2")
     assert (hdb.get_session("u")["source"], hdb.get_session("u")["model"]) == ("gw", "m2")

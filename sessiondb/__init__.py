@@ -5,9 +5,10 @@ from .coordination import Claim, Lease
 from .errors import (
     CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, CoordinationError,
     CorruptDatabaseError, DatabaseBusyError, DatabaseOpenError, DeadlineExceeded,
-    DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType,
-    InvalidTitle, LeaseHeld, LeaseLost, SchemaTooNewError, SearchIndexError, SessionDBError,
-    SessionNotFound, StaleRevision, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
+    DiskFullError, HermesSchemaError, HoldTimeout, IntegrityViolation, InvalidArgument,
+    InvalidArgumentType, InvalidTitle, LeaseHeld, LeaseLost, SchemaTooNewError,
+    SearchIndexError, SessionDBError, SessionNotFound, StaleRevision, StorageError,
+    TitleConflict, WalDeletedError, WriteTimeout,
 )
 from .store import SessionDB
 from .text import sanitize_title
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SessionDB", "sanitize_title", "__version__",
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
-    "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
+    "HermesSchemaError", "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict",
+    "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
     "WalDeletedError", "StaleRevision", "CoordinationError", "LeaseHeld", "LeaseLost",

@@ -6,7 +6,8 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     SessionDBError
     ├── ConfigurationError          bad option value, unsupported SQLite
     ├── DatabaseOpenError           the path cannot be opened as a sessiondb store
-    │   └── SchemaTooNewError       written by a newer sessiondb; left untouched
+    │   ├── SchemaTooNewError       written by a newer sessiondb; left untouched
+    │   └── HermesSchemaError       a hermes-agent state.db sessiondb cannot convert
     ├── ClosedError                 the instance was closed
     ├── InvalidArgument (ValueError)    a value the store will not accept
     │   ├── InvalidTitle            title too long after sanitizing
@@ -32,6 +33,16 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
 
 Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap.
 
+:mod:`sessiondb.compat.hermes` raises subclasses that are also the ``sqlite3`` (or
+builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep working::
+
+    IntegrityViolation  └── hermes.IntegrityError      + sqlite3.IntegrityError
+    InvalidArgumentType └── hermes.ProgrammingError    + sqlite3.ProgrammingError
+    DatabaseBusyError   └── hermes.DatabaseLocked      + sqlite3.OperationalError
+    WriteTimeout            └── hermes.LockTimeout     (both of the above)
+    ClosedError         └── hermes.DatabaseClosed      + AttributeError
+    TitleConflict       └── hermes.TitleInUse          (hermes-agent's message)
+
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
 original ``apsw`` exception stays reachable as ``__cause__``.
 """
@@ -47,6 +58,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseOpenError",
     "SchemaTooNewError",
+    "HermesSchemaError",
     "ClosedError",
     "InvalidArgument",
     "InvalidTitle",
@@ -108,6 +120,23 @@ class SchemaTooNewError(DatabaseOpenError):
         )
         self.found = found
         self.supported = supported
+
+
+class HermesSchemaError(DatabaseOpenError):
+    """A hermes-agent ``state.db`` of a schema version other than 6 (or lacking its
+    columns): sessiondb converts only version 6 in place; the file is left untouched.
+
+    :ivar found: the version in its ``schema_version`` table (None if empty).
+    """
+
+    def __init__(self, path: str, found: int | None, detail: str = "") -> None:
+        super().__init__(
+            f"{path} is a hermes-agent state.db with schema version {found}"
+            + (f" ({detail})" if detail else "")
+            + "; sessiondb converts only version 6 in place (the file was not modified). "
+            "Open it once with hermes-agent (March 2026 or later), which upgrades it to 6, "
+            "then open it with sessiondb", path)
+        self.found = found
 
 
 class ClosedError(SessionDBError):

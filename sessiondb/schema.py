@@ -22,7 +22,7 @@ from typing import Callable
 import apsw
 import filelock
 
-from .errors import DatabaseOpenError, SchemaTooNewError
+from .errors import DatabaseOpenError, HermesSchemaError, SchemaTooNewError
 
 SCHEMA_VERSION = 3
 
@@ -30,6 +30,16 @@ SCHEMA_VERSION = 3
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
     content, content='messages', content_rowid='id'
 )"""
+
+# The indexes of v1 (also made by the conversion of a hermes-agent file, see from_hermes).
+_INDEXES = """
+CREATE INDEX idx_sessions_source ON sessions(source);
+CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
+CREATE INDEX idx_sessions_started ON sessions(started_at DESC);
+CREATE UNIQUE INDEX idx_sessions_title_unique ON sessions(title) WHERE title IS NOT NULL;
+CREATE INDEX idx_messages_session ON messages(session_id, id);
+CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp);
+"""
 
 # Column order follows the hermes-agent lineage (see README, "Coming from hermes-agent"),
 # so rows read naturally to code written against it.
@@ -62,10 +72,6 @@ CREATE TABLE sessions (
     pricing_version TEXT,
     title TEXT
 );
-CREATE INDEX idx_sessions_source ON sessions(source);
-CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
-CREATE INDEX idx_sessions_started ON sessions(started_at DESC);
-CREATE UNIQUE INDEX idx_sessions_title_unique ON sessions(title) WHERE title IS NOT NULL;
 
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -83,9 +89,7 @@ CREATE TABLE messages (
     codex_reasoning_items TEXT,
     metadata TEXT
 );
-CREATE INDEX idx_messages_session ON messages(session_id, id);
-CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp);
-
+{_INDEXES}
 {FTS_TABLE};
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
@@ -103,11 +107,9 @@ END;
 # sessiondb.search_index). The triggers maintain the index only while no
 # 'fts_damaged' row says it is damaged; a rebuild deletes that row.
 _WHEN_INDEX_OK = "WHEN NOT EXISTS (SELECT 1 FROM sessiondb_meta WHERE key = 'fts_damaged')"
-_V2 = f"""
-CREATE TABLE sessiondb_meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
-DROP TRIGGER messages_fts_insert;
-DROP TRIGGER messages_fts_delete;
-DROP TRIGGER messages_fts_update;
+_FTS_TRIGGER_NAMES = ("messages_fts_insert", "messages_fts_delete", "messages_fts_update")
+_V2_META = "CREATE TABLE sessiondb_meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;"
+_V2_TRIGGERS = f"""
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages {_WHEN_INDEX_OK} BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
@@ -119,6 +121,8 @@ CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages {_WHEN_INDEX_OK} BEG
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
 """
+_V2 = (_V2_META + "".join(f"DROP TRIGGER {name};" for name in _FTS_TRIGGER_NAMES)
+       + _V2_TRIGGERS)
 
 # v3: coordination (sessiondb.coordination) and optimistic revisions (#5).
 # A session's revision counts changes to its own fields, made by any code path (a trigger,
@@ -206,7 +210,9 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
     try:
         with filelock.FileLock(str(lock_path), timeout=lock_timeout):
             found = refuse_unusable(conn, path)
-            for version in range(found, SCHEMA_VERSION):
+            if found == 0 and hermes_version(conn, path) is not None:
+                run_write(from_hermes)
+            for version in range(user_version(conn), SCHEMA_VERSION):
                 run_write(_step(version))
     except filelock.Timeout as exc:
         raise DatabaseOpenError(
@@ -240,7 +246,9 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     foreign database.
 
     :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
-    :raises DatabaseOpenError: foreign tables and no schema version.
+    :raises DatabaseOpenError: foreign tables and no schema version (a hermes-agent
+        ``state.db`` of schema 6 is not foreign: :func:`ensure_schema` converts it).
+    :raises HermesSchemaError: a hermes-agent ``state.db`` of another schema version.
     """
     found, names = conn.execute(
         "SELECT (SELECT user_version FROM pragma_user_version), "
@@ -249,7 +257,9 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     found = int(found)
     _refuse_newer(path, found)
     if found == 0:
-        _refuse_foreign_names(path, json.loads(names))
+        names = json.loads(names)
+        if hermes_version(conn, path, names) is None:  # a hermes-agent file is converted
+            _refuse_foreign_names(path, names)
     return found
 
 
@@ -268,9 +278,20 @@ def _refuse_newer(path: Path, found: int) -> None:
 
 
 def _refuse_foreign(conn: apsw.Connection, path: Path) -> None:
-    names = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite%'")]
+    """Refuse a database with foreign tables; describe a hermes-agent file as such."""
+    names = _table_names(conn)
+    version = hermes_version(conn, path, names)
+    if version is not None:
+        raise DatabaseOpenError(
+            f"{path} is a hermes-agent state.db (schema version {version}) that sessiondb "
+            "has not converted yet; nothing was changed. Opening it with SessionDB (or "
+            "sessiondb.compat.hermes.SessionDB) converts it in place", str(path))
     _refuse_foreign_names(path, names)
+
+
+def _table_names(conn: apsw.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite%'")]
 
 
 def _refuse_foreign_names(path: Path, names: list[str]) -> None:
@@ -280,3 +301,83 @@ def _refuse_foreign_names(path: Path, names: list[str]) -> None:
             "and no sessiondb schema; refusing to modify it. Use a new file",
             str(path),
         )
+
+
+# -- a hermes-agent state.db, converted in place (#6) ---------------------------------
+
+#: The columns of hermes-agent's ``sessions`` and ``messages`` tables (its schema 6), in
+#: its order; sessiondb's tables have them in this order, plus columns of its own.
+HERMES_SESSION_COLUMNS = (
+    "id", "source", "user_id", "model", "model_config", "system_prompt",
+    "parent_session_id", "started_at", "ended_at", "end_reason", "message_count",
+    "tool_call_count", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "billing_provider", "billing_base_url",
+    "billing_mode", "estimated_cost_usd", "actual_cost_usd", "cost_status", "cost_source",
+    "pricing_version", "title")
+HERMES_MESSAGE_COLUMNS = (
+    "id", "session_id", "role", "content", "tool_call_id", "tool_calls", "tool_name",
+    "timestamp", "token_count", "finish_reason", "reasoning", "reasoning_details",
+    "codex_reasoning_items")
+#: The only hermes-agent schema converted: older files have fewer columns (open them
+#: once with hermes-agent itself, which upgrades them to 6), newer ones are unknown.
+HERMES_SCHEMA_VERSION = 6
+
+
+def hermes_version(conn: apsw.Connection, path: Path,
+                   names: list[str] | None = None) -> int | None:
+    """The hermes-agent schema version of a database without a sessiondb schema, if it is
+    a hermes-agent ``state.db`` that :func:`from_hermes` can convert; None if it is not
+    one at all (no ``schema_version``, ``sessions`` and ``messages`` tables).
+
+    :raises HermesSchemaError: it is a hermes-agent file of another version, or lacks
+        columns of version 6; nothing is changed.
+    """
+    names = _table_names(conn) if names is None else names
+    if not {"schema_version", "sessions", "messages"} <= set(names):
+        return None
+    try:
+        version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    except apsw.SQLError:  # a schema_version table without a version column
+        return None
+    if version != HERMES_SCHEMA_VERSION:
+        raise HermesSchemaError(str(path), version)
+    for table, wanted in (("sessions", HERMES_SESSION_COLUMNS),
+                          ("messages", HERMES_MESSAGE_COLUMNS)):
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise HermesSchemaError(str(path), version,
+                                    f"its {table} table lacks {', '.join(missing)}")
+    return version
+
+
+def from_hermes(conn: apsw.Connection) -> None:
+    """Convert a hermes-agent schema-6 file into sessiondb schema 2, in one write
+    transaction (a crash leaves the old file or the new one); the ladder goes on from 2.
+
+    Kept: every row, and hermes-agent's ``schema_version`` table, so that hermes-agent
+    itself still opens the file (its ``CREATE ... IF NOT EXISTS`` steps find everything
+    there). Replaced: the indexes of both tables by sessiondb's (hermes-agent's
+    ``idx_messages_session`` is on ``(session_id, timestamp)``, sessiondb's on
+    ``(session_id, id)``) and the full-text index and its triggers by sessiondb's v2 ones;
+    the index is rebuilt from the messages, since hermes-agent never indexed the messages
+    it had before the index existed. Added: ``messages.metadata``, ``sessiondb_meta``.
+    """
+    if user_version(conn) != 0:  # another process converted it first
+        return
+    if "metadata" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}:
+        conn.execute("ALTER TABLE messages ADD COLUMN metadata TEXT")
+    # Whatever hermes-agent named its index triggers and indexes: none may survive to
+    # feed the new index twice or to hold sessiondb's index names with other columns.
+    for kind, name in conn.execute(
+            "SELECT type, name FROM sqlite_schema WHERE tbl_name IN ('sessions', 'messages') "
+            "AND sql IS NOT NULL AND (type = 'index' OR (type = 'trigger' AND "
+            "sql LIKE '%messages_fts%'))").fetchall():
+        conn.execute(f'DROP {kind.upper()} "{name}"')
+    conn.execute(_INDEXES)
+    conn.execute("DROP TABLE IF EXISTS messages_fts")
+    conn.execute(FTS_TABLE)
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
+    conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+    conn.execute(_V2_TRIGGERS)
+    conn.pragma("user_version", 2)

@@ -59,6 +59,22 @@ def raise_if_damaged(conn: apsw.Connection, path: object) -> None:
             f"still being written: run `sessiondb doctor --repair --db {path}` to rebuild it")
 
 
+def is_search_damage(exc: BaseException) -> bool:
+    """True if a search failed (``exc``, or the apsw error it was translated from)
+    because the index is damaged, not for a reason of the query."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return isinstance(cause, (apsw.CorruptError, apsw.SQLError)) and (
+        "fts5" in str(cause).lower() or "malformed" in str(cause).lower()
+        or "corrupt" in str(cause).lower())
+
+
+def search_damage_error(exc: BaseException, path: object) -> SearchIndexError:
+    """The error a search that failed with ``exc`` raises (chain it with ``from``)."""
+    return SearchIndexError(
+        f"the full-text index of {path} is damaged ({exc.__cause__ or exc}); messages are "
+        f"intact: run `sessiondb doctor --repair --db {path}`")
+
+
 def rebuild(conn: apsw.Connection) -> None:
     """Rebuild the index from ``messages`` and clear the mark (a write function).
 

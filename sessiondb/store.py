@@ -18,7 +18,7 @@ from . import records, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
 from .errors import (
-    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SearchIndexError,
+    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
 )
 from .text import (
@@ -548,8 +548,7 @@ class SessionDB(Coordination):
                 conn, sql, (phrases, _SNIPPET_BUDGET, match, *args, limit, offset))]
             for hit in hits:
                 if hit["snippet"] is None:
-                    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, hit["id"]))
-                    hit["snippet"] = plain_snippet(_decode(head) or "", match)
+                    hit["snippet"] = long_message_snippet(conn, hit["id"], match)
                 around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
                 hit["context"] = [records.context_item((role, _decode(head)))
                                   for role, head in around]
@@ -560,11 +559,8 @@ class SessionDB(Coordination):
         except (ClosedError, SessionNotFound):
             raise
         except Exception as exc:
-            if _is_fts_damage(exc):
-                raise SearchIndexError(
-                    f"the full-text index of {self.path} is damaged ({exc.__cause__ or exc}); "
-                    f"messages are intact: run `sessiondb doctor --repair --db {self.path}`"
-                ) from exc
+            if search_index.is_search_damage(exc):
+                raise search_index.search_damage_error(exc, self.path) from exc
             raise
 
     # -- export, import, prune ---------------------------------------------------------
@@ -672,6 +668,16 @@ _SNIPPET_BUDGET = 20_000
 _PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
 
 
+def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
+    """The snippet of a message too long for FTS5's ``snippet()`` (see search_messages),
+    made from its first megabyte by :func:`~sessiondb.text.plain_snippet`.
+
+    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
+    """
+    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
+    return plain_snippet(_decode(head) or "", match)
+
+
 def _decode(head: bytes | None) -> str | None:
     return None if head is None else head.decode("utf-8", "ignore")
 
@@ -745,9 +751,3 @@ def _export(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
         conn, "SELECT * FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
     return out
 
-
-def _is_fts_damage(exc: BaseException) -> bool:
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    return isinstance(cause, (apsw.CorruptError, apsw.SQLError)) and (
-        "fts5" in str(cause).lower() or "malformed" in str(cause).lower()
-        or "corrupt" in str(cause).lower())

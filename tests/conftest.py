@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from sessiondb import SessionDB
+from sessiondb.compat import hermes
+from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 
 
 @pytest.fixture
@@ -75,3 +77,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(
             f"{exhibit_file}: {row['fault']} -> {row['outcome']}"
             + (f" -> {figures}" if figures else ""))
+
+
+# -- sessiondb.compat.hermes (#6) --------------------------------------------------------
+
+class FakeClock:
+    """What ``time.time()`` returns inside :mod:`sessiondb.compat.hermes`: set ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    """The clock of the hermes facade, under the test's control (so ordering tests never
+    depend on the real clock)."""
+    fake = FakeClock()
+    monkeypatch.setattr(hermes, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def hdb(db_path: Path) -> Iterator[HermesSessionDB]:
+    """A fresh store opened through the hermes-agent facade, closed after the test."""
+    store = HermesSessionDB(db_path)
+    try:
+        yield store
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import apsw
 
 from sessiondb import SessionDB
+from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 from sessiondb.gate import FifoGate
 
 
@@ -405,3 +406,17 @@ def snapshot_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
         snapshots += 1
     results.put(snapshots)
     db.close()
+
+
+def hermes_facade_worker(path: str, results: Any) -> None:
+    """Through the hermes-agent facade (#6): report what it sees of the session the
+    parent wrote with sessiondb.SessionDB, then write one session of its own."""
+    with HermesSessionDB(Path(path)) as db:
+        seen = db.get_session("core-1")
+        messages = db.get_messages("core-1")
+        db.create_session("hermes-1", "telegram", model="m", model_config={"t": 0.2})
+        db.set_session_title("hermes-1", "From the facade")
+        db.append_message("hermes-1", "user", "written through the hermes facade",
+                          tool_calls=[{"id": "c1"}])
+        db.update_token_counts("hermes-1", 10, 5, estimated_cost_usd=0.5)
+    results.put({"seen": seen, "messages": messages})

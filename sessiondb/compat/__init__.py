@@ -1,0 +1,1 @@
+"""Drop-in facades for the APIs sessiondb descends from; see :mod:`sessiondb.compat.hermes`."""

@@ -33,31 +33,32 @@ process identity is only judged on its own host (other hosts' leases lapse by TT
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import partial
+from dataclasses import astuple, dataclass, replace
 from typing import Any, Callable, Iterator, Union
 
 import apsw
 
-from .bounded import Deadline, Heartbeat
+from .bounded import Deadline, Heartbeat, check_interval
+from .process import Process, holder_gone, this_process
 from .engine import Engine, _fetch, _first, _rows
 from .errors import (
     CapExceeded, CapWarning, ClaimLost, ConfigurationError, InvalidArgument,
     InvalidArgumentType, LeaseHeld, LeaseLost, SessionNotFound,
 )
-from .text import check_count, check_id, check_number, check_text, from_json, to_json
+from .text import check_count, check_id, check_seconds, check_text, from_json, to_json
 
 #: The default caps (see :class:`Coordination`).
 MAX_LEASES_PER_OWNER = 1000
 MAX_CLAIMS_PER_OWNER = 100
 #: The share of a cap at which a CapWarning is issued.
 WARN_AT = 0.8
+#: Seconds between checks of claim holders' processes by one instance's claim() calls.
+PROCESS_CHECK_EVERY = 1.0
 _CLAIM_STATES = ("ready", "claimed", "done", "dead")
 
 
@@ -116,75 +117,8 @@ class Claim:
 Holding = Union[Lease, Claim]
 
 
-# -- process identity -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Process:
-    host: str
-    boot_id: str | None
-    pid: int
-    start: int | None  # clock ticks after boot (/proc/<pid>/stat, field 22)
-
-
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of a running pid, from /proc (None: no such process)."""
-    text = _read_proc(f"/proc/{pid}/stat")
-    if text is None:
-        return None
-    fields = text[text.rfind(")") + 2:].split()  # the name may hold spaces and ')'
-    return fields[0], int(fields[19])
-
-
-@lru_cache(maxsize=None)
-def _boot_id() -> str | None:
-    text = _read_proc("/proc/sys/kernel/random/boot_id")
-    return text.strip() if text else None
-
-
-def this_process() -> _Process:
-    pid = os.getpid()
-    st = _stat(pid)
-    return _Process(socket.gethostname(), _boot_id(), pid, st[1] if st else None)
-
-
-def holder_gone(host: str | None, boot_id: str | None, pid: int | None,
-                start: int | None) -> bool:
-    """True when the recorded holder process has surely ended: on this host, the machine
-    rebooted since, or the pid runs no longer (a zombie counts as ended) or runs a process
-    started at another time. Unknown (another host, no /proc) is False: wait for the TTL."""
-    if host != socket.gethostname() or pid is None or start is None:
-        return False
-    mine = _boot_id()
-    if mine is None or boot_id is None:
-        return False
-    if boot_id != mine:
-        return True
-    st = _stat(pid)
-    return st is None or st[0] in ("Z", "X") or st[1] != start
-
-
 def _check_ttl(ttl: Any) -> float:
-    value = check_number("ttl", ttl)
-    assert value is not None
-    if not 0 < value <= 10 * 365 * 86400:
-        raise InvalidArgument(f"ttl must be more than 0 and at most ten years, got {value}")
-    return value
-
-
-def _check_wait(wait: Any) -> float:
-    value = check_number("wait", wait)
-    assert value is not None
-    if value < 0:
-        raise InvalidArgument(f"wait must be >= 0 seconds, got {value}")
-    return value
+    return check_seconds("ttl", ttl)
 
 
 def _check_cap(name: str, value: Any) -> int | None:
@@ -212,6 +146,8 @@ class Coordination(Engine):
                  **options: Any) -> None:
         self._caps = {"leases": _check_cap("max_leases_per_owner", max_leases_per_owner),
                       "claims": _check_cap("max_claims_per_owner", max_claims_per_owner)}
+        self._next_process_check = 0.0
+        self._returned: dict[tuple[str, int], None] = {}  # see _given_back
         super().__init__(path, **options)
 
     # -- leases -----------------------------------------------------------------------
@@ -219,7 +155,8 @@ class Coordination(Engine):
                       wait: float = 0.0) -> Lease:
         """Take the lease ``name`` for ``owner`` for ``ttl`` seconds.
 
-        Acquiring a lease the same owner already holds renews it (same token). A lease
+        Acquiring a lease the same owner already holds in this process renews it (same
+        token); the same owner name in another process is another holder. A lease
         that has expired, or whose holder process has died on this machine, is taken over
         with a new, larger token.
 
@@ -248,29 +185,26 @@ class Coordination(Engine):
     def _acquire(self, name: str, owner: str, ttl: float, wait: float,
                  session_id: str | None = None) -> Lease:
         owner = check_id("owner", owner)
-        ttl, wait = _check_ttl(ttl), _check_wait(wait)
+        ttl, wait = _check_ttl(ttl), check_seconds("wait", wait, zero=True)
         me = this_process()
         cap = self._caps["leases"]
 
         def write(conn: apsw.Connection) -> tuple[Lease, int]:
-            if session_id is not None and _first(
-                    conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
-                raise SessionNotFound(session_id)
+            _require_session(conn, session_id)
             now = time.time()
-            row = _refuse_if_held(conn, name, owner, now)
-            token, holder, acquired = (row[0], row[1], row[2]) if row else (0, None, None)
+            row = _refuse_if_held(conn, name, owner, me, now)
+            token, acquired = (row[0], row[2]) if row else (0, None)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_leases WHERE owner = ? "
                                 "AND expires_at > ? AND name != ?", (owner, now, name))
             if cap is not None and held >= cap:
                 raise CapExceeded(owner, "leases", held, cap)
-            if holder != owner or row[3] <= now:  # a new holding: a new token
+            if not _held_by(row, owner, me, now):  # a new holding: a new token
                 token, acquired = token + 1, now
             conn.execute(
                 "INSERT OR REPLACE INTO sessiondb_leases (name, token, owner, ttl, "
-                "acquired_at, expires_at, host, boot_id, pid, pid_start) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (name, token, owner, ttl, acquired, now + ttl, me.host, me.boot_id, me.pid,
-                 me.start))
+                "acquired_at, expires_at, host, boot_id, pid_ns, pid, pid_start) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (name, token, owner, ttl, acquired, now + ttl, *astuple(me)))
             return Lease(name, owner, token, ttl, acquired, now + ttl), held + 1
 
         # Inside transaction() this process holds the write lock, so nobody can let go
@@ -280,7 +214,7 @@ class Coordination(Engine):
             try:
                 # A read first: a waiter polling a held lease must not queue for the
                 # write lock every time (the write decides, under the lock).
-                self._read(lambda conn: _refuse_if_held(conn, name, owner, time.time()))
+                self._read(lambda conn: _refuse_if_held(conn, name, owner, me, time.time()))
                 lease, held = self._execute_write(write)
             except LeaseHeld as exc:
                 remaining = deadline - time.monotonic()
@@ -309,48 +243,56 @@ class Coordination(Engine):
 
         def write(conn: apsw.Connection) -> bool:
             conn.execute("UPDATE sessiondb_leases SET owner = NULL, expires_at = NULL, "
-                         "pid = NULL WHERE name = ? AND token = ? "
-                         "AND owner = ?", (lease.name, lease.token, lease.owner))
+                         "pid = NULL WHERE name = ? AND token = ? AND owner = ? AND "
+                         "acquired_at = ?", (lease.name, lease.token, lease.owner,
+                                             lease.acquired_at))
             return conn.changes() > 0
 
-        return self._execute_write(write)
+        return self._given_back(lease, self._execute_write(write))
 
     def get_lease(self, name: str) -> Lease | None:
-        """The live lease called ``name`` (held and not expired), or None."""
-        name = check_id("name", name)
-        rows = self._read(lambda c: _fetch(
-            c, "SELECT name, owner, token, ttl, acquired_at, expires_at FROM sessiondb_leases "
-               "WHERE name = ? AND owner IS NOT NULL AND expires_at > ?", (name, time.time())))
-        return _lease_row(rows[0]) if rows else None
+        """The live lease called ``name`` (held, not expired, its holder not known to have
+        ended), or None."""
+        leases = self._live_leases("name = ?", [check_id("name", name)])
+        return leases[0] if leases else None
 
     def list_leases(self, owner: str | None = None) -> list[Lease]:
         """The live leases (of one owner, or all), by name."""
         owner = check_text("owner", owner)
-        where, args = "owner IS NOT NULL AND expires_at > ?", [time.time()]
-        if owner is not None:
-            where, args = where + " AND owner = ?", args + [owner]
+        return self._live_leases("owner = ?", [owner]) if owner is not None \
+            else self._live_leases("1", [])
+
+    def _live_leases(self, where: str, args: list) -> list[Lease]:
         rows = self._read(lambda c: _fetch(
-            c, "SELECT name, owner, token, ttl, acquired_at, expires_at FROM sessiondb_leases "
-               f"WHERE {where} ORDER BY name", args))
-        return [_lease_row(r) for r in rows]
+            c, "SELECT name, owner, token, ttl, acquired_at, expires_at, host, boot_id, pid_ns, "
+               f"pid, pid_start FROM sessiondb_leases WHERE {where} AND owner IS NOT NULL AND "
+               "expires_at > ? ORDER BY name", [*args, time.time()]))
+        return [Lease(*r[:6]) for r in rows if not holder_gone(*r[6:])]
 
     @contextmanager
     def fenced(self, holding: Holding) -> Iterator["Coordination"]:
-        """A :meth:`transaction` that commits only while ``holding`` (a lease or a claim)
-        is still the caller's::
+        """A :meth:`transaction` that runs only if ``holding`` (a lease or a claim) is
+        still the caller's when it begins::
 
             with db.fenced(lease):
                 db.append_message(sid, "assistant", text)
 
-        The check runs under the write lock, which a successor needs to take over, so no
-        write of a fenced-out holder can land after its successor's acquire.
+        The check runs under the write lock, held until the block commits, and a successor
+        needs that lock to take over: so no write of a fenced-out holder can land after its
+        successor's acquire (the block may commit a little after ``expires_at``, before
+        anyone could take over). Inside an open :meth:`transaction` it checks and joins it.
 
         :raises LeaseLost: the lease expired or was taken over (``ClaimLost`` for a
             claim); nothing of the block was written.
         """
         _check_holding(holding, (Lease, Claim))
+        check = partial(_check_holding_row, holding=holding)
+        if self._writes.active:  # inside transaction(): check, and go on in it
+            self._execute_write(lambda conn: check(conn, now=time.time()))
+            yield self
+            return
         with self.transaction():
-            self._execute_write(lambda conn: _check_holding_row(conn, holding, time.time()))
+            self._execute_write(lambda conn: check(conn, now=time.time()))
             yield self
 
     # -- work claims ------------------------------------------------------------------
@@ -362,15 +304,17 @@ class Coordination(Engine):
         :param session_id: the session the work is about (a gateway -> agent handoff).
         :param max_attempts: claims after which a failure sends it to the dead letters.
         :param delay: seconds before it may be claimed.
+        :raises SessionNotFound: ``session_id`` names no session.
         """
         queue = check_id("queue", queue)
         body = to_json("payload", payload)
-        session_id = check_text("session_id", session_id)
+        session_id = None if session_id is None else check_id("session_id", session_id)
         if check_count("max_attempts", max_attempts) < 1:
             raise InvalidArgument("max_attempts must be at least 1")
-        delay = _check_wait(delay)
+        delay = check_seconds("delay", delay, zero=True)
 
         def write(conn: apsw.Connection) -> int:
+            _require_session(conn, session_id)
             now = time.time()
             conn.execute("INSERT INTO sessiondb_claims (queue, payload, session_id, "
                          "max_attempts, created_at, available_at) VALUES (?,?,?,?,?,?)",
@@ -395,9 +339,15 @@ class Coordination(Engine):
         me = this_process()
         cap = self._caps["claims"]
 
+        # Whether holders' processes are checked too: at most once a second per instance
+        # (reading /proc for every live claim on every poll would hold the write lock).
+        processes = time.monotonic() >= self._next_process_check
+        if processes:
+            self._next_process_check = time.monotonic() + PROCESS_CHECK_EVERY
+
         def write(conn: apsw.Connection) -> tuple[Claim | None, int]:
             now = time.time()
-            _reap(conn, now)
+            _reap(conn, now, processes)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_claims WHERE state = "
                                 "'claimed' AND owner = ?", (owner,))
             if cap is not None and held >= cap:
@@ -410,17 +360,19 @@ class Coordination(Engine):
             rows = _rows(conn, (
                 "UPDATE sessiondb_claims SET state = 'claimed', token = token + 1, "
                 "attempts = attempts + 1, owner = ?, ttl = ?, claimed_at = ?, expires_at = ?, "
-                "host = ?, boot_id = ?, pid = ?, pid_start = ? WHERE id = ? RETURNING "
+                "host = ?, boot_id = ?, pid_ns = ?, pid = ?, pid_start = ? WHERE id = ? RETURNING "
                 "id, queue, payload, session_id, owner, token, attempts, max_attempts, ttl, "
                 "expires_at"),
-                (owner, ttl, now, now + ttl, me.host, me.boot_id, me.pid, me.start, row[0]))
+                (owner, ttl, now, now + ttl, *astuple(me), row[0]))
             r = rows[0]
             r["payload"] = from_json(r["payload"])
             return Claim(**r), held + 1
 
         claim, held = self._execute_write(write)
-        if cap is not None and held >= cap and claim is None:
-            raise CapExceeded(owner, "claims", held, cap)
+        if claim is None:
+            if cap is not None and held >= cap:
+                raise CapExceeded(owner, "claims", held, cap)
+            return None
         _warn_near_cap(owner, "claims", held, cap, depth=2)
         return claim
 
@@ -441,8 +393,9 @@ class Coordination(Engine):
             _check_claim(conn, claim, now)
             conn.execute("UPDATE sessiondb_claims SET state = 'done', finished_at = ?, "
                          "owner = NULL, expires_at = NULL WHERE id = ?", (now, claim.id))
+            return True
 
-        self._execute_write(write)
+        self._given_back(claim, self._execute_write(write))
 
     def fail_claim(self, claim: Claim, error: str | None = None, *,
                    retry_delay: float = 0.0) -> str:
@@ -454,21 +407,16 @@ class Coordination(Engine):
         """
         claim = _check_holding(claim, Claim)
         error = check_text("error", error)
-        delay = _check_wait(retry_delay)
+        delay = check_seconds("retry_delay", retry_delay, zero=True)
 
         def write(conn: apsw.Connection) -> str:
             now = time.time()
             _check_claim(conn, claim, now, giving_back=True)
-            attempts, most = conn.execute("SELECT attempts, max_attempts FROM "
-                                          "sessiondb_claims WHERE id = ?", (claim.id,)).fetchone()
-            state = "dead" if attempts >= most else "ready"
-            conn.execute("UPDATE sessiondb_claims SET state = ?, available_at = ?, "
-                         "last_error = ?, owner = NULL, expires_at = NULL, finished_at = ? "
-                         "WHERE id = ?", (state, now + delay, error,
-                                          now if state == "dead" else None, claim.id))
-            return state
+            return _return_claim(conn, claim.id, now, error, delay)
 
-        return self._execute_write(write)
+        state = self._execute_write(write)
+        self._given_back(claim, True)
+        return state
 
     def release_claim(self, claim: Claim) -> bool:
         """Put the item back in the queue without counting the attempt (e.g. at shutdown).
@@ -480,10 +428,11 @@ class Coordination(Engine):
         def write(conn: apsw.Connection) -> bool:
             conn.execute("UPDATE sessiondb_claims SET state = 'ready', attempts = attempts "
                          "- 1, owner = NULL, expires_at = NULL WHERE id = ? AND token = ? "
-                         "AND state = 'claimed'", (claim.id, claim.token))
+                         "AND owner = ? AND state = 'claimed'",
+                         (claim.id, claim.token, claim.owner))
             return conn.changes() > 0
 
-        return self._execute_write(write)
+        return self._given_back(claim, self._execute_write(write))
 
     def extend_claim(self, claim: Claim, ttl: float | None = None) -> Claim:
         """Extend the claim by ``ttl`` (default: its own) from now.
@@ -495,7 +444,7 @@ class Coordination(Engine):
     def reap_claims(self) -> int:
         """Return expired claims and claims of dead processes to their queues (or to the
         dead letters); :meth:`claim` does this on every call. Returns how many."""
-        return self._execute_write(lambda conn: _reap(conn, time.time()))
+        return self._execute_write(lambda conn: _reap(conn, time.time(), processes=True))
 
     def get_claim(self, claim_id: int) -> dict[str, Any] | None:
         """The item as a dict (``state`` is ready, claimed, done or dead), or None."""
@@ -530,10 +479,14 @@ class Coordination(Engine):
         here rather than in the thread.
 
         :param on_lost: called (from the heartbeat thread) with the
-            :class:`~sessiondb.errors.LeaseLost` as soon as a renewal fails for good.
+            :class:`~sessiondb.errors.LeaseLost` as soon as the holding is lost: a renewal
+            refused, or the holding expired before a renewal succeeded.
+        :param interval: seconds between renewals, shorter than the TTL.
         :raises LeaseLost: the holding is not the caller's any more (``ClaimLost``).
         """
         _check_holding(holding, (Lease, Claim))
+        if interval is not None:
+            check_interval(interval, holding.ttl)
         return Heartbeat(self, self._extend(holding), on_lost=on_lost, interval=interval)
 
     def deadline(self, holding: Holding, seconds: float) -> Deadline:
@@ -550,6 +503,7 @@ class Coordination(Engine):
         :raises LeaseLost: the holding is not the caller's any more (``ClaimLost``).
         """
         _check_holding(holding, (Lease, Claim))
+        check_seconds("seconds", seconds)
         self._read(lambda conn: _check_holding_row(conn, holding, time.time()))
         return Deadline(self, holding, seconds)
 
@@ -568,6 +522,18 @@ class Coordination(Engine):
             return replace(holding, ttl=ttl, expires_at=now + ttl)
 
         return self._execute_write(write)
+
+    def _given_back(self, holding: Holding, done: bool) -> bool:
+        """Note a holding given back through this instance (its heartbeat then stops
+        quietly instead of reporting a loss); returns ``done``."""
+        if done:
+            self._returned[(holding.name, holding.token)] = None
+            while len(self._returned) > 4096:
+                del self._returned[next(iter(self._returned))]
+        return done
+
+    def _gave_back(self, holding: Holding) -> bool:
+        return (holding.name, holding.token) in self._returned
 
     def _give_back(self, holding: Holding, why: str) -> None:
         if isinstance(holding, Lease):
@@ -623,6 +589,12 @@ def _check_holding(holding: Any, kind: type | tuple[type, ...]) -> Any:
     return holding
 
 
+def _require_session(conn: apsw.Connection, session_id: str | None) -> None:
+    if session_id is not None and _first(
+            conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
+        raise SessionNotFound(session_id)
+
+
 def _check_holding_row(conn: apsw.Connection, holding: Holding, now: float) -> None:
     if isinstance(_check_holding(holding, (Lease, Claim)), Lease):
         _check_lease(conn, holding, now)
@@ -630,24 +602,34 @@ def _check_holding_row(conn: apsw.Connection, holding: Holding, now: float) -> N
         _check_claim(conn, holding, now)
 
 
-def _refuse_if_held(conn: apsw.Connection, name: str, owner: str, now: float) -> tuple | None:
-    """The lease's row, unless another live owner holds it: then LeaseHeld."""
-    row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, pid, "
-                       "pid_start FROM sessiondb_leases WHERE name = ?", (name,)).fetchone()
-    if row and row[1] is not None and row[1] != owner and row[3] > now \
+def _refuse_if_held(conn: apsw.Connection, name: str, owner: str, me: Process,
+                    now: float) -> tuple | None:
+    """The lease's row, unless another holder has it live: then LeaseHeld. Another holder
+    is another owner, or the same owner name in another process (a restarted agent must
+    not inherit the token of a hung predecessor, which could then still write)."""
+    row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, pid_ns, "
+                       "pid, pid_start FROM sessiondb_leases WHERE name = ?", (name,)).fetchone()
+    if row and row[1] is not None and row[3] > now and not _held_by(row, owner, me, now) \
             and not holder_gone(*row[4:]):
         raise LeaseHeld(name, row[1], row[3], row[0])
     return row
 
 
+def _held_by(row: tuple | None, owner: str, me: Process, now: float) -> bool:
+    """Whether the lease row is held, unexpired, by ``owner`` in this very process."""
+    return row is not None and row[1] == owner and row[3] > now and tuple(row[4:]) == astuple(me)
+
+
 def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:
-    row = conn.execute("SELECT token, owner, expires_at FROM sessiondb_leases WHERE name = ?",
-                       (lease.name,)).fetchone()
+    row = conn.execute("SELECT token, owner, expires_at, acquired_at FROM sessiondb_leases "
+                       "WHERE name = ?", (lease.name,)).fetchone()
     if row is None or row[0] != lease.token:
         raise LeaseLost(lease.name, lease.token,
                         f"taken over by {row[1]!r} with token {row[0]}" if row and row[1]
                         else "released and taken again since" if row else "it does not exist")
-    if row[1] != lease.owner:
+    # The same token, owner and acquisition time: a Lease from an acquisition that was
+    # rolled back (inside a failed transaction()) can match token and owner only.
+    if row[1] != lease.owner or row[3] != lease.acquired_at:
         raise LeaseLost(lease.name, lease.token, "released")
     if row[2] <= now:
         raise LeaseLost(lease.name, lease.token, f"expired {now - row[2]:.3f}s ago")
@@ -655,11 +637,11 @@ def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:
 
 def _check_claim(conn: apsw.Connection, claim: Claim, now: float,
                  giving_back: bool = False) -> None:
-    row = conn.execute("SELECT token, state, expires_at FROM sessiondb_claims WHERE id = ?",
-                       (claim.id,)).fetchone()
+    row = conn.execute("SELECT token, state, expires_at, owner FROM sessiondb_claims "
+                       "WHERE id = ?", (claim.id,)).fetchone()
     if row is None:
         raise ClaimLost(claim.id, claim.token, "the item does not exist")
-    if row[0] != claim.token or row[1] != "claimed":
+    if row[0] != claim.token or row[1] != "claimed" or row[3] != claim.owner:
         raise ClaimLost(claim.id, claim.token,
                         f"the item is {row[1]} now" + (" (claimed again since)"
                                                        if row[0] != claim.token else ""))
@@ -667,23 +649,32 @@ def _check_claim(conn: apsw.Connection, claim: Claim, now: float,
         raise ClaimLost(claim.id, claim.token, f"the claim expired {now - row[2]:.3f}s ago")
 
 
-def _reap(conn: apsw.Connection, now: float) -> int:
-    """Return expired claims and claims of dead holders to their queues; out of attempts,
-    to the dead letters. The claim is counted as a failed attempt."""
-    rows = _fetch(conn, "SELECT id, attempts, max_attempts, expires_at, host, boot_id, pid, "
-                        "pid_start FROM sessiondb_claims WHERE state = 'claimed'")
-    reaped = 0
-    for item, attempts, max_attempts, expires_at, *process in rows:
-        if expires_at > now and not holder_gone(*process):
-            continue
-        why = "the claim expired" if expires_at <= now else "the claiming process died"
-        state = "dead" if attempts >= max_attempts else "ready"
-        conn.execute("UPDATE sessiondb_claims SET state = ?, available_at = ?, last_error = ?, "
-                     "owner = NULL, expires_at = NULL, finished_at = ? WHERE id = ?",
-                     (state, now, why, now if state == "dead" else None, item))
-        reaped += 1
-    return reaped
+def _reap(conn: apsw.Connection, now: float, processes: bool) -> int:
+    """Return expired claims -- and, if ``processes``, claims of holders on this host whose
+    process has ended -- to their queues (out of attempts: to the dead letters); each
+    counts as a failed attempt. The expired ones come from an index; judging processes
+    reads /proc once per live claim of this host, so callers do it at a bounded rate."""
+    ids = [(i, "the claim expired") for (i,) in _fetch(
+        conn, "SELECT id FROM sessiondb_claims WHERE state = 'claimed' AND expires_at <= ?",
+        (now,))]
+    if processes:
+        rows = _fetch(conn, "SELECT id, host, boot_id, pid_ns, pid, pid_start FROM "
+                            "sessiondb_claims WHERE state = 'claimed' AND expires_at > ? AND "
+                            "host = ?", (now, this_process().host))
+        ids += [(r[0], "the claiming process ended") for r in rows if holder_gone(*r[1:])]
+    for item, why in ids:
+        _return_claim(conn, item, now, why)
+    return len(ids)
 
 
-def _lease_row(row: tuple) -> Lease:
-    return Lease(*row)
+def _return_claim(conn: apsw.Connection, claim_id: int, now: float, error: str | None,
+                  delay: float = 0.0) -> str:
+    """Give an item back after a failed attempt: to its queue, claimable after ``delay``,
+    or to the dead letters once it has had ``max_attempts``. Returns the new state."""
+    conn.execute("UPDATE sessiondb_claims SET state = CASE WHEN attempts >= max_attempts "
+                 "THEN 'dead' ELSE 'ready' END, available_at = ?, last_error = ?, owner = NULL, "
+                 "expires_at = NULL, finished_at = CASE WHEN attempts >= max_attempts THEN ? "
+                 "END WHERE id = ?", (now + delay, error, now, claim_id))
+    return _first(conn, "SELECT state FROM sessiondb_claims WHERE id = ?", (claim_id,))
+
+

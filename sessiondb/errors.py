@@ -89,6 +89,18 @@ __all__ = [
 class SessionDBError(Exception):
     """Base class of every error sessiondb raises on purpose."""
 
+    def __reduce__(self) -> tuple:
+        # Errors cross process boundaries (multiprocessing, process pools); the default
+        # pickling calls __init__ with the message alone, which most subclasses refuse.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
 
 class ConfigurationError(SessionDBError):
     """An option has an invalid value, or the linked SQLite is unsafe to use."""

@@ -152,6 +152,7 @@ CREATE TABLE sessiondb_leases (
     expires_at REAL,
     host TEXT,
     boot_id TEXT,
+    pid_ns INTEGER,
     pid INTEGER,
     pid_start INTEGER
 ) WITHOUT ROWID;
@@ -175,6 +176,7 @@ CREATE TABLE sessiondb_claims (
     expires_at REAL,
     host TEXT,
     boot_id TEXT,
+    pid_ns INTEGER,
     pid INTEGER,
     pid_start INTEGER,
     finished_at REAL,

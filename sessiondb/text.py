@@ -86,6 +86,20 @@ def check_number(name: str, value: Any, *, optional: bool = False) -> float | No
     return number
 
 
+#: The longest span of seconds accepted (a TTL, a wait, a deadline): ten years.
+MAX_SECONDS = 10 * 365 * 86400
+
+
+def check_seconds(name: str, value: Any, *, zero: bool = False) -> float:
+    """A number of seconds: more than 0 (or 0 too, with ``zero``), at most ten years."""
+    number = check_number(name, value)
+    assert number is not None
+    if not (0 <= number if zero else 0 < number) or number > MAX_SECONDS:
+        raise InvalidArgument(f"{name} must be {'>= 0' if zero else 'more than 0'} seconds "
+                              f"and at most ten years, got {number}")
+    return number
+
+
 def check_flag(name: str, value: Any) -> bool:
     """True or False: a flag is never guessed from the truth value of something else."""
     if not isinstance(value, bool):

@@ -9,6 +9,8 @@ import random
 import time
 from typing import Any
 
+import apsw
+
 from sessiondb import ClaimLost, LeaseLost, SessionDB, StaleRevision
 
 
@@ -18,11 +20,12 @@ def acquire_and_exit(path: str, name: str, results: Any) -> None:
         results.put(db.acquire_lease(name, "exited", ttl=3600).token)
 
 
-def hold_lease(path: str, name: str, ttl: float, ready: Any, go: Any, results: Any) -> None:
+def hold_lease(path: str, name: str, ttl: float, ready: Any, go: Any, results: Any,
+               owner: str | None = None) -> None:
     """Take ``name`` with a heartbeat; after ``go``, try a fenced write and report how the
     heartbeat and the write fared (the test stops, kills or resumes this process)."""
     db = SessionDB(path)
-    lease = db.acquire_lease(name, f"holder-{os.getpid()}", ttl=ttl)
+    lease = db.acquire_lease(name, owner or f"holder-{os.getpid()}", ttl=ttl)
     lost: list[str] = []
     hb = db.heartbeat(lease, on_lost=lambda exc: lost.append(exc.reason))
     ready.put(lease.token)
@@ -121,3 +124,32 @@ def claim_and_exit(path: str, queue: str, results: Any) -> None:
     """Claim an item for an hour and exit without completing it."""
     with SessionDB(path) as db:
         results.put(db.claim(queue, "exited", ttl=3600).id)
+
+
+def hold_write_lock(path: str, ready: Any, go: Any) -> None:
+    """A foreign writer (plain apsw, no sessiondb) that holds the write lock until ``go``."""
+    conn = apsw.Connection(path)
+    conn.execute("BEGIN EXCLUSIVE")
+    ready.put(os.getpid())
+    go.wait(600)
+    conn.execute("ROLLBACK")
+    conn.close()
+
+
+def judge_without_descriptors(identity: tuple, results: Any) -> None:
+    """Judge a live holder while this process has no file descriptor left (EMFILE)."""
+    import resource
+
+    from sessiondb.process import holder_gone
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    try:
+        while True:
+            held.append(open(os.devnull))
+    except OSError as exc:
+        exhausted = exc.errno
+    verdict = holder_gone(*identity)
+    for f in held:
+        f.close()
+    results.put((exhausted, verdict))

@@ -16,7 +16,7 @@ import coord_workers
 import workers
 from sessiondb import (
     CapExceeded, CapWarning, Claim, ClaimLost, DeadlineExceeded, InvalidArgument,
-    InvalidArgumentType, SessionDB,
+    InvalidArgumentType, SessionDB, SessionNotFound,
 )
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -27,6 +27,7 @@ def expire(claim: Claim) -> None:
 
 
 def test_items_are_claimed_oldest_first_with_their_payload(db: SessionDB) -> None:
+    db.create_session("chat-1", "telegram")
     first = db.enqueue("jobs", {"prompt": "hi"}, session_id="chat-1")
     second = db.enqueue("jobs", [1, 2])
     db.enqueue("other", "x")
@@ -217,3 +218,52 @@ def test_bad_queue_arguments_are_refused(db: SessionDB, call, error: type) -> No
     with pytest.raises(error):
         call(db)
     assert db.queue_counts() == before
+
+
+def test_a_claim_from_a_rolled_back_transaction_cannot_complete_anothers(
+        db: SessionDB) -> None:
+    item = db.enqueue("jobs")
+    with pytest.raises(KeyError):
+        with db.transaction():
+            phantom = db.claim("jobs", "w1")
+            raise KeyError("the transaction fails")
+    real = db.claim("jobs", "w2")
+    assert (real.id, real.token) == (phantom.id, phantom.token) == (item, 1)
+    with pytest.raises(ClaimLost):
+        db.complete_claim(phantom)
+    assert db.release_claim(phantom) is False
+    assert db.get_claim(item)["owner"] == "w2"
+
+
+def test_a_heartbeat_keeps_a_claim_and_stops_quietly_once_it_is_complete(
+        db: SessionDB) -> None:
+    item = db.enqueue("jobs")
+    claim = db.claim("jobs", "w", ttl=1.0)
+    lost = []
+    with db.heartbeat(claim, interval=0.05, on_lost=lost.append) as hb:
+        workers.wait_for(lambda: time.time() > claim.expires_at + 0.5)
+        assert db.reap_claims() == 0
+        db.complete_claim(hb.holding)
+        workers.wait_for(lambda: not hb._thread.is_alive())
+    assert lost == [] and db.get_claim(item)["state"] == "done"
+
+
+def test_work_for_a_missing_session_is_refused(db: SessionDB) -> None:
+    with pytest.raises(SessionNotFound):
+        db.enqueue("jobs", session_id="missing")
+    with pytest.raises(InvalidArgument):
+        db.enqueue("jobs", session_id="")
+    assert db.queue_counts() == {"ready": 0, "claimed": 0, "done": 0, "dead": 0}
+
+
+def test_polls_that_take_nothing_do_not_warn(db_path: Path) -> None:
+    with SessionDB(db_path, max_claims_per_owner=5) as db, \
+            warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            db.enqueue("jobs")
+            db.claim("jobs", "w")
+        assert len(seen) == 1  # at 4 of 5
+        for _ in range(3):
+            assert db.claim("jobs", "w") is None
+        assert len(seen) == 1

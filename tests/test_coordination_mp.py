@@ -7,11 +7,15 @@ Asserted: exit codes, ledgers, exact counts, integrity. Never a timing: waits ar
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +24,7 @@ import pytest
 
 import coord_workers
 import workers
-from sessiondb import LeaseHeld, SessionDB
+from sessiondb import LeaseHeld, LeaseLost, SessionDB
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +179,103 @@ def test_concurrent_editors_with_expected_revisions_lose_no_update(db_path: Path
             assert prompt.count(f"[e{e}-{i}]") == 1
     assert session["revision"] == editors * edits
     print("conflicts per editor:", [r["conflicts"] for r in reports])
+
+
+def test_the_same_owner_name_in_another_process_does_not_inherit_the_lease(
+        db_path: Path) -> None:
+    """A restarted agent under a fixed name must not get the token of its hung
+    predecessor (which could then still write through it)."""
+    SessionDB(db_path).close()
+    ready, go, results = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
+    old = SPAWN.Process(target=coord_workers.hold_lease,
+                        args=(str(db_path), "job", 3600, ready, go, results, "agent-7"))
+    old.start()
+    try:
+        token = ready.get(timeout=60)
+        with SessionDB(db_path) as db:
+            with pytest.raises(LeaseHeld) as info:
+                db.acquire_lease("job", "agent-7")
+            assert info.value.holder == "agent-7"
+            os.kill(old.pid, signal.SIGKILL)
+            old.join(30)
+            assert db.acquire_lease("job", "agent-7").token == token + 1
+    finally:
+        if old.is_alive():
+            old.kill()
+
+
+def test_a_live_holder_is_not_judged_gone_when_proc_cannot_be_read(db_path: Path) -> None:
+    """Out of descriptors, /proc cannot be read: that says nothing about the holder."""
+    from dataclasses import astuple
+
+    from sessiondb.process import this_process
+    results = SPAWN.Queue()
+    [(error, gone)] = workers.run_all(SPAWN, coord_workers.judge_without_descriptors,
+                                      [(astuple(this_process()), results)], results)
+    assert error == errno.EMFILE
+    assert gone is False
+
+
+UNSHARE_HOLDER = """
+import sys, time
+from sessiondb import SessionDB
+db = SessionDB(sys.argv[1])
+db.acquire_lease("job", "contained", ttl=3600)
+db.enqueue("jobs")
+db.claim("jobs", "contained", ttl=3600)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_holder_in_another_pid_namespace_keeps_its_lease_until_the_ttl(
+        db_path: Path) -> None:
+    """Containers sharing the volume and the host name: the holder's pid means nothing
+    in this pid namespace, so it must not be judged by it."""
+    SessionDB(db_path).close()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here")
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", UNSHARE_HOLDER,
+         str(db_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        line = holder.stdout.readline()
+        if line.strip() != "ready":
+            pytest.skip(f"cannot start a process in a new pid namespace here: "
+                        f"{holder.stderr.read()[-300:]}")
+        with SessionDB(db_path) as db:
+            rows = workers.read_only(db_path, "SELECT pid FROM sessiondb_leases")
+            assert rows == [(1,)]  # its pid inside its own namespace
+            with pytest.raises(LeaseHeld):
+                db.acquire_lease("job", "outside")
+            assert db.reap_claims() == 0
+            assert db.queue_counts("jobs")["claimed"] == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+
+
+def test_a_heartbeat_reports_the_loss_at_expiry_while_the_store_is_held(
+        db_path: Path) -> None:
+    """A foreign writer holds the write lock, so renewals wait (up to write_timeout, two
+    minutes here); the owner must hear that the lease lapsed when it lapsed, not then."""
+    SessionDB(db_path).close()
+    ready, go = SPAWN.Queue(), SPAWN.Event()
+    with SessionDB(db_path, write_timeout=120) as db:
+        lease = db.acquire_lease("job", "a", ttl=1.0)
+        hb = db.heartbeat(lease, interval=0.2)
+        blocker = SPAWN.Process(target=coord_workers.hold_write_lock,
+                                args=(str(db_path), ready, go))
+        blocker.start()
+        try:
+            ready.get(timeout=60)
+            workers.wait_for(hb.lost.is_set, timeout=60)
+            assert "expired before a renewal succeeded" in hb.error.reason
+            with pytest.raises(LeaseLost):
+                hb.check()
+        finally:
+            go.set()
+            blocker.join(60)
+        hb.stop()
+        assert blocker.exitcode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 from pathlib import Path
 
 import apsw
@@ -54,6 +55,26 @@ def test_errors_carry_facts() -> None:
     assert "1.50" in str(timeout) and "7" in str(timeout)
     too_new = errors.SchemaTooNewError("/x.db", 9, 1)
     assert (too_new.path, too_new.found, too_new.supported) == ("/x.db", 9, 1)
+
+
+# One instance of every error class with a constructor of its own, for pickling.
+EXAMPLES = [
+    errors.DatabaseOpenError("m", "/x.db"), errors.SchemaTooNewError("/x.db", 9, 3),
+    errors.TitleConflict("T", "s1"), errors.SessionNotFound("s1"), errors.WriteTimeout(1.5, 7),
+    errors.HoldTimeout(2.0, 1.0), errors.WalDeletedError("m", "/x.db", "/x.mark", None),
+    errors.HermesSchemaError("/x.db", 5), errors.StaleRevision("s1", 1, 2),
+    errors.LeaseHeld("job", "a", 2e9, 3), errors.LeaseLost("job", 3, "released"),
+    errors.ClaimLost(7, 2, "expired"), errors.CapExceeded("a", "claims", 5, 5),
+    errors.DeadlineExceeded("job", 1.5), errors.InvalidArgument("bad"),
+]
+
+
+@pytest.mark.parametrize("exc", EXAMPLES, ids=lambda e: type(e).__name__)
+def test_errors_survive_pickling(exc: Exception) -> None:
+    """Workers of a process pool send their exceptions back pickled."""
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc) and str(back) == str(exc)
+    assert back.__dict__ == exc.__dict__
 
 
 @pytest.mark.parametrize("raw, mapped", [

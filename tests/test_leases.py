@@ -109,13 +109,15 @@ def test_wait_retries_until_the_holder_lets_go(db: SessionDB) -> None:
 def test_a_lease_of_a_process_that_exited_is_reclaimed_before_its_ttl(db_path: Path) -> None:
     SessionDB(db_path).close()
     results = SPAWN.Queue()
-    workers.run_all(SPAWN, coord_workers.acquire_and_exit, [(str(db_path), "job", results)],
-                    results)
+    [token] = workers.run_all(SPAWN, coord_workers.acquire_and_exit,
+                              [(str(db_path), "job", results)], results)
+    # The row still says "held for an hour"; its holder is known to have ended.
+    assert workers.read_only(db_path, "SELECT owner, expires_at > unixepoch() FROM "
+                                      "sessiondb_leases") == [("exited", 1)]
     with SessionDB(db_path) as db:
-        held = db.get_lease("job")  # a live row: its TTL is an hour away
-        assert held is not None and held.owner == "exited"
+        assert db.get_lease("job") is None and db.list_leases() == []
         lease = db.acquire_lease("job", "successor", ttl=30)
-        assert lease.token == held.token + 1
+        assert lease.token == token + 1
 
 
 def test_list_and_get_show_live_leases_only(db: SessionDB) -> None:
@@ -193,10 +195,10 @@ def test_bad_names_owners_and_leases_are_refused(db: SessionDB) -> None:
 
 
 def test_heartbeat_keeps_a_lease_past_many_ttls_and_reports_its_loss(db: SessionDB) -> None:
-    lease = db.acquire_lease("job", "a", ttl=0.3)
+    lease = db.acquire_lease("job", "a", ttl=1.0)
     lost = []
-    with db.heartbeat(lease, on_lost=lost.append) as hb:
-        workers.wait_for(lambda: time.time() > lease.expires_at + 0.6)
+    with db.heartbeat(lease, on_lost=lost.append, interval=0.1) as hb:
+        workers.wait_for(lambda: time.time() > lease.expires_at + 2.0)
         hb.check()  # still ours, three TTLs later
         assert hb.renewals >= 1 and hb.holding.expires_at > lease.expires_at
         with pytest.raises(LeaseHeld):
@@ -251,3 +253,81 @@ def test_closing_the_store_ends_its_heartbeats_as_lost(db_path: Path) -> None:
     workers.wait_for(hb.lost.is_set)
     assert "closed" in hb.error.reason
     hb.stop()
+
+
+def test_a_deadline_firing_while_the_block_writes_still_ends_it_in_deadline_exceeded(
+        db: SessionDB) -> None:
+    """The timer waits for the block's write lock to give the lease back; the block must
+    not then end as if in time (and lose its lease behind the caller's back)."""
+    db.create_session("s", "cli")
+    lease = db.acquire_lease("job", "a", ttl=3600)
+    with pytest.raises(DeadlineExceeded):
+        with db.deadline(lease, 0.05) as bound:
+            with db.fenced(lease):
+                db.append_message("s", "assistant", "written in time")
+                workers.wait_for(bound.expired.is_set)
+    workers.wait_for(lambda: db.get_lease("job") is None)
+    assert db.message_count("s") == 1
+
+
+def test_call_after_the_deadline_does_not_start_the_work(db: SessionDB) -> None:
+    lease = db.acquire_lease("job", "a", ttl=3600)
+    started = []
+    with pytest.raises(DeadlineExceeded):
+        with db.deadline(lease, 0.01) as bound:
+            workers.wait_for(bound.expired.is_set)
+            bound.call(started.append, 1)
+    assert started == []
+
+
+def test_bad_heartbeat_and_deadline_arguments_write_nothing(db: SessionDB) -> None:
+    lease = db.acquire_lease("job", "a", ttl=30)
+    for interval in (30, 31, 0, -1, 1e300, float("nan")):
+        with pytest.raises(InvalidArgument):
+            db.heartbeat(lease, interval=interval)
+    with pytest.raises(InvalidArgumentType):
+        db.heartbeat(lease, interval="1")
+    for seconds in (0, -1, 1e300, float("inf")):
+        with pytest.raises(InvalidArgument):
+            db.deadline(lease, seconds)
+    assert db.get_lease("job") == lease  # not even renewed
+
+
+def test_fenced_inside_a_transaction_checks_and_joins_it(db: SessionDB) -> None:
+    db.create_session("s", "cli")
+    lease = db.acquire_lease("job", "a", ttl=30)
+    with db.transaction():
+        db.append_message("s", "user", "before")
+        with db.fenced(lease):
+            db.append_message("s", "assistant", "fenced")
+    assert db.message_count("s") == 2
+    db.release_lease(lease)
+    with db.transaction():
+        db.append_message("s", "user", "kept")
+        with pytest.raises(LeaseLost):
+            with db.fenced(lease):
+                pass
+    assert db.message_count("s") == 3
+
+
+def test_a_lease_from_a_rolled_back_acquisition_is_not_a_lease(db: SessionDB) -> None:
+    with pytest.raises(KeyError):
+        with db.transaction():
+            phantom = db.acquire_lease("job", "a", ttl=30)
+            raise KeyError("the transaction fails")
+    assert db.get_lease("job") is None
+    real = db.acquire_lease("job", "a", ttl=30)
+    assert real.token == phantom.token  # the token was never handed out...
+    with pytest.raises(LeaseLost):  # ...but the phantom cannot act as the real lease
+        with db.fenced(phantom):
+            pass
+    assert db.release_lease(phantom) is False and db.get_lease("job") == real
+
+
+def test_giving_back_under_a_heartbeat_is_no_loss(db: SessionDB) -> None:
+    lease = db.acquire_lease("job", "a", ttl=30)
+    lost = []
+    with db.heartbeat(lease, interval=0.01, on_lost=lost.append) as hb:
+        assert db.release_lease(hb.holding)
+        time.sleep(0.1)  # a few renewal attempts after the release
+    assert lost == [] and not hb.lost.is_set()

@@ -6,13 +6,14 @@ from .errors import (
     InvalidArgumentType, InvalidTitle, SchemaTooNewError, SearchIndexError, SessionDBError,
     SessionNotFound, StorageError, TitleConflict, WalDeletedError, WriteTimeout,
 )
+from .aio import AsyncSessionDB
 from .store import SessionDB
 from .text import sanitize_title
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SessionDB", "sanitize_title", "__version__",
+    "SessionDB", "AsyncSessionDB", "sanitize_title", "__version__",
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
     "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",

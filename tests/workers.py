@@ -346,3 +346,15 @@ def snapshot_reader_worker(path: str, hold_s: float, stop: Any, ready: Any,
         snapshots += 1
     results.put(snapshots)
     db.close()
+
+
+def transaction_holder_worker(path: str, held: Any, release: Any) -> None:
+    """Write one message inside a ``transaction()`` block and keep the write lock (and
+    the gate) until ``release`` is set (at most 30 s): a foreign writer to wait behind."""
+    db = SessionDB(path, hold_timeout=60)
+    with db.transaction():
+        db.append_message("s", "assistant", "the holder's write")
+        held.set()
+        if not release.wait(30):
+            raise SystemExit(3)
+    db.close()

@@ -26,7 +26,7 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path: Path, capsys):
     strategies = {(r["scenario"], r["strategy"]) for r in doc["runs"]}
     assert strategies == {(s, k) for s in ("convoy", "fast")
                           for k in ("serial", "naive", "seedfix", "sessiondb")} | {
-        ("async-loop", "aio"), ("async-loop", "sync-on-loop")}
+        ("async-loop", "aio"), ("async-loop", "sync-on-loop"), ("async-loop", "no-db")}
     for run in doc["runs"]:
         assert run["integrity"] == "ok" and run["lost_writes"] == 0 and not run["failed"]
         assert run["commits"] == len(run["raw"]["latencies_s"]) > 0

@@ -81,11 +81,12 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         by.setdefault(r["scenario"], {})[r["strategy"]] = r
     out: dict[str, dict[str, float]] = {}
     for scenario, runs_of in by.items():
-        aio, blocking = runs_of.get("aio"), runs_of.get("sync-on-loop")
-        if aio and blocking:
+        aio = runs_of.get("aio")
+        if aio:
             out[scenario] = {
-                f"sync_on_loop_{q}_lag_over_aio": _div(blocking["loop_lag_s"][q],
-                                                       aio["loop_lag_s"][q])
+                f"{other.replace('-', '_')}_{q}_lag_over_aio": _div(
+                    runs_of[other]["loop_lag_s"][q], aio["loop_lag_s"][q])
+                for other in ("sync-on-loop", "no-db") if other in runs_of
                 for q in ("p99", "max")}
         sdb = runs_of.get("sessiondb")
         if not sdb:

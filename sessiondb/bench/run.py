@@ -29,8 +29,9 @@ from .workers import Job, Result, run_job
 
 STRATEGIES = ("naive", "seedfix", "sessiondb")
 # The async-loop scenario compares ways to call the store from an event loop instead
-# (its writers always use sessiondb): AsyncSessionDB, and the sync API on the loop.
-LOOP_MODES = ("aio", "sync-on-loop")
+# (its writers always use sessiondb): AsyncSessionDB, the sync API on the loop, and a
+# control whose clients make no call at all (the machine's own noise on the loop).
+LOOP_MODES = ("aio", "sync-on-loop", "no-db")
 
 
 @dataclass

@@ -12,9 +12,9 @@ strategy). What differs is only how the transaction is run:
 ``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``.
 
 The ``async-loop`` scenario adds a gateway that serves clients from an asyncio event loop
-(:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: either
-through :class:`~sessiondb.AsyncSessionDB` (``aio``) or calling
-:class:`~sessiondb.SessionDB` on the loop itself (``sync-on-loop``, the baseline).
+(:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: through
+:class:`~sessiondb.AsyncSessionDB` (``aio``), calling :class:`~sessiondb.SessionDB` on
+the loop itself (``sync-on-loop``, the baseline), or not at all (``no-db``, the control).
 
 Workers are seeded, measure every call end to end (waits and retries included) and send
 their figures back through a queue; they never write files of their own.
@@ -51,7 +51,7 @@ class Job:
     rate: float = 0.0         # gateway: sessions created per second
     session_id: str = ""
     index: int = 0
-    mode: str = ""            # loop: "aio" | "sync-on-loop"
+    mode: str = ""            # loop: "aio" | "sync-on-loop" | "no-db"
 
 
 @dataclass
@@ -388,6 +388,7 @@ def _repeat(op: Callable[[], None], close: Callable[[], None], pause: float, job
 LOOP_CLIENTS = 4          # coroutines, each a client: create a session, append, think
 LOOP_THINK = 0.020        # mean think time of a client between requests (exponential)
 LAG_TICK = 0.001          # the monitor's sleep: every wake-up later than this is lag
+CONTROL_CALL = 0.040      # no-db: a client's "call" sleeps this long (a contended write)
 
 
 def _loop_gateway(job: Job, result: Result, barriers: Any) -> None:
@@ -395,7 +396,8 @@ def _loop_gateway(job: Job, result: Result, barriers: Any) -> None:
     append a message, think, and again; a monitor coroutine sleeps ``LAG_TICK`` over and
     over and records how late each wake-up is (the time the loop was blocked). With
     ``mode == "aio"`` the clients go through AsyncSessionDB; with ``"sync-on-loop"`` they
-    call SessionDB directly on the loop, which blocks it for every call."""
+    call SessionDB directly on the loop, which blocks it for every call; with ``"no-db"``
+    (the control) they only sleep, so its lag is the machine's own scheduling noise."""
     asyncio.run(_serve(job, result, barriers))
 
 
@@ -408,6 +410,9 @@ async def _serve(job: Job, result: Result, barriers: Any) -> None:
         adb = await AsyncSessionDB.open(job.path)
         call: Callable[..., Any] = lambda name, *a: getattr(adb, name)(*a)
         close = adb.close
+    elif job.mode == "no-db":  # the control: what the machine alone does to the loop
+        call = lambda name, *a: asyncio.sleep(CONTROL_CALL)
+        close = lambda: asyncio.sleep(0)
     else:
         db = SessionDB(job.path)
 

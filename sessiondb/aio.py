@@ -84,9 +84,10 @@ class AsyncSessionDB:
     another or at once): the queue is thread-safe and each result is delivered to the
     loop that awaits it.
 
-    *Cancellation.* A cancelled call that has not started yet is skipped (it never
-    runs); one that has started runs to completion on the worker thread, and its result
-    or error is dropped. Either way every call is all or nothing: a write is one
+    *Cancellation.* A cancelled call that the worker thread has not started yet when
+    the cancellation reaches it (at the loop's next iteration) is skipped: it never runs.
+    One that has started runs to completion on the worker thread, and its result or
+    error is dropped. Either way every call is all or nothing: a write is one
     transaction, never half applied.
 
     *Fork.* The worker thread does not exist in a forked child; calls there raise

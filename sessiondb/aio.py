@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import os
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from .errors import ClosedError
+from .errors import ClosedError, SessionDBError
 from .store import SessionDB
 
 __all__ = ["AsyncSessionDB"]
@@ -109,6 +110,9 @@ class AsyncSessionDB:
         self._opened: concurrent.futures.Future | None = None
         self._exited: concurrent.futures.Future = concurrent.futures.Future()
 
+    if TYPE_CHECKING:  # the generated coroutines (see the end of this module)
+        def __getattr__(self, name: str) -> Callable[..., Any]: ...
+
     # -- lifecycle --------------------------------------------------------------------
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | None = None,
@@ -130,19 +134,22 @@ class AsyncSessionDB:
         with self._lock:
             if self._state == "closed":
                 raise ClosedError(f"{self!r} is closed; open a new AsyncSessionDB")
-            if self._opened is None:
+            opener = self._opened is None
+            if opener:
                 self._thread = threading.Thread(target=self._work, daemon=True,
                                                 name=f"sessiondb-aio-{id(self):x}")
                 self._opened = concurrent.futures.Future()
                 self._jobs.put((self._opened, self._connect))
                 self._state = "open"
-                self._thread.start()
+                self._thread.start()  # waits only for the thread to be scheduled
+        assert self._opened is not None
         try:
             # shield: a cancelled open must not skip the job that makes self._db
             await asyncio.shield(asyncio.wrap_future(self._opened))
         except BaseException:
-            if self._opened.done():  # it failed to open: nothing to close, end the thread
-                await self.close()
+            if opener:  # failed or cancelled: nobody else holds this instance; the close
+                with contextlib.suppress(SessionDBError):  # job runs after the open job
+                    await self.close()
             raise
 
     def _connect(self) -> None:
@@ -173,7 +180,7 @@ class AsyncSessionDB:
         if self._thread is None:
             return  # never opened
         await asyncio.shield(asyncio.wrap_future(self._exited))
-        self._thread.join()  # returns at once: the thread finished its last statement
+        self._thread.join()  # at once: _exited is set by the thread's last statement
         if first:
             closed.result()  # raise what db.close() raised, to the first closer only
 

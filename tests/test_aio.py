@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import multiprocessing
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -281,8 +282,44 @@ def test_calls_before_open_and_failed_opens_raise_typed_errors(tmp_path: Path):
         await AsyncSessionDB(tmp_path / "never-opened.db").close()
 
     asyncio.run(main())
-    assert not [t for t in threading.enumerate() if t.name.startswith("sessiondb-aio")]
+    assert not aio_threads()  # the failed opens' threads ended
     assert not (tmp_path / "never-opened.db").exists()
+
+
+def aio_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sessiondb-aio")]
+
+
+def test_a_cancelled_open_closes_what_it_opened(db_path: Path):
+    async def main() -> None:
+        opening = asyncio.ensure_future(AsyncSessionDB.open(db_path))
+        await asyncio.sleep(0)  # the worker thread is started, the open job queued
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    asyncio.run(main())
+    assert not aio_threads()
+    with SessionDB(db_path) as db:  # the store was opened (and closed) all the same
+        assert db.session_count() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_gets_closed_error_instead_of_a_hang(db_path: Path):
+    adb = asyncio.run(AsyncSessionDB.open(db_path))
+    pid = os.fork()
+    if pid == 0:  # the child: no worker thread here
+        code = 3
+        try:
+            asyncio.run(adb.message_count())
+        except ClosedError:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert asyncio.run(adb.message_count()) == 0  # the parent's instance works on
+    asyncio.run(adb.close())
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_cancelled_call_is_skipped_if_not_started_else_completed(db_path: Path):

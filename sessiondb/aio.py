@@ -92,7 +92,8 @@ class AsyncSessionDB:
     transaction, never half applied.
 
     *Fork.* The worker thread does not exist in a forked child; calls there raise
-    :class:`~sessiondb.errors.ClosedError` (open a new instance in the child).
+    :class:`~sessiondb.errors.ClosedError` and ``close()`` returns at once, leaving the
+    parent's store alone (open a new instance in the child).
 
     :param path: the database file, as for :class:`~sessiondb.SessionDB`.
     :param options: keyword options of :class:`~sessiondb.SessionDB` (``write_timeout``,
@@ -171,14 +172,14 @@ class AsyncSessionDB:
         :raises StorageError: closing the connection failed (the thread still ends).
         """
         with self._lock:
-            first = self._state == "open"
+            first = self._state == "open" and os.getpid() == self._pid
             self._state = "closed"
             if first:
                 closed: concurrent.futures.Future = concurrent.futures.Future()
                 self._jobs.put((closed, self._disconnect))
                 self._jobs.put(None)  # the worker's last job
-        if self._thread is None:
-            return  # never opened
+        if self._thread is None or os.getpid() != self._pid:
+            return  # never opened, or a fork child: the thread and store are the parent's
         await asyncio.shield(asyncio.wrap_future(self._exited))
         self._thread.join()  # at once: _exited is set by the thread's last statement
         if first:
@@ -213,9 +214,10 @@ class AsyncSessionDB:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._state != "open":
-                raise ClosedError(f"{self!r} is {'not open' if self._state == 'new' else 'closed'}"
-                                  "; open it with `await AsyncSessionDB.open(path)` or "
-                                  "`async with AsyncSessionDB(path) as db`")
+                state = "not open" if self._state == "new" else "closed"
+                raise ClosedError(f"{self!r} is {state}; open one with `await "
+                                  "AsyncSessionDB.open(path)` or `async with "
+                                  "AsyncSessionDB(path) as db`")
             if os.getpid() != self._pid:
                 raise ClosedError(f"{self!r} was opened in process {self._pid}, whose worker "
                                   "thread does not exist in this forked child; open a new "

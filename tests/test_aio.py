@@ -313,6 +313,7 @@ def test_a_forked_child_gets_closed_error_instead_of_a_hang(db_path: Path):
         try:
             asyncio.run(adb.message_count())
         except ClosedError:
+            asyncio.run(adb.close())  # returns: the parent's thread and store are left alone
             code = 0
         finally:
             os._exit(code)

@@ -258,6 +258,12 @@ def _record_error(result: Result, exc: BaseException) -> None:
         result.error_samples.append(f"{type(exc).__name__}: {exc}")
 
 
+def _record_success(result: Result, started: float) -> None:
+    """Count a call that began at ``started`` (monotonic) and has just succeeded."""
+    result.latencies.append(time.monotonic() - started)
+    result.commits += 1
+
+
 def _writer(job: Job, result: Result, barriers: Any) -> None:
     rng = random.Random(job.seed)
     runner = STRATEGIES[job.strategy](job)
@@ -306,8 +312,7 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
             except Exception as exc:
                 _record_error(result, exc)
             else:
-                result.latencies.append(time.monotonic() - t0)
-                result.commits += 1
+                _record_success(result, t0)
             n += 1
     finally:
         _end(barriers)
@@ -444,8 +449,7 @@ async def _serve(job: Job, result: Result, barriers: Any) -> None:
                 except Exception as exc:
                     _record_error(result, exc)
                 else:
-                    result.latencies.append(time.monotonic() - t0)
-                    result.commits += 1
+                    _record_success(result, t0)
             n += 1
             await asyncio.sleep(rng.expovariate(1.0 / LOOP_THINK))
 

@@ -91,12 +91,13 @@ class AsyncSessionDB:
     error is dropped. Either way every call is all or nothing: a write is one
     transaction, never half applied.
 
-    *The GIL.* SQLite runs with the GIL released (apsw releases it for every SQLite
-    call, waits for the write lock included), and the write gate waits in the kernel, so
-    waiting never holds the loop up. Python work on the worker thread does share the GIL
-    with the loop: a call that is long in Python (``export_all`` of 20,000 messages:
-    0.09 s) lets the loop run only every ``sys.getswitchinterval()`` (5 ms by default);
-    measured, the loop's longest wait was 4.8 ms. Lower the interval if that matters.
+    *The GIL.* SQLite runs with the GIL released (apsw releases it around its SQLite
+    calls, busy waits for the write lock included) and the write gate waits in the
+    kernel, so waiting never holds the loop up. Python work on the worker thread does
+    share the GIL with the loop: a call that is long in Python (``export_all`` of 20,000
+    messages: 0.09 s) lets the loop run only every ``sys.getswitchinterval()`` (5 ms by
+    default); measured, the loop's longest wait was 4.8 ms. Lower the interval if that
+    matters.
 
     *Fork.* The worker thread does not exist in a forked child; calls there raise
     :class:`~sessiondb.errors.ClosedError` and ``close()`` returns at once, leaving the

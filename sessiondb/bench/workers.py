@@ -387,7 +387,6 @@ def _repeat(op: Callable[[], None], close: Callable[[], None], pause: float, job
         close()
 
 
-
 # -- the gateway on an event loop (async-loop) ----------------------------------------
 
 LOOP_CLIENTS = 4          # coroutines, each a client: create a session, append, think

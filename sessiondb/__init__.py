@@ -10,13 +10,14 @@ from .errors import (
     SearchIndexError, SessionDBError, SessionNotFound, StaleRevision, StorageError,
     TitleConflict, WalDeletedError, WriteTimeout,
 )
+from .aio import AsyncSessionDB
 from .store import SessionDB
 from .text import sanitize_title
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SessionDB", "sanitize_title", "__version__",
+    "SessionDB", "AsyncSessionDB", "sanitize_title", "__version__",
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
     "HermesSchemaError", "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict",
     "InvalidArgumentType",

@@ -420,3 +420,15 @@ def hermes_facade_worker(path: str, results: Any) -> None:
                           tool_calls=[{"id": "c1"}])
         db.update_token_counts("hermes-1", 10, 5, estimated_cost_usd=0.5)
     results.put({"seen": seen, "messages": messages})
+
+
+def transaction_holder_worker(path: str, held: Any, release: Any) -> None:
+    """Write one message inside a ``transaction()`` block and keep the write lock (and
+    the gate) until ``release`` is set (at most 30 s): a foreign writer to wait behind."""
+    db = SessionDB(path, hold_timeout=60)
+    with db.transaction():
+        db.append_message("s", "assistant", "the holder's write")
+        held.set()
+        if not release.wait(30):
+            raise SystemExit(3)
+    db.close()

@@ -14,12 +14,13 @@ __all__ = ["add_arguments", "main", "benchmark"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="a reduced set (convoy and fast, 8 writers, 4 s each) in under 60 s")
+                        help="a reduced set (convoy, fast, async-loop; 8 writers, 4 s "
+                             "each) in about a minute")
     parser.add_argument("--duration", type=float, help="seconds per scenario (overrides)")
     parser.add_argument("--writers", type=int, help="writer processes per scenario (overrides)")
     parser.add_argument("--only", action="append", metavar="SCENARIO",
-                        help="run only this scenario (convoy, agent, burst, fast, gateway); "
-                             "repeatable")
+                        help="run only this scenario (convoy, agent, burst, fast, gateway, "
+                             "async-loop); repeatable")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
                         help="run only this strategy (repeatable; default all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")

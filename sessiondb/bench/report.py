@@ -64,6 +64,13 @@ def summarize(run: RunResult, label: str) -> dict[str, Any]:
         out["create_session_s"] = _dist(run.gateway.latencies)
         out["gateway_errors"] = run.gateway.errors
         out["raw"]["create_session_s"] = [round(x, 6) for x in run.gateway.latencies]
+    if run.loop:
+        out["loop_lag_s"] = _dist(run.loop.lags)
+        out["loop_wakeups"] = len(run.loop.lags)
+        out["loop_calls_s"] = _dist(run.loop.latencies)
+        out["loop_calls"] = run.loop.commits
+        out["loop_errors"] = run.loop.errors
+        out["raw"]["loop_lag_s"] = [round(x, 6) for x in run.loop.lags]
     return out
 
 
@@ -74,6 +81,13 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         by.setdefault(r["scenario"], {})[r["strategy"]] = r
     out: dict[str, dict[str, float]] = {}
     for scenario, runs_of in by.items():
+        aio = runs_of.get("aio")
+        if aio:
+            out[scenario] = {
+                f"{other.replace('-', '_')}_{q}_lag_over_aio": _div(
+                    runs_of[other]["loop_lag_s"][q], aio["loop_lag_s"][q])
+                for other in ("sync-on-loop", "no-db") if other in runs_of
+                for q in ("p99", "max")}
         sdb = runs_of.get("sessiondb")
         if not sdb:
             continue
@@ -148,6 +162,14 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(f"  create_session ({r['strategy']}): p50 {_ms(c['p50'])} ms, "
                          f"p99 {_ms(c['p99'])} ms, max {_ms(c['max'])} ms, "
                          f"errors {r['gateway_errors']}")
+        for r in runs:
+            if "loop_lag_s" in r:
+                g, c = r["loop_lag_s"], r["loop_calls_s"]
+                lines.append(
+                    f"  loop lag ({r['strategy']}): p50 {_ms(g['p50'])} ms, p99 {_ms(g['p99'])}"
+                    f" ms, max {_ms(g['max'])} ms over {r['loop_wakeups']} wake-ups; "
+                    f"{r['loop_calls']} calls, p99 {_ms(c['p99'])} ms, max {_ms(c['max'])} ms, "
+                    f"errors {r['loop_errors']}")
         if name in rat:
             lines.append("  ratios: " + ", ".join(f"{k} {v:.2f}" if "hold" not in k else
                                                   f"{k} {v * 1000:.2f} ms"

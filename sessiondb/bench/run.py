@@ -28,6 +28,10 @@ from ..writes import percentile
 from .workers import Job, Result, run_job
 
 STRATEGIES = ("naive", "seedfix", "sessiondb")
+# The async-loop scenario compares ways to call the store from an event loop instead
+# (its writers always use sessiondb): AsyncSessionDB, the sync API on the loop, and a
+# control whose clients make no call at all (the machine's own noise on the loop).
+LOOP_MODES = ("aio", "sync-on-loop", "no-db")
 
 
 @dataclass
@@ -40,7 +44,13 @@ class Scenario:
     burst: int = 0
     gateway_rate: float = 0.0
     readers: bool = True
+    loop: bool = False        # an asyncio gateway runs beside the writers (LOOP_MODES)
     description: str = ""
+
+
+_ASYNC_LOOP = Scenario(
+    "async-loop", 8, 4.0, hold=0.005, think=0.005, loop=True,
+    description="an asyncio gateway serves 4 clients while agents write; loop lag measured")
 
 
 def scenarios(quick: bool, duration: float | None = None,
@@ -50,6 +60,7 @@ def scenarios(quick: bool, duration: float | None = None,
         chosen = [
             Scenario("convoy", 8, 4.0, hold=0.010, description="10 ms transactions, closed loop"),
             Scenario("fast", 8, 4.0, description="tiny transactions, closed loop"),
+            _ASYNC_LOOP,
         ]
     else:
         chosen = [
@@ -63,6 +74,7 @@ def scenarios(quick: bool, duration: float | None = None,
             Scenario("fast", 8, 10.0, description="tiny transactions, closed loop"),
             Scenario("gateway", 8, 10.0, hold=0.005, think=0.005, gateway_rate=20.0,
                      description="a gateway creates 20 sessions/s while agents write"),
+            replace(_ASYNC_LOOP, duration=10.0),
         ]
     return [replace(s, duration=duration or s.duration, writers=writers or s.writers)
             for s in chosen]
@@ -77,6 +89,7 @@ class RunResult:
     gateway: Result | None = None
     poller: Result | None = None
     long_reader: Result | None = None
+    loop: Result | None = None
     wal_peak: int = 0
     wal_samples: list[tuple[float, int]] = field(default_factory=list)
     integrity: str = ""
@@ -85,11 +98,13 @@ class RunResult:
 
 
 def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
-            serial: bool = False) -> RunResult:
-    """Run one scenario with one strategy (``serial``: one writer, no readers)."""
+            serial: bool = False, loop_mode: str = "") -> RunResult:
+    """Run one scenario with one strategy (``serial``: one writer, no readers;
+    ``loop_mode``: how the asyncio gateway of a ``loop`` scenario calls the store)."""
     from .. import SessionDB
 
-    path = os.path.join(workdir, f"{scenario.name}-{strategy}{'-serial' if serial else ''}.db")
+    label = loop_mode or strategy + ("-serial" if serial else "")
+    path = os.path.join(workdir, f"{scenario.name}-{label}.db")
     n = 1 if serial else scenario.writers
     with SessionDB(path) as db:
         for i in range(n):
@@ -102,6 +117,9 @@ def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
         if scenario.gateway_rate:
             jobs.append(Job("gateway", strategy, path, seed * 1000 + 900, scenario.duration,
                             rate=scenario.gateway_rate))
+        if scenario.loop:
+            jobs.append(Job("loop", strategy, path, seed * 1000 + 903, scenario.duration,
+                            mode=loop_mode))
         if scenario.readers:
             jobs.append(Job("poller", strategy, path, seed * 1000 + 901, scenario.duration))
             jobs.append(Job("long_reader", strategy, path, seed * 1000 + 902,
@@ -215,12 +233,15 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
                "strategies": list(strategies), "seed": seed,
                "scenarios": [s.__dict__ for s in chosen]}
     doc: dict[str, Any] = {"header": header(options), "runs": []}
-    total = len(chosen) * (len(strategies) + 1)
+    total = sum(len(LOOP_MODES) if s.loop else len(strategies) + 1 for s in chosen)
     step = 0
     workdir = tempfile.mkdtemp(prefix="sessiondb-bench-")
     try:
         for scenario in chosen:
-            plan = [("serial", "sessiondb", True)] + [(s, s, False) for s in strategies]
+            if scenario.loop:
+                plan = [(mode, "sessiondb", False) for mode in LOOP_MODES]
+            else:
+                plan = [("serial", "sessiondb", True)] + [(s, s, False) for s in strategies]
             for label, strategy, serial in plan:
                 step += 1
                 # The serial ceiling runs as long as the contended runs: a short one
@@ -229,7 +250,8 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
                 progress(f"[{step}/{total}] {scenario.name:<9} {label:<9} "
                          f"{shown.writers if not serial else 1} writer(s), {shown.duration:g} s")
                 t0 = time.monotonic()
-                run = run_one(shown, strategy, workdir, seed, serial=serial)
+                run = run_one(shown, strategy, workdir, seed, serial=serial,
+                              loop_mode=label if scenario.loop else "")
                 summary = summarize(run, label)
                 doc["runs"].append(summary)
                 progress(f"    done in {time.monotonic() - t0:.1f} s: "

@@ -11,12 +11,18 @@ strategy). What differs is only how the transaction is run:
               sleeping 20-150 ms, PASSIVE checkpoint every 50 writes and at close.
 ``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``.
 
+The ``async-loop`` scenario adds a gateway that serves clients from an asyncio event loop
+(:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: through
+:class:`~sessiondb.AsyncSessionDB` (``aio``), calling :class:`~sessiondb.SessionDB` on
+the loop itself (``sync-on-loop``, the baseline), or not at all (``no-db``, the control).
+
 Workers are seeded, measure every call end to end (waits and retries included) and send
 their figures back through a queue; they never write files of their own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import threading
@@ -34,7 +40,7 @@ _WORDS = ("deploy parser lexer gateway token session agent model cache retry soc
 class Job:
     """What one worker process does (picklable; sent to a spawned process)."""
 
-    role: str                 # "writer" | "gateway" | "poller" | "long_reader"
+    role: str                 # "writer" | "gateway" | "poller" | "long_reader" | "loop"
     strategy: str             # "naive" | "seedfix" | "sessiondb"
     path: str
     seed: int
@@ -45,6 +51,7 @@ class Job:
     rate: float = 0.0         # gateway: sessions created per second
     session_id: str = ""
     index: int = 0
+    mode: str = ""            # loop: "aio" | "sync-on-loop" | "no-db"
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Result:
     commits: int = 0
     sqlite_version: str = ""
     crashed: str = ""
+    lags: list[float] = field(default_factory=list)  # loop: how late each wake-up was
 
 
 def message_text(rng: random.Random) -> str:
@@ -223,7 +231,7 @@ def run_job(job: Job, start: Any, finish: Any, results: Any) -> None:
     result = Result(job.role, job.index)
     try:
         body = {"writer": _writer, "gateway": _gateway, "poller": _poller,
-                "long_reader": _long_reader}[job.role]
+                "long_reader": _long_reader, "loop": _loop_gateway}[job.role]
         body(job, result, (start, finish))
     except BaseException:  # report, never hang the parent
         result.crashed = traceback.format_exc()
@@ -248,6 +256,12 @@ def _record_error(result: Result, exc: BaseException) -> None:
     result.errors += 1
     if len(result.error_samples) < 3:
         result.error_samples.append(f"{type(exc).__name__}: {exc}")
+
+
+def _record_success(result: Result, started: float) -> None:
+    """Count a call that began at ``started`` (monotonic) and has just succeeded."""
+    result.latencies.append(time.monotonic() - started)
+    result.commits += 1
 
 
 def _writer(job: Job, result: Result, barriers: Any) -> None:
@@ -298,8 +312,7 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
             except Exception as exc:
                 _record_error(result, exc)
             else:
-                result.latencies.append(time.monotonic() - t0)
-                result.commits += 1
+                _record_success(result, t0)
             n += 1
     finally:
         _end(barriers)
@@ -373,3 +386,77 @@ def _repeat(op: Callable[[], None], close: Callable[[], None], pause: float, job
         _end(barriers)
         close()
 
+
+# -- the gateway on an event loop (async-loop) ----------------------------------------
+
+LOOP_CLIENTS = 4          # coroutines, each a client: create a session, append, think
+LOOP_THINK = 0.020        # mean think time of a client between requests (exponential)
+LAG_TICK = 0.001          # the monitor's sleep: every wake-up later than this is lag
+CONTROL_CALL = 0.040      # no-db: a client's "call" sleeps this long (a contended write)
+
+
+def _loop_gateway(job: Job, result: Result, barriers: Any) -> None:
+    """An asyncio gateway: ``LOOP_CLIENTS`` client coroutines each create a session and
+    append a message, think, and again; a monitor coroutine sleeps ``LAG_TICK`` over and
+    over and records how late each wake-up is (the time the loop was blocked). With
+    ``mode == "aio"`` the clients go through AsyncSessionDB; with ``"sync-on-loop"`` they
+    call SessionDB directly on the loop, which blocks it for every call; with ``"no-db"``
+    (the control) they only sleep, so its lag is the machine's own scheduling noise."""
+    asyncio.run(_serve(job, result, barriers))
+
+
+async def _serve(job: Job, result: Result, barriers: Any) -> None:
+    from sessiondb import AsyncSessionDB, SessionDB
+    from sessiondb.connection import sqlite_version
+
+    result.sqlite_version = ".".join(map(str, sqlite_version()))
+    if job.mode == "aio":
+        adb = await AsyncSessionDB.open(job.path)
+        call: Callable[..., Any] = lambda name, *a: getattr(adb, name)(*a)
+        close = adb.close
+    elif job.mode == "no-db":  # the control: what the machine alone does to the loop
+        call = lambda name, *a: asyncio.sleep(CONTROL_CALL)
+        close = lambda: asyncio.sleep(0)
+    else:
+        db = SessionDB(job.path)
+
+        async def call(name: str, *a: Any) -> Any:
+            return getattr(db, name)(*a)
+
+        async def close() -> None:
+            db.close()
+    rng = random.Random(job.seed)
+    texts = [message_text(rng) for _ in range(16)]
+    end = await asyncio.to_thread(_begin, barriers, job.duration)
+    stop = asyncio.Event()
+
+    async def monitor() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_TICK)
+            result.lags.append(max(0.0, time.monotonic() - t0 - LAG_TICK))
+
+    async def client(k: int) -> None:
+        n = 0
+        while time.monotonic() < end:
+            sid = f"loop-{k}-{n}"
+            for name, args in (("create_session", (sid, "gateway")),
+                               ("append_message", (sid, "user", rng.choice(texts)))):
+                t0 = time.monotonic()
+                try:
+                    await call(name, *args)
+                except Exception as exc:
+                    _record_error(result, exc)
+                else:
+                    _record_success(result, t0)
+            n += 1
+            await asyncio.sleep(rng.expovariate(1.0 / LOOP_THINK))
+
+    watcher = asyncio.ensure_future(monitor())
+    try:
+        await asyncio.gather(*[client(k) for k in range(LOOP_CLIENTS)])
+    finally:
+        stop.set()
+        await watcher
+        await asyncio.to_thread(_end, barriers)
+        await close()

@@ -50,7 +50,10 @@ from .errors import (
     CapExceeded, CapWarning, ClaimLost, ConfigurationError, InvalidArgument,
     InvalidArgumentType, LeaseHeld, LeaseLost, SessionNotFound,
 )
-from .text import check_count, check_id, check_seconds, check_text, from_json, to_json
+from .text import (
+    check_count, check_id, check_limit, check_number, check_seconds, check_text, from_json,
+    to_json,
+)
 
 #: The default caps (see :class:`Coordination`).
 MAX_LEASES_PER_OWNER = 1000
@@ -450,18 +453,66 @@ class Coordination(Engine):
         """The item as a dict (``state`` is ready, claimed, done or dead), or None."""
         claim_id = check_count("claim_id", claim_id)
         rows = self._read(lambda c: _rows(
-            c, "SELECT id, queue, payload, session_id, state, attempts, max_attempts, "
-               "created_at, available_at, token, owner, claimed_at, expires_at, finished_at, "
-               "last_error FROM sessiondb_claims WHERE id = ?", (claim_id,)))
-        if not rows:
-            return None
-        rows[0]["payload"] = from_json(rows[0]["payload"])
-        return rows[0]
+            c, f"SELECT {_CLAIM_COLUMNS} FROM sessiondb_claims WHERE id = ?", (claim_id,)))
+        return _claim_record(rows[0]) if rows else None
+
+    def list_claims(self, queue: str | None = None, state: str | None = None, *,
+                    limit: int | None = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Items as :meth:`get_claim` gives them, oldest first: of one queue and/or one
+        state (``"dead"``: the dead letters, with their ``last_error``)."""
+        queue = check_text("queue", queue)
+        state = check_text("state", state)
+        if state is not None and state not in _CLAIM_STATES:
+            raise InvalidArgument(f"state must be one of {', '.join(_CLAIM_STATES)}, "
+                                  f"not {state!r}")
+        limit, offset = check_limit(limit, offset)
+        where, args = _claim_filter(queue, state)
+        rows = self._read(lambda c: _rows(
+            c, f"SELECT {_CLAIM_COLUMNS} FROM sessiondb_claims {where} ORDER BY id "
+               "LIMIT ? OFFSET ?", [*args, limit, offset]))
+        return [_claim_record(r) for r in rows]
+
+    def requeue_claim(self, claim_id: int, *, max_attempts: int | None = None) -> bool:
+        """Put a dead letter back in its queue with its attempts reset (after fixing
+        what made it fail); ``max_attempts`` replaces its limit if given.
+
+        :returns: False when the item is not a dead letter.
+        """
+        claim_id = check_count("claim_id", claim_id)
+        if max_attempts is not None and check_count("max_attempts", max_attempts) < 1:
+            raise InvalidArgument("max_attempts must be at least 1")
+
+        def write(conn: apsw.Connection) -> bool:
+            conn.execute("UPDATE sessiondb_claims SET state = 'ready', attempts = 0, "
+                         "max_attempts = COALESCE(?, max_attempts), available_at = ?, "
+                         "finished_at = NULL WHERE id = ? AND state = 'dead'",
+                         (max_attempts, time.time(), claim_id))
+            return conn.changes() > 0
+
+        return self._execute_write(write)
+
+    def purge_claims(self, older_than_days: float = 7, queue: str | None = None) -> int:
+        """Delete done and dead items finished more than ``older_than_days`` ago (the
+        queue table would otherwise only grow); returns how many. Lease rows are never
+        deleted: they keep each name's last fencing token."""
+        days = check_number("older_than_days", older_than_days)
+        assert days is not None
+        if days < 0:
+            raise InvalidArgument(f"older_than_days must be >= 0, got {days}")
+        where, args = _claim_filter(check_text("queue", queue), None)
+        where = (where + " AND" if where else "WHERE") + \
+            " state IN ('done', 'dead') AND finished_at < ?"
+
+        def write(conn: apsw.Connection) -> int:
+            conn.execute(f"DELETE FROM sessiondb_claims {where}",
+                         [*args, time.time() - days * 86400])
+            return conn.changes()
+
+        return self._execute_write(write)
 
     def queue_counts(self, queue: str | None = None) -> dict[str, int]:
         """Items per state (ready, claimed, done, dead), in one queue or in all."""
-        queue = check_text("queue", queue)
-        where, args = ("WHERE queue = ?", (queue,)) if queue is not None else ("", ())
+        where, args = _claim_filter(check_text("queue", queue), None)
         rows = self._read(lambda c: _fetch(
             c, f"SELECT state, COUNT(*) FROM sessiondb_claims {where} GROUP BY state", args))
         counts = dict.fromkeys(_CLAIM_STATES, 0)
@@ -587,6 +638,21 @@ def _check_holding(holding: Any, kind: type | tuple[type, ...]) -> Any:
     check_count("token", holding.token)
     _check_ttl(holding.ttl)
     return holding
+
+
+_CLAIM_COLUMNS = ("id, queue, payload, session_id, state, attempts, max_attempts, created_at, "
+                  "available_at, token, owner, claimed_at, expires_at, finished_at, last_error")
+
+
+def _claim_record(row: dict[str, Any]) -> dict[str, Any]:
+    row["payload"] = from_json(row["payload"])
+    return row
+
+
+def _claim_filter(queue: str | None, state: str | None) -> tuple[str, list]:
+    terms = [(c, v) for c, v in (("queue", queue), ("state", state)) if v is not None]
+    where = " AND ".join(f"{c} = ?" for c, _ in terms)
+    return ("WHERE " + where if where else ""), [v for _, v in terms]
 
 
 def _require_session(conn: apsw.Connection, session_id: str | None) -> None:

@@ -267,3 +267,29 @@ def test_polls_that_take_nothing_do_not_warn(db_path: Path) -> None:
         for _ in range(3):
             assert db.claim("jobs", "w") is None
         assert len(seen) == 1
+
+
+def test_dead_letters_can_be_listed_requeued_and_purged(db: SessionDB) -> None:
+    poison = db.enqueue("jobs", {"bad": True}, max_attempts=1)
+    fine = db.enqueue("jobs")
+    db.enqueue("other")
+    assert db.fail_claim(db.claim("jobs", "w"), "cannot parse") == "dead"
+    [dead] = db.list_claims("jobs", "dead")
+    assert (dead["id"], dead["payload"], dead["last_error"]) == (poison, {"bad": True},
+                                                                 "cannot parse")
+    assert [c["id"] for c in db.list_claims(state="ready")] == [fine, fine + 1]
+    assert [c["id"] for c in db.list_claims(limit=1, offset=1)] == [fine]
+    assert db.requeue_claim(fine) is False  # not a dead letter
+    assert db.requeue_claim(poison, max_attempts=3) is True
+    again = db.claim("jobs", "w")
+    assert (again.id, again.attempts, again.max_attempts) == (poison, 1, 3)
+    db.complete_claim(again)
+    assert db.purge_claims(older_than_days=1) == 0  # finished just now
+    assert db.purge_claims(older_than_days=0, queue="other") == 0
+    assert db.purge_claims(older_than_days=0) == 1
+    assert db.get_claim(poison) is None
+    assert db.queue_counts() == {"ready": 2, "claimed": 0, "done": 0, "dead": 0}
+    with pytest.raises(InvalidArgument):
+        db.list_claims(state="lost")
+    with pytest.raises(InvalidArgument):
+        db.purge_claims(-1)

@@ -159,6 +159,9 @@ CLOSED_CALLS = {
     "reap_claims": lambda db: db.reap_claims(),
     "get_claim": lambda db: db.get_claim(1),
     "queue_counts": lambda db: db.queue_counts(),
+    "list_claims": lambda db: db.list_claims(),
+    "requeue_claim": lambda db: db.requeue_claim(1),
+    "purge_claims": lambda db: db.purge_claims(),
     "transaction": lambda db: db.transaction().__enter__(),
     "snapshot": lambda db: db.snapshot().__enter__(),
 }

@@ -374,6 +374,12 @@ def tour_coordination(db: Any, raw: SessionDB) -> None:
         pass
     db.reap_claims()
     db.get_claim(item)
+    db.list_claims("tour-q", "dead")
+    dead = db.enqueue("tour-q", max_attempts=1)
+    while db.get_claim(dead)["state"] != "dead":
+        db.fail_claim(db.claim("tour-q", "worker-1", ttl=30), "poison")
+    db.requeue_claim(dead)
+    db.purge_claims(0)
     db.queue_counts()
     db.queue_counts("tour-q")
 

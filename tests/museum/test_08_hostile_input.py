@@ -388,6 +388,13 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "reap_claims": call("reap_claims"),
     "get_claim": call("get_claim", Arg(st.integers(0, 5), st.one_of(INTS, FLOATS))),
     "queue_counts": call("queue_counts", queue=OPT_TEXT),
+    "list_claims": call("list_claims", queue=OPT_TEXT,
+                        state=Arg(st.none() | st.sampled_from(["ready", "dead"]), TEXT),
+                        limit=LIMIT, offset=OFFSET),
+    "requeue_claim": call("requeue_claim", Arg(st.integers(0, 5), st.one_of(INTS, FLOATS)),
+                          max_attempts=Arg(st.none() | st.integers(1, 5),
+                                           st.one_of(INTS, FLOATS))),
+    "purge_claims": call("purge_claims", older_than_days=DAYS, queue=OPT_TEXT),
 }
 # A block wraps one inner call of any method above (close left out: closing inside a
 # block is not an input problem), whose error either leaves the block or is caught in it.

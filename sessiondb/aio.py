@@ -10,8 +10,10 @@ queue, and the coroutine awaits its result while the loop goes on (#5)::
         await db.create_session("s-1", "gateway")
         mid = await db.append_message("s-1", "user", "hello")
 
-One thread, not a pool: calls run one at a time, first issued first run, so a coroutine
-that appends two messages sees them stored in that order, and ``await db.run(fn)`` can
+One thread, not a pool: calls run one at a time, in the order they were *made* (a call
+is queued when the method is called, not when its result is first awaited, so
+``asyncio.create_task(db.create_session(...))`` followed by ``await db.append_message(...)``
+runs in that order), and ``await db.run(fn)`` can
 group several calls atomically without any lock of ours. SQLite would serialize the
 calls of one connection anyway; a pool would only add threads waiting on the instance
 lock. The methods are generated from :class:`~sessiondb.SessionDB`'s public methods when
@@ -29,18 +31,21 @@ import inspect
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
 
-from .errors import ClosedError, SessionDBError
+from .bounded import Heartbeat
+from .errors import ClosedError, ConfigurationError, SessionDBError
 from .store import SessionDB
 
-__all__ = ["AsyncSessionDB"]
+__all__ = ["AsyncSessionDB", "AsyncHeartbeat"]
 
 T = TypeVar("T")
 
 # Not wrapped: context managers (a block cannot span awaits, see AsyncSessionDB.transaction;
-# use run() instead) and close (AsyncSessionDB.close is its own coroutine).
-_NOT_WRAPPED = frozenset({"close", "transaction", "snapshot"})
+# use run() instead), close and heartbeat (AsyncSessionDB has its own).
+_NOT_WRAPPED = frozenset({"close", "transaction", "snapshot", "heartbeat"})
 
 _Job = tuple[concurrent.futures.Future, Callable[[], Any]]
 
@@ -64,16 +69,78 @@ def _wrapped_methods() -> dict[str, Callable[..., Any]]:
 
 def _awaitable(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
-    async def call(self: "AsyncSessionDB", *args: Any, **kwargs: Any) -> Any:
-        return await self._submit(lambda db: getattr(db, name)(*args, **kwargs))
+    def call(self: "AsyncSessionDB", *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        return self._submit(lambda db: getattr(db, name)(*args, **kwargs))
 
     call.__qualname__ = f"AsyncSessionDB.{name}"
     return call
 
 
+class _Store:
+    """What the worker thread shares with its instance: the store, once opened. The
+    worker holds no reference to the instance, so an instance nobody closed can still
+    be collected (its finalizer then closes the store and ends the thread)."""
+
+    db: SessionDB | None = None
+
+
+def _work(jobs: "queue.SimpleQueue[_Job | None]", exited: concurrent.futures.Future) -> None:
+    """The worker thread: run jobs in queue order until the closing ``None``."""
+    try:
+        while (job := jobs.get()) is not None:
+            future, fn = job
+            del job  # hold no finished job (nor what it refers to) while waiting
+            if future.set_running_or_notify_cancel():  # else: cancelled, skipped
+                try:
+                    future.set_result(fn())
+                except StopIteration as exc:  # asyncio cannot carry it: the await hangs
+                    future.set_exception(RuntimeError(f"the call raised StopIteration: "
+                                                      f"{exc!r}"))
+                except BaseException as exc:  # delivered to the awaiting coroutine
+                    future.set_exception(exc)
+            del future, fn
+    finally:
+        exited.set_result(None)
+
+
+def _abandoned(jobs: "queue.SimpleQueue[_Job | None]", store: _Store, label: str) -> None:
+    """Finalizer of an instance garbage-collected while open: close its store on the
+    worker thread and end the thread."""
+    warnings.warn(f"{label} was never closed; closing it now (use `async with` or "
+                  "`await db.close()`)", ResourceWarning, stacklevel=2)
+    jobs.put((concurrent.futures.Future(), lambda: store.db and store.db.close()))
+    jobs.put(None)
+
+
+class AsyncHeartbeat:
+    """A :class:`~sessiondb.bounded.Heartbeat` for asyncio: the same attributes
+    (``lost``, ``error``, ``holding``, ``check()``), and a ``stop()`` that is awaited,
+    since stopping waits for a renewal in flight, which may wait for the write lock.
+    ``on_lost`` is called on the heartbeat's thread: hand it to the loop with
+    ``loop.call_soon_threadsafe``. Use ``async with await db.heartbeat(lease) as hb:``.
+    """
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self._heartbeat = heartbeat
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._heartbeat, name)
+
+    async def stop(self) -> None:
+        """Stop renewing, without blocking the loop; idempotent."""
+        await asyncio.to_thread(self._heartbeat.stop)
+
+    async def __aenter__(self) -> "AsyncHeartbeat":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
 class AsyncSessionDB:
     """A :class:`~sessiondb.SessionDB` for asyncio: the same methods, awaitable, each run
-    on this instance's one worker thread, in the order they were issued.
+    on this instance's one worker thread, in the order they were called (a call is queued
+    at once and returns a coroutine that awaits its result).
 
     Open it with ``db = await AsyncSessionDB.open(path, **options)`` (then
     ``await db.close()``), or with ``async with AsyncSessionDB(path, **options) as db:``.
@@ -96,12 +163,27 @@ class AsyncSessionDB:
     kernel, so waiting never holds the loop up. Python work on the worker thread does
     share the GIL with the loop: a call that is long in Python (``export_all`` of 20,000
     messages: 0.09 s) lets the loop run only every ``sys.getswitchinterval()`` (5 ms by
-    default); measured, the loop's longest wait was 4.8 ms. Lower the interval if that
-    matters.
+    default), and one C call never lets go: encoding or JSON-encoding a 20-million
+    character message, or reading it back, held a loop up for 70-150 ms. Keep huge
+    payloads out of a latency-critical loop, or lower the interval for the Python part.
 
-    *Fork.* The worker thread does not exist in a forked child; calls there raise
-    :class:`~sessiondb.errors.ClosedError` and ``close()`` returns at once, leaving the
-    parent's store alone (open a new instance in the child).
+    *Arguments* are used when the call runs on the worker thread, not when it is made: a
+    dict changed by another coroutine meanwhile is stored changed. Pass copies.
+
+    *Inside* ``run()`` *and* ``transaction()`` functions, use their ``db`` argument: a call
+    of this instance from its own worker thread would wait for itself, so it raises
+    :class:`~sessiondb.errors.ConfigurationError`. Keep those functions short and
+    bounded; the one worker thread runs nothing else meanwhile (``asyncio.wait_for`` on a
+    hung ``run()`` returns, but the thread stays in it).
+
+    *Fork.* ``os.fork()`` (and multiprocessing's fork start method) waits for the call
+    in progress, up to ``write_timeout``, and blocks the loop meanwhile; prefer spawn or
+    ``asyncio.create_subprocess_exec``. The worker thread does not exist in a forked
+    child; calls there raise :class:`~sessiondb.errors.ClosedError` and ``close()``
+    returns at once, leaving the parent's store alone (open a new instance in the child).
+
+    An instance garbage-collected while open is closed by a finalizer, with a
+    ``ResourceWarning``.
 
     :param path: the database file, as for :class:`~sessiondb.SessionDB`.
     :param options: keyword options of :class:`~sessiondb.SessionDB` (``write_timeout``,
@@ -110,8 +192,9 @@ class AsyncSessionDB:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, **options: Any) -> None:
         self._args = (path, options)
-        self._db: SessionDB | None = None  # touched on the worker thread only
+        self._store = _Store()  # its db is touched on the worker thread only
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()  # makes "not closed, then enqueue" one step
         self._state = "new"  # new -> open -> closed
         self._pid = os.getpid()
@@ -119,8 +202,13 @@ class AsyncSessionDB:
         self._opened: concurrent.futures.Future | None = None
         self._exited: concurrent.futures.Future = concurrent.futures.Future()
 
-    if TYPE_CHECKING:  # the generated coroutines (see the end of this module)
-        def __getattr__(self, name: str) -> Callable[..., Any]: ...
+    if TYPE_CHECKING:  # the generated methods (see the end of this module)
+        def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]: ...
+
+    @property
+    def path(self) -> str | os.PathLike[str] | None:
+        """The path this instance was given (the store's own ``path`` is resolved)."""
+        return self._args[0]
 
     # -- lifecycle --------------------------------------------------------------------
     @classmethod
@@ -145,11 +233,15 @@ class AsyncSessionDB:
                 raise ClosedError(f"{self!r} is closed; open a new AsyncSessionDB")
             opener = self._opened is None
             if opener:
-                self._thread = threading.Thread(target=self._work, daemon=True,
-                                                name=f"sessiondb-aio-{id(self):x}")
+                self._thread = threading.Thread(target=_work, args=(self._jobs, self._exited),
+                                                daemon=True, name=f"sessiondb-aio-{id(self):x}")
                 self._opened = concurrent.futures.Future()
-                self._jobs.put((self._opened, self._connect))
+                path, options, store = *self._args, self._store
+                self._jobs.put((self._opened,
+                                lambda: setattr(store, "db", SessionDB(path, **options))))
                 self._state = "open"
+                self._finalizer = weakref.finalize(self, _abandoned, self._jobs, store,
+                                                   repr(self))
                 self._thread.start()  # waits only for the thread to be scheduled
         assert self._opened is not None
         try:
@@ -160,10 +252,6 @@ class AsyncSessionDB:
                 with contextlib.suppress(SessionDBError):  # job runs after the open job
                     await self.close()
             raise
-
-    def _connect(self) -> None:
-        path, options = self._args
-        self._db = SessionDB(path, **options)
 
     async def __aenter__(self) -> "AsyncSessionDB":
         await self._open()
@@ -179,12 +267,16 @@ class AsyncSessionDB:
 
         :raises StorageError: closing the connection failed (the thread still ends).
         """
+        self._refuse_on_worker("close()")
         with self._lock:
             first = self._state == "open" and os.getpid() == self._pid
             self._state = "closed"
+            if self._finalizer is not None:
+                self._finalizer.detach()
             if first:
                 closed: concurrent.futures.Future = concurrent.futures.Future()
-                self._jobs.put((closed, self._disconnect))
+                store = self._store
+                self._jobs.put((closed, lambda: store.db and store.db.close()))
                 self._jobs.put(None)  # the worker's last job
         if self._thread is None or os.getpid() != self._pid:
             return  # never opened, or a fork child: the thread and store are the parent's
@@ -193,33 +285,27 @@ class AsyncSessionDB:
         if first:
             closed.result()  # raise what db.close() raised, to the first closer only
 
-    def _disconnect(self) -> None:
-        if self._db is not None:
-            self._db.close()
-
-    def _work(self) -> None:
-        """The worker thread: run jobs in queue order until the closing ``None``."""
-        try:
-            while (job := self._jobs.get()) is not None:
-                future, fn = job
-                if not future.set_running_or_notify_cancel():
-                    continue  # cancelled before it started: skipped
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # delivered to the awaiting coroutine
-                    future.set_exception(exc)
-        finally:
-            self._exited.set_result(None)
-
     def __repr__(self) -> str:
         path = self._args[0]
         return f"AsyncSessionDB({str(path) if path is not None else None!r}, {self._state})"
 
     # -- running work on the worker thread --------------------------------------------
-    def _submit(self, fn: Callable[[SessionDB], T]) -> "asyncio.Future[T]":
-        """Queue ``fn(db)``; the future is bound to the running loop, and cancelling it
-        skips the job if it has not started."""
+    def _submit(self, fn: Callable[[SessionDB], T]) -> Coroutine[Any, Any, T]:
+        """Queue ``fn(db)`` now, and return a coroutine that awaits its result (so the
+        call may be awaited, handed to ``asyncio.create_task`` or to ``asyncio.run``).
+        Cancelling the await skips the job if it has not started. An error found before
+        queuing is raised where the call is awaited."""
+        try:
+            future = self._queue(fn)
+        except SessionDBError as exc:
+            future = concurrent.futures.Future()
+            future.set_exception(exc)
+        return _result(future)
+
+    def _queue(self, fn: Callable[[SessionDB], T]) -> concurrent.futures.Future:
+        self._refuse_on_worker("a call")
         future: concurrent.futures.Future = concurrent.futures.Future()
+        store, label = self._store, repr(self)
         with self._lock:
             if self._state != "open":
                 state = "not open" if self._state == "new" else "closed"
@@ -230,15 +316,17 @@ class AsyncSessionDB:
                 raise ClosedError(f"{self!r} was opened in process {self._pid}, whose worker "
                                   "thread does not exist in this forked child; open a new "
                                   "AsyncSessionDB here")
-            self._jobs.put((future, lambda: fn(self._store())))
-        return asyncio.wrap_future(future)
+            self._jobs.put((future, lambda: fn(_opened(store, label))))
+        return future
 
-    def _store(self) -> SessionDB:
-        if self._db is None:  # the open job failed (its awaiter got the error)
-            raise ClosedError(f"{self!r} failed to open; open a new AsyncSessionDB")
-        return self._db
+    def _refuse_on_worker(self, what: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise ConfigurationError(
+                f"{what} of {self!r} from its own worker thread (inside a run() or "
+                "transaction() function) would wait for itself; use the function's db "
+                "argument instead")
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def run(self, fn: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
         """Run ``fn(db, *args)`` on the worker thread, where ``db`` is the
         :class:`~sessiondb.SessionDB`, and return its result. No other call of this
         instance runs in between, so this is the way to do several things at once::
@@ -254,9 +342,9 @@ class AsyncSessionDB:
         :returns: what ``fn`` returned.
         :raises: whatever ``fn`` raised.
         """
-        return await self._submit(lambda db: fn(db, *args))
+        return self._submit(lambda db: fn(db, *args))
 
-    async def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+    def transaction(self, fn: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
         """Run ``fn(db, *args)`` inside ``db.transaction()`` on the worker thread: one
         atomic write of several calls (see :meth:`sessiondb.SessionDB.transaction`)::
 
@@ -279,7 +367,26 @@ class AsyncSessionDB:
             with db.transaction():
                 return fn(db, *args)
 
-        return await self._submit(body)
+        return self._submit(body)
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, AsyncHeartbeat]:
+        """:meth:`sessiondb.SessionDB.heartbeat`, as an :class:`AsyncHeartbeat` (whose
+        ``stop()`` is awaited)::
+
+            async with await adb.heartbeat(lease) as hb:
+                ...
+        """
+        return self._submit(lambda db: AsyncHeartbeat(db.heartbeat(*args, **kwargs)))
+
+
+async def _result(future: concurrent.futures.Future) -> Any:
+    return await asyncio.wrap_future(future)
+
+
+def _opened(store: _Store, label: str) -> SessionDB:
+    if store.db is None:  # the open job failed (its awaiter got the error)
+        raise ClosedError(f"{label} failed to open; open a new AsyncSessionDB")
+    return store.db
 
 
 for _name, _method in _wrapped_methods().items():

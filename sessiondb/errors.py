@@ -135,19 +135,19 @@ class SchemaTooNewError(DatabaseOpenError):
 
 
 class HermesSchemaError(DatabaseOpenError):
-    """A hermes-agent ``state.db`` of a schema version other than 6 (or lacking its
-    columns): sessiondb converts only version 6 in place; the file is left untouched.
+    """A hermes-agent ``state.db`` that sessiondb cannot convert: it lacks columns its
+    schema version must have, or its version is not one hermes-agent wrote. The file is
+    left untouched.
 
-    :ivar found: the version in its ``schema_version`` table (None if empty).
+    :ivar found: the version in its ``schema_version`` table.
     """
 
-    def __init__(self, path: str, found: int | None, detail: str = "") -> None:
+    def __init__(self, path: str, found: object, detail: str = "") -> None:
         super().__init__(
             f"{path} is a hermes-agent state.db with schema version {found}"
             + (f" ({detail})" if detail else "")
-            + "; sessiondb converts only version 6 in place (the file was not modified). "
-            "Open it once with hermes-agent (March 2026 or later), which upgrades it to 6, "
-            "then open it with sessiondb", path)
+            + " that sessiondb cannot convert (the file was not modified). Open it once "
+            "with hermes-agent (March 2026 or later), then open it with sessiondb", path)
         self.found = found
 
 

@@ -320,19 +320,35 @@ HERMES_MESSAGE_COLUMNS = (
     "id", "session_id", "role", "content", "tool_call_id", "tool_calls", "tool_name",
     "timestamp", "token_count", "finish_reason", "reasoning", "reasoning_details",
     "codex_reasoning_items")
-#: The only hermes-agent schema converted: older files have fewer columns (open them
-#: once with hermes-agent itself, which upgrades them to 6), newer ones are unknown.
+#: The hermes-agent schema the facade speaks. Older files are first brought to it by
+#: hermes-agent's own migration steps (below); newer ones are left at their version,
+#: and converted if they have every column of 6.
 HERMES_SCHEMA_VERSION = 6
+#: hermes-agent's migration ladder: (version, table, column added). Its v4 step is the
+#: unique title index, which the conversion creates anyway.
+HERMES_LADDER = (
+    (2, "messages", "finish_reason TEXT"),
+    (3, "sessions", "title TEXT"),
+    *((5, "sessions", column) for column in (
+        "cache_read_tokens INTEGER DEFAULT 0", "cache_write_tokens INTEGER DEFAULT 0",
+        "reasoning_tokens INTEGER DEFAULT 0", "billing_provider TEXT",
+        "billing_base_url TEXT", "billing_mode TEXT", "estimated_cost_usd REAL",
+        "actual_cost_usd REAL", "cost_status TEXT", "cost_source TEXT",
+        "pricing_version TEXT")),
+    *((6, "messages", column) for column in (
+        "reasoning TEXT", "reasoning_details TEXT", "codex_reasoning_items TEXT")),
+)
 
 
 def hermes_version(conn: apsw.Connection, path: Path,
                    names: list[str] | None = None) -> int | None:
     """The hermes-agent schema version of a database without a sessiondb schema, if it is
-    a hermes-agent ``state.db`` that :func:`from_hermes` can convert; None if it is not
+    a hermes-agent ``state.db`` that :func:`from_hermes` can convert (an empty
+    ``schema_version`` counts as 6, as hermes-agent itself takes it); None if it is not
     one at all (no ``schema_version``, ``sessions`` and ``messages`` tables).
 
-    :raises HermesSchemaError: it is a hermes-agent file of another version, or lacks
-        columns of version 6; nothing is changed.
+    :raises HermesSchemaError: it lacks columns that its version (or version 1, for the
+        columns hermes-agent's steps add) must have; nothing is changed.
     """
     names = _table_names(conn) if names is None else names
     if not {"schema_version", "sessions", "messages"} <= set(names):
@@ -341,12 +357,15 @@ def hermes_version(conn: apsw.Connection, path: Path,
         version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
     except apsw.SQLError:  # a schema_version table without a version column
         return None
-    if version != HERMES_SCHEMA_VERSION:
-        raise HermesSchemaError(str(path), version)
+    version = HERMES_SCHEMA_VERSION if version is None else version
+    if not isinstance(version, int) or version < 1:
+        raise HermesSchemaError(str(path), version, "not a version hermes-agent wrote")
     for table, wanted in (("sessions", HERMES_SESSION_COLUMNS),
                           ("messages", HERMES_MESSAGE_COLUMNS)):
+        added = {c.split()[0] for step, t, c in HERMES_LADDER
+                 if t == table and step > version}
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-        missing = [c for c in wanted if c not in have]
+        missing = [c for c in wanted if c not in have and c not in added]
         if missing:
             raise HermesSchemaError(str(path), version,
                                     f"its {table} table lacks {', '.join(missing)}")
@@ -354,8 +373,9 @@ def hermes_version(conn: apsw.Connection, path: Path,
 
 
 def from_hermes(conn: apsw.Connection) -> None:
-    """Convert a hermes-agent schema-6 file into sessiondb schema 2, in one write
-    transaction (a crash leaves the old file or the new one); the ladder goes on from 2.
+    """Convert a hermes-agent file into sessiondb schema 2, in one write transaction (a
+    crash leaves the old file or the new one); the ladder goes on from 2. A file older
+    than hermes-agent's schema 6 first gets the columns of hermes-agent's own steps.
 
     Kept: every row, and hermes-agent's ``schema_version`` table, so that hermes-agent
     itself still opens the file (its ``CREATE ... IF NOT EXISTS`` steps find everything
@@ -367,6 +387,15 @@ def from_hermes(conn: apsw.Connection) -> None:
     """
     if user_version(conn) != 0:  # another process converted it first
         return
+    # hermes-agent's own steps first (an older file), as hermes-agent would take them:
+    # each added column goes at the end, whatever the file's version claims.
+    for _, table, column in HERMES_LADDER:
+        if column.split()[0] not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    if conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (HERMES_SCHEMA_VERSION,))
+    conn.execute("UPDATE schema_version SET version = ? WHERE version < ?",
+                 (HERMES_SCHEMA_VERSION, HERMES_SCHEMA_VERSION))  # a newer one is left alone
     if "metadata" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}:
         conn.execute("ALTER TABLE messages ADD COLUMN metadata TEXT")
     # Whatever hermes-agent named its index triggers and indexes: none may survive to

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import workers
+from sessiondb.aio import AsyncHeartbeat
 from sessiondb import (
     AsyncSessionDB, Claim, ClaimLost, ClosedError, ConfigurationError, DatabaseOpenError,
     Deadline, Heartbeat, IntegrityViolation, InvalidArgument, InvalidArgumentType, Lease,
@@ -31,18 +32,26 @@ def public_methods() -> set[str]:
             and inspect.isfunction(inspect.getattr_static(SessionDB, n))}
 
 
-def test_every_public_method_has_an_awaitable_twin_with_its_signature_and_doc():
-    wrapped = public_methods() - NOT_WRAPPED
+def test_every_public_method_has_an_awaitable_twin_with_its_signature_and_doc(db_path):
+    wrapped = public_methods() - NOT_WRAPPED - {"heartbeat"}
     assert len(wrapped) >= 30
     for name in wrapped:
         method = getattr(AsyncSessionDB, name)
-        assert inspect.iscoroutinefunction(method), name
         assert method.__doc__ == getattr(SessionDB, name).__doc__, name
         assert inspect.signature(method) == inspect.signature(getattr(SessionDB, name)), name
-    # The exceptions are AsyncSessionDB's own: close, and transaction taking a function.
+
+    async def main() -> None:  # each returns a coroutine, queued at the call
+        async with AsyncSessionDB(db_path) as adb:
+            calls = [adb.session_count(), adb.run(lambda db: 1),
+                     adb.transaction(lambda db: 2)]
+            assert all(inspect.iscoroutine(c) for c in calls)
+            assert await asyncio.gather(*calls) == [0, 1, 2]
+
+    asyncio.run(main())
+    # The exceptions are AsyncSessionDB's own: close, heartbeat (an AsyncHeartbeat), and
+    # transaction taking a function.
     assert not hasattr(AsyncSessionDB, "snapshot") and not hasattr(AsyncSessionDB, "fenced")
-    for name in ("close", "transaction", "run"):
-        assert inspect.iscoroutinefunction(getattr(AsyncSessionDB, name))
+    assert inspect.iscoroutinefunction(AsyncSessionDB.close)
     assert getattr(AsyncSessionDB.transaction, "__wrapped__", None) is None
 
 
@@ -151,8 +160,10 @@ def normalized(value: Any, path: Path) -> Any:
     """A result with its clock readings and the store's path taken out."""
     if dataclasses.is_dataclass(value):  # a Lease or a Claim
         return type(value).__name__, normalized(dataclasses.asdict(value), path)
-    if isinstance(value, (Heartbeat, Deadline)):
-        return type(value).__name__
+    if isinstance(value, (Heartbeat, AsyncHeartbeat)):
+        return "Heartbeat"
+    if isinstance(value, Deadline):
+        return "Deadline"
     if isinstance(value, dict):
         return {k: type(v).__name__ if k in CLOCK_FIELDS else normalized(v, path)
                 for k, v in value.items()}
@@ -170,6 +181,8 @@ def outcome(call: Any, path: Path, name: str, last: dict) -> Any:
         last[type(result)] = result
     elif isinstance(result, Heartbeat):
         result.stop()
+    elif isinstance(result, AsyncHeartbeat):
+        result._heartbeat.stop()
     elif isinstance(result, Deadline):
         result.cancel()
     if name == "stats":  # figures of this instance's own writes and waits
@@ -307,6 +320,96 @@ def test_the_loop_keeps_running_while_a_write_waits_for_another_process(db_path:
     assert ticks == 50
     rows = workers.read_only(db_path, "SELECT id, content FROM messages ORDER BY id")
     assert rows == [(1, "the holder's write"), (mid, "gateway")]
+
+
+def test_a_heartbeat_stops_without_blocking_the_loop_while_a_renewal_waits(db_path: Path):
+    """Stopping waits for the renewal in flight, which waits for another process's write
+    lock: through AsyncHeartbeat the loop goes on ticking meanwhile."""
+    SessionDB(db_path).close()
+    held, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=workers.transaction_holder_worker,
+                           args=(str(db_path), held, release), kwargs={"create": True})
+
+    async def main() -> int:
+        async with AsyncSessionDB(db_path, write_timeout=60) as adb:
+            lease = await adb.acquire_lease("job", "gateway", ttl=30)
+            hb = await adb.heartbeat(lease, interval=0.01)
+            holder.start()
+            assert await asyncio.to_thread(held.wait, 60)
+            await asyncio.sleep(0.1)  # a renewal is due every 10 ms: one waits for the lock
+            stopping = asyncio.ensure_future(hb.stop())
+            ticks = 0
+            while ticks < 50:
+                await asyncio.sleep(0.001)
+                ticks += 1
+            release.set()  # had stop() blocked the loop, the holder would give up (exit 3)
+            await stopping
+            assert not hb.lost.is_set()
+            return ticks
+
+    try:
+        assert asyncio.run(main()) == 50
+    finally:
+        release.set()
+        holder.join(60)
+    assert holder.exitcode == 0
+
+
+def test_calls_are_queued_when_made_not_when_first_awaited(db_path: Path):
+    async def main() -> list[str]:
+        async with AsyncSessionDB(db_path) as adb:
+            created = asyncio.create_task(adb.create_session("s", "cli"))
+            await adb.append_message("s", "user", "after the create")  # no SessionNotFound
+            await created
+            late, early = adb.append_message("s", "user", "b"), adb.append_message("s", "user", "c")
+            await asyncio.gather(early, late)
+            return [m["content"] for m in await adb.get_messages("s")]
+
+    assert asyncio.run(main()) == ["after the create", "b", "c"]
+
+
+def test_a_function_raising_stop_iteration_gets_an_error_not_a_hang(db_path: Path):
+    async def main() -> None:
+        async with AsyncSessionDB(db_path) as adb:
+            bad = asyncio.ensure_future(adb.run(lambda db: next(iter([]))))
+            assert await adb.session_count() == 0  # in order: bad has run by now
+            assert bad.done()
+            with pytest.raises(RuntimeError, match="StopIteration"):
+                await bad
+
+    asyncio.run(main())
+
+
+def test_calling_the_instance_from_its_own_worker_is_refused(db_path: Path):
+    async def main() -> None:
+        async with AsyncSessionDB(db_path) as adb:
+            def close_here(db: SessionDB) -> None:
+                asyncio.run(adb.close())
+
+            with pytest.raises(ConfigurationError, match="own worker thread"):
+                await adb.run(close_here)
+            assert await adb.session_count() == 0  # still usable
+
+    asyncio.run(main())
+
+
+def test_an_instance_nobody_closed_is_collected_and_closed(db_path: Path):
+    import gc
+    import weakref
+
+    async def open_and_forget() -> "weakref.ref[AsyncSessionDB]":
+        adb = await AsyncSessionDB.open(db_path)
+        await adb.create_session("s", "cli")
+        return weakref.ref(adb)
+
+    before = len(aio_threads())
+    with pytest.warns(ResourceWarning, match="never closed"):
+        ref = asyncio.run(open_and_forget())
+        gc.collect()
+    assert ref() is None
+    workers.wait_for(lambda: len(aio_threads()) == before)
+    with SessionDB(db_path) as db:
+        assert db.session_count() == 1
 
 
 # -- close, errors, cancellation --------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sessiondb import cli
+from sessiondb import SessionDB, cli
 
 
 @pytest.mark.slow
@@ -36,3 +36,17 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path: Path, capsys):
             assert run["loop_calls"] > 0 and run["loop_errors"] == 0
             assert run["loop_wakeups"] == len(run["raw"]["loop_lag_s"]) > 0
             assert {"p50", "p90", "p99", "p99.9", "max"} == set(run["loop_lag_s"])
+
+
+def test_lost_writes_are_counted_from_the_writers_sessions_only(tmp_path: Path) -> None:
+    """The async-loop gateway appends messages of its own: counting every message would
+    hide lost writer commits."""
+    from sessiondb.bench.run import _check_file
+    path = tmp_path / "bench.db"
+    with SessionDB(path) as db:
+        db.create_session("w-0", "bench")
+        db.create_session("loop-0-0", "gateway")
+        db.append_message("w-0", "assistant", "a writer's commit")
+        for i in range(3):
+            db.append_message("loop-0-0", "user", f"the gateway's {i}")
+    assert _check_file(str(path)) == ("ok", 1)

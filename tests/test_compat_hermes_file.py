@@ -153,8 +153,10 @@ def test_a_hermes_state_db_is_converted_in_place_losing_nothing(tmp_path, migrat
     before = snapshot_rows(path)
     with SessionDB(path) as db:
         assert snapshot_rows(path) == before
-        assert list(db.get_session("p")) == SESSION_KEYS  # whatever the file's order
-        assert list(db.get_messages("p")[0]) == MESSAGE_KEYS
+        # in the file's column order, as hermes-agent's SELECT * gave them
+        assert list(db.get_session("p")) == file_order(path, "sessions", SESSION_KEYS)
+        assert list(db.get_messages("p")[0]) == file_order(path, "messages", MESSAGE_KEYS)
+        assert list(db.list_sessions_rich()[0])[-2:] == ["last_active", "preview"]
         assert db.get_session("p")["title"] == "Parent work"
         assert db.resolve_session_by_title("Parent work") == "c"
         assert (db.get_session("p")["message_count"], db.get_session("p")["tool_call_count"],
@@ -197,13 +199,45 @@ def test_hermes_agent_can_still_open_and_write_a_converted_file(tmp_path):
     assert doctor.check(path)["ok"]
 
 
-@pytest.mark.parametrize("version", [5, 7])
-def test_other_hermes_versions_are_refused_untouched(tmp_path, version):
+def file_order(path: Path, table: str, keys: list[str]) -> list[str]:
+    """The file's column order (through apsw, whose SQLite is the store's: closing a
+    stdlib sqlite3 connection to a file open in this process would drop its locks)."""
+    return [r[1] for r in read_only(path, f"PRAGMA table_info({table})") if r[1] in keys]
+
+
+@pytest.mark.parametrize("version", [1, 2, 4])
+def test_an_older_hermes_file_gets_hermes_agents_own_steps_first(tmp_path, version):
+    """Spec, open sequence: "step the stored version up"; added columns go at the end."""
     path = tmp_path / "state.db"
-    build_hermes_db(path, version=version)
-    err = refused_untouched(path, sessiondb.HermesSchemaError)
-    assert err.found == version and f"schema version {version}" in str(err)
-    assert isinstance(err, sessiondb.DatabaseOpenError)
+    conn = sqlite3.connect(path, isolation_level=None)
+    title = ", title TEXT" if version >= 3 else ""
+    finish = ", finish_reason TEXT" if version >= 2 else ""
+    conn.executescript(
+        f"CREATE TABLE sessions ({_V1_SESSIONS}{title}{_FK}); CREATE TABLE messages "
+        f"({_V1_MESSAGES}{finish}); CREATE TABLE schema_version (version INTEGER NOT NULL);"
+        f"INSERT INTO schema_version VALUES ({version});"
+        "INSERT INTO sessions (id, source, started_at, message_count) VALUES ('a', 'cli', 1, 1);"
+        "INSERT INTO messages (session_id, role, content, timestamp) "
+        "VALUES ('a', 'user', 'legacy words', 2)")
+    conn.close()
+    with SessionDB(path) as db:
+        session = db.get_session("a")
+        assert list(session) == file_order(path, "sessions", SESSION_KEYS)
+        assert set(session) == set(SESSION_KEYS) and session["cache_read_tokens"] == 0
+        assert db.get_messages("a")[0]["content"] == "legacy words"
+        db.update_token_counts("a", 1, 2, estimated_cost_usd=0.5)
+        db.append_message("a", "assistant", "new", reasoning="r", finish_reason="stop")
+        assert [h["id"] for h in db.search_messages("legacy")] == [1]
+    assert read_only(path, "SELECT version FROM schema_version") == [(6,)]
+
+
+def test_a_newer_hermes_file_is_converted_and_keeps_its_version(tmp_path):
+    """Spec: "A version above 6 is left alone."""
+    path = tmp_path / "state.db"
+    build_hermes_db(path, version=7)
+    with SessionDB(path) as db:
+        assert db.get_session("p")["title"] == "Parent work"
+    assert read_only(path, "SELECT version FROM schema_version") == [(7,)]
 
 
 def test_a_hermes_file_lacking_columns_is_refused_untouched(tmp_path):

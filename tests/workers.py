@@ -428,10 +428,14 @@ def hermes_facade_worker(path: str, results: Any) -> None:
     results.put({"seen": seen, "messages": messages})
 
 
-def transaction_holder_worker(path: str, held: Any, release: Any) -> None:
+def transaction_holder_worker(path: str, held: Any, release: Any, create: bool = False
+                              ) -> None:
     """Write one message inside a ``transaction()`` block and keep the write lock (and
-    the gate) until ``release`` is set (at most 30 s): a foreign writer to wait behind."""
+    the gate) until ``release`` is set (at most 30 s): a foreign writer to wait behind.
+    ``create``: make the session "s" first."""
     db = SessionDB(path, hold_timeout=60)
+    if create:
+        db.ensure_session("s", "cli")
     with db.transaction():
         db.append_message("s", "assistant", "the holder's write")
         held.set()

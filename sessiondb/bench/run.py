@@ -195,7 +195,10 @@ def _check_file(path: str) -> tuple[str, int]:
     try:
         conn.set_busy_timeout(10_000)
         integrity = conn.execute("PRAGMA integrity_check").fetchall()[0][0]
-        rows = conn.execute("SELECT COUNT(*) FROM messages").fetchall()[0][0]
+        # The writers' messages only (sessions w-<i>): the async-loop gateway appends
+        # messages of its own, which would hide lost writer commits.
+        rows = conn.execute("SELECT COUNT(*) FROM messages WHERE session_id LIKE 'w-%'"
+                            ).fetchall()[0][0]
     finally:
         conn.close()
     return integrity, rows

@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 
 from .. import records, search_index
-from ..engine import Engine, _fetch, _first, _rows
+from ..engine import Engine, _fetch, _first
+from ..engine import _rows as _engine_rows
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
@@ -661,6 +662,25 @@ def _source_filters(source: Any, exclude_sources: Any = None) -> tuple[list[str]
         where.append(f"s.source NOT IN {marks}")
         args += items
     return where, args
+
+
+def _rows(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
+    """Rows as dicts whose session or message columns come in the file's table order, as
+    the original's ``SELECT *`` gave them: on a file hermes-agent itself migrated from an
+    older schema, its added columns stand at the end (spec: "key order differs on
+    migrated databases"). Other keys (``last_active``, ``preview``) follow."""
+    rows = _engine_rows(conn, sql, args)
+    if rows:
+        keys = list(rows[0])
+        for table, wanted in (("sessions", HERMES_SESSION_COLUMNS),
+                              ("messages", HERMES_MESSAGE_COLUMNS)):
+            if keys[:len(wanted)] == list(wanted):
+                order = [name for (name,) in conn.execute(
+                    "SELECT name FROM pragma_table_info(?)", (table,)) if name in wanted]
+                if order != list(wanted):
+                    rows = [{**{k: row[k] for k in order}, **row} for row in rows]
+                break
+    return rows
 
 
 def _where(conditions: list[str]) -> str:

@@ -18,7 +18,7 @@ import apsw
 from . import pruning, records, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
-from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
+from .maintenance import ProgressCallback, Tracker, check_progress
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
@@ -643,8 +643,8 @@ class SessionDB(Coordination):
         if dry_run or not sessions:
             return sessions
         deleted = [0]
-        run_steps(self._execute_write, pruning.prune_step(cutoff, source, deleted),
-                  self._step_budget(), Tracker("prune", "rows", sessions + messages, progress))
+        self._run_steps(pruning.prune_step(cutoff, source, deleted),
+                        Tracker("prune", "rows", sessions + messages, progress))
         self.reclaim_space(progress=progress)
         return deleted[0]
 
@@ -661,8 +661,8 @@ class SessionDB(Coordination):
         progress = check_progress(progress)
         before = _file_size(self.path)
         free = self._read(lambda c: int(c.pragma("freelist_count")))
-        freed = run_steps(self._execute_write, pruning.reclaim_step, self._step_budget(),
-                          Tracker("reclaim", "pages", free, progress))
+        freed = self._run_steps(pruning.reclaim_step,
+                                Tracker("reclaim", "pages", free, progress))
         if freed and not self._writes.active:
             self.checkpoint()
         return {"freed_pages": freed, "bytes_before": before,
@@ -689,11 +689,7 @@ class SessionDB(Coordination):
 
     def _index_pending(self, progress: ProgressCallback | None) -> int:
         total = self._read(search_index.pending_messages)
-        return search_index.catch_up(self._execute_write, self._step_budget(), progress,
-                                     total)
-
-    def _step_budget(self) -> float:
-        return step_budget(self._options["hold_timeout"])
+        return search_index.catch_up(self._run_steps, progress, total)
 
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
 import random
 import sys
@@ -43,18 +44,24 @@ def measure_listing(db_path: str, repeats: int = 200, *, seed: int = 1) -> dict[
     :param db_path: an existing store (opening it migrates an older schema: use a copy).
     :param repeats: timed calls per case.
     :param seed: seed of the random choice of sessions.
-    :returns: ``{"versions", "options", "store", "open_s", "calls"}``; ``calls`` maps a
-        case name to ``{"n", "p50_ms", "p99_ms", "max_ms"}``; a case the library cannot
-        run (keyset paging before it existed) is absent.
+    :returns: ``{"versions", "options", "store", "open_s", "loadavg", "calls"}``;
+        ``calls`` maps a case name to ``{"n", "p50_ms", "p99_ms", "max_ms", "cpu_p50_ms",
+        "cpu_p99_ms"}`` (wall-clock time, and this thread's CPU time, which a busy
+        machine's preemptions do not inflate); a case the library cannot run (keyset
+        paging before it existed) is absent. ``loadavg``: the 1-minute load average
+        before and after (a p99 on a loaded machine includes waits for a core).
     """
     rng = random.Random(seed)
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     db = SessionDB(db_path)
     open_s = time.perf_counter() - started
     try:
-        return _measure(db, repeats, rng, open_s)
+        doc = _measure(db, repeats, rng, open_s)
     finally:
         db.close()
+    doc["loadavg"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return doc
 
 
 def _measure(db: SessionDB, repeats: int, rng: random.Random,
@@ -118,12 +125,14 @@ def _measure(db: SessionDB, repeats: int, rng: random.Random,
     calls = {}
     for name, call in cases.items():
         call()  # warm-up, untimed
-        samples = []
+        samples, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             call()
             samples.append(time.perf_counter() - t0)
-        calls[name] = _summary(samples)
+            cpu.append(time.thread_time() - c0)
+        calls[name] = {**_summary(samples), "cpu_p50_ms": _ms(percentile(cpu, 50)),
+                       "cpu_p99_ms": _ms(percentile(cpu, 99))}
     return {
         "versions": {"sessiondb": __version__, "sqlite": apsw.sqlite_lib_version(),
                      "apsw": apsw.apsw_version(), "python": platform.python_version()},
@@ -135,18 +144,21 @@ def _measure(db: SessionDB, repeats: int, rng: random.Random,
 
 
 def _summary(samples: list[float]) -> dict[str, Any]:
-    return {"n": len(samples), **{k: round(1000 * v, 3) for k, v in (
-        ("p50_ms", percentile(samples, 50)), ("p99_ms", percentile(samples, 99)),
-        ("max_ms", max(samples)))}}
+    return {"n": len(samples), "p50_ms": _ms(percentile(samples, 50)),
+            "p99_ms": _ms(percentile(samples, 99)), "max_ms": _ms(max(samples))}
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 3)
 
 
 def table(doc: dict[str, Any]) -> str:
     """The figures of :func:`measure_listing` as a text table."""
     width = max(len(name) for name in doc["calls"])
-    lines = [f"{'call':<{width}}  {'p50 ms':>8}  {'p99 ms':>8}  {'max ms':>8}"]
+    keys = ("p50_ms", "p99_ms", "max_ms", "cpu_p50_ms", "cpu_p99_ms")
+    lines = [f"{'call':<{width}}" + "".join(f"  {k.replace('_ms', ' ms'):>10}" for k in keys)]
     for name, fig in doc["calls"].items():
-        lines.append(f"{name:<{width}}  {fig['p50_ms']:>8.3f}  {fig['p99_ms']:>8.3f}  "
-                     f"{fig['max_ms']:>8.3f}")
+        lines.append(f"{name:<{width}}" + "".join(f"  {fig[k]:>10.3f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the figures as JSON to FILE")
     args = parser.parse_args(argv)
     doc = measure_listing(args.db, args.repeats, seed=args.seed)
-    print(json.dumps(doc["versions"]), f"open {doc['open_s']} s", file=sys.stderr)
+    print(json.dumps(doc["versions"]), f"open {doc['open_s']} s, load average "
+          f"{doc['loadavg']}", file=sys.stderr)
     print(table(doc))
     if args.json_file:
         with open(args.json_file, "w", encoding="utf-8") as fh:

@@ -379,8 +379,10 @@ class SessionDB(Engine):
         time, else ``started_at``) and ``preview`` (first user message, 60 characters).
 
         The page is picked first and only its rows are described (see
-        :mod:`sessiondb.listing`): the same rows, in the same order, as the original's
-        one statement, without its subqueries for every session of the filter."""
+        :mod:`sessiondb.listing`), by the original's ``ORDER BY started_at DESC LIMIT
+        OFFSET``, without its subqueries for every session of the filter. (Sessions that
+        started at the same instant come in the order of the index SQLite picks, as
+        they did in the original.)"""
         where, args = _source_filters(source, exclude_sources)
         _bindable((*args, limit, offset))
         window = 4 * rules.PREVIEW_WINDOW  # the bytes of head_sql()

@@ -238,8 +238,8 @@ def _inspect(db: SessionDB, report: DoctorReport) -> None:
             problems.append(f"message counters disagree with the messages: "
                             f"{report['counters']}")
 
-    total = guarded("message total check", lambda: _total_state(db))
-    if total not in (None, "ok"):
+    total = _total_state(db)
+    if total != "ok":
         report["counters"] = total if report["counters"] in (None, "ok") else \
             f"{report['counters']}; {total}"
         problems.append(f"{total}: run `sessiondb doctor --repair --db {report['path']}` "
@@ -260,8 +260,13 @@ def _pragmas(conn: apsw.Connection) -> dict[str, Any]:
 
 
 def _total_state(db: SessionDB) -> str:
-    """``"ok"`` or how the message total differs from the messages."""
-    total, actual = db._read(lambda c: c.execute(_TOTAL_CHECK).fetchone(), snapshot=True)
+    """``"ok"``, how the message total differs from the messages, or why it could not
+    be read."""
+    try:
+        total, actual = db._read(lambda c: c.execute(_TOTAL_CHECK).fetchone(),
+                                 snapshot=True)
+    except SessionDBError as exc:
+        return f"the message total could not be read ({exc})"
     return "ok" if total == actual else \
         f"the message total says {total}, the store has {actual} messages"
 

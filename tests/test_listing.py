@@ -400,3 +400,19 @@ def test_cli_list_pages_with_after(db, db_path, make_session, capsys):
     assert code == 0 and [r["id"] for r in rows] == ["s2", "s1"]
     code, err = listed("--after", "gone")
     assert code != 0 and "gone" in err
+
+
+def test_measure_listing_runs_and_reports_every_case(db, db_path, many, tmp_path):
+    """The measuring code the scale benchmark calls (figures never asserted)."""
+    from sessiondb.bench import scale_listing
+    for s in many[:3]:
+        db.append_message(s["id"], "assistant", "more")
+    doc = scale_listing.measure_listing(str(db_path), repeats=3)
+    assert doc["store"]["sessions"] == 120 and doc["options"]["keyset"]
+    assert {"list_sessions", "message_count", "get_messages 50 after_id",
+            "list_sessions after=<random session>"} <= set(doc["calls"])
+    for fig in doc["calls"].values():
+        assert fig["n"] == 3 and fig["max_ms"] >= fig["p50_ms"] >= 0
+    out = tmp_path / "listing.json"
+    assert scale_listing.main([str(db_path), "--repeats", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["calls"].keys() == doc["calls"].keys()

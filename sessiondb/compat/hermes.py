@@ -37,6 +37,7 @@ that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the ori
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
-from .. import records, search_index
+from .. import records, search, search_index
 from ..engine import Engine, _fetch, _first
 from ..engine import _rows as _engine_rows
 from ..errors import (
@@ -53,7 +54,6 @@ from ..errors import (
     StorageError, TitleConflict, WriteTimeout,
 )
 from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
-from ..store import _SNIPPET_BUDGET, long_message_snippet
 from ..text import (
     MAX_QUERY_LENGTH, from_json, lineage_number, sanitize_fts_query, split_lineage,
 )
@@ -479,11 +479,14 @@ class SessionDB(Engine):
                         exclude_sources: list[str] | None = None,
                         role_filter: list[str] | None = None, limit: int = 20,
                         offset: int = 0) -> list[dict[str, Any]]:
-        """Full-text search, best match first. Each hit: ``id``, ``session_id``,
-        ``role``, ``snippet`` (matches in ``>>> <<<``), ``timestamp``, ``tool_name``,
-        ``source``, ``model``, ``session_started``, ``context`` (the messages of the
-        session with ids next to the match's, the match included).
+        """Full-text search: the best matches among the most recent. Each hit: ``id``,
+        ``session_id``, ``role``, ``snippet`` (matches in ``>>> <<<``), ``timestamp``,
+        ``tool_name``, ``source``, ``model``, ``session_started``, ``context`` (the
+        messages of the session with ids next to the match's, the match included).
 
+        The order is sessiondb's (:mod:`sessiondb.search`): windows of the 1,000 most
+        recent matches, best match (bm25) first within each, ties newest first; a query
+        with at most 1,000 matches is ordered best match first, as hermes-agent's was.
         A query that is still not valid FTS5 after sanitizing finds nothing (``[]``).
         """
         if not query or not query.strip():
@@ -491,40 +494,33 @@ class SessionDB(Engine):
         match = self._sanitize_fts5_query(query)
         if not match:
             return []
-        where, args = [], []
-        if source_filter is not None:  # [] matches nothing: IN ()
-            marks, items = _placeholders(source_filter)
-            where.append(f" AND s.source IN {marks}")
-            args += items
-        if exclude_sources:
-            marks, items = _placeholders(exclude_sources)
-            where.append(f" AND s.source NOT IN {marks}")
-            args += items
-        if role_filter:
-            marks, items = _placeholders(role_filter)
-            where.append(f" AND m.role IN {marks}")
-            args += items
+        # Bound one by one, as the original did (its types, its variable limit).
+        filters = search.Filters(
+            sources=None if source_filter is None else list(_bindable(source_filter)),
+            exclude_sources=list(_bindable(exclude_sources or ())),
+            roles=list(_bindable(role_filter or ())), bind_each=True)
         terms = max(1, len(match.split()))
-        sql = (
-            "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
-            "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END AS snippet, "
-            "m.timestamp, m.tool_name, s.source, s.model, s.started_at AS session_started "
-            "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
-            "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
-            + "".join(where) + " ORDER BY rank LIMIT ? OFFSET ?")
-        params = _bindable((terms, _SNIPPET_BUDGET, match, *args, limit, offset))
+        page = _bindable((limit, offset))
 
         def read(conn: apsw.Connection) -> list[dict[str, Any]]:
             search_index.raise_if_damaged(conn, self.path)
+            # LIMIT and OFFSET as SQLite reads them: None is a datatype mismatch (an
+            # IntegrityError, as in the original), a negative limit means all.
+            conn.execute("SELECT 1 LIMIT ? OFFSET ?", page).fetchall()
+            first, skip = conn.execute("SELECT CAST(? AS INTEGER), CAST(? AS INTEGER)",
+                                       page).fetchone()
             try:
-                hits = _rows(conn, sql, params)
+                ids = search.ranked_ids(conn, match, filters, first if first >= 0 else -1,
+                                        max(skip, 0), _hermes_phrases(match))
+                rows = search.fetch_hits(conn, match, ids, terms)
             except apsw.SQLError as exc:
                 if "malformed" in str(exc) or "corrupt" in str(exc):
                     raise  # damage, not syntax: SearchIndexError below
                 return []  # not valid FTS5 after sanitizing: the original's []
+            hits = [dict(zip(_HIT_KEYS, row)) for row in rows]
             for hit in hits:
                 if hit["snippet"] is None:  # too long for FTS5's snippet()
-                    hit["snippet"] = long_message_snippet(
+                    hit["snippet"] = search.long_message_snippet(
                         conn, hit["id"], sanitize_fts_query(query[:MAX_QUERY_LENGTH]))
                 try:
                     hit["context"] = [
@@ -645,6 +641,20 @@ _ACCOUNT_ARGS = ("session_id", *_TOKENS, "estimated_cost_usd", "actual_cost_usd"
 _ASCII_CI_PREFIX = "substr(CAST(lower({0}) AS BLOB), 1, ?) = CAST(lower(?) AS BLOB)"
 _CONTEXT_SQL = (f"SELECT role, {rules.head_sql('content', 200)} FROM messages "
                 "WHERE session_id = ? AND id BETWEEN ? AND ? ORDER BY id")
+_HIT_KEYS = ("id", "session_id", "role", "snippet", "timestamp", "tool_name", "source",
+             "model", "session_started")
+# A phrase of a hermes-agent query: a quoted string (maybe a prefix), or a bare word
+# (maybe with a column filter and a star); the operators are not phrases.
+_HERMES_PHRASE = re.compile(r'"[^"]*"\*?|[^\s"]+')
+_COLUMN_FILTER = re.compile(r"^[^\s:\"]+:")
+
+
+def _hermes_phrases(match: str) -> list[str]:
+    """The phrases of a sanitized hermes-agent query, each as an FTS5 query, for bm25's
+    document frequencies (:func:`sessiondb.search.ranked_ids` checks that they fit the
+    query, and weighs the phrases alike when not)."""
+    return [_COLUMN_FILTER.sub("", word) for word in _HERMES_PHRASE.findall(match)
+            if word not in ("AND", "OR", "NOT")]
 
 
 def _prefix_args(prefix: str) -> tuple[int, str]:

@@ -1,0 +1,482 @@
+"""Full-text search whose time does not grow with the number of matches.
+
+``ORDER BY rank`` over FTS5 ranks every match before it returns the first twenty: a
+common word over a million messages took 770 ms. Search here reads a bounded number of
+matches instead, and this fixes the order of the results.
+
+**The order.** The matches that pass the filters are taken in *windows* of
+:data:`WINDOW` (1,000), newest first: the first window holds the 1,000 most recent
+matching messages (highest ids), the second the 1,000 before them, and so on. Within a
+window the best match comes first (bm25, below), ties newest first. ``offset`` counts
+through that sequence, so consecutive pages never repeat or skip a hit, and a page that
+straddles two windows takes the end of one and the start of the next. A query with at
+most 1,000 matches (every rare word) is therefore ordered exactly best match first; a
+common word gives the best of its 1,000 most recent matches. Recency was chosen as the
+window because an agent's transcripts are searched mostly for recent work, and because
+FTS5 reads its doclists in rowid order, so the newest matches are the cheap ones to find.
+
+**bm25.** The score is FTS5's bm25 (k1 = 1.2, b = 0.75, https://sqlite.org/fts5.html
+#the_bm25_function), except for the number of messages containing each phrase, which
+FTS5 counts over the whole index on every query (every match of a common word: 23 ms; of
+a two-word phrase: 170 ms). Here it is counted over the newest :data:`IDF_SLICE`
+(10,000) messages instead; in a store no larger the score is FTS5's exactly, and with a
+single phrase the order is FTS5's exactly in any store (the count only scales every
+score alike).
+
+**Finding the candidates.** The FTS5 doclist is walked newest first, joined with the
+filters, and stops once the window is full (a common word: the newest ~1,000 rows). A
+filter that keeps few of the matches (a rare source, one session, a query whose words are
+everywhere) would make that walk read every match; so after a first span of
+:data:`FIRST_SPAN` rows the walk estimates both costs and may switch to walking the
+filter's sessions instead, newest first, each session's messages :data:`CHUNK` at a time,
+each chunk matched by one range query. Both walks find the same rows. A ``roles`` filter
+alone never switches: it is applied to each match (roles are few and common).
+
+**Limits.** Prefix queries (``abc*``) merge the doclists of every word with the prefix
+before the first row comes out (FTS5 without a ``prefix=`` index): a prefix shared by a
+very common word costs tens of milliseconds per query statement, and a search runs a few.
+``limit=None`` ranks every match, window by window.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import apsw
+
+from . import records, search_index
+from .engine import _fetch, _first
+from .text import plain_snippet
+
+#: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
+WINDOW = 1000
+#: Newest messages over which each phrase's document frequency is counted for bm25.
+IDF_SLICE = 10_000
+#: Rows (ids) of the index walk's first span, after which it may switch strategy.
+FIRST_SPAN = 1024
+#: A session's messages matched per range query when its sessions are walked.
+CHUNK = 512
+#: Walking more sessions than this is never chosen (listing them alone costs too much).
+MAX_WALKED_SESSIONS = 5000
+#: Hits further apart than this (in ids) are fetched by separate range queries.
+_GAP = 512
+_K1, _B = 1.2, 0.75
+# Unit costs (microseconds) measured on a million-message store, for the choice between
+# the two walks: a match read and joined with its message and session; a session walked
+# (two statements); a message of a walked session.
+_US_PER_MATCH, _US_PER_SESSION, _US_PER_MESSAGE = 1.2, 60.0, 0.3
+
+# A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
+# 32,766 variables, and its statement text grows with the list.
+_IN_LIST = "(SELECT value FROM json_each(?))"
+_RANK_DATA = "sessiondb_rank_data"
+# snippet() for a message while its bytes x query phrases stay under this (at most
+# ~10,000 matches: under a second even when every word matches); see fetch_hits.
+SNIPPET_BUDGET = 20_000
+_PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
+# The first bytes of a message, not the whole of it (it may be 10 MB): substr() of a
+# BLOB, because of a TEXT it stops at the first NUL; _decode drops a character cut in two.
+_HEAD_SQL = "SELECT substr(CAST(content AS BLOB), 1, ?) FROM messages WHERE id = ?"
+_CONTEXT_SQL = (
+    "SELECT role, substr(CAST(content AS BLOB), 1, 800) FROM ("  # 200 chars: <= 800 bytes
+    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
+    "  ORDER BY id DESC LIMIT 1)"
+    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
+    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
+    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
+)
+_HIT_SQL = (
+    "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
+    "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END, m.timestamp, "
+    "m.tool_name, s.source, s.model, s.started_at FROM messages_fts "
+    "CROSS JOIN messages m ON m.id = messages_fts.rowid "
+    "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ? "
+    # The unary plus keeps the list away from FTS5, which would run the whole query
+    # once per listed id (a prefix query: a full doclist merge each time).
+    f"AND messages_fts.rowid BETWEEN ? AND ? AND +messages_fts.rowid IN {_IN_LIST}"
+)
+_QUOTED = re.compile(r'"[^"]*"\*?')
+
+_PREPARED: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a hit must be besides a match.
+
+    :param sources: only sessions of these sources (``[]``: nothing matches); None: any.
+    :param exclude_sources: no session of these sources; None or ``[]``: none excluded.
+    :param roles: only messages of these roles; None or ``[]``: any role.
+    :param session_id: only this session's messages; None: any session.
+    :param bind_each: bind each list item as its own SQL variable (``IN (?, ?)``, as
+        the hermes-agent facade's original did: any bindable type, at most 32,766
+        items) instead of the whole list as one JSON array (strings, any number).
+    """
+
+    sources: Sequence[Any] | None = None
+    exclude_sources: Sequence[Any] | None = None
+    roles: Sequence[Any] | None = None
+    session_id: str | None = None
+    bind_each: bool = False
+
+    def inside(self, column: str, items: Sequence[Any], negate: bool = False
+               ) -> tuple[str, list[Any]]:
+        """``column [NOT] IN`` the items, as SQL and its arguments."""
+        op = "NOT IN" if negate else "IN"
+        if self.bind_each:
+            return f"{column} {op} ({', '.join('?' * len(items))})", list(items)
+        return f"{column} {op} {_IN_LIST}", [json.dumps(list(items))]
+
+
+def search_messages(conn: apsw.Connection, path: object, match: str, filters: Filters,
+                    limit: int, offset: int) -> list[dict[str, Any]]:
+    """The hits of :meth:`sessiondb.SessionDB.search_messages`, in the window order (see
+    the module docstring), read in the caller's read transaction.
+
+    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
+    :param limit: hits wanted; negative means all.
+    :returns: dicts with ``id``, ``session_id``, ``role``, ``snippet``, ``timestamp``,
+        ``tool_name``, ``source``, ``model``, ``session_started`` and ``context``.
+    :raises SearchIndexError: the index is marked damaged or being rebuilt.
+    """
+    search_index.raise_if_damaged(conn, path)
+    ids = ranked_ids(conn, match, filters, limit, offset, _QUOTED.findall(match))
+    phrases = match.count('"') // 2
+    hits = [records.search_hit(row) for row in fetch_hits(conn, match, ids, phrases)]
+    for hit in hits:
+        if hit["snippet"] is None:
+            hit["snippet"] = long_message_snippet(conn, hit["id"], match)
+        around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
+        hit["context"] = [records.context_item((role, _decode(head)))
+                          for role, head in around]
+    return hits
+
+
+def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
+               offset: int, phrases: Sequence[str] | None = None) -> list[int]:
+    """The message ids of one page of hits, in the window order (module docstring).
+
+    :param match: a valid FTS5 query.
+    :param limit: ids wanted; negative means all from ``offset`` on.
+    :param phrases: the query's phrases as FTS5 queries, in the query's order (for
+        bm25's document frequencies); None, or a list that does not fit the query, ranks
+        every phrase alike.
+    :raises apsw.Error: ``match`` is not valid FTS5, or the index is damaged.
+    """
+    if limit == 0 or (filters.sources is not None and not filters.sources):
+        return []
+    end = offset + limit if limit > 0 else -1
+    need = -1 if end < 0 else -(-end // WINDOW) * WINDOW  # whole windows
+    _prepare(conn)
+    found = _candidates(conn, match, filters, need)
+    first = offset // WINDOW
+    windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
+    if not windows:
+        return []
+    scorer = _Scorer(conn, phrases, found[0][1])
+    ordered = [rowid for window in windows for rowid in scorer.order(window)]
+    start = offset - first * WINDOW
+    return ordered[start:] if limit < 0 else ordered[start:start + limit]
+
+
+def fetch_hits(conn: apsw.Connection, match: str, ids: Sequence[int],
+               terms: int) -> list[tuple]:
+    """The rows of the hits ``ids``, in that order: ``(id, session_id, role, snippet,
+    timestamp, tool_name, source, model, started_at)``; ``snippet`` is None for a message
+    too long for FTS5's ``snippet()`` (see :func:`long_message_snippet`).
+
+    FTS5's ``snippet()`` takes time that grows with the square of the matches in a
+    message (a 10 MB one: hours, holding a read transaction); each phrase of the query
+    can match every word, so past a budget of ``terms`` x bytes it is not called.
+    (``octet_length``, because ``length()`` stops at a NUL.)
+
+    :param terms: the number of phrases of ``match``, for that budget.
+    """
+    rows: dict[int, tuple] = {}
+    for group in _clusters(sorted(ids)):
+        for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, match, group[0],
+                                           group[-1], json.dumps(group))):
+            rows[row[0]] = row
+    return [rows[i] for i in ids if i in rows]
+
+
+def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
+    """The snippet of a message too long for FTS5's ``snippet()`` (see
+    :func:`fetch_hits`), made from its first megabyte by
+    :func:`~sessiondb.text.plain_snippet`.
+
+    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
+    """
+    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
+    return plain_snippet(_decode(head) or "", match)
+
+
+# -- candidates: the newest matches that pass the filters ----------------------------
+
+def _prepare(conn: apsw.Connection) -> None:
+    """Register the rank-data function on this connection, once."""
+    if conn not in _PREPARED:
+        conn.register_fts5_function(_RANK_DATA, _rank_data)
+        _PREPARED.add(conn)
+
+
+def _rank_data(api: apsw.FTS5ExtensionApi) -> str:
+    """What bm25 needs of a row, as text: the index's rows and tokens, the row's tokens,
+    then each phrase's occurrences in the row (an FTS5 auxiliary function)."""
+    counts = " ".join(str(sum(map(len, api.phrase_locations(i))))
+                      for i in range(api.phrase_count))
+    return f"{api.row_count} {api.column_total_size(-1)} {api.column_size(-1)} {counts}"
+
+
+@dataclass
+class _Plan:
+    """The filters as SQL for the index walk, and the id range the hits lie in."""
+
+    joins: str
+    where: str
+    args: list[Any]
+    lo: int
+    hi: int
+
+
+def _candidates(conn: apsw.Connection, match: str, filters: Filters,
+                need: int) -> list[tuple[int, str]]:
+    """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
+    them if ``need`` is negative), newest first."""
+    plan = _plan(conn, filters)
+    if plan is None:
+        return []
+    found: list[tuple[int, str]] = []
+    span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
+    visited = _index_walk(conn, match, plan, span_lo, plan.hi, need, found)
+    if len(found) == need or span_lo == plan.lo:
+        return found
+    left = -1 if need < 0 else need - len(found)
+    sessions = None
+    if filters.session_id is not None or filters.sources or filters.exclude_sources:
+        # Matches the index walk would read for the rest, from what the span showed.
+        rest = (span_lo - plan.lo) * visited / (plan.hi - span_lo + 1)
+        if found and left > 0:
+            rest = min(rest, left * visited / len(found))
+        sessions = _walk_sessions_if_cheaper(conn, filters, span_lo - 1,
+                                             rest * _US_PER_MATCH)
+    if sessions is None:
+        _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
+    else:
+        found += _session_walk(conn, match, filters, sessions, left)
+    return found
+
+
+def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
+    """None when no message can pass (an unknown session, an empty store)."""
+    cond: list[str] = []
+    args: list[Any] = []
+    sessions = filters.sources or filters.exclude_sources
+    for column, items, negate in (("s.source", filters.sources, False),
+                                  ("s.source", filters.exclude_sources, True),
+                                  ("m.role", filters.roles, False)):
+        if items:
+            sql, values = filters.inside(column, items, negate)
+            cond.append(sql)
+            args += values
+    if filters.session_id is not None:
+        cond.append("m.session_id = ?")
+        args.append(filters.session_id)
+        lo, hi = conn.execute(
+            "SELECT (SELECT min(id) FROM messages WHERE session_id = ?), "
+            "(SELECT max(id) FROM messages WHERE session_id = ?)",
+            (filters.session_id,) * 2).fetchone()
+    else:
+        lo, hi = conn.execute("SELECT (SELECT min(id) FROM messages), "
+                              "(SELECT max(id) FROM messages)").fetchone()
+    if hi is None:
+        return None
+    joins = ""
+    if cond:
+        joins = " CROSS JOIN messages m ON m.id = messages_fts.rowid"
+        if sessions:
+            joins += " CROSS JOIN sessions s ON s.id = m.session_id"
+    return _Plan(joins, " AND ".join(cond) or "1", args, lo, hi)
+
+
+def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int,
+                need: int, found: list[tuple[int, str]]) -> int:
+    """Walk the matches with ids ``lo..hi`` newest first, appending those that pass
+    the filters to ``found`` until it holds ``need``; returns the matches read.
+
+    The cursor is read lazily and abandoned when enough were found: FTS5 walks its
+    doclists in rowid order, so a common word costs only the rows read. A match that
+    fails the filters costs its join, not the rank data (the CASE).
+    """
+    sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN "
+           f"{_RANK_DATA}(messages_fts) END FROM messages_fts{plan.joins} "
+           "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? "
+           "ORDER BY messages_fts.rowid DESC")
+    visited = 0
+    if need >= 0 and len(found) >= need:
+        return visited
+    cursor = conn.execute(sql, (*plan.args, match, lo, hi))
+    try:
+        for rowid, data in cursor:
+            visited += 1
+            if data is not None:
+                found.append((rowid, data))
+                if len(found) == need:
+                    break
+    finally:
+        cursor.close()
+    return visited
+
+
+def _walk_sessions_if_cheaper(conn: apsw.Connection, filters: Filters, below: int,
+                              index_cost_us: float) -> list[tuple[int, str]] | None:
+    """The sessions to walk, ``(newest message id <= below, session id)`` newest
+    first, if walking them is estimated cheaper than ``index_cost_us``; else None."""
+    cond, args = _session_conditions(filters)
+    count, messages = conn.execute(
+        f"SELECT count(*), coalesce(sum(message_count), 0) FROM sessions s WHERE {cond}",
+        args).fetchone()
+    cost = count * _US_PER_SESSION + messages * _US_PER_MESSAGE
+    if count > MAX_WALKED_SESSIONS or cost >= index_cost_us:
+        return None
+    rows = _fetch(conn, f"SELECT (SELECT max(m.id) FROM messages m WHERE m.session_id = "
+                        f"s.id AND m.id <= ?), s.id FROM sessions s WHERE {cond}",
+                  (below, *args))
+    return sorted((r for r in rows if r[0] is not None), reverse=True)
+
+
+def _session_conditions(filters: Filters) -> tuple[str, list[Any]]:
+    cond = ["1"]
+    args: list[Any] = []
+    if filters.session_id is not None:
+        cond.append("s.id = ?")
+        args.append(filters.session_id)
+    for items, negate in ((filters.sources, False), (filters.exclude_sources, True)):
+        if items:
+            sql, values = filters.inside("s.source", items, negate)
+            cond.append(sql)
+            args += values
+    return " AND ".join(cond), args
+
+
+def _session_walk(conn: apsw.Connection, match: str, filters: Filters,
+                  sessions: list[tuple[int, str]], need: int) -> list[tuple[int, str]]:
+    """The newest ``need`` matches (all if negative) among the messages of
+    ``sessions`` (``(newest id, session id)``, newest first), newest first.
+
+    Each session's messages are read newest first, :data:`CHUNK` ids at a time from the
+    ``(session_id, id)`` index, and each chunk is matched by one FTS5 query over its id
+    range, read in ascending order (a descending range read re-reads the doclist from
+    its end: 1-2 ms per query for a common word, against tens of microseconds). A
+    session's range may hold other sessions' messages; they are dropped. The walk stops
+    once ``need`` were found and no session left can hold a newer one.
+    """
+    roles = ""
+    args: list[Any] = []
+    if filters.roles:
+        sql, args = filters.inside("role", filters.roles)
+        roles = " AND " + sql
+    ids_sql = (f"SELECT id FROM messages WHERE session_id = ? AND id <= ?{roles} "
+               "ORDER BY id DESC LIMIT ?")
+    range_sql = (f"SELECT rowid, {_RANK_DATA}(messages_fts) FROM messages_fts WHERE "
+                 "messages_fts MATCH ? AND rowid BETWEEN ? AND ?")
+    kept: list[tuple[int, str]] = []  # a min-heap of the newest found so far
+
+    def full_below(rowid: int) -> bool:
+        return 0 <= need <= len(kept) and rowid < kept[0][0]
+
+    for newest, session_id in sessions:
+        if full_below(newest):
+            break
+        cursor = newest
+        while not full_below(cursor):
+            ids = [r[0] for r in _fetch(conn, ids_sql, (session_id, cursor, *args, CHUNK))]
+            if not ids:
+                break
+            wanted = set(ids)
+            for row in _fetch(conn, range_sql, (match, ids[-1], ids[0])):
+                if row[0] in wanted:
+                    if need < 0 or len(kept) < need:
+                        heapq.heappush(kept, row)
+                    elif row[0] > kept[0][0]:
+                        heapq.heapreplace(kept, row)
+            if len(ids) < CHUNK:
+                break
+            cursor = ids[-1] - 1
+    return sorted(kept, reverse=True)
+
+
+# -- ranking within a window ----------------------------------------------------------
+
+class _Scorer:
+    """bm25 of rank data (see :func:`_rank_data`), with each phrase's document
+    frequency counted over the newest :data:`IDF_SLICE` messages."""
+
+    def __init__(self, conn: apsw.Connection, phrases: Sequence[str] | None,
+                 sample: str) -> None:
+        fields = sample.split()
+        count = len(fields) - 3
+        self.idf = [1.0] * count
+        if count > 1 and phrases is not None and len(phrases) == count:
+            self.idf = _idf(conn, phrases, int(fields[0])) or self.idf
+
+    def order(self, window: Iterable[tuple[int, str]]) -> list[int]:
+        """The ids of ``window`` best first, ties newest first."""
+        return [rowid for _, _, rowid in sorted(
+            (self.score(data), -rowid, rowid) for rowid, data in window)]
+
+    def score(self, data: str) -> float:
+        """FTS5's bm25 (fts5_aux.c, fts5Bm25Function) with these IDFs: lower is better."""
+        rows, tokens, length, *freqs = map(int, data.split())
+        avgdl = tokens / rows if rows else 1.0
+        norm = _K1 * (1 - _B + _B * length / avgdl)
+        score = 0.0
+        for idf, freq in zip(self.idf, freqs):
+            score += idf * ((freq * (_K1 + 1.0)) / (freq + norm))
+        return -1.0 * score
+
+
+def _idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
+         ) -> list[float] | None:
+    """Each phrase's IDF as FTS5's bm25 computes it, ``log((N - n + 0.5) / (n + 0.5))``
+    (at least 1e-6), with ``N`` and ``n`` counted over the newest :data:`IDF_SLICE`
+    messages (the whole index in a store no larger). None when a phrase cannot be
+    counted; the caller then weighs every phrase alike."""
+    top = _first(conn, "SELECT max(id) FROM messages", ())
+    slice_lo = (top or 0) - IDF_SLICE + 1
+    if _first(conn, "SELECT 1 FROM messages WHERE id < ? LIMIT 1", (slice_lo,)) is None:
+        rows, bound = index_rows, None
+    else:
+        rows = _first(conn, "SELECT count(*) FROM messages WHERE id >= ?", (slice_lo,))
+        bound = slice_lo
+    out = []
+    for phrase in phrases:
+        try:
+            hits = _first(conn, "SELECT count(*) FROM messages_fts WHERE messages_fts "
+                                "MATCH ? AND rowid >= ?", (phrase, bound or 0))
+        except apsw.SQLError:
+            return None
+        idf = math.log((rows - hits + 0.5) / (hits + 0.5))
+        out.append(idf if idf > 0.0 else 1e-6)
+    return out
+
+
+def _clusters(ids: list[int]) -> list[list[int]]:
+    """Sorted ids split where two are more than :data:`_GAP` apart."""
+    groups: list[list[int]] = []
+    for rowid in ids:
+        if groups and rowid - groups[-1][-1] <= _GAP:
+            groups[-1].append(rowid)
+        else:
+            groups.append([rowid])
+    return groups
+
+
+def _decode(head: bytes | None) -> str | None:
+    return None if head is None else head.decode("utf-8", "ignore")

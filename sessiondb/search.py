@@ -44,6 +44,7 @@ import heapq
 import json
 import math
 import re
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -63,14 +64,21 @@ FIRST_SPAN = 1024
 #: A session's messages matched per range query when its sessions are walked.
 CHUNK = 512
 #: Walking more sessions than this is never chosen (listing them alone costs too much).
-MAX_WALKED_SESSIONS = 5000
+MAX_WALKED_SESSIONS = 2000
 #: Hits further apart than this (in ids) are fetched by separate range queries.
 _GAP = 512
 _K1, _B = 1.2, 0.75
-# Unit costs (microseconds) measured on a million-message store, for the choice between
-# the two walks: a match read and joined with its message and session; a session walked
-# (two statements); a message of a walked session.
-_US_PER_MATCH, _US_PER_SESSION, _US_PER_MESSAGE = 1.2, 60.0, 0.3
+# Unit costs (microseconds, measured on a million-message store) of the ways to find
+# candidates (see _candidates): a match read and joined with its message (and session);
+# a message id put in the list of a filter's messages; a match read and looked up in
+# that list; a session listed with its newest message; a session walked (its first
+# chunk: an index read and an FTS5 range query, whose seek dominates).
+_US_JOINED_MATCH = 1.6
+_US_LISTED_ID = 0.15
+_US_LISTED_MATCH = 0.5
+_US_LISTED_SESSION = 2.0
+_US_WALKED_SESSION = 130.0
+_US_MAX_PER_ID = 2.0
 
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
@@ -102,6 +110,9 @@ _HIT_SQL = (
     f"AND messages_fts.rowid BETWEEN ? AND ? AND +messages_fts.rowid IN {_IN_LIST}"
 )
 _QUOTED = re.compile(r'"[^"]*"\*?')
+_STARRED = re.compile(r'"([^"]*)"\*|([^\s"*]+)\*')
+_TOKEN = re.compile(r"[^\W_]+")
+_PREFIX_OPTION = re.compile(r"prefix\s*=\s*'?([\d\s,]+)", re.IGNORECASE)
 
 _PREPARED: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
 
@@ -179,7 +190,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
     if not windows:
         return []
-    scorer = _Scorer(conn, phrases, found[0][1])
+    scorer = _Scorer(conn, None if _expensive(conn, match) else phrases, found[0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - first * WINDOW
     return ordered[start:] if limit < 0 else ordered[start:start + limit]
@@ -199,7 +210,10 @@ def fetch_hits(conn: apsw.Connection, match: str, ids: Sequence[int],
     :param terms: the number of phrases of ``match``, for that budget.
     """
     rows: dict[int, tuple] = {}
-    for group in _clusters(sorted(ids)):
+    # Hits far apart are fetched by separate range queries, unless each query would
+    # merge whole doclists (then one range query, read once).
+    groups = [sorted(ids)] if ids and _expensive(conn, match) else _clusters(sorted(ids))
+    for group in groups:
         for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, match, group[0],
                                            group[-1], json.dumps(group))):
             rows[row[0]] = row
@@ -248,29 +262,82 @@ class _Plan:
 def _candidates(conn: apsw.Connection, match: str, filters: Filters,
                 need: int) -> list[tuple[int, str]]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
-    them if ``need`` is negative), newest first."""
+    them if ``need`` is negative), newest first.
+
+    The index walk reads the first span (:data:`FIRST_SPAN` ids); if that did not fill
+    the window and a source or session filter applies, the rest is found the cheapest of
+    three ways, estimated from what the span showed: the same walk (each match joined
+    with its message); the walk with each match looked up in the list of the filter's
+    message ids (built once from the ``(session_id, id)`` index); or the session walk
+    (:func:`_session_walk`). All three find the same rows.
+    """
     plan = _plan(conn, filters)
     if plan is None:
         return []
     found: list[tuple[int, str]] = []
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
-    visited = _index_walk(conn, match, plan, span_lo, plan.hi, need, found)
+    if _expensive(conn, match):
+        span_lo = plan.lo  # every statement merges whole doclists: read them once
+    visited, first, us = _index_walk(conn, match, plan, span_lo, plan.hi, need, found)
     if len(found) == need or span_lo == plan.lo:
         return found
-    left = -1 if need < 0 else need - len(found)
-    sessions = None
+    way = "join"
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
-        # Matches the index walk would read for the rest, from what the span showed.
-        rest = (span_lo - plan.lo) * visited / (plan.hi - span_lo + 1)
-        if found and left > 0:
-            rest = min(rest, left * visited / len(found))
-        sessions = _walk_sessions_if_cheaper(conn, filters, span_lo - 1,
-                                             rest * _US_PER_MATCH)
-    if sessions is None:
-        _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
+        span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
+                     us / max(1, first - span_lo))
+        way = _cheapest_way(conn, filters, need, span)
+    if way == "sessions":
+        left = -1 if need < 0 else need - len(found)
+        found += _session_walk(conn, match, filters, _sessions(conn, filters, span_lo - 1),
+                               left)
     else:
-        found += _session_walk(conn, match, filters, sessions, left)
+        if way == "list":
+            plan = _listed_plan(filters, plan)
+        _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
     return found
+
+
+@dataclass(frozen=True)
+class _Span:
+    """What the first span of the index walk showed."""
+
+    ids: int  # ids it covered
+    left: int  # ids below it
+    matches: int  # matches read
+    kept: int  # matches that passed the filters
+    us_per_id: float  # its pace after the first match (0 if it had at most one)
+
+
+def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span) -> str:
+    """``"join"``, ``"list"`` or ``"sessions"``: the way to find the rest of the
+    candidates estimated cheapest (see :func:`_candidates`).
+
+    The index walk's cost is what the span cost per id, times the ids still to walk
+    (all that are left, or as many as the rate of kept matches says the rest needs):
+    a per-match figure alone would miss that FTS5 reads far more than it returns for
+    ``a NOT b`` of two common words. The list lookup saves the join of every match;
+    the session walk costs a range query per session, for the share of the filter's
+    sessions needed.
+    """
+    ids = span.left
+    if span.kept and need >= 0:
+        ids = min(ids, (need - span.kept) * span.ids / span.kept)
+    density = span.matches / span.ids  # matches per id
+    # The measured pace, within what reading and joining the matches alone costs and a
+    # bound (a walk preempted by another process must not look like a slow query).
+    per_id = min(max(span.us_per_id, density * _US_JOINED_MATCH), _US_MAX_PER_ID)
+    cond, args = _session_conditions(filters)
+    count, messages = conn.execute(
+        "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
+        f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)).fetchone()
+    costs = {"join": ids * per_id}
+    if count <= MAX_WALKED_SESSIONS:
+        saved = density * (_US_JOINED_MATCH - _US_LISTED_MATCH)
+        costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
+        expected = messages * density  # matches in the filter's sessions
+        share = 1.0 if need < 0 or expected <= need else need / expected
+        costs["sessions"] = count * (_US_LISTED_SESSION + share * _US_WALKED_SESSION)
+    return min(costs, key=costs.__getitem__)
 
 
 def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
@@ -306,24 +373,29 @@ def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
 
 
 def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int,
-                need: int, found: list[tuple[int, str]]) -> int:
+                need: int, found: list[tuple[int, str]]) -> tuple[int, int, float]:
     """Walk the matches with ids ``lo..hi`` newest first, appending those that pass
-    the filters to ``found`` until it holds ``need``; returns the matches read.
+    the filters to ``found`` until it holds ``need``.
 
     The cursor is read lazily and abandoned when enough were found: FTS5 walks its
     doclists in rowid order, so a common word costs only the rows read. A match that
     fails the filters costs its join, not the rank data (the CASE).
+
+    :returns: the matches read, the id of the first, and the microseconds from the
+        first to the end (the walk's own pace, without the statement's start).
     """
     sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN "
            f"{_RANK_DATA}(messages_fts) END FROM messages_fts{plan.joins} "
            "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? "
            "ORDER BY messages_fts.rowid DESC")
-    visited = 0
+    visited, first, began = 0, lo, 0.0
     if need >= 0 and len(found) >= need:
-        return visited
+        return visited, first, 0.0
     cursor = conn.execute(sql, (*plan.args, match, lo, hi))
     try:
         for rowid, data in cursor:
+            if not visited:
+                first, began = rowid, time.perf_counter()
             visited += 1
             if data is not None:
                 found.append((rowid, data))
@@ -331,24 +403,36 @@ def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int
                     break
     finally:
         cursor.close()
-    return visited
+    return visited, first, (time.perf_counter() - began) * 1e6 if visited else 0.0
 
 
-def _walk_sessions_if_cheaper(conn: apsw.Connection, filters: Filters, below: int,
-                              index_cost_us: float) -> list[tuple[int, str]] | None:
-    """The sessions to walk, ``(newest message id <= below, session id)`` newest
-    first, if walking them is estimated cheaper than ``index_cost_us``; else None."""
+def _sessions(conn: apsw.Connection, filters: Filters, below: int
+              ) -> list[tuple[int, str]]:
+    """The sessions passing ``filters`` as ``(newest message id <= below, session id)``,
+    newest first (those without such a message left out)."""
     cond, args = _session_conditions(filters)
-    count, messages = conn.execute(
-        f"SELECT count(*), coalesce(sum(message_count), 0) FROM sessions s WHERE {cond}",
-        args).fetchone()
-    cost = count * _US_PER_SESSION + messages * _US_PER_MESSAGE
-    if count > MAX_WALKED_SESSIONS or cost >= index_cost_us:
-        return None
     rows = _fetch(conn, f"SELECT (SELECT max(m.id) FROM messages m WHERE m.session_id = "
                         f"s.id AND m.id <= ?), s.id FROM sessions s WHERE {cond}",
                   (below, *args))
     return sorted((r for r in rows if r[0] is not None), reverse=True)
+
+
+def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
+    """The filters as a lookup of each match in the list of the filter's message ids
+    (a subquery SQLite builds once per statement), and the role of the matches found
+    there only."""
+    cond, args = _session_conditions(filters)
+    # CROSS JOIN: sessions first, then each one's ids from the (session_id, id) index;
+    # the other order reads every message in the id range.
+    where = (f"messages_fts.rowid IN (SELECT m.id FROM sessions s CROSS JOIN messages m "
+             f"ON m.session_id = s.id WHERE {cond} AND m.id BETWEEN ? AND ?)")
+    args = [*args, plan.lo, plan.hi]
+    if filters.roles:
+        sql, values = filters.inside(
+            "(SELECT role FROM messages WHERE id = messages_fts.rowid)", filters.roles)
+        where += " AND " + sql  # AND stops at the first false operand: a lookup per hit
+        args += values
+    return _Plan("", where, args, plan.lo, plan.hi)
 
 
 def _session_conditions(filters: Filters) -> tuple[str, list[Any]]:
@@ -465,6 +549,26 @@ def _idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
         idf = math.log((rows - hits + 0.5) / (hits + 0.5))
         out.append(idf if idf > 0.0 else 1e-6)
     return out
+
+
+def _expensive(conn: apsw.Connection, match: str) -> bool:
+    """True when ``match`` has a prefix phrase (``abc*``) that no ``prefix=`` index of
+    the table covers: FTS5 then merges the doclists of every word with the prefix
+    before the first row comes out (a prefix of a word in every message: 45-80 ms on a
+    million messages), in every statement; so a search then runs as few as it can."""
+    lengths: set[int] | None = None
+    for quoted, bare in _STARRED.findall(match):
+        words = _TOKEN.findall(quoted or bare)
+        if not words:
+            continue
+        if lengths is None:
+            sql = _first(conn, "SELECT sql FROM sqlite_schema WHERE name = 'messages_fts'",
+                         ()) or ""
+            lengths = {int(n) for option in _PREFIX_OPTION.findall(sql)
+                       for n in re.findall(r"\d+", option)}
+        if len(words[-1]) not in lengths:
+            return True
+    return False
 
 
 def _clusters(ids: list[int]) -> list[list[int]]:

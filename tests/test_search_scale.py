@@ -61,13 +61,12 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(search, "CHUNK", 7)
 
 
-@pytest.fixture(params=["index walk", "session walk"])
+@pytest.fixture(params=["join", "list", "sessions", "cost model"])
 def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Force one way of finding candidates when a source or session filter allows the
-    choice (the cost model would pick either on a store this small)."""
-    cost = 0.0 if request.param == "session walk" else 1e18
-    monkeypatch.setattr(search, "_US_PER_SESSION", cost)
-    monkeypatch.setattr(search, "_US_PER_MESSAGE", cost)
+    """Force one way of finding the candidates after the first span when a source or
+    session filter allows the choice, or let the cost model choose."""
+    if request.param != "cost model":
+        monkeypatch.setattr(search, "_cheapest_way", lambda *args: request.param)
     return request.param
 
 

@@ -23,19 +23,25 @@ a two-word phrase: 170 ms). Here it is counted over the newest :data:`IDF_SLICE`
 single phrase the order is FTS5's exactly in any store (the count only scales every
 score alike).
 
-**Finding the candidates.** The FTS5 doclist is walked newest first, joined with the
-filters, and stops once the window is full (a common word: the newest ~1,000 rows). A
-filter that keeps few of the matches (a rare source, one session, a query whose words are
-everywhere) would make that walk read every match; so after a first span of
-:data:`FIRST_SPAN` rows the walk estimates both costs and may switch to walking the
-filter's sessions instead, newest first, each session's messages :data:`CHUNK` at a time,
-each chunk matched by one range query. Both walks find the same rows. A ``roles`` filter
-alone never switches: it is applied to each match (roles are few and common).
+**Finding the candidates.** The FTS5 doclist is walked newest first (FTS5 reads its
+doclists in rowid order, so the walk stops cheaply once the window is full: a common
+word costs its newest ~1,000 rows), each match joined with its message and session for
+the filters. A filter that keeps few of the matches (a rare source, one session, a query
+whose words are everywhere) would make that walk read every match; so after a first span
+of :data:`FIRST_SPAN` ids the rest is found the way estimated cheapest from what the
+span showed: the same walk; the walk with each match looked up in the list of the
+filter's message ids; or the filter's sessions walked newest first, each one's messages
+:data:`CHUNK` at a time, each chunk matched by one range query. All three find the same
+rows, so the choice changes the time, never the result. A ``roles`` filter alone is
+applied to each match (roles are few and common).
 
-**Limits.** Prefix queries (``abc*``) merge the doclists of every word with the prefix
-before the first row comes out (FTS5 without a ``prefix=`` index): a prefix shared by a
-very common word costs tens of milliseconds per query statement, and a search runs a few.
-``limit=None`` ranks every match, window by window.
+**Limits.** A prefix query (``abc*``) makes FTS5 merge the doclists of every word with
+the prefix before the first row comes out, in every statement, unless the table has a
+``prefix=`` index of that length: a prefix of a word found in most messages then costs
+45-80 ms per statement on a million messages, so such a search runs as few statements as
+it can (one walk, one fetch of the hits, every phrase weighted alike). ``a NOT b`` of
+two words in nearly every message reads the doclist of ``a`` to find the few messages
+without ``b``. ``limit=None`` ranks every match, window by window.
 """
 
 from __future__ import annotations

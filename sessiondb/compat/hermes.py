@@ -28,7 +28,9 @@ that ``sqlite3`` class and a sessiondb error, so ``except sqlite3.IntegrityError
 Deliberate differences (README, "Coming from hermes-agent"): ``close()`` runs a last
 PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (16 s) in a FIFO queue
 rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snippet()``
-gets sessiondb's linear-time snippet; rows read from a file hermes-agent had migrated
+gets sessiondb's linear-time snippet; search ranks in windows of the 1,000 most recent
+matches, best first within each (:mod:`sessiondb.search`; fewer matches than that: best
+first, as the original); rows read from a file hermes-agent had migrated
 from an older version have their keys in the documented order, not the file's. A query
 that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the original
 (the permitted difference of answering it with matches is not taken).

@@ -53,7 +53,7 @@ import re
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import apsw
 
@@ -71,8 +71,6 @@ FIRST_SPAN = 1024
 CHUNK = 512
 #: Walking more sessions than this is never chosen (listing them alone costs too much).
 MAX_WALKED_SESSIONS = 2000
-#: Hits further apart than this (in ids) are fetched by separate range queries.
-_GAP = 512
 _K1, _B = 1.2, 0.75
 # Unit costs (microseconds, measured on a million-message store) of the ways to find
 # candidates (see _candidates): a match read and joined with its message (and session);
@@ -85,6 +83,10 @@ _US_LISTED_MATCH = 0.5
 _US_LISTED_SESSION = 2.0
 _US_WALKED_SESSION = 130.0
 _US_MAX_PER_ID = 2.0
+# ... and of fetching hits: an FTS5 statement's start (its seek in every segment), and
+# a match read in a range and checked against the list of hits.
+_US_STATEMENT = 150.0
+_US_SCANNED_MATCH = 0.3
 
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
@@ -121,6 +123,13 @@ _TOKEN = re.compile(r"[^\W_]+")
 _PREFIX_OPTION = re.compile(r"prefix\s*=\s*'?([\d\s,]+)", re.IGNORECASE)
 
 _PREPARED: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
+
+
+class Page(NamedTuple):
+    """One page of hits, as :func:`ranked_ids` returns it."""
+
+    ids: list[int]  #: message ids, in the window order
+    density: float  #: matches per message id where the walk read (for fetch_hits)
 
 
 @dataclass(frozen=True)
@@ -163,9 +172,9 @@ def search_messages(conn: apsw.Connection, path: object, match: str, filters: Fi
     :raises SearchIndexError: the index is marked damaged or being rebuilt.
     """
     search_index.raise_if_damaged(conn, path)
-    ids = ranked_ids(conn, match, filters, limit, offset, _QUOTED.findall(match))
+    page = ranked_ids(conn, match, filters, limit, offset, _QUOTED.findall(match))
     phrases = match.count('"') // 2
-    hits = [records.search_hit(row) for row in fetch_hits(conn, match, ids, phrases)]
+    hits = [records.search_hit(row) for row in fetch_hits(conn, match, page, phrases)]
     for hit in hits:
         if hit["snippet"] is None:
             hit["snippet"] = long_message_snippet(conn, hit["id"], match)
@@ -176,7 +185,7 @@ def search_messages(conn: apsw.Connection, path: object, match: str, filters: Fi
 
 
 def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
-               offset: int, phrases: Sequence[str] | None = None) -> list[int]:
+               offset: int, phrases: Sequence[str] | None = None) -> Page:
     """The message ids of one page of hits, in the window order (module docstring).
 
     :param match: a valid FTS5 query.
@@ -187,26 +196,29 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     :raises apsw.Error: ``match`` is not valid FTS5, or the index is damaged.
     """
     if limit == 0 or (filters.sources is not None and not filters.sources):
-        return []
+        return Page([], 0.0)
     end = offset + limit if limit > 0 else -1
     need = -1 if end < 0 else -(-end // WINDOW) * WINDOW  # whole windows
     _prepare(conn)
-    found = _candidates(conn, match, filters, need)
+    found, density = _candidates(conn, match, filters, need)
     first = offset // WINDOW
     windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
     if not windows:
-        return []
+        return Page([], density)
     scorer = _Scorer(conn, None if _expensive(conn, match) else phrases, found[0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - first * WINDOW
-    return ordered[start:] if limit < 0 else ordered[start:start + limit]
+    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], density)
 
 
-def fetch_hits(conn: apsw.Connection, match: str, ids: Sequence[int],
-               terms: int) -> list[tuple]:
-    """The rows of the hits ``ids``, in that order: ``(id, session_id, role, snippet,
+def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> list[tuple]:
+    """The rows of the hits of ``page``, in its order: ``(id, session_id, role, snippet,
     timestamp, tool_name, source, model, started_at)``; ``snippet`` is None for a message
     too long for FTS5's ``snippet()`` (see :func:`long_message_snippet`).
+
+    Hits are read by range queries, one per group of hits close enough that reading the
+    matches between them costs less than another query's seek (from the page's density
+    of matches), or a single one when every query merges whole doclists.
 
     FTS5's ``snippet()`` takes time that grows with the square of the matches in a
     message (a 10 MB one: hours, holding a read transaction); each phrase of the query
@@ -215,15 +227,15 @@ def fetch_hits(conn: apsw.Connection, match: str, ids: Sequence[int],
 
     :param terms: the number of phrases of ``match``, for that budget.
     """
+    ids = sorted(page.ids)
     rows: dict[int, tuple] = {}
-    # Hits far apart are fetched by separate range queries, unless each query would
-    # merge whole doclists (then one range query, read once).
-    groups = [sorted(ids)] if ids and _expensive(conn, match) else _clusters(sorted(ids))
+    gap = _US_STATEMENT / (_US_SCANNED_MATCH * max(page.density, 1e-9))
+    groups = [ids] if ids and _expensive(conn, match) else _clusters(ids, gap)
     for group in groups:
         for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, match, group[0],
                                            group[-1], json.dumps(group))):
             rows[row[0]] = row
-    return [rows[i] for i in ids if i in rows]
+    return [rows[i] for i in page.ids if i in rows]
 
 
 def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
@@ -266,9 +278,10 @@ class _Plan:
 
 
 def _candidates(conn: apsw.Connection, match: str, filters: Filters,
-                need: int) -> list[tuple[int, str]]:
+                need: int) -> tuple[list[tuple[int, str]], float]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
-    them if ``need`` is negative), newest first.
+    them if ``need`` is negative), newest first; and the matches per id where the walk
+    read (all matches, passing or not).
 
     The index walk reads the first span (:data:`FIRST_SPAN` ids); if that did not fill
     the window and a source or session filter applies, the rest is found the cheapest of
@@ -279,14 +292,16 @@ def _candidates(conn: apsw.Connection, match: str, filters: Filters,
     """
     plan = _plan(conn, filters)
     if plan is None:
-        return []
+        return [], 0.0
     found: list[tuple[int, str]] = []
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
     if _expensive(conn, match):
         span_lo = plan.lo  # every statement merges whole doclists: read them once
-    visited, first, us = _index_walk(conn, match, plan, span_lo, plan.hi, need, found)
+    visited, first, us, reached = _index_walk(conn, match, plan, span_lo, plan.hi, need,
+                                              found)
+    density = visited / (plan.hi - reached + 1)
     if len(found) == need or span_lo == plan.lo:
-        return found
+        return found, density
     way = "join"
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
         span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
@@ -296,11 +311,11 @@ def _candidates(conn: apsw.Connection, match: str, filters: Filters,
         left = -1 if need < 0 else need - len(found)
         found += _session_walk(conn, match, filters, _sessions(conn, filters, span_lo - 1),
                                left)
-    else:
-        if way == "list":
-            plan = _listed_plan(filters, plan)
-        _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
-    return found
+        return found, density
+    if way == "list":
+        plan = _listed_plan(filters, plan)
+    more, _, _, reached = _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
+    return found, (visited + more) / (plan.hi - reached + 1)
 
 
 @dataclass(frozen=True)
@@ -387,16 +402,17 @@ def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int
     doclists in rowid order, so a common word costs only the rows read. A match that
     fails the filters costs its join, not the rank data (the CASE).
 
-    :returns: the matches read, the id of the first, and the microseconds from the
-        first to the end (the walk's own pace, without the statement's start).
+    :returns: the matches read, the id of the first, the microseconds from the first
+        to the end (the walk's own pace, without the statement's start), and the lowest
+        id the walk covered.
     """
     sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN "
            f"{_RANK_DATA}(messages_fts) END FROM messages_fts{plan.joins} "
            "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? "
            "ORDER BY messages_fts.rowid DESC")
-    visited, first, began = 0, lo, 0.0
+    visited, first, began, reached = 0, lo, 0.0, lo
     if need >= 0 and len(found) >= need:
-        return visited, first, 0.0
+        return visited, first, 0.0, hi + 1
     cursor = conn.execute(sql, (*plan.args, match, lo, hi))
     try:
         for rowid, data in cursor:
@@ -406,10 +422,12 @@ def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int
             if data is not None:
                 found.append((rowid, data))
                 if len(found) == need:
+                    reached = rowid
                     break
     finally:
         cursor.close()
-    return visited, first, (time.perf_counter() - began) * 1e6 if visited else 0.0
+    us = (time.perf_counter() - began) * 1e6 if visited else 0.0
+    return visited, first, us, reached
 
 
 def _sessions(conn: apsw.Connection, filters: Filters, below: int
@@ -577,11 +595,11 @@ def _expensive(conn: apsw.Connection, match: str) -> bool:
     return False
 
 
-def _clusters(ids: list[int]) -> list[list[int]]:
-    """Sorted ids split where two are more than :data:`_GAP` apart."""
+def _clusters(ids: list[int], gap: float) -> list[list[int]]:
+    """Sorted ids split where two are more than ``gap`` apart."""
     groups: list[list[int]] = []
     for rowid in ids:
-        if groups and rowid - groups[-1][-1] <= _GAP:
+        if groups and rowid - groups[-1][-1] <= gap:
             groups[-1].append(rowid)
         else:
             groups.append([rowid])

@@ -512,9 +512,10 @@ class SessionDB(Engine):
             first, skip = conn.execute("SELECT CAST(? AS INTEGER), CAST(? AS INTEGER)",
                                        page).fetchone()
             try:
-                ids = search.ranked_ids(conn, match, filters, first if first >= 0 else -1,
-                                        max(skip, 0), _hermes_phrases(match))
-                rows = search.fetch_hits(conn, match, ids, terms)
+                ranked = search.ranked_ids(conn, match, filters,
+                                           first if first >= 0 else -1, max(skip, 0),
+                                           _hermes_phrases(match))
+                rows = search.fetch_hits(conn, match, ranked, terms)
             except apsw.SQLError as exc:
                 if "malformed" in str(exc) or "corrupt" in str(exc):
                     raise  # damage, not syntax: SearchIndexError below

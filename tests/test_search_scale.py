@@ -228,3 +228,33 @@ def test_hermes_facade_orders_by_the_same_window_rule(tmp_path: Path, monkeypatc
 def test_hostile_queries_with_filters_never_raise(store, small, query, kw, offset) -> None:
     db, _ = store
     assert isinstance(db.search_messages(query, offset=offset, **kw), list)
+
+
+def test_a_prefix_index_changes_the_time_not_the_hits(db: SessionDB, monkeypatch) -> None:
+    # A prefix query runs fewer statements when no prefix= index covers it (each one
+    # would merge whole doclists) and weighs its phrases alike; with one it runs as any
+    # query. The same windows either way.
+    monkeypatch.setattr(search, "WINDOW", 30)
+    monkeypatch.setattr(search, "FIRST_SPAN", 20)
+    rng = random.Random(5)
+    for sid, source in (("a", "cli"), ("b", "slack"), ("c", "cron")):
+        db.create_session(sid, source)
+    with db.transaction():
+        for _ in range(600):
+            db.append_message(rng.choice("abc"), rng.choice(ROLES), _text(rng))
+    queries = [("al*", {}), ("br*", {"sources": ["slack"]}), ("alpha ju*", {}),
+               ("alp* br*", {"roles": ["tool"]}), ("ki* OR li*", {"session_id": "c"})]
+    without = [found(db, q, limit=None, **kw) for q, kw in queries]
+    conn = apsw.Connection(str(db.path))
+    conn.execute("DROP TABLE messages_fts; CREATE VIRTUAL TABLE messages_fts USING fts5("
+                 "content, content='messages', content_rowid='id', prefix='2 3'); "
+                 "INSERT INTO messages_fts(messages_fts) VALUES('rebuild')")
+    conn.close()
+    with_index = [found(db, q, limit=None, **kw) for q, kw in queries]
+    assert all(without)
+    for (query, _), before, after in zip(queries, without, with_index):
+        if len(sanitize_fts_query(query).split()) == 1:  # one phrase: the same order
+            assert after == before
+        else:  # phrases weighted alike without the index, by frequency with it
+            assert [set(after[i:i + 30]) for i in range(0, len(after), 30)] == [
+                set(before[i:i + 30]) for i in range(0, len(before), 30)]

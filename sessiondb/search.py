@@ -553,16 +553,18 @@ class _Scorer:
 def _idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
          ) -> list[float] | None:
     """Each phrase's IDF as FTS5's bm25 computes it, ``log((N - n + 0.5) / (n + 0.5))``
-    (at least 1e-6), with ``N`` and ``n`` counted over the newest :data:`IDF_SLICE`
-    messages (the whole index in a store no larger). None when a phrase cannot be
+    (at least 1e-6), over the newest :data:`IDF_SLICE` ids: ``N`` of them, ``n`` the
+    messages among them containing the phrase (in a store no larger: the index's rows
+    and every message containing it, so exactly FTS5's). None when a phrase cannot be
     counted; the caller then weighs every phrase alike."""
     top = _first(conn, "SELECT max(id) FROM messages", ())
     slice_lo = (top or 0) - IDF_SLICE + 1
     if _first(conn, "SELECT 1 FROM messages WHERE id < ? LIMIT 1", (slice_lo,)) is None:
         rows, bound = index_rows, None
     else:
-        rows = _first(conn, "SELECT count(*) FROM messages WHERE id >= ?", (slice_lo,))
-        bound = slice_lo
+        # The slice's ids, not its rows: counting them reads every message of it (a few
+        # ms), and recent ids have few gaps (deletions prune the oldest sessions).
+        rows, bound = IDF_SLICE, slice_lo
     out = []
     for phrase in phrases:
         try:

@@ -87,6 +87,7 @@ _US_MAX_PER_ID = 2.0
 # a match read in a range and checked against the list of hits.
 _US_STATEMENT = 150.0
 _US_SCANNED_MATCH = 0.3
+_US_MATCH_WORK = 3.0  # a match the walk returned: its join and its rank data
 
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
@@ -129,7 +130,7 @@ class Page(NamedTuple):
     """One page of hits, as :func:`ranked_ids` returns it."""
 
     ids: list[int]  #: message ids, in the window order
-    density: float  #: matches per message id where the walk read (for fetch_hits)
+    scan_us: float  #: estimated microseconds per id of a range read (for fetch_hits)
 
 
 @dataclass(frozen=True)
@@ -200,15 +201,15 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     end = offset + limit if limit > 0 else -1
     need = -1 if end < 0 else -(-end // WINDOW) * WINDOW  # whole windows
     _prepare(conn)
-    found, density = _candidates(conn, match, filters, need)
+    found, scan_us = _candidates(conn, match, filters, need)
     first = offset // WINDOW
     windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
     if not windows:
-        return Page([], density)
+        return Page([], scan_us)
     scorer = _Scorer(conn, None if _expensive(conn, match) else phrases, found[0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - first * WINDOW
-    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], density)
+    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], scan_us)
 
 
 def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> list[tuple]:
@@ -217,8 +218,8 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     too long for FTS5's ``snippet()`` (see :func:`long_message_snippet`).
 
     Hits are read by range queries, one per group of hits close enough that reading the
-    matches between them costs less than another query's seek (from the page's density
-    of matches), or a single one when every query merges whole doclists.
+    ids between them costs less than another query's start (by the pace the walk
+    showed), or a single one when every query merges whole doclists.
 
     FTS5's ``snippet()`` takes time that grows with the square of the matches in a
     message (a 10 MB one: hours, holding a read transaction); each phrase of the query
@@ -229,7 +230,7 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     """
     ids = sorted(page.ids)
     rows: dict[int, tuple] = {}
-    gap = _US_STATEMENT / (_US_SCANNED_MATCH * max(page.density, 1e-9))
+    gap = _US_STATEMENT / max(page.scan_us, 1e-9)
     groups = [ids] if ids and _expensive(conn, match) else _clusters(ids, gap)
     for group in groups:
         for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, match, group[0],
@@ -280,8 +281,8 @@ class _Plan:
 def _candidates(conn: apsw.Connection, match: str, filters: Filters,
                 need: int) -> tuple[list[tuple[int, str]], float]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
-    them if ``need`` is negative), newest first; and the matches per id where the walk
-    read (all matches, passing or not).
+    them if ``need`` is negative), newest first; and the microseconds a range read of
+    this query takes per id (:func:`_scan_cost`).
 
     The index walk reads the first span (:data:`FIRST_SPAN` ids); if that did not fill
     the window and a source or session filter applies, the rest is found the cheapest of
@@ -299,9 +300,9 @@ def _candidates(conn: apsw.Connection, match: str, filters: Filters,
         span_lo = plan.lo  # every statement merges whole doclists: read them once
     visited, first, us, reached = _index_walk(conn, match, plan, span_lo, plan.hi, need,
                                               found)
-    density = visited / (plan.hi - reached + 1)
+    pace = us / max(1, first - reached) if visited > 1 else 0.0
     if len(found) == need or span_lo == plan.lo:
-        return found, density
+        return found, _scan_cost(visited, plan.hi - reached + 1, pace)
     way = "join"
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
         span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
@@ -311,11 +312,23 @@ def _candidates(conn: apsw.Connection, match: str, filters: Filters,
         left = -1 if need < 0 else need - len(found)
         found += _session_walk(conn, match, filters, _sessions(conn, filters, span_lo - 1),
                                left)
-        return found, density
+        return found, _scan_cost(visited, plan.hi - span_lo + 1, pace)
     if way == "list":
         plan = _listed_plan(filters, plan)
-    more, _, _, reached = _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
-    return found, (visited + more) / (plan.hi - reached + 1)
+    more, _, _, low = _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
+    return found, _scan_cost(visited + more, plan.hi - low + 1, pace,
+                             visited / (plan.hi - reached + 1))
+
+
+def _scan_cost(matches: int, ids: int, pace: float, span_density: float | None = None
+               ) -> float:
+    """Microseconds per id of reading a range of this query's matches: at least their
+    reading (``matches`` over ``ids``), or the walk's ``pace`` per id less its work on
+    the matches it returned (joins, rank data), which is higher when FTS5 reads much
+    more than it returns (``a NOT b`` of two words found everywhere)."""
+    density = matches / max(1, ids)
+    work = (density if span_density is None else span_density) * _US_MATCH_WORK
+    return max(density * _US_SCANNED_MATCH, pace - work)
 
 
 @dataclass(frozen=True)

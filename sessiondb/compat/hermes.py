@@ -496,13 +496,17 @@ class SessionDB(Engine):
         match = self._sanitize_fts5_query(query)
         if not match:
             return []
-        # Bound one by one, as the original did (its types, its variable limit).
-        filters = search.Filters(
-            sources=None if source_filter is None else list(_bindable(source_filter)),
-            exclude_sources=list(_bindable(exclude_sources or ())),
-            roles=list(_bindable(role_filter or ())), bind_each=True)
+        sources = None if source_filter is None else list(source_filter)
+        excluded, roles = list(exclude_sources or ()), list(role_filter or ())
         terms = max(1, len(match.split()))
-        page = _bindable((limit, offset))
+        # Checked as one statement's parameters, in the order this search bound them
+        # before it ranked in windows (the numbers in the error message stay the same).
+        _bindable((terms, search.SNIPPET_BUDGET, match, *(sources or ()), *excluded,
+                   *roles, limit, offset))
+        # Bound one by one, as the original did (its types, its variable limit).
+        filters = search.Filters(sources=sources, exclude_sources=excluded, roles=roles,
+                                 bind_each=True)
+        page = (limit, offset)
 
         def read(conn: apsw.Connection) -> list[dict[str, Any]]:
             search_index.raise_if_damaged(conn, self.path)

@@ -97,11 +97,13 @@ _RANK_DATA = "sessiondb_rank_data"
 # ~10,000 matches: under a second even when every word matches); see fetch_hits.
 SNIPPET_BUDGET = 20_000
 _PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
-# The first bytes of a message, not the whole of it (it may be 10 MB): substr() of a
-# BLOB, because of a TEXT it stops at the first NUL; _decode drops a character cut in two.
-_HEAD_SQL = "SELECT substr(CAST(content AS BLOB), 1, ?) FROM messages WHERE id = ?"
+#: Bytes of a context message read (200 characters are at most 800 bytes).
+CONTEXT_BYTES = 800
+# The context of a hit: the previous message, the hit and the next one of its session,
+# each as (role, id, size, its bytes when they are few; see message_head).
 _CONTEXT_SQL = (
-    "SELECT role, substr(CAST(content AS BLOB), 1, 800) FROM ("  # 200 chars: <= 800 bytes
+    "SELECT role, id, octet_length(content), CASE WHEN octet_length(content) <= "
+    f"{CONTEXT_BYTES} THEN CAST(content AS BLOB) END FROM ("
     " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
     "  ORDER BY id DESC LIMIT 1)"
     " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
@@ -180,8 +182,8 @@ def search_messages(conn: apsw.Connection, path: object, match: str, filters: Fi
         if hit["snippet"] is None:
             hit["snippet"] = long_message_snippet(conn, hit["id"], match)
         around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
-        hit["context"] = [records.context_item((role, _decode(head)))
-                          for role, head in around]
+        hit["context"] = [records.context_item((role, _decode(message_head(
+            conn, rowid, size, inline, CONTEXT_BYTES)))) for role, rowid, size, inline in around]
     return hits
 
 
@@ -246,8 +248,34 @@ def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> 
 
     :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
     """
-    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
+    size = _first(conn, "SELECT octet_length(content) FROM messages WHERE id = ?",
+                  (message_id,))
+    head = message_head(conn, message_id, size, None, _PLAIN_SNIPPET_SCAN)
     return plain_snippet(_decode(head) or "", match)
+
+
+def message_head(conn: apsw.Connection, message_id: int, size: int | None,
+                 inline: bytes | None, nbytes: int) -> bytes | None:
+    """The first ``nbytes`` bytes of a message's content (None for NULL content).
+
+    SQLite reads a whole value to compute anything of it but its type and size
+    (``substr(CAST(content AS BLOB), 1, n)`` of a 10 MB message reads 10 MB), so a
+    short value comes with its row (``inline``) and a long one is read by incremental
+    BLOB I/O, which reads only the pages of the bytes asked for
+    (https://sqlite.org/c3ref/blob_read.html). Runs in the caller's read transaction.
+
+    :param size: ``octet_length(content)``, which SQLite knows without reading it.
+    :param inline: the whole content when the row brought it, else None.
+    """
+    if size is None:
+        return None
+    if inline is not None:
+        return inline[:nbytes]
+    blob = conn.blob_open("main", "messages", "content", message_id, False)
+    try:
+        return blob.read(min(nbytes, size))
+    finally:
+        blob.close()
 
 
 # -- candidates: the newest matches that pass the filters ----------------------------
@@ -622,4 +650,5 @@ def _clusters(ids: list[int], gap: float) -> list[list[int]]:
 
 
 def _decode(head: bytes | None) -> str | None:
+    # A character cut in two at the end of a head is dropped, as before.
     return None if head is None else head.decode("utf-8", "ignore")

@@ -258,3 +258,27 @@ def test_a_prefix_index_changes_the_time_not_the_hits(db: SessionDB, monkeypatch
         else:  # phrases weighted alike without the index, by frequency with it
             assert [set(after[i:i + 30]) for i in range(0, len(after), 30)] == [
                 set(before[i:i + 30]) for i in range(0, len(before), 30)]
+
+
+def test_context_of_long_neighbours_is_their_head(db: SessionDB, tmp_path: Path) -> None:
+    # Long neighbours are read by their first bytes only (incremental BLOB I/O); the
+    # context is the same as when the whole value was cut.
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "é" * 100_000)
+    hit = db.append_message("s", "assistant", "needle here")
+    db.append_message("s", "tool", "\x00x" * 50_000)
+    db.append_message("s", "user", None)
+    [found_hit] = db.search_messages("needle")
+    assert found_hit["id"] == hit
+    assert found_hit["context"] == [
+        {"role": "user", "content": "é" * 200}, {"role": "assistant", "content": "needle here"},
+        {"role": "tool", "content": ("\x00x" * 100)[:200]}]
+    hdb = HermesSessionDB(db.path)
+    try:
+        [h] = hdb.search_messages("needle")
+        assert h["context"] == [
+            {"role": "user", "content": "é" * 200},
+            {"role": "assistant", "content": "needle here"},
+            {"role": "tool", "content": ("\x00x" * 100)[:200]}]
+    finally:
+        hdb.close()

@@ -48,7 +48,7 @@ from .gate import FifoGate, NullGate, make_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
-from .schema import CONVERSION, SCHEMA_VERSION, build_schema, ensure_schema
+from .schema import SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
@@ -194,7 +194,7 @@ class Engine:
             # built in one statement), so it is exempt from the hold bound.
             ensure_schema(conn, self.path, partial(self._execute_write, bounded=False),
                           o["write_timeout"])
-            if search_index.rebuilding(conn) == CONVERSION:
+            if search_index.finish_on_open(conn):
                 self._finish_conversion()
         except BaseException:
             self._conn = None
@@ -206,7 +206,9 @@ class Engine:
 
     def _finish_conversion(self) -> None:
         """Index the messages of a converted hermes-agent file (it is searchable once
-        they are) in short steps, unless another process is at it: a lock on a sidecar
+        they are) and remove set-aside index tables
+        (:func:`sessiondb.search_index.finish_on_open`) in short steps, unless another
+        process is at it: a lock on a sidecar
         (``<db>.sessiondb-index.lock``, taken without waiting) elects one builder, and
         the kernel frees it if that process dies, so a conversion cut short is finished
         by the next process that opens the store."""

@@ -26,7 +26,7 @@ import apsw
 from .errors import SearchIndexError
 from .maintenance import ProgressCallback, Step, Tracker
 from .schema import (
-    DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
+    CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
     set_aside_index,
 )
 
@@ -221,6 +221,17 @@ def rebuilding(conn: apsw.Connection) -> str | None:
     row = conn.execute("SELECT value FROM sessiondb_meta WHERE key = ?",
                        (REBUILDING,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def finish_on_open(conn: apsw.Connection) -> bool:
+    """True when the store holds work that any process opening it finishes: the index of
+    a converted hermes-agent file, or set-aside index tables that a run cut short (a
+    kill while they were being emptied) left behind. Without the second, nothing would
+    ever remove them: the rebuild's mark is gone with its last index step, so no rerun
+    knows that it was cut short, and the old index keeps its space for good. (A
+    requested rebuild cut short earlier is left to its rerun, which removes them too.)"""
+    why = rebuilding(conn)
+    return why == CONVERSION or (why is None and bool(junk_tables(conn)))
 
 
 def catch_up(run: Callable[[Step, Tracker], int], progress: ProgressCallback | None = None,

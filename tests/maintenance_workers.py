@@ -87,3 +87,9 @@ def appender(path: str, session_id: str, stop: Any, results: Any) -> None:
                 errors.append(repr(exc))
             time.sleep(0.002)
     results.put((acked, errors))
+
+
+def open_and_die_cleaning(path: str, steps: int, hold_timeout: float) -> None:
+    """Open a hermes-agent file (converting it) and die while its old index is being
+    removed, after every message was indexed."""
+    SessionDB(path, hold_timeout=hold_timeout, progress=kill_after(steps, "cleanup"))

@@ -280,3 +280,23 @@ def test_cli_repair_with_prefix_indexes_and_a_progress_bar(db_path: Path, capsys
     assert cli.main(["prune", "--days", "90", "--yes", "--json", "--db", str(db_path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and '"deleted": 10' in captured.out  # --json: no bar
+
+
+def test_a_conversion_killed_while_removing_the_old_index_is_finished_at_the_next_open(
+        db_path: Path) -> None:
+    build_hermes(db_path, sessions=600)
+    # Steps of 5 ms: removing the old index takes several.
+    proc = SPAWN.Process(target=mw.open_and_die_cleaning, args=(str(db_path), 1, 0.02),
+                         daemon=True)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -9, "the worker was to die by SIGKILL midway"
+    with sqlite3.connect(db_path) as raw:  # cut short: hermes-agent's old index is left
+        junk = [r[0] for r in raw.execute(
+            "SELECT name FROM sqlite_schema WHERE name GLOB 'sessiondb_fts_junk_[0-9]' ")]
+        assert junk, "the kill was to come while the old index was being removed"
+        assert raw.execute("SELECT count(*) FROM sessiondb_fts_pending").fetchone()[0] == 0
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:  # the rerun: the next open
+        assert db._read(search_index.junk_tables) == []
+        assert len(db.search_messages("kilo", limit=None)) > 0
+    consistent(db_path)

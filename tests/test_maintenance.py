@@ -300,3 +300,27 @@ def test_a_conversion_killed_while_removing_the_old_index_is_finished_at_the_nex
         assert db._read(search_index.junk_tables) == []
         assert len(db.search_messages("kilo", limit=None)) > 0
     consistent(db_path)
+
+
+def big_text(seed: int, nbytes: int) -> str:
+    rng = mw.random.Random(seed)
+    words = []
+    while len(words) * 8 < nbytes:
+        words.append(f"{rng.choice(mw.WORDS)}{rng.randrange(1000)}")
+    return " ".join(words)
+
+
+def test_an_index_step_is_bounded_by_the_bytes_it_indexes_not_only_the_messages(
+        db: SessionDB) -> None:
+    # FTS5 tokenizes every byte it indexes: 100 messages of 1 MB held the lock for
+    # seconds in a step of 50 ms, and past the hold bound the rebuild could never end.
+    db.create_session("s", "cli")
+    for k in range(6):
+        db.append_message("s", "tool", big_text(k, 300_000) + " kilo")
+    db._execute_write(lambda c: search_index.begin_rebuild(c, "test"), bounded=False)
+    # A deadline already past: the step does its least, one message of 300 KB.
+    assert db._execute_write(lambda c: search_index.index_step(c, 0.0), bounded=False) == 1
+    assert db._read(search_index.pending_messages) == 5
+    assert db.rebuild_search_index() == 5
+    assert len(db.search_messages("kilo", limit=None)) == 6
+    consistent(db.path)

@@ -24,7 +24,7 @@ from typing import Callable
 import apsw
 
 from .errors import SearchIndexError
-from .maintenance import ProgressCallback, Step, Tracker
+from .maintenance import ProgressCallback, Step, Tracker, byte_budget, fit_bytes
 from .schema import (
     CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
     set_aside_index,
@@ -101,8 +101,6 @@ def search_damage_error(exc: BaseException, path: object) -> SearchIndexError:
 
 _CHUNK = 100  # messages indexed per statement: a few ms each, so steps end on time
 _PER_SECOND = 4000  # a cautious indexing rate (20,000/s measured for 1 KB messages)
-_BYTES_PER_SECOND = 8_000_000  # the same in bytes (about 20 MB/s measured)
-_MIN_BYTES = 65536  # a chunk's bytes however little time is left (always one message)
 
 
 def begin_rebuild(conn: apsw.Connection, reason: str,
@@ -155,12 +153,11 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
         # A smaller chunk when little time is left (a small hold bound), in messages
         # and in bytes: FTS5 tokenizes every byte, so a count alone let a chunk of large
         # messages (100 of 1 MB) hold the lock for seconds, past any hold bound.
-        left = deadline - time.monotonic()
-        chunk = max(10, min(_CHUNK, int(left * _PER_SECOND)))
+        chunk = max(10, min(_CHUNK, int((deadline - time.monotonic()) * _PER_SECOND)))
         rows = conn.execute(
             "SELECT id, octet_length(content) FROM messages WHERE id >= ? AND id <= ? "
             "ORDER BY id LIMIT ?", (lo, hi, chunk)).fetchall()
-        ids = _within(rows, max(_MIN_BYTES, int(left * _BYTES_PER_SECOND)))
+        ids = fit_bytes(rows, byte_budget(deadline))
         upto = ids[-1] if len(ids) < len(rows) or len(rows) == chunk else hi
         conn.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content "
                      "FROM messages WHERE id >= ? AND id <= ?", (lo, upto))
@@ -172,19 +169,6 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
         done += len(ids)
         if time.monotonic() >= deadline:
             return done
-
-
-def _within(rows: list[tuple[int, int | None]], budget: int) -> list[int]:
-    """The ids of the first ``rows`` (``(id, bytes)``) whose bytes fit ``budget``; at
-    least one (``octet_length`` is known without reading the value)."""
-    ids: list[int] = []
-    size = 0
-    for rowid, nbytes in rows:
-        size += nbytes or 0
-        if ids and size > budget:
-            break
-        ids.append(rowid)
-    return ids
 
 
 def junk_step(conn: apsw.Connection, deadline: float) -> int:

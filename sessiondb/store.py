@@ -624,7 +624,8 @@ class SessionDB(Coordination):
         It runs as a series of short write transactions (:mod:`sessiondb.maintenance`),
         so other processes keep writing meanwhile, and each leaves the store consistent:
         a session goes with all its messages at once (one with more than 2,000 messages
-        loses them oldest first, a chunk at a time, counters exact at every step). If it
+        or 4 MB of content loses them oldest first, a chunk at a time, counters exact at
+        every step). If it
         is interrupted, what was deleted stays deleted and a rerun finishes the job.
         Inside a :meth:`transaction` block it runs within that transaction.
 

@@ -324,3 +324,29 @@ def test_an_index_step_is_bounded_by_the_bytes_it_indexes_not_only_the_messages(
     assert db.rebuild_search_index() == 5
     assert len(db.search_messages("kilo", limit=None)) == 6
     consistent(db.path)
+
+
+def test_a_session_of_large_messages_is_pruned_in_chunks_with_exact_counters(
+        db: SessionDB) -> None:
+    # Deleting a message from the index tokenizes it again: a session of few but large
+    # messages deleted whole in one step held the lock for seconds (a step cannot stop
+    # inside a session), and past the hold bound the prune could never end.
+    db.import_sessions({"id": "big", "source": "cli", "started_at": 1000.0,
+                        "ended_at": 1001.0, "messages": [
+                            {"role": "tool", "content": big_text(k, 300_000),
+                             "timestamp": 1000.0, "tool_calls": [{"id": 1}, {"id": 2}]}
+                            for k in range(20)]})
+    db._execute_write(lambda c: c.execute(
+        "UPDATE sessions SET message_count = 20, tool_call_count = 40"))
+    deleted = [0]
+    step = pruning.prune_step(2000.0, None, deleted)
+    # A deadline already past: the step does its least, which is not 6 MB.
+    gone = db._execute_write(lambda c: step(c, 0.0), bounded=False)
+    assert 0 < gone < 20 and deleted == [0]
+    left = db.get_session("big")
+    assert left is not None
+    assert left["message_count"] == db.message_count("big") == 20 - gone
+    assert left["tool_call_count"] == 2 * (20 - gone)
+    assert db.prune_sessions(1) == 1
+    assert db.get_session("big") is None
+    consistent(db.path)

@@ -41,8 +41,8 @@ from .connection import (
 )
 from . import search_index
 from .errors import (
-    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseOpenError, SessionDBError,
-    StorageError, WalDeletedError, translate,
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
+    DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
 from .maintenance import (
@@ -221,6 +221,12 @@ class Engine:
             # store works meanwhile, search says the index is being built)
         try:
             search_index.catch_up(self._run_steps, self._options["progress"])
+        except (DatabaseBusyError, HoldTimeout):
+            # Contention (a writer holding the lock past write_timeout, a paused
+            # machine): the store works without this work, and search says the index is
+            # being built, so the open succeeds and the next one carries on. Raising
+            # would refuse a usable store, as no open of a finished one does.
+            pass
         finally:
             lock.release()
 

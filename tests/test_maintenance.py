@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 
 import maintenance_workers as mw
@@ -350,3 +351,26 @@ def test_a_session_of_large_messages_is_pruned_in_chunks_with_exact_counters(
     assert db.prune_sessions(1) == 1
     assert db.get_session("big") is None
     consistent(db.path)
+
+
+def test_a_store_whose_conversion_cannot_be_finished_now_still_opens(db_path: Path) -> None:
+    # Finishing a conversion's index is work an open does on the side: the store is a
+    # working sessiondb store meanwhile, so contention must not make the open fail.
+    mw.build(db_path, sessions=10)
+    with SessionDB(db_path) as db:  # the state a conversion leaves: every message pending
+        db._execute_write(lambda c: search_index.begin_rebuild(c, schema.CONVERSION),
+                          bounded=False)
+    holder = apsw.Connection(str(db_path))
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        with SessionDB(db_path, write_timeout=0.3) as db:
+            assert db.session_count() == 10
+            with pytest.raises(SearchIndexError, match="being rebuilt"):
+                db.search_messages("kilo")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with SessionDB(db_path) as db:  # the next open finishes it
+        assert db._read(search_index.rebuilding) is None
+        assert db.search_messages("kilo")
+    consistent(db_path)

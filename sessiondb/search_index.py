@@ -167,7 +167,9 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             conn.execute("UPDATE sessiondb_fts_pending SET lo = ? WHERE lo = ?",
                          (upto + 1, lo))
         done += len(ids)
-        if time.monotonic() >= deadline:
+        # Not on nothing done: run_steps takes 0 for "finished", and a range whose
+        # messages were all deleted meanwhile indexes none (the next one is cheap).
+        if done and time.monotonic() >= deadline:
             return done
 
 

@@ -374,3 +374,20 @@ def test_a_store_whose_conversion_cannot_be_finished_now_still_opens(db_path: Pa
         assert db._read(search_index.rebuilding) is None
         assert db.search_messages("kilo")
     consistent(db_path)
+
+
+def test_an_index_step_that_only_drops_an_empty_range_does_not_end_the_rebuild_early(
+        db: SessionDB) -> None:
+    # run_steps stops at a step that did nothing; a step that dropped a range whose
+    # messages were all deleted meanwhile, then met its deadline, said so too, and
+    # left the rebuild mark behind: search refused until someone reran the rebuild.
+    db.create_session("s", "cli")
+    for k in range(5):
+        db.append_message("s", "user", f"gone {k} kilo")
+    db._execute_write(lambda c: search_index.begin_rebuild(c, "test"), bounded=False)
+    db.clear_messages("s")  # every pending message deleted before it was indexed
+    db.append_message("s", "user", "new kilo")
+    assert db._execute_write(lambda c: search_index.index_step(c, 0.0)) == 0
+    assert db._read(search_index.rebuilding) is None
+    assert [h["id"] for h in db.search_messages("kilo")] == [6]
+    consistent(db.path)

@@ -678,8 +678,9 @@ class SessionDB(Coordination):
         steps while other processes keep writing; clears a damage mark
         (:mod:`sessiondb.search_index`). Searches raise
         :class:`~sessiondb.errors.SearchIndexError` until it is done. If a rebuild was
-        cut short (a crash, a kill), this finishes it instead of starting again; it also
-        indexes messages a bulk import left pending.
+        cut short (a crash, a kill), this finishes it instead of starting again (unless
+        its new index was found damaged meanwhile); it also indexes messages a bulk
+        import left pending.
 
         :param prefixes: give the index FTS5 prefix indexes of these lengths (e.g.
             ``(2, 3, 4)``: a prefix query ``dep*`` of 2-4 letters then answers in
@@ -696,8 +697,12 @@ class SessionDB(Coordination):
         if wanted is not None and wanted != self._read(index_prefixes):
             self._execute_write(lambda c: search_index.begin_rebuild(
                 c, "a rebuild was requested", wanted), bounded=False)
-        elif self._read(search_index.rebuilding) is None:
-            # Unbounded: an index too damaged to set aside is dropped in one statement.
+        elif (self._read(search_index.rebuilding) is None
+              or self._read(search_index.damage_note) is not None):
+            # A rebuild cut short is finished, unless a write has found its new index
+            # damaged since (the triggers skip a damaged index: finishing it would
+            # leave it incomplete). Unbounded: an index too damaged to set aside is
+            # dropped in one statement.
             self._execute_write(lambda c: search_index.begin_rebuild(
                 c, "a rebuild was requested"), bounded=False)
         return self._index_pending(progress)

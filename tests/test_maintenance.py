@@ -391,3 +391,19 @@ def test_an_index_step_that_only_drops_an_empty_range_does_not_end_the_rebuild_e
     assert db._read(search_index.rebuilding) is None
     assert [h["id"] for h in db.search_messages("kilo")] == [6]
     consistent(db.path)
+
+
+def test_a_repair_during_a_rebuild_cut_short_also_clears_damage_found_meanwhile(
+        db: SessionDB) -> None:
+    # A rebuild cut short is finished, not restarted; but once a write has found the
+    # new index damaged (the triggers then skip it), finishing it cannot make it whole.
+    db.create_session("s", "cli")
+    for k in range(30):
+        db.append_message("s", "user", f"before {k} kilo")
+    db._execute_write(lambda c: search_index.begin_rebuild(c, "test"), bounded=False)
+    db._execute_write(search_index.mark_damaged)  # as a write meeting a damaged index
+    db.append_message("s", "user", "written while marked damaged kilo")  # not indexed
+    db.rebuild_search_index()
+    assert db._read(search_index.damage_note) is None
+    assert len(db.search_messages("kilo", limit=None)) == 31
+    consistent(db.path)

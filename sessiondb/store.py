@@ -11,11 +11,11 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import apsw
 
-from . import pruning, records, search_index
+from . import bulk, pruning, records, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
 from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
@@ -571,45 +571,64 @@ class SessionDB(Coordination):
         check_text("session_id", session_id, optional=False)
         return self._read(lambda c: _export(c, session_id), snapshot=True)
 
-    def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
-        """Every session (optionally of one source), oldest first, with its messages."""
-        source = check_text("source", source)
-        sql = "SELECT id FROM sessions" + (" WHERE source = ?" if source else "") + \
-            " ORDER BY started_at, id"
+    def iter_export(self, source: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every session (optionally of one source), oldest first, with its messages (as
+        :meth:`export_session`), streamed: read in batches of up to 200 sessions or about
+        5,000 messages, each in one short snapshot (a session is read with its messages;
+        no read transaction is held while the caller works; inside a :meth:`snapshot`
+        block all of it sees that snapshot). The first batch is read at the call.
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            ids = [r[0] for r in _fetch(conn, sql, (source,) if source else ())]
-            return [_export(conn, sid) for sid in ids]
-
-        return self._read(read, snapshot=True)
-
-    def import_sessions(self, data: dict[str, Any] | list[dict[str, Any]], *,
-                        skip_existing: bool = False) -> int:
-        """Import what :meth:`export_session` / :meth:`export_all` produced, atomically.
-
-        Message ids are kept where free (so a round trip into a fresh store is equal);
-        parents are imported before children.
-
-        :returns: number of sessions imported.
-        :raises IntegrityViolation: a session already exists (unless ``skip_existing``).
+        :raises InvalidArgumentType: ``source`` is not a str.
         """
-        items = records.check_import(data)
+        source = check_text("source", source)
+        first = self._read(lambda c: bulk.export_batch(c, source, None), snapshot=True)
+        return bulk.export_batches(self._read, source, first)
+
+    def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Every session (optionally of one source), oldest first, with its messages, as
+        one list (:meth:`iter_export` streams them instead)."""
+        return list(self.iter_export(source))
+
+    def import_sessions(self, data: Any, *, skip_existing: bool = False,
+                        progress: ProgressCallback | None = None) -> int:
+        """Import what :meth:`export_session`, :meth:`export_all` or :meth:`iter_export`
+        produced: a session dict, a list of them, or any iterable of them (a generator
+        over a JSON Lines file), consumed in batches (memory stays bounded).
+
+        It runs as a series of short write transactions (:mod:`sessiondb.bulk`) while
+        other processes keep writing, each committing whole sessions with all their
+        messages; message ids are kept where free (a round trip into a fresh store is
+        equal), parents go before children, and the full-text indexing is deferred and
+        done in steps before this returns. If it is interrupted, what was committed
+        stays; a rerun with ``skip_existing=True`` finishes the job. A dict or list is
+        validated, and checked against the store, before anything is written; a stream
+        session by session, and a conflict met midway says what was imported before it.
+        In a :meth:`transaction` block the input is read first and written as one call.
+
+        :param progress: called after each step: task ``"import"`` (``"messages"``),
+            then ``"index"``.
+        :returns: number of sessions imported.
+        :raises IntegrityViolation: a session already exists (unless ``skip_existing``),
+            a parent is neither in the store nor in the import, or a title is taken.
+        :raises InvalidArgument: a value the store will not accept.
+        :raises InvalidArgumentType: ``data`` or a value in it has the wrong type.
+        """
         check_flag("skip_existing", skip_existing)
-
-        def write(conn: apsw.Connection) -> int:
-            imported = 0
-            for item in records.parents_first(items):
-                if _exists(conn, item["id"]):
-                    if skip_existing:
-                        continue
-                    raise IntegrityViolation(
-                        f"session {item['id']!r} already exists; nothing was imported "
-                        "(pass skip_existing=True to import only the new ones)")
-                records.insert_session(conn, item)
-                imported += 1
-            return imported
-
-        return self._execute_write(write)
+        progress = check_progress(progress)
+        rows, items = bulk.source_of(data)
+        if not self._writes.active:
+            return bulk.import_sessions(
+                rows, items, write=self._execute_write, read=self._read,
+                budget=self._step_budget(), skip_existing=skip_existing, defer=True,
+                progress=progress, index=self._index_pending)
+        # In a transaction() block: one write function for all of it, so that a failure
+        # undoes only this call, as for every call in a block; the input is read first,
+        # since the lock is held while that function runs.
+        if rows is None:
+            rows = records.check_import(list(items))
+        return self._execute_write(lambda conn: bulk.import_sessions(
+            rows, None, **bulk.in_block(conn), skip_existing=skip_existing,
+            progress=progress))
 
     def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
                        dry_run: bool = False, progress: ProgressCallback | None = None

@@ -1,0 +1,516 @@
+"""Bulk import and export: whole stores in and out in short steps, with bounded memory.
+
+*Import* (:func:`import_sessions`) takes a session dict, a list of them, or any iterable
+of them (a generator over a JSON Lines file), and consumes it in batches: at most
+:data:`BATCH_MESSAGES` validated messages are held ahead of the writes. Each batch is
+written as a series of short write transactions (:mod:`sessiondb.maintenance`): a step
+takes as many sessions as fit its time budget (at least one), and a session goes in the
+same transaction as all its messages, so every commit leaves the store consistent and a
+kill loses nothing already committed; ``skip_existing=True`` makes a rerun finish the
+job. The messages keep their exported ids where free (so a round trip into a fresh store
+is equal); an id that is taken gets the one SQLite's AUTOINCREMENT would have given it,
+assigned by the step itself, so that the step knows every id before it inserts and can
+defer their full-text indexing (:func:`sessiondb.search_index.defer_ids`): the triggers
+then skip them, and the import indexes them in steps once the rows are in. FTS5's
+tokenizer is the slowest part of an insert; deferring it makes rows go in several times
+faster, and concurrent writers' messages (ids above the ranges) are indexed at once as
+always.
+
+*Parents before children*: a list is reordered so that parents come first. A stream is
+ordered within what is known: a child whose parent is neither in the store nor earlier
+in the stream waits (at most :data:`WAITING_SESSIONS` sessions or
+:data:`WAITING_MESSAGES` messages) until its parent arrives; one still waiting at the
+end is refused with :class:`~sessiondb.errors.IntegrityViolation`, as is a stream that
+makes more wait than that (exports list sessions oldest first, so a parent comes first
+unless it started after its child).
+
+*Export* (:func:`export_batches`) reads sessions oldest first in batches of at most
+:data:`EXPORT_BATCH_SESSIONS` sessions or about :data:`EXPORT_BATCH_MESSAGES` messages,
+each batch in one short snapshot (a session is read consistently with its messages; the
+export as a whole is not one snapshot unless it runs inside ``snapshot()``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import apsw
+
+from . import records, search_index
+from .errors import HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType
+from .maintenance import ProgressCallback, Tracker
+
+#: Validated messages (plus one per session) held ahead of the writes.
+BATCH_MESSAGES = 20_000
+#: Children that may wait for a parent later in a stream, and their messages.
+WAITING_SESSIONS = 2_000
+WAITING_MESSAGES = 20_000
+EXPORT_BATCH_SESSIONS = 200
+EXPORT_BATCH_MESSAGES = 5_000
+
+_FIRST_STEP = 1_000     # rows in the first step; later ones adapt to the time budget
+_MAX_STEP = 50_000
+_STEP_SHARE = 0.6       # of the budget a step aims at, so that a slow one still fits
+_INT64_MAX = 2**63 - 1
+_IN_LIST = "(SELECT value FROM json_each(?))"
+_MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(records.MESSAGE_COLUMNS))})")
+
+Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+Read = Callable[..., Any]
+
+
+# -- input ---------------------------------------------------------------------------
+
+def source_of(data: Any) -> tuple[Optional[list[dict[str, Any]]], Optional[Iterator[Any]]]:
+    """``(rows, None)`` for a dict or a list (validated at once, as a whole), else
+    ``(None, iterator)`` for any other iterable, to be consumed lazily.
+
+    :raises InvalidArgumentType: ``data`` is a str, bytes, a mapping other than a dict, or
+        not iterable.
+    :raises InvalidArgument: an invalid session in a dict or list.
+    """
+    if isinstance(data, (dict, list)):
+        return records.check_import(data), None
+    if isinstance(data, (str, bytes, bytearray, memoryview)) or not hasattr(data, "__iter__"):
+        raise InvalidArgumentType("import data must be a session dict, a list of them or "
+                                  f"an iterable of them, not {type(data).__name__}")
+    return None, iter(data)
+
+
+# -- one run of an import -------------------------------------------------------------
+
+@dataclass
+class _Outcome:
+    """What one step did; applied to the run's state only once the step committed (a
+    step may be retried, or rolled back, so it changes nothing but the store)."""
+
+    taken: int = 0                   # sessions taken from the front of the queue
+    imported: int = 0
+    skipped: int = 0
+    messages: int = 0
+    deferred: bool = False
+    released: list[str] = field(default_factory=list)    # parents whose children went in
+    waiting: list[dict[str, Any]] = field(default_factory=list)   # children to hold back
+    seconds: float = 0.0
+
+
+class ImportRun:
+    """The state of one import: the validated sessions waiting to be written, the
+    children waiting for a parent, and the counts.
+
+    :param write: runs a write function in one transaction (``_execute_write``).
+    :param budget: seconds one step may hold the write lock.
+    :param defer: defer full-text indexing of the imported messages.
+    :param stream: hold back children whose parent is missing (a stream); else refuse
+        them at once (a list: the parent is not coming).
+    """
+
+    def __init__(self, write: Write, budget: float, *, skip_existing: bool, defer: bool,
+                 stream: bool, tracker: Tracker) -> None:
+        self.write, self.budget = write, budget
+        self.skip_existing, self.defer, self.stream = skip_existing, defer, stream
+        self.tracker = tracker
+        self.queue: deque[dict[str, Any]] = deque()
+        self.queued = 0                  # rows (sessions + messages) in the queue
+        self.waiting: dict[str, list[dict[str, Any]]] = {}
+        self.waiting_sessions = self.waiting_messages = 0
+        self.imported = self.skipped = 0
+        self.deferred = False
+        self.step_rows = _FIRST_STEP if budget != float("inf") else _INT64_MAX
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.queue.append(row)
+        self.queued += 1 + len(row["messages"])
+
+    def drain(self) -> None:
+        """Write every queued session, a step (one transaction) at a time."""
+        while self.queue:
+            try:
+                out: _Outcome = self.write(self._step)
+            except HoldTimeout:
+                # Rolled back, nothing written: retry with a smaller step, unless the
+                # step was a single session already (it cannot be split).
+                if self.step_rows <= 1 + len(self.queue[0]["messages"]):
+                    raise
+                self.step_rows = max(1, self.step_rows // 4)
+                continue
+            self._apply(out)
+
+    def finish(self) -> None:
+        """After the input ended: the children still waiting get their last chance
+        (their parent may have been created meanwhile), then are refused."""
+        self.stream = False
+        for children in self.waiting.values():
+            for row in children:
+                self.add(row)
+        self.waiting.clear()
+        self.waiting_sessions = self.waiting_messages = 0
+        self.drain()
+
+    # -- a step ------------------------------------------------------------------------
+    def _step(self, conn: apsw.Connection) -> _Outcome:
+        started = time.monotonic()
+        out = _Outcome()
+        take, rows = [], 0
+        for row in self.queue:
+            take.append(row)
+            rows += 1 + len(row["messages"])
+            if rows >= self.step_rows:
+                break
+        out.taken = len(take)
+        work = self._place(conn, take, out)
+        _check_titles(conn, work, self._done_before())
+        messages = [m for row in work for m in row["messages"]]
+        if messages:
+            messages = _assign_ids(conn, messages)
+            if self.defer:
+                ids = sorted(m[0] for m in messages if m[0] is not None)
+                out.deferred = search_index.defer_ids(conn, ids)
+        for row in work:
+            columns = [c for c in row if c != "messages"]
+            conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
+        if messages:
+            conn.executemany(_MESSAGE_INSERT, messages)
+        out.imported, out.messages = len(work), len(messages)
+        out.seconds = time.monotonic() - started
+        return out
+
+    def _place(self, conn: apsw.Connection, take: list[dict[str, Any]], out: _Outcome
+               ) -> list[dict[str, Any]]:
+        """The sessions of this step in insertion order: existing ones skipped (or
+        refused), children of missing parents held back (or refused), and children
+        that were waiting for a session of this step right after it."""
+        ids = {row["id"] for row in take}
+        existing = _present(conn, list(ids))
+        parents = {row.get("parent_session_id") for row in take} - {None}
+        known = existing | _present(conn, list(parents - ids))  # sessions in the store
+        work: list[dict[str, Any]] = []
+        todo = deque(take)
+        while todo:
+            row = todo.popleft()
+            sid = row["id"]
+            # A released child was not looked up with the step's sessions.
+            if sid in known or (sid not in ids and _present(conn, [sid])):
+                if not self.skip_existing:
+                    raise IntegrityViolation(
+                        f"session {sid!r} already exists; {self._done_before()} (pass "
+                        "skip_existing=True to import only the new ones)")
+                out.skipped += 1
+            else:
+                parent = row.get("parent_session_id")
+                if parent is not None and parent != sid and parent not in known:
+                    if self.stream:
+                        out.waiting.append(row)
+                        continue
+                    raise IntegrityViolation(
+                        f"session {sid!r} names parent {parent!r}, which is neither in the "
+                        f"store nor in the import; {self._done_before()}")
+                work.append(row)
+            known.add(sid)
+            # A session now in the store (imported or there already) lets its waiting
+            # children in, right after it.
+            children = self.waiting.get(sid)
+            if children is not None and sid not in out.released:
+                out.released.append(sid)
+                todo.extendleft(reversed(children))
+        return work
+
+    def _done_before(self) -> str:
+        if not self.imported:
+            return "nothing was imported"
+        return (f"the {self.imported:,} session(s) before it were imported, each complete "
+                "(rerun with skip_existing=True to import the rest)")
+
+    def _apply(self, out: _Outcome) -> None:
+        for _ in range(out.taken):
+            row = self.queue.popleft()
+            self.queued -= 1 + len(row["messages"])
+        for sid in out.released:
+            for row in self.waiting.pop(sid):
+                self.waiting_sessions -= 1
+                self.waiting_messages -= len(row["messages"])
+        self.imported += out.imported
+        self.skipped += out.skipped
+        self.deferred = self.deferred or out.deferred
+        if out.seconds > 0 and self.budget != float("inf"):
+            # Aim the next step at a share of the budget, at the rate this one ran.
+            rows = out.messages + out.imported + out.skipped
+            rate = max(rows, 1) / out.seconds
+            self.step_rows = int(min(_MAX_STEP, max(1, rate * self.budget * _STEP_SHARE)))
+        self.tracker.add(out.messages)
+        for row in out.waiting:
+            parent = row["parent_session_id"]
+            self.waiting.setdefault(parent, []).append(row)
+            self.waiting_sessions += 1
+            self.waiting_messages += len(row["messages"])
+        if (self.waiting_sessions > WAITING_SESSIONS
+                or self.waiting_messages > WAITING_MESSAGES):
+            raise IntegrityViolation(
+                f"{self.waiting_sessions:,} imported sessions ({self.waiting_messages:,} "
+                "messages) wait for a parent session that has not come yet; "
+                f"{self._done_before()}. Put parents before their children (as export "
+                "does)")
+
+
+def _present(conn: apsw.Connection, ids: list[str]) -> set[str]:
+    """Which of ``ids`` are sessions of the store."""
+    if not ids:
+        return set()
+    return {r[0] for r in conn.execute(
+        f"SELECT id FROM sessions WHERE id IN {_IN_LIST}", (json.dumps(ids),))}
+
+
+def _check_titles(conn: apsw.Connection, work: list[dict[str, Any]], done: str) -> None:
+    """Refuse a title that another session has (in the store, or earlier in the step):
+    the unique index would refuse it anyway, without saying which session."""
+    titled = [(row["title"], row["id"]) for row in work if row.get("title") is not None]
+    if not titled:
+        return
+    taken = dict(conn.execute(f"SELECT title, id FROM sessions WHERE title IN {_IN_LIST}",
+                              (json.dumps([t for t, _ in titled]),)).fetchall())
+    for title, sid in titled:
+        other = taken.setdefault(title, sid)
+        if other != sid:
+            raise IntegrityViolation(f"session {sid!r} has the title {title!r}, which "
+                                     f"session {other!r} already has; {done}")
+
+
+def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
+    """Give every message its id before it is inserted: the exported id when it is
+    free, else the next one AUTOINCREMENT would have given (so the order of a session's
+    messages is kept); returns the tuples with their ids. Assigning them here, rather
+    than letting SQLite, lets the step defer their indexing by id."""
+    wanted = [m[0] for m in messages if m[0] is not None]
+    taken = set()
+    if wanted:
+        taken = {r[0] for r in conn.execute(
+            f"SELECT id FROM messages WHERE id IN {_IN_LIST}", (json.dumps(wanted),))}
+    top = conn.execute(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
+        "coalesce((SELECT max(id) FROM messages), 0))").fetchone()[0]
+    out = []
+    for m in messages:
+        mid = m[0]
+        if mid is None or mid in taken:
+            if top >= _INT64_MAX:
+                out.append((None,) + m[1:])  # SQLite reports the exhausted id space
+                continue
+            mid = top + 1
+            m = (mid,) + m[1:]
+        taken.add(mid)
+        if mid > top:
+            top = mid
+        out.append(m)
+    return out
+
+
+# -- the whole import -----------------------------------------------------------------
+
+def import_sessions(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]],
+                    *, write: Write, read: Read, budget: float, skip_existing: bool,
+                    defer: bool, progress: Optional[ProgressCallback],
+                    index: Callable[[Optional[ProgressCallback]], int]) -> int:
+    """Import ``rows`` (a validated list) or ``stream`` (see :func:`source_of` and the
+    module docstring); returns the sessions imported.
+
+    :param write: ``_execute_write`` (or, in a ``transaction()`` block, see
+        :func:`in_block`).
+    :param read: ``_read``.
+    :param defer: defer the indexing of the imported messages, then catch up.
+    :param index: indexes every pending message in steps (``_index_pending``).
+    :raises IntegrityViolation: a session exists already (unless ``skip_existing``), a
+        parent is missing, a title is taken; the message says what was imported before.
+    """
+    tracker = Tracker("import", "messages",
+                      None if rows is None else sum(len(r["messages"]) for r in rows),
+                      progress)
+    run = ImportRun(write, budget, skip_existing=skip_existing, defer=defer,
+                    stream=rows is None, tracker=tracker)
+    try:
+        if rows is not None:
+            for row in _check_list(rows, write=write, read=read, skip_existing=skip_existing):
+                run.add(row)
+            run.drain()
+        else:
+            assert stream is not None
+            _stream(run, stream)
+    except Exception:
+        # What was imported before the failure is made searchable too (a failure of
+        # that is left to a rerun: the error that stopped the import is the news).
+        if run.deferred:
+            try:
+                index(progress)
+            except Exception:
+                pass
+        raise
+    if run.deferred or (defer and read(_anything_pending)):
+        index(progress)  # also what an import that was killed left pending
+    return run.imported
+
+
+def in_block(conn: apsw.Connection) -> dict[str, Any]:
+    """The options of :func:`import_sessions` for a run inside one write function (a
+    ``transaction()`` block): everything on ``conn``, one step for all of it, nothing
+    deferred (the triggers index as usual, so nothing is left to catch up)."""
+    return dict(write=lambda fn: fn(conn), read=lambda fn, snapshot=False: fn(conn),
+                budget=float("inf"), defer=False, index=lambda progress: 0)
+
+
+def _stream(run: ImportRun, items: Iterator[Any]) -> None:
+    batch_ids: set[str] = set()
+    for item in items:
+        row = records.import_session(item)
+        if row["id"] in batch_ids:
+            raise InvalidArgument(f"session {row['id']!r} appears twice in the "
+                                          f"import; {run._done_before()}")
+        batch_ids.add(row["id"])
+        run.add(row)
+        if run.queued >= BATCH_MESSAGES:
+            _drain_in_order(run)
+            batch_ids.clear()
+    _drain_in_order(run)
+    run.finish()
+
+
+def _drain_in_order(run: ImportRun) -> None:
+    ordered = records.parents_first(list(run.queue))
+    run.queue.clear()
+    run.queued = 0
+    for row in ordered:
+        run.add(row)
+    run.drain()
+
+
+def _anything_pending(conn: apsw.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sessiondb_fts_pending LIMIT 1").fetchone() is not None
+
+
+def _check_list(rows: list[dict[str, Any]], *, write: Write, read: Read,
+                skip_existing: bool) -> list[dict[str, Any]]:
+    """A list is checked against the store before anything is written, so that a
+    conflict leaves the store untouched, as an import in one transaction would: an
+    existing session (unless ``skip_existing``, which drops it), a missing parent, a
+    title taken. The last two are left for SQLite to refuse, in a transaction that is
+    rolled back (:func:`_probe`), so that the error is the one a single transaction
+    would have raised.
+
+    :returns: the rows to import, parents first.
+    """
+    ids = [r["id"] for r in rows]
+    titles = [r["title"] for r in rows if r.get("title") is not None]
+    parents = list({r.get("parent_session_id") for r in rows} - {None})
+
+    def look(conn: apsw.Connection) -> tuple[set[str], set[str], set[str]]:
+        return (_present(conn, ids), _present(conn, parents),
+                {r[0] for r in conn.execute(
+                    f"SELECT title FROM sessions WHERE title IN {_IN_LIST}",
+                    (json.dumps(titles),))} if titles else set())
+
+    existing, present, titled = read(look, snapshot=True)
+    if existing:
+        if not skip_existing:
+            sid = next(r["id"] for r in rows if r["id"] in existing)
+            raise IntegrityViolation(f"session {sid!r} already exists; nothing was imported "
+                                     "(pass skip_existing=True to import only the new ones)")
+        rows = [r for r in rows if r["id"] not in existing]
+    order = records.parents_first(rows)
+    coming = {r["id"] for r in order} | present
+    seen: set[str] = set()
+    last_doomed = -1
+    for i, row in enumerate(order):
+        parent, title = row.get("parent_session_id"), row.get("title")
+        if ((parent is not None and parent != row["id"] and parent not in coming)
+                or (title is not None and (title in titled or title in seen))):
+            last_doomed = i
+        if title is not None:
+            seen.add(title)
+    if last_doomed >= 0:
+        _probe(write, order[:last_doomed + 1])
+    return order
+
+
+class _Clean(Exception):
+    """Rolls a probe back when SQLite did not refuse it."""
+
+
+def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
+    """Insert the session rows (without their messages), up to the last one that the
+    checks expect SQLite to refuse, in a transaction that is always rolled back:
+    SQLite's refusal propagates (a constraint error, translated); if it accepts them
+    (the store changed since the check), nothing is kept and the import goes on."""
+
+    def insert(conn: apsw.Connection) -> None:
+        for row in rows:
+            columns = [c for c in row if c != "messages"]
+            conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
+        raise _Clean
+
+    try:
+        write(insert)
+    except _Clean:
+        pass
+
+
+# -- export --------------------------------------------------------------------------
+
+def export_batch(conn: apsw.Connection, source: Optional[str],
+                 after: Optional[tuple[float, str]]) -> list[dict[str, Any]]:
+    """The next sessions (oldest first, after ``after`` = ``(started_at, id)``), each
+    with its messages: at most :data:`EXPORT_BATCH_SESSIONS`, and no more once
+    :data:`EXPORT_BATCH_MESSAGES` messages are read (at least one session). Run it in
+    one snapshot."""
+    where, args = [], []
+    if source is not None:
+        where.append("source = ?")
+        args.append(source)
+    if after is not None:
+        # Spelled out so that SQLite can seek the started_at index to the cursor.
+        where.append("started_at >= ? AND (started_at > ? OR id > ?)")
+        args += [after[0], after[0], after[1]]
+    sql = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
+           + " ORDER BY started_at, id LIMIT ?")
+    cursor = conn.execute(sql, (*args, EXPORT_BATCH_SESSIONS))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no rows
+        return []
+    out, messages = [], 0
+    for values in cursor.fetchall():
+        item = records.session(dict(zip(names, values)))
+        item["messages"] = _messages(conn, item["id"])
+        out.append(item)
+        messages += len(item["messages"])
+        if messages >= EXPORT_BATCH_MESSAGES:
+            break
+    return out
+
+
+def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:
+    cursor = conn.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY id",
+                          (session_id,))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no rows
+        return []
+    return [records.message(dict(zip(names, r))) for r in cursor]
+
+
+def export_batches(read: Read, source: Optional[str],
+                   first: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every session of ``source`` (None: all), oldest first, with its messages: the
+    batch ``first`` (read by the caller, so that errors surface at the call), then one
+    :func:`export_batch` after another, each in its own short snapshot."""
+    batch = first
+    while batch:
+        yield from batch
+        last = batch[-1]
+        del batch  # hold no more than the batch being read
+        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(c, source, a),
+                     snapshot=True)

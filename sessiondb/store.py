@@ -617,10 +617,11 @@ class SessionDB(Coordination):
         progress = check_progress(progress)
         rows, items = bulk.source_of(data)
         if not self._writes.active:
-            return bulk.import_sessions(
-                rows, items, write=self._execute_write, read=self._read,
-                budget=self._step_budget(), skip_existing=skip_existing, defer=True,
-                progress=progress, index=self._index_pending)
+            with bulk.larger_cache(self._read):
+                return bulk.import_sessions(
+                    rows, items, write=self._execute_write, read=self._read,
+                    budget=self._step_budget(), skip_existing=skip_existing, defer=True,
+                    progress=progress, index=self._index_pending)
         # In a transaction() block: one write function for all of it, so that a failure
         # undoes only this call, as for every call in a block; the input is read first,
         # since the lock is held while that function runs.

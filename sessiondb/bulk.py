@@ -3,18 +3,23 @@
 *Import* (:func:`import_sessions`) takes a session dict, a list of them, or any iterable
 of them (a generator over a JSON Lines file), and consumes it in batches: at most
 :data:`BATCH_MESSAGES` validated messages are held ahead of the writes. Each batch is
-written as a series of short write transactions (:mod:`sessiondb.maintenance`): a step
-takes as many sessions as fit its time budget (at least one), and a session goes in the
-same transaction as all its messages, so every commit leaves the store consistent and a
-kill loses nothing already committed; ``skip_existing=True`` makes a rerun finish the
-job. The messages keep their exported ids where free (so a round trip into a fresh store
-is equal); an id that is taken gets the one SQLite's AUTOINCREMENT would have given it,
-assigned by the step itself, so that the step knows every id before it inserts and can
-defer their full-text indexing (:func:`sessiondb.search_index.defer_ids`): the triggers
-then skip them, and the import indexes them in steps once the rows are in. FTS5's
-tokenizer is the slowest part of an insert; deferring it makes rows go in several times
-faster, and concurrent writers' messages (ids above the ranges) are indexed at once as
-always.
+written as a series of short write transactions (as :mod:`sessiondb.maintenance`
+describes): a step takes as many sessions as fit half its time budget at the rate the
+last step ran (at least one), and a session goes in the same transaction as all its
+messages, so every commit leaves the store consistent and a kill loses nothing already
+committed; ``skip_existing=True`` makes a rerun finish the job.
+
+*Message ids* are kept where free (so a round trip into a fresh store is equal, ids
+included). From the first message of a session that cannot keep its id (taken, or not
+above the previous one), that message and the rest of its session get the next ids
+AUTOINCREMENT would give, so the session keeps its order. The step assigns every id
+itself, before it inserts, so that it can defer their full-text indexing
+(:func:`sessiondb.search_index.defer_ids`): the triggers skip them, and the import
+indexes them in steps once the rows are in. FTS5's tokenizer is the slowest part of an
+insert; deferred, rows go in several times faster, while other writers' messages (ids
+above the ranges) are indexed at once as always. A concurrent writer takes the ids just
+above the store's last, which the rest of an export into a fresh store would have kept:
+those messages then get new ones (content and order unchanged).
 
 *Parents before children*: a list is reordered so that parents come first. A stream is
 ordered within what is known: a child whose parent is neither in the store nor earlier
@@ -22,12 +27,15 @@ in the stream waits (at most :data:`WAITING_SESSIONS` sessions or
 :data:`WAITING_MESSAGES` messages) until its parent arrives; one still waiting at the
 end is refused with :class:`~sessiondb.errors.IntegrityViolation`, as is a stream that
 makes more wait than that (exports list sessions oldest first, so a parent comes first
-unless it started after its child).
+unless it started after its child). A session id twice in a list is refused before
+anything is written; in a stream, twice within a batch likewise, and across batches
+the second is "already exists" (skipped with ``skip_existing``).
 
 *Export* (:func:`export_batches`) reads sessions oldest first in batches of at most
 :data:`EXPORT_BATCH_SESSIONS` sessions or about :data:`EXPORT_BATCH_MESSAGES` messages,
 each batch in one short snapshot (a session is read consistently with its messages; the
-export as a whole is not one snapshot unless it runs inside ``snapshot()``).
+export as a whole is not one snapshot unless it runs inside ``snapshot()``). One
+session is never split, so memory is bounded by the largest session.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ IMPORT_CACHE_KIB = 16_384
 
 _FIRST_STEP = 1_000     # rows in the first step; later ones adapt to the time budget
 _MAX_STEP = 50_000
-_STEP_SHARE = 0.6       # of the budget a step aims at, so that a slow one still fits
+_STEP_SHARE = 0.5       # of the budget a step aims at, so that a slow one still fits
 _INT64_MAX = 2**63 - 1
 _IN_LIST = "(SELECT value FROM json_each(?))"
 _MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
@@ -78,8 +86,7 @@ def source_of(data: Any) -> tuple[Optional[list[dict[str, Any]]], Optional[Itera
     """``(rows, None)`` for a dict or a list (validated at once, as a whole), else
     ``(None, iterator)`` for any other iterable, to be consumed lazily.
 
-    :raises InvalidArgumentType: ``data`` is a str, bytes, a mapping other than a dict, or
-        not iterable.
+    :raises InvalidArgumentType: ``data`` is a str or bytes, or not iterable.
     :raises InvalidArgument: an invalid session in a dict or list.
     """
     if isinstance(data, (dict, list)):
@@ -104,7 +111,7 @@ class _Outcome:
     deferred: bool = False
     released: list[str] = field(default_factory=list)    # parents whose children went in
     waiting: list[dict[str, Any]] = field(default_factory=list)   # children to hold back
-    seconds: float = 0.0
+    seconds: float = 0.0             # the whole write: waiting, the step, the commit
 
 
 class ImportRun:
@@ -138,8 +145,10 @@ class ImportRun:
     def drain(self) -> None:
         """Write every queued session, a step (one transaction) at a time."""
         while self.queue:
+            started = time.monotonic()
             try:
                 out: _Outcome = self.write(self._step)
+                out.seconds = time.monotonic() - started
             except HoldTimeout:
                 # Rolled back, nothing written: retry with a smaller step, unless the
                 # step was a single session already (it cannot be split).
@@ -153,16 +162,14 @@ class ImportRun:
         """After the input ended: the children still waiting get their last chance
         (their parent may have been created meanwhile), then are refused."""
         self.stream = False
-        for children in self.waiting.values():
-            for row in children:
-                self.add(row)
+        for row in records.parents_first([r for rows in self.waiting.values() for r in rows]):
+            self.add(row)
         self.waiting.clear()
         self.waiting_sessions = self.waiting_messages = 0
         self.drain()
 
     # -- a step ------------------------------------------------------------------------
     def _step(self, conn: apsw.Connection) -> _Outcome:
-        started = time.monotonic()
         out = _Outcome()
         take, rows = [], 0
         for row in self.queue:
@@ -186,7 +193,6 @@ class ImportRun:
         if messages:
             conn.executemany(_MESSAGE_INSERT, messages)
         out.imported, out.messages = len(work), len(messages)
-        out.seconds = time.monotonic() - started
         return out
 
     def _place(self, conn: apsw.Connection, take: list[dict[str, Any]], out: _Outcome
@@ -247,7 +253,8 @@ class ImportRun:
         self.skipped += out.skipped
         self.deferred = self.deferred or out.deferred
         if out.seconds > 0 and self.budget != float("inf"):
-            # Aim the next step at a share of the budget, at the rate this one ran.
+            # Aim the next step at a share of the budget, at the rate this one ran
+            # (commit and wait included: an overestimate of the time it held the lock).
             rows = out.messages + out.imported + out.skipped
             rate = max(rows, 1) / out.seconds
             self.step_rows = int(min(_MAX_STEP, max(1, rate * self.budget * _STEP_SHARE)))
@@ -327,21 +334,47 @@ def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
 
 # -- the whole import -----------------------------------------------------------------
 
-def import_sessions(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]],
-                    *, write: Write, read: Read, budget: float, skip_existing: bool,
-                    defer: bool, progress: Optional[ProgressCallback],
+def import_sessions(data: Any, *, write: Write, read: Read, budget: float,
+                    skip_existing: bool, progress: Optional[ProgressCallback],
                     index: Callable[[Optional[ProgressCallback]], int]) -> int:
-    """Import ``rows`` (a validated list) or ``stream`` (see :func:`source_of` and the
-    module docstring); returns the sessions imported.
+    """Import ``data`` (see :func:`source_of` and the module docstring) in steps of
+    ``budget`` seconds, deferring the indexing; returns the sessions imported.
 
-    :param write: ``_execute_write`` (or, in a ``transaction()`` block, see
-        :func:`in_block`).
+    :param write: ``_execute_write``.
     :param read: ``_read``.
-    :param defer: defer the indexing of the imported messages, then catch up.
     :param index: indexes every pending message in steps (``_index_pending``).
     :raises IntegrityViolation: a session exists already (unless ``skip_existing``), a
         parent is missing, a title is taken; the message says what was imported before.
     """
+    rows, stream = source_of(data)
+    return _import(rows, stream, write=write, read=read, budget=budget, defer=True,
+                   skip_existing=skip_existing, progress=progress, index=index)
+
+
+def import_in_block(data: Any, *, write: Write, skip_existing: bool,
+                    progress: Optional[ProgressCallback]) -> int:
+    """Import ``data`` inside a ``transaction()`` block, as one write function, so that
+    a failure undoes only this call, as for every call in a block. A stream is read
+    (and validated) first, since the store's lock is held while that function runs;
+    nothing is deferred (the triggers index as usual, so nothing is left to catch up).
+    """
+    rows, stream = source_of(data)
+    if rows is None:
+        rows = records.check_import(list(stream or ()))
+
+    def whole(conn: apsw.Connection) -> int:
+        return _import(rows, None, write=lambda fn: fn(conn),
+                       read=lambda fn, snapshot=False: fn(conn), budget=float("inf"),
+                       defer=False, skip_existing=skip_existing, progress=progress,
+                       index=lambda _: 0)
+
+    return write(whole)
+
+
+def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
+            write: Write, read: Read, budget: float, defer: bool, skip_existing: bool,
+            progress: Optional[ProgressCallback],
+            index: Callable[[Optional[ProgressCallback]], int]) -> int:
     tracker = Tracker("import", "messages",
                       None if rows is None else sum(len(r["messages"]) for r in rows),
                       progress)
@@ -389,14 +422,6 @@ def larger_cache(read: Read) -> Iterator[None]:
             read(lambda conn: conn.pragma("cache_size", before))
         except SessionDBError:
             pass  # closed meanwhile: a new connection starts with the default anyway
-
-
-def in_block(conn: apsw.Connection) -> dict[str, Any]:
-    """The options of :func:`import_sessions` for a run inside one write function (a
-    ``transaction()`` block): everything on ``conn``, one step for all of it, nothing
-    deferred (the triggers index as usual, so nothing is left to catch up)."""
-    return dict(write=lambda fn: fn(conn), read=lambda fn, snapshot=False: fn(conn),
-                budget=float("inf"), defer=False, index=lambda progress: 0)
 
 
 def _stream(run: ImportRun, items: Iterator[Any]) -> None:
@@ -457,18 +482,29 @@ def _check_list(rows: list[dict[str, Any]], *, write: Write, read: Read,
                                      "(pass skip_existing=True to import only the new ones)")
         rows = [r for r in rows if r["id"] not in existing]
     order = records.parents_first(rows)
-    coming = {r["id"] for r in order} | present
-    seen: set[str] = set()
-    last_doomed = -1
-    for i, row in enumerate(order):
-        parent, title = row.get("parent_session_id"), row.get("title")
-        if ((parent is not None and parent != row["id"] and parent not in coming)
-                or (title is not None and (title in titled or title in seen))):
-            last_doomed = i
+    by_id = {r["id"]: r for r in order}
+    coming = set(by_id) | present
+    holders: dict[str, str] = {}
+    doomed: set[str] = set()
+    for row in order:
+        sid, parent, title = row["id"], row.get("parent_session_id"), row.get("title")
+        if parent is not None and parent != sid and parent not in coming:
+            doomed.add(sid)
         if title is not None:
-            seen.add(title)
-    if last_doomed >= 0:
-        _probe(write, order[:last_doomed + 1])
+            if title in titled:
+                doomed.add(sid)
+            elif title in holders:
+                doomed.update((sid, holders[title]))
+            holders.setdefault(title, sid)
+    if doomed:
+        # The doomed sessions with their imported ancestors, so that each meets the
+        # refusal it is doomed to, not a missing parent.
+        needed = set()
+        for sid in doomed:
+            while sid in by_id and sid not in needed:
+                needed.add(sid)
+                sid = by_id[sid].get("parent_session_id")
+        _probe(write, [r for r in order if r["id"] in needed])
     return order
 
 
@@ -477,8 +513,8 @@ class _Clean(Exception):
 
 
 def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
-    """Insert the session rows (without their messages), up to the last one that the
-    checks expect SQLite to refuse, in a transaction that is always rolled back:
+    """Insert the session rows (without their messages) that the checks expect SQLite
+    to refuse, in a transaction that is always rolled back:
     SQLite's refusal propagates (a constraint error, translated); if it accepts them
     (the store changed since the check), nothing is kept and the import goes on."""
 
@@ -505,7 +541,9 @@ def export_batch(conn: apsw.Connection, source: Optional[str],
     one snapshot."""
     where, args = [], []
     if source is not None:
-        where.append("source = ?")
+        # "+source": walk the started_at index and filter, rather than sort all the
+        # source's sessions for every batch (quadratic in a source's size).
+        where.append("+source = ?")
         args.append(source)
     if after is not None:
         # Spelled out so that SQLite can seek the started_at index to the cursor.
@@ -527,6 +565,18 @@ def export_batch(conn: apsw.Connection, source: Optional[str],
         if messages >= EXPORT_BATCH_MESSAGES:
             break
     return out
+
+
+def export_session(conn: apsw.Connection, session_id: str) -> Optional[dict[str, Any]]:
+    """The session with its messages (run it in one snapshot), or None."""
+    cursor = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no such session
+        return None
+    item = records.session(dict(zip(names, cursor.fetchone())))
+    item["messages"] = _messages(conn, session_id)
+    return item
 
 
 def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
@@ -20,7 +20,7 @@ from .coordination import Coordination
 from .engine import _fetch, _first, _rows
 from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
 from .errors import (
-    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
+    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
     SessionNotFound, StaleRevision, TitleConflict,
 )
 from .text import (
@@ -34,6 +34,7 @@ _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
 _LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
 _FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
 _INT64_MAX = 2**63 - 1
+T = TypeVar("T")
 _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_session_id",
                    "title")
 
@@ -569,7 +570,7 @@ class SessionDB(Coordination):
     def export_session(self, session_id: str) -> dict[str, Any] | None:
         """The session and its messages as one JSON-ready dict, or None."""
         check_text("session_id", session_id, optional=False)
-        return self._read(lambda c: _export(c, session_id), snapshot=True)
+        return self._read(lambda c: bulk.export_session(c, session_id), snapshot=True)
 
     def iter_export(self, source: str | None = None) -> Iterator[dict[str, Any]]:
         """Every session (optionally of one source), oldest first, with its messages (as
@@ -601,9 +602,9 @@ class SessionDB(Coordination):
         equal), parents go before children, and the full-text indexing is deferred and
         done in steps before this returns. If it is interrupted, what was committed
         stays; a rerun with ``skip_existing=True`` finishes the job. A dict or list is
-        validated, and checked against the store, before anything is written; a stream
-        session by session, and a conflict met midway says what was imported before it.
-        In a :meth:`transaction` block the input is read first and written as one call.
+        checked as a whole before anything is written; a stream session by session (a
+        conflict met midway says what was imported before it). In a :meth:`transaction`
+        block the input is read first and written as one call.
 
         :param progress: called after each step: task ``"import"`` (``"messages"``),
             then ``"index"``.
@@ -615,21 +616,14 @@ class SessionDB(Coordination):
         """
         check_flag("skip_existing", skip_existing)
         progress = check_progress(progress)
-        rows, items = bulk.source_of(data)
-        if not self._writes.active:
-            with bulk.larger_cache(self._read):
-                return bulk.import_sessions(
-                    rows, items, write=self._execute_write, read=self._read,
-                    budget=self._step_budget(), skip_existing=skip_existing, defer=True,
-                    progress=progress, index=self._index_pending)
-        # In a transaction() block: one write function for all of it, so that a failure
-        # undoes only this call, as for every call in a block; the input is read first,
-        # since the lock is held while that function runs.
-        if rows is None:
-            rows = records.check_import(list(items))
-        return self._execute_write(lambda conn: bulk.import_sessions(
-            rows, None, **bulk.in_block(conn), skip_existing=skip_existing,
-            progress=progress))
+        if self._writes.active:
+            return bulk.import_in_block(data, write=self._execute_write,
+                                        skip_existing=skip_existing, progress=progress)
+        with bulk.larger_cache(self._read):
+            return bulk.import_sessions(
+                data, write=self._bulk_write, read=self._read, budget=self._step_budget(),
+                skip_existing=skip_existing, progress=progress,
+                index=lambda p: self._index_pending(p, self._bulk_write))
 
     def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
                        dry_run: bool = False, progress: ProgressCallback | None = None
@@ -707,10 +701,25 @@ class SessionDB(Coordination):
                 c, "a rebuild was requested"), bounded=False)
         return self._index_pending(progress)
 
-    def _index_pending(self, progress: ProgressCallback | None) -> int:
+    def _index_pending(self, progress: ProgressCallback | None,
+                       write: Callable[[Callable[[apsw.Connection], T]], T] | None = None
+                       ) -> int:
         total = self._read(search_index.pending_messages)
-        return search_index.catch_up(self._execute_write, self._step_budget(), progress,
-                                     total)
+        return search_index.catch_up(write or self._execute_write, self._step_budget(),
+                                     progress, total)
+
+    def _bulk_write(self, fn: Callable[[apsw.Connection], T]) -> T:
+        """A step of bulk work, then a PASSIVE checkpoint (which holds no lock): a step
+        writes as much WAL as hundreds of agent turns, and copied back at once the WAL
+        restarts small, instead of growing until WAL resets hold every writer back
+        (:mod:`sessiondb.checkpoint`); the step's process pays for its own pages."""
+        result = self._execute_write(fn)
+        if self._checkpoints.every and not self._writes.active:
+            try:
+                self.checkpoint()
+            except SessionDBError:
+                pass  # counted in stats(); the frames wait for the next checkpoint
+        return result
 
     def _step_budget(self) -> float:
         return step_budget(self._options["hold_timeout"])
@@ -817,14 +826,4 @@ def _source_filter(source: str | None, exclude: list[str] | None) -> tuple[list[
         where.append(f"s.source NOT IN {_IN_LIST}")
         args.append(json.dumps(exclude))
     return where, args
-
-
-def _export(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
-    rows = _rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
-    if not rows:
-        return None
-    out = records.session(rows[0])
-    out["messages"] = [records.message(r) for r in _rows(
-        conn, "SELECT * FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
-    return out
 

@@ -268,6 +268,24 @@ def test_a_child_whose_parent_never_comes_is_refused_at_the_end(fresh: SessionDB
     check_store(fresh.path)
 
 
+def test_waiting_children_go_in_when_someone_else_creates_the_parent(
+        fresh: SessionDB, monkeypatch) -> None:
+    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 20)
+    data = generated(12, 3)
+    data[3]["parent_session_id"] = data[2]["id"]  # grandchild first, then child
+    data[2], data[3] = data[3], data[2]
+    data[3]["parent_session_id"] = "created-meanwhile"
+
+    def sessions() -> Iterator[dict[str, Any]]:
+        yield from data
+        with SessionDB(fresh.path) as other:  # before the stream ends
+            other.create_session("created-meanwhile", "cli")
+
+    assert fresh.import_sessions(sessions()) == 12
+    assert fresh.get_session(data[2]["id"])["parent_session_id"] == data[3]["id"]
+    check_store(fresh.path)
+
+
 def test_too_many_children_waiting_is_refused(fresh: SessionDB, monkeypatch) -> None:
     monkeypatch.setattr(bulk, "BATCH_MESSAGES", 20)
     monkeypatch.setattr(bulk, "WAITING_SESSIONS", 5)
@@ -300,7 +318,33 @@ def test_bad_input_in_a_stream(fresh: SessionDB, monkeypatch) -> None:
     check_store(fresh.path)
 
 
+def test_a_list_is_checked_as_a_whole_before_anything_is_written(db_path: Path) -> None:
+    """A conflict at the end of a list that takes many steps: nothing is written, and
+    SQLite's own refusal is what is raised (as when the import was one transaction)."""
+    with SessionDB(db_path, hold_timeout=0.05) as db:
+        db.create_session("taken-title", "cli", title="taken")
+        for bad in ({"parent_session_id": "nowhere"}, {"title": "taken"},
+                    {"title": "bulk title 3"}):
+            data = generated(300, 20)
+            data[-1].update(bad)
+            with pytest.raises(IntegrityViolation) as info:
+                db.import_sessions(data)
+            assert isinstance(info.value.__cause__, apsw.ConstraintError)
+            assert db.session_count() == 1 and db.message_count() == 0
+        assert db.import_sessions(generated(300, 20)[:-1]) == 299
+    check_store(db_path)
+
+
 def test_taken_message_ids_keep_each_session_in_order(fresh: SessionDB) -> None:
+    # Previously the taken id moved past the store's last and the free one stayed.
+    fresh.import_sessions({"id": "mine", "source": "cli", "started_at": 1.0, "messages": [
+        {"id": i, "role": "user", "content": "x", "timestamp": 1.0} for i in (1, 100)]})
+    fresh.import_sessions({"id": "s0", "source": "cli", "started_at": 2.0, "messages": [
+        {"id": i, "role": "user", "content": f"n{i}", "timestamp": 2.0} for i in (1, 2)]})
+    assert [(m["id"], m["content"]) for m in fresh.get_messages("s0")] == \
+        [(101, "n1"), (102, "n2")]
+    fresh.delete_session("s0")
+    fresh.delete_session("mine")
     fresh.import_sessions({"id": "mine", "source": "cli", "started_at": 1.0,
                            "messages": [{"id": 2, "role": "user", "content": "x",
                                          "timestamp": 1.0}]})
@@ -309,7 +353,8 @@ def test_taken_message_ids_keep_each_session_in_order(fresh: SessionDB) -> None:
     fresh.import_sessions(iter([data]))
     got = fresh.get_messages("s")
     assert [m["content"] for m in got] == ["m1", "m2", "m3"]
-    assert [m["id"] for m in got] == [1, 3, 4]  # 1 kept; 2 taken: it and the rest move
+    # 1 kept; 2 taken: it and the rest move past the highest id ever given (102)
+    assert [m["id"] for m in got] == [1, 103, 104]
     assert [h["session_id"] for h in fresh.search_messages("m3")] == ["s"]
     check_store(fresh.path)
 

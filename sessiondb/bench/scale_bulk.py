@@ -11,7 +11,8 @@ into a fresh store while another process keeps appending, and the round trip com
   ``"import"``) and the index catch-up (``"index"``), plus end to end;
 - ``writer``: a process appending to its own session every 5-10 ms during the import
   (including the index catch-up): the duration of each call (its wait for the lock
-  included), and whether every acknowledged append is in the store afterwards;
+  included; ``lock_wait_*`` is that wait alone, the rest is its own commit and the WAL
+  resets it ran), and whether every acknowledged append is in the store afterwards;
 - ``round_trip``: both stores read with ``iter_export`` side by side (streamed), each
   session compared. A message whose exported id the writer took meanwhile gets another
   id (ids are kept where free), so sessions are counted equal, equal but for message
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import random
 import time
 import traceback
@@ -136,10 +138,29 @@ def writer_child(db_path: str, seed: int, ready: Any, stop: Any, results: Any) -
                     out["waits"].append(time.perf_counter() - t0)
                     out["acked"].append(mid)
                 stop.wait(rng.uniform(0.005, 0.010))
+            figures = db.stats()
+            out["lock_wait_max_s"] = figures["lock_wait_max_s"]
+            out["lock_wait_p99_s"] = figures["lock_wait_p99_s"]
+            out["resets"] = figures["checkpoint"]["resets_ok"]
     except BaseException:
         out["crashed"] = traceback.format_exc()
         ready.set()
     results.put(("writer", out))
+
+
+def _collect(results: Any, procs: list[Any], kinds: set[str]) -> dict[str, Any]:
+    """The figures of ``kinds`` from the queue; a child that died without reporting
+    (killed, or crashed before its handler) becomes a figure too, not a hang."""
+    got: dict[str, Any] = {}
+    while not kinds <= set(got):
+        try:
+            kind, figures = results.get(timeout=1.0)
+            got[kind] = figures
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                for kind in kinds - set(got):
+                    got[kind] = {"crashed": "the process ended without reporting"}
+    return got
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -203,11 +224,12 @@ def measure_bulk(db_path: str | os.PathLike[str], workdir: str | os.PathLike[str
         (work / name).unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    doc: dict[str, Any] = {"db": str(db_path), "writer": None}
+    doc: dict[str, Any] = {"db": str(db_path), "writer": None,
+                           "load_before": os.getloadavg()}
 
     child = ctx.Process(target=export_child, args=(str(db_path), str(export_file), results))
     child.start()
-    doc["export"] = results.get()[1]
+    doc["export"] = _collect(results, [child], {"export"})["export"]
     child.join()
     e = doc["export"]
     if not e["crashed"]:
@@ -223,15 +245,11 @@ def measure_bulk(db_path: str | os.PathLike[str], workdir: str | os.PathLike[str
         ready.wait(60)
     child = ctx.Process(target=import_child, args=(str(imported), str(export_file), results))
     child.start()
-    got: dict[str, Any] = {}
-    while "import" not in got:
-        kind, figures = results.get()
-        got[kind] = figures
+    procs = [child] + ([appender] if appender is not None else [])
+    got = _collect(results, procs, {"import"})
     stop.set()
     if appender is not None:
-        while "writer" not in got:
-            kind, figures = results.get()
-            got[kind] = figures
+        got.update(_collect(results, procs, {"writer"} - set(got)))
         appender.join()
     child.join()
     i = doc["import"] = got["import"]
@@ -250,6 +268,11 @@ def measure_bulk(db_path: str | os.PathLike[str], workdir: str | os.PathLike[str
             len(w["errors"]), "crashed": w["crashed"],
             "wait_p50_s": _percentile(w["waits"], 50), "wait_p99_s": _percentile(w["waits"], 99),
             "wait_max_s": max(w["waits"], default=0.0),
+            # Of which waiting for the write lock (the rest: its own commit and the WAL
+            # resets it ran, see sessiondb.checkpoint):
+            "lock_wait_p99_s": w.get("lock_wait_p99_s"), "lock_wait_max_s":
+            w.get("lock_wait_max_s"), "wal_resets_run": w.get("resets"),
             "lost": len(set(w["acked"]) - present), "counter_exact": counter == len(present)}
+    doc["load_after"] = os.getloadavg()  # the machine's own noise: other work on it
     doc["round_trip"] = compare(str(db_path), str(imported))
     return doc

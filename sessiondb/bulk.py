@@ -212,9 +212,10 @@ class ImportRun:
             # A released child was not looked up with the step's sessions.
             if sid in known or (sid not in ids and _present(conn, [sid])):
                 if not self.skip_existing:
-                    raise IntegrityViolation(
-                        f"session {sid!r} already exists; {self._done_before()} (pass "
-                        "skip_existing=True to import only the new ones)")
+                    done = self._done_before() if self.imported else (
+                        "nothing was imported (pass skip_existing=True to import only the "
+                        "new ones)")
+                    raise IntegrityViolation(f"session {sid!r} already exists; {done}")
                 out.skipped += 1
             else:
                 parent = row.get("parent_session_id")
@@ -238,7 +239,7 @@ class ImportRun:
     def _done_before(self) -> str:
         if not self.imported:
             return "nothing was imported"
-        return (f"the {self.imported:,} session(s) before it were imported, each complete "
+        return (f"{self.imported:,} session(s) were imported before it, each complete "
                 "(rerun with skip_existing=True to import the rest)")
 
     def _apply(self, out: _Outcome) -> None:
@@ -427,7 +428,14 @@ def larger_cache(read: Read) -> Iterator[None]:
 def _stream(run: ImportRun, items: Iterator[Any]) -> None:
     batch_ids: set[str] = set()
     for item in items:
-        row = records.import_session(item)
+        try:
+            row = records.import_session(item)
+        except (InvalidArgument, InvalidArgumentType) as exc:
+            if not run.imported:
+                raise
+            # The same error, saying what is in the store already: the sessions of the
+            # batches before this one's (this batch is not written).
+            raise type(exc)(f"{exc}; {run._done_before()}") from exc
         if row["id"] in batch_ids:
             raise InvalidArgument(f"session {row['id']!r} appears twice in the "
                                           f"import; {run._done_before()}")

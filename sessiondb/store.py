@@ -592,19 +592,14 @@ class SessionDB(Coordination):
 
     def import_sessions(self, data: Any, *, skip_existing: bool = False,
                         progress: ProgressCallback | None = None) -> int:
-        """Import what :meth:`export_session`, :meth:`export_all` or :meth:`iter_export`
-        produced: a session dict, a list of them, or any iterable of them (a generator
-        over a JSON Lines file), consumed in batches (memory stays bounded).
-
-        It runs as a series of short write transactions (:mod:`sessiondb.bulk`) while
-        other processes keep writing, each committing whole sessions with all their
-        messages; message ids are kept where free (a round trip into a fresh store is
-        equal), parents go before children, and the full-text indexing is deferred and
-        done in steps before this returns. If it is interrupted, what was committed
-        stays; a rerun with ``skip_existing=True`` finishes the job. A dict or list is
-        checked as a whole before anything is written; a stream session by session (a
-        conflict met midway says what was imported before it). In a :meth:`transaction`
-        block the input is read first and written as one call.
+        """Import what the exports produced: a session dict, a list of them, or any
+        iterable of them (a generator over a JSON Lines file), consumed in batches, in
+        short write transactions while other processes keep writing, each committing
+        whole sessions; then the deferred indexing, in steps (:mod:`sessiondb.bulk`:
+        message ids, parents, conflicts midway). If interrupted, what was committed stays
+        and a rerun with ``skip_existing=True`` finishes the job. A dict or list is
+        checked as a whole before anything is written. In a :meth:`transaction` block
+        the input is read first and written as one call.
 
         :param progress: called after each step: task ``"import"`` (``"messages"``),
             then ``"index"``.
@@ -709,10 +704,9 @@ class SessionDB(Coordination):
                                      progress, total)
 
     def _bulk_write(self, fn: Callable[[apsw.Connection], T]) -> T:
-        """A step of bulk work, then a PASSIVE checkpoint (which holds no lock): a step
-        writes as much WAL as hundreds of agent turns, and copied back at once the WAL
-        restarts small, instead of growing until WAL resets hold every writer back
-        (:mod:`sessiondb.checkpoint`); the step's process pays for its own pages."""
+        """A step of bulk work, then a PASSIVE checkpoint (no lock held): a step writes
+        the WAL of hundreds of turns, which is copied back at once by the process that
+        wrote it, rather than left to grow until resets hold every writer back."""
         result = self._execute_write(fn)
         if self._checkpoints.every and not self._writes.active:
             try:

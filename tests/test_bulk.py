@@ -304,9 +304,11 @@ def test_bad_input_in_a_stream(fresh: SessionDB, monkeypatch) -> None:
             fresh.import_sessions(data)
     data = generated(20, 5)
     data[12]["messages"][3]["timestamp"] = float("nan")
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgument) as info:
         fresh.import_sessions(iter(data))
     assert 0 < fresh.session_count() < 12  # the batch with the bad session: not written
+    assert "timestamp" in str(info.value)
+    assert f"{fresh.session_count()} session(s) were imported before it" in str(info.value)
     assert fresh.get_session(data[12]["id"]) is None
 
     def broken() -> Iterator[dict[str, Any]]:

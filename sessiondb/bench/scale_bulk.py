@@ -259,7 +259,7 @@ def measure_bulk(db_path: str | os.PathLike[str], workdir: str | os.PathLike[str
         i["index_per_s"] = i["indexed"] / i["index_seconds"] if i["index_seconds"] else None
         i["end_to_end_per_s"] = i["messages"] / i["seconds"] if i["seconds"] else None
     if appender is not None:
-        w = got["writer"]
+        w = {"waits": [], "acked": [], "errors": [], **got["writer"]}
         with SessionDB(imported) as db:
             present = {m["id"] for m in db.get_messages(WRITER_SESSION, limit=None)}
             counter = db.get_session(WRITER_SESSION)["message_count"]

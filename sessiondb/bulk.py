@@ -179,7 +179,7 @@ class ImportRun:
                 break
         out.taken = len(take)
         work = self._place(conn, take, out)
-        _check_titles(conn, work, self._done_before())
+        _check_titles(conn, work, self.done_before())
         messages = [m for row in work for m in row["messages"]]
         if messages:
             messages = _assign_ids(conn, messages)
@@ -212,7 +212,7 @@ class ImportRun:
             # A released child was not looked up with the step's sessions.
             if sid in known or (sid not in ids and _present(conn, [sid])):
                 if not self.skip_existing:
-                    done = self._done_before() if self.imported else (
+                    done = self.done_before() if self.imported else (
                         "nothing was imported (pass skip_existing=True to import only the "
                         "new ones)")
                     raise IntegrityViolation(f"session {sid!r} already exists; {done}")
@@ -225,7 +225,7 @@ class ImportRun:
                         continue
                     raise IntegrityViolation(
                         f"session {sid!r} names parent {parent!r}, which is neither in the "
-                        f"store nor in the import; {self._done_before()}")
+                        f"store nor in the import; {self.done_before()}")
                 work.append(row)
             known.add(sid)
             # A session now in the store (imported or there already) lets its waiting
@@ -236,7 +236,8 @@ class ImportRun:
                 todo.extendleft(reversed(children))
         return work
 
-    def _done_before(self) -> str:
+    def done_before(self) -> str:
+        """What an error met now leaves in the store, for its message."""
         if not self.imported:
             return "nothing was imported"
         return (f"{self.imported:,} session(s) were imported before it, each complete "
@@ -270,7 +271,7 @@ class ImportRun:
             raise IntegrityViolation(
                 f"{self.waiting_sessions:,} imported sessions ({self.waiting_messages:,} "
                 "messages) wait for a parent session that has not come yet; "
-                f"{self._done_before()}. Put parents before their children (as export "
+                f"{self.done_before()}. Put parents before their children (as export "
                 "does)")
 
 
@@ -364,12 +365,17 @@ def import_in_block(data: Any, *, write: Write, skip_existing: bool,
         rows = records.check_import(list(stream or ()))
 
     def whole(conn: apsw.Connection) -> int:
+        # No progress reports from inside: a callback that used the store there would
+        # wait for the lock its own call holds.
         return _import(rows, None, write=lambda fn: fn(conn),
                        read=lambda fn, snapshot=False: fn(conn), budget=float("inf"),
-                       defer=False, skip_existing=skip_existing, progress=progress,
+                       defer=False, skip_existing=skip_existing, progress=None,
                        index=lambda _: 0)
 
-    return write(whole)
+    imported = write(whole)
+    messages = sum(len(r["messages"]) for r in rows)
+    Tracker("import", "messages", messages, progress).add(messages)
+    return imported
 
 
 def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
@@ -435,10 +441,10 @@ def _stream(run: ImportRun, items: Iterator[Any]) -> None:
                 raise
             # The same error, saying what is in the store already: the sessions of the
             # batches before this one's (this batch is not written).
-            raise type(exc)(f"{exc}; {run._done_before()}") from exc
+            raise type(exc)(f"{exc}; {run.done_before()}") from exc
         if row["id"] in batch_ids:
-            raise InvalidArgument(f"session {row['id']!r} appears twice in the "
-                                          f"import; {run._done_before()}")
+            raise InvalidArgument(f"session {row['id']!r} appears twice in the import; "
+                                  f"{run.done_before()}")
         batch_ids.add(row["id"])
         run.add(row)
         if run.queued >= BATCH_MESSAGES:

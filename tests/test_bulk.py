@@ -381,11 +381,14 @@ def test_a_fresh_import_keeps_one_pending_range_then_none(fresh: SessionDB) -> N
 def test_import_in_a_transaction_block_is_one_call(fresh: SessionDB) -> None:
     fresh.create_session("taken", "cli")
     data = generated(5, 3) + [{"id": "taken", "source": "x", "started_at": 1.0}]
+    counts: list[int] = []
     with fresh.transaction():
         fresh.append_message("taken", "user", "kept")
         with pytest.raises(IntegrityViolation):
             fresh.import_sessions(iter(data))
-        assert fresh.import_sessions(iter(data[:5])) == 5
+        assert fresh.import_sessions(iter(data[:5]), progress=lambda p: counts.append(
+            fresh.message_count())) == 5  # the callback may use the store
+    assert counts == [16]
     assert fresh.session_count() == 6 and fresh.message_count() == 16
     check_store(fresh.path)
 

@@ -55,7 +55,8 @@ from .errors import (
 )
 from .maintenance import ProgressCallback, Tracker
 
-#: Validated messages (plus one per session) held ahead of the writes.
+#: Rows (messages plus one per session) within which a stream's session ids are checked
+#: against each other (a repeat further apart is "already exists").
 BATCH_MESSAGES = 20_000
 #: Children that may wait for a parent later in a stream, and their messages.
 WAITING_SESSIONS = 2_000
@@ -68,9 +69,16 @@ EXPORT_BATCH_MESSAGES = 5_000
 #: WAL before the commit, some several times (measured: 10-15% fewer rows per second).
 IMPORT_CACHE_KIB = 16_384
 
-_FIRST_STEP = 1_000     # rows in the first step; later ones adapt to the time budget
-_MAX_STEP = 50_000
+#: The most rows (sessions plus messages) one step takes, however fast they go in.
+MAX_STEP_ROWS = 50_000
+_FIRST_STEP_ROWS = 1_000       # the first step; later ones adapt to the time budget
+_FIRST_STEP_BYTES = 1_000_000  # of message text (bytes counted as characters)
 _STEP_SHARE = 0.5       # of the budget a step aims at, so that a slow one still fits
+# After a step, the lock is left free for a fifth of the step's length, as run_steps
+# does (sessiondb.maintenance): writers that bypass the gate poll for the lock with
+# sleeps, and a step taken again the moment the last one ended would starve them. A
+# stream's next sessions are read and validated meanwhile, so this costs it nothing.
+_PAUSE_SHARE = 0.2
 _INT64_MAX = 2**63 - 1
 _IN_LIST = "(SELECT value FROM json_each(?))"
 _MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
@@ -108,6 +116,7 @@ class _Outcome:
     imported: int = 0
     skipped: int = 0
     messages: int = 0
+    size: int = 0                    # characters of message text written
     deferred: bool = False
     released: list[str] = field(default_factory=list)    # parents whose children went in
     waiting: list[dict[str, Any]] = field(default_factory=list)   # children to hold back
@@ -120,43 +129,62 @@ class ImportRun:
 
     :param write: runs a write function in one transaction (``_execute_write``).
     :param budget: seconds one step may hold the write lock.
+    :param between: called after each step, outside the transaction (the engine's
+        checkpoint between steps), or None.
     :param defer: defer full-text indexing of the imported messages.
     :param stream: hold back children whose parent is missing (a stream); else refuse
         them at once (a list: the parent is not coming).
     """
 
     def __init__(self, write: Write, budget: float, *, skip_existing: bool, defer: bool,
-                 stream: bool, tracker: Tracker) -> None:
-        self.write, self.budget = write, budget
+                 stream: bool, tracker: Tracker,
+                 between: Optional[Callable[[], None]] = None) -> None:
+        self.write, self.budget, self.between = write, budget, between
         self.skip_existing, self.defer, self.stream = skip_existing, defer, stream
         self.tracker = tracker
-        self.queue: deque[dict[str, Any]] = deque()
+        # (session row, its rows: itself and its messages, characters of its text)
+        self.queue: deque[tuple[dict[str, Any], int, int]] = deque()
         self.queued = 0                  # rows (sessions + messages) in the queue
         self.waiting: dict[str, list[dict[str, Any]]] = {}
         self.waiting_sessions = self.waiting_messages = 0
         self.imported = self.skipped = 0
         self.deferred = False
-        self.step_rows = _FIRST_STEP if budget != float("inf") else _INT64_MAX
+        bounded = budget != float("inf")
+        self.step_rows = min(_FIRST_STEP_ROWS, MAX_STEP_ROWS) if bounded else _INT64_MAX
+        self.step_size = _FIRST_STEP_BYTES if bounded else _INT64_MAX
+        self._free_until = 0.0           # the end of the pause after the last step
 
     def add(self, row: dict[str, Any]) -> None:
-        self.queue.append(row)
-        self.queued += 1 + len(row["messages"])
+        rows = 1 + len(row["messages"])
+        self.queue.append((row, rows, _text_size(row)))
+        self.queued += rows
 
     def drain(self) -> None:
         """Write every queued session, a step (one transaction) at a time."""
         while self.queue:
-            started = time.monotonic()
-            try:
-                out: _Outcome = self.write(self._step)
-                out.seconds = time.monotonic() - started
-            except HoldTimeout:
-                # Rolled back, nothing written: retry with a smaller step, unless the
-                # step was a single session already (it cannot be split).
-                if self.step_rows <= 1 + len(self.queue[0]["messages"]):
-                    raise
-                self.step_rows = max(1, self.step_rows // 4)
-                continue
-            self._apply(out)
+            self.step()
+
+    def step(self) -> None:
+        """Write the sessions at the front of the queue that fit one step."""
+        pause = self._free_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        started = time.monotonic()
+        try:
+            out: _Outcome = self.write(self._step)
+        except HoldTimeout:
+            # Rolled back, nothing written: the next try is smaller, unless this one
+            # was a single session already (it cannot be split).
+            if self.step_rows <= self.queue[0][1]:
+                raise
+            self.step_rows = max(1, self.step_rows // 4)
+            self.step_size = max(1, self.step_size // 4)
+            return
+        out.seconds = time.monotonic() - started
+        self._free_until = time.monotonic() + _PAUSE_SHARE * out.seconds
+        if self.between is not None:
+            self.between()
+        self._apply(out)
 
     def finish(self) -> None:
         """After the input ended: the children still waiting get their last chance
@@ -171,11 +199,12 @@ class ImportRun:
     # -- a step ------------------------------------------------------------------------
     def _step(self, conn: apsw.Connection) -> _Outcome:
         out = _Outcome()
-        take, rows = [], 0
-        for row in self.queue:
+        take, rows, size = [], 0, 0
+        for row, row_rows, row_size in self.queue:
             take.append(row)
-            rows += 1 + len(row["messages"])
-            if rows >= self.step_rows:
+            rows += row_rows
+            size += row_size
+            if rows >= self.step_rows or size >= self.step_size:
                 break
         out.taken = len(take)
         work = self._place(conn, take, out)
@@ -192,7 +221,7 @@ class ImportRun:
                          f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
         if messages:
             conn.executemany(_MESSAGE_INSERT, messages)
-        out.imported, out.messages = len(work), len(messages)
+        out.imported, out.messages, out.size = len(work), len(messages), size
         return out
 
     def _place(self, conn: apsw.Connection, take: list[dict[str, Any]], out: _Outcome
@@ -245,8 +274,7 @@ class ImportRun:
 
     def _apply(self, out: _Outcome) -> None:
         for _ in range(out.taken):
-            row = self.queue.popleft()
-            self.queued -= 1 + len(row["messages"])
+            self.queued -= self.queue.popleft()[1]
         for sid in out.released:
             for row in self.waiting.pop(sid):
                 self.waiting_sessions -= 1
@@ -255,11 +283,13 @@ class ImportRun:
         self.skipped += out.skipped
         self.deferred = self.deferred or out.deferred
         if out.seconds > 0 and self.budget != float("inf"):
-            # Aim the next step at a share of the budget, at the rate this one ran
-            # (commit and wait included: an overestimate of the time it held the lock).
+            # Aim the next step at a share of the budget, at the rates this one ran
+            # (commit and wait included: an overestimate of the time it held the lock),
+            # in rows and in text: inserting a message costs time by its bytes too.
             rows = out.messages + out.imported + out.skipped
-            rate = max(rows, 1) / out.seconds
-            self.step_rows = int(min(_MAX_STEP, max(1, rate * self.budget * _STEP_SHARE)))
+            aim = self.budget * _STEP_SHARE / out.seconds
+            self.step_rows = int(min(MAX_STEP_ROWS, max(1, rows * aim)))
+            self.step_size = int(max(1, out.size * aim)) if out.size else _INT64_MAX
         self.tracker.add(out.messages)
         for row in out.waiting:
             parent = row["parent_session_id"]
@@ -273,6 +303,13 @@ class ImportRun:
                 "messages) wait for a parent session that has not come yet; "
                 f"{self.done_before()}. Put parents before their children (as export "
                 "does)")
+
+
+def _text_size(row: dict[str, Any]) -> int:
+    """Characters of text a session's messages carry (content, reasoning, the JSON
+    columns): what makes a message expensive to write besides its count."""
+    return sum(len(m[3] or "") + len(m[5] or "") + len(m[10] or "") + len(m[11] or "")
+               + len(m[12] or "") + len(m[13] or "") for m in row["messages"])
 
 
 def _present(conn: apsw.Connection, ids: list[str]) -> set[str]:
@@ -337,20 +374,22 @@ def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
 # -- the whole import -----------------------------------------------------------------
 
 def import_sessions(data: Any, *, write: Write, read: Read, budget: float,
-                    skip_existing: bool, progress: Optional[ProgressCallback],
+                    between: Optional[Callable[[], None]], skip_existing: bool,
+                    progress: Optional[ProgressCallback],
                     index: Callable[[Optional[ProgressCallback]], int]) -> int:
     """Import ``data`` (see :func:`source_of` and the module docstring) in steps of
     ``budget`` seconds, deferring the indexing; returns the sessions imported.
 
     :param write: ``_execute_write``.
     :param read: ``_read``.
+    :param between: called after each step (``_between_steps``).
     :param index: indexes every pending message in steps (``_index_pending``).
     :raises IntegrityViolation: a session exists already (unless ``skip_existing``), a
         parent is missing, a title is taken; the message says what was imported before.
     """
     rows, stream = source_of(data)
-    return _import(rows, stream, write=write, read=read, budget=budget, defer=True,
-                   skip_existing=skip_existing, progress=progress, index=index)
+    return _import(rows, stream, write=write, read=read, budget=budget, between=between,
+                   defer=True, skip_existing=skip_existing, progress=progress, index=index)
 
 
 def import_in_block(data: Any, *, write: Write, skip_existing: bool,
@@ -369,8 +408,8 @@ def import_in_block(data: Any, *, write: Write, skip_existing: bool,
         # wait for the lock its own call holds.
         return _import(rows, None, write=lambda fn: fn(conn),
                        read=lambda fn, snapshot=False: fn(conn), budget=float("inf"),
-                       defer=False, skip_existing=skip_existing, progress=None,
-                       index=lambda _: 0)
+                       between=None, defer=False, skip_existing=skip_existing,
+                       progress=None, index=lambda _: 0)
 
     imported = write(whole)
     messages = sum(len(r["messages"]) for r in rows)
@@ -379,14 +418,14 @@ def import_in_block(data: Any, *, write: Write, skip_existing: bool,
 
 
 def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
-            write: Write, read: Read, budget: float, defer: bool, skip_existing: bool,
-            progress: Optional[ProgressCallback],
+            write: Write, read: Read, budget: float, between: Optional[Callable[[], None]],
+            defer: bool, skip_existing: bool, progress: Optional[ProgressCallback],
             index: Callable[[Optional[ProgressCallback]], int]) -> int:
     tracker = Tracker("import", "messages",
                       None if rows is None else sum(len(r["messages"]) for r in rows),
                       progress)
     run = ImportRun(write, budget, skip_existing=skip_existing, defer=defer,
-                    stream=rows is None, tracker=tracker)
+                    stream=rows is None, tracker=tracker, between=between)
     try:
         if rows is not None:
             for row in _check_list(rows, write=write, read=read, skip_existing=skip_existing):
@@ -432,35 +471,43 @@ def larger_cache(read: Read) -> Iterator[None]:
 
 
 def _stream(run: ImportRun, items: Iterator[Any]) -> None:
-    batch_ids: set[str] = set()
-    for item in items:
-        try:
-            row = records.import_session(item)
-        except (InvalidArgument, InvalidArgumentType) as exc:
-            if not run.imported:
-                raise
-            # The same error, saying what is in the store already: the sessions of the
-            # batches before this one's (this batch is not written).
-            raise type(exc)(f"{exc}; {run.done_before()}") from exc
-        if row["id"] in batch_ids:
-            raise InvalidArgument(f"session {row['id']!r} appears twice in the import; "
-                                  f"{run.done_before()}")
-        batch_ids.add(row["id"])
-        run.add(row)
-        if run.queued >= BATCH_MESSAGES:
-            _drain_in_order(run)
-            batch_ids.clear()
-    _drain_in_order(run)
+    """Consume ``items``: read and validate one step's worth of sessions (while the
+    lock is free), write one step, and so on; so what is held ahead of the writes is
+    about a step, and a bad session is refused before the step that would write it."""
+    recent: set[str] = set()  # a session twice within BATCH_MESSAGES rows is refused
+    pulled = 0
+    ended = False
+    while True:
+        while not ended and (run.queued < run.step_rows or not run.queue):
+            try:
+                item = next(items)
+            except StopIteration:
+                ended = True
+                break
+            row = _validated(run, item)
+            if row["id"] in recent:
+                raise InvalidArgument(f"session {row['id']!r} appears twice in the import; "
+                                      f"{run.done_before()}")
+            recent.add(row["id"])
+            pulled += 1 + len(row["messages"])
+            if pulled >= BATCH_MESSAGES:
+                recent, pulled = {row["id"]}, 0
+            run.add(row)
+        if not run.queue:
+            break
+        run.step()
     run.finish()
 
 
-def _drain_in_order(run: ImportRun) -> None:
-    ordered = records.parents_first(list(run.queue))
-    run.queue.clear()
-    run.queued = 0
-    for row in ordered:
-        run.add(row)
-    run.drain()
+def _validated(run: ImportRun, item: Any) -> dict[str, Any]:
+    try:
+        return records.import_session(item)
+    except (InvalidArgument, InvalidArgumentType) as exc:
+        if not run.imported:
+            raise
+        # The same error, saying what is in the store already (the sessions validated
+        # before it and not written yet are not).
+        raise type(exc)(f"{exc}; {run.done_before()}") from exc
 
 
 def _anything_pending(conn: apsw.Connection) -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
+import filelock
 
 from .checkpoint import CheckpointPolicy
 from .connection import (
@@ -40,17 +41,21 @@ from .connection import (
 )
 from . import search_index
 from .errors import (
-    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseOpenError, SessionDBError,
-    StorageError, WalDeletedError, translate,
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
+    DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
-from .maintenance import ProgressCallback, check_progress, step_budget
-from .schema import CONVERSION, SCHEMA_VERSION, build_schema, ensure_schema
+from .maintenance import (
+    ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
+)
+from .schema import SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
+_STEP_CHECKPOINT_AT = 1 / 8  # of wal_limit: see Engine._between_steps
+INDEX_LOCK = ".sessiondb-index.lock"  # sidecar electing the builder: _finish_conversion
 
 # Connections inherited across fork(): kept referenced forever so that garbage collection
 # never closes them in the child (closing would touch files and locks the parent owns).
@@ -189,12 +194,8 @@ class Engine:
             # built in one statement), so it is exempt from the hold bound.
             ensure_schema(conn, self.path, partial(self._execute_write, bounded=False),
                           o["write_timeout"])
-            if search_index.rebuilding(conn) == CONVERSION:
-                # A converted hermes-agent file is searchable once its messages are
-                # indexed; whoever opens it helps until that is done (steps are shared
-                # safely), so a conversion cut short resumes at the next open.
-                search_index.catch_up(self._execute_write, step_budget(o["hold_timeout"]),
-                                      o["progress"])
+            if search_index.finish_on_open(conn):
+                self._finish_conversion()
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -202,6 +203,32 @@ class Engine:
             if gate is not None:
                 gate.close()
             raise
+
+    def _finish_conversion(self) -> None:
+        """Index the messages of a converted hermes-agent file (it is searchable once
+        they are) and remove set-aside index tables
+        (:func:`sessiondb.search_index.finish_on_open`) in short steps, unless another
+        process is at it: a lock on a sidecar
+        (``<db>.sessiondb-index.lock``, taken without waiting) elects one builder, and
+        the kernel frees it if that process dies, so a conversion cut short is finished
+        by the next process that opens the store."""
+        lock = filelock.FileLock(str(self.path.with_name(self.path.name + INDEX_LOCK)),
+                                 timeout=0, mode=0o600)
+        try:
+            lock.acquire()
+        except (filelock.Timeout, OSError):
+            return  # another process is building it (or the sidecar is unusable: the
+            # store works meanwhile, search says the index is being built)
+        try:
+            search_index.catch_up(self._run_steps, self._options["progress"])
+        except (DatabaseBusyError, HoldTimeout):
+            # Contention (a writer holding the lock past write_timeout, a paused
+            # machine): the store works without this work, and search says the index is
+            # being built, so the open succeeds and the next one carries on. Raising
+            # would refuse a usable store, as no open of a finished one does.
+            pass
+        finally:
+            lock.release()
 
     def _new_connection(self, new_file: Path | None = None) -> apsw.Connection:
         """A configured connection to the store, or to ``new_file`` (created) while
@@ -477,6 +504,27 @@ class Engine:
             finally:
                 if in_room:
                     self._gate.leave_room()
+
+    def _run_steps(self, step: Step, tracker: Tracker | None = None) -> int:
+        """Run long work as short write transactions (:func:`sessiondb.maintenance.run_steps`)
+        with this instance's step budget and a checkpoint between steps."""
+        return run_steps(self._execute_write, step, step_budget(self._options["hold_timeout"]),
+                         tracker, self._between_steps)
+
+    def _between_steps(self) -> None:
+        """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into
+        the database (PASSIVE: blocks nobody) once it holds an eighth of ``wal_limit``.
+        Maintenance writes megabytes per step; copied as it goes, the WAL restarts from
+        its beginning instead of reaching the reset threshold, whose TRUNCATE would make
+        every writer wait for it again and again."""
+        with self._connection() as conn:
+            if self._writes.active or not conn.get_autocommit():
+                return
+            if self._checkpoints.over(_STEP_CHECKPOINT_AT):
+                try:
+                    self._checkpoints.passive(conn, escalate=True)
+                except SessionDBError:
+                    pass  # counted; the step has committed (see sessiondb.checkpoint)
 
     # -- operations -------------------------------------------------------------------
     def checkpoint(self, reset: bool = False) -> dict[str, int]:

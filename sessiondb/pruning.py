@@ -2,25 +2,34 @@
 (:mod:`sessiondb.maintenance`).
 
 A session goes with all its messages in one step, so no step leaves a session half
-deleted -- unless it has more than :data:`BIG_SESSION` messages: then its messages go
-oldest first, a chunk per step, with ``message_count`` and ``tool_call_count`` lowered
-exactly in the same transaction, and the session row with its last chunk. A parent is
+deleted -- unless it has more than :data:`BIG_SESSION` messages or
+:data:`BIG_SESSION_BYTES` of content: then its messages go oldest first, a chunk per
+step (as many as the step's time allows, by their bytes), with ``message_count`` and
+``tool_call_count`` lowered exactly in the same transaction, and the session row with
+its last chunk. A parent is
 pruned only once no remaining session names it (its children went in earlier steps).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import apsw
 
-from .maintenance import Step
+from .maintenance import Step, byte_budget, fit_bytes
 
-#: Sessions with more messages than this are deleted in chunks (see the module docstring).
+#: Sessions with more messages than this, or more bytes of content than
+#: :data:`BIG_SESSION_BYTES`, are deleted in chunks (see the module docstring).
 BIG_SESSION = 2000
-_CHUNK = 500
+#: Deleting a message from the full-text index tokenizes it again (about 20 MB/s): a
+#: session this large goes whole in about 0.2 s.
+BIG_SESSION_BYTES = 4_000_000
+_CHUNK = 500  # messages at most per chunk; fewer when they are large (maintenance.fit_bytes)
+_IDS = "(SELECT value FROM json_each(?))"
 _PICK = 200  # candidates read per query
+_VACUUM_PAGES = 16
 
 # What a prunable session is: ended, started before the cutoff, of the source if given,
 # and no other session names it as its parent.
@@ -73,23 +82,30 @@ def prune_step(cutoff: float, source: str | None, deleted: list[int]) -> Step:
             if not ids:
                 return rows
             for sid in ids:
-                rows += _delete_some(conn, sid, deleted)
+                rows += _delete_some(conn, sid, deleted, deadline)
                 if time.monotonic() >= deadline:
                     return rows
 
     return step
 
 
-def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int]) -> int:
+def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int],
+                 deadline: float) -> int:
     """Delete the session with its messages, or, for a big one, its oldest chunk of
     messages with the counters lowered to match; returns the rows deleted."""
-    n = conn.execute("SELECT count(*) FROM messages WHERE session_id = ?", (sid,)).fetchone()[0]
-    if n > BIG_SESSION:
-        oldest = "SELECT id FROM messages WHERE session_id = ? ORDER BY id LIMIT ?"
+    # octet_length at the top level of a query is answered without loading the value.
+    sizes = [r[0] or 0 for r in conn.execute(
+        "SELECT octet_length(content) FROM messages WHERE session_id = ? LIMIT ?",
+        (sid, BIG_SESSION + 1))]
+    if len(sizes) > BIG_SESSION or sum(sizes) > BIG_SESSION_BYTES:
+        ids = fit_bytes(conn.execute(
+            "SELECT id, octet_length(content) FROM messages WHERE session_id = ? "
+            "ORDER BY id LIMIT ?", (sid, _CHUNK)).fetchall(), byte_budget(deadline))
+        chunk = (json.dumps(ids),)
         gone, calls = conn.execute(
             f"SELECT count(*), coalesce(sum({_CALLS}), 0) FROM messages WHERE id IN "
-            f"({oldest})", (sid, _CHUNK)).fetchone()
-        conn.execute(f"DELETE FROM messages WHERE id IN ({oldest})", (sid, _CHUNK))
+            f"{_IDS}", chunk).fetchone()
+        conn.execute(f"DELETE FROM messages WHERE id IN {_IDS}", chunk)
         conn.execute("UPDATE sessions SET message_count = max(0, message_count - ?), "
                      "tool_call_count = max(0, tool_call_count - ?) WHERE id = ?",
                      (gone, calls, sid))
@@ -97,7 +113,7 @@ def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int]) -> int:
     conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
     conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
     deleted[0] += 1
-    return n + 1
+    return len(sizes) + 1
 
 
 def reclaim_step(conn: apsw.Connection, deadline: float) -> int:
@@ -110,8 +126,10 @@ def reclaim_step(conn: apsw.Connection, deadline: float) -> int:
         before = int(conn.pragma("freelist_count"))
         if not before:
             return freed
-        # Each result row of the pragma is one page moved: run it to completion.
-        conn.execute("PRAGMA incremental_vacuum(256)").fetchall()
+        # Each result row of the pragma is one page moved: run it to completion. Few
+        # pages per statement: with a long freelist one move can take milliseconds
+        # (SQLite searches the freelist for a slot), and a statement cannot stop early.
+        conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})").fetchall()
         moved = before - int(conn.pragma("freelist_count"))
         if moved <= 0:  # auto_vacuum is off: only a full VACUUM could shrink the file
             return freed

@@ -25,9 +25,10 @@ from typing import Callable
 import apsw
 
 from .errors import SearchIndexError
-from .maintenance import ProgressCallback, Tracker, run_steps
+from .maintenance import ProgressCallback, Step, Tracker, byte_budget, fit_bytes
 from .schema import (
-    DROP_FTS_TRIGGERS, FTS_TABLE, FTS_TRIGGERS, REBUILDING, junk_tables, set_aside_index,
+    CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
+    set_aside_index,
 )
 
 _KEY = "fts_damaged"
@@ -64,10 +65,10 @@ def raise_if_damaged(conn: apsw.Connection, path: object) -> None:
             f"still being written: run `sessiondb doctor --repair --db {path}` to rebuild it")
     why = rebuilding(conn)
     if why is not None:
-        left = pending_messages(conn)
+        left = pending_ids(conn)
         raise SearchIndexError(
-            f"the full-text index of {path} is being rebuilt ({why}; {left:,} messages "
-            "still to index); search answers again when it is done. If no process is "
+            f"the full-text index of {path} is being rebuilt ({why}; up to {left:,} "
+            "messages still to index); search answers again when it is done. If no process is "
             f"rebuilding it, run `sessiondb doctor --repair --db {path}` to finish it")
 
 
@@ -100,15 +101,22 @@ def search_damage_error(exc: BaseException, path: object) -> SearchIndexError:
 # search answering (its messages become searchable as they are indexed).
 
 _CHUNK = 100  # messages indexed per statement: a few ms each, so steps end on time
+_PER_SECOND = 4000  # a cautious indexing rate (20,000/s measured for 1 KB messages)
 
 
-def begin_rebuild(conn: apsw.Connection, reason: str) -> None:
+def begin_rebuild(conn: apsw.Connection, reason: str,
+                  prefixes: tuple[int, ...] | None = None) -> None:
     """Start a full rebuild (a write function): the index table set aside, an empty one
     in its place with every message pending, the damage mark replaced by the
-    ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`."""
+    ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`.
+
+    :param prefixes: prefix index lengths of the new table; None keeps the old table's.
+    """
+    if prefixes is None:
+        prefixes = index_prefixes(conn)
     conn.execute(DROP_FTS_TRIGGERS)
     set_aside_index(conn)
-    conn.execute(FTS_TABLE)
+    conn.execute(fts_table(prefixes))
     conn.execute(FTS_TRIGGERS)
     conn.execute("DELETE FROM sessiondb_fts_pending")
     conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "
@@ -189,10 +197,15 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,))
             return done
         lo, hi = row
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM messages WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?",
-            (lo, hi, _CHUNK))]
-        upto = ids[-1] if len(ids) == _CHUNK else hi
+        # A smaller chunk when little time is left (a small hold bound), in messages
+        # and in bytes: FTS5 tokenizes every byte, so a count alone let a chunk of large
+        # messages (100 of 1 MB) hold the lock for seconds, past any hold bound.
+        chunk = max(10, min(_CHUNK, int((deadline - time.monotonic()) * _PER_SECOND)))
+        rows = conn.execute(
+            "SELECT id, octet_length(content) FROM messages WHERE id >= ? AND id <= ? "
+            "ORDER BY id LIMIT ?", (lo, hi, chunk)).fetchall()
+        ids = fit_bytes(rows, byte_budget(deadline))
+        upto = ids[-1] if len(ids) < len(rows) or len(rows) == chunk else hi
         conn.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content "
                      "FROM messages WHERE id >= ? AND id <= ?", (lo, upto))
         if upto >= hi:
@@ -201,7 +214,9 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             conn.execute("UPDATE sessiondb_fts_pending SET lo = ? WHERE lo = ?",
                          (upto + 1, lo))
         done += len(ids)
-        if time.monotonic() >= deadline:
+        # Not on nothing done: run_steps takes 0 for "finished", and a range whose
+        # messages were all deleted meanwhile indexes none (the next one is cheap).
+        if done and time.monotonic() >= deadline:
             return done
 
 
@@ -239,6 +254,13 @@ def junk_step(conn: apsw.Connection, deadline: float) -> int:
     return done
 
 
+def pending_ids(conn: apsw.Connection) -> int:
+    """How many message ids the pending ranges span: an upper bound of the messages
+    waiting to be indexed, read at once (counting them reads every one)."""
+    return int(conn.execute("SELECT coalesce(sum(hi - lo + 1), 0) "
+                            "FROM sessiondb_fts_pending").fetchone()[0])
+
+
 def pending_messages(conn: apsw.Connection) -> int:
     """How many messages wait to be indexed."""
     return int(conn.execute(
@@ -253,14 +275,25 @@ def rebuilding(conn: apsw.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def catch_up(write: Callable, budget: float, progress: ProgressCallback | None = None,
-             total: int | None = None) -> int:
-    """Index every pending message and remove set-aside index tables, in steps through
-    ``write`` (the instance's ``_execute_write``); returns the messages indexed.
+def finish_on_open(conn: apsw.Connection) -> bool:
+    """True when the store holds work that any process opening it finishes: the index of
+    a converted hermes-agent file, or set-aside index tables that a run cut short (a
+    kill while they were being emptied) left behind. Without the second, nothing would
+    ever remove them: the rebuild's mark is gone with its last index step, so no rerun
+    knows that it was cut short, and the old index keeps its space for good. (A
+    requested rebuild cut short earlier is left to its rerun, which removes them too.)"""
+    why = rebuilding(conn)
+    return why == CONVERSION or (why is None and bool(junk_tables(conn)))
 
+
+def catch_up(run: Callable[[Step, Tracker], int], progress: ProgressCallback | None = None,
+             total: int | None = None) -> int:
+    """Index every pending message, then remove set-aside index tables, in short steps;
+    returns the messages indexed.
+
+    :param run: runs a step function to the end (the engine's ``_run_steps``).
     :param total: the pending count for progress reports, if the caller knows it.
     """
-    tracker = Tracker("index", "messages", total, progress)
-    indexed = run_steps(write, index_step, budget, tracker)
-    run_steps(write, junk_step, budget, Tracker("cleanup", "rows", None, progress))
+    indexed = run(index_step, Tracker("index", "messages", total, progress))
+    run(junk_step, Tracker("cleanup", "rows", None, progress))
     return indexed

@@ -11,21 +11,23 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator, Sequence
 
 import apsw
 
-from . import bulk, pruning, records, search_index
+from . import bulk, listing, pruning, records, search, search_index
 from .coordination import Coordination
+from .schema import index_prefixes
 from .engine import _fetch, _first, _rows
-from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
+from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .errors import (
-    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
+    ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
 )
+from .schema import MESSAGE_TOTAL_SQL
 from .text import (
     MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
-    check_limit, check_list, check_text, lineage_number, plain_snippet,
+    check_limit, check_list, check_text, lineage_number,
     sanitize_fts_query, sanitize_title, split_lineage, to_json,
 )
 
@@ -34,7 +36,6 @@ _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
 _LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
 _FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
 _INT64_MAX = 2**63 - 1
-T = TypeVar("T")
 _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_session_id",
                    "title")
 
@@ -129,11 +130,26 @@ class SessionDB(Coordination):
 
     def list_sessions(self, source: str | None = None, *,
                       exclude_sources: list[str] | None = None, active: bool | None = None,
-                      limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """Sessions, newest first, each with ``preview`` (first user message, 60 chars)
-        and ``last_active`` (latest message time, else start time).
+                      limit: int | None = 20, offset: int = 0,
+                      after: str | None = None) -> list[dict[str, Any]]:
+        """Sessions, newest first (``started_at``, then ``id`` for equal times), each
+        with ``preview`` (its first user message on one line, 60 characters and
+        ``...`` if longer) and ``last_active`` (latest message time, else start time).
+
+        Page with ``offset``, or with ``after`` = the id of the last session of the
+        previous page (keyset paging: as fast for the thousandth page as for the
+        first, and sessions created meanwhile do not shift the pages)::
+
+            page = db.list_sessions(limit=50)
+            while page:
+                ...
+                page = db.list_sessions(limit=50, after=page[-1]["id"])
 
         :param active: True = only sessions not ended; False = only ended ones; None = all.
+        :param after: continue after this session (in this order, whatever the filters);
+            ``offset`` then counts from there.
+        :raises SessionNotFound: ``after`` names a session that does not exist (any
+            more); nothing is returned.
         """
         limit, offset = check_limit(limit, offset)
         where, args = _source_filter(check_text("source", source),
@@ -143,16 +159,24 @@ class SessionDB(Coordination):
                                       f"{type(active).__name__}")
         if active is not None:
             where.append("s.ended_at IS NULL" if active else "s.ended_at IS NOT NULL")
-        sql = (
-            "SELECT s.*, COALESCE((SELECT MAX(m.timestamp) FROM messages m "
-            "WHERE m.session_id = s.id), s.started_at) AS last_active, "
-            "(SELECT m.content FROM messages m WHERE m.session_id = s.id AND m.role = 'user'"
-            " AND m.content IS NOT NULL ORDER BY m.id LIMIT 1) AS preview FROM sessions s"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY s.started_at DESC, s.id LIMIT ? OFFSET ?"
-        )
-        rows = self._read(lambda c: _rows(c, sql, (*args, limit, offset)), snapshot=True)
-        return [records.listed_session(r) for r in rows]
+        if after is not None:
+            check_id("after", after)
+
+        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            conditions, values = list(where), list(args)
+            if after is not None:
+                cond, more = listing.after_condition(conn, after)
+                conditions.append(cond)
+                values += more
+            rowids = listing.page_rowids(conn, conditions, values, listing.ORDER,
+                                         limit, offset)
+            rows = listing.describe(conn, _rows, rowids, columns="s.*",
+                                    preview_order="m.id")
+            for row in rows:
+                row["preview"] = listing.sessiondb_preview(row["preview"])
+            return rows
+
+        return [records.listed_session(r) for r in self._read(read, snapshot=True)]
 
     def end_session(self, session_id: str, reason: str | None = None, *,
                     expected_revision: int | None = None) -> int:
@@ -290,12 +314,13 @@ class SessionDB(Coordination):
         return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM sessions", ()))
 
     def message_count(self, session_id: str | None = None) -> int:
-        """Number of messages, in one session or in all."""
+        """Number of messages, in one session or in all (the total is kept by triggers
+        on every insert and delete, see :mod:`sessiondb.schema`: one row read)."""
         session_id = check_text("session_id", session_id)
         if session_id:
             return self._read(lambda c: _first(
                 c, "SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)))
-        return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM messages", ()))
+        return self._read(lambda c: _first(c, MESSAGE_TOTAL_SQL, ()))
 
     # -- titles -----------------------------------------------------------------------
     def set_session_title(self, session_id: str, title: str | None, *,
@@ -500,7 +525,14 @@ class SessionDB(Coordination):
                         exclude_sources: list[str] | None = None,
                         roles: list[str] | None = None, session_id: str | None = None,
                         limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """Full-text search over message content, best match first.
+        """Full-text search over message content: the best matches among the most recent.
+
+        Hits come in windows of 1,000 matches, newest first: the first window is the
+        1,000 most recent messages that match and pass the filters, best match (bm25)
+        first, ties newest first; then the 1,000 before them, and so on. ``offset``
+        counts through that order, so pages never repeat or skip a hit; a query with at
+        most 1,000 matches is ordered best match first. The time of a search does not
+        grow with the number of matches (see :mod:`sessiondb.search`).
 
         Any text up to 1,000 characters is accepted (quotes, ``-``, ``AND``/``OR``/
         ``NOT``, ``*``, ``:``, unbalanced parentheses): it is sanitized, never a syntax
@@ -509,56 +541,26 @@ class SessionDB(Coordination):
         ``session_started`` and ``context`` (the previous message, the match and the next
         one of its session).
 
+        :param sources: only sessions of these sources (``[]``: no hit).
+        :param exclude_sources: no session of these sources.
+        :param roles: only messages of these roles (``[]`` or None: any).
+        :param session_id: only this session's messages.
+        :param limit: hits per page; None for all (every match is then ranked).
         :raises InvalidArgument: the query is longer than 1,000 characters.
-        :raises SearchIndexError: the full-text index is damaged.
+        :raises SearchIndexError: the full-text index is damaged or being rebuilt.
         """
         check_text("query", query, optional=False)
         limit, offset = check_limit(limit, offset)
         match = sanitize_fts_query(query)
         if not match:
             return []
-        where, args = _source_filter(None, check_list("exclude_sources", exclude_sources))
-        sources = check_list("sources", sources)
-        if sources is not None:
-            where.append(f"s.source IN {_IN_LIST}")
-            args.append(json.dumps(sources))
-        roles = check_list("roles", roles)
-        if roles:
-            where.append(f"m.role IN {_IN_LIST}")
-            args.append(json.dumps(roles))
-        if check_text("session_id", session_id) is not None:
-            where.append("m.session_id = ?")
-            args.append(session_id)
-        sql = (
-            "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
-            "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END, m.timestamp, "
-            "m.tool_name, s.source, s.model, s.started_at FROM messages_fts "
-            "JOIN messages m ON m.id = messages_fts.rowid "
-            "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
-            + "".join(" AND " + w for w in where)
-            + " ORDER BY rank LIMIT ? OFFSET ?"
-        )
-
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            search_index.raise_if_damaged(conn, self.path)
-            # FTS5's snippet() takes time that grows with the square of the matches in a
-            # message (a 10 MB one: hours, holding a read transaction); each phrase of the
-            # query can match every word, so past a budget of phrases x bytes the snippet
-            # is made in linear time by plain_snippet instead. (octet_length, because
-            # length() stops at a NUL.)
-            phrases = match.count('"') // 2
-            hits = [records.search_hit(r) for r in _fetch(
-                conn, sql, (phrases, _SNIPPET_BUDGET, match, *args, limit, offset))]
-            for hit in hits:
-                if hit["snippet"] is None:
-                    hit["snippet"] = long_message_snippet(conn, hit["id"], match)
-                around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
-                hit["context"] = [records.context_item((role, _decode(head)))
-                                  for role, head in around]
-            return hits
-
+        filters = search.Filters(
+            sources=check_list("sources", sources),
+            exclude_sources=check_list("exclude_sources", exclude_sources),
+            roles=check_list("roles", roles), session_id=check_text("session_id", session_id))
         try:
-            return self._read(read, snapshot=True)
+            return self._read(lambda c: search.search_messages(
+                c, self.path, match, filters, limit, offset), snapshot=True)
         except (ClosedError, SessionNotFound):
             raise
         except Exception as exc:
@@ -616,9 +618,10 @@ class SessionDB(Coordination):
                                         skip_existing=skip_existing, progress=progress)
         with bulk.larger_cache(self._read):
             return bulk.import_sessions(
-                data, write=self._bulk_write, read=self._read, budget=self._step_budget(),
-                skip_existing=skip_existing, progress=progress,
-                index=lambda p: self._index_pending(p, self._bulk_write))
+                data, write=self._execute_write, read=self._read,
+                budget=step_budget(self._options["hold_timeout"]),
+                between=self._between_steps, skip_existing=skip_existing,
+                progress=progress, index=self._index_pending)
 
     def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
                        dry_run: bool = False, progress: ProgressCallback | None = None
@@ -630,7 +633,8 @@ class SessionDB(Coordination):
         It runs as a series of short write transactions (:mod:`sessiondb.maintenance`),
         so other processes keep writing meanwhile, and each leaves the store consistent:
         a session goes with all its messages at once (one with more than 2,000 messages
-        loses them oldest first, a chunk at a time, counters exact at every step). If it
+        or 4 MB of content loses them oldest first, a chunk at a time, counters exact at
+        every step). If it
         is interrupted, what was deleted stays deleted and a rerun finishes the job.
         Inside a :meth:`transaction` block it runs within that transaction.
 
@@ -652,8 +656,8 @@ class SessionDB(Coordination):
         if dry_run or not sessions:
             return sessions
         deleted = [0]
-        run_steps(self._execute_write, pruning.prune_step(cutoff, source, deleted),
-                  self._step_budget(), Tracker("prune", "rows", sessions + messages, progress))
+        self._run_steps(pruning.prune_step(cutoff, source, deleted),
+                        Tracker("prune", "rows", sessions + messages, progress))
         self.reclaim_space(progress=progress)
         return deleted[0]
 
@@ -670,85 +674,73 @@ class SessionDB(Coordination):
         progress = check_progress(progress)
         before = _file_size(self.path)
         free = self._read(lambda c: int(c.pragma("freelist_count")))
-        freed = run_steps(self._execute_write, pruning.reclaim_step, self._step_budget(),
-                          Tracker("reclaim", "pages", free, progress))
+        freed = self._run_steps(pruning.reclaim_step,
+                                Tracker("reclaim", "pages", free, progress))
         if freed and not self._writes.active:
             self.checkpoint()
         return {"freed_pages": freed, "bytes_before": before,
                 "bytes_after": _file_size(self.path)}
 
-    def rebuild_search_index(self, *, progress: ProgressCallback | None = None) -> int:
+    def rebuild_search_index(self, *, prefixes: Sequence[int] | None = None,
+                             progress: ProgressCallback | None = None) -> int:
         """Rebuild the full-text index from the messages (which are only read), in short
         steps while other processes keep writing; clears a damage mark
         (:mod:`sessiondb.search_index`). Searches raise
         :class:`~sessiondb.errors.SearchIndexError` until it is done. If a rebuild was
-        cut short (a crash, a kill), this finishes it instead of starting again; it also
-        indexes messages a bulk import left pending.
+        cut short (a crash, a kill), this finishes it instead of starting again (unless
+        its new index was found damaged meanwhile); it also indexes messages a bulk
+        import left pending.
 
+        :param prefixes: give the index FTS5 prefix indexes of these lengths (e.g.
+            ``(2, 3, 4)``: a prefix query ``dep*`` of 2-4 letters then answers in
+            milliseconds on any store, for an index about 3.5 times larger and writes
+            that index a message about 4 times slower); ``()`` removes them; None
+            (default) keeps what the index has. A change starts a new rebuild.
         :param progress: called after each step (task ``"index"``, unit ``"messages"``;
             then ``"cleanup"`` while the old index is removed).
         :returns: the number of messages indexed.
+        :raises InvalidArgument: a prefix length outside 1-20.
         """
         progress = check_progress(progress)
-        if self._read(search_index.rebuilding) is None:
-            # Unbounded: an index too damaged to set aside is dropped in one statement.
+        wanted = _check_prefixes(prefixes)
+        if wanted is not None and wanted != self._read(index_prefixes):
+            self._execute_write(lambda c: search_index.begin_rebuild(
+                c, "a rebuild was requested", wanted), bounded=False)
+        elif (self._read(search_index.rebuilding) is None
+              or self._read(search_index.damage_note) is not None):
+            # A rebuild cut short is finished, unless a write has found its new index
+            # damaged since (the triggers skip a damaged index: finishing it would
+            # leave it incomplete). Unbounded: an index too damaged to set aside is
+            # dropped in one statement.
             self._execute_write(lambda c: search_index.begin_rebuild(
                 c, "a rebuild was requested"), bounded=False)
         return self._index_pending(progress)
 
-    def _index_pending(self, progress: ProgressCallback | None,
-                       write: Callable[[Callable[[apsw.Connection], T]], T] | None = None
-                       ) -> int:
+    def _index_pending(self, progress: ProgressCallback | None) -> int:
         total = self._read(search_index.pending_messages)
-        return search_index.catch_up(write or self._execute_write, self._step_budget(),
-                                     progress, total)
-
-    def _bulk_write(self, fn: Callable[[apsw.Connection], T]) -> T:
-        """A step of bulk work, then a PASSIVE checkpoint (no lock held): a step writes
-        the WAL of hundreds of turns, which is copied back at once by the process that
-        wrote it, rather than left to grow until resets hold every writer back."""
-        result = self._execute_write(fn)
-        if self._checkpoints.every and not self._writes.active:
-            try:
-                self.checkpoint()
-            except SessionDBError:
-                pass  # counted in stats(); the frames wait for the next checkpoint
-        return result
-
-    def _step_budget(self) -> float:
-        return step_budget(self._options["hold_timeout"])
+        return search_index.catch_up(self._run_steps, progress, total)
 
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
-# The first bytes of a message, not the whole of it (it may be 10 MB): substr() of a
-# BLOB, because of a TEXT it stops at the first NUL; _decode drops a character cut in two.
-_HEAD_SQL = "SELECT substr(CAST(content AS BLOB), 1, ?) FROM messages WHERE id = ?"
-_CONTEXT_SQL = (
-    "SELECT role, substr(CAST(content AS BLOB), 1, 800) FROM ("  # 200 chars: <= 800 bytes
-    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
-    "  ORDER BY id DESC LIMIT 1)"
-    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
-    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
-    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
-)
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
 _IN_LIST = "(SELECT value FROM json_each(?))"
-# snippet() for a message while its bytes x query phrases stay under this (at most
-# ~10,000 matches: under a second even when every word matches); see search_messages.
-_SNIPPET_BUDGET = 20_000
-_PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
 
 
-def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
-    """The snippet of a message too long for FTS5's ``snippet()`` (see search_messages),
-    made from its first megabyte by :func:`~sessiondb.text.plain_snippet`.
-
-    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
-    """
-    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
-    return plain_snippet(_decode(head) or "", match)
+def _check_prefixes(prefixes: Any) -> tuple[int, ...] | None:
+    if prefixes is None:
+        return None
+    if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, (list, tuple, set,
+                                                                         frozenset)):
+        raise InvalidArgumentType("prefixes must be a list of ints (e.g. [2, 3, 4]), not "
+                                  f"{type(prefixes).__name__}")
+    for n in prefixes:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise InvalidArgumentType(f"prefixes must hold ints, not {type(n).__name__}")
+        if not 1 <= n <= 20:
+            raise InvalidArgument(f"a prefix index length must be 1 to 20, got {n}")
+    return tuple(sorted(set(prefixes)))
 
 
 def _file_size(path: Any) -> int:
@@ -756,10 +748,6 @@ def _file_size(path: Any) -> int:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def _decode(head: bytes | None) -> str | None:
-    return None if head is None else head.decode("utf-8", "ignore")
 
 
 def _exists(conn: apsw.Connection, session_id: str) -> bool:

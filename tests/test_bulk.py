@@ -155,7 +155,7 @@ def test_cli_jsonl_to_stdout_and_import_from_stdin(source: SessionDB, tmp_path: 
 
 def test_cli_import_of_a_file_broken_midway(source: SessionDB, tmp_path: Path,
                                             capsys, monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 100)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 100)
     exported = list(source.iter_export())
     lines = [json.dumps(s) for s in exported]
     lines[40] = lines[40][:-5]  # cut short
@@ -203,7 +203,7 @@ def test_search_finds_imported_messages_as_in_a_store_built_by_appends(
 # -- import: streams, batches and order ---------------------------------------------------
 
 def test_a_generator_is_consumed_lazily(db_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 200)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 200)
     store, other = SessionDB(db_path), SessionDB(db_path)
     seen_at: list[int] = []
 
@@ -226,7 +226,7 @@ def test_a_generator_is_consumed_lazily(db_path: Path, monkeypatch) -> None:
 
 def test_a_conflict_midway_in_a_stream_says_what_was_imported(fresh: SessionDB,
                                                                monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 100)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 100)
     data = generated(40, 10)
     fresh.import_sessions({"id": data[25]["id"], "source": "mine", "started_at": 1.0})
     with pytest.raises(IntegrityViolation) as info:
@@ -244,7 +244,7 @@ def test_a_conflict_midway_in_a_stream_says_what_was_imported(fresh: SessionDB,
 
 def test_a_child_waits_for_its_parent_later_in_the_stream(fresh: SessionDB,
                                                           monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 50)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
     data = generated(30, 5)
     data[2]["parent_session_id"] = data[20]["id"]   # several batches later
     data[3]["parent_session_id"] = data[2]["id"]    # a grandchild, waiting too
@@ -258,7 +258,7 @@ def test_a_child_waits_for_its_parent_later_in_the_stream(fresh: SessionDB,
 
 def test_a_child_whose_parent_never_comes_is_refused_at_the_end(fresh: SessionDB,
                                                                 monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 50)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
     data = generated(20, 5)
     data[4]["parent_session_id"] = "nowhere"
     with pytest.raises(IntegrityViolation) as info:
@@ -270,7 +270,7 @@ def test_a_child_whose_parent_never_comes_is_refused_at_the_end(fresh: SessionDB
 
 def test_waiting_children_go_in_when_someone_else_creates_the_parent(
         fresh: SessionDB, monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 20)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 20)
     data = generated(12, 3)
     data[3]["parent_session_id"] = data[2]["id"]  # grandchild first, then child
     data[2], data[3] = data[3], data[2]
@@ -287,7 +287,7 @@ def test_waiting_children_go_in_when_someone_else_creates_the_parent(
 
 
 def test_too_many_children_waiting_is_refused(fresh: SessionDB, monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 20)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 20)
     monkeypatch.setattr(bulk, "WAITING_SESSIONS", 5)
     data = [dict(s, parent_session_id="later") for s in generated(10, 2)]
     with pytest.raises(IntegrityViolation, match="wait for a parent"):
@@ -296,7 +296,7 @@ def test_too_many_children_waiting_is_refused(fresh: SessionDB, monkeypatch) -> 
 
 
 def test_bad_input_in_a_stream(fresh: SessionDB, monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "BATCH_MESSAGES", 50)
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
     for data, error in [("text", InvalidArgumentType), (b"x", InvalidArgumentType),
                         (42, InvalidArgumentType), (iter([1]), InvalidArgumentType),
                         ({"id": "s"}.keys(), InvalidArgumentType)]:

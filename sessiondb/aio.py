@@ -28,12 +28,15 @@ import concurrent.futures
 import contextlib
 import functools
 import inspect
+import itertools
 import os
 import queue
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import (
+    TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar,
+)
 
 from .bounded import Heartbeat
 from .errors import ClosedError, ConfigurationError, SessionDBError
@@ -44,8 +47,8 @@ __all__ = ["AsyncSessionDB", "AsyncHeartbeat"]
 T = TypeVar("T")
 
 # Not wrapped: context managers (a block cannot span awaits, see AsyncSessionDB.transaction;
-# use run() instead), close and heartbeat (AsyncSessionDB has its own).
-_NOT_WRAPPED = frozenset({"close", "transaction", "snapshot", "heartbeat"})
+# use run() instead), close, heartbeat and iter_export (AsyncSessionDB has its own).
+_NOT_WRAPPED = frozenset({"close", "transaction", "snapshot", "heartbeat", "iter_export"})
 
 _Job = tuple[concurrent.futures.Future, Callable[[], Any]]
 
@@ -377,6 +380,24 @@ class AsyncSessionDB:
                 ...
         """
         return self._submit(lambda db: AsyncHeartbeat(db.heartbeat(*args, **kwargs)))
+
+
+    async def iter_export(self, source: str | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`sessiondb.SessionDB.iter_export` as an async iterator: each batch of
+        sessions is read on the worker thread, between the other calls (no read
+        transaction is held in between)::
+
+            async for session in adb.iter_export():
+                ...
+        """
+        sessions = await self._submit(lambda db: db.iter_export(source))
+        while True:
+            batch = await self._submit(lambda db: list(itertools.islice(sessions, 50)))
+            if not batch:
+                return
+            for session in batch:
+                yield session
 
 
 async def _result(future: concurrent.futures.Future) -> Any:

@@ -20,9 +20,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, demo, doctor
+from . import __version__, bench, demo, doctor, jsonstream
 from .connection import default_path
 from .errors import SessionDBError
 from .maintenance import Progress
@@ -76,22 +77,25 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.output:
         _refuse_store_file(args.output, args)
+    write = jsonstream.write_jsonl if args.format == "jsonl" else jsonstream.write_json_list
     with _open(args) as db:
         if args.session:
             sid = db.resolve_session_id(args.session)
             one = db.export_session(sid) if sid else None
             if one is None:
                 return _not_found(args.session)
-            data = [one]
+            items: Iterator[dict[str, Any]] = iter([one])
+            total = 1
         else:
-            data = db.export_all(args.source)
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    if not args.output:
-        sys.stdout.write(text)
-        return 0
-    _write_atomically(Path(args.output), text)
-    summary = {"file": args.output, "sessions": len(data),
-               "messages": sum(len(s["messages"]) for s in data)}
+            items, total = db.iter_export(args.source), db.session_count(args.source)
+        counted = _Counted(items, "export", total, _progress(args))
+        if not args.output:
+            write(sys.stdout, counted)
+            sys.stdout.flush()
+            return 0
+        _write_atomically(Path(args.output), lambda fh: write(fh, counted))
+    summary = {"file": args.output, "sessions": counted.sessions,
+               "messages": counted.messages}
     _emit(args, summary,
           lambda d: f"exported {d['sessions']} session(s), {d['messages']} message(s) "
                     f"to {d['file']}")
@@ -99,9 +103,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    data = _read_json(args.file, args)
-    with _open(args) as db:
-        count = db.import_sessions(data, skip_existing=args.skip_existing)
+    with _input(args.file, args) as (source, size), _open(args) as db:
+        reader = jsonstream.Reader(source)
+        show = _progress(args)
+        counted = _Counted(_input_errors(reader, args.file), "read", None, None)
+
+        def progress(p: Progress) -> None:
+            # A stream has no total: estimate it from the share of the file read.
+            if p.task == "import" and p.total is None and size and reader.bytes_read:
+                total = round(counted.messages * size / reader.bytes_read)
+                p = Progress(p.task, p.done, max(total, p.done), p.unit, p.elapsed_s)
+            assert show is not None
+            show(p)
+
+        count = db.import_sessions(counted, skip_existing=args.skip_existing,
+                                   progress=progress if show else None)
     _emit(args, {"imported": count}, lambda d: f"imported {d['imported']} session(s)")
     return 0
 
@@ -205,16 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count, default=20, help="at most N hits (default 20)")
 
     p = command("export", cmd_export, "export sessions with their messages as JSON",
-                "Export sessions with their messages as a JSON list (the format `import` "
-                "reads), to stdout or a file.")
+                "Export sessions with their messages, oldest first, as a JSON list (the "
+                "default) or as JSON Lines, one session per line; `import` reads both. "
+                "The store is read a batch of sessions at a time, so memory stays small.")
     p.add_argument("--session", metavar="ID", help="only this session (id or unique prefix)")
     p.add_argument("--source", help="only sessions of this source")
+    p.add_argument("--format", choices=("json", "jsonl"), default="json",
+                   help="json: one JSON list (default); jsonl: JSON Lines")
+    p.add_argument("--jsonl", dest="format", action="store_const", const="jsonl",
+                   help="same as --format jsonl")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE (replaced atomically) instead of stdout")
 
     p = command("import", cmd_import, "import sessions from an export file",
-                "Import sessions written by `export`, all or nothing.")
-    p.add_argument("file", help="JSON file written by `export` ('-' for stdin)")
+                "Import sessions written by `export` (a JSON list or JSON Lines, told "
+                "apart by the first character), streamed a batch at a time, in short "
+                "write transactions while others keep writing. If it stops midway, what "
+                "was imported stays, each session complete: rerun with --skip-existing.")
+    p.add_argument("file", help="file written by `export` ('-' for stdin)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip sessions that already exist instead of failing")
 
@@ -364,27 +388,67 @@ def _refuse_store_file(name: str, args: argparse.Namespace) -> None:
         raise _InputError(f"{name} is a file of the database itself; choose another file")
 
 
-def _read_json(name: str, args: argparse.Namespace) -> Any:
+@contextmanager
+def _input(name: str, args: argparse.Namespace) -> Iterator[tuple[IO[Any], int | None]]:
+    """The file to import, open for reading in binary (decoded by the reader), and its
+    size when it is a regular file (for the progress estimate)."""
+    if name == "-":
+        yield getattr(sys.stdin, "buffer", sys.stdin), None
+        return
+    _refuse_store_file(name, args)
     try:
-        if name == "-":
-            return json.load(sys.stdin)
-        _refuse_store_file(name, args)
-        with open(name, encoding="utf-8") as fh:
-            return json.load(fh)
+        fh = open(name, "rb")
     except OSError as exc:
         raise _InputError(f"cannot read {name}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        yield fh, size if size > 0 else None
+
+
+def _input_errors(items: Iterable[Any], name: str) -> Iterator[Any]:
+    """``items``, with a bad file or a read error reported as the user's input problem."""
+    try:
+        yield from items
+    except jsonstream.ExportFormatError as exc:
         raise _InputError(f"{name} is not a JSON export: {exc}") from exc
+    except OSError as exc:
+        raise _InputError(f"cannot read {name}: {exc.strerror or exc}") from exc
 
 
-def _write_atomically(path: Path, text: str) -> None:
+class _Counted:
+    """Iterates over sessions, counting them and their messages, and reporting progress
+    (task ``task``, unit sessions) as it goes."""
+
+    def __init__(self, items: Iterable[Any], task: str, total: int | None,
+                 progress: Callable[[Progress], None] | None) -> None:
+        self._items, self._task, self._total, self._progress = items, task, total, progress
+        self.sessions = self.messages = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        started = time.monotonic()
+        for item in self._items:
+            self.sessions += 1
+            messages = item.get("messages") if isinstance(item, dict) else None
+            self.messages += len(messages) if isinstance(messages, list) else 0
+            yield item
+            if self._progress is not None:
+                self._progress(Progress(self._task, self.sessions, self._total, "sessions",
+                                        time.monotonic() - started))
+
+
+def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
+    """Write through ``write`` into a temporary file next to ``path``, then rename it over
+    ``path``: readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8", buffering=1 << 20) as fh:
+            write(fh)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise _InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError):
+            raise _InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
 
 
 def _count(text: str) -> int:

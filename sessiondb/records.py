@@ -8,14 +8,13 @@ decode is returned as it is.
 
 from __future__ import annotations
 
+import math
 from typing import Any
-
-import apsw
 
 from .errors import InvalidArgument, InvalidArgumentType
 from .text import (
-    check_cost, check_count, check_id, check_number, check_text, from_json, sanitize_title,
-    to_json,
+    MAX_ID_LENGTH, check_cost, check_count, check_id, check_number, check_text, from_json,
+    sanitize_title, to_json,
 )
 
 _SESSION_JSON = ("model_config",)
@@ -87,15 +86,23 @@ _SESSION_COUNTERS = ("input_tokens", "output_tokens", "cache_read_tokens",
 _MESSAGE_TEXT = ("content", "tool_call_id", "tool_name", "finish_reason", "reasoning")
 
 
+#: The columns of an imported message row, in the order of the tuples that
+#: :func:`import_session` returns (the order of the ``messages`` table).
+MESSAGE_COLUMNS = ("id", "session_id", "role", "content", "tool_call_id", "tool_calls",
+                   "tool_name", "timestamp", "token_count", "finish_reason", "reasoning",
+                   "reasoning_details", "codex_reasoning_items", "metadata")
+_INT64_MAX = 2**63 - 1
+
+
 def check_import(data: Any) -> list[dict[str, Any]]:
     """Validate an export (one session dict or a list of them) before any write.
 
     Every column is checked as the API checks it (text, counters, costs, times, JSON,
     the title sanitized), so that nothing an export cannot hold reaches the store.
 
-    :returns: the sessions as rows ready for :func:`insert_session`, each with its
-        ``messages`` as rows.
-    :raises InvalidArgument: a value the store will not accept.
+    :returns: the sessions as rows (see :func:`import_session`).
+    :raises InvalidArgument: a value the store will not accept, or a session id that
+        appears twice.
     :raises InvalidArgumentType: a value of the wrong type.
     """
     items = [data] if isinstance(data, dict) else data
@@ -104,17 +111,26 @@ def check_import(data: Any) -> list[dict[str, Any]]:
     seen: set[str] = set()
     rows = []
     for item in items:
-        if not isinstance(item, dict):
-            raise InvalidArgumentType("each imported session must be a dict")
-        sid = check_id("session id", item.get("id"))
-        if sid in seen:
-            raise InvalidArgument(f"session {sid!r} appears twice in the import")
-        seen.add(sid)
-        rows.append(_session_row(sid, item))
+        row = import_session(item)
+        if row["id"] in seen:
+            raise InvalidArgument(f"session {row['id']!r} appears twice in the import")
+        seen.add(row["id"])
+        rows.append(row)
     return rows
 
 
-def _session_row(sid: str, item: dict[str, Any]) -> dict[str, Any]:
+def import_session(item: Any) -> dict[str, Any]:
+    """Validate one exported session (see :func:`check_import`).
+
+    :returns: the session's columns (absent ones left out, so that they take the column
+        default), with ``message_count`` and ``tool_call_count`` derived from its
+        messages, and ``messages``: a list of tuples in :data:`MESSAGE_COLUMNS` order.
+    :raises InvalidArgument: a value the store will not accept.
+    :raises InvalidArgumentType: a value of the wrong type.
+    """
+    if not isinstance(item, dict):
+        raise InvalidArgumentType("each imported session must be a dict")
+    sid = check_id("session id", item.get("id"))
     of = f" of imported session {sid!r}"
     row: dict[str, Any] = {"id": sid, "source": check_id("source" + of, item.get("source"))}
     for c in _SESSION_TEXT:
@@ -140,52 +156,76 @@ def _session_row(sid: str, item: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _message_row(sid: str, m: dict[str, Any]) -> dict[str, Any]:
-    of = f" of a message of imported session {sid!r}"
-    row: dict[str, Any] = {
-        "id": check_count("id" + of, m.get("id"), optional=True),
-        "session_id": sid,
-        "role": check_id("role" + of, m.get("role")),
-        "timestamp": check_number("timestamp" + of, m.get("timestamp")),
-        "token_count": check_count("token_count" + of, m.get("token_count"), optional=True),
-    }
+def _message_row(sid: str, m: dict[str, Any]) -> tuple:
+    """One message as a tuple in :data:`MESSAGE_COLUMNS` order.
+
+    The common case (plain str, int and float values, as JSON decodes them) is checked
+    inline: a bulk import validates a million of these, and the check functions' names
+    and error texts cost more than the checks. Anything else goes through the check
+    functions of :mod:`sessiondb.text`, which raise the documented errors (or accept,
+    e.g., a str subclass).
+    """
+    get = m.get
+    mid, role, stamp, tokens = get("id"), get("role"), get("timestamp"), get("token_count")
+    if mid is not None and not (type(mid) is int and 0 <= mid <= _INT64_MAX):
+        mid = check_count(_of("id", sid), mid, optional=True)
+    if not (type(role) is str and role and len(role) <= MAX_ID_LENGTH and _storable(role)):
+        role = check_id(_of("role", sid), role)
+    if type(stamp) is float and math.isfinite(stamp):
+        pass
+    else:
+        stamp = check_number(_of("timestamp", sid), stamp)
+    if tokens is not None and not (type(tokens) is int and 0 <= tokens <= _INT64_MAX):
+        tokens = check_count(_of("token_count", sid), tokens, optional=True)
+    text = []
     for c in _MESSAGE_TEXT:
-        row[c] = check_text(c + of, m.get(c))
-    for c in _MESSAGE_JSON:
-        row[c] = to_json(c + of, m.get(c))
-    return row
+        value = get(c)
+        if value is not None and not (type(value) is str and _storable(value)):
+            value = check_text(_of(c, sid), value)
+        text.append(value)
+    content, call_id, tool_name, finish, reasoning = text
+    calls, details, items, metadata = (
+        None if get(c) is None else to_json(_of(c, sid), get(c)) for c in _MESSAGE_JSON)
+    return (mid, sid, role, content, call_id, calls, tool_name, stamp, tokens, finish,
+            reasoning, details, items, metadata)
+
+
+def _of(column: str, sid: str) -> str:
+    return f"{column} of a message of imported session {sid!r}"
+
+
+def _storable(text: str) -> bool:
+    """True if SQLite can store ``text`` as UTF-8 (no lone surrogates); ASCII first,
+    since that check is a fast scan and most text is ASCII."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parents_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Order sessions so that every imported parent precedes its children."""
+    """Order sessions so that every imported parent precedes its children (a cycle is
+    left in the order met; SQLite then refuses the first of it)."""
     by_id = {item["id"]: item for item in items}
     ordered: list[dict[str, Any]] = []
     placed: set[str] = set()
-
-    def place(item: dict[str, Any], trail: frozenset[str]) -> None:
-        if item["id"] in placed:
-            return
-        parent = item.get("parent_session_id")
-        if parent in by_id and parent != item["id"] and parent not in trail:
-            place(by_id[parent], trail | {item["id"]})
-        placed.add(item["id"])
-        ordered.append(item)
-
     for item in items:
-        place(item, frozenset())
+        # Walk up to the first ancestor already placed (iteratively: a chain of
+        # continuations may be longer than Python's recursion limit).
+        chain: list[dict[str, Any]] = []
+        on_chain: set[str] = set()
+        current = item
+        while current["id"] not in placed and current["id"] not in on_chain:
+            chain.append(current)
+            on_chain.add(current["id"])
+            parent = current.get("parent_session_id")
+            if parent not in by_id or parent == current["id"]:
+                break
+            current = by_id[parent]
+        for link in reversed(chain):
+            placed.add(link["id"])
+            ordered.append(link)
     return ordered
-
-
-def insert_session(conn: apsw.Connection, item: dict[str, Any]) -> None:
-    """Insert one session as :func:`check_import` returned it, and its messages
-    (message ids kept where free)."""
-    row = {c: v for c, v in item.items() if c != "messages"}
-    conn.execute(f"INSERT INTO sessions ({', '.join(row)}) VALUES "
-                 f"({', '.join('?' * len(row))})", list(row.values()))
-    for m in item["messages"]:
-        row = dict(m)
-        if row["id"] is not None and conn.execute(
-                "SELECT 1 FROM messages WHERE id = ?", (row["id"],)).fetchone():
-            row["id"] = None  # taken: let SQLite assign a new one, order is kept
-        conn.execute(f"INSERT INTO messages ({', '.join(row)}) VALUES "
-                     f"({', '.join('?' * len(row))})", list(row.values()))

@@ -18,6 +18,7 @@ turn. Now:
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Callable
 
@@ -135,6 +136,52 @@ def defer(conn: apsw.Connection, lo: int, hi: int) -> None:
         conn.execute("UPDATE sessiondb_fts_pending SET hi = ? WHERE lo = ?", (hi, before[0]))
     else:
         conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) VALUES (?, ?)", (lo, hi))
+
+
+def defer_ids(conn: apsw.Connection, ids: list[int]) -> bool:
+    """Leave the messages about to be inserted with ``ids`` (sorted, distinct, none of
+    them taken) out of the index for now; a bulk import calls this in the transaction
+    that inserts them, so that they are indexed later, in steps, at the stepper's
+    speed rather than the triggers'.
+
+    Every id ends up in a pending range: one that covers it already, or a new one that
+    spans ids of the list with no message in between (a range may only be made where no
+    message exists yet, see :func:`defer`); a new range is joined with its neighbours
+    when no message lies between them, so that an import keeps one range, not one per
+    step. Returns True if any id is pending now (then :func:`catch_up` indexes them).
+    """
+    pending = False
+    i, n = 0, len(ids)
+    while i < n:
+        first = ids[i]
+        below = conn.execute("SELECT lo, hi FROM sessiondb_fts_pending WHERE lo <= ? "
+                             "ORDER BY lo DESC LIMIT 1", (first,)).fetchone()
+        if below is not None and below[1] >= first:  # covered already
+            i = bisect.bisect_right(ids, below[1], i)
+            pending = True
+            continue
+        # None of ``ids`` exists yet, so the next message after ``first`` is someone
+        # else's: the range stops before it, and before the next range.
+        after = conn.execute("SELECT (SELECT min(id) FROM messages WHERE id > ?), "
+                             "(SELECT min(lo) FROM sessiondb_fts_pending WHERE lo > ?)",
+                             (first, first)).fetchone()
+        stop = min((v for v in after if v is not None), default=None)
+        j = n if stop is None else bisect.bisect_left(ids, stop, i)
+        lo, hi = first, ids[j - 1]
+        if below is not None and not conn.execute(
+                "SELECT 1 FROM messages WHERE id > ? AND id < ? LIMIT 1",
+                (below[1], lo)).fetchone():
+            lo = below[0]
+            conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (lo,))
+        above, next_message = after[1], after[0]
+        if above is not None and (next_message is None or next_message >= above):
+            hi = conn.execute("SELECT hi FROM sessiondb_fts_pending WHERE lo = ?",
+                              (above,)).fetchone()[0]
+            conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (above,))
+        conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) VALUES (?, ?)", (lo, hi))
+        pending = True
+        i = j
+    return pending
 
 
 def index_step(conn: apsw.Connection, deadline: float) -> int:

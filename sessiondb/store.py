@@ -11,15 +11,15 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import apsw
 
-from . import listing, pruning, records, search, search_index
+from . import bulk, listing, pruning, records, search, search_index
 from .coordination import Coordination
 from .schema import index_prefixes
 from .engine import _fetch, _first, _rows
-from .maintenance import ProgressCallback, Tracker, check_progress
+from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
@@ -572,47 +572,56 @@ class SessionDB(Coordination):
     def export_session(self, session_id: str) -> dict[str, Any] | None:
         """The session and its messages as one JSON-ready dict, or None."""
         check_text("session_id", session_id, optional=False)
-        return self._read(lambda c: _export(c, session_id), snapshot=True)
+        return self._read(lambda c: bulk.export_session(c, session_id), snapshot=True)
+
+    def iter_export(self, source: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every session (optionally of one source), oldest first, with its messages (as
+        :meth:`export_session`), streamed: read in batches of up to 200 sessions or about
+        5,000 messages, each in one short snapshot (a session is read with its messages;
+        no read transaction is held while the caller works; inside a :meth:`snapshot`
+        block all of it sees that snapshot). The first batch is read at the call.
+
+        :raises InvalidArgumentType: ``source`` is not a str.
+        """
+        source = check_text("source", source)
+        first = self._read(lambda c: bulk.export_batch(c, source, None), snapshot=True)
+        return bulk.export_batches(self._read, source, first)
 
     def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
-        """Every session (optionally of one source), oldest first, with its messages."""
-        source = check_text("source", source)
-        sql = "SELECT id FROM sessions" + (" WHERE source = ?" if source else "") + \
-            " ORDER BY started_at, id"
+        """Every session (optionally of one source), oldest first, with its messages, as
+        one list (:meth:`iter_export` streams them instead)."""
+        return list(self.iter_export(source))
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            ids = [r[0] for r in _fetch(conn, sql, (source,) if source else ())]
-            return [_export(conn, sid) for sid in ids]
+    def import_sessions(self, data: Any, *, skip_existing: bool = False,
+                        progress: ProgressCallback | None = None) -> int:
+        """Import what the exports produced: a session dict, a list of them, or any
+        iterable of them (a generator over a JSON Lines file), consumed in batches, in
+        short write transactions while other processes keep writing, each committing
+        whole sessions; then the deferred indexing, in steps (:mod:`sessiondb.bulk`:
+        message ids, parents, conflicts midway). If interrupted, what was committed stays
+        and a rerun with ``skip_existing=True`` finishes the job. A dict or list is
+        checked as a whole before anything is written. In a :meth:`transaction` block
+        the input is read first and written as one call.
 
-        return self._read(read, snapshot=True)
-
-    def import_sessions(self, data: dict[str, Any] | list[dict[str, Any]], *,
-                        skip_existing: bool = False) -> int:
-        """Import what :meth:`export_session` / :meth:`export_all` produced, atomically.
-
-        Message ids are kept where free (so a round trip into a fresh store is equal);
-        parents are imported before children.
-
+        :param progress: called after each step: task ``"import"`` (``"messages"``),
+            then ``"index"``.
         :returns: number of sessions imported.
-        :raises IntegrityViolation: a session already exists (unless ``skip_existing``).
+        :raises IntegrityViolation: a session already exists (unless ``skip_existing``),
+            a parent is neither in the store nor in the import, or a title is taken.
+        :raises InvalidArgument: a value the store will not accept.
+        :raises InvalidArgumentType: ``data`` or a value in it has the wrong type.
         """
-        items = records.check_import(data)
         check_flag("skip_existing", skip_existing)
-
-        def write(conn: apsw.Connection) -> int:
-            imported = 0
-            for item in records.parents_first(items):
-                if _exists(conn, item["id"]):
-                    if skip_existing:
-                        continue
-                    raise IntegrityViolation(
-                        f"session {item['id']!r} already exists; nothing was imported "
-                        "(pass skip_existing=True to import only the new ones)")
-                records.insert_session(conn, item)
-                imported += 1
-            return imported
-
-        return self._execute_write(write)
+        progress = check_progress(progress)
+        if self._writes.active:
+            return bulk.import_in_block(data, write=self._execute_write,
+                                        skip_existing=skip_existing, progress=progress)
+        with bulk.larger_cache(self._read):
+            return bulk.import_sessions(
+                data, write=self._execute_write, read=self._read,
+                budget=step_budget(self._options["hold_timeout"]),
+                between=self._between_steps, skip_existing=skip_existing,
+                progress=progress, index=self._index_pending)
 
     def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
                        dry_run: bool = False, progress: ProgressCallback | None = None
@@ -799,14 +808,4 @@ def _source_filter(source: str | None, exclude: list[str] | None) -> tuple[list[
         where.append(f"s.source NOT IN {_IN_LIST}")
         args.append(json.dumps(exclude))
     return where, args
-
-
-def _export(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
-    rows = _rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
-    if not rows:
-        return None
-    out = records.session(rows[0])
-    out["messages"] = [records.message(r) for r in _rows(
-        conn, "SELECT * FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
-    return out
 

@@ -135,6 +135,7 @@ CLOSED_CALLS = {
     "search_messages": lambda db: db.search_messages("x"),
     "export_session": lambda db: db.export_session("s"),
     "export_all": lambda db: db.export_all(),
+    "iter_export": lambda db: db.iter_export(),
     "import_sessions": lambda db: db.import_sessions([]),
     "prune_sessions": lambda db: db.prune_sessions(1),
     "rebuild_search_index": lambda db: db.rebuild_search_index(),

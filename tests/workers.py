@@ -284,6 +284,7 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     exported = db.export_session("root")
     everything = db.export_all()
     db.export_all(source="cli")
+    assert list(db.iter_export()) == everything
     with db.snapshot():
         db.list_sessions()
         db.get_messages("root")

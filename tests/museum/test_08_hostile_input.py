@@ -187,6 +187,14 @@ class Stopped(Call):
         return helper
 
 
+class Drained(Call):
+    """A call that returns an iterator (``iter_export``), iterated to its end."""
+
+    def run(self, db: SessionDB) -> Any:
+        self.result = list(super().run(db))
+        return self.result
+
+
 class Block(Call):
     """``with db.transaction():``, ``with db.snapshot():`` or ``with db.fenced(x):``
     around one inner call; the inner error (a checked one) either leaves the block or is
@@ -365,7 +373,9 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
                             offset=OFFSET),
     "export_session": call("export_session", SESSION_ID),
     "export_all": call("export_all", source=OPT_TEXT),
-    "import_sessions": call("import_sessions", IMPORT_DATA, skip_existing=FLAG),
+    "iter_export": call("iter_export", source=OPT_TEXT, kind=Drained),
+    "import_sessions": call("import_sessions", IMPORT_DATA, skip_existing=FLAG,
+                            progress=PROGRESS),
     "prune_sessions": call("prune_sessions", older_than_days=DAYS, source=OPT_TEXT,
                            dry_run=FLAG, progress=PROGRESS),
     "rebuild_search_index": call("rebuild_search_index", prefixes=PREFIXES,

@@ -1,0 +1,664 @@
+"""Bulk import and export: whole stores in and out in short steps, with bounded memory.
+
+*Import* (:func:`import_sessions`) takes a session dict, a list of them, or any iterable
+of them (a generator over a JSON Lines file), and consumes it in batches: at most
+:data:`BATCH_MESSAGES` validated messages are held ahead of the writes. Each batch is
+written as a series of short write transactions (as :mod:`sessiondb.maintenance`
+describes): a step takes as many sessions as fit half its time budget at the rate the
+last step ran (at least one), and a session goes in the same transaction as all its
+messages, so every commit leaves the store consistent and a kill loses nothing already
+committed; ``skip_existing=True`` makes a rerun finish the job.
+
+*Message ids* are kept where free (so a round trip into a fresh store is equal, ids
+included). From the first message of a session that cannot keep its id (taken, or not
+above the previous one), that message and the rest of its session get the next ids
+AUTOINCREMENT would give, so the session keeps its order. The step assigns every id
+itself, before it inserts, so that it can defer their full-text indexing
+(:func:`sessiondb.search_index.defer_ids`): the triggers skip them, and the import
+indexes them in steps once the rows are in. FTS5's tokenizer is the slowest part of an
+insert; deferred, rows go in several times faster, while other writers' messages (ids
+above the ranges) are indexed at once as always. A concurrent writer takes the ids just
+above the store's last, which the rest of an export into a fresh store would have kept:
+those messages then get new ones (content and order unchanged).
+
+*Parents before children*: a list is reordered so that parents come first. A stream is
+ordered within what is known: a child whose parent is neither in the store nor earlier
+in the stream waits (at most :data:`WAITING_SESSIONS` sessions or
+:data:`WAITING_MESSAGES` messages) until its parent arrives; one still waiting at the
+end is refused with :class:`~sessiondb.errors.IntegrityViolation`, as is a stream that
+makes more wait than that (exports list sessions oldest first, so a parent comes first
+unless it started after its child). A session id twice in a list is refused before
+anything is written; in a stream, twice within a batch likewise, and across batches
+the second is "already exists" (skipped with ``skip_existing``).
+
+*Export* (:func:`export_batches`) reads sessions oldest first in batches of at most
+:data:`EXPORT_BATCH_SESSIONS` sessions or about :data:`EXPORT_BATCH_MESSAGES` messages,
+each batch in one short snapshot (a session is read consistently with its messages; the
+export as a whole is not one snapshot unless it runs inside ``snapshot()``). One
+session is never split, so memory is bounded by the largest session.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import apsw
+
+from . import records, search_index
+from .errors import (
+    HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
+)
+from .maintenance import ProgressCallback, Tracker
+
+#: Rows (messages plus one per session) within which a stream's session ids are checked
+#: against each other (a repeat further apart is "already exists").
+BATCH_MESSAGES = 20_000
+#: Children that may wait for a parent later in a stream, and their messages.
+WAITING_SESSIONS = 2_000
+WAITING_MESSAGES = 20_000
+EXPORT_BATCH_SESSIONS = 200
+EXPORT_BATCH_MESSAGES = 5_000
+
+#: KiB of page cache the connection gets while it imports (SQLite's default is 2,000):
+#: a step dirties a few MB of pages, and with a small cache SQLite spills them to the
+#: WAL before the commit, some several times (measured: 10-15% fewer rows per second).
+IMPORT_CACHE_KIB = 16_384
+
+#: The most rows (sessions plus messages) one step takes, however fast they go in.
+MAX_STEP_ROWS = 50_000
+_FIRST_STEP_ROWS = 1_000       # the first step; later ones adapt to the time budget
+_FIRST_STEP_BYTES = 1_000_000  # of message text (bytes counted as characters)
+_STEP_SHARE = 0.5       # of the budget a step aims at, so that a slow one still fits
+# After a step, the lock is left free for a fifth of the step's length, as run_steps
+# does (sessiondb.maintenance): writers that bypass the gate poll for the lock with
+# sleeps, and a step taken again the moment the last one ended would starve them. A
+# stream's next sessions are read and validated meanwhile, so this costs it nothing.
+_PAUSE_SHARE = 0.2
+_INT64_MAX = 2**63 - 1
+_IN_LIST = "(SELECT value FROM json_each(?))"
+_MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(records.MESSAGE_COLUMNS))})")
+
+Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+Read = Callable[..., Any]
+
+
+# -- input ---------------------------------------------------------------------------
+
+def source_of(data: Any) -> tuple[Optional[list[dict[str, Any]]], Optional[Iterator[Any]]]:
+    """``(rows, None)`` for a dict or a list (validated at once, as a whole), else
+    ``(None, iterator)`` for any other iterable, to be consumed lazily.
+
+    :raises InvalidArgumentType: ``data`` is a str or bytes, or not iterable.
+    :raises InvalidArgument: an invalid session in a dict or list.
+    """
+    if isinstance(data, (dict, list)):
+        return records.check_import(data), None
+    if isinstance(data, (str, bytes, bytearray, memoryview)) or not hasattr(data, "__iter__"):
+        raise InvalidArgumentType("import data must be a session dict, a list of them or "
+                                  f"an iterable of them, not {type(data).__name__}")
+    return None, iter(data)
+
+
+# -- one run of an import -------------------------------------------------------------
+
+@dataclass
+class _Outcome:
+    """What one step did; applied to the run's state only once the step committed (a
+    step may be retried, or rolled back, so it changes nothing but the store)."""
+
+    taken: int = 0                   # sessions taken from the front of the queue
+    imported: int = 0
+    skipped: int = 0
+    messages: int = 0
+    size: int = 0                    # characters of message text written
+    deferred: bool = False
+    released: list[str] = field(default_factory=list)    # parents whose children went in
+    waiting: list[dict[str, Any]] = field(default_factory=list)   # children to hold back
+    seconds: float = 0.0             # the whole write: waiting, the step, the commit
+
+
+class ImportRun:
+    """The state of one import: the validated sessions waiting to be written, the
+    children waiting for a parent, and the counts.
+
+    :param write: runs a write function in one transaction (``_execute_write``).
+    :param budget: seconds one step may hold the write lock.
+    :param between: called after each step, outside the transaction (the engine's
+        checkpoint between steps), or None.
+    :param defer: defer full-text indexing of the imported messages.
+    :param stream: hold back children whose parent is missing (a stream); else refuse
+        them at once (a list: the parent is not coming).
+    """
+
+    def __init__(self, write: Write, budget: float, *, skip_existing: bool, defer: bool,
+                 stream: bool, tracker: Tracker,
+                 between: Optional[Callable[[], None]] = None) -> None:
+        self.write, self.budget, self.between = write, budget, between
+        self.skip_existing, self.defer, self.stream = skip_existing, defer, stream
+        self.tracker = tracker
+        # (session row, its rows: itself and its messages, characters of its text)
+        self.queue: deque[tuple[dict[str, Any], int, int]] = deque()
+        self.queued = 0                  # rows (sessions + messages) in the queue
+        self.waiting: dict[str, list[dict[str, Any]]] = {}
+        self.waiting_sessions = self.waiting_messages = 0
+        self.imported = self.skipped = 0
+        self.deferred = False
+        bounded = budget != float("inf")
+        self.step_rows = min(_FIRST_STEP_ROWS, MAX_STEP_ROWS) if bounded else _INT64_MAX
+        self.step_size = _FIRST_STEP_BYTES if bounded else _INT64_MAX
+        self._free_until = 0.0           # the end of the pause after the last step
+
+    def add(self, row: dict[str, Any]) -> None:
+        rows = 1 + len(row["messages"])
+        self.queue.append((row, rows, _text_size(row)))
+        self.queued += rows
+
+    def drain(self) -> None:
+        """Write every queued session, a step (one transaction) at a time."""
+        while self.queue:
+            self.step()
+
+    def step(self) -> None:
+        """Write the sessions at the front of the queue that fit one step."""
+        pause = self._free_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        started = time.monotonic()
+        try:
+            out: _Outcome = self.write(self._step)
+        except HoldTimeout:
+            # Rolled back, nothing written: the next try is smaller, unless this one
+            # was a single session already (it cannot be split).
+            if self.step_rows <= self.queue[0][1]:
+                raise
+            self.step_rows = max(1, self.step_rows // 4)
+            self.step_size = max(1, self.step_size // 4)
+            return
+        out.seconds = time.monotonic() - started
+        self._free_until = time.monotonic() + _PAUSE_SHARE * out.seconds
+        if self.between is not None:
+            self.between()
+        self._apply(out)
+
+    def finish(self) -> None:
+        """After the input ended: the children still waiting get their last chance
+        (their parent may have been created meanwhile), then are refused."""
+        self.stream = False
+        for row in records.parents_first([r for rows in self.waiting.values() for r in rows]):
+            self.add(row)
+        self.waiting.clear()
+        self.waiting_sessions = self.waiting_messages = 0
+        self.drain()
+
+    # -- a step ------------------------------------------------------------------------
+    def _step(self, conn: apsw.Connection) -> _Outcome:
+        out = _Outcome()
+        take, rows, size = [], 0, 0
+        for row, row_rows, row_size in self.queue:
+            take.append(row)
+            rows += row_rows
+            size += row_size
+            if rows >= self.step_rows or size >= self.step_size:
+                break
+        out.taken = len(take)
+        work = self._place(conn, take, out)
+        _check_titles(conn, work, self.done_before())
+        messages = [m for row in work for m in row["messages"]]
+        if messages:
+            messages = _assign_ids(conn, messages)
+            if self.defer:
+                ids = sorted(m[0] for m in messages if m[0] is not None)
+                out.deferred = search_index.defer_ids(conn, ids)
+        for row in work:
+            columns = [c for c in row if c != "messages"]
+            conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
+        if messages:
+            conn.executemany(_MESSAGE_INSERT, messages)
+        out.imported, out.messages, out.size = len(work), len(messages), size
+        return out
+
+    def _place(self, conn: apsw.Connection, take: list[dict[str, Any]], out: _Outcome
+               ) -> list[dict[str, Any]]:
+        """The sessions of this step in insertion order: existing ones skipped (or
+        refused), children of missing parents held back (or refused), and children
+        that were waiting for a session of this step right after it."""
+        ids = {row["id"] for row in take}
+        existing = _present(conn, list(ids))
+        parents = {row.get("parent_session_id") for row in take} - {None}
+        known = existing | _present(conn, list(parents - ids))  # sessions in the store
+        work: list[dict[str, Any]] = []
+        todo = deque(take)
+        while todo:
+            row = todo.popleft()
+            sid = row["id"]
+            # A released child was not looked up with the step's sessions.
+            if sid in known or (sid not in ids and _present(conn, [sid])):
+                if not self.skip_existing:
+                    done = self.done_before() if self.imported else (
+                        "nothing was imported (pass skip_existing=True to import only the "
+                        "new ones)")
+                    raise IntegrityViolation(f"session {sid!r} already exists; {done}")
+                out.skipped += 1
+            else:
+                parent = row.get("parent_session_id")
+                if parent is not None and parent != sid and parent not in known:
+                    if self.stream:
+                        out.waiting.append(row)
+                        continue
+                    raise IntegrityViolation(
+                        f"session {sid!r} names parent {parent!r}, which is neither in the "
+                        f"store nor in the import; {self.done_before()}")
+                work.append(row)
+            known.add(sid)
+            # A session now in the store (imported or there already) lets its waiting
+            # children in, right after it.
+            children = self.waiting.get(sid)
+            if children is not None and sid not in out.released:
+                out.released.append(sid)
+                todo.extendleft(reversed(children))
+        return work
+
+    def done_before(self) -> str:
+        """What an error met now leaves in the store, for its message."""
+        if not self.imported:
+            return "nothing was imported"
+        return (f"{self.imported:,} session(s) were imported before it, each complete "
+                "(rerun with skip_existing=True to import the rest)")
+
+    def _apply(self, out: _Outcome) -> None:
+        for _ in range(out.taken):
+            self.queued -= self.queue.popleft()[1]
+        for sid in out.released:
+            for row in self.waiting.pop(sid):
+                self.waiting_sessions -= 1
+                self.waiting_messages -= len(row["messages"])
+        self.imported += out.imported
+        self.skipped += out.skipped
+        self.deferred = self.deferred or out.deferred
+        if out.seconds > 0 and self.budget != float("inf"):
+            # Aim the next step at a share of the budget, at the rates this one ran
+            # (commit and wait included: an overestimate of the time it held the lock),
+            # in rows and in text: inserting a message costs time by its bytes too.
+            rows = out.messages + out.imported + out.skipped
+            aim = self.budget * _STEP_SHARE / out.seconds
+            self.step_rows = int(min(MAX_STEP_ROWS, max(1, rows * aim)))
+            self.step_size = int(max(1, out.size * aim)) if out.size else _INT64_MAX
+        self.tracker.add(out.messages)
+        for row in out.waiting:
+            parent = row["parent_session_id"]
+            self.waiting.setdefault(parent, []).append(row)
+            self.waiting_sessions += 1
+            self.waiting_messages += len(row["messages"])
+        if (self.waiting_sessions > WAITING_SESSIONS
+                or self.waiting_messages > WAITING_MESSAGES):
+            raise IntegrityViolation(
+                f"{self.waiting_sessions:,} imported sessions ({self.waiting_messages:,} "
+                "messages) wait for a parent session that has not come yet; "
+                f"{self.done_before()}. Put parents before their children (as export "
+                "does)")
+
+
+def _text_size(row: dict[str, Any]) -> int:
+    """Characters of text a session's messages carry (content, reasoning, the JSON
+    columns): what makes a message expensive to write besides its count."""
+    return sum(len(m[3] or "") + len(m[5] or "") + len(m[10] or "") + len(m[11] or "")
+               + len(m[12] or "") + len(m[13] or "") for m in row["messages"])
+
+
+def _present(conn: apsw.Connection, ids: list[str]) -> set[str]:
+    """Which of ``ids`` are sessions of the store."""
+    if not ids:
+        return set()
+    return {r[0] for r in conn.execute(
+        f"SELECT id FROM sessions WHERE id IN {_IN_LIST}", (json.dumps(ids),))}
+
+
+def _check_titles(conn: apsw.Connection, work: list[dict[str, Any]], done: str) -> None:
+    """Refuse a title that another session has (in the store, or earlier in the step):
+    the unique index would refuse it anyway, without saying which session."""
+    titled = [(row["title"], row["id"]) for row in work if row.get("title") is not None]
+    if not titled:
+        return
+    taken = dict(conn.execute(f"SELECT title, id FROM sessions WHERE title IN {_IN_LIST}",
+                              (json.dumps([t for t, _ in titled]),)).fetchall())
+    for title, sid in titled:
+        other = taken.setdefault(title, sid)
+        if other != sid:
+            raise IntegrityViolation(f"session {sid!r} has the title {title!r}, which "
+                                     f"session {other!r} already has; {done}")
+
+
+def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
+    """Give every message its id before it is inserted, and return the tuples with
+    them: the exported id while it is free and above the session's previous one; from
+    the first message of a session that cannot keep its id on, the next ids
+    AUTOINCREMENT would give, so the session's messages stay in their order (they are
+    read back by id). Assigning them here, rather than letting SQLite, lets the step
+    defer their indexing by id."""
+    wanted = [m[0] for m in messages if m[0] is not None]
+    taken = set()
+    if wanted:
+        taken = {r[0] for r in conn.execute(
+            f"SELECT id FROM messages WHERE id IN {_IN_LIST}", (json.dumps(wanted),))}
+    top = conn.execute(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
+        "coalesce((SELECT max(id) FROM messages), 0))").fetchone()[0]
+    out = []
+    session, moved, last = None, False, -1
+    for m in messages:
+        if m[1] != session:  # a step's messages come session by session
+            session, moved, last = m[1], False, -1
+        mid = m[0]
+        if moved or mid is None or mid in taken or mid <= last:
+            moved = True
+            if top >= _INT64_MAX:
+                out.append((None,) + m[1:])  # SQLite reports the exhausted id space
+                continue
+            mid = top + 1
+            m = (mid,) + m[1:]
+        taken.add(mid)
+        last = mid
+        if mid > top:
+            top = mid
+        out.append(m)
+    return out
+
+
+# -- the whole import -----------------------------------------------------------------
+
+def import_sessions(data: Any, *, write: Write, read: Read, budget: float,
+                    between: Optional[Callable[[], None]], skip_existing: bool,
+                    progress: Optional[ProgressCallback],
+                    index: Callable[[Optional[ProgressCallback]], int]) -> int:
+    """Import ``data`` (see :func:`source_of` and the module docstring) in steps of
+    ``budget`` seconds, deferring the indexing; returns the sessions imported.
+
+    :param write: ``_execute_write``.
+    :param read: ``_read``.
+    :param between: called after each step (``_between_steps``).
+    :param index: indexes every pending message in steps (``_index_pending``).
+    :raises IntegrityViolation: a session exists already (unless ``skip_existing``), a
+        parent is missing, a title is taken; the message says what was imported before.
+    """
+    rows, stream = source_of(data)
+    return _import(rows, stream, write=write, read=read, budget=budget, between=between,
+                   defer=True, skip_existing=skip_existing, progress=progress, index=index)
+
+
+def import_in_block(data: Any, *, write: Write, skip_existing: bool,
+                    progress: Optional[ProgressCallback]) -> int:
+    """Import ``data`` inside a ``transaction()`` block, as one write function, so that
+    a failure undoes only this call, as for every call in a block. A stream is read
+    (and validated) first, since the store's lock is held while that function runs;
+    nothing is deferred (the triggers index as usual, so nothing is left to catch up).
+    """
+    rows, stream = source_of(data)
+    if rows is None:
+        rows = records.check_import(list(stream or ()))
+
+    def whole(conn: apsw.Connection) -> int:
+        # No progress reports from inside: a callback that used the store there would
+        # wait for the lock its own call holds.
+        return _import(rows, None, write=lambda fn: fn(conn),
+                       read=lambda fn, snapshot=False: fn(conn), budget=float("inf"),
+                       between=None, defer=False, skip_existing=skip_existing,
+                       progress=None, index=lambda _: 0)
+
+    imported = write(whole)
+    messages = sum(len(r["messages"]) for r in rows)
+    Tracker("import", "messages", messages, progress).add(messages)
+    return imported
+
+
+def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
+            write: Write, read: Read, budget: float, between: Optional[Callable[[], None]],
+            defer: bool, skip_existing: bool, progress: Optional[ProgressCallback],
+            index: Callable[[Optional[ProgressCallback]], int]) -> int:
+    tracker = Tracker("import", "messages",
+                      None if rows is None else sum(len(r["messages"]) for r in rows),
+                      progress)
+    run = ImportRun(write, budget, skip_existing=skip_existing, defer=defer,
+                    stream=rows is None, tracker=tracker, between=between)
+    try:
+        if rows is not None:
+            for row in _check_list(rows, write=write, read=read, skip_existing=skip_existing):
+                run.add(row)
+            run.drain()
+        else:
+            assert stream is not None
+            _stream(run, stream)
+    except Exception:
+        # What was imported before the failure is made searchable too (a failure of
+        # that is left to a rerun: the error that stopped the import is the news).
+        if run.deferred:
+            try:
+                index(progress)
+            except Exception:
+                pass
+        raise
+    if run.deferred or (defer and read(_anything_pending)):
+        index(progress)  # also what an import that was killed left pending
+    return run.imported
+
+
+@contextmanager
+def larger_cache(read: Read) -> Iterator[None]:
+    """Give the connection :data:`IMPORT_CACHE_KIB` of page cache (unless it has more)
+    for the duration of the block, then the size it had."""
+    def size(conn: apsw.Connection) -> tuple[int, int]:
+        return int(conn.pragma("cache_size")), int(conn.pragma("page_size"))
+
+    before, page = read(size)
+    kib = -before if before < 0 else before * page // 1024
+    if kib >= IMPORT_CACHE_KIB:
+        yield
+        return
+    read(lambda conn: conn.pragma("cache_size", -IMPORT_CACHE_KIB))
+    try:
+        yield
+    finally:
+        try:
+            read(lambda conn: conn.pragma("cache_size", before))
+        except SessionDBError:
+            pass  # closed meanwhile: a new connection starts with the default anyway
+
+
+def _stream(run: ImportRun, items: Iterator[Any]) -> None:
+    """Consume ``items``: read and validate one step's worth of sessions (while the
+    lock is free), write one step, and so on; so what is held ahead of the writes is
+    about a step, and a bad session is refused before the step that would write it."""
+    recent: set[str] = set()  # a session twice within BATCH_MESSAGES rows is refused
+    pulled = 0
+    ended = False
+    while True:
+        while not ended and (run.queued < run.step_rows or not run.queue):
+            try:
+                item = next(items)
+            except StopIteration:
+                ended = True
+                break
+            row = _validated(run, item)
+            if row["id"] in recent:
+                raise InvalidArgument(f"session {row['id']!r} appears twice in the import; "
+                                      f"{run.done_before()}")
+            recent.add(row["id"])
+            pulled += 1 + len(row["messages"])
+            if pulled >= BATCH_MESSAGES:
+                recent, pulled = {row["id"]}, 0
+            run.add(row)
+        if not run.queue:
+            break
+        run.step()
+    run.finish()
+
+
+def _validated(run: ImportRun, item: Any) -> dict[str, Any]:
+    try:
+        return records.import_session(item)
+    except (InvalidArgument, InvalidArgumentType) as exc:
+        if not run.imported:
+            raise
+        # The same error, saying what is in the store already (the sessions validated
+        # before it and not written yet are not).
+        raise type(exc)(f"{exc}; {run.done_before()}") from exc
+
+
+def _anything_pending(conn: apsw.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sessiondb_fts_pending LIMIT 1").fetchone() is not None
+
+
+def _check_list(rows: list[dict[str, Any]], *, write: Write, read: Read,
+                skip_existing: bool) -> list[dict[str, Any]]:
+    """A list is checked against the store before anything is written, so that a
+    conflict leaves the store untouched, as an import in one transaction would: an
+    existing session (unless ``skip_existing``, which drops it), a missing parent, a
+    title taken. The last two are left for SQLite to refuse, in a transaction that is
+    rolled back (:func:`_probe`), so that the error is the one a single transaction
+    would have raised.
+
+    :returns: the rows to import, parents first.
+    """
+    ids = [r["id"] for r in rows]
+    titles = [r["title"] for r in rows if r.get("title") is not None]
+    parents = list({r.get("parent_session_id") for r in rows} - {None})
+
+    def look(conn: apsw.Connection) -> tuple[set[str], set[str], set[str]]:
+        return (_present(conn, ids), _present(conn, parents),
+                {r[0] for r in conn.execute(
+                    f"SELECT title FROM sessions WHERE title IN {_IN_LIST}",
+                    (json.dumps(titles),))} if titles else set())
+
+    existing, present, titled = read(look, snapshot=True)
+    if existing:
+        if not skip_existing:
+            sid = next(r["id"] for r in rows if r["id"] in existing)
+            raise IntegrityViolation(f"session {sid!r} already exists; nothing was imported "
+                                     "(pass skip_existing=True to import only the new ones)")
+        rows = [r for r in rows if r["id"] not in existing]
+    order = records.parents_first(rows)
+    by_id = {r["id"]: r for r in order}
+    coming = set(by_id) | present
+    holders: dict[str, str] = {}
+    doomed: set[str] = set()
+    for row in order:
+        sid, parent, title = row["id"], row.get("parent_session_id"), row.get("title")
+        if parent is not None and parent != sid and parent not in coming:
+            doomed.add(sid)
+        if title is not None:
+            if title in titled:
+                doomed.add(sid)
+            elif title in holders:
+                doomed.update((sid, holders[title]))
+            holders.setdefault(title, sid)
+    if doomed:
+        # The doomed sessions with their imported ancestors, so that each meets the
+        # refusal it is doomed to, not a missing parent.
+        needed = set()
+        for sid in doomed:
+            while sid in by_id and sid not in needed:
+                needed.add(sid)
+                sid = by_id[sid].get("parent_session_id")
+        _probe(write, [r for r in order if r["id"] in needed])
+    return order
+
+
+class _Clean(Exception):
+    """Rolls a probe back when SQLite did not refuse it."""
+
+
+def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
+    """Insert the session rows (without their messages) that the checks expect SQLite
+    to refuse, in a transaction that is always rolled back:
+    SQLite's refusal propagates (a constraint error, translated); if it accepts them
+    (the store changed since the check), nothing is kept and the import goes on."""
+
+    def insert(conn: apsw.Connection) -> None:
+        for row in rows:
+            columns = [c for c in row if c != "messages"]
+            conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
+        raise _Clean
+
+    try:
+        write(insert)
+    except _Clean:
+        pass
+
+
+# -- export --------------------------------------------------------------------------
+
+def export_batch(conn: apsw.Connection, source: Optional[str],
+                 after: Optional[tuple[float, str]]) -> list[dict[str, Any]]:
+    """The next sessions (oldest first, after ``after`` = ``(started_at, id)``), each
+    with its messages: at most :data:`EXPORT_BATCH_SESSIONS`, and no more once
+    :data:`EXPORT_BATCH_MESSAGES` messages are read (at least one session). Run it in
+    one snapshot."""
+    where, args = [], []
+    if source is not None:
+        # "+source": walk the started_at index and filter, rather than sort all the
+        # source's sessions for every batch (quadratic in a source's size).
+        where.append("+source = ?")
+        args.append(source)
+    if after is not None:
+        # Spelled out so that SQLite can seek the started_at index to the cursor.
+        where.append("started_at >= ? AND (started_at > ? OR id > ?)")
+        args += [after[0], after[0], after[1]]
+    sql = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
+           + " ORDER BY started_at, id LIMIT ?")
+    cursor = conn.execute(sql, (*args, EXPORT_BATCH_SESSIONS))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no rows
+        return []
+    out, messages = [], 0
+    for values in cursor.fetchall():
+        item = records.session(dict(zip(names, values)))
+        item["messages"] = _messages(conn, item["id"])
+        out.append(item)
+        messages += len(item["messages"])
+        if messages >= EXPORT_BATCH_MESSAGES:
+            break
+    return out
+
+
+def export_session(conn: apsw.Connection, session_id: str) -> Optional[dict[str, Any]]:
+    """The session with its messages (run it in one snapshot), or None."""
+    cursor = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no such session
+        return None
+    item = records.session(dict(zip(names, cursor.fetchone())))
+    item["messages"] = _messages(conn, session_id)
+    return item
+
+
+def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:
+    cursor = conn.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY id",
+                          (session_id,))
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:  # no rows
+        return []
+    return [records.message(dict(zip(names, r))) for r in cursor]
+
+
+def export_batches(read: Read, source: Optional[str],
+                   first: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every session of ``source`` (None: all), oldest first, with its messages: the
+    batch ``first`` (read by the caller, so that errors surface at the call), then one
+    :func:`export_batch` after another, each in its own short snapshot."""
+    batch = first
+    while batch:
+        yield from batch
+        last = batch[-1]
+        del batch  # hold no more than the batch being read
+        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(c, source, a),
+                     snapshot=True)

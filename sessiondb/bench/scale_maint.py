@@ -230,14 +230,17 @@ def compare_stores(a: str, b: str, seed: int, sample: int = 20) -> dict[str, Any
 
 
 def pick_cutoff(path: str) -> tuple[float, int]:
-    """The start time of the median session (minus half a second), and how many ended
-    sessions started before it: a prune of about half the store."""
+    """A start time halfway between the median session's and the one before, and how
+    many ended sessions started before it: a prune of about half the store. (Halfway, so
+    that the moments between this and the prune's own clock reading move no session
+    across it.)"""
     conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
         conn.set_busy_timeout(10_000)
-        cutoff = conn.execute(
-            "SELECT started_at FROM sessions ORDER BY started_at LIMIT 1 OFFSET "
-            "(SELECT count(*) / 2 FROM sessions)").fetchone()[0] - 0.5
+        starts = [r[0] for r in conn.execute(
+            "SELECT started_at FROM sessions ORDER BY started_at LIMIT 2 OFFSET "
+            "max(0, (SELECT count(*) / 2 FROM sessions) - 1)")]
+        cutoff = sum(starts) / len(starts)
         expected = conn.execute("SELECT count(*) FROM sessions WHERE started_at < ? "
                                 "AND ended_at IS NOT NULL", (cutoff,)).fetchone()[0]
     finally:
@@ -259,12 +262,16 @@ def prune_and_reclaim(path: str, seed: int) -> dict[str, dict[str, Any]]:
         before = file_sizes(path)
         cutoff, expected = pick_cutoff(path)
         progress = Progress("prune")
-        days = (time.time() - cutoff) / 86400
-        pruned, pruned_n = with_writer("prune_sessions", path, lambda: scale_api.prune_sessions(
-            db, days, progress), seed + 3)
+        days: list[float] = []
+
+        def prune() -> int:
+            days.append((time.time() - cutoff) / 86400)  # the clock read at the call
+            return scale_api.prune_sessions(db, days[0], progress)
+
+        pruned, pruned_n = with_writer("prune_sessions", path, prune, seed + 3)
         db.checkpoint(reset=True)
         after = file_sizes(path)
-        pruned.update(older_than_days=days, expected=expected, pruned=pruned_n,
+        pruned.update(older_than_days=days[0], expected=expected, pruned=pruned_n,
                       progress=progress.figures(), sizes_before=before, sizes_after=after,
                       sessions_after=db.session_count(), messages_after=db.message_count())
         progress = Progress("reclaim")

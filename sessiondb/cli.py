@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import __version__, bench, demo, doctor
 from .connection import default_path
 from .errors import SessionDBError
+from .maintenance import Progress
 from .store import SessionDB
 
 __all__ = ["main", "build_parser"]
@@ -40,7 +41,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     active = True if args.active else False if args.ended else None
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         rows = db.list_sessions(args.source, active=active, limit=args.limit)
     _emit(args, rows, lambda rs: _table(
         ["id", "source", "title", "messages", "started", "ended", "preview"],
@@ -51,7 +52,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         sid = db.resolve_session_id(args.id)
         data = db.export_session(sid) if sid else None
     if data is None:
@@ -61,7 +62,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         hits = db.search_messages(args.text, sources=args.source, roles=args.role,
                                   limit=args.limit)
     _emit(args, hits, lambda hs: _table(
@@ -74,7 +75,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.output:
         _refuse_store_file(args.output, args)
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         if args.session:
             sid = db.resolve_session_id(args.session)
             one = db.export_session(sid) if sid else None
@@ -98,31 +99,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     data = _read_json(args.file, args)
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         count = db.import_sessions(data, skip_existing=args.skip_existing)
     _emit(args, {"imported": count}, lambda d: f"imported {d['imported']} session(s)")
     return 0
 
 
-class _DryRun(Exception):
-    """Raised inside a transaction to roll the prune back."""
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    with SessionDB(args.db) as db:
-        if args.yes:
-            deleted, would = db.prune_sessions(args.days, args.source), None
-        else:
-            # The real prune, rolled back: the count is exactly what --yes would delete
-            # (no copy of its selection rules here to drift out of date).
-            counted: list[int] = []
-            try:
-                with db.transaction():
-                    counted.append(db.prune_sessions(args.days, args.source))
-                    raise _DryRun
-            except _DryRun:
-                pass
-            deleted, would = 0, counted[0]
+    with _open(args) as db:
+        # A dry run counts with the prune's own selection rules (nothing written).
+        counted = db.prune_sessions(args.days, args.source, dry_run=not args.yes,
+                                    progress=_progress(args))
+    deleted, would = (counted, None) if args.yes else (0, counted)
     result = {"dry_run": not args.yes, "deleted": deleted, "would_delete": would,
               "days": args.days, "source": args.source}
     scope = f"ended {args.source + ' ' if args.source else ''}session(s) started over " \
@@ -134,7 +122,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with SessionDB(args.db) as db:
+    with _open(args) as db:
         figures = db.stats()
         figures["sessions"] = db.session_count()
         figures["messages"] = db.message_count()
@@ -144,7 +132,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = doctor.check(_db_path(args), repair=args.repair)
+    report = doctor.check(_db_path(args), repair=args.repair, deep=args.deep,
+                          progress=_progress(args))
     _emit(args, report, _doctor_text)
     return 0 if report["ok"] else 1
 
@@ -242,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "WAL size and sidecar files. A missing file is reported, not created. "
                 "Exit 0 when healthy, 1 when problems were found.")
     p.add_argument("--repair", action="store_true",
-                   help="rebuild the full-text index from the messages (messages untouched)")
+                   help="rebuild the full-text index from the messages (messages untouched), "
+                        "in short steps while others keep writing; finishes one cut short")
+    p.add_argument("--deep", action="store_true",
+                   help="compare the full-text index with the messages also on a store of "
+                        "over 100,000 messages (stops writers meanwhile)")
 
     p = command("demo", cmd_demo, "several processes write one database at once",
                 "Spawn worker processes that each create a session and append messages, "
@@ -292,8 +285,51 @@ class _InputError(Exception):
     """A problem with a file the user named (not with the store): exit 2, one line."""
 
 
+def _open(args: argparse.Namespace) -> SessionDB:
+    """The store, with a progress bar for work done while opening it (finishing the
+    conversion of a hermes-agent file)."""
+    return SessionDB(args.db, progress=_progress(args))
+
+
 def _db_path(args: argparse.Namespace) -> Path:
     return Path(os.path.abspath(Path(args.db).expanduser() if args.db else default_path()))
+
+
+def _progress(args: argparse.Namespace) -> Callable[[Progress], None] | None:
+    """A progress bar on stderr for long work (none with ``--json``): redrawn in place on
+    a terminal, a line every few seconds otherwise."""
+    if args.json:
+        return None
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(p: Progress) -> None:
+        now = time.monotonic()
+        finished = p.total is not None and p.done >= p.total
+        if not finished and now - last[0] < (0.2 if tty else 5.0):
+            return
+        last[0] = now
+        print(("\r" if tty else "") + _progress_line(p), end="" if tty else "\n",
+              file=sys.stderr, flush=True)
+        if tty and finished:
+            print(file=sys.stderr)
+
+    return show
+
+
+def _progress_line(p: Progress) -> str:
+    if p.total:
+        share = min(1.0, p.done / p.total)
+        bar = "#" * int(share * 30)
+        eta = "" if p.eta_s is None else f", {_duration(p.eta_s)} left"
+        return (f"{p.task:<8} [{bar:<30}] {share:4.0%} {p.done:,}/{p.total:,} {p.unit}"
+                f" ({_duration(p.elapsed_s)}{eta})")
+    return f"{p.task:<8} {p.done:,} {p.unit} ({_duration(p.elapsed_s)})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:

@@ -44,7 +44,8 @@ from .errors import (
     StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
-from .schema import SCHEMA_VERSION, build_schema, ensure_schema
+from .maintenance import ProgressCallback, check_progress, step_budget
+from .schema import CONVERSION, SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
@@ -118,6 +119,7 @@ class Engine:
         journal_size_limit: int = 8 * 1024 * 1024,
         gate: bool = True,
         vfs: str | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
@@ -141,7 +143,8 @@ class Engine:
                              busy_timeout_ms=max(1, int(busy_timeout * 1000)),
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
-                             journal_size_limit=journal_size_limit, gate=gate, vfs=vfs)
+                             journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
+                             progress=check_progress(progress))
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -182,7 +185,16 @@ class Engine:
             self._checkpoints.verify = lambda: self._walguard.lost() is None
             self._conn = conn
             self._pid = os.getpid()
-            ensure_schema(conn, self.path, self._execute_write, o["write_timeout"])
+            # A migration is bounded work that cannot always be split (an index is
+            # built in one statement), so it is exempt from the hold bound.
+            ensure_schema(conn, self.path, partial(self._execute_write, bounded=False),
+                          o["write_timeout"])
+            if search_index.rebuilding(conn) == CONVERSION:
+                # A converted hermes-agent file is searchable once its messages are
+                # indexed; whoever opens it helps until that is done (steps are shared
+                # safely), so a conversion cut short resumes at the next open.
+                search_index.catch_up(self._execute_write, step_budget(o["hold_timeout"]),
+                                      o["progress"])
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -284,7 +296,8 @@ class Engine:
             yield self._conn
 
     # -- the two doors: every write and every read ----------------------------------
-    def _execute_write(self, fn: Callable[[apsw.Connection], T]) -> T:
+    def _execute_write(self, fn: Callable[[apsw.Connection], T], *,
+                       bounded: bool = True) -> T:
         """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (the only write path).
 
         Busy errors are retried with jitter until ``write_timeout``; any other exception
@@ -292,16 +305,21 @@ class Engine:
         Called inside :meth:`transaction` it joins that transaction (as a savepoint).
         A write that fails only because the full-text index is damaged marks the index
         so and runs again without it (:mod:`sessiondb.search_index`).
+
+        :param bounded: False exempts it from ``hold_timeout``: only for bounded work
+            that cannot be split (a schema migration, see
+            :meth:`sessiondb.writes.WritePath.run`); long work runs in short steps
+            instead (:mod:`sessiondb.maintenance`).
         """
         try:
-            return self._write(fn)
+            return self._write(fn, bounded)
         except CorruptDatabaseError as exc:
             if fn is search_index.mark_damaged or not search_index.is_damage(exc):
                 raise
             self._write(search_index.mark_damaged)
-            return self._write(fn)
+            return self._write(fn, bounded)
 
-    def _write(self, fn: Callable[[apsw.Connection], T]) -> T:
+    def _write(self, fn: Callable[[apsw.Connection], T], bounded: bool = True) -> T:
         with self._connection() as conn:
             if self._writes.active:
                 return self._nested(conn, fn)
@@ -309,7 +327,7 @@ class Engine:
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
             with self._files_guard(conn):
-                result = self._writes.run(conn, fn)
+                result = self._writes.run(conn, fn, bounded)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)

@@ -24,7 +24,7 @@ import filelock
 
 from .errors import DatabaseOpenError, HermesSchemaError, SchemaTooNewError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The full-text index table (also recreated by sessiondb.search_index.rebuild).
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
@@ -186,8 +186,45 @@ CREATE INDEX sessiondb_claims_ready ON sessiondb_claims(queue, id) WHERE state =
 CREATE INDEX sessiondb_claims_held ON sessiondb_claims(owner) WHERE state = 'claimed';
 """
 
+# v4: the full-text index can be (re)built in short steps while everyone keeps writing
+# (sessiondb.search_index). ``sessiondb_fts_pending`` holds id ranges of messages that
+# are not in the index yet, kept disjoint; the triggers leave a message alone while its id
+# lies in one of them (in the index and the table alike: an index entry is only ever
+# deleted with the content it was made from), and the stepper indexes each range in
+# short transactions. A bulk import defers its messages this way, so writers' messages
+# outside the ranges are indexed at once as before.
+_PENDING = """CREATE TABLE sessiondb_fts_pending (
+    lo INTEGER PRIMARY KEY,
+    hi INTEGER NOT NULL
+)"""
+
+
+def _indexed(row: str) -> str:
+    """The trigger condition: the index is not marked damaged and ``row``'s id is in no
+    pending range (the range starting at or before it ends before it)."""
+    return (f"{_WHEN_INDEX_OK[5:]} AND NOT COALESCE((SELECT hi >= {row}.id FROM "
+            f"sessiondb_fts_pending WHERE lo <= {row}.id ORDER BY lo DESC LIMIT 1), 0)")
+
+
+#: The index triggers of v4 (also recreated by a rebuild, sessiondb.search_index).
+FTS_TRIGGERS = f"""
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN {_indexed("new")} BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages WHEN {_indexed("old")} BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages WHEN {_indexed("old")} BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+"""
+DROP_FTS_TRIGGERS = "".join(f"DROP TRIGGER IF EXISTS {name};" for name in _FTS_TRIGGER_NAMES)
+_V4_FTS = f"{_PENDING};{DROP_FTS_TRIGGERS}{FTS_TRIGGERS}"
+_V4 = _V4_FTS
+
 #: MIGRATIONS[n] brings a store from version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 
 WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
 
@@ -373,17 +410,20 @@ def hermes_version(conn: apsw.Connection, path: Path,
 
 
 def from_hermes(conn: apsw.Connection) -> None:
-    """Convert a hermes-agent file into sessiondb schema 2, in one write transaction (a
-    crash leaves the old file or the new one); the ladder goes on from 2. A file older
-    than hermes-agent's schema 6 first gets the columns of hermes-agent's own steps.
+    """Convert a hermes-agent file into the current sessiondb schema, in one write
+    transaction (a crash leaves the old file or the new one), except for the full-text
+    index, which is built afterwards in short steps (every message is left pending, see
+    :mod:`sessiondb.search_index`; the engine finishes it on open). A file older than
+    hermes-agent's schema 6 first gets the columns of hermes-agent's own steps.
 
     Kept: every row, and hermes-agent's ``schema_version`` table, so that hermes-agent
     itself still opens the file (its ``CREATE ... IF NOT EXISTS`` steps find everything
     there). Replaced: the indexes of both tables by sessiondb's (hermes-agent's
     ``idx_messages_session`` is on ``(session_id, timestamp)``, sessiondb's on
-    ``(session_id, id)``) and the full-text index and its triggers by sessiondb's v2 ones;
-    the index is rebuilt from the messages, since hermes-agent never indexed the messages
-    it had before the index existed. Added: ``messages.metadata``, ``sessiondb_meta``.
+    ``(session_id, id)``) and the full-text index and its triggers by sessiondb's; the
+    index is rebuilt from the messages, since hermes-agent never indexed the messages it
+    had before the index existed (hermes-agent's index table is set aside and emptied in
+    steps). Added: ``messages.metadata``, ``sessiondb_meta``.
     """
     if user_version(conn) != 0:  # another process converted it first
         return
@@ -405,10 +445,55 @@ def from_hermes(conn: apsw.Connection) -> None:
             "AND sql IS NOT NULL AND (type = 'index' OR (type = 'trigger' AND "
             "sql LIKE '%messages_fts%'))").fetchall():
         conn.execute(f'DROP {kind.upper()} "{name}"')
+    # Building the message indexes is the one part that cannot be split into steps
+    # (SQLite builds an index in one statement): about 0.1 s per 100,000 messages.
     conn.execute(_INDEXES)
-    conn.execute("DROP TABLE IF EXISTS messages_fts")
+    set_aside_index(conn)
     conn.execute(FTS_TABLE)
-    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
     conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     conn.execute(_V2_TRIGGERS)
-    conn.pragma("user_version", 2)
+    for version in range(2, SCHEMA_VERSION):  # in this transaction: no writer may see
+        conn.execute(MIGRATIONS[version])     # the v2 triggers index a deferred message
+    # Every message is indexed afterwards, in short steps (sessiondb.search_index).
+    conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "
+                 "FROM messages HAVING count(*) > 0")
+    conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
+                 (REBUILDING, CONVERSION))
+    conn.pragma("user_version", SCHEMA_VERSION)
+
+
+#: ``sessiondb_meta`` key present while the whole index is being rebuilt (its value says
+#: why); search refuses to answer from a partial index meanwhile.
+REBUILDING = "fts_rebuilding"
+#: Its value after the conversion of a hermes-agent file: any process that opens the
+#: store then helps finish the index (sessiondb.engine).
+CONVERSION = "converting a hermes-agent state.db"
+_JUNK = "sessiondb_fts_junk"
+
+
+def set_aside_index(conn: apsw.Connection) -> None:
+    """Rename the full-text index table, if there is one, to a free
+    ``sessiondb_fts_junk_<n>`` name: dropping a large index is one long statement, so
+    its shadow tables are emptied later in short steps (sessiondb.search_index) and the
+    empty table dropped. The index triggers must be gone first: a rename rewrites the
+    triggers that name the table to name the new one. A table too damaged to rename (a
+    shadow table missing) is dropped instead, in this one statement.
+    """
+    if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'messages_fts'").fetchone():
+        return
+    taken = set(junk_tables(conn))
+    n = next(i for i in range(1, len(taken) + 2) if f"{_JUNK}_{i}" not in taken)
+    conn.execute("SAVEPOINT sessiondb_set_aside")
+    try:
+        conn.execute(f"ALTER TABLE messages_fts RENAME TO {_JUNK}_{n}")
+    except apsw.Error:
+        conn.execute("ROLLBACK TO sessiondb_set_aside")
+        conn.execute("DROP TABLE messages_fts")
+    conn.execute("RELEASE sessiondb_set_aside")
+
+
+def junk_tables(conn: apsw.Connection) -> list[str]:
+    """The set-aside index tables still to be emptied and dropped."""
+    return [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name GLOB ? "
+        "AND sql LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name", (f"{_JUNK}_[0-9]*",))]

@@ -12,19 +12,22 @@ turn. Now:
 * a search finds the mark (:func:`raise_if_damaged`) and raises
   :class:`~sessiondb.errors.SearchIndexError`, rather than answer from an index that no
   longer covers every message;
-* ``sessiondb doctor --repair`` (:func:`rebuild`) rebuilds the index from the messages,
-  which it only reads, recreating the index table if its shadow tables are beyond the
-  ``'rebuild'`` command, and removes the mark.
+* ``sessiondb doctor --repair`` (``SessionDB.rebuild_search_index``) rebuilds the index
+  from the messages, which it only reads, in short steps (below), and removes the mark.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import apsw
 
 from .errors import SearchIndexError
-from .schema import FTS_TABLE
+from .maintenance import ProgressCallback, Tracker, run_steps
+from .schema import (
+    DROP_FTS_TRIGGERS, FTS_TABLE, FTS_TRIGGERS, REBUILDING, junk_tables, set_aside_index,
+)
 
 _KEY = "fts_damaged"
 _CORRUPT_VTAB = getattr(apsw, "SQLITE_CORRUPT_VTAB", 267)
@@ -51,12 +54,20 @@ def damage_note(conn: apsw.Connection) -> str | None:
 
 
 def raise_if_damaged(conn: apsw.Connection, path: object) -> None:
-    """:raises SearchIndexError: the index is marked damaged."""
+    """:raises SearchIndexError: the index is marked damaged, or is being rebuilt (a
+    search would miss the messages not indexed yet)."""
     note = damage_note(conn)
     if note is not None:
         raise SearchIndexError(
             f"the full-text index of {path} is damaged ({note}); messages are intact and "
             f"still being written: run `sessiondb doctor --repair --db {path}` to rebuild it")
+    why = rebuilding(conn)
+    if why is not None:
+        left = pending_messages(conn)
+        raise SearchIndexError(
+            f"the full-text index of {path} is being rebuilt ({why}; {left:,} messages "
+            "still to index); search answers again when it is done. If no process is "
+            f"rebuilding it, run `sessiondb doctor --repair --db {path}` to finish it")
 
 
 def is_search_damage(exc: BaseException) -> bool:
@@ -75,20 +86,134 @@ def search_damage_error(exc: BaseException, path: object) -> SearchIndexError:
         f"intact: run `sessiondb doctor --repair --db {path}`")
 
 
-def rebuild(conn: apsw.Connection) -> None:
-    """Rebuild the index from ``messages`` and clear the mark (a write function).
+# -- building the index in short steps ---------------------------------------------
+#
+# Messages whose ids lie in a range of ``sessiondb_fts_pending`` are not in the index and
+# the triggers leave them alone (see sessiondb.schema, v4); everything else is. So every
+# commit leaves the index consistent with the messages outside the ranges, and
+# :func:`index_step` shrinks the ranges a chunk at a time. A full rebuild sets the old
+# index table aside (renamed: dropping a large one is one long statement), starts an
+# empty one with every message pending, and empties the old one in steps too
+# (:func:`junk_step`). While it runs, the ``fts_rebuilding`` mark makes search refuse to
+# answer from a partial index; a bulk import defers only its own messages and leaves
+# search answering (its messages become searchable as they are indexed).
 
-    The ``'rebuild'`` command rewrites the index in place; when the shadow tables are too
-    damaged for it (one missing, say), the index table is dropped and created again
-    (https://sqlite.org/fts5.html#the_rebuild_command).
-    """
-    conn.execute("SAVEPOINT sessiondb_rebuild")
-    try:
-        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES('rebuild')")
-    except apsw.Error:
-        conn.execute("ROLLBACK TO sessiondb_rebuild")
-        conn.execute("DROP TABLE messages_fts")
-        conn.execute(FTS_TABLE)
-        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES('rebuild')")
-    conn.execute("RELEASE sessiondb_rebuild")
+_CHUNK = 100  # messages indexed per statement: a few ms each, so steps end on time
+
+
+def begin_rebuild(conn: apsw.Connection, reason: str) -> None:
+    """Start a full rebuild (a write function): the index table set aside, an empty one
+    in its place with every message pending, the damage mark replaced by the
+    ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`."""
+    conn.execute(DROP_FTS_TRIGGERS)
+    set_aside_index(conn)
+    conn.execute(FTS_TABLE)
+    conn.execute(FTS_TRIGGERS)
+    conn.execute("DELETE FROM sessiondb_fts_pending")
+    conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "
+                 "FROM messages HAVING count(*) > 0")
     conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (_KEY,))
+    conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
+                 (REBUILDING, reason))
+
+
+def defer(conn: apsw.Connection, lo: int, hi: int) -> None:
+    """Leave the messages with ids ``lo..hi`` out of the index for now (a bulk import
+    calls this before inserting them; no message may exist in that range yet, or its
+    index entry could never be deleted). Joins a range that ends at ``lo - 1``."""
+    before = conn.execute("SELECT lo FROM sessiondb_fts_pending WHERE hi = ?",
+                          (lo - 1,)).fetchone()
+    if before is not None:
+        conn.execute("UPDATE sessiondb_fts_pending SET hi = ? WHERE lo = ?", (hi, before[0]))
+    else:
+        conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) VALUES (?, ?)", (lo, hi))
+
+
+def index_step(conn: apsw.Connection, deadline: float) -> int:
+    """Index pending messages, lowest ids first, until ``deadline`` (``time.monotonic``;
+    at least one chunk); clears the ``fts_rebuilding`` mark with the last one (a write
+    function for :func:`sessiondb.maintenance.run_steps`). Returns how many were
+    indexed; 0 when nothing is pending."""
+    done = 0
+    while True:
+        row = conn.execute("SELECT lo, hi FROM sessiondb_fts_pending "
+                           "ORDER BY lo LIMIT 1").fetchone()
+        if row is None:
+            conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,))
+            return done
+        lo, hi = row
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM messages WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?",
+            (lo, hi, _CHUNK))]
+        upto = ids[-1] if len(ids) == _CHUNK else hi
+        conn.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content "
+                     "FROM messages WHERE id >= ? AND id <= ?", (lo, upto))
+        if upto >= hi:
+            conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (lo,))
+        else:  # the key moves: a range is keyed by its first id
+            conn.execute("UPDATE sessiondb_fts_pending SET lo = ? WHERE lo = ?",
+                         (upto + 1, lo))
+        done += len(ids)
+        if time.monotonic() >= deadline:
+            return done
+
+
+def junk_step(conn: apsw.Connection, deadline: float) -> int:
+    """Empty the set-aside index tables a batch of rows at a time until ``deadline``,
+    dropping each once empty (a write function). Returns the rows and tables removed; 0
+    when there is nothing left."""
+    done = 0
+    for table in junk_tables(conn):
+        # Not the config table: dropping the virtual table reads it.
+        for shadow in ("data", "docsize", "idx", "content"):
+            name = f"{table}_{shadow}"
+            if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?",
+                                (name,)).fetchone():
+                continue
+            while True:
+                # Every shadow table has a rowid except idx (WITHOUT ROWID), which is
+                # small (a row per leaf page): it goes in one statement.
+                if shadow == "idx":
+                    conn.execute(f'DELETE FROM "{name}"')
+                    done += conn.changes()
+                    break
+                conn.execute(f'DELETE FROM "{name}" WHERE rowid IN (SELECT rowid FROM '
+                             f'"{name}" LIMIT 500)')
+                removed = conn.changes()
+                done += removed
+                if not removed:
+                    break
+                if time.monotonic() >= deadline:
+                    return done
+        conn.execute(f'DROP TABLE "{table}"')
+        done += 1
+        if time.monotonic() >= deadline:
+            return done
+    return done
+
+
+def pending_messages(conn: apsw.Connection) -> int:
+    """How many messages wait to be indexed."""
+    return int(conn.execute(
+        "SELECT coalesce(sum((SELECT count(*) FROM messages WHERE id >= lo AND id <= hi)), 0) "
+        "FROM sessiondb_fts_pending").fetchone()[0])
+
+
+def rebuilding(conn: apsw.Connection) -> str | None:
+    """Why the whole index is being rebuilt, or None when it is not."""
+    row = conn.execute("SELECT value FROM sessiondb_meta WHERE key = ?",
+                       (REBUILDING,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def catch_up(write: Callable, budget: float, progress: ProgressCallback | None = None,
+             total: int | None = None) -> int:
+    """Index every pending message and remove set-aside index tables, in steps through
+    ``write`` (the instance's ``_execute_write``); returns the messages indexed.
+
+    :param total: the pending count for progress reports, if the caller knows it.
+    """
+    tracker = Tracker("index", "messages", total, progress)
+    indexed = run_steps(write, index_step, budget, tracker)
+    run_steps(write, junk_step, budget, Tracker("cleanup", "rows", None, progress))
+    return indexed

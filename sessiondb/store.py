@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
 import apsw
 
-from . import records, search_index
+from . import pruning, records, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
+from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
@@ -609,41 +611,89 @@ class SessionDB(Coordination):
 
         return self._execute_write(write)
 
-    def prune_sessions(self, older_than_days: float = 90, source: str | None = None) -> int:
+    def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
+                       dry_run: bool = False, progress: ProgressCallback | None = None
+                       ) -> int:
         """Delete ended sessions started more than ``older_than_days`` ago, with their
-        messages, and give the space back. Active sessions are never pruned; neither is
-        a session that a remaining session names as its parent.
+        messages, and give the space back (:meth:`reclaim_space`). Active sessions are
+        never pruned; neither is a session that a remaining session names as its parent.
 
-        :returns: number of sessions deleted.
+        It runs as a series of short write transactions (:mod:`sessiondb.maintenance`),
+        so other processes keep writing meanwhile, and each leaves the store consistent:
+        a session goes with all its messages at once (one with more than 2,000 messages
+        loses them oldest first, a chunk at a time, counters exact at every step). If it
+        is interrupted, what was deleted stays deleted and a rerun finishes the job.
+        Inside a :meth:`transaction` block it runs within that transaction.
+
+        :param dry_run: only count what would be deleted; nothing is written.
+        :param progress: called with a :class:`~sessiondb.maintenance.Progress` (task
+            ``"prune"``, rows: sessions plus messages) after each step, then by
+            :meth:`reclaim_space`.
+        :returns: number of sessions deleted (or, with ``dry_run``, that would be).
         """
         days = check_cost("older_than_days", older_than_days)
         if days is None:
             raise InvalidArgument("older_than_days is required")
         source = check_text("source", source)
+        dry_run = check_flag("dry_run", dry_run)
+        progress = check_progress(progress)
         cutoff = time.time() - days * 86400
-        cond = "started_at < ? AND ended_at IS NOT NULL" + (" AND source = ?" if source else "")
-        args = (cutoff, source) if source else (cutoff,)
-        # A parent goes only once no remaining session refers to it; loop for chains.
-        pick = (f"SELECT id FROM sessions s WHERE {cond} AND NOT EXISTS (SELECT 1 FROM "
-                "sessions c WHERE c.parent_session_id = s.id AND c.id != s.id)")
+        sessions, messages = self._read(lambda c: pruning.count(c, cutoff, source),
+                                        snapshot=True)
+        if dry_run or not sessions:
+            return sessions
+        deleted = [0]
+        run_steps(self._execute_write, pruning.prune_step(cutoff, source, deleted),
+                  self._step_budget(), Tracker("prune", "rows", sessions + messages, progress))
+        self.reclaim_space(progress=progress)
+        return deleted[0]
 
-        def write(conn: apsw.Connection) -> int:
-            deleted = 0
-            while True:
-                ids = [r[0] for r in _fetch(conn, pick, args)]
-                if not ids:
-                    break
-                for sid in ids:
-                    conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-                    conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-                deleted += len(ids)
-            if deleted:
-                # Each step of this pragma frees one page: run it to completion, or only
-                # the first page comes back.
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
-            return deleted
+    def reclaim_space(self, *, progress: ProgressCallback | None = None) -> dict[str, int]:
+        """Give the pages that deletions freed back to the file system, in short steps
+        (``PRAGMA incremental_vacuum``; no VACUUM holding the lock for minutes), then
+        checkpoint so that the file shrinks. Stores that sessiondb created shrink; a
+        converted hermes-agent file (made without incremental auto-vacuum) keeps its
+        size and reuses the free pages for new data.
 
-        return self._execute_write(write)
+        :param progress: called after each step (task ``"reclaim"``, unit ``"pages"``).
+        :returns: ``freed_pages``, ``bytes_before`` and ``bytes_after`` (database file).
+        """
+        progress = check_progress(progress)
+        before = _file_size(self.path)
+        free = self._read(lambda c: int(c.pragma("freelist_count")))
+        freed = run_steps(self._execute_write, pruning.reclaim_step, self._step_budget(),
+                          Tracker("reclaim", "pages", free, progress))
+        if freed and not self._writes.active:
+            self.checkpoint()
+        return {"freed_pages": freed, "bytes_before": before,
+                "bytes_after": _file_size(self.path)}
+
+    def rebuild_search_index(self, *, progress: ProgressCallback | None = None) -> int:
+        """Rebuild the full-text index from the messages (which are only read), in short
+        steps while other processes keep writing; clears a damage mark
+        (:mod:`sessiondb.search_index`). Searches raise
+        :class:`~sessiondb.errors.SearchIndexError` until it is done. If a rebuild was
+        cut short (a crash, a kill), this finishes it instead of starting again; it also
+        indexes messages a bulk import left pending.
+
+        :param progress: called after each step (task ``"index"``, unit ``"messages"``;
+            then ``"cleanup"`` while the old index is removed).
+        :returns: the number of messages indexed.
+        """
+        progress = check_progress(progress)
+        if self._read(search_index.rebuilding) is None:
+            # Unbounded: an index too damaged to set aside is dropped in one statement.
+            self._execute_write(lambda c: search_index.begin_rebuild(
+                c, "a rebuild was requested"), bounded=False)
+        return self._index_pending(progress)
+
+    def _index_pending(self, progress: ProgressCallback | None) -> int:
+        total = self._read(search_index.pending_messages)
+        return search_index.catch_up(self._execute_write, self._step_budget(), progress,
+                                     total)
+
+    def _step_budget(self) -> float:
+        return step_budget(self._options["hold_timeout"])
 
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
@@ -676,6 +726,13 @@ def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> 
     """
     head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
     return plain_snippet(_decode(head) or "", match)
+
+
+def _file_size(path: Any) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _decode(head: bytes | None) -> str | None:

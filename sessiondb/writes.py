@@ -132,9 +132,15 @@ class WritePath:
         """True while the calling thread is inside a write transaction."""
         return getattr(self._active, "depth", 0) > 0
 
-    def run(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        """Run ``fn(conn)`` as one ``BEGIN IMMEDIATE`` transaction, retrying on busy."""
-        return self._attempts(conn, fn)
+    def run(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T],
+            bounded: bool = True) -> T:
+        """Run ``fn(conn)`` as one ``BEGIN IMMEDIATE`` transaction, retrying on busy.
+
+        :param bounded: False exempts this transaction from the hold bound: for work
+            that is bounded but cannot be split, such as a schema migration building an
+            index in one statement.
+        """
+        return self._attempts(conn, fn, bounded)
 
     def begin(self, conn: apsw.Connection) -> float:
         """Enter the gate and ``BEGIN IMMEDIATE`` (retrying busy), for a transaction whose
@@ -194,14 +200,14 @@ class WritePath:
                 self._leave(started, committed)
 
     # -- internals --------------------------------------------------------------------
-    def _attempts(self, conn: apsw.Connection, fn):
+    def _attempts(self, conn: apsw.Connection, fn, bounded: bool = True):
         start = time.monotonic()
         deadline = start + self.write_timeout
         attempt = 0
         while True:
             attempt += 1
             with self._sql:
-                done, outcome = self._attempt(conn, fn, start, deadline, attempt)
+                done, outcome = self._attempt(conn, fn, start, deadline, attempt, bounded)
             if done:
                 return outcome
             self.counters.retries += 1
@@ -211,7 +217,7 @@ class WritePath:
             time.sleep(backoff(attempt, remaining))
 
     def _attempt(self, conn: apsw.Connection, fn, start: float, deadline: float,
-                 attempt: int) -> tuple[bool, object]:
+                 attempt: int, bounded: bool = True) -> tuple[bool, object]:
         """One try: (True, result), or (False, the busy error) to retry. One handler
         covers everything from entering the gate to COMMIT, so that no exception (a
         KeyboardInterrupt included, wherever it lands) can leave the gate held or a write
@@ -225,7 +231,7 @@ class WritePath:
                 self._timed_out(start, attempt, None)
             conn.execute("BEGIN IMMEDIATE")
             entered = time.monotonic()
-            self._opened(conn, entered)
+            self._opened(conn, entered, bounded)
             if self.verify is not None:
                 self.verify()
             self._record_wait(entered - start, contended)
@@ -259,11 +265,11 @@ class WritePath:
         return True, result
 
     # -- the hold bound (see the module docstring) ------------------------------------
-    def _opened(self, conn: apsw.Connection, entered: float) -> None:
+    def _opened(self, conn: apsw.Connection, entered: float, bounded: bool = True) -> None:
         with self._imu:
             self._seq += 1
             self._tx = (self._seq, conn, entered)
-        if self.hold_timeout is not None:
+        if self.hold_timeout is not None and bounded:
             _WATCHDOG.watch(self, self._seq, entered + self.hold_timeout)
 
     def _raise_if_expired(self, cause: BaseException | None = None) -> None:

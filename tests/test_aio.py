@@ -143,7 +143,10 @@ SCRIPT: list[tuple[str, tuple, dict]] = [
     ("clear_messages", ("child",), {}),
     ("delete_session", ("root",), {}),
     ("delete_session", ("child",), {}),
+    ("prune_sessions", (), {"older_than_days": 0, "dry_run": True}),
     ("prune_sessions", (), {"older_than_days": 0}),
+    ("rebuild_search_index", (), {}),
+    ("reclaim_space", (), {}),
     ("checkpoint", (), {}),
     ("stats", (), {}),
 ]

@@ -137,6 +137,8 @@ CLOSED_CALLS = {
     "export_all": lambda db: db.export_all(),
     "import_sessions": lambda db: db.import_sessions([]),
     "prune_sessions": lambda db: db.prune_sessions(1),
+    "rebuild_search_index": lambda db: db.rebuild_search_index(),
+    "reclaim_space": lambda db: db.reclaim_space(),
     "checkpoint": lambda db: db.checkpoint(),
     "stats": lambda db: db.stats(),
     "update_session": lambda db: db.update_session("s", title="t"),

@@ -305,6 +305,9 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     db = Tour(raw)
     db.prune_sessions(older_than_days=0)
     db.prune_sessions(older_than_days=0, source="cli")
+    db.prune_sessions(older_than_days=0, dry_run=True)
+    db.rebuild_search_index()
+    db.reclaim_space()
     db.delete_session("root")
     assert exported is not None
     assert db.import_sessions(exported) == 1

@@ -192,9 +192,10 @@ class SessionDB(Engine):
             with super()._connection() as conn:
                 yield conn
 
-    def _execute_write(self, fn: Callable[[apsw.Connection], T]) -> T:
+    def _execute_write(self, fn: Callable[[apsw.Connection], T], *,
+                       bounded: bool = True) -> T:
         with _compatible_errors():
-            return super()._execute_write(fn)
+            return super()._execute_write(fn, bounded=bounded)
 
     def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         with _compatible_errors():

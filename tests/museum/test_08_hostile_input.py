@@ -266,6 +266,9 @@ TIME = Arg(st.floats(0, 2e9), st.one_of(INTS, FLOATS))
 LIMIT = Arg(st.none() | st.integers(-1, 50), st.one_of(INTS, FLOATS))
 OFFSET = Arg(st.integers(0, 5), st.one_of(INTS, FLOATS))
 FLAG = Arg(st.booleans(), st.none())
+# A progress callback: None or a callable; anything else is hostile (None is valid).
+PROGRESS = Arg(st.none() | st.just(lambda p: None),
+               st.one_of(st.booleans(), st.integers(), TEXT, st.lists(st.integers())))
 ACTIVE = Arg(st.none() | st.booleans(), st.none())
 STR_LIST = Arg(st.none() | st.lists(st.sampled_from(["cli", "telegram", "user", "tool"]),
                                     max_size=3),
@@ -361,7 +364,10 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "export_session": call("export_session", SESSION_ID),
     "export_all": call("export_all", source=OPT_TEXT),
     "import_sessions": call("import_sessions", IMPORT_DATA, skip_existing=FLAG),
-    "prune_sessions": call("prune_sessions", older_than_days=DAYS, source=OPT_TEXT),
+    "prune_sessions": call("prune_sessions", older_than_days=DAYS, source=OPT_TEXT,
+                           dry_run=FLAG, progress=PROGRESS),
+    "rebuild_search_index": call("rebuild_search_index", progress=PROGRESS),
+    "reclaim_space": call("reclaim_space", progress=PROGRESS),
     "checkpoint": call("checkpoint", reset=FLAG),
     "stats": call("stats"),
     "close": call("close"),

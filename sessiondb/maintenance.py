@@ -1,0 +1,125 @@
+"""Long work in short steps: how pruning, importing, rebuilding the full-text index and
+giving space back run on a large store without stopping everyone else.
+
+A maintenance operation on a million-message store is minutes of work; as one write
+transaction it would hold the write lock all that time (the ``hold_timeout`` watchdog
+rightly ends it, and every other process waits meanwhile). So each operation is a
+*step function* -- ``step(conn, deadline) -> units done`` -- that does a bounded slice of
+the work inside one transaction and stops at ``deadline``, leaving the store consistent,
+and :func:`run_steps` calls it through the write path until it reports no more work.
+Between two steps the write gate serves the writers queued meanwhile (first come, first
+served), so another process waits at most about one step. A step's time budget is
+:func:`step_budget`: 0.1 s, or a quarter of ``hold_timeout`` when that is smaller; a step
+that still overruns the bound (a paused machine) is retried with half the budget.
+A step function must therefore be idempotent in effect: it reads where the work stands
+inside its own transaction, so a rerun after a crash, or two processes doing the same
+work at once, simply carry on from there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import apsw
+
+from .errors import HoldTimeout, InvalidArgumentType
+
+#: A step function: does work until ``deadline`` (``time.monotonic``), returns the units
+#: of work it did; 0 means there was nothing left to do.
+Step = Callable[[apsw.Connection, float], int]
+
+DEFAULT_STEP_S = 0.1
+_MIN_STEP_S = 0.002
+_HOLD_SHARE = 4  # a step may use at most a quarter of hold_timeout
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a long operation has come; passed to a ``progress`` callback after each
+    step.
+
+    :ivar task: what is running: ``"prune"``, ``"import"``, ``"index"`` (building the
+        full-text index), ``"cleanup"`` (removing an old index), ``"reclaim"`` (giving
+        space back).
+    :ivar done: units done so far.
+    :ivar total: units in all, when known in advance (else None).
+    :ivar unit: what is counted: ``"sessions"``, ``"messages"``, ``"pages"``, ``"rows"``.
+    :ivar elapsed_s: seconds since the task started.
+    """
+
+    task: str
+    done: int
+    total: Optional[int]
+    unit: str
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the rate so far, when ``total`` is known."""
+        if self.total is None or self.done <= 0 or self.elapsed_s <= 0:
+            return None
+        return max(0.0, (self.total - self.done) * self.elapsed_s / self.done)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def check_progress(progress: object) -> Optional[ProgressCallback]:
+    """None or a callable.
+
+    :raises InvalidArgumentType: anything else.
+    """
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentType(f"progress must be a callable taking a Progress, not "
+                                  f"{type(progress).__name__}")
+    return progress  # type: ignore[return-value]
+
+
+def step_budget(hold_timeout: Optional[float]) -> float:
+    """Seconds one step may hold the write lock."""
+    if hold_timeout is None:
+        return DEFAULT_STEP_S
+    return max(_MIN_STEP_S, min(DEFAULT_STEP_S, hold_timeout / _HOLD_SHARE))
+
+
+class Tracker:
+    """Counts the units of one task and reports them to a progress callback."""
+
+    def __init__(self, task: str, unit: str, total: Optional[int],
+                 progress: Optional[ProgressCallback]) -> None:
+        self.task, self.unit, self.total = task, unit, total
+        self.done = 0
+        self._progress = progress
+        self._start = time.monotonic()
+
+    def add(self, units: int) -> None:
+        self.done += units
+        if self._progress is not None:
+            self._progress(Progress(self.task, self.done, self.total, self.unit,
+                                    time.monotonic() - self._start))
+
+
+def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: Step,
+              budget: float, tracker: Optional[Tracker] = None) -> int:
+    """Call ``step`` through ``write`` (the instance's ``_execute_write``), one
+    transaction per call, until it returns 0; returns the units done in all.
+
+    :param budget: seconds per step (:func:`step_budget`).
+    :raises HoldTimeout: a step overran the hold bound even with the smallest budget.
+    """
+    total = 0
+    while True:
+        try:
+            done = write(lambda conn: step(conn, time.monotonic() + budget))
+        except HoldTimeout:
+            if budget <= _MIN_STEP_S:
+                raise
+            budget = max(_MIN_STEP_S, budget / 2)  # nothing was written: try a smaller one
+            continue
+        if not done:
+            return total
+        total += done
+        if tracker is not None:
+            tracker.add(done)

@@ -1,0 +1,120 @@
+"""Pruning old sessions and giving the space back, as step functions
+(:mod:`sessiondb.maintenance`).
+
+A session goes with all its messages in one step, so no step leaves a session half
+deleted -- unless it has more than :data:`BIG_SESSION` messages: then its messages go
+oldest first, a chunk per step, with ``message_count`` and ``tool_call_count`` lowered
+exactly in the same transaction, and the session row with its last chunk. A parent is
+pruned only once no remaining session names it (its children went in earlier steps).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import apsw
+
+from .maintenance import Step
+
+#: Sessions with more messages than this are deleted in chunks (see the module docstring).
+BIG_SESSION = 2000
+_CHUNK = 500
+_PICK = 200  # candidates read per query
+
+# What a prunable session is: ended, started before the cutoff, of the source if given,
+# and no other session names it as its parent.
+_CANDIDATE = "started_at < ? AND ended_at IS NOT NULL"
+_CHILDLESS = ("NOT EXISTS (SELECT 1 FROM sessions c WHERE c.parent_session_id = s.id "
+              "AND c.id != s.id)")
+# A tool_calls value counts its items when it is a JSON array, else one call (as
+# records.count_tool_calls counts them on the way in).
+_CALLS = ("CASE WHEN tool_calls IS NULL THEN 0 WHEN json_valid(tool_calls) AND "
+          "json_type(tool_calls) = 'array' THEN json_array_length(tool_calls) ELSE 1 END")
+
+
+def _where(source: str | None) -> str:
+    return _CANDIDATE + (" AND source = ?" if source else "")
+
+
+def _args(cutoff: float, source: str | None) -> tuple[Any, ...]:
+    return (cutoff, source) if source else (cutoff,)
+
+
+def count(conn: apsw.Connection, cutoff: float, source: str | None) -> tuple[int, int]:
+    """``(sessions, messages)`` that a prune with these options would delete, without
+    deleting anything: the candidates that no remaining session keeps as an ancestor
+    (a session that stays blocks its parent, and so on up the chain)."""
+    where, args = _where(source), _args(cutoff, source)
+    row = conn.execute(
+        "WITH RECURSIVE blocked(id) AS ("
+        f" SELECT parent_session_id FROM sessions WHERE NOT ({where}) "
+        "  AND parent_session_id IS NOT NULL AND parent_session_id != id"
+        " UNION SELECT s.parent_session_id FROM sessions s JOIN blocked b ON s.id = b.id"
+        "  WHERE s.parent_session_id IS NOT NULL AND s.parent_session_id != s.id) "
+        "SELECT count(*), coalesce(sum((SELECT count(*) FROM messages m "
+        f"WHERE m.session_id = s.id)), 0) FROM sessions s WHERE {where} "
+        "AND s.id NOT IN (SELECT id FROM blocked WHERE id IS NOT NULL)",
+        (*args, *args)).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def prune_step(cutoff: float, source: str | None, deleted: list[int]) -> Step:
+    """A step function deleting prunable sessions with their messages; it returns the
+    rows (sessions + messages) deleted and adds the sessions to ``deleted[0]``."""
+    pick = (f"SELECT id FROM sessions s WHERE {_where(source)} AND {_CHILDLESS} "
+            f"ORDER BY started_at, id LIMIT {_PICK}")
+    args = _args(cutoff, source)
+
+    def step(conn: apsw.Connection, deadline: float) -> int:
+        rows = 0
+        while True:
+            ids = [r[0] for r in conn.execute(pick, args)]
+            if not ids:
+                return rows
+            for sid in ids:
+                rows += _delete_some(conn, sid, deleted)
+                if time.monotonic() >= deadline:
+                    return rows
+
+    return step
+
+
+def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int]) -> int:
+    """Delete the session with its messages, or, for a big one, its oldest chunk of
+    messages with the counters lowered to match; returns the rows deleted."""
+    n = conn.execute("SELECT count(*) FROM messages WHERE session_id = ?", (sid,)).fetchone()[0]
+    if n > BIG_SESSION:
+        oldest = "SELECT id FROM messages WHERE session_id = ? ORDER BY id LIMIT ?"
+        gone, calls = conn.execute(
+            f"SELECT count(*), coalesce(sum({_CALLS}), 0) FROM messages WHERE id IN "
+            f"({oldest})", (sid, _CHUNK)).fetchone()
+        conn.execute(f"DELETE FROM messages WHERE id IN ({oldest})", (sid, _CHUNK))
+        conn.execute("UPDATE sessions SET message_count = max(0, message_count - ?), "
+                     "tool_call_count = max(0, tool_call_count - ?) WHERE id = ?",
+                     (gone, calls, sid))
+        return int(gone)
+    conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
+    conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+    deleted[0] += 1
+    return n + 1
+
+
+def reclaim_step(conn: apsw.Connection, deadline: float) -> int:
+    """Give free pages back to the file system, a batch at a time until ``deadline``
+    (``PRAGMA incremental_vacuum``, for stores made with incremental auto-vacuum, as
+    sessiondb makes them); returns the pages freed, 0 when none are left or the store
+    cannot (https://sqlite.org/pragma.html#pragma_incremental_vacuum)."""
+    freed = 0
+    while True:
+        before = int(conn.pragma("freelist_count"))
+        if not before:
+            return freed
+        # Each result row of the pragma is one page moved: run it to completion.
+        conn.execute("PRAGMA incremental_vacuum(256)").fetchall()
+        moved = before - int(conn.pragma("freelist_count"))
+        if moved <= 0:  # auto_vacuum is off: only a full VACUUM could shrink the file
+            return freed
+        freed += moved
+        if time.monotonic() >= deadline:
+            return freed

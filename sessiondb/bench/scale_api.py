@@ -50,21 +50,12 @@ def iter_export(db: Any) -> Iterator[dict[str, Any]]:
 
 
 def prune_sessions(db: Any, days: float, progress: Callable[[Any], None]) -> int:
-    if "progress" in inspect.signature(db.prune_sessions).parameters:
-        return db.prune_sessions(older_than_days=days, progress=progress)
-    return db.prune_sessions(older_than_days=days)
+    return db.prune_sessions(older_than_days=days, progress=progress)
 
 
-def rebuild_search_index(db: Any, progress: Callable[[Any], None]) -> None:
-    if hasattr(db, "rebuild_search_index"):
-        db.rebuild_search_index(progress=progress)
-        return
-    from .. import doctor
-    doctor.check(db.path, repair=True)
+def rebuild_search_index(db: Any, progress: Callable[[Any], None]) -> int:
+    return db.rebuild_search_index(progress=progress)
 
 
 def reclaim_space(db: Any, progress: Callable[[Any], None]) -> dict[str, Any]:
-    if hasattr(db, "reclaim_space"):
-        return db.reclaim_space(progress=progress)
-    db.checkpoint(reset=True)
-    return {}
+    return db.reclaim_space(progress=progress)

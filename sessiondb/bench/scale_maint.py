@@ -147,14 +147,14 @@ def run_child(target: Callable[..., None], args: tuple) -> dict[str, Any]:
 # -- the operations ---------------------------------------------------------------------
 
 def rebuild(path: str, seed: int) -> dict[str, Any]:
-    """``rebuild_search_index`` of the whole store."""
+    """``rebuild_search_index`` of the whole store (``indexed``: the messages it indexed)."""
     from .. import SessionDB
 
     progress = Progress("rebuild")
     with SessionDB(path) as db:
-        out, _ = with_writer("rebuild_search_index", path,
-                             lambda: scale_api.rebuild_search_index(db, progress), seed)
-    out["progress"] = progress.figures()
+        out, indexed = with_writer("rebuild_search_index", path,
+                                   lambda: scale_api.rebuild_search_index(db, progress), seed)
+    out.update(indexed=indexed, progress=progress.figures())
     return out
 
 

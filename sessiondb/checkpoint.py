@@ -204,6 +204,10 @@ class CheckpointPolicy:
         """True when the WAL is past half of ``wal_limit`` (a reset is due)."""
         return self._over(0.5)
 
+    def over(self, fraction: float) -> bool:
+        """True when the WAL is past ``fraction`` of ``wal_limit``."""
+        return self._over(fraction)
+
     def _over(self, fraction: float) -> bool:
         return bool(self.wal_limit) and (
             self._wal_frames * self._frame_bytes > self.wal_limit * fraction)

@@ -42,7 +42,8 @@ def cmd_path(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     active = True if args.active else False if args.ended else None
     with _open(args) as db:
-        rows = db.list_sessions(args.source, active=active, limit=args.limit)
+        rows = db.list_sessions(args.source, active=active, limit=args.limit,
+                                after=args.after)
     _emit(args, rows, lambda rs: _table(
         ["id", "source", "title", "messages", "started", "ended", "preview"],
         [[r["id"], r["source"], r["title"] or "", r["message_count"], _when(r["started_at"]),
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", cmd_list, "list sessions, newest first")
     p.add_argument("--source", help="only sessions of this source")
     p.add_argument("--limit", type=_count, default=20, help="at most N sessions (default 20)")
+    p.add_argument("--after", metavar="ID",
+                   help="the next page: the sessions after this one (the last id listed)")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--active", action="store_true", help="only sessions not ended")
     state.add_argument("--ended", action="store_true", help="only ended sessions")

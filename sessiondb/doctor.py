@@ -15,7 +15,8 @@ Checks, in order: no marker says the store's ``-wal`` was deleted while in use
 newer than this library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
 (``'integrity-check'`` command with ``rank = 1``,
 https://sqlite.org/fts5.html#the_integrity_check_command),
-``PRAGMA foreign_key_check``, and each session's ``message_count`` against its messages.
+``PRAGMA foreign_key_check``, each session's ``message_count`` against its messages, and
+the store's message total (kept by triggers, see :mod:`sessiondb.schema`) against them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from . import __version__, search_index
 from .connection import _open_advice, default_path, refuse_empty_file
 from .errors import DatabaseOpenError, SchemaTooNewError, SessionDBError
 from .maintenance import ProgressCallback
-from .schema import SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version
+from .schema import (
+    MESSAGE_TOTAL_SQL, SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version,
+)
 from .store import SessionDB
 from .walguard import refuse_marked
 
@@ -46,6 +49,9 @@ _COUNTER_CHECK = (
     "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n FROM sessions s) "
     "WHERE message_count IS NOT n LIMIT 5"
 )
+_TOTAL_CHECK = f"SELECT ({MESSAGE_TOTAL_SQL}), (SELECT COUNT(*) FROM messages)"
+_TOTAL_RECOUNT = ("UPDATE sessiondb_totals SET value = (SELECT COUNT(*) FROM messages) "
+                  "WHERE name = 'messages'")
 _MAX_LINES = 10  # of integrity_check output kept in the report
 
 
@@ -62,7 +68,8 @@ class DoctorReport(TypedDict):
     :ivar integrity: ``"ok"`` or the first lines ``PRAGMA integrity_check`` returned.
     :ivar fts_index: ``"ok"`` or why the full-text index does not match the messages.
     :ivar foreign_keys: ``"ok"`` or the violations found.
-    :ivar counters: ``"ok"`` or the sessions whose ``message_count`` is wrong.
+    :ivar counters: ``"ok"`` or the sessions whose ``message_count`` is wrong, and the
+        message total when it is wrong.
     :ivar journal_mode: e.g. ``"wal"``.
     :ivar schema_version: ``PRAGMA user_version`` of the file.
     :ivar schema_supported: the newest schema this library knows.
@@ -73,7 +80,9 @@ class DoctorReport(TypedDict):
         starts with the database's name (``-wal``, ``-shm``, the write gate ...), as found.
     :ivar sessions, messages: row counts.
     :ivar gate: the write gate in use (``"fifo"`` or ``"none"``).
-    :ivar repaired: with ``repair=True``, the full-text index state before the rebuild.
+    :ivar repaired: with ``repair=True``, the full-text index state before the rebuild
+        (``fts_index_before``) and the message total before it was recounted
+        (``message_total_before``: ``"ok"`` or what was wrong).
     """
 
     path: str
@@ -110,9 +119,10 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     store (not SQLite, damaged header, schema newer than this library) is reported with
     the reason and left as it was.
 
-    :param repair: rebuild the full-text index from the ``messages`` table before checking
-        (messages are not touched; the state found before is in ``repaired``), in short
-        steps while other processes keep writing; a rebuild cut short is finished.
+    :param repair: rebuild the full-text index from the ``messages`` table and recount the
+        message total before checking (messages are not touched; the state found before
+        is in ``repaired``); the rebuild runs in short steps while other processes keep
+        writing, and finishes one that was cut short.
     :param deep: compare the full-text index with every message also on a store of
         over 100,000 messages (it holds the write lock while it reads the whole index).
     :param progress: called with a :class:`~sessiondb.maintenance.Progress` during long
@@ -140,8 +150,10 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     report["opened"] = True
     with db:
         if repair:
-            report["repaired"] = {"fts_index_before": _fts_state(db, deep)}
+            report["repaired"] = {"fts_index_before": _fts_state(db, deep),
+                                  "message_total_before": _total_state(db)}
             db.rebuild_search_index(progress=progress)
+            db._execute_write(lambda conn: conn.execute(_TOTAL_RECOUNT))
         _inspect(db, report, deep)
     return _finish(report)
 
@@ -233,6 +245,13 @@ def _inspect(db: SessionDB, report: DoctorReport, deep: bool) -> None:
             problems.append(f"message counters disagree with the messages: "
                             f"{report['counters']}")
 
+    total = _total_state(db)
+    if total != "ok":
+        report["counters"] = total if report["counters"] in (None, "ok") else \
+            f"{report['counters']}; {total}"
+        problems.append(f"{total}: run `sessiondb doctor --repair --db {report['path']}` "
+                        "to recount it")
+
     report["sessions"] = guarded("counting sessions", db.session_count)
     report["messages"] = guarded("counting messages", db.message_count)
 
@@ -245,6 +264,18 @@ def _pragmas(conn: apsw.Connection) -> dict[str, Any]:
         "page_count": int(conn.pragma("page_count")),
         "freelist_count": int(conn.pragma("freelist_count")),
     }
+
+
+def _total_state(db: SessionDB) -> str:
+    """``"ok"``, how the message total differs from the messages, or why it could not
+    be read."""
+    try:
+        total, actual = db._read(lambda c: c.execute(_TOTAL_CHECK).fetchone(),
+                                 snapshot=True)
+    except SessionDBError as exc:
+        return f"the message total could not be read ({exc})"
+    return "ok" if total == actual else \
+        f"the message total says {total}, the store has {actual} messages"
 
 
 def _fts_state(db: SessionDB, deep: bool = True) -> str:

@@ -44,13 +44,16 @@ from .errors import (
     StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
-from .maintenance import ProgressCallback, check_progress, step_budget
+from .maintenance import (
+    ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
+)
 from .schema import CONVERSION, SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
+_STEP_CHECKPOINT_AT = 1 / 8  # of wal_limit: see Engine._between_steps
 
 # Connections inherited across fork(): kept referenced forever so that garbage collection
 # never closes them in the child (closing would touch files and locks the parent owns).
@@ -193,8 +196,7 @@ class Engine:
                 # A converted hermes-agent file is searchable once its messages are
                 # indexed; whoever opens it helps until that is done (steps are shared
                 # safely), so a conversion cut short resumes at the next open.
-                search_index.catch_up(self._execute_write, step_budget(o["hold_timeout"]),
-                                      o["progress"])
+                search_index.catch_up(self._run_steps, o["progress"])
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -477,6 +479,27 @@ class Engine:
             finally:
                 if in_room:
                     self._gate.leave_room()
+
+    def _run_steps(self, step: Step, tracker: Tracker | None = None) -> int:
+        """Run long work as short write transactions (:func:`sessiondb.maintenance.run_steps`)
+        with this instance's step budget and a checkpoint between steps."""
+        return run_steps(self._execute_write, step, step_budget(self._options["hold_timeout"]),
+                         tracker, self._between_steps)
+
+    def _between_steps(self) -> None:
+        """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into
+        the database (PASSIVE: blocks nobody) once it holds an eighth of ``wal_limit``.
+        Maintenance writes megabytes per step; copied as it goes, the WAL restarts from
+        its beginning instead of reaching the reset threshold, whose TRUNCATE would make
+        every writer wait for it again and again."""
+        with self._connection() as conn:
+            if self._writes.active or not conn.get_autocommit():
+                return
+            if self._checkpoints.over(_STEP_CHECKPOINT_AT):
+                try:
+                    self._checkpoints.passive(conn, escalate=True)
+                except SessionDBError:
+                    pass  # counted; the step has committed (see sessiondb.checkpoint)
 
     # -- operations -------------------------------------------------------------------
     def checkpoint(self, reset: bool = False) -> dict[str, int]:

@@ -9,7 +9,7 @@ the work inside one transaction and stops at ``deadline``, leaving the store con
 and :func:`run_steps` calls it through the write path until it reports no more work.
 Between two steps the write gate serves the writers queued meanwhile (first come, first
 served), so another process waits at most about one step. A step's time budget is
-:func:`step_budget`: 0.1 s, or a quarter of ``hold_timeout`` when that is smaller; a step
+:func:`step_budget`: 0.05 s, or a quarter of ``hold_timeout`` when that is smaller; a step
 that still overruns the bound (a paused machine) is retried with half the budget.
 A step function must therefore be idempotent in effect: it reads where the work stands
 inside its own transaction, so a rerun after a crash, or two processes doing the same
@@ -30,7 +30,7 @@ from .errors import HoldTimeout, InvalidArgumentType
 #: of work it did; 0 means there was nothing left to do.
 Step = Callable[[apsw.Connection, float], int]
 
-DEFAULT_STEP_S = 0.1
+DEFAULT_STEP_S = 0.05
 _MIN_STEP_S = 0.002
 _HOLD_SHARE = 4  # a step may use at most a quarter of hold_timeout
 
@@ -102,11 +102,14 @@ class Tracker:
 
 
 def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: Step,
-              budget: float, tracker: Optional[Tracker] = None) -> int:
+              budget: float, tracker: Optional[Tracker] = None,
+              between: Optional[Callable[[], None]] = None) -> int:
     """Call ``step`` through ``write`` (the instance's ``_execute_write``), one
     transaction per call, until it returns 0; returns the units done in all.
 
     :param budget: seconds per step (:func:`step_budget`).
+    :param between: called after each step, outside the transaction (the engine's
+        checkpoint between steps).
     :raises HoldTimeout: a step overran the hold bound even with the smallest budget.
     """
     total = 0
@@ -121,5 +124,7 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         if not done:
             return total
         total += done
+        if between is not None:
+            between()
         if tracker is not None:
             tracker.add(done)

@@ -21,6 +21,7 @@ from .maintenance import Step
 BIG_SESSION = 2000
 _CHUNK = 500
 _PICK = 200  # candidates read per query
+_VACUUM_PAGES = 16
 
 # What a prunable session is: ended, started before the cutoff, of the source if given,
 # and no other session names it as its parent.
@@ -110,8 +111,10 @@ def reclaim_step(conn: apsw.Connection, deadline: float) -> int:
         before = int(conn.pragma("freelist_count"))
         if not before:
             return freed
-        # Each result row of the pragma is one page moved: run it to completion.
-        conn.execute("PRAGMA incremental_vacuum(256)").fetchall()
+        # Each result row of the pragma is one page moved: run it to completion. Few
+        # pages per statement: with a long freelist one move can take milliseconds
+        # (SQLite searches the freelist for a slot), and a statement cannot stop early.
+        conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})").fetchall()
         moved = before - int(conn.pragma("freelist_count"))
         if moved <= 0:  # auto_vacuum is off: only a full VACUUM could shrink the file
             return freed

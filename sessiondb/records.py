@@ -20,7 +20,6 @@ from .text import (
 
 _SESSION_JSON = ("model_config",)
 _MESSAGE_JSON = ("tool_calls", "reasoning_details", "codex_reasoning_items", "metadata")
-PREVIEW_LENGTH = 60
 
 
 def session(row: dict[str, Any]) -> dict[str, Any]:
@@ -33,11 +32,8 @@ def session(row: dict[str, Any]) -> dict[str, Any]:
 
 def listed_session(row: dict[str, Any]) -> dict[str, Any]:
     """A session record plus ``last_active`` and ``preview`` (first user message, one
-    line, at most 60 characters plus ``...``)."""
-    out = session(row)
-    text = (row.get("preview") or "").replace("\r", " ").replace("\n", " ").strip()
-    out["preview"] = text[:PREVIEW_LENGTH] + ("..." if len(text) > PREVIEW_LENGTH else "")
-    return out
+    line, at most 60 characters plus ``...``), as :mod:`sessiondb.listing` made them."""
+    return session(row)
 
 
 def message(row: dict[str, Any]) -> dict[str, Any]:

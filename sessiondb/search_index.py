@@ -24,7 +24,7 @@ from typing import Callable
 import apsw
 
 from .errors import SearchIndexError
-from .maintenance import ProgressCallback, Tracker, run_steps
+from .maintenance import ProgressCallback, Step, Tracker
 from .schema import (
     DROP_FTS_TRIGGERS, FTS_TABLE, FTS_TRIGGERS, REBUILDING, junk_tables, set_aside_index,
 )
@@ -206,14 +206,14 @@ def rebuilding(conn: apsw.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def catch_up(write: Callable, budget: float, progress: ProgressCallback | None = None,
+def catch_up(run: Callable[[Step, Tracker], int], progress: ProgressCallback | None = None,
              total: int | None = None) -> int:
-    """Index every pending message and remove set-aside index tables, in steps through
-    ``write`` (the instance's ``_execute_write``); returns the messages indexed.
+    """Index every pending message, then remove set-aside index tables, in short steps;
+    returns the messages indexed.
 
+    :param run: runs a step function to the end (the engine's ``_run_steps``).
     :param total: the pending count for progress reports, if the caller knows it.
     """
-    tracker = Tracker("index", "messages", total, progress)
-    indexed = run_steps(write, index_step, budget, tracker)
-    run_steps(write, junk_step, budget, Tracker("cleanup", "rows", None, progress))
+    indexed = run(index_step, Tracker("index", "messages", total, progress))
+    run(junk_step, Tracker("cleanup", "rows", None, progress))
     return indexed

@@ -15,14 +15,15 @@ from typing import Any
 
 import apsw
 
-from . import pruning, records, search_index
+from . import listing, pruning, records, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
-from .maintenance import ProgressCallback, Tracker, check_progress, run_steps, step_budget
+from .maintenance import ProgressCallback, Tracker, check_progress
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
 )
+from .schema import MESSAGE_TOTAL_SQL
 from .text import (
     MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
     check_limit, check_list, check_text, lineage_number, plain_snippet,
@@ -128,11 +129,26 @@ class SessionDB(Coordination):
 
     def list_sessions(self, source: str | None = None, *,
                       exclude_sources: list[str] | None = None, active: bool | None = None,
-                      limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """Sessions, newest first, each with ``preview`` (first user message, 60 chars)
-        and ``last_active`` (latest message time, else start time).
+                      limit: int | None = 20, offset: int = 0,
+                      after: str | None = None) -> list[dict[str, Any]]:
+        """Sessions, newest first (``started_at``, then ``id`` for equal times), each
+        with ``preview`` (its first user message on one line, 60 characters and
+        ``...`` if longer) and ``last_active`` (latest message time, else start time).
+
+        Page with ``offset``, or with ``after`` = the id of the last session of the
+        previous page (keyset paging: as fast for the thousandth page as for the
+        first, and sessions created meanwhile do not shift the pages)::
+
+            page = db.list_sessions(limit=50)
+            while page:
+                ...
+                page = db.list_sessions(limit=50, after=page[-1]["id"])
 
         :param active: True = only sessions not ended; False = only ended ones; None = all.
+        :param after: continue after this session (in this order, whatever the filters);
+            ``offset`` then counts from there.
+        :raises SessionNotFound: ``after`` names a session that does not exist (any
+            more); nothing is returned.
         """
         limit, offset = check_limit(limit, offset)
         where, args = _source_filter(check_text("source", source),
@@ -142,16 +158,24 @@ class SessionDB(Coordination):
                                       f"{type(active).__name__}")
         if active is not None:
             where.append("s.ended_at IS NULL" if active else "s.ended_at IS NOT NULL")
-        sql = (
-            "SELECT s.*, COALESCE((SELECT MAX(m.timestamp) FROM messages m "
-            "WHERE m.session_id = s.id), s.started_at) AS last_active, "
-            "(SELECT m.content FROM messages m WHERE m.session_id = s.id AND m.role = 'user'"
-            " AND m.content IS NOT NULL ORDER BY m.id LIMIT 1) AS preview FROM sessions s"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY s.started_at DESC, s.id LIMIT ? OFFSET ?"
-        )
-        rows = self._read(lambda c: _rows(c, sql, (*args, limit, offset)), snapshot=True)
-        return [records.listed_session(r) for r in rows]
+        if after is not None:
+            check_id("after", after)
+
+        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            conditions, values = list(where), list(args)
+            if after is not None:
+                cond, more = listing.after_condition(conn, after)
+                conditions.append(cond)
+                values += more
+            rowids = listing.page_rowids(conn, conditions, values, listing.ORDER,
+                                         limit, offset)
+            rows = listing.describe(conn, _rows, rowids, columns="s.*",
+                                    preview_order="m.id")
+            for row in rows:
+                row["preview"] = listing.sessiondb_preview(row["preview"])
+            return rows
+
+        return [records.listed_session(r) for r in self._read(read, snapshot=True)]
 
     def end_session(self, session_id: str, reason: str | None = None, *,
                     expected_revision: int | None = None) -> int:
@@ -289,12 +313,13 @@ class SessionDB(Coordination):
         return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM sessions", ()))
 
     def message_count(self, session_id: str | None = None) -> int:
-        """Number of messages, in one session or in all."""
+        """Number of messages, in one session or in all (the total is kept by triggers
+        on every insert and delete, see :mod:`sessiondb.schema`: one row read)."""
         session_id = check_text("session_id", session_id)
         if session_id:
             return self._read(lambda c: _first(
                 c, "SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)))
-        return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM messages", ()))
+        return self._read(lambda c: _first(c, MESSAGE_TOTAL_SQL, ()))
 
     # -- titles -----------------------------------------------------------------------
     def set_session_title(self, session_id: str, title: str | None, *,
@@ -643,8 +668,8 @@ class SessionDB(Coordination):
         if dry_run or not sessions:
             return sessions
         deleted = [0]
-        run_steps(self._execute_write, pruning.prune_step(cutoff, source, deleted),
-                  self._step_budget(), Tracker("prune", "rows", sessions + messages, progress))
+        self._run_steps(pruning.prune_step(cutoff, source, deleted),
+                        Tracker("prune", "rows", sessions + messages, progress))
         self.reclaim_space(progress=progress)
         return deleted[0]
 
@@ -661,8 +686,8 @@ class SessionDB(Coordination):
         progress = check_progress(progress)
         before = _file_size(self.path)
         free = self._read(lambda c: int(c.pragma("freelist_count")))
-        freed = run_steps(self._execute_write, pruning.reclaim_step, self._step_budget(),
-                          Tracker("reclaim", "pages", free, progress))
+        freed = self._run_steps(pruning.reclaim_step,
+                                Tracker("reclaim", "pages", free, progress))
         if freed and not self._writes.active:
             self.checkpoint()
         return {"freed_pages": freed, "bytes_before": before,
@@ -689,11 +714,7 @@ class SessionDB(Coordination):
 
     def _index_pending(self, progress: ProgressCallback | None) -> int:
         total = self._read(search_index.pending_messages)
-        return search_index.catch_up(self._execute_write, self._step_budget(), progress,
-                                     total)
-
-    def _step_budget(self) -> float:
-        return step_budget(self._options["hold_timeout"])
+        return search_index.catch_up(self._run_steps, progress, total)
 
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------

@@ -1,11 +1,12 @@
 """Input checking and text rules: argument validation, titles, search-query sanitizing,
-snippets of texts too long for FTS5's own.
+snippets of texts too long for FTS5's own, list previews.
 
 Everything here is pure (no database), so every rule can be tested on its own.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -328,3 +329,41 @@ def _fold(word: str) -> str:
         return word
     return "".join(c for c in unicodedata.normalize("NFKD", word)
                    if not unicodedata.combining(c))
+
+
+# -- list previews -------------------------------------------------------------------
+
+#: Characters of a session's first user message shown in a list (then ``...``).
+PREVIEW_LENGTH = 60
+
+
+def decode_head(head: bytes, *, whole: bool) -> str:
+    """Text from the first bytes of a UTF-8 value: a character cut in two at the end is
+    dropped (unless ``whole``, the bytes are all of the value), and bytes that are not
+    UTF-8 anywhere become U+FFFD rather than an error. The incremental decoder keeps an
+    incomplete last sequence back instead of emitting it, which ``errors="ignore"`` on
+    the whole would also do, but silently dropping invalid bytes elsewhere too."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(head, final=whole)
+
+
+def preview(head: str, *, whole: bool, final: bool = True) -> str | None:
+    """A list preview: the text on one line (CR and LF as spaces), trimmed, its first
+    :data:`PREVIEW_LENGTH` characters and ``...`` when there were more.
+
+    :param head: the value, or its beginning when not ``whole``.
+    :param whole: ``head`` is the whole value.
+    :param final: with a partial ``head`` whose characters do not settle the preview
+        (they are mostly whitespace), return the preview of what is there, with ``...``,
+        instead of None.
+    :returns: the preview; None when ``head`` is partial, not ``final`` and does not
+        settle it (read a longer head).
+    """
+    text = head.replace("\r", " ").replace("\n", " ").lstrip()
+    if whole:
+        text = text.rstrip()
+        return text[:PREVIEW_LENGTH] + ("..." if len(text) > PREVIEW_LENGTH else "")
+    # A character past the first PREVIEW_LENGTH that is not whitespace proves that the
+    # trimmed whole is longer: the preview is then exact whatever follows the head.
+    if len(text) > PREVIEW_LENGTH and not text[PREVIEW_LENGTH:].isspace():
+        return text[:PREVIEW_LENGTH] + "..."
+    return text.rstrip()[:PREVIEW_LENGTH] + "..." if final else None

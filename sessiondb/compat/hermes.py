@@ -45,14 +45,14 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
-from .. import records, search_index
+from .. import listing, records, search_index
 from ..engine import Engine, _fetch, _first
 from ..engine import _rows as _engine_rows
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
 )
-from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
+from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS, MESSAGE_TOTAL_SQL
 from ..store import _SNIPPET_BUDGET, long_message_snippet
 from ..text import (
     MAX_QUERY_LENGTH, from_json, lineage_number, sanitize_fts_query, split_lineage,
@@ -377,18 +377,27 @@ class SessionDB(Engine):
                            exclude_sources: list[str] | None = None, limit: int = 20,
                            offset: int = 0) -> list[dict[str, Any]]:
         """Sessions, newest first, each row followed by ``last_active`` (latest message
-        time, else ``started_at``) and ``preview`` (first user message, 60 characters)."""
+        time, else ``started_at``) and ``preview`` (first user message, 60 characters).
+
+        The page is picked first and only its rows are described (see
+        :mod:`sessiondb.listing`), by the original's ``ORDER BY started_at DESC LIMIT
+        OFFSET``, without its subqueries for every session of the filter. (Sessions that
+        started at the same instant come in the order of the index SQLite picks, as
+        they did in the original.)"""
         where, args = _source_filters(source, exclude_sources)
-        rows = self._select(
-            f"SELECT {_S_SESSION}, COALESCE((SELECT MAX(m.timestamp) FROM messages m "
-            "WHERE m.session_id = s.id), s.started_at) AS last_active, "
-            f"(SELECT {rules.head_sql('m.content', rules.PREVIEW_WINDOW)} FROM messages m "
-            "WHERE m.session_id = s.id AND m.role = 'user' AND m.content IS NOT NULL "
-            "ORDER BY m.timestamp, m.id LIMIT 1) AS preview FROM sessions s" + _where(where)
-            + " ORDER BY s.started_at DESC LIMIT ? OFFSET ?", (*args, limit, offset))
-        for row in rows:
-            row["preview"] = rules.preview(row["preview"])
-        return rows
+        _bindable((*args, limit, offset))
+        window = 4 * rules.PREVIEW_WINDOW  # the bytes of head_sql()
+
+        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+            rowids = listing.page_rowids(conn, where, args, "s.started_at DESC", limit,
+                                         offset)
+            rows = listing.describe(conn, _rows, rowids, columns=_S_SESSION,
+                                    preview_order="m.timestamp, m.id")
+            for row in rows:
+                row["preview"] = rules.preview(row["preview"].read(window)[0])
+            return rows
+
+        return self._read(read, snapshot=True)
 
     def search_sessions(self, source: str | None = None, limit: int = 20,
                         offset: int = 0) -> list[dict[str, Any]]:
@@ -405,7 +414,7 @@ class SessionDB(Engine):
         if session_id:
             return self._value("SELECT COUNT(*) FROM messages WHERE session_id = ?",
                                (session_id,))
-        return self._value("SELECT COUNT(*) FROM messages")
+        return self._value(MESSAGE_TOTAL_SQL)  # kept by triggers: one row read
 
     # -- messages ---------------------------------------------------------------------
     def append_message(self, session_id: str, role: str, content: str | None = None,

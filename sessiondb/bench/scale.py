@@ -7,7 +7,7 @@ In a fresh working directory, in this order:
    never all in memory), then a sample of up to 20,000 messages through ``transaction()``
    blocks of 50 ``append_message`` calls; the rate of each path.
 2. **Read**: every search shape and every listing, count and page shape, timed
-   (:mod:`sessiondb.bench.scale_reads`).
+   (:mod:`sessiondb.bench.scale_reads` says by what).
 3. **Maintain**, each while one other process keeps writing
    (:mod:`sessiondb.bench.scale_maint`): the full-text rebuild, the streaming export to
    JSON Lines and its import into a fresh store (peak RSS of each process; the round trip
@@ -34,7 +34,7 @@ from . import scale_api
 from .run import header
 from .scale_data import PER_SESSION, Corpus, Timed, sessions
 from .scale_maint import export_import, file_sizes, hermes_conversion, prune_and_reclaim, rebuild
-from .scale_reads import measure_listing, measure_search
+from .scale_reads import measure_reads
 from .scale_workers import Progress, current_rss, peak_rss
 
 DEFAULT_MESSAGES = 1_000_000
@@ -119,21 +119,6 @@ def store_figures(path: str) -> dict[str, Any]:
     return out
 
 
-def word_matches(path: str, words: dict[str, str]) -> dict[str, int]:
-    """How many messages hold each single search word (FTS5's own count, ``fts5vocab``,
-    in a temporary table of a read-only connection)."""
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        conn.set_busy_timeout(10_000)
-        conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, 'messages_fts', "
-                     "'row')")
-        return {k: (conn.execute("SELECT doc FROM temp.vocab WHERE term = ?", (w,)
-                                 ).fetchone() or (0,))[0]
-                for k, w in words.items() if " " not in w and "*" not in w}
-    finally:
-        conn.close()
-
-
 def scale_benchmark(*, messages: int = DEFAULT_MESSAGES, repeats: int = DEFAULT_REPEATS,
                     seed: int = 1, workdir: str | None = None) -> dict[str, Any]:
     """Run the scale benchmark (progress on stderr).
@@ -166,14 +151,11 @@ def scale_benchmark(*, messages: int = DEFAULT_MESSAGES, repeats: int = DEFAULT_
     try:
         say(f"[1/4] build: {shape['messages']:,} messages in {shape['sessions']:,} sessions")
         corpus = Corpus(seed, shape["messages"])
-        words = corpus.search_words()
         run["ingest"] = build(path, corpus, shape, seed)
         run["store"] = store_figures(path)
         step = "read"
         say(f"[2/4] read: {repeats} rounds of every shape")
-        run["search"] = measure_search(path, repeats, words=words, seed=seed)
-        run["search"]["word_matches"] = word_matches(path, words)
-        run["listing"] = measure_listing(path, repeats, seed=seed)
+        run.update(measure_reads(path, repeats, seed))
         step = "maintain"
         say("[3/4] maintain, each while another process writes")
         maint: dict[str, Any] = {"rebuild_search_index": rebuild(path, seed)}

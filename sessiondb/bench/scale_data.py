@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections import Counter
 from typing import Any, Iterator
 
 #: Sources and their weights in percent.
@@ -51,11 +50,7 @@ class Corpus:
         self.words = list(words)
         weights = list(itertools.accumulate(1.0 / (i + 1) for i in range(VOCABULARY)))
         n = max(_MIN_STREAM, min(_MAX_STREAM, messages * 20))
-        drawn = rng.choices(self.words, cum_weights=weights, k=n)
-        self.counts = Counter(drawn)
-        pairs = Counter(p for p in zip(drawn[:200_000], drawn[1:200_001]) if p[0] != p[1])
-        self.bigram = pairs.most_common(1)[0][0]
-        self.text = " ".join(drawn)
+        self.text = " ".join(rng.choices(self.words, cum_weights=weights, k=n))
 
     def message(self, rng: random.Random) -> str:
         """200-2000 bytes of text, starting and ending at a word boundary."""
@@ -63,22 +58,6 @@ class Corpus:
         start = self.text.find(" ", rng.randrange(len(self.text) - 2 * 2100)) + 1
         end = self.text.find(" ", start + size)
         return self.text[start:end]
-
-    def search_words(self) -> dict[str, str]:
-        """Words for the search shapes, by their frequency in the drawn text: the most
-        common, the second, the most common phrase of two different words, a word of rank about 500
-        (``mid``), and a word that occurs once (``rare``: a few dozen matches in a million
-        messages)."""
-        ranked = [w for w, _ in self.counts.most_common()]
-        once = [w for w, c in self.counts.items() if c == 1 and len(w) >= 6]
-        return {
-            "common": ranked[0],
-            "second": ranked[1],
-            "phrase": " ".join(self.bigram),
-            "prefix": ranked[0][:3] + "*",
-            "mid": ranked[min(500, len(ranked) - 1)],
-            "rare": once[0] if once else ranked[-1],
-        }
 
 
 def source_of(rng: random.Random) -> str:

@@ -1,29 +1,23 @@
-"""The read side of the scale benchmark: every search, listing and count shape, timed.
+"""The read side of the scale benchmark: which read measurements it runs, and helpers.
 
-Each shape is one public call. After one warm-up round the shapes run ``repeats``
-rounds, in a seeded shuffled order each round (so that no shape always follows the same
-one and inherits its cache), and every call is timed end to end with
-``time.perf_counter``. Calls that pick a session draw it from a sample of the store's
-sessions, another each round.
+Listing, counts and pages are timed by :func:`sessiondb.bench.scale_listing.measure_listing`.
+Search is timed by :func:`sessiondb.bench.scale_search.measure_search` where that module
+exists; until then by :func:`stand_in_search`, which returns figures of the same shape
+(``{"shapes": {name: {"p50_ms", "p99_ms", "max_ms", "hits", "n"}}, "terms": ...}``).
 """
 
 from __future__ import annotations
 
 import random
-import re
 import sys
 import time
-from collections import Counter
 from typing import Any, Callable
 
 import apsw
 
 from ..writes import percentile
 
-Shape = tuple[str, str, Callable[[random.Random], Any]]
-
 _QS = (("p50", 50), ("p90", 90), ("p99", 99))
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def dist(samples: list[float]) -> dict[str, float]:
@@ -46,136 +40,88 @@ def sample_sessions(db_path: str, n: int = 100, seed: int = 1) -> list[str]:
     return rng.sample(ids, min(n, len(ids)))
 
 
-def words_from_store(db: Any, session_ids: list[str]) -> dict[str, str]:
-    """Search words taken from a sample of the store's messages, when the caller does not
-    know the vocabulary: the two most frequent words, the most frequent phrase of two
-    different words, a word of sample rank about 50 (``mid``), and the longest word seen
-    once (``rare``: rare in the sample, not necessarily in the store)."""
-    counts: Counter[str] = Counter()
-    pairs: Counter[tuple[str, str]] = Counter()
-    for sid in session_ids[:10]:
-        for m in db.get_messages(sid, limit=50):
-            words = _WORD.findall((m["content"] or "").lower())
-            counts.update(words)
-            pairs.update(p for p in zip(words, words[1:]) if p[0] != p[1])
-    ranked = [w for w, _ in counts.most_common()] or ["a", "b"]
-    once = sorted((w for w, c in counts.items() if c == 1), key=lambda w: (-len(w), w))
-    phrase = pairs.most_common(1)[0][0] if pairs else (ranked[0], ranked[-1])
-    return {"common": ranked[0], "second": ranked[min(1, len(ranked) - 1)],
-            "phrase": " ".join(phrase), "prefix": ranked[0][:3] + "*",
-            "mid": ranked[min(50, len(ranked) - 1)],
-            "rare": once[0] if once else ranked[-1]}
+def measure_reads(db_path: str, repeats: int, seed: int) -> dict[str, Any]:
+    """Time every search shape, then every listing, count and page shape.
 
-
-def run_shapes(shapes: list[Shape], repeats: int, seed: int, label: str
-               ) -> dict[str, dict[str, Any]]:
-    """Time every shape: one warm-up round, then ``repeats`` shuffled rounds.
-
-    :returns: per shape name, ``call`` (what was called), ``latency_s`` (``p50``,
-        ``p90``, ``p99``, ``max``), ``repeats`` and ``results`` (the length of the first
-        answer: hits, sessions, or the count itself).
+    :returns: ``search`` and ``listing``, each the document its measuring function
+        returns.
     """
+    from .scale_listing import measure_listing
+    try:
+        from .scale_search import measure_search  # type: ignore[import-not-found]
+    except ImportError:
+        measure_search = stand_in_search
+    print("  search ...", file=sys.stderr, flush=True)
+    search = measure_search(db_path, repeats, seed=seed)
+    print("  listing ...", file=sys.stderr, flush=True)
+    listing = measure_listing(db_path, repeats, seed=seed)
+    return {"search": search, "listing": listing}
+
+
+def pick_words(db_path: str) -> dict[str, Any]:
+    """The three words in most messages (``common``), one in about 1% (``mid``), one in
+    about 0.03% (``rare``), from FTS5's own counts (an ``fts5vocab`` table of a read-only
+    connection), with ``doc_fraction`` of each."""
+    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, messages_fts, "
+                     "row)")
+        total = max(1, conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        vocab = sorted(conn.execute("SELECT doc, term FROM temp.vocab WHERE term GLOB "
+                                    "'[a-z]*'"), reverse=True)
+    finally:
+        conn.close()
+
+    def near(fraction: float) -> str:
+        return min(vocab, key=lambda r: abs(r[0] / total - fraction))[1]
+
+    words = {"common": [t for _, t in vocab[:3]], "mid": near(0.01), "rare": near(0.0003)}
+    docs = {t: d for d, t in vocab}
+    words["doc_fraction"] = {t: round(docs[t] / total, 5)
+                             for t in [*words["common"], words["mid"], words["rare"]]}
+    return words
+
+
+def stand_in_search(db_path: str, repeats: int, *, seed: int = 1) -> dict[str, Any]:
+    """Time ``search_messages`` in every query shape (a stand-in for
+    :func:`sessiondb.bench.scale_search.measure_search`, same figures).
+
+    One warm-up call per shape, then ``repeats`` timed calls.
+    """
+    from .. import SessionDB
+
+    terms = pick_words(db_path)
+    ids = sample_sessions(db_path, 20, seed)
+    a, b, _ = (terms["common"] * 3)[:3]
     rng = random.Random(seed)
-    out: dict[str, dict[str, Any]] = {}
-    times: dict[str, list[float]] = {name: [] for name, _, _ in shapes}
-    for name, call, fn in shapes:  # warm-up, and the size of each answer
-        answer = fn(rng)
-        out[name] = {"call": call, "results": answer if isinstance(answer, int)
-                     else len(answer)}
-    order = list(shapes)
-    shown = time.monotonic()
-    for r in range(repeats):
-        rng.shuffle(order)
-        for name, _, fn in order:
-            t0 = time.perf_counter()
-            fn(rng)
-            times[name].append(time.perf_counter() - t0)
-        if time.monotonic() - shown >= 2.0:
-            shown = time.monotonic()
-            print(f"    {label}: round {r + 1}/{repeats}", file=sys.stderr, flush=True)
-    for name, entry in out.items():
-        entry["latency_s"] = dist(times[name])
-        entry["repeats"] = len(times[name])
-    return out
-
-
-def measure_search(db_path: str, repeats: int, *, words: dict[str, str] | None = None,
-                   seed: int = 1) -> dict[str, dict[str, Any]]:
-    """Time ``search_messages`` in every query shape on the store at ``db_path``.
-
-    :param words: ``common``, ``second``, ``phrase``, ``prefix``, ``mid``, ``rare``
-        (see :meth:`~sessiondb.bench.scale_data.Corpus.search_words`); taken from a
-        sample of the store when None.
-    :returns: per shape, as :func:`run_shapes` returns it, plus ``words``.
-    """
-    from sessiondb import SessionDB
-
-    ids = sample_sessions(db_path, seed=seed)
     with SessionDB(db_path) as db:
-        w = words or words_from_store(db, ids)
-        common, phrase = w["common"], f'"{w["phrase"]}"'
         s = db.search_messages
-        shapes: list[Shape] = [
-            ("common", f"search_messages({common!r})", lambda r: s(common)),
-            ("phrase", f"search_messages({phrase!r})", lambda r: s(phrase)),
-            ("prefix", f"search_messages({w['prefix']!r})", lambda r: s(w["prefix"])),
-            ("or", f"search_messages('{common} OR {w['second']}')",
-             lambda r: s(f"{common} OR {w['second']}")),
-            ("not", f"search_messages('{common} NOT {w['second']}')",
-             lambda r: s(f"{common} NOT {w['second']}")),
-            ("mid", f"search_messages({w['mid']!r})", lambda r: s(w["mid"])),
-            ("rare", f"search_messages({w['rare']!r})", lambda r: s(w["rare"])),
-            ("common_sources", f"search_messages({common!r}, sources=['telegram', "
-             "'discord'])", lambda r: s(common, sources=["telegram", "discord"])),
-            ("common_rare_source", f"search_messages({common!r}, sources=['slack'])",
-             lambda r: s(common, sources=["slack"])),
-            ("common_exclude_sources", f"search_messages({common!r}, "
-             "exclude_sources=['cli'])", lambda r: s(common, exclude_sources=["cli"])),
-            ("common_roles", f"search_messages({common!r}, roles=['assistant'])",
-             lambda r: s(common, roles=["assistant"])),
-            ("common_session", f"search_messages({common!r}, session_id=<one of "
-             f"{len(ids)}>)", lambda r: s(common, session_id=r.choice(ids))),
-            ("common_offset_100", f"search_messages({common!r}, offset=100)",
-             lambda r: s(common, offset=100)),
-        ]
-        out = run_shapes(shapes, repeats, seed, "search")
-    out["words"] = dict(w)
-    return out
-
-
-def measure_listing(db_path: str, repeats: int, *, seed: int = 1
-                    ) -> dict[str, dict[str, Any]]:
-    """Time ``list_sessions`` (every filter, a deep page), the counts and
-    ``get_messages`` pages on the store at ``db_path``.
-
-    :returns: per shape, as :func:`run_shapes` returns it.
-    """
-    from sessiondb import SessionDB
-
-    ids = sample_sessions(db_path, seed=seed)
-    with SessionDB(db_path) as db:
-        deep = min(10_000, db.session_count() // 2)
-        ls = db.list_sessions
-        shapes: list[Shape] = [
-            ("list", "list_sessions()", lambda r: ls()),
-            ("list_source", "list_sessions('telegram')", lambda r: ls("telegram")),
-            ("list_rare_source", "list_sessions('slack')", lambda r: ls("slack")),
-            ("list_exclude_sources", "list_sessions(exclude_sources=['cli'])",
-             lambda r: ls(exclude_sources=["cli"])),
-            ("list_active", "list_sessions(active=True)", lambda r: ls(active=True)),
-            ("list_ended", "list_sessions(active=False)", lambda r: ls(active=False)),
-            ("list_deep_page", f"list_sessions(offset={deep})", lambda r: ls(offset=deep)),
-            ("list_source_deep_page", f"list_sessions('telegram', offset={deep // 4})",
-             lambda r: ls("telegram", offset=deep // 4)),
-            ("session_count", "session_count()", lambda r: db.session_count()),
-            ("session_count_source", "session_count('telegram')",
-             lambda r: db.session_count("telegram")),
-            ("message_count", "message_count()", lambda r: db.message_count()),
-            ("message_count_session", f"message_count(<one of {len(ids)}>)",
-             lambda r: db.message_count(r.choice(ids))),
-            ("get_session", f"get_session(<one of {len(ids)}>)",
-             lambda r: [db.get_session(r.choice(ids))]),
-            ("get_messages", f"get_messages(<one of {len(ids)}>, limit=50)",
-             lambda r: db.get_messages(r.choice(ids), limit=50)),
-        ]
-        return run_shapes(shapes, repeats, seed, "listing")
+        shapes: dict[str, Callable[[], Any]] = {
+            "common word": lambda: s(a),
+            "two-word phrase": lambda: s(f'"{a} {b}"'),
+            "prefix 3 letters": lambda: s(a[:3] + "*"),
+            "a OR b": lambda: s(f"{a} OR {b}"),
+            "a NOT b": lambda: s(f"{a} NOT {b}"),
+            "mid-frequency word": lambda: s(terms["mid"]),
+            "rare word": lambda: s(terms["rare"]),
+            "common word sources=[slack]": lambda: s(a, sources=["slack"]),
+            "common word sources=[cli]": lambda: s(a, sources=["cli"]),
+            "common word exclude_sources=[cli]": lambda: s(a, exclude_sources=["cli"]),
+            "common word roles=[tool]": lambda: s(a, roles=["tool"]),
+            "common word session_id": lambda: s(a, session_id=rng.choice(ids)),
+            "common word offset=100": lambda: s(a, offset=100),
+        }
+        out: dict[str, Any] = {}
+        for name, call in shapes.items():
+            call()
+            times, hits = [], 0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                hits += len(call())
+                times.append(time.perf_counter() - t0)
+            out[name] = {"p50_ms": round(percentile(times, 50) * 1000, 2),
+                         "p99_ms": round(percentile(times, 99) * 1000, 2),
+                         "max_ms": round(max(times) * 1000, 2), "hits": hits / repeats,
+                         "n": repeats}
+    return {"shapes": out, "terms": terms}

@@ -15,21 +15,22 @@ def _mb(n: int | float) -> str:
     return f"{n / _MB:,.1f}"
 
 
-def _grid(rows: list[tuple[str, ...]]) -> list[str]:
+def _grid(rows: list[tuple[str, ...]], left: int = 1) -> list[str]:
+    """Rows as aligned columns: the first ``left`` to the left, the others to the right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+    return ["  " + "  ".join(c.ljust(w) if i < left else c.rjust(w)
                              for i, (c, w) in enumerate(zip(row, widths))).rstrip()
             for row in rows]
 
 
-def _reads(title: str, shapes: dict[str, Any]) -> list[str]:
-    rows = [("shape", "call", "results", "p50 ms", "p90 ms", "p99 ms", "max ms")]
-    for name, s in shapes.items():
-        if not isinstance(s, dict) or "latency_s" not in s:
-            continue
-        lat = s["latency_s"]
-        rows.append((name, s["call"], f"{s['results']:,}", _ms(lat["p50"]), _ms(lat["p90"]),
-                     _ms(lat["p99"]), _ms(lat["max"])))
+def _reads(title: str, figures: dict[str, Any], extra: str) -> list[str]:
+    """One row per shape of a ``{name: {"p50_ms", "p99_ms", "max_ms", ...}}`` dict;
+    ``extra`` names one more figure to show (``hits``, ``cpu_p99_ms``)."""
+    rows = [("shape", "p50 ms", "p99 ms", "max ms", extra.replace("_ms", " ms"))]
+    for name, f in figures.items():
+        more = f.get(extra)
+        rows.append((name, f"{f['p50_ms']:.2f}", f"{f['p99_ms']:.2f}",
+                     f"{f['max_ms']:.2f}", "-" if more is None else f"{more:,.1f}"))
     return [title, *_grid(rows), ""]
 
 
@@ -101,7 +102,7 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
                      f"'s own (raw SQL, 1 s busy timeout, 15 attempts); "
                      f"{h['lost_writes']} acknowledged writes lost")
     return ["== maintenance, each while another process appends every 5-10 ms (w. = that "
-            "writer's calls during the operation)", *_grid(rows), *notes, ""]
+            "writer's calls during the operation)", *_grid(rows, left=2), *notes, ""]
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -134,16 +135,19 @@ def table(doc: dict[str, Any]) -> str:
                          f"file {_mb(s['db_bytes'])} MB, WAL {_mb(s['wal_bytes'])} MB")
         lines.append("")
         if "search" in run:
-            words = run["search"].get("words", {})
-            matches = run["search"].get("word_matches", {})
-            lines += _reads(f"== search_messages, {run['search']['common']['repeats']} rounds",
-                            run["search"])
-            lines[-1:-1] = ["  words: " + ", ".join(
-                f"{k} {v!r}" + (f" ({matches[k]:,} messages)" if k in matches else "")
-                for k, v in words.items())]
+            shapes = run["search"]["shapes"]
+            n = next(iter(shapes.values()))["n"] if shapes else 0
+            lines += _reads(f"== search_messages, {n} timed calls per shape",
+                            shapes, "hits")
+            fractions = run["search"].get("terms", {}).get("doc_fraction", {})
+            if fractions:
+                lines[-1:-1] = ["  words (share of messages): " + ", ".join(
+                    f"{w} {f:.2%}" for w, f in fractions.items())]
         if "listing" in run:
-            lines += _reads(f"== listing, counts, pages, {run['listing']['list']['repeats']} "
-                            "rounds", run["listing"])
+            calls = run["listing"]["calls"]
+            n = next(iter(calls.values()))["n"] if calls else 0
+            lines += _reads(f"== listing, counts, pages, {n} timed calls each", calls,
+                            "cpu_p99_ms")
         if "maintenance" in run:
             lines += _maintenance(run["maintenance"])
         if "store_after" in run:

@@ -52,6 +52,11 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
                          f"{op['duration_s']:.1f}", *_writer(op["writer"])))
             if op.get("error"):
                 notes.append(f"  {name} FAILED: {op['error']}")
+            tasks = (op.get("progress") or {}).get("tasks") or {}
+            if tasks:
+                notes.append(f"  {name}, as its progress reported: " + ", ".join(
+                    f"{t['task']} {t['done']:,}{'/' + format(t['total'], ',') if t['total'] else ''}"
+                    f" {t['unit']} by {t['elapsed_s']:.1f} s" for t in tasks.values()))
             if op["writer"]["error_samples"]:
                 notes.append(f"  {name}: writer errors, e.g. {op['writer']['error_samples'][0]}")
 
@@ -125,6 +130,11 @@ def table(doc: dict[str, Any]) -> str:
                          f"{i['duration_s']:.1f} s: {i['messages_per_s']:,.0f} messages/s "
                          f"(generating the data, {i['generate_s']:.1f} s, left out; "
                          f"{i['wall_messages_per_s']:,.0f} with it)")
+            tasks = i["progress"].get("tasks", {})
+            if len(tasks) > 1:
+                lines.append("    as its progress reported: " + ", ".join(
+                    f"{t['task']} {t['done']:,} {t['unit']} by {t['elapsed_s']:.1f} s"
+                    for t in tasks.values()))
         if "transaction" in ingest:
             t = ingest["transaction"]
             lines.append(f"  transaction() of 50 append_message: {t['messages']:,} messages"

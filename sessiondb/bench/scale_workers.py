@@ -62,7 +62,7 @@ def current_rss() -> int:
 class Progress:
     """A progress callback that prints one line to stderr at most every
     :data:`PROGRESS_EVERY_S` seconds, and remembers how often it was called and the last
-    report.
+    report of each task (an operation may run several: an import, then its indexing).
 
     :param label: what the lines start with.
     """
@@ -71,12 +71,14 @@ class Progress:
         self.label = label
         self.calls = 0
         self.last: dict[str, Any] = {}
+        self.tasks: dict[str, dict[str, Any]] = {}
         self._printed = 0.0
 
     def __call__(self, p: Any) -> None:
         self.calls += 1
         self.last = {"task": p.task, "done": p.done, "total": p.total, "unit": p.unit,
                      "elapsed_s": round(p.elapsed_s, 3)}
+        self.tasks[p.task] = self.last
         now = time.monotonic()
         if now - self._printed >= PROGRESS_EVERY_S or (p.total and p.done >= p.total):
             self._printed = now
@@ -85,7 +87,9 @@ class Progress:
                   file=sys.stderr, flush=True)
 
     def figures(self) -> dict[str, Any]:
-        return {"calls": self.calls, "last": self.last}
+        """``calls``, ``last`` (the last report) and ``tasks`` (the last report of each
+        task, by name)."""
+        return {"calls": self.calls, "last": self.last, "tasks": self.tasks}
 
 
 def _text(rng: random.Random) -> str:

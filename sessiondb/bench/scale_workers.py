@@ -106,7 +106,7 @@ def writer(kind: str, path: str, session_id: str, seed: int, ready: Any, stop: A
     crashed = ""
     rng = random.Random(seed)
     try:
-        write = _sessiondb_writer(path, session_id) if kind == "sessiondb" \
+        write, close = _sessiondb_writer(path, session_id) if kind == "sessiondb" \
             else _hermes_writer(path, session_id, rng)
         ready.set()
         while not stop.is_set():
@@ -118,6 +118,7 @@ def writer(kind: str, path: str, session_id: str, seed: int, ready: Any, stop: A
             except Exception as exc:  # every failure is a figure, none ends the run
                 errors.append([t0, f"{type(exc).__name__}: {exc}"[:300]])
             stop.wait(rng.uniform(0.005, 0.010))
+        close()
     except BaseException:
         crashed = traceback.format_exc()
         ready.set()
@@ -125,7 +126,7 @@ def writer(kind: str, path: str, session_id: str, seed: int, ready: Any, stop: A
                  "crashed": crashed})
 
 
-def _sessiondb_writer(path: str, session_id: str) -> Any:
+def _sessiondb_writer(path: str, session_id: str) -> tuple[Any, Any]:
     from sessiondb import SessionDB
 
     db = SessionDB(path)
@@ -134,10 +135,10 @@ def _sessiondb_writer(path: str, session_id: str) -> Any:
     def write(text: str) -> None:
         db.append_message(session_id, "user", text)
 
-    return write
+    return write, db.close
 
 
-def _hermes_writer(path: str, session_id: str, rng: random.Random) -> Any:
+def _hermes_writer(path: str, session_id: str, rng: random.Random) -> tuple[Any, Any]:
     """hermes-agent's own write: raw SQL on its tables, the triggers it made (or
     sessiondb's, once converted) keeping the full-text index."""
     import apsw
@@ -175,7 +176,7 @@ def _hermes_writer(path: str, session_id: str, rng: random.Random) -> Any:
                          "WHERE id = ?", (session_id,))
         attempt(body)
 
-    return write
+    return write, conn.close
 
 
 def export_child(path: str, out_file: str, results: Any) -> None:

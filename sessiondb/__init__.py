@@ -10,6 +10,7 @@ from .errors import (
     SearchIndexError, SessionDBError, SessionNotFound, StaleRevision, StorageError,
     TitleConflict, WalDeletedError, WriteTimeout,
 )
+from .maintenance import Progress
 from .aio import AsyncSessionDB
 from .store import SessionDB
 from .text import sanitize_title
@@ -25,5 +26,5 @@ __all__ = [
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
     "WalDeletedError", "StaleRevision", "CoordinationError", "LeaseHeld", "LeaseLost",
     "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning",
-    "Lease", "Claim", "Heartbeat", "Deadline",
+    "Lease", "Claim", "Heartbeat", "Deadline", "Progress",
 ]

@@ -290,12 +290,12 @@ def _fts_state(db: SessionDB, deep: bool = True) -> str:
         if note is not None:
             return f"marked damaged ({note}); it misses newer messages"
         why = db._read(search_index.rebuilding)
-        pending = db._read(search_index.pending_messages)
+        pending = db._read(search_index.pending_ids)
         if why is not None:
-            return f"being rebuilt ({why}): {pending:,} messages still to index"
+            return f"being rebuilt ({why}): up to {pending:,} messages still to index"
         if pending:
-            return (f"{pending:,} messages not indexed yet (a bulk import in progress, or "
-                    "one that was cut short)")
+            return (f"up to {pending:,} messages not indexed yet (a bulk import in "
+                    "progress, or one that was cut short)")
         if not deep and db._read(lambda c: c.execute(
                 "SELECT count(*) > ? FROM (SELECT 1 FROM messages LIMIT ?)",
                 (DEEP_CHECK_AT, DEEP_CHECK_AT + 1)).fetchone()[0]):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
+import filelock
 
 from .checkpoint import CheckpointPolicy
 from .connection import (
@@ -54,6 +55,7 @@ from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
 _STEP_CHECKPOINT_AT = 1 / 8  # of wal_limit: see Engine._between_steps
+INDEX_LOCK = ".sessiondb-index.lock"  # sidecar electing the builder: _finish_conversion
 
 # Connections inherited across fork(): kept referenced forever so that garbage collection
 # never closes them in the child (closing would touch files and locks the parent owns).
@@ -193,10 +195,7 @@ class Engine:
             ensure_schema(conn, self.path, partial(self._execute_write, bounded=False),
                           o["write_timeout"])
             if search_index.rebuilding(conn) == CONVERSION:
-                # A converted hermes-agent file is searchable once its messages are
-                # indexed; whoever opens it helps until that is done (steps are shared
-                # safely), so a conversion cut short resumes at the next open.
-                search_index.catch_up(self._run_steps, o["progress"])
+                self._finish_conversion()
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -204,6 +203,24 @@ class Engine:
             if gate is not None:
                 gate.close()
             raise
+
+    def _finish_conversion(self) -> None:
+        """Index the messages of a converted hermes-agent file (it is searchable once
+        they are) in short steps, unless another process is at it: a lock on a sidecar
+        (``<db>.sessiondb-index.lock``, taken without waiting) elects one builder, and
+        the kernel frees it if that process dies, so a conversion cut short is finished
+        by the next process that opens the store."""
+        lock = filelock.FileLock(str(self.path.with_name(self.path.name + INDEX_LOCK)),
+                                 timeout=0, mode=0o600)
+        try:
+            lock.acquire()
+        except (filelock.Timeout, OSError):
+            return  # another process is building it (or the sidecar is unusable: the
+            # store works meanwhile, search says the index is being built)
+        try:
+            search_index.catch_up(self._run_steps, self._options["progress"])
+        finally:
+            lock.release()
 
     def _new_connection(self, new_file: Path | None = None) -> apsw.Connection:
         """A configured connection to the store, or to ``new_file`` (created) while

@@ -1,0 +1,89 @@
+"""Spawned processes for tests/test_maintenance.py (top-level, so ``spawn`` can import
+them), and the store builder those tests share."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from sessiondb import SessionDB
+
+DAY = 86400.0
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
+
+
+def text(rng: random.Random, words: int = 30) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def build(path: Path, sessions: int = 200, per: int = 50, seed: int = 1,
+          old_share: float = 0.5) -> int:
+    """A store of ``sessions`` x ``per`` messages; the first ``old_share`` of the sessions
+    started 100+ days ago and ended (prunable at 90 days), the rest recent. Returns the
+    message count."""
+    rng = random.Random(seed)
+    now = time.time()
+    data = []
+    for s in range(sessions):
+        old = s < sessions * old_share
+        started = now - (100 + s) * DAY if old else now - s * 60.0
+        data.append({
+            "id": f"s{s:05d}", "source": rng.choice(["cli", "telegram"]),
+            "started_at": started, "ended_at": started + 60.0,
+            "messages": [{"role": rng.choice(["user", "assistant", "tool"]),
+                          "content": text(rng), "timestamp": started + k,
+                          "tool_calls": [{"id": k}] if k % 7 == 0 else None}
+                         for k in range(per)]})
+    with SessionDB(path) as db:
+        db.import_sessions(data)
+    return sessions * per
+
+
+def kill_after(steps: int, task: str):
+    """A progress callback that SIGKILLs its own process at the ``steps``-th report of
+    ``task``: a crash in the middle of long work, at a chosen point."""
+    seen = [0]
+
+    def progress(p: Any) -> None:
+        seen[0] += p.task == task
+        if seen[0] >= steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return progress
+
+
+def prune_and_die(path: str, steps: int, hold_timeout: float) -> None:
+    with SessionDB(path, hold_timeout=hold_timeout) as db:
+        db.prune_sessions(90, progress=kill_after(steps, "prune"))
+
+
+def rebuild_and_die(path: str, steps: int, hold_timeout: float) -> None:
+    with SessionDB(path, hold_timeout=hold_timeout) as db:
+        db.rebuild_search_index(progress=kill_after(steps, "index"))
+
+
+def open_and_die(path: str, steps: int, hold_timeout: float) -> None:
+    """Open a hermes-agent file (converting it) and die while its index is being built."""
+    SessionDB(path, hold_timeout=hold_timeout, progress=kill_after(steps, "index"))
+
+
+def appender(path: str, session_id: str, stop: Any, results: Any) -> None:
+    """Append to one session until ``stop`` is set; report the acknowledged ids and the
+    errors (there must be none)."""
+    acked: list[int] = []
+    errors: list[str] = []
+    with SessionDB(path) as db:
+        db.ensure_session(session_id, "probe")
+        results.put(("ready", session_id))
+        while not stop.is_set():
+            try:
+                acked.append(db.append_message(session_id, "user", f"probe {len(acked)} kilo"))
+            except Exception as exc:  # reported to the test, which fails on any
+                errors.append(repr(exc))
+            time.sleep(0.002)
+    results.put((acked, errors))

@@ -1,0 +1,245 @@
+"""Maintenance in short steps: prune, rebuild of the full-text index, giving space back
+and the conversion of a hermes-agent file, each a series of short write transactions
+(sessiondb.maintenance). With a tiny hold bound they must finish in many steps while
+another process writes; killed midway, they leave a consistent store that a rerun
+finishes. Correctness only: no timing is asserted."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import maintenance_workers as mw
+from sessiondb import Progress, SearchIndexError, SessionDB, pruning, search_index
+from test_compat_hermes_file import _FTS, _INDEXES, _TITLE_INDEX, hermes_ddl
+
+pytestmark = pytest.mark.slow
+SPAWN = multiprocessing.get_context("spawn")
+TINY_HOLD = 0.05
+
+
+def consistent(path: Path) -> None:
+    """Integrity ok, the full-text index equal to the messages outside pending ranges,
+    every counter exact."""
+    with SessionDB(path) as db:
+        assert db._read(lambda c: c.execute("PRAGMA integrity_check").fetchall()) == [("ok",)]
+        db._execute_write(lambda c: c.execute(
+            "INSERT INTO messages_fts(messages_fts, rank) VALUES('integrity-check', 1)"))
+        wrong = db._read(lambda c: c.execute(
+            "SELECT id FROM sessions s WHERE message_count != (SELECT count(*) FROM "
+            "messages m WHERE m.session_id = s.id)").fetchall())
+        assert wrong == []
+        assert db.message_count() == db._read(
+            lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def search_all(db: SessionDB, words: tuple[str, ...] = ("kilo", "alpha", '"bravo charlie"')
+               ) -> list[list[tuple]]:
+    return [sorted((h["id"], h["session_id"]) for h in db.search_messages(w, limit=None))
+            for w in words]
+
+
+class Writer:
+    """Another process appending to its own session meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.stop, self.results = SPAWN.Event(), SPAWN.Queue()
+        self.proc = SPAWN.Process(target=mw.appender, daemon=True,  # never outlives a
+                                  args=(str(path), "writer", self.stop, self.results))
+        self.proc.start()
+        assert self.results.get(timeout=60)[0] == "ready"
+
+    def finish(self, path: Path) -> int:
+        self.stop.set()
+        acked, errors = self.results.get(timeout=60)
+        self.proc.join(60)
+        assert self.proc.exitcode == 0 and errors == []
+        with SessionDB(path) as db:
+            have = {m["id"] for m in db.get_messages("writer")}
+        assert set(acked) <= have and acked
+        return len(acked)
+
+
+def killed(target: Any, path: Path, steps: int) -> None:
+    proc = SPAWN.Process(target=target, args=(str(path), steps, TINY_HOLD), daemon=True)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -9, "the worker was to die by SIGKILL midway"
+
+
+def test_prune_runs_in_many_short_steps_beside_a_writer(db_path: Path) -> None:
+    mw.build(db_path, sessions=400)
+    with SessionDB(db_path) as db:
+        would = db.prune_sessions(90, dry_run=True)
+        assert would == 200 and db.session_count() == 400  # a dry run writes nothing
+    reports: list[Progress] = []
+    writer = Writer(db_path)
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        assert db.prune_sessions(90, progress=reports.append) == 200
+    assert writer.finish(db_path) > 0
+    prune = [p for p in reports if p.task == "prune"]
+    assert len(prune) > 2, "a tiny hold bound must make it several steps"
+    assert [p.done for p in prune] == sorted(p.done for p in prune)
+    assert prune[-1].done == prune[-1].total == 200 * 51  # sessions + their messages
+    consistent(db_path)
+    with SessionDB(db_path) as db:
+        assert db.session_count() == 201 and db.prune_sessions(90) == 0
+
+
+def test_a_parent_goes_after_its_children_and_dry_run_agrees(db: SessionDB) -> None:
+    old = 1_000.0
+    for sid, parent, ended in (("p", None, True), ("c1", "p", True), ("c2", "c1", True),
+                               ("q", None, True), ("q1", "q", False)):
+        db.import_sessions({"id": sid, "source": "cli", "started_at": old,
+                            "ended_at": old + 1 if ended else None,
+                            "parent_session_id": parent,
+                            "messages": [{"role": "user", "content": sid, "timestamp": old}]})
+    assert db.prune_sessions(1, dry_run=True) == 3  # q stays: its child q1 is active
+    assert db.prune_sessions(1) == 3
+    assert sorted(s["id"] for s in db.list_sessions(limit=None)) == ["q", "q1"]
+
+
+def test_a_big_session_loses_its_messages_in_chunks_with_exact_counters(
+        db_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pruning, "BIG_SESSION", 300)
+    monkeypatch.setattr(pruning, "_CHUNK", 50)
+    mw.build(db_path, sessions=2, per=1000, old_share=1.0)
+    seen: list[tuple[int, int]] = []
+    with SessionDB(db_path, hold_timeout=0.02) as db:  # steps of 5 ms: a few chunks each
+        def check(p: Progress) -> None:  # between two steps: counters match the rows
+            seen.extend(db._read(lambda c: c.execute(
+                "SELECT message_count, (SELECT count(*) FROM messages m WHERE "
+                "m.session_id = s.id) FROM sessions s").fetchall()))
+        assert db.prune_sessions(90, progress=check) == 2
+    assert seen and all(count == rows for count, rows in seen)
+    assert any(0 < rows < 1000 for _, rows in seen), "a session was deleted in chunks"
+    consistent(db_path)
+
+
+def test_a_prune_killed_midway_leaves_whole_sessions_and_a_rerun_finishes(
+        db_path: Path) -> None:
+    mw.build(db_path, sessions=400)
+    killed(mw.prune_and_die, db_path, steps=2)
+    consistent(db_path)  # every remaining session complete, counters exact
+    with SessionDB(db_path) as db:
+        left = db.session_count()
+        assert 200 < left < 400, "the kill came midway"
+        assert db.prune_sessions(90) == left - 200
+    consistent(db_path)
+
+
+def test_rebuild_in_steps_beside_a_writer_gives_the_same_results(db_path: Path) -> None:
+    mw.build(db_path, sessions=300)
+    with SessionDB(db_path) as db:
+        before = search_all(db)
+    writer = Writer(db_path)
+    reports: list[Progress] = []
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        indexed = db.rebuild_search_index(progress=reports.append)
+    appended = writer.finish(db_path)
+    assert 15000 <= indexed <= 15000 + appended  # the writer's, when they came first
+    assert len([p for p in reports if p.task == "index"]) > 2
+    consistent(db_path)
+    with SessionDB(db_path) as db:
+        after = search_all(db)
+        assert [sorted(set(a) - {h for h in a if h[1] == "writer"}) for a in after] == before
+        assert len([h for h in after[0] if h[1] == "writer"]) == appended  # "kilo"
+        assert db._read(search_index.junk_tables) == []
+
+
+def test_a_rebuild_killed_midway_refuses_search_until_a_rerun_finishes_it(
+        db_path: Path) -> None:
+    mw.build(db_path, sessions=300)
+    with SessionDB(db_path) as db:
+        before = search_all(db)
+    killed(mw.rebuild_and_die, db_path, steps=2)
+    with SessionDB(db_path) as db:
+        with pytest.raises(SearchIndexError, match="being rebuilt"):
+            db.search_messages("kilo")
+        db.append_message("s00001", "user", "written during the pause kilo")
+        assert db.rebuild_search_index() > 0
+        after = search_all(db)
+    assert len(after[0]) == len(before[0]) + 1 and set(before[0]) < set(after[0])
+    assert after[1:] == before[1:]
+    consistent(db_path)
+
+
+def test_deferred_messages_are_searchable_once_indexed_and_deletes_meanwhile_are_safe(
+        db: SessionDB) -> None:
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "indexed at once kilo")
+    first = db._read(lambda c: c.execute("SELECT max(id) FROM messages").fetchone()[0])
+
+    def bulk(conn: Any) -> None:  # what a bulk import does: defer, then insert
+        search_index.defer(conn, first + 1, first + 100)
+        for i in range(1, 101):
+            conn.execute("INSERT INTO messages (id, session_id, role, content, timestamp) "
+                         "VALUES (?, 's', 'user', ?, 1.0)", (first + i, f"deferred {i} kilo"))
+        conn.execute("UPDATE sessions SET message_count = message_count + 100")
+
+    db._execute_write(bulk)
+    assert len(db.search_messages("kilo", limit=None)) == 1  # answers; the rest pending
+    db._execute_write(lambda c: c.execute("DELETE FROM messages WHERE id = ?", (first + 5,)))
+    db._execute_write(lambda c: c.execute(
+        "UPDATE messages SET content = 'changed kilo' WHERE id = ?", (first + 6,)))
+    db._execute_write(lambda c: c.execute("UPDATE sessions SET message_count = 100"))
+    db.append_message("s", "user", "after the range kilo")
+    assert len(db.search_messages("kilo", limit=None)) == 2  # indexed at once
+    assert db._index_pending(None) == 99
+    assert len(db.search_messages("kilo", limit=None)) == 101
+    consistent(db.path)
+
+
+def test_reclaim_space_gives_the_bytes_back(db_path: Path) -> None:
+    mw.build(db_path, sessions=120, old_share=0.9)
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        reports: list[Progress] = []
+        assert db.prune_sessions(90, progress=reports.append) == 108
+        assert any(p.task == "reclaim" for p in reports)
+        assert db._read(lambda c: c.pragma("freelist_count")) == 0
+        result = db.reclaim_space()  # nothing left to give back
+    assert result["freed_pages"] == 0
+    assert reports[-1].task == "reclaim" and reports[-1].done == reports[-1].total
+
+
+def build_hermes(path: Path, sessions: int = 100, per: int = 50) -> None:
+    """A hermes-agent schema-6 state.db with ``sessions`` x ``per`` indexed messages."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(hermes_ddl(False) + _INDEXES + _TITLE_INDEX + _FTS
+                       + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+                         "INSERT INTO schema_version VALUES (6);")
+    rng = mw.random.Random(3)
+    conn.execute("BEGIN")
+    for s in range(sessions):
+        conn.execute("INSERT INTO sessions (id, source, started_at, message_count) "
+                     "VALUES (?, 'cli', ?, ?)", (f"h{s}", 1000.0 + s, per))
+        conn.executemany("INSERT INTO messages (session_id, role, content, timestamp) "
+                         "VALUES (?, 'user', ?, ?)",
+                         [(f"h{s}", mw.text(rng), 1000.0 + s) for _ in range(per)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_a_conversion_killed_midway_opens_and_finishes_at_the_next_open(
+        db_path: Path) -> None:
+    build_hermes(db_path, sessions=300)
+    killed(mw.open_and_die, db_path, steps=2)
+    with sqlite3.connect(db_path) as raw:  # a hermes-agent process keeps writing to it
+        raw.execute("INSERT INTO messages (session_id, role, content, timestamp) "
+                    "VALUES ('h1', 'user', 'hermes wrote this kilo', 5.0)")
+        raw.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = 'h1'")
+    reports: list[Progress] = []
+    with SessionDB(db_path, hold_timeout=TINY_HOLD, progress=reports.append) as db:
+        assert reports and reports[-1].task in ("index", "cleanup")
+        assert db.message_count() == 15001
+        hits = db.search_messages("kilo", limit=None)
+        raw_count = db._read(lambda c: c.execute(
+            "SELECT count(*) FROM messages WHERE content LIKE '%kilo%'").fetchone()[0])
+        assert len(hits) == raw_count
+        assert db._read(search_index.junk_tables) == []
+    consistent(db_path)

@@ -297,8 +297,9 @@ def prune_and_reclaim(path: str, seed: int) -> dict[str, dict[str, Any]]:
 def hermes_conversion(workdir: str, corpus: Corpus, session_count: int,
                       seed: int) -> dict[str, Any]:
     """Build a hermes-agent ``state.db`` of ``session_count`` sessions, then open it with
-    :class:`~sessiondb.SessionDB` (which converts it in place) while a raw "hermes-agent"
-    writer inserts into it.
+    :class:`~sessiondb.SessionDB` (which converts it in place, and indexes its messages
+    before it returns, as the first process to open it) while a raw "hermes-agent" writer
+    inserts into it.
 
     :returns: the conversion's figures, with ``built`` (the file before it),
         ``converted`` (the file's ``user_version`` is sessiondb's) and ``lost_writes``
@@ -312,10 +313,12 @@ def hermes_conversion(workdir: str, corpus: Corpus, session_count: int,
     print(f"  hermes-agent state.db: {built['messages']:,} messages in "
           f"{built['duration_s']:.1f} s", file=sys.stderr, flush=True)
     print("  hermes_conversion ...", file=sys.stderr, flush=True)
+    progress = Progress("conversion")
     with WriterRun("hermes", path, "hermes", seed + 5) as w:
-        _, duration, error, t0, t1 = timed(lambda: SessionDB(path).close())
+        _, duration, error, t0, t1 = timed(lambda: SessionDB(path, progress=progress).close())
     out: dict[str, Any] = {"duration_s": duration, "error": error,
-                           "writer": w.figures(t0, t1), "built": built}
+                           "writer": w.figures(t0, t1), "built": built,
+                           "progress": progress.figures()}
     conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
         out["converted"] = conn.execute("PRAGMA user_version").fetchone()[0] == \

@@ -15,7 +15,7 @@ from typing import Any
 
 import apsw
 
-from . import listing, pruning, records, search_index
+from . import listing, pruning, records, search, search_index
 from .coordination import Coordination
 from .engine import _fetch, _first, _rows
 from .maintenance import ProgressCallback, Tracker, check_progress
@@ -26,7 +26,7 @@ from .errors import (
 from .schema import MESSAGE_TOTAL_SQL
 from .text import (
     MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
-    check_limit, check_list, check_text, lineage_number, plain_snippet,
+    check_limit, check_list, check_text, lineage_number,
     sanitize_fts_query, sanitize_title, split_lineage, to_json,
 )
 
@@ -524,7 +524,14 @@ class SessionDB(Coordination):
                         exclude_sources: list[str] | None = None,
                         roles: list[str] | None = None, session_id: str | None = None,
                         limit: int | None = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """Full-text search over message content, best match first.
+        """Full-text search over message content: the best matches among the most recent.
+
+        Hits come in windows of 1,000 matches, newest first: the first window is the
+        1,000 most recent messages that match and pass the filters, best match (bm25)
+        first, ties newest first; then the 1,000 before them, and so on. ``offset``
+        counts through that order, so pages never repeat or skip a hit; a query with at
+        most 1,000 matches is ordered best match first. The time of a search does not
+        grow with the number of matches (see :mod:`sessiondb.search`).
 
         Any text up to 1,000 characters is accepted (quotes, ``-``, ``AND``/``OR``/
         ``NOT``, ``*``, ``:``, unbalanced parentheses): it is sanitized, never a syntax
@@ -533,56 +540,26 @@ class SessionDB(Coordination):
         ``session_started`` and ``context`` (the previous message, the match and the next
         one of its session).
 
+        :param sources: only sessions of these sources (``[]``: no hit).
+        :param exclude_sources: no session of these sources.
+        :param roles: only messages of these roles (``[]`` or None: any).
+        :param session_id: only this session's messages.
+        :param limit: hits per page; None for all (every match is then ranked).
         :raises InvalidArgument: the query is longer than 1,000 characters.
-        :raises SearchIndexError: the full-text index is damaged.
+        :raises SearchIndexError: the full-text index is damaged or being rebuilt.
         """
         check_text("query", query, optional=False)
         limit, offset = check_limit(limit, offset)
         match = sanitize_fts_query(query)
         if not match:
             return []
-        where, args = _source_filter(None, check_list("exclude_sources", exclude_sources))
-        sources = check_list("sources", sources)
-        if sources is not None:
-            where.append(f"s.source IN {_IN_LIST}")
-            args.append(json.dumps(sources))
-        roles = check_list("roles", roles)
-        if roles:
-            where.append(f"m.role IN {_IN_LIST}")
-            args.append(json.dumps(roles))
-        if check_text("session_id", session_id) is not None:
-            where.append("m.session_id = ?")
-            args.append(session_id)
-        sql = (
-            "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
-            "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END, m.timestamp, "
-            "m.tool_name, s.source, s.model, s.started_at FROM messages_fts "
-            "JOIN messages m ON m.id = messages_fts.rowid "
-            "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
-            + "".join(" AND " + w for w in where)
-            + " ORDER BY rank LIMIT ? OFFSET ?"
-        )
-
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            search_index.raise_if_damaged(conn, self.path)
-            # FTS5's snippet() takes time that grows with the square of the matches in a
-            # message (a 10 MB one: hours, holding a read transaction); each phrase of the
-            # query can match every word, so past a budget of phrases x bytes the snippet
-            # is made in linear time by plain_snippet instead. (octet_length, because
-            # length() stops at a NUL.)
-            phrases = match.count('"') // 2
-            hits = [records.search_hit(r) for r in _fetch(
-                conn, sql, (phrases, _SNIPPET_BUDGET, match, *args, limit, offset))]
-            for hit in hits:
-                if hit["snippet"] is None:
-                    hit["snippet"] = long_message_snippet(conn, hit["id"], match)
-                around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
-                hit["context"] = [records.context_item((role, _decode(head)))
-                                  for role, head in around]
-            return hits
-
+        filters = search.Filters(
+            sources=check_list("sources", sources),
+            exclude_sources=check_list("exclude_sources", exclude_sources),
+            roles=check_list("roles", roles), session_id=check_text("session_id", session_id))
         try:
-            return self._read(read, snapshot=True)
+            return self._read(lambda c: search.search_messages(
+                c, self.path, match, filters, limit, offset), snapshot=True)
         except (ClosedError, SessionNotFound):
             raise
         except Exception as exc:
@@ -719,34 +696,9 @@ class SessionDB(Coordination):
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
-# The first bytes of a message, not the whole of it (it may be 10 MB): substr() of a
-# BLOB, because of a TEXT it stops at the first NUL; _decode drops a character cut in two.
-_HEAD_SQL = "SELECT substr(CAST(content AS BLOB), 1, ?) FROM messages WHERE id = ?"
-_CONTEXT_SQL = (
-    "SELECT role, substr(CAST(content AS BLOB), 1, 800) FROM ("  # 200 chars: <= 800 bytes
-    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
-    "  ORDER BY id DESC LIMIT 1)"
-    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
-    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
-    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
-)
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
 _IN_LIST = "(SELECT value FROM json_each(?))"
-# snippet() for a message while its bytes x query phrases stay under this (at most
-# ~10,000 matches: under a second even when every word matches); see search_messages.
-_SNIPPET_BUDGET = 20_000
-_PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
-
-
-def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
-    """The snippet of a message too long for FTS5's ``snippet()`` (see search_messages),
-    made from its first megabyte by :func:`~sessiondb.text.plain_snippet`.
-
-    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
-    """
-    head = _first(conn, _HEAD_SQL, (_PLAIN_SNIPPET_SCAN, message_id))
-    return plain_snippet(_decode(head) or "", match)
 
 
 def _file_size(path: Any) -> int:
@@ -754,10 +706,6 @@ def _file_size(path: Any) -> int:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def _decode(head: bytes | None) -> str | None:
-    return None if head is None else head.decode("utf-8", "ignore")
 
 
 def _exists(conn: apsw.Connection, session_id: str) -> bool:

@@ -6,8 +6,9 @@ In a fresh working directory, in this order:
    with the bulk path, ``import_sessions`` fed by a generator of session dicts (streamed,
    never all in memory), then a sample of up to 20,000 messages through ``transaction()``
    blocks of 50 ``append_message`` calls; the rate of each path.
-2. **Read**: every search shape and every listing, count and page shape, timed
-   (:mod:`sessiondb.bench.scale_reads` says by what).
+2. **Read**: every search shape (:func:`~sessiondb.bench.scale_search.measure_search`)
+   and every listing, count and page shape
+   (:func:`~sessiondb.bench.scale_listing.measure_listing`), timed.
 3. **Maintain**, each while one other process keeps writing
    (:mod:`sessiondb.bench.scale_maint`): the full-text rebuild, the streaming export to
    JSON Lines and its import into a fresh store (peak RSS of each process; the round trip
@@ -33,8 +34,11 @@ import apsw
 from . import scale_api
 from .run import header
 from .scale_data import PER_SESSION, Corpus, Timed, sessions
-from .scale_maint import export_import, file_sizes, hermes_conversion, prune_and_reclaim, rebuild
-from .scale_reads import measure_reads
+from .scale_listing import measure_listing
+from .scale_maint import (
+    export_import, file_sizes, hermes_conversion, prune_and_reclaim, rebuild,
+)
+from .scale_search import measure_search
 from .scale_workers import Progress, current_rss, peak_rss
 
 DEFAULT_MESSAGES = 1_000_000
@@ -117,6 +121,19 @@ def store_figures(path: str) -> dict[str, Any]:
     finally:
         conn.close()
     return out
+
+
+def measure_reads(db_path: str, repeats: int, seed: int) -> dict[str, Any]:
+    """Time every search shape, then every listing, count and page shape.
+
+    :returns: ``search`` and ``listing``, each the document its measuring function
+        returns.
+    """
+    print("  search ...", file=sys.stderr, flush=True)
+    search = measure_search(db_path, repeats, seed=seed)
+    print("  listing ...", file=sys.stderr, flush=True)
+    listing = measure_listing(db_path, repeats, seed=seed)
+    return {"search": search, "listing": listing}
 
 
 def scale_benchmark(*, messages: int = DEFAULT_MESSAGES, repeats: int = DEFAULT_REPEATS,

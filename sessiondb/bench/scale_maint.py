@@ -12,21 +12,43 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import random
 import sys
 import time
 from typing import Any, Callable
 
 import apsw
 
+from ..writes import percentile
 from . import scale_api
 from .scale_data import Corpus
 from .scale_hermes import build_hermes_db, count_messages
-from .scale_reads import dist, sample_sessions
 from .scale_workers import Progress, export_child, import_child, writer
 
 #: Session ids of the benchmark's own writers start with this (left out of comparisons).
 WRITER_PREFIX = "bench-writer-"
 _CTX = mp.get_context("spawn")
+_QS = (("p50", 50), ("p90", 90), ("p99", 99))
+
+
+def dist(samples: list[float]) -> dict[str, float]:
+    """``p50``, ``p90``, ``p99`` and ``max`` of ``samples`` (seconds)."""
+    out = {name: percentile(samples, q) for name, q in _QS}
+    out["max"] = max(samples) if samples else 0.0
+    return out
+
+
+def sample_sessions(db_path: str, n: int = 100, seed: int = 1) -> list[str]:
+    """Ids of up to ``n`` sessions that have messages, drawn with a seed (read-only)."""
+    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM sessions WHERE message_count > 0 ORDER BY id")]
+    finally:
+        conn.close()
+    rng = random.Random(seed)
+    return rng.sample(ids, min(n, len(ids)))
 
 
 def file_sizes(path: str) -> dict[str, int]:

@@ -34,6 +34,12 @@ def _reads(title: str, figures: dict[str, Any], extra: str) -> list[str]:
     return [title, *_grid(rows), ""]
 
 
+def _tasks(tasks: dict[str, Any]) -> str:
+    """The last progress report of each task: "index 90,000/90,000 messages by 8.3 s"."""
+    return ", ".join(f"{t['task']} {t['done']:,}" + (f"/{t['total']:,}" if t["total"] else "")
+                     + f" {t['unit']} by {t['elapsed_s']:.1f} s" for t in tasks.values())
+
+
 def _writer(w: dict[str, Any]) -> tuple[str, ...]:
     lat = w["latency_s"]
     return (f"{w['calls']:,}", _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["max"]),
@@ -54,9 +60,7 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
                 notes.append(f"  {name} FAILED: {op['error']}")
             tasks = (op.get("progress") or {}).get("tasks") or {}
             if tasks:
-                notes.append(f"  {name}, as its progress reported: " + ", ".join(
-                    f"{t['task']} {t['done']:,}{'/' + format(t['total'], ',') if t['total'] else ''}"
-                    f" {t['unit']} by {t['elapsed_s']:.1f} s" for t in tasks.values()))
+                notes.append(f"  {name}, as its progress reported: " + _tasks(tasks))
             if op["writer"]["error_samples"]:
                 notes.append(f"  {name}: writer errors, e.g. {op['writer']['error_samples'][0]}")
 
@@ -132,9 +136,7 @@ def table(doc: dict[str, Any]) -> str:
                          f"{i['wall_messages_per_s']:,.0f} with it)")
             tasks = i["progress"].get("tasks", {})
             if len(tasks) > 1:
-                lines.append("    as its progress reported: " + ", ".join(
-                    f"{t['task']} {t['done']:,} {t['unit']} by {t['elapsed_s']:.1f} s"
-                    for t in tasks.values()))
+                lines.append("    as its progress reported: " + _tasks(tasks))
         if "transaction" in ingest:
             t = ingest["transaction"]
             lines.append(f"  transaction() of 50 append_message: {t['messages']:,} messages"

@@ -28,7 +28,9 @@ that ``sqlite3`` class and a sessiondb error, so ``except sqlite3.IntegrityError
 Deliberate differences (README, "Coming from hermes-agent"): ``close()`` runs a last
 PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (16 s) in a FIFO queue
 rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snippet()``
-gets sessiondb's linear-time snippet; rows read from a file hermes-agent had migrated
+gets sessiondb's linear-time snippet; search ranks in windows of the 1,000 most recent
+matches, best first within each (:mod:`sessiondb.search`; fewer matches than that: best
+first, as the original); rows read from a file hermes-agent had migrated
 from an older version have their keys in the documented order, not the file's. A query
 that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the original
 (the permitted difference of answering it with matches is not taken).
@@ -37,6 +39,7 @@ that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the ori
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -45,7 +48,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
-from .. import listing, records, search_index
+from .. import listing, records, search, search_index
 from ..engine import Engine, _fetch, _first
 from ..engine import _rows as _engine_rows
 from ..errors import (
@@ -53,7 +56,6 @@ from ..errors import (
     StorageError, TitleConflict, WriteTimeout,
 )
 from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS, MESSAGE_TOTAL_SQL
-from ..store import _SNIPPET_BUDGET, long_message_snippet
 from ..text import (
     MAX_QUERY_LENGTH, from_json, lineage_number, sanitize_fts_query, split_lineage,
 )
@@ -488,11 +490,14 @@ class SessionDB(Engine):
                         exclude_sources: list[str] | None = None,
                         role_filter: list[str] | None = None, limit: int = 20,
                         offset: int = 0) -> list[dict[str, Any]]:
-        """Full-text search, best match first. Each hit: ``id``, ``session_id``,
-        ``role``, ``snippet`` (matches in ``>>> <<<``), ``timestamp``, ``tool_name``,
-        ``source``, ``model``, ``session_started``, ``context`` (the messages of the
-        session with ids next to the match's, the match included).
+        """Full-text search: the best matches among the most recent. Each hit: ``id``,
+        ``session_id``, ``role``, ``snippet`` (matches in ``>>> <<<``), ``timestamp``,
+        ``tool_name``, ``source``, ``model``, ``session_started``, ``context`` (the
+        messages of the session with ids next to the match's, the match included).
 
+        The order is sessiondb's (:mod:`sessiondb.search`): windows of the 1,000 most
+        recent matches, best match (bm25) first within each, ties newest first; a query
+        with at most 1,000 matches is ordered best match first, as hermes-agent's was.
         A query that is still not valid FTS5 after sanitizing finds nothing (``[]``).
         """
         if not query or not query.strip():
@@ -500,45 +505,44 @@ class SessionDB(Engine):
         match = self._sanitize_fts5_query(query)
         if not match:
             return []
-        where, args = [], []
-        if source_filter is not None:  # [] matches nothing: IN ()
-            marks, items = _placeholders(source_filter)
-            where.append(f" AND s.source IN {marks}")
-            args += items
-        if exclude_sources:
-            marks, items = _placeholders(exclude_sources)
-            where.append(f" AND s.source NOT IN {marks}")
-            args += items
-        if role_filter:
-            marks, items = _placeholders(role_filter)
-            where.append(f" AND m.role IN {marks}")
-            args += items
+        sources = None if source_filter is None else list(source_filter)
+        excluded, roles = list(exclude_sources or ()), list(role_filter or ())
         terms = max(1, len(match.split()))
-        sql = (
-            "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
-            "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END AS snippet, "
-            "m.timestamp, m.tool_name, s.source, s.model, s.started_at AS session_started "
-            "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
-            "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ?"
-            + "".join(where) + " ORDER BY rank LIMIT ? OFFSET ?")
-        params = _bindable((terms, _SNIPPET_BUDGET, match, *args, limit, offset))
+        # Checked as one statement's parameters, in the order this search bound them
+        # before it ranked in windows (the numbers in the error message stay the same).
+        _bindable((terms, search.SNIPPET_BUDGET, match, *(sources or ()), *excluded,
+                   *roles, limit, offset))
+        # Bound one by one, as the original did (its types, its variable limit).
+        filters = search.Filters(sources=sources, exclude_sources=excluded, roles=roles,
+                                 bind_each=True)
+        page = (limit, offset)
 
         def read(conn: apsw.Connection) -> list[dict[str, Any]]:
             search_index.raise_if_damaged(conn, self.path)
+            # LIMIT and OFFSET as SQLite reads them: None is a datatype mismatch (an
+            # IntegrityError, as in the original), a negative limit means all.
+            conn.execute("SELECT 1 LIMIT ? OFFSET ?", page).fetchall()
+            first, skip = conn.execute("SELECT CAST(? AS INTEGER), CAST(? AS INTEGER)",
+                                       page).fetchone()
             try:
-                hits = _rows(conn, sql, params)
+                ranked = search.ranked_ids(conn, match, filters,
+                                           first if first >= 0 else -1, max(skip, 0),
+                                           _hermes_phrases(match))
+                rows = search.fetch_hits(conn, match, ranked, terms)
             except apsw.SQLError as exc:
                 if "malformed" in str(exc) or "corrupt" in str(exc):
                     raise  # damage, not syntax: SearchIndexError below
                 return []  # not valid FTS5 after sanitizing: the original's []
+            hits = [dict(zip(_HIT_KEYS, row)) for row in rows]
             for hit in hits:
                 if hit["snippet"] is None:  # too long for FTS5's snippet()
-                    hit["snippet"] = long_message_snippet(
+                    hit["snippet"] = search.long_message_snippet(
                         conn, hit["id"], sanitize_fts_query(query[:MAX_QUERY_LENGTH]))
                 try:
                     hit["context"] = [
-                        {"role": role, "content": rules.head_text(head, 200)}
-                        for role, head in _fetch(conn, _CONTEXT_SQL, (
+                        {"role": role, "content": rules.head_text(search.message_head(
+                            conn, rowid, size, inline, 4 * 200), 200)}
+                        for role, rowid, size, inline in _fetch(conn, _CONTEXT_SQL, (
                             hit["session_id"], hit["id"] - 1, hit["id"] + 1))]
                 except apsw.Error:
                     hit["context"] = []
@@ -652,8 +656,25 @@ _ACCOUNT_ARGS = ("session_id", *_TOKENS, "estimated_cost_usd", "actual_cost_usd"
 # ASCII-case-insensitive prefix, every other character literal: byte prefixes of
 # lower() (which folds only ASCII), where the original used LIKE with escapes.
 _ASCII_CI_PREFIX = "substr(CAST(lower({0}) AS BLOB), 1, ?) = CAST(lower(?) AS BLOB)"
-_CONTEXT_SQL = (f"SELECT role, {rules.head_sql('content', 200)} FROM messages "
+# The neighbours of a hit: the bytes of a short one with its row, a long one's first 800
+# read by search.message_head (SQLite would read the whole value for a substr() of it).
+_CONTEXT_SQL = ("SELECT role, id, octet_length(content), CASE WHEN octet_length(content) "
+                "<= 800 THEN CAST(content AS BLOB) END FROM messages "
                 "WHERE session_id = ? AND id BETWEEN ? AND ? ORDER BY id")
+_HIT_KEYS = ("id", "session_id", "role", "snippet", "timestamp", "tool_name", "source",
+             "model", "session_started")
+# A phrase of a hermes-agent query: a quoted string (maybe a prefix), or a bare word
+# (maybe with a column filter and a star); the operators are not phrases.
+_HERMES_PHRASE = re.compile(r'"[^"]*"\*?|[^\s"]+')
+_COLUMN_FILTER = re.compile(r"^[^\s:\"]+:")
+
+
+def _hermes_phrases(match: str) -> list[str]:
+    """The phrases of a sanitized hermes-agent query, each as an FTS5 query, for bm25's
+    document frequencies (:func:`sessiondb.search.ranked_ids` checks that they fit the
+    query, and weighs the phrases alike when not)."""
+    return [_COLUMN_FILTER.sub("", word) for word in _HERMES_PHRASE.findall(match)
+            if word not in ("AND", "OR", "NOT")]
 
 
 def _prefix_args(prefix: str) -> tuple[int, str]:

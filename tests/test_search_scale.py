@@ -1,0 +1,284 @@
+"""Search at any size (#11): the window order (the best matches among the most recent),
+paging through it, every filter against a brute-force oracle through both ways of
+finding candidates, and hostile input. Small windows, spans and chunks stand in for the
+real ones so that a few thousand messages exercise every path; no timings."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import apsw
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sessiondb import SessionDB, search
+from sessiondb.compat.hermes import SessionDB as HermesSessionDB
+from sessiondb.text import sanitize_fts_query
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+         "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+SOURCES = ["cli"] * 10 + ["telegram"] * 5 + ["cron"] * 3 + ["slack"]
+ROLES = ["user", "assistant", "tool"]
+
+
+def _text(rng: random.Random) -> str:
+    # Zipf-like: "alpha" in most messages, "papa" in a few percent, fillers beyond.
+    ranks = [int(rng.paretovariate(0.9)) - 1 for _ in range(rng.randint(3, 30))]
+    return " ".join(WORDS[k] if k < len(WORDS) else f"filler{k % 500}" for k in ranks)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionDB, Path]]:
+    """3,000 messages in 60 sessions, appended in random session order (so sessions'
+    id ranges interleave), one source kept by a single session."""
+    path = tmp_path_factory.mktemp("scale") / "state.db"
+    rng = random.Random(11)
+    db = SessionDB(path)
+    sessions = [f"s{i:02d}" for i in range(60)]
+    with db.transaction():
+        for i, sid in enumerate(sessions):
+            db.create_session(sid, "slack" if i == 7 else rng.choice(SOURCES[:-1]))
+        for n in range(3000):
+            # A few long-lived sessions get messages all along; the rest come in bursts.
+            sid = rng.choice(sessions[:4]) if rng.random() < 0.2 else sessions[
+                min(59, 4 + n * 56 // 3000 + rng.randint(-2, 2))]
+            db.append_message(sid, rng.choice(ROLES),
+                              _text(rng) + (" zulu" if n % 400 == 7 else ""))
+    try:
+        yield db, path
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of 25, a first span of 40 ids, chunks of 7 messages."""
+    monkeypatch.setattr(search, "WINDOW", 25)
+    monkeypatch.setattr(search, "FIRST_SPAN", 40)
+    monkeypatch.setattr(search, "CHUNK", 7)
+
+
+@pytest.fixture(params=["join", "list", "sessions", "cost model"])
+def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force one way of finding the candidates after the first span when a source or
+    session filter allows the choice, or let the cost model choose."""
+    if request.param != "cost model":
+        monkeypatch.setattr(search, "_cheapest_way", lambda *args: request.param)
+    return request.param
+
+
+def oracle(path: Path, query: str, window: int, sources: list[str] | None = None,
+           exclude_sources: list[str] | None = None, roles: list[str] | None = None,
+           session_id: str | None = None, raw: bool = False) -> list[int]:
+    """Every match in the documented order, from FTS5's own bm25 and a Python filter:
+    newest first in windows of ``window``, best bm25 first within each, ties newest
+    first. ``raw``: the query is FTS5 already (not sanitized)."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        scores = dict(conn.execute(
+            "SELECT rowid, bm25(messages_fts) FROM messages_fts WHERE messages_fts MATCH ?",
+            (query if raw else sanitize_fts_query(query),)))
+        meta = {r[0]: r[1:] for r in conn.execute(
+            "SELECT m.id, m.session_id, m.role, s.source FROM messages m "
+            "JOIN sessions s ON s.id = m.session_id")}
+    finally:
+        conn.close()
+
+    def keep(rowid: int) -> bool:
+        sid, role, source = meta[rowid]
+        return ((sources is None or source in sources)
+                and (not exclude_sources or source not in exclude_sources)
+                and (not roles or role in roles)
+                and (session_id is None or sid == session_id))
+
+    newest = sorted((r for r in scores if keep(r)), reverse=True)
+    out: list[int] = []
+    for i in range(0, len(newest), window):
+        out += sorted(newest[i:i + window], key=lambda r: (scores[r], -r))
+    return out
+
+
+def found(db: SessionDB, query: str, **kw: Any) -> list[int]:
+    return [h["id"] for h in db.search_messages(query, **kw)]
+
+
+QUERIES = ["alpha", "charlie", "papa", "zulu", "zulu OR papa", '"alpha bravo"', "bravo delta",
+           "charlie OR kilo", "alpha NOT bravo", "ju*", "alpha lima november"]
+FILTERS: list[dict[str, Any]] = [
+    {}, {"sources": ["slack"]}, {"sources": ["cli", "cron"]}, {"sources": []},
+    {"exclude_sources": ["cli"]}, {"exclude_sources": ["cli", "telegram", "cron"]},
+    {"roles": ["tool"]}, {"roles": ["user", "assistant"]}, {"session_id": "s02"},
+    {"session_id": "s40"}, {"session_id": "s07", "roles": ["user"]},
+    {"session_id": "s07", "sources": ["cli"]}, {"session_id": "nope"},
+    {"sources": ["slack", "cron"], "roles": ["assistant"]},
+    {"exclude_sources": ["cli"], "roles": ["tool"], "sources": ["cron", "cli"]},
+]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_every_filter_matches_the_oracle(store, small, strategy, query: str) -> None:
+    db, path = store
+    for kw in FILTERS:
+        expected = oracle(path, query, 25, **kw)
+        assert found(db, query, limit=None, **kw) == expected, kw
+        assert found(db, query, limit=10, offset=20, **kw) == expected[20:30], kw
+
+
+@pytest.mark.parametrize("query", ["alpha", "bravo delta", "ju*", "charlie OR kilo"])
+def test_pages_go_through_every_hit_once(store, small, strategy, query: str) -> None:
+    db, _ = store
+    for kw in ({}, {"sources": ["slack"]}, {"session_id": "s01"}, {"roles": ["tool"]}):
+        everything = found(db, query, limit=None, **kw)
+        assert len(everything) == len(set(everything))
+        pages: list[int] = []
+        for offset in range(0, len(everything) + 13, 13):  # pages straddle windows
+            pages += found(db, query, limit=13, offset=offset, **kw)
+        assert pages == everything, kw
+        assert found(db, query, offset=len(everything), **kw) == []
+
+
+def test_real_window_size_on_the_store(store) -> None:
+    db, path = store
+    for query in ("alpha", "bravo delta", "hotel"):
+        expected = oracle(path, query, search.WINDOW)
+        assert found(db, query, limit=None) == expected
+        assert found(db, query, offset=100) == expected[100:120]
+
+
+def test_best_match_within_the_window_and_only_there(db: SessionDB, monkeypatch) -> None:
+    monkeypatch.setattr(search, "WINDOW", 3)
+    db.create_session("s", "cli")
+    strong = db.append_message("s", "user", "needle needle needle")  # oldest
+    weak = [db.append_message("s", "user", f"needle {' '.join(['hay'] * k)}")
+            for k in (9, 3, 6)]
+    best_recent = db.append_message("s", "user", "needle needle hay")
+    # The newest window is the 3 newest matches, best first; the strongest match of
+    # all is older than it, so it leads the second window.
+    assert found(db, "needle", limit=None) == [best_recent, weak[1], weak[2], strong,
+                                                weak[0]]
+    assert found(db, "needle", limit=2, offset=2) == [weak[2], strong]
+
+
+def test_fewer_matches_than_a_window_are_simply_best_first(db: SessionDB) -> None:
+    db.create_session("s", "cli")
+    weak = db.append_message("s", "user", "apple banana cherry date elderberry fig")
+    strong = db.append_message("s", "user", "apple apple apple banana cherry date")
+    twin = db.append_message("s", "user", "apple apple apple banana cherry date")
+    assert found(db, "apple") == [twin, strong, weak]  # equal scores: newest first
+    assert found(db, "apple cherry") == [twin, strong, weak]
+
+
+def test_a_session_filter_finds_old_messages_of_a_common_word(db: SessionDB,
+                                                              monkeypatch) -> None:
+    monkeypatch.setattr(search, "CHUNK", 4)
+    monkeypatch.setattr(search, "FIRST_SPAN", 16)
+    db.create_session("old", "cli")
+    db.create_session("busy", "cli")
+    db.create_session("rare", "slack")
+    old = [db.append_message("old", "user", f"common word {i}") for i in range(10)]
+    with db.transaction():
+        for i in range(2000):
+            db.append_message("busy", "assistant", f"common chatter {i}")
+            if i % 400 == 0:
+                db.append_message("rare", "tool", f"common rare {i}")
+    assert sorted(found(db, "common", session_id="old", limit=None)) == old
+    assert len(found(db, "common", sources=["slack"], limit=None)) == 5
+    assert found(db, "chatter", session_id="old") == []
+    assert found(db, "common", session_id="old", roles=["tool"]) == []
+
+
+def test_multi_phrase_order_is_fts5_bm25_in_a_small_store(db: SessionDB) -> None:
+    db.create_session("s", "cli")
+    rng = random.Random(3)
+    with db.transaction():
+        for _ in range(300):
+            db.append_message("s", "user", _text(rng))
+    for query in ("alpha hotel", "bravo OR kilo", '"alpha alpha" charlie', "de* alpha"):
+        assert found(db, query, limit=None) == oracle(db.path, query, search.WINDOW)
+
+
+def test_hermes_facade_orders_by_the_same_window_rule(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(search, "WINDOW", 2)
+    db = HermesSessionDB(tmp_path / "h.db")
+    try:
+        db.create_session("s", "cli")
+        strong = db.append_message("s", "user", "apple apple apple")
+        weak = db.append_message("s", "user", "apple pie crust and more words here")
+        mid = db.append_message("s", "user", "apple apple crust")
+        assert [h["id"] for h in db.search_messages("apple")] == [mid, weak, strong]
+        assert [h["id"] for h in db.search_messages("apple", limit=1, offset=2)] == [strong]
+        assert [h["id"] for h in db.search_messages("apple crust OR pie")] == oracle(
+            db.path, "apple crust OR pie", 2, raw=True)
+        assert db.search_messages("apple", source_filter=["cron"]) == []
+        assert [h["id"] for h in db.search_messages("apple", role_filter=["user"],
+                                                    exclude_sources=["cron"])] == [
+            mid, weak, strong]
+    finally:
+        db.close()
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=st.lists(st.sampled_from(list('"*-:()^ ab\x00') + WORDS[:6] +
+                                     ["AND", "OR", "NOT", "zulu*"]), max_size=12).map("".join),
+       kw=st.sampled_from(FILTERS), offset=st.sampled_from([0, 3, 24, 25, 26, 100]))
+def test_hostile_queries_with_filters_never_raise(store, small, query, kw, offset) -> None:
+    db, _ = store
+    assert isinstance(db.search_messages(query, offset=offset, **kw), list)
+
+
+def test_a_prefix_index_changes_the_time_not_the_hits(db: SessionDB, monkeypatch) -> None:
+    # A prefix query runs fewer statements when no prefix= index covers it (each one
+    # would merge whole doclists) and weighs its phrases alike; with one it runs as any
+    # query. The same windows either way.
+    monkeypatch.setattr(search, "WINDOW", 30)
+    monkeypatch.setattr(search, "FIRST_SPAN", 20)
+    rng = random.Random(5)
+    for sid, source in (("a", "cli"), ("b", "slack"), ("c", "cron")):
+        db.create_session(sid, source)
+    with db.transaction():
+        for _ in range(600):
+            db.append_message(rng.choice("abc"), rng.choice(ROLES), _text(rng))
+    queries = [("al*", {}), ("br*", {"sources": ["slack"]}), ("alpha ju*", {}),
+               ("alp* br*", {"roles": ["tool"]}), ("ki* OR li*", {"session_id": "c"})]
+    without = [found(db, q, limit=None, **kw) for q, kw in queries]
+    conn = apsw.Connection(str(db.path))
+    conn.execute("DROP TABLE messages_fts; CREATE VIRTUAL TABLE messages_fts USING fts5("
+                 "content, content='messages', content_rowid='id', prefix='2 3'); "
+                 "INSERT INTO messages_fts(messages_fts) VALUES('rebuild')")
+    conn.close()
+    with_index = [found(db, q, limit=None, **kw) for q, kw in queries]
+    assert all(without)
+    for (query, _), before, after in zip(queries, without, with_index):
+        if len(sanitize_fts_query(query).split()) == 1:  # one phrase: the same order
+            assert after == before
+        else:  # phrases weighted alike without the index, by frequency with it
+            assert [set(after[i:i + 30]) for i in range(0, len(after), 30)] == [
+                set(before[i:i + 30]) for i in range(0, len(before), 30)]
+
+
+def test_context_of_long_neighbours_is_their_head(db: SessionDB, tmp_path: Path) -> None:
+    # Long neighbours are read by their first bytes only (incremental BLOB I/O); the
+    # context is the same as when the whole value was cut.
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "é" * 100_000)
+    hit = db.append_message("s", "assistant", "needle here")
+    db.append_message("s", "tool", "\x00x" * 50_000)
+    db.append_message("s", "user", None)
+    [found_hit] = db.search_messages("needle")
+    assert found_hit["id"] == hit
+    assert found_hit["context"] == [
+        {"role": "user", "content": "é" * 200}, {"role": "assistant", "content": "needle here"},
+        {"role": "tool", "content": ("\x00x" * 100)[:200]}]
+    hdb = HermesSessionDB(db.path)
+    try:
+        [h] = hdb.search_messages("needle")
+        assert h["context"] == [
+            {"role": "user", "content": "é" * 200},
+            {"role": "assistant", "content": "needle here"},
+            {"role": "tool", "content": ("\x00x" * 100)[:200]}]
+    finally:
+        hdb.close()

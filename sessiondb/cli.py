@@ -133,7 +133,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.prefix_index is not None and not args.repair:
+        raise _InputError("--prefix-index goes with --repair (it rebuilds the index)")
     report = doctor.check(_db_path(args), repair=args.repair, deep=args.deep,
+                          prefixes=args.prefix_index,
                           progress=_progress(args))
     _emit(args, report, _doctor_text)
     return 0 if report["ok"] else 1
@@ -239,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true",
                    help="compare the full-text index with the messages also on a store of "
                         "over 100,000 messages (stops writers meanwhile)")
+    p.add_argument("--prefix-index", type=_lengths, metavar="N,N,...",
+                   help="with --repair: rebuild with FTS5 prefix indexes of these lengths "
+                        "(e.g. 2,3,4: fast prefix queries like dep*, a larger index); "
+                        "'none' removes them")
 
     p = command("demo", cmd_demo, "several processes write one database at once",
                 "Spawn worker processes that each create a session and append messages, "
@@ -392,6 +399,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(n) for n in text.replace(" ", ",").split(",") if n)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be lengths like 2,3,4 or 'none'") from None
 
 
 def _days(text: str) -> float:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Sequence, TypedDict
 
 import apsw
 
@@ -112,7 +112,8 @@ class DoctorReport(TypedDict):
 
 
 def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
-          deep: bool = False, progress: ProgressCallback | None = None) -> DoctorReport:
+          deep: bool = False, prefixes: Sequence[int] | None = None,
+          progress: ProgressCallback | None = None) -> DoctorReport:
     """Check the store at ``path`` (``None``: the default path) and report.
 
     A missing file is reported, never created. A file that does not open as a sessiondb
@@ -125,6 +126,8 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
         writing, and finishes one that was cut short.
     :param deep: compare the full-text index with every message also on a store of
         over 100,000 messages (it holds the write lock while it reads the whole index).
+    :param prefixes: with ``repair``, the prefix index lengths of the rebuilt index
+        (:meth:`SessionDB.rebuild_search_index`); None keeps the current ones.
     :param progress: called with a :class:`~sessiondb.maintenance.Progress` during long
         work (the rebuild; finishing a conversion when the store is opened).
     :returns: the report; ``report["ok"]`` is False when any problem was found.
@@ -152,7 +155,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
         if repair:
             report["repaired"] = {"fts_index_before": _fts_state(db, deep),
                                   "message_total_before": _total_state(db)}
-            db.rebuild_search_index(progress=progress)
+            db.rebuild_search_index(prefixes=prefixes, progress=progress)
             db._execute_write(lambda conn: conn.execute(_TOTAL_RECOUNT))
         _inspect(db, report, deep)
     return _finish(report)

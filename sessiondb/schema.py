@@ -16,6 +16,7 @@ external-content index over ``messages.content`` kept in sync by triggers
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,23 @@ SCHEMA_VERSION = 4
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
     content, content='messages', content_rowid='id'
 )"""
+_PREFIX_OPTION = re.compile(r"prefix\s*=\s*'?([\d\s,]+)", re.IGNORECASE)
+
+
+def fts_table(prefixes: tuple[int, ...] = ()) -> str:
+    """The full-text table, with FTS5 prefix indexes of these lengths, if any
+    (https://sqlite.org/fts5.html#prefix_indexes)."""
+    if not prefixes:
+        return FTS_TABLE
+    return FTS_TABLE.replace("content_rowid='id'", "content_rowid='id', prefix='"
+                             + " ".join(map(str, prefixes)) + "'")
+
+
+def index_prefixes(conn: apsw.Connection) -> tuple[int, ...]:
+    """The prefix index lengths of the full-text table (``()`` when it has none)."""
+    row = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'messages_fts'").fetchone()
+    return tuple(sorted({int(n) for option in _PREFIX_OPTION.findall(row[0] if row else "")
+                         for n in re.findall(r"\d+", option)}))
 
 # The indexes of v1 (also made by the conversion of a hermes-agent file, see from_hermes).
 _INDEXES = """

@@ -59,6 +59,7 @@ import apsw
 
 from . import records, search_index
 from .engine import _fetch, _first
+from .schema import index_prefixes
 from .text import plain_snippet
 
 #: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
@@ -123,7 +124,6 @@ _HIT_SQL = (
 _QUOTED = re.compile(r'"[^"]*"\*?')
 _STARRED = re.compile(r'"([^"]*)"\*|([^\s"*]+)\*')
 _TOKEN = re.compile(r"[^\W_]+")
-_PREFIX_OPTION = re.compile(r"prefix\s*=\s*'?([\d\s,]+)", re.IGNORECASE)
 
 _PREPARED: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
 
@@ -629,10 +629,7 @@ def _expensive(conn: apsw.Connection, match: str) -> bool:
         if not words:
             continue
         if lengths is None:
-            sql = _first(conn, "SELECT sql FROM sqlite_schema WHERE name = 'messages_fts'",
-                         ()) or ""
-            lengths = {int(n) for option in _PREFIX_OPTION.findall(sql)
-                       for n in re.findall(r"\d+", option)}
+            lengths = set(index_prefixes(conn))
         if len(words[-1]) not in lengths:
             return True
     return False

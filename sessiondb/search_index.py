@@ -26,7 +26,8 @@ import apsw
 from .errors import SearchIndexError
 from .maintenance import ProgressCallback, Step, Tracker
 from .schema import (
-    DROP_FTS_TRIGGERS, FTS_TABLE, FTS_TRIGGERS, REBUILDING, junk_tables, set_aside_index,
+    DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
+    set_aside_index,
 )
 
 _KEY = "fts_damaged"
@@ -102,13 +103,19 @@ _CHUNK = 100  # messages indexed per statement: a few ms each, so steps end on t
 _PER_SECOND = 4000  # a cautious indexing rate (20,000/s measured for 1 KB messages)
 
 
-def begin_rebuild(conn: apsw.Connection, reason: str) -> None:
+def begin_rebuild(conn: apsw.Connection, reason: str,
+                  prefixes: tuple[int, ...] | None = None) -> None:
     """Start a full rebuild (a write function): the index table set aside, an empty one
     in its place with every message pending, the damage mark replaced by the
-    ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`."""
+    ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`.
+
+    :param prefixes: prefix index lengths of the new table; None keeps the old table's.
+    """
+    if prefixes is None:
+        prefixes = index_prefixes(conn)
     conn.execute(DROP_FTS_TRIGGERS)
     set_aside_index(conn)
-    conn.execute(FTS_TABLE)
+    conn.execute(fts_table(prefixes))
     conn.execute(FTS_TRIGGERS)
     conn.execute("DELETE FROM sessiondb_fts_pending")
     conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "

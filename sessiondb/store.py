@@ -11,12 +11,13 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import apsw
 
 from . import listing, pruning, records, search, search_index
 from .coordination import Coordination
+from .schema import index_prefixes
 from .engine import _fetch, _first, _rows
 from .maintenance import ProgressCallback, Tracker, check_progress
 from .errors import (
@@ -670,7 +671,8 @@ class SessionDB(Coordination):
         return {"freed_pages": freed, "bytes_before": before,
                 "bytes_after": _file_size(self.path)}
 
-    def rebuild_search_index(self, *, progress: ProgressCallback | None = None) -> int:
+    def rebuild_search_index(self, *, prefixes: Sequence[int] | None = None,
+                             progress: ProgressCallback | None = None) -> int:
         """Rebuild the full-text index from the messages (which are only read), in short
         steps while other processes keep writing; clears a damage mark
         (:mod:`sessiondb.search_index`). Searches raise
@@ -678,12 +680,22 @@ class SessionDB(Coordination):
         cut short (a crash, a kill), this finishes it instead of starting again; it also
         indexes messages a bulk import left pending.
 
+        :param prefixes: give the index FTS5 prefix indexes of these lengths (e.g.
+            ``(2, 3, 4)``: a prefix query ``dep*`` of 2-4 letters then answers in
+            milliseconds on any store, for an index about 3.5 times larger and writes
+            that index a message about 4 times slower); ``()`` removes them; None
+            (default) keeps what the index has. A change starts a new rebuild.
         :param progress: called after each step (task ``"index"``, unit ``"messages"``;
             then ``"cleanup"`` while the old index is removed).
         :returns: the number of messages indexed.
+        :raises InvalidArgument: a prefix length outside 1-20.
         """
         progress = check_progress(progress)
-        if self._read(search_index.rebuilding) is None:
+        wanted = _check_prefixes(prefixes)
+        if wanted is not None and wanted != self._read(index_prefixes):
+            self._execute_write(lambda c: search_index.begin_rebuild(
+                c, "a rebuild was requested", wanted), bounded=False)
+        elif self._read(search_index.rebuilding) is None:
             # Unbounded: an index too damaged to set aside is dropped in one statement.
             self._execute_write(lambda c: search_index.begin_rebuild(
                 c, "a rebuild was requested"), bounded=False)
@@ -699,6 +711,21 @@ class SessionDB(Coordination):
 # A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
 # 32,766 variables, and its statement text grows with the list.
 _IN_LIST = "(SELECT value FROM json_each(?))"
+
+
+def _check_prefixes(prefixes: Any) -> tuple[int, ...] | None:
+    if prefixes is None:
+        return None
+    if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, (list, tuple, set,
+                                                                         frozenset)):
+        raise InvalidArgumentType("prefixes must be a list of ints (e.g. [2, 3, 4]), not "
+                                  f"{type(prefixes).__name__}")
+    for n in prefixes:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise InvalidArgumentType(f"prefixes must hold ints, not {type(n).__name__}")
+        if not 1 <= n <= 20:
+            raise InvalidArgument(f"a prefix index length must be 1 to 20, got {n}")
+    return tuple(sorted(set(prefixes)))
 
 
 def _file_size(path: Any) -> int:

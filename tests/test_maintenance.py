@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 import maintenance_workers as mw
-from sessiondb import Progress, SearchIndexError, SessionDB, pruning, search_index
+from sessiondb import (
+    InvalidArgument, cli, InvalidArgumentType, Progress, SearchIndexError, SessionDB, pruning, schema,
+    search_index,
+)
 from test_compat_hermes_file import _FTS, _INDEXES, _TITLE_INDEX, hermes_ddl
 
 pytestmark = pytest.mark.slow
@@ -243,3 +246,37 @@ def test_a_conversion_killed_midway_opens_and_finishes_at_the_next_open(
         assert len(hits) == raw_count
         assert db._read(search_index.junk_tables) == []
     consistent(db_path)
+
+
+def test_prefix_indexes_are_set_kept_and_removed_by_a_rebuild(db_path: Path) -> None:
+    mw.build(db_path, sessions=40)
+    with SessionDB(db_path) as db:
+        before = search_all(db, ("kil*", "al*", "kilo"))
+        db.rebuild_search_index(prefixes=[3, 2])
+        assert db._read(schema.index_prefixes) == (2, 3)
+        assert search_all(db, ("kil*", "al*", "kilo")) == before
+        db.rebuild_search_index()  # keeps them
+        assert db._read(schema.index_prefixes) == (2, 3)
+        db.rebuild_search_index(prefixes=())
+        assert db._read(schema.index_prefixes) == ()
+        assert search_all(db, ("kil*", "al*", "kilo")) == before
+        for bad, error in (([0], InvalidArgument), ("2,3", InvalidArgumentType),
+                           ([2.0], InvalidArgumentType), ([True], InvalidArgumentType)):
+            with pytest.raises(error):
+                db.rebuild_search_index(prefixes=bad)
+        assert db._read(search_index.rebuilding) is None
+    consistent(db_path)
+
+
+def test_cli_repair_with_prefix_indexes_and_a_progress_bar(db_path: Path, capsys) -> None:
+    mw.build(db_path, sessions=20)
+    assert cli.main(["doctor", "--prefix-index", "2,3", "--db", str(db_path)]) == 2
+    assert "goes with --repair" in capsys.readouterr().err
+    assert cli.main(["doctor", "--repair", "--prefix-index", "2,3", "--db", str(db_path)]) == 0
+    captured = capsys.readouterr()
+    assert "healthy" in captured.out and "index" in captured.err  # the bar, on stderr
+    with SessionDB(db_path) as db:
+        assert db._read(schema.index_prefixes) == (2, 3)
+    assert cli.main(["prune", "--days", "90", "--yes", "--json", "--db", str(db_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and '"deleted": 10' in captured.out  # --json: no bar

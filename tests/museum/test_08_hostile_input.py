@@ -266,6 +266,8 @@ TIME = Arg(st.floats(0, 2e9), st.one_of(INTS, FLOATS))
 LIMIT = Arg(st.none() | st.integers(-1, 50), st.one_of(INTS, FLOATS))
 OFFSET = Arg(st.integers(0, 5), st.one_of(INTS, FLOATS))
 FLAG = Arg(st.booleans(), st.none())
+PREFIXES = Arg(st.none() | st.lists(st.integers(1, 4), max_size=2),
+               st.one_of(st.lists(INTS, min_size=1, max_size=2), TEXT, INTS))
 # A progress callback: None or a callable; anything else is hostile (None is valid).
 PROGRESS = Arg(st.none() | st.just(lambda p: None),
                st.one_of(st.booleans(), st.integers(), TEXT, st.lists(st.integers())))
@@ -366,7 +368,8 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "import_sessions": call("import_sessions", IMPORT_DATA, skip_existing=FLAG),
     "prune_sessions": call("prune_sessions", older_than_days=DAYS, source=OPT_TEXT,
                            dry_run=FLAG, progress=PROGRESS),
-    "rebuild_search_index": call("rebuild_search_index", progress=PROGRESS),
+    "rebuild_search_index": call("rebuild_search_index", prefixes=PREFIXES,
+                                 progress=PROGRESS),
     "reclaim_space": call("reclaim_space", progress=PROGRESS),
     "checkpoint": call("checkpoint", reset=FLAG),
     "stats": call("stats"),

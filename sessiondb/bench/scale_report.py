@@ -94,8 +94,8 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
         b, a = p["sizes_before"], p["sizes_after"]
         notes.append(f"  prune_sessions(older_than_days={p['older_than_days']:.1f}): "
                      f"{p.get('pruned') or 0:,} pruned, {p['expected']:,} expected; file "
-                     f"{_mb(b['db_bytes'])} MB -> {_mb(a['db_bytes'])} MB, free inside "
-                     f"{_mb(a['free_bytes'])} MB")
+                     f"{_mb(b['db_bytes'])} MB ({_mb(b['free_bytes'])} MB free inside) -> "
+                     f"{_mb(a['db_bytes'])} MB ({_mb(a['free_bytes'])} MB free inside)")
     if "reclaim_space" in m:
         r = m["reclaim_space"]
         row("reclaim_space", f"{_mb(r['given_back_bytes'])} MB back")

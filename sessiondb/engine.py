@@ -220,7 +220,8 @@ class Engine:
             return  # another process is building it (or the sidecar is unusable: the
             # store works meanwhile, search says the index is being built)
         try:
-            search_index.catch_up(self._run_steps, self._options["progress"])
+            search_index.catch_up(self._run_steps, self._options["progress"],
+                                  self._read(search_index.pending_messages))
         except (DatabaseBusyError, HoldTimeout):
             # Contention (a writer holding the lock past write_timeout, a paused
             # machine): the store works without this work, and search says the index is

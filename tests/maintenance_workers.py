@@ -90,6 +90,10 @@ def appender(path: str, session_id: str, stop: Any, results: Any) -> None:
 
 
 def open_and_die_cleaning(path: str, steps: int, hold_timeout: float) -> None:
-    """Open a hermes-agent file (converting it) and die while its old index is being
-    removed, after every message was indexed."""
-    SessionDB(path, hold_timeout=hold_timeout, progress=kill_after(steps, "cleanup"))
+    """Open a hermes-agent file (converting it) and die when every message is indexed,
+    before its old index is removed (``steps`` is unused: the point is fixed)."""
+    def progress(p: Any) -> None:
+        if p.task == "index" and p.total is not None and p.done >= p.total:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    SessionDB(path, hold_timeout=hold_timeout, progress=progress)

@@ -286,8 +286,10 @@ def test_cli_repair_with_prefix_indexes_and_a_progress_bar(db_path: Path, capsys
 def test_a_conversion_killed_while_removing_the_old_index_is_finished_at_the_next_open(
         db_path: Path) -> None:
     build_hermes(db_path, sessions=600)
-    # Steps of 5 ms: removing the old index takes several.
-    proc = SPAWN.Process(target=mw.open_and_die_cleaning, args=(str(db_path), 1, 0.02),
+    # Steps of 12.5 ms: removing the old index takes several. (A bound much tighter
+    # than that is overrun by a loaded machine's scheduling alone: the open then leaves
+    # the work to the next open, and the worker exits without reaching the cleanup.)
+    proc = SPAWN.Process(target=mw.open_and_die_cleaning, args=(str(db_path), 1, TINY_HOLD),
                          daemon=True)
     proc.start()
     proc.join(120)

@@ -1,11 +1,14 @@
-"""The multi-process contention benchmark: ``sessiondb bench`` or
-``python -m benchmarks.contention``. See :mod:`sessiondb.bench.run` and the README."""
+"""The benchmarks: the multi-process contention benchmark (``sessiondb bench`` or
+``python -m benchmarks.contention``, see :mod:`sessiondb.bench.run`) and, only when asked
+for with ``--only scale``, the scale benchmark (:mod:`sessiondb.bench.scale`). See the
+README."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Callable
 
 from .run import STRATEGIES, benchmark
 
@@ -20,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writers", type=int, help="writer processes per scenario (overrides)")
     parser.add_argument("--only", action="append", metavar="SCENARIO",
                         help="run only this scenario (convoy, agent, burst, fast, gateway, "
-                             "async-loop); repeatable")
+                             "async-loop); repeatable. 'scale' runs the scale benchmark "
+                             "instead (never part of the default run)")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
                         help="run only this strategy (repeatable; default all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
@@ -28,9 +32,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every raw figure as JSON to FILE (schema in the README)")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw latency CDFs per strategy (needs the 'bench' extra)")
+    scale = parser.add_argument_group("the scale benchmark (--only scale)")
+    scale.add_argument("--messages", type=_at_least(1000), default=1_000_000, metavar="N",
+                       help="messages in the store, in sessions of 50 (default 1,000,000; "
+                            "10,000,000 works too, for hours and about 60 GB of disk)")
+    scale.add_argument("--repeats", type=_at_least(1), default=100, metavar="N",
+                       help="timed rounds of every read shape (default 100)")
+    scale.add_argument("--workdir", metavar="DIR",
+                       help="where its temporary files go (default: the system's "
+                            "temporary directory); removed at the end")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", "").replace(",", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:,}")
+        return value
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.only and "scale" in args.only:
+        return _run_scale(args)
     from .report import plot, table
 
     doc = benchmark(quick=args.quick, duration=args.duration, writers=args.writers,
@@ -48,6 +75,23 @@ def run(args: argparse.Namespace) -> int:
             print("--plot needs matplotlib: pip install 'sessiondb[bench]'", file=sys.stderr)
             return 2
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 1 if any(r["failed"] for r in doc["runs"]) else 0
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from .scale import scale_benchmark
+    from .scale_report import table
+
+    if set(args.only) != {"scale"} or args.plot:
+        print("--only scale runs on its own: no other scenario, no --plot", file=sys.stderr)
+        return 2
+    doc = scale_benchmark(messages=args.messages, repeats=args.repeats, seed=args.seed,
+                          workdir=args.workdir)
+    print(table(doc))
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        print(f"wrote {args.json_file}", file=sys.stderr)
     return 1 if any(r["failed"] for r in doc["runs"]) else 0
 
 

@@ -506,11 +506,21 @@ class Engine:
                 if in_room:
                     self._gate.leave_room()
 
-    def _run_steps(self, step: Step, tracker: Tracker | None = None) -> int:
+    def _run_steps(self, step: Step, tracker: Tracker | None = None,
+                   committed: Callable[[], None] | None = None) -> int:
         """Run long work as short write transactions (:func:`sessiondb.maintenance.run_steps`)
-        with this instance's step budget and a checkpoint between steps."""
+        with this instance's step budget and a checkpoint between steps.
+
+        :param committed: called after each step that committed (not after one the hold
+            bound rolled back, which is run again).
+        """
+        def between() -> None:
+            if committed is not None:
+                committed()
+            self._between_steps()
+
         return run_steps(self._execute_write, step, step_budget(self._options["hold_timeout"]),
-                         tracker, self._between_steps)
+                         tracker, between)
 
     def _between_steps(self) -> None:
         """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into

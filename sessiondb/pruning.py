@@ -68,15 +68,30 @@ def count(conn: apsw.Connection, cutoff: float, source: str | None) -> tuple[int
     return int(row[0]), int(row[1])
 
 
-def prune_step(cutoff: float, source: str | None, deleted: list[int]) -> Step:
+class Tally:
+    """Sessions deleted by a prune. A step counts into ``attempt``; the count is kept
+    (:meth:`commit`) only once the step's transaction committed, since a step that the
+    hold bound rolled back is run again and would count its sessions twice."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.attempt = 0
+
+    def commit(self) -> None:
+        self.total += self.attempt
+        self.attempt = 0
+
+
+def prune_step(cutoff: float, source: str | None, deleted: Tally) -> Step:
     """A step function deleting prunable sessions with their messages; it returns the
-    rows (sessions + messages) deleted and adds the sessions to ``deleted[0]``."""
+    rows (sessions + messages) deleted and counts the sessions in ``deleted``."""
     pick = (f"SELECT id FROM sessions s WHERE {_where(source)} AND {_CHILDLESS} "
             f"ORDER BY started_at, id LIMIT {_PICK}")
     args = _args(cutoff, source)
 
     def step(conn: apsw.Connection, deadline: float) -> int:
         rows = 0
+        deleted.attempt = 0
         while True:
             ids = [r[0] for r in conn.execute(pick, args)]
             if not ids:
@@ -89,8 +104,7 @@ def prune_step(cutoff: float, source: str | None, deleted: list[int]) -> Step:
     return step
 
 
-def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int],
-                 deadline: float) -> int:
+def _delete_some(conn: apsw.Connection, sid: str, deleted: Tally, deadline: float) -> int:
     """Delete the session with its messages, or, for a big one, its oldest chunk of
     messages with the counters lowered to match; returns the rows deleted."""
     # octet_length at the top level of a query is answered without loading the value.
@@ -112,7 +126,7 @@ def _delete_some(conn: apsw.Connection, sid: str, deleted: list[int],
         return int(gone)
     conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
     conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-    deleted[0] += 1
+    deleted.attempt += 1
     return len(sizes) + 1
 
 

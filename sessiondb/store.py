@@ -655,11 +655,12 @@ class SessionDB(Coordination):
                                         snapshot=True)
         if dry_run or not sessions:
             return sessions
-        deleted = [0]
+        deleted = pruning.Tally()
         self._run_steps(pruning.prune_step(cutoff, source, deleted),
-                        Tracker("prune", "rows", sessions + messages, progress))
+                        Tracker("prune", "rows", sessions + messages, progress),
+                        committed=deleted.commit)
         self.reclaim_space(progress=progress)
-        return deleted[0]
+        return deleted.total
 
     def reclaim_space(self, *, progress: ProgressCallback | None = None) -> dict[str, int]:
         """Give the pages that deletions freed back to the file system, in short steps

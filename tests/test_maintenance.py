@@ -409,3 +409,22 @@ def test_a_repair_during_a_rebuild_cut_short_also_clears_damage_found_meanwhile(
     assert db._read(search_index.damage_note) is None
     assert len(db.search_messages("kilo", limit=None)) == 31
     consistent(db.path)
+
+
+def test_a_step_rolled_back_by_the_hold_bound_is_counted_once(db_path: Path,
+                                                               monkeypatch) -> None:
+    mw.build(db_path, sessions=40)
+    real, calls = pruning._delete_some, [0]
+
+    def slow_once(conn: Any, *args: Any) -> int:
+        done = real(conn, *args)
+        calls[0] += 1
+        if calls[0] == 3:  # past the bound, mid-step: the watchdog rolls the step back
+            mw.time.sleep(0.2)
+        return done
+
+    monkeypatch.setattr(pruning, "_delete_some", slow_once)
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        assert db.prune_sessions(90) == 20
+        assert db.stats()["hold_timeouts"] >= 1 and db.session_count() == 20
+    consistent(db_path)

@@ -1,13 +1,15 @@
 """Bulk import and export: whole stores in and out in short steps, with bounded memory.
 
 *Import* (:func:`import_sessions`) takes a session dict, a list of them, or any iterable
-of them (a generator over a JSON Lines file), and consumes it in batches: at most
-:data:`BATCH_MESSAGES` validated messages are held ahead of the writes. Each batch is
-written as a series of short write transactions (as :mod:`sessiondb.maintenance`
-describes): a step takes as many sessions as fit half its time budget at the rate the
-last step ran (at least one), and a session goes in the same transaction as all its
-messages, so every commit leaves the store consistent and a kill loses nothing already
-committed; ``skip_existing=True`` makes a rerun finish the job.
+of them (a generator over a JSON Lines file). It writes a series of short write
+transactions (as :mod:`sessiondb.maintenance` describes): a step takes as many sessions
+as fit half the step budget at the rates (rows, and bytes of text) the last step ran,
+at least one; a session goes in the same transaction as all its messages, so every
+commit leaves the store consistent and a kill loses nothing already committed, and
+``skip_existing=True`` makes a rerun finish the job. Between two steps the engine's
+checkpoint runs and the lock stays free for a fifth of the step's length, as between
+maintenance steps; a stream's next step's worth of sessions is read and validated
+meanwhile, so about one step is held ahead of the writes.
 
 *Message ids* are kept where free (so a round trip into a fresh store is equal, ids
 included). From the first message of a session that cannot keep its id (taken, or not

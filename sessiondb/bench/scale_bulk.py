@@ -234,6 +234,16 @@ def measure_bulk(db_path: str | os.PathLike[str], workdir: str | os.PathLike[str
     e = doc["export"]
     if not e["crashed"]:
         e["messages_per_s"] = e["messages"] / e["seconds"] if e["seconds"] else None
+        # Flushed to disk before the import starts: otherwise the kernel writes the
+        # 1.4 GB file back while the import runs, and the import's own writes and
+        # checkpoints queue behind it (measured: 43,000 instead of 51,000 rows/s).
+        started = time.perf_counter()
+        fd = os.open(export_file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        e["flush_seconds"] = time.perf_counter() - started
 
     SessionDB(imported).close()  # the fresh store, so that the writer can start first
     stop, ready = ctx.Event(), ctx.Event()

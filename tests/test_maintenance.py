@@ -341,11 +341,11 @@ def test_a_session_of_large_messages_is_pruned_in_chunks_with_exact_counters(
                             for k in range(20)]})
     db._execute_write(lambda c: c.execute(
         "UPDATE sessions SET message_count = 20, tool_call_count = 40"))
-    deleted = [0]
+    deleted = pruning.Tally()
     step = pruning.prune_step(2000.0, None, deleted)
     # A deadline already past: the step does its least, which is not 6 MB.
     gone = db._execute_write(lambda c: step(c, 0.0), bounded=False)
-    assert 0 < gone < 20 and deleted == [0]
+    assert 0 < gone < 20 and deleted.attempt == 0
     left = db.get_session("big")
     assert left is not None
     assert left["message_count"] == db.message_count("big") == 20 - gone

@@ -33,19 +33,11 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+from .scale_workers import peak_rss
+
 WRITER_SESSION = "bulk-bench-writer"
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (``VmHWM``; 0 without ``/proc``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _cpu() -> float:

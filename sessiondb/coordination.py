@@ -41,11 +41,9 @@ from functools import partial
 from dataclasses import astuple, dataclass, replace
 from typing import Any, Callable, Iterator, Union
 
-import apsw
-
 from .bounded import Deadline, Heartbeat, check_interval
 from .process import Process, holder_gone, this_process
-from .engine import Engine, _fetch, _first, _rows
+from .backend import Conn, Dialect, Engine, fetch as _fetch, first as _first, rows as _rows
 from .errors import (
     CapExceeded, CapWarning, ClaimLost, ConfigurationError, InvalidArgument,
     InvalidArgumentType, LeaseHeld, LeaseLost, SessionNotFound,
@@ -139,19 +137,24 @@ def _warn_near_cap(owner: str, kind: str, held: int, cap: int | None, depth: int
                                  f"({held / cap:.0%})"), stacklevel=depth + 1)
 
 
-class Coordination(Engine):
-    """Leases, session ownership, work claims and caps (see the module docstring); the
-    options are those of :class:`~sessiondb.SessionDB`."""
+class Coordination:
+    """Leases, session ownership, work claims and caps (see the module docstring), the
+    part of :class:`~sessiondb.SessionDB` that coordinates processes. It is written over
+    the instance's engine (``_execute_write``, ``_read``, ``_sql``), like the rest of the
+    rules; the options are those of :class:`~sessiondb.SessionDB`."""
 
-    def __init__(self, path: Any = None, *,
-                 max_leases_per_owner: int | None = MAX_LEASES_PER_OWNER,
-                 max_claims_per_owner: int | None = MAX_CLAIMS_PER_OWNER,
-                 **options: Any) -> None:
+    _execute_write: Callable[..., Any]
+    _read: Callable[..., Any]
+    _sql: Dialect
+    _engine: Engine
+    transaction: Callable[[], Any]
+
+    def __init__(self, max_leases_per_owner: int | None = MAX_LEASES_PER_OWNER,
+                 max_claims_per_owner: int | None = MAX_CLAIMS_PER_OWNER) -> None:
         self._caps = {"leases": _check_cap("max_leases_per_owner", max_leases_per_owner),
                       "claims": _check_cap("max_claims_per_owner", max_claims_per_owner)}
         self._next_process_check = 0.0
         self._returned: dict[tuple[str, int], None] = {}  # see _given_back
-        super().__init__(path, **options)
 
     # -- leases -----------------------------------------------------------------------
     def acquire_lease(self, name: str, owner: str, ttl: float = 30.0, *,
@@ -192,9 +195,9 @@ class Coordination(Engine):
         me = this_process()
         cap = self._caps["leases"]
 
-        def write(conn: apsw.Connection) -> tuple[Lease, int]:
+        def write(conn: Conn) -> tuple[Lease, int]:
             _require_session(conn, session_id)
-            now = time.time()
+            now = self._sql.now(conn)
             row = _refuse_if_held(conn, name, owner, me, now)
             token, acquired = (row[0], row[2]) if row else (0, None)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_leases WHERE owner = ? "
@@ -212,12 +215,12 @@ class Coordination(Engine):
 
         # Inside transaction() this process holds the write lock, so nobody can let go
         # meanwhile: waiting would only hold everyone else up.
-        deadline = time.monotonic() + (0.0 if self._writes.active else wait)
+        deadline = time.monotonic() + (0.0 if self._engine.in_transaction else wait)
         while True:
             try:
                 # A read first: a waiter polling a held lease must not queue for the
                 # write lock every time (the write decides, under the lock).
-                self._read(lambda conn: _refuse_if_held(conn, name, owner, me, time.time()))
+                self._read(lambda conn: _refuse_if_held(conn, name, owner, me, self._sql.now(conn)))
                 lease, held = self._execute_write(write)
             except LeaseHeld as exc:
                 remaining = deadline - time.monotonic()
@@ -244,7 +247,7 @@ class Coordination(Engine):
         """
         lease = _check_holding(lease, Lease)
 
-        def write(conn: apsw.Connection) -> bool:
+        def write(conn: Conn) -> bool:
             conn.execute("UPDATE sessiondb_leases SET owner = NULL, expires_at = NULL, "
                          "pid = NULL WHERE name = ? AND token = ? AND owner = ? AND "
                          "acquired_at = ?", (lease.name, lease.token, lease.owner,
@@ -269,7 +272,7 @@ class Coordination(Engine):
         rows = self._read(lambda c: _fetch(
             c, "SELECT name, owner, token, ttl, acquired_at, expires_at, host, boot_id, pid_ns, "
                f"pid, pid_start FROM sessiondb_leases WHERE {where} AND owner IS NOT NULL AND "
-               "expires_at > ? ORDER BY name", [*args, time.time()]))
+               "expires_at > ? ORDER BY name", [*args, self._sql.now(c)]))
         return [Lease(*r[:6]) for r in rows if not holder_gone(*r[6:])]
 
     @contextmanager
@@ -290,12 +293,12 @@ class Coordination(Engine):
         """
         _check_holding(holding, (Lease, Claim))
         check = partial(_check_holding_row, holding=holding)
-        if self._writes.active:  # inside transaction(): check, and go on in it
-            self._execute_write(lambda conn: check(conn, now=time.time()))
+        if self._engine.in_transaction:  # inside transaction(): check, and go on in it
+            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn)))
             yield self
             return
         with self.transaction():
-            self._execute_write(lambda conn: check(conn, now=time.time()))
+            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn)))
             yield self
 
     # -- work claims ------------------------------------------------------------------
@@ -316,9 +319,9 @@ class Coordination(Engine):
             raise InvalidArgument("max_attempts must be at least 1")
         delay = check_seconds("delay", delay, zero=True)
 
-        def write(conn: apsw.Connection) -> int:
+        def write(conn: Conn) -> int:
             _require_session(conn, session_id)
-            now = time.time()
+            now = self._sql.now(conn)
             conn.execute("INSERT INTO sessiondb_claims (queue, payload, session_id, "
                          "max_attempts, created_at, available_at) VALUES (?,?,?,?,?,?)",
                          (queue, body, session_id, max_attempts, now, now + delay))
@@ -348,8 +351,8 @@ class Coordination(Engine):
         if processes:
             self._next_process_check = time.monotonic() + PROCESS_CHECK_EVERY
 
-        def write(conn: apsw.Connection) -> tuple[Claim | None, int]:
-            now = time.time()
+        def write(conn: Conn) -> tuple[Claim | None, int]:
+            now = self._sql.now(conn)
             _reap(conn, now, processes)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_claims WHERE state = "
                                 "'claimed' AND owner = ?", (owner,))
@@ -391,8 +394,8 @@ class Coordination(Engine):
         """
         claim = _check_holding(claim, Claim)
 
-        def write(conn: apsw.Connection) -> None:
-            now = time.time()
+        def write(conn: Conn) -> None:
+            now = self._sql.now(conn)
             _check_claim(conn, claim, now)
             conn.execute("UPDATE sessiondb_claims SET state = 'done', finished_at = ?, "
                          "owner = NULL, expires_at = NULL WHERE id = ?", (now, claim.id))
@@ -412,8 +415,8 @@ class Coordination(Engine):
         error = check_text("error", error)
         delay = check_seconds("retry_delay", retry_delay, zero=True)
 
-        def write(conn: apsw.Connection) -> str:
-            now = time.time()
+        def write(conn: Conn) -> str:
+            now = self._sql.now(conn)
             _check_claim(conn, claim, now, giving_back=True)
             return _return_claim(conn, claim.id, now, error, delay)
 
@@ -428,7 +431,7 @@ class Coordination(Engine):
         """
         claim = _check_holding(claim, Claim)
 
-        def write(conn: apsw.Connection) -> bool:
+        def write(conn: Conn) -> bool:
             conn.execute("UPDATE sessiondb_claims SET state = 'ready', attempts = attempts "
                          "- 1, owner = NULL, expires_at = NULL WHERE id = ? AND token = ? "
                          "AND owner = ? AND state = 'claimed'",
@@ -447,7 +450,7 @@ class Coordination(Engine):
     def reap_claims(self) -> int:
         """Return expired claims and claims of dead processes to their queues (or to the
         dead letters); :meth:`claim` does this on every call. Returns how many."""
-        return self._execute_write(lambda conn: _reap(conn, time.time(), processes=True))
+        return self._execute_write(lambda conn: _reap(conn, self._sql.now(conn), processes=True))
 
     def get_claim(self, claim_id: int) -> dict[str, Any] | None:
         """The item as a dict (``state`` is ready, claimed, done or dead), or None."""
@@ -482,11 +485,11 @@ class Coordination(Engine):
         if max_attempts is not None and check_count("max_attempts", max_attempts) < 1:
             raise InvalidArgument("max_attempts must be at least 1")
 
-        def write(conn: apsw.Connection) -> bool:
+        def write(conn: Conn) -> bool:
             conn.execute("UPDATE sessiondb_claims SET state = 'ready', attempts = 0, "
                          "max_attempts = COALESCE(?, max_attempts), available_at = ?, "
                          "finished_at = NULL WHERE id = ? AND state = 'dead'",
-                         (max_attempts, time.time(), claim_id))
+                         (max_attempts, self._sql.now(conn), claim_id))
             return conn.changes() > 0
 
         return self._execute_write(write)
@@ -503,9 +506,9 @@ class Coordination(Engine):
         where = (where + " AND" if where else "WHERE") + \
             " state IN ('done', 'dead') AND finished_at < ?"
 
-        def write(conn: apsw.Connection) -> int:
+        def write(conn: Conn) -> int:
             conn.execute(f"DELETE FROM sessiondb_claims {where}",
-                         [*args, time.time() - days * 86400])
+                         [*args, self._sql.now(conn) - days * 86400])
             return conn.changes()
 
         return self._execute_write(write)
@@ -555,7 +558,7 @@ class Coordination(Engine):
         """
         _check_holding(holding, (Lease, Claim))
         check_seconds("seconds", seconds)
-        self._read(lambda conn: _check_holding_row(conn, holding, time.time()))
+        self._read(lambda conn: _check_holding_row(conn, holding, self._sql.now(conn)))
         return Deadline(self, holding, seconds)
 
     def _extend(self, holding: Holding, ttl: float | None = None) -> Any:
@@ -566,8 +569,8 @@ class Coordination(Engine):
                               ("sessiondb_claims", "id", holding.id))
         sql = f"UPDATE {table} SET expires_at = ?, ttl = ? WHERE {column} = ?"
 
-        def write(conn: apsw.Connection) -> Holding:
-            now = time.time()
+        def write(conn: Conn) -> Holding:
+            now = self._sql.now(conn)
             _check_holding_row(conn, holding, now)
             conn.execute(sql, (now + ttl, ttl, key))
             return replace(holding, ttl=ttl, expires_at=now + ttl)
@@ -596,13 +599,11 @@ class Coordination(Engine):
                 pass  # already back in the queue
 
     # -- figures ----------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
-        """The engine's figures plus ``coordination``: live leases, claims per state, what
-        each owner holds, and the caps."""
-        figures = super().stats()
+    def _coordination_stats(self) -> dict[str, Any]:
+        """Live leases, claims per state, what each owner holds, and the caps."""
 
-        def read(conn: apsw.Connection) -> dict[str, Any]:
-            now = time.time()
+        def read(conn: Conn) -> dict[str, Any]:
+            now = self._sql.now(conn)
             owners: dict[str, dict[str, int]] = {}
             for owner, n in _fetch(conn, "SELECT owner, COUNT(*) FROM sessiondb_leases WHERE "
                                          "owner IS NOT NULL AND expires_at > ? GROUP BY owner",
@@ -618,8 +619,7 @@ class Coordination(Engine):
                     "claims": counts, "owners": dict(sorted(owners.items())),
                     "caps": {f"max_{k}_per_owner": v for k, v in self._caps.items()}}
 
-        figures["coordination"] = self._read(read, snapshot=True)
-        return figures
+        return self._read(read, snapshot=True)
 
 
 # -- checks inside a write (pure functions of a connection) -----------------------------
@@ -655,20 +655,20 @@ def _claim_filter(queue: str | None, state: str | None) -> tuple[str, list]:
     return ("WHERE " + where if where else ""), [v for _, v in terms]
 
 
-def _require_session(conn: apsw.Connection, session_id: str | None) -> None:
+def _require_session(conn: Conn, session_id: str | None) -> None:
     if session_id is not None and _first(
             conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
         raise SessionNotFound(session_id)
 
 
-def _check_holding_row(conn: apsw.Connection, holding: Holding, now: float) -> None:
+def _check_holding_row(conn: Conn, holding: Holding, now: float) -> None:
     if isinstance(_check_holding(holding, (Lease, Claim)), Lease):
         _check_lease(conn, holding, now)
     else:
         _check_claim(conn, holding, now)
 
 
-def _refuse_if_held(conn: apsw.Connection, name: str, owner: str, me: Process,
+def _refuse_if_held(conn: Conn, name: str, owner: str, me: Process,
                     now: float) -> tuple | None:
     """The lease's row, unless another holder has it live: then LeaseHeld. Another holder
     is another owner, or the same owner name in another process (a restarted agent must
@@ -686,7 +686,7 @@ def _held_by(row: tuple | None, owner: str, me: Process, now: float) -> bool:
     return row is not None and row[1] == owner and row[3] > now and tuple(row[4:]) == astuple(me)
 
 
-def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:
+def _check_lease(conn: Conn, lease: Lease, now: float) -> None:
     row = conn.execute("SELECT token, owner, expires_at, acquired_at FROM sessiondb_leases "
                        "WHERE name = ?", (lease.name,)).fetchone()
     if row is None or row[0] != lease.token:
@@ -701,7 +701,7 @@ def _check_lease(conn: apsw.Connection, lease: Lease, now: float) -> None:
         raise LeaseLost(lease.name, lease.token, f"expired {now - row[2]:.3f}s ago")
 
 
-def _check_claim(conn: apsw.Connection, claim: Claim, now: float,
+def _check_claim(conn: Conn, claim: Claim, now: float,
                  giving_back: bool = False) -> None:
     row = conn.execute("SELECT token, state, expires_at, owner FROM sessiondb_claims "
                        "WHERE id = ?", (claim.id,)).fetchone()
@@ -715,7 +715,7 @@ def _check_claim(conn: apsw.Connection, claim: Claim, now: float,
         raise ClaimLost(claim.id, claim.token, f"the claim expired {now - row[2]:.3f}s ago")
 
 
-def _reap(conn: apsw.Connection, now: float, processes: bool) -> int:
+def _reap(conn: Conn, now: float, processes: bool) -> int:
     """Return expired claims -- and, if ``processes``, claims of holders on this host whose
     process has ended -- to their queues (out of attempts: to the dead letters); each
     counts as a failed attempt. The expired ones come from an index; judging processes
@@ -733,7 +733,7 @@ def _reap(conn: apsw.Connection, now: float, processes: bool) -> int:
     return len(ids)
 
 
-def _return_claim(conn: apsw.Connection, claim_id: int, now: float, error: str | None,
+def _return_claim(conn: Conn, claim_id: int, now: float, error: str | None,
                   delay: float = 0.0) -> str:
     """Give an item back after a failed attempt: to its queue, claimable after ``delay``,
     or to the dead letters once it has had ``max_attempts``. Returns the new state."""

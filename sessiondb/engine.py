@@ -1,9 +1,11 @@
 """The engine under :class:`~sessiondb.SessionDB`: one connection, the two doors.
 
 An :class:`Engine` owns one apsw connection and everything that keeps it safe to share:
-the instance lock, fork handling, the write path (:meth:`Engine._execute_write`), short
-reads (:meth:`Engine._read`), :meth:`Engine.transaction`, :meth:`Engine.snapshot`, and
-checkpoints. It knows no table: the session API (:mod:`sessiondb.store`) stands on it.
+the instance lock, fork handling, the write path (:meth:`Engine.execute_write`), short
+reads (:meth:`Engine.read`), :meth:`Engine.transaction`, :meth:`Engine.snapshot`, and
+checkpoints. It knows no table: :class:`~sessiondb.SessionDB` holds one and writes the
+session API (:mod:`sessiondb.store`) over it; this is SQLite's half of the seam drawn in
+:mod:`sessiondb.backend` (PostgreSQL's is :mod:`sessiondb.pg.engine`).
 
 All calls of an instance are serialized by an instance lock, so an instance may be shared
 by the threads of a process. Just before ``fork()`` every instance waits for its call in
@@ -35,6 +37,7 @@ import apsw
 import filelock
 
 from .checkpoint import CheckpointPolicy
+from .dialect import SQLITE
 from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
@@ -110,6 +113,8 @@ if hasattr(os, "register_at_fork"):
 class Engine:
     """One connection to a sessiondb store, safe to share between threads, processes and
     forks; the options are those of :class:`~sessiondb.SessionDB`."""
+
+    sql = SQLITE
 
     def __init__(
         self,
@@ -192,7 +197,7 @@ class Engine:
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
             # built in one statement), so it is exempt from the hold bound.
-            ensure_schema(conn, self.path, partial(self._execute_write, bounded=False),
+            ensure_schema(conn, self.path, partial(self.execute_write, bounded=False),
                           o["write_timeout"])
             if search_index.finish_on_open(conn):
                 self._finish_conversion()
@@ -220,8 +225,8 @@ class Engine:
             return  # another process is building it (or the sidecar is unusable: the
             # store works meanwhile, search says the index is being built)
         try:
-            search_index.catch_up(self._run_steps, self._options["progress"],
-                                  self._read(search_index.pending_messages))
+            search_index.catch_up(self.run_steps, self._options["progress"],
+                                  self.read(search_index.pending_messages))
         except (DatabaseBusyError, HoldTimeout):
             # Contention (a writer holding the lock past write_timeout, a paused
             # machine): the store works without this work, and search says the index is
@@ -295,14 +300,9 @@ class Engine:
                 finally:
                     self._gate.close()
 
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}{', closed' if self._closed else ''})"
+        # Named after the public class that holds it: this is what errors show.
+        return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
 
     @contextmanager
     def _connection(self) -> Iterator[apsw.Connection]:
@@ -323,8 +323,17 @@ class Engine:
             assert self._conn is not None
             yield self._conn
 
+    @property
+    def hold_timeout(self) -> float | None:
+        return self._options["hold_timeout"]
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside a :meth:`transaction` block (of this instance)."""
+        return self._writes.active
+
     # -- the two doors: every write and every read ----------------------------------
-    def _execute_write(self, fn: Callable[[apsw.Connection], T], *,
+    def execute_write(self, fn: Callable[[apsw.Connection], T], *,
                        bounded: bool = True) -> T:
         """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (the only write path).
 
@@ -395,7 +404,7 @@ class Engine:
             conn.execute("RELEASE sessiondb_nested")
             return result
 
-    def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
+    def read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors
         (rare in WAL mode) are retried like writes; other errors are translated."""
         with self._connection() as conn:
@@ -434,7 +443,7 @@ class Engine:
                     raise translate(exc, str(self.path)) from exc
 
     @contextmanager
-    def transaction(self) -> Iterator["Engine"]:
+    def transaction(self) -> Iterator[None]:
         """Group several calls into one atomic write transaction::
 
             with db.transaction():
@@ -457,7 +466,7 @@ class Engine:
                 started = self._writes.begin(conn)
             ok = False
             try:
-                yield self
+                yield
                 ok = True
             finally:
                 self._writes.finish(conn, started, ok)
@@ -466,7 +475,7 @@ class Engine:
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
 
     @contextmanager
-    def snapshot(self) -> Iterator["Engine"]:
+    def snapshot(self) -> Iterator[None]:
         """Read several things as of one moment::
 
             with db.snapshot():
@@ -491,14 +500,14 @@ class Engine:
             try:
                 # The SELECT is what starts the read transaction (BEGIN alone defers it).
                 try:
-                    self._read(lambda c: c.execute(
+                    self.read(lambda c: c.execute(
                         "BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1").fetchall())
                 except BaseException:
                     rollback(conn)
                     raise
                 pid = os.getpid()
                 try:
-                    yield self
+                    yield
                 finally:
                     if os.getpid() == pid:  # a fork child must not end the parent's
                         rollback(conn)
@@ -506,7 +515,7 @@ class Engine:
                 if in_room:
                     self._gate.leave_room()
 
-    def _run_steps(self, step: Step, tracker: Tracker | None = None,
+    def run_steps(self, step: Step, tracker: Tracker | None = None,
                    committed: Callable[[], None] | None = None) -> int:
         """Run long work as short write transactions (:func:`sessiondb.maintenance.run_steps`)
         with this instance's step budget and a checkpoint between steps.
@@ -517,12 +526,12 @@ class Engine:
         def between() -> None:
             if committed is not None:
                 committed()
-            self._between_steps()
+            self.between_steps()
 
-        return run_steps(self._execute_write, step, step_budget(self._options["hold_timeout"]),
+        return run_steps(self.execute_write, step, step_budget(self._options["hold_timeout"]),
                          tracker, between)
 
-    def _between_steps(self) -> None:
+    def between_steps(self) -> None:
         """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into
         the database (PASSIVE: blocks nobody) once it holds an eighth of ``wal_limit``.
         Maintenance writes megabytes per step; copied as it goes, the WAL restarts from
@@ -572,24 +581,3 @@ class Engine:
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))
             return figures
-
-
-# -- SQL helpers (pure functions of a connection) --------------------------------------
-
-def _fetch(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[tuple]:
-    return conn.execute(sql, args).fetchall()
-
-
-def _rows(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
-    """Rows as dicts keyed by column name, in column order."""
-    cursor = conn.execute(sql, args)
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:  # no rows
-        return []
-    return [dict(zip(names, row)) for row in cursor]
-
-
-def _first(conn: apsw.Connection, sql: str, args: tuple | list) -> Any:
-    row = conn.execute(sql, args).fetchone()
-    return row[0] if row else None

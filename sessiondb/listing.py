@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import apsw
 
-from .engine import _first
+from .backend import first as _first
 from .errors import SessionNotFound
 from .text import decode_head, preview
 

@@ -58,7 +58,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import apsw
 
 from . import records, search_index
-from .engine import _fetch, _first
+from .backend import fetch as _fetch, first as _first
 from .schema import index_prefixes
 from .text import plain_snippet
 

@@ -11,14 +11,15 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import apsw
 
 from . import bulk, listing, pruning, records, search, search_index
-from .coordination import Coordination
+from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
 from .schema import index_prefixes
-from .engine import _fetch, _first, _rows
+from .backend import Engine, fetch as _fetch, first as _first, open_engine, rows as _rows
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
@@ -43,8 +44,9 @@ _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_
 class SessionDB(Coordination):
     """A session store that many processes can share.
 
-    :param path: the database file; ``None`` means ``$SESSIONDB_PATH`` or
-        ``platformdirs.user_data_dir("sessiondb")/state.db``.
+    :param path: the database file, or a PostgreSQL URL (``postgresql://user@host/db``,
+        see README "Running on PostgreSQL"); ``None`` means ``$SESSIONDB_PATH`` (a path
+        or a URL) or ``platformdirs.user_data_dir("sessiondb")/state.db``.
     :param write_timeout: seconds a write may wait for the lock before
         :class:`~sessiondb.errors.WriteTimeout` (default 30).
     :param hold_timeout: seconds a write transaction may hold the write lock (default 10;
@@ -65,10 +67,106 @@ class SessionDB(Coordination):
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).
+
+    SQLite only: ``busy_timeout``, ``checkpoint_every``, ``wal_limit``, ``reset_timeout``,
+    ``journal_size_limit``, ``gate``, ``vfs``. PostgreSQL only (see
+    :class:`sessiondb.pg.engine.PgEngine`): ``pool_size``, ``schema``, ``pooler``,
+    ``application_name``.
+
     :raises DatabaseOpenError: the path is unusable (directory, not a database, no access).
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises ConfigurationError: an option is invalid or the SQLite is too old.
     """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 max_leases_per_owner: int | None = MAX_LEASES_PER_OWNER,
+                 max_claims_per_owner: int | None = MAX_CLAIMS_PER_OWNER,
+                 **options: Any) -> None:
+        Coordination.__init__(self, max_leases_per_owner, max_claims_per_owner)
+        self._engine: Engine = open_engine(path, options)
+        self._sql = self._engine.sql
+        self._execute_write = self._engine.execute_write
+        self._read = self._engine.read
+        self._run_steps = self._engine.run_steps
+
+    @property
+    def path(self) -> Any:
+        """The store: its absolute file path, or its URL without the password."""
+        return self._engine.path
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._sql.name
+
+    def close(self) -> None:
+        """Close the store's connections (SQLite: after a last PASSIVE checkpoint).
+        Idempotent."""
+        self._engine.close()
+
+    def __enter__(self) -> "SessionDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._engine)
+
+    @contextmanager
+    def transaction(self) -> Iterator["SessionDB"]:
+        """Group several calls into one atomic write transaction::
+
+            with db.transaction():
+                db.append_message(sid, "assistant", text)
+                db.update_token_counts(sid, output_tokens=120)
+
+        The write lock is taken up front (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the
+        locks of what each call touches, as it runs) and held until the block ends: keep
+        the block short and do no slow work (model calls, network) inside it. Other
+        threads using this instance wait for the block to finish. Calls inside run as
+        savepoints: a call that raises undoes only itself; an exception leaving the block
+        rolls back everything.
+        """
+        with self._engine.transaction():
+            yield self
+
+    @contextmanager
+    def snapshot(self) -> Iterator["SessionDB"]:
+        """Read several things as of one moment::
+
+            with db.snapshot():
+                newest = db.list_sessions(limit=1)
+                messages = db.get_messages(newest[0]["id"])
+
+        Every read inside the block sees the store as it was when the block began;
+        writing inside it raises :class:`~sessiondb.errors.ConfigurationError`. The block
+        holds a read transaction (SQLite: it keeps the WAL frames written meanwhile from
+        being checkpointed; see :meth:`sessiondb.engine.Engine.snapshot`): keep it short.
+        Other threads using this instance wait for the block to finish.
+        """
+        with self._engine.snapshot():
+            yield self
+
+    def checkpoint(self, reset: bool = False) -> dict[str, int]:
+        """SQLite: run a PASSIVE checkpoint now, and a WAL reset (TRUNCATE, see
+        :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
+        ``wal_limit``; returns when both are done. PostgreSQL: nothing to do (the server
+        checkpoints), returns zeros.
+
+        :raises InvalidArgumentType: ``reset`` is not True or False.
+        :raises StorageError: a disk fault stopped it; nothing is lost.
+        """
+        return self._engine.checkpoint(reset)
+
+    def stats(self) -> dict[str, Any]:
+        """Figures to act on: writes, retries, timeouts, lock-wait percentiles (s),
+        longest lock hold (s); SQLite: checkpoints and the WAL size (bytes); PostgreSQL:
+        the pool; and ``coordination``: live leases, claims per state, what each owner
+        holds, and the caps."""
+        figures = self._engine.stats()
+        figures["coordination"] = self._coordination_stats()
+        return figures
 
     # -- sessions ---------------------------------------------------------------------
     def create_session(self, session_id: str, source: str, **fields: Any) -> str:
@@ -613,14 +711,14 @@ class SessionDB(Coordination):
         """
         check_flag("skip_existing", skip_existing)
         progress = check_progress(progress)
-        if self._writes.active:
+        if self._engine.in_transaction:
             return bulk.import_in_block(data, write=self._execute_write,
                                         skip_existing=skip_existing, progress=progress)
         with bulk.larger_cache(self._read):
             return bulk.import_sessions(
                 data, write=self._execute_write, read=self._read,
-                budget=step_budget(self._options["hold_timeout"]),
-                between=self._between_steps, skip_existing=skip_existing,
+                budget=step_budget(self._engine.hold_timeout),
+                between=self._engine.between_steps, skip_existing=skip_existing,
                 progress=progress, index=self._index_pending)
 
     def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
@@ -677,7 +775,7 @@ class SessionDB(Coordination):
         free = self._read(lambda c: int(c.pragma("freelist_count")))
         freed = self._run_steps(pruning.reclaim_step,
                                 Tracker("reclaim", "pages", free, progress))
-        if freed and not self._writes.active:
+        if freed and not self._engine.in_transaction:
             self.checkpoint()
         return {"freed_pages": freed, "bytes_before": before,
                 "bytes_after": _file_size(self.path)}

@@ -836,9 +836,9 @@ def test_prune_of_a_referenced_parent_deletes_nothing(hdb, clock, child):
 
 
 def test_write_timeout_defaults_to_about_the_originals_longest_wait(hdb, db_path):
-    assert hdb._options["write_timeout"] == hermes.WRITE_TIMEOUT == 16.0
+    assert hdb._engine._options["write_timeout"] == hermes.WRITE_TIMEOUT == 16.0
     with SessionDB(db_path, write_timeout=3) as db:
-        assert db._options["write_timeout"] == 3.0
+        assert db._engine._options["write_timeout"] == 3.0
 
 
 def test_one_instance_is_shared_by_threads(hdb):

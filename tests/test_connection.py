@@ -34,7 +34,7 @@ def files_next_to(path: Path) -> set[str]:
 
 
 def test_connection_pragmas(db: SessionDB):
-    conn = db._conn
+    conn = db._engine._conn
     assert conn.pragma("journal_mode") == "wal"
     assert conn.pragma("synchronous") == 1  # NORMAL
     assert conn.pragma("foreign_keys") == 1
@@ -52,7 +52,7 @@ def test_auto_vacuum_is_set_only_on_a_brand_new_file(tmp_path: Path):
     conn.pragma("journal_mode", "wal")  # an empty WAL database: page 1 written, no tables
     conn.close()
     with SessionDB(path) as db:
-        assert db._conn.pragma("auto_vacuum") == 0  # could not be turned on any more
+        assert db._engine._conn.pragma("auto_vacuum") == 0  # could not be turned on any more
         db.create_session("s", "cli")
 
 
@@ -144,7 +144,7 @@ def test_close_is_idempotent_and_final(db_path: Path):
         db.append_message("s", "user", "x")
     with SessionDB(db_path) as again:
         assert again.get_session("s") is not None
-    assert again._closed
+    assert again._engine._closed
 
 
 # -- threads ---------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path):
                  "VALUES ('old', 'user', 'written by 0.1.0', 1.0)")
     conn.close()
     with SessionDB(path) as db:
-        assert db._conn.pragma("user_version") == SCHEMA_VERSION == 4
+        assert db._engine._conn.pragma("user_version") == SCHEMA_VERSION == 4
         assert db.get_session("old")["revision"] == 0
         assert [h["session_id"] for h in db.search_messages("written")] == ["old"]
         db.append_message("old", "user", "written by this version")

@@ -342,7 +342,7 @@ def test_null_gate_fallback_writes_correctly_under_contention(db_path: Path):
     assert db.get_session("shared")["message_count"] == procs_n * count
     for report in reports:
         assert report["timeouts"] == 0 and report["failed"] == 0
-    assert db._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert db._engine._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     db.close()
 
 
@@ -432,9 +432,9 @@ def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
                     pass
             # Whatever happened, nothing is left behind (a turn kept after a short
             # write is handed on by the gate's idle thread within IDLE_RELEASE):
-            assert db._gate._ticket is None or db._gate._kept
-            assert db._conn.get_autocommit()
-            assert not db._writes.active
+            assert db._engine._gate._ticket is None or db._engine._gate._kept
+            assert db._engine._conn.get_autocommit()
+            assert not db._engine._writes.active
     finally:
         signal.signal(signal.SIGUSR1, previous)
     reports = workers.collect(results, [rival], 1)

@@ -122,16 +122,16 @@ def test_the_page_is_picked_from_an_index_alone(db, many):
             statements.append((sql, tuple(bindings or ())))
         return True
 
-    db._conn.exec_trace = trace
+    db._engine._conn.exec_trace = trace
     try:
         for f in FILTERS:
             db.list_sessions(**f, limit=5, offset=3)
             db.list_sessions(**f, limit=5, after="s007")
     finally:
-        db._conn.exec_trace = None
+        db._engine._conn.exec_trace = None
     assert len(statements) == 2 * len(FILTERS)
     for sql, args in statements:
-        plan = " | ".join(r[3] for r in db._conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        plan = " | ".join(r[3] for r in db._engine._conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert "USING COVERING INDEX idx_sessions_" in plan, (sql, plan)
         assert "TEMP B-TREE" not in plan, (sql, plan)
 
@@ -349,7 +349,7 @@ def test_a_version_3_store_is_migrated_keeping_its_data(db_path):
         conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
     conn.close()
     with SessionDB(db_path) as db:
-        assert db._conn.pragma("user_version") == schema.SCHEMA_VERSION == 4
+        assert db._engine._conn.pragma("user_version") == schema.SCHEMA_VERSION == 4
         assert db.message_count() == 60
         assert [r["id"] for r in db.list_sessions(limit=3)] == ["s29", "s28", "s27"]
         assert [r["id"] for r in db.list_sessions("cli", active=False)] == [

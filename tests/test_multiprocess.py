@@ -83,8 +83,8 @@ def test_sixteen_processes_open_one_fresh_file_at_once(tmp_path: Path):
     assert not [n for n in os.listdir(path.parent) if ".sessiondb-new-" in n]
     db = SessionDB(path)
     assert db.session_count() == procs_n
-    assert int(db._conn.pragma("user_version")) == SCHEMA_VERSION
-    assert int(db._conn.pragma("auto_vacuum")) == 2  # incremental, set before WAL
+    assert int(db._engine._conn.pragma("user_version")) == SCHEMA_VERSION
+    assert int(db._engine._conn.pragma("auto_vacuum")) == 2  # incremental, set before WAL
     db.close()
     assert workers.integrity(path) == [("ok",)]
     assert oct(os.stat(path.parent).st_mode & 0o777) == "0o700"

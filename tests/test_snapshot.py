@@ -59,7 +59,7 @@ def test_an_exception_inside_a_snapshot_ends_it(db: SessionDB):
     with pytest.raises(KeyError):
         with db.snapshot():
             raise KeyError("x")
-    assert db._conn.get_autocommit()
+    assert db._engine._conn.get_autocommit()
     db.append_message("s", "user", "fine")
 
 
@@ -82,7 +82,7 @@ def test_a_reset_waits_for_a_snapshot_in_the_room(db_path: Path):
         result = {}
 
         def reset():
-            result["ok"] = db._checkpoints.reset(wait=True)
+            result["ok"] = db._engine._checkpoints.reset(wait=True)
             done.set()
 
         threading.Thread(target=reset).start()
@@ -144,15 +144,15 @@ def test_a_snapshot_that_fails_to_start_leaves_no_transaction(db: SessionDB, fau
             raise KeyboardInterrupt
         return True
 
-    db._conn.exec_trace = tracer
+    db._engine._conn.exec_trace = tracer
     try:
         with db.snapshot():
             pass
     except KeyboardInterrupt:
         assert fault == "interrupt"
     finally:
-        db._conn.exec_trace = None
-    assert fired and db._conn.get_autocommit()
+        db._engine._conn.exec_trace = None
+    assert fired and db._engine._conn.get_autocommit()
     db.append_message("s", "user", "writes still work")
     with db.snapshot():
         assert db.message_count() == 1

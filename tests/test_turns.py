@@ -18,7 +18,7 @@ SPAWN = multiprocessing.get_context("spawn")
 def test_a_short_write_keeps_the_turn_and_the_idle_thread_hands_it_on(db_path: Path):
     db = SessionDB(db_path)
     db.create_session("s", "cli")  # the gate is now kept (a short write)
-    gate = db._gate
+    gate = db._engine._gate
     assert isinstance(gate, FifoGate)
     deadline = time.monotonic() + 5
     while gate._ticket is not None and time.monotonic() < deadline:
@@ -34,7 +34,7 @@ def test_a_short_write_keeps_the_turn_and_the_idle_thread_hands_it_on(db_path: P
 def test_a_turn_ends_after_turn_writes(db_path: Path):
     db = SessionDB(db_path)
     db.create_session("s", "cli")
-    gate = db._gate
+    gate = db._engine._gate
     tickets = set()
     for i in range(FifoGate.TURN_WRITES * 3):
         db.append_message("s", "user", f"m{i}")
@@ -51,7 +51,7 @@ def test_a_turn_never_outlasts_turn_seconds(db_path: Path):
     with db.transaction():
         db.append_message("s", "user", "slow")
         time.sleep(FifoGate.TURN_SECONDS * 1.5)
-    assert db._gate._ticket is None  # handed on at once, not kept
+    assert db._engine._gate._ticket is None  # handed on at once, not kept
     db.close()
 
 
@@ -75,5 +75,5 @@ def test_processes_writing_back_to_back_all_get_turns(tmp_path: Path):
                     [(str(path), 300, start, results)] * 4, results, start)
     db = SessionDB(path)
     assert db.message_count() == 1200
-    assert db._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert db._engine._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     db.close()

@@ -63,7 +63,7 @@ def test_write_times_out_while_a_foreign_connection_holds_the_lock(db_path: Path
     # Nothing was written, the transaction is closed and the gate is free again.
     assert db.message_count("s") == 0
     assert db.get_session("s")["message_count"] == 0
-    assert db._conn.get_autocommit()
+    assert db._engine._conn.get_autocommit()
     other = SessionDB(db_path, write_timeout=1.0)
     other.append_message("s", "user", "after")
     other.close()
@@ -77,7 +77,7 @@ def test_write_succeeds_when_the_lock_is_released_during_the_wait(db_path: Path)
     foreign = hold_write_lock(db_path)
 
     def release_once_the_writer_has_retried() -> None:
-        workers.wait_for(lambda: db._writes.counters.retries >= 1)
+        workers.wait_for(lambda: db._engine._writes.counters.retries >= 1)
         time.sleep(0.1)
         foreign.execute("ROLLBACK")
 
@@ -151,7 +151,7 @@ def test_non_busy_errors_are_never_retried(db: SessionDB):
     assert after["failed_writes"] == before["failed_writes"] + 5
     assert after["writes"] == before["writes"]
     assert db.session_count() == 0
-    assert db._conn.get_autocommit()
+    assert db._engine._conn.get_autocommit()
 
 
 def test_busy_inside_the_body_is_rolled_back_then_retried(db: SessionDB):
@@ -190,8 +190,8 @@ def test_any_exception_in_the_body_rolls_back(db: SessionDB, exc: BaseException)
     assert db.message_count("s") == 0
     assert db.get_session("s")["message_count"] == 0
     assert db.search_messages("ghost") == []
-    assert db._conn.get_autocommit()
-    assert not db._writes.active
+    assert db._engine._conn.get_autocommit()
+    assert not db._engine._writes.active
     # The gate was released: a second instance writes at once.
     other = SessionDB(db.path, write_timeout=1.0)
     other.append_message("s", "user", "real")
@@ -208,7 +208,7 @@ def test_transaction_block_rolls_back_everything_on_exception(db: SessionDB):
     assert db.message_count() == 0
     assert db.get_session("t") is None
     assert db.get_session("s")["message_count"] == 0
-    assert db._conn.get_autocommit()
+    assert db._engine._conn.get_autocommit()
 
 
 def test_failed_call_inside_transaction_undoes_only_itself(db: SessionDB):
@@ -290,7 +290,7 @@ def test_every_mutation_runs_inside_the_write_helper(tmp_path: Path, monkeypatch
             if upper.startswith("BEGIN IMMEDIATE"):
                 state["immediate"] = True
             db = current.get("db")
-            active = db._writes.active if db is not None and db._conn is conn else None
+            active = db._engine._writes.active if db is not None and db._engine._conn is conn else None
             seen.append((sql, state["immediate"], active))
             if upper.startswith(("COMMIT", "END")) or (
                     upper.startswith("ROLLBACK") and not upper.startswith("ROLLBACK TO")):

@@ -192,7 +192,7 @@ def open_fresh_worker(path: str, start: Any, results: Any) -> None:
     start.wait(60)
     db = SessionDB(path)
     db.create_session(f"s{os.getpid()}", "fresh")
-    version = int(db._conn.pragma("user_version"))
+    version = int(db._engine._conn.pragma("user_version"))
     db.close()
     results.put({"pid": os.getpid(), "creates": len(creates), "user_version": version})
 
@@ -223,6 +223,7 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     raw = SessionDB(path, checkpoint_every=5, wal_limit=256 * 1024)
     on_open(raw)
     db = Tour(raw)
+    assert db.backend == "sqlite" and db.path == path
     db.create_session("root", "cli", model="m1", model_config={"t": 1},
                       system_prompt="be brief", user_id="u", title="Project")
     db.ensure_session("root", "cli")

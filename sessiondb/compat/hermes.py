@@ -5,9 +5,9 @@ its schema 6)::
 
 Every method, default, return shape (dict keys in hermes-agent's column order), counter,
 title and search rule is hermes-agent's (#6). Underneath it is sessiondb: the writes run
-through :meth:`~sessiondb.engine.Engine._execute_write` (the FIFO gate, ``BEGIN
+through the engine's write path (:meth:`sessiondb.engine.Engine.execute_write`: the FIFO gate, ``BEGIN
 IMMEDIATE``, jittered retry until ``write_timeout``) instead of the original's 15-attempt
-loop, the reads through :meth:`~sessiondb.engine.Engine._read`, on one apsw connection with
+loop, the reads through :meth:`~sessiondb.engine.Engine.read`, on one apsw connection with
 sessiondb's pragmas and checkpoints. The file is a sessiondb store: the ``sessiondb`` CLI
 and :class:`sessiondb.SessionDB` open it too, and an existing hermes-agent ``state.db`` is
 converted in place when first opened (:func:`sessiondb.schema.from_hermes`).
@@ -49,8 +49,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 
 from .. import listing, records, search, search_index
-from ..engine import Engine, _fetch, _first
-from ..engine import _rows as _engine_rows
+from ..backend import fetch as _fetch, first as _first
+from ..engine import Engine
+from ..backend import rows as _engine_rows
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
@@ -114,8 +115,10 @@ def _compatible_errors() -> Iterator[None]:
     """Raise the engine's errors in their hermes-compatible form (chained)."""
     try:
         yield
-    except (IntegrityError, DatabaseLocked):
+    except (IntegrityError, DatabaseLocked, DatabaseClosed):
         raise
+    except ClosedError as exc:
+        raise DatabaseClosed(str(exc)) from None
     except SessionDBError as exc:
         cause = exc.__cause__
         if isinstance(exc, IntegrityViolation) or isinstance(
@@ -163,8 +166,8 @@ _LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
 _FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
 
 
-class SessionDB(Engine):
-    """hermes-agent's ``SessionDB`` on sessiondb's engine.
+class SessionDB:
+    """hermes-agent's ``SessionDB`` on sessiondb's SQLite engine (which it holds).
 
     :param db_path: the database file (``Path`` or ``str``); None means
         :data:`DEFAULT_DB_PATH`. Missing parent directories are created.
@@ -183,25 +186,52 @@ class SessionDB(Engine):
         self.db_path = DEFAULT_DB_PATH if db_path is None else (
             db_path if isinstance(db_path, Path) else Path(db_path))
         options.setdefault("write_timeout", WRITE_TIMEOUT)
-        super().__init__(self.db_path, **options)
+        self._engine = Engine(self.db_path, **options)
+
+    @property
+    def path(self) -> Path:
+        """The store's absolute path."""
+        return self._engine.path
+
+    def close(self) -> None:
+        """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
+        self._engine.close()
+
+    def __enter__(self) -> "SessionDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._engine)
+
+    # sessiondb's extras (see sessiondb.SessionDB for each)
+    @contextmanager
+    def transaction(self) -> Iterator["SessionDB"]:
+        """One atomic write transaction for several calls (as :meth:`sessiondb.SessionDB.transaction`)."""
+        with _compatible_errors(), self._engine.transaction():
+            yield self
+
+    def checkpoint(self, reset: bool = False) -> dict[str, int]:
+        """As :meth:`sessiondb.SessionDB.checkpoint`."""
+        with _compatible_errors():
+            return self._engine.checkpoint(reset)
+
+    def stats(self) -> dict[str, Any]:
+        """The write path's and checkpoints' figures (as :meth:`sessiondb.SessionDB.stats`)."""
+        with _compatible_errors():
+            return self._engine.stats()
 
     # -- the engine's doors, with hermes-compatible errors ------------------------------
-    @contextmanager
-    def _connection(self) -> Iterator[apsw.Connection]:
-        with self._lock:
-            if self._closed:
-                raise DatabaseClosed(f"{self!r} is closed; open a new SessionDB")
-            with super()._connection() as conn:
-                yield conn
-
     def _execute_write(self, fn: Callable[[apsw.Connection], T], *,
                        bounded: bool = True) -> T:
         with _compatible_errors():
-            return super()._execute_write(fn, bounded=bounded)
+            return self._engine.execute_write(fn, bounded=bounded)
 
     def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         with _compatible_errors():
-            return super()._read(fn, snapshot)
+            return self._engine.read(fn, snapshot)
 
     def _run(self, sql: str, args: tuple | dict) -> None:
         _bindable(args)

@@ -66,16 +66,16 @@ def test_child_writes_through_the_same_instance_while_the_parent_writes(db_path:
     db = SessionDB(db_path)
     db.create_session("shared", "fork")
     db.append_message("shared", "user", "before the fork")
-    before_fork = db._conn
+    before_fork = db._engine._conn
     count = 300
 
     def child() -> int:
         for i in range(count):
             db.append_message("shared", "user", f"c-{i}")
         db.create_session("child-own", "fork")
-        if db._conn is before_fork:
+        if db._engine._conn is before_fork:
             return 10
-        if db._gate._pid != os.getpid():  # a gate descriptor of its own
+        if db._engine._gate._pid != os.getpid():  # a gate descriptor of its own
             return 11
         db.close()
         return 0
@@ -223,7 +223,7 @@ def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path:
 
     with db.transaction():
         db.append_message("s", "user", "parent")
-        inherited = db._conn
+        inherited = db._engine._conn
         inherited.exec_trace = trace
         pid = run_child(child)
     assert wait_child(pid) == 0
@@ -247,7 +247,7 @@ def test_a_child_leaving_the_parents_transaction_block_touches_nothing(db_path: 
         if pid == 0:  # the child leaves the block the parent is in
             code = 3
             try:
-                db._writes.finish(db._conn, 0.0, True)
+                db._engine._writes.finish(db._engine._conn, 0.0, True)
             except sessiondb.ConfigurationError:
                 code = 0
             except BaseException:  # noqa: BLE001 - reported through the exit code

@@ -120,7 +120,7 @@ def test_a_symlinked_migration_lock_is_refused_not_followed(tmp_path: Path, exhi
     assert victim.read_bytes() == b"precious"  # neither truncated nor locked
     (tmp_path / "state.db.sessiondb-migrate.lock").unlink()
     with SessionDB(path) as db:  # once the symlink is gone, the upgrade runs
-        assert db._conn.pragma("user_version") == schema.SCHEMA_VERSION
+        assert db._engine._conn.pragma("user_version") == schema.SCHEMA_VERSION
     exhibit("a lock sidecar turned into a symlink by another user",
             "not followed (O_NOFOLLOW): DatabaseOpenError naming it, target untouched")
 

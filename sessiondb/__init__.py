@@ -1,12 +1,14 @@
-"""sessiondb: a SQLite session store that many local processes share without freezing."""
+"""sessiondb: a session store that many processes share without freezing (SQLite on one
+machine, PostgreSQL across machines)."""
 
 from .bounded import Deadline, Heartbeat
 from .coordination import Claim, Lease
 from .errors import (
-    CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, CoordinationError,
+    CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, ConnectionLost,
+    CoordinationError,
     CorruptDatabaseError, DatabaseBusyError, DatabaseOpenError, DeadlineExceeded,
     DiskFullError, HermesSchemaError, HoldTimeout, IntegrityViolation, InvalidArgument,
-    InvalidArgumentType, InvalidTitle, LeaseHeld, LeaseLost, SchemaTooNewError,
+    InvalidArgumentType, InvalidTitle, LeaseHeld, LeaseLost, PoolWarning, SchemaTooNewError,
     SearchIndexError, SessionDBError, SessionNotFound, StaleRevision, StorageError,
     TitleConflict, WalDeletedError, WriteTimeout,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
     "WalDeletedError", "StaleRevision", "CoordinationError", "LeaseHeld", "LeaseLost",
-    "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning",
+    "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning", "ConnectionLost",
+    "PoolWarning",
     "Lease", "Claim", "Heartbeat", "Deadline", "Progress",
 ]

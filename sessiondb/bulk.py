@@ -49,9 +49,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import apsw
-
 from . import records, search_index
+from .backend import Conn, Dialect, rows as fetch_rows
 from .errors import (
     HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
@@ -82,11 +81,10 @@ _STEP_SHARE = 0.5       # of the budget a step aims at, so that a slow one still
 # stream's next sessions are read and validated meanwhile, so this costs it nothing.
 _PAUSE_SHARE = 0.2
 _INT64_MAX = 2**63 - 1
-_IN_LIST = "(SELECT value FROM json_each(?))"
 _MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
                    f"VALUES ({', '.join('?' * len(records.MESSAGE_COLUMNS))})")
 
-Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+Write = Callable[[Callable[[Conn], Any]], Any]
 Read = Callable[..., Any]
 
 
@@ -138,10 +136,10 @@ class ImportRun:
         them at once (a list: the parent is not coming).
     """
 
-    def __init__(self, write: Write, budget: float, *, skip_existing: bool, defer: bool,
-                 stream: bool, tracker: Tracker,
+    def __init__(self, write: Write, budget: float, *, sql: Dialect, skip_existing: bool,
+                 defer: bool, stream: bool, tracker: Tracker,
                  between: Optional[Callable[[], None]] = None) -> None:
-        self.write, self.budget, self.between = write, budget, between
+        self.write, self.budget, self.between, self.sql = write, budget, between, sql
         self.skip_existing, self.defer, self.stream = skip_existing, defer, stream
         self.tracker = tracker
         # (session row, its rows: itself and its messages, characters of its text)
@@ -199,7 +197,7 @@ class ImportRun:
         self.drain()
 
     # -- a step ------------------------------------------------------------------------
-    def _step(self, conn: apsw.Connection) -> _Outcome:
+    def _step(self, conn: Conn) -> _Outcome:
         out = _Outcome()
         take, rows, size = [], 0, 0
         for row, row_rows, row_size in self.queue:
@@ -210,10 +208,10 @@ class ImportRun:
                 break
         out.taken = len(take)
         work = self._place(conn, take, out)
-        _check_titles(conn, work, self.done_before())
+        _check_titles(conn, self.sql, work, self.done_before())
         messages = [m for row in work for m in row["messages"]]
         if messages:
-            messages = _assign_ids(conn, messages)
+            messages = self.sql.assign_ids(conn, messages, _assign_ids)
             if self.defer:
                 ids = sorted(m[0] for m in messages if m[0] is not None)
                 out.deferred = search_index.defer_ids(conn, ids)
@@ -223,25 +221,26 @@ class ImportRun:
                          f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
         if messages:
             conn.executemany(_MESSAGE_INSERT, messages)
+            self.sql.ids_used(conn)
         out.imported, out.messages, out.size = len(work), len(messages), size
         return out
 
-    def _place(self, conn: apsw.Connection, take: list[dict[str, Any]], out: _Outcome
+    def _place(self, conn: Conn, take: list[dict[str, Any]], out: _Outcome
                ) -> list[dict[str, Any]]:
         """The sessions of this step in insertion order: existing ones skipped (or
         refused), children of missing parents held back (or refused), and children
         that were waiting for a session of this step right after it."""
         ids = {row["id"] for row in take}
-        existing = _present(conn, list(ids))
+        existing = _present(conn, self.sql, list(ids))
         parents = {row.get("parent_session_id") for row in take} - {None}
-        known = existing | _present(conn, list(parents - ids))  # sessions in the store
+        known = existing | _present(conn, self.sql, list(parents - ids))  # in the store
         work: list[dict[str, Any]] = []
         todo = deque(take)
         while todo:
             row = todo.popleft()
             sid = row["id"]
             # A released child was not looked up with the step's sessions.
-            if sid in known or (sid not in ids and _present(conn, [sid])):
+            if sid in known or (sid not in ids and _present(conn, self.sql, [sid])):
                 if not self.skip_existing:
                     done = self.done_before() if self.imported else (
                         "nothing was imported (pass skip_existing=True to import only the "
@@ -314,22 +313,23 @@ def _text_size(row: dict[str, Any]) -> int:
                + len(m[12] or "") + len(m[13] or "") for m in row["messages"])
 
 
-def _present(conn: apsw.Connection, ids: list[str]) -> set[str]:
+def _present(conn: Conn, sql: Dialect, ids: list[str]) -> set[str]:
     """Which of ``ids`` are sessions of the store."""
     if not ids:
         return set()
     return {r[0] for r in conn.execute(
-        f"SELECT id FROM sessions WHERE id IN {_IN_LIST}", (json.dumps(ids),))}
+        f"SELECT id FROM sessions WHERE id IN {sql.in_list}", (sql.list_arg(ids),))}
 
 
-def _check_titles(conn: apsw.Connection, work: list[dict[str, Any]], done: str) -> None:
+def _check_titles(conn: Conn, sql: Dialect, work: list[dict[str, Any]], done: str
+                  ) -> None:
     """Refuse a title that another session has (in the store, or earlier in the step):
     the unique index would refuse it anyway, without saying which session."""
     titled = [(row["title"], row["id"]) for row in work if row.get("title") is not None]
     if not titled:
         return
-    taken = dict(conn.execute(f"SELECT title, id FROM sessions WHERE title IN {_IN_LIST}",
-                              (json.dumps([t for t, _ in titled]),)).fetchall())
+    taken = dict(conn.execute(f"SELECT title, id FROM sessions WHERE title IN {sql.in_list}",
+                              (sql.list_arg([t for t, _ in titled]),)).fetchall())
     for title, sid in titled:
         other = taken.setdefault(title, sid)
         if other != sid:
@@ -337,7 +337,8 @@ def _check_titles(conn: apsw.Connection, work: list[dict[str, Any]], done: str) 
                                      f"session {other!r} already has; {done}")
 
 
-def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
+def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
+                ) -> list[tuple]:
     """Give every message its id before it is inserted, and return the tuples with
     them: the exported id while it is free and above the session's previous one; from
     the first message of a session that cannot keep its id on, the next ids
@@ -348,10 +349,7 @@ def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
     taken = set()
     if wanted:
         taken = {r[0] for r in conn.execute(
-            f"SELECT id FROM messages WHERE id IN {_IN_LIST}", (json.dumps(wanted),))}
-    top = conn.execute(
-        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
-        "coalesce((SELECT max(id) FROM messages), 0))").fetchone()[0]
+            f"SELECT id FROM messages WHERE id IN {in_list}", (json.dumps(wanted),))}
     out = []
     session, moved, last = None, False, -1
     for m in messages:
@@ -375,7 +373,7 @@ def _assign_ids(conn: apsw.Connection, messages: list[tuple]) -> list[tuple]:
 
 # -- the whole import -----------------------------------------------------------------
 
-def import_sessions(data: Any, *, write: Write, read: Read, budget: float,
+def import_sessions(data: Any, *, sql: Dialect, write: Write, read: Read, budget: float,
                     between: Optional[Callable[[], None]], skip_existing: bool,
                     progress: Optional[ProgressCallback],
                     index: Callable[[Optional[ProgressCallback]], int]) -> int:
@@ -390,11 +388,12 @@ def import_sessions(data: Any, *, write: Write, read: Read, budget: float,
         parent is missing, a title is taken; the message says what was imported before.
     """
     rows, stream = source_of(data)
-    return _import(rows, stream, write=write, read=read, budget=budget, between=between,
-                   defer=True, skip_existing=skip_existing, progress=progress, index=index)
+    return _import(rows, stream, sql=sql, write=write, read=read, budget=budget,
+                   between=between, defer=sql.name == "sqlite", skip_existing=skip_existing,
+                   progress=progress, index=index)
 
 
-def import_in_block(data: Any, *, write: Write, skip_existing: bool,
+def import_in_block(data: Any, *, sql: Dialect, write: Write, skip_existing: bool,
                     progress: Optional[ProgressCallback]) -> int:
     """Import ``data`` inside a ``transaction()`` block, as one write function, so that
     a failure undoes only this call, as for every call in a block. A stream is read
@@ -405,10 +404,10 @@ def import_in_block(data: Any, *, write: Write, skip_existing: bool,
     if rows is None:
         rows = records.check_import(list(stream or ()))
 
-    def whole(conn: apsw.Connection) -> int:
+    def whole(conn: Conn) -> int:
         # No progress reports from inside: a callback that used the store there would
         # wait for the lock its own call holds.
-        return _import(rows, None, write=lambda fn: fn(conn),
+        return _import(rows, None, sql=sql, write=lambda fn: fn(conn),
                        read=lambda fn, snapshot=False: fn(conn), budget=float("inf"),
                        between=None, defer=False, skip_existing=skip_existing,
                        progress=None, index=lambda _: 0)
@@ -420,17 +419,18 @@ def import_in_block(data: Any, *, write: Write, skip_existing: bool,
 
 
 def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
-            write: Write, read: Read, budget: float, between: Optional[Callable[[], None]],
+            sql: Dialect, write: Write, read: Read, budget: float, between: Optional[Callable[[], None]],
             defer: bool, skip_existing: bool, progress: Optional[ProgressCallback],
             index: Callable[[Optional[ProgressCallback]], int]) -> int:
     tracker = Tracker("import", "messages",
                       None if rows is None else sum(len(r["messages"]) for r in rows),
                       progress)
-    run = ImportRun(write, budget, skip_existing=skip_existing, defer=defer,
+    run = ImportRun(write, budget, sql=sql, skip_existing=skip_existing, defer=defer,
                     stream=rows is None, tracker=tracker, between=between)
     try:
         if rows is not None:
-            for row in _check_list(rows, write=write, read=read, skip_existing=skip_existing):
+            for row in _check_list(rows, sql=sql, write=write, read=read,
+                                   skip_existing=skip_existing):
                 run.add(row)
             run.drain()
         else:
@@ -454,7 +454,7 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
 def larger_cache(read: Read) -> Iterator[None]:
     """Give the connection :data:`IMPORT_CACHE_KIB` of page cache (unless it has more)
     for the duration of the block, then the size it had."""
-    def size(conn: apsw.Connection) -> tuple[int, int]:
+    def size(conn: Conn) -> tuple[int, int]:
         return int(conn.pragma("cache_size")), int(conn.pragma("page_size"))
 
     before, page = read(size)
@@ -512,11 +512,11 @@ def _validated(run: ImportRun, item: Any) -> dict[str, Any]:
         raise type(exc)(f"{exc}; {run.done_before()}") from exc
 
 
-def _anything_pending(conn: apsw.Connection) -> bool:
+def _anything_pending(conn: Conn) -> bool:
     return conn.execute("SELECT 1 FROM sessiondb_fts_pending LIMIT 1").fetchone() is not None
 
 
-def _check_list(rows: list[dict[str, Any]], *, write: Write, read: Read,
+def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read: Read,
                 skip_existing: bool) -> list[dict[str, Any]]:
     """A list is checked against the store before anything is written, so that a
     conflict leaves the store untouched, as an import in one transaction would: an
@@ -531,11 +531,11 @@ def _check_list(rows: list[dict[str, Any]], *, write: Write, read: Read,
     titles = [r["title"] for r in rows if r.get("title") is not None]
     parents = list({r.get("parent_session_id") for r in rows} - {None})
 
-    def look(conn: apsw.Connection) -> tuple[set[str], set[str], set[str]]:
-        return (_present(conn, ids), _present(conn, parents),
+    def look(conn: Conn) -> tuple[set[str], set[str], set[str]]:
+        return (_present(conn, sql, ids), _present(conn, sql, parents),
                 {r[0] for r in conn.execute(
-                    f"SELECT title FROM sessions WHERE title IN {_IN_LIST}",
-                    (json.dumps(titles),))} if titles else set())
+                    f"SELECT title FROM sessions WHERE title IN {sql.in_list}",
+                    (sql.list_arg(titles),))} if titles else set())
 
     existing, present, titled = read(look, snapshot=True)
     if existing:
@@ -581,7 +581,7 @@ def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
     SQLite's refusal propagates (a constraint error, translated); if it accepts them
     (the store changed since the check), nothing is kept and the import goes on."""
 
-    def insert(conn: apsw.Connection) -> None:
+    def insert(conn: Conn) -> None:
         for row in rows:
             columns = [c for c in row if c != "messages"]
             conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
@@ -596,8 +596,8 @@ def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
 
 # -- export --------------------------------------------------------------------------
 
-def export_batch(conn: apsw.Connection, source: Optional[str],
-                 after: Optional[tuple[float, str]]) -> list[dict[str, Any]]:
+def export_batch(conn: Conn, source: Optional[str],
+                 after: Optional[tuple[float, str]], sql: Dialect) -> list[dict[str, Any]]:
     """The next sessions (oldest first, after ``after`` = ``(started_at, id)``), each
     with its messages: at most :data:`EXPORT_BATCH_SESSIONS`, and no more once
     :data:`EXPORT_BATCH_MESSAGES` messages are read (at least one session). Run it in
@@ -606,22 +606,17 @@ def export_batch(conn: apsw.Connection, source: Optional[str],
     if source is not None:
         # "+source": walk the started_at index and filter, rather than sort all the
         # source's sessions for every batch (quadratic in a source's size).
-        where.append("+source = ?")
+        where.append(f"{sql.unindexed('source')} = ?")
         args.append(source)
     if after is not None:
         # Spelled out so that SQLite can seek the started_at index to the cursor.
         where.append("started_at >= ? AND (started_at > ? OR id > ?)")
         args += [after[0], after[0], after[1]]
-    sql = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY started_at, id LIMIT ?")
-    cursor = conn.execute(sql, (*args, EXPORT_BATCH_SESSIONS))
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:  # no rows
-        return []
+    query = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
+             + " ORDER BY started_at, id LIMIT ?")
     out, messages = [], 0
-    for values in cursor.fetchall():
-        item = records.session(dict(zip(names, values)))
+    for row in fetch_rows(conn, query, (*args, EXPORT_BATCH_SESSIONS)):
+        item = records.session(row)
         item["messages"] = _messages(conn, item["id"])
         out.append(item)
         messages += len(item["messages"])
@@ -630,30 +625,24 @@ def export_batch(conn: apsw.Connection, source: Optional[str],
     return out
 
 
-def export_session(conn: apsw.Connection, session_id: str) -> Optional[dict[str, Any]]:
+def export_session(conn: Conn, session_id: str) -> Optional[dict[str, Any]]:
     """The session with its messages (run it in one snapshot), or None."""
-    cursor = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,))
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:  # no such session
+    found = fetch_rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
+    if not found:
         return None
-    item = records.session(dict(zip(names, cursor.fetchone())))
+    item = records.session(found[0])
     item["messages"] = _messages(conn, session_id)
     return item
 
 
-def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:
-    cursor = conn.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY id",
-                          (session_id,))
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:  # no rows
-        return []
-    return [records.message(dict(zip(names, r))) for r in cursor]
+def _messages(conn: Conn, session_id: str) -> list[dict[str, Any]]:
+    return [records.message(r) for r in fetch_rows(
+        conn, f"SELECT {records.MESSAGE_SELECT} FROM messages WHERE session_id = ? "
+              "ORDER BY id", (session_id,))]
 
 
-def export_batches(read: Read, source: Optional[str],
-                   first: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]],
+                   sql: Dialect) -> Iterator[dict[str, Any]]:
     """Every session of ``source`` (None: all), oldest first, with its messages: the
     batch ``first`` (read by the caller, so that errors surface at the call), then one
     :func:`export_batch` after another, each in its own short snapshot."""
@@ -662,5 +651,5 @@ def export_batches(read: Read, source: Optional[str],
         yield from batch
         last = batch[-1]
         del batch  # hold no more than the batch being read
-        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(c, source, a),
-                     snapshot=True)
+        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(
+            c, source, a, sql), snapshot=True)

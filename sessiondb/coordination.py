@@ -61,6 +61,9 @@ WARN_AT = 0.8
 #: Seconds between checks of claim holders' processes by one instance's claim() calls.
 PROCESS_CHECK_EVERY = 1.0
 _CLAIM_STATES = ("ready", "claimed", "done", "dead")
+_UPSERT = ", ".join(f"{c} = excluded.{c}" for c in (
+    "token", "owner", "ttl", "acquired_at", "expires_at", "host", "boot_id", "pid_ns", "pid",
+    "pid_start"))
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,8 @@ class Coordination:
         cap = self._caps["leases"]
 
         def write(conn: Conn) -> tuple[Lease, int]:
+            # The lease's writers queue on its name, and the cap's count on the owner.
+            self._sql.lock(conn, f"lease:{name}", f"owner:{owner}")
             _require_session(conn, session_id)
             now = self._sql.now(conn)
             row = _refuse_if_held(conn, name, owner, me, now)
@@ -207,9 +212,9 @@ class Coordination:
             if not _held_by(row, owner, me, now):  # a new holding: a new token
                 token, acquired = token + 1, now
             conn.execute(
-                "INSERT OR REPLACE INTO sessiondb_leases (name, token, owner, ttl, "
-                "acquired_at, expires_at, host, boot_id, pid_ns, pid, pid_start) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sessiondb_leases (name, token, owner, ttl, acquired_at, "
+                "expires_at, host, boot_id, pid_ns, pid, pid_start) "
+                f"VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (name) DO UPDATE SET {_UPSERT}",
                 (name, token, owner, ttl, acquired, now + ttl, *astuple(me)))
             return Lease(name, owner, token, ttl, acquired, now + ttl), held + 1
 
@@ -248,6 +253,7 @@ class Coordination:
         lease = _check_holding(lease, Lease)
 
         def write(conn: Conn) -> bool:
+            self._sql.lock(conn, f"lease:{lease.name}")
             conn.execute("UPDATE sessiondb_leases SET owner = NULL, expires_at = NULL, "
                          "pid = NULL WHERE name = ? AND token = ? AND owner = ? AND "
                          "acquired_at = ?", (lease.name, lease.token, lease.owner,
@@ -294,11 +300,13 @@ class Coordination:
         _check_holding(holding, (Lease, Claim))
         check = partial(_check_holding_row, holding=holding)
         if self._engine.in_transaction:  # inside transaction(): check, and go on in it
-            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn)))
+            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn),
+                                                   lock=self._sql.for_update))
             yield self
             return
         with self.transaction():
-            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn)))
+            self._execute_write(lambda conn: check(conn, now=self._sql.now(conn),
+                                                   lock=self._sql.for_update))
             yield self
 
     # -- work claims ------------------------------------------------------------------
@@ -352,15 +360,17 @@ class Coordination:
             self._next_process_check = time.monotonic() + PROCESS_CHECK_EVERY
 
         def write(conn: Conn) -> tuple[Claim | None, int]:
+            self._sql.lock(conn, f"owner:{owner}")  # the cap's count
             now = self._sql.now(conn)
-            _reap(conn, now, processes)
+            _reap(conn, now, processes, self._sql.skip_locked)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_claims WHERE state = "
                                 "'claimed' AND owner = ?", (owner,))
             if cap is not None and held >= cap:
                 return None, held  # raised after commit: the reaping must stay
             row = conn.execute(
                 "SELECT id FROM sessiondb_claims WHERE queue = ? AND state = 'ready' AND "
-                "available_at <= ? ORDER BY id LIMIT 1", (queue, now)).fetchone()
+                f"available_at <= ? ORDER BY id LIMIT 1{self._sql.skip_locked}",
+                (queue, now)).fetchone()
             if row is None:
                 return None, held
             rows = _rows(conn, (
@@ -396,7 +406,7 @@ class Coordination:
 
         def write(conn: Conn) -> None:
             now = self._sql.now(conn)
-            _check_claim(conn, claim, now)
+            _check_claim(conn, claim, now, lock=self._sql.for_update)
             conn.execute("UPDATE sessiondb_claims SET state = 'done', finished_at = ?, "
                          "owner = NULL, expires_at = NULL WHERE id = ?", (now, claim.id))
             return True
@@ -417,7 +427,7 @@ class Coordination:
 
         def write(conn: Conn) -> str:
             now = self._sql.now(conn)
-            _check_claim(conn, claim, now, giving_back=True)
+            _check_claim(conn, claim, now, giving_back=True, lock=self._sql.for_update)
             return _return_claim(conn, claim.id, now, error, delay)
 
         state = self._execute_write(write)
@@ -450,7 +460,7 @@ class Coordination:
     def reap_claims(self) -> int:
         """Return expired claims and claims of dead processes to their queues (or to the
         dead letters); :meth:`claim` does this on every call. Returns how many."""
-        return self._execute_write(lambda conn: _reap(conn, self._sql.now(conn), processes=True))
+        return self._execute_write(lambda conn: _reap(conn, self._sql.now(conn), True, self._sql.skip_locked))
 
     def get_claim(self, claim_id: int) -> dict[str, Any] | None:
         """The item as a dict (``state`` is ready, claimed, done or dead), or None."""
@@ -571,7 +581,7 @@ class Coordination:
 
         def write(conn: Conn) -> Holding:
             now = self._sql.now(conn)
-            _check_holding_row(conn, holding, now)
+            _check_holding_row(conn, holding, now, self._sql.for_update)
             conn.execute(sql, (now + ttl, ttl, key))
             return replace(holding, ttl=ttl, expires_at=now + ttl)
 
@@ -661,11 +671,13 @@ def _require_session(conn: Conn, session_id: str | None) -> None:
         raise SessionNotFound(session_id)
 
 
-def _check_holding_row(conn: Conn, holding: Holding, now: float) -> None:
+def _check_holding_row(conn: Conn, holding: Holding, now: float, lock: str = "") -> None:
+    """:param lock: the dialect's ``for_update`` in a write (the row stays as checked
+    until the write commits), ``""`` in a read."""
     if isinstance(_check_holding(holding, (Lease, Claim)), Lease):
-        _check_lease(conn, holding, now)
+        _check_lease(conn, holding, now, lock)
     else:
-        _check_claim(conn, holding, now)
+        _check_claim(conn, holding, now, lock=lock)
 
 
 def _refuse_if_held(conn: Conn, name: str, owner: str, me: Process,
@@ -686,9 +698,9 @@ def _held_by(row: tuple | None, owner: str, me: Process, now: float) -> bool:
     return row is not None and row[1] == owner and row[3] > now and tuple(row[4:]) == astuple(me)
 
 
-def _check_lease(conn: Conn, lease: Lease, now: float) -> None:
+def _check_lease(conn: Conn, lease: Lease, now: float, lock: str = "") -> None:
     row = conn.execute("SELECT token, owner, expires_at, acquired_at FROM sessiondb_leases "
-                       "WHERE name = ?", (lease.name,)).fetchone()
+                       f"WHERE name = ?{lock}", (lease.name,)).fetchone()
     if row is None or row[0] != lease.token:
         raise LeaseLost(lease.name, lease.token,
                         f"taken over by {row[1]!r} with token {row[0]}" if row and row[1]
@@ -702,9 +714,9 @@ def _check_lease(conn: Conn, lease: Lease, now: float) -> None:
 
 
 def _check_claim(conn: Conn, claim: Claim, now: float,
-                 giving_back: bool = False) -> None:
+                 giving_back: bool = False, lock: str = "") -> None:
     row = conn.execute("SELECT token, state, expires_at, owner FROM sessiondb_claims "
-                       "WHERE id = ?", (claim.id,)).fetchone()
+                       f"WHERE id = ?{lock}", (claim.id,)).fetchone()
     if row is None:
         raise ClaimLost(claim.id, claim.token, "the item does not exist")
     if row[0] != claim.token or row[1] != "claimed" or row[3] != claim.owner:
@@ -715,18 +727,21 @@ def _check_claim(conn: Conn, claim: Claim, now: float,
         raise ClaimLost(claim.id, claim.token, f"the claim expired {now - row[2]:.3f}s ago")
 
 
-def _reap(conn: Conn, now: float, processes: bool) -> int:
+def _reap(conn: Conn, now: float, processes: bool, skip_locked: str) -> int:
     """Return expired claims -- and, if ``processes``, claims of holders on this host whose
     process has ended -- to their queues (out of attempts: to the dead letters); each
     counts as a failed attempt. The expired ones come from an index; judging processes
-    reads /proc once per live claim of this host, so callers do it at a bounded rate."""
+    reads /proc once per live claim of this host, so callers do it at a bounded rate.
+
+    :param skip_locked: the dialect's clause that passes over rows another transaction
+        is changing (a holder completing its claim right now: it decides)."""
     ids = [(i, "the claim expired") for (i,) in _fetch(
-        conn, "SELECT id FROM sessiondb_claims WHERE state = 'claimed' AND expires_at <= ?",
-        (now,))]
+        conn, "SELECT id FROM sessiondb_claims WHERE state = 'claimed' AND expires_at <= ?"
+              + skip_locked, (now,))]
     if processes:
         rows = _fetch(conn, "SELECT id, host, boot_id, pid_ns, pid, pid_start FROM "
                             "sessiondb_claims WHERE state = 'claimed' AND expires_at > ? AND "
-                            "host = ?", (now, this_process().host))
+                            "host = ?" + skip_locked, (now, this_process().host))
         ids += [(r[0], "the claiming process ended") for r in rows if holder_gone(*r[1:])]
     for item, why in ids:
         _return_claim(conn, item, now, why)

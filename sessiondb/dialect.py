@@ -6,7 +6,10 @@ import json
 import time
 from typing import Any, Iterable
 
-from .backend import Conn
+from . import bulk, listing, search
+from .backend import Conn, rows
+from .schema import MESSAGE_TOTAL_SQL
+from .text import NO_LIMIT, sanitize_fts_query
 
 
 class SQLiteDialect:
@@ -14,6 +17,15 @@ class SQLiteDialect:
     #: A JSON array parameter as a table: json_each reads it in one pass (a long
     #: ``IN (?, ?, ...)`` list would hit the parameter limit and defeat the statement cache).
     in_list = "(SELECT value FROM json_each(?))"
+    #: The number of messages, kept by triggers (see :mod:`sessiondb.schema`).
+    message_total = MESSAGE_TOTAL_SQL
+    stores_nul = True
+    #: Row locks for a checked row, and for passing over rows being changed: none
+    #: (BEGIN IMMEDIATE admits one writer at a time).
+    for_update = ""
+    skip_locked = ""
+    #: Bulk imports defer full-text indexing and catch up in steps (sessiondb.bulk).
+    defers_index = True
 
     def lock(self, conn: Conn, *keys: str) -> None:
         """Nothing: ``BEGIN IMMEDIATE`` already admits one writer at a time."""
@@ -23,6 +35,56 @@ class SQLiteDialect:
 
     def list_arg(self, values: Iterable[Any]) -> Any:
         return json.dumps(list(values))
+
+    def starts_with(self, column: str, prefix: str, fold: bool = False
+                    ) -> tuple[str, list[Any]]:
+        """SQL true when ``column`` starts with ``prefix`` (ASCII case folded with
+        ``fold``), and its arguments. Byte prefixes, not LIKE: LIKE reads pattern and
+        value as C strings, so a NUL ended both, and it refuses patterns over 50,000
+        bytes; lower() folds ASCII only, as LIKE does."""
+        size = len(prefix.encode("utf-8", "surrogatepass"))
+        if fold:
+            return (f"substr(CAST(lower({column}) AS BLOB), 1, ?) = CAST(lower(?) AS BLOB)",
+                    [size, prefix])
+        return (f"substr(CAST({column} AS BLOB), 1, ?) = ?",
+                [size, prefix.encode("utf-8", "surrogatepass")])
+
+    def list_page(self, conn: Conn, where: list[str], args: list[Any], order: str,
+                  limit: int, offset: int, *, columns: str, preview_order: str
+                  ) -> list[dict[str, Any]]:
+        """One page of sessions (:mod:`sessiondb.listing`)."""
+        rowids = listing.page_rowids(conn, where, args, order, limit, offset)
+        return listing.describe(conn, rows, rowids, columns=columns,
+                                preview_order=preview_order)
+
+    def unindexed(self, column: str) -> str:
+        """``column`` in a condition the planner must not use an index for."""
+        return "+" + column
+
+    def assign_ids(self, conn: Conn, messages: list[tuple], assign: Any) -> list[tuple]:
+        """Imported messages with their ids (:func:`sessiondb.bulk._assign_ids`), above
+        the highest id AUTOINCREMENT has given."""
+        top = conn.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), "
+            "0), coalesce((SELECT max(id) FROM messages), 0))").fetchone()[0]
+        return assign(conn, messages, top, self.in_list)
+
+    def ids_used(self, conn: Conn) -> None:
+        """After messages were inserted with explicit ids: nothing (AUTOINCREMENT
+        records the highest id itself)."""
+
+    def import_context(self, read: Any) -> Any:
+        """Around a bulk import: a larger page cache (:func:`sessiondb.bulk.larger_cache`)."""
+        return bulk.larger_cache(read)
+
+    def search(self, conn: Conn, path: Any, query: str, filters: search.Filters,
+               limit: int, offset: int) -> list[dict[str, Any]]:
+        """Full-text search with FTS5 (:mod:`sessiondb.search`)."""
+        match = sanitize_fts_query(query)
+        if not match:
+            return []
+        return search.search_messages(conn, path, match, filters,
+                                      -1 if limit == NO_LIMIT else limit, offset)
 
 
 SQLITE = SQLiteDialect()

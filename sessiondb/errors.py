@@ -21,7 +21,8 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     ├── StorageError                SQLite reported an I/O-level problem
     │   ├── DiskFullError           SQLITE_FULL: free space, then retry
     │   ├── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
-    │   └── WalDeletedError         the -wal/-shm was deleted under a live connection
+    │   ├── WalDeletedError         the -wal/-shm was deleted under a live connection
+    │   └── ConnectionLost          PostgreSQL: the server is unreachable, down or ended it
     ├── SearchIndexError            the full-text index is damaged (messages are intact)
     ├── StaleRevision               the session changed since the revision the update expected
     └── CoordinationError           leases and work claims (sessiondb.coordination)
@@ -31,7 +32,8 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
         ├── CapExceeded             the owner holds as many leases or claims as its cap allows
         └── DeadlineExceeded        work under a lease or claim ran past its deadline
 
-Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap.
+Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap;
+:class:`PoolWarning` when 80% of a PostgreSQL connection pool is in use.
 
 :mod:`sessiondb.compat.hermes` raises subclasses that are also the ``sqlite3`` (or
 builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep working::
@@ -55,6 +57,8 @@ import apsw
 
 __all__ = [
     "SessionDBError",
+    "ConnectionLost",
+    "PoolWarning",
     "ConfigurationError",
     "DatabaseOpenError",
     "SchemaTooNewError",
@@ -382,6 +386,25 @@ class DeadlineExceeded(CoordinationError):
 
 class CapWarning(UserWarning):
     """An owner holds 80% or more of its lease or claim cap."""
+
+
+class PoolWarning(UserWarning):
+    """80% or more of an instance's PostgreSQL connections are in use at once."""
+
+
+class ConnectionLost(StorageError):
+    """PostgreSQL: the connection to the server was lost, could not be made, or was ended
+    by the server (restart, network partition, an administrator). A write that got this
+    before its COMMIT was sent was rolled back by the server; one cut off during COMMIT
+    may or may not have committed (re-read before writing it again). Later calls take a
+    new connection, so they work again as soon as the server is back.
+
+    :ivar url: the server's URL, without the password.
+    """
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
 
 
 def _clock(ts: float) -> str:

@@ -91,6 +91,8 @@ _MESSAGE_TEXT = ("content", "tool_call_id", "tool_name", "finish_reason", "reaso
 MESSAGE_COLUMNS = ("id", "session_id", "role", "content", "tool_call_id", "tool_calls",
                    "tool_name", "timestamp", "token_count", "finish_reason", "reasoning",
                    "reasoning_details", "codex_reasoning_items", "metadata")
+#: The message columns, for SELECTs (the PostgreSQL table has a search column besides).
+MESSAGE_SELECT = ", ".join(MESSAGE_COLUMNS)
 _INT64_MAX = 2**63 - 1
 
 

@@ -19,17 +19,16 @@ import apsw
 from . import bulk, listing, pruning, records, search, search_index
 from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
 from .schema import index_prefixes
-from .backend import Engine, fetch as _fetch, first as _first, open_engine, rows as _rows
+from .backend import Conn, Dialect, Engine, fetch as _fetch, first as _first, open_engine, rows as _rows
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
 )
-from .schema import MESSAGE_TOTAL_SQL
 from .text import (
     MAX_ID_LENGTH, MAX_TITLE_LENGTH, check_cost, check_count, check_flag, check_id,
     check_limit, check_list, check_text, lineage_number,
-    sanitize_fts_query, sanitize_title, split_lineage, to_json,
+    sanitize_title, split_lineage, to_json,
 )
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
@@ -168,6 +167,18 @@ class SessionDB(Coordination):
         figures["coordination"] = self._coordination_stats()
         return figures
 
+    def _source_filter(self, source: str | None, exclude: list[str] | None
+                       ) -> tuple[list[str], list]:
+        where: list[str] = []
+        args: list[Any] = []
+        if source:
+            where.append("s.source = ?")
+            args.append(source)
+        if exclude:
+            where.append(f"s.source NOT IN {self._sql.in_list}")
+            args.append(self._sql.list_arg(exclude))
+        return where, args
+
     # -- sessions ---------------------------------------------------------------------
     def create_session(self, session_id: str, source: str, **fields: Any) -> str:
         """Create a session; creating an existing id again changes nothing.
@@ -180,7 +191,11 @@ class SessionDB(Coordination):
         """
         values = self._session_values(session_id, source, fields)
 
-        def write(conn: apsw.Connection) -> None:
+        def write(conn: Conn) -> None:
+            # PostgreSQL: creators of this id, and deleters of the parent, wait for us.
+            self._sql.lock(conn, _key(session_id),
+                           *([_key(values["parent_session_id"])]
+                             if values["parent_session_id"] else []))
             if _exists(conn, session_id):
                 return
             parent = values["parent_session_id"]
@@ -250,8 +265,8 @@ class SessionDB(Coordination):
             more); nothing is returned.
         """
         limit, offset = check_limit(limit, offset)
-        where, args = _source_filter(check_text("source", source),
-                                     check_list("exclude_sources", exclude_sources))
+        where, args = self._source_filter(check_text("source", source),
+                                          check_list("exclude_sources", exclude_sources))
         if active is not None and not isinstance(active, bool):
             raise InvalidArgumentType("active must be True, False or None, not "
                                       f"{type(active).__name__}")
@@ -260,16 +275,14 @@ class SessionDB(Coordination):
         if after is not None:
             check_id("after", after)
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
+        def read(conn: Conn) -> list[dict[str, Any]]:
             conditions, values = list(where), list(args)
             if after is not None:
                 cond, more = listing.after_condition(conn, after)
                 conditions.append(cond)
                 values += more
-            rowids = listing.page_rowids(conn, conditions, values, listing.ORDER,
-                                         limit, offset)
-            rows = listing.describe(conn, _rows, rowids, columns="s.*",
-                                    preview_order="m.id")
+            rows = self._sql.list_page(conn, conditions, values, listing.ORDER, limit,
+                                       offset, columns="s.*", preview_order="m.id")
             for row in rows:
                 row["preview"] = listing.sessiondb_preview(row["preview"])
             return rows
@@ -345,7 +358,8 @@ class SessionDB(Coordination):
             check_count("expected_revision", expected)
         assignments = ", ".join(f"{column} = ?" for column in values)
 
-        def write(conn: apsw.Connection) -> int:
+        def write(conn: Conn) -> int:
+            self._sql.lock(conn, _key(session_id))  # the revision stays as checked
             if values.get("title") is not None:
                 _check_title_free(conn, values["title"], session_id)
             before = _revision(conn, session_id)
@@ -368,7 +382,8 @@ class SessionDB(Coordination):
         """
         check_text("session_id", session_id, optional=False)
 
-        def write(conn: apsw.Connection) -> bool:
+        def write(conn: Conn) -> bool:
+            self._sql.lock(conn, _key(session_id))  # creators of children wait for us
             if not _exists(conn, session_id):
                 return False
             child = _first(conn, "SELECT id FROM sessions WHERE parent_session_id = ? "
@@ -388,17 +403,15 @@ class SessionDB(Coordination):
         folded); None when no or several sessions match."""
         check_text("prefix", prefix, optional=False)
 
-        def read(conn: apsw.Connection) -> str | None:
+        def read(conn: Conn) -> str | None:
             if len(prefix) > MAX_ID_LENGTH:
                 return None  # no id is that long
             if _exists(conn, prefix):
                 return prefix
-            # Byte prefixes of lower() (ASCII folding, as LIKE's), not LIKE itself: LIKE
-            # reads pattern and id as C strings, so a NUL ended both and "a\0y" resolved
-            # to "a\0x"; and it refuses patterns over 50,000 bytes.
-            rows = _fetch(conn, "SELECT id FROM sessions WHERE substr(CAST(lower(id) "
-                                "AS BLOB), 1, ?) = CAST(lower(?) AS BLOB) LIMIT 2",
-                          (len(prefix.encode()), prefix))
+            # Not LIKE: it reads pattern and id as C strings, so a NUL ended both and
+            # "a\0y" resolved to "a\0x" (see the dialects' starts_with).
+            match, args = self._sql.starts_with("id", prefix, fold=True)
+            rows = _fetch(conn, f"SELECT id FROM sessions WHERE {match} LIMIT 2", args)
             return rows[0][0] if len(rows) == 1 else None
 
         return self._read(read, snapshot=True)
@@ -418,7 +431,7 @@ class SessionDB(Coordination):
         if session_id:
             return self._read(lambda c: _first(
                 c, "SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)))
-        return self._read(lambda c: _first(c, MESSAGE_TOTAL_SQL, ()))
+        return self._read(lambda c: _first(c, self._sql.message_total, ()))
 
     # -- titles -----------------------------------------------------------------------
     def set_session_title(self, session_id: str, title: str | None, *,
@@ -453,10 +466,10 @@ class SessionDB(Coordination):
         """The newest session among ``title`` and its numbered variants ``title #N``."""
         check_text("title", title, optional=False)
 
-        def read(conn: apsw.Connection) -> str | None:
+        def read(conn: Conn) -> str | None:
             # The exact title competes too: newest wins, ties go to the higher number.
             family = [(started, 1 if t == title else lineage_number(t), sid)
-                      for sid, t, started in _lineage(conn, title)
+                      for sid, t, started in _lineage(conn, self._sql, title)
                       if t == title or lineage_number(t)]
             return max(family)[2] if family else None
 
@@ -466,7 +479,7 @@ class SessionDB(Coordination):
         """The next free title of a lineage: ``"name"`` -> ``"name #2"`` -> ``"name #3"``."""
         check_text("title", title, optional=False)
         base = split_lineage(title)
-        rows = self._read(lambda c: _lineage(c, base))
+        rows = self._read(lambda c: _lineage(c, self._sql, base))
         if not rows:
             return base
         highest = max([1] + [lineage_number(t) or 1 for _, t, _ in rows])
@@ -504,17 +517,18 @@ class SessionDB(Coordination):
         }
         calls = records.count_tool_calls(tool_calls)
 
-        def write(conn: apsw.Connection) -> int:
+        def write(conn: Conn) -> int:
             conn.execute("UPDATE sessions SET message_count = message_count + 1, "
                          "tool_call_count = tool_call_count + ? WHERE id = ?",
                          (calls, session_id))
             if conn.changes() == 0:
                 raise SessionNotFound(session_id)
+            # The UPDATE locked the session's row: its appends queue there.
             cols = ", ".join(row)
             marks = ", ".join("?" * len(row))
-            conn.execute(f"INSERT INTO messages ({cols}, timestamp) VALUES ({marks}, ?)",
-                         (*row.values(), time.time()))
-            return conn.last_insert_rowid()
+            return conn.execute(f"INSERT INTO messages ({cols}, timestamp) VALUES "
+                                f"({marks}, ?) RETURNING id",
+                                (*row.values(), time.time())).fetchone()[0]
 
         return self._execute_write(write)
 
@@ -525,7 +539,8 @@ class SessionDB(Coordination):
         after = check_count("after_id", after_id, optional=True) or 0
         limit, _ = check_limit(limit, 0)
         rows = self._read(lambda c: _rows(
-            c, "SELECT * FROM messages WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?",
+            c, f"SELECT {records.MESSAGE_SELECT} FROM messages WHERE session_id = ? AND id > ? "
+               "ORDER BY id LIMIT ?",
             (session_id, after, limit)))
         return [records.message(r) for r in rows]
 
@@ -537,7 +552,7 @@ class SessionDB(Coordination):
         """Delete all messages of a session and zero its counters (the session stays)."""
         check_id("session_id", session_id)
 
-        def write(conn: apsw.Connection) -> None:
+        def write(conn: Conn) -> None:
             conn.execute("UPDATE sessions SET message_count = 0, tool_call_count = 0 "
                          "WHERE id = ?", (session_id,))
             if conn.changes() == 0:
@@ -608,7 +623,8 @@ class SessionDB(Coordination):
             values.append(texts[f])
         assignments = ", ".join(sets)
 
-        def write(conn: apsw.Connection) -> None:
+        def write(conn: Conn) -> None:
+            self._sql.lock(conn, _key(session_id))  # the sums stay as checked
             if not absolute:
                 _check_sums(conn, session_id, tokens, est, act)
             conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?",
@@ -649,16 +665,13 @@ class SessionDB(Coordination):
         """
         check_text("query", query, optional=False)
         limit, offset = check_limit(limit, offset)
-        match = sanitize_fts_query(query)
-        if not match:
-            return []
         filters = search.Filters(
             sources=check_list("sources", sources),
             exclude_sources=check_list("exclude_sources", exclude_sources),
             roles=check_list("roles", roles), session_id=check_text("session_id", session_id))
         try:
-            return self._read(lambda c: search.search_messages(
-                c, self.path, match, filters, limit, offset), snapshot=True)
+            return self._read(lambda c: self._sql.search(
+                c, self.path, query, filters, limit, offset), snapshot=True)
         except (ClosedError, SessionNotFound):
             raise
         except Exception as exc:
@@ -682,8 +695,9 @@ class SessionDB(Coordination):
         :raises InvalidArgumentType: ``source`` is not a str.
         """
         source = check_text("source", source)
-        first = self._read(lambda c: bulk.export_batch(c, source, None), snapshot=True)
-        return bulk.export_batches(self._read, source, first)
+        first = self._read(lambda c: bulk.export_batch(c, source, None, self._sql),
+                           snapshot=True)
+        return bulk.export_batches(self._read, source, first, self._sql)
 
     def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
         """Every session (optionally of one source), oldest first, with its messages, as
@@ -712,11 +726,11 @@ class SessionDB(Coordination):
         check_flag("skip_existing", skip_existing)
         progress = check_progress(progress)
         if self._engine.in_transaction:
-            return bulk.import_in_block(data, write=self._execute_write,
+            return bulk.import_in_block(data, sql=self._sql, write=self._execute_write,
                                         skip_existing=skip_existing, progress=progress)
-        with bulk.larger_cache(self._read):
+        with self._sql.import_context(self._read):
             return bulk.import_sessions(
-                data, write=self._execute_write, read=self._read,
+                data, sql=self._sql, write=self._execute_write, read=self._read,
                 budget=step_budget(self._engine.hold_timeout),
                 between=self._engine.between_steps, skip_existing=skip_existing,
                 progress=progress, index=self._index_pending)
@@ -816,15 +830,14 @@ class SessionDB(Coordination):
         return self._index_pending(progress)
 
     def _index_pending(self, progress: ProgressCallback | None) -> int:
+        if not self._sql.defers_index:
+            return 0
         total = self._read(search_index.pending_messages)
         return search_index.catch_up(self._run_steps, progress, total)
 
     # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
-# A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
-# 32,766 variables, and its statement text grows with the list.
-_IN_LIST = "(SELECT value FROM json_each(?))"
 
 
 def _check_prefixes(prefixes: Any) -> tuple[int, ...] | None:
@@ -849,11 +862,16 @@ def _file_size(path: Any) -> int:
         return 0
 
 
-def _exists(conn: apsw.Connection, session_id: str) -> bool:
+def _key(session_id: str) -> str:
+    """The lock key of a session (see :meth:`sessiondb.backend.Dialect.lock`)."""
+    return "session:" + session_id
+
+
+def _exists(conn: Conn, session_id: str) -> bool:
     return _first(conn, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
 
 
-def _check_sums(conn: apsw.Connection, session_id: str, tokens: list[Any],
+def _check_sums(conn: Conn, session_id: str, tokens: list[Any],
                 est: float | None, act: float | None) -> None:
     """Refuse increments that would leave a counter unrepresentable: SQLite silently
     turns an INTEGER overflow into an imprecise REAL, and a REAL overflow into Inf."""
@@ -872,39 +890,27 @@ def _check_sums(conn: apsw.Connection, session_id: str, tokens: list[Any],
                                   "nothing was written")
 
 
-def _lineage(conn: apsw.Connection, base: str) -> list[tuple[str, str, float]]:
+def _lineage(conn: Conn, sql: Dialect, base: str) -> list[tuple[str, str, float]]:
     """``(id, title, started_at)`` of the sessions titled ``base`` or ``base #<digits>``,
-    exactly: titles are unique case-sensitively. Byte prefixes, not LIKE, which folds
-    case, reads its pattern as a C string (a NUL ends it) and refuses patterns over
-    50,000 bytes."""
+    exactly: titles are unique case-sensitively (prefixes, not LIKE: see the dialects'
+    ``starts_with``)."""
     if len(base) > MAX_TITLE_LENGTH:
         return []  # no title is that long
-    prefix = (base + " #").encode()
-    rows = _fetch(conn, "SELECT id, title, started_at FROM sessions WHERE title = ? "
-                        "OR substr(CAST(title AS BLOB), 1, ?) = ?",
-                  (base, len(prefix), prefix))
+    match, args = sql.starts_with("title", base + " #")
+    rows = _fetch(conn, f"SELECT id, title, started_at FROM sessions WHERE title = ? "
+                        f"OR {match}", (base, *args))
     return [r for r in rows if r[1] == base or split_lineage(r[1]) == base]
 
 
-def _revision(conn: apsw.Connection, session_id: str) -> int | None:
+def _revision(conn: Conn, session_id: str) -> int | None:
     return _first(conn, "SELECT revision FROM sessions WHERE id = ?", (session_id,))
 
 
-def _check_title_free(conn: apsw.Connection, title: str, session_id: str) -> None:
+def _check_title_free(conn: Conn, title: str, session_id: str) -> None:
     other = _first(conn, "SELECT id FROM sessions WHERE title = ? AND id != ?",
                    (title, session_id))
     if other is not None:
         raise TitleConflict(title, other)
 
 
-def _source_filter(source: str | None, exclude: list[str] | None) -> tuple[list[str], list]:
-    where: list[str] = []
-    args: list[Any] = []
-    if source:
-        where.append("s.source = ?")
-        args.append(source)
-    if exclude:
-        where.append(f"s.source NOT IN {_IN_LIST}")
-        args.append(json.dumps(exclude))
-    return where, args
 

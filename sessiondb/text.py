@@ -109,8 +109,14 @@ def check_flag(name: str, value: Any) -> bool:
     return value
 
 
+#: The LIMIT that means none: the largest 64-bit integer (SQLite's -1 is an error in
+#: PostgreSQL, PostgreSQL's NULL an error in SQLite).
+NO_LIMIT = 2**63 - 1
+
+
 def check_limit(limit: Any, offset: Any) -> tuple[int, int]:
-    """``limit`` (None or negative means no limit) and ``offset`` as SQL values."""
+    """``limit`` (None or negative means no limit: :data:`NO_LIMIT`) and ``offset`` as SQL
+    values."""
     if limit is None:
         limit = -1
     if isinstance(limit, bool) or not isinstance(limit, int):
@@ -123,7 +129,7 @@ def check_limit(limit: Any, offset: Any) -> tuple[int, int]:
         if value > _INT64_MAX:  # SQLite's LIMIT is a 64-bit integer
             raise InvalidArgument(f"{name} must be at most 2**63-1, got {_short(value)}; "
                                   "pass limit=None for no limit")
-    return (limit if limit >= 0 else -1), offset
+    return (limit if limit >= 0 else NO_LIMIT), offset
 
 
 def check_list(name: str, values: Any) -> list[str] | None:

@@ -13,10 +13,57 @@ from sessiondb.compat import hermes
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 
 
+# -- the contract suite: these files run against both backends -------------------------
+
+#: Test modules whose tests taking ``db``/``db_path`` run on SQLite and on PostgreSQL
+#: (tests about SQLite files, locks or the WAL are marked ``sqlite_only`` in them).
+CONTRACT = {
+    "test_accounting", "test_claims", "test_leases", "test_messages", "test_revisions",
+    "test_sessions", "test_titles", "test_transaction", "test_export_import",
+    "test_listing", "test_search", "test_snapshot", "test_errors",
+}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: a contract-file test about SQLite itself")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in CONTRACT and not metafunc.definition.get_closest_marker("sqlite_only"):
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    """Where this test's store lives (not created yet)."""
+def backend(request) -> str:
+    """``"sqlite"``, or ``"postgresql"`` for the contract files' second run."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def db_path(backend: str, tmp_path: Path, request) -> Any:
+    """Where this test's store lives (not created yet): a file, or for PostgreSQL a URL
+    of a fresh schema in the test server."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_store_url")
     return tmp_path / "state.db"
+
+
+@pytest.fixture
+def pg_store_url() -> Iterator[str]:
+    """A URL of a store in a schema of its own, dropped after the test."""
+    import os
+    import uuid
+    import psycopg
+    base = os.environ.get("SESSIONDB_TEST_PG_URL")
+    if not base:
+        pytest.skip("SESSIONDB_TEST_PG_URL is not set")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    yield f"{base}?schema={schema}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture

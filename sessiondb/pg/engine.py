@@ -1,0 +1,614 @@
+"""The PostgreSQL engine: a bounded pool, short transactions, and the write path in full.
+
+Built on four PostgreSQL incidents, each answered here:
+
+- *A row lock held forever by a client that died mid-transaction.* Every connection has
+  TCP keepalives; every transaction sets ``idle_in_transaction_session_timeout`` to
+  ``hold_timeout`` (plus a second), so the server ends a session that sits in a
+  transaction (a SIGSTOPped or partitioned client) and frees its locks.
+- *A heartbeat through a transaction-mode pooler that recycled the connection under it.*
+  Nothing here lives in a connection's session: no session advisory locks, no ``SET``
+  outside a transaction (settings are ``set_config(..., true)``, i.e. ``SET LOCAL``,
+  at the start of each transaction), no server-side prepared statements when
+  ``pooler=True``. Leases and claims are rows changed by short transactions.
+- *Workers holding reserved connections until the pool ran dry.* A connection is taken
+  for one transaction and given back; the pool is bounded (``pool_size``); a wait for a
+  connection is bounded by ``write_timeout`` and ends in
+  :class:`~sessiondb.errors.WriteTimeout`; at 80% in use a
+  :class:`~sessiondb.errors.PoolWarning` is issued; ``stats()`` shows the pool.
+- *Hung work holding every slot while cleanup waited for a free one.* Work never holds a
+  connection (only ``transaction()`` blocks do, bounded by ``hold_timeout``), and the
+  claim reaper runs inside every ``claim()`` transaction.
+
+**The write path** (:meth:`PgEngine.execute_write`): take a connection (bounded wait),
+``BEGIN`` (READ COMMITTED), set the transaction's timeouts, run the rules' function (its
+first statement takes the advisory locks of what it checks, see
+:mod:`sessiondb.pg.dialect`), ``COMMIT``. A serialization failure or a deadlock rolls
+back and runs it again after a jittered pause, until ``write_timeout``; nothing else is
+retried. Waiting for a lock is bounded by ``lock_timeout`` (the rest of
+``write_timeout``: :class:`~sessiondb.errors.WriteTimeout`); holding locks is bounded by
+``hold_timeout``: a watchdog cancels the statement of a transaction that holds its locks
+past it (:class:`~sessiondb.errors.HoldTimeout`) and, if the server cannot be reached to
+cancel (a partition), shuts the socket so the caller gets
+:class:`~sessiondb.errors.ConnectionLost` instead of hanging. Errors are translated at one
+boundary (:func:`translate`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import socket
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import psycopg
+    import psycopg.errors as pgerr
+    from psycopg_pool import ConnectionPool, PoolTimeout
+except ImportError as exc:  # pragma: no cover - depends on the install
+    from ..errors import ConfigurationError
+    raise ConfigurationError(
+        "a postgresql:// URL needs the PostgreSQL extra: pip install 'sessiondb[postgres]' "
+        f"({exc})") from exc
+
+from ..errors import (
+    ClosedError, ConfigurationError, ConnectionLost, CorruptDatabaseError, DatabaseBusyError,
+    DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
+    PoolWarning, SessionDBError, StorageError, TitleConflict, WriteTimeout,
+)
+from ..maintenance import ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget
+from ..text import check_flag
+from ..writes import WriteCounters, backoff
+from . import schema as pg_schema
+from .conn import PgConn
+from .dialect import POSTGRESQL
+
+T = TypeVar("T")
+
+#: Seconds the server waits past ``hold_timeout`` before it ends a session idle in a
+#: transaction (the client's own watchdog acts first; this frees locks of a dead client).
+IDLE_GRACE = 1.0
+#: Seconds after a cancel that a statement may still run before its socket is shut.
+CANCEL_GRACE = 2.0
+#: Share of the pool in use at which a PoolWarning is issued.
+POOL_WARN_AT = 0.8
+_RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
+_INHERITED: list[Any] = []  # pools of a parent process: never closed by a fork child
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """The URL without sessiondb's own ``schema=`` query parameter, and that parameter
+    (libpq would refuse it)."""
+    parts = urlsplit(url)
+    pairs = [p for p in parts.query.split("&") if p]
+    mine = [p.split("=", 1)[1] for p in pairs if p.startswith("schema=")]
+    rest = "&".join(p for p in pairs if not p.startswith("schema="))
+    return urlunsplit(parts._replace(query=rest)), (mine[-1] if mine else None)
+
+
+def mask(url: str) -> str:
+    """The URL without its password (what errors and ``path`` show)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PgEngine:
+    """One store in a PostgreSQL database; the options are :class:`~sessiondb.SessionDB`'s.
+
+    :param pool_size: connections this instance may open (default 8); a call waits for a
+        free one up to ``write_timeout``.
+    :param schema: the PostgreSQL schema holding the store (default: the URL's
+        ``?schema=`` parameter, else ``"sessiondb"``; created if missing), so that several
+        stores (profiles) can share a database.
+    :param pooler: True when the URL points at a pooler in transaction mode (PgBouncer):
+        no server-side prepared statements are used.
+    :param application_name: shown in ``pg_stat_activity`` (default ``"sessiondb"``).
+    """
+
+    sql = POSTGRESQL
+
+    def __init__(self, url: str, *, write_timeout: float = 30.0,
+                 hold_timeout: float | None = 10.0, pool_size: int = 8,
+                 schema: str | None = None, pooler: bool = False,
+                 application_name: str = "sessiondb",
+                 progress: ProgressCallback | None = None) -> None:
+        for name, value in (("write_timeout", write_timeout),):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if hold_timeout is not None and (isinstance(hold_timeout, bool) or not isinstance(
+                hold_timeout, (int, float)) or not hold_timeout > 0):
+            raise ConfigurationError("hold_timeout must be a positive number of seconds "
+                                     "or None (no bound)")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError("pool_size must be an int >= 1")
+        url, in_url = _split_schema(url)
+        self.path = mask(url) + (f"?schema={in_url}" if in_url else "")
+        self._url = url
+        self._schema = pg_schema.check_schema_name(schema or in_url or "sessiondb")
+        self._pooler = check_flag("pooler", pooler)
+        self.write_timeout = float(write_timeout)
+        self._hold = None if hold_timeout is None else float(hold_timeout)
+        self._pool_size = pool_size
+        self._app = str(application_name)[:63]
+        self._progress = check_progress(progress)
+        self.counters = WriteCounters()
+        self._local = threading.local()  # this thread's transaction()/snapshot() block
+        self._in_use = 0
+        self._warned = False
+        self._count_lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+        self._watchdog = _Watchdog()
+        self._pool = self._new_pool()
+        try:
+            self._server_version = self.read(
+                lambda c: c.raw.info.server_version)
+            pg_schema.ensure_schema(self._run_raw, self.path, self._schema)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- connections ------------------------------------------------------------------
+    def _new_pool(self) -> ConnectionPool:
+        timeout = self.write_timeout
+        kwargs: dict[str, Any] = {
+            "autocommit": False,
+            "application_name": self._app,
+            # Dead peers are found in ~20 s even when nothing is being sent.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+            "keepalives_count": 3,
+            "connect_timeout": max(2, int(min(timeout, 10))),
+        }
+        if self._pooler:
+            kwargs["prepare_threshold"] = None  # a pooler may not keep prepared statements
+        try:
+            pool = ConnectionPool(self._url, min_size=1, max_size=self._pool_size,
+                                  kwargs=kwargs, timeout=timeout, open=False,
+                                  name=f"sessiondb-{id(self):x}", reconnect_timeout=timeout)
+            pool.open(wait=True, timeout=timeout)
+        except PoolTimeout as exc:
+            raise DatabaseOpenError(
+                f"cannot connect to {self.path} within {timeout:g}s: is the server running "
+                "and the URL right (user, password, host, port, database)?",
+                self.path) from exc
+        except psycopg.Error as exc:
+            raise DatabaseOpenError(f"cannot connect to {self.path}: {exc}", self.path) from exc
+        return pool
+
+    @contextmanager
+    def _connection(self, deadline: float) -> Iterator[psycopg.Connection]:
+        """A pooled connection until the block ends; the wait is bounded by ``deadline``."""
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+        if os.getpid() != self._pid:  # a fork child: the parent's pool is not ours
+            _INHERITED.append(self._pool)
+            self._pid = os.getpid()
+            self._watchdog = _Watchdog()
+            self._pool = self._new_pool()
+        waited = time.monotonic()
+        try:
+            raw = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+        except PoolTimeout as exc:
+            self.counters.timeouts += 1
+            raise WriteTimeout(time.monotonic() - waited, 1,
+                               f"all {self._pool_size} connections of the pool were in use; "
+                               "raise pool_size or use fewer threads") from exc
+        self._count(+1)
+        try:
+            yield raw
+        finally:
+            self._count(-1)
+            self._pool.putconn(raw)
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self._in_use += delta
+            busy = self._in_use >= POOL_WARN_AT * self._pool_size and self._pool_size > 1
+            warn, self._warned = busy and not self._warned, busy
+        if warn:
+            warnings.warn(PoolWarning(
+                f"{self._in_use} of {self._pool_size} connections of the pool of "
+                f"{self.path} are in use; raise pool_size if calls start timing out"),
+                stacklevel=4)
+
+    def _begin(self, raw: psycopg.Connection, lock_wait: float, hold: float | None,
+               isolation: str = "") -> None:
+        """The first statements of a transaction: isolation, then its settings (SET LOCAL,
+        so nothing outlives the transaction)."""
+        if isolation:
+            raw.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        idle = 0 if hold is None else int((hold + IDLE_GRACE) * 1000)
+        statement = 0 if hold is None else int((hold + lock_wait) * 1000) + 1
+        raw.execute("SELECT set_config('search_path', %s, true), "
+                    "set_config('lock_timeout', %s, true), "
+                    "set_config('statement_timeout', %s, true), "
+                    "set_config('idle_in_transaction_session_timeout', %s, true)",
+                    [f'"{self._schema}"', str(max(1, int(lock_wait * 1000))), str(statement),
+                     str(idle)])
+
+    def _run_raw(self, fn: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``fn(raw)`` in one transaction (schema work at open)."""
+        deadline = time.monotonic() + self.write_timeout
+        with self._connection(deadline) as raw:
+            try:
+                self._begin(raw, self.write_timeout, None)
+                result = fn(raw)
+                raw.commit()
+                return result
+            except BaseException as exc:
+                _rollback(raw)
+                raise translate(exc, self.path) from exc
+
+    # -- the write path ---------------------------------------------------------------
+    @property
+    def hold_timeout(self) -> float | None:
+        return self._hold
+
+    @property
+    def in_transaction(self) -> bool:
+        block = getattr(self._local, "block", None)
+        return block is not None and block.kind == "write"
+
+    def execute_write(self, fn: Callable[[PgConn], T], *, bounded: bool = True) -> T:
+        """Run ``fn(conn)`` in one transaction (see the module docstring); inside a
+        :meth:`transaction` block of this thread, as a savepoint of it."""
+        block = getattr(self._local, "block", None)
+        if block is not None:
+            if block.kind != "write":
+                raise ConfigurationError("cannot write inside a snapshot() block; "
+                                         "write after it ends")
+            return self._nested(block, fn)
+        start = time.monotonic()
+        deadline = start + self.write_timeout
+        hold = self._hold if bounded else None
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._connection(deadline) as raw:
+                txn = _Txn(raw, start, hold, self._watchdog)
+                try:
+                    self._begin(raw, max(0.001, deadline - time.monotonic()), hold)
+                    txn.arm(deadline)
+                    result = fn(PgConn(raw, txn.locked))
+                    txn.check()
+                    raw.commit()
+                except _RETRY as exc:
+                    txn.disarm()
+                    _rollback(raw)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.counters.timeouts += 1
+                        raise WriteTimeout(time.monotonic() - start, attempt,
+                                           f"PostgreSQL: {exc.sqlstate} {exc}") from exc
+                    self.counters.retries += 1
+                    time.sleep(backoff(attempt, remaining))
+                    continue
+                except BaseException as exc:
+                    txn.disarm()
+                    _rollback(raw)
+                    self.counters.failed += 1
+                    raise self._error(exc, txn, attempt) from exc
+                txn.disarm()
+                self._record(txn)
+                return result
+
+    def _record(self, txn: "_Txn") -> None:
+        c = self.counters
+        c.writes += 1
+        waited = txn.locked_at - txn.start
+        held = time.monotonic() - txn.locked_at
+        c.waits.append(waited)
+        c.holds.append(held)
+        c.longest_wait_s = max(c.longest_wait_s, waited)
+        c.longest_hold_s = max(c.longest_hold_s, held)
+        if waited > 0.001:
+            c.contended += 1
+
+    def _error(self, exc: BaseException, txn: "_Txn", attempt: int) -> BaseException:
+        if txn.expired and isinstance(exc, (psycopg.Error, HoldTimeout)):
+            self.counters.hold_timeouts += 1
+            return HoldTimeout(time.monotonic() - txn.locked_at, txn.hold or 0.0)
+        if isinstance(exc, pgerr.LockNotAvailable):
+            self.counters.timeouts += 1
+            return WriteTimeout(time.monotonic() - txn.start, attempt,
+                                "PostgreSQL lock_timeout: another transaction holds a lock "
+                                "this write needs")
+        return translate(exc, self.path, txn.hold)
+
+    def _nested(self, block: "_Block", fn: Callable[[PgConn], T]) -> T:
+        block.txn.check()
+        raw = block.raw
+        raw.execute("SAVEPOINT sessiondb_nested")
+        try:
+            result = fn(PgConn(raw))
+        except BaseException as exc:
+            try:
+                raw.execute("ROLLBACK TO SAVEPOINT sessiondb_nested")
+            except psycopg.Error:
+                pass  # the connection is gone: the block fails as a whole at its end
+            if block.txn.expired and isinstance(exc, psycopg.Error):
+                raise HoldTimeout(time.monotonic() - block.txn.start,
+                                  block.txn.hold or 0.0) from exc
+            if isinstance(exc, _RETRY):
+                raise DatabaseBusyError(
+                    f"{exc.sqlstate}: {exc} ({self.path}); this call was undone, the "
+                    "transaction() block goes on; take locks in the same order in "
+                    "concurrent blocks") from exc
+            raise translate(exc, self.path, block.txn.hold) from exc
+        raw.execute("RELEASE SAVEPOINT sessiondb_nested")
+        return result
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if getattr(self._local, "block", None) is not None:
+            raise ConfigurationError("transaction() blocks cannot be nested, nor used "
+                                     "inside snapshot()")
+        start = time.monotonic()
+        deadline = start + self.write_timeout
+        with self._connection(deadline) as raw:
+            txn = _Txn(raw, start, self._hold, self._watchdog)
+            try:
+                self._begin(raw, self.write_timeout, self._hold)
+            except BaseException as exc:
+                _rollback(raw)
+                raise translate(exc, self.path) from exc
+            txn.locked()  # a block holds what its calls lock until it ends
+            self._local.block = _Block("write", raw, txn)
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                self._local.block = None
+                txn.disarm()
+                if ok and not txn.expired:
+                    try:
+                        raw.commit()
+                    except BaseException as exc:
+                        _rollback(raw)
+                        self.counters.failed += 1
+                        raise self._error(exc, txn, 1) from exc
+                    self._record(txn)
+                else:
+                    _rollback(raw)
+                    if ok:
+                        self.counters.hold_timeouts += 1
+                        raise HoldTimeout(time.monotonic() - txn.start, txn.hold or 0.0)
+
+    # -- reads ------------------------------------------------------------------------
+    def read(self, fn: Callable[[PgConn], T], snapshot: bool = False) -> T:
+        """Run a read; ``snapshot`` runs it as one REPEATABLE READ transaction."""
+        block = getattr(self._local, "block", None)
+        if block is not None:
+            try:
+                return fn(PgConn(block.raw))
+            except psycopg.Error as exc:
+                raise translate(exc, self.path, block.txn.hold) from exc
+        deadline = time.monotonic() + self.write_timeout
+        with self._connection(deadline) as raw:
+            try:
+                self._begin(raw, self.write_timeout, None,
+                            "REPEATABLE READ READ ONLY" if snapshot else "")
+                result = fn(PgConn(raw))
+                raw.commit()
+                return result
+            except BaseException as exc:
+                _rollback(raw)
+                raise translate(exc, self.path) from exc
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if getattr(self._local, "block", None) is not None:
+            raise ConfigurationError("snapshot() cannot be nested or used inside "
+                                     "transaction()")
+        deadline = time.monotonic() + self.write_timeout
+        with self._connection(deadline) as raw:
+            try:
+                self._begin(raw, self.write_timeout, None, "REPEATABLE READ READ ONLY")
+            except BaseException as exc:
+                _rollback(raw)
+                raise translate(exc, self.path) from exc
+            self._local.block = _Block("read", raw, _Txn(raw, time.monotonic(), None,
+                                                         self._watchdog))
+            try:
+                yield
+            finally:
+                self._local.block = None
+                _rollback(raw)
+
+    # -- long work, operations ----------------------------------------------------------
+    def run_steps(self, step: Step, tracker: Tracker | None = None,
+                  committed: Callable[[], None] | None = None) -> int:
+        """Long work as short write transactions (:func:`sessiondb.maintenance.run_steps`)."""
+        return run_steps(self.execute_write, step, step_budget(self._hold), tracker,
+                         committed or (lambda: None))
+
+    def between_steps(self) -> None:
+        """Nothing to do between steps: the server checkpoints and vacuums by itself."""
+
+    def checkpoint(self, reset: bool = False) -> dict[str, int]:
+        """Nothing to do: the server checkpoints by itself (zeros, for the same shape)."""
+        check_flag("reset", reset)
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+        return {"wal_frames": 0, "checkpointed_frames": 0}
+
+    def stats(self) -> dict[str, Any]:
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+        figures: dict[str, Any] = self.counters.snapshot()
+        pool = self._pool.get_stats()
+        figures["pool"] = {"size": self._pool_size, "in_use": self._in_use,
+                           "open": pool.get("pool_size", 0),
+                           "available": pool.get("pool_available", 0),
+                           "waiting": pool.get("requests_waiting", 0),
+                           "waited": pool.get("requests_queued", 0),
+                           "wait_timeouts": pool.get("requests_errors", 0),
+                           "connections_lost": pool.get("connections_lost", 0)}
+        figures["backend"] = "postgresql"
+        figures["path"] = self.path
+        figures["schema"] = self._schema
+        figures["schema_version"] = pg_schema.SCHEMA_VERSION
+        figures["server_version"] = self._server_version
+        figures["driver_version"] = psycopg.__version__
+        return figures
+
+    def close(self) -> None:
+        """Close the pool's connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() == self._pid:
+            self._pool.close()
+
+    def __repr__(self) -> str:
+        return f"SessionDB({self.path!r}{', closed' if self._closed else ''})"
+
+
+class _Block:
+    """This thread's open transaction() or snapshot() block."""
+
+    __slots__ = ("kind", "raw", "txn")
+
+    def __init__(self, kind: str, raw: psycopg.Connection, txn: "_Txn") -> None:
+        self.kind, self.raw, self.txn = kind, raw, txn
+
+
+class _Txn:
+    """One transaction's clock and its hold bound, watched by :class:`_Watchdog`."""
+
+    __slots__ = ("raw", "start", "hold", "locked_at", "expired", "_dog", "_seq")
+
+    def __init__(self, raw: psycopg.Connection, start: float, hold: float | None,
+                 dog: "_Watchdog") -> None:
+        self.raw, self.start, self.hold, self._dog = raw, start, hold, dog
+        self.locked_at = start
+        self.expired = False
+        self._seq: int | None = None
+
+    def arm(self, deadline: float) -> None:
+        """Until the locks are taken, bound the whole transaction by the wait budget
+        plus the hold bound (lock_timeout ends the wait itself)."""
+        if self.hold is not None:
+            self._seq = self._dog.watch(self, deadline + self.hold)
+
+    def locked(self) -> None:
+        self.locked_at = time.monotonic()
+        if self.hold is not None:
+            self._seq = self._dog.watch(self, self.locked_at + self.hold)
+
+    def disarm(self) -> None:
+        self._dog.forget(self)
+
+    def check(self) -> None:
+        if self.expired:
+            raise HoldTimeout(time.monotonic() - self.locked_at, self.hold or 0.0)
+
+
+class _Watchdog:
+    """One thread per engine ending transactions that hold their locks past
+    ``hold_timeout``: it cancels the running statement and, if the statement still runs
+    :data:`CANCEL_GRACE` seconds later (the server is unreachable), shuts the socket."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Txn]] = []
+        self._live: dict[int, int] = {}  # id(txn) -> its current entry's sequence number
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, txn: _Txn, deadline: float) -> int:
+        seq = next(self._seq)
+        with self._cond:
+            self._live[id(txn)] = seq
+            heapq.heappush(self._heap, (deadline, seq, txn))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="sessiondb-pg-watchdog")
+                self._thread.start()
+            self._cond.notify()
+        return seq
+
+    def forget(self, txn: _Txn) -> None:
+        with self._cond:
+            self._live.pop(id(txn), None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else 60.0
+                    if not self._cond.wait(timeout) and not self._heap:
+                        self._thread = None
+                        return
+                deadline, seq, txn = heapq.heappop(self._heap)
+                if self._live.get(id(txn)) != seq:
+                    continue
+                txn.expired = True
+            _end(txn, seq, self)
+
+    def current(self, txn: _Txn, seq: int) -> bool:
+        with self._cond:
+            return self._live.get(id(txn)) == seq
+
+
+def _end(txn: _Txn, seq: int, dog: _Watchdog) -> None:
+    """Cancel the statement of an expired transaction; shut its socket if that fails."""
+    try:
+        txn.raw.cancel_safe(timeout=CANCEL_GRACE)
+    except Exception:
+        pass
+    time.sleep(CANCEL_GRACE)
+    if dog.current(txn, seq) and txn.raw.info.transaction_status == \
+            psycopg.pq.TransactionStatus.ACTIVE:
+        try:  # still running a statement: the server is unreachable
+            socket.socket(fileno=os.dup(txn.raw.fileno())).shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _rollback(raw: psycopg.Connection) -> None:
+    try:
+        raw.rollback()
+    except psycopg.Error:
+        pass  # a broken connection: the pool discards it when it comes back
+
+
+def translate(exc: BaseException, url: str = "", hold: float | None = None) -> BaseException:
+    """Map a psycopg exception to the sessiondb equivalent (chain it with ``from``);
+    others are returned unchanged."""
+    if isinstance(exc, SessionDBError) or not isinstance(exc, psycopg.Error):
+        return exc
+    where = f" ({url})" if url else ""
+    text = str(exc).strip()
+    if isinstance(exc, pgerr.UniqueViolation) and getattr(exc.diag, "constraint_name", "") \
+            == "idx_sessions_title_unique":
+        title = text.split("(title)=(", 1)[-1].split(")", 1)[0] if "(title)=(" in text else ""
+        return TitleConflict(title, "another session")
+    if isinstance(exc, psycopg.IntegrityError):
+        return IntegrityViolation(f"constraint failed{where}: {text}")
+    if isinstance(exc, (pgerr.QueryCanceled, pgerr.IdleInTransactionSessionTimeout)):
+        return HoldTimeout(hold or 0.0, hold or 0.0)
+    if isinstance(exc, pgerr.LockNotAvailable):
+        return WriteTimeout(0.0, 1, f"PostgreSQL: {text}")
+    if isinstance(exc, (pgerr.DiskFull, pgerr.OutOfMemory)):
+        return DiskFullError(f"the server is out of space{where}: {text}; free space, "
+                             "then retry")
+    if isinstance(exc, (pgerr.DataCorrupted, pgerr.IndexCorrupted)):
+        return CorruptDatabaseError(f"database is damaged{where}: {text}")
+    if isinstance(exc, psycopg.DataError) or "NUL (0x00)" in text:
+        return InvalidArgument(f"a value PostgreSQL cannot store{where}: {text}")
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return ConnectionLost(f"lost the connection to the server{where}: {text}; nothing "
+                              "of this call was committed unless it was cut off during "
+                              "COMMIT; later calls reconnect", url)
+    return StorageError(f"PostgreSQL error{where}: {text}")

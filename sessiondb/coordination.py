@@ -272,7 +272,7 @@ class Coordination:
         """The live leases (of one owner, or all), by name."""
         owner = check_text("owner", owner)
         return self._live_leases("owner = ?", [owner]) if owner is not None \
-            else self._live_leases("1", [])
+            else self._live_leases("TRUE", [])
 
     def _live_leases(self, where: str, args: list) -> list[Lease]:
         rows = self._read(lambda c: _fetch(

@@ -17,6 +17,9 @@ class SQLiteDialect:
     #: A JSON array parameter as a table: json_each reads it in one pass (a long
     #: ``IN (?, ?, ...)`` list would hit the parameter limit and defeat the statement cache).
     in_list = "(SELECT value FROM json_each(?))"
+    in_id_list = in_list  #: the same, of integers
+    #: Deleted rows' pages go back to the file system in steps (reclaim_space).
+    reclaims_space = True
     #: The number of messages, kept by triggers (see :mod:`sessiondb.schema`).
     message_total = MESSAGE_TOTAL_SQL
     stores_nul = True

@@ -12,13 +12,13 @@ pruned only once no remaining session names it (its children went in earlier ste
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-import apsw
-
+from . import records
+from .backend import Conn, Dialect
 from .maintenance import Step, byte_budget, fit_bytes
+from .text import from_json
 
 #: Sessions with more messages than this, or more bytes of content than
 #: :data:`BIG_SESSION_BYTES`, are deleted in chunks (see the module docstring).
@@ -27,7 +27,6 @@ BIG_SESSION = 2000
 #: session this large goes whole in about 0.2 s.
 BIG_SESSION_BYTES = 4_000_000
 _CHUNK = 500  # messages at most per chunk; fewer when they are large (maintenance.fit_bytes)
-_IDS = "(SELECT value FROM json_each(?))"
 _PICK = 200  # candidates read per query
 _VACUUM_PAGES = 16
 
@@ -36,10 +35,6 @@ _VACUUM_PAGES = 16
 _CANDIDATE = "started_at < ? AND ended_at IS NOT NULL"
 _CHILDLESS = ("NOT EXISTS (SELECT 1 FROM sessions c WHERE c.parent_session_id = s.id "
               "AND c.id != s.id)")
-# A tool_calls value counts its items when it is a JSON array, else one call (as
-# records.count_tool_calls counts them on the way in).
-_CALLS = ("CASE WHEN tool_calls IS NULL THEN 0 WHEN json_valid(tool_calls) AND "
-          "json_type(tool_calls) = 'array' THEN json_array_length(tool_calls) ELSE 1 END")
 
 
 def _where(source: str | None) -> str:
@@ -50,7 +45,7 @@ def _args(cutoff: float, source: str | None) -> tuple[Any, ...]:
     return (cutoff, source) if source else (cutoff,)
 
 
-def count(conn: apsw.Connection, cutoff: float, source: str | None) -> tuple[int, int]:
+def count(conn: Conn, cutoff: float, source: str | None) -> tuple[int, int]:
     """``(sessions, messages)`` that a prune with these options would delete, without
     deleting anything: the candidates that no remaining session keeps as an ancestor
     (a session that stays blocks its parent, and so on up the chain)."""
@@ -82,14 +77,14 @@ class Tally:
         self.attempt = 0
 
 
-def prune_step(cutoff: float, source: str | None, deleted: Tally) -> Step:
+def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect) -> Step:
     """A step function deleting prunable sessions with their messages; it returns the
     rows (sessions + messages) deleted and counts the sessions in ``deleted``."""
     pick = (f"SELECT id FROM sessions s WHERE {_where(source)} AND {_CHILDLESS} "
             f"ORDER BY started_at, id LIMIT {_PICK}")
     args = _args(cutoff, source)
 
-    def step(conn: apsw.Connection, deadline: float) -> int:
+    def step(conn: Conn, deadline: float) -> int:
         rows = 0
         deleted.attempt = 0
         while True:
@@ -97,14 +92,17 @@ def prune_step(cutoff: float, source: str | None, deleted: Tally) -> Step:
             if not ids:
                 return rows
             for sid in ids:
-                rows += _delete_some(conn, sid, deleted, deadline)
+                # PostgreSQL: a writer creating a child of it waits (or goes first).
+                sql.lock(conn, "session:" + sid)
+                rows += _delete_some(conn, sql, sid, deleted, deadline)
                 if time.monotonic() >= deadline:
                     return rows
 
     return step
 
 
-def _delete_some(conn: apsw.Connection, sid: str, deleted: Tally, deadline: float) -> int:
+def _delete_some(conn: Conn, sql: Dialect, sid: str, deleted: Tally, deadline: float
+                 ) -> int:
     """Delete the session with its messages, or, for a big one, its oldest chunk of
     messages with the counters lowered to match; returns the rows deleted."""
     # octet_length at the top level of a query is answered without loading the value.
@@ -115,22 +113,24 @@ def _delete_some(conn: apsw.Connection, sid: str, deleted: Tally, deadline: floa
         ids = fit_bytes(conn.execute(
             "SELECT id, octet_length(content) FROM messages WHERE session_id = ? "
             "ORDER BY id LIMIT ?", (sid, _CHUNK)).fetchall(), byte_budget(deadline))
-        chunk = (json.dumps(ids),)
-        gone, calls = conn.execute(
-            f"SELECT count(*), coalesce(sum({_CALLS}), 0) FROM messages WHERE id IN "
-            f"{_IDS}", chunk).fetchone()
-        conn.execute(f"DELETE FROM messages WHERE id IN {_IDS}", chunk)
-        conn.execute("UPDATE sessions SET message_count = max(0, message_count - ?), "
-                     "tool_call_count = max(0, tool_call_count - ?) WHERE id = ?",
-                     (gone, calls, sid))
-        return int(gone)
+        chunk = (sql.list_arg(ids),)
+        # Tool calls counted as records.count_tool_calls counted them on the way in.
+        calls = [records.count_tool_calls(from_json(r[0])) for r in conn.execute(
+            f"SELECT tool_calls FROM messages WHERE id IN {sql.in_id_list}", chunk)]
+        gone, called = len(calls), sum(calls)
+        conn.execute(f"DELETE FROM messages WHERE id IN {sql.in_id_list}", chunk)
+        conn.execute("UPDATE sessions SET message_count = CASE WHEN message_count > ? "
+                     "THEN message_count - ? ELSE 0 END, tool_call_count = CASE WHEN "
+                     "tool_call_count > ? THEN tool_call_count - ? ELSE 0 END WHERE id = ?",
+                     (gone, gone, called, called, sid))
+        return gone
     conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
     conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
     deleted.attempt += 1
     return len(sizes) + 1
 
 
-def reclaim_step(conn: apsw.Connection, deadline: float) -> int:
+def reclaim_step(conn: Any, deadline: float) -> int:
     """Give free pages back to the file system, a batch at a time until ``deadline``
     (``PRAGMA incremental_vacuum``, for stores made with incremental auto-vacuum, as
     sessiondb makes them); returns the pages freed, 0 when none are left or the store

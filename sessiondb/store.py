@@ -768,7 +768,7 @@ class SessionDB(Coordination):
         if dry_run or not sessions:
             return sessions
         deleted = pruning.Tally()
-        self._run_steps(pruning.prune_step(cutoff, source, deleted),
+        self._run_steps(pruning.prune_step(cutoff, source, deleted, self._sql),
                         Tracker("prune", "rows", sessions + messages, progress),
                         committed=deleted.commit)
         self.reclaim_space(progress=progress)
@@ -782,9 +782,16 @@ class SessionDB(Coordination):
         size and reuses the free pages for new data.
 
         :param progress: called after each step (task ``"reclaim"``, unit ``"pages"``).
+        On PostgreSQL there is nothing to do in steps: autovacuum makes the space of
+        deleted rows reusable (``VACUUM FULL`` would lock the tables); the sizes are
+        the store's tables with their indexes.
+
         :returns: ``freed_pages``, ``bytes_before`` and ``bytes_after`` (database file).
         """
         progress = check_progress(progress)
+        if not self._sql.reclaims_space:  # PostgreSQL: the server's autovacuum does it
+            size = self._read(self._sql.store_bytes)
+            return {"freed_pages": 0, "bytes_before": size, "bytes_after": size}
         before = _file_size(self.path)
         free = self._read(lambda c: int(c.pragma("freelist_count")))
         freed = self._run_steps(pruning.reclaim_step,

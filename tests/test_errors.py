@@ -95,6 +95,7 @@ def test_translate(raw: apsw.Error, mapped: type) -> None:
     assert errors.translate(plain) is plain
 
 
+@pytest.mark.sqlite_only
 def test_apsw_errors_are_chained(db: SessionDB) -> None:
     # A foreign-key failure inside the store surfaces translated, original as __cause__.
     db.import_sessions({"id": "p", "source": "cli", "started_at": 1.0})
@@ -220,6 +221,7 @@ def test_close_inside_context_manager(db_path: Path) -> None:
     ("checkpoint_every", -1), ("checkpoint_every", 1.5), ("wal_limit", -1),
     ("journal_size_limit", "big"),
 ])
+@pytest.mark.sqlite_only
 def test_bad_options_refused_before_touching_disk(db_path: Path, option: str, value) -> None:
     with pytest.raises(ConfigurationError):
         SessionDB(db_path, **{option: value})

@@ -215,6 +215,7 @@ def test_prune_keeps_parents_of_remaining_sessions(db: SessionDB, make_session) 
     assert {s["id"] for s in db.list_sessions(limit=None)} == {"p_kept", "active_child"}
 
 
+@pytest.mark.sqlite_only
 def test_prune_gives_space_back(db: SessionDB, make_session, db_path: Path) -> None:
     now = time.time()
     make_session("big", now - 100 * DAY, ended_at=now - 100 * DAY)

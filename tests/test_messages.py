@@ -92,12 +92,22 @@ def test_defaults_are_none(db: SessionDB, sid: str) -> None:
 
 
 def test_text_edge_values_round_trip(db: SessionDB, sid: str) -> None:
-    texts = ["", "nul\x00inside", "emoji 🎉 and 日本語", "x" * 100_000, "line\r\nbreak"]
+    texts = ["", "emoji 🎉 and 日本語", "x" * 100_000, "line\r\nbreak"]
+    if db.backend == "sqlite":
+        texts.insert(1, "nul\x00inside")
     for t in texts:
         db.append_message(sid, "user", t, reasoning=t)
     got = db.get_messages(sid)
     assert [m["content"] for m in got] == texts
     assert [m["reasoning"] for m in got] == texts
+
+
+def test_a_nul_that_postgresql_cannot_store_is_refused_whole(db: SessionDB, sid: str) -> None:
+    if db.backend == "sqlite":
+        pytest.skip("SQLite stores U+0000 (test_text_edge_values_round_trip)")
+    with pytest.raises(InvalidArgument, match="NUL"):
+        db.append_message(sid, "user", "nul\x00inside")
+    assert db.get_messages(sid) == [] and db.get_session(sid)["message_count"] == 0
 
 
 def test_json_string_metadata_is_not_confused_with_json_text(db: SessionDB, sid: str) -> None:

@@ -54,6 +54,7 @@ def test_snapshots_do_not_nest(db: SessionDB):
                 pass
 
 
+@pytest.mark.sqlite_only
 def test_an_exception_inside_a_snapshot_ends_it(db: SessionDB):
     db.create_session("s", "cli")
     with pytest.raises(KeyError):
@@ -63,6 +64,7 @@ def test_an_exception_inside_a_snapshot_ends_it(db: SessionDB):
     db.append_message("s", "user", "fine")
 
 
+@pytest.mark.sqlite_only
 def test_a_reset_waits_for_a_snapshot_in_the_room(db_path: Path):
     """A cooperating snapshot is waited for (the reset succeeds once it ends) instead
     of making the reset fail."""
@@ -128,6 +130,7 @@ def test_wal_stays_bounded_with_a_cooperating_long_reader(tmp_path: Path):
     db.close()
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("fault", ["busy", "interrupt"])
 def test_a_snapshot_that_fails_to_start_leaves_no_transaction(db: SessionDB, fault: str):
     """An error right after BEGIN (a busy WAL recovery, Ctrl-C) must not leave the

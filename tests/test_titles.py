@@ -240,6 +240,7 @@ def test_next_title_lineage_is_case_sensitive(db: SessionDB) -> None:
     assert db.resolve_session_by_title("CD") == "s2"
 
 
+@pytest.mark.sqlite_only
 def test_nul_in_a_lookup_matches_nothing_it_should_not(db: SessionDB) -> None:
     # LIKE read pattern and value as C strings: a NUL ended both.
     db.create_session("a\x00x", "cli", title="ab")

@@ -40,6 +40,9 @@ def lock_key(key: str) -> int:
 class PgDialect:
     name = "postgresql"
     in_list = "(SELECT json_array_elements_text(?::json))"
+    in_id_list = "(SELECT json_array_elements_text(?::json)::bigint)"
+    #: Autovacuum makes deleted rows' space reusable; nothing to give back in steps.
+    reclaims_space = False
     #: The number of messages: the sum of the sessions' counters (see
     #: :mod:`sessiondb.pg.schema`: no total row that every append would lock).
     message_total = "SELECT COALESCE(SUM(message_count), 0)::bigint FROM sessions"
@@ -87,6 +90,13 @@ class PgDialect:
         from .listing import page
         return page(conn, where, args, order, limit, offset, columns=columns,
                     preview_order=preview_order)
+
+    def store_bytes(self, conn: Conn) -> int:
+        """Bytes of the store's tables with their indexes and TOAST."""
+        return int(conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = "
+            "current_schema() AND c.relkind = 'r'").fetchone()[0])
 
     def unindexed(self, column: str) -> str:
         return column

@@ -12,6 +12,9 @@ from sessiondb import SessionDB
 from sessiondb.compat import hermes
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 
+# The test PostgreSQL server, PgBouncer and a freezable proxy (tests/pg_fixtures.py).
+pytest_plugins = ["pg_fixtures"]
+
 
 # -- the contract suite: these files run against both backends -------------------------
 
@@ -52,18 +55,9 @@ def db_path(backend: str, tmp_path: Path, request) -> Any:
 
 
 @pytest.fixture
-def pg_store_url() -> Iterator[str]:
-    """A URL of a store in a schema of its own, dropped after the test."""
-    import os
-    import uuid
-    import psycopg
-    base = os.environ.get("SESSIONDB_TEST_PG_URL")
-    if not base:
-        pytest.skip("SESSIONDB_TEST_PG_URL is not set")
-    schema = "t_" + uuid.uuid4().hex[:12]
-    yield f"{base}?schema={schema}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+def pg_store_url(pg_url: str) -> str:
+    """A URL of a store in a fresh database of the test PostgreSQL server."""
+    return pg_url
 
 
 @pytest.fixture

@@ -342,7 +342,7 @@ def test_a_session_of_large_messages_is_pruned_in_chunks_with_exact_counters(
     db._execute_write(lambda c: c.execute(
         "UPDATE sessions SET message_count = 20, tool_call_count = 40"))
     deleted = pruning.Tally()
-    step = pruning.prune_step(2000.0, None, deleted)
+    step = pruning.prune_step(2000.0, None, deleted, db._sql)
     # A deadline already past: the step does its least, which is not 6 MB.
     gone = db._execute_write(lambda c: step(c, 0.0), bounded=False)
     assert 0 < gone < 20 and deleted.attempt == 0

@@ -161,7 +161,8 @@ class PgEngine:
     def _new_pool(self) -> ConnectionPool:
         timeout = self.write_timeout
         kwargs: dict[str, Any] = {
-            "autocommit": False,
+            # Transactions are begun explicitly, with their settings, in one round trip.
+            "autocommit": True,
             "application_name": self._app,
             # Dead peers are found in ~20 s even when nothing is being sent.
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
@@ -221,19 +222,19 @@ class PgEngine:
                 stacklevel=4)
 
     def _begin(self, raw: psycopg.Connection, lock_wait: float, hold: float | None,
-               isolation: str = "") -> None:
-        """The first statements of a transaction: isolation, then its settings (SET LOCAL,
-        so nothing outlives the transaction)."""
-        if isolation:
-            raw.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+               isolation: str = "READ COMMITTED") -> None:
+        """BEGIN and the transaction's settings (SET LOCAL: nothing outlives the
+        transaction, so a pooler may hand the connection on), in one round trip. The
+        values are numbers and a checked schema name, written into the statement so
+        that it can go as one simple query."""
         idle = 0 if hold is None else int((hold + IDLE_GRACE) * 1000)
         statement = 0 if hold is None else int((hold + lock_wait) * 1000) + 1
-        raw.execute("SELECT set_config('search_path', %s, true), "
-                    "set_config('lock_timeout', %s, true), "
-                    "set_config('statement_timeout', %s, true), "
-                    "set_config('idle_in_transaction_session_timeout', %s, true)",
-                    [f'"{self._schema}"', str(max(1, int(lock_wait * 1000))), str(statement),
-                     str(idle)])
+        raw.execute(f"BEGIN ISOLATION LEVEL {isolation}; SET LOCAL search_path = "
+                    f'"{self._schema}"; SET LOCAL lock_timeout = '
+                    f"{max(1, int(lock_wait * 1000))}; SET LOCAL statement_timeout = "
+                    f"{statement}; SET LOCAL idle_in_transaction_session_timeout = {idle}"
+                    # A snapshot is taken by the first query, not by BEGIN: take it now.
+                    + ("; SELECT 1" if isolation.startswith("REPEATABLE") else ""))
 
     def _run_raw(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run ``fn(raw)`` in one transaction (schema work at open)."""
@@ -242,7 +243,7 @@ class PgEngine:
             try:
                 self._begin(raw, self.write_timeout, None)
                 result = fn(raw)
-                raw.commit()
+                raw.execute("COMMIT")
                 return result
             except BaseException as exc:
                 _rollback(raw)
@@ -280,7 +281,7 @@ class PgEngine:
                     txn.arm(deadline)
                     result = fn(PgConn(raw, txn.locked))
                     txn.check()
-                    raw.commit()
+                    raw.execute("COMMIT")
                 except _RETRY as exc:
                     txn.disarm()
                     _rollback(raw)
@@ -372,7 +373,7 @@ class PgEngine:
                 txn.disarm()
                 if ok and not txn.expired:
                     try:
-                        raw.commit()
+                        raw.execute("COMMIT")
                     except BaseException as exc:
                         _rollback(raw)
                         self.counters.failed += 1
@@ -397,9 +398,9 @@ class PgEngine:
         with self._connection(deadline) as raw:
             try:
                 self._begin(raw, self.write_timeout, None,
-                            "REPEATABLE READ READ ONLY" if snapshot else "")
+                            "REPEATABLE READ READ ONLY" if snapshot else "READ COMMITTED")
                 result = fn(PgConn(raw))
-                raw.commit()
+                raw.execute("COMMIT")
                 return result
             except BaseException as exc:
                 _rollback(raw)
@@ -578,7 +579,8 @@ def _end(txn: _Txn, seq: int, dog: _Watchdog) -> None:
 
 def _rollback(raw: psycopg.Connection) -> None:
     try:
-        raw.rollback()
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.execute("ROLLBACK")
     except psycopg.Error:
         pass  # a broken connection: the pool discards it when it comes back
 

@@ -54,7 +54,8 @@ when nothing matches in that head (a match further in), over the indexed part.
 from __future__ import annotations
 
 import re
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 from ..errors import InvalidArgument
 from ..records import context_item, search_hit
@@ -68,7 +69,7 @@ __all__ = ["search_messages", "build_query", "WINDOW"]
 #: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
 WINDOW = 1000
 #: Ids of the first slice read (a word in most messages finds its window there).
-FIRST_SLICE = 2048
+FIRST_SLICE = 1024
 #: A slice covers at most this many times the ids covered before it.
 MAX_GROWTH = 16
 #: Margin on the ids a slice is estimated to need.
@@ -77,6 +78,22 @@ SLICE_MARGIN = 1.25
 HEAD_CHARS = 8192
 #: Characters of each context message.
 CONTEXT_CHARS = 200
+# Unit costs (microseconds, measured on a million messages of about 1 KB): a posting
+# of the GIN index read (of a prefix's several lists: merged), a match found by the
+# index (its row read, its rank); the bounds of a walk's measured pace per id (a walk
+# preempted by another process must not look like a slow query).
+_US_TID = 0.15
+_US_PREFIX_TID = 0.45
+_US_GIN_MATCH = 10.0
+_US_MIN_PER_ID = 0.3
+_US_MAX_PER_ID = 10.0
+_US_RANGE_ID = 0.07  # an id in a bitmap of the primary key
+_US_SESSION = 5.0  # a session of the filter looked up in the (session_id, id) index
+_US_ROW = 3.0  # one of its messages read and checked
+#: Walking more sessions than this is never chosen (listing them alone costs too much).
+MAX_WALKED_SESSIONS = 2000
+#: Seconds the column statistics read for the cost of the GIN index are kept.
+STATS_TTL = 300.0
 _HEADLINE = ("StartSel=>>>, StopSel=<<<, MaxWords=40, MinWords=20, ShortWord=0, "
              "MaxFragments=1, FragmentDelimiter=...")
 _OPERATORS = {"AND", "OR", "NOT"}
@@ -130,11 +147,18 @@ def search_messages(conn: PgConn, query: str, filters: Filters, limit: int,
     terms = parse_query(query)
     if limit == 0 or not terms or (filters.sources is not None and not filters.sources):
         return []
-    tsquery = build_query(conn, terms)
-    if not tsquery:
-        return []
-    ids = ranked_ids(conn, tsquery, filters, limit, offset)
-    return fetch_hits(conn, tsquery, ids) if ids else []
+    # No JIT compilation: a slice that reads many rows is costed high enough to be
+    # compiled, which takes longer (10-20 ms) than the slice itself.
+    jit = conn.raw.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)",
+                           prepare=False).fetchone()[0]
+    try:
+        built = build_query(conn, terms)
+        if built is None:
+            return []
+        ids = ranked_ids(conn, built, filters, limit, offset)
+        return fetch_hits(conn, built.text, ids) if ids else []
+    finally:
+        conn.raw.execute("SELECT set_config('jit', %s, true)", [jit], prepare=False)
 
 
 # -- the query -----------------------------------------------------------------------
@@ -175,9 +199,17 @@ def parse_query(query: str) -> list[tuple[str, bool, bool] | str]:
     return pieces
 
 
-def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> str:
-    """The ``tsquery`` (as text) of :func:`parse_query`'s pieces; ``""`` when nothing
-    searchable is left.
+class Query(NamedTuple):
+    """A search as a ``tsquery``, and its shape (for the cost of the GIN index)."""
+
+    text: str  #: the tsquery, as text
+    #: OR-ed groups of ANDed terms: ``(negated, [(lexeme, prefix), ...])``
+    groups: list[list[tuple[bool, list[tuple[str, bool]]]]]
+
+
+def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> Query | None:
+    """The ``tsquery`` of :func:`parse_query`'s pieces; None when nothing searchable is
+    left.
 
     Each term is cut into lexemes by the server (one statement for all of them); terms
     without any are dropped; then, as in :func:`~sessiondb.text.sanitize_fts_query`,
@@ -198,7 +230,9 @@ def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> str
             kept.append((_prefixed(lexemes, text) if prefix else lexemes, minus))
     while kept and isinstance(kept[-1], str):
         kept.pop()
-    groups: list[list[str]] = [[]]
+    if not kept:
+        return None
+    groups: list[list[tuple[bool, str]]] = [[]]
     negate = False
     for item in kept:
         if item == "OR":
@@ -206,12 +240,16 @@ def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> str
         elif item == "NOT":
             negate = True
         elif isinstance(item, tuple):
-            lexemes, minus = item
-            first = not groups[-1]
-            groups[-1].append(("!" if (negate or minus) and not first else "")
-                              + f"({lexemes})")
+            term, minus = item
+            groups[-1].append(((negate or minus) and bool(groups[-1]), term))
             negate = False
-    return " | ".join(f"({' & '.join(g)})" for g in groups if g) if kept else ""
+    text = " | ".join("(" + " & ".join(("!" if negated else "") + f"({term})"
+                                       for negated, term in group) + ")"
+                      for group in groups)
+    return Query(text, [[(negated, [(m.group(1).replace("''", "'"),
+                                     term.startswith(":*", m.end()))
+                                    for m in _LEXEME.finditer(term)])
+                         for negated, term in group] for group in groups])
 
 
 def _prefixed(lexemes: str, word: str) -> str:
@@ -232,11 +270,10 @@ def _prefixed(lexemes: str, word: str) -> str:
 
 # -- the order -----------------------------------------------------------------------
 
-def ranked_ids(conn: PgConn, tsquery: str, filters: Filters, limit: int,
+def ranked_ids(conn: PgConn, query: Query, filters: Filters, limit: int,
                offset: int) -> list[int]:
     """The message ids of one page of hits, in the window order (module docstring).
 
-    :param tsquery: a valid tsquery, as text.
     :param limit: ids wanted; :data:`~sessiondb.text.NO_LIMIT` for all.
     """
     if limit == 0 or (filters.sources is not None and not filters.sources):
@@ -245,7 +282,7 @@ def ranked_ids(conn: PgConn, tsquery: str, filters: Filters, limit: int,
     first = offset // WINDOW
     # Whole windows: the last one of the page decides the rank of its first hits.
     need = -1 if unbounded else -(-(offset + limit) // WINDOW) * WINDOW
-    found = newest_matches(conn, tsquery, filters, need)
+    found = newest_matches(conn, query, filters, need)
     ordered: list[int] = []
     for start in range(first * WINDOW, len(found), WINDOW):
         window = found[start:start + WINDOW]
@@ -254,54 +291,186 @@ def ranked_ids(conn: PgConn, tsquery: str, filters: Filters, limit: int,
     return ordered[skip:] if unbounded else ordered[skip:skip + limit]
 
 
-def newest_matches(conn: PgConn, tsquery: str, filters: Filters, need: int
+def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                    ) -> list[tuple[int, float]]:
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
-    where = ["m.content_tsv @@ %(q)s::tsquery", "m.id BETWEEN %(lo)s AND %(hi)s"]
-    args: dict[str, Any] = {"q": tsquery}
-    join = ""
-    if filters.session_id is not None:
-        where.append("m.session_id = %(session)s")
-        args["session"] = filters.session_id
-        bounds = "FROM messages WHERE session_id = %(session)s"
-    else:
-        bounds = "FROM messages"
-    if filters.roles:
-        where.append("m.role = ANY(%(roles)s::text[])")
-        args["roles"] = list(filters.roles)
-    if filters.sources:
-        where.append("s.source = ANY(%(sources)s::text[])")
-        args["sources"] = list(filters.sources)
-    if filters.exclude_sources:
-        where.append("s.source <> ALL(%(exclude)s::text[])")
-        args["exclude"] = list(filters.exclude_sources)
-    if filters.sources or filters.exclude_sources:
-        join = " JOIN sessions s ON s.id = m.session_id"
-    lowest, top = conn.raw.execute(f"SELECT min(id), max(id) {bounds}", args,
+    plan = _Plan(filters, query.text)
+    lowest, top = conn.raw.execute(f"SELECT min(id), max(id) {plan.bounds}", plan.args,
                                    prepare=False).fetchone()
     if top is None:
         return []
-    sql = (f"SELECT m.id, ts_rank(m.content_tsv, %(q)s::tsquery, 1) FROM messages m{join}"
-           f" WHERE {' AND '.join(where)}")
+    total = top - lowest + 1
     found: list[tuple[int, float]] = []
-    size = top - lowest + 1 if need < 0 else FIRST_SLICE
-    hi = top
+    hi, us_per_id = top, 0.0
+    gin: tuple[float, float] | None = None
+    sessions: tuple[int, int] | None = None
     while hi >= lowest:
-        lo = max(lowest, hi - size + 1)
-        args["lo"], args["hi"] = lo, hi
-        rows = conn.raw.execute(sql, args, prepare=False).fetchall()
-        found += sorted(rows, reverse=True)
-        if 0 <= need <= len(found):
-            return found[:need]
-        covered = top - lo + 1
-        hi = lo - 1
-        if found:  # the ids the rest needs at the density seen so far
-            wanted = (need - len(found)) * covered / len(found) * SLICE_MARGIN
+        left = need - len(found) if need >= 0 else NO_LIMIT
+        rest = hi - lowest + 1
+        if hi == top:
+            way, size = "walk", FIRST_SLICE
         else:
-            wanted = covered * MAX_GROWTH
-        size = int(min(max(wanted, covered * 2), covered * MAX_GROWTH))
+            density = len(found) / (top - hi)
+            # The ids the rest needs at the density seen so far; nothing seen yet:
+            # MAX_GROWTH times the ids read (the whole index is a way of its own).
+            ids = min(rest, (top - hi) * MAX_GROWTH)
+            if density and need >= 0:
+                ids = min(rest, int(left / density * SLICE_MARGIN) + 1)
+            if gin is None:
+                gin = _gin_estimate(conn, query, total)
+            gin_us, candidates = gin
+            costs = {
+                ("walk", ids): us_per_id * ids,
+                ("gin", ids): gin_us + _US_RANGE_ID * ids
+                + _US_GIN_MATCH * candidates * ids / total,
+                ("gin-all", -1): gin_us + _US_GIN_MATCH * candidates * rest / total,
+            }
+            if plan.by_session:
+                if sessions is None:
+                    sessions = plan.sessions(conn)
+                count, messages = sessions
+                if count <= MAX_WALKED_SESSIONS:
+                    costs[("sessions", ids)] = (count * _US_SESSION
+                                                + _US_ROW * messages * ids / total)
+            way, size = min(costs, key=costs.__getitem__)
+            size = rest if size < 0 else size
+        lo = max(lowest, hi - size + 1)
+        began = time.perf_counter()
+        rows = plan.slice(conn, way, lo, hi, left)
+        if way == "walk":
+            # The walk stops at the LIMIT: it read the ids down to its last row.
+            read = hi - (rows[-1][0] if len(rows) == left else lo) + 1
+            us = (time.perf_counter() - began) * 1e6 / read
+            us_per_id = min(max(us, _US_MIN_PER_ID), _US_MAX_PER_ID)
+        found += rows
+        if 0 <= need <= len(found):
+            return found
+        hi = lo - 1
     return found
+
+
+class _Plan:
+    """The statements of a search's slices, with its filters."""
+
+    def __init__(self, filters: Filters, tsquery: str) -> None:
+        where = ["m.id BETWEEN %(lo)s AND %(hi)s"]
+        self.args: dict[str, Any] = {"q": tsquery}
+        if filters.session_id is not None:
+            where.append("m.session_id = %(session)s")
+            self.args["session"] = filters.session_id
+            self.bounds = "FROM messages WHERE session_id = %(session)s"
+        else:
+            self.bounds = "FROM messages"
+        if filters.roles:
+            where.append("m.role = ANY(%(roles)s::text[])")
+            self.args["roles"] = list(filters.roles)
+        of_sessions = []
+        if filters.sources:
+            of_sessions.append("s.source = ANY(%(sources)s::text[])")
+            self.args["sources"] = list(filters.sources)
+        if filters.exclude_sources:
+            of_sessions.append("s.source <> ALL(%(exclude)s::text[])")
+            self.args["exclude"] = list(filters.exclude_sources)
+        self.by_session = bool(of_sessions)
+        self.of_sessions = " AND ".join(of_sessions) or "true"
+        join = " JOIN sessions s ON s.id = m.session_id" if of_sessions else ""
+        cond = " AND ".join(where + of_sessions)
+        # IS TRUE: an expression the GIN index cannot serve, so the walk reads the
+        # slice's ids newest first and stops at the LIMIT; the rank is computed for
+        # the rows it returns only.
+        match = "(m.content_tsv @@ %(q)s::tsquery) IS TRUE"
+        self.walk = (f"SELECT m.id, ts_rank(m.content_tsv, %(q)s::tsquery, 1) FROM "
+                     f"messages m{join} WHERE {cond} AND {match} "
+                     "ORDER BY m.id DESC LIMIT %(limit)s")
+        # The rank of the rows kept only: a slice of the index may hold many more.
+        ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
+        self.gin = ranked.format(
+            f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE {cond} AND "
+            "m.content_tsv @@ %(q)s::tsquery ORDER BY m.id DESC LIMIT %(limit)s")
+        # The whole index: the slice's ids are checked on each match (id + 0), not
+        # intersected with a bitmap of the primary key.
+        self.gin_all = self.gin.replace("m.id BETWEEN", "m.id + 0 BETWEEN")
+        # Each session of the filter, its messages in the slice from the
+        # (session_id, id) index: a rare source is never read among all messages.
+        inner = " AND ".join(["m.session_id = s.id"] + where[:1] + where[2:])
+        self.by_sessions = ranked.format(
+            f"SELECT m.id, m.content_tsv AS tsv FROM sessions s CROSS JOIN LATERAL "
+            f"(SELECT m.id, m.content_tsv FROM messages m WHERE {inner} AND {match} "
+            f"ORDER BY m.id DESC LIMIT %(limit)s) m WHERE {self.of_sessions} "
+            "ORDER BY m.id DESC LIMIT %(limit)s")
+
+    def sessions(self, conn: PgConn) -> tuple[int, int]:
+        """The filter's sessions and their messages, counted up to one past
+        :data:`MAX_WALKED_SESSIONS` sessions."""
+        return conn.raw.execute(
+            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT message_count "
+            f"FROM sessions s WHERE {self.of_sessions} LIMIT {MAX_WALKED_SESSIONS + 1}) x",
+            self.args, prepare=False).fetchone()
+
+    def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int
+              ) -> list[tuple[int, float]]:
+        args = {**self.args, "lo": lo, "hi": hi, "limit": limit}
+        if way == "walk":
+            return conn.raw.execute(self.walk, args, prepare=False).fetchall()
+        if way == "sessions":
+            return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
+        # The GIN index, alone or intersected with the slice's ids; an index scan
+        # would be the walk again.
+        sql = self.gin_all if way == "gin-all" else self.gin
+        old = conn.raw.execute("SELECT current_setting('enable_indexscan'), "
+                               "set_config('enable_indexscan', 'off', true)",
+                               prepare=False).fetchone()[0]
+        try:
+            return conn.raw.execute(sql, args, prepare=False).fetchall()
+        finally:
+            conn.raw.execute("SELECT set_config('enable_indexscan', %s, true)", [old],
+                             prepare=False)
+
+
+_STATS: dict[tuple[Any, ...], tuple[float, dict[str, float], float]] = {}
+
+
+def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, float]:
+    """Microseconds the GIN index takes to find every match of ``query`` (it reads
+    whole posting lists, whatever the slice), and the number of rows it returns
+    (each is read, and checked again for a phrase or NOT), estimated from the column's
+    statistics (the most common lexemes and their share of messages; cached for
+    :data:`STATS_TTL` seconds): an AND reads about the shortest list of its terms,
+    an OR all of its groups', a prefix every list of its lexemes; a lexeme missing
+    from the statistics is rarer than the rarest there."""
+    info = conn.raw.info
+    key = (info.host, info.port, info.dbname, conn.raw.execute(
+        "SELECT current_schema()", prepare=False).fetchone()[0])
+    cached = _STATS.get(key)
+    if cached is None or cached[0] < time.monotonic():
+        row = conn.raw.execute(
+            "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
+            "WHERE schemaname = current_schema() AND tablename = 'messages' "
+            "AND attname = 'content_tsv'", prepare=False).fetchone()
+        elems, freqs = row if row is not None and row[0] is not None else ([], [])
+        rarest = freqs[len(elems)] if len(freqs) > len(elems) else 0.0
+        cached = (time.monotonic() + STATS_TTL, dict(zip(elems, freqs)), rarest)
+        _STATS[key] = cached
+    _, share, rarest = cached
+    us = rows = 0.0
+    for group in query.groups:
+        terms = []
+        for negated, lexemes in group:
+            if negated:
+                continue
+            for lexeme, prefix in lexemes:
+                if prefix:
+                    part = sum(f for e, f in share.items() if e.startswith(lexeme)) + rarest
+                    terms.append((part * _US_PREFIX_TID, part))
+                else:
+                    part = share.get(lexeme, rarest)
+                    terms.append((part * _US_TID, part))
+        if terms:
+            least = min(terms, key=lambda t: t[1])
+            us += least[0]
+            rows += least[1]
+    return us * messages, rows * messages
 
 
 # -- the hits ------------------------------------------------------------------------

@@ -17,18 +17,33 @@ length, https://www.postgresql.org/docs/current/textsearch-controls.html
 one word therefore orders its window much as SQLite does (more occurrences, shorter
 message first); a query of several words may order its window differently.
 
-**Finding the matches.** The newest matches are read in *slices* of ids from the top:
-the newest :data:`FIRST_SLICE` ids first, then a slice below it sized by the share of
-matches the slices so far held (with a margin, at least twice and at most
-:data:`MAX_GROWTH` times the ids covered so far), until the windows asked for are full
-or the ids run out. In each slice PostgreSQL chooses between walking the slice's ids
-through the primary key and testing each message (a word in most messages: the first
-slice is enough) and the GIN index intersected with the slice (a rare word: a few
-slices, each reading its short posting list). So a search reads about as many messages
-as its windows need, whatever the number of matches. Filters are part of each slice's
-statement: ``session_id`` through the ``(session_id, id)`` index, sources through a
-join with ``sessions``. Statements are never prepared (``prepare=False``): a generic
-plan cannot see how common the words are, and would pick one way for all queries.
+**Finding the matches.** The newest matches are read in *slices* of ids from the top,
+each slice a statement that stops at the matches still needed (``ORDER BY id DESC
+LIMIT``). The first slice (:data:`FIRST_SLICE` ids) is *walked*: its messages read newest
+first through the primary key (or the ``(session_id, id)`` index for ``session_id``) and
+each tested against the query; a word in most messages finds its window there. After it,
+each slice is sized by the share of matches seen so far (with a margin; at most
+:data:`MAX_GROWTH` times the ids read when none was seen) and read the way estimated
+cheapest: the walk again (its pace measured on the first slice); the GIN index
+intersected with a bitmap of the slice's ids; the GIN index alone over all the ids left
+(each of its rows checked for the range); or, with a source filter of at most
+:data:`MAX_WALKED_SESSIONS` sessions, each such session's messages in the slice from the
+``(session_id, id)`` index (a rare source is never looked for among all messages). The
+GIN index reads the whole posting list of every lexeme it is given, whatever the slice:
+its cost is estimated from the column's statistics (``pg_stats.most_common_elems``) and
+corrected by what a slice of it took. All ways find the same rows; the choice changes
+the time, never the result. A group of more than :data:`INDEX_TERMS` ANDed terms (a
+pasted paragraph) gives the index only its longest terms and checks the rest on the
+rows. Statements are never prepared (``prepare=False``: a generic plan cannot see how
+common the words are), and JIT compilation is off for the search's statements (it costs
+more than the statements; settings are restored before returning).
+
+**Limits.** The GIN index knows no positions and no order: a phrase (or ``a NOT b``) of
+words that are each common but rarely adjacent (rarely apart) is checked on every
+message holding all its words in the ids read, ``a NOT b`` of two words in nearly every
+message reads about ``WINDOW`` / (share without ``b``) messages, and a source or role
+filter that keeps a few percent of the matches of a common word reads the messages
+around them. ``limit=None`` ranks every match, window by window.
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following
@@ -92,6 +107,9 @@ _US_SESSION = 5.0  # a session of the filter looked up in the (session_id, id) i
 _US_ROW = 3.0  # one of its messages read and checked
 #: Walking more sessions than this is never chosen (listing them alone costs too much).
 MAX_WALKED_SESSIONS = 2000
+#: Terms of a group of ANDed terms given to the GIN index (the rest are checked on its
+#: rows).
+INDEX_TERMS = 4
 #: Seconds the column statistics read for the cost of the GIN index are kept.
 STATS_TTL = 300.0
 _HEADLINE = ("StartSel=>>>, StopSel=<<<, MaxWords=40, MinWords=20, ShortWord=0, "
@@ -203,8 +221,26 @@ class Query(NamedTuple):
     """A search as a ``tsquery``, and its shape (for the cost of the GIN index)."""
 
     text: str  #: the tsquery, as text
-    #: OR-ed groups of ANDed terms: ``(negated, [(lexeme, prefix), ...])``
-    groups: list[list[tuple[bool, list[tuple[str, bool]]]]]
+    #: OR-ed groups of ANDed terms: ``(negated, [(lexeme, prefix), ...], tsquery)``
+    groups: list[list[tuple[bool, list[tuple[str, bool]], str]]]
+
+    def for_index(self) -> str:
+        """The query the GIN index is asked: each group's terms, or :data:`INDEX_TERMS`
+        of them when it has more (phrases and long words first, prefixes last: the
+        index reads the list of every lexeme it is given, and a 1,000-character query
+        has hundreds); the rows it returns are then checked against the whole query."""
+        if all(len(group) <= INDEX_TERMS for group in self.groups):
+            return self.text
+        return " | ".join("(" + " & ".join(f"({t[2]})" for t in group) + ")"
+                          for group in self.indexed())
+
+    def indexed(self) -> list[list[tuple[bool, list[tuple[str, bool]], str]]]:
+        """The terms of each group given to the GIN index (see :meth:`for_index`)."""
+        if all(len(group) <= INDEX_TERMS for group in self.groups):
+            return self.groups
+        return [sorted((t for t in group if not t[0]), key=lambda t: (
+            any(prefix for _, prefix in t[1]), -len(t[2])))[:INDEX_TERMS]
+            for group in self.groups]
 
 
 def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> Query | None:
@@ -248,7 +284,7 @@ def build_query(conn: PgConn, pieces: list[tuple[str, bool, bool] | str]) -> Que
                       for group in groups)
     return Query(text, [[(negated, [(m.group(1).replace("''", "'"),
                                      term.startswith(":*", m.end()))
-                                    for m in _LEXEME.finditer(term)])
+                                    for m in _LEXEME.finditer(term)], term)
                          for negated, term in group] for group in groups])
 
 
@@ -295,7 +331,7 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                    ) -> list[tuple[int, float]]:
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
-    plan = _Plan(filters, query.text)
+    plan = _Plan(filters, query.text, query.for_index())
     lowest, top = conn.raw.execute(f"SELECT min(id), max(id) {plan.bounds}", plan.args,
                                    prepare=False).fetchone()
     if top is None:
@@ -333,7 +369,7 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                 if count <= MAX_WALKED_SESSIONS:
                     costs[("sessions", ids)] = (count * _US_SESSION
                                                 + _US_ROW * messages * ids / total)
-            way, size = min(costs, key=costs.__getitem__)
+            way, size = _cheapest(costs)
             size = rest if size < 0 else size
         lo = max(lowest, hi - size + 1)
         began = time.perf_counter()
@@ -343,6 +379,10 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
             read = hi - (rows[-1][0] if len(rows) == left else lo) + 1
             us = (time.perf_counter() - began) * 1e6 / read
             us_per_id = min(max(us, _US_MIN_PER_ID), _US_MAX_PER_ID)
+        elif way.startswith("gin") and gin is not None:
+            # What this slice of the index took is what the next one will take.
+            spent = (time.perf_counter() - began) * 1e6 - _US_GIN_MATCH * len(rows)
+            gin = (max(gin[0], spent), gin[1])
         found += rows
         if 0 <= need <= len(found):
             return found
@@ -350,12 +390,17 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
     return found
 
 
+def _cheapest(costs: dict[tuple[str, int], float]) -> tuple[str, int]:
+    """The way (and slice size) of least estimated cost."""
+    return min(costs, key=costs.__getitem__)
+
+
 class _Plan:
     """The statements of a search's slices, with its filters."""
 
-    def __init__(self, filters: Filters, tsquery: str) -> None:
+    def __init__(self, filters: Filters, tsquery: str, indexed: str) -> None:
         where = ["m.id BETWEEN %(lo)s AND %(hi)s"]
-        self.args: dict[str, Any] = {"q": tsquery}
+        self.args: dict[str, Any] = {"q": tsquery, "qi": indexed}
         if filters.session_id is not None:
             where.append("m.session_id = %(session)s")
             self.args["session"] = filters.session_id
@@ -387,13 +432,15 @@ class _Plan:
         ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
         self.gin = ranked.format(
             f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE {cond} AND "
-            "m.content_tsv @@ %(q)s::tsquery ORDER BY m.id DESC LIMIT %(limit)s")
+            "m.content_tsv @@ %(qi)s::tsquery "
+            + ("" if indexed == tsquery else f"AND {match} ")
+            + "ORDER BY m.id DESC LIMIT %(limit)s")
         # The whole index: the slice's ids are checked on each match (id + 0), not
         # intersected with a bitmap of the primary key.
         self.gin_all = self.gin.replace("m.id BETWEEN", "m.id + 0 BETWEEN")
         # Each session of the filter, its messages in the slice from the
         # (session_id, id) index: a rare source is never read among all messages.
-        inner = " AND ".join(["m.session_id = s.id"] + where[:1] + where[2:])
+        inner = " AND ".join(["m.session_id = s.id"] + where)
         self.by_sessions = ranked.format(
             f"SELECT m.id, m.content_tsv AS tsv FROM sessions s CROSS JOIN LATERAL "
             f"(SELECT m.id, m.content_tsv FROM messages m WHERE {inner} AND {match} "
@@ -404,8 +451,9 @@ class _Plan:
         """The filter's sessions and their messages, counted up to one past
         :data:`MAX_WALKED_SESSIONS` sessions."""
         return conn.raw.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT message_count "
-            f"FROM sessions s WHERE {self.of_sessions} LIMIT {MAX_WALKED_SESSIONS + 1}) x",
+            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT "
+            f"message_count FROM sessions s WHERE {self.of_sessions} "
+            f"LIMIT {MAX_WALKED_SESSIONS + 1}) x",
             self.args, prepare=False).fetchone()
 
     def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int
@@ -415,16 +463,18 @@ class _Plan:
             return conn.raw.execute(self.walk, args, prepare=False).fetchall()
         if way == "sessions":
             return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
-        # The GIN index, alone or intersected with the slice's ids; an index scan
-        # would be the walk again.
+        # The GIN index, alone or intersected with the slice's ids: an index scan
+        # would be the walk again, a sequential scan all of the table.
         sql = self.gin_all if way == "gin-all" else self.gin
-        old = conn.raw.execute("SELECT current_setting('enable_indexscan'), "
-                               "set_config('enable_indexscan', 'off', true)",
-                               prepare=False).fetchone()[0]
+        old = conn.raw.execute(
+            "SELECT current_setting('enable_indexscan'), current_setting('enable_seqscan'),"
+            " set_config('enable_indexscan', 'off', true), "
+            "set_config('enable_seqscan', 'off', true)", prepare=False).fetchone()
         try:
             return conn.raw.execute(sql, args, prepare=False).fetchall()
         finally:
-            conn.raw.execute("SELECT set_config('enable_indexscan', %s, true)", [old],
+            conn.raw.execute("SELECT set_config('enable_indexscan', %s, true), "
+                             "set_config('enable_seqscan', %s, true)", old[:2],
                              prepare=False)
 
 
@@ -453,23 +503,28 @@ def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, flo
         cached = (time.monotonic() + STATS_TTL, dict(zip(elems, freqs)), rarest)
         _STATS[key] = cached
     _, share, rarest = cached
+    rarest /= 2  # as PostgreSQL's own estimate of a lexeme missing from the statistics
     us = rows = 0.0
-    for group in query.groups:
-        terms = []
-        for negated, lexemes in group:
+    for group in query.indexed():
+        # The index reads every list of the group's lexemes (skipping through the
+        # longer ones of an AND); the rows it returns are those holding every term
+        # (taken as independent), each of them all the lexemes of its phrase.
+        group_us, group_rows = 0.0, 1.0
+        for negated, lexemes, _ in group:
             if negated:
                 continue
+            term_rows = 1.0
             for lexeme, prefix in lexemes:
                 if prefix:
                     part = sum(f for e, f in share.items() if e.startswith(lexeme)) + rarest
-                    terms.append((part * _US_PREFIX_TID, part))
+                    group_us += part * _US_PREFIX_TID
                 else:
                     part = share.get(lexeme, rarest)
-                    terms.append((part * _US_TID, part))
-        if terms:
-            least = min(terms, key=lambda t: t[1])
-            us += least[0]
-            rows += least[1]
+                    group_us += part * _US_TID
+                term_rows = min(term_rows, part)
+            group_rows *= term_rows
+        us += group_us
+        rows += group_rows
     return us * messages, rows * messages
 
 

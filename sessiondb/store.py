@@ -1,26 +1,26 @@
-"""``SessionDB``: the public session and message API over one shared SQLite file.
+"""``SessionDB``: the public session and message API, over SQLite or PostgreSQL.
 
-Every method is a short read through ``Engine._read`` or a write through
-``Engine._execute_write``, the only write path (see :mod:`sessiondb.engine` and
-:mod:`sessiondb.writes`).
+A ``SessionDB`` holds an engine (:mod:`sessiondb.backend`) and writes its rules once:
+every method is a short read through the engine's ``read`` or a write through its
+``execute_write``, the only write path (SQLite: :mod:`sessiondb.engine` and
+:mod:`sessiondb.writes`; PostgreSQL: :mod:`sessiondb.pg.engine`). Coordination (leases,
+claims) and upkeep (export, import, prune) are the other two parts of the class
+(:mod:`sessiondb.coordination`, :mod:`sessiondb.upkeep`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-import apsw
-
-from . import bulk, listing, pruning, records, search, search_index
+from . import listing, records, search, search_index
+from .backend import (
+    Conn, Dialect, Engine, fetch as _fetch, first as _first, open_engine, rows as _rows,
+)
 from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
-from .schema import index_prefixes
-from .backend import Conn, Dialect, Engine, fetch as _fetch, first as _first, open_engine, rows as _rows
-from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,
@@ -30,6 +30,7 @@ from .text import (
     check_limit, check_list, check_text, lineage_number,
     sanitize_title, split_lineage, to_json,
 )
+from .upkeep import Upkeep
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens")
@@ -40,7 +41,7 @@ _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_
                    "title")
 
 
-class SessionDB(Coordination):
+class SessionDB(Coordination, Upkeep):
     """A session store that many processes can share.
 
     :param path: the database file, or a PostgreSQL URL (``postgresql://user@host/db``,
@@ -679,194 +680,8 @@ class SessionDB(Coordination):
                 raise search_index.search_damage_error(exc, self.path) from exc
             raise
 
-    # -- export, import, prune ---------------------------------------------------------
-    def export_session(self, session_id: str) -> dict[str, Any] | None:
-        """The session and its messages as one JSON-ready dict, or None."""
-        check_text("session_id", session_id, optional=False)
-        return self._read(lambda c: bulk.export_session(c, session_id), snapshot=True)
-
-    def iter_export(self, source: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every session (optionally of one source), oldest first, with its messages (as
-        :meth:`export_session`), streamed: read in batches of up to 200 sessions or about
-        5,000 messages, each in one short snapshot (a session is read with its messages;
-        no read transaction is held while the caller works; inside a :meth:`snapshot`
-        block all of it sees that snapshot). The first batch is read at the call.
-
-        :raises InvalidArgumentType: ``source`` is not a str.
-        """
-        source = check_text("source", source)
-        first = self._read(lambda c: bulk.export_batch(c, source, None, self._sql),
-                           snapshot=True)
-        return bulk.export_batches(self._read, source, first, self._sql)
-
-    def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
-        """Every session (optionally of one source), oldest first, with its messages, as
-        one list (:meth:`iter_export` streams them instead)."""
-        return list(self.iter_export(source))
-
-    def import_sessions(self, data: Any, *, skip_existing: bool = False,
-                        progress: ProgressCallback | None = None) -> int:
-        """Import what the exports produced: a session dict, a list of them, or any
-        iterable of them (a generator over a JSON Lines file), consumed in batches, in
-        short write transactions while other processes keep writing, each committing
-        whole sessions; then the deferred indexing, in steps (:mod:`sessiondb.bulk`:
-        message ids, parents, conflicts midway). If interrupted, what was committed stays
-        and a rerun with ``skip_existing=True`` finishes the job. A dict or list is
-        checked as a whole before anything is written. In a :meth:`transaction` block
-        the input is read first and written as one call.
-
-        :param progress: called after each step: task ``"import"`` (``"messages"``),
-            then ``"index"``.
-        :returns: number of sessions imported.
-        :raises IntegrityViolation: a session already exists (unless ``skip_existing``),
-            a parent is neither in the store nor in the import, or a title is taken.
-        :raises InvalidArgument: a value the store will not accept.
-        :raises InvalidArgumentType: ``data`` or a value in it has the wrong type.
-        """
-        check_flag("skip_existing", skip_existing)
-        progress = check_progress(progress)
-        if self._engine.in_transaction:
-            return bulk.import_in_block(data, sql=self._sql, write=self._execute_write,
-                                        skip_existing=skip_existing, progress=progress)
-        with self._sql.import_context(self._read):
-            return bulk.import_sessions(
-                data, sql=self._sql, write=self._execute_write, read=self._read,
-                budget=step_budget(self._engine.hold_timeout),
-                between=self._engine.between_steps, skip_existing=skip_existing,
-                progress=progress, index=self._index_pending)
-
-    def prune_sessions(self, older_than_days: float = 90, source: str | None = None, *,
-                       dry_run: bool = False, progress: ProgressCallback | None = None
-                       ) -> int:
-        """Delete ended sessions started more than ``older_than_days`` ago, with their
-        messages, and give the space back (:meth:`reclaim_space`). Active sessions are
-        never pruned; neither is a session that a remaining session names as its parent.
-
-        It runs as a series of short write transactions (:mod:`sessiondb.maintenance`),
-        so other processes keep writing meanwhile, and each leaves the store consistent:
-        a session goes with all its messages at once (one with more than 2,000 messages
-        or 4 MB of content loses them oldest first, a chunk at a time, counters exact at
-        every step). If it
-        is interrupted, what was deleted stays deleted and a rerun finishes the job.
-        Inside a :meth:`transaction` block it runs within that transaction.
-
-        :param dry_run: only count what would be deleted; nothing is written.
-        :param progress: called with a :class:`~sessiondb.maintenance.Progress` (task
-            ``"prune"``, rows: sessions plus messages) after each step, then by
-            :meth:`reclaim_space`.
-        :returns: number of sessions deleted (or, with ``dry_run``, that would be).
-        """
-        days = check_cost("older_than_days", older_than_days)
-        if days is None:
-            raise InvalidArgument("older_than_days is required")
-        source = check_text("source", source)
-        dry_run = check_flag("dry_run", dry_run)
-        progress = check_progress(progress)
-        cutoff = time.time() - days * 86400
-        sessions, messages = self._read(lambda c: pruning.count(c, cutoff, source),
-                                        snapshot=True)
-        if dry_run or not sessions:
-            return sessions
-        deleted = pruning.Tally()
-        self._run_steps(pruning.prune_step(cutoff, source, deleted, self._sql),
-                        Tracker("prune", "rows", sessions + messages, progress),
-                        committed=deleted.commit)
-        self.reclaim_space(progress=progress)
-        return deleted.total
-
-    def reclaim_space(self, *, progress: ProgressCallback | None = None) -> dict[str, int]:
-        """Give the pages that deletions freed back to the file system, in short steps
-        (``PRAGMA incremental_vacuum``; no VACUUM holding the lock for minutes), then
-        checkpoint so that the file shrinks. Stores that sessiondb created shrink; a
-        converted hermes-agent file (made without incremental auto-vacuum) keeps its
-        size and reuses the free pages for new data.
-
-        :param progress: called after each step (task ``"reclaim"``, unit ``"pages"``).
-        On PostgreSQL there is nothing to do in steps: autovacuum makes the space of
-        deleted rows reusable (``VACUUM FULL`` would lock the tables); the sizes are
-        the store's tables with their indexes.
-
-        :returns: ``freed_pages``, ``bytes_before`` and ``bytes_after`` (database file).
-        """
-        progress = check_progress(progress)
-        if not self._sql.reclaims_space:  # PostgreSQL: the server's autovacuum does it
-            size = self._read(self._sql.store_bytes)
-            return {"freed_pages": 0, "bytes_before": size, "bytes_after": size}
-        before = _file_size(self.path)
-        free = self._read(lambda c: int(c.pragma("freelist_count")))
-        freed = self._run_steps(pruning.reclaim_step,
-                                Tracker("reclaim", "pages", free, progress))
-        if freed and not self._engine.in_transaction:
-            self.checkpoint()
-        return {"freed_pages": freed, "bytes_before": before,
-                "bytes_after": _file_size(self.path)}
-
-    def rebuild_search_index(self, *, prefixes: Sequence[int] | None = None,
-                             progress: ProgressCallback | None = None) -> int:
-        """Rebuild the full-text index from the messages (which are only read), in short
-        steps while other processes keep writing; clears a damage mark
-        (:mod:`sessiondb.search_index`). Searches raise
-        :class:`~sessiondb.errors.SearchIndexError` until it is done. If a rebuild was
-        cut short (a crash, a kill), this finishes it instead of starting again (unless
-        its new index was found damaged meanwhile); it also indexes messages a bulk
-        import left pending.
-
-        :param prefixes: give the index FTS5 prefix indexes of these lengths (e.g.
-            ``(2, 3, 4)``: a prefix query ``dep*`` of 2-4 letters then answers in
-            milliseconds on any store, for an index about 3.5 times larger and writes
-            that index a message about 4 times slower); ``()`` removes them; None
-            (default) keeps what the index has. A change starts a new rebuild.
-        :param progress: called after each step (task ``"index"``, unit ``"messages"``;
-            then ``"cleanup"`` while the old index is removed).
-        :returns: the number of messages indexed.
-        :raises InvalidArgument: a prefix length outside 1-20.
-        """
-        progress = check_progress(progress)
-        wanted = _check_prefixes(prefixes)
-        if wanted is not None and wanted != self._read(index_prefixes):
-            self._execute_write(lambda c: search_index.begin_rebuild(
-                c, "a rebuild was requested", wanted), bounded=False)
-        elif (self._read(search_index.rebuilding) is None
-              or self._read(search_index.damage_note) is not None):
-            # A rebuild cut short is finished, unless a write has found its new index
-            # damaged since (the triggers skip a damaged index: finishing it would
-            # leave it incomplete). Unbounded: an index too damaged to set aside is
-            # dropped in one statement.
-            self._execute_write(lambda c: search_index.begin_rebuild(
-                c, "a rebuild was requested"), bounded=False)
-        return self._index_pending(progress)
-
-    def _index_pending(self, progress: ProgressCallback | None) -> int:
-        if not self._sql.defers_index:
-            return 0
-        total = self._read(search_index.pending_messages)
-        return search_index.catch_up(self._run_steps, progress, total)
-
-    # -- operations -------------------------------------------------------------------
 # -- helpers (module level: pure functions of a connection) ---------------------------
 
-
-
-def _check_prefixes(prefixes: Any) -> tuple[int, ...] | None:
-    if prefixes is None:
-        return None
-    if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, (list, tuple, set,
-                                                                         frozenset)):
-        raise InvalidArgumentType("prefixes must be a list of ints (e.g. [2, 3, 4]), not "
-                                  f"{type(prefixes).__name__}")
-    for n in prefixes:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise InvalidArgumentType(f"prefixes must hold ints, not {type(n).__name__}")
-        if not 1 <= n <= 20:
-            raise InvalidArgument(f"a prefix index length must be 1 to 20, got {n}")
-    return tuple(sorted(set(prefixes)))
-
-
-def _file_size(path: Any) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _key(session_id: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
+from pathlib import PurePath
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from .errors import ConfigurationError
@@ -106,6 +107,10 @@ def open_engine(path: Any, options: dict[str, Any]) -> Engine:
     :raises ConfigurationError: an option the chosen backend does not have.
     """
     from .connection import ENV_PATH
+    if isinstance(path, PurePath) and is_url(str(path).replace(":/", "://", 1)):
+        raise ConfigurationError(
+            f"{str(path)!r} looks like a PostgreSQL URL made into a path (Path() keeps one "
+            "slash of '//'); pass the URL as a str")
     if path is None and is_url(os.environ.get(ENV_PATH, "")):
         path = os.environ[ENV_PATH]
     if is_url(path):

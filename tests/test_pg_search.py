@@ -2,12 +2,11 @@
 text, snippets, filters, paging through the window order against an oracle computed
 in SQL, every way of finding the matches, and a 10 MB message.
 
-Runs against the server in ``$SESSIONDB_TEST_PG_URL`` (skipped when unset), each test in
-a schema of its own."""
+Runs against the test PostgreSQL server (tests/pg_fixtures.py), each store in a schema
+of its own."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 import uuid
@@ -21,8 +20,13 @@ from hypothesis import strategies as st
 from sessiondb import InvalidArgument, SessionDB
 from sessiondb.pg import search as pg_search
 
-URL = os.environ.get("SESSIONDB_TEST_PG_URL", "")
-pytestmark = pytest.mark.skipif(not URL, reason="SESSIONDB_TEST_PG_URL is not set")
+URL = ""  # the test server's, set by _server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server(pg_server: Any) -> None:
+    global URL
+    URL = pg_server.url()
 
 
 def _fresh(url: str) -> tuple[SessionDB, str]:

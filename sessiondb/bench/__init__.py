@@ -1,7 +1,8 @@
 """The benchmarks: the multi-process contention benchmark (``sessiondb bench`` or
-``python -m benchmarks.contention``, see :mod:`sessiondb.bench.run`) and, only when asked
-for with ``--only scale``, the scale benchmark (:mod:`sessiondb.bench.scale`). See the
-README."""
+``python -m benchmarks.contention``, see :mod:`sessiondb.bench.run`); with ``--db URL``
+the same scenarios on PostgreSQL beside SQLite (:mod:`sessiondb.bench.pg_run`); and, only
+when asked for with ``--only scale``, the scale benchmark (:mod:`sessiondb.bench.scale`).
+See the README."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writers", type=int, help="writer processes per scenario (overrides)")
     parser.add_argument("--only", action="append", metavar="SCENARIO",
                         help="run only this scenario (convoy, agent, burst, fast, gateway, "
-                             "async-loop); repeatable. 'scale' runs the scale benchmark "
-                             "instead (never part of the default run)")
+                             "async-loop; with --db: convoy, convoy-row, agent-16, burst, "
+                             "fast, agent-64, overhead); repeatable. 'scale' runs the scale "
+                             "benchmark instead (never part of the default run)")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
                         help="run only this strategy (repeatable; default all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
@@ -32,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every raw figure as JSON to FILE (schema in the README)")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw latency CDFs per strategy (needs the 'bench' extra)")
+    parser.add_argument("--db", metavar="URL",
+                        help="run the scenarios on PostgreSQL at this postgresql:// URL "
+                             "(sessiondb and plain psycopg) beside sessiondb on SQLite, "
+                             "in one run, and check the goals; creates and drops schemas "
+                             "sessiondb_bench_* in that database (needs the 'postgres' "
+                             "extra)")
     scale = parser.add_argument_group("the scale benchmark (--only scale)")
     scale.add_argument("--messages", type=_at_least(1000), default=1_000_000, metavar="N",
                        help="messages in the store, in sessions of 50 (default 1,000,000; "
@@ -56,6 +64,8 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "db", None):
+        return _run_postgres(args)
     if args.only and "scale" in args.only:
         return _run_scale(args)
     from .report import plot, table
@@ -75,6 +85,29 @@ def run(args: argparse.Namespace) -> int:
             print("--plot needs matplotlib: pip install 'sessiondb[bench]'", file=sys.stderr)
             return 2
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 1 if any(r["failed"] for r in doc["runs"]) else 0
+
+
+def _run_postgres(args: argparse.Namespace) -> int:
+    from ..backend import is_url
+
+    if not is_url(args.db):
+        print(f"--db takes a postgresql:// URL, not {args.db!r}", file=sys.stderr)
+        return 2
+    if args.strategies or args.plot or (args.only and "scale" in args.only):
+        print("--db runs its own clients: no --strategy, --plot or --only scale",
+              file=sys.stderr)
+        return 2
+    from .pg_report import table
+    from .pg_run import benchmark as pg_benchmark  # psycopg is imported only here
+
+    doc = pg_benchmark(args.db, quick=args.quick, duration=args.duration,
+                       writers=args.writers, only=args.only, seed=args.seed)
+    print(table(doc))
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        print(f"wrote {args.json_file}", file=sys.stderr)
     return 1 if any(r["failed"] for r in doc["runs"]) else 0
 
 

@@ -271,28 +271,36 @@ def _writer(job: Job, result: Result, barriers: Any) -> None:
     texts = [message_text(rng) for _ in range(64)]
     end = _begin(barriers, job.duration)
     try:
-        while time.monotonic() < end:
-            if job.burst:
-                # Synchronized bursts: every process fires at the same wall-clock second.
-                time.sleep(max(0.0, 1.0 - time.time() % 1.0))
-                count = job.burst
-            else:
-                count = 1
-            for _ in range(count):
-                t0 = time.monotonic()
-                try:
-                    hold = runner.write(job.session_id, rng.choice(texts), job.hold)
-                except Exception as exc:
-                    _record_error(result, exc)
-                else:
-                    result.latencies.append(time.monotonic() - t0)
-                    result.holds.append(hold)
-                    result.commits += 1
-            if job.think:
-                time.sleep(rng.expovariate(1.0 / job.think))
+        write_turns(job, result, runner, rng, texts, end)
     finally:
         _end(barriers)
         runner.close()
+
+
+def write_turns(job: Job, result: Result, runner: Any, rng: random.Random,
+                texts: list[str], end: float) -> None:
+    """A writer's loop until ``end`` (monotonic): one write per turn, or ``job.burst``
+    writes at each second boundary, then the think time; every write timed end to end.
+    Shared with the PostgreSQL benchmark's writer threads (:mod:`.pg_workers`)."""
+    while time.monotonic() < end:
+        if job.burst:
+            # Synchronized bursts: every process fires at the same wall-clock second.
+            time.sleep(max(0.0, 1.0 - time.time() % 1.0))
+            count = job.burst
+        else:
+            count = 1
+        for _ in range(count):
+            t0 = time.monotonic()
+            try:
+                hold = runner.write(job.session_id, rng.choice(texts), job.hold)
+            except Exception as exc:
+                _record_error(result, exc)
+            else:
+                result.latencies.append(time.monotonic() - t0)
+                result.holds.append(hold)
+                result.commits += 1
+        if job.think:
+            time.sleep(rng.expovariate(1.0 / job.think))
 
 
 def _gateway(job: Job, result: Result, barriers: Any) -> None:

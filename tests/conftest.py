@@ -24,6 +24,7 @@ CONTRACT = {
     "test_accounting", "test_claims", "test_leases", "test_messages", "test_revisions",
     "test_sessions", "test_titles", "test_transaction", "test_export_import",
     "test_listing", "test_search", "test_snapshot", "test_errors",
+    "test_compat_hermes_api", "test_compat_hermes_search",
 }
 
 

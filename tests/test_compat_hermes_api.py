@@ -2,6 +2,10 @@
 module surface, session lifecycle, accounting, titles, lookups and lists, messages,
 export and cleanup, errors (#6). Search: test_compat_hermes_search.py; the file
 (conversion of a hermes-agent state.db, other processes, the CLI): test_compat_hermes_file.py.
+
+A contract file (tests/conftest.py): the tests taking ``hdb`` or ``db_path`` run on SQLite
+and on PostgreSQL (#12); where PostgreSQL differs by design, a test says so by
+``backend``.
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import apsw
 import pytest
@@ -108,20 +116,34 @@ def test_close_is_idempotent_and_every_method_then_raises_attribute_error(db_pat
         assert isinstance(caught.value, sessiondb.ClosedError)
 
 
-def test_lock_exhaustion_is_an_operational_error(db_path):
-    with SessionDB(db_path, write_timeout=0.2) as db:
-        db.create_session("s", "cli")
+@contextmanager
+def write_locked(db_path: Any, backend: str) -> Iterator[None]:
+    """Another client holds the write lock of the store (SQLite) or of its sessions
+    table (PostgreSQL) until the block ends."""
+    if backend == "sqlite":
         # apsw, not the sqlite3 module: two SQLite libraries in one process do not see
         # each other's POSIX locks.
         blocker = apsw.Connection(str(db_path))
         blocker.execute("BEGIN IMMEDIATE")
-        try:
-            with pytest.raises(sqlite3.OperationalError) as caught:
-                db.end_session("s", "x")
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+    else:
+        import psycopg
+        blocker = psycopg.connect(db_path, autocommit=True)
+        blocker.execute("BEGIN; LOCK TABLE sessiondb.sessions IN EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_lock_exhaustion_is_an_operational_error(db_path, backend):
+    with SessionDB(db_path, write_timeout=0.2) as db:
+        db.create_session("s", "cli")
+        with write_locked(db_path, backend), \
+                pytest.raises(sqlite3.OperationalError) as caught:
+            db.end_session("s", "x")
         assert isinstance(caught.value, sessiondb.WriteTimeout)
+        assert isinstance(caught.value, hermes.LockTimeout)
         assert db.get_session("s")["ended_at"] is None  # nothing written
 
 
@@ -835,10 +857,16 @@ def test_prune_of_a_referenced_parent_deletes_nothing(hdb, clock, child):
     assert hdb.session_count() == 3 and hdb.message_count() == 3
 
 
+def engine_write_timeout(db: SessionDB) -> float:
+    engine = db._engine
+    return engine._options["write_timeout"] if db.backend == "sqlite" else \
+        engine.write_timeout
+
+
 def test_write_timeout_defaults_to_about_the_originals_longest_wait(hdb, db_path):
-    assert hdb._engine._options["write_timeout"] == hermes.WRITE_TIMEOUT == 16.0
+    assert engine_write_timeout(hdb) == hermes.WRITE_TIMEOUT == 16.0
     with SessionDB(db_path, write_timeout=3) as db:
-        assert db._engine._options["write_timeout"] == 3.0
+        assert engine_write_timeout(db) == 3.0
 
 
 def test_one_instance_is_shared_by_threads(hdb):
@@ -865,3 +893,138 @@ def test_sessiondb_transaction_groups_facade_calls(hdb):
             raise RuntimeError("the turn failed")
     assert [m["content"] for m in hdb.get_messages("s")] == ["kept"]
     assert hdb.get_session("s")["message_count"] == 1
+
+
+# -- the same facade on PostgreSQL: a URL, errors, concurrent writers (#12) ---------------
+
+
+def test_a_url_opens_a_postgresql_store(pg_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parts = urlsplit(pg_url)
+    url = urlunsplit(parts._replace(
+        netloc=f"{parts.username}:secret@{parts.hostname}:{parts.port}"))
+    with SessionDB(url) as db:
+        # The argument itself, so that it opens the same store again; what is shown
+        # hides the password.
+        assert db.db_path == url and isinstance(db.db_path, str)
+        assert db.backend == "postgresql"
+        assert "secret" not in str(db.path) and "secret" not in repr(db)
+        db.create_session("s", "cli")
+        with SessionDB(db.db_path) as again:
+            assert again.get_session("s")["source"] == "cli"
+    assert list(tmp_path.iterdir()) == []  # no file made of the URL
+
+
+def test_errors_chain_the_backend_error_in_sqlite_words(hdb, backend):
+    with pytest.raises(hermes.IntegrityError) as caught:
+        hdb.append_message("missing", "user", "x")
+    engine_error = caught.value.__cause__
+    assert isinstance(engine_error, sessiondb.IntegrityViolation)
+    assert type(engine_error.__cause__).__module__.split(".")[0] == (
+        "apsw" if backend == "sqlite" else "psycopg")
+    assert str(caught.value).startswith("FOREIGN KEY constraint failed")
+    hdb.create_session("s", "cli")
+    with pytest.raises(hermes.IntegrityError) as caught:
+        hdb.append_message("s", None, "x")
+    assert str(caught.value).startswith("NOT NULL constraint failed: messages.role")
+
+
+def test_values_of_another_type_than_the_column(hdb, backend):
+    """SQLite's columns take any type (text affinity makes 5 the id "5"); PostgreSQL's
+    have one: ProgrammingError, as for a value SQLite cannot store; a NUL in text
+    cannot be stored there (InvalidArgument, a ValueError)."""
+    hdb.create_session("5", "cli")
+    if backend == "sqlite":
+        assert hdb.get_session(5)["id"] == "5"
+        assert hdb.create_session(None, "cli") is None  # a row with a NULL id
+        assert hdb.session_count() == 2
+        hdb.append_message("5", "user", "a\x00b")
+        return
+    with pytest.raises(hermes.ProgrammingError) as caught:
+        hdb.get_session(5)
+    assert isinstance(caught.value, sqlite3.ProgrammingError)
+    assert hdb.create_session(None, "cli") is None  # not stored: a primary key
+    assert hdb.session_count() == 1
+    with pytest.raises(sessiondb.InvalidArgument):
+        hdb.append_message("5", "user", "a\x00b")
+    assert hdb.get_session("5")["message_count"] == 0
+
+
+def test_core_and_facade_share_a_store(db_path):
+    with SessionDB(db_path) as facade, sessiondb.SessionDB(db_path) as core:
+        facade.create_session("f", "cli")
+        facade.append_message("f", "user", "from the facade")
+        core.create_session("c", "cli")
+        core.append_message("c", "user", "from the core")
+        assert {s["id"] for s in core.list_sessions()} == {"f", "c"}
+        assert [m["content"] for m in facade.get_messages("c")] == ["from the core"]
+        assert [m["content"] for m in core.get_messages("f")] == ["from the facade"]
+        assert facade.message_count() == core.message_count() == 2
+
+
+def test_appends_racing_clears_keep_the_counters_exact(hdb):
+    hdb.create_session("s", "cli")
+
+    def append(n: int) -> None:
+        for i in range(30):
+            hdb.append_message("s", "tool", f"{n}/{i}", tool_calls=[1, 2])
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(append, n) for n in range(3)]
+        for _ in range(10):
+            hdb.clear_messages("s")
+        for future in futures:
+            future.result()
+    left = len(hdb.get_messages("s"))
+    row = hdb.get_session("s")
+    assert (row["message_count"], row["tool_call_count"]) == (left, 2 * left)
+    assert hdb.message_count() == hdb.message_count("s") == left
+
+
+def test_a_delete_racing_appends_leaves_no_message_behind(hdb):
+    hdb.create_session("s", "cli")
+    started = threading.Event()
+
+    def append() -> int:
+        done = 0
+        for _ in range(100):
+            try:
+                hdb.append_message("s", "user", "x")
+            except sqlite3.IntegrityError:
+                continue  # the session is gone: nothing written
+            done += 1
+            started.set()
+        return done
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(append) for _ in range(2)]
+        assert started.wait(30)
+        assert hdb.delete_session("s") is True  # a racing append does not fail it
+        written = sum(future.result() for future in futures)
+    assert written > 0
+    assert raw(hdb, "SELECT count(*) FROM messages") == [(0,)]
+    assert hdb.message_count() == 0 and hdb.session_count() == 0
+
+
+def test_racing_title_setters_one_wins_the_other_hears_who(db_path):
+    with SessionDB(db_path) as a, SessionDB(db_path) as b:
+        a.create_session("x", "cli")
+        a.create_session("y", "cli")
+        for round_ in range(5):
+            title = f"Same {round_}"
+            barrier = threading.Barrier(2)
+
+            def set_title(db: SessionDB, sid: str) -> Exception | None:
+                barrier.wait()
+                try:
+                    db.set_session_title(sid, title)
+                except ValueError as exc:
+                    return exc
+                return None
+
+            with ThreadPoolExecutor(2) as pool:
+                errors = [e for e in pool.map(set_title, (a, b), ("x", "y")) if e]
+            winner = a.get_session_by_title(title)["id"]
+            assert [str(e) for e in errors] == [
+                f"Title '{title}' is already in use by session {winner}"]
+            assert isinstance(errors[0], hermes.TitleInUse)

@@ -1,25 +1,33 @@
 """A drop-in replacement for hermes-agent's ``SessionDB`` (``hermes_state.py``, March 2026,
-its schema 6)::
+its schema 6), on a SQLite file or a PostgreSQL database::
 
     from sessiondb.compat.hermes import SessionDB   # instead of: from hermes_state import SessionDB
 
+    db = SessionDB()                                      # ~/.hermes/state.db, as before
+    db = SessionDB("postgresql://hermes@db.internal/hermes")   # a PostgreSQL store
+
 Every method, default, return shape (dict keys in hermes-agent's column order), counter,
-title and search rule is hermes-agent's (#6). Underneath it is sessiondb: the writes run
-through the engine's write path (:meth:`sessiondb.engine.Engine.execute_write`: the FIFO gate, ``BEGIN
-IMMEDIATE``, jittered retry until ``write_timeout``) instead of the original's 15-attempt
-loop, the reads through :meth:`~sessiondb.engine.Engine.read`, on one apsw connection with
-sessiondb's pragmas and checkpoints. The file is a sessiondb store: the ``sessiondb`` CLI
-and :class:`sessiondb.SessionDB` open it too, and an existing hermes-agent ``state.db`` is
-converted in place when first opened (:func:`sessiondb.schema.from_hermes`).
+title and search rule is hermes-agent's (#6), on both backends. Underneath it is
+sessiondb's engine (:func:`sessiondb.backend.open_engine`): the writes run through its
+one write path (SQLite: the FIFO gate, ``BEGIN IMMEDIATE``, jittered retry until
+``write_timeout``; PostgreSQL: a pooled connection, a short transaction, retries of
+serialization failures) instead of the original's 15-attempt loop. A file is a sessiondb
+store: the ``sessiondb`` CLI and :class:`sessiondb.SessionDB` open it too, and an
+existing hermes-agent ``state.db`` is converted in place when first opened
+(:func:`sessiondb.schema.from_hermes`). A URL opens a sessiondb store on PostgreSQL
+(there is nothing to convert; :class:`sessiondb.SessionDB` opens the same URL too).
 
 Where the original raised a ``sqlite3`` error, this raises a class that derives from both
 that ``sqlite3`` class and a sessiondb error, so ``except sqlite3.IntegrityError`` and
-``except sessiondb.IntegrityViolation`` both work::
+``except sessiondb.IntegrityViolation`` both work, on either backend (on PostgreSQL the
+sessiondb error's ``__cause__`` is the psycopg error, and the message starts with
+SQLite's words, e.g. ``FOREIGN KEY constraint failed``)::
 
     IntegrityError      IntegrityViolation + sqlite3.IntegrityError
                         (foreign key, NOT NULL, datatype mismatch: limit=None)
     ProgrammingError    InvalidArgumentType + sqlite3.ProgrammingError
-                        (a value SQLite cannot store, e.g. list content)
+                        (a value SQLite cannot store, e.g. list content; on
+                        PostgreSQL also a value of another type than the column's)
     DatabaseLocked      DatabaseBusyError + sqlite3.OperationalError
     └── LockTimeout     + WriteTimeout: no write lock within write_timeout
     DatabaseClosed      ClosedError + AttributeError (any call after close())
@@ -30,16 +38,36 @@ PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (16 s) in a FI
 rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snippet()``
 gets sessiondb's linear-time snippet; search ranks in windows of the 1,000 most recent
 matches, best first within each (:mod:`sessiondb.search`; fewer matches than that: best
-first, as the original); rows read from a file hermes-agent had migrated
-from an older version have their keys in the documented order, not the file's. A query
-that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the original
-(the permitted difference of answering it with matches is not taken).
+first, as the original). A query that is still invalid FTS5 after sanitizing returns
+``[]`` exactly as in the original (the permitted difference of answering it with matches
+is not taken), on PostgreSQL too.
+
+On PostgreSQL, besides (see :mod:`sessiondb.compat._hermes_search` and
+:mod:`sessiondb.pg.search`):
+
+- search: the matches are PostgreSQL's (``to_tsvector('simple')``): accents are not
+  removed (``cafe`` does not find ``café``); ``foo.py``, ``v1.2`` and e-mail addresses
+  are single tokens (``foo`` does not find ``foo.py``); a hyphenated word is found by
+  itself and its parts, not by its parts apart (``chat-send`` does not find ``chat
+  send``); only the first 262,144 characters of a message are indexed; column filters
+  (``content:``) are dropped and ``"a phrase"*`` is the exact phrase; a query over
+  1,000 characters raises :class:`~sessiondb.errors.InvalidArgument` (a ValueError).
+  The order within a window is ``ts_rank``'s (occurrences over the log of the length),
+  not bm25's (which weighs a rare word above a common one). Snippets are
+  ``ts_headline``'s: up to 40 words around the best match, each matched word wrapped
+  on its own (``>>>run<<< >>>chat<<<`` where FTS5 wraps the phrase ``>>>run chat<<<``);
+- text holding U+0000 cannot be stored or looked up: :class:`~sessiondb.errors.
+  InvalidArgument`; a value of another type than its column's (an int session id, a
+  token count ``"abc"``), which SQLite stored or compared as it was,
+  raises :class:`ProgrammingError`; a session id of None is not stored (primary keys
+  are NOT NULL; SQLite's legacy rule let hermes-agent store such a row);
+- sessions that started at the same instant are listed in no defined order (on
+  SQLite: the order of the index SQLite picks, as in the original).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -48,19 +76,15 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
-from .. import listing, records, search, search_index
-from ..backend import fetch as _fetch, first as _first
-from ..engine import Engine
-from ..backend import rows as _engine_rows
+from .. import records, search, search_index
+from ..backend import Conn, fetch as _fetch, first as _first, is_url, open_engine
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
 )
-from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS, MESSAGE_TOTAL_SQL
-from ..text import (
-    MAX_QUERY_LENGTH, from_json, lineage_number, sanitize_fts_query, split_lineage,
-)
-from . import _hermes_text as rules
+from ..schema import HERMES_MESSAGE_COLUMNS
+from ..text import lineage_number, split_lineage
+from . import _hermes_search as searching, _hermes_sql as q, _hermes_text as rules
 
 __all__ = [
     "SessionDB", "DEFAULT_DB_PATH", "SCHEMA_VERSION", "IntegrityError", "ProgrammingError",
@@ -115,22 +139,50 @@ def _compatible_errors() -> Iterator[None]:
     """Raise the engine's errors in their hermes-compatible form (chained)."""
     try:
         yield
-    except (IntegrityError, DatabaseLocked, DatabaseClosed):
+    except (IntegrityError, ProgrammingError, DatabaseLocked, DatabaseClosed):
         raise
     except ClosedError as exc:
         raise DatabaseClosed(str(exc)) from None
     except SessionDBError as exc:
         cause = exc.__cause__
+        state = getattr(cause, "sqlstate", None)  # a psycopg error's (PostgreSQL)
+        if state in _PG_TYPE_ERRORS:
+            raise ProgrammingError(f"a value of another type than its column's "
+                                   f"(PostgreSQL: {str(cause).splitlines()[0]})") from exc
         if isinstance(exc, IntegrityViolation) or isinstance(
                 cause, (apsw.ConstraintError, apsw.MismatchError)):
             # SQLite's own words, as sqlite3 gave them: "FOREIGN KEY constraint failed"
             text = str(cause) if isinstance(cause, apsw.Error) else str(exc)
+            if state is not None:
+                text = _sqlite_words(cause, state)
             raise IntegrityError(text) from exc
         if isinstance(exc, WriteTimeout):
             raise LockTimeout(exc.waited_s, exc.attempts) from exc
         if isinstance(exc, DatabaseBusyError):
             raise DatabaseLocked(str(exc)) from exc
         raise
+
+
+#: SQLSTATEs of a value PostgreSQL cannot take where SQLite took anything (an int
+#: compared with text, text for a number): undefined operator, datatype mismatch,
+#: indeterminate type, invalid text representation, numeric value out of range.
+_PG_TYPE_ERRORS = {"42883", "42804", "42P18", "22P02", "22003"}
+#: SQLite's words for PostgreSQL's integrity violations.
+_PG_CONSTRAINTS = {"23503": "FOREIGN KEY", "23502": "NOT NULL", "23505": "UNIQUE",
+                   "23514": "CHECK"}
+
+
+def _sqlite_words(cause: BaseException, state: str) -> str:
+    """A PostgreSQL integrity violation in SQLite's words (``NOT NULL constraint failed:
+    messages.role``), which code written against hermes-agent may look for, followed by
+    PostgreSQL's."""
+    kind = _PG_CONSTRAINTS.get(state)
+    if kind is None:
+        return str(cause)
+    diag = getattr(cause, "diag", None)
+    table, column = getattr(diag, "table_name", None), getattr(diag, "column_name", None)
+    where = f": {table}.{column}" if kind != "FOREIGN KEY" and table and column else ""
+    return f"{kind} constraint failed{where} (PostgreSQL: {str(cause).splitlines()[0]})"
 
 
 _BINDABLE = (type(None), int, float, str, bytes, bytearray, memoryview)
@@ -150,51 +202,77 @@ def _bindable(args: Args) -> Args:
     return args
 
 
-def _placeholders(values: Any) -> tuple[str, list]:
-    items = list(values)
-    return f"({', '.join('?' * len(items))})", items
+def _page(limit: Any, offset: Any) -> tuple[int, int]:
+    """``limit`` and ``offset`` as the original's SQLite read them
+    (:func:`_hermes_sql.sqlite_page`), on either backend.
+
+    :raises IntegrityError: not an integer (None: "datatype mismatch", as the original).
+    """
+    try:
+        return q.sqlite_page(limit, offset)
+    except apsw.MismatchError as exc:
+        raise IntegrityError(str(exc)) from exc
 
 
-_SESSION = ", ".join(HERMES_SESSION_COLUMNS)
-_S_SESSION = ", ".join("s." + c for c in HERMES_SESSION_COLUMNS)
-_MESSAGE = ", ".join(HERMES_MESSAGE_COLUMNS)
 _ASSISTANT_ONLY = ("reasoning", "reasoning_details", "codex_reasoning_items")
 _JSON_KEYS = ("tool_calls", "reasoning_details", "codex_reasoning_items")
-_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-           "reasoning_tokens")
-_LATEST_WINS = ("cost_status", "cost_source", "pricing_version")
-_FIRST_WINS = ("billing_provider", "billing_base_url", "billing_mode", "model")
+_ACCOUNT_ARGS = ("session_id", *q.TOKENS, "estimated_cost_usd", "actual_cost_usd",
+                 *q.LATEST_WINS, *q.FIRST_WINS)
 
 
 class SessionDB:
-    """hermes-agent's ``SessionDB`` on sessiondb's SQLite engine (which it holds).
+    """hermes-agent's ``SessionDB`` on a sessiondb engine (which it holds): SQLite for a
+    file, PostgreSQL for a URL.
 
-    :param db_path: the database file (``Path`` or ``str``); None means
-        :data:`DEFAULT_DB_PATH`. Missing parent directories are created.
+    :param db_path: the database file (``Path`` or ``str``), or a PostgreSQL URL
+        (``postgresql://user@host/db``, a ``str``); None means :data:`DEFAULT_DB_PATH`
+        (``$SESSIONDB_PATH`` is not read: hermes-agent's default is hermes-agent's
+        home). Missing parent directories of a file are created.
     :param options: keyword options of :class:`sessiondb.SessionDB` (``write_timeout``,
-        ``hold_timeout``, ...), all optional. ``write_timeout`` defaults to 16 s here,
-        about the longest the original's 15 attempts of up to 1 s (plus 20-150 ms
-        pauses) waited before raising ``OperationalError``.
+        ``hold_timeout``; SQLite's or PostgreSQL's own, such as ``pool_size`` and
+        ``schema``), all optional. ``write_timeout`` defaults to 16 s here, about the
+        longest the original's 15 attempts of up to 1 s (plus 20-150 ms pauses) waited
+        before raising ``OperationalError``.
     :raises DatabaseOpenError: the path cannot be opened as a store, or is a hermes-agent
-        file of another schema version (:class:`~sessiondb.errors.HermesSchemaError`).
+        file of another schema version (:class:`~sessiondb.errors.HermesSchemaError`);
+        the server of a URL cannot be reached.
+    :raises ConfigurationError: an option the backend does not have.
     """
 
     MAX_TITLE_LENGTH = 100
 
     def __init__(self, db_path: Path | str | None = None, **options: Any) -> None:
-        # The argument itself (a str becomes a Path, as code using db_path.parent needs).
-        self.db_path = DEFAULT_DB_PATH if db_path is None else (
-            db_path if isinstance(db_path, Path) else Path(db_path))
+        # The argument itself: a file's str becomes a Path (as code using
+        # db_path.parent needs); a URL stays the str it was, password included, so
+        # that SessionDB(db.db_path) opens the same store (what is shown, ``path`` and
+        # repr(), hides the password). Rejected: the masked URL, which cannot open it.
+        if db_path is None:
+            self.db_path: Path | str = DEFAULT_DB_PATH
+        elif is_url(db_path):
+            self.db_path = db_path
+        else:
+            self.db_path = db_path if isinstance(db_path, Path) else Path(db_path)
         options.setdefault("write_timeout", WRITE_TIMEOUT)
-        self._engine = Engine(self.db_path, **options)
+        self._engine = open_engine(self.db_path, options)
+        self._sql = self._engine.sql
+        # The columns whose NULL makes hermes-agent's INSERT OR IGNORE skip a session
+        # (see create_session): on PostgreSQL the primary key too, which SQLite's
+        # legacy rule lets hold NULL.
+        self._not_null = ("source",) if self._sql.name == "sqlite" else ("id", "source")
 
     @property
-    def path(self) -> Path:
-        """The store's absolute path."""
+    def path(self) -> Any:
+        """The store: its absolute file path, or its URL without the password."""
         return self._engine.path
 
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._sql.name
+
     def close(self) -> None:
-        """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
+        """Close the store's connections (SQLite: after a last PASSIVE checkpoint).
+        Idempotent."""
         self._engine.close()
 
     def __enter__(self) -> "SessionDB":
@@ -224,12 +302,11 @@ class SessionDB:
             return self._engine.stats()
 
     # -- the engine's doors, with hermes-compatible errors ------------------------------
-    def _execute_write(self, fn: Callable[[apsw.Connection], T], *,
-                       bounded: bool = True) -> T:
+    def _execute_write(self, fn: Callable[[Conn], T], *, bounded: bool = True) -> T:
         with _compatible_errors():
             return self._engine.execute_write(fn, bounded=bounded)
 
-    def _read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
+    def _read(self, fn: Callable[[Conn], T], snapshot: bool = False) -> T:
         with _compatible_errors():
             return self._engine.read(fn, snapshot)
 
@@ -239,11 +316,25 @@ class SessionDB:
 
     def _select(self, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
         _bindable(args)
-        return self._read(lambda conn: _rows(conn, sql, args))
+        return self._read(lambda conn: q.rows(conn, sql, args))
 
     def _value(self, sql: str, args: tuple | list = ()) -> Any:
         _bindable(args)
         return self._read(lambda conn: _first(conn, sql, args))
+
+    def _insert_or_ignore(self, values: dict[str, Any]) -> None:
+        """hermes-agent's ``INSERT OR IGNORE INTO sessions``: nothing when the id exists,
+        and nothing, silently, when a NOT NULL column would be NULL (OR IGNORE skips
+        such a row too, and hermes-agent relies on it: ``create_session(sid, None)``
+        returns quietly); a missing parent still fails. Written as ``ON CONFLICT DO
+        NOTHING``, which both databases read and which skips only the taken id, after
+        a check of the NOT NULL columns (PostgreSQL has no OR IGNORE)."""
+        args = _bindable(tuple(values.values()))
+        if any(values[column] is None for column in self._not_null):
+            return
+        sql = (f"INSERT INTO sessions ({', '.join(values)}) VALUES "
+               f"({', '.join('?' * len(values))}) ON CONFLICT DO NOTHING")
+        self._execute_write(lambda conn: conn.execute(sql, args))
 
     # -- session lifecycle ------------------------------------------------------------
     def create_session(self, session_id: str, source: str, model: str | None = None,
@@ -259,19 +350,18 @@ class SessionDB:
         :raises TypeError: ``model_config`` is not JSON-serializable.
         """
         config = rules.encode_if_truthy(model_config)
-        self._run(
-            "INSERT OR IGNORE INTO sessions (id, source, user_id, model, model_config, "
-            "system_prompt, parent_session_id, started_at, message_count, tool_call_count) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
-            (session_id, source, user_id, model, config, system_prompt, parent_session_id,
-             time.time()))
+        self._insert_or_ignore({
+            "id": session_id, "source": source, "user_id": user_id, "model": model,
+            "model_config": config, "system_prompt": system_prompt,
+            "parent_session_id": parent_session_id, "started_at": time.time(),
+            "message_count": 0, "tool_call_count": 0})
         return session_id
 
     def ensure_session(self, session_id: str, source: str = "unknown",
                        model: str | None = None) -> None:
         """Insert a minimal session row unless the id exists (idempotent)."""
-        self._run("INSERT OR IGNORE INTO sessions (id, source, model, started_at) "
-                    "VALUES (?, ?, ?, ?)", (session_id, source, model, time.time()))
+        self._insert_or_ignore({"id": session_id, "source": source, "model": model,
+                                "started_at": time.time()})
 
     def end_session(self, session_id: str, end_reason: str | None) -> None:
         """Set ``ended_at`` to now and ``end_reason`` (again on every call)."""
@@ -291,7 +381,7 @@ class SessionDB:
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session row (``model_config`` as JSON text), or None."""
         _bindable((session_id,))
-        return self._read(lambda conn: _session(conn, session_id))
+        return self._read(lambda conn: q.session(conn, session_id))
 
     # -- token and cost accounting ----------------------------------------------------
     def update_token_counts(
@@ -322,7 +412,10 @@ class SessionDB:
         self._account("set", locals())
 
     def _account(self, mode: str, args: dict[str, Any]) -> None:
-        self._run(_ACCOUNT_SQL[mode], {k: args[k] for k in _ACCOUNT_ARGS})
+        # Checked as the named parameters the original bound (its error message).
+        _bindable({k: args[k] for k in _ACCOUNT_ARGS})
+        values = q.account_args(mode, args)
+        self._execute_write(lambda conn: conn.execute(q.ACCOUNT_SQL[mode], values))
 
     # -- titles -----------------------------------------------------------------------
     @staticmethod
@@ -343,7 +436,11 @@ class SessionDB:
         clean = self.sanitize_title(title)
         _bindable((session_id,))
 
-        def write(conn: apsw.Connection) -> bool:
+        def write(conn: Conn) -> bool:
+            # PostgreSQL: setters of this title queue, so the check below stays true
+            # until the update commits (SQLite: BEGIN IMMEDIATE did it already).
+            self._sql.lock(conn, "session:" + str(session_id),
+                           *(["title:" + clean] if clean is not None else []))
             if clean is not None:
                 other = _first(conn, "SELECT id FROM sessions WHERE title = ? AND id != ?",
                                (clean, session_id))
@@ -360,7 +457,7 @@ class SessionDB:
 
     def get_session_by_title(self, title: str) -> dict[str, Any] | None:
         """The session with exactly this title (case-sensitive, not sanitized), or None."""
-        rows = self._select(f"SELECT {_SESSION} FROM sessions WHERE title = ?", (title,))
+        rows = self._select(f"SELECT {q.SESSION} FROM sessions WHERE title = ?", (title,))
         return rows[0] if rows else None
 
     def resolve_session_by_title(self, title: str) -> str | None:
@@ -368,9 +465,12 @@ class SessionDB:
         (ASCII case folded), else the exact title's session, else None."""
         _bindable((title,))
 
-        def read(conn: apsw.Connection) -> str | None:
-            newest = _first(conn, "SELECT id FROM sessions WHERE " + _ASCII_CI_PREFIX.format(
-                "title") + " ORDER BY started_at DESC LIMIT 1", _prefix_args(f"{title} #"))
+        def read(conn: Conn) -> str | None:
+            # ASCII-case-insensitive prefix, every other character literal (the
+            # original's LIKE with escapes): the dialect's starts_with.
+            match, args = self._sql.starts_with("title", f"{title} #", fold=True)
+            newest = _first(conn, f"SELECT id FROM sessions WHERE {match} "
+                                  "ORDER BY started_at DESC LIMIT 1", args)
             if newest is not None:
                 return newest
             return _first(conn, "SELECT id FROM sessions WHERE title = ?", (title,))
@@ -381,9 +481,9 @@ class SessionDB:
         """The next title of a lineage: ``"X"`` -> ``"X #2"``, ``"X #2"`` -> ``"X #3"``;
         the base itself while no title of the lineage exists."""
         base = split_lineage(base_title)  # the same rule as sessiondb's
-        rows = self._select("SELECT title FROM sessions WHERE title = ? OR "
-                            + _ASCII_CI_PREFIX.format("title"),
-                            (base, *_prefix_args(f"{base} #")))
+        match, args = self._sql.starts_with("title", f"{base} #", fold=True)
+        rows = self._select(f"SELECT title FROM sessions WHERE title = ? OR {match}",
+                            (base, *args))
         if not rows:
             return base
         highest = max([1] + [lineage_number(r["title"]) or 1 for r in rows])
@@ -396,11 +496,11 @@ class SessionDB:
         key = session_id_or_prefix
         _bindable((key,))
 
-        def read(conn: apsw.Connection) -> str | None:
+        def read(conn: Conn) -> str | None:
             if _first(conn, "SELECT id FROM sessions WHERE id = ?", (key,)) is not None:
                 return key
-            rows = _fetch(conn, "SELECT id FROM sessions WHERE " + _ASCII_CI_PREFIX.format(
-                "id") + " LIMIT 2", _prefix_args(key))
+            match, args = self._sql.starts_with("id", key, fold=True)
+            rows = _fetch(conn, f"SELECT id FROM sessions WHERE {match} LIMIT 2", args)
             return rows[0][0] if len(rows) == 1 else None
 
         return self._read(read, snapshot=True)
@@ -412,19 +512,20 @@ class SessionDB:
         time, else ``started_at``) and ``preview`` (first user message, 60 characters).
 
         The page is picked first and only its rows are described (see
-        :mod:`sessiondb.listing`), by the original's ``ORDER BY started_at DESC LIMIT
-        OFFSET``, without its subqueries for every session of the filter. (Sessions that
-        started at the same instant come in the order of the index SQLite picks, as
-        they did in the original.)"""
-        where, args = _source_filters(source, exclude_sources)
+        :mod:`sessiondb.listing`; on PostgreSQL :mod:`sessiondb.pg.listing`), by the
+        original's ``ORDER BY started_at DESC LIMIT OFFSET``, without its subqueries for
+        every session of the filter. (Sessions that started at the same instant come in
+        the order of the index SQLite picks, as they did in the original; on
+        PostgreSQL in no defined order.)"""
+        where, args = q.source_filters(source, exclude_sources)
         _bindable((*args, limit, offset))
+        first, skip = _page(limit, offset)
         window = 4 * rules.PREVIEW_WINDOW  # the bytes of head_sql()
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            rowids = listing.page_rowids(conn, where, args, "s.started_at DESC", limit,
-                                         offset)
-            rows = listing.describe(conn, _rows, rowids, columns=_S_SESSION,
-                                    preview_order="m.timestamp, m.id")
+        def read(conn: Conn) -> list[dict[str, Any]]:
+            rows = q.in_table_order(conn, self._sql.list_page(
+                conn, where, args, "s.started_at DESC", first, skip, columns=q.S_SESSION,
+                preview_order="m.timestamp, m.id"))
             for row in rows:
                 row["preview"] = rules.preview(row["preview"].read(window)[0])
             return rows
@@ -434,19 +535,21 @@ class SessionDB:
     def search_sessions(self, source: str | None = None, limit: int = 20,
                         offset: int = 0) -> list[dict[str, Any]]:
         """Session rows, newest first, of one source if given."""
-        return self._select(*_search_sessions_sql(source, limit, offset))
+        _bindable((*q.source_filters(source)[1], limit, offset))
+        return self._select(*q.search_sessions_sql(source, *_page(limit, offset)))
 
     def session_count(self, source: str | None = None) -> int:
         """The number of sessions, of one source if given."""
-        where, args = _source_filters(source)
-        return self._value(f"SELECT COUNT(*) FROM sessions s{_where(where)}", args)
+        where, args = q.source_filters(source)
+        return self._value(f"SELECT COUNT(*) FROM sessions s{q.where(where)}", args)
 
     def message_count(self, session_id: str | None = None) -> int:
         """The number of messages, of one session if given."""
         if session_id:
             return self._value("SELECT COUNT(*) FROM messages WHERE session_id = ?",
                                (session_id,))
-        return self._value(MESSAGE_TOTAL_SQL)  # kept by triggers: one row read
+        # SQLite: kept by triggers, one row read; PostgreSQL: the sessions' counters.
+        return self._value(self._sql.message_total)
 
     # -- messages ---------------------------------------------------------------------
     def append_message(self, session_id: str, role: str, content: str | None = None,
@@ -471,14 +574,16 @@ class SessionDB:
         calls = records.count_tool_calls(tool_calls)  # the same rule as sessiondb's
         columns = ", ".join(HERMES_MESSAGE_COLUMNS[1:])
 
-        def write(conn: apsw.Connection) -> int:
-            conn.execute(f"INSERT INTO messages ({columns}) VALUES "
-                         f"({', '.join('?' * len(args))})", args)
-            message_id = conn.last_insert_rowid()
+        def write(conn: Conn) -> int:
+            # The counters first: on PostgreSQL the UPDATE locks the session's row, so
+            # its appends queue there and draw their ids in the order they commit. A
+            # missing session then fails the INSERT's foreign key (all rolled back).
             conn.execute("UPDATE sessions SET message_count = message_count + 1, "
                          "tool_call_count = tool_call_count + ? WHERE id = ?",
                          (calls, session_id))
-            return message_id
+            return conn.execute(f"INSERT INTO messages ({columns}) VALUES "
+                                f"({', '.join('?' * len(args))}) RETURNING id",
+                                args).fetchone()[0]
 
         return self._execute_write(write)
 
@@ -486,7 +591,7 @@ class SessionDB:
         """The session's messages, oldest first; ``tool_calls`` decoded (text that is
         not JSON kept as it is), the reasoning fields as JSON text."""
         _bindable((session_id,))
-        return self._read(lambda conn: _messages(conn, session_id))
+        return self._read(lambda conn: q.messages(conn, session_id))
 
     def get_messages_as_conversation(self, session_id: str) -> list[dict[str, Any]]:
         """The session as chat messages: ``role``, ``content``, the tool fields when
@@ -526,9 +631,15 @@ class SessionDB:
         messages of the session with ids next to the match's, the match included).
 
         The order is sessiondb's (:mod:`sessiondb.search`): windows of the 1,000 most
-        recent matches, best match (bm25) first within each, ties newest first; a query
-        with at most 1,000 matches is ordered best match first, as hermes-agent's was.
-        A query that is still not valid FTS5 after sanitizing finds nothing (``[]``).
+        recent matches, best match first within each (SQLite: bm25; PostgreSQL:
+        ``ts_rank``), ties newest first; a query with at most 1,000 matches is ordered
+        best match first, as hermes-agent's was. A query that is still not valid FTS5
+        after sanitizing finds nothing (``[]``), on PostgreSQL too. (PostgreSQL's
+        matches, ranks and snippets differ in details: see the module docstring.)
+
+        :raises IntegrityError: ``limit`` or ``offset`` is not an integer (None).
+        :raises SearchIndexError: (SQLite) the index is damaged or being rebuilt.
+        :raises InvalidArgument: (PostgreSQL) the query is over 1,000 characters.
         """
         if not query or not query.strip():
             return []
@@ -542,41 +653,22 @@ class SessionDB:
         # before it ranked in windows (the numbers in the error message stay the same).
         _bindable((terms, search.SNIPPET_BUDGET, match, *(sources or ()), *excluded,
                    *roles, limit, offset))
+        first, skip = _page(limit, offset)
         # Bound one by one, as the original did (its types, its variable limit).
         filters = search.Filters(sources=sources, exclude_sources=excluded, roles=roles,
                                  bind_each=True)
-        page = (limit, offset)
+        if self._sql.name == "sqlite":
+            def read(conn: Conn) -> list[dict[str, Any]]:
+                return searching.sqlite_hits(conn, self.path, query, match, filters,
+                                             first, skip)
+        else:
+            pg_query = searching.pg_query(match)
+            if pg_query is None:
+                return []  # not valid FTS5: the original's []
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            search_index.raise_if_damaged(conn, self.path)
-            # LIMIT and OFFSET as SQLite reads them: None is a datatype mismatch (an
-            # IntegrityError, as in the original), a negative limit means all.
-            conn.execute("SELECT 1 LIMIT ? OFFSET ?", page).fetchall()
-            first, skip = conn.execute("SELECT CAST(? AS INTEGER), CAST(? AS INTEGER)",
-                                       page).fetchone()
-            try:
-                ranked = search.ranked_ids(conn, match, filters,
-                                           first if first >= 0 else -1, max(skip, 0),
-                                           _hermes_phrases(match))
-                rows = search.fetch_hits(conn, match, ranked, terms)
-            except apsw.SQLError as exc:
-                if "malformed" in str(exc) or "corrupt" in str(exc):
-                    raise  # damage, not syntax: SearchIndexError below
-                return []  # not valid FTS5 after sanitizing: the original's []
-            hits = [dict(zip(_HIT_KEYS, row)) for row in rows]
-            for hit in hits:
-                if hit["snippet"] is None:  # too long for FTS5's snippet()
-                    hit["snippet"] = search.long_message_snippet(
-                        conn, hit["id"], sanitize_fts_query(query[:MAX_QUERY_LENGTH]))
-                try:
-                    hit["context"] = [
-                        {"role": role, "content": rules.head_text(search.message_head(
-                            conn, rowid, size, inline, 4 * 200), 200)}
-                        for role, rowid, size, inline in _fetch(conn, _CONTEXT_SQL, (
-                            hit["session_id"], hit["id"] - 1, hit["id"] + 1))]
-                except apsw.Error:
-                    hit["context"] = []
-            return hits
+            def read(conn: Conn) -> list[dict[str, Any]]:
+                return searching.pg_hits(conn, self._sql, self.path, pg_query, filters,
+                                         first, skip)
 
         try:
             return self._read(read, snapshot=True)
@@ -590,22 +682,22 @@ class SessionDB:
         """The session row plus ``messages`` (as :meth:`get_messages`), or None."""
         _bindable((session_id,))
 
-        def read(conn: apsw.Connection) -> dict[str, Any] | None:
-            session = _session(conn, session_id)
+        def read(conn: Conn) -> dict[str, Any] | None:
+            session = q.session(conn, session_id)
             if session is not None:
-                session["messages"] = _messages(conn, session_id)
+                session["messages"] = q.messages(conn, session_id)
             return session
 
         return self._read(read, snapshot=True)
 
     def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
         """:meth:`export_session` of each of :meth:`search_sessions` (up to 100,000)."""
-        sql, args = _search_sessions_sql(source, 100000, 0)
+        sql, args = q.search_sessions_sql(source, 100000, 0)
 
-        def read(conn: apsw.Connection) -> list[dict[str, Any]]:
-            sessions = _rows(conn, sql, args)
+        def read(conn: Conn) -> list[dict[str, Any]]:
+            sessions = q.rows(conn, sql, args)
             for session in sessions:
-                session["messages"] = _messages(conn, session["id"])
+                session["messages"] = q.messages(conn, session["id"])
             return sessions
 
         return self._read(read, snapshot=True)
@@ -615,10 +707,13 @@ class SessionDB:
         session row keeps everything else. A missing session is a no-op."""
         _bindable((session_id,))
 
-        def write(conn: apsw.Connection) -> None:
-            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+        def write(conn: Conn) -> None:
+            # The counters first: on PostgreSQL the UPDATE locks the session's row, so
+            # an append waits for the clear (or the clear for it, then deletes its
+            # message too), and the counts match the messages left.
             conn.execute("UPDATE sessions SET message_count = 0, tool_call_count = 0 "
                          "WHERE id = ?", (session_id,))
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
 
         self._execute_write(write)
 
@@ -629,10 +724,10 @@ class SessionDB:
         """
         _bindable((session_id,))
 
-        def write(conn: apsw.Connection) -> bool:
-            if _first(conn, "SELECT COUNT(*) FROM sessions WHERE id = ?", (session_id,)) == 0:
+        def write(conn: Conn) -> bool:
+            if not q.exists_locked(conn, session_id, self._sql.for_update):
                 return False
-            _delete(conn, session_id)
+            q.delete(conn, session_id)
             return True
 
         return self._execute_write(write)
@@ -645,132 +740,18 @@ class SessionDB:
             of one deleted after it); nothing is deleted.
         """
         cutoff = time.time() - older_than_days * 86400
-        where, args = _source_filters(source)
+        where, args = q.source_filters(source)
         where += ["s.started_at < ?", "s.ended_at IS NOT NULL"]
-        sql = f"SELECT s.id FROM sessions s{_where(where)} ORDER BY s.started_at DESC"
+        # PostgreSQL: the rows stay locked until the prune ends (appends to them wait,
+        # then find them gone), as BEGIN IMMEDIATE keeps everything still on SQLite.
+        sql = (f"SELECT s.id FROM sessions s{q.where(where)} ORDER BY s.started_at DESC"
+               + self._sql.for_update)
         params = _bindable((*args, cutoff))
 
-        def write(conn: apsw.Connection) -> int:
+        def write(conn: Conn) -> int:
             ids = [r[0] for r in _fetch(conn, sql, params)]
             for sid in ids:
-                _delete(conn, sid)
+                q.delete(conn, sid)
             return len(ids)
 
         return self._execute_write(write)
-
-
-# -- helpers (pure functions of a connection) -----------------------------------------
-
-def _account_sql(mode: str) -> str:
-    """The UPDATE of :meth:`SessionDB._account`: ``add`` (update_token_counts),
-    ``absolute`` (its ``absolute=True``) or ``set`` (set_token_counts). NULL arithmetic
-    is the original's: a None counter added makes the counter NULL."""
-    add = mode == "add"
-    sets = [f"{f} = {f} + :{f}" if add else f"{f} = :{f}" for f in _TOKENS]
-    sets.append("estimated_cost_usd = " + {
-        "add": "COALESCE(estimated_cost_usd, 0) + COALESCE(:estimated_cost_usd, 0)",
-        "absolute": "COALESCE(:estimated_cost_usd, 0)",
-        "set": ":estimated_cost_usd"}[mode])
-    sets.append("actual_cost_usd = CASE WHEN :actual_cost_usd IS NULL THEN actual_cost_usd "
-                + ("ELSE COALESCE(actual_cost_usd, 0) + :actual_cost_usd END" if add
-                   else "ELSE :actual_cost_usd END"))
-    sets += [f"{f} = COALESCE(:{f}, {f})" for f in _LATEST_WINS]
-    sets += [f"{f} = COALESCE({f}, :{f})" for f in _FIRST_WINS]
-    return f"UPDATE sessions SET {', '.join(sets)} WHERE id = :session_id"
-
-
-_ACCOUNT_SQL = {mode: _account_sql(mode) for mode in ("add", "absolute", "set")}
-_ACCOUNT_ARGS = ("session_id", *_TOKENS, "estimated_cost_usd", "actual_cost_usd",
-                 *_LATEST_WINS, *_FIRST_WINS)
-
-# ASCII-case-insensitive prefix, every other character literal: byte prefixes of
-# lower() (which folds only ASCII), where the original used LIKE with escapes.
-_ASCII_CI_PREFIX = "substr(CAST(lower({0}) AS BLOB), 1, ?) = CAST(lower(?) AS BLOB)"
-# The neighbours of a hit: the bytes of a short one with its row, a long one's first 800
-# read by search.message_head (SQLite would read the whole value for a substr() of it).
-_CONTEXT_SQL = ("SELECT role, id, octet_length(content), CASE WHEN octet_length(content) "
-                "<= 800 THEN CAST(content AS BLOB) END FROM messages "
-                "WHERE session_id = ? AND id BETWEEN ? AND ? ORDER BY id")
-_HIT_KEYS = ("id", "session_id", "role", "snippet", "timestamp", "tool_name", "source",
-             "model", "session_started")
-# A phrase of a hermes-agent query: a quoted string (maybe a prefix), or a bare word
-# (maybe with a column filter and a star); the operators are not phrases.
-_HERMES_PHRASE = re.compile(r'"[^"]*"\*?|[^\s"]+')
-_COLUMN_FILTER = re.compile(r"^[^\s:\"]+:")
-
-
-def _hermes_phrases(match: str) -> list[str]:
-    """The phrases of a sanitized hermes-agent query, each as an FTS5 query, for bm25's
-    document frequencies (:func:`sessiondb.search.ranked_ids` checks that they fit the
-    query, and weighs the phrases alike when not)."""
-    return [_COLUMN_FILTER.sub("", word) for word in _HERMES_PHRASE.findall(match)
-            if word not in ("AND", "OR", "NOT")]
-
-
-def _prefix_args(prefix: str) -> tuple[int, str]:
-    return len(prefix.encode()), prefix
-
-
-def _source_filters(source: Any, exclude_sources: Any = None) -> tuple[list[str], list]:
-    """Conditions on sessions ``s`` and their arguments: ``source`` if truthy,
-    ``exclude_sources`` if truthy (both may apply)."""
-    where, args = [], []
-    if source:
-        where.append("s.source = ?")
-        args.append(source)
-    if exclude_sources:
-        marks, items = _placeholders(exclude_sources)
-        where.append(f"s.source NOT IN {marks}")
-        args += items
-    return where, args
-
-
-def _rows(conn: apsw.Connection, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
-    """Rows as dicts whose session or message columns come in the file's table order, as
-    the original's ``SELECT *`` gave them: on a file hermes-agent itself migrated from an
-    older schema, its added columns stand at the end (spec: "key order differs on
-    migrated databases"). Other keys (``last_active``, ``preview``) follow."""
-    rows = _engine_rows(conn, sql, args)
-    if rows:
-        keys = list(rows[0])
-        for table, wanted in (("sessions", HERMES_SESSION_COLUMNS),
-                              ("messages", HERMES_MESSAGE_COLUMNS)):
-            if keys[:len(wanted)] == list(wanted):
-                order = [name for (name,) in conn.execute(
-                    "SELECT name FROM pragma_table_info(?)", (table,)) if name in wanted]
-                if order != list(wanted):
-                    rows = [{**{k: row[k] for k in order}, **row} for row in rows]
-                break
-    return rows
-
-
-def _where(conditions: list[str]) -> str:
-    return " WHERE " + " AND ".join(conditions) if conditions else ""
-
-
-def _search_sessions_sql(source: Any, limit: Any, offset: Any) -> tuple[str, tuple]:
-    where, args = _source_filters(source)
-    return (f"SELECT {_S_SESSION} FROM sessions s{_where(where)} ORDER BY s.started_at DESC "
-            "LIMIT ? OFFSET ?", (*args, limit, offset))
-
-
-def _session(conn: apsw.Connection, session_id: str) -> dict[str, Any] | None:
-    rows = _rows(conn, f"SELECT {_SESSION} FROM sessions WHERE id = ?", (session_id,))
-    return rows[0] if rows else None
-
-
-def _messages(conn: apsw.Connection, session_id: str) -> list[dict[str, Any]]:
-    rows = _rows(conn, f"SELECT {_MESSAGE} FROM messages WHERE session_id = ? "
-                       "ORDER BY timestamp, id", (session_id,))
-    for row in rows:
-        if row["tool_calls"]:
-            row["tool_calls"] = from_json(row["tool_calls"])
-    return rows
-
-
-def _delete(conn: apsw.Connection, session_id: str) -> None:
-    """Delete a session and its messages; a session still named as parent by another
-    makes SQLite's foreign-key check fail the statement (the original's behaviour)."""
-    conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-    conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-

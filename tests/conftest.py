@@ -144,7 +144,8 @@ def clock(monkeypatch) -> FakeClock:
 
 @pytest.fixture
 def hdb(db_path: Path) -> Iterator[HermesSessionDB]:
-    """A fresh store opened through the hermes-agent facade, closed after the test."""
+    """A fresh store opened through the hermes-agent facade (a file; in the contract
+    files' PostgreSQL run, a URL), closed after the test."""
     store = HermesSessionDB(db_path)
     try:
         yield store

@@ -948,6 +948,9 @@ def test_values_of_another_type_than_the_column(hdb, backend):
     with pytest.raises(sessiondb.InvalidArgument):
         hdb.append_message("5", "user", "a\x00b")
     assert hdb.get_session("5")["message_count"] == 0
+    with pytest.raises(hermes.ProgrammingError):
+        hdb.update_token_counts("5", "abc")
+    assert hdb.get_session("5")["input_tokens"] == 0
 
 
 def test_core_and_facade_share_a_store(db_path):

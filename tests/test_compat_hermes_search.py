@@ -93,6 +93,7 @@ def test_query_semantics(hdb, corpus, backend):
     assert found(hdb, "content:lazy") == [corpus["fox"]]  # column filter
     assert found(hdb, "CONTENT:lazy") == [corpus["fox"]]
     assert found(hdb, 'content:"lazy dog"') == [corpus["fox"]]
+    assert found(hdb, "-content:lazy") == []  # every column but the only one
     assert found(hdb, "snake") == [corpus["goodbye"]]  # _ separates tokens
     assert found(hdb, "chat-send") == [corpus["hello"]]  # adjacent tokens, as a phrase
     assert found(hdb, "chat send") == [corpus["hello"], corpus["chat"]]

@@ -53,8 +53,9 @@ _HIT_KEYS = ("id", "session_id", "role", "snippet", "timestamp", "tool_name", "s
 # (maybe with a column filter and a star); the operators are not phrases.
 _HERMES_PHRASE = re.compile(r'"[^"]*"\*?|[^\s"]+')
 _COLUMN_FILTER = re.compile(r"^[^\s:\"]+:")
-# A column filter in a query FTS5 accepted: the one column, maybe excluded ("-").
-_CONTENT_FILTER = re.compile(r"(?i)(?<!\S)-?content\s*:\s*")
+# A column filter in a query FTS5 accepted: the one column, or all but it ("-").
+_CONTENT_FILTER = re.compile(r"(?i)(?<!\S)content\s*:\s*")
+_NO_COLUMN = re.compile(r"(?i)(?<!\S)-content\s*:")
 
 
 def hermes_phrases(match: str) -> list[str]:
@@ -100,11 +101,15 @@ def sqlite_hits(conn: apsw.Connection, path: Any, query: str, match: str,
 
 def pg_query(match: str) -> str | None:
     """The query for :mod:`sessiondb.pg.search` of a sanitized hermes-agent query: None
-    when FTS5 refuses it (the original found nothing), else the query without its
-    column filters (``content:`` names the only column; quoted text is left alone)."""
+    when the original found nothing for it (FTS5 refuses it; or it excludes the only
+    column, ``-content:``, which the original answered with nothing when the query had
+    no OR), else the query without its column filters (``content:`` names the only
+    column; quoted text is left alone)."""
     if not fts5_syntax_ok(match):
         return None
     parts = match.split('"')
+    if any(_NO_COLUMN.search(part) for part in parts[::2]):
+        return None
     parts[::2] = [_CONTENT_FILTER.sub("", part) for part in parts[::2]]
     return '"'.join(parts)
 

@@ -49,18 +49,21 @@ On PostgreSQL, besides (see :mod:`sessiondb.compat._hermes_search` and
   removed (``cafe`` does not find ``café``); ``foo.py``, ``v1.2`` and e-mail addresses
   are single tokens (``foo`` does not find ``foo.py``); a hyphenated word is found by
   itself and its parts, not by its parts apart (``chat-send`` does not find ``chat
-  send``); only the first 262,144 characters of a message are indexed; column filters
-  (``content:``) are dropped and ``"a phrase"*`` is the exact phrase; a query over
-  1,000 characters raises :class:`~sessiondb.errors.InvalidArgument` (a ValueError).
-  The order within a window is ``ts_rank``'s (occurrences over the log of the length),
-  not bm25's (which weighs a rare word above a common one). Snippets are
-  ``ts_headline``'s: up to 40 words around the best match, each matched word wrapped
-  on its own (``>>>run<<< >>>chat<<<`` where FTS5 wraps the phrase ``>>>run chat<<<``);
-- text holding U+0000 cannot be stored or looked up: :class:`~sessiondb.errors.
-  InvalidArgument`; a value of another type than its column's (an int session id, a
-  token count ``"abc"``), which SQLite stored or compared as it was,
-  raises :class:`ProgrammingError`; a session id of None is not stored (primary keys
-  are NOT NULL; SQLite's legacy rule let hermes-agent store such a row);
+  send``), nor is a phrase that starts or ends inside one (``"run chat"`` in ``run
+  chat-send``); only the first 262,144 characters of a message are indexed; the column
+  filter ``content:`` is dropped (``-content:`` finds nothing) and ``"a phrase"*`` is
+  the exact phrase; a query over 1,000 characters raises
+  :class:`~sessiondb.errors.InvalidArgument` (a ValueError). The order within a window
+  is ``ts_rank``'s (how often the words occur, over 1 + the log of the message's
+  length), not bm25's (which weighs a rare word above a common one). Snippets are
+  ``ts_headline``'s: up to 40 words around the best match, each matched word wrapped on
+  its own (``>>>quick<<< >>>brown<<<`` where FTS5 wraps the phrase ``>>>quick
+  brown<<<``);
+- text holding U+0000 cannot be stored or looked up
+  (:class:`~sessiondb.errors.InvalidArgument`); a value of another type than its
+  column's (an int session id, a token count ``"abc"``), which SQLite stored or compared
+  as it was, raises :class:`ProgrammingError`; a session id of None is not stored
+  (primary keys are NOT NULL; SQLite's legacy rule let hermes-agent store such a row);
 - sessions that started at the same instant are listed in no defined order (on
   SQLite: the order of the index SQLite picks, as in the original).
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, demo, doctor, jsonstream
+from . import __version__, bench, cli_text, demo, doctor, jsonstream
 from .connection import default_path
 from .errors import SessionDBError
 from .maintenance import Progress
@@ -45,10 +45,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as db:
         rows = db.list_sessions(args.source, active=active, limit=args.limit,
                                 after=args.after)
-    _emit(args, rows, lambda rs: _table(
+    when = cli_text.when
+    _emit(args, rows, lambda rs: cli_text.table(
         ["id", "source", "title", "messages", "started", "ended", "preview"],
-        [[r["id"], r["source"], r["title"] or "", r["message_count"], _when(r["started_at"]),
-          _when(r["ended_at"]), r["preview"]] for r in rows],
+        [[r["id"], r["source"], r["title"] or "", r["message_count"], when(r["started_at"]),
+          when(r["ended_at"]), r["preview"]] for r in rows],
         widths={"id": 36, "title": 30, "preview": 50}) or "no sessions")
     return 0
 
@@ -59,7 +60,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         data = db.export_session(sid) if sid else None
     if data is None:
         return _not_found(args.id)
-    _emit(args, data, _show_text)
+    _emit(args, data, cli_text.show_text)
     return 0
 
 
@@ -67,9 +68,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     with _open(args) as db:
         hits = db.search_messages(args.text, sources=args.source, roles=args.role,
                                   limit=args.limit)
-    _emit(args, hits, lambda hs: _table(
+    _emit(args, hits, lambda hs: cli_text.table(
         ["session", "role", "when", "snippet"],
-        [[h["session_id"], h["role"], _when(h["timestamp"]), h["snippet"]] for h in hs],
+        [[h["session_id"], h["role"], cli_text.when(h["timestamp"]), h["snippet"]]
+         for h in hs],
         widths={"session": 36, "snippet": 80}) or "no matches")
     return 0
 
@@ -143,8 +145,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         figures = db.stats()
         figures["sessions"] = db.session_count()
         figures["messages"] = db.message_count()
-    _emit(args, figures, lambda f: _table(["figure", "value"], [
-        [k, _figure(v)] for k, v in _flatten(f)]))
+    _emit(args, figures, lambda f: cli_text.table(["figure", "value"], [
+        [k, cli_text.figure(v)] for k, v in cli_text.flatten(f)]))
     return 0
 
 
@@ -154,14 +156,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor.check(_db_path(args), repair=args.repair, deep=args.deep,
                           prefixes=args.prefix_index,
                           progress=_progress(args))
-    _emit(args, report, _doctor_text)
+    _emit(args, report, cli_text.doctor_text)
     return 0 if report["ok"] else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     say = None if args.json else (lambda line: print(line, flush=True))
     result = demo.run(args.db, workers=args.workers, messages=args.messages, progress=say)
-    _emit(args, result, _demo_text)
+    _emit(args, result, cli_text.demo_text)
     return 0 if result["ok"] else 1
 
 
@@ -479,130 +481,3 @@ def _days(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a number of days >= 0")
     return value
-
-
-# -- human output ---------------------------------------------------------------------
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
-
-
-def _cell(value: Any, width: int | None) -> str:
-    text = " ".join(str("" if value is None else value).split())  # one line
-    if width and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def _table(headers: list[str], rows: list[list[Any]], widths: dict[str, int] | None = None
-           ) -> str:
-    """Left-aligned columns (numbers right-aligned); '' when there are no rows."""
-    if not rows:
-        return ""
-    widths = widths or {}
-    cells = [[_cell(v, widths.get(h)) for h, v in zip(headers, row)] for row in rows]
-    size = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows)
-               for i in range(len(headers))]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(size[i]) if numeric[i] else v.ljust(size[i])
-                         for i, v in enumerate(values)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * s for s in size])] + [line(r) for r in cells])
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _figure(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
-    return str(value)
-
-
-def _bytes(n: int | None) -> str:
-    return "?" if n is None else f"{n:,} bytes"
-
-
-def _show_text(s: dict[str, Any]) -> str:
-    skip = {"messages", "system_prompt"}
-    fields = [(k, v) for k, v in s.items() if k not in skip and v not in (None, "", {})]
-    out = [f"{k:<20} {_when(v) if k in ('started_at', 'ended_at') else v}" for k, v in fields]
-    if s.get("system_prompt"):
-        out += ["", "system prompt:", s["system_prompt"]]
-    out.append("")
-    for m in s["messages"]:
-        tools = f" tool={m['tool_name']}" if m.get("tool_name") else ""
-        calls = f" tool_calls={json.dumps(m['tool_calls'])}" if m.get("tool_calls") else ""
-        out.append(f"--- #{m['id']} {m['role']}{tools}  {_when(m['timestamp'])}{calls}")
-        if m.get("content"):
-            out.append(m["content"])
-    if not s["messages"]:
-        out.append("(no messages)")
-    return "\n".join(out)
-
-
-def _doctor_text(r: dict[str, Any]) -> str:
-    v = r["versions"]
-    rows = [
-        ("versions", f"sessiondb {v['sessiondb']}, SQLite {v['sqlite']}, apsw {v['apsw']}, "
-                     f"Python {v['python']}"),
-        ("file", "missing" if not r["exists"] else _bytes(r["db_bytes"])),
-        ("opened", "ok" if r["opened"] else f"no: {r['open_error'] or 'not attempted'}"),
-        ("schema version", "?" if r["schema_version"] is None else
-         f"{r['schema_version']} (this sessiondb knows up to {r['schema_supported']})"),
-    ]
-    if r["opened"]:
-        rows += [
-            ("journal mode", r["journal_mode"]),
-            ("pages", f"{r['page_count']} of {r['page_size']} bytes, "
-                      f"{r['freelist_count']} free"),
-            ("write gate", r["gate"]),
-            ("contents", f"{r['sessions']} sessions, {r['messages']} messages"),
-        ]
-    rows.append(("WAL size", _bytes(r["wal_bytes"])))
-    rows.append(("sidecar files", ", ".join(f"{s['name']} ({s['bytes']:,} bytes)"
-                                            for s in r["sidecars"]) or "none"))
-    if r["opened"]:
-        if r["repaired"] is not None:
-            rows.append(("repaired", "rebuilt the full-text index (it was: "
-                                     f"{r['repaired']['fts_index_before']})"))
-        rows += [("integrity", r["integrity"]), ("full-text index", r["fts_index"]),
-                 ("foreign keys", r["foreign_keys"]), ("counters", r["counters"])]
-    out = [f"sessiondb doctor: {r['path']}"]
-    out += [f"  {k:<17}{'not checked' if val is None else val}" for k, val in rows]
-    if r["ok"]:
-        out.append("healthy")
-    else:
-        out.append(f"{len(r['problems'])} problem(s):")
-        out += [f"  - {p}" for p in r["problems"]]
-    return "\n".join(out)
-
-
-def _demo_text(d: dict[str, Any]) -> str:
-    rows = [[p["name"], p.get("pid") or "", p.get("writes", ""), p.get("retries", ""),
-             f"{p['lock_wait_max_s'] * 1000:.1f} ms" if "lock_wait_max_s" in p else "",
-             p.get("error") or ("ok" if p["exitcode"] == 0 else f"exit {p['exitcode']}")]
-            for p in d["processes"]]
-    out = [_table(["process", "pid", "commits", "retries", "longest wait", "result"], rows), ""]
-    rate = d["total_writes"] / d["elapsed_s"] if d["elapsed_s"] else 0.0
-    out += [
-        f"total writes:      {d['total_writes']} in {d['elapsed_s']:.2f}s "
-        f"({rate:,.0f} commits/s across processes)",
-        f"longest lock wait: {d['longest_wait_s'] * 1000:.1f} ms ({d['longest_wait_process']})",
-        f"messages:          {d['messages_found']}/{d['messages_expected']} present, "
-        f"counters {'exact' if d['counters_exact'] else 'WRONG'}; "
-        f"{d['gateway_sessions']} gateway sessions",
-        f"integrity:         {d['integrity']}; full-text index: {d['fts_index']}",
-    ]
-    out += [f"problem: {p}" for p in d["problems"]]
-    out.append(f"database:          {d['path']}" if d["kept"] else
-               "database:          temporary, removed (pass --db PATH to keep it)")
-    out.append("ok" if d["ok"] else "FAILED")
-    return "\n".join(out)

@@ -1,7 +1,8 @@
 """The ``sessiondb`` command: one subcommand per library verb, each body open, call, print.
 
 ``--db PATH`` and ``--json`` work on every store command, before or after the subcommand
-(``sessiondb list --db x --json``). Without ``--json`` output is a readable table.
+(``sessiondb list --db x --json``); PATH is a SQLite file or a ``postgresql://`` URL, as
+is ``$SESSIONDB_PATH``. Without ``--json`` output is a readable table.
 
 Exit status: 0 success; 1 nothing found (``show``, ``export --session``), problems found
 (``doctor``) or a failed ``demo``; 2 bad usage or an error from the library (one line on
@@ -24,7 +25,8 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from . import __version__, bench, cli_text, demo, doctor, jsonstream
-from .connection import default_path
+from .backend import is_url
+from .connection import ENV_PATH, default_path
 from .errors import SessionDBError
 from .maintenance import Progress
 from .store import SessionDB
@@ -35,8 +37,13 @@ __all__ = ["main", "build_parser"]
 # -- commands -------------------------------------------------------------------------
 
 def cmd_path(args: argparse.Namespace) -> int:
-    path = _db_path(args)
-    _emit(args, {"path": str(path), "exists": path.exists()}, lambda d: d["path"])
+    target = _target(args)
+    if isinstance(target, str):  # a URL: whether a store is there needs a connection
+        from .pg.engine import mask
+        found = {"path": mask(target), "backend": "postgresql", "exists": None}
+    else:
+        found = {"path": str(target), "backend": "sqlite", "exists": target.exists()}
+    _emit(args, found, lambda d: d["path"])
     return 0
 
 
@@ -146,17 +153,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         figures["sessions"] = db.session_count()
         figures["messages"] = db.message_count()
     _emit(args, figures, lambda f: cli_text.table(["figure", "value"], [
-        [k, cli_text.figure(v)] for k, v in cli_text.flatten(f)]))
+        [k, cli_text.figure(v)] for k, v in cli_text.flatten(cli_text.readable(f))]))
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.prefix_index is not None and not args.repair:
         raise _InputError("--prefix-index goes with --repair (it rebuilds the index)")
-    report = doctor.check(_db_path(args), repair=args.repair, deep=args.deep,
+    report = doctor.check(_target(args), repair=args.repair, deep=args.deep,
                           prefixes=args.prefix_index,
                           progress=_progress(args))
-    _emit(args, report, cli_text.doctor_text)
+    _emit(args, report, cli_text.pg_doctor_text if report.get("backend") == "postgresql"
+          else cli_text.doctor_text)
     return 0 if report["ok"] else 1
 
 
@@ -177,15 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation tools)."""
     # SUPPRESS keeps a subcommand's defaults from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
-                        help="database file (default: $SESSIONDB_PATH, else "
-                             "the user data dir's sessiondb/state.db)")
+                        help="database file or postgresql:// URL (default: "
+                             "$SESSIONDB_PATH, else the user data dir's sessiondb/state.db)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for machines instead of a table")
     parser = argparse.ArgumentParser(
         prog="sessiondb", parents=[common],
-        description="Inspect and maintain a sessiondb store: a SQLite session store "
-                    "shared by many processes.",
+        description="Inspect and maintain a sessiondb store: a session store shared by "
+                    "many processes, in a SQLite file or a PostgreSQL database.",
         epilog="Exit status: 0 ok; 1 not found, problems found or demo failed; "
                "2 usage or library error.")
     parser.add_argument("--version", action="version", version=f"sessiondb {__version__}")
@@ -253,21 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="only sessions of this source")
     p.add_argument("--yes", action="store_true", help="really delete them")
 
-    command("stats", cmd_stats, "print store figures: writes, lock waits, WAL size, counts",
+    command("stats", cmd_stats, "print store figures: writes, lock waits, WAL size or "
+            "connection pool, counts",
             "Print the figures of SessionDB.stats() plus session and message counts. "
-            "Write and wait figures describe this process's connection only.")
+            "Write and wait figures describe this process only; on PostgreSQL, pool.* "
+            "is this process's connection pool.")
 
     p = command("doctor", cmd_doctor, "check the store's health (exit 1 on problems)",
-                "Check integrity (PRAGMA integrity_check), the full-text index, foreign "
-                "keys and message counters; report versions, journal mode, schema version, "
-                "WAL size and sidecar files. A missing file is reported, not created. "
-                "Exit 0 when healthy, 1 when problems were found.")
+                "SQLite: check integrity (PRAGMA integrity_check), the full-text index, "
+                "foreign keys and message counters; report versions, journal mode, schema "
+                "version, WAL size and sidecar files. A missing file is reported, not "
+                "created. PostgreSQL: report server, psycopg and libpq versions, schema "
+                "version, counts, message counters, index health, connections and the "
+                "timeout and keepalive settings as the server applies them (its defaults, "
+                "and inside sessiondb's transactions), with advice where unsafe; a "
+                "missing store is reported, not created. Exit 0 when healthy, 1 when "
+                "problems were found.")
     p.add_argument("--repair", action="store_true",
-                   help="rebuild the full-text index from the messages (messages untouched), "
-                        "in short steps while others keep writing; finishes one cut short")
+                   help="SQLite: rebuild the full-text index from the messages (messages "
+                        "untouched), in short steps while others keep writing; finishes one "
+                        "cut short. PostgreSQL: recount wrong message counters in short "
+                        "transactions, REINDEX CONCURRENTLY invalid indexes, create missing "
+                        "ones")
     p.add_argument("--deep", action="store_true",
-                   help="compare the full-text index with the messages also on a store of "
-                        "over 100,000 messages (stops writers meanwhile)")
+                   help="SQLite: compare the full-text index with the messages also on a "
+                        "store of over 100,000 messages (stops writers meanwhile)")
     p.add_argument("--prefix-index", type=_lengths, metavar="N,N,...",
                    help="with --repair: rebuild with FTS5 prefix indexes of these lengths "
                         "(e.g. 2,3,4: fast prefix queries like dep*, a larger index); "
@@ -331,6 +350,13 @@ def _db_path(args: argparse.Namespace) -> Path:
     return Path(os.path.abspath(Path(args.db).expanduser() if args.db else default_path()))
 
 
+def _target(args: argparse.Namespace) -> str | Path:
+    """The store ``--db`` (else ``$SESSIONDB_PATH``, else the default) names: a URL, or
+    an absolute file path."""
+    given = args.db if args.db else os.environ.get(ENV_PATH)
+    return given if is_url(given) else _db_path(args)
+
+
 def _progress(args: argparse.Namespace) -> Callable[[Progress], None] | None:
     """A progress bar on stderr for long work (none with ``--json``): redrawn in place on
     a terminal, a line every few seconds otherwise."""
@@ -384,6 +410,8 @@ def _not_found(prefix: str) -> int:
 def _refuse_store_file(name: str, args: argparse.Namespace) -> None:
     """Never read or write the store's own files with open(): that would clobber the
     database, or (on close) drop this process's SQLite locks on it."""
+    if isinstance(_target(args), str):
+        return  # a PostgreSQL store has no files here
     db = _db_path(args)
     own = {str(db), f"{db}-wal", f"{db}-shm", f"{db}-journal"}
     if os.path.realpath(name) in {os.path.realpath(p) for p in own}:

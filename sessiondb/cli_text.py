@@ -7,7 +7,8 @@ import json
 import time
 from typing import Any, Iterator
 
-__all__ = ["demo_text", "doctor_text", "figure", "flatten", "show_text", "table", "when"]
+__all__ = ["demo_text", "doctor_text", "figure", "flatten", "pg_doctor_text", "readable",
+           "show_text", "table", "when"]
 
 
 def when(ts: float | None) -> str:
@@ -110,6 +111,78 @@ def doctor_text(r: dict[str, Any]) -> str:
         out.append(f"{len(r['problems'])} problem(s):")
         out += [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)
+
+
+def readable(figures: dict[str, Any]) -> dict[str, Any]:
+    """Stats for people: PostgreSQL's version number as text."""
+    if isinstance(figures.get("server_version"), int):
+        figures = dict(figures, server_version=_pg_version(figures["server_version"]))
+    return figures
+
+
+def _pg_version(number: int) -> str:
+    return (f"{number // 10000}.{number % 100}" if number >= 100000
+            else f"{number // 10000}.{number // 100 % 100}.{number % 100}")
+
+
+def pg_doctor_text(r: dict[str, Any]) -> str:
+    v, conns = r["versions"], r["connections"]
+    rows = [("versions", f"sessiondb {v['sessiondb']}, PostgreSQL {v.get('server', '?')}, "
+                         f"psycopg {v['psycopg']} (libpq {v['libpq']}), Python {v['python']}"),
+            ("connected", "yes" if r["connected"] else "no"),
+            ("schema version", "?" if r["schema_version"] is None else
+             f"{r['schema_version']} (this sessiondb knows up to {r['schema_supported']})")]
+    if r["opened"]:
+        indexes = r["indexes"]
+        rows += [
+            ("contents", f"{r['sessions']:,} sessions, {r['messages']:,} messages"),
+            ("counters", r["counters"]),
+            ("indexes", f"{len(indexes)}, {_size(sum(i['bytes'] for i in indexes))}: "
+                        f"{r['index_health']}"),
+            ("tables", "; ".join(f"{t['name']} {t['live_rows']:,} live / {t['dead_rows']:,} "
+                                 f"dead rows, {_size(t['bytes'])}" for t in r["tables"]
+                                 if t["name"] in ("sessions", "messages"))),
+        ]
+    if conns.get("max_connections"):
+        rows.append(("connections", f"{conns['in_use']} in use of max_connections "
+                                    f"{conns['max_connections']} ({conns['reserved']} "
+                                    f"reserved), {conns['sessiondb']} of them sessiondb's; "
+                                    f"pool_size {conns.get('pool_size', '?')} per SessionDB"))
+    if r["client"]:
+        c = r["client"]
+        rows.append(("client", f"{c.get('transport')}, keepalives idle "
+                               f"{c.get('keepalives_idle', '-')}s, interval "
+                               f"{c.get('keepalives_interval', '-')}s, count "
+                               f"{c.get('keepalives_count', '-')}"))
+    if r["repaired"]:
+        done = r["repaired"]
+        rows.append(("repaired", f"{done['counters_fixed']} counter(s) recounted; "
+                                 f"reindexed: {', '.join(done['reindexed']) or 'none'}; "
+                                 f"created: {', '.join(done['created']) or 'none'}; "
+                                 f"dropped: {', '.join(done['dropped']) or 'none'}"))
+    out = [f"sessiondb doctor: {r['path']} (schema {r['schema']})"]
+    out += [f"  {k:<17}{'not checked' if val is None else val}" for k, val in rows]
+    if r["settings"]:
+        out += ["", table(["setting", "server default", "sessiondb writes", "sessiondb reads"],
+                           [[name, s.get("server"), s.get("write") or "-",
+                             s.get("read") or "-"] for name, s in r["settings"].items()])]
+    if r["advice"]:
+        out += ["", "advice:"] + [f"  - {a}" for a in r["advice"]]
+    out.append("")
+    if r["ok"]:
+        out.append("healthy")
+    else:
+        out.append(f"{len(r['problems'])} problem(s):")
+        out += [f"  - {p}" for p in r["problems"]]
+    return "\n".join(out)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
 
 
 def demo_text(d: dict[str, Any]) -> str:

@@ -29,8 +29,9 @@ from typing import Any, Sequence, TypedDict
 import apsw
 
 from . import __version__, search_index
-from .connection import _open_advice, default_path, refuse_empty_file
-from .errors import DatabaseOpenError, SchemaTooNewError, SessionDBError
+from .backend import is_url
+from .connection import ENV_PATH, _open_advice, default_path, refuse_empty_file
+from .errors import ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDBError
 from .maintenance import ProgressCallback
 from .schema import (
     MESSAGE_TOTAL_SQL, SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version,
@@ -116,6 +117,11 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
           progress: ProgressCallback | None = None) -> DoctorReport:
     """Check the store at ``path`` (``None``: the default path) and report.
 
+    A PostgreSQL URL (given, or in ``$SESSIONDB_PATH``) is checked by
+    :func:`sessiondb.pg.doctor.check`, whose report has its own fields
+    (:class:`~sessiondb.pg.doctor.PgDoctorReport`; ``path``, ``ok``, ``problems`` and
+    ``versions`` as here); ``deep`` does not apply there.
+
     A missing file is reported, never created. A file that does not open as a sessiondb
     store (not SQLite, damaged header, schema newer than this library) is reported with
     the reason and left as it was.
@@ -131,7 +137,17 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     :param progress: called with a :class:`~sessiondb.maintenance.Progress` during long
         work (the rebuild; finishing a conversion when the store is opened).
     :returns: the report; ``report["ok"]`` is False when any problem was found.
+    :raises ConfigurationError: ``prefixes`` given for a PostgreSQL store (they are
+        SQLite's full-text index's).
     """
+    url = path if path is not None else os.environ.get(ENV_PATH)
+    if is_url(url):
+        if prefixes is not None:
+            raise ConfigurationError("prefix indexes belong to SQLite's full-text index; "
+                                     "a PostgreSQL store has none")
+        from .pg import doctor as pg_doctor  # psycopg is imported only for a URL
+        report = pg_doctor.check(str(url), repair=repair, progress=progress)
+        return report  # type: ignore[return-value]
     target = Path(os.path.abspath(Path(path).expanduser() if path is not None
                                   else default_path()))
     report = _empty_report(target)

@@ -114,8 +114,8 @@ def test_library_error_is_one_line_exit_2(capsys, tmp_path):
 
 def test_path_does_not_create_the_file(capsys, tmp_path, monkeypatch):
     target = tmp_path / "sub" / "x.db"
-    assert run_json(capsys, "path", "--db", str(target)) == {"path": str(target),
-                                                             "exists": False}
+    assert run_json(capsys, "path", "--db", str(target)) == {
+        "path": str(target), "backend": "sqlite", "exists": False}
     monkeypatch.setenv("SESSIONDB_PATH", str(tmp_path / "env.db"))
     code, out, _ = run(capsys, "path")
     assert code == 0 and out.strip() == str(tmp_path / "env.db")
@@ -344,3 +344,104 @@ def test_doctor_reports_wrong_message_counters(capsys, cli_db):
             "UPDATE sessions SET message_count = 7 WHERE id = 'beta-2222'"))
     code, out, _ = run(capsys, "doctor", "--db", str(cli_db))
     assert code == 1 and "beta-2222: message_count 7, 1 messages" in out
+
+
+# -- every command on PostgreSQL (--db URL, or $SESSIONDB_PATH) ----------------------------
+
+@pytest.fixture
+def pg_cli_url(pg_url: str) -> str:
+    """The three sessions of ``cli_db``, in a PostgreSQL store."""
+    with SessionDB(pg_url) as db:
+        db.create_session("alpha-1111", "cli", title="Refactor the parser", model="m1")
+        db.append_message("alpha-1111", "user", "Split parse() into a lexer and a parser")
+        db.append_message("alpha-1111", "assistant", "Done.", tool_calls=[{"id": "c1"}])
+        db.create_session("beta-2222", "gateway")
+        db.append_message("beta-2222", "user", "what is the weather")
+        db.end_session("beta-2222", "user_exit")
+        db.import_sessions({"id": "old-3333", "source": "cron",
+                            "started_at": time.time() - 40 * DAY,
+                            "ended_at": time.time() - 39 * DAY,
+                            "messages": [{"role": "user", "content": "nightly lexer job",
+                                          "timestamp": time.time() - 40 * DAY}]})
+    return pg_url
+
+
+def test_read_commands_on_postgresql(capsys, pg_cli_url):
+    url = pg_cli_url
+    assert {s["id"] for s in run_json(capsys, "list", "--db", url)} == \
+        {"alpha-1111", "beta-2222", "old-3333"}
+    assert [s["id"] for s in run_json(capsys, "list", "--db", url, "--active")] == \
+        ["alpha-1111"]
+    code, out, _ = run(capsys, "list", "--db", url)
+    assert code == 0 and "Refactor the parser" in out
+    code, out, _ = run(capsys, "show", "alp", "--db", url)
+    assert code == 0 and "Split parse() into a lexer and a parser" in out
+    assert run(capsys, "show", "nope", "--db", url)[0] == 1
+    hits = run_json(capsys, "search", "lexer", "--db", url)
+    assert {h["session_id"] for h in hits} == {"alpha-1111", "old-3333"}
+    hits = run_json(capsys, "search", "lexer", "--source", "cron", "--db", url)
+    assert [h["session_id"] for h in hits] == ["old-3333"]
+
+
+def test_path_of_a_url_masks_the_password_and_does_not_connect(capsys, monkeypatch):
+    url = "postgresql://me:s3cret@db.invalid:5432/store?schema=team"
+    found = run_json(capsys, "path", "--db", url)
+    assert found == {"path": "postgresql://me:***@db.invalid:5432/store?schema=team",
+                     "backend": "postgresql", "exists": None}
+    monkeypatch.setenv("SESSIONDB_PATH", url)
+    code, out, _ = run(capsys, "path")
+    assert code == 0 and out.strip() == found["path"]
+
+
+def test_export_import_prune_on_postgresql(capsys, pg_cli_url, tmp_path):
+    url = pg_cli_url
+    dump = tmp_path / "dump.jsonl"
+    summary = run_json(capsys, "export", "--db", url, "--jsonl", "-o", str(dump))
+    assert summary == {"file": str(dump), "sessions": 3, "messages": 4}
+    # Into SQLite and back into another schema of the same database.
+    assert run_json(capsys, "import", str(dump), "--db", str(tmp_path / "x.db")) == \
+        {"imported": 3}
+    other = url + "?schema=other"
+    assert run_json(capsys, "import", str(dump), "--db", other) == {"imported": 3}
+    code, _, err = run(capsys, "import", str(dump), "--db", other)
+    assert code == 2 and "already exists" in err
+    assert run_json(capsys, "import", str(dump), "--db", other, "--skip-existing") == \
+        {"imported": 0}
+    code, out, _ = run(capsys, "export", "--db", other)
+    assert code == 0 and [s["id"] for s in json.loads(out)] == \
+        [json.loads(line)["id"] for line in dump.read_text().splitlines()]
+    result = run_json(capsys, "prune", "--days", "30", "--db", url)
+    assert result["dry_run"] and result["would_delete"] == 1
+    assert run_json(capsys, "prune", "--days", "30", "--yes", "--db", url)["deleted"] == 1
+    with SessionDB(url) as db:
+        assert db.get_session("old-3333") is None and db.session_count() == 2
+
+
+def test_stats_on_postgresql_shows_the_pool(capsys, pg_cli_url):
+    figures = run_json(capsys, "stats", "--db", pg_cli_url)
+    assert figures["backend"] == "postgresql" and figures["sessions"] == 3
+    assert figures["messages"] == 4 and figures["pool"]["size"] == 8
+    assert isinstance(figures["server_version"], int)
+    code, out, _ = run(capsys, "stats", "--db", pg_cli_url)
+    lines = dict(line.split(None, 1) for line in out.splitlines()[2:])
+    assert code == 0 and lines["pool.size"] == "8" and lines["backend"] == "postgresql"
+    assert lines["server_version"].count(".") in (1, 2)  # e.g. 15.20, not 150020
+    assert "wal_bytes" not in lines
+
+
+def test_sessiondb_path_url_is_used_by_every_command(capsys, pg_cli_url, monkeypatch):
+    monkeypatch.setenv("SESSIONDB_PATH", pg_cli_url)
+    assert len(run_json(capsys, "list")) == 3
+    assert run_json(capsys, "stats")["backend"] == "postgresql"
+    assert run_json(capsys, "doctor")["ok"]
+    code, out, _ = run(capsys, "export", "--session", "beta")
+    assert code == 0 and json.loads(out)[0]["id"] == "beta-2222"
+
+
+def test_demo_on_postgresql(capsys, pg_url):
+    SessionDB(pg_url).close()  # the schema first: the workers then open it at once
+    code, out, err = run(capsys, "demo", "--workers", "2", "--messages", "10", "--json",
+                         "--db", pg_url)
+    result = json.loads(out)
+    assert code == 0, (result["problems"], result["processes"])
+    assert result["messages_found"] == 20 and result["counters_exact"] and result["kept"]

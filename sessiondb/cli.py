@@ -5,8 +5,8 @@
 is ``$SESSIONDB_PATH``. Without ``--json`` output is a readable table.
 
 Exit status: 0 success; 1 nothing found (``show``, ``export --session``), problems found
-(``doctor``) or a failed ``demo``; 2 bad usage or an error from the library (one line on
-stderr, no traceback); 130 interrupted.
+(``doctor``), sessions not copied or not matching (``copy``) or a failed ``demo``; 2 bad
+usage or an error from the library (one line on stderr, no traceback); 130 interrupted.
 
 ``prune`` is a dry run unless ``--yes`` is given: it reports how many sessions it would
 delete (counted by running the real prune in a transaction that is then rolled back) and
@@ -24,7 +24,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, cli_text, demo, doctor, jsonstream
+from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream
 from .backend import is_url
 from .connection import ENV_PATH, default_path
 from .errors import SessionDBError
@@ -168,6 +168,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    try:
+        report, code = copy.copy_store(args.src, args.dst, progress=_progress(args)), 0
+    except (copy.CopyConflict, copy.CopyMismatch) as exc:
+        assert exc.report is not None
+        report, code = exc.report, 1
+    _emit(args, report, cli_text.copy_text)
+    return code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     say = None if args.json else (lambda line: print(line, flush=True))
     result = demo.run(args.db, workers=args.workers, messages=args.messages, progress=say)
@@ -185,24 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation tools)."""
     # SUPPRESS keeps a subcommand's defaults from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common = argparse.ArgumentParser(add_help=False)
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print JSON for machines instead of a table")
+    common = argparse.ArgumentParser(add_help=False, parents=[machine])
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
                         help="database file or postgresql:// URL (default: "
                              "$SESSIONDB_PATH, else the user data dir's sessiondb/state.db)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON for machines instead of a table")
     parser = argparse.ArgumentParser(
         prog="sessiondb", parents=[common],
         description="Inspect and maintain a sessiondb store: a session store shared by "
                     "many processes, in a SQLite file or a PostgreSQL database.",
-        epilog="Exit status: 0 ok; 1 not found, problems found or demo failed; "
-               "2 usage or library error.")
+        epilog="Exit status: 0 ok; 1 not found, problems found, copy incomplete or demo "
+               "failed; 2 usage or library error.")
     parser.add_argument("--version", action="version", version=f"sessiondb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], summary: str,
-                description: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=summary,
+                description: str | None = None, store: bool = True
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common if store else machine], help=summary,
                            description=description or summary)
         p.set_defaults(func=fn)
         return p
@@ -291,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --repair: rebuild with FTS5 prefix indexes of these lengths "
                         "(e.g. 2,3,4: fast prefix queries like dep*, a larger index); "
                         "'none' removes them")
+
+    p = command("copy", cmd_copy, "copy every session from one store to another "
+                "(SQLite or PostgreSQL, either way)",
+                "Copy every session with its messages from SRC into DST, each a SQLite "
+                "file or a postgresql:// URL (DST is created if missing). Streamed a chunk "
+                "at a time in short transactions, so memory stays small and others keep "
+                "writing; each chunk is read back from DST and its counts verified. Safe "
+                "to rerun after an interruption: sessions already in DST with the same "
+                "content are left as they are. A session in DST with other content (or "
+                "whose title another session there holds) is skipped and reported. "
+                "Exit 0 when everything was copied and verified, 1 when sessions were "
+                "skipped or counts differ, 2 on errors (e.g. SRC and DST the same store).",
+                store=False)
+    p.add_argument("src", metavar="SRC", help="the store to copy from (file or URL; "
+                                              "must exist, is only read)")
+    p.add_argument("dst", metavar="DST", help="the store to copy into (file or URL; "
+                                              "created if missing)")
 
     p = command("demo", cmd_demo, "several processes write one database at once",
                 "Spawn worker processes that each create a session and append messages, "

@@ -7,8 +7,8 @@ import json
 import time
 from typing import Any, Iterator
 
-__all__ = ["demo_text", "doctor_text", "figure", "flatten", "pg_doctor_text", "readable",
-           "show_text", "table", "when"]
+__all__ = ["copy_text", "demo_text", "doctor_text", "figure", "flatten", "pg_doctor_text",
+           "readable", "show_text", "table", "when"]
 
 
 def when(ts: float | None) -> str:
@@ -183,6 +183,25 @@ def _size(n: int) -> str:
             return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def copy_text(r: dict[str, Any]) -> str:
+    out = [f"copy {r['src']} -> {r['dst']} ({r['elapsed_s']:.1f}s)",
+           f"  read from SRC      {r['sessions']:,} sessions, {r['messages']:,} messages",
+           f"  copied now         {r['copied']:,} sessions, {r['copied_messages']:,} messages",
+           f"  already in DST     {r['present']:,} sessions (same content, left as they were)",
+           f"  skipped            {r['skipped_count']:,} sessions",
+           "  verified           " + (
+               "yes: every copied session read back from DST with its messages"
+               if r["verified"] else f"NO: {len(r['differences'])} difference(s)"),
+           f"  DST now holds      {r['dst_sessions']:,} sessions, "
+           f"{r['dst_messages']:,} messages"]
+    out += [f"  - skipped {s['id']}: {s['reason']}" for s in r["skipped"]]
+    if r["skipped_count"] > len(r["skipped"]):
+        out.append(f"  - ... and {r['skipped_count'] - len(r['skipped']):,} more skipped")
+    out += [f"  - differs: {line}" for line in r["differences"]]
+    out.append("ok" if r["verified"] and not r["skipped_count"] else "INCOMPLETE")
+    return "\n".join(out)
 
 
 def demo_text(d: dict[str, Any]) -> str:

@@ -66,9 +66,10 @@ COMMANDS = ["path", "list", "show", "search", "export", "import", "prune", "stat
 def test_every_subcommand_has_help_text(capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(sub.choices) == sorted(COMMANDS + ["bench"])
+    assert sorted(sub.choices) == sorted(COMMANDS + ["bench", "copy"])
     summaries = {a.dest: a.help for a in sub._choices_actions}
-    assert summaries["bench"]
+    assert summaries["bench"] and summaries["copy"]
+    assert all(action.help for action in sub.choices["copy"]._actions)
     code, out, _ = run(capsys, "bench", "--help")
     assert code == 0 and "--quick" in out and "--json FILE" in out
     assert all(action.help for action in sub.choices["bench"]._actions)

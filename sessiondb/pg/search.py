@@ -45,6 +45,19 @@ message reads about ``WINDOW`` / (share without ``b``) messages, and a source or
 filter that keeps a few percent of the matches of a common word reads the messages
 around them. ``limit=None`` ranks every match, window by window.
 
+Measured on a million messages (``sessiondb/bench/pg_scale_search.py``, 2 CPUs shared
+with other work, ``shared_buffers`` 3 GB, everything cached): the floor of a page is a
+few milliseconds of statements and snippets, and a search costs what it reads. A word
+in 10% of the messages needs about 10,000 ids walked at 1.5-2 us each, or its whole
+posting list (0.15 us a posting, 15 ms for 100,000) read by the GIN index, which knows
+no id order: either way 20-40 ms of one CPU before any wait for it. A phrase of two
+such words adjacent in 74 messages (both are in 9,000) checks every one of those 9,000
+candidates (60-130 ms), an ``a NOT b`` of two words in nearly every message walks about
+35,000 ids (60-80 ms), a role or source filter keeping one match in ten of a medium word
+reads ten times the messages. Bounding the index's work by id range would take a GIN
+index per band of ids (a ``messages`` table partitioned by id, or partial indexes), and
+someone to create the next band as ids grow; it is not done here.
+
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following
 :func:`sessiondb.text.sanitize_fts_query`: words are ANDed; ``"a quoted phrase"`` is a
@@ -110,6 +123,9 @@ MAX_WALKED_SESSIONS = 2000
 #: Terms of a group of ANDed terms given to the GIN index (the rest are checked on its
 #: rows).
 INDEX_TERMS = 4
+#: Bytes of work_mem the search's statements get at least (exact bitmaps, see
+#: :func:`search_messages`).
+WORK_MEM = 64 * 1024 * 1024
 #: Seconds the column statistics read for the cost of the GIN index are kept.
 STATS_TTL = 300.0
 _HEADLINE = ("StartSel=>>>, StopSel=<<<, MaxWords=40, MinWords=20, ShortWord=0, "
@@ -166,9 +182,15 @@ def search_messages(conn: PgConn, query: str, filters: Filters, limit: int,
     if limit == 0 or not terms or (filters.sources is not None and not filters.sources):
         return []
     # No JIT compilation: a slice that reads many rows is costed high enough to be
-    # compiled, which takes longer (10-20 ms) than the slice itself.
-    jit = conn.raw.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)",
-                           prepare=False).fetchone()[0]
+    # compiled, which takes longer (10-20 ms) than the slice itself. work_mem large
+    # enough for an exact bitmap of the GIN index's matches: with the default 4 MB the
+    # bitmap of a word in 10% of a million messages turns lossy, and every message of
+    # a lossy page is read and tested again (a third of the heap pages, 2-4x the time).
+    jit, mem = conn.raw.execute(
+        "SELECT current_setting('jit'), current_setting('work_mem'), "
+        "set_config('jit', 'off', true), set_config('work_mem', "
+        f"greatest(pg_size_bytes(current_setting('work_mem')), {WORK_MEM})::text || 'B', "
+        "true)", prepare=False).fetchone()[:2]
     try:
         built = build_query(conn, terms)
         if built is None:
@@ -176,7 +198,8 @@ def search_messages(conn: PgConn, query: str, filters: Filters, limit: int,
         ids = ranked_ids(conn, built, filters, limit, offset)
         return fetch_hits(conn, built.text, ids) if ids else []
     finally:
-        conn.raw.execute("SELECT set_config('jit', %s, true)", [jit], prepare=False)
+        conn.raw.execute("SELECT set_config('jit', %s, true), set_config('work_mem', %s, "
+                         "true)", [jit, mem], prepare=False)
 
 
 # -- the query -----------------------------------------------------------------------
@@ -506,10 +529,15 @@ def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, flo
     rarest /= 2  # as PostgreSQL's own estimate of a lexeme missing from the statistics
     us = rows = 0.0
     for group in query.indexed():
-        # The index reads every list of the group's lexemes (skipping through the
-        # longer ones of an AND); the rows it returns are those holding every term
-        # (taken as independent), each of them all the lexemes of its phrase.
+        # The index merges every list of a prefix's lexemes up front, but of the other
+        # lexemes of an AND it reads the shortest list and skips through the longer
+        # ones to each of its entries (a word in every message ANDed with a rare one
+        # costs what the rare one does: summing the lists made a pasted paragraph
+        # look a hundred times dearer than it is, and walk the whole table instead).
+        # The rows it returns are those holding every term (taken as independent),
+        # each of them all the lexemes of its phrase.
         group_us, group_rows = 0.0, 1.0
+        plain: list[float] = []
         for negated, lexemes, _ in group:
             if negated:
                 continue
@@ -520,9 +548,11 @@ def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, flo
                     group_us += part * _US_PREFIX_TID
                 else:
                     part = share.get(lexeme, rarest)
-                    group_us += part * _US_TID
+                    plain.append(part)
                 term_rows = min(term_rows, part)
             group_rows *= term_rows
+        if plain:
+            group_us += min(plain) * len(plain) * _US_TID
         us += group_us
         rows += group_rows
     return us * messages, rows * messages

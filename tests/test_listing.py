@@ -231,6 +231,7 @@ def test_a_10_mb_message_is_never_read_whole(db_path, counting_vfs):
     assert listed < 200_000
 
 
+@pytest.mark.sqlite_only  # counts the bytes read through a SQLite VFS
 def test_the_hermes_facade_reads_only_the_head_of_a_10_mb_message(db_path, counting_vfs):
     big = "  Ünïcode\n" + "é" * 5_000_000
     with HermesSessionDB(db_path) as writer:

@@ -55,15 +55,28 @@ class Conn(Protocol):
 
 
 class Dialect(Protocol):
-    """What differs between the databases, as used by the rules written once.
+    """What differs between the databases, as used by the rules written once (SQLite's:
+    :mod:`sessiondb.dialect`; PostgreSQL's: :mod:`sessiondb.pg.dialect`).
 
     :ivar name: ``"sqlite"`` or ``"postgresql"``.
     :ivar in_list: an SQL expression that is the list given as one parameter (a JSON
-        array), for ``x IN <in_list>``.
+        array of text), for ``x IN <in_list>``; ``in_id_list``: the same of integers.
+    :ivar message_total: the statement that reads the number of messages.
+    :ivar for_update: appended to a SELECT of a row a write checks, so that it stays as
+        checked until the write commits; ``skip_locked``: so that a queue's readers pass
+        over rows another transaction holds.
+    :ivar defers_index: bulk imports defer full-text indexing (and catch up in steps).
+    :ivar reclaims_space: deleted rows' space is given back in steps (``reclaim_space``).
     """
 
     name: str
     in_list: str
+    in_id_list: str
+    message_total: str
+    for_update: str
+    skip_locked: str
+    defers_index: bool
+    reclaims_space: bool
 
     def lock(self, conn: Conn, *keys: str) -> None:
         """Serialize the writers of these keys (a session id, a lease name, an owner)
@@ -76,6 +89,35 @@ class Dialect(Protocol):
 
     def list_arg(self, values: Iterable[Any]) -> Any:
         """The parameter for :attr:`in_list`."""
+
+    def starts_with(self, column: str, prefix: str, fold: bool = False
+                    ) -> tuple[str, list[Any]]:
+        """SQL true when ``column`` starts with ``prefix`` (ASCII case folded with
+        ``fold``), and its arguments."""
+
+    def list_page(self, conn: Conn, where: list[str], args: list[Any], order: str,
+                  limit: int, offset: int, *, columns: str, preview_order: str
+                  ) -> list[dict[str, Any]]:
+        """One page of sessions ``s`` with ``last_active`` and a ``preview`` head."""
+
+    def search(self, conn: Conn, path: Any, query: str, filters: Any, limit: int,
+               offset: int) -> list[dict[str, Any]]:
+        """The hits of ``search_messages``."""
+
+    def unindexed(self, column: str) -> str:
+        """``column`` in a condition the planner must not use an index for."""
+
+    def store_bytes(self, conn: Conn) -> int:
+        """The store's size in bytes."""
+
+    def assign_ids(self, conn: Conn, messages: list[tuple], assign: Any) -> list[tuple]:
+        """Imported messages with their ids (see :func:`sessiondb.bulk._assign_ids`)."""
+
+    def ids_used(self, conn: Conn) -> None:
+        """After messages were inserted with explicit ids."""
+
+    def import_context(self, read: Any) -> AbstractContextManager[Any]:
+        """Around a bulk import."""
 
 
 class Engine(Protocol):

@@ -22,7 +22,6 @@ class SQLiteDialect:
     reclaims_space = True
     #: The number of messages, kept by triggers (see :mod:`sessiondb.schema`).
     message_total = MESSAGE_TOTAL_SQL
-    stores_nul = True
     #: Row locks for a checked row, and for passing over rows being changed: none
     #: (BEGIN IMMEDIATE admits one writer at a time).
     for_update = ""
@@ -59,6 +58,10 @@ class SQLiteDialect:
         rowids = listing.page_rowids(conn, where, args, order, limit, offset)
         return listing.describe(conn, rows, rowids, columns=columns,
                                 preview_order=preview_order)
+
+    def store_bytes(self, conn: Conn) -> int:
+        """Bytes of the database (pages in use and free)."""
+        return int(conn.pragma("page_count")) * int(conn.pragma("page_size"))
 
     def unindexed(self, column: str) -> str:
         """``column`` in a condition the planner must not use an index for."""

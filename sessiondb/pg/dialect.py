@@ -46,8 +46,6 @@ class PgDialect:
     #: The number of messages: the sum of the sessions' counters (see
     #: :mod:`sessiondb.pg.schema`: no total row that every append would lock).
     message_total = "SELECT COALESCE(SUM(message_count), 0)::bigint FROM sessions"
-    #: PostgreSQL text cannot hold U+0000; such values get InvalidArgument.
-    stores_nul = False
     #: A checked row stays as checked until the write commits; a queue's readers pass
     #: over the rows another transaction is claiming or completing.
     for_update = " FOR UPDATE"

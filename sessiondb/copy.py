@@ -15,6 +15,8 @@ For each chunk, before writing, it looks in the destination for the chunk's sess
   session of the same id) is skipped and reported in ``skipped``, as is a session whose
   title another session of the destination holds; nothing of the destination is ever
   overwritten;
+- a session the destination refuses (PostgreSQL text cannot hold U+0000, which SQLite
+  stores) is skipped and reported with the reason, and so are its children;
 - a session whose parent is neither in the destination nor in the chunk waits for a
   later chunk (exports list sessions oldest first, so a parent comes later only when it
   started after its child); still waiting at the end, it is skipped.
@@ -47,7 +49,9 @@ from typing import Any, Iterable, Iterator, TypedDict
 
 from . import bulk, records
 from .backend import Conn, is_url
-from .errors import DatabaseOpenError, SessionDBError
+from .errors import (
+    DatabaseOpenError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
+)
 from .maintenance import Progress, ProgressCallback, check_progress
 from .store import SessionDB
 
@@ -62,6 +66,8 @@ CHUNK_CHARS = 16_000_000
 #: Entries kept in the report's ``skipped`` and ``differences`` lists (all are counted).
 REPORT_LIMIT = 100
 
+# What the destination may refuse of one session while it takes the others.
+_REFUSED = (InvalidArgument, InvalidArgumentType, IntegrityViolation)
 # Session fields the import derives from the messages rather than copying them.
 _DERIVED = ("message_count", "tool_call_count", "messages")
 
@@ -249,15 +255,40 @@ class _Run:
             if p.task == "import":
                 self._tell(base + p.done)
 
-        # Called even with nothing new: it also finishes the search indexing that a
-        # killed run left pending in a SQLite destination.
-        self.copied += self.target.import_sessions(
-            new, skip_existing=True, progress=report if self.progress else None)
-        count = sum(len(s["messages"]) for s in new)
+        try:
+            # Called even with nothing new: it also finishes the search indexing that
+            # a killed run left pending in a SQLite destination.
+            self.copied += self.target.import_sessions(
+                new, skip_existing=True, progress=report if self.progress else None)
+            written = new
+        except _REFUSED:
+            # A session the destination will not store (PostgreSQL text cannot hold
+            # U+0000, which SQLite can) fails its whole step: find it, a session at a
+            # time. What the failed call committed is found present.
+            written = self._one_by_one(new)
+            self.copied += len(written)
+        count = sum(len(s["messages"]) for s in written)
         self.copied_messages += count
-        self.done = base + count
-        self._verify(new)
+        self.done += count  # (refused ones were counted as skipped)
+        self._verify(written)
         self._tell()
+
+    def _one_by_one(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        written, refused = [], set()
+        for item in records.parents_first(items):
+            if item.get("parent_session_id") in refused:
+                refused.add(item["id"])
+                self._skip(item, f"its parent {item['parent_session_id']!r} was not "
+                                 "copied")
+                continue
+            try:
+                self.target.import_sessions([item], skip_existing=True)
+            except _REFUSED as exc:
+                refused.add(item["id"])
+                self._skip(item, f"the destination refused it: {exc}")
+                continue
+            written.append(item)
+        return written
 
     def _verify(self, items: list[dict[str, Any]]) -> None:
         """Read the chunk's copied sessions back: each there, with its messages."""

@@ -311,3 +311,25 @@ def test_the_source_is_read_as_the_copy_goes(sqlite_src, pg_url, monkeypatch):
     monkeypatch.setattr(SessionDB, "iter_export", watched)
     copy_store(sqlite_src, pg_url)
     assert stored_when_read and stored_when_read[0] > SESSIONS // 2
+
+
+def test_a_session_postgresql_refuses_is_skipped_with_the_reason(tmp_path, pg_url):
+    """SQLite stores U+0000 in text, PostgreSQL cannot: that session (and its child)
+    is reported, every other one copied."""
+    src = tmp_path / "src.db"
+    make_store(src)
+    with SessionDB(src) as db:
+        db.create_session("nul-1", "cli")
+        db.append_message("nul-1", "user", "before\x00after")
+        db.create_session("nul-child", "cli", parent_session_id="nul-1")
+    with pytest.raises(CopyConflict) as info:
+        copy_store(src, pg_url)
+    report = info.value.report
+    assert report is not None and report["verified"]
+    reasons = {s["id"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"nul-1", "nul-child"}
+    assert reasons["nul-1"].startswith("the destination refused it: a value PostgreSQL")
+    assert report["copied"] == SESSIONS + 1
+    assert report["dst_messages"] == total_messages()
+    with SessionDB(pg_url) as db:
+        assert db.get_session("nul-1") is None and db.session_count() == SESSIONS + 1

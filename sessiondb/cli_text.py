@@ -138,13 +138,15 @@ def pg_doctor_text(r: dict[str, Any]) -> str:
             ("contents", f"{r['sessions']:,} sessions, {r['messages']:,} messages"),
             ("counters", r["counters"]),
             ("indexes", f"{len(indexes)}, {_size(sum(i['bytes'] for i in indexes))}: "
-                        f"{r['index_health']}"),
+                        + ("all valid and ready" if r["index_health"] == "ok"
+                           else str(r["index_health"]))),
             ("tables", "; ".join(f"{t['name']} {t['live_rows']:,} live / {t['dead_rows']:,} "
                                  f"dead rows, {_size(t['bytes'])}" for t in r["tables"]
                                  if t["name"] in ("sessions", "messages"))),
         ]
     if conns.get("max_connections"):
-        rows.append(("connections", f"{conns['in_use']} in use of max_connections "
+        rows.append(("connections", f"{conns['in_use']} in use (doctor's own included) of "
+                                    "max_connections "
                                     f"{conns['max_connections']} ({conns['reserved']} "
                                     f"reserved), {conns['sessiondb']} of them sessiondb's; "
                                     f"pool_size {conns.get('pool_size', '?')} per SessionDB"))

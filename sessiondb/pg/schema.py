@@ -173,8 +173,13 @@ def check_schema_name(name: Any) -> str:
 
 def found_version(conn: Any, schema: str) -> int:
     """The schema version of the store in ``schema`` (0: there is none)."""
-    row = conn.execute("SELECT to_regclass(%s)", [f"{schema}.sessiondb_meta"]).fetchone()
-    if row is None or row[0] is None:
+    # pg_class read under the statement's snapshot, not to_regclass(): that one reads
+    # the catalog cache, which taking the migration's advisory lock does not refresh, so
+    # a process that waited for another's migration could still see no table.
+    row = conn.execute("SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                       "ON n.oid = c.relnamespace WHERE n.nspname = %s "
+                       "AND c.relname = 'sessiondb_meta'", [schema]).fetchone()
+    if row is None:
         return 0
     row = conn.execute(f'SELECT value FROM "{schema}".sessiondb_meta '
                        "WHERE key = 'schema_version'").fetchone()

@@ -228,6 +228,7 @@ def benchmark(url: str, *, quick: bool = False, duration: float | None = None,
                "only": only, "seed": seed, "scenarios": [_plain(s) for s in chosen]}
     head = header(options)
     head["postgresql"] = server_info(url)
+    head["loadavg_start"] = os.getloadavg()[0]  # the machine may be shared: say so
     doc: dict[str, Any] = {"header": head, "runs": []}
     total = sum(s.rounds * (1 + len(s.clients)) for s in chosen)
     step = 0

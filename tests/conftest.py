@@ -3,6 +3,7 @@ museum's figures table (see ``tests/museum/conftest.py``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,26 +33,46 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a contract-file test about SQLite itself")
 
 
+#: The contract files that also run a third time, through PgBouncer in transaction mode
+#: recycling its server connections every 2 s (``pooler=1`` in the URL): the files whose
+#: rules span calls or transactions (leases, claims, heartbeats, revisions,
+#: transaction() and snapshot() blocks) and the basic writes. The others (accounting,
+#: listing, search, export/import, argument errors) send the same kind of one-call
+#: transactions and would add about half a minute to the suite; with
+#: ``SESSIONDB_POOLER_CONTRACT=all`` every contract file runs through the pooler.
+POOLER_CONTRACT = CONTRACT if os.environ.get("SESSIONDB_POOLER_CONTRACT") == "all" else {
+    "test_claims", "test_leases", "test_messages", "test_revisions", "test_sessions",
+    "test_titles", "test_transaction", "test_snapshot",
+}
+
+
 def pytest_generate_tests(metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
     if module in CONTRACT and not metafunc.definition.get_closest_marker("sqlite_only"):
-        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+        backends = ["sqlite", "postgresql"] + (["pgbouncer"] if module in POOLER_CONTRACT
+                                               else [])
+        metafunc.parametrize("backend", backends, indirect=True)
 
 
 @pytest.fixture
 def backend(request) -> str:
-    """``"sqlite"``, or ``"postgresql"`` for the contract files' second run."""
+    """``"sqlite"``; ``"postgresql"`` for the contract files' second run, ``"pgbouncer"``
+    for their third (:data:`POOLER_CONTRACT`)."""
     return getattr(request, "param", "sqlite")
 
 
 @pytest.fixture
 def db_path(backend: str, tmp_path: Path, request) -> Any:
-    """Where this test's store lives (not created yet): a file, or for PostgreSQL a URL
-    of a fresh schema in the test server."""
+    """Where this test's store lives (not created yet): a file; for PostgreSQL a URL of a
+    fresh database in the test server; for PgBouncer the URL of one through the shared
+    pooler, with ``pooler=1`` (no server-side prepared statements)."""
     if backend == "postgresql":
         return request.getfixturevalue("pg_store_url")
+    if backend == "pgbouncer":
+        url = request.getfixturevalue("pgbouncer_url")
+        return url + ("&" if "?" in url else "?") + "pooler=1"
     return tmp_path / "state.db"
 
 

@@ -82,14 +82,41 @@ _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 _INHERITED: list[Any] = []  # pools of a parent process: never closed by a fork child
 
 
-def _split_schema(url: str) -> tuple[str, str | None]:
-    """The URL without sessiondb's own ``schema=`` query parameter, and that parameter
-    (libpq would refuse it)."""
+#: The URL query parameters that are sessiondb's own options, not libpq's (libpq would
+#: refuse them): ``?schema=profile_a&pooler=1``.
+URL_OPTIONS = ("schema", "pooler")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without sessiondb's own query parameters (:data:`URL_OPTIONS`), and those
+    parameters (the last value of each wins)."""
     parts = urlsplit(url)
     pairs = [p for p in parts.query.split("&") if p]
-    mine = [p.split("=", 1)[1] for p in pairs if p.startswith("schema=")]
-    rest = "&".join(p for p in pairs if not p.startswith("schema="))
-    return urlunsplit(parts._replace(query=rest)), (mine[-1] if mine else None)
+    mine: dict[str, str] = {}
+    rest: list[str] = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name in URL_OPTIONS:
+            mine[name] = value
+        else:
+            rest.append(pair)
+    return urlunsplit(parts._replace(query="&".join(rest))), mine
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """The URL without sessiondb's own query parameters, and its ``schema=``."""
+    plain, mine = _split_options(url)
+    return plain, mine.get("schema")
+
+
+def _url_flag(name: str, value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ConfigurationError(f"the URL parameter {name}={value} must be 1 or 0 "
+                             "(true/false, yes/no, on/off)")
 
 
 def mask(url: str) -> str:
@@ -110,7 +137,7 @@ class PgEngine:
         ``?schema=`` parameter, else ``"sessiondb"``; created if missing), so that several
         stores (profiles) can share a database.
     :param pooler: True when the URL points at a pooler in transaction mode (PgBouncer):
-        no server-side prepared statements are used.
+        no server-side prepared statements are used (also the URL's ``?pooler=1``).
     :param application_name: shown in ``pg_stat_activity`` (default ``"sessiondb"``).
     """
 
@@ -130,11 +157,15 @@ class PgEngine:
                                      "or None (no bound)")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an int >= 1")
-        url, in_url = _split_schema(url)
-        self.path = mask(url) + (f"?schema={in_url}" if in_url else "")
+        url, in_url = _split_options(url)
+        own = "&".join(f"{k}={v}" for k, v in in_url.items())  # reopens the same store
+        self.path = mask(url) + (("&" if urlsplit(url).query else "?") + own if own else "")
         self._url = url
-        self._schema = pg_schema.check_schema_name(schema or in_url or "sessiondb")
-        self._pooler = check_flag("pooler", pooler)
+        self._schema = pg_schema.check_schema_name(schema or in_url.get("schema")
+                                                   or "sessiondb")
+        # The option, or the URL's ?pooler=1 (a URL in $SESSIONDB_PATH says it all).
+        self._pooler = check_flag("pooler", pooler) or (
+            "pooler" in in_url and _url_flag("pooler", in_url["pooler"]))
         self.write_timeout = float(write_timeout)
         self._hold = None if hold_timeout is None else float(hold_timeout)
         self._pool_size = pool_size

@@ -3,9 +3,10 @@
 Built on four PostgreSQL incidents, each answered here:
 
 - *A row lock held forever by a client that died mid-transaction.* Every connection has
-  TCP keepalives; every transaction sets ``idle_in_transaction_session_timeout`` to
-  ``hold_timeout`` (plus a second), so the server ends a session that sits in a
-  transaction (a SIGSTOPped or partitioned client) and frees its locks.
+  TCP keepalives and a TCP user timeout; every transaction sets
+  ``idle_in_transaction_session_timeout`` to ``hold_timeout`` (plus a second), so the
+  server ends a session that sits in a transaction (a SIGSTOPped or partitioned client)
+  and frees its locks.
 - *A heartbeat through a transaction-mode pooler that recycled the connection under it.*
   Nothing here lives in a connection's session: no session advisory locks, no ``SET``
   outside a transaction (settings are ``set_config(..., true)``, i.e. ``SET LOCAL``,
@@ -14,7 +15,9 @@ Built on four PostgreSQL incidents, each answered here:
 - *Workers holding reserved connections until the pool ran dry.* A connection is taken
   for one transaction and given back; the pool is bounded (``pool_size``); a wait for a
   connection is bounded by ``write_timeout`` and ends in
-  :class:`~sessiondb.errors.WriteTimeout`; at 80% in use a
+  :class:`~sessiondb.errors.WriteTimeout` when every connection is in use (in
+  :class:`~sessiondb.errors.ConnectionLost` when the pool had room but no connection
+  could be made: the server is down or unreachable); at 80% in use a
   :class:`~sessiondb.errors.PoolWarning` is issued; ``stats()`` shows the pool.
 - *Hung work holding every slot while cleanup waited for a free one.* Work never holds a
   connection (only ``transaction()`` blocks do, bounded by ``hold_timeout``), and the
@@ -28,10 +31,14 @@ back and runs it again after a jittered pause, until ``write_timeout``; nothing 
 retried. Waiting for a lock is bounded by ``lock_timeout`` (the rest of
 ``write_timeout``: :class:`~sessiondb.errors.WriteTimeout`); holding locks is bounded by
 ``hold_timeout``: a watchdog cancels the statement of a transaction that holds its locks
-past it (:class:`~sessiondb.errors.HoldTimeout`) and, if the server cannot be reached to
-cancel (a partition), shuts the socket so the caller gets
-:class:`~sessiondb.errors.ConnectionLost` instead of hanging. Errors are translated at one
-boundary (:func:`translate`).
+past it (:class:`~sessiondb.errors.HoldTimeout`) and, if the transaction has still not
+ended :data:`CANCEL_GRACE` seconds later (the server cannot be reached: a partition), shuts
+the socket, so the caller gets a typed error instead of hanging; an expired transaction is
+rolled back by closing its connection, never by a ROLLBACK that could wait behind the
+partition. A connection lost during ``COMMIT`` is
+:class:`~sessiondb.errors.ConnectionLost` (it may have committed), never
+:class:`~sessiondb.errors.HoldTimeout` (which says nothing was written). Errors are
+translated at one boundary (:func:`translate`).
 """
 
 from __future__ import annotations
@@ -195,9 +202,13 @@ class PgEngine:
             # Transactions are begun explicitly, with their settings, in one round trip.
             "autocommit": True,
             "application_name": self._app,
-            # Dead peers are found in ~20 s even when nothing is being sent.
+            # Dead peers are found in ~20 s even when nothing is being sent...
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
             "keepalives_count": 3,
+            # ... and when something is: keepalives are not sent while data waits for
+            # its acknowledgement (a partition mid-statement), retransmissions go on
+            # for about 15 minutes unless this bounds them (milliseconds).
+            "tcp_user_timeout": 20_000,
             "connect_timeout": max(2, int(min(timeout, 10))),
         }
         if self._pooler:
@@ -230,8 +241,16 @@ class PgEngine:
         try:
             raw = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
         except PoolTimeout as exc:
+            waited = time.monotonic() - waited
+            if self._in_use < self._pool_size:
+                # The pool had room for another connection and none could be made: the
+                # server is down or unreachable, which "pool in use" would misreport.
+                raise ConnectionLost(
+                    f"could not connect to the server within {waited:.2f}s ({self.path}): "
+                    "it is down, restarting or unreachable; nothing was written; later "
+                    "calls reconnect", self.path) from exc
             self.counters.timeouts += 1
-            raise WriteTimeout(time.monotonic() - waited, 1,
+            raise WriteTimeout(waited, 1,
                                f"all {self._pool_size} connections of the pool were in use; "
                                "raise pool_size or use fewer threads") from exc
         self._count(+1)
@@ -312,6 +331,7 @@ class PgEngine:
                     txn.arm(deadline)
                     result = fn(PgConn(raw, txn.locked))
                     txn.check()
+                    txn.committing = True
                     raw.execute("COMMIT")
                 except _RETRY as exc:
                     txn.disarm()
@@ -326,7 +346,7 @@ class PgEngine:
                     continue
                 except BaseException as exc:
                     txn.disarm()
-                    _rollback(raw)
+                    _rollback(raw, txn.expired)
                     self.counters.failed += 1
                     raise self._error(exc, txn, attempt) from exc
                 txn.disarm()
@@ -346,6 +366,11 @@ class PgEngine:
             c.contended += 1
 
     def _error(self, exc: BaseException, txn: "_Txn", attempt: int) -> BaseException:
+        if txn.committing and isinstance(exc, (psycopg.OperationalError,
+                                               psycopg.InterfaceError)):
+            # Cut off during COMMIT: it may have committed. ConnectionLost says so;
+            # HoldTimeout would say that nothing was written.
+            return translate(exc, self.path, txn.hold)
         if txn.expired and isinstance(exc, (psycopg.Error, HoldTimeout)):
             self.counters.hold_timeouts += 1
             return HoldTimeout(time.monotonic() - txn.locked_at, txn.hold or 0.0)
@@ -359,14 +384,18 @@ class PgEngine:
     def _nested(self, block: "_Block", fn: Callable[[PgConn], T]) -> T:
         block.txn.check()
         raw = block.raw
-        raw.execute("SAVEPOINT sessiondb_nested")
         try:
+            # Inside the try: on a connection lost mid-block (a partition, a restart) the
+            # SAVEPOINT is the statement that fails, and it must fail typed too.
+            raw.execute("SAVEPOINT sessiondb_nested")
             result = fn(PgConn(raw))
+            raw.execute("RELEASE SAVEPOINT sessiondb_nested")
         except BaseException as exc:
-            try:
-                raw.execute("ROLLBACK TO SAVEPOINT sessiondb_nested")
-            except psycopg.Error:
-                pass  # the connection is gone: the block fails as a whole at its end
+            if not block.txn.expired:  # expired: the block is rolled back as a whole
+                try:
+                    raw.execute("ROLLBACK TO SAVEPOINT sessiondb_nested")
+                except psycopg.Error:
+                    pass  # the connection is gone: the block fails as a whole at its end
             if block.txn.expired and isinstance(exc, psycopg.Error):
                 raise HoldTimeout(time.monotonic() - block.txn.start,
                                   block.txn.hold or 0.0) from exc
@@ -376,7 +405,6 @@ class PgEngine:
                     "transaction() block goes on; take locks in the same order in "
                     "concurrent blocks") from exc
             raise translate(exc, self.path, block.txn.hold) from exc
-        raw.execute("RELEASE SAVEPOINT sessiondb_nested")
         return result
 
     @contextmanager
@@ -401,17 +429,20 @@ class PgEngine:
                 ok = True
             finally:
                 self._local.block = None
-                txn.disarm()
                 if ok and not txn.expired:
-                    try:
+                    try:  # still watched: a COMMIT sent into a partition must end too
+                        txn.committing = True
                         raw.execute("COMMIT")
                     except BaseException as exc:
-                        _rollback(raw)
+                        txn.disarm()
+                        _rollback(raw, txn.expired)
                         self.counters.failed += 1
                         raise self._error(exc, txn, 1) from exc
+                    txn.disarm()
                     self._record(txn)
                 else:
-                    _rollback(raw)
+                    txn.disarm()
+                    _rollback(raw, txn.expired)
                     if ok:
                         self.counters.hold_timeouts += 1
                         raise HoldTimeout(time.monotonic() - txn.start, txn.hold or 0.0)
@@ -424,6 +455,9 @@ class PgEngine:
             try:
                 return fn(PgConn(block.raw))
             except psycopg.Error as exc:
+                if block.txn.expired:  # the watchdog cut the block off
+                    raise HoldTimeout(time.monotonic() - block.txn.start,
+                                      block.txn.hold or 0.0) from exc
                 raise translate(exc, self.path, block.txn.hold) from exc
         deadline = time.monotonic() + self.write_timeout
         with self._connection(deadline) as raw:
@@ -518,13 +552,15 @@ class _Block:
 class _Txn:
     """One transaction's clock and its hold bound, watched by :class:`_Watchdog`."""
 
-    __slots__ = ("raw", "start", "hold", "locked_at", "expired", "_dog", "_seq")
+    __slots__ = ("raw", "start", "hold", "locked_at", "expired", "committing", "_dog",
+                 "_seq")
 
     def __init__(self, raw: psycopg.Connection, start: float, hold: float | None,
                  dog: "_Watchdog") -> None:
         self.raw, self.start, self.hold, self._dog = raw, start, hold, dog
         self.locked_at = start
         self.expired = False
+        self.committing = False
         self._seq: int | None = None
 
     def arm(self, deadline: float) -> None:
@@ -547,9 +583,8 @@ class _Txn:
 
 
 class _Watchdog:
-    """One thread per engine ending transactions that hold their locks past
-    ``hold_timeout``: it cancels the running statement and, if the statement still runs
-    :data:`CANCEL_GRACE` seconds later (the server is unreachable), shuts the socket."""
+    """One thread per engine finding transactions that hold their locks past
+    ``hold_timeout``; each is ended by a thread of its own (:func:`_end`)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -586,7 +621,10 @@ class _Watchdog:
                 if self._live.get(id(txn)) != seq:
                     continue
                 txn.expired = True
-            _end(txn, seq, self)
+            # One thread per expiry: ending one can take 2 * CANCEL_GRACE (a partition),
+            # and the transactions cut off by the same partition must not queue for it.
+            threading.Thread(target=_end, args=(txn, seq, self), daemon=True,
+                             name="sessiondb-pg-end").start()
 
     def current(self, txn: _Txn, seq: int) -> bool:
         with self._cond:
@@ -594,23 +632,35 @@ class _Watchdog:
 
 
 def _end(txn: _Txn, seq: int, dog: _Watchdog) -> None:
-    """Cancel the statement of an expired transaction; shut its socket if that fails."""
+    """Cancel the statement of an expired transaction. If its owner has not ended the
+    transaction :data:`CANCEL_GRACE` seconds later, shut the socket: either a statement
+    still runs because the server cannot be reached (a partition), or a block sits idle
+    past its bound, and then the next statement it sends could wait forever behind a
+    partition, while the server ends such a session anyway
+    (``idle_in_transaction_session_timeout``)."""
     try:
         txn.raw.cancel_safe(timeout=CANCEL_GRACE)
     except Exception:
         pass
     time.sleep(CANCEL_GRACE)
-    if dog.current(txn, seq) and txn.raw.info.transaction_status == \
-            psycopg.pq.TransactionStatus.ACTIVE:
-        try:  # still running a statement: the server is unreachable
-            socket.socket(fileno=os.dup(txn.raw.fileno())).shutdown(socket.SHUT_RDWR)
-        except OSError:
+    # IDLE: the transaction is over and the connection about to be reused: leave it.
+    if dog.current(txn, seq) and txn.raw.info.transaction_status != \
+            psycopg.pq.TransactionStatus.IDLE:
+        try:
+            with socket.socket(fileno=os.dup(txn.raw.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # the dup is closed, the socket is not
+        except (OSError, psycopg.Error):
             pass
 
 
-def _rollback(raw: psycopg.Connection) -> None:
+def _rollback(raw: psycopg.Connection, expired: bool = False) -> None:
+    """Roll back; a transaction past its hold bound is rolled back by closing its
+    connection instead: it is given up (the server ends its session anyway), and a
+    ROLLBACK sent through a partition would wait with no bound."""
     try:
-        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if expired:
+            raw.close()
+        elif raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             raw.execute("ROLLBACK")
     except psycopg.Error:
         pass  # a broken connection: the pool discards it when it comes back

@@ -320,3 +320,34 @@ def open_empty(url: str, racer: int, ready: Any, start: Any, at: Any,
         results.put((racer, {"found": found, "version": db.stats()["schema_version"]}))
     finally:
         db.close()
+
+
+# -- fencing and liveness ---------------------------------------------------------------
+
+def acquire_as_host(url: str, name: str, host: str, ttl: float, results: Any) -> None:
+    """Take ``name`` as a process of the machine ``host`` (its host name is all that
+    says where a holder runs) and exit without releasing it."""
+    import sessiondb.process
+
+    sessiondb.process.socket.gethostname = lambda: host  # type: ignore[assignment]
+    with SessionDB(url) as db:
+        lease = db.acquire_lease(name, f"on-{host}", ttl=ttl)
+    results.put((lease.token, lease.expires_at))
+
+
+def hold_with_skewed_clock(url: str, name: str, skew: float, ttl: float, seconds: float,
+                           results: Any) -> None:
+    """Hold ``name`` with a heartbeat for ``seconds`` on a host whose clock is ``skew``
+    seconds off the server's; report whether the heartbeat reported a loss."""
+    real = time.time
+    time.time = lambda: real() + skew  # type: ignore[assignment]
+    db = SessionDB(url)
+    lease = db.acquire_lease(name, "skewed", ttl=ttl)
+    lost: list[str] = []
+    with db.heartbeat(lease, on_lost=lambda e: lost.append(e.reason)) as beat:
+        time.sleep(seconds)
+        renewals = beat.renewals
+    held = db.get_lease(name)
+    db.close()
+    results.put({"lost": lost, "renewals": renewals,
+                 "held": held is not None and held.token == lease.token})

@@ -35,7 +35,10 @@ import pytest
 
 import pg_workers
 import workers
-from sessiondb import CapExceeded, CapWarning, SessionDB
+from sessiondb import (
+    CapExceeded, CapWarning, HoldTimeout, IntegrityViolation, SessionDB, StorageError,
+    WriteTimeout,
+)
 from sessiondb.pg.engine import CANCEL_GRACE, IDLE_GRACE
 
 pytestmark = pytest.mark.slow
@@ -100,6 +103,51 @@ def writing(db: SessionDB, session_id: str, since: float = 0.0) -> set[str]:
 def calls_spanning(reports: list[dict[str, Any]], moment: float) -> list[tuple]:
     """The calls that were waiting at ``moment``."""
     return [c for r in reports for c in r["calls"] if c[0] <= moment <= c[1]]
+
+
+# -- 0. transient failures: what is retried, and what is not --------------------------
+
+def raising(sqlstate: str, times: int) -> Any:
+    """A write function that fails with ``sqlstate`` (raised by the server) on its first
+    ``times`` runs, then writes; ``calls`` counts the runs."""
+    def write(conn: Any) -> int:
+        write.calls += 1  # type: ignore[attr-defined]
+        conn.execute("INSERT INTO sessiondb_meta (key, value) VALUES (?, 'x') "
+                     "ON CONFLICT (key) DO NOTHING", (f"run-{write.calls}",))
+        if write.calls <= times:
+            conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = "
+                         f"'{sqlstate}'; END $$")
+        return write.calls
+    write.calls = 0  # type: ignore[attr-defined]
+    return write
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])  # serialization, deadlock
+def test_serialization_failures_and_deadlocks_are_retried_within_write_timeout(
+        pg_url: str, sqlstate: str) -> None:
+    with SessionDB(pg_url, write_timeout=1.0) as db:
+        assert db._engine.execute_write(raising(sqlstate, 3)) == 4
+        assert db.stats()["retries"] == 3
+        rows = db._engine.read(lambda c: c.execute(
+            "SELECT key FROM sessiondb_meta WHERE key LIKE 'run-%' ORDER BY key").fetchall())
+        assert rows == [("run-4",)]  # each failed run was rolled back whole
+        forever = raising(sqlstate, 10**9)
+        started = time.monotonic()
+        with pytest.raises(WriteTimeout) as info:
+            db._engine.execute_write(forever)
+        assert time.monotonic() - started < 1.0 + SLACK
+        assert info.value.attempts == forever.calls > 1
+
+
+@pytest.mark.parametrize("sqlstate, error", [("23505", IntegrityViolation),
+                                             ("57014", HoldTimeout),
+                                             ("XX000", StorageError)])
+def test_nothing_else_is_retried(pg_url: str, sqlstate: str, error: type) -> None:
+    with SessionDB(pg_url, write_timeout=5.0) as db:
+        write = raising(sqlstate, 1)
+        with pytest.raises(error):
+            db._engine.execute_write(write)
+        assert write.calls == 1 and db.stats()["retries"] == 0
 
 
 # -- 1. a holder SIGKILLed or SIGSTOPped mid-transaction -------------------------------

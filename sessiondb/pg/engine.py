@@ -20,8 +20,10 @@ Built on four PostgreSQL incidents, each answered here:
   could be made: the server is down or unreachable); at 80% in use a
   :class:`~sessiondb.errors.PoolWarning` is issued; ``stats()`` shows the pool.
 - *Hung work holding every slot while cleanup waited for a free one.* Work never holds a
-  connection (only ``transaction()`` blocks do, bounded by ``hold_timeout``), and the
-  claim reaper runs inside every ``claim()`` transaction.
+  connection (only ``transaction()`` blocks do: their locks are bounded by
+  ``hold_timeout``, but a block whose code hangs keeps its pooled connection until it
+  returns, and the instance's other calls then get ``WriteTimeout``), and the claim
+  reaper runs inside every ``claim()`` transaction, so any other instance reaps.
 
 **The write path** (:meth:`PgEngine.execute_write`): take a connection (bounded wait),
 ``BEGIN`` (READ COMMITTED), set the transaction's timeouts, run the rules' function (its

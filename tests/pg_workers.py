@@ -152,8 +152,8 @@ def hung_holders(url: str, session_id: str, holders: int, ready: Any, release: A
     ``holders`` threads (as many as the pool has connections) each claim an item and run
     their work under a deadline (:meth:`~sessiondb.SessionDB.deadline`); the work opens a
     transaction() block, appends to the session ``<session_id>-<n>``, and hangs in it
-    until ``release``, holding its pooled connection. Meanwhile this process's other calls must end in a typed error within
-    ``write_timeout``, never hang."""
+    until ``release``, holding its pooled connection. Meanwhile this process's other
+    calls must end in a typed error within ``write_timeout``, never hang."""
     write_timeout, hold = 2.0, 1.0
     db = SessionDB(url, pool_size=holders, write_timeout=write_timeout, hold_timeout=hold)
     claims = [db.claim("jobs", f"hung-{i}", ttl=3.0) for i in range(holders)]
@@ -293,8 +293,8 @@ def _append_many(db: SessionDB, racer: int, at: float) -> Any:
 
 
 RACES = {"create_same_id": _create_same_id, "take_same_title": _take_same_title,
-         "retitle_to_same": _retitle_to_same, "same_expected_revision": _same_expected_revision,
-         "append_many": _append_many}
+         "retitle_to_same": _retitle_to_same,
+         "same_expected_revision": _same_expected_revision, "append_many": _append_many}
 
 
 def open_empty(url: str, racer: int, ready: Any, start: Any, at: Any,

@@ -214,7 +214,8 @@ def test_a_holder_killed_or_stopped_mid_transaction_holds_up_the_session_only_br
         acknowledged, lost = check_acknowledged(db, "s", reports)
         contents = [m["content"] for m in db.get_messages("s")]
     assert "written by the stalled holder" not in contents
-    exhibit(f"a holder {'SIGKILLed' if sig == 'SIGKILL' else 'SIGSTOPped'} holding a session's row lock mid-transaction",
+    what = "SIGKILLed" if sig == "SIGKILL" else "SIGSTOPped"
+    exhibit(f"a holder {what} holding a session's row lock mid-transaction",
             "the other writers went on within the bound, the holder's write rolled back",
             writers=3, hold_timeout=hold, bound_s=round(bound, 2),
             released_after_s=round(freed, 2),

@@ -372,3 +372,21 @@ def test_a_heartbeat_on_a_host_whose_clock_is_ahead_keeps_its_lease(pg_url: str)
         SPAWN, pg_workers.hold_with_skewed_clock, [(pg_url, "job", 60.0, 3.0, 3.0, results)],
         results)
     assert report["lost"] == [] and report["held"], report
+
+
+def test_two_stores_in_one_database_do_not_queue_on_each_others_locks(pg_url: str) -> None:
+    """A session, lease or owner of the same name in two stores is two things: a writer
+    of one store never waits for the other's (advisory lock keys include the schema)."""
+    with SessionDB(pg_url, schema="alpha") as alpha, \
+            SessionDB(pg_url, schema="beta", write_timeout=1.0) as beta:
+        for db in (alpha, beta):
+            db.create_session("s", "test")
+        with alpha.transaction():  # holds alpha's locks of "s", "lease:job", "owner:o"
+            alpha.update_session("s", title="alpha's")
+            alpha.acquire_lease("job", "o")
+            started = time.monotonic()
+            beta.update_session("s", title="beta's")  # WriteTimeout if it queued
+            assert beta.acquire_lease("job", "o").token == 1
+            assert time.monotonic() - started < 1.0
+        assert alpha.get_session("s")["title"] == "alpha's"
+        assert beta.get_session("s")["title"] == "beta's"

@@ -12,7 +12,8 @@ PostgreSQL's lock queue while writers of different things run at once; unique in
 and foreign keys stay as the backstop (a title taken twice is a unique violation,
 reported as :class:`~sessiondb.errors.TitleConflict`). The locks are released at
 COMMIT or ROLLBACK, and are transaction-scoped, so a pooler in transaction mode that
-hands the connection to someone else afterwards loses nothing.
+hands the connection to someone else afterwards loses nothing. Their keys include the
+store's schema, so stores sharing a database never wait for each other.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class PgDialect:
 
     def lock(self, conn: Conn, *keys: str) -> None:
         # One statement per key, in a fixed order, so two writers locking the same
-        # keys never deadlock; repeated keys are locked once.
+        # keys never deadlock; repeated keys are locked once. The key is hashed with the
+        # store's schema: advisory locks are per database, and stores sharing one
+        # (schema=) must not queue on each other's sessions, leases and owners.
         for key in sorted({lock_key(k) for k in keys}):
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), ?))",
+                         (key,))
         locked = getattr(conn, "locked", None)
         if locked is not None:
             locked()

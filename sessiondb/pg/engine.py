@@ -461,16 +461,32 @@ class PgEngine:
                     raise HoldTimeout(time.monotonic() - block.txn.start,
                                       block.txn.hold or 0.0) from exc
                 raise translate(exc, self.path, block.txn.hold) from exc
-        deadline = time.monotonic() + self.write_timeout
+        start = time.monotonic()
+        deadline = start + self.write_timeout
+        # A read is bounded like a write: the wait (write_timeout) plus the hold bound
+        # (or write_timeout again without one), server side by statement_timeout, client
+        # side by the watchdog, which also ends a read stuck behind a partition.
+        hold = self._hold if self._hold is not None else self.write_timeout
         with self._connection(deadline) as raw:
+            txn = _Txn(raw, start, hold, self._watchdog)
             try:
-                self._begin(raw, self.write_timeout, None,
+                self._begin(raw, self.write_timeout, hold,
                             "REPEATABLE READ READ ONLY" if snapshot else "READ COMMITTED")
+                txn.arm(deadline)
                 result = fn(PgConn(raw))
+                txn.disarm()
                 raw.execute("COMMIT")
                 return result
             except BaseException as exc:
-                _rollback(raw)
+                txn.disarm()
+                _rollback(raw, txn.expired)
+                if isinstance(exc, (psycopg.OperationalError, pgerr.QueryCanceled)) and (
+                        txn.expired or isinstance(exc, pgerr.QueryCanceled)):
+                    raise DatabaseBusyError(
+                        f"a read of {self.path} did not finish within "
+                        f"{self.write_timeout + hold:g}s (write_timeout plus hold_timeout) "
+                        "and was cancelled: the server is overloaded or cannot be "
+                        "reached") from exc
                 raise translate(exc, self.path) from exc
 
     @contextmanager

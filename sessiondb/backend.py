@@ -83,6 +83,11 @@ class Dialect(Protocol):
         until the transaction ends. SQLite: nothing to do (``BEGIN IMMEDIATE`` admits one
         writer at a time); PostgreSQL: transaction-scoped advisory locks."""
 
+    def update_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
+                       session_id: str) -> bool:
+        """Update the session's row after taking the lock ``key``, in one statement;
+        whether the session exists."""
+
     def now(self, conn: Conn) -> float:
         """The clock that decides expiry (seconds since the epoch): this host's on SQLite
         (one machine), the server's on PostgreSQL (many hosts, one clock)."""

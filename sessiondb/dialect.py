@@ -32,6 +32,13 @@ class SQLiteDialect:
     def lock(self, conn: Conn, *keys: str) -> None:
         """Nothing: ``BEGIN IMMEDIATE`` already admits one writer at a time."""
 
+    def update_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
+                       session_id: str) -> bool:
+        """``UPDATE sessions SET <assignments> WHERE id = session_id`` after taking the
+        lock ``key`` (nothing to take here); whether the session exists."""
+        conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", (*args, session_id))
+        return conn.changes() > 0
+
     def now(self, conn: Conn) -> float:
         return time.time()
 

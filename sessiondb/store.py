@@ -523,12 +523,10 @@ class SessionDB(Coordination, Upkeep):
         calls = records.count_tool_calls(tool_calls)
 
         def write(conn: Conn) -> int:
-            conn.execute("UPDATE sessions SET message_count = message_count + 1, "
-                         "tool_call_count = tool_call_count + ? WHERE id = ?",
-                         (calls, session_id))
-            if conn.changes() == 0:
+            if not self._sql.update_session(
+                    conn, _key(session_id), "message_count = message_count + 1, "
+                    "tool_call_count = tool_call_count + ?", [calls], session_id):
                 raise SessionNotFound(session_id)
-            # The UPDATE locked the session's row: its appends queue there.
             cols = ", ".join(row)
             marks = ", ".join("?" * len(row))
             return conn.execute(f"INSERT INTO messages ({cols}, timestamp) VALUES "
@@ -558,9 +556,8 @@ class SessionDB(Coordination, Upkeep):
         check_id("session_id", session_id)
 
         def write(conn: Conn) -> None:
-            conn.execute("UPDATE sessions SET message_count = 0, tool_call_count = 0 "
-                         "WHERE id = ?", (session_id,))
-            if conn.changes() == 0:
+            if not self._sql.update_session(conn, _key(session_id), "message_count = 0, "
+                                            "tool_call_count = 0", [], session_id):
                 raise SessionNotFound(session_id)
             conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
 

@@ -74,7 +74,11 @@ class Heartbeat:
         self.error: LeaseLost | None = None
         self.renewals = 0
         self._expiry: threading.Timer | None = None
-        self._arm(holding)
+        # When the holding lapses, on this host's monotonic clock: expires_at is on the
+        # store's clock (the server's, on PostgreSQL), which this host's may not match.
+        # Counted from before the call that took or renewed it, so never late.
+        self._lapses = time.monotonic() + holding.ttl
+        self._arm(holding, self._lapses)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"sessiondb-heartbeat-{holding.name}")
         self._thread.start()
@@ -90,8 +94,9 @@ class Heartbeat:
         expired without a successful renewal."""
         if self.error is not None:
             raise self.error
-        holding = self.holding
-        if time.time() >= holding.expires_at:
+        with self._guard:
+            holding, lapses = self._holding, self._lapses
+        if time.monotonic() >= lapses:
             raise _expired(holding)
 
     def stop(self) -> None:
@@ -109,15 +114,17 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _arm(self, holding: "Holding") -> None:
-        """(Re)start the timer that declares the holding lost when it expires."""
-        timer = threading.Timer(max(0.0, holding.expires_at - time.time()), self._on_expiry,
+    def _arm(self, holding: "Holding", lapses: float) -> None:
+        """(Re)start the timer that declares the holding lost when it lapses (at
+        ``lapses`` on the monotonic clock)."""
+        timer = threading.Timer(max(0.0, lapses - time.monotonic()), self._on_expiry,
                                 (holding,))
         timer.daemon = True
         with self._guard:
             if self._expiry is not None:
                 self._expiry.cancel()
             self._expiry = timer
+            self._lapses = lapses
         timer.start()
 
     def _on_expiry(self, holding: "Holding") -> None:
@@ -128,6 +135,7 @@ class Heartbeat:
         wait = self._interval
         while not self._stop.wait(wait) and not self.lost.is_set():
             holding = self.holding
+            started = time.monotonic()
             try:
                 renewed = self._db._extend(holding)
             except LeaseLost as exc:
@@ -140,11 +148,11 @@ class Heartbeat:
                 return
             except SessionDBError as exc:
                 log.warning("sessiondb: renewing %s failed, retrying: %s", holding.name, exc)
-                wait = min(self._interval, max(0.01, (holding.expires_at - time.time()) / 4))
+                wait = min(self._interval, max(0.01, (self._lapses - time.monotonic()) / 4))
                 continue
             with self._guard:
                 self._holding = renewed
-            self._arm(renewed)
+            self._arm(renewed, started + renewed.ttl)
             self.renewals += 1
             wait = self._interval
 
@@ -220,7 +228,13 @@ class Deadline:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if not self.cancel() and not isinstance(exc, DeadlineExceeded):
+        if self.cancel():
+            return
+        # Fired: leave the block once the slot is back (its give-back is bounded by
+        # write_timeout), unless this thread's transaction() holds what it needs.
+        if not self._db._engine.in_transaction:
+            self._timer.join()
+        if not isinstance(exc, DeadlineExceeded):
             raise DeadlineExceeded(self._holding.name, self.seconds) from exc
 
     def _expire(self) -> None:

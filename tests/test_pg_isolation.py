@@ -362,10 +362,6 @@ def test_a_holder_on_another_host_lapses_by_its_ttl_on_the_servers_clock(
         assert lease.acquired_at >= expires_at  # not a moment before its TTL ran out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sessiondb.bounded.Heartbeat times the loss of a holding with this host's clock "
-    "(holding.expires_at - time.time()) while expires_at is on the server's clock: a "
-    "host whose clock is ahead by more than the TTL reports its lease lost at once"))
 def test_a_heartbeat_on_a_host_whose_clock_is_ahead_keeps_its_lease(pg_url: str) -> None:
     results = SPAWN.Queue()
     [report] = workers.run_all(

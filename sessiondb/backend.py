@@ -67,6 +67,7 @@ class Dialect(Protocol):
         over rows another transaction holds.
     :ivar defers_index: bulk imports defer full-text indexing (and catch up in steps).
     :ivar reclaims_space: deleted rows' space is given back in steps (``reclaim_space``).
+    :ivar refuses_overflow: the database refuses integer and float overflow itself.
     """
 
     name: str
@@ -77,6 +78,7 @@ class Dialect(Protocol):
     skip_locked: str
     defers_index: bool
     reclaims_space: bool
+    refuses_overflow: bool
 
     def lock(self, conn: Conn, *keys: str) -> None:
         """Serialize the writers of these keys (a session id, a lease name, an owner)

@@ -24,6 +24,9 @@ class SQLiteDialect:
     message_total = MESSAGE_TOTAL_SQL
     #: Row locks for a checked row, and for passing over rows being changed: none
     #: (BEGIN IMMEDIATE admits one writer at a time).
+    #: Whether the database itself refuses an integer or float overflow (SQLite turns
+    #: one into an imprecise REAL or Inf: the rules check sums first).
+    refuses_overflow = False
     for_update = ""
     skip_locked = ""
     #: Bulk imports defer full-text indexing and catch up in steps (sessiondb.bulk).

@@ -626,12 +626,10 @@ class SessionDB(Coordination, Upkeep):
         assignments = ", ".join(sets)
 
         def write(conn: Conn) -> None:
-            self._sql.lock(conn, _key(session_id))  # the sums stay as checked
-            if not absolute:
+            if not absolute and not self._sql.refuses_overflow:
                 _check_sums(conn, session_id, tokens, est, act)
-            conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?",
-                         (*values, session_id))
-            if conn.changes() == 0:
+            if not self._sql.update_session(conn, _key(session_id), assignments, values,
+                                            session_id):
                 raise SessionNotFound(session_id)
 
         self._execute_write(write)

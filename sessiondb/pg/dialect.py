@@ -49,6 +49,9 @@ class PgDialect:
     message_total = "SELECT COALESCE(SUM(message_count), 0)::bigint FROM sessions"
     #: A checked row stays as checked until the write commits; a queue's readers pass
     #: over the rows another transaction is claiming or completing.
+    #: bigint and float8 overflow are errors (22003), reported as InvalidArgument: no
+    #: sums need checking first.
+    refuses_overflow = True
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
     #: The index is a generated column: nothing is ever pending.

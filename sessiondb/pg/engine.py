@@ -88,6 +88,7 @@ CANCEL_GRACE = 2.0
 #: Share of the pool in use at which a PoolWarning is issued.
 POOL_WARN_AT = 0.8
 _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
+_SAVEPOINT = "sessiondb_nested"
 _INHERITED: list[Any] = []  # pools of a parent process: never closed by a fork child
 
 
@@ -274,11 +275,13 @@ class PgEngine:
                 stacklevel=4)
 
     def _begin(self, raw: psycopg.Connection, lock_wait: float, hold: float | None,
-               isolation: str = "READ COMMITTED") -> None:
+               isolation: str = "READ COMMITTED", then: str = "") -> None:
         """BEGIN and the transaction's settings (SET LOCAL: nothing outlives the
         transaction, so a pooler may hand the connection on), in one round trip. The
         values are numbers and a checked schema name, written into the statement so
-        that it can go as one simple query."""
+        that it can go as one simple query.
+
+        :param then: a statement to send in the same round trip (a block's savepoint)."""
         idle = 0 if hold is None else int((hold + IDLE_GRACE) * 1000)
         statement = 0 if hold is None else int((hold + lock_wait) * 1000) + 1
         raw.execute(f"BEGIN ISOLATION LEVEL {isolation}; SET LOCAL search_path = "
@@ -286,7 +289,8 @@ class PgEngine:
                     f"{max(1, int(lock_wait * 1000))}; SET LOCAL statement_timeout = "
                     f"{statement}; SET LOCAL idle_in_transaction_session_timeout = {idle}"
                     # A snapshot is taken by the first query, not by BEGIN: take it now.
-                    + ("; SELECT 1" if isolation.startswith("REPEATABLE") else ""))
+                    + ("; SELECT 1" if isolation.startswith("REPEATABLE") else "")
+                    + (f"; {then}" if then else ""))
 
     def _run_raw(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run ``fn(raw)`` in one transaction (schema work at open)."""
@@ -384,18 +388,27 @@ class PgEngine:
         return translate(exc, self.path, txn.hold)
 
     def _nested(self, block: "_Block", fn: Callable[[PgConn], T]) -> T:
+        """A call inside a block, as a savepoint that undoes only the call if it fails.
+        A savepoint is released by the next call's (the same round trip: RELEASE then
+        SAVEPOINT) or by the COMMIT, and the block's first is sent with its BEGIN, so a
+        call costs its own statements plus at most one round trip."""
         block.txn.check()
         raw = block.raw
         try:
             # Inside the try: on a connection lost mid-block (a partition, a restart) the
             # SAVEPOINT is the statement that fails, and it must fail typed too.
-            raw.execute("SAVEPOINT sessiondb_nested")
+            if block.savepoint == "used":
+                raw.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
+            elif block.savepoint is None:
+                raw.execute(f"SAVEPOINT {_SAVEPOINT}")
+            block.savepoint = "used"
             result = fn(PgConn(raw))
-            raw.execute("RELEASE SAVEPOINT sessiondb_nested")
         except BaseException as exc:
-            if not block.txn.expired:  # expired: the block is rolled back as a whole
+            if not block.txn.expired and block.savepoint is not None:
+                # (expired: the block is rolled back as a whole)
                 try:
-                    raw.execute("ROLLBACK TO SAVEPOINT sessiondb_nested")
+                    raw.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                    block.savepoint = "fresh"  # it stays, with nothing after it
                 except psycopg.Error:
                     pass  # the connection is gone: the block fails as a whole at its end
             if block.txn.expired and isinstance(exc, psycopg.Error):
@@ -419,12 +432,12 @@ class PgEngine:
         with self._connection(deadline) as raw:
             txn = _Txn(raw, start, self._hold, self._watchdog)
             try:
-                self._begin(raw, self.write_timeout, self._hold)
+                self._begin(raw, self.write_timeout, self._hold, then=f"SAVEPOINT {_SAVEPOINT}")
             except BaseException as exc:
                 _rollback(raw)
                 raise translate(exc, self.path) from exc
             txn.locked()  # a block holds what its calls lock until it ends
-            self._local.block = _Block("write", raw, txn)
+            self._local.block = _Block("write", raw, txn, savepoint="fresh")
             ok = False
             try:
                 yield
@@ -561,10 +574,14 @@ class PgEngine:
 class _Block:
     """This thread's open transaction() or snapshot() block."""
 
-    __slots__ = ("kind", "raw", "txn")
+    __slots__ = ("kind", "raw", "txn", "savepoint")
 
-    def __init__(self, kind: str, raw: psycopg.Connection, txn: "_Txn") -> None:
+    def __init__(self, kind: str, raw: psycopg.Connection, txn: "_Txn",
+                 savepoint: str | None = None) -> None:
         self.kind, self.raw, self.txn = kind, raw, txn
+        #: The calls' savepoint: None (none yet), "fresh" (nothing done after it) or
+        #: "used" (a call ran after it; the next call releases it and makes a new one).
+        self.savepoint = savepoint
 
 
 class _Txn:

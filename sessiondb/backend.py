@@ -178,6 +178,24 @@ def open_engine(path: Any, options: dict[str, Any]) -> Engine:
         raise ConfigurationError(f"option {name} does not apply to a {kind} store") from None
 
 
+# -- options both engines take --------------------------------------------------------
+
+def check_seconds_option(name: str, value: Any) -> float:
+    """A positive number of seconds (``write_timeout``, ...)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds")
+    return float(value)
+
+
+def check_hold_timeout(value: Any) -> float | None:
+    """``hold_timeout``: a positive number of seconds, or None (no bound)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(
+            value, (int, float)) or not value > 0):
+        raise ConfigurationError("hold_timeout must be a positive number of seconds "
+                                 "or None (no bound)")
+    return None if value is None else float(value)
+
+
 # -- reading rows (pure functions of a connection) --------------------------------------
 
 def fetch(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[tuple]:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 import filelock
 
+from .backend import check_hold_timeout, check_seconds_option
 from .checkpoint import CheckpointPolicy
 from .dialect import SQLITE
 from .connection import (
@@ -133,12 +134,8 @@ class Engine:
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
-        if hold_timeout is not None and (isinstance(hold_timeout, bool) or not isinstance(
-                hold_timeout, (int, float)) or not hold_timeout > 0):
-            raise ConfigurationError("hold_timeout must be a positive number of seconds "
-                                     "or None (no bound)")
+            check_seconds_option(name, value)
+        check_hold_timeout(hold_timeout)
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

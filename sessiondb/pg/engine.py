@@ -66,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// URL needs the PostgreSQL extra: pip install 'sessiondb[postgres]' "
         f"({exc})") from exc
 
+from ..backend import check_hold_timeout, check_seconds_option
 from ..errors import (
     ClosedError, ConfigurationError, ConnectionLost, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
@@ -158,13 +159,8 @@ class PgEngine:
                  schema: str | None = None, pooler: bool = False,
                  application_name: str = "sessiondb",
                  progress: ProgressCallback | None = None) -> None:
-        for name, value in (("write_timeout", write_timeout),):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
-        if hold_timeout is not None and (isinstance(hold_timeout, bool) or not isinstance(
-                hold_timeout, (int, float)) or not hold_timeout > 0):
-            raise ConfigurationError("hold_timeout must be a positive number of seconds "
-                                     "or None (no bound)")
+        check_seconds_option("write_timeout", write_timeout)
+        check_hold_timeout(hold_timeout)
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an int >= 1")
         url, in_url = _split_options(url)

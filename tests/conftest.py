@@ -3,7 +3,6 @@ museum's figures table (see ``tests/museum/conftest.py``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,16 +33,8 @@ def pytest_configure(config) -> None:
 
 
 #: The contract files that also run a third time, through PgBouncer in transaction mode
-#: recycling its server connections every 2 s (``pooler=1`` in the URL): the files whose
-#: rules span calls or transactions (leases, claims, heartbeats, revisions,
-#: transaction() and snapshot() blocks) and the basic writes. The others (accounting,
-#: listing, search, export/import, argument errors) send the same kind of one-call
-#: transactions and would add about half a minute to the suite; with
-#: ``SESSIONDB_POOLER_CONTRACT=all`` every contract file runs through the pooler.
-POOLER_CONTRACT = CONTRACT if os.environ.get("SESSIONDB_POOLER_CONTRACT") == "all" else {
-    "test_claims", "test_leases", "test_messages", "test_revisions", "test_sessions",
-    "test_titles", "test_transaction", "test_snapshot",
-}
+#: recycling its server connections every 2 s (``pooler=1`` in the URL): all of them.
+POOLER_CONTRACT = CONTRACT
 
 
 def pytest_generate_tests(metafunc) -> None:
@@ -54,6 +45,15 @@ def pytest_generate_tests(metafunc) -> None:
         backends = ["sqlite", "postgresql"] + (["pgbouncer"] if module in POOLER_CONTRACT
                                                else [])
         metafunc.parametrize("backend", backends, indirect=True)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    # The contract files' PostgreSQL runs reach the server through db_path at run time,
+    # so the postgres marker (which .ci/run counts) is given to them here.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend", "sqlite") != "sqlite":
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture

@@ -127,7 +127,8 @@ def write_locked(db_path: Any, backend: str) -> Iterator[None]:
         blocker.execute("BEGIN IMMEDIATE")
     else:
         import psycopg
-        blocker = psycopg.connect(db_path, autocommit=True)
+        # without sessiondb's own URL parameters (?pooler=1), which libpq refuses
+        blocker = psycopg.connect(db_path.split("?")[0], autocommit=True)
         blocker.execute("BEGIN; LOCK TABLE sessiondb.sessions IN EXCLUSIVE MODE")
     try:
         yield

@@ -9,8 +9,8 @@ Built on four PostgreSQL incidents, each answered here:
   and frees its locks.
 - *A heartbeat through a transaction-mode pooler that recycled the connection under it.*
   Nothing here lives in a connection's session: no session advisory locks, no ``SET``
-  outside a transaction (settings are ``set_config(..., true)``, i.e. ``SET LOCAL``,
-  at the start of each transaction), no server-side prepared statements when
+  outside a transaction (each transaction's settings are ``SET LOCAL`` statements sent
+  with its ``BEGIN``, in one round trip), no server-side prepared statements when
   ``pooler=True``. Leases and claims are rows changed by short transactions.
 - *Workers holding reserved connections until the pool ran dry.* A connection is taken
   for one transaction and given back; the pool is bounded (``pool_size``); a wait for a
@@ -26,9 +26,12 @@ Built on four PostgreSQL incidents, each answered here:
   reaper runs inside every ``claim()`` transaction, so any other instance reaps.
 
 **The write path** (:meth:`PgEngine.execute_write`): take a connection (bounded wait),
-``BEGIN`` (READ COMMITTED), set the transaction's timeouts, run the rules' function (its
-first statement takes the advisory locks of what it checks, see
-:mod:`sessiondb.pg.dialect`), ``COMMIT``. A serialization failure or a deadlock rolls
+``BEGIN`` (READ COMMITTED) with the transaction's timeouts, run the rules' function (its
+first statement takes the advisory locks of what it checks, folded into the row update
+where there is one, see :mod:`sessiondb.pg.dialect`), ``COMMIT``. Calls inside a
+``transaction()`` block run as savepoints (see :meth:`PgEngine._nested`). Reads are
+bounded like writes (the wait plus the hold bound), so a read stuck behind a partition
+ends in :class:`~sessiondb.errors.DatabaseBusyError`. A serialization failure or a deadlock rolls
 back and runs it again after a jittered pause, until ``write_timeout``; nothing else is
 retried. Waiting for a lock is bounded by ``lock_timeout`` (the rest of
 ``write_timeout``: :class:`~sessiondb.errors.WriteTimeout`); holding locks is bounded by

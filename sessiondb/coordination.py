@@ -203,7 +203,8 @@ class Coordination:
             self._sql.lock(conn, f"lease:{name}", f"owner:{owner}")
             _require_session(conn, session_id)
             now = self._sql.now(conn)
-            row = _refuse_if_held(conn, name, owner, me, now)
+            # FOR UPDATE: a renewal of the lease in flight is waited for and seen.
+            row = _refuse_if_held(conn, name, owner, me, now, self._sql.for_update)
             token, acquired = (row[0], row[2]) if row else (0, None)
             held = _first(conn, "SELECT COUNT(*) FROM sessiondb_leases WHERE owner = ? "
                                 "AND expires_at > ? AND name != ?", (owner, now, name))
@@ -681,12 +682,13 @@ def _check_holding_row(conn: Conn, holding: Holding, now: float, lock: str = "")
 
 
 def _refuse_if_held(conn: Conn, name: str, owner: str, me: Process,
-                    now: float) -> tuple | None:
+                    now: float, lock: str = "") -> tuple | None:
     """The lease's row, unless another holder has it live: then LeaseHeld. Another holder
     is another owner, or the same owner name in another process (a restarted agent must
     not inherit the token of a hung predecessor, which could then still write)."""
     row = conn.execute("SELECT token, owner, acquired_at, expires_at, host, boot_id, pid_ns, "
-                       "pid, pid_start FROM sessiondb_leases WHERE name = ?", (name,)).fetchone()
+                       f"pid, pid_start FROM sessiondb_leases WHERE name = ?{lock}",
+                       (name,)).fetchone()
     if row and row[1] is not None and row[3] > now and not _held_by(row, owner, me, now) \
             and not holder_gone(*row[4:]):
         raise LeaseHeld(name, row[1], row[3], row[0])

@@ -83,6 +83,7 @@ def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect) 
     pick = (f"SELECT id FROM sessions s WHERE {_where(source)} AND {_CHILDLESS} "
             f"ORDER BY started_at, id LIMIT {_PICK}")
     args = _args(cutoff, source)
+    still = f"SELECT 1 FROM sessions s WHERE s.id = ? AND {_where(source)} AND {_CHILDLESS}"
 
     def step(conn: Conn, deadline: float) -> int:
         rows = 0
@@ -92,8 +93,11 @@ def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect) 
             if not ids:
                 return rows
             for sid in ids:
-                # PostgreSQL: a writer creating a child of it waits (or goes first).
+                # PostgreSQL: its writers (a reopen, an append, a child's creation) wait
+                # for us from here, or went first: then it may be no longer prunable.
                 sql.lock(conn, "session:" + sid)
+                if conn.execute(still, (sid, *args)).fetchone() is None:
+                    continue
                 rows += _delete_some(conn, sql, sid, deleted, deadline)
                 if time.monotonic() >= deadline:
                     return rows
@@ -126,7 +130,7 @@ def _delete_some(conn: Conn, sql: Dialect, sid: str, deleted: Tally, deadline: f
         return gone
     conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
     conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-    deleted.attempt += 1
+    deleted.attempt += conn.changes()  # 0 if another prune took it meanwhile
     return len(sizes) + 1
 
 

@@ -430,8 +430,9 @@ class SessionDB(Coordination, Upkeep):
         return self._read(lambda c: _first(c, "SELECT COUNT(*) FROM sessions", ()))
 
     def message_count(self, session_id: str | None = None) -> int:
-        """Number of messages, in one session or in all (the total is kept by triggers
-        on every insert and delete, see :mod:`sessiondb.schema`: one row read)."""
+        """Number of messages, in one session or in all (SQLite: the total is kept by
+        triggers on every insert and delete, see :mod:`sessiondb.schema`, one row read;
+        PostgreSQL: the sum of the sessions' counters, see :mod:`sessiondb.pg.schema`)."""
         session_id = check_text("session_id", session_id)
         if session_id:
             return self._read(lambda c: _first(

@@ -6,7 +6,7 @@ import pytest
 
 from sessiondb import (
     ConfigurationError, IntegrityViolation, InvalidArgumentType, SessionDB, SessionNotFound,
-    TitleConflict,
+    SessionDBError, TitleConflict,
 )
 
 
@@ -105,3 +105,35 @@ def test_usable_again_after_each_outcome(db: SessionDB) -> None:
     with db.transaction():
         pass
     assert sorted(s["id"] for s in db.list_sessions()) == ["b", "c"]
+
+
+def test_a_read_that_fails_inside_a_block_undoes_only_itself(db: SessionDB) -> None:
+    # On PostgreSQL a failed statement fails the whole transaction unless it ran in a
+    # savepoint: the block's writes would then be lost at its COMMIT, silently.
+    db.create_session("s", "cli")
+    with db.transaction():
+        db.append_message("s", "user", "before")
+        with pytest.raises(SessionDBError):
+            db._read(lambda c: c.execute("SELECT * FROM no_such_table").fetchall())
+        db.append_message("s", "user", "after")
+    assert [m["content"] for m in db.get_messages("s")] == ["before", "after"]
+
+
+def test_a_write_that_swallows_a_failed_statement_is_not_reported_committed(
+        db: SessionDB) -> None:
+    db.create_session("s", "cli")
+
+    def write(conn) -> None:
+        conn.execute("UPDATE sessions SET title = 'x' WHERE id = 's'")
+        try:
+            conn.execute("SELECT * FROM no_such_table")
+        except Exception:
+            pass  # a rule must not do this; if one does, nothing may be reported done
+
+    if db.backend == "sqlite":  # SQLite's transaction survives a failed statement
+        db._execute_write(write)
+        assert db.get_session("s")["title"] == "x"
+    else:  # PostgreSQL's does not: COMMIT rolls back, and that is an error here
+        with pytest.raises(SessionDBError, match="rolled back"):
+            db._execute_write(write)
+        assert db.get_session("s")["title"] is None

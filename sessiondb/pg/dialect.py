@@ -80,6 +80,9 @@ class PgDialect:
         conn.execute("WITH lk AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended("
                      f"current_schema(), ?))) UPDATE sessions SET {assignments} FROM lk "
                      "WHERE id = ?", (lock_key(key), *args, session_id))
+        locked = getattr(conn, "locked", None)
+        if locked is not None:
+            locked()  # the hold bound starts now (see lock)
         return conn.changes() > 0
 
     def now(self, conn: Conn) -> float:

@@ -31,7 +31,9 @@ first statement takes the advisory locks of what it checks, folded into the row 
 where there is one, see :mod:`sessiondb.pg.dialect`), ``COMMIT``. Calls inside a
 ``transaction()`` block run as savepoints (see :meth:`PgEngine._nested`). Reads are
 bounded like writes (the wait plus the hold bound), so a read stuck behind a partition
-ends in :class:`~sessiondb.errors.DatabaseBusyError`. A serialization failure or a deadlock rolls
+ends in :class:`~sessiondb.errors.DatabaseBusyError`. A ``snapshot()`` block is not
+bounded (as on SQLite): it holds a pooled connection and a REPEATABLE READ snapshot,
+which keeps vacuum from removing rows deleted meanwhile, until it ends: keep it short. A serialization failure or a deadlock rolls
 back and runs it again after a jittered pause, until ``write_timeout``; nothing else is
 retried. Waiting for a lock is bounded by ``lock_timeout`` (the rest of
 ``write_timeout``: :class:`~sessiondb.errors.WriteTimeout`); holding locks is bounded by
@@ -62,7 +64,7 @@ from urllib.parse import urlsplit, urlunsplit
 try:
     import psycopg
     import psycopg.errors as pgerr
-    from psycopg_pool import ConnectionPool, PoolTimeout
+    from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the install
     from ..errors import ConfigurationError
     raise ConfigurationError(
@@ -234,14 +236,13 @@ class PgEngine:
         """A pooled connection until the block ends; the wait is bounded by ``deadline``."""
         if self._closed:
             raise ClosedError(f"{self!r} is closed; open a new SessionDB")
-        if os.getpid() != self._pid:  # a fork child: the parent's pool is not ours
-            _INHERITED.append(self._pool)
-            self._pid = os.getpid()
-            self._watchdog = _Watchdog()
-            self._pool = self._new_pool()
+        if os.getpid() != self._pid:
+            self._after_fork()
         waited = time.monotonic()
         try:
             raw = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+        except PoolClosed as exc:  # closed by another thread meanwhile
+            raise ClosedError(f"{self!r} is closed; open a new SessionDB") from exc
         except PoolTimeout as exc:
             waited = time.monotonic() - waited
             if self._in_use < self._pool_size:
@@ -255,12 +256,24 @@ class PgEngine:
             raise WriteTimeout(waited, 1,
                                f"all {self._pool_size} connections of the pool were in use; "
                                "raise pool_size or use fewer threads") from exc
-        self._count(+1)
         try:
+            self._count(+1)
             yield raw
         finally:
             self._count(-1)
             self._pool.putconn(raw)
+
+    def _after_fork(self) -> None:
+        """In a fork child: a pool of its own (the parent's connections share their
+        sockets with the parent and are never touched here, not even closed), and none
+        of the parent's per-thread or per-pool state."""
+        pool = self._new_pool()  # first: if it fails, the next call tries again
+        _INHERITED.append(self._pool)
+        self._pool, self._pid = pool, os.getpid()
+        self._watchdog = _Watchdog()
+        self._local = threading.local()
+        self._count_lock = threading.Lock()
+        self._in_use, self._warned = 0, False
 
     def _count(self, delta: int) -> None:
         with self._count_lock:
@@ -298,7 +311,7 @@ class PgEngine:
             try:
                 self._begin(raw, self.write_timeout, None)
                 result = fn(raw)
-                raw.execute("COMMIT")
+                _commit(raw)
                 return result
             except BaseException as exc:
                 _rollback(raw)
@@ -311,13 +324,19 @@ class PgEngine:
 
     @property
     def in_transaction(self) -> bool:
-        block = getattr(self._local, "block", None)
+        block = self._block()
         return block is not None and block.kind == "write"
+
+    def _block(self) -> "_Block | None":
+        """This thread's open block; never one inherited from a parent across fork()."""
+        if os.getpid() != self._pid:
+            return None
+        return getattr(self._local, "block", None)
 
     def execute_write(self, fn: Callable[[PgConn], T], *, bounded: bool = True) -> T:
         """Run ``fn(conn)`` in one transaction (see the module docstring); inside a
         :meth:`transaction` block of this thread, as a savepoint of it."""
-        block = getattr(self._local, "block", None)
+        block = self._block()
         if block is not None:
             if block.kind != "write":
                 raise ConfigurationError("cannot write inside a snapshot() block; "
@@ -337,7 +356,7 @@ class PgEngine:
                     result = fn(PgConn(raw, txn.locked))
                     txn.check()
                     txn.committing = True
-                    raw.execute("COMMIT")
+                    _commit(raw)
                 except _RETRY as exc:
                     txn.disarm()
                     _rollback(raw)
@@ -423,7 +442,7 @@ class PgEngine:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        if getattr(self._local, "block", None) is not None:
+        if self._block() is not None:
             raise ConfigurationError("transaction() blocks cannot be nested, nor used "
                                      "inside snapshot()")
         start = time.monotonic()
@@ -446,7 +465,7 @@ class PgEngine:
                 if ok and not txn.expired:
                     try:  # still watched: a COMMIT sent into a partition must end too
                         txn.committing = True
-                        raw.execute("COMMIT")
+                        _commit(raw)
                     except BaseException as exc:
                         txn.disarm()
                         _rollback(raw, txn.expired)
@@ -463,16 +482,13 @@ class PgEngine:
 
     # -- reads ------------------------------------------------------------------------
     def read(self, fn: Callable[[PgConn], T], snapshot: bool = False) -> T:
-        """Run a read; ``snapshot`` runs it as one REPEATABLE READ transaction."""
-        block = getattr(self._local, "block", None)
+        """Run a read; ``snapshot`` runs it as one REPEATABLE READ transaction. Inside a
+        block, as a savepoint like a write: a failed statement puts a PostgreSQL
+        transaction in its failed state, and without one the block's work would be lost
+        at its COMMIT."""
+        block = self._block()
         if block is not None:
-            try:
-                return fn(PgConn(block.raw))
-            except psycopg.Error as exc:
-                if block.txn.expired:  # the watchdog cut the block off
-                    raise HoldTimeout(time.monotonic() - block.txn.start,
-                                      block.txn.hold or 0.0) from exc
-                raise translate(exc, self.path, block.txn.hold) from exc
+            return self._nested(block, fn)
         start = time.monotonic()
         deadline = start + self.write_timeout
         # A read is bounded like a write: the wait (write_timeout) plus the hold bound
@@ -487,7 +503,7 @@ class PgEngine:
                 txn.arm(deadline)
                 result = fn(PgConn(raw))
                 txn.disarm()
-                raw.execute("COMMIT")
+                _commit(raw)
                 return result
             except BaseException as exc:
                 txn.disarm()
@@ -503,7 +519,7 @@ class PgEngine:
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
-        if getattr(self._local, "block", None) is not None:
+        if self._block() is not None:
             raise ConfigurationError("snapshot() cannot be nested or used inside "
                                      "transaction()")
         deadline = time.monotonic() + self.write_timeout
@@ -672,6 +688,8 @@ def _end(txn: _Txn, seq: int, dog: _Watchdog) -> None:
     past its bound, and then the next statement it sends could wait forever behind a
     partition, while the server ends such a session anyway
     (``idle_in_transaction_session_timeout``)."""
+    if not dog.current(txn, seq):
+        return  # ended meanwhile: its connection may already serve another call
     try:
         txn.raw.cancel_safe(timeout=CANCEL_GRACE)
     except Exception:
@@ -685,6 +703,15 @@ def _end(txn: _Txn, seq: int, dog: _Watchdog) -> None:
                 sock.shutdown(socket.SHUT_RDWR)  # the dup is closed, the socket is not
         except (OSError, psycopg.Error):
             pass
+
+
+def _commit(raw: psycopg.Connection) -> None:
+    """COMMIT, and make sure it was one: PostgreSQL answers COMMIT of a transaction that
+    an error left failed with a ROLLBACK, without an error."""
+    if raw.execute("COMMIT").statusmessage != "COMMIT":
+        raise StorageError("the transaction had failed and was rolled back by the server at "
+                           "its COMMIT (an error inside it was caught and ignored); nothing "
+                           "of it was written")
 
 
 def _rollback(raw: psycopg.Connection, expired: bool = False) -> None:

@@ -85,6 +85,8 @@ import re
 import time
 from typing import Any, NamedTuple
 
+import psycopg
+
 from ..errors import InvalidArgument
 from ..records import context_item, search_hit
 from ..search import Filters
@@ -198,8 +200,9 @@ def search_messages(conn: PgConn, query: str, filters: Filters, limit: int,
         ids = ranked_ids(conn, built, filters, limit, offset)
         return fetch_hits(conn, built.text, ids) if ids else []
     finally:
-        conn.raw.execute("SELECT set_config('jit', %s, true), set_config('work_mem', %s, "
-                         "true)", [jit, mem], prepare=False)
+        if _usable(conn):  # after an error the transaction is over: nothing to restore
+            conn.raw.execute("SELECT set_config('jit', %s, true), set_config('work_mem', "
+                             "%s, true)", [jit, mem], prepare=False)
 
 
 # -- the query -----------------------------------------------------------------------
@@ -496,9 +499,15 @@ class _Plan:
         try:
             return conn.raw.execute(sql, args, prepare=False).fetchall()
         finally:
-            conn.raw.execute("SELECT set_config('enable_indexscan', %s, true), "
-                             "set_config('enable_seqscan', %s, true)", old[:2],
-                             prepare=False)
+            if _usable(conn):
+                conn.raw.execute("SELECT set_config('enable_indexscan', %s, true), "
+                                 "set_config('enable_seqscan', %s, true)", old[:2],
+                                 prepare=False)
+
+
+def _usable(conn: Any) -> bool:
+    """Whether the transaction can still run statements (not failed by an error)."""
+    return conn.raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
 
 
 _STATS: dict[tuple[Any, ...], tuple[float, dict[str, float], float]] = {}

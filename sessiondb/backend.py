@@ -28,13 +28,15 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager
 from pathlib import PurePath
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from .errors import ConfigurationError
 
 T = TypeVar("T")
 
-__all__ = ["Conn", "Dialect", "Engine", "fetch", "first", "is_url", "open_engine", "rows"]
+__all__ = ["Conn", "Dialect", "Engine", "fetch", "first", "is_url", "mask", "open_engine",
+           "rows"]
 
 _URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -147,6 +149,15 @@ class Engine(Protocol):
 def is_url(path: Any) -> bool:
     """True for a PostgreSQL URL (``postgresql://...`` or ``postgres://...``)."""
     return isinstance(path, str) and path.lower().startswith(_URL_SCHEMES)
+
+
+def mask(url: str) -> str:
+    """The URL without its password (what errors and ``path`` show)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_engine(path: Any, options: dict[str, Any]) -> Engine:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream
-from .backend import is_url
+from .backend import is_url, mask
 from .connection import ENV_PATH, default_path
 from .errors import SessionDBError
 from .maintenance import Progress
@@ -39,7 +39,6 @@ __all__ = ["main", "build_parser"]
 def cmd_path(args: argparse.Namespace) -> int:
     target = _target(args)
     if isinstance(target, str):  # a URL: whether a store is there needs a connection
-        from .pg.engine import mask
         found = {"path": mask(target), "backend": "postgresql", "exists": None}
     else:
         found = {"path": str(target), "backend": "sqlite", "exists": target.exists()}

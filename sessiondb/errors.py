@@ -32,6 +32,10 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
         ├── CapExceeded             the owner holds as many leases or claims as its cap allows
         └── DeadlineExceeded        work under a lease or claim ran past its deadline
 
+:mod:`sessiondb.copy` adds its own branch under ``SessionDBError``: ``CopyError`` (with
+``.report``), and under it ``SameStoreError``, ``CopyConflict`` (sessions skipped) and
+``CopyMismatch`` (the destination does not hold what was read).
+
 Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap;
 :class:`PoolWarning` when 80% of a PostgreSQL connection pool is in use.
 
@@ -46,7 +50,9 @@ builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep wo
     TitleConflict       └── hermes.TitleInUse          (hermes-agent's message)
 
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
-original ``apsw`` exception stays reachable as ``__cause__``.
+original ``apsw`` exception stays reachable as ``__cause__``; errors from PostgreSQL
+likewise, at :func:`sessiondb.pg.engine.translate` (a ``psycopg`` exception as the cause;
+the hermes classes above then wrap those too).
 """
 
 from __future__ import annotations

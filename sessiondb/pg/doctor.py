@@ -46,7 +46,8 @@ import psycopg
 from .. import __version__
 from ..errors import SessionDBError
 from ..maintenance import ProgressCallback, Tracker
-from .engine import _split_schema, mask
+from ..backend import mask
+from .engine import split_schema
 from .schema import MIGRATIONS, SCHEMA_VERSION, check_schema_name, found_version
 
 __all__ = ["PgDoctorReport", "check", "store_version"]
@@ -192,7 +193,7 @@ def check(url: str, *, repair: bool = False, progress: ProgressCallback | None =
 # -- connecting ------------------------------------------------------------------------
 
 def _target(url: str) -> tuple[str, str]:
-    plain, in_url = _split_schema(url)
+    plain, in_url = split_schema(url)
     return plain, check_schema_name(in_url or "sessiondb")
 
 

@@ -71,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// URL needs the PostgreSQL extra: pip install 'sessiondb[postgres]' "
         f"({exc})") from exc
 
-from ..backend import check_hold_timeout, check_seconds_option
+from ..backend import check_hold_timeout, check_seconds_option, mask
 from ..errors import (
     ClosedError, ConfigurationError, ConnectionLost, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
@@ -104,7 +104,7 @@ URL_OPTIONS = ("schema", "pooler")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _split_options(url: str) -> tuple[str, dict[str, str]]:
+def split_options(url: str) -> tuple[str, dict[str, str]]:
     """The URL without sessiondb's own query parameters (:data:`URL_OPTIONS`), and those
     parameters (the last value of each wins)."""
     parts = urlsplit(url)
@@ -120,9 +120,9 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query="&".join(rest))), mine
 
 
-def _split_schema(url: str) -> tuple[str, str | None]:
+def split_schema(url: str) -> tuple[str, str | None]:
     """The URL without sessiondb's own query parameters, and its ``schema=``."""
-    plain, mine = _split_options(url)
+    plain, mine = split_options(url)
     return plain, mine.get("schema")
 
 
@@ -133,15 +133,6 @@ def _url_flag(name: str, value: str) -> bool:
         return False
     raise ConfigurationError(f"the URL parameter {name}={value} must be 1 or 0 "
                              "(true/false, yes/no, on/off)")
-
-
-def mask(url: str) -> str:
-    """The URL without its password (what errors and ``path`` show)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class PgEngine:
@@ -168,7 +159,7 @@ class PgEngine:
         check_hold_timeout(hold_timeout)
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an int >= 1")
-        url, in_url = _split_options(url)
+        url, in_url = split_options(url)
         own = "&".join(f"{k}={v}" for k, v in in_url.items())  # reopens the same store
         self.path = mask(url) + (("&" if urlsplit(url).query else "?") + own if own else "")
         self._url = url
@@ -278,8 +269,13 @@ class PgEngine:
     def _count(self, delta: int) -> None:
         with self._count_lock:
             self._in_use += delta
-            busy = self._in_use >= POOL_WARN_AT * self._pool_size and self._pool_size > 1
-            warn, self._warned = busy and not self._warned, busy
+            warn = False
+            if self._in_use >= POOL_WARN_AT * self._pool_size and self._pool_size > 1:
+                warn, self._warned = not self._warned, True
+            elif self._in_use <= self._pool_size // 2:
+                # Warned again only after use fell to half: a pool hovering at its
+                # threshold warns once, not at every call.
+                self._warned = False
         if warn:
             warnings.warn(PoolWarning(
                 f"{self._in_use} of {self._pool_size} connections of the pool of "

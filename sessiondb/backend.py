@@ -35,7 +35,7 @@ from .errors import ConfigurationError
 
 T = TypeVar("T")
 
-__all__ = ["Conn", "Dialect", "Engine", "fetch", "first", "is_url", "mask", "open_engine",
+__all__ = ["Conn", "Dialect", "Engine", "Handle", "fetch", "first", "is_url", "mask", "open_engine",
            "rows"]
 
 _URL_SCHEMES = ("postgresql://", "postgres://")
@@ -144,6 +144,37 @@ class Engine(Protocol):
     def checkpoint(self, reset: bool = False) -> dict[str, int]: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
+
+
+class Handle:
+    """What every public store class offers about the engine it holds (``_engine``):
+    its path, its backend, closing, ``with``, and its repr."""
+
+    _engine: Engine
+
+    @property
+    def path(self) -> Any:
+        """The store: its absolute file path, or its URL without the password."""
+        return self._engine.path
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._engine.sql.name
+
+    def close(self) -> None:
+        """Close the store's connections (SQLite: after a last PASSIVE checkpoint).
+        Idempotent."""
+        self._engine.close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._engine)
 
 
 def is_url(path: Any) -> bool:

@@ -22,7 +22,8 @@ from . import listing, records, search, search_index
 # extensions they use) afterwards.
 from . import engine as _sqlite_engine  # noqa: F401
 from .backend import (
-    Conn, Dialect, Engine, fetch as _fetch, first as _first, open_engine, rows as _rows,
+    Conn, Dialect, Engine, Handle, fetch as _fetch, first as _first, open_engine,
+    rows as _rows,
 )
 from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
 from .errors import (
@@ -45,7 +46,7 @@ _SESSION_FIELDS = ("model", "model_config", "system_prompt", "user_id", "parent_
                    "title")
 
 
-class SessionDB(Coordination, Upkeep):
+class SessionDB(Handle, Coordination, Upkeep):
     """A session store that many processes can share.
 
     :param path: the database file, or a PostgreSQL URL (``postgresql://user@host/db``,
@@ -92,30 +93,6 @@ class SessionDB(Coordination, Upkeep):
         self._execute_write = self._engine.execute_write
         self._read = self._engine.read
         self._run_steps = self._engine.run_steps
-
-    @property
-    def path(self) -> Any:
-        """The store: its absolute file path, or its URL without the password."""
-        return self._engine.path
-
-    @property
-    def backend(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self._sql.name
-
-    def close(self) -> None:
-        """Close the store's connections (SQLite: after a last PASSIVE checkpoint).
-        Idempotent."""
-        self._engine.close()
-
-    def __enter__(self) -> "SessionDB":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return repr(self._engine)
 
     @contextmanager
     def transaction(self) -> Iterator["SessionDB"]:

@@ -80,7 +80,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 
 from .. import records, search, search_index
-from ..backend import Conn, fetch as _fetch, first as _first, is_url, open_engine
+from ..backend import Conn, Handle, fetch as _fetch, first as _first, is_url, open_engine
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
@@ -223,7 +223,7 @@ _ACCOUNT_ARGS = ("session_id", *q.TOKENS, "estimated_cost_usd", "actual_cost_usd
                  *q.LATEST_WINS, *q.FIRST_WINS)
 
 
-class SessionDB:
+class SessionDB(Handle):
     """hermes-agent's ``SessionDB`` on a sessiondb engine (which it holds): SQLite for a
     file, PostgreSQL for a URL.
 
@@ -262,30 +262,6 @@ class SessionDB:
         # (see create_session): on PostgreSQL the primary key too, which SQLite's
         # legacy rule lets hold NULL.
         self._not_null = ("source",) if self._sql.name == "sqlite" else ("id", "source")
-
-    @property
-    def path(self) -> Any:
-        """The store: its absolute file path, or its URL without the password."""
-        return self._engine.path
-
-    @property
-    def backend(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self._sql.name
-
-    def close(self) -> None:
-        """Close the store's connections (SQLite: after a last PASSIVE checkpoint).
-        Idempotent."""
-        self._engine.close()
-
-    def __enter__(self) -> "SessionDB":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return repr(self._engine)
 
     # sessiondb's extras (see sessiondb.SessionDB for each)
     @contextmanager

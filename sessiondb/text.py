@@ -220,6 +220,24 @@ _WORD = re.compile(r"\w", re.UNICODE)
 MAX_QUERY_LENGTH = 1000
 
 
+def query_parts(query: str) -> list[str]:
+    """The user's search text split at its double quotes: even indexes are outside
+    quotes, odd ones inside (the text after an unmatched final quote counts as outside);
+    a NUL is a space (FTS5 reads the query as a C string, where a NUL ends it mid-token;
+    PostgreSQL refuses one in a text parameter).
+
+    :raises InvalidArgument: longer than :data:`MAX_QUERY_LENGTH` characters.
+    """
+    if len(query) > MAX_QUERY_LENGTH:
+        raise InvalidArgument(f"search query is {len(query)} characters; the limit is "
+                              f"{MAX_QUERY_LENGTH}: search for a few distinctive words")
+    parts = query.replace("\x00", " ").split('"')
+    if len(parts) % 2 == 0:
+        parts[-2] = parts[-2] + " " + parts[-1]
+        parts.pop()
+    return parts
+
+
 def sanitize_fts_query(query: str) -> str:
     """Turn arbitrary user text into an FTS5 query that cannot be a syntax error.
 
@@ -231,18 +249,8 @@ def sanitize_fts_query(query: str) -> str:
 
     :raises InvalidArgument: longer than :data:`MAX_QUERY_LENGTH` characters.
     """
-    if len(query) > MAX_QUERY_LENGTH:
-        raise InvalidArgument(f"search query is {len(query)} characters; the limit is "
-                              f"{MAX_QUERY_LENGTH}: search for a few distinctive words")
     pieces: list[str] = []
-    # FTS5 reads the query as a C string: a NUL ends it mid-token ("unterminated string").
-    parts = query.replace("\x00", " ").split('"')
-    # Even indexes are outside quotes; odd ones inside. An unmatched final quote leaves
-    # an odd number of quotes: its text is treated as unquoted.
-    if len(parts) % 2 == 0:
-        parts[-2] = parts[-2] + " " + parts[-1]
-        parts.pop()
-    for i, part in enumerate(parts):
+    for i, part in enumerate(query_parts(query)):
         if i % 2:
             if _WORD.search(part):
                 pieces.append('"' + part + '"')

@@ -87,10 +87,9 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from ..errors import InvalidArgument
 from ..records import context_item, search_hit
 from ..search import Filters
-from ..text import MAX_QUERY_LENGTH, NO_LIMIT
+from ..text import NO_LIMIT, query_parts
 from .conn import PgConn
 from .schema import TSV_CHARS
 
@@ -215,18 +214,8 @@ def parse_query(query: str) -> list[tuple[str, bool, bool] | str]:
 
     :raises InvalidArgument: longer than :data:`~sessiondb.text.MAX_QUERY_LENGTH`.
     """
-    if len(query) > MAX_QUERY_LENGTH:
-        raise InvalidArgument(f"search query is {len(query)} characters; the limit is "
-                              f"{MAX_QUERY_LENGTH}: search for a few distinctive words")
     pieces: list[tuple[str, bool, bool] | str] = []
-    # PostgreSQL cannot take a NUL in a text parameter.
-    parts = query.replace("\x00", " ").split('"')
-    # Even indexes are outside quotes, odd ones inside; the text after an unmatched
-    # final quote is unquoted.
-    if len(parts) % 2 == 0:
-        parts[-2] = parts[-2] + " " + parts[-1]
-        parts.pop()
-    for i, part in enumerate(parts):
+    for i, part in enumerate(query_parts(query)):
         if i % 2:
             if _WORD.search(part):
                 pieces.append((part, False, False))

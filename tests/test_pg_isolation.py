@@ -309,9 +309,9 @@ def test_two_stores_in_one_database_do_not_see_each_other(pg_url: str) -> None:
 
 def test_url_options_are_sessiondbs_own_and_checked(pg_url: str) -> None:
     from sessiondb import ConfigurationError
-    from sessiondb.pg.engine import _split_options
+    from sessiondb.pg.engine import split_options
 
-    assert _split_options("postgresql://u@h/db?sslmode=disable&schema=a&pooler=1") == (
+    assert split_options("postgresql://u@h/db?sslmode=disable&schema=a&pooler=1") == (
         "postgresql://u@h/db?sslmode=disable", {"schema": "a", "pooler": "1"})
     with pytest.raises(ConfigurationError):
         SessionDB(pg_url + "?pooler=maybe")

@@ -11,7 +11,8 @@ rules once, over a small connection interface. Two engines exist:
 
 What an engine provides (:class:`Engine`): the one write path (``execute_write``), short
 reads (``read``), ``transaction()`` and ``snapshot()`` blocks, long work in short steps
-(``run_steps``), ``checkpoint()``, ``stats()``, ``close()``, and its :class:`Dialect`:
+(``run_steps``), ``checkpoint()``, ``stats()``, ``close()``, and its :class:`Dialect`
+(:func:`sessiondb.opening.open_engine` picks one; this module imports neither):
 the few SQL fragments and actions that differ between the two databases. The rules
 (:mod:`sessiondb.store`, :mod:`sessiondb.coordination`, :mod:`sessiondb.bulk`, ...) are
 written once in the SQL both databases share (``RETURNING``, ``ON CONFLICT``, ``?``
@@ -25,9 +26,7 @@ returning a cursor (iterable, ``fetchall``, ``fetchone``, ``get_description``),
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager
-from pathlib import PurePath
 from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
@@ -35,8 +34,7 @@ from .errors import ConfigurationError
 
 T = TypeVar("T")
 
-__all__ = ["Conn", "Dialect", "Engine", "Handle", "fetch", "first", "is_url", "mask", "open_engine",
-           "rows"]
+__all__ = ["Conn", "Dialect", "Engine", "Handle", "fetch", "first", "is_url", "mask", "rows"]
 
 _URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -189,35 +187,6 @@ def mask(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def open_engine(path: Any, options: dict[str, Any]) -> Engine:
-    """The engine for ``path``: PostgreSQL for a URL (given, or in ``$SESSIONDB_PATH``
-    when ``path`` is None), else a SQLite file.
-
-    :raises ConfigurationError: an option the chosen backend does not have.
-    """
-    from .connection import ENV_PATH
-    if isinstance(path, PurePath) and is_url(str(path).replace(":/", "://", 1)):
-        raise ConfigurationError(
-            f"{str(path)!r} looks like a PostgreSQL URL made into a path (Path() keeps one "
-            "slash of '//'); pass the URL as a str")
-    if path is None and is_url(os.environ.get(ENV_PATH, "")):
-        path = os.environ[ENV_PATH]
-    if is_url(path):
-        from .pg.engine import PgEngine  # psycopg is imported only here
-        factory: Callable[..., Engine] = PgEngine
-        kind = "PostgreSQL"
-    else:
-        from .engine import Engine as SQLiteEngine
-        factory, kind = SQLiteEngine, "SQLite"
-    try:
-        return factory(path, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        name = str(exc).rsplit(" ", 1)[-1]
-        raise ConfigurationError(f"option {name} does not apply to a {kind} store") from None
 
 
 # -- options both engines take --------------------------------------------------------

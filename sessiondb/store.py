@@ -17,14 +17,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import listing, records, search, search_index
-# The default backend is loaded with the package, not at the first open: a process that
-# drops privileges after importing sessiondb must not need to load modules (and the C
-# extensions they use) afterwards.
-from . import engine as _sqlite_engine  # noqa: F401
 from .backend import (
-    Conn, Dialect, Engine, Handle, fetch as _fetch, first as _first, open_engine,
-    rows as _rows,
+    Conn, Dialect, Engine, Handle, fetch as _fetch, first as _first, rows as _rows,
 )
+from .opening import open_engine
 from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,

@@ -8,7 +8,7 @@ its schema 6), on a SQLite file or a PostgreSQL database::
 
 Every method, default, return shape (dict keys in hermes-agent's column order), counter,
 title and search rule is hermes-agent's (#6), on both backends. Underneath it is
-sessiondb's engine (:func:`sessiondb.backend.open_engine`): the writes run through its
+sessiondb's engine (:func:`sessiondb.opening.open_engine`): the writes run through its
 one write path (SQLite: the FIFO gate, ``BEGIN IMMEDIATE``, jittered retry until
 ``write_timeout``; PostgreSQL: a pooled connection, a short transaction, retries of
 serialization failures) instead of the original's 15-attempt loop. A file is a sessiondb
@@ -80,7 +80,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 
 from .. import records, search, search_index
-from ..backend import Conn, Handle, fetch as _fetch, first as _first, is_url, open_engine
+from ..backend import Conn, Handle, fetch as _fetch, first as _first, is_url
+from ..opening import open_engine
 from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,

@@ -25,15 +25,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from .errors import (
     ClaimLost, ClosedError, DeadlineExceeded, InvalidArgument, LeaseLost, SessionDBError,
 )
 from .text import check_seconds
 
-if TYPE_CHECKING:
-    from .coordination import Coordination, Holding
+#: A Lease or a Claim (sessiondb.coordination), as this module sees them: a name, a
+#: token, a ttl and an expiry. Written without importing coordination, which imports this.
+Holding = Any
+
+
+class Coordination(Protocol):
+    """What a heartbeat and a deadline use of the store that handed out the holding."""
+
+    _engine: Any
+
+    def _extend(self, holding: Holding) -> Holding: ...
+    def _gave_back(self, holding: Holding) -> bool: ...
+    def _give_back(self, holding: Holding, why: str) -> None: ...
 
 log = logging.getLogger("sessiondb")
 T = TypeVar("T")

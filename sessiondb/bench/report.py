@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..writes import percentile
-from .run import RunResult
+from .workers import RunResult
 
 _QS = (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
 

@@ -18,14 +18,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import apsw
 
 from .. import __version__
 from ..writes import percentile
-from .workers import Job, Result, run_job
+from .workers import Job, Result, RunResult, run_job
 
 STRATEGIES = ("naive", "seedfix", "sessiondb")
 # The async-loop scenario compares ways to call the store from an event loop instead
@@ -78,23 +78,6 @@ def scenarios(quick: bool, duration: float | None = None,
         ]
     return [replace(s, duration=duration or s.duration, writers=writers or s.writers)
             for s in chosen]
-
-
-@dataclass
-class RunResult:
-    scenario: str
-    strategy: str
-    duration: float
-    writers: list[Result] = field(default_factory=list)
-    gateway: Result | None = None
-    poller: Result | None = None
-    long_reader: Result | None = None
-    loop: Result | None = None
-    wal_peak: int = 0
-    wal_samples: list[tuple[float, int]] = field(default_factory=list)
-    integrity: str = ""
-    rows: int = 0
-    failed: str = ""
 
 
 def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,

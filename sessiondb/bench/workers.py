@@ -68,6 +68,25 @@ class Result:
     lags: list[float] = field(default_factory=list)  # loop: how late each wake-up was
 
 
+@dataclass
+class RunResult:
+    """One scenario run with one strategy: every process's result, and the store's
+    figures (WAL, integrity, rows)."""
+    scenario: str
+    strategy: str
+    duration: float
+    writers: list[Result] = field(default_factory=list)
+    gateway: Result | None = None
+    poller: Result | None = None
+    long_reader: Result | None = None
+    loop: Result | None = None
+    wal_peak: int = 0
+    wal_samples: list[tuple[float, int]] = field(default_factory=list)
+    integrity: str = ""
+    rows: int = 0
+    failed: str = ""
+
+
 def message_text(rng: random.Random) -> str:
     """200-2000 bytes of words, so the FTS index does real work."""
     target = rng.randint(200, 2000)

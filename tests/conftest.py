@@ -28,6 +28,11 @@ CONTRACT = {
 }
 
 
+#: The framework adapters' test modules (#13): the same three runs as the contract files
+#: (SQLite, PostgreSQL, PostgreSQL through PgBouncer), for tests taking ``db_path``.
+ADAPTERS = {"test_adapter_openai", "test_adapter_langgraph", "test_adapter_adk"}
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a contract-file test about SQLite itself")
 
@@ -41,9 +46,10 @@ def pytest_generate_tests(metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in CONTRACT and not metafunc.definition.get_closest_marker("sqlite_only"):
-        backends = ["sqlite", "postgresql"] + (["pgbouncer"] if module in POOLER_CONTRACT
-                                               else [])
+    if (module in CONTRACT or module in ADAPTERS) and not metafunc.definition.get_closest_marker(
+            "sqlite_only"):
+        backends = ["sqlite", "postgresql"] + (
+            ["pgbouncer"] if module in POOLER_CONTRACT or module in ADAPTERS else [])
         metafunc.parametrize("backend", backends, indirect=True)
 
 

@@ -30,7 +30,8 @@ CONTRACT = {
 
 #: The framework adapters' test modules (#13): the same three runs as the contract files
 #: (SQLite, PostgreSQL, PostgreSQL through PgBouncer), for tests taking ``db_path``.
-ADAPTERS = {"test_adapter_openai", "test_adapter_langgraph", "test_adapter_adk"}
+ADAPTERS = {"test_adapter_tables", "test_adapter_openai", "test_adapter_langgraph",
+            "test_adapter_adk"}
 
 
 def pytest_configure(config) -> None:

@@ -1,7 +1,8 @@
 """The benchmarks: the multi-process contention benchmark (``sessiondb bench`` or
 ``python -m benchmarks.contention``, see :mod:`sessiondb.bench.run`); with ``--db URL``
 the same scenarios on PostgreSQL beside SQLite (:mod:`sessiondb.bench.pg_run`); and, only
-when asked for with ``--only scale``, the scale benchmark (:mod:`sessiondb.bench.scale`).
+when asked for, the scale benchmark (``--only scale``, :mod:`sessiondb.bench.scale`) and
+the frameworks benchmark (``--only frameworks``, :mod:`sessiondb.bench.frameworks`).
 See the README."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only this scenario (convoy, agent, burst, fast, gateway, "
                              "async-loop; with --db: convoy, convoy-row, agent-16, burst, "
                              "fast, agent-64, overhead); repeatable. 'scale' runs the scale "
-                             "benchmark instead (never part of the default run)")
+                             "benchmark instead, 'frameworks' the frameworks benchmark "
+                             "(neither is part of the default run)")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
                         help="run only this strategy (repeatable; default all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
@@ -40,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "in one run, and check the goals; creates and drops schemas "
                              "sessiondb_bench_* in that database (needs the 'postgres' "
                              "extra)")
+    frameworks = parser.add_argument_group(
+        "the frameworks benchmark (--only frameworks): 8 processes writing one "
+        "conversation through the OpenAI Agents SDK, LangGraph and Google ADK, with "
+        "sessiondb (and, with --db, on PostgreSQL) beside each framework's own SQLite "
+        "backend")
+    frameworks.add_argument("--items", type=_at_least(1), default=100, metavar="N",
+                            help="writes per process (default 100)")
     scale = parser.add_argument_group("the scale benchmark (--only scale)")
     scale.add_argument("--messages", type=_at_least(1000), default=1_000_000, metavar="N",
                        help="messages in the store, in sessions of 50 (default 1,000,000; "
@@ -64,6 +73,8 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.only and "frameworks" in args.only:
+        return _run_frameworks(args)
     if getattr(args, "db", None):
         return _run_postgres(args)
     if args.only and "scale" in args.only:
@@ -109,6 +120,25 @@ def _run_postgres(args: argparse.Namespace) -> int:
             json.dump(doc, fh)
         print(f"wrote {args.json_file}", file=sys.stderr)
     return 1 if any(r["failed"] for r in doc["runs"]) else 0
+
+
+def _run_frameworks(args: argparse.Namespace) -> int:
+    from .frameworks import WRITERS, benchmark as fw_benchmark, table
+
+    if set(args.only) != {"frameworks"} or args.plot or args.strategies:
+        print("--only frameworks runs on its own: no other scenario, --strategy or --plot",
+              file=sys.stderr)
+        return 2
+    rows = fw_benchmark(url=getattr(args, "db", None), count=args.items,
+                        writers=args.writers or WRITERS)
+    print(table(rows))
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as fh:
+            json.dump({"runs": rows}, fh)
+        print(f"wrote {args.json_file}", file=sys.stderr)
+    failed = [r for r in rows if r["backend"].startswith("sessiondb")
+              and (r["errors"] or r["lost"] or r["duplicated"] or r["out_of_order"])]
+    return 1 if failed else 0
 
 
 def _run_scale(args: argparse.Namespace) -> int:

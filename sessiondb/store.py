@@ -537,6 +537,40 @@ class SessionDB(Handle, Coordination, Upkeep):
 
         self._execute_write(write)
 
+    def pop_message(self, session_id: str) -> dict[str, Any] | None:
+        """Delete the session's newest message and return it, in one write.
+
+        The counters stay exact: ``message_count`` drops by one and ``tool_call_count``
+        by the calls of that message (counted as :meth:`append_message` counted them).
+        Two processes popping one session at once never get the same message: the
+        second pops the one before it, or gets None.
+
+        :returns: the deleted message, as :meth:`get_messages` returns it; None if the
+            session has no messages.
+        :raises SessionNotFound: the session does not exist.
+        """
+        check_id("session_id", session_id)
+
+        def write(conn: Conn) -> dict[str, Any] | None:
+            # PostgreSQL: appenders and other poppers of this session wait for us, so the
+            # newest message stays the newest until we commit (SQLite: BEGIN IMMEDIATE).
+            self._sql.lock(conn, _key(session_id))
+            # Delete and read in one statement: the row we return is the row we removed.
+            popped = _rows(conn, f"DELETE FROM messages WHERE id = (SELECT id FROM messages "
+                                 "WHERE session_id = ? ORDER BY id DESC LIMIT 1) "
+                                 f"RETURNING {records.MESSAGE_SELECT}", (session_id,))
+            if not popped:
+                if not _exists(conn, session_id):
+                    raise SessionNotFound(session_id)
+                return None
+            message = records.message(popped[0])
+            conn.execute("UPDATE sessions SET message_count = message_count - 1, "
+                         "tool_call_count = tool_call_count - ? WHERE id = ?",
+                         (records.count_tool_calls(message["tool_calls"]), session_id))
+            return message
+
+        return self._execute_write(write)
+
     # -- accounting -------------------------------------------------------------------
     def update_token_counts(self, session_id: str, input_tokens: int = 0,
                             output_tokens: int = 0, *, cache_read_tokens: int = 0,

@@ -244,3 +244,56 @@ def test_append_to_missing_session_writes_nothing(db: SessionDB, sid: str) -> No
         db.append_message("ghost", "user", "x", tool_calls=[CALL_A])
     assert db.message_count() == 0
     assert counters(db) == (0, 0)
+
+
+def test_pop_message_returns_the_newest_and_keeps_counters_exact(db: SessionDB,
+                                                                  sid: str) -> None:
+    db.append_message(sid, "user", "first")
+    db.append_message(sid, "assistant", None, tool_calls=[CALL_A, CALL_B],
+                      metadata={"k": [1, "ü"]}, token_count=7, reasoning="r")
+    db.append_message(sid, "assistant", "single", tool_calls=CALL_A)  # a dict: one call
+    stored = db.get_messages(sid)
+    assert counters(db) == (3, 3)
+    assert db.pop_message(sid) == stored[2]  # every field, as get_messages returned it
+    assert counters(db) == (2, 2)
+    assert db.pop_message(sid) == stored[1]
+    assert counters(db) == (1, 0)
+    assert db.get_messages(sid) == stored[:1]
+    assert db.pop_message(sid) == stored[0]
+    assert counters(db) == (0, 0) and db.message_count(sid) == 0
+
+
+def test_pop_message_empty_missing_and_bad_ids(db: SessionDB, sid: str) -> None:
+    assert db.pop_message(sid) is None
+    assert counters(db) == (0, 0)
+    with pytest.raises(SessionNotFound):
+        db.pop_message("ghost")
+    with pytest.raises(InvalidArgument):
+        db.pop_message("")
+    with pytest.raises(InvalidArgumentType):
+        db.pop_message(7)
+
+
+def test_pop_message_leaves_other_sessions_and_search_right(db: SessionDB, sid: str) -> None:
+    db.create_session("s2", "cli")
+    db.append_message(sid, "user", "keepme here")
+    db.append_message("s2", "user", "other session", tool_calls=[CALL_A])
+    db.append_message(sid, "assistant", "dropme soon")
+    assert db.pop_message(sid)["content"] == "dropme soon"
+    assert db.search_messages("dropme") == []
+    assert [h["session_id"] for h in db.search_messages("keepme")] == [sid]
+    assert counters(db, "s2") == (1, 1)
+    assert db.message_count() == 2
+    # The next append gets a new id, never the popped one's.
+    assert db.append_message(sid, "user", "again") > db.get_messages("s2")[0]["id"]
+
+
+def test_pop_message_in_a_rolled_back_transaction_changes_nothing(db: SessionDB,
+                                                                  sid: str) -> None:
+    db.append_message(sid, "assistant", "stays", tool_calls=[CALL_A])
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            assert db.pop_message(sid)["content"] == "stays"
+            raise RuntimeError("roll back")
+    assert counters(db) == (1, 1)
+    assert [m["content"] for m in db.get_messages(sid)] == ["stays"]

@@ -1,0 +1,283 @@
+"""Google ADK's session service on sessiondb: :class:`SessionDBSessionService`, a
+``google.adk.sessions.BaseSessionService`` that many processes can share, on a SQLite
+file or a PostgreSQL database::
+
+    from sessiondb.adapters.adk import SessionDBSessionService
+
+    session_service = SessionDBSessionService("state.db")  # or "postgresql://..."
+    runner = Runner(app_name="weather", agent=agent, session_service=session_service)
+
+It behaves as ADK's own ``SqliteSessionService`` and ``DatabaseSessionService`` do
+(sessions with given or generated ids, ``GetSessionConfig``, state scoped by the
+``app:``, ``user:`` and ``temp:`` prefixes, partial events and ``temp:`` keys never
+stored, events read back as they were appended), with three differences:
+
+- the stale-session check is made inside the write transaction that appends, under the
+  session's lock, against a revision that every append moves: two processes appending
+  to one session never both pass it, so no event is interleaved or lost (ADK's services
+  check outside any lock); a stale append raises
+  :class:`~sessiondb.adapters.adk_errors.StaleSession`, which is both sessiondb's
+  ``StaleRevision`` and ADK's ``StaleSessionError``, and writes nothing;
+- events come back in the order they were appended (ADK's services sort them by their
+  timestamps, which processes stamp before they append);
+- a session id is unique in the whole store, not per app and user (see
+  :mod:`sessiondb.adapters.adk_store`, which also says what is stored where).
+
+Every call runs on a worker thread (the ``AsyncSessionDB``'s, if given one), so the
+event loop never waits on the database. This module imports ``google.adk``;
+``import sessiondb`` does not import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from typing import Any, Callable, Optional, TypeVar
+
+from google.adk.events.event import Event
+from google.adk.platform import time as platform_time
+from google.adk.platform import uuid as platform_uuid
+from google.adk.sessions import _session_util
+from google.adk.sessions.base_session_service import (
+    BaseSessionService, GetSessionConfig, ListSessionsResponse,
+)
+from google.adk.sessions.session import Session
+from google.adk.sessions.state import State
+
+from ..aio import AsyncSessionDB
+from ..errors import ClosedError, InvalidArgumentType
+from ..store import SessionDB
+from ..text import check_id, check_text
+from . import adk_store
+from .adk_errors import AdkAlreadyExists, AdkSessionNotFound, StaleSession
+
+__all__ = ["SessionDBSessionService", "StaleSession", "AdkSessionNotFound",
+           "AdkAlreadyExists"]
+
+T = TypeVar("T")
+
+#: How a Session object read from this service carries its revision.
+_MARKER = "sessiondb:"
+
+
+class SessionDBSessionService(BaseSessionService):
+    """An ADK session service whose sessions live in a sessiondb store.
+
+    :param db: a SQLite file path or a PostgreSQL URL (the service opens the store, on
+        its first call, and closes it in :meth:`close`), or an open
+        :class:`~sessiondb.SessionDB` or :class:`~sessiondb.AsyncSessionDB` (the caller
+        keeps and closes it; with an ``AsyncSessionDB`` every call runs on its worker
+        thread, in the order made).
+    :param source: the ``source`` of the sessiondb sessions it creates.
+    :raises InvalidArgumentType: ``db`` is none of these.
+    """
+
+    def __init__(self, db: str | os.PathLike[str] | SessionDB | AsyncSessionDB, *,
+                 source: str = "adk") -> None:
+        self._source = check_id("source", source)
+        self._lock = threading.Lock()
+        self._db: SessionDB | None = db if isinstance(db, SessionDB) else None
+        self._adb = db if isinstance(db, AsyncSessionDB) else None
+        self._path = db if isinstance(db, (str, os.PathLike)) else None
+        self._closed = False
+        if self._db is None and self._adb is None and self._path is None:
+            raise InvalidArgumentType("db must be a path, a PostgreSQL URL, a SessionDB or "
+                                      f"an AsyncSessionDB, not {type(db).__name__}")
+
+    def __repr__(self) -> str:
+        store = self._path if self._path is not None else self._adb or self._db
+        return f"SessionDBSessionService({str(store)!r}, source={self._source!r})"
+
+    # -- running store calls off the event loop -----------------------------------------
+    def _store(self) -> SessionDB:
+        """The store (opened here, on a worker thread, the first time, if ours)."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"{self!r} is closed; make a new one")
+            if self._db is None:
+                self._db = SessionDB(self._path)
+            return self._db
+
+    async def _call(self, fn: Callable[[SessionDB], T]) -> T:
+        """``fn(db)`` on a worker thread, with the adapter's tables made."""
+        if self._adb is not None:
+            return await self._adb.run(lambda db: fn(adk_store.prepare(db)))
+        return await asyncio.to_thread(lambda: fn(adk_store.prepare(self._store())))
+
+    async def close(self) -> None:
+        """Close the store if the service opened it (idempotent; later calls raise
+        :class:`~sessiondb.errors.ClosedError`); a store given open is left open."""
+        if self._path is None:
+            return
+        with self._lock:
+            self._closed, db, self._db = True, self._db, None
+        if db is not None:
+            await asyncio.to_thread(db.close)
+
+    async def __aenter__(self) -> "SessionDBSessionService":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the service --------------------------------------------------------------------
+    async def create_session(self, *, app_name: str, user_id: str,
+                             state: Optional[dict[str, Any]] = None,
+                             session_id: Optional[str] = None) -> Session:
+        """Create a session (``session_id`` given, surrounding blanks stripped as ADK
+        does, or generated) with ``state``: its ``app:`` and ``user:`` keys go to the
+        state shared by the app and by the app's user, ``temp:`` keys are dropped.
+
+        :returns: the session, its state merged with the shared states.
+        :raises AdkAlreadyExists: the id exists (also ADK's ``AlreadyExistsError``).
+        """
+        app_name, user_id = _owner(app_name, user_id)
+        if state is not None and not isinstance(state, dict):
+            raise InvalidArgumentType(f"state must be a dict, not {type(state).__name__}")
+        session_id = _session_id(session_id) if session_id else None
+        session_id = session_id or platform_uuid.new_uuid()
+        deltas = _session_util.extract_json_safe_state_delta(state or {})
+        now = platform_time.get_time()
+        return await self._call(lambda db: _session(adk_store.create(
+            db, self._source, app_name, user_id, session_id, deltas, now)))
+
+    async def get_session(self, *, app_name: str, user_id: str, session_id: str,
+                          config: Optional[GetSessionConfig] = None) -> Optional[Session]:
+        """The session with its events, oldest first (``config``: only the last
+        ``num_recent_events``, only those stamped at or after ``after_timestamp``), and
+        its state merged with the shared states; None if this app and user have none."""
+        app_name, user_id = _owner(app_name, user_id)
+        session_id = _session_id(session_id)
+        config = config or GetSessionConfig()
+        return await self._call(lambda db: _session(adk_store.get(
+            db, app_name, user_id, session_id, config.num_recent_events,
+            config.after_timestamp)))
+
+    async def list_sessions(self, *, app_name: str,
+                            user_id: Optional[str] = None) -> ListSessionsResponse:
+        """The sessions of the app (of one user, or of all), without their events,
+        least recently updated first."""
+        app_name = check_text("app_name", app_name, optional=False)
+        user_id = check_text("user_id", user_id)
+        return await self._call(lambda db: ListSessionsResponse(sessions=[
+            _session(s) for s in adk_store.list_for(db, app_name, user_id)]))
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Delete the session with its events (a session this app and user do not have:
+        nothing happens)."""
+        app_name, user_id = _owner(app_name, user_id)
+        session_id = _session_id(session_id)
+        await self._call(lambda db: adk_store.delete(db, app_name, user_id, session_id))
+
+    async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
+        """The state shared by the app's sessions of this user, keys without ``user:``."""
+        app_name, user_id = _owner(app_name, user_id)
+        return await self._call(lambda db: adk_store.user_state(db, app_name, user_id))
+
+    async def append_event(self, session: Session, event: Event) -> Event:
+        """Store ``event`` in the session and apply it to ``session`` (its events, state
+        and ``last_update_time``), as ADK's services do; a partial event is returned
+        untouched, ``temp:`` keys reach ``session.state`` but are not stored.
+
+        The check that ``session`` is not stale and the append are one transaction.
+        An event already stored in the session with the same content is not stored
+        again (and ``session`` is left as it is).
+
+        :raises StaleSession: someone appended since ``session`` was read (also ADK's
+            ``StaleSessionError``, a ``ValueError``); nothing was written and neither
+            ``session`` nor ``event`` was changed: read the session again and retry.
+        :raises AdkSessionNotFound: the session does not exist (any more).
+        :raises AdkAlreadyExists: another event with this id is in the session.
+        """
+        if not isinstance(session, Session) or not isinstance(event, Event):
+            raise InvalidArgumentType("append_event takes a google.adk Session and Event, "
+                                      f"not {type(session).__name__} and "
+                                      f"{type(event).__name__}")
+        if event.partial:
+            return event
+        # What is stored: the event without its temp: keys, as ADK's services store it.
+        # The caller's event is trimmed (by the base class) only once the write is in.
+        delta = {k: v for k, v in (event.actions.state_delta or {}).items()
+                 if not k.startswith(State.TEMP_PREFIX)}
+        kept = event.model_copy(update={
+            "actions": event.actions.model_copy(update={"state_delta": delta})})
+        message, calls = _message(event)
+        args = dict(expected=_revision(session), seen_time=session.last_update_time,
+                    event_id=event.id, event_json=kept.model_dump_json(exclude_none=True),
+                    timestamp=event.timestamp, message=message, calls=calls,
+                    deltas=_session_util.extract_json_safe_state_delta(delta))
+        done = await self._call(lambda db: adk_store.append(
+            db, session.app_name, session.user_id, session.id, **args))
+        if not done.stored:
+            return event
+        session.last_update_time = done.update_time
+        session._storage_update_marker = _MARKER + str(done.revision)
+        return await super().append_event(session=session, event=event)
+
+
+# -- between ADK's objects and what is stored ---------------------------------------------
+
+def _owner(app_name: Any, user_id: Any) -> tuple[str, str]:
+    return (check_text("app_name", app_name, optional=False),
+            check_text("user_id", user_id, optional=False))
+
+
+def _session_id(session_id: Any) -> str:
+    """A session id as ADK's services take it: surrounding blanks stripped."""
+    return check_id("session_id", check_text("session_id", session_id,
+                                             optional=False).strip())
+
+
+def _session(stored: adk_store.Stored | None) -> Session | None:
+    """The ADK Session of a stored one: its state merged with the shared states (keys
+    prefixed), its events parsed, and its revision as the storage marker."""
+    if stored is None:
+        return None
+    state = dict(stored.state)
+    state.update({State.APP_PREFIX + k: v for k, v in stored.app_state.items()})
+    state.update({State.USER_PREFIX + k: v for k, v in stored.user_state.items()})
+    session = Session(id=stored.id, app_name=stored.app_name, user_id=stored.user_id,
+                      state=state, last_update_time=stored.update_time,
+                      events=[Event.model_validate_json(e) for e in stored.events])
+    session._storage_update_marker = _MARKER + str(stored.revision)
+    return session
+
+
+def _revision(session: Session) -> int | None:
+    """The revision a Session object was read at; None if it did not come from us."""
+    marker = session._storage_update_marker
+    if isinstance(marker, str) and marker.startswith(_MARKER):
+        tail = marker[len(_MARKER):]
+        if tail.isdigit():
+            return int(tail)
+    return None
+
+
+def _plain(text: str | None) -> str | None:
+    """Text any store can hold (PostgreSQL refuses NUL; SQLite lone surrogates): only
+    the message's readable copy, the event itself keeps every character."""
+    if not text:
+        return None
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _message(event: Event) -> tuple[dict[str, Any], int]:
+    """The message of an event (see :mod:`sessiondb.adapters.adk_store`) and its
+    number of tool calls."""
+    parts = (event.content.parts or []) if event.content else []
+    calls = [p.function_call.model_dump(mode="json", exclude_none=True)
+             for p in parts if p.function_call]
+    answers = [p.function_response for p in parts if p.function_response]
+    role = "tool" if answers else "user" if event.author == "user" else "assistant"
+    # A tool message's text is its result, as in a chat transcript (and search finds it).
+    texts = [p.text for p in parts if p.text] + [
+        json.dumps(a.model_dump(mode="json").get("response")) for a in answers]
+    return {
+        "role": role,
+        "content": _plain("\n".join(texts)),
+        "tool_calls": json.dumps(calls) if calls else None,
+        "tool_name": _plain(answers[0].name) if answers else None,
+        "tool_call_id": _plain(answers[0].id) if answers else None,
+    }, len(calls)

@@ -1,0 +1,515 @@
+"""A LangGraph checkpointer on sessiondb: many processes, one thread, no "database is
+locked", on SQLite or PostgreSQL (``pip install 'sessiondb[langgraph]'``)::
+
+    from sessiondb.adapters.langgraph import SessionDBSaver
+
+    with SessionDBSaver("state.db") as checkpointer:       # or a postgresql:// URL
+        graph = builder.compile(checkpointer=checkpointer)
+        graph.invoke(inputs, {"configurable": {"thread_id": "chat-1"}})
+
+:class:`SessionDBSaver` is a :class:`~langgraph.checkpoint.base.BaseCheckpointSaver`,
+sync and async in one class (as LangGraph's ``InMemorySaver``): ``put``, ``put_writes``,
+``get_tuple``, ``list``, ``delete_thread``, ``copy_thread``, ``delete_for_runs``,
+``prune`` and their ``a``-prefixed coroutines. It passes LangGraph's conformance suite
+(``langgraph-checkpoint-conformance``), every capability, on both databases.
+
+**What is stored where.** A thread is a sessiondb session (id = ``thread_id``, source
+``"langgraph"``), created by the thread's first write, so ``sessiondb list`` and ``show``
+list it and ``delete_session`` (or ``prune_sessions``, once the session is ended) removes
+its checkpoints with it. Checkpoints, channel values and pending writes do not fit the
+message model: they live in the adapter's tables (:mod:`.langgraph_sql`), and the
+session carries no messages (a checkpoint's ``messages`` channel is a value LangGraph
+rewrites, forks and replays, not an append-only transcript).
+
+**Writes.** Each call is one transaction through the store's write path: the thread's
+lock first (concurrent writers of one thread queue, on PostgreSQL too), then its rows;
+a call that fails writes nothing. Pending writes follow LangGraph's SQLite saver: a batch
+of special writes only (errors, interrupts, resumes) replaces the same task's, any
+other batch keeps what is there.
+
+**Async.** The coroutines run the store's calls on worker threads of the saver (one on
+SQLite, whose one connection serializes them anyway; eight on PostgreSQL), never on the
+event loop, and not on the loop's default executor, which a burst of checkpoints
+waiting for the write lock would take from the application. A cancelled coroutine's
+call still completes (all or nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import random
+import threading
+import uuid
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP, BaseCheckpointSaver, ChannelVersions, Checkpoint, CheckpointMetadata,
+    CheckpointTuple, SerializerProtocol, get_serializable_checkpoint_metadata,
+    writes_sort_key,
+)
+
+from ..errors import ClosedError, ConfigurationError, InvalidArgument, InvalidArgumentType
+from ..store import SessionDB
+from ..text import check_id, check_text
+from . import langgraph_sql as q
+from .tables import ensure_tables
+
+__all__ = ["SessionDBSaver"]
+
+T = TypeVar("T")
+_PAGE = 50  # checkpoints read per transaction while listing: short reads, bounded memory
+_PG_WORKERS = 8  # PostgreSQL's default pool size: more threads would wait for a connection
+_STRATEGIES = ("keep_latest", "delete")
+
+
+class _Worker:
+    """The store and the threads the coroutines run on, shared by a saver and the
+    copies LangGraph makes of it (``compile()`` may call ``with_allowlist``, which
+    copies the saver)."""
+
+    def __init__(self, db: SessionDB, owned: bool) -> None:
+        self.db = db
+        self.owned = owned
+        self.lock = threading.Lock()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.pid = os.getpid()
+        self.closed = False
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
+        with self.lock:
+            if self.closed:
+                raise ClosedError("this SessionDBSaver is closed; open a new one")
+            if self.pool is None or self.pid != os.getpid():
+                # A forked child has none of the parent's threads: a pool of its own.
+                workers = 1 if self.db.backend == "sqlite" else _PG_WORKERS
+                self.pool = concurrent.futures.ThreadPoolExecutor(
+                    workers, thread_name_prefix="sessiondb-langgraph")
+                self.pid = os.getpid()
+            return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            pool, self.pool = self.pool, None
+        if pool is not None and self.pid == os.getpid():
+            pool.shutdown(wait=True)  # the calls already made complete
+        if self.owned:
+            self.db.close()
+
+
+class _Query:
+    """A ``list`` call in progress: its filters and where the next page starts."""
+
+    def __init__(self, thread_id: str | None, ns: str | None, checkpoint_id: str | None,
+                 before: str | None, metadata: Mapping[str, Any], limit: int | None) -> None:
+        self.thread_id, self.ns, self.checkpoint_id = thread_id, ns, checkpoint_id
+        self.before, self.metadata, self.remaining = before, metadata, limit
+        self.after: tuple[str, str, str] | None = None
+        self.done = limit == 0
+
+
+class SessionDBSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer storing threads in a sessiondb store (see the module
+    docstring for what is stored where).
+
+    :param db: a store path or ``postgresql://`` URL, which the saver opens and closes
+        (``close()``, ``with``, ``async with``); or an open :class:`~sessiondb.SessionDB`,
+        which stays the caller's to close.
+    :param serde: LangGraph's serializer (default: its ``JsonPlusSerializer``).
+    :param source: the source of the sessions the saver creates (default ``"langgraph"``).
+    :param options: options of :class:`~sessiondb.SessionDB`, when ``db`` is a path.
+    :raises InvalidArgumentType: ``db`` is neither a path, a URL nor a ``SessionDB``.
+    :raises ConfigurationError: ``options`` given with an open store.
+    :raises DatabaseOpenError: the path cannot be opened as a store.
+    """
+
+    def __init__(self, db: "str | os.PathLike[str] | SessionDB", *,
+                 serde: SerializerProtocol | None = None, source: str = "langgraph",
+                 **options: Any) -> None:
+        super().__init__(serde=serde)
+        self.source = check_id("source", source)
+        if isinstance(db, SessionDB):
+            if options:
+                raise ConfigurationError("store options apply to a store the saver opens; "
+                                         f"got an open SessionDB and {sorted(options)}")
+            store, owned = db, False
+        elif isinstance(db, (str, os.PathLike)):
+            store, owned = SessionDB(db, **options), True
+        else:
+            raise InvalidArgumentType("db must be a path, a postgresql:// URL or a "
+                                      f"SessionDB, not {type(db).__name__}")
+        try:
+            ensure_tables(store, q.TABLES)
+        except BaseException:
+            if owned:
+                store.close()
+            raise
+        self._worker = _Worker(store, owned)
+
+    @classmethod
+    @contextmanager
+    def from_conn_string(cls, conn_string: "str | os.PathLike[str]", *,
+                         serde: SerializerProtocol | None = None, source: str = "langgraph",
+                         **options: Any) -> Iterator["SessionDBSaver"]:
+        """A saver on the store at ``conn_string`` (a path or a ``postgresql://`` URL),
+        closed when the block ends; as ``SqliteSaver.from_conn_string``."""
+        saver = cls(conn_string, serde=serde, source=source, **options)
+        try:
+            yield saver
+        finally:
+            saver.close()
+
+    @property
+    def db(self) -> SessionDB:
+        """The store (for ``get_session``, ``list_sessions``, ...)."""
+        return self._worker.db
+
+    def close(self) -> None:
+        """Wait for the coroutines' calls in progress, stop the worker threads and close
+        the store if the saver opened it. Idempotent."""
+        self._worker.close()
+
+    def __enter__(self) -> "SessionDBSaver":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "SessionDBSaver":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __repr__(self) -> str:
+        return f"SessionDBSaver({self.db!r}, source={self.source!r})"
+
+    # -- reads --------------------------------------------------------------------------
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint ``config`` names (``checkpoint_id``), else the thread's latest
+        in its namespace; None if there is none.
+
+        :raises InvalidArgument: no ``thread_id`` in ``config["configurable"]``.
+        :raises InvalidArgumentType: ``config`` or one of its ids has the wrong type.
+        """
+        conf = _configurable(config)
+        query = _Query(_thread_id(conf), _ns(conf), _checkpoint_id(conf), None, {}, 1)
+        found = self._next_page(query)
+        return found[0] if found else None
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None
+             ) -> Iterator[CheckpointTuple]:
+        """Checkpoints newest first (by checkpoint id): of the thread, namespace and
+        checkpoint ``config`` names (each optional; ``None``: every thread), whose
+        metadata has every ``filter`` item, older than ``before``'s checkpoint, at most
+        ``limit``. Read in pages of 50, each one short read.
+
+        :raises InvalidArgument: a negative ``limit``.
+        :raises InvalidArgumentType: an argument has the wrong type.
+        """
+        query = self._query(config, filter, before, limit)
+
+        def pages() -> Iterator[CheckpointTuple]:
+            while not query.done:
+                yield from self._next_page(query)
+
+        return pages()
+
+    def _query(self, config: RunnableConfig | None, filter: Any, before: Any,
+               limit: Any) -> _Query:
+        conf = _configurable(config) if config is not None else {}
+        if filter is not None and not isinstance(filter, Mapping):
+            raise InvalidArgumentType(f"filter must be a dict, not {type(filter).__name__}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise InvalidArgumentType(f"limit must be an int or None, not {type(limit).__name__}")
+        if limit is not None and limit < 0:
+            raise InvalidArgument(f"limit must not be negative, got {limit}")
+        older = _checkpoint_id(_configurable(before)) if before is not None else None
+        return _Query(_thread_id(conf, required=False), _ns(conf, default=None),
+                      _checkpoint_id(conf), older, filter or {}, limit)
+
+    def _next_page(self, query: _Query) -> list[CheckpointTuple]:
+        """Read the query's next page (one read transaction), advance it, and return its
+        checkpoints that pass the metadata filter."""
+        size = _PAGE if query.remaining is None or query.metadata else min(
+            _PAGE, query.remaining)
+        sql = self.db._sql
+
+        def read(conn: Any) -> tuple[list, list, q.Loaded]:
+            rows = q.page(conn, thread_id=query.thread_id, ns=query.ns,
+                          checkpoint_id=query.checkpoint_id, before=query.before,
+                          after=query.after, size=size)
+            kept = [r for r in rows if _matches(json.loads(r[6]), query.metadata)]
+            kept = kept if query.remaining is None else kept[:query.remaining]
+            return rows, kept, q.load(conn, sql, kept)
+
+        rows, kept, loaded = self.db._read(read, snapshot=True)
+        if rows:
+            query.after = (rows[-1][2], rows[-1][0], rows[-1][1])
+        if query.remaining is not None:
+            query.remaining -= len(kept)
+        query.done = len(rows) < size or query.remaining == 0
+        return [self._tuple(row, loaded) for row in kept]
+
+    def _tuple(self, row: q.CheckpointRow, loaded: q.Loaded) -> CheckpointTuple:
+        thread_id, ns, checkpoint_id, parent, type_, blob, metadata, _ = row
+        checkpoint = self.serde.loads_typed((type_, bytes(blob)))
+        values = {}
+        for channel, version in checkpoint["channel_versions"].items():
+            stored = loaded.blobs.get((thread_id, ns, channel, str(version)))
+            if stored is not None and stored[0] != "empty":
+                values[channel] = self.serde.loads_typed((stored[0], bytes(stored[1] or b"")))
+        checkpoint["channel_values"] = values
+        writes = sorted(loaded.writes.get((thread_id, ns, checkpoint_id), ()),
+                        key=lambda w: writes_sort_key(w[4], w[0], w[5]))
+        return CheckpointTuple(
+            config=_config(thread_id, ns, checkpoint_id),
+            checkpoint=checkpoint,
+            metadata=json.loads(metadata),
+            parent_config=_config(thread_id, ns, parent) if parent else None,
+            pending_writes=[(task_id, channel, self.serde.loads_typed(
+                (type_, bytes(value or b"")))) for task_id, channel, type_, value, _, _ in writes],
+        )
+
+    # -- writes -------------------------------------------------------------------------
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint,
+            metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        """Store a checkpoint, the values of the channels in ``new_versions`` and its
+        metadata; ``config``'s ``checkpoint_id`` is its parent.
+
+        :returns: the config naming the stored checkpoint.
+        :raises InvalidArgument: no ``thread_id``, or a checkpoint without an ``id``.
+        :raises InvalidArgumentType: metadata that is not JSON-serializable, or an
+            argument of the wrong type.
+        """
+        conf = _configurable(config)
+        thread_id, ns, parent = _thread_id(conf), _ns(conf), _checkpoint_id(conf)
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("id"), str) \
+                or not checkpoint["id"]:
+            raise InvalidArgument("checkpoint must be a Checkpoint dict with a non-empty "
+                                  "'id' (str)")
+        if not isinstance(new_versions, Mapping):
+            raise InvalidArgumentType("new_versions must be a dict of channel versions")
+        stored = dict(checkpoint)
+        values = stored.pop("channel_values", None) or {}
+        versions = {str(k): str(v) for k, v in (stored.get("channel_versions") or {}).items()}
+        blobs = [(thread_id, ns, channel, str(version),
+                  *(self.serde.dumps_typed(values[channel]) if channel in values
+                    else ("empty", None)))
+                 for channel, version in new_versions.items()]
+        meta = get_serializable_checkpoint_metadata(config, metadata)
+        try:
+            meta_json = json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentType(f"checkpoint metadata must be JSON-serializable: "
+                                      f"{exc}") from None
+        run_id = meta.get("run_id")
+        row = (thread_id, ns, checkpoint["id"], parent, *self.serde.dumps_typed(stored),
+               meta_json, json.dumps(versions))
+        sql = self.db._sql
+        self.db._execute_write(lambda conn: q.put_checkpoint(
+            conn, sql, self.source, row, None if run_id is None else str(run_id), blobs))
+        return _config(thread_id, ns, checkpoint["id"])
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                   task_id: str, task_path: str = "") -> None:
+        """Store a task's pending writes on the checkpoint ``config`` names.
+
+        :raises InvalidArgument: no ``thread_id`` or ``checkpoint_id`` in ``config``.
+        :raises InvalidArgumentType: a write is not a ``(channel, value)`` pair.
+        """
+        conf = _configurable(config)
+        thread_id, ns, checkpoint_id = _thread_id(conf), _ns(conf), _checkpoint_id(conf)
+        if checkpoint_id is None:
+            raise InvalidArgument("put_writes needs config['configurable']['checkpoint_id']: "
+                                  "the checkpoint the writes belong to")
+        task_id = check_id("task_id", task_id)
+        task_path = check_text("task_path", task_path) or ""
+        rows = []
+        for idx, write in enumerate(writes):
+            if not isinstance(write, (tuple, list)) or len(write) != 2 \
+                    or not isinstance(write[0], str):
+                raise InvalidArgumentType(f"writes[{idx}] must be a (channel, value) pair "
+                                          "with a str channel")
+            channel, value = write
+            rows.append((thread_id, ns, checkpoint_id, task_id,
+                         WRITES_IDX_MAP.get(channel, idx), channel,
+                         *self.serde.dumps_typed(value), task_path))
+        if not rows:
+            return
+        replace = all(row[5] in WRITES_IDX_MAP for row in rows)
+        sql = self.db._sql
+        self.db._execute_write(lambda conn: q.put_writes(conn, sql, self.source, thread_id,
+                                                         rows, replace))
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Delete the thread's checkpoints and writes, in every namespace, and its
+        session if the saver created it and it holds nothing else (no message, no child
+        session); a thread that does not exist is no error."""
+        thread_id = _id("thread_id", thread_id)
+        sql = self.db._sql
+        self.db._execute_write(lambda conn: q.delete_thread(conn, sql, self.source,
+                                                            thread_id))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint (all namespaces, the whole parent chain) and pending
+        write of one thread to another, in one transaction; rows the target already has
+        are kept. A source with no checkpoints copies nothing (and creates no session)."""
+        source_id = _id("source_thread_id", source_thread_id)
+        target_id = _id("target_thread_id", target_thread_id)
+        sql = self.db._sql
+        self.db._execute_write(lambda conn: q.copy_thread(conn, sql, self.source,
+                                                          source_id, target_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints whose metadata ``run_id`` is one of ``run_ids``, with
+        their writes (LangGraph's DeltaChannel warning applies: a live thread's delta
+        channels rebuilt from them lose those writes)."""
+        runs = _ids("run_ids", run_ids)
+        if runs:
+            sql = self.db._sql
+            self.db._execute_write(lambda conn: q.delete_for_runs(conn, sql, runs))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """``"keep_latest"``: keep each namespace's latest checkpoint of each thread (and
+        the ancestors its delta channels are rebuilt from, if any); ``"delete"``: delete
+        the threads as :meth:`delete_thread` does. One transaction per thread.
+
+        :raises InvalidArgument: an unknown strategy.
+        """
+        threads = _ids("thread_ids", thread_ids)
+        if strategy not in _STRATEGIES:
+            raise InvalidArgument(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        sql = self.db._sql
+        for thread_id in threads:
+            if strategy == "delete":
+                self.db._execute_write(lambda conn: q.delete_thread(
+                    conn, sql, self.source, thread_id))
+            else:
+                self.db._execute_write(lambda conn: q.keep_latest(conn, sql, thread_id))
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """The next version of a channel: the count, then a random part, so that two
+        forks of one checkpoint never give one version two values (as LangGraph's own
+        savers do)."""
+        if current is None:
+            number = 0
+        elif isinstance(current, int):
+            number = current
+        else:
+            number = int(str(current).split(".")[0])
+        return f"{number + 1:032}.{random.random():016}"
+
+    # -- the coroutines: the same calls on the worker threads ---------------------------
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._worker.submit(fn, *args))
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """:meth:`get_tuple`, off the event loop."""
+        return await self._off_loop(self.get_tuple, config)
+
+    async def alist(self, config: RunnableConfig | None, *,
+                    filter: dict[str, Any] | None = None,
+                    before: RunnableConfig | None = None, limit: int | None = None
+                    ) -> AsyncIterator[CheckpointTuple]:
+        """:meth:`list`, each page read off the event loop."""
+        query = self._query(config, filter, before, limit)
+        while not query.done:
+            for item in await self._off_loop(self._next_page, query):
+                yield item
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions
+                   ) -> RunnableConfig:
+        """:meth:`put`, off the event loop."""
+        return await self._off_loop(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        """:meth:`put_writes`, off the event loop."""
+        await self._off_loop(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """:meth:`delete_thread`, off the event loop."""
+        await self._off_loop(self.delete_thread, thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """:meth:`copy_thread`, off the event loop."""
+        await self._off_loop(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """:meth:`delete_for_runs`, off the event loop."""
+        await self._off_loop(self.delete_for_runs, run_ids)
+
+    async def aprune(self, thread_ids: Sequence[str], *,
+                     strategy: str = "keep_latest") -> None:
+        """:meth:`prune`, off the event loop."""
+        await self._off_loop(lambda: self.prune(thread_ids, strategy=strategy))
+
+
+# -- configs (pure functions) ---------------------------------------------------------
+
+def _configurable(config: Any) -> Mapping[str, Any]:
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentType("config must be a dict (a RunnableConfig), not "
+                                  f"{type(config).__name__}")
+    conf = config.get("configurable")
+    if conf is None:
+        return {}
+    if not isinstance(conf, Mapping):
+        raise InvalidArgumentType("config['configurable'] must be a dict, not "
+                                  f"{type(conf).__name__}")
+    return conf
+
+
+def _id(name: str, value: Any) -> str:
+    """A thread or run id: a str, or an int or UUID taken as its text (LangGraph's
+    examples use both)."""
+    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
+        value = str(value)
+    return check_id(name, value)
+
+
+def _ids(name: str, values: Any) -> list[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, set, frozenset)):
+        raise InvalidArgumentType(f"{name} must be a list of ids, not "
+                                  f"{type(values).__name__}")
+    return [_id(name, v) for v in values]
+
+
+def _thread_id(conf: Mapping[str, Any], required: bool = True) -> str | None:
+    if conf.get("thread_id") is None:
+        if not required:
+            return None
+        raise InvalidArgument("config['configurable']['thread_id'] is required: the "
+                              "thread to checkpoint, e.g. {'configurable': {'thread_id': "
+                              "'chat-1'}}")
+    return _id("thread_id", conf["thread_id"])
+
+
+def _ns(conf: Mapping[str, Any], default: str | None = "") -> str | None:
+    value = check_text("checkpoint_ns", conf.get("checkpoint_ns"))
+    return default if value is None else value
+
+
+def _checkpoint_id(conf: Mapping[str, Any]) -> str | None:
+    return check_text("checkpoint_id", conf.get("checkpoint_id")) or None
+
+
+def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": checkpoint_id}}
+
+
+def _matches(metadata: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Every item of ``wanted`` is in ``metadata`` (equal values), as LangGraph's
+    in-memory saver filters."""
+    return all(metadata.get(key) == value for key, value in wanted.items())

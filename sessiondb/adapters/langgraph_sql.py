@@ -69,6 +69,20 @@ TABLES = AdapterTables("langgraph", 1, {
 #: item on both databases), and a JSON object column as rows ``j.key``, ``j.value``.
 _ELEMENTS = {"sqlite": "json_each(?) AS j", "postgresql": "json_array_elements(?::json) AS j"}
 _EACH = {"sqlite": "json_each({}) AS j", "postgresql": "json_each_text({}::json) AS j"}
+#: The blobs named by a JSON array of ``[channel, version]`` pairs, one primary key
+#: lookup per pair however many versions the thread has. SQLite's CROSS JOIN keeps the
+#: pairs in the outer loop; PostgreSQL would hash all the thread's blobs instead (it
+#: guesses 100 pairs), unless each lookup is a LATERAL subquery it cannot flatten
+#: (LIMIT 1: a pair names one row).
+_BLOB_MATCH = ("thread_id = ? AND {b}checkpoint_ns = ? AND {b}channel = j.value ->> 0 "
+               "AND {b}version = j.value ->> 1")
+_BLOBS = {
+    "sqlite": "SELECT b.channel, b.version, b.type, b.blob FROM json_each(?) AS j "
+              "CROSS JOIN langgraph_blobs AS b WHERE b." + _BLOB_MATCH.format(b="b."),
+    "postgresql": "SELECT b.* FROM json_array_elements(?::json) AS j CROSS JOIN LATERAL "
+                  "(SELECT channel, version, type, blob FROM langgraph_blobs WHERE "
+                  + _BLOB_MATCH.format(b="") + " LIMIT 1) AS b",
+}
 
 _CHECKPOINT_COLUMNS = ("thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, "
                        "type, checkpoint, metadata, channel_versions")
@@ -303,18 +317,19 @@ def load(conn: Conn, sql: Dialect, rows: Iterable[CheckpointRow]) -> Loaded:
     for (thread_id, ns), (pairs, ids) in series.items():
         wanted = sorted(pairs)
         for start in range(0, len(wanted), _PAIRS_PER_QUERY):
-            # The pairs drive the join (CROSS JOIN keeps them outside on SQLite): one
-            # primary key lookup each, however many versions the thread has.
+            chunk = json.dumps(wanted[start:start + _PAIRS_PER_QUERY])
             for channel, version, type_, blob in conn.execute(
-                    "SELECT b.channel, b.version, b.type, b.blob FROM "
-                    f"{_ELEMENTS[sql.name]} CROSS JOIN langgraph_blobs b WHERE "
-                    "b.thread_id = ? AND b.checkpoint_ns = ? AND b.channel = j.value ->> 0 "
-                    "AND b.version = j.value ->> 1",
-                    (json.dumps(wanted[start:start + _PAIRS_PER_QUERY]), thread_id, ns)):
+                    _BLOBS[sql.name], (chunk, thread_id, ns)):
                 loaded.blobs[(thread_id, ns, channel, version)] = (type_, blob)
+        # A range of the primary key (the page's ids are a slice of the thread's in
+        # this order), then the page's own: an IN list read every write of the thread
+        # on PostgreSQL, which hashes the list.
+        chosen = set(ids)
         for checkpoint_id, *write in conn.execute(
                 "SELECT checkpoint_id, task_id, channel, type, blob, task_path, idx FROM "
                 "langgraph_writes WHERE thread_id = ? AND checkpoint_ns = ? AND "
-                f"checkpoint_id IN {sql.in_list}", (thread_id, ns, sql.list_arg(ids))):
-            loaded.writes.setdefault((thread_id, ns, checkpoint_id), []).append(tuple(write))
+                "checkpoint_id BETWEEN ? AND ?", (thread_id, ns, min(ids), max(ids))):
+            if checkpoint_id in chosen:
+                loaded.writes.setdefault((thread_id, ns, checkpoint_id), []).append(
+                    tuple(write))
     return loaded

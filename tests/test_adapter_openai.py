@@ -396,19 +396,21 @@ def test_a_cancelled_add_returns_only_once_its_write_has_settled(
 
 # -- under the SDK's Runner ---------------------------------------------------------------
 
-def test_a_runner_stores_the_conversation_and_feeds_it_back(
-        db: SessionDB, session: SessionDBSession) -> None:
-    from agents import Agent, Runner, set_tracing_disabled
+def canned_model(outputs: list[Any]) -> Any:
+    """A model of the SDK's ``Model`` interface that answers the n-th call with
+    ``outputs[n]`` (a str: an assistant message; a dict: a function call) and records
+    each call's input. The SDK has no network here, and needs none."""
+    from agents import set_tracing_disabled
     from agents.items import ModelResponse
     from agents.models.interface import Model
     from agents.usage import Usage
-    from openai.types.responses import ResponseOutputMessage, ResponseOutputText
+    from openai.types.responses import (
+        ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText,
+    )
 
     set_tracing_disabled(True)
 
     class CannedModel(Model):
-        """Answers "reply <n>" to the n-th call and records each call's input."""
-
         def __init__(self) -> None:
             self.inputs: list[Any] = []
 
@@ -417,30 +419,74 @@ def test_a_runner_stores_the_conversation_and_feeds_it_back(
                                conversation_id, prompt, **kwargs) -> ModelResponse:
             self.inputs.append(input)
             n = len(self.inputs)
-            text = ResponseOutputText(type="output_text", text=f"reply {n}", annotations=[])
-            message = ResponseOutputMessage(id=f"msg_{n}", type="message", role="assistant",
-                                            status="completed", content=[text])
-            return ModelResponse(output=[message], usage=Usage(), response_id=None)
+            out = outputs[n - 1]
+            if isinstance(out, dict):
+                item: Any = ResponseFunctionToolCall(type="function_call", **out)
+            else:
+                text = ResponseOutputText(type="output_text", text=out, annotations=[])
+                item = ResponseOutputMessage(id=f"msg_{n}", type="message",
+                                             role="assistant", status="completed",
+                                             content=[text])
+            return ModelResponse(output=[item], usage=Usage(), response_id=None)
 
         def stream_response(self, *args, **kwargs):
             raise NotImplementedError
 
-    model = CannedModel()
+    return CannedModel()
+
+
+def test_a_runner_stores_the_conversation_and_feeds_it_back(
+        db: SessionDB, session: SessionDBSession) -> None:
+    from agents import Agent, RunConfig, Runner, SessionSettings
+
+    model = canned_model(["reply 1", "reply 2", "reply 3"])
     agent = Agent(name="assistant", instructions="Be brief.", model=model)
 
-    async def main() -> tuple[Any, Any]:
+    async def main() -> list[Any]:
         first = await Runner.run(agent, "hi", session=session)
         second = await Runner.run(agent, "and again", session=session)
-        return first.final_output, second.final_output
+        limited = RunConfig(session_settings=SessionSettings(limit=2))
+        third = await Runner.run(agent, "last", session=session, run_config=limited)
+        return [first.final_output, second.final_output, third.final_output]
 
-    assert run(main()) == ("reply 1", "reply 2")
-    expected = [user("hi"), assistant("reply 1"), user("and again"), assistant("reply 2", 2)]
+    assert run(main()) == ["reply 1", "reply 2", "reply 3"]
+    expected = [user("hi"), assistant("reply 1"), user("and again"), assistant("reply 2", 2),
+                user("last"), assistant("reply 3", 3)]
     assert run(session.get_items()) == expected
     assert model.inputs[0] == [user("hi")]
     assert model.inputs[1] == expected[:3]  # the stored conversation, fed back
+    assert model.inputs[2] == expected[2:5]  # the run's limit: the latest 2 items
     assert [m["content"] for m in db.get_messages(SID)] == [
-        "hi", "reply 1", "and again", "reply 2"]
-    assert counters(db) == (4, 0)
+        "hi", "reply 1", "and again", "reply 2", "last", "reply 3"]
+    assert counters(db) == (6, 0)
+
+
+def test_a_runner_turn_with_a_tool_call_counts_the_call(
+        db: SessionDB, session: SessionDBSession) -> None:
+    from agents import Agent, Runner, function_tool
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    call = {"call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}',
+            "id": "fc_1"}
+    model = canned_model([call, "It is sunny in Paris."])
+    agent = Agent(name="assistant", model=model, tools=[get_weather])
+    assert run(Runner.run(agent, "Weather in Paris?", session=session)).final_output == (
+        "It is sunny in Paris.")
+    messages = db.get_messages(SID)
+    assert [m["role"] for m in messages] == [
+        "user", "function_call", "function_call_output", "assistant"]
+    assert [m["content"] for m in messages] == [
+        "Weather in Paris?", '{"city": "Paris"}', "sunny in Paris", "It is sunny in Paris."]
+    assert (messages[1]["tool_name"], messages[1]["tool_call_id"]) == ("get_weather",
+                                                                      "call_1")
+    assert counters(db) == (4, 1) and rows_match_counters(db)
+    assert model.inputs[1] == [m["metadata"][ITEM_KEY] for m in messages[:3]]
+    assert {h["role"] for h in db.search_messages("sunny", session_id=SID)} == {
+        "function_call_output", "assistant"}
 
 
 # -- many processes -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import asyncio
 import json
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from ..aio import AsyncSessionDB
 from ..backend import Conn, rows as _rows
@@ -64,7 +64,7 @@ __all__ = ["SessionDBSession", "ITEM_KEY", "SOURCE"]
 ITEM_KEY = "openai_agents_item"
 #: The ``source`` of the sessions this adapter creates, unless told otherwise.
 SOURCE = "openai-agents"
-_MAX_ROLE = 100  # a longer role or type is a label nobody reads; "item" stands in
+_MAX_LABEL = 100  # a longer role, type, name or call id is no label: left out
 _NO_LIMIT = 2**63 - 1  # LIMIT for "all": SQLite and PostgreSQL both take a 64-bit one
 
 T = TypeVar("T")
@@ -154,6 +154,7 @@ class SessionDBSession:
         :raises InvalidArgument: a negative limit.
         :raises InvalidArgumentType: a limit that is not an int.
         """
+        self._check_open()
         if limit is None and self._settings is not None:  # the SDK's rule
             limit = self._settings.limit
         count = _check_limit(limit)
@@ -161,7 +162,7 @@ class SessionDBSession:
             return []
         return await self._call(_latest, self.session_id, count)
 
-    async def add_items(self, items: Sequence[Item]) -> None:
+    async def add_items(self, items: list[Item]) -> None:
         """Append ``items`` at the end of the conversation, in order, in one write
         transaction: all of them or, on any error, none. Creates the session first if
         it does not exist; an empty list writes nothing.
@@ -169,7 +170,7 @@ class SessionDBSession:
         :raises InvalidArgumentType: ``items`` is not a list, an item is not a dict or
             is not JSON-serializable (NaN included); nothing was added.
         """
-        if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
+        if not isinstance(items, (list, tuple)):
             raise InvalidArgumentType(f"items must be a list of dicts, not "
                                       f"{type(items).__name__}")
         items = list(items)  # this list, as it is now
@@ -320,7 +321,7 @@ def _clean(text: str) -> str:
 
 def _label(value: Any) -> str | None:
     """A short text field (role, type, name, call id), or None if there is none."""
-    if not isinstance(value, str) or not value or len(value) > _MAX_ROLE:
+    if not isinstance(value, str) or not value or len(value) > _MAX_LABEL:
         return None
     return _clean(value) or None
 

@@ -9,8 +9,9 @@ import asyncio
 import json
 import multiprocessing as mp
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -329,10 +330,13 @@ def test_an_async_store_is_used_through_its_worker_thread(db_path: Any) -> None:
     assert run(main()) == [[user("a1")], [user("b1")]]
 
 
-def hold_session_lock(db_path: Any, held: threading.Event, release: threading.Event,
-                      holding: list[bool]) -> threading.Thread:
-    """A thread whose own store holds a write of the conversation open until ``release``
-    (at most 5 s): writes of the same conversation wait for it, on every backend."""
+@contextmanager
+def conversation_held(db_path: Any) -> Iterator[tuple[threading.Event, list[bool]]]:
+    """While the block runs, another store holds a write of the conversation open (until
+    ``release`` is set, at most 5 s; ``holding[0]`` says whether it still does): writes
+    of the same conversation wait for it, on every backend."""
+    held, release, holding = threading.Event(), threading.Event(), [False]
+
     def hold() -> None:
         with SessionDB(db_path) as other:
             other.create_session(SID, "openai-agents")
@@ -345,16 +349,17 @@ def hold_session_lock(db_path: Any, held: threading.Event, release: threading.Ev
 
     thread = threading.Thread(target=hold)
     thread.start()
-    assert held.wait(timeout=30)
-    return thread
+    try:
+        assert held.wait(timeout=30)
+        yield release, holding
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_a_write_waiting_for_the_lock_never_blocks_the_event_loop(
         db_path: Any, session: SessionDBSession) -> None:
-    held, release, holding = threading.Event(), threading.Event(), [False]
-    thread = hold_session_lock(db_path, held, release, holding)
-
-    async def main() -> bool:
+    async def main(release: threading.Event, holding: list[bool]) -> bool:
         task = asyncio.create_task(session.add_items([user("mine")]))
         await asyncio.sleep(0.2)  # the loop runs on while the write waits
         loop_ran_while_held = holding[0] and not task.done()
@@ -362,20 +367,14 @@ def test_a_write_waiting_for_the_lock_never_blocks_the_event_loop(
         await task
         return loop_ran_while_held
 
-    try:
-        assert run(main())
-    finally:
-        release.set()
-        thread.join()
+    with conversation_held(db_path) as (release, holding):
+        assert run(main(release, holding))
     assert run(session.get_items()) == [{"role": "user", "content": "held"}, user("mine")]
 
 
 def test_a_cancelled_add_returns_only_once_its_write_has_settled(
         db_path: Any, session: SessionDBSession) -> None:
-    held, release, holding = threading.Event(), threading.Event(), [False]
-    thread = hold_session_lock(db_path, held, release, holding)
-
-    async def main() -> None:
+    async def main(release: threading.Event) -> None:
         task = asyncio.create_task(session.add_items([user("mine")]))
         await asyncio.sleep(0.1)
         task.cancel()
@@ -385,11 +384,8 @@ def test_a_cancelled_add_returns_only_once_its_write_has_settled(
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    try:
-        run(main())
-    finally:
-        release.set()
-        thread.join()
+    with conversation_held(db_path) as (release, _):
+        run(main(release))
     # The write went through: the caller was told "cancelled" only after it committed.
     assert run(session.get_items())[-1] == user("mine")
 

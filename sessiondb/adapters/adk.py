@@ -49,7 +49,7 @@ from google.adk.sessions.state import State
 from ..aio import AsyncSessionDB
 from ..errors import ClosedError, InvalidArgumentType
 from ..store import SessionDB
-from ..text import check_id, check_text
+from ..text import MAX_ID_LENGTH, check_id, check_text
 from . import adk_store
 from .adk_errors import AdkAlreadyExists, AdkSessionNotFound, StaleSession
 
@@ -136,8 +136,7 @@ class SessionDBSessionService(BaseSessionService):
         app_name, user_id = _owner(app_name, user_id)
         if state is not None and not isinstance(state, dict):
             raise InvalidArgumentType(f"state must be a dict, not {type(state).__name__}")
-        session_id = _session_id(session_id) if session_id else None
-        session_id = session_id or platform_uuid.new_uuid()
+        session_id = _new_id(session_id)
         deltas = _session_util.extract_json_safe_state_delta(state or {})
         now = platform_time.get_time()
         return await self._call(lambda db: _session(adk_store.create(
@@ -149,8 +148,10 @@ class SessionDBSessionService(BaseSessionService):
         ``num_recent_events``, only those stamped at or after ``after_timestamp``), and
         its state merged with the shared states; None if this app and user have none."""
         app_name, user_id = _owner(app_name, user_id)
-        session_id = _session_id(session_id)
+        session_id = _lookup_id(session_id)
         config = config or GetSessionConfig()
+        if session_id is None:
+            return None
         return await self._call(lambda db: _session(adk_store.get(
             db, app_name, user_id, session_id, config.num_recent_events,
             config.after_timestamp)))
@@ -168,8 +169,9 @@ class SessionDBSessionService(BaseSessionService):
         """Delete the session with its events (a session this app and user do not have:
         nothing happens)."""
         app_name, user_id = _owner(app_name, user_id)
-        session_id = _session_id(session_id)
-        await self._call(lambda db: adk_store.delete(db, app_name, user_id, session_id))
+        session_id = _lookup_id(session_id)
+        if session_id is not None:
+            await self._call(lambda db: adk_store.delete(db, app_name, user_id, session_id))
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The state shared by the app's sessions of this user, keys without ``user:``."""
@@ -224,10 +226,18 @@ def _owner(app_name: Any, user_id: Any) -> tuple[str, str]:
             check_text("user_id", user_id, optional=False))
 
 
-def _session_id(session_id: Any) -> str:
-    """A session id as ADK's services take it: surrounding blanks stripped."""
-    return check_id("session_id", check_text("session_id", session_id,
-                                             optional=False).strip())
+def _new_id(session_id: Any) -> str:
+    """A new session's id as ADK's services take it: surrounding blanks stripped, and
+    generated when none (or only blanks) is given."""
+    stripped = (check_text("session_id", session_id) or "").strip()
+    return check_id("session_id", stripped or platform_uuid.new_uuid())
+
+
+def _lookup_id(session_id: Any) -> str | None:
+    """The id to look a session up by (blanks stripped); None for one no session can
+    have (empty, or longer than any stored id): such a session is simply not found."""
+    stripped = check_text("session_id", session_id, optional=False).strip()
+    return stripped if 0 < len(stripped) <= MAX_ID_LENGTH else None
 
 
 def _session(stored: adk_store.Stored | None) -> Session | None:

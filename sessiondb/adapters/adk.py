@@ -18,8 +18,8 @@ stored, events read back as they were appended), with three differences:
   check outside any lock); a stale append raises
   :class:`~sessiondb.adapters.adk_errors.StaleSession`, which is both sessiondb's
   ``StaleRevision`` and ADK's ``StaleSessionError``, and writes nothing;
-- events come back in the order they were appended (ADK's services sort them by their
-  timestamps, which processes stamp before they append);
+- events come back in the order they were appended (ADK's SQLite and database services
+  sort them by their timestamps, which each process stamps before it appends);
 - a session id is unique in the whole store, not per app and user (see
   :mod:`sessiondb.adapters.adk_store`, which also says what is stored where).
 

@@ -294,6 +294,7 @@ class TestSessionDB(PersistentContract):
                 if ticks == 5:
                     release.set()  # the loop ran while the append waited for the lock
             await append
+            release.set()
             holder.join()
             return ticks
 

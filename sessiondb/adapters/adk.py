@@ -187,6 +187,10 @@ class SessionDBSessionService(BaseSessionService):
         An event already stored in the session with the same content is not stored
         again (and ``session`` is left as it is).
 
+        A cancelled call that has started still completes its write on its thread;
+        ``session`` is then behind the store, and the next append with it is refused
+        as stale (nothing is lost or written twice).
+
         :raises StaleSession: someone appended since ``session`` was read (also ADK's
             ``StaleSessionError``, a ``ValueError``); nothing was written and neither
             ``session`` nor ``event`` was changed: read the session again and retry.

@@ -6,10 +6,12 @@ What is stored where:
 
 - an ADK session *is* a sessiondb session, with the same id, the service's ``source``
   (``"adk"``) and the ADK user id in ``user_id``: ``sessiondb list``, ``show``,
-  ``search``, export and ``delete_session`` see it;
+  ``search``, export and ``delete_session`` see it, and ``prune_sessions`` once it is
+  ended (ADK never ends a session: ``end_session`` it when done with it);
 - each persisted event is a message of it: ``role`` ``user`` (an event by the user),
   ``tool`` (function responses) or ``assistant`` (anything else an agent wrote),
-  ``content`` the text of its parts (what search finds), ``tool_calls`` its function
+  ``content`` the text of its parts and the JSON result of its function responses
+  (what search finds and a transcript shows), ``tool_calls`` its function
   calls (so ``tool_call_count`` counts them), ``tool_name``/``tool_call_id`` of its
   first function response, ``timestamp`` the event's, and ``metadata`` the event's JSON
   exactly as ADK's own services store it (``model_dump_json(exclude_none=True)``), which
@@ -29,9 +31,10 @@ appending to or deleting it under another app or user finds no session. Rejected
 composite id (``app/user/id``), which every CLI command and log line would then have to
 spell out.
 
-Revisions: ``adk_sessions.revision`` grows by one with every append; a ``Session``
-object carries the revision it was read at (``_storage_update_marker``, the field ADK
-keeps for exactly this), and :func:`append` compares it inside the same write
+Revisions: ``adk_sessions.revision`` grows by one with every append (the sessiondb
+session's own ``revision`` counts changes to its fields, which appends are not). A
+``Session`` object carries the revision it was read at (``_storage_update_marker``, the
+field ADK keeps for exactly this), and :func:`append` compares it inside the same write
 transaction that appends, under the session's lock, so two processes can neither both
 pass the check nor interleave. ``update_time`` strictly increases too (the event's
 time, or a microsecond past the previous update if that is later), so a ``Session``

@@ -242,15 +242,18 @@ class PersistentContract(ServiceContract):
 
         run(body())
 
-    def test_a_stale_session_is_refused_and_nothing_written(self, service) -> None:
+    def test_a_stale_session_is_refused_and_nothing_written(self, service,
+                                                            open_service) -> None:
+        other = open_service()  # another process's service, in effect
+
         async def body() -> None:
             await service.create_session(app_name=APP, user_id="u1", session_id="s")
             mine = await service.get_session(app_name=APP, user_id="u1", session_id="s")
-            theirs = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            theirs = await other.get_session(app_name=APP, user_id="u1", session_id="s")
             await service.append_event(mine, said("user", "first"))
             late = said("user", "second", actions=EventActions(state_delta={"k": 1}))
             with pytest.raises(StaleSessionError) as caught:
-                await service.append_event(theirs, late)
+                await other.append_event(theirs, late)
             assert isinstance(caught.value, ValueError)
             got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
             assert texts(got) == ["first"] and got.state == {}

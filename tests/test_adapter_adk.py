@@ -32,7 +32,7 @@ from google.genai import types
 from pydantic import Field
 
 from sessiondb import AsyncSessionDB, SessionDB
-from sessiondb.adapters.adk import SessionDBSessionService
+from sessiondb.adapters.adk import SessionDBSessionService, StaleSession
 from sessiondb.bench import fw_adk
 from sessiondb.bench.frameworks import run_case
 from sessiondb.errors import (
@@ -159,6 +159,42 @@ class TestSessionDB(PersistentContract):
         run(body())
         assert db.get_session("s")["message_count"] == 2
         assert [m["content"] for m in db.get_messages("s")] == ["first", "late"]
+
+    def test_the_check_is_made_under_the_sessions_lock(self, service, db_path) -> None:
+        # Another instance holds the session's lock while it moves the revision (what a
+        # concurrent append does); an append made meanwhile with an object read before
+        # waits for the lock, then finds the new revision: refused, not interleaved.
+        held, release = threading.Event(), threading.Event()
+
+        def bump(conn) -> None:
+            other._sql.lock(conn, "session:s")
+            conn.execute("UPDATE adk_sessions SET revision = revision + 1 WHERE "
+                         "session_id = 's'")
+
+        def concurrent_append() -> None:
+            with other.transaction():
+                other._execute_write(bump)
+                held.set()
+                release.wait(10)
+
+        async def body() -> None:
+            session = await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            holder = threading.Thread(target=concurrent_append)
+            holder.start()
+            held.wait(10)
+            append = asyncio.create_task(service.append_event(session, said("user", "hi")))
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            waited = not append.done()
+            release.set()
+            holder.join()
+            with pytest.raises(StaleSession) as caught:
+                await append
+            assert waited and (caught.value.expected, caught.value.actual) == (0, 1)
+
+        with SessionDB(db_path) as other:
+            run(body())
+            assert other.message_count() == 0
 
     def test_a_session_object_from_elsewhere_is_checked_by_its_update_time(
             self, service) -> None:

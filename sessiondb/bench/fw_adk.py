@@ -5,18 +5,19 @@ append events to one ADK session at once, through sessiondb's session service
 on a file.
 
 Each writer reads the session once, then appends ``count`` events, each tagged with its
-writer, its sequence number, the id of the last event its ``Session`` object held and
-its attempt. An append refused as stale (``StaleSessionError``: another writer appended
-since this object was read) is met as an ADK app would meet it: read the session again
-and append the same event to the new object, as often as it takes (a re-read loads the
-last :data:`RECENT` events, the context of a turn). Any other error counts as a failed
-write and the writer goes on with its next event. Every append's time is recorded, a
-refused one included.
+writer, its sequence number, its attempt and the ids of the last three events its
+``Session`` object held. An append refused as stale (``StaleSessionError``: another
+writer appended since this object was read) is met as an ADK app would meet it: read the
+session again and append the event to the new object, stamped anew (a retried append is
+a new write: ADK's SQLite service orders events by these stamps), as often as it takes;
+a re-read loads the last :data:`RECENT` events, the context of a turn. Any other error
+counts as a failed write and the writer goes on with its next event. Every append's
+time is recorded, a refused one included.
 
 Besides the table's figures, :func:`details` reads from the session how many appends
-were refused as stale and retried, and how many events were appended by a writer that
-had not seen the event stored just before them (``interleaved``: a stale ``Session``
-that a check made outside the write let through).
+were refused as stale and retried, and how many events were appended by a writer whose
+``Session`` had not seen the event stored just before them (``interleaved``: a stale
+object that a check made outside the write let through).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ async def _work(backend: str, target: str, writer: int, count: int) -> dict[str,
                         if session is None:
                             raise LookupError("the session is gone")
                     attempt += 1
+                    event.timestamp = time.time()
                     event.custom_metadata.update(
-                        prev=session.events[-1].id if session.events else None,
-                        attempt=attempt)
+                        seen=[e.id for e in session.events[-3:]], attempt=attempt)
                     started = time.monotonic()
                     try:
                         await service.append_event(session, event)
@@ -189,5 +190,5 @@ def details(backend: str, target: str) -> dict[str, int]:
     for before, event in zip([None] + events[:-1], events):
         meta = event.custom_metadata or {}
         retries += max(0, meta.get("attempt", 1) - 1)
-        interleaved += meta.get("prev") != (before.id if before else None)
+        interleaved += before is not None and before.id not in meta.get("seen", ())
     return {"events": len(events), "stale_retries": retries, "interleaved": interleaved}

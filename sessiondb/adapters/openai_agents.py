@@ -14,10 +14,12 @@ that adds something, so ``sessiondb list``, ``show``, ``search``, export and pru
 on it. Each item is one message, in the order added:
 
 - ``role``: the item's ``role`` (``user``, ``assistant``, ``system``, ``developer``), or
-  else its ``type`` (``function_call``, ``function_call_output``, ``reasoning``, ...);
+  else its ``type`` (``function_call``, ``function_call_output``, ``reasoning``, ...),
+  else ``item``;
 - ``content``: the item's text, for search and display: a string ``content``, else the
   text of its parts joined by newlines (``content``, ``output``, ``summary``), else a
-  function call's ``arguments``; NUL characters and lone surrogates are left out of it;
+  function call's ``arguments``; with NUL characters dropped and lone surrogates
+  replaced by ``?`` (text that every backend stores; the item's JSON keeps them);
 - ``tool_name`` and ``tool_call_id``: the item's ``name`` and ``call_id``;
   ``tool_calls``: for a call item (its type ends in ``_call``), one entry
   ``{"type", "id", "name"}``, so the session's ``tool_call_count`` counts the calls;
@@ -151,7 +153,9 @@ class SessionDBSession:
         :param limit: how many of the latest items; None means
             ``session_settings.limit`` (None there too: all); 0 gives ``[]``.
         :returns: the items, each equal to the dict that was added.
-        :raises InvalidArgument: a negative limit.
+        :raises InvalidArgument: a negative limit (the SDK's ``SQLiteSession`` returns
+            every item then, by SQLite's reading of ``LIMIT -1``; its other backends
+            differ, so it is refused here rather than guessed).
         :raises InvalidArgumentType: a limit that is not an int.
         """
         self._check_open()
@@ -267,6 +271,8 @@ def _clear(db: SessionDB, session_id: str) -> None:
 
 def _message(index: int, item: Item) -> dict[str, Any]:
     """The ``append_message`` arguments of one item (see the module docstring)."""
+    # Encoded here once more, before any write, for an error that names the item:
+    # append_message's own would come from inside the transaction and speak of metadata.
     try:
         json.dumps(item, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:

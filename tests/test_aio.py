@@ -140,6 +140,8 @@ SCRIPT: list[tuple[str, tuple, dict]] = [
     ("export_all", (), {}),
     ("import_sessions", ({"id": "imported", "source": "cli", "started_at": 5.0},), {}),
     ("import_sessions", ({"id": "imported", "source": "cli", "started_at": 5.0},), {}),
+    ("pop_message", ("child",), {}),
+    ("pop_message", ("ghost",), {}),
     ("clear_messages", ("child",), {}),
     ("delete_session", ("root",), {}),
     ("delete_session", ("child",), {}),

@@ -33,9 +33,9 @@ from typing import Any, Iterable, Sequence
 from ..backend import Conn, Dialect, fetch, first
 from .tables import AdapterTables
 
-__all__ = ["TABLES", "CheckpointRow", "Loaded", "ensure_thread", "put_checkpoint",
-           "put_writes", "delete_thread", "copy_thread", "delete_for_runs",
-           "keep_latest", "page", "load"]
+__all__ = ["TABLES", "BLOBS", "WRITES_BETWEEN", "CheckpointRow", "Loaded", "ensure_thread",
+           "put_checkpoint", "put_writes", "delete_thread", "copy_thread", "delete_for_runs",
+           "keep_latest", "page", "page_sql", "load"]
 
 
 def _ddl(text: str, blob: str, integer: str) -> tuple[str, ...]:
@@ -76,7 +76,7 @@ _EACH = {"sqlite": "json_each({}) AS j", "postgresql": "json_each_text({}::json)
 #: (LIMIT 1: a pair names one row).
 _BLOB_MATCH = ("thread_id = ? AND {b}checkpoint_ns = ? AND {b}channel = j.value ->> 0 "
                "AND {b}version = j.value ->> 1")
-_BLOBS = {
+BLOBS = {
     "sqlite": "SELECT b.channel, b.version, b.type, b.blob FROM json_each(?) AS j "
               "CROSS JOIN langgraph_blobs AS b WHERE b." + _BLOB_MATCH.format(b="b."),
     "postgresql": "SELECT b.* FROM json_array_elements(?::json) AS j CROSS JOIN LATERAL "
@@ -106,6 +106,10 @@ _PUT_WRITE = (f"INSERT INTO langgraph_writes ({_WRITE_COLUMNS}) VALUES "
 _KEEP_WRITE = _PUT_WRITE + "DO NOTHING"
 _REPLACE_WRITE = (_PUT_WRITE + "DO UPDATE SET channel = excluded.channel, "
                   "type = excluded.type, blob = excluded.blob, task_path = excluded.task_path")
+#: The pending writes of a range of a thread's checkpoints (of one namespace).
+WRITES_BETWEEN = ("SELECT checkpoint_id, task_id, channel, type, blob, task_path, idx FROM "
+                  "langgraph_writes WHERE thread_id = ? AND checkpoint_ns = ? AND "
+                  "checkpoint_id BETWEEN ? AND ?")
 _TABLES = ("langgraph_writes", "langgraph_checkpoints", "langgraph_blobs")
 _PAIRS_PER_QUERY = 500  # (channel, version) pairs per blob query: far below both limits
 
@@ -271,6 +275,14 @@ def page(conn: Conn, *, thread_id: str | None, ns: str | None, checkpoint_id: st
          ) -> list[CheckpointRow]:
     """Up to ``size`` checkpoint rows, newest first (checkpoint id, then thread and
     namespace descending), past the ``after`` row ``(checkpoint_id, thread_id, ns)``."""
+    return fetch(conn, *page_sql(thread_id=thread_id, ns=ns, checkpoint_id=checkpoint_id,
+                                 before=before, after=after, size=size))
+
+
+def page_sql(*, thread_id: str | None, ns: str | None, checkpoint_id: str | None,
+             before: str | None, after: tuple[str, str, str] | None, size: int
+             ) -> tuple[str, list[Any]]:
+    """The statement of :func:`page` and its arguments."""
     where: list[str] = []
     args: list[Any] = []
     for column, value in (("thread_id", thread_id), ("checkpoint_ns", ns),
@@ -290,9 +302,9 @@ def page(conn: Conn, *, thread_id: str | None, ns: str | None, checkpoint_id: st
         args += after
     order = "checkpoint_id DESC" + ("" if one_series else ", thread_id DESC, "
                                                           "checkpoint_ns DESC")
-    return fetch(conn, f"SELECT {_CHECKPOINT_COLUMNS} FROM langgraph_checkpoints"
-                       f"{' WHERE ' + ' AND '.join(where) if where else ''} "
-                       f"ORDER BY {order} LIMIT ?", (*args, size))
+    return (f"SELECT {_CHECKPOINT_COLUMNS} FROM langgraph_checkpoints"
+            f"{' WHERE ' + ' AND '.join(where) if where else ''} "
+            f"ORDER BY {order} LIMIT ?", [*args, size])
 
 
 class Loaded:
@@ -319,16 +331,14 @@ def load(conn: Conn, sql: Dialect, rows: Iterable[CheckpointRow]) -> Loaded:
         for start in range(0, len(wanted), _PAIRS_PER_QUERY):
             chunk = json.dumps(wanted[start:start + _PAIRS_PER_QUERY])
             for channel, version, type_, blob in conn.execute(
-                    _BLOBS[sql.name], (chunk, thread_id, ns)):
+                    BLOBS[sql.name], (chunk, thread_id, ns)):
                 loaded.blobs[(thread_id, ns, channel, version)] = (type_, blob)
         # A range of the primary key (the page's ids are a slice of the thread's in
         # this order), then the page's own: an IN list read every write of the thread
         # on PostgreSQL, which hashes the list.
         chosen = set(ids)
-        for checkpoint_id, *write in conn.execute(
-                "SELECT checkpoint_id, task_id, channel, type, blob, task_path, idx FROM "
-                "langgraph_writes WHERE thread_id = ? AND checkpoint_ns = ? AND "
-                "checkpoint_id BETWEEN ? AND ?", (thread_id, ns, min(ids), max(ids))):
+        for checkpoint_id, *write in conn.execute(WRITES_BETWEEN,
+                                                  (thread_id, ns, min(ids), max(ids))):
             if checkpoint_id in chosen:
                 loaded.writes.setdefault((thread_id, ns, checkpoint_id), []).append(
                     tuple(write))

@@ -28,6 +28,7 @@ checkpoints missing, not failed writes.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -123,11 +124,9 @@ def work(backend: str, target: str, writer: int, count: int) -> dict[str, Any]:
     """``count`` checkpoints of the thread, one after another (see the module docstring)."""
     # Imported before the first write's clock starts: importing LangGraph takes seconds
     # with 8 processes starting at once, and is no write's wait.
-    from langgraph.checkpoint.base import empty_checkpoint  # noqa: F401
-    if backend == "SqliteSaver":
-        from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: F401
-    else:
-        from ..adapters.langgraph import SessionDBSaver  # noqa: F401
+    importlib.import_module("langgraph.checkpoint.base")
+    importlib.import_module("langgraph.checkpoint.sqlite" if backend == "SqliteSaver"
+                            else "sessiondb.adapters.langgraph")
     errors: list[str] = []
     waits: list[float] = []
     acked: list[int] = []

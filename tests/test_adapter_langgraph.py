@@ -209,7 +209,8 @@ def test_subgraph_checkpoints_live_in_their_namespace(db_path) -> None:
         assert [t.checkpoint["id"] for t in everything] == \
             sorted((t.checkpoint["id"] for t in everything), reverse=True)
         saver.delete_thread("nested")
-        assert list(saver.list(_cfg("nested"))) == [] and _rows(saver.db, "nested") == [0, 0, 0]
+        assert list(saver.list(_cfg("nested"))) == []
+        assert _rows(saver.db, "nested") == [0, 0, 0]
 
 
 def _extend(state: list, writes: list) -> list:
@@ -344,6 +345,8 @@ def test_an_open_store_stays_the_callers(db_path) -> None:
         with SessionDBSaver(db, source="agents") as saver:
             _put(saver, "t", 1)
         assert db.get_session("t")["source"] == "agents"  # still open
+        with pytest.raises(ClosedError):  # but the saver is not
+            saver.get_tuple(_cfg("t"))
         with pytest.raises(ConfigurationError):
             SessionDBSaver(db, write_timeout=5)
     with pytest.raises(InvalidArgumentType):

@@ -42,7 +42,6 @@ import json
 import os
 import random
 import threading
-import uuid
 from contextlib import contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -56,7 +55,7 @@ from langgraph.checkpoint.base import (
 from ..errors import ClosedError, ConfigurationError, InvalidArgument, InvalidArgumentType
 from ..store import SessionDB
 from ..text import check_id, check_text
-from . import langgraph_sql as q
+from . import langgraph_config as cfg, langgraph_sql as q
 from .tables import ensure_tables
 
 __all__ = ["SessionDBSaver"]
@@ -65,6 +64,7 @@ T = TypeVar("T")
 _PAGE = 50  # checkpoints read per transaction while listing: short reads, bounded memory
 _PG_WORKERS = 8  # PostgreSQL's default pool size: more threads would wait for a connection
 _STRATEGIES = ("keep_latest", "delete")
+_CLOSED = "this SessionDBSaver is closed; open a new one"
 
 
 class _Worker:
@@ -82,8 +82,8 @@ class _Worker:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
         with self.lock:
-            if self.closed:
-                raise ClosedError("this SessionDBSaver is closed; open a new one")
+            if self.closed:  # as the methods themselves would (SessionDBSaver.db)
+                raise ClosedError(_CLOSED)
             if self.pool is None or self.pid != os.getpid():
                 # A forked child has none of the parent's threads: a pool of its own.
                 workers = 1 if self.db.backend == "sqlite" else _PG_WORKERS
@@ -168,7 +168,12 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
 
     @property
     def db(self) -> SessionDB:
-        """The store (for ``get_session``, ``list_sessions``, ...)."""
+        """The store (for ``get_session``, ``list_sessions``, ...).
+
+        :raises ClosedError: the saver was closed (its calls all raise it then, even on
+            a store that stays open)."""
+        if self._worker.closed:
+            raise ClosedError(_CLOSED)
         return self._worker.db
 
     def close(self) -> None:
@@ -189,7 +194,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         await asyncio.to_thread(self.close)
 
     def __repr__(self) -> str:
-        return f"SessionDBSaver({self.db!r}, source={self.source!r})"
+        return f"SessionDBSaver({self._worker.db!r}, source={self.source!r})"
 
     # -- reads --------------------------------------------------------------------------
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -199,8 +204,9 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgument: no ``thread_id`` in ``config["configurable"]``.
         :raises InvalidArgumentType: ``config`` or one of its ids has the wrong type.
         """
-        conf = _configurable(config)
-        query = _Query(_thread_id(conf), _ns(conf), _checkpoint_id(conf), None, {}, 1)
+        conf = cfg.configurable(config)
+        query = _Query(cfg.thread_id(conf), cfg.namespace(conf), cfg.checkpoint_id(conf),
+                       None, {}, 1)
         found = self._next_page(query)
         return found[0] if found else None
 
@@ -225,16 +231,17 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
 
     def _query(self, config: RunnableConfig | None, filter: Any, before: Any,
                limit: Any) -> _Query:
-        conf = _configurable(config) if config is not None else {}
+        conf = cfg.configurable(config) if config is not None else {}
         if filter is not None and not isinstance(filter, Mapping):
             raise InvalidArgumentType(f"filter must be a dict, not {type(filter).__name__}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise InvalidArgumentType(f"limit must be an int or None, not {type(limit).__name__}")
+            raise InvalidArgumentType("limit must be an int or None, not "
+                                      f"{type(limit).__name__}")
         if limit is not None and limit < 0:
             raise InvalidArgument(f"limit must not be negative, got {limit}")
-        older = _checkpoint_id(_configurable(before)) if before is not None else None
-        return _Query(_thread_id(conf, required=False), _ns(conf, default=None),
-                      _checkpoint_id(conf), older, filter or {}, limit)
+        older = cfg.checkpoint_id(cfg.configurable(before)) if before is not None else None
+        return _Query(cfg.thread_id(conf, required=False), cfg.namespace(conf, default=None),
+                      cfg.checkpoint_id(conf), older, filter or {}, limit)
 
     def _next_page(self, query: _Query) -> list[CheckpointTuple]:
         """Read the query's next page (one read transaction), advance it, and return its
@@ -247,7 +254,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
             rows = q.page(conn, thread_id=query.thread_id, ns=query.ns,
                           checkpoint_id=query.checkpoint_id, before=query.before,
                           after=query.after, size=size)
-            kept = [r for r in rows if _matches(json.loads(r[6]), query.metadata)]
+            kept = [r for r in rows if cfg.matches(json.loads(r[6]), query.metadata)]
             kept = kept if query.remaining is None else kept[:query.remaining]
             return rows, kept, q.load(conn, sql, kept)
 
@@ -271,12 +278,13 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         writes = sorted(loaded.writes.get((thread_id, ns, checkpoint_id), ()),
                         key=lambda w: writes_sort_key(w[4], w[0], w[5]))
         return CheckpointTuple(
-            config=_config(thread_id, ns, checkpoint_id),
+            config=cfg.config(thread_id, ns, checkpoint_id),
             checkpoint=checkpoint,
             metadata=json.loads(metadata),
-            parent_config=_config(thread_id, ns, parent) if parent else None,
-            pending_writes=[(task_id, channel, self.serde.loads_typed(
-                (type_, bytes(value or b"")))) for task_id, channel, type_, value, _, _ in writes],
+            parent_config=cfg.config(thread_id, ns, parent) if parent else None,
+            pending_writes=[
+                (task_id, channel, self.serde.loads_typed((type_, bytes(value or b""))))
+                for task_id, channel, type_, value, _, _ in writes],
         )
 
     # -- writes -------------------------------------------------------------------------
@@ -290,8 +298,9 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgumentType: metadata that is not JSON-serializable, or an
             argument of the wrong type.
         """
-        conf = _configurable(config)
-        thread_id, ns, parent = _thread_id(conf), _ns(conf), _checkpoint_id(conf)
+        conf = cfg.configurable(config)
+        thread_id, ns = cfg.thread_id(conf), cfg.namespace(conf)
+        parent = cfg.checkpoint_id(conf)
         if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("id"), str) \
                 or not checkpoint["id"]:
             raise InvalidArgument("checkpoint must be a Checkpoint dict with a non-empty "
@@ -317,7 +326,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         sql = self.db._sql
         self.db._execute_write(lambda conn: q.put_checkpoint(
             conn, sql, self.source, row, None if run_id is None else str(run_id), blobs))
-        return _config(thread_id, ns, checkpoint["id"])
+        return cfg.config(thread_id, ns, checkpoint["id"])
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                    task_id: str, task_path: str = "") -> None:
@@ -326,8 +335,9 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgument: no ``thread_id`` or ``checkpoint_id`` in ``config``.
         :raises InvalidArgumentType: a write is not a ``(channel, value)`` pair.
         """
-        conf = _configurable(config)
-        thread_id, ns, checkpoint_id = _thread_id(conf), _ns(conf), _checkpoint_id(conf)
+        conf = cfg.configurable(config)
+        thread_id, ns = cfg.thread_id(conf), cfg.namespace(conf)
+        checkpoint_id = cfg.checkpoint_id(conf)
         if checkpoint_id is None:
             raise InvalidArgument("put_writes needs config['configurable']['checkpoint_id']: "
                                   "the checkpoint the writes belong to")
@@ -354,7 +364,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         """Delete the thread's checkpoints and writes, in every namespace, and its
         session if the saver created it and it holds nothing else (no message, no child
         session); a thread that does not exist is no error."""
-        thread_id = _id("thread_id", thread_id)
+        thread_id = cfg.one_id("thread_id", thread_id)
         sql = self.db._sql
         self.db._execute_write(lambda conn: q.delete_thread(conn, sql, self.source,
                                                             thread_id))
@@ -363,8 +373,8 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         """Copy every checkpoint (all namespaces, the whole parent chain) and pending
         write of one thread to another, in one transaction; rows the target already has
         are kept. A source with no checkpoints copies nothing (and creates no session)."""
-        source_id = _id("source_thread_id", source_thread_id)
-        target_id = _id("target_thread_id", target_thread_id)
+        source_id = cfg.one_id("source_thread_id", source_thread_id)
+        target_id = cfg.one_id("target_thread_id", target_thread_id)
         sql = self.db._sql
         self.db._execute_write(lambda conn: q.copy_thread(conn, sql, self.source,
                                                           source_id, target_id))
@@ -373,7 +383,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         """Delete the checkpoints whose metadata ``run_id`` is one of ``run_ids``, with
         their writes (LangGraph's DeltaChannel warning applies: a live thread's delta
         channels rebuilt from them lose those writes)."""
-        runs = _ids("run_ids", run_ids)
+        runs = cfg.ids("run_ids", run_ids)
         if runs:
             sql = self.db._sql
             self.db._execute_write(lambda conn: q.delete_for_runs(conn, sql, runs))
@@ -385,7 +395,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
 
         :raises InvalidArgument: an unknown strategy.
         """
-        threads = _ids("thread_ids", thread_ids)
+        threads = cfg.ids("thread_ids", thread_ids)
         if strategy not in _STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         sql = self.db._sql
@@ -453,63 +463,3 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
                      strategy: str = "keep_latest") -> None:
         """:meth:`prune`, off the event loop."""
         await self._off_loop(lambda: self.prune(thread_ids, strategy=strategy))
-
-
-# -- configs (pure functions) ---------------------------------------------------------
-
-def _configurable(config: Any) -> Mapping[str, Any]:
-    if not isinstance(config, Mapping):
-        raise InvalidArgumentType("config must be a dict (a RunnableConfig), not "
-                                  f"{type(config).__name__}")
-    conf = config.get("configurable")
-    if conf is None:
-        return {}
-    if not isinstance(conf, Mapping):
-        raise InvalidArgumentType("config['configurable'] must be a dict, not "
-                                  f"{type(conf).__name__}")
-    return conf
-
-
-def _id(name: str, value: Any) -> str:
-    """A thread or run id: a str, or an int or UUID taken as its text (LangGraph's
-    examples use both)."""
-    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
-        value = str(value)
-    return check_id(name, value)
-
-
-def _ids(name: str, values: Any) -> list[str]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, set, frozenset)):
-        raise InvalidArgumentType(f"{name} must be a list of ids, not "
-                                  f"{type(values).__name__}")
-    return [_id(name, v) for v in values]
-
-
-def _thread_id(conf: Mapping[str, Any], required: bool = True) -> str | None:
-    if conf.get("thread_id") is None:
-        if not required:
-            return None
-        raise InvalidArgument("config['configurable']['thread_id'] is required: the "
-                              "thread to checkpoint, e.g. {'configurable': {'thread_id': "
-                              "'chat-1'}}")
-    return _id("thread_id", conf["thread_id"])
-
-
-def _ns(conf: Mapping[str, Any], default: str | None = "") -> str | None:
-    value = check_text("checkpoint_ns", conf.get("checkpoint_ns"))
-    return default if value is None else value
-
-
-def _checkpoint_id(conf: Mapping[str, Any]) -> str | None:
-    return check_text("checkpoint_id", conf.get("checkpoint_id")) or None
-
-
-def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
-    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
-                             "checkpoint_id": checkpoint_id}}
-
-
-def _matches(metadata: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """Every item of ``wanted`` is in ``metadata`` (equal values), as LangGraph's
-    in-memory saver filters."""
-    return all(metadata.get(key) == value for key, value in wanted.items())

@@ -264,7 +264,7 @@ def _revision(session: Session) -> int | None:
     marker = session._storage_update_marker
     if isinstance(marker, str) and marker.startswith(_MARKER):
         tail = marker[len(_MARKER):]
-        if tail.isdigit():
+        if tail.isascii() and tail.isdigit():
             return int(tail)
     return None
 
@@ -286,8 +286,9 @@ def _message(event: Event) -> tuple[dict[str, Any], int]:
     answers = [p.function_response for p in parts if p.function_response]
     role = "tool" if answers else "user" if event.author == "user" else "assistant"
     # A tool message's text is its result, as in a chat transcript (and search finds it).
+    results = [a.model_dump(mode="json").get("response") for a in answers]
     texts = [p.text for p in parts if p.text] + [
-        json.dumps(a.model_dump(mode="json").get("response")) for a in answers]
+        json.dumps(r) for r in results if r is not None]
     return {
         "role": role,
         "content": _plain("\n".join(texts)),

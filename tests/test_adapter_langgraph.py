@@ -355,9 +355,11 @@ def test_an_open_store_stays_the_callers(db_path) -> None:
         assert saver.get_tuple(_cfg("t")).checkpoint["channel_values"] == {"count": 0}
 
 
-def test_lookups_use_the_primary_keys(db_path) -> None:
+def test_lookups_use_the_primary_keys(db_path, backend) -> None:
     """The statements ``get_tuple`` and ``list`` run read index ranges, never the thread
     (SQLite's plan; PostgreSQL's once it has statistics of a thread of 600 checkpoints)."""
+    if backend == "pgbouncer":
+        pytest.skip("the plans are the server's: the postgresql run checks them")
     with SessionDBSaver(db_path) as saver:
         stored = _put(saver, "big", 600)
         for config in stored:

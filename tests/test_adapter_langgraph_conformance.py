@@ -18,8 +18,9 @@ from sessiondb.adapters.langgraph import SessionDBSaver
 
 
 def _validate(name: str, target: Any) -> CapabilityReport:
-    """Run the suite with a fresh saver per capability, all on one store (the suite's
-    threads are random uuids); print its report."""
+    """Run the suite, which makes a fresh saver for each capability (``target()``: a
+    fresh SQLite file each; a URL: one database, the suite's threads being random
+    uuids); print its report."""
     @checkpointer_test(name=name)
     async def saver() -> AsyncIterator[SessionDBSaver]:
         async with SessionDBSaver(target() if callable(target) else target) as s:
@@ -31,6 +32,8 @@ def _validate(name: str, target: Any) -> CapabilityReport:
 
 
 def _check(report: CapabilityReport) -> None:
+    """Every capability detected and passed (the printed report shows with ``-rA`` or
+    ``-s``, and with any failure)."""
     failures = {name: r.failures for name, r in report.results.items() if r.failures}
     assert failures == {}
     assert {name for name, r in report.results.items() if r.detected and r.passed} == \

@@ -74,11 +74,11 @@ _EACH = {"sqlite": "json_each({}) AS j", "postgresql": "json_each_text({}::json)
 #: pairs in the outer loop; PostgreSQL would hash all the thread's blobs instead (it
 #: guesses 100 pairs), unless each lookup is a LATERAL subquery it cannot flatten
 #: (LIMIT 1: a pair names one row).
-_BLOB_MATCH = ("thread_id = ? AND {b}checkpoint_ns = ? AND {b}channel = j.value ->> 0 "
+_BLOB_MATCH = ("{b}thread_id = ? AND {b}checkpoint_ns = ? AND {b}channel = j.value ->> 0 "
                "AND {b}version = j.value ->> 1")
 BLOBS = {
     "sqlite": "SELECT b.channel, b.version, b.type, b.blob FROM json_each(?) AS j "
-              "CROSS JOIN langgraph_blobs AS b WHERE b." + _BLOB_MATCH.format(b="b."),
+              "CROSS JOIN langgraph_blobs AS b WHERE " + _BLOB_MATCH.format(b="b."),
     "postgresql": "SELECT b.* FROM json_array_elements(?::json) AS j CROSS JOIN LATERAL "
                   "(SELECT channel, version, type, blob FROM langgraph_blobs WHERE "
                   + _BLOB_MATCH.format(b="") + " LIMIT 1) AS b",

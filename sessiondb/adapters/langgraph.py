@@ -301,12 +301,11 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         conf = cfg.configurable(config)
         thread_id, ns = cfg.thread_id(conf), cfg.namespace(conf)
         parent = cfg.checkpoint_id(conf)
-        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("id"), str) \
-                or not checkpoint["id"]:
-            raise InvalidArgument("checkpoint must be a Checkpoint dict with a non-empty "
-                                  "'id' (str)")
-        if not isinstance(new_versions, Mapping):
-            raise InvalidArgumentType("new_versions must be a dict of channel versions")
+        if not isinstance(checkpoint, Mapping) or not isinstance(new_versions, Mapping):
+            raise InvalidArgumentType("checkpoint must be a Checkpoint dict and new_versions "
+                                      "a dict of channel versions")
+        if not isinstance(checkpoint.get("id"), str) or not checkpoint["id"]:
+            raise InvalidArgument("checkpoint must have a non-empty 'id' (str)")
         stored = dict(checkpoint)
         values = stored.pop("channel_values", None) or {}
         versions = {str(k): str(v) for k, v in (stored.get("channel_versions") or {}).items()}

@@ -11,8 +11,9 @@ writer appended since this object was read) is met as an ADK app would meet it: 
 session again and append the event to the new object, stamped anew (a retried append is
 a new write: ADK's SQLite service orders events by these stamps), as often as it takes;
 a re-read loads the last :data:`RECENT` events, the context of a turn. Any other error
-counts as a failed write and the writer goes on with its next event. Every append's
-time is recorded, a refused one included.
+counts as a failed write and the writer goes on with its next event. Every attempt's
+time is recorded (with the re-read of the session before it, if any), a refused one
+included.
 
 Besides the table's figures, :func:`details` reads from the session how many appends
 were refused as stale and retried, and how many events were appended by a writer whose
@@ -23,14 +24,13 @@ object that a check made outside the write let through).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
-import shutil
+import importlib
+import itertools
 import sqlite3
-import tempfile
 import time
 from typing import Any
+
+from .frameworks import Writes, tally
 
 NAME = "Google ADK"
 BACKENDS = ("sessiondb", "sessiondb-pg", "SqliteSessionService")
@@ -49,17 +49,15 @@ def _service(backend: str, target: str) -> Any:
     return SessionDBSessionService(target)
 
 
-def _ledger(target: str) -> str:
-    """Where the writers leave the sequence numbers of their acknowledged appends (a
-    directory under the system's temporary directory, named after the target)."""
-    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"sessiondb-fw-adk-{digest}")
+def load(backend: str) -> None:
+    """Import ADK and google.genai (about 0.7 s), before the writers start together."""
+    importlib.import_module("google.adk.events.event")
+    importlib.import_module("google.adk.sessions.sqlite_session_service"
+                            if backend == "SqliteSessionService" else "sessiondb.adapters.adk")
 
 
 def prepare(backend: str, target: str) -> None:
-    """Create the session the writers share, and an empty ledger."""
-    shutil.rmtree(_ledger(target), ignore_errors=True)
-    os.makedirs(_ledger(target))
+    """Create the session the writers share."""
 
     async def create() -> None:
         service = _service(backend, target)
@@ -94,44 +92,28 @@ async def _work(backend: str, target: str, writer: int, count: int) -> dict[str,
 
     recent = GetSessionConfig(num_recent_events=RECENT)
     service = _service(backend, target)
-    done: dict[str, Any] = {"ok": 0, "errors": [], "waits": [], "stale": 0}
-    acked: list[int] = []
+    writes = Writes()
     session = None
     try:
         for seq in range(count):
             event = _event(writer, seq)
-            attempt = 0
-            while True:
-                try:
+            for attempt in itertools.count(1):
+                with writes.attempt(seq, again=(StaleSessionError,)):
                     if session is None:
                         session = await service.get_session(
                             app_name=APP, user_id=USER, session_id=SESSION, config=recent)
                         if session is None:
                             raise LookupError("the session is gone")
-                    attempt += 1
                     event.timestamp = time.time()
                     event.custom_metadata.update(
                         seen=[e.id for e in session.events[-3:]], attempt=attempt)
-                    started = time.monotonic()
-                    try:
-                        await service.append_event(session, event)
-                    finally:
-                        done["waits"].append(time.monotonic() - started)
-                except StaleSessionError:
-                    done["stale"] += 1
-                    session = None
-                    continue
-                except Exception as exc:  # counted, never fatal: the table shows it
-                    done["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
+                    await service.append_event(session, event)
+                if not writes.again:
                     break
-                done["ok"] += 1
-                acked.append(seq)
-                break
+                session = None  # stale: read the session again, append again
     finally:
-        with open(os.path.join(_ledger(target), f"writer-{writer}.json"), "w") as f:
-            json.dump(acked, f)
         await service.close()
-    return done
+    return writes.result()
 
 
 async def _events(backend: str, target: str) -> list[Any]:
@@ -148,25 +130,14 @@ def _tags(events: list[Any]) -> list[tuple[int, int]]:
             if e.custom_metadata and "writer" in e.custom_metadata]
 
 
-def verify(backend: str, target: str, writers: int, count: int) -> dict[str, int]:
-    """What the session holds, read back through the backend's own ``get_session``."""
-    tags = _tags(asyncio.run(_events(backend, target)))
-    have = set(tags)
-    acked: dict[int, list[int]] = {}
-    for w in range(writers):
-        try:
-            with open(os.path.join(_ledger(target), f"writer-{w}.json")) as f:
-                acked[w] = json.load(f)
-        except FileNotFoundError:
-            acked[w] = []  # the writer never reported: its writes count as errors
-    shutil.rmtree(_ledger(target), ignore_errors=True)
-    order = {w: [s for tw, s in tags if tw == w] for w in range(writers)}
-    return {
-        "present": len(have),
-        "duplicated": len(tags) - len(have),
-        "lost": sum((w, s) not in have for w, seqs in acked.items() for s in seqs),
-        "out_of_order": sum(seqs != sorted(set(seqs)) for seqs in order.values()),
-    }
+def verify(backend: str, target: str, acked: dict[int, list[int]]) -> dict[str, Any]:
+    """What the session holds, read back through the backend's own ``get_session``, and
+    in the notes what :func:`details` finds."""
+    figures: dict[str, Any] = tally(_tags(asyncio.run(_events(backend, target))), acked)
+    found = details(backend, target)
+    figures["notes"] = (f"{found['stale_retries']} stale appends refused and retried, "
+                        f"{found['interleaved']} let through")
+    return figures
 
 
 def _appended(backend: str, target: str) -> list[Any]:

@@ -11,25 +11,22 @@ write whose construction fails is an error, and the next write tries again, as t
 next request of an app would), no retries besides its own; every error is caught and
 counted, never ending the run.
 
-Which writes were acknowledged is known only to the writers, and ``verify`` runs in the
-parent after them: each writer leaves the sequence numbers of its acknowledged writes
-in a small file (beside the store file; for a URL in the temporary directory, removed
-by ``verify``), so that ``lost`` counts acknowledged writes missing, not failed ones.
+``verify`` reads the conversation back and finds each item's writer and sequence number
+in its text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
-import hashlib
+import importlib
 import json
 import os
 import re
 import sqlite3
-import tempfile
-import time
 from contextlib import closing
 from typing import Any
+
+from .frameworks import Writes, tally
 
 NAME = "OpenAI Agents SDK"
 BACKENDS = ("sessiondb", "sessiondb-pg", "SQLiteSession")
@@ -55,11 +52,13 @@ def tag(item: Any) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
+def load(backend: str) -> None:
+    """Import the SDK (about 1.4 s), before the writers start together."""
+    importlib.import_module("agents")
+
+
 def prepare(backend: str, target: str) -> None:
-    """Nothing to create: the first writers make the store, as an app's would. Only the
-    acknowledgement files of an earlier run on this target go."""
-    for path in glob.glob(_acks_path(target, "*")):
-        os.remove(path)
+    """Nothing to create: the first writers make the store, as an app's would."""
 
 
 def work(backend: str, target: str, writer: int, count: int) -> dict[str, Any]:
@@ -75,54 +74,30 @@ def work(backend: str, target: str, writer: int, count: int) -> dict[str, Any]:
         def session() -> Any:
             return SessionDBSession(CONVERSATION, target)
 
-    return asyncio.run(_write(session, writer, count, target))
+    return asyncio.run(_write(session, writer, count))
 
 
-async def _write(make: Any, writer: int, count: int, target: str) -> dict[str, Any]:
-    errors: list[str] = []
-    waits: list[float] = []
-    acked: list[int] = []
+async def _write(make: Any, writer: int, count: int) -> dict[str, Any]:
+    writes = Writes()
     session = None
     try:
         for seq in range(count):
-            started = time.monotonic()
-            try:
+            with writes.attempt(seq):
                 if session is None:
                     session = make()
                 await session.add_items([item(writer, seq)])
-                acked.append(seq)
-            except Exception as exc:  # the table counts it; the writer goes on
-                errors.append(f"{type(exc).__name__}: {exc}")
-            finally:
-                waits.append(time.monotonic() - started)
     finally:
         if session is not None:
             try:
                 session.close()
             except Exception as exc:
-                errors.append(f"close: {type(exc).__name__}: {exc}")
-        with open(_acks_path(target, str(writer)), "w") as out:
-            json.dump(acked, out)
-    return {"ok": len(acked), "errors": errors, "waits": waits}
+                writes.error(exc, "close: ")
+    return writes.result()
 
 
-def verify(backend: str, target: str, writers: int, count: int) -> dict[str, Any]:
+def verify(backend: str, target: str, acked: dict[int, list[int]]) -> dict[str, Any]:
     """What the conversation holds, against what each writer says was acknowledged."""
-    tags = [t for t in map(tag, _items(backend, target)) if t is not None]
-    acked = set()
-    for writer in range(writers):
-        path = _acks_path(target, str(writer))
-        if os.path.exists(path):
-            with open(path) as f:
-                acked.update((writer, seq) for seq in json.load(f))
-            if "://" in target:
-                os.remove(path)
-    present = set(tags)
-    out_of_order = sum(
-        1 for w in range(writers)
-        if (seqs := [s for tw, s in tags if tw == w]) != sorted(seqs))
-    return {"present": len(tags), "lost": len(acked - present),
-            "duplicated": len(tags) - len(present), "out_of_order": out_of_order}
+    return tally((t for t in map(tag, _items(backend, target)) if t is not None), acked)
 
 
 def _items(backend: str, target: str) -> list[Any]:
@@ -145,11 +120,3 @@ def _items(backend: str, target: str) -> list[Any]:
     with SessionDB(target) as db:
         return [(m["metadata"] or {}).get(ITEM_KEY) for m in db.get_messages(CONVERSATION)]
 
-
-def _acks_path(target: str, writer: str) -> str:
-    """Where a writer leaves its acknowledged sequence numbers: beside a store file; for
-    a URL, in the temporary directory under a name made from the URL."""
-    if "://" not in target:
-        return f"{target}.acks-{writer}.json"
-    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"sessiondb-fw-openai-{digest}.acks-{writer}.json")

@@ -25,6 +25,7 @@ import apsw
 import platformdirs
 
 from .errors import ConfigurationError, DatabaseBusyError, DatabaseOpenError, translate
+from .replacement import refuse_replaced
 from .schema import refuse_unusable
 from .walguard import refuse_marked
 from .writes import backoff
@@ -175,6 +176,7 @@ def open_connection(
     :param journal: use the rollback journal instead of WAL (an unsafe filesystem, see
         :mod:`sessiondb.filesystems`).
     :raises DatabaseOpenError: the path cannot be opened or is not a sessiondb store.
+    :raises WalDeletedError, StoreReplacedError: a marker says a person must look first.
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises DatabaseBusyError: the file stayed locked for ``timeout`` seconds.
     :raises ConfigurationError: WAL mode is unavailable or SQLite is too old.
@@ -184,6 +186,7 @@ def open_connection(
     created = create and not path.exists()
     if not create:
         refuse_marked(path)
+        refuse_replaced(path)
         refuse_empty_file(path)
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     try:

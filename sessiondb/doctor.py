@@ -172,7 +172,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     _files(target, report)
     fs = filesystems.examine(target)
     report["filesystem"] = fs.as_dict()
-    _replaced(target, report)
+    report["replaced"] = replacement.read_marker(target)
     if not report["exists"]:
         report["problems"].append(f"no database at {target} (nothing was created)")
         return _finish(report)
@@ -182,6 +182,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
             # On an unsafe filesystem even a read-only look maps the -shm: refuse first.
             filesystems.use_journal(str(target), fs, filesystems.policy(None))
             refuse_marked(target)
+            replacement.refuse_replaced(target)
             _probe(target, report)
             db = SessionDB(target, progress=progress)
     except SchemaTooNewError as exc:
@@ -380,17 +381,6 @@ def _files(path: Path, report: DoctorReport) -> None:
             report["sidecars"].append({"name": entry.name, "bytes": size})
             if entry.name == path.name + "-wal":
                 report["wal_bytes"] = size
-
-
-def _replaced(path: Path, report: DoctorReport) -> None:
-    """Report the marker a process left when the file was replaced under it."""
-    record = replacement.read_marker(path)
-    if record is None:
-        return
-    report["replaced"] = record
-    report["problems"].append(record.get("message") or (
-        f"{replacement.marker_path(path)} says {path} was replaced while a process had "
-        "it open; check the store, then delete the marker"))
 
 
 # -- report plumbing ------------------------------------------------------------------

@@ -412,7 +412,7 @@ def use_journal(path: str, fs: Filesystem, chosen: str) -> bool:
             "coherently, which network, host-shared and FUSE filesystems lack. If it is a "
             "local disk, pass unsafe_filesystem='allow' (or set "
             f"{ENV_POLICY}=allow) to silence this; if it is shared, use "
-            "unsafe_filesystem='journal' or PostgreSQL", FilesystemWarning, stacklevel=4)
+            "unsafe_filesystem='journal' or PostgreSQL", FilesystemWarning, stacklevel=5)
     return False
 
 

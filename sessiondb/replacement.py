@@ -18,17 +18,19 @@ notice, so sessiondb does, as :mod:`sessiondb.walguard` does for the ``-wal`` an
 * On a change, :func:`handle_replaced` stops the instance (every later call raises
   :class:`~sessiondb.errors.StoreReplacedError`), makes sure closing its connection
   will not checkpoint into the old file, and leaves a marker,
-  ``<db>.sessiondb-replaced``, which ``sessiondb doctor`` reports. Opening the store
-  again is allowed (a restore is usually meant): a new instance opens the file that is
-  there now.
+  ``<db>.sessiondb-replaced``, saying what happened and what to do.
+* While the marker exists, every open of the store is refused (:func:`refuse_replaced`;
+  ``sessiondb doctor`` reports it).
 
-Why the replacement is dangerous beyond this process: the ``-wal`` and ``-shm`` files are
-found by name, so a process that opens the new file shares them with the processes
-still holding the old one, and reads the old file's pages from the WAL on top of the new
-file (a "restored" backup then shows the data it was meant to replace, or a mix of the
-two). So this instance never writes or checkpoints again; and the safe way to restore a
-backup is with every process stopped, the ``-wal`` and ``-shm`` removed along with the
-old file (which the marker's advice says).
+Why refuse the new file, which someone put there on purpose: the ``-wal`` and ``-shm``
+files are found by name, and the ``-wal`` left by the old file holds its pages. SQLite
+cannot tell that they belong to another file: a process that opens the new one reads
+the old file's pages from the WAL on top of it, and the last one to close copies them
+into it (seen here: a backup restored under a live process came back as the store it was
+meant to replace). So the new file is not opened until a person has moved the old
+``-wal`` and ``-shm`` aside. The safe way to restore a backup is with every process
+stopped, replacing the file and removing its ``-wal`` and ``-shm`` together; then no
+process sees the replacement and no marker is left.
 """
 
 from __future__ import annotations
@@ -134,18 +136,37 @@ def handle_replaced(conn: apsw.Connection | None, path: Path, was: Identity,
     message = (
         f"{path} was {what} while process {os.getpid()} had the store open (inode "
         f"{was[1]}, now {'none' if now is None else now[1]}). That process's connection "
-        f"still holds the old file, so it stopped using the store. {lost}Open a new "
-        "SessionDB to use "
-        "the file that is there now. Processes that opened the new file while one still "
-        f"had the old one read {path.name}-wal, which may hold the old file's pages: "
-        "stop every process using the store and run `sessiondb doctor` on it. To restore "
-        f"a backup safely: stop every process, then replace {path.name} and delete "
-        f"{path.name}-wal and {path.name}-shm together. Delete {marker} once checked."
+        f"still holds the old file, so it stopped using the store. {lost}"
+        f"{path.name}-wal and {path.name}-shm, if present, belong to the old file: "
+        f"SQLite would apply the old file's pages in them to the new one. What to do: "
+        f"stop every process using the store; move {path.name}-wal and {path.name}-shm "
+        f"aside (keep them: a process that opened the new file before this was noticed "
+        f"may have written there); delete {marker}; run `sessiondb doctor --db {path}`. "
+        f"Until then sessiondb refuses to open {path}. (To restore a backup safely, stop "
+        f"every process first and replace {path.name} and remove its -wal and -shm "
+        "together.)"
     )
     _write_marker(marker, {"path": str(path), "pid": os.getpid(), "time": time.time(),
                            "was": list(was), "now": None if now is None else list(now),
                            "committed": committed, "message": message})
     return StoreReplacedError(message, str(path), str(marker), was, now)
+
+
+def refuse_replaced(path: Path) -> None:
+    """Refuse to open a store whose marker says its file was replaced under a live
+    process.
+
+    :raises StoreReplacedError: the marker exists.
+    """
+    record = read_marker(path)
+    if record is None:
+        return
+    message = record.get("message") or (
+        f"{marker_path(path)} says {path} was replaced while a process had it open")
+    was, now = record.get("was") or (-1, -1), record.get("now")
+    raise StoreReplacedError(f"refusing to open {path}: {message}", str(path),
+                             str(marker_path(path)), tuple(was),  # type: ignore[arg-type]
+                             None if now is None else tuple(now))  # type: ignore[arg-type]
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:

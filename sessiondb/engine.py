@@ -206,10 +206,12 @@ class Engine:
             self._conn = conn
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
-            # built in one statement), so it is exempt from the hold bound.
-            ensure_schema(conn, self.path, partial(self.execute_write, bounded=False),
-                          o["write_timeout"])
-            if search_index.finish_on_open(conn):
+            # built in one statement), so it is exempt from the hold bound. Both run
+            # through read(), which retries a read that meets a commit (busy): rare with
+            # WAL, common with the rollback journal, where a commit locks readers out.
+            self.read(lambda c: ensure_schema(c, self.path, partial(
+                self.execute_write, bounded=False), o["write_timeout"]))
+            if self.read(search_index.finish_on_open):
                 self._finish_conversion()
         except BaseException:
             self._conn = None

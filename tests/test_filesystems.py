@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import fakefs
 import mounts
 from sessiondb import (
     ConfigurationError, DatabaseOpenError, FilesystemWarning, SessionDB,
@@ -186,10 +187,7 @@ def fake(verdict: str, fstype: str = "nfs4", magic: int | None = 0x6969) -> File
 def pretend(monkeypatch: pytest.MonkeyPatch, fstype: str = "nfs4",
             magic: int | None = 0x6969) -> None:
     """Every store of this test is on a filesystem of this type."""
-    _, verdict, reason = classify(fstype, magic)
-    monkeypatch.setattr(filesystems, "examine", lambda path: Filesystem(
-        fstype, magic, "/mnt/share", "files:/export", verdict, reason,
-        existing_directory(path)))
+    monkeypatch.setattr(filesystems, "examine", fakefs.on(fstype, magic))
 
 
 def test_policy_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch):

@@ -53,7 +53,7 @@ from .gate import FifoGate, NullGate, make_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
-from .replacement import StoreIdentity, StoreMoved, handle_replaced
+from .replacement import StoreIdentity, StoreMoved, handle_replaced, refuse_replaced
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
@@ -181,6 +181,7 @@ class Engine:
                 str(self.path))
         o = self._options
         if not self.path.exists():
+            refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
             create_store(self.path, lambda tmp: self._new_connection(tmp),
                          lambda conn, tmp: build_schema(conn, partial(

@@ -7,9 +7,10 @@ process using the store sees, and a shared-memory file (``-shm``, mapped with
 filesystems (NFS, SMB), filesystems a virtual machine or container shares with its host
 (9p, virtiofs, VirtualBox and Parallels shared folders), cluster filesystems (CephFS,
 Lustre, GPFS, OCFS2, GFS2) and FUSE filesystems guarantee neither: what people have met
-there is "locking protocol" errors, corruption within a minute on virtiofs, and, on a
-plain FUSE passthrough, a ``SIGBUS`` that kills the process at its first write (seen
-here: ``tests/museum/test_13_unsafe_filesystem.py``).
+there is "locking protocol" errors and corruption within a minute on virtiofs. Seen here
+(``tests/museum/test_13_unsafe_filesystem.py``): two processes writing one store through
+two FUSE mounts of one directory (two views with caches and locks of their own, as a VM
+and its host, or two NFS clients, have) lost half of their acknowledged writes.
 
 :func:`examine` names the filesystem of a store's directory (the nearest one that
 exists, after symlinks, since SQLite puts the ``-wal`` and ``-shm`` beside the file a
@@ -77,8 +78,9 @@ _NETWORK = "a network filesystem: locks and shared memory are not coherent acros
 _SHARED = ("a filesystem shared with a virtual machine's or container's host: shared "
            "memory and locks are not coherent between the two sides")
 _CLUSTER = "a cluster filesystem: shared memory is not coherent across its nodes"
-_FUSE = ("a FUSE filesystem: shared memory mapping is not reliable there (a plain "
-         "passthrough kills the process with SIGBUS at the first WAL write)")
+_FUSE = ("a FUSE filesystem: whether processes see each other's shared memory and locks "
+         "depends on its implementation and on where its data lives (sshfs, s3fs, rclone, "
+         "gcsfuse ... are network filesystems)")
 
 #: Filesystem types (as ``/proc/self/mountinfo`` or macOS's ``f_fstypename`` name them)
 #: on which WAL corrupts or fails, and why.

@@ -1,8 +1,9 @@
 """A FUSE passthrough filesystem for the tests: ``python fusefs.py SOURCE MOUNTPOINT``.
 
 Every call is passed on to the directory SOURCE, unchanged, by ``mfusepy`` (ctypes
-bindings of libfuse 2 or 3). It is the plainest FUSE filesystem there is, and SQLite's
-WAL already fails on it: the first write kills the process with SIGBUS
+bindings of libfuse 2 or 3): the plainest FUSE filesystem there is. Two mounts of one
+SOURCE are two views of the same files, each with a page cache and locks of its own, as
+a VM and its host (virtiofs, 9p) or two NFS clients have; SQLite loses writes across them
 (``tests/museum/test_13_unsafe_filesystem.py``). Runs in the foreground until unmounted.
 """
 

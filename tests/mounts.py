@@ -46,11 +46,13 @@ def _fuse_missing() -> str | None:
 
 
 @contextlib.contextmanager
-def mounted(kind: str, where: Path) -> Iterator[Path]:
-    """Mount a filesystem of ``kind`` at ``where/mnt``; yields the mount point."""
+def mounted(kind: str, where: Path, name: str = "mnt") -> Iterator[Path]:
+    """Mount a filesystem of ``kind`` at ``where/name``; yields the mount point. FUSE
+    mounts pass ``where/fuse-source`` through: mounted twice, two views of one
+    directory."""
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         pytest.skip("mounting needs root on Linux")
-    mnt = where / "mnt"
+    mnt = where / name
     mnt.mkdir(parents=True)
     proc = None
     if kind in ("tmpfs", "ramfs"):
@@ -78,7 +80,7 @@ def mounted(kind: str, where: Path) -> Iterator[Path]:
         if missing:
             pytest.skip(f"no FUSE here: {missing}")
         source = where / "fuse-source"
-        source.mkdir()
+        source.mkdir(exist_ok=True)
         proc = subprocess.Popen([sys.executable, str(HERE / "fusefs.py"), str(source),
                                  str(mnt)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)

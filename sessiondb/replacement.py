@@ -65,7 +65,7 @@ def marker_path(path: Path) -> Path:
     return path.with_name(path.name + MARKER_SUFFIX)
 
 
-def _identity(path: Path) -> Identity | None:
+def _identity(path: str) -> Identity | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -91,18 +91,19 @@ class StoreIdentity:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._name = str(path)  # os.stat of a str: a third cheaper than of a Path
         self.was: Identity = (-1, -1)
 
     def record(self, conn: apsw.Connection) -> None:
         """Call once, right after the instance's first connection opened. If the path
         was replaced in the moment between SQLite's open and this ``stat``, the file
         recorded would not be SQLite's: then the first write reports the replacement."""
-        now = _identity(self.path)
+        now = _identity(self._name)
         if now is not None and sqlite_file_moved(conn) is not True:
             self.was = now
 
     def now(self) -> Identity | None:
-        return _identity(self.path)
+        return _identity(self._name)
 
     def intact(self) -> bool:
         return self.now() == self.was
@@ -110,7 +111,7 @@ class StoreIdentity:
     def check(self, committed: bool = False) -> None:
         """:param committed: called after a COMMIT (said so in the error).
         :raises StoreMoved: the path names another file (or none) since :meth:`record`."""
-        now = _identity(self.path)
+        now = _identity(self._name)
         if now != self.was:
             raise StoreMoved(now, committed)
 

@@ -47,11 +47,12 @@ their users to ``allow``, which silences the check for good.
 
 The rollback journal (``journal_mode=DELETE``, https://sqlite.org/lockingv3.html) uses
 only the byte-range locks on the database file, which every one of these filesystems
-implements at least among the processes of one machine. Its price: readers and writers
-exclude each other (a reader waits while a write commits, a write's commit waits for the
-readers to finish, so a long ``snapshot()`` holds writers back for its whole length), and
-every commit syncs the journal and the database (``synchronous=FULL``), so writes are
-slower. It has no WAL, so none of sessiondb's checkpoint machinery runs and
+implements at least among the processes of one machine that reach the files through one
+mount (through two mounts of one directory it loses writes too: exhibit 13 of the
+museum). Its price: readers and writers exclude each other (a reader waits while a
+write commits, a write's commit waits for the readers to finish, so a long
+``snapshot()`` holds writers back for its whole length), and every commit syncs the
+journal and the database (``synchronous=FULL``), so writes are slower. It has no WAL, so none of sessiondb's checkpoint machinery runs and
 ``wal_limit`` has nothing to bound. It is safe only if every process that opens the store
 uses it (SQLite switches a store back to WAL for anyone who asks) and, across machines,
 only where the filesystem's locks work across machines (NFS with a working lock manager;
@@ -426,7 +427,8 @@ def refusal(path: str, fs: Filesystem) -> str:
         "(nothing was created or changed). Remedies: (1) put the store on a local disk "
         "(the default path is one); (2) for processes on several machines, use "
         "PostgreSQL: SessionDB('postgresql://user@host/db'); (3) if every process that "
-        "uses this store runs on this one machine, opt in to SQLite's rollback journal "
+        "uses this store runs on this one machine and reaches it through this mount (not "
+        "also from a VM's host or another client), opt in to SQLite's rollback journal "
         "with SessionDB(path, unsafe_filesystem='journal') or "
         f"{ENV_POLICY}=journal in every process: slower writes, and readers and writers "
         "wait for each other")

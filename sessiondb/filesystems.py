@@ -99,8 +99,8 @@ UNSAFE: dict[str, str] = {
 SAFE = frozenset((
     "ext2", "ext3", "ext4", "ext2/ext3/ext4", "xfs", "btrfs", "tmpfs", "ramfs", "zfs",
     "f2fs", "jfs", "reiserfs", "nilfs2", "bcachefs", "hfs", "hfsplus", "apfs", "vfat",
-    "msdos", "exfat", "ntfs3", "ufs", "ffs", "udf", "iso9660", "cd9660", "squashfs",
-    "erofs", "romfs", "minix", "overlay",
+    "msdos", "exfat", "ntfs", "ntfs3", "ufs", "ffs", "udf", "iso9660", "cd9660",
+    "squashfs", "erofs", "romfs", "minix", "ecryptfs", "overlay",
 ))
 
 #: Linux ``statfs`` magics (``f_type``, from ``linux/magic.h`` and statfs(2)) and the
@@ -111,7 +111,8 @@ MAGICS: dict[int, str] = {
     0x52654973: "reiserfs", 0x3434: "nilfs2", 0xCA451A4E: "bcachefs", 0x4244: "hfs",
     0x482B: "hfsplus", 0x4D44: "vfat", 0x2011BAB0: "exfat", 0x7366746E: "ntfs3",
     0x15013346: "udf", 0x9660: "iso9660", 0x73717368: "squashfs", 0xE0F5E1E2: "erofs",
-    0x7275: "romfs", 0x137F: "minix", 0x794C7630: "overlay",
+    0x7275: "romfs", 0x137F: "minix", 0x5346544E: "ntfs", 0xF15F: "ecryptfs",
+    0x794C7630: "overlay",
     0x6969: "nfs", 0xFF534D42: "cifs", 0xFE534D42: "smb2", 0x517B: "smb",
     0x564C: "ncp", 0x5346414F: "afs", 0x6B414653: "kafs", 0x73757245: "coda",
     0x01021997: "9p", 0x786F4256: "vboxsf", 0xBACBACBC: "vmhgfs", 0x7C7C6673: "prl_fs",

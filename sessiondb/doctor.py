@@ -15,8 +15,9 @@ on one where WAL is unsafe, nothing is opened unless the store's processes opted
 the rollback journal), no marker says the store's ``-wal`` was deleted while in use
 (:mod:`sessiondb.walguard`) or that the file was replaced under a live process
 (:mod:`sessiondb.replacement`), the file opens as a sessiondb store (not empty, not
-another application's, schema not newer than this library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
-(``'integrity-check'`` command with ``rank = 1``,
+another application's, schema not newer than this library), ``PRAGMA integrity_check``,
+the FTS5 index against the ``messages`` table (``'integrity-check'`` command with
+``rank = 1``,
 https://sqlite.org/fts5.html#the_integrity_check_command),
 ``PRAGMA foreign_key_check``, each session's ``message_count`` against its messages, and
 the store's message total (kept by triggers, see :mod:`sessiondb.schema`) against them.

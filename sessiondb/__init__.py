@@ -7,10 +7,11 @@ from .errors import (
     CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, ConnectionLost,
     CoordinationError,
     CorruptDatabaseError, DatabaseBusyError, DatabaseOpenError, DeadlineExceeded,
-    DiskFullError, HermesSchemaError, HoldTimeout, IntegrityViolation, InvalidArgument,
-    InvalidArgumentType, InvalidTitle, LeaseHeld, LeaseLost, PoolWarning, SchemaTooNewError,
+    DiskFullError, FilesystemWarning, ForeignDatabaseError, HermesSchemaError, HoldTimeout,
+    IntegrityViolation, InvalidArgument, InvalidArgumentType, InvalidTitle, LeaseHeld,
+    LeaseLost, PoolWarning, SchemaTooNewError,
     SearchIndexError, SessionDBError, SessionNotFound, StaleRevision, StorageError,
-    TitleConflict, WalDeletedError, WriteTimeout,
+    StoreReplacedError, TitleConflict, UnsafeFilesystemError, WalDeletedError, WriteTimeout,
 )
 from .maintenance import Progress
 from .aio import AsyncSessionDB
@@ -22,12 +23,12 @@ __version__ = "0.3.0"
 __all__ = [
     "SessionDB", "AsyncSessionDB", "sanitize_title", "__version__",
     "SessionDBError", "ConfigurationError", "DatabaseOpenError", "SchemaTooNewError",
-    "HermesSchemaError", "ClosedError", "InvalidArgument", "InvalidTitle", "TitleConflict",
-    "InvalidArgumentType",
+    "HermesSchemaError", "ForeignDatabaseError", "UnsafeFilesystemError", "ClosedError",
+    "InvalidArgument", "InvalidTitle", "TitleConflict", "InvalidArgumentType",
     "SessionNotFound", "IntegrityViolation", "DatabaseBusyError", "WriteTimeout",
     "HoldTimeout", "StorageError", "DiskFullError", "CorruptDatabaseError", "SearchIndexError",
-    "WalDeletedError", "StaleRevision", "CoordinationError", "LeaseHeld", "LeaseLost",
-    "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning", "ConnectionLost",
-    "PoolWarning",
+    "WalDeletedError", "StoreReplacedError", "StaleRevision", "CoordinationError",
+    "LeaseHeld", "LeaseLost", "ClaimLost", "CapExceeded", "DeadlineExceeded", "CapWarning",
+    "ConnectionLost", "PoolWarning", "FilesystemWarning",
     "Lease", "Claim", "Heartbeat", "Deadline", "Progress",
 ]

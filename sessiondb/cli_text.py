@@ -85,9 +85,11 @@ def doctor_text(r: dict[str, Any]) -> str:
         ("opened", "ok" if r["opened"] else f"no: {r['open_error'] or 'not attempted'}"),
         ("schema version", "?" if r["schema_version"] is None else
          f"{r['schema_version']} (this sessiondb knows up to {r['schema_supported']})"),
+        ("filesystem", _filesystem(r.get("filesystem") or {})),
     ]
     if r["opened"]:
         rows += [
+            ("application id", f"0x{r['application_id'] & 0xFFFFFFFF:08x}"),
             ("journal mode", r["journal_mode"]),
             ("pages", f"{r['page_count']} of {r['page_size']} bytes, "
                       f"{r['freelist_count']} free"),
@@ -111,6 +113,17 @@ def doctor_text(r: dict[str, Any]) -> str:
         out.append(f"{len(r['problems'])} problem(s):")
         out += [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)
+
+
+def _filesystem(fs: dict[str, Any]) -> str:
+    """E.g. ``ext4 (magic 0xef53) at / from /dev/vda: safe, a local filesystem``."""
+    if not fs:
+        return "not examined"
+    where = "".join(f" {label} {fs[key]}" for label, key in (("at", "mount_point"),
+                                                              ("from", "source"))
+                    if fs.get(key) and fs[key] not in ("none", fs["type"]))
+    magic = f" (magic {fs['magic']})" if fs.get("magic") else ""
+    return f"{fs['type']}{magic}{where}: {fs['verdict']}, {fs['reason']}"
 
 
 def readable(figures: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import apsw
 import platformdirs
 
 from .errors import ConfigurationError, DatabaseBusyError, DatabaseOpenError, translate
+from .replacement import refuse_replaced
 from .schema import refuse_unusable
 from .walguard import refuse_marked
 from .writes import backoff
@@ -93,11 +94,24 @@ def connection_wal(conn: apsw.Connection) -> None:
         )
 
 
-def connection_durability(conn: apsw.Connection) -> None:
+def connection_rollback_journal(conn: apsw.Connection) -> None:
+    """The rollback journal (``journal_mode=DELETE``), on a filesystem where WAL is
+    unsafe and the user opted in (:mod:`sessiondb.filesystems`): it needs only the locks
+    on the database file, no shared memory (https://sqlite.org/lockingv3.html). Leaving
+    WAL needs every other connection closed; SQLite answers busy meanwhile."""
+    mode = conn.pragma("journal_mode", "delete")
+    if str(mode).lower() != "delete":
+        raise ConfigurationError(
+            f"could not switch {conn.filename} to the rollback journal (journal_mode is "
+            f"{mode}); every process using this store must open it with "
+            "unsafe_filesystem='journal'")
+
+
+def connection_durability(conn: apsw.Connection, journal: bool = False) -> None:
     """``synchronous=NORMAL`` is durable against process crashes in WAL mode; a power
-    loss may lose the last transactions but never corrupts
-    (https://sqlite.org/pragma.html#pragma_synchronous)."""
-    conn.pragma("synchronous", "NORMAL")
+    loss may lose the last transactions but never corrupts. The rollback journal needs
+    ``FULL`` for that (https://sqlite.org/pragma.html#pragma_synchronous)."""
+    conn.pragma("synchronous", "FULL" if journal else "NORMAL")
 
 
 def connection_foreign_keys(conn: apsw.Connection) -> None:
@@ -147,7 +161,7 @@ def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
 
 def open_connection(
     path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0,
-    vfs: str | None = None, create: bool = False,
+    vfs: str | None = None, create: bool = False, journal: bool = False,
 ) -> apsw.Connection:
     """Open and configure one connection to the store at ``path``.
 
@@ -159,7 +173,10 @@ def open_connection(
 
     :param create: create the file (mode 0600) if missing; only :func:`create_store`
         does, under a private name, so a store never appears half-made.
+    :param journal: use the rollback journal instead of WAL (an unsafe filesystem, see
+        :mod:`sessiondb.filesystems`).
     :raises DatabaseOpenError: the path cannot be opened or is not a sessiondb store.
+    :raises WalDeletedError, StoreReplacedError: a marker says a person must look first.
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises DatabaseBusyError: the file stayed locked for ``timeout`` seconds.
     :raises ConfigurationError: WAL mode is unavailable or SQLite is too old.
@@ -169,6 +186,7 @@ def open_connection(
     created = create and not path.exists()
     if not create:
         refuse_marked(path)
+        refuse_replaced(path)
         refuse_empty_file(path)
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     try:
@@ -183,7 +201,7 @@ def open_connection(
         if created:
             _restrict_new_file(path)
         connection_busy_timeout(conn, busy_timeout_ms)
-        _configure(conn, path, journal_size_limit, timeout)
+        _configure(conn, path, journal_size_limit, timeout, journal)
     except apsw.Error as exc:
         conn.close()
         if isinstance(exc, (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError,
@@ -281,7 +299,7 @@ def _alive(pid: int) -> bool:
 
 
 def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
-               timeout: float) -> None:
+               timeout: float, journal: bool = False) -> None:
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
@@ -289,8 +307,8 @@ def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
         try:
             refuse_unusable(conn, path)
             connection_new_file_layout(conn)
-            connection_wal(conn)
-            connection_durability(conn)
+            (connection_rollback_journal if journal else connection_wal)(conn)
+            connection_durability(conn, journal)
             connection_foreign_keys(conn)
             connection_no_mmap(conn)
             connection_manual_checkpoints(conn, journal_size_limit)
@@ -300,7 +318,10 @@ def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
             if remaining <= 0:
                 raise DatabaseBusyError(
                     f"{path} stayed locked by another process for {timeout:.1f}s while "
-                    "opening; retry later"
+                    "opening; retry later" + (
+                        " (leaving WAL for the rollback journal waits until no other "
+                        "process has the store open: every process must use "
+                        "unsafe_filesystem='journal')" if journal else "")
                 ) from exc
             time.sleep(backoff(attempt, remaining))
 

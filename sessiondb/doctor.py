@@ -10,10 +10,14 @@ Before anything opens the file read-write, a read-only connection makes sure tha
 so changes nothing: opening a :class:`SessionDB` switches the file to WAL and creates the
 schema, which doctor must not do to a file that is not (yet) a sessiondb store.
 
-Checks, in order: no marker says the store's ``-wal`` was deleted while in use
-(:mod:`sessiondb.walguard`), the file opens as a sessiondb store (not empty, schema not
-newer than this library), ``PRAGMA integrity_check``, the FTS5 index against the ``messages`` table
-(``'integrity-check'`` command with ``rank = 1``,
+Checks, in order: the filesystem of the store's directory (:mod:`sessiondb.filesystems`:
+on one where WAL is unsafe, nothing is opened unless the store's processes opted in to
+the rollback journal), no marker says the store's ``-wal`` was deleted while in use
+(:mod:`sessiondb.walguard`) or that the file was replaced under a live process
+(:mod:`sessiondb.replacement`), the file opens as a sessiondb store (not empty, not
+another application's, schema not newer than this library), ``PRAGMA integrity_check``,
+the FTS5 index against the ``messages`` table (``'integrity-check'`` command with
+``rank = 1``,
 https://sqlite.org/fts5.html#the_integrity_check_command),
 ``PRAGMA foreign_key_check``, each session's ``message_count`` against its messages, and
 the store's message total (kept by triggers, see :mod:`sessiondb.schema`) against them.
@@ -23,18 +27,23 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import Any, Sequence, TypedDict
 
 import apsw
 
-from . import __version__, search_index
+from . import __version__, filesystems, replacement, search_index
 from .backend import is_url
 from .connection import ENV_PATH, _open_advice, default_path, refuse_empty_file
-from .errors import ConfigurationError, DatabaseOpenError, SchemaTooNewError, SessionDBError
+from .errors import (
+    ConfigurationError, DatabaseOpenError, FilesystemWarning, SchemaTooNewError,
+    SessionDBError,
+)
 from .maintenance import ProgressCallback
 from .schema import (
-    MESSAGE_TOTAL_SQL, SCHEMA_VERSION, _refuse_foreign, _refuse_newer, user_version,
+    MESSAGE_TOTAL_SQL, SCHEMA_VERSION, _refuse_foreign, _refuse_newer, application_id,
+    refuse_foreign_application, user_version,
 )
 from .store import SessionDB
 from .walguard import refuse_marked
@@ -81,6 +90,13 @@ class DoctorReport(TypedDict):
         starts with the database's name (``-wal``, ``-shm``, the write gate ...), as found.
     :ivar sessions, messages: row counts.
     :ivar gate: the write gate in use (``"fifo"`` or ``"none"``).
+    :ivar filesystem: the filesystem of the store's directory
+        (:meth:`sessiondb.filesystems.Filesystem.as_dict`: ``type``, ``magic``,
+        ``mount_point``, ``source``, ``verdict``, ``reason``, ``directory``).
+    :ivar application_id: ``PRAGMA application_id`` of the file (sessiondb's is
+        :data:`sessiondb.schema.APPLICATION_ID`; 0 until a sessiondb opens it).
+    :ivar replaced: the record a process left when the file was replaced while it had
+        the store open (:mod:`sessiondb.replacement`), or None.
     :ivar repaired: with ``repair=True``, the full-text index state before the rebuild
         (``fts_index_before``) and the message total before it was recounted
         (``message_total_before``: ``"ok"`` or what was wrong).
@@ -109,6 +125,9 @@ class DoctorReport(TypedDict):
     sessions: int | None
     messages: int | None
     gate: str | None
+    filesystem: dict[str, Any]
+    application_id: int | None
+    replaced: dict[str, Any] | None
     repaired: dict[str, str | None] | None
 
 
@@ -152,13 +171,21 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
                                   else default_path()))
     report = _empty_report(target)
     _files(target, report)
+    fs = filesystems.examine(target)
+    report["filesystem"] = fs.as_dict()
+    report["replaced"] = replacement.read_marker(target)
     if not report["exists"]:
         report["problems"].append(f"no database at {target} (nothing was created)")
         return _finish(report)
     try:
-        refuse_marked(target)
-        _probe(target, report)
-        db = SessionDB(target, progress=progress)
+        with warnings.catch_warnings():  # an unknown filesystem: the report says it
+            warnings.simplefilter("ignore", FilesystemWarning)
+            # On an unsafe filesystem even a read-only look maps the -shm: refuse first.
+            filesystems.use_journal(str(target), fs, filesystems.policy(None))
+            refuse_marked(target)
+            replacement.refuse_replaced(target)
+            _probe(target, report)
+            db = SessionDB(target, progress=progress)
     except SchemaTooNewError as exc:
         report["schema_version"] = exc.found
         return _open_failed(report, exc)
@@ -191,6 +218,8 @@ def _probe(path: Path, report: DoctorReport) -> None:
     except apsw.Error as exc:
         raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
     try:
+        report["application_id"] = application_id(conn)
+        refuse_foreign_application(path, report["application_id"])
         found = user_version(conn)
         report["schema_version"] = found
         _refuse_newer(path, found)
@@ -277,6 +306,7 @@ def _inspect(db: SessionDB, report: DoctorReport, deep: bool) -> None:
 
 def _pragmas(conn: apsw.Connection) -> dict[str, Any]:
     return {
+        "application_id": application_id(conn),
         "journal_mode": str(conn.pragma("journal_mode")),
         "schema_version": int(conn.pragma("user_version")),
         "page_size": int(conn.pragma("page_size")),
@@ -363,7 +393,8 @@ def _empty_report(path: Path) -> DoctorReport:
         counters=None, journal_mode=None, schema_version=None,
         schema_supported=SCHEMA_VERSION, page_size=None, page_count=None,
         freelist_count=None, db_bytes=None, wal_bytes=0, sidecars=[], sessions=None,
-        messages=None, gate=None, repaired=None,
+        messages=None, gate=None, filesystem={}, application_id=None, replaced=None,
+        repaired=None,
     )
 
 

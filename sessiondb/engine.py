@@ -43,15 +43,17 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import search_index
+from . import filesystems, search_index
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
+    DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
+    WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
+from .replacement import StoreIdentity, StoreMoved, handle_replaced, refuse_replaced
 from .schema import SCHEMA_VERSION, build_schema, ensure_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
@@ -131,6 +133,7 @@ class Engine:
         gate: bool = True,
         vfs: str | None = None,
         progress: ProgressCallback | None = None,
+        unsafe_filesystem: str | None = None,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
@@ -145,19 +148,25 @@ class Engine:
                                      f"(registered: {', '.join(apsw.vfs_names())})")
         self.path = Path(path).expanduser() if path is not None else default_path()
         self.path = Path(os.path.abspath(self.path))
+        # Before anything is created: a refused store is left as it was (or absent).
+        self.filesystem = filesystems.examine(self.path)
+        journal = filesystems.use_journal(str(self.path), self.filesystem,
+                                          filesystems.policy(unsafe_filesystem))
         self._options = dict(write_timeout=float(write_timeout),
                              hold_timeout=None if hold_timeout is None else float(hold_timeout),
                              busy_timeout_ms=max(1, int(busy_timeout * 1000)),
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
-                             progress=check_progress(progress))
+                             progress=check_progress(progress), journal=journal)
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
         self._closed = False
         self._conn: apsw.Connection | None = None
         self._lost: WalDeletedError | None = None  # see sessiondb.walguard
+        self._replaced: StoreReplacedError | None = None  # see sessiondb.replacement
+        self._identity = StoreIdentity(self.path)
         self._open()
         _INSTANCES.add(self)
 
@@ -172,6 +181,7 @@ class Engine:
                 str(self.path))
         o = self._options
         if not self.path.exists():
+            refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
             create_store(self.path, lambda tmp: self._new_connection(tmp),
                          lambda conn, tmp: build_schema(conn, partial(
@@ -184,19 +194,25 @@ class Engine:
                                      o["hold_timeout"])
             self._walguard = WalGuard(self.path)
             self._walguard.record()
-            self._writes.verify = self._walguard.check
+            self._identity.record(conn)
+            self._writes.verify = self._verify_files
+            # The rollback journal has no WAL: nothing to checkpoint, nothing to bound.
             self._checkpoints = CheckpointPolicy(
                 lambda: make_gate(self.path, o["gate"]), self._new_connection,
-                o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
+                0 if o["journal"] else o["checkpoint_every"],
+                0 if o["journal"] else o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
-            self._checkpoints.verify = lambda: self._walguard.lost() is None
+            self._checkpoints.verify = lambda: (self._walguard.lost() is None
+                                                and self._identity.intact())
             self._conn = conn
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
-            # built in one statement), so it is exempt from the hold bound.
-            ensure_schema(conn, self.path, partial(self.execute_write, bounded=False),
-                          o["write_timeout"])
-            if search_index.finish_on_open(conn):
+            # built in one statement), so it is exempt from the hold bound. Both run
+            # through read(), which retries a read that meets a commit (busy): rare with
+            # WAL, common with the rollback journal, where a commit locks readers out.
+            self.read(lambda c: ensure_schema(c, self.path, partial(
+                self.execute_write, bounded=False), o["write_timeout"]))
+            if self.read(search_index.finish_on_open):
                 self._finish_conversion()
         except BaseException:
             self._conn = None
@@ -240,7 +256,7 @@ class Engine:
         return open_connection(new_file or self.path, busy_timeout_ms=o["busy_timeout_ms"],
                                journal_size_limit=o["journal_size_limit"],
                                timeout=o["write_timeout"], vfs=o["vfs"],
-                               create=new_file is not None)
+                               create=new_file is not None, journal=o["journal"])
 
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see
@@ -282,11 +298,15 @@ class Engine:
                 self._gate.close()
                 return
             try:
-                lost = None if self._lost else self._walguard.lost()
+                now = self._identity.now()
+                if self._replaced is None and now != self._identity.was:
+                    self._replaced = handle_replaced(conn, self.path, self._identity.was,
+                                                     now)
+                lost = None if self._lost or self._replaced else self._walguard.lost()
                 if lost is not None:
                     self._lost = handle_lost(conn, self.path, lost)
-                if self._lost is None:  # never checkpoint an orphaned WAL
-                    self._checkpoints.passive(conn, escalate=False)
+                if self._lost is None and self._replaced is None:  # never checkpoint an
+                    self._checkpoints.passive(conn, escalate=False)  # orphaned WAL
             except (apsw.Error, SessionDBError):
                 pass  # a courtesy checkpoint: the frames stay in the WAL for the next one
             finally:
@@ -309,6 +329,9 @@ class Engine:
                 raise ClosedError(f"{self!r} is closed; open a new SessionDB")
             if self._lost is not None:
                 raise WalDeletedError(str(self._lost), *self._lost_args())
+            if self._replaced is not None:
+                e = self._replaced
+                raise StoreReplacedError(str(e), e.path, e.marker, e.was, e.now)
             if os.getpid() != self._pid:
                 if self._conn is not None:
                     _INHERITED.append(self._conn)
@@ -362,20 +385,32 @@ class Engine:
                                          "write after it ends")
             with self._files_guard(conn):
                 result = self._writes.run(conn, fn, bounded)
+                self._identity.check(committed=True)  # into the old file? (replacement)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
         return result
 
+    def _verify_files(self) -> None:
+        """Right after BEGIN IMMEDIATE: the files are still the ones this instance
+        opened (sessiondb.replacement, sessiondb.walguard)."""
+        self._identity.check()
+        self._walguard.check()
+
     @contextmanager
     def _files_guard(self, conn: apsw.Connection) -> Iterator[None]:
         """Turn a lost -wal/-shm, found by the write path after BEGIN (and rolled back),
-        into WalDeletedError, now and for every later call (see sessiondb.walguard)."""
+        into WalDeletedError, and a replaced database file into StoreReplacedError, now
+        and for every later call (see sessiondb.walguard, sessiondb.replacement)."""
         try:
             yield
         except FilesLost as exc:
             self._lost = handle_lost(conn, self.path, exc.name)
             raise WalDeletedError(str(self._lost), *self._lost_args()) from None
+        except StoreMoved as exc:
+            e = self._replaced = handle_replaced(conn, self.path, self._identity.was,
+                                                 exc.now, exc.committed)
+            raise StoreReplacedError(str(e), e.path, e.marker, e.was, e.now) from None
 
     def _lost_args(self) -> tuple[str, str, str | None]:
         e = self._lost
@@ -467,6 +502,9 @@ class Engine:
                 ok = True
             finally:
                 self._writes.finish(conn, started, ok)
+            if ok:
+                with self._files_guard(conn):
+                    self._identity.check(committed=True)
             overgrown = self._checkpoints.after_write(conn)
         if overgrown:
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
@@ -547,7 +585,8 @@ class Engine:
     def checkpoint(self, reset: bool = False) -> dict[str, int]:
         """Run a PASSIVE checkpoint now, and a WAL reset (TRUNCATE, see
         :mod:`sessiondb.checkpoint`) if ``reset`` or the WAL is past half of
-        ``wal_limit``; returns when both are done.
+        ``wal_limit``; returns when both are done. With the rollback journal (an unsafe
+        filesystem, :mod:`sessiondb.filesystems`) there is no WAL: returns zeros.
 
         :raises InvalidArgumentType: ``reset`` is not True or False.
         :raises StorageError: a disk fault stopped it; nothing is lost.
@@ -558,7 +597,9 @@ class Engine:
                 raise ConfigurationError("checkpoint() cannot run inside a transaction() "
                                          "or snapshot() block; call it after the block")
             with self._files_guard(conn):
-                self._walguard.check()  # never copy an orphaned WAL over the database
+                self._verify_files()  # never copy an orphaned WAL over the database
+            if self._options["journal"]:
+                return {"wal_frames": 0, "checkpointed_frames": 0}
             result = self._checkpoints.passive(conn, escalate=False)
             due = reset or self._checkpoints.over_half()
         if due:  # outside the lock: a background reset in progress may need it
@@ -574,6 +615,8 @@ class Engine:
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()
             figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            figures["journal_mode"] = "delete" if self._options["journal"] else "wal"
+            figures["filesystem"] = self.filesystem.as_dict()
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

@@ -7,7 +7,9 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     ├── ConfigurationError          bad option value, unsupported SQLite
     ├── DatabaseOpenError           the path cannot be opened as a sessiondb store
     │   ├── SchemaTooNewError       written by a newer sessiondb; left untouched
-    │   └── HermesSchemaError       a hermes-agent state.db sessiondb cannot convert
+    │   ├── HermesSchemaError       a hermes-agent state.db sessiondb cannot convert
+    │   ├── ForeignDatabaseError    another application's SQLite file (its application_id)
+    │   └── UnsafeFilesystemError   on a filesystem where WAL corrupts (NFS, SMB, FUSE ...)
     ├── ClosedError                 the instance was closed
     ├── InvalidArgument (ValueError)    a value the store will not accept
     │   ├── InvalidTitle            title too long after sanitizing
@@ -22,6 +24,7 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
     │   ├── DiskFullError           SQLITE_FULL: free space, then retry
     │   ├── CorruptDatabaseError    the file or an index is damaged: run ``sessiondb doctor``
     │   ├── WalDeletedError         the -wal/-shm was deleted under a live connection
+    │   ├── StoreReplacedError      the database file was replaced under a live connection
     │   └── ConnectionLost          PostgreSQL: the server is unreachable, down or ended it
     ├── SearchIndexError            the full-text index is damaged (messages are intact)
     ├── StaleRevision               the session changed since the revision the update expected
@@ -37,7 +40,8 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
 ``CopyMismatch`` (the destination does not hold what was read).
 
 Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap;
-:class:`PoolWarning` when 80% of a PostgreSQL connection pool is in use.
+:class:`PoolWarning` when 80% of a PostgreSQL connection pool is in use;
+:class:`FilesystemWarning` when a store is opened on a filesystem sessiondb does not know.
 
 :mod:`sessiondb.compat.hermes` raises subclasses that are also the ``sqlite3`` (or
 builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep working::
@@ -69,6 +73,8 @@ __all__ = [
     "DatabaseOpenError",
     "SchemaTooNewError",
     "HermesSchemaError",
+    "ForeignDatabaseError",
+    "UnsafeFilesystemError",
     "ClosedError",
     "InvalidArgument",
     "InvalidTitle",
@@ -83,6 +89,7 @@ __all__ = [
     "DiskFullError",
     "CorruptDatabaseError",
     "WalDeletedError",
+    "StoreReplacedError",
     "SearchIndexError",
     "StaleRevision",
     "CoordinationError",
@@ -92,6 +99,7 @@ __all__ = [
     "CapExceeded",
     "DeadlineExceeded",
     "CapWarning",
+    "FilesystemWarning",
     "translate",
 ]
 
@@ -159,6 +167,42 @@ class HermesSchemaError(DatabaseOpenError):
             + " that sessiondb cannot convert (the file was not modified). Open it once "
             "with hermes-agent (March 2026 or later), then open it with sessiondb", path)
         self.found = found
+
+
+class ForeignDatabaseError(DatabaseOpenError):
+    """The file is a SQLite database of another application: its ``PRAGMA
+    application_id`` is neither sessiondb's nor 0. It is left untouched.
+
+    :ivar application_id: the id found in the file's header.
+    """
+
+    def __init__(self, path: str, application_id: int) -> None:
+        name = application_id.to_bytes(4, "big", signed=application_id < 0)
+        shown = f" ({name.decode('ascii')!r})" if name.isascii() and name.decode(
+            "ascii").isprintable() else ""
+        super().__init__(
+            f"{path} is another application's SQLite database (PRAGMA application_id = "
+            f"0x{application_id & 0xFFFFFFFF:08x}{shown}, not sessiondb's); nothing was "
+            "changed. Pass the path of a sessiondb store or of a new file", path)
+        self.application_id = application_id
+
+
+class UnsafeFilesystemError(DatabaseOpenError):
+    """The store's directory is on a filesystem where SQLite's WAL mode corrupts or fails
+    (network, host-shared or FUSE filesystems: NFS, SMB, 9p, virtiofs ...); nothing was
+    created or changed. The message names the filesystem and the remedies.
+
+    :ivar filesystem: the filesystem's type, e.g. ``"nfs4"``, ``"fuse.sshfs"``.
+    :ivar magic: the ``statfs`` ``f_type`` of the filesystem (Linux), else None.
+    :ivar mount_point: where it is mounted, when known.
+    """
+
+    def __init__(self, message: str, path: str, filesystem: str, magic: int | None,
+                 mount_point: str | None) -> None:
+        super().__init__(message, path)
+        self.filesystem = filesystem
+        self.magic = magic
+        self.mount_point = mount_point
 
 
 class ClosedError(SessionDBError):
@@ -274,6 +318,29 @@ class WalDeletedError(StorageError):
         self.path = path
         self.marker = marker
         self.rescue = rescue
+
+
+class StoreReplacedError(StorageError):
+    """The database file was replaced (renamed over, restored from a backup) or moved
+    away while this instance had it open. Its connection still holds the old file, so
+    writing on would write into a file nobody will read again: the instance stops (this
+    error on every later call), leaves a marker that ``sessiondb doctor`` reports, and
+    never checkpoints into the old file. Open a new :class:`~sessiondb.SessionDB` to use
+    the file that is there now.
+
+    :ivar path: the database path.
+    :ivar marker: the marker file (``<db>.sessiondb-replaced``).
+    :ivar was: ``(st_dev, st_ino)`` of the file this instance opened.
+    :ivar now: ``(st_dev, st_ino)`` of the file at the path now, None if there is none.
+    """
+
+    def __init__(self, message: str, path: str, marker: str, was: tuple[int, int],
+                 now: tuple[int, int] | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.marker = marker
+        self.was = was
+        self.now = now
 
 
 class SearchIndexError(SessionDBError):
@@ -396,6 +463,11 @@ class CapWarning(UserWarning):
 
 class PoolWarning(UserWarning):
     """80% or more of an instance's PostgreSQL connections are in use at once."""
+
+
+class FilesystemWarning(UserWarning):
+    """A store was opened on a filesystem sessiondb does not know to be safe or unsafe
+    for SQLite's WAL mode (see :mod:`sessiondb.filesystems`)."""
 
 
 class ConnectionLost(StorageError):

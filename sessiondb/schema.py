@@ -23,9 +23,17 @@ from typing import Callable
 import apsw
 import filelock
 
-from .errors import DatabaseOpenError, HermesSchemaError, SchemaTooNewError
+from .errors import (
+    DatabaseOpenError, ForeignDatabaseError, HermesSchemaError, SchemaTooNewError,
+)
 
 SCHEMA_VERSION = 4
+
+#: ``PRAGMA application_id`` of a sessiondb store: the bytes ``SsDB``
+#: (https://sqlite.org/fileformat2.html#application_id). Set when a store is created,
+#: and on the first open of a store made before it was (those, and converted hermes-agent
+#: files, have 0); a file with another non-zero id belongs to another application.
+APPLICATION_ID = 0x53734442
 
 #: The full-text index table (also recreated by sessiondb.search_index.rebuild).
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
@@ -297,6 +305,7 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
     """
     found = user_version(conn)
     if found == SCHEMA_VERSION:
+        stamp(conn, run_write)
         return found
     _refuse_newer(path, found)
     lock_path = path.with_name(path.name + ".sessiondb-migrate.lock")
@@ -307,6 +316,7 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
                 run_write(from_hermes)
             for version in range(user_version(conn), SCHEMA_VERSION):
                 run_write(_step(version))
+            stamp(conn, run_write)
     except filelock.Timeout as exc:
         raise DatabaseOpenError(
             f"another process has been migrating {path} for over {lock_timeout:.0f}s; "
@@ -327,6 +337,23 @@ def build_schema(conn: apsw.Connection, run_write: WriteRunner) -> None:
     (see :func:`sessiondb.connection.create_store`), so no lock is needed."""
     for version in range(user_version(conn), SCHEMA_VERSION):
         run_write(_step(version))
+    stamp(conn, run_write)
+
+
+def application_id(conn: apsw.Connection) -> int:
+    return int(conn.pragma("application_id"))
+
+
+def stamp(conn: apsw.Connection, run_write: WriteRunner) -> None:
+    """Give a store that has none sessiondb's :data:`APPLICATION_ID`, through the write
+    path (it changes the file's header)."""
+    if application_id(conn) != APPLICATION_ID:
+        run_write(_stamp)
+
+
+def _stamp(conn: apsw.Connection) -> None:
+    if application_id(conn) == 0:  # else another process stamped it first
+        conn.pragma("application_id", APPLICATION_ID)
 
 
 def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
@@ -338,15 +365,18 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     would show tables without a version, and a fresh store would be taken for a
     foreign database.
 
+    :raises ForeignDatabaseError: the file's ``application_id`` is another application's.
     :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
     :raises DatabaseOpenError: foreign tables and no schema version (a hermes-agent
         ``state.db`` of schema 6 is not foreign: :func:`ensure_schema` converts it).
     :raises HermesSchemaError: a hermes-agent ``state.db`` of another schema version.
     """
-    found, names = conn.execute(
+    found, names, app = conn.execute(
         "SELECT (SELECT user_version FROM pragma_user_version), "
         "(SELECT json_group_array(name) FROM sqlite_schema "
-        " WHERE type = 'table' AND name NOT LIKE 'sqlite%')").fetchone()
+        " WHERE type = 'table' AND name NOT LIKE 'sqlite%'), "
+        "(SELECT application_id FROM pragma_application_id)").fetchone()
+    refuse_foreign_application(path, int(app))
     found = int(found)
     _refuse_newer(path, found)
     if found == 0:
@@ -354,6 +384,12 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
         if hermes_version(conn, path, names) is None:  # a hermes-agent file is converted
             _refuse_foreign_names(path, names)
     return found
+
+
+def refuse_foreign_application(path: Path, found: int) -> None:
+    """:raises ForeignDatabaseError: ``found`` is neither 0 nor :data:`APPLICATION_ID`."""
+    if found not in (0, APPLICATION_ID):
+        raise ForeignDatabaseError(str(path), found)
 
 
 def _step(version: int) -> Callable[[apsw.Connection], None]:

@@ -65,16 +65,26 @@ class SessionDB(Handle, Coordination, Upkeep):
     :param gate: use the kernel-queued FIFO write gate where available (default True).
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the
         platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
+    :param unsafe_filesystem: what to do when the store's directory is on a filesystem
+        where SQLite's WAL is unsafe (NFS, SMB, 9p, virtiofs, FUSE ...; see
+        :mod:`sessiondb.filesystems`): ``"refuse"`` (the default: raise
+        :class:`~sessiondb.errors.UnsafeFilesystemError`), ``"journal"`` (use the rollback
+        journal there and on unknown filesystems: slower, readers and writers wait for each
+        other, and every process of the store must do the same) or ``"allow"`` (WAL
+        anyway). None: ``$SESSIONDB_UNSAFE_FILESYSTEM``, else ``"refuse"``.
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).
 
     SQLite only: ``busy_timeout``, ``checkpoint_every``, ``wal_limit``, ``reset_timeout``,
-    ``journal_size_limit``, ``gate``, ``vfs``. PostgreSQL only (see
+    ``journal_size_limit``, ``gate``, ``vfs``, ``unsafe_filesystem``. PostgreSQL only (see
     :class:`sessiondb.pg.engine.PgEngine`): ``pool_size``, ``schema``, ``pooler``,
     ``application_name``.
 
-    :raises DatabaseOpenError: the path is unusable (directory, not a database, no access).
+    :raises DatabaseOpenError: the path is unusable (directory, not a database, no access);
+        :class:`~sessiondb.errors.UnsafeFilesystemError` on a filesystem where WAL is
+        unsafe, :class:`~sessiondb.errors.ForeignDatabaseError` for another application's
+        database.
     :raises SchemaTooNewError: the store was written by a newer sessiondb.
     :raises ConfigurationError: an option is invalid or the SQLite is too old.
     """

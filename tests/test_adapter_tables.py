@@ -1,5 +1,5 @@
 """sessiondb.adapters.tables: an adapter's own tables, made once through the write path,
-versioned, refused when newer, and gone with their session (#13)."""
+versioned, upgraded in steps, refused when newer, and gone with their session."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from sessiondb import SessionDB
 from sessiondb.adapters.tables import AdapterTables, ensure_tables
-from sessiondb.errors import SchemaTooNewError
+from sessiondb.errors import ConfigurationError, SchemaTooNewError
 
 from adapter_workers import DEMO, make_tables
 
@@ -54,6 +54,28 @@ def test_newer_tables_are_refused_and_left_alone(db: SessionDB, db_path) -> None
             ensure_tables(other, older)
     assert (caught.value.found, caught.value.supported) == (1, 0)
     assert _rows(db, "SELECT count(*) FROM demo_items") == [(0,)]
+
+
+def test_older_tables_are_upgraded_step_by_step(db: SessionDB, db_path) -> None:
+    ensure_tables(db, DEMO)
+    db.create_session("s", "cli")
+    _insert(db, "s", 1, b"a")
+    column = {"sqlite": "ALTER TABLE demo_items ADD COLUMN {} TEXT",
+              "postgresql": "ALTER TABLE demo_items ADD COLUMN {} text"}
+    v3 = AdapterTables("demo", 3, DEMO.ddl, upgrades={
+        2: {k: (v.format("note"),) for k, v in column.items()},
+        3: {k: (v.format("label"),) for k, v in column.items()},
+    })
+    with SessionDB(db_path) as newer:
+        ensure_tables(newer, v3)
+        assert _rows(newer, "SELECT n, note, label FROM demo_items") == [(1, None, None)]
+        assert _rows(newer, "SELECT value FROM sessiondb_meta WHERE key = ?",
+                     ("adapter:demo",)) == [("3",)]
+
+
+def test_a_version_without_its_upgrade_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="no upgrade to version 2"):
+        AdapterTables("demo", 2, DEMO.ddl)
 
 
 def test_a_failing_statement_leaves_nothing(db: SessionDB) -> None:

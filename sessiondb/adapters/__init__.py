@@ -1,4 +1,4 @@
-"""sessiondb behind agent frameworks' own session interfaces (#13).
+"""sessiondb behind agent frameworks' own session interfaces.
 
 Each adapter is an optional extra that imports its framework only when its module is
 imported; this package imports none of them:

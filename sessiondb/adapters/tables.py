@@ -1,8 +1,9 @@
 """An adapter's own tables, beside the store's, made through the one write path.
 
 An adapter declares its tables once, as DDL per database (``"sqlite"``,
-``"postgresql"``), with a version; :func:`ensure_tables` creates them the first time an
-instance needs them, in one write transaction under the store's own lock discipline
+``"postgresql"``) that creates the current version, with the version number and the
+upgrades that bring an older store's tables to it; :func:`ensure_tables` creates or
+upgrades them the first time an instance needs them, in one write transaction under the store's own lock discipline
 (``BEGIN IMMEDIATE`` on SQLite; a transaction-scoped advisory lock on PostgreSQL, so two
 processes creating them at once never collide), and records the version in
 ``sessiondb_meta`` under ``adapter:<name>``. A store whose recorded version is newer than
@@ -18,23 +19,35 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..backend import Conn
-from ..errors import SchemaTooNewError
+from ..errors import ConfigurationError, SchemaTooNewError
 
 __all__ = ["AdapterTables", "ensure_tables"]
 
 
 @dataclass(frozen=True)
 class AdapterTables:
-    """An adapter's tables: ``ddl[dialect name]`` is the list of statements that create
-    them (plain ``CREATE TABLE``/``CREATE INDEX``, run once per store and version)."""
+    """An adapter's tables.
+
+    :ivar ddl: ``ddl[dialect name]``: the statements that create the tables at
+        ``version`` in a store that has none (plain ``CREATE TABLE``/``CREATE INDEX``).
+    :ivar upgrades: ``upgrades[n][dialect name]``: the statements that bring tables at
+        version ``n - 1`` to ``n``, for every ``n`` from 2 to ``version``.
+    """
 
     name: str
     version: int
     ddl: Mapping[str, tuple[str, ...]]
+    upgrades: Mapping[int, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [n for n in range(2, self.version + 1) if n not in self.upgrades]
+        if missing:
+            raise ConfigurationError(f"the {self.name} tables have no upgrade to version "
+                                     f"{missing[0]}")
 
     @property
     def key(self) -> str:
@@ -46,8 +59,8 @@ _made_lock = threading.Lock()
 
 
 def ensure_tables(db: Any, tables: AdapterTables) -> None:
-    """Create ``tables`` in ``db``'s store unless they exist at this version (a no-op
-    after the first call per instance).
+    """Create ``tables`` in ``db``'s store, or upgrade them from an older version, in
+    one write transaction (a no-op after the first call per instance).
 
     :raises SchemaTooNewError: the store has them at a newer version.
     """
@@ -55,7 +68,6 @@ def ensure_tables(db: Any, tables: AdapterTables) -> None:
         if tables.key in _made.get(db, ()):
             return
     dialect = db._sql
-    statements = tables.ddl[dialect.name]
 
     def write(conn: Conn) -> None:
         dialect.lock(conn, tables.key)
@@ -67,8 +79,11 @@ def ensure_tables(db: Any, tables: AdapterTables) -> None:
                                     tables.version)
         if have == tables.version:
             return
-        for statement in statements:
-            conn.execute(statement)
+        steps = ([tables.ddl] if have == 0 else
+                 [tables.upgrades[n] for n in range(have + 1, tables.version + 1)])
+        for step in steps:
+            for statement in step[dialect.name]:
+                conn.execute(statement)
         conn.execute("INSERT INTO sessiondb_meta (key, value) VALUES (?, ?) ON CONFLICT "
                      "(key) DO UPDATE SET value = excluded.value",
                      (tables.key, str(tables.version)))

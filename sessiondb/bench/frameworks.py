@@ -1,6 +1,6 @@
 """The frameworks benchmark: 8 processes writing one conversation at once through an
 agent framework, with sessiondb's adapter and with the framework's own SQLite backend,
-side by side (``sessiondb bench --only frameworks [--db postgresql://...]``, #13).
+side by side (``sessiondb bench --only frameworks [--db postgresql://...]``).
 
 A framework case is a module (:mod:`.fw_openai`, :mod:`.fw_langgraph`, :mod:`.fw_adk`)
 with:

@@ -111,10 +111,77 @@ class ServiceContract:
             event = said("user", "hello", actions=EventActions(state_delta={"k": "v"}))
             assert await service.append_event(session, event) is event
             assert session.events == [event] and session.state == {"k": "v"}
-            assert session.last_update_time >= event.timestamp
+            assert session.last_update_time == event.timestamp
             got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
             assert texts(got) == ["hello"] and got.state == {"k": "v"}
             assert got.last_update_time == session.last_update_time
+
+        run(body())
+
+    def test_the_update_time_is_the_last_events_timestamp(self, service) -> None:
+        async def body() -> None:
+            first = await service.create_session(app_name=APP, user_id="u1", session_id="s-1")
+            second = await service.create_session(app_name=APP, user_id="u1",
+                                                  session_id="s-2")
+            early = first.last_update_time - 100  # an event stamped before both existed
+            await service.append_event(second, said("user", "back-dated", timestamp=early))
+            assert second.last_update_time == early
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s-2")
+            assert got.last_update_time == early
+            listed = await service.list_sessions(app_name=APP, user_id="u1")
+            assert [(s.id, s.last_update_time) for s in listed.sessions] == [
+                ("s-2", early), ("s-1", first.last_update_time)]
+            await service.append_event(second, said("user", "next"))  # still current
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s-2")
+            assert texts(got) == ["back-dated", "next"]
+
+        run(body())
+
+    def test_two_appends_to_one_session_object_at_once(self, service) -> None:
+        # ADK's live mode does this: a background tool's answer is appended while the
+        # live flow appends the user's content, both to invocation_context.session.
+        async def body() -> None:
+            await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            session = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            await asyncio.gather(
+                service.append_event(session, said("user", "one")),
+                service.append_event(session, said("weather", "two", actions=EventActions(
+                    state_delta={"k": 2}))))
+            assert sorted(texts(session)) == ["one", "two"] and session.state == {"k": 2}
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert sorted(texts(got)) == ["one", "two"] and got.state == {"k": 2}
+
+        run(body())
+
+    def test_a_session_id_is_unique_per_app_and_user(self, service) -> None:
+        owners = ((APP, "u1"), (APP, "u2"), ("other", "u1"))
+
+        async def get(app: str, user: str):
+            return await service.get_session(app_name=app, user_id=user, session_id="s")
+
+        async def body() -> None:
+            for app, user in owners:
+                made = await service.create_session(app_name=app, user_id=user,
+                                                    session_id="s", state={"of": user})
+                await service.append_event(made, said("user", f"{app}/{user}"))
+            for app, user in owners:
+                got = await get(app, user)
+                assert (got.id, got.app_name, got.user_id) == ("s", app, user)
+                assert got.state == {"of": user} and texts(got) == [f"{app}/{user}"]
+            with pytest.raises(AlreadyExistsError):
+                await service.create_session(app_name=APP, user_id="u2", session_id="s")
+            listed = await service.list_sessions(app_name=APP)
+            assert sorted((s.user_id, s.id) for s in listed.sessions) == [("u1", "s"),
+                                                                           ("u2", "s")]
+            await service.delete_session(app_name=APP, user_id="u2", session_id="s")
+            assert await get(APP, "u2") is None
+            assert texts(await get(APP, "u1")) == [f"{APP}/u1"]
+            assert texts(await get("other", "u1")) == ["other/u1"]
+            again = await service.create_session(app_name=APP, user_id="u2", session_id="s")
+            assert again.events == [] and again.state == {}
+            await service.append_event(again, said("user", "again"))
+            assert texts(await get(APP, "u2")) == ["again"]
+            assert texts(await get(APP, "u1")) == [f"{APP}/u1"]
 
         run(body())
 
@@ -257,5 +324,25 @@ class PersistentContract(ServiceContract):
             assert isinstance(caught.value, ValueError)
             got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
             assert texts(got) == ["first"] and got.state == {}
+
+        run(body())
+
+    def test_an_object_of_a_deleted_session_is_refused_once_the_id_is_made_again(
+            self, service, open_service) -> None:
+        other = open_service()
+
+        async def body() -> None:
+            old = await service.create_session(app_name=APP, user_id="u1", session_id="s",
+                                               state={"plan": "old"})
+            await service.append_event(old, said("user", "old-1"))
+            await other.delete_session(app_name=APP, user_id="u1", session_id="s")
+            new = await other.create_session(app_name=APP, user_id="u1", session_id="s",
+                                             state={"plan": "new"})
+            await other.append_event(new, said("user", "new-1"))  # as many as old had
+            with pytest.raises(StaleSessionError):
+                await service.append_event(old, said("user", "old-2", actions=EventActions(
+                    state_delta={"plan": "the old object's"})))
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert texts(got) == ["new-1"] and got.state == {"plan": "new"}
 
         run(body())

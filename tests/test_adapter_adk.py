@@ -10,6 +10,7 @@ expectation is ADK's, not ours.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from sessiondb.bench.frameworks import run_case
 from sessiondb.errors import (
     ClosedError, InvalidArgument, InvalidArgumentType, SessionNotFound, StaleRevision,
 )
+from sessiondb.text import MAX_ID_LENGTH
 
 from adk_contract import APP, PersistentContract, ServiceContract, run, said, texts
 
@@ -114,25 +116,58 @@ class TestSessionDB(PersistentContract):
         assert {h["session_id"] for h in db.search_messages("umbrella")} == {"s"}
         assert {h["role"] for h in db.search_messages("drizzle")} == {"tool", "assistant"}
 
-    def test_session_ids_are_unique_in_the_store(self, service, db: SessionDB) -> None:
+    def test_an_id_taken_in_the_store_gets_a_sessiondb_id_of_its_own(
+            self, service, db: SessionDB) -> None:
         db.create_session("cli-1", "cli")
+        owners = ((APP, "u1", "s"), (APP, "u2", "s"), ("other", "u1", "s"),
+                  (APP, "u1", "cli-1"))
+
+        def tag(app: str, user: str) -> str:
+            return hashlib.sha256(json.dumps([app, user]).encode()).hexdigest()[:8]
 
         async def body() -> None:
-            await service.create_session(app_name=APP, user_id="u1", session_id="s")
-            for app, user in ((APP, "u2"), ("other", "u1")):
-                with pytest.raises(AlreadyExistsError, match="another app or user"):
-                    await service.create_session(app_name=app, user_id=user, session_id="s")
-                assert await service.get_session(app_name=app, user_id=user,
-                                                 session_id="s") is None
-                await service.delete_session(app_name=app, user_id=user, session_id="s")
-            with pytest.raises(AlreadyExistsError, match="source 'cli'"):
-                await service.create_session(app_name=APP, user_id="u1", session_id="cli-1")
-            assert await service.get_session(app_name=APP, user_id="u1",
-                                             session_id="cli-1") is None
-            assert await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            for app, user, sid in owners:
+                made = await service.create_session(app_name=app, user_id=user,
+                                                    session_id=sid)
+                await service.append_event(made, said("user", f"{app}/{user}"))
 
         run(body())
-        assert db.session_count() == 2
+        ids = ["s", f"s~{tag(APP, 'u2')}", f"s~{tag('other', 'u1')}", f"cli-1~{tag(APP, 'u1')}"]
+        for store_id, (app, user, _) in zip(ids, owners):
+            row = db.get_session(store_id)
+            assert (row["source"], row["user_id"], row["message_count"]) == ("adk", user, 1)
+            assert [m["content"] for m in db.get_messages(store_id)] == [f"{app}/{user}"]
+        assert (db.get_session("cli-1")["source"], db.get_messages("cli-1")) == ("cli", [])
+
+        async def again() -> None:
+            await service.delete_session(app_name=APP, user_id="u2", session_id="s")
+            await service.delete_session(app_name=APP, user_id="u1", session_id="s")
+            # The ADK id is free again: the next session of that id takes it.
+            await service.create_session(app_name=APP, user_id="u3", session_id="s")
+            got = await service.get_session(app_name="other", user_id="u1", session_id="s")
+            assert texts(got) == ["other/u1"]
+
+        run(again())
+        assert db.get_session(ids[1]) is None
+        assert db.get_session("s")["user_id"] == "u3"
+        assert db.session_count() == 4
+
+    def test_a_derived_id_fits_and_goes_on_when_it_is_taken_too(
+            self, service, db: SessionDB) -> None:
+        long = "x" * MAX_ID_LENGTH
+        tag = "~" + hashlib.sha256(json.dumps([APP, "u2"]).encode()).hexdigest()[:8]
+        db.create_session("s" + tag, "cli")
+
+        async def body() -> None:
+            for sid in (long, "s"):
+                for user in ("u1", "u2"):
+                    await service.create_session(app_name=APP, user_id=user, session_id=sid)
+            for sid in (long, "s"):
+                assert await service.get_session(app_name=APP, user_id="u2", session_id=sid)
+
+        run(body())
+        assert db.get_session(long[:MAX_ID_LENGTH - len(tag)] + tag)["user_id"] == "u2"
+        assert db.get_session("s" + tag + "~2")["user_id"] == "u2"
 
     def test_the_stale_error_is_sessiondbs_too_and_changes_nothing(
             self, service, db: SessionDB) -> None:
@@ -197,36 +232,96 @@ class TestSessionDB(PersistentContract):
             run(body())
             assert other.message_count() == 0
 
-    def test_a_session_object_from_elsewhere_is_checked_by_its_update_time(
+    def test_a_session_object_from_elsewhere_is_checked_by_its_last_event(
             self, service) -> None:
+        # A Session without our marker (built by hand, or by another service): its
+        # last event must be the session's, whatever its last_update_time says (event
+        # timestamps are the caller's, so they may go back or repeat).
         async def body() -> None:
             made = await service.create_session(app_name=APP, user_id="u1", session_id="s")
             copy = made.model_copy(deep=True)
-            copy._storage_update_marker = None  # e.g. built by hand from another service
-            await service.append_event(copy, said("user", "one"))
+            copy._storage_update_marker = None
+            await service.append_event(copy, said("user", "one"))  # neither has one
+            copy._storage_update_marker, copy.last_update_time = None, 0.0
+            await service.append_event(copy, said("user", "two", timestamp=1.0))
             old = made.model_copy(deep=True)
-            old._storage_update_marker = None
-            with pytest.raises(StaleSessionError):
-                await service.append_event(old, said("user", "two"))
+            old._storage_update_marker, old.last_update_time = None, 1e12
+            with pytest.raises(StaleSession) as caught:
+                await service.append_event(old, said("user", "three"))
+            assert (caught.value.expected, caught.value.actual) == (None, 2)
+            behind = copy.model_copy(deep=True, update={"events": copy.events[:1]})
+            behind._storage_update_marker = None
+            with pytest.raises(StaleSession):
+                await service.append_event(behind, said("user", "three"))
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert texts(got) == ["one", "two"]
 
         run(body())
+
+    def test_an_object_of_a_session_made_anew_is_refused_at_any_revision(
+            self, service) -> None:
+        async def body() -> None:
+            old = await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            await service.delete_session(app_name=APP, user_id="u1", session_id="s")
+            await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            with pytest.raises(StaleSession) as caught:
+                await service.append_event(old, said("user", "late"))
+            assert (caught.value.recreated, caught.value.expected,
+                    caught.value.actual) == (True, 0, 0)
+            assert "deleted and made anew" in str(caught.value)
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert got.events == []
+
+        run(body())
+
+    def test_many_appends_to_one_object_at_once_are_stored_in_order(
+            self, service, db: SessionDB) -> None:
+        async def body() -> None:
+            session = await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            events = [said("user", f"m{i}", actions=EventActions(state_delta={"n": i}))
+                      for i in range(10)]
+            await asyncio.gather(*(service.append_event(session, e) for e in events))
+            assert texts(session) == [f"m{i}" for i in range(10)]
+            assert session.state == {"n": 9} and service._appending == {}
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert texts(got) == texts(session) and got.state == {"n": 9}
+            assert got._storage_update_marker == session._storage_update_marker
+            # Another object of the session is another reader: behind, and refused.
+            other = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            with pytest.raises(StaleSession):
+                await asyncio.gather(service.append_event(session, said("user", "a")),
+                                     service.append_event(other, said("user", "b")))
+
+        run(body())
+        assert [m["content"] for m in db.get_messages("s")][-1] == "a"
 
     def test_an_event_appended_again_is_stored_once(self, service, db: SessionDB) -> None:
         async def body() -> None:
             await service.create_session(app_name=APP, user_id="u1", session_id="s")
             first = await service.get_session(app_name=APP, user_id="u1", session_id="s")
             retry = first.model_copy(deep=True)  # the object a failed call left behind
-            event = said("user", "once")
-            await service.append_event(first, event)
+            event = said("user", "once", actions=EventActions(state_delta={"k": 1}))
+            await service.append_event(first, event)  # the attempt whose answer was lost
             assert await service.append_event(retry, event) is event
-            assert retry.events == []
+            # Caught up, as if its first attempt had answered: current, not stale.
+            assert (texts(retry), retry.state) == (["once"], {"k": 1})
+            assert retry._storage_update_marker == first._storage_update_marker
+            assert retry.last_update_time == event.timestamp
+            assert await service.append_event(first, event) is event  # holds it already
+            assert texts(first) == ["once"]
+            await service.append_event(retry, said("user", "next"))
+            # Not the newest any more: the object is left as it is (and stays stale).
+            assert await service.append_event(first, event) is event
+            assert texts(first) == ["once"]
+            with pytest.raises(StaleSession):
+                await service.append_event(first, said("user", "late"))
             other = said("user", "same id, other text")
             other.id = event.id
             with pytest.raises(AlreadyExistsError):
-                await service.append_event(first, other)
+                await service.append_event(retry, other)
 
         run(body())
-        assert db.get_session("s")["message_count"] == 1
+        assert db.get_session("s")["message_count"] == 2
 
     def test_appending_to_a_session_that_is_gone(self, service, db: SessionDB) -> None:
         async def body() -> None:
@@ -293,11 +388,17 @@ class TestSessionDB(PersistentContract):
             run(use(service, "given"))
             run(service.close())
             assert db.get_session("given")["source"] == "gateway"  # still open
+            with pytest.raises(ClosedError):  # but the service is closed
+                run(service.get_session(app_name=APP, user_id="u1", session_id="given"))
 
         async def with_async() -> None:
             async with AsyncSessionDB(db_path) as adb:
-                await use(SessionDBSessionService(adb), "async")
+                service = SessionDBSessionService(adb)
+                await use(service, "async")
+                await service.close()
                 assert (await adb.get_session("async"))["message_count"] == 1
+                with pytest.raises(ClosedError):
+                    await service.list_sessions(app_name=APP)
 
         run(with_async())
         owned = SessionDBSessionService(db_path)

@@ -13,15 +13,22 @@ It behaves as ADK's own ``SqliteSessionService`` and ``DatabaseSessionService`` 
 stored, events read back as they were appended), with three differences:
 
 - the stale-session check is made inside the write transaction that appends, under the
-  session's lock, against a revision that every append moves: two processes appending
-  to one session never both pass it, so no event is interleaved or lost (ADK's services
-  check outside any lock); a stale append raises
+  session's lock, against a revision that every append moves and a token that tells a
+  session from an earlier one of the same id: two processes appending to one session
+  never both pass it, so no event is interleaved or lost (ADK's SQLite service checks
+  outside any lock), and an object read before the session was deleted and made anew
+  is refused; a stale append raises
   :class:`~sessiondb.adapters.adk_errors.StaleSession`, which is both sessiondb's
   ``StaleRevision`` and ADK's ``StaleSessionError``, and writes nothing;
 - events come back in the order they were appended (ADK's SQLite and database services
   sort them by their timestamps, which each process stamps before it appends);
-- a session id is unique in the whole store, not per app and user (see
+- an ADK session is a sessiondb session, whose id is the ADK id unless another app or
+  user (or a session not made through ADK) has that id already (see
   :mod:`sessiondb.adapters.adk_store`, which also says what is stored where).
+
+Within one process, appends to one session (any ``Session`` object of it) wait for each
+other, as in ADK's ``DatabaseSessionService``: two tasks appending to the same object at
+once (ADK's live mode does) are both stored, one after the other.
 
 Every call runs on a worker thread (the ``AsyncSessionDB``'s, if given one), so the
 event loop never waits on the database. This module imports ``google.adk``;
@@ -31,10 +38,11 @@ event loop never waits on the database. This module imports ``google.adk``;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from google.adk.events.event import Event
 from google.adk.platform import time as platform_time
@@ -58,7 +66,8 @@ __all__ = ["SessionDBSessionService", "StaleSession", "AdkSessionNotFound",
 
 T = TypeVar("T")
 
-#: How a Session object read from this service carries its revision.
+#: How a Session object read from this service carries its marker:
+#: ``sessiondb:<incarnation>:<revision>``.
 _MARKER = "sessiondb:"
 
 
@@ -82,6 +91,10 @@ class SessionDBSessionService(BaseSessionService):
         self._adb = db if isinstance(db, AsyncSessionDB) else None
         self._path = db if isinstance(db, (str, os.PathLike)) else None
         self._closed = False
+        # One asyncio lock per session being appended to (see _one_append_at_a_time),
+        # with the number of tasks holding or awaiting it.
+        self._appending: dict[tuple[Any, ...], list[Any]] = {}
+        self._appending_guard = threading.Lock()
         if self._db is None and self._adb is None and self._path is None:
             raise InvalidArgumentType("db must be a path, a PostgreSQL URL, a SessionDB or "
                                       f"an AsyncSessionDB, not {type(db).__name__}")
@@ -101,20 +114,51 @@ class SessionDBSessionService(BaseSessionService):
             return self._db
 
     async def _call(self, fn: Callable[[SessionDB], T]) -> T:
-        """``fn(db)`` on a worker thread, with the adapter's tables made."""
+        """``fn(db)`` on a worker thread, with the adapter's tables made.
+
+        :raises ClosedError: the service is closed."""
         if self._adb is not None:
+            self._check_open()
             return await self._adb.run(lambda db: fn(adk_store.prepare(db)))
         return await asyncio.to_thread(lambda: fn(adk_store.prepare(self._store())))
 
-    async def close(self) -> None:
-        """Close the store if the service opened it (idempotent; later calls raise
-        :class:`~sessiondb.errors.ClosedError`); a store given open is left open."""
-        if self._path is None:
-            return
+    def _check_open(self) -> None:
         with self._lock:
-            self._closed, db, self._db = True, self._db, None
-        if db is not None:
+            if self._closed:
+                raise ClosedError(f"{self!r} is closed; make a new one")
+
+    async def close(self) -> None:
+        """Close the service (idempotent; later calls raise
+        :class:`~sessiondb.errors.ClosedError`), and the store if the service opened it:
+        a store given open is left open, for its owner to close."""
+        with self._lock:
+            self._closed, db = True, self._db
+            if self._path is not None:
+                self._db = None
+        if db is not None and self._path is not None:
             await asyncio.to_thread(db.close)
+
+    @contextlib.asynccontextmanager
+    async def _one_append_at_a_time(self, session: Session) -> AsyncIterator[None]:
+        """Hold the lock of ``session``'s (app, user, id) in this service: appends to
+        one session from tasks of one process run one after the other, each reading the
+        object's marker only once the previous one has moved it (read before, two tasks
+        would both carry the same revision and the second be refused as stale). Locks
+        are dropped once no task holds or awaits them, and kept per event loop (an
+        asyncio lock serves one loop; appends from two loops are checked by the store,
+        as two processes' are)."""
+        key = (asyncio.get_running_loop(), session.app_name, session.user_id, session.id)
+        with self._appending_guard:
+            entry = self._appending.setdefault(key, [asyncio.Lock(), 0])
+            entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            with self._appending_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._appending[key]
 
     async def __aenter__(self) -> "SessionDBSessionService":
         return self
@@ -131,7 +175,9 @@ class SessionDBSessionService(BaseSessionService):
         state shared by the app and by the app's user, ``temp:`` keys are dropped.
 
         :returns: the session, its state merged with the shared states.
-        :raises AdkAlreadyExists: the id exists (also ADK's ``AlreadyExistsError``).
+        :raises AdkAlreadyExists: this app and user have a session of this id already
+            (also ADK's ``AlreadyExistsError``); another app's or user's session of
+            this id is another session.
         """
         app_name, user_id = _owner(app_name, user_id)
         if state is not None and not isinstance(state, dict):
@@ -183,13 +229,17 @@ class SessionDBSessionService(BaseSessionService):
         and ``last_update_time``), as ADK's services do; a partial event is returned
         untouched, ``temp:`` keys reach ``session.state`` but are not stored.
 
-        The check that ``session`` is not stale and the append are one transaction.
+        The check that ``session`` is not stale and the append are one transaction;
+        appends to one session made at once in this process wait for each other.
         An event already stored in the session with the same content is not stored
-        again (and ``session`` is left as it is).
+        again (a retry whose first attempt was written): if it is the session's newest
+        event and ``session`` was read just before it, it is applied to ``session``
+        now, as the first attempt would have; otherwise ``session`` is left as it is.
 
         A cancelled call that has started still completes its write on its thread;
-        ``session`` is then behind the store, and the next append with it is refused
-        as stale (nothing is lost or written twice).
+        ``session`` is then behind the store: appending the same event again with it
+        catches it up (see above), and any other append with it is refused as stale
+        (nothing is lost or written twice).
 
         :raises StaleSession: someone appended since ``session`` was read (also ADK's
             ``StaleSessionError``, a ``ValueError``); nothing was written and neither
@@ -210,17 +260,22 @@ class SessionDBSessionService(BaseSessionService):
         kept = event.model_copy(update={
             "actions": event.actions.model_copy(update={"state_delta": delta})})
         message, calls = _message(event)
-        args = dict(expected=_revision(session), seen_time=session.last_update_time,
-                    event_id=event.id, event_json=kept.model_dump_json(exclude_none=True),
-                    timestamp=event.timestamp, message=message, calls=calls,
-                    deltas=_session_util.extract_json_safe_state_delta(delta))
-        done = await self._call(lambda db: adk_store.append(
-            db, session.app_name, session.user_id, session.id, **args))
-        if not done.stored:
-            return event
-        session.last_update_time = done.update_time
-        session._storage_update_marker = _MARKER + str(done.revision)
-        return await super().append_event(session=session, event=event)
+        deltas = _session_util.extract_json_safe_state_delta(delta)
+        async with self._one_append_at_a_time(session):
+            # Read only now: a task appending to this object before us has moved these.
+            args = dict(expected=_marker(session),
+                        seen_event=session.events[-1].id if session.events else None,
+                        event_id=event.id,
+                        event_json=kept.model_dump_json(exclude_none=True),
+                        timestamp=event.timestamp, message=message, calls=calls,
+                        deltas=deltas)
+            done = await self._call(lambda db: adk_store.append(
+                db, session.app_name, session.user_id, session.id, **args))
+            if not (done.stored or done.caught_up):
+                return event
+            session.last_update_time = done.update_time
+            session._storage_update_marker = _MARKER + "%s:%d" % done.marker
+            return await super().append_event(session=session, event=event)
 
 
 # -- between ADK's objects and what is stored ---------------------------------------------
@@ -255,17 +310,18 @@ def _session(stored: adk_store.Stored | None) -> Session | None:
     session = Session(id=stored.id, app_name=stored.app_name, user_id=stored.user_id,
                       state=state, last_update_time=stored.update_time,
                       events=[Event.model_validate_json(e) for e in stored.events])
-    session._storage_update_marker = _MARKER + str(stored.revision)
+    session._storage_update_marker = _MARKER + "%s:%d" % stored.marker
     return session
 
 
-def _revision(session: Session) -> int | None:
-    """The revision a Session object was read at; None if it did not come from us."""
+def _marker(session: Session) -> adk_store.Marker | None:
+    """The incarnation and revision a Session object was read at; None if it did not
+    come from us."""
     marker = session._storage_update_marker
     if isinstance(marker, str) and marker.startswith(_MARKER):
-        tail = marker[len(_MARKER):]
-        if tail.isascii() and tail.isdigit():
-            return int(tail)
+        incarnation, _, revision = marker[len(_MARKER):].partition(":")
+        if incarnation and revision.isascii() and revision.isdigit():
+            return incarnation, int(revision)
     return None
 
 

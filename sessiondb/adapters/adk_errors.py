@@ -25,32 +25,39 @@ __all__ = ["StaleSession", "AdkSessionNotFound", "AdkAlreadyExists"]
 
 class StaleSession(StaleRevision, StaleSessionError):
     """The ``Session`` object given to ``append_event`` is older than the stored
-    session: another writer appended an event since it was read. Nothing was written;
-    read the session again (``get_session``) and append to that.
+    session: another writer appended an event since it was read, or the session was
+    deleted and made anew with the same id. Nothing was written; read the session again
+    (``get_session``) and append to that.
 
-    :ivar session_id: the session.
+    :ivar session_id: the session's ADK id.
     :ivar expected: the session's revision when this object was read (None for a
-        ``Session`` that did not come from this service: its ``last_update_time`` was
-        compared instead).
+        ``Session`` that did not come from this service: its last event was compared
+        with the session's instead).
     :ivar actual: the stored revision now.
+    :ivar recreated: the object was read from an earlier session of this id, since
+        deleted (its revisions are not comparable with this one's).
     """
 
-    def __init__(self, session_id: str, expected: int | None, actual: int) -> None:
-        seen = (f"was read at revision {expected}" if expected is not None
-                else "carries an older last_update_time")
+    def __init__(self, session_id: str, expected: int | None, actual: int, *,
+                 recreated: bool = False) -> None:
+        seen = ("was read from an earlier session of this id, since deleted and made "
+                "anew" if recreated else
+                f"was read at revision {expected}: another writer appended an event "
+                "meanwhile" if expected is not None else
+                "has not seen the session's last event: another writer appended one")
         Exception.__init__(
             self, f"ADK session {session_id!r} is at revision {actual} in the store, but "
-                  f"this Session object {seen}: another writer appended an event "
-                  "meanwhile; nothing was written. Read it again with get_session() and "
-                  "append to the new object")
+                  f"this Session object {seen}; nothing was written. Read it again with "
+                  "get_session() and append to the new object")
         self.session_id = session_id
         self.expected = expected
         self.actual = actual
+        self.recreated = recreated
 
 
 class AdkSessionNotFound(SessionNotFound, SessionNotFoundError):
-    """No ADK session with this id exists for this app and user (it was deleted, or the
-    id belongs to another app, user or to a session not made through ADK)."""
+    """No ADK session with this id exists for this app and user (it was deleted, or
+    was never made by this app and user)."""
 
     def __init__(self, session_id: str, app_name: str, user_id: str) -> None:
         SessionNotFound.__init__(
@@ -64,7 +71,7 @@ class AdkAlreadyExists(IntegrityViolation, AlreadyExistsError):
     """A session (or an event in a session) with this id already exists; nothing was
     written.
 
-    :ivar session_id: the session id.
+    :ivar session_id: the session's ADK id.
     :ivar event_id: the event id, when an event was refused.
     """
 

@@ -4,10 +4,10 @@ one snapshot read. Plain data in and out: the service turns it into ADK's object
 
 What is stored where:
 
-- an ADK session *is* a sessiondb session, with the same id, the service's ``source``
-  (``"adk"``) and the ADK user id in ``user_id``: ``sessiondb list``, ``show``,
-  ``search``, export and ``delete_session`` see it, and ``prune_sessions`` once it is
-  ended (ADK never ends a session: ``end_session`` it when done with it);
+- an ADK session *is* a sessiondb session (its id: see *Ids* below), with the service's
+  ``source`` (``"adk"``) and the ADK user id in ``user_id``: ``sessiondb list``,
+  ``show``, ``search``, export and ``delete_session`` see it, and ``prune_sessions``
+  once it is ended (ADK never ends a session: ``end_session`` it when done with it);
 - each persisted event is a message of it: ``role`` ``user`` (an event by the user),
   ``tool`` (function responses) or ``assistant`` (anything else an agent wrote),
   ``content`` the text of its parts and the JSON result of its function responses
@@ -17,43 +17,55 @@ What is stored where:
   exactly as ADK's own services store it (``model_dump_json(exclude_none=True)``), which
   is what is read back;
 - what does not fit a session row goes in this adapter's tables: ``adk_sessions`` (app
-  name, session state, create and update time, revision; one row per session),
-  ``adk_events`` (the event id of each event message: the key of idempotent re-delivery),
-  ``adk_app_states`` and ``adk_user_states`` (state shared by every session of an app,
-  and of an app and user, as ADK scopes it). Rows of the first two go with their session
-  or message (``ON DELETE CASCADE``); shared state stays, as in ADK's services.
+  name, user id, ADK id, session state, create and update time, incarnation and
+  revision; one row per session), ``adk_events`` (the event id of each event message:
+  the key of idempotent re-delivery), ``adk_app_states`` and ``adk_user_states`` (state
+  shared by every session of an app, and of an app and user, as ADK scopes it). Rows of
+  the first two go with their session or message (``ON DELETE CASCADE``); shared state
+  stays, as in ADK's services.
 
-Ids: ADK makes a session id unique per (app, user); a sessiondb id is unique in the
-store. The sessiondb id *is* the ADK id (so ``sessiondb show <id>`` takes the id an ADK
-app logs), and an id is owned by the app and user that created it: another app or user
-creating it gets :class:`~sessiondb.adapters.adk_errors.AdkAlreadyExists`, and reading,
-appending to or deleting it under another app or user finds no session. Rejected: a
-composite id (``app/user/id``), which every CLI command and log line would then have to
-spell out.
+Ids: ADK makes a session id unique per (app, user), a sessiondb id is unique in the
+store; ``adk_sessions`` maps each (app name, user id, ADK id), unique, to the sessiondb
+session, and every lookup goes through it. The sessiondb id is the ADK id itself when no
+session has it yet (the usual case: ``sessiondb show <id>`` takes the id an ADK app
+logs); when another app or user, or a session not made through ADK, has it, the
+sessiondb id is ``<id>~<tag>``, where ``<tag>`` is the first 8 hex digits of the SHA-256
+of the JSON array ``[app_name, user_id]`` (``~<tag>~2``, ``~3``... in the unlikely case
+that this is taken too; the ADK id is cut short when the result would exceed the longest
+id). Rejected: a composite id (``app/user/id``) for every session, which every CLI
+command and log line would then have to spell out.
 
 Revisions: ``adk_sessions.revision`` grows by one with every append (the sessiondb
-session's own ``revision`` counts changes to its fields, which appends are not). A
-``Session`` object carries the revision it was read at (``_storage_update_marker``, the
-field ADK keeps for exactly this), and :func:`append` compares it inside the same write
+session's own ``revision`` counts changes to its fields, which appends are not), and
+``incarnation``, a random token drawn when the session is created, tells a session from
+an earlier one of the same id that was deleted (its revisions started from 0 too). A
+``Session`` object carries both as it read them (``_storage_update_marker``, the field
+ADK keeps for exactly this), and :func:`append` compares them inside the same write
 transaction that appends, under the session's lock, so two processes can neither both
-pass the check nor interleave. ``update_time`` strictly increases too (the event's
-time, or a microsecond past the previous update if that is later), so a ``Session``
-without a marker is compared by its ``last_update_time`` without ties.
+pass the check nor interleave. A ``Session`` without a marker (made by hand, or by
+another service) is current when its last event is the session's last stored one, or
+when both have none. ``update_time`` is the last event's timestamp, as in ADK's
+services (so ``last_update_time`` equals it, and listings order as theirs do); no
+check relies on it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from ..backend import Conn, first, rows
 from ..store import SessionDB
+from ..text import MAX_ID_LENGTH
 from .adk_errors import AdkAlreadyExists, AdkSessionNotFound, StaleSession
 from .tables import AdapterTables, ensure_tables
 
-__all__ = ["TABLES", "Stored", "Appended", "create", "get", "list_for", "delete", "append",
-           "user_state", "prepare"]
+__all__ = ["TABLES", "Stored", "Appended", "Marker", "create", "get", "list_for",
+           "delete", "append", "user_state", "prepare", "store_id_candidates"]
 
 
 def _ddl(text: str, real: str, integer: str) -> tuple[str, ...]:
@@ -66,11 +78,14 @@ CREATE TABLE adk_sessions (
     session_id {text} PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
     app_name {text} NOT NULL,
     user_id {text} NOT NULL,
+    adk_id {text} NOT NULL,
+    incarnation {text} NOT NULL,
     state {text} NOT NULL,
     create_time {real} NOT NULL,
     update_time {real} NOT NULL,
     revision {integer} NOT NULL DEFAULT 0
 );
+CREATE UNIQUE INDEX adk_sessions_adk_id ON adk_sessions (app_name, user_id, adk_id);
 CREATE INDEX adk_sessions_listing ON adk_sessions (app_name, user_id, update_time);
 CREATE TABLE adk_events (
     message_id {integer} PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
@@ -97,40 +112,46 @@ TABLES = AdapterTables("adk", 1, {
     "postgresql": _ddl("text", "double precision", "bigint"),
 })
 
-#: How far past the previous update time an append's update time is at least: one
-#: microsecond, the resolution of ADK's own database markers (and above a float's
-#: spacing at today's epoch seconds, about 0.24 microseconds).
-_TICK = 1e-6
-
 # The tables of the shared states and their keys.
 _SCOPES = {"app": ("adk_app_states", ("app_name",)),
            "user": ("adk_user_states", ("app_name", "user_id"))}
 
+#: The session's identity in the adapter's table.
+_IDENTITY = "app_name = ? AND user_id = ? AND adk_id = ?"
+
+#: What a Session object was read at: the session's incarnation and revision.
+Marker = tuple[str, int]
+
 
 @dataclass
 class Stored:
-    """An ADK session as stored: its own state (no prefixes), the app and user state
-    (keys without their prefixes), and its events' JSON, oldest first."""
+    """An ADK session as stored: ``id`` the ADK id, ``store_id`` the sessiondb session's,
+    its own state (no prefixes), the app and user state (keys without their prefixes),
+    and its events' JSON, oldest first."""
 
     id: str
+    store_id: str
     app_name: str
     user_id: str
     state: dict[str, Any]
     app_state: dict[str, Any]
     user_state: dict[str, Any]
     update_time: float
-    revision: int
+    marker: Marker
     events: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Appended:
-    """What an append left: the session's revision and update time after it; ``stored``
-    False when the event was there already (an equal re-delivery: nothing written)."""
+    """What an append left: the session's marker and update time after it. ``stored``
+    False when the event was there already (an equal re-delivery: nothing written);
+    ``caught_up`` then tells whether the caller's object was just one event behind and
+    that event is this one, the newest: applying it brings the object up to ``marker``."""
 
-    revision: int
+    marker: Marker
     update_time: float
     stored: bool = True
+    caught_up: bool = False
 
 
 def prepare(db: SessionDB) -> SessionDB:
@@ -143,6 +164,17 @@ def _key(session_id: str) -> str:
     # sessiondb's own lock key of a session (sessiondb.store._key): creators, deleters
     # and appenders of the session, ours and the store's, queue on the same lock.
     return "session:" + session_id
+
+
+def store_id_candidates(app_name: str, user_id: str, adk_id: str) -> Iterator[str]:
+    """The sessiondb ids a new ADK session may get, in the order they are tried: the
+    ADK id, then ``<id>~<tag>``, ``<id>~<tag>~2``... (see the module docstring)."""
+    yield adk_id
+    owner = json.dumps([app_name, user_id])  # ASCII: any text hashes
+    tag = "~" + hashlib.sha256(owner.encode("ascii")).hexdigest()[:8]
+    for n in itertools.count(1):
+        suffix = tag if n == 1 else f"{tag}~{n}"
+        yield adk_id[:MAX_ID_LENGTH - len(suffix)] + suffix
 
 
 def _loads(text: str | None) -> dict[str, Any]:
@@ -174,62 +206,76 @@ def _merge_scope(db: SessionDB, conn: Conn, scope: str, key: tuple[str, ...],
     return state
 
 
-def create(db: SessionDB, source: str, app_name: str, user_id: str, session_id: str,
+def _locked_row(db: SessionDB, conn: Conn, identity: tuple[str, str, str],
+                columns: str) -> Any:
+    """The ``adk_sessions`` row (its sessiondb id, then ``columns``) of the ADK session,
+    read with the sessiondb session's lock held; None when there is none. The id is
+    looked up, locked, and looked up again until two lookups agree: on PostgreSQL the
+    session may be deleted or made anew between the first lookup and the lock."""
+    locked = None
+    while True:
+        row = conn.execute(f"SELECT session_id, {columns} FROM adk_sessions WHERE "
+                           f"{_IDENTITY}", identity).fetchone()
+        if row is None or row[0] == locked:
+            return row
+        db._sql.lock(conn, _key(row[0]))
+        locked = row[0]
+
+
+def create(db: SessionDB, source: str, app_name: str, user_id: str, adk_id: str,
            deltas: dict[str, dict[str, Any]], now: float) -> Stored:
     """Create the session with the session part of ``deltas`` as its state and merge
     the app and user parts into the shared states, in one transaction.
 
-    :raises AdkAlreadyExists: the id is taken (by this app and user, or by any other
-        session of the store); nothing was written.
+    :raises AdkAlreadyExists: this app and user have a session of this id; nothing
+        was written.
     """
+    identity = (app_name, user_id, adk_id)
 
     def write(conn: Conn) -> Stored:
-        db._sql.lock(conn, _key(session_id))
-        owner = conn.execute("SELECT s.source, a.app_name, a.user_id FROM sessions s LEFT "
-                             "JOIN adk_sessions a ON a.session_id = s.id WHERE s.id = ?",
-                             (session_id,)).fetchone()
-        if owner is not None:
-            raise AdkAlreadyExists(_taken(session_id, app_name, user_id, tuple(owner)),
-                                   session_id)
+        # The identity's lock first, then the candidates' in the order tried: every
+        # creator locks in that order (and the candidates only grow longer), and the
+        # other writers take one session's lock only, so no two wait on each other.
+        db._sql.lock(conn, "adk-session:" + json.dumps(identity))
+        if first(conn, f"SELECT 1 FROM adk_sessions WHERE {_IDENTITY}", identity):
+            raise AdkAlreadyExists(f"Session with id {adk_id} already exists.", adk_id)
+        for store_id in store_id_candidates(*identity):
+            db._sql.lock(conn, _key(store_id))
+            if first(conn, "SELECT 1 FROM sessions WHERE id = ?", (store_id,)) is None:
+                break
+        marker = (secrets.token_hex(8), 0)
         conn.execute("INSERT INTO sessions (id, source, user_id, started_at) VALUES "
-                     "(?, ?, ?, ?)", (session_id, source, user_id, now))
-        conn.execute("INSERT INTO adk_sessions (session_id, app_name, user_id, state, "
-                     "create_time, update_time, revision) VALUES (?, ?, ?, ?, ?, ?, 0)",
-                     (session_id, app_name, user_id, json.dumps(deltas["session"]), now, now))
-        return Stored(session_id, app_name, user_id, dict(deltas["session"]),
+                     "(?, ?, ?, ?)", (store_id, source, user_id, now))
+        conn.execute("INSERT INTO adk_sessions (session_id, app_name, user_id, adk_id, "
+                     "incarnation, state, create_time, update_time, revision) VALUES "
+                     "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (store_id, *identity, marker[0], json.dumps(deltas["session"]), now,
+                      now, marker[1]))
+        return Stored(adk_id, store_id, app_name, user_id, dict(deltas["session"]),
                       _merge_scope(db, conn, "app", (app_name,), deltas["app"], now),
                       _merge_scope(db, conn, "user", (app_name, user_id), deltas["user"],
                                    now),
-                      now, 0)
+                      now, marker)
 
     return db._execute_write(write)
 
 
-def _taken(session_id: str, app_name: str, user_id: str, owner: tuple) -> str:
-    if owner[1:] == (app_name, user_id):
-        return f"Session with id {session_id} already exists."
-    whose = ("another app or user" if owner[1] is not None
-             else f"a sessiondb session of source {owner[0]!r}")
-    return (f"Session with id {session_id} already exists: the id belongs to {whose} "
-            "(sessiondb session ids are unique in the whole store); nothing was written. "
-            "Use another id, or let ADK generate one")
-
-
-def get(db: SessionDB, app_name: str, user_id: str, session_id: str,
+def get(db: SessionDB, app_name: str, user_id: str, adk_id: str,
         recent: int | None, after: float | None) -> Stored | None:
     """The session with its events (the last ``recent``, of those at or after
     ``after``; in the order they were appended), read as of one moment; None when this
     app and user have no session of this id."""
 
     def read(conn: Conn) -> Stored | None:
-        row = conn.execute("SELECT state, update_time, revision FROM adk_sessions WHERE "
-                           "session_id = ? AND app_name = ? AND user_id = ?",
-                           (session_id, app_name, user_id)).fetchone()
+        row = conn.execute("SELECT session_id, state, update_time, incarnation, revision "
+                           f"FROM adk_sessions WHERE {_IDENTITY}",
+                           (app_name, user_id, adk_id)).fetchone()
         if row is None:
             return None
+        store_id = row[0]
         events: list[str] = []
         if recent != 0:
-            where, args = "m.session_id = ?", [session_id]
+            where, args = "m.session_id = ?", [store_id]
             if after is not None:
                 where += " AND m.timestamp >= ?"
                 args.append(after)
@@ -240,10 +286,10 @@ def get(db: SessionDB, app_name: str, user_id: str, session_id: str,
                 sql += " LIMIT ?"
                 args.append(recent)
             events = [r[0] for r in conn.execute(sql, args).fetchall()][::-1]
-        return Stored(session_id, app_name, user_id, _loads(row[0]),
+        return Stored(adk_id, store_id, app_name, user_id, _loads(row[1]),
                       _scope_state(conn, "app", (app_name,)),
                       _scope_state(conn, "user", (app_name, user_id)),
-                      row[1], row[2], events)
+                      row[2], (row[3], row[4]), events)
 
     return db._read(read, snapshot=True)
 
@@ -257,15 +303,16 @@ def list_for(db: SessionDB, app_name: str, user_id: str | None) -> list[Stored]:
         if user_id is not None:
             where += " AND user_id = ?"
             args.append(user_id)
-        found = rows(conn, f"SELECT session_id, user_id, state, update_time, revision FROM "
-                           f"adk_sessions WHERE {where} ORDER BY update_time, user_id, "
-                           "session_id", args)
+        found = rows(conn, "SELECT session_id, adk_id, user_id, state, update_time, "
+                           f"incarnation, revision FROM adk_sessions WHERE {where} "
+                           "ORDER BY update_time, user_id, adk_id", args)
         app_state = _scope_state(conn, "app", (app_name,))
         users = {r[0]: _loads(r[1]) for r in conn.execute(
             f"SELECT user_id, state FROM adk_user_states WHERE {where}", args).fetchall()}
-        return [Stored(r["session_id"], app_name, r["user_id"], _loads(r["state"]),
-                       app_state, users.get(r["user_id"], {}), r["update_time"],
-                       r["revision"]) for r in found]
+        return [Stored(r["adk_id"], r["session_id"], app_name, r["user_id"],
+                       _loads(r["state"]), app_state, users.get(r["user_id"], {}),
+                       r["update_time"], (r["incarnation"], r["revision"]))
+                for r in found]
 
     return db._read(read, snapshot=True)
 
@@ -275,28 +322,38 @@ def user_state(db: SessionDB, app_name: str, user_id: str) -> dict[str, Any]:
     return db._read(lambda conn: _scope_state(conn, "user", (app_name, user_id)))
 
 
-def delete(db: SessionDB, app_name: str, user_id: str, session_id: str) -> None:
-    """Delete the session, its messages and its rows here, if this app and user own it
-    (as ``SessionDB.delete_session``, in the same transaction as the check)."""
+def delete(db: SessionDB, app_name: str, user_id: str, adk_id: str) -> None:
+    """Delete the session of this app, user and id, its messages and its rows here (as
+    ``SessionDB.delete_session``, in the same transaction as the lookup); nothing when
+    there is none."""
 
-    def owned(conn: Conn) -> bool:
-        db._sql.lock(conn, _key(session_id))
-        return first(conn, "SELECT 1 FROM adk_sessions WHERE session_id = ? AND app_name = ? "
-                           "AND user_id = ?", (session_id, app_name, user_id)) is not None
+    def owned(conn: Conn) -> str | None:
+        row = _locked_row(db, conn, (app_name, user_id, adk_id), "1")
+        return row[0] if row is not None else None
 
     with db.transaction():
-        if db._execute_write(owned):
-            db.delete_session(session_id)
+        store_id = db._execute_write(owned)
+        if store_id is not None:
+            db.delete_session(store_id)
 
 
-def append(db: SessionDB, app_name: str, user_id: str, session_id: str, *,
-           expected: int | None, seen_time: float, event_id: str, event_json: str,
-           timestamp: float, message: dict[str, Any], calls: int,
+def _last_events(conn: Conn, store_id: str) -> list[str]:
+    """The ids of the session's last two events, newest first (driven from
+    messages(session_id, id), as :func:`get` is)."""
+    return [r[0] for r in conn.execute(
+        "SELECT e.event_id FROM messages m JOIN adk_events e ON e.message_id = m.id "
+        "WHERE m.session_id = ? ORDER BY m.id DESC LIMIT 2", (store_id,)).fetchall()]
+
+
+def append(db: SessionDB, app_name: str, user_id: str, adk_id: str, *,
+           expected: Marker | None, seen_event: str | None, event_id: str,
+           event_json: str, timestamp: float, message: dict[str, Any], calls: int,
            deltas: dict[str, dict[str, Any]]) -> Appended:
     """Append one event, in one write transaction under the session's lock: check that
-    the session is still at revision ``expected`` (or, without one, not updated after
-    ``seen_time``), then write the message, the event's row, the session's new state,
-    update time and revision, and the shared states.
+    the session is still at ``expected`` (its incarnation and revision; or, without a
+    marker, that its last event is ``seen_event``, the id of the caller's last event, or
+    that neither has one), then write the message, the event's row, the session's new
+    state, update time (the event's ``timestamp``) and revision, and the shared states.
 
     An event whose id the session already holds with the same JSON is not written again
     (a retried append whose first attempt committed); this check comes first, as in
@@ -304,49 +361,57 @@ def append(db: SessionDB, app_name: str, user_id: str, session_id: str, *,
 
     :param message: the message's ``role``, ``content``, ``tool_calls``, ``tool_name``
         and ``tool_call_id``; ``calls`` the number of tool calls.
-    :raises StaleSession: the session changed since (nothing written).
+    :raises StaleSession: the session changed since, or was deleted and made anew
+        (nothing written).
     :raises AdkSessionNotFound: no such session for this app and user.
     :raises AdkAlreadyExists: another event with this id is in the session.
     """
 
     def write(conn: Conn) -> Appended:
-        db._sql.lock(conn, _key(session_id))
-        row = conn.execute(
-            "SELECT a.app_name, a.user_id, a.revision, a.update_time, a.state, "
-            "(SELECT m.metadata FROM adk_events e JOIN messages m ON m.id = e.message_id "
-            "WHERE e.session_id = a.session_id AND e.event_id = ?) FROM adk_sessions a "
-            "WHERE a.session_id = ?", (event_id, session_id)).fetchone()
-        if row is None or (row[0], row[1]) != (app_name, user_id):
-            raise AdkSessionNotFound(session_id, app_name, user_id)
-        _, _, revision, update_time, state, stored = row
+        row = _locked_row(db, conn, (app_name, user_id, adk_id),
+                          "incarnation, revision, update_time, state")
+        if row is None:
+            raise AdkSessionNotFound(adk_id, app_name, user_id)
+        store_id, incarnation, revision, update_time, state = row
+        stored = first(conn, "SELECT m.metadata FROM adk_events e JOIN messages m ON "
+                             "m.id = e.message_id WHERE e.session_id = ? AND "
+                             "e.event_id = ?", (store_id, event_id))
         if stored is not None:
-            if stored == event_json:
-                return Appended(revision, update_time, stored=False)
-            raise AdkAlreadyExists(f"Event {event_id} already exists in session "
-                                   f"{session_id}; nothing was written", session_id,
-                                   event_id)
-        stale = (expected != revision) if expected is not None else update_time > seen_time
+            if stored != event_json:
+                raise AdkAlreadyExists(f"Event {event_id} already exists in session "
+                                       f"{adk_id}; nothing was written", adk_id, event_id)
+            last = _last_events(conn, store_id)
+            if expected is not None:
+                behind = expected == (incarnation, revision - 1)
+            else:
+                behind = (last[1] if len(last) > 1 else None) == seen_event
+            return Appended((incarnation, revision), update_time, stored=False,
+                            caught_up=behind and last[:1] == [event_id])
+        if expected is not None:
+            stale = expected != (incarnation, revision)
+        else:
+            stale = _last_events(conn, store_id)[:1] != ([seen_event] if seen_event else [])
         if stale:
-            raise StaleSession(session_id, expected, revision)
-        now = max(timestamp, update_time + _TICK)
-        db._sql.update_session(conn, _key(session_id), "message_count = message_count + 1, "
-                               "tool_call_count = tool_call_count + ?", [calls], session_id)
+            raise StaleSession(adk_id, expected[1] if expected else None, revision,
+                               recreated=expected is not None and expected[0] != incarnation)
+        db._sql.update_session(conn, _key(store_id), "message_count = message_count + 1, "
+                               "tool_call_count = tool_call_count + ?", [calls], store_id)
         message_id = first(conn, "INSERT INTO messages (session_id, role, content, "
                                  "tool_calls, tool_name, tool_call_id, timestamp, metadata) "
                                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                           (session_id, message["role"], message["content"],
+                           (store_id, message["role"], message["content"],
                             message["tool_calls"], message["tool_name"],
                             message["tool_call_id"], timestamp, event_json))
         conn.execute("INSERT INTO adk_events (message_id, session_id, event_id) VALUES "
-                     "(?, ?, ?)", (message_id, session_id, event_id))
+                     "(?, ?, ?)", (message_id, store_id, event_id))
         if deltas["session"]:
             state = json.dumps({**_loads(state), **deltas["session"]})
         conn.execute("UPDATE adk_sessions SET state = ?, update_time = ?, revision = ? "
-                     "WHERE session_id = ?", (state, now, revision + 1, session_id))
+                     "WHERE session_id = ?", (state, timestamp, revision + 1, store_id))
         if deltas["app"]:
             _merge_scope(db, conn, "app", (app_name,), deltas["app"], timestamp)
         if deltas["user"]:
             _merge_scope(db, conn, "user", (app_name, user_id), deltas["user"], timestamp)
-        return Appended(revision + 1, now)
+        return Appended((incarnation, revision + 1), timestamp)
 
     return db._execute_write(write)

@@ -34,7 +34,8 @@ from .errors import ConfigurationError
 
 T = TypeVar("T")
 
-__all__ = ["Conn", "Dialect", "Engine", "Handle", "fetch", "first", "is_url", "mask", "rows"]
+__all__ = ["Conn", "Dialect", "Engine", "Handle", "fetch", "first", "is_url", "mask", "rows",
+           "session_lock_key"]
 
 _URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -81,9 +82,10 @@ class Dialect(Protocol):
     refuses_overflow: bool
 
     def lock(self, conn: Conn, *keys: str) -> None:
-        """Serialize the writers of these keys (a session id, a lease name, an owner)
-        until the transaction ends. SQLite: nothing to do (``BEGIN IMMEDIATE`` admits one
-        writer at a time); PostgreSQL: transaction-scoped advisory locks."""
+        """Serialize the writers of these keys (a session's, :func:`session_lock_key`;
+        a lease name, an owner) until the transaction ends. SQLite: nothing to do
+        (``BEGIN IMMEDIATE`` admits one writer at a time); PostgreSQL:
+        transaction-scoped advisory locks."""
 
     def update_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
                        session_id: str) -> bool:
@@ -173,6 +175,13 @@ class Handle:
 
     def __repr__(self) -> str:
         return repr(self._engine)
+
+
+def session_lock_key(session_id: str) -> str:
+    """The key of a session for :meth:`Dialect.lock`: every write that changes the
+    session or its rows takes it (the store's own and the adapters' alike), so that they
+    queue on PostgreSQL as they do on SQLite."""
+    return "session:" + session_id
 
 
 def is_url(path: Any) -> bool:

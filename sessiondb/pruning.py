@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from . import records
-from .backend import Conn, Dialect
+from .backend import Conn, Dialect, session_lock_key
 from .maintenance import Step, byte_budget, fit_bytes
 from .text import from_json
 
@@ -95,7 +95,7 @@ def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect) 
             for sid in ids:
                 # PostgreSQL: its writers (a reopen, an append, a child's creation) wait
                 # for us from here, or went first: then it may be no longer prunable.
-                sql.lock(conn, "session:" + sid)
+                sql.lock(conn, session_lock_key(sid))
                 if conn.execute(still, (sid, *args)).fetchone() is None:
                     continue
                 rows += _delete_some(conn, sql, sid, deleted, deadline)

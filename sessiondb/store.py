@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from . import listing, records, search, search_index
 from .backend import (
     Conn, Dialect, Engine, Handle, fetch as _fetch, first as _first, rows as _rows,
+    session_lock_key as _key,
 )
 from .opening import open_engine
 from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
@@ -698,12 +699,6 @@ class SessionDB(Handle, Coordination, Upkeep):
             raise
 
 # -- helpers (module level: pure functions of a connection) ---------------------------
-
-
-
-def _key(session_id: str) -> str:
-    """The lock key of a session (see :meth:`sessiondb.backend.Dialect.lock`)."""
-    return "session:" + session_id
 
 
 def _exists(conn: Conn, session_id: str) -> bool:

@@ -30,7 +30,7 @@ import json
 import time
 from typing import Any, Iterable, Sequence
 
-from ..backend import Conn, Dialect, fetch, first
+from ..backend import Conn, Dialect, fetch, first, session_lock_key
 from .tables import AdapterTables
 
 __all__ = ["TABLES", "BLOBS", "WRITES_BETWEEN", "CheckpointRow", "Loaded", "ensure_thread",
@@ -118,16 +118,11 @@ _PAIRS_PER_QUERY = 500  # (channel, version) pairs per blob query: far below bot
 CheckpointRow = tuple
 
 
-def _session_key(thread_id: str) -> str:
-    """The lock key the store takes for a session (see ``Dialect.lock``)."""
-    return "session:" + thread_id
-
-
 # -- writes (each runs inside one ``db._execute_write``) -------------------------------
 
 def ensure_thread(conn: Conn, sql: Dialect, thread_id: str, source: str) -> None:
     """Take the thread's session lock and create its session if it is missing."""
-    sql.lock(conn, _session_key(thread_id))
+    sql.lock(conn, session_lock_key(thread_id))
     conn.execute("INSERT INTO sessions (id, source, started_at) VALUES (?, ?, ?) "
                  "ON CONFLICT (id) DO NOTHING", (thread_id, source, time.time()))
 
@@ -153,7 +148,7 @@ def put_writes(conn: Any, sql: Dialect, source: str, thread_id: str, rows: list[
 def delete_thread(conn: Conn, sql: Dialect, source: str, thread_id: str) -> None:
     """Delete the thread's checkpoints, blobs and writes, and its session if this
     adapter made it (its source) and nothing else lives in it (no message, no child)."""
-    sql.lock(conn, _session_key(thread_id))
+    sql.lock(conn, session_lock_key(thread_id))
     for table in _TABLES:
         conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
     conn.execute("DELETE FROM sessions WHERE id = ? AND source = ? AND NOT EXISTS "
@@ -166,7 +161,7 @@ def copy_thread(conn: Conn, sql: Dialect, source: str, source_id: str, target_id
                 ) -> int:
     """Copy every checkpoint, blob and write of one thread to another (rows the target
     already has are kept); returns the checkpoints the source has (0: nothing done)."""
-    sql.lock(conn, _session_key(source_id), _session_key(target_id))
+    sql.lock(conn, session_lock_key(source_id), session_lock_key(target_id))
     count = first(conn, "SELECT count(*) FROM langgraph_checkpoints WHERE thread_id = ?",
                   (source_id,))
     if not count:
@@ -209,7 +204,7 @@ def delete_for_runs(conn: Conn, sql: Dialect, run_ids: list[str]) -> None:
               f"WHERE run_id IN {sql.in_list}", runs))
     if not threads:
         return
-    sql.lock(conn, *(_session_key(t) for t in threads))
+    sql.lock(conn, *(session_lock_key(t) for t in threads))
     for thread_id in threads:
         conn.execute("DELETE FROM langgraph_writes WHERE thread_id = ? AND (checkpoint_ns, "
                      "checkpoint_id) IN (SELECT checkpoint_ns, checkpoint_id FROM "
@@ -224,7 +219,7 @@ def keep_latest(conn: Conn, sql: Dialect, thread_id: str) -> None:
     """Keep each namespace's latest checkpoint of the thread, with its writes and blobs,
     and the ancestors its delta channels are rebuilt from (see :func:`_delta_chain`);
     delete the rest."""
-    sql.lock(conn, _session_key(thread_id))
+    sql.lock(conn, session_lock_key(thread_id))
     keep: list[list[str]] = []
     for ns, checkpoint_id, parent, metadata in fetch(
             conn, "SELECT c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, "

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import pytest
 
 from sessiondb import (
-    AsyncSessionDB, ClosedError, InvalidArgument, InvalidArgumentType, SessionDB,
+    AsyncSessionDB, ClosedError, ConfigurationError, InvalidArgument, InvalidArgumentType,
+    SessionDB,
 )
 from sessiondb.adapters.openai_agents import ITEM_KEY, SessionDBSession
 from sessiondb.bench import fw_openai
@@ -299,7 +300,7 @@ def test_bad_session_ids_are_refused(db: SessionDB, session_id, error) -> None:
 def test_bad_stores_and_options_are_refused(db: SessionDB) -> None:
     with pytest.raises(InvalidArgumentType):
         SessionDBSession(SID, 42)
-    with pytest.raises(InvalidArgumentType, match="write_timeout"):
+    with pytest.raises(ConfigurationError, match="write_timeout"):
         SessionDBSession(SID, db, write_timeout=5)
     with pytest.raises(InvalidArgument):
         SessionDBSession(SID, db, source="")

@@ -32,10 +32,14 @@ on it. Each item is one message, in the order added:
 order, never interleaved with another writer's); ``pop_item`` is
 :meth:`sessiondb.SessionDB.pop_message`, one write, so two processes popping at once
 never get the same item; the session's counters equal its rows after every call. Every
-call runs off the event loop: on an :class:`~sessiondb.AsyncSessionDB`'s worker thread
-when given one, else on a thread of the loop's default executor. A write whose caller
-is cancelled is awaited to its end first, then the cancellation is raised (as the SDK's
-own sessions do), so the caller never mistakes a committed write for a lost one.
+call runs off the event loop (:mod:`sessiondb.adapters.worker`): on an
+:class:`~sessiondb.AsyncSessionDB`'s worker thread when given one, else on the
+session's own worker threads (one on SQLite), never on the loop's default executor,
+which writes queued behind another process's write lock would otherwise take from the
+application (its DNS lookups included). A store given as a path is opened at the first
+call, on that thread. A write whose caller is cancelled is awaited to its end first,
+then the cancellation is raised (as the SDK's own sessions do), so the caller never
+mistakes a committed write for a lost one.
 
 The SDK (``pip install 'sessiondb[openai-agents]'``) is imported when a session's
 settings are first needed (by the ``Runner``, or a ``session_settings`` argument), not
@@ -45,17 +49,15 @@ time; ``import sessiondb`` never imports it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import threading
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from ..aio import AsyncSessionDB
 from ..backend import Conn, rows as _rows
-from ..errors import ClosedError, InvalidArgument, InvalidArgumentType, SessionNotFound
+from ..errors import InvalidArgument, InvalidArgumentType, SessionNotFound
 from ..store import SessionDB
 from ..text import check_id, from_json
+from .plain import plain_text
+from .worker import StoreArg, Worker
 
 if TYPE_CHECKING:
     from agents.memory.session_settings import SessionSettings
@@ -69,9 +71,7 @@ SOURCE = "openai-agents"
 _MAX_LABEL = 100  # a longer role, type, name or call id is no label: left out
 _NO_LIMIT = 2**63 - 1  # LIMIT for "all": SQLite and PostgreSQL both take a 64-bit one
 
-T = TypeVar("T")
 Item = dict[str, Any]
-Store = SessionDB | AsyncSessionDB
 
 
 class SessionDBSession:
@@ -91,12 +91,11 @@ class SessionDBSession:
     :param options: options of :class:`~sessiondb.SessionDB` for a store opened from a
         path (``write_timeout``, ``pool_size``, ...).
     :raises InvalidArgument: an empty or too long ``session_id`` or ``source``.
-    :raises InvalidArgumentType: ``db`` is none of the above, or options were given
-        with an open store.
+    :raises InvalidArgumentType: ``db`` is none of the above.
+    :raises ConfigurationError: options given with an open store.
     """
 
-    def __init__(self, session_id: str, db: str | os.PathLike[str] | Store | None = None,
-                 *, source: str = SOURCE,
+    def __init__(self, session_id: str, db: StoreArg = None, *, source: str = SOURCE,
                  session_settings: SessionSettings | dict[str, Any] | None = None,
                  **options: Any) -> None:
         self.session_id = check_id("session_id", session_id)
@@ -104,28 +103,7 @@ class SessionDBSession:
         self._settings: SessionSettings | None = None
         if session_settings is not None:
             self.session_settings = session_settings
-        self._async: AsyncSessionDB | None = None
-        self._db: SessionDB | None = None
-        self._path: str | os.PathLike[str] | None = None
-        self._options = options
-        self._owned = False
-        self._closed = False
-        self._lock = threading.Lock()  # opening and closing an owned store
-        if isinstance(db, (SessionDB, AsyncSessionDB)):
-            if options:
-                raise InvalidArgumentType(
-                    f"store options ({', '.join(sorted(options))}) apply only to a store "
-                    "opened from a path; this one is open already")
-            if isinstance(db, AsyncSessionDB):
-                self._async = db
-            else:
-                self._db = db
-        elif db is None or isinstance(db, (str, os.PathLike)):
-            self._path, self._owned = db, True
-        else:
-            raise InvalidArgumentType(
-                "db must be a path, a postgresql:// URL, a SessionDB or an AsyncSessionDB, "
-                f"not {type(db).__name__}")
+        self._worker = Worker(db, options, name="SessionDBSession")
 
     def __repr__(self) -> str:
         return f"SessionDBSession({self.session_id!r}, source={self.source!r})"
@@ -158,13 +136,13 @@ class SessionDBSession:
             differ, so it is refused here rather than guessed).
         :raises InvalidArgumentType: a limit that is not an int.
         """
-        self._check_open()
+        self._worker.check_open()
         if limit is None and self._settings is not None:  # the SDK's rule
             limit = self._settings.limit
         count = _check_limit(limit)
         if count == 0:
             return []
-        return await self._call(_latest, self.session_id, count)
+        return await self._worker.run(_latest, self.session_id, count)
 
     async def add_items(self, items: list[Item]) -> None:
         """Append ``items`` at the end of the conversation, in order, in one write
@@ -182,52 +160,26 @@ class SessionDBSession:
             if not isinstance(item, dict):
                 raise InvalidArgumentType(f"item {index} must be a dict, not "
                                           f"{type(item).__name__}; nothing was added")
-        self._check_open()
+        self._worker.check_open()
         if items:
-            await _settled(self._call(_append, self.session_id, self.source, items))
+            await self._worker.write(_append, self.session_id, self.source, items)
 
     async def pop_item(self) -> Item | None:
         """Remove the conversation's newest item and return it (None if it has none).
         Atomic across processes: two callers at once never get the same item."""
-        return await _settled(self._call(_pop, self.session_id))
+        return await self._worker.write(_pop, self.session_id)
 
     async def clear_session(self) -> None:
         """Remove every item of the conversation. Its sessiondb session stays (title,
         token counts, ended state), with zero messages."""
-        await _settled(self._call(_clear, self.session_id))
+        await self._worker.write(_clear, self.session_id)
 
     # -- the store ----------------------------------------------------------------------
     def close(self) -> None:
-        """Close the store if this session opened it (from a path or URL); a store that
-        was passed in is left open. Idempotent; calls after it raise
-        :class:`~sessiondb.errors.ClosedError`."""
-        with self._lock:
-            self._closed = True
-            db, owned = self._db, self._owned
-            if owned:
-                self._db = None
-        if owned and db is not None:
-            db.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError(f"{self!r} is closed")
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """``fn(store, *args)`` off the event loop (see the module docstring)."""
-        self._check_open()
-        if self._async is not None:
-            return self._async.run(fn, *args)
-        return asyncio.to_thread(lambda: fn(self._store(), *args))
-
-    def _store(self) -> SessionDB:
-        """The store, opened now (on a worker thread: opening touches files or the
-        network) if this session owns it and this is its first call."""
-        with self._lock:
-            self._check_open()
-            if self._db is None:
-                self._db = SessionDB(self._path, **self._options)
-            return self._db
+        """Refuse calls from now on (:class:`~sessiondb.errors.ClosedError`), wait for
+        the calls in progress, and close the store if this session opened it (from a
+        path or URL); a store that was passed in is left open. Idempotent."""
+        self._worker.close()
 
 
 # -- what runs on the worker thread --------------------------------------------------
@@ -283,7 +235,8 @@ def _message(index: int, item: Item) -> dict[str, Any]:
     name, call_id = _label(item.get("name")), _label(item.get("call_id"))
     calls = None
     if isinstance(kind, str) and kind.endswith("_call"):
-        call = {"type": _clean(kind), "id": call_id or _label(item.get("id")), "name": name}
+        call = {"type": plain_text(kind), "id": call_id or _label(item.get("id")),
+                "name": name}
         calls = [{k: v for k, v in call.items() if v is not None}]
     return {"role": role, "content": _text(item), "tool_name": name,
             "tool_call_id": call_id, "tool_calls": calls, "metadata": {ITEM_KEY: item}}
@@ -302,34 +255,21 @@ def _text(item: Item) -> str | None:
     for key in ("content", "output", "summary"):
         value = item.get(key)
         if isinstance(value, str):
-            return _clean(value)
+            return plain_text(value)
         if isinstance(value, list):
             parts = [p.get("text") or p.get("refusal") for p in value if isinstance(p, dict)]
             text = "\n".join(p for p in parts if isinstance(p, str) and p)
             if text:
-                return _clean(text)
+                return plain_text(text)
     arguments = item.get("arguments")
-    return _clean(arguments) if isinstance(arguments, str) else None
-
-
-def _clean(text: str) -> str:
-    """Text every backend stores: no NUL (PostgreSQL refuses it), lone surrogates
-    replaced (they are not Unicode). Only the derived columns are cleaned; the item's
-    JSON keeps them, escaped."""
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
+    return plain_text(arguments) if isinstance(arguments, str) else None
 
 
 def _label(value: Any) -> str | None:
     """A short text field (role, type, name, call id), or None if there is none."""
     if not isinstance(value, str) or not value or len(value) > _MAX_LABEL:
         return None
-    return _clean(value) or None
+    return plain_text(value) or None
 
 
 def _check_limit(limit: Any) -> int | None:
@@ -341,21 +281,3 @@ def _check_limit(limit: Any) -> int | None:
         raise InvalidArgument(f"limit must be >= 0 (the latest N items) or None (all), "
                               f"got {limit}")
     return min(limit, _NO_LIMIT)
-
-
-async def _settled(call: Awaitable[T]) -> T:
-    """Await a write to its end even if the caller is cancelled meanwhile, then raise the
-    cancellation: a cancelled ``add_items`` must not return while its transaction may
-    still commit. Shielding alone would return at once and leave the outcome unknown."""
-    task = asyncio.ensure_future(call)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller gets the cancellation instead
-        raise cancelled
-    return task.result()

@@ -33,7 +33,9 @@ The API:
 - ``close()`` (and ``await aclose()``, which waits on a thread of its own): later calls
   raise :class:`~sessiondb.errors.ClosedError`, owned store or shared; the calls
   already made complete first; then an owned store is closed. Idempotent.
-- ``target``: what ``db`` was (for the adapter's repr); ``closed``.
+- ``check_open()``: raise ``ClosedError`` if closed (for a call that ends before it
+  reaches the store); ``closed``, ``owned``, and ``target``: what ``db`` was (for the
+  adapter's repr).
 - :func:`settled`: await a call to its end even if the caller is cancelled meanwhile.
 
 *The threads.* A ``SessionDB`` serializes its calls (SQLite: one connection behind a
@@ -133,7 +135,7 @@ class Worker:
         :raises ClosedError: :meth:`close` was called.
         :raises DatabaseOpenError: an owned store cannot be opened.
         """
-        self._check_open()
+        self.check_open()
         return self._adb if self._adb is not None else self._session_db()
 
     def _session_db(self) -> SessionDB:
@@ -149,7 +151,8 @@ class Worker:
             self._prepare(db)
         return db
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """:raises ClosedError: :meth:`close` was called."""
         if self.closed:
             raise self._closed_error()
 
@@ -169,7 +172,7 @@ class Worker:
 
         :raises ClosedError: :meth:`close` was called.
         """
-        self._check_open()
+        self.check_open()
         if self._adb is not None:
             return self._adb._queue(lambda db: self._apply(db, fn, args)).result()
         return fn(self._session_db(), *args)
@@ -191,13 +194,13 @@ class Worker:
         """Queue the call now (so that a coroutine's calls start in the order made) and
         return its result, to be awaited."""
         if self._adb is not None:
-            self._check_open()
+            self.check_open()
             return self._adb.run(self._apply, fn, args)
         return asyncio.wrap_future(self._submit(fn, args))
 
     def _submit(self, fn: Callable[..., T], args: tuple) -> "concurrent.futures.Future[T]":
         with self._lock:
-            self._check_open()
+            self.check_open()
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self._threads(), thread_name_prefix=f"sessiondb-{self._name}")

@@ -241,8 +241,9 @@ class SessionDBSessionService(BaseSessionService):
         catches it up (see above), and any other append with it is refused as stale
         (nothing is lost or written twice).
 
-        :raises StaleSession: someone appended since ``session`` was read (also ADK's
-            ``StaleSessionError``, a ``ValueError``); nothing was written and neither
+        :raises StaleSession: someone appended since ``session`` was read, or deleted
+            the session and made it anew (also ADK's ``StaleSessionError``, a
+            ``ValueError``); nothing was written and neither
             ``session`` nor ``event`` was changed: read the session again and retry.
         :raises AdkSessionNotFound: the session does not exist (any more).
         :raises AdkAlreadyExists: another event with this id is in the session.

@@ -310,3 +310,202 @@ def test_a_forked_child_gets_threads_of_its_own(tmp_path: Path) -> None:
     assert [m["content"] for m in worker.call(lambda db: db.get_messages("s"))] == [
         "parent", "child", "parent again"]
     worker.close()
+
+
+# -- through the adapters ---------------------------------------------------------------
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def checkpoint_args(saver: Any, thread: str, n: int = 0) -> tuple:
+    """The arguments of ``put`` for a checkpoint of ``thread`` in the root namespace."""
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.base.id import uuid6
+
+    cp = empty_checkpoint()
+    version = saver.get_next_version(None, None)
+    cp.update(id=str(uuid6(clock_seq=n)), channel_versions={"count": version},
+              channel_values={"count": n})
+    return ({"configurable": {"thread_id": thread, "checkpoint_ns": ""}}, cp,
+            {"source": "loop", "step": n}, {"count": version})
+
+
+def openai_session(db: Any, session_id: str, **options: Any) -> Any:
+    from sessiondb.adapters.openai_agents import SessionDBSession
+
+    return SessionDBSession(session_id, db, **options)
+
+
+def saver(db: Any, **options: Any) -> Any:
+    from sessiondb.adapters.langgraph import SessionDBSaver
+
+    return SessionDBSaver(db, **options)
+
+
+def test_the_adapters_leave_the_default_executor_free(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "state.db")
+    with SessionDB(path, write_timeout=60) as db:
+        sessions = [openai_session(db, f"c{n}") for n in range(CALLS)]
+        with sqlite_write_lock(path) as lock:  # sessions sharing a SessionDB
+            run(executor_free_while_calls_wait(
+                lambda: [s.add_items([user("hi")]) for s in sessions], lock))
+        assert len(db.list_sessions(source="openai-agents")) == CALLS
+    owned = saver(str(path), write_timeout=60)
+    with sqlite_write_lock(path) as lock:  # a saver opening its store, on its thread
+        run(executor_free_while_calls_wait(
+            lambda: [owned.aput(*checkpoint_args(owned, f"t{n}")) for n in range(CALLS)],
+            lock))
+    assert len(list(owned.list(None))) == CALLS
+    owned.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore::sessiondb.PoolWarning")  # 8 of 8 in use: expected
+def test_the_adapters_leave_the_default_executor_free_on_postgresql(pg_url: str) -> None:
+    session = openai_session(pg_url, "busy")
+    with session_lock(pg_url, "busy") as lock:
+        run(executor_free_while_calls_wait(
+            lambda: [session.add_items([user(f"m{n}")]) for n in range(CALLS)], lock))
+    assert len(run(session.get_items())) == CALLS + 1
+    session.close()
+    with SessionDB(pg_url) as db:
+        shared = saver(db)
+        with session_lock(pg_url, "thread") as lock:
+            run(executor_free_while_calls_wait(
+                lambda: [shared.aput(*checkpoint_args(shared, "thread", n))
+                         for n in range(CALLS)], lock))
+        assert len(list(shared.list({"configurable": {"thread_id": "thread"}}))) == CALLS
+        shared.close()
+
+
+def test_the_adapters_open_their_store_at_the_first_call_off_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened_on: list[str] = []
+
+    class Recorded(SessionDB):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            opened_on.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "SessionDB", Recorded)
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+
+    async def main() -> None:
+        session = openai_session(a, "c")
+        async with saver(b) as checkpointer:  # made on the loop: no I/O there
+            assert not a.exists() and not b.exists() and opened_on == []
+            await session.add_items([user("hi")])
+            args = checkpoint_args(checkpointer, "t")
+            assert (await checkpointer.aput(*args))["configurable"]["thread_id"] == "t"
+            assert (await checkpointer.aget_tuple(args[0])).checkpoint["id"] == \
+                args[1]["id"]
+        session.close()
+
+    run(main())
+    assert [name.split("_")[0] for name in opened_on] == [
+        "sessiondb-SessionDBSession", "sessiondb-SessionDBSaver"]
+    sync = saver(tmp_path / "c.db")  # sync use: opened on the caller's thread
+    assert not (tmp_path / "c.db").exists()
+    args = checkpoint_args(sync, "t")
+    sync.put(*args)
+    assert sync.get_tuple(args[0]).checkpoint["id"] == args[1]["id"]
+    assert opened_on[-1] == threading.current_thread().name
+    sync.close()
+
+
+def test_the_adapters_accept_an_async_store(tmp_path: Path) -> None:
+    from typing import TypedDict
+
+    from langgraph.graph import START, StateGraph
+
+    class State(TypedDict):
+        turns: int
+
+    builder = StateGraph(State)
+    builder.add_node("agent", lambda state: {"turns": state["turns"] + 1})
+    builder.add_edge(START, "agent")
+    config = {"configurable": {"thread_id": "t-1"}}
+
+    async def main() -> None:
+        async with AsyncSessionDB(tmp_path / "state.db") as adb:
+            session = openai_session(adb, "c")
+            async with saver(adb) as checkpointer:
+                assert checkpointer.db is adb
+                graph = builder.compile(checkpointer=checkpointer)
+                await asyncio.gather(session.add_items([user("hi")]),
+                                     graph.ainvoke({"turns": 0}, config))
+                assert (await graph.ainvoke(None, config)) == {"turns": 1}
+                # The sync API, from another thread, waits for its turn on adb's thread.
+                latest = await asyncio.to_thread(checkpointer.get_tuple, config)
+                assert latest.checkpoint["channel_values"] == {"turns": 1}
+                assert await session.get_items() == [user("hi")]
+            session.close()
+            for call in (session.get_items(), checkpointer.aget_tuple(config)):
+                with pytest.raises(ClosedError):
+                    await call
+            with pytest.raises(ClosedError):
+                checkpointer.get_tuple(config)
+            assert [s["id"] for s in await adb.list_sessions(source="langgraph")] == ["t-1"]
+
+    run(main())
+
+
+def test_closed_adapters_refuse_calls_on_owned_and_shared_stores(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with SessionDB(path) as db:
+        for store in (db, path):
+            session, checkpointer = openai_session(store, "c"), saver(store)
+            run(session.add_items([user("x")]))
+            args = checkpoint_args(checkpointer, "t")
+            checkpointer.put(*args)
+            session.close()
+            checkpointer.close()
+            for call in (lambda: run(session.add_items([])), lambda: run(session.pop_item()),
+                         lambda: checkpointer.get_tuple(args[0]),
+                         lambda: run(checkpointer.aput(*args)), lambda: checkpointer.db):
+                with pytest.raises(ClosedError):
+                    call()
+        assert db.get_session("c")["message_count"] == 2  # the shared one is open
+
+
+def test_a_cancelled_checkpoint_is_written_before_the_cancellation_is_raised(
+        tmp_path: Path) -> None:
+    path = new_store(tmp_path / "state.db")
+    checkpointer = saver(path, write_timeout=60)
+    args = checkpoint_args(checkpointer, "t")
+
+    async def main(release: threading.Event) -> None:
+        put = asyncio.ensure_future(checkpointer.aput(*args))
+        await asyncio.sleep(0.2)
+        put.cancel()
+        await asyncio.sleep(0.1)
+        assert not put.done()  # waiting for the write's outcome
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+
+    with sqlite_write_lock(path) as lock:
+        run(main(lock.release))
+    assert checkpointer.get_tuple(args[0]).checkpoint["id"] == args[1]["id"]
+    checkpointer.close()
+
+
+def test_a_forked_child_checkpoints_on_threads_of_its_own(tmp_path: Path) -> None:
+    checkpointer = saver(tmp_path / "state.db")
+    first = checkpoint_args(checkpointer, "t", 0)
+    run(checkpointer.aput(*first))  # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            run(asyncio.wait_for(checkpointer.aput(*checkpoint_args(checkpointer, "t", 1)),
+                                 60))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    run(checkpointer.aput(*checkpoint_args(checkpointer, "t", 2)))
+    assert [t.metadata["step"] for t in checkpointer.list(first[0])] == [2, 1, 0]
+    checkpointer.close()

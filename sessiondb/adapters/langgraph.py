@@ -28,22 +28,24 @@ of special writes only (errors, interrupts, resumes) replaces the same task's, a
 other batch keeps what is there.
 
 **Async.** The coroutines run the store's calls on worker threads of the saver (one on
-SQLite, whose one connection serializes them anyway; eight on PostgreSQL), never on the
-event loop, and not on the loop's default executor, which a burst of checkpoints
-waiting for the write lock would take from the application. A cancelled coroutine's
-call still completes (all or nothing).
+SQLite, whose one connection serializes them anyway; on PostgreSQL one per connection
+of the store's pool), never on the event loop, and not on the loop's default executor,
+which a burst of checkpoints waiting for the write lock would take from the
+application; with an :class:`~sessiondb.AsyncSessionDB`, on its worker thread (see
+:mod:`sessiondb.adapters.worker`). A store given as a path is opened, and the adapter's
+tables made, at the first call, on the thread that makes it: a saver constructed inside
+a coroutine does no I/O. A cancelled coroutine's write still completes (all or
+nothing) before the cancellation is raised; a cancelled read that has not started is
+skipped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import os
 import random
-import threading
 from contextlib import contextmanager
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -52,56 +54,22 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 
-from ..errors import ClosedError, ConfigurationError, InvalidArgument, InvalidArgumentType
+from ..aio import AsyncSessionDB
+from ..errors import InvalidArgument, InvalidArgumentType
 from ..store import SessionDB
 from ..text import check_id, check_text
 from . import langgraph_config as cfg, langgraph_sql as q
 from .tables import ensure_tables
+from .worker import StoreArg, Worker
 
 __all__ = ["SessionDBSaver"]
 
-T = TypeVar("T")
 _PAGE = 50  # checkpoints read per transaction while listing: short reads, bounded memory
-_PG_WORKERS = 8  # PostgreSQL's default pool size: more threads would wait for a connection
 _STRATEGIES = ("keep_latest", "delete")
-_CLOSED = "this SessionDBSaver is closed; open a new one"
 
 
-class _Worker:
-    """The store and the threads the coroutines run on, shared by a saver and the
-    copies LangGraph makes of it (``compile()`` may call ``with_allowlist``, which
-    copies the saver)."""
-
-    def __init__(self, db: SessionDB, owned: bool) -> None:
-        self.db = db
-        self.owned = owned
-        self.lock = threading.Lock()
-        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.pid = os.getpid()
-        self.closed = False
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
-        with self.lock:
-            if self.closed:  # as the methods themselves would (SessionDBSaver.db)
-                raise ClosedError(_CLOSED)
-            if self.pool is None or self.pid != os.getpid():
-                # A forked child has none of the parent's threads: a pool of its own.
-                workers = 1 if self.db.backend == "sqlite" else _PG_WORKERS
-                self.pool = concurrent.futures.ThreadPoolExecutor(
-                    workers, thread_name_prefix="sessiondb-langgraph")
-                self.pid = os.getpid()
-            return self.pool.submit(fn, *args)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            pool, self.pool = self.pool, None
-        if pool is not None and self.pid == os.getpid():
-            pool.shutdown(wait=True)  # the calls already made complete
-        if self.owned:
-            self.db.close()
+def _prepare(db: SessionDB) -> None:
+    ensure_tables(db, q.TABLES)
 
 
 class _Query:
@@ -119,39 +87,28 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
     """A LangGraph checkpointer storing threads in a sessiondb store (see the module
     docstring for what is stored where).
 
-    :param db: a store path or ``postgresql://`` URL, which the saver opens and closes
-        (``close()``, ``with``, ``async with``); or an open :class:`~sessiondb.SessionDB`,
-        which stays the caller's to close.
+    :param db: a store path or ``postgresql://`` URL (None: sessiondb's default store),
+        which the saver opens at its first call and closes (``close()``, ``with``,
+        ``async with``); or an open :class:`~sessiondb.SessionDB` or
+        :class:`~sessiondb.AsyncSessionDB`, which stays the caller's to close (with an
+        ``AsyncSessionDB`` every call, sync or async, runs on its worker thread).
     :param serde: LangGraph's serializer (default: its ``JsonPlusSerializer``).
     :param source: the source of the sessions the saver creates (default ``"langgraph"``).
     :param options: options of :class:`~sessiondb.SessionDB`, when ``db`` is a path.
-    :raises InvalidArgumentType: ``db`` is neither a path, a URL nor a ``SessionDB``.
+    :raises InvalidArgumentType: ``db`` is none of these.
     :raises ConfigurationError: ``options`` given with an open store.
-    :raises DatabaseOpenError: the path cannot be opened as a store.
+
+    A path that cannot be opened as a store raises ``DatabaseOpenError`` at the first
+    call, as ``SchemaTooNewError`` does for tables written by a newer sessiondb.
     """
 
-    def __init__(self, db: "str | os.PathLike[str] | SessionDB", *,
-                 serde: SerializerProtocol | None = None, source: str = "langgraph",
-                 **options: Any) -> None:
+    def __init__(self, db: StoreArg, *, serde: SerializerProtocol | None = None,
+                 source: str = "langgraph", **options: Any) -> None:
         super().__init__(serde=serde)
         self.source = check_id("source", source)
-        if isinstance(db, SessionDB):
-            if options:
-                raise ConfigurationError("store options apply to a store the saver opens; "
-                                         f"got an open SessionDB and {sorted(options)}")
-            store, owned = db, False
-        elif isinstance(db, (str, os.PathLike)):
-            store, owned = SessionDB(db, **options), True
-        else:
-            raise InvalidArgumentType("db must be a path, a postgresql:// URL or a "
-                                      f"SessionDB, not {type(db).__name__}")
-        try:
-            ensure_tables(store, q.TABLES)
-        except BaseException:
-            if owned:
-                store.close()
-            raise
-        self._worker = _Worker(store, owned)
+        # Shared by the copies LangGraph makes of the saver (compile() may call
+        # with_allowlist, which copies it): one store and one set of threads.
+        self._worker = Worker(db, options, name="SessionDBSaver", prepare=_prepare)
 
     @classmethod
     @contextmanager
@@ -167,18 +124,18 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
             saver.close()
 
     @property
-    def db(self) -> SessionDB:
-        """The store (for ``get_session``, ``list_sessions``, ...).
+    def db(self) -> SessionDB | AsyncSessionDB:
+        """The store (for ``get_session``, ``list_sessions``, ...): the ``SessionDB``,
+        opened now if the saver owns it and has not opened it yet; or the
+        ``AsyncSessionDB`` it was given.
 
         :raises ClosedError: the saver was closed (its calls all raise it then, even on
             a store that stays open)."""
-        if self._worker.closed:
-            raise ClosedError(_CLOSED)
-        return self._worker.db
+        return self._worker.store()
 
     def close(self) -> None:
-        """Wait for the coroutines' calls in progress, stop the worker threads and close
-        the store if the saver opened it. Idempotent."""
+        """Refuse calls from now on, wait for the coroutines' calls in progress, stop
+        the worker threads and close the store if the saver opened it. Idempotent."""
         self._worker.close()
 
     def __enter__(self) -> "SessionDBSaver":
@@ -191,10 +148,10 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.close)
+        await self._worker.aclose()
 
     def __repr__(self) -> str:
-        return f"SessionDBSaver({self._worker.db!r}, source={self.source!r})"
+        return f"SessionDBSaver({self._worker.target!r}, source={self.source!r})"
 
     # -- reads --------------------------------------------------------------------------
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -204,10 +161,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgument: no ``thread_id`` in ``config["configurable"]``.
         :raises InvalidArgumentType: ``config`` or one of its ids has the wrong type.
         """
-        conf = cfg.configurable(config)
-        query = _Query(cfg.thread_id(conf), cfg.namespace(conf), cfg.checkpoint_id(conf),
-                       None, {}, 1)
-        found = self._next_page(query)
+        found = self._worker.call(self._next_page, _lookup(config))
         return found[0] if found else None
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
@@ -225,7 +179,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
 
         def pages() -> Iterator[CheckpointTuple]:
             while not query.done:
-                yield from self._next_page(query)
+                yield from self._worker.call(self._next_page, query)
 
         return pages()
 
@@ -243,12 +197,12 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         return _Query(cfg.thread_id(conf, required=False), cfg.namespace(conf, default=None),
                       cfg.checkpoint_id(conf), older, filter or {}, limit)
 
-    def _next_page(self, query: _Query) -> list[CheckpointTuple]:
+    def _next_page(self, db: SessionDB, query: _Query) -> list[CheckpointTuple]:
         """Read the query's next page (one read transaction), advance it, and return its
         checkpoints that pass the metadata filter."""
         size = _PAGE if query.remaining is None or query.metadata else min(
             _PAGE, query.remaining)
-        sql = self.db._sql
+        sql = db._sql
 
         def read(conn: Any) -> tuple[list, list, q.Loaded]:
             rows = q.page(conn, thread_id=query.thread_id, ns=query.ns,
@@ -258,7 +212,7 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
             kept = kept if query.remaining is None else kept[:query.remaining]
             return rows, kept, q.load(conn, sql, kept)
 
-        rows, kept, loaded = self.db._read(read, snapshot=True)
+        rows, kept, loaded = db._read(read, snapshot=True)
         if rows:
             query.after = (rows[-1][2], rows[-1][0], rows[-1][1])
         if query.remaining is not None:
@@ -298,6 +252,10 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgumentType: metadata that is not JSON-serializable, or an
             argument of the wrong type.
         """
+        return self._worker.call(self._put, config, checkpoint, metadata, new_versions)
+
+    def _put(self, db: SessionDB, config: RunnableConfig, checkpoint: Checkpoint,
+             metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
         conf = cfg.configurable(config)
         thread_id, ns = cfg.thread_id(conf), cfg.namespace(conf)
         parent = cfg.checkpoint_id(conf)
@@ -322,8 +280,8 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         run_id = meta.get("run_id")
         row = (thread_id, ns, checkpoint["id"], parent, *self.serde.dumps_typed(stored),
                meta_json, json.dumps(versions))
-        sql = self.db._sql
-        self.db._execute_write(lambda conn: q.put_checkpoint(
+        sql = db._sql
+        db._execute_write(lambda conn: q.put_checkpoint(
             conn, sql, self.source, row, None if run_id is None else str(run_id), blobs))
         return cfg.config(thread_id, ns, checkpoint["id"])
 
@@ -334,6 +292,10 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         :raises InvalidArgument: no ``thread_id`` or ``checkpoint_id`` in ``config``.
         :raises InvalidArgumentType: a write is not a ``(channel, value)`` pair.
         """
+        self._worker.call(self._put_writes, config, writes, task_id, task_path)
+
+    def _put_writes(self, db: SessionDB, config: RunnableConfig,
+                    writes: Sequence[tuple[str, Any]], task_id: str, task_path: str) -> None:
         conf = cfg.configurable(config)
         thread_id, ns = cfg.thread_id(conf), cfg.namespace(conf)
         checkpoint_id = cfg.checkpoint_id(conf)
@@ -355,37 +317,46 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         if not rows:
             return
         replace = all(row[5] in WRITES_IDX_MAP for row in rows)
-        sql = self.db._sql
-        self.db._execute_write(lambda conn: q.put_writes(conn, sql, self.source, thread_id,
-                                                         rows, replace))
+        sql = db._sql
+        db._execute_write(lambda conn: q.put_writes(conn, sql, self.source, thread_id, rows,
+                                                    replace))
 
     def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's checkpoints and writes, in every namespace, and its
         session if the saver created it and it holds nothing else (no message, no child
         session); a thread that does not exist is no error."""
+        self._worker.call(self._delete_thread, thread_id)
+
+    def _delete_thread(self, db: SessionDB, thread_id: str) -> None:
         thread_id = cfg.one_id("thread_id", thread_id)
-        sql = self.db._sql
-        self.db._execute_write(lambda conn: q.delete_thread(conn, sql, self.source,
-                                                            thread_id))
+        sql = db._sql
+        db._execute_write(lambda conn: q.delete_thread(conn, sql, self.source, thread_id))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint (all namespaces, the whole parent chain) and pending
         write of one thread to another, in one transaction; rows the target already has
         are kept. A source with no checkpoints copies nothing (and creates no session)."""
+        self._worker.call(self._copy_thread, source_thread_id, target_thread_id)
+
+    def _copy_thread(self, db: SessionDB, source_thread_id: str,
+                     target_thread_id: str) -> None:
         source_id = cfg.one_id("source_thread_id", source_thread_id)
         target_id = cfg.one_id("target_thread_id", target_thread_id)
-        sql = self.db._sql
-        self.db._execute_write(lambda conn: q.copy_thread(conn, sql, self.source,
-                                                          source_id, target_id))
+        sql = db._sql
+        db._execute_write(lambda conn: q.copy_thread(conn, sql, self.source, source_id,
+                                                     target_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints whose metadata ``run_id`` is one of ``run_ids``, with
         their writes (LangGraph's DeltaChannel warning applies: a live thread's delta
         channels rebuilt from them lose those writes)."""
+        self._worker.call(self._delete_for_runs, run_ids)
+
+    def _delete_for_runs(self, db: SessionDB, run_ids: Sequence[str]) -> None:
         runs = cfg.ids("run_ids", run_ids)
         if runs:
-            sql = self.db._sql
-            self.db._execute_write(lambda conn: q.delete_for_runs(conn, sql, runs))
+            sql = db._sql
+            db._execute_write(lambda conn: q.delete_for_runs(conn, sql, runs))
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """``"keep_latest"``: keep each namespace's latest checkpoint of each thread (and
@@ -394,16 +365,19 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
 
         :raises InvalidArgument: an unknown strategy.
         """
+        self._worker.call(self._prune, thread_ids, strategy)
+
+    def _prune(self, db: SessionDB, thread_ids: Sequence[str], strategy: str) -> None:
         threads = cfg.ids("thread_ids", thread_ids)
         if strategy not in _STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-        sql = self.db._sql
+        sql = db._sql
         for thread_id in threads:
             if strategy == "delete":
-                self.db._execute_write(lambda conn: q.delete_thread(
+                db._execute_write(lambda conn: q.delete_thread(
                     conn, sql, self.source, thread_id))
             else:
-                self.db._execute_write(lambda conn: q.keep_latest(conn, sql, thread_id))
+                db._execute_write(lambda conn: q.keep_latest(conn, sql, thread_id))
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """The next version of a channel: the count, then a random part, so that two
@@ -418,12 +392,10 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         return f"{number + 1:032}.{random.random():016}"
 
     # -- the coroutines: the same calls on the worker threads ---------------------------
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self._worker.submit(fn, *args))
-
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """:meth:`get_tuple`, off the event loop."""
-        return await self._off_loop(self.get_tuple, config)
+        found = await self._worker.run(self._next_page, _lookup(config))
+        return found[0] if found else None
 
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None,
@@ -432,33 +404,41 @@ class SessionDBSaver(BaseCheckpointSaver[str]):
         """:meth:`list`, each page read off the event loop."""
         query = self._query(config, filter, before, limit)
         while not query.done:
-            for item in await self._off_loop(self._next_page, query):
+            for item in await self._worker.run(self._next_page, query):
                 yield item
 
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata, new_versions: ChannelVersions
                    ) -> RunnableConfig:
         """:meth:`put`, off the event loop."""
-        return await self._off_loop(self.put, config, checkpoint, metadata, new_versions)
+        return await self._worker.write(self._put, config, checkpoint, metadata,
+                                        new_versions)
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
         """:meth:`put_writes`, off the event loop."""
-        await self._off_loop(self.put_writes, config, writes, task_id, task_path)
+        await self._worker.write(self._put_writes, config, writes, task_id, task_path)
 
     async def adelete_thread(self, thread_id: str) -> None:
         """:meth:`delete_thread`, off the event loop."""
-        await self._off_loop(self.delete_thread, thread_id)
+        await self._worker.write(self._delete_thread, thread_id)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """:meth:`copy_thread`, off the event loop."""
-        await self._off_loop(self.copy_thread, source_thread_id, target_thread_id)
+        await self._worker.write(self._copy_thread, source_thread_id, target_thread_id)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """:meth:`delete_for_runs`, off the event loop."""
-        await self._off_loop(self.delete_for_runs, run_ids)
+        await self._worker.write(self._delete_for_runs, run_ids)
 
     async def aprune(self, thread_ids: Sequence[str], *,
                      strategy: str = "keep_latest") -> None:
         """:meth:`prune`, off the event loop."""
-        await self._off_loop(lambda: self.prune(thread_ids, strategy=strategy))
+        await self._worker.write(self._prune, thread_ids, strategy)
+
+
+def _lookup(config: RunnableConfig) -> _Query:
+    """The query of ``get_tuple``: the checkpoint ``config`` names, else the latest."""
+    conf = cfg.configurable(config)
+    return _Query(cfg.thread_id(conf), cfg.namespace(conf), cfg.checkpoint_id(conf), None,
+                  {}, 1)

@@ -145,16 +145,22 @@ def test_the_default_executor_stays_free_on_postgresql(pg_url: str) -> None:
     owned.close()
 
 
-def test_an_owned_store_opens_at_the_first_call_off_the_loop(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opened_on: list[str] = []
+@pytest.fixture
+def opened_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads the workers open their stores on, in order."""
+    names: list[str] = []
 
     class Recorded(SessionDB):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            opened_on.append(threading.current_thread().name)
+            names.append(threading.current_thread().name)
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "SessionDB", Recorded)
+    return names
+
+
+def test_an_owned_store_opens_at_the_first_call_off_the_loop(
+        tmp_path: Path, opened_on: list[str]) -> None:
     path = tmp_path / "state.db"
     prepared: list[SessionDB] = []
 
@@ -380,15 +386,7 @@ def test_the_adapters_leave_the_default_executor_free_on_postgresql(pg_url: str)
 
 
 def test_the_adapters_open_their_store_at_the_first_call_off_the_loop(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opened_on: list[str] = []
-
-    class Recorded(SessionDB):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            opened_on.append(threading.current_thread().name)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(worker_module, "SessionDB", Recorded)
+        tmp_path: Path, opened_on: list[str]) -> None:
     a, b = tmp_path / "a.db", tmp_path / "b.db"
 
     async def main() -> None:

@@ -32,7 +32,8 @@ The API:
   the ``AsyncSessionDB`` given.
 - ``close()`` (and ``await aclose()``, which waits on a thread of its own): later calls
   raise :class:`~sessiondb.errors.ClosedError`, owned store or shared; the calls
-  already made complete first; then an owned store is closed. Idempotent.
+  already made on the worker's threads complete first (an ``AsyncSessionDB``'s on its
+  own thread, not waited for); then an owned store is closed. Idempotent.
 - ``check_open()``: raise ``ClosedError`` if closed (for a call that ends before it
   reaches the store); ``closed``, ``owned``, and ``target``: what ``db`` was (for the
   adapter's repr).
@@ -55,7 +56,8 @@ cancelled :meth:`Worker.write` runs to its end (committed or rolled back) before
 cancellation is raised, so a caller told "cancelled" never has a write that commits
 afterwards, nor mistakes a committed one for a lost one.
 
-This module imports no framework.
+The readable text an adapter derives from an item or event (``content``, labels) goes
+through :func:`sessiondb.adapters.plain.plain_text`. This module imports no framework.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ expectation is ADK's, not ours.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import subprocess
@@ -34,6 +35,7 @@ from pydantic import Field
 
 from sessiondb import AsyncSessionDB, SessionDB
 from sessiondb.adapters.adk import SessionDBSessionService, StaleSession
+from sessiondb.backend import session_lock_key
 from sessiondb.bench import fw_adk
 from sessiondb.bench.frameworks import run_case
 from sessiondb.errors import (
@@ -231,6 +233,63 @@ class TestSessionDB(PersistentContract):
         with SessionDB(db_path) as other:
             run(body())
             assert other.message_count() == 0
+
+    def test_a_cancelled_append_ends_first_and_leaves_the_object_in_step(
+            self, service, db_path) -> None:
+        # Another instance holds the session's lock, so the append waits inside its
+        # write; it is cancelled meanwhile: it still ends (stored, and applied to the
+        # object) before the cancellation is raised, and the object stays current.
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with other.transaction():
+                other._execute_write(lambda conn: other._sql.lock(
+                    conn, session_lock_key("s")))
+                held.set()
+                release.wait(10)
+
+        async def body() -> None:
+            session = await service.create_session(app_name=APP, user_id="u1", session_id="s")
+            holder = threading.Thread(target=hold)
+            holder.start()
+            held.wait(10)
+            append = asyncio.create_task(service.append_event(session, said("user", "hi")))
+            await asyncio.sleep(0.05)
+            append.cancel()
+            await asyncio.sleep(0.05)
+            assert not append.done()  # waits for its write
+            release.set()
+            holder.join()
+            with pytest.raises(asyncio.CancelledError):
+                await append
+            assert texts(session) == ["hi"]
+            await service.append_event(session, said("user", "next"))  # not stale
+            got = await service.get_session(app_name=APP, user_id="u1", session_id="s")
+            assert texts(got) == ["hi", "next"]
+
+        with SessionDB(db_path) as other:
+            run(body())
+
+    def test_calls_never_wait_for_the_loops_default_executor(self, service) -> None:
+        # The application's own work (DNS lookups among it) runs there: a busy default
+        # executor must not hold the service's calls, nor they it.
+        async def body() -> None:
+            loop = asyncio.get_running_loop()
+            loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+            busy = threading.Event()
+            blocked = loop.run_in_executor(None, busy.wait, 120)
+            try:
+                session = await asyncio.wait_for(service.create_session(
+                    app_name=APP, user_id="u1", session_id="s"), 60)
+                await asyncio.wait_for(service.append_event(session, said("user", "hi")), 60)
+                got = await asyncio.wait_for(service.get_session(
+                    app_name=APP, user_id="u1", session_id="s"), 60)
+                assert texts(got) == ["hi"]
+            finally:
+                busy.set()
+                await blocked
+
+        run(body())
 
     def test_a_session_object_from_elsewhere_is_checked_by_its_last_event(
             self, service) -> None:

@@ -30,9 +30,11 @@ Within one process, appends to one session (any ``Session`` object of it) wait f
 other, as in ADK's ``DatabaseSessionService``: two tasks appending to the same object at
 once (ADK's live mode does) are both stored, one after the other.
 
-Every call runs on a worker thread (the ``AsyncSessionDB``'s, if given one), so the
-event loop never waits on the database. This module imports ``google.adk``;
-``import sessiondb`` does not import it.
+Every call runs off the event loop (:mod:`sessiondb.adapters.worker`): on the
+service's own worker threads (one on SQLite), or on an ``AsyncSessionDB``'s thread if
+given one, never on the loop's default executor, which writes queued behind another
+process's write lock would otherwise take from the application. This module imports
+``google.adk``; ``import sessiondb`` does not import it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import contextlib
 import json
 import os
 import threading
-from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+from typing import Any, AsyncIterator, Optional
 
 from google.adk.events.event import Event
 from google.adk.platform import time as platform_time
@@ -55,16 +57,16 @@ from google.adk.sessions.session import Session
 from google.adk.sessions.state import State
 
 from ..aio import AsyncSessionDB
-from ..errors import ClosedError, InvalidArgumentType
+from ..errors import InvalidArgumentType
 from ..store import SessionDB
 from ..text import MAX_ID_LENGTH, check_id, check_text
 from . import adk_store
 from .adk_errors import AdkAlreadyExists, AdkSessionNotFound, StaleSession
+from .plain import plain_text
+from .worker import Worker, settled
 
 __all__ = ["SessionDBSessionService", "StaleSession", "AdkSessionNotFound",
            "AdkAlreadyExists"]
-
-T = TypeVar("T")
 
 #: How a Session object read from this service carries its marker:
 #: ``sessiondb:<incarnation>:<revision>``.
@@ -86,57 +88,26 @@ class SessionDBSessionService(BaseSessionService):
     def __init__(self, db: str | os.PathLike[str] | SessionDB | AsyncSessionDB, *,
                  source: str = "adk") -> None:
         self._source = check_id("source", source)
-        self._lock = threading.Lock()
-        self._db: SessionDB | None = db if isinstance(db, SessionDB) else None
-        self._adb = db if isinstance(db, AsyncSessionDB) else None
-        self._path = db if isinstance(db, (str, os.PathLike)) else None
-        self._closed = False
+        if db is None:  # (the worker would take it for sessiondb's default store)
+            raise InvalidArgumentType("db must be a path, a PostgreSQL URL, a SessionDB or "
+                                      "an AsyncSessionDB, not None")
+        self._worker = Worker(db, {}, name="SessionDBSessionService",
+                              prepare=adk_store.prepare)
         # One asyncio lock per session being appended to (see _one_append_at_a_time),
         # with the number of tasks holding or awaiting it.
         self._appending: dict[tuple[Any, ...], list[Any]] = {}
         self._appending_guard = threading.Lock()
-        if self._db is None and self._adb is None and self._path is None:
-            raise InvalidArgumentType("db must be a path, a PostgreSQL URL, a SessionDB or "
-                                      f"an AsyncSessionDB, not {type(db).__name__}")
 
     def __repr__(self) -> str:
-        store = self._path if self._path is not None else self._adb or self._db
-        return f"SessionDBSessionService({str(store)!r}, source={self._source!r})"
-
-    # -- running store calls off the event loop -----------------------------------------
-    def _store(self) -> SessionDB:
-        """The store (opened here, on a worker thread, the first time, if ours)."""
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed; make a new one")
-            if self._db is None:
-                self._db = SessionDB(self._path)
-            return self._db
-
-    async def _call(self, fn: Callable[[SessionDB], T]) -> T:
-        """``fn(db)`` on a worker thread, with the adapter's tables made.
-
-        :raises ClosedError: the service is closed."""
-        if self._adb is not None:
-            self._check_open()
-            return await self._adb.run(lambda db: fn(adk_store.prepare(db)))
-        return await asyncio.to_thread(lambda: fn(adk_store.prepare(self._store())))
-
-    def _check_open(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed; make a new one")
+        return (f"SessionDBSessionService({str(self._worker.target)!r}, "
+                f"source={self._source!r})")
 
     async def close(self) -> None:
-        """Close the service (idempotent; later calls raise
-        :class:`~sessiondb.errors.ClosedError`), and the store if the service opened it:
-        a store given open is left open, for its owner to close."""
-        with self._lock:
-            self._closed, db = True, self._db
-            if self._path is not None:
-                self._db = None
-        if db is not None and self._path is not None:
-            await asyncio.to_thread(db.close)
+        """Refuse calls from now on (:class:`~sessiondb.errors.ClosedError`), wait for
+        the calls in progress, and close the store if the service opened it (from a
+        path or URL): a store given open is left open, for its owner to close.
+        Idempotent."""
+        await self._worker.aclose()
 
     @contextlib.asynccontextmanager
     async def _one_append_at_a_time(self, session: Session) -> AsyncIterator[None]:
@@ -185,7 +156,7 @@ class SessionDBSessionService(BaseSessionService):
         session_id = _new_id(session_id)
         deltas = _session_util.extract_json_safe_state_delta(state or {})
         now = platform_time.get_time()
-        return await self._call(lambda db: _session(adk_store.create(
+        return await self._worker.write(lambda db: _session(adk_store.create(
             db, self._source, app_name, user_id, session_id, deltas, now)))
 
     async def get_session(self, *, app_name: str, user_id: str, session_id: str,
@@ -198,7 +169,8 @@ class SessionDBSessionService(BaseSessionService):
         config = config or GetSessionConfig()
         if session_id is None:
             return None
-        return await self._call(lambda db: _session(adk_store.get(
+        # Parsed on the worker's thread too: a long session's events take a while.
+        return await self._worker.run(lambda db: _session(adk_store.get(
             db, app_name, user_id, session_id, config.num_recent_events,
             config.after_timestamp)))
 
@@ -208,7 +180,7 @@ class SessionDBSessionService(BaseSessionService):
         least recently updated first."""
         app_name = check_text("app_name", app_name, optional=False)
         user_id = check_text("user_id", user_id)
-        return await self._call(lambda db: ListSessionsResponse(sessions=[
+        return await self._worker.run(lambda db: ListSessionsResponse(sessions=[
             _session(s) for s in adk_store.list_for(db, app_name, user_id)]))
 
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
@@ -217,12 +189,12 @@ class SessionDBSessionService(BaseSessionService):
         app_name, user_id = _owner(app_name, user_id)
         session_id = _lookup_id(session_id)
         if session_id is not None:
-            await self._call(lambda db: adk_store.delete(db, app_name, user_id, session_id))
+            await self._worker.write(adk_store.delete, app_name, user_id, session_id)
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The state shared by the app's sessions of this user, keys without ``user:``."""
         app_name, user_id = _owner(app_name, user_id)
-        return await self._call(lambda db: adk_store.user_state(db, app_name, user_id))
+        return await self._worker.run(adk_store.user_state, app_name, user_id)
 
     async def append_event(self, session: Session, event: Event) -> Event:
         """Store ``event`` in the session and apply it to ``session`` (its events, state
@@ -236,10 +208,13 @@ class SessionDBSessionService(BaseSessionService):
         event and ``session`` was read just before it, it is applied to ``session``
         now, as the first attempt would have; otherwise ``session`` is left as it is.
 
-        A cancelled call that has started still completes its write on its thread;
-        ``session`` is then behind the store: appending the same event again with it
-        catches it up (see above), and any other append with it is refused as stale
-        (nothing is lost or written twice).
+        A call cancelled once its turn has come runs to its end first (the event
+        stored and applied to ``session``, or refused), then raises the cancellation:
+        ``session`` stays in step with the store. If an append fails after its write
+        committed (a connection lost before the commit's answer), ``session`` is behind
+        the store: appending the same event again with it catches it up (see above),
+        and any other append with it is refused as stale (nothing is lost or written
+        twice).
 
         :raises StaleSession: someone appended since ``session`` was read, or deleted
             the session and made it anew (also ADK's ``StaleSessionError``, a
@@ -262,7 +237,9 @@ class SessionDBSessionService(BaseSessionService):
             "actions": event.actions.model_copy(update={"state_delta": delta})})
         message, calls = _message(event)
         deltas = _session_util.extract_json_safe_state_delta(delta)
-        async with self._one_append_at_a_time(session):
+        self._worker.check_open()
+
+        async def write_and_apply() -> Event:
             # Read only now: a task appending to this object before us has moved these.
             args = dict(expected=_marker(session),
                         seen_event=session.events[-1].id if session.events else None,
@@ -270,13 +247,20 @@ class SessionDBSessionService(BaseSessionService):
                         event_json=kept.model_dump_json(exclude_none=True),
                         timestamp=event.timestamp, message=message, calls=calls,
                         deltas=deltas)
-            done = await self._call(lambda db: adk_store.append(
+            done = await self._worker.run(lambda db: adk_store.append(
                 db, session.app_name, session.user_id, session.id, **args))
             if not (done.stored or done.caught_up):
                 return event
             session.last_update_time = done.update_time
             session._storage_update_marker = _MARKER + "%s:%d" % done.marker
-            return await super().append_event(session=session, event=event)
+            return await super(SessionDBSessionService, self).append_event(
+                session=session, event=event)
+
+        async with self._one_append_at_a_time(session):
+            # Not worker.write: its result would be dropped on cancellation, and
+            # session left behind the store; the lock is held until the end, so the
+            # next append reads the marker this one leaves.
+            return await settled(write_and_apply())
 
 
 # -- between ADK's objects and what is stored ---------------------------------------------
@@ -327,11 +311,9 @@ def _marker(session: Session) -> adk_store.Marker | None:
 
 
 def _plain(text: str | None) -> str | None:
-    """Text any store can hold (PostgreSQL refuses NUL; SQLite lone surrogates): only
-    the message's readable copy, the event itself keeps every character."""
-    if not text:
-        return None
-    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    """The message's readable copy of ``text`` (None for none or empty): the event
+    itself keeps every character."""
+    return plain_text(text) if text else None
 
 
 def _message(event: Event) -> tuple[dict[str, Any], int]:

@@ -58,7 +58,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ..backend import Conn, first, rows
+from ..backend import Conn, first, rows, session_lock_key
 from ..store import SessionDB
 from ..text import MAX_ID_LENGTH
 from .adk_errors import AdkAlreadyExists, AdkSessionNotFound, StaleSession
@@ -160,12 +160,6 @@ def prepare(db: SessionDB) -> SessionDB:
     return db
 
 
-def _key(session_id: str) -> str:
-    # sessiondb's own lock key of a session (sessiondb.store._key): creators, deleters
-    # and appenders of the session, ours and the store's, queue on the same lock.
-    return "session:" + session_id
-
-
 def store_id_candidates(app_name: str, user_id: str, adk_id: str) -> Iterator[str]:
     """The sessiondb ids a new ADK session may get, in the order they are tried: the
     ADK id, then ``<id>~<tag>``, ``<id>~<tag>~2``... (see the module docstring)."""
@@ -218,7 +212,7 @@ def _locked_row(db: SessionDB, conn: Conn, identity: tuple[str, str, str],
                            f"{_IDENTITY}", identity).fetchone()
         if row is None or row[0] == locked:
             return row
-        db._sql.lock(conn, _key(row[0]))
+        db._sql.lock(conn, session_lock_key(row[0]))
         locked = row[0]
 
 
@@ -240,7 +234,7 @@ def create(db: SessionDB, source: str, app_name: str, user_id: str, adk_id: str,
         if first(conn, f"SELECT 1 FROM adk_sessions WHERE {_IDENTITY}", identity):
             raise AdkAlreadyExists(f"Session with id {adk_id} already exists.", adk_id)
         for store_id in store_id_candidates(*identity):
-            db._sql.lock(conn, _key(store_id))
+            db._sql.lock(conn, session_lock_key(store_id))
             if first(conn, "SELECT 1 FROM sessions WHERE id = ?", (store_id,)) is None:
                 break
         marker = (secrets.token_hex(8), 0)
@@ -394,7 +388,8 @@ def append(db: SessionDB, app_name: str, user_id: str, adk_id: str, *,
         if stale:
             raise StaleSession(adk_id, expected[1] if expected else None, revision,
                                recreated=expected is not None and expected[0] != incarnation)
-        db._sql.update_session(conn, _key(store_id), "message_count = message_count + 1, "
+        db._sql.update_session(conn, session_lock_key(store_id),
+                               "message_count = message_count + 1, "
                                "tool_call_count = tool_call_count + ?", [calls], store_id)
         message_id = first(conn, "INSERT INTO messages (session_id, role, content, "
                                  "tool_calls, tool_name, tool_call_id, timestamp, metadata) "

@@ -46,6 +46,34 @@ from sessiondb.text import MAX_ID_LENGTH
 from adk_contract import APP, PersistentContract, ServiceContract, run, said, texts
 
 
+class HeldLock:
+    """Another instance holding a session's lock in a write transaction, on a thread of
+    its own (what a concurrent append does), after running ``then(conn)`` under it;
+    taken when made, until :meth:`release`."""
+
+    def __init__(self, other: SessionDB, session_id: str,
+                 then: Callable[[Any], object] = lambda conn: None) -> None:
+        held, self._release = threading.Event(), threading.Event()
+
+        def write(conn: Any) -> None:
+            other._sql.lock(conn, session_lock_key(session_id))
+            then(conn)
+
+        def hold() -> None:
+            with other.transaction():
+                other._execute_write(write)
+                held.set()
+                self._release.wait(10)
+
+        self._thread = threading.Thread(target=hold)
+        self._thread.start()
+        held.wait(10)
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join()
+
+
 class TestInMemoryReference(ServiceContract):
     """ADK's own in-memory service: the reference of the contract."""
 
@@ -202,30 +230,15 @@ class TestSessionDB(PersistentContract):
         # concurrent append does); an append made meanwhile with an object read before
         # waits for the lock, then finds the new revision: refused, not interleaved. The
         # event loop runs on meanwhile (the append waits on a worker thread).
-        held, release = threading.Event(), threading.Event()
-
-        def bump(conn) -> None:
-            other._sql.lock(conn, "session:s")
-            conn.execute("UPDATE adk_sessions SET revision = revision + 1 WHERE "
-                         "session_id = 's'")
-
-        def concurrent_append() -> None:
-            with other.transaction():
-                other._execute_write(bump)
-                held.set()
-                release.wait(10)
-
         async def body() -> None:
             session = await service.create_session(app_name=APP, user_id="u1", session_id="s")
-            holder = threading.Thread(target=concurrent_append)
-            holder.start()
-            held.wait(10)
+            holder = HeldLock(other, "s", then=lambda conn: conn.execute(
+                "UPDATE adk_sessions SET revision = revision + 1 WHERE session_id = 's'"))
             append = asyncio.create_task(service.append_event(session, said("user", "hi")))
             for _ in range(5):
                 await asyncio.sleep(0.01)  # returns only if the loop is free
             waited = not append.done()
-            release.set()
-            holder.join()
+            holder.release()
             with pytest.raises(StaleSession) as caught:
                 await append
             assert waited and (caught.value.expected, caught.value.actual) == (0, 1)
@@ -239,27 +252,15 @@ class TestSessionDB(PersistentContract):
         # Another instance holds the session's lock, so the append waits inside its
         # write; it is cancelled meanwhile: it still ends (stored, and applied to the
         # object) before the cancellation is raised, and the object stays current.
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with other.transaction():
-                other._execute_write(lambda conn: other._sql.lock(
-                    conn, session_lock_key("s")))
-                held.set()
-                release.wait(10)
-
         async def body() -> None:
             session = await service.create_session(app_name=APP, user_id="u1", session_id="s")
-            holder = threading.Thread(target=hold)
-            holder.start()
-            held.wait(10)
+            holder = HeldLock(other, "s")
             append = asyncio.create_task(service.append_event(session, said("user", "hi")))
             await asyncio.sleep(0.05)
             append.cancel()
             await asyncio.sleep(0.05)
             assert not append.done()  # waits for its write
-            release.set()
-            holder.join()
+            holder.release()
             with pytest.raises(asyncio.CancelledError):
                 await append
             assert texts(session) == ["hi"]

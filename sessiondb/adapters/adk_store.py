@@ -229,7 +229,9 @@ def create(db: SessionDB, source: str, app_name: str, user_id: str, adk_id: str,
     def write(conn: Conn) -> Stored:
         # The identity's lock first, then the candidates' in the order tried: every
         # creator locks in that order (and the candidates only grow longer), and the
-        # other writers take one session's lock only, so no two wait on each other.
+        # other writers take one session's lock (a second only when the session was
+        # deleted and made anew under another id meanwhile: should that ever close a
+        # cycle, PostgreSQL reports the deadlock and the write path runs it again).
         db._sql.lock(conn, "adk-session:" + json.dumps(identity))
         if first(conn, f"SELECT 1 FROM adk_sessions WHERE {_IDENTITY}", identity):
             raise AdkAlreadyExists(f"Session with id {adk_id} already exists.", adk_id)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 import filelock
 
-from .backend import check_hold_timeout, check_seconds_option
+from .backend import check_durability, check_hold_timeout, check_seconds_option
 from .checkpoint import CheckpointPolicy
 from .dialect import SQLITE
 from .connection import (
@@ -130,12 +130,14 @@ class Engine:
         journal_size_limit: int = 8 * 1024 * 1024,
         gate: bool = True,
         vfs: str | None = None,
+        durability: str = "full",
         progress: ProgressCallback | None = None,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
             check_seconds_option(name, value)
         check_hold_timeout(hold_timeout)
+        check_durability(durability)
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -151,7 +153,7 @@ class Engine:
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
-                             progress=check_progress(progress))
+                             durability=durability, progress=check_progress(progress))
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -240,7 +242,7 @@ class Engine:
         return open_connection(new_file or self.path, busy_timeout_ms=o["busy_timeout_ms"],
                                journal_size_limit=o["journal_size_limit"],
                                timeout=o["write_timeout"], vfs=o["vfs"],
-                               create=new_file is not None)
+                               create=new_file is not None, durability=o["durability"])
 
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see
@@ -574,6 +576,7 @@ class Engine:
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()
             figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            figures["durability"] = self._options["durability"]
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

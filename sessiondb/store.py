@@ -65,6 +65,11 @@ class SessionDB(Handle, Coordination, Upkeep):
     :param gate: use the kernel-queued FIFO write gate where available (default True).
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the
         platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
+    :param durability: ``"full"`` (default): a write is on disk when its call returns,
+        and survives a power cut or an OS crash (SQLite: ``synchronous=FULL``, a sync of
+        the ``-wal`` per commit); ``"normal"``: it survives a crash of the process, but a
+        power cut may lose the writes since the last sync (SQLite: ``synchronous=NORMAL``;
+        PostgreSQL: ``synchronous_commit = off``), never corrupting the store.
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).

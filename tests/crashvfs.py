@@ -61,9 +61,13 @@ depend on which process wrote.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
+import pickle
 import random
+import struct
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -334,13 +338,7 @@ class Disk:
             assert not self.model.handles, "close every connection before the reboot"
             assert self.survivors is not None and self.figures is not None
             figures = self.figures
-            shm = self.rng.choice(SHM_FATES)
-            figures.shm = shm
-            for path, content in self.survivors.items():
-                _replace(path, content)
-                if path.endswith("-wal") or path.endswith("-journal"):
-                    continue
-                _reset_shm(path + "-shm", shm, self.rng)
+            figures.shm = restore(self.survivors, self.rng)
             self.model = Model()
             self.powered, self.trigger, self.survivors, self.figures = True, None, None, None
             self.cut_by = ""
@@ -348,6 +346,9 @@ class Disk:
             return figures
 
     # -- the VFS's side -------------------------------------------------------------
+    def opening(self) -> Any:
+        return contextlib.nullcontext()
+
     def _event(self, op: str, kind: str) -> None:
         self.events[op, kind] += 1
         t = self.trigger
@@ -408,8 +409,19 @@ class Disk:
             self.model.closed(handle)
 
 
+def restore(survivors: dict[str, bytes | None], rng: random.Random) -> str:
+    """Make the real files what the disk kept (the simulator acting as the disk after a
+    reboot, never the library's doing), and the ``-shm`` what a reboot leaves of it;
+    returns the -shm's fate (:data:`SHM_FATES`)."""
+    shm = rng.choice(SHM_FATES)
+    for path, content in survivors.items():
+        _replace(path, content)
+        if not path.endswith(("-wal", "-journal")):
+            _reset_shm(path + "-shm", shm, rng)
+    return shm
+
+
 def _replace(path: str, content: bytes | None) -> None:
-    """The simulator acting as the disk after a reboot (never the library's doing)."""
     if content is None:
         try:
             os.unlink(path)
@@ -435,6 +447,104 @@ def _reset_shm(path: str, fate: str, rng: random.Random) -> None:
     # "stale": the bytes the page cache last had, as the kernel may have written back
 
 
+# -- several processes: each VFS appends records to one journal ----------------------------
+
+
+class Journal:
+    """What a :class:`CrashVFS` of one process among several reports to: every record
+    (:meth:`Model` call) appended to a journal file the processes share, one ``write()``
+    of a length-prefixed pickle each (``O_APPEND``: records never interleave). Opening
+    and deleting a file are made atomic with their record (an ``flock`` on the journal,
+    and a lock for this process's threads), so that the journal never has a process open
+    a file that another one created before the creation's record. The test cuts the
+    power by stopping every process (SIGSTOP), reading the journal's length, killing
+    them all; :func:`replay` then rebuilds the :class:`Model` as of that moment."""
+
+    sector = SECTOR
+
+    def __init__(self, path: str, psow: bool = False) -> None:
+        self.psow = psow
+        self.powered = True  # (the power is cut from outside)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._mu = threading.Lock()
+        self._tokens = itertools.count()
+        self._pid = os.getpid()
+
+    def _record(self, *record: Any) -> None:
+        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        os.write(self._fd, struct.pack("<I", len(data)) + data)
+
+    def _handle(self, handle: int) -> tuple[int, int]:
+        return (self._pid, handle)
+
+    def opening(self) -> Any:
+        """Held around an ``xOpen`` or ``xDelete`` and its record."""
+        return _Flocked(self._mu, self._fd)
+
+    def opened(self, handle: int, path: str, kind: str, existed: bool, create: bool,
+               read: Callable[[], bytes]) -> None:
+        self._record("opened", self._handle(handle), path, kind, existed, create)
+
+    def wrote(self, handle: int, kind: str, offset: int, data: bytes) -> None:
+        self._record("write", self._handle(handle), offset, data)
+
+    def truncated(self, handle: int, kind: str, size: int) -> None:
+        self._record("truncate", self._handle(handle), size)
+
+    def sync_begins(self, handle: int, kind: str) -> Any:
+        token = (self._pid, next(self._tokens))
+        self._record("sync_begins", self._handle(handle), token)
+        return token
+
+    def sync_ends(self, handle: int, token: Any, flags: int) -> None:
+        self._record("sync_ends", self._handle(handle), token, flags)
+
+    def deleted(self, path: str, syncdir: bool) -> None:
+        self._record("deleted", path, syncdir)
+
+    def closed(self, handle: int) -> None:
+        self._record("closed", self._handle(handle))
+
+
+class _Flocked:
+    def __init__(self, mu: threading.Lock, fd: int) -> None:
+        self.mu, self.fd = mu, fd
+
+    def __enter__(self) -> None:
+        self.mu.acquire()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.mu.release()
+
+
+def replay(journal: str, length: int, files: dict[str, tuple[str, bytes]]) -> Model:
+    """The :class:`Model` of the first ``length`` bytes of ``journal`` (whole records
+    only), starting from ``files`` (path -> (kind, bytes)): the files as they were,
+    durable, before the processes started."""
+    model = Model()
+    for n, (path, (kind, content)) in enumerate(files.items()):
+        model.opened(-1 - n, path, kind, True, False, lambda c=content: c)
+        model.closed(-1 - n)
+    with open(journal, "rb") as fh:
+        data = fh.read(length)
+    pos = 0
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        if pos + 4 + size > len(data):
+            break  # a record cut short by the kill
+        op, *args = pickle.loads(data[pos + 4:pos + 4 + size])
+        pos += 4 + size
+        if op == "opened":
+            handle, path, kind, existed, create = args
+            assert not existed or path in model.names, f"{path} was never seen created"
+            model.opened(handle, path, kind, existed, create, lambda: b"")
+        else:
+            getattr(model, op)(*args)
+    return model
+
+
 # -- the VFS ----------------------------------------------------------------------------
 
 
@@ -445,14 +555,15 @@ class CrashFile(apsw.VFSFile):
         self.disk = vfs.disk
         path = name.filename() if isinstance(name, apsw.URIFilename) else name
         self.kind = next((k for bit, k in KINDS.items() if flags[0] & bit), None)
-        existed = path is not None and os.path.exists(path)
-        super().__init__(vfs.base, name, flags)
         self.handle = id(self)
-        if self.kind is not None and path is not None:
-            self.disk.opened(self.handle, path, self.kind, existed,
-                             bool(flags[0] & apsw.SQLITE_OPEN_CREATE), self._read_all)
-        else:
-            self.kind = "other"
+        with self.disk.opening():
+            existed = path is not None and os.path.exists(path)
+            super().__init__(vfs.base, name, flags)
+            if self.kind is not None and path is not None:
+                self.disk.opened(self.handle, path, self.kind, existed,
+                                 bool(flags[0] & apsw.SQLITE_OPEN_CREATE), self._read_all)
+            else:
+                self.kind = "other"
 
     def _read_all(self) -> bytes:
         # Through this file's own descriptor: opening another one and closing it would
@@ -502,5 +613,6 @@ class CrashVFS(apsw.VFS):
         return CrashFile(self, name, flags)
 
     def xDelete(self, filename: str, syncdir: bool) -> None:
-        super().xDelete(filename, syncdir)
-        self.disk.deleted(filename, syncdir)
+        with self.disk.opening():
+            super().xDelete(filename, syncdir)
+            self.disk.deleted(filename, syncdir)

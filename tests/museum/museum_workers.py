@@ -223,7 +223,8 @@ def power_writer(path: str, journal: str, ledger_path: str, session_id: str, see
     ``crashvfs.Journal``) until the test stops and kills this process: its power cut.
     The ledger gets ``ready`` once the store is open, then ``ack <content>`` per message,
     one ``os.write`` per call, only after the call returned."""
-    from crashvfs import CrashVFS, Journal
+    from crashjournal import Journal
+    from crashvfs import CrashVFS
 
     fd = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     vfs = CrashVFS(Journal(journal, psow))

@@ -52,7 +52,8 @@ import apsw
 import pytest
 
 import museum_workers
-from crashvfs import POLICIES, CrashVFS, Disk, replay, restore
+from crashjournal import replay
+from crashvfs import POLICIES, CrashVFS, Disk, restore
 from maintenance_workers import build as build_prunable
 from sessiondb import SessionDB, doctor, schema
 from test_compat_hermes_file import build_hermes_db, hermes_message

@@ -244,9 +244,9 @@ _MUTATING = re.compile(
     re.IGNORECASE | re.DOTALL)
 _PRAGMA = re.compile(r'^\s*PRAGMA\s+(?:"?\w+"?\.)?"?(\w+)"?\s*([=(])?', re.IGNORECASE)
 # Per-connection settings applied when a connection is opened (not data changes).
-_SETUP_PRAGMAS = {"journal_mode", "synchronous", "fullfsync", "foreign_keys",
-                  "mmap_size", "journal_size_limit", "auto_vacuum", "page_size", "busy_timeout", "wal_autocheckpoint",
-                  "cache_size", "temp_store"}
+_SETUP_PRAGMAS = {"journal_mode", "synchronous", "foreign_keys", "mmap_size",
+                  "journal_size_limit", "auto_vacuum", "page_size", "busy_timeout", "wal_autocheckpoint",
+                  "cache_size", "temp_store", "fullfsync"}
 _ALWAYS_MUTATING_PRAGMAS = {"incremental_vacuum", "optimize", "user_version",
                             "application_id", "writable_schema"}
 

@@ -162,86 +162,73 @@ class Run:
 # -- the workloads: each a list of thread bodies -----------------------------------------
 
 
+Step = Callable[[SessionDB], tuple[Callable[[], Any], Callable[[], None]]]
+
+
+def thread(run: Run, count: int, step: Step) -> Callable[[], None]:
+    """A thread body: open an instance, then ``count`` times run the call ``step(db)``
+    makes, and record what it returns with it once acknowledged, until the power goes."""
+    def body() -> None:
+        db = run.open()
+        if db is None:
+            return
+        for _ in range(count):
+            if not run.acked(*step(db)):
+                return
+    return body
+
+
 def appender(run: Run, sid: str, count: int = 24) -> Callable[[], None]:
     """Appends and turns (three appends and a token update in one transaction)."""
     rng = random.Random(run.rng.random())
 
-    def body() -> None:
-        db = run.open()
-        if db is None:
-            return
-        for _ in range(count):
-            if rng.random() < 0.6:
-                content = run.tag(f"{sid}-m")
-                ok = run.acked(lambda: db.append_message(sid, "user", content + " text"),
-                               lambda: run.ledger.messages.add(content + " text"))
-            else:
-                contents = [run.tag(f"{sid}-t") + " turn" for _ in range(3)]
+    def step(db: SessionDB) -> tuple[Callable[[], Any], Callable[[], None]]:
+        contents = [run.tag(f"{sid}-{n}") for n in range(1 if rng.random() < 0.6 else 3)]
 
-                def turn() -> None:
-                    with db.transaction():
-                        for c in contents:
-                            db.append_message(sid, "assistant", c)
-                        db.update_token_counts(sid, input_tokens=5, output_tokens=7)
-                ok = run.acked(turn, lambda: run.ledger.messages.update(contents))
-            if not ok:
+        def append() -> None:
+            if len(contents) == 1:
+                db.append_message(sid, "user", contents[0])
                 return
-    return body
+            with db.transaction():
+                for content in contents:
+                    db.append_message(sid, "assistant", content)
+                db.update_token_counts(sid, input_tokens=5, output_tokens=7)
+        return append, lambda: run.ledger.messages.update(contents)
+    return thread(run, count, step)
 
 
 def creator(run: Run, count: int = 10) -> Callable[[], None]:
-    def body() -> None:
-        db = run.open()
-        if db is None:
-            return
-        for _ in range(count):
-            sid = run.tag("new")
-            if not run.acked(lambda: db.create_session(sid, "cli", title=sid),
-                             lambda: run.ledger.sessions.add(sid)):
-                return
-    return body
+    def step(db: SessionDB) -> tuple[Callable[[], Any], Callable[[], None]]:
+        sid = run.tag("new")
+        return (lambda: db.create_session(sid, "cli", title=sid),
+                lambda: run.ledger.sessions.add(sid))
+    return thread(run, count, step)
 
 
 def checkpointer(run: Run, count: int = 12) -> Callable[[], None]:
-    def body() -> None:
-        db = run.open()
-        if db is None:
-            return
-        for _ in range(count):
-            if not run.acked(lambda: db.checkpoint(reset=True), lambda: None):
-                return
-    return body
+    return thread(run, count, lambda db: (lambda: db.checkpoint(reset=True), lambda: None))
 
 
 def pruner(run: Run) -> Callable[[], None]:
-    def body() -> None:
-        db = run.open()
-        if db is not None:
-            run.acked(lambda: db.prune_sessions(older_than_days=90),
-                      lambda: run.ledger.pruned.update(run.template.prunable))
-    return body
+    return thread(run, 1, lambda db: (lambda: db.prune_sessions(older_than_days=90),
+                                      lambda: run.ledger.pruned.update(run.template.prunable)))
 
 
 def importer(run: Run, batches: int = 4) -> Callable[[], None]:
-    def body() -> None:
-        db = run.open()
-        if db is None:
-            return
-        for _ in range(batches):
-            batch = []
-            for _ in range(4):
-                sid = run.tag("imp")
-                batch.append({"id": sid, "source": "import", "started_at": 1000.0,
-                              "messages": [{"role": "user", "content": f"{sid}-{k} imported",
-                                            "timestamp": 1000.0 + k} for k in range(6)]})
+    def step(db: SessionDB) -> tuple[Callable[[], Any], Callable[[], None]]:
+        batch = []
+        for _ in range(4):
+            sid = run.tag("imp")
+            batch.append({"id": sid, "source": "import", "started_at": 1000.0,
+                          "messages": [{"role": "user", "content": f"{sid}-{k} imported",
+                                        "timestamp": 1000.0 + k} for k in range(6)]})
 
-            def remember(batch: list[dict] = batch) -> None:
-                for s in batch:
-                    run.ledger.sessions.add(s["id"])
-                    run.ledger.messages.update(m["content"] for m in s["messages"])
-            if not run.acked(lambda: db.import_sessions(batch), remember):
-                return
-    return body
+        def remember() -> None:
+            for s in batch:
+                run.ledger.sessions.add(s["id"])
+                run.ledger.messages.update(m["content"] for m in s["messages"])
+        return lambda: db.import_sessions(batch), remember
+    return thread(run, batches, step)
 
 
 def workload(name: str, run: Run) -> list[Callable[[], None]]:

@@ -11,13 +11,19 @@ gate descriptors and background checkpoint thread. The power goes at a seeded po
 Nth sync of the ``-wal``, a random write, a write of the database file (inside a
 checkpoint), a sync of the database file (the end of a checkpoint), or a truncate of the
 ``-wal`` (a WAL reset); or after the workload, idle. Small ``checkpoint_every`` and
-``wal_limit`` make checkpoints and background WAL resets frequent. After the reboot (the
+``wal_limit`` make checkpoints and background WAL resets frequent (``agents`` keeps the
+defaults). And across processes: three writer processes, each with its own VFS
+reporting to one shared journal (``tests/crashjournal.py``), are stopped at once at a
+random moment, which is the cut, then killed. After the reboot (the
 surviving bytes become the files, the ``-shm`` is deleted, emptied, stale or garbage) the
 store is opened through the public API by ``sessiondb.doctor.check``, which must find
 nothing wrong: ``integrity_check``, the full-text index against the messages,
 foreign keys, every session's ``message_count`` and the message total against the rows.
 Then every write acknowledged before the cut is looked for: messages (by their unique
-text), sessions, sessions an acknowledged prune deleted (they must stay deleted).
+text), sessions, sessions an acknowledged prune deleted (they must stay deleted), and
+every row the store held before the workload. An import the cut cut short leaves its
+messages pending for the index, as a kill does: the rerun the README prescribes
+(``import_sessions`` again) must then leave doctor satisfied.
 
 Workloads: ``agents`` (appends, ``transaction()`` turns of three appends and a token
 update, new sessions), ``checkpoints`` (appends beside a thread forcing
@@ -28,9 +34,14 @@ first open of a schema-1 store upgrades it, then appends). Every cut runs with b
 settings; odd seeds claim powersafe overwrite (as SQLite's Unix VFS does by default),
 even ones claim nothing, so torn writes garble whole sectors.
 
-What it found: with ``synchronous=NORMAL`` (the setting before ``durability`` existed)
-acknowledged writes were lost in most cuts, always the most recent ones, and no store
-was ever damaged; ``durability="full"`` loses none.
+What it found: with ``durability="normal"`` (``synchronous=NORMAL``, sessiondb's only
+setting before this exhibit) a power cut loses the acknowledged writes since the last
+sync of the ``-wal``: with the default checkpoint interval, most writes of a short run
+(10,390 of 12,921 in 157 of 250 cuts of the ``agents`` soak), with frequent checkpoints
+fewer; it never damaged a store (no failure of integrity, index or counters in 3,080
+cuts). ``durability="full"`` lost nothing. And a conversion of a hermes-agent file that
+the power interrupts before its structural transaction commits leaves the file as it
+was, still a hermes-agent file, which the next open converts.
 """
 
 from __future__ import annotations

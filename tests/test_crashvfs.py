@@ -61,11 +61,11 @@ def run_cuts(tmp_path: Path, synchronous: str, cuts: int) -> tuple[int, int, int
 
 
 def test_it_finds_what_sqlite_documents_for_each_synchronous_setting(tmp_path: Path):
-    acked, lost, damaged = run_cuts(tmp_path, "FULL", 30)
+    acked, lost, damaged = run_cuts(tmp_path, "FULL", 20)
     assert acked > 0 and lost == 0 and damaged == 0
-    acked, lost, damaged = run_cuts(tmp_path, "NORMAL", 30)
+    acked, lost, damaged = run_cuts(tmp_path, "NORMAL", 20)
     assert lost > 0 and damaged == 0, "NORMAL: recent commits lost, never a damaged store"
-    acked, lost, damaged = run_cuts(tmp_path, "OFF", 30)
+    acked, lost, damaged = run_cuts(tmp_path, "OFF", 20)
     assert damaged > 0, "OFF: the simulator must be able to corrupt a database"
 
 

@@ -21,8 +21,8 @@ nothing wrong: ``integrity_check``, the full-text index against the messages,
 foreign keys, every session's ``message_count`` and the message total against the rows.
 Then every write acknowledged before the cut is looked for: messages (by their unique
 text), sessions, sessions an acknowledged prune deleted (they must stay deleted), and
-every row the store held before the workload. An import the cut cut short leaves its
-messages pending for the index, as a kill does: the rerun the README prescribes
+every row the store held before the workload. An import that the power cut short
+leaves its messages pending for the index, as a kill does: the rerun the README prescribes
 (``import_sessions`` again) must then leave doctor satisfied.
 
 Workloads: ``agents`` (appends, ``transaction()`` turns of three appends and a token

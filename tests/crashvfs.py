@@ -415,6 +415,9 @@ def restore(survivors: dict[str, bytes | None], rng: random.Random) -> str:
         _replace(path, content)
         if not path.endswith(("-wal", "-journal")):
             _reset_shm(path + "-shm", shm, rng)
+            for journal in (path + "-wal", path + "-journal"):
+                if journal not in survivors:  # made after the power went: never on disk
+                    _replace(journal, None)
     return shm
 
 

@@ -20,7 +20,7 @@ from crashvfs import SECTOR, CrashVFS, Disk, Inode, Model, _survivor, CutFigures
 
 
 def run_cuts(tmp_path: Path, synchronous: str, cuts: int) -> tuple[int, int, int]:
-    """``cuts`` seeded cuts of 200 inserts each; (acknowledged, lost, damaged stores)."""
+    """``cuts`` seeded cuts of 120 inserts each; (acknowledged, lost, damaged stores)."""
     acked_total = lost = damaged = 0
     for seed in range(cuts):
         path = tmp_path / f"{synchronous}-{seed}.db"
@@ -35,9 +35,9 @@ def run_cuts(tmp_path: Path, synchronous: str, cuts: int) -> tuple[int, int, int
             conn.pragma("synchronous", synchronous)
             conn.pragma("wal_autocheckpoint", 20)
             rng = random.Random(seed)
-            disk.arm("write", "any", rng.randint(1, 400))
+            disk.arm("write", "any", rng.randint(1, 240))
             acked = 0
-            for i in range(200):
+            for i in range(120):
                 conn.execute("INSERT INTO t VALUES (?)", (rng.randbytes(rng.randint(10, 900)),))
                 if disk.powered:
                     acked = i + 1

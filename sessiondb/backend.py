@@ -214,7 +214,8 @@ DURABILITY = ("full", "normal")
 def check_durability(value: Any) -> str:
     """``durability``: ``"full"`` (a write acknowledged is on disk: it survives a power
     cut) or ``"normal"`` (it survives a crash of the process; a power cut or an OS crash
-    may lose the writes since the last sync, never corrupting the store)."""
+    may lose the writes since the last sync; see
+    :func:`sessiondb.connection.connection_durability`)."""
     if value not in DURABILITY:
         raise ConfigurationError(f"durability must be 'full' or 'normal', not {value!r}")
     return value

@@ -102,8 +102,12 @@ def connection_durability(conn: apsw.Connection, durability: str = "full") -> No
     ``fullfsync`` makes that sync reach the platter on macOS, where ``fsync()`` stops at
     the drive's cache (a no-op elsewhere). ``"normal"``: ``synchronous=NORMAL``, durable
     against a crash of the process; a power cut may lose the transactions committed since
-    the last checkpoint synced the ``-wal``, but never corrupts. Checkpoints sync the
-    ``-wal`` and the database file in both.
+    the last checkpoint synced the ``-wal``, and leaves the store consistent on a disk
+    with powersafe overwrite (bytes outside a write survive its interruption: what
+    SQLite's own VFSes assume). On a disk that can garble a whole sector, NORMAL can
+    leave a transaction half applied, because SQLite pads a WAL commit to its sector's
+    end only when it syncs it; FULL cannot. Checkpoints sync the ``-wal`` and the
+    database file in both.
     Rejected: ``synchronous=EXTRA``, which differs from FULL only for rollback journals."""
     full = durability == "full"
     conn.pragma("synchronous", "FULL" if full else "NORMAL")

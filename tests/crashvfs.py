@@ -83,7 +83,9 @@ KINDS = {apsw.SQLITE_OPEN_MAIN_DB: "db", apsw.SQLITE_OPEN_WAL: "wal",
 #: SQLITE_OPEN_CREATE (os_unix.c: UNIXFILE_DIRSYNC).
 DIRSYNC_KINDS = ("wal", "journal")
 
-#: How a cut treats the writes that were not synced (see the module docstring).
+#: How a cut treats the writes that were not synced (see the module docstring), drawn
+#: per seed; ``"garbage"`` (every pending write torn, every sector of it garbage) is only
+#: asked for by name, to stage the worst case.
 POLICIES = ("drop", "keep", "mixed", "torn")
 #: What a reboot leaves of a database's -shm file.
 SHM_FATES = ("deleted", "empty", "stale", "garbage")
@@ -230,6 +232,8 @@ def _survivor(inode: Inode, rng: random.Random, policy: str, psow: bool, sector:
             fate = "drop"
         elif policy == "mixed":
             fate = rng.choice(("apply", "drop"))
+        elif policy == "garbage":
+            fate = "tear"
         else:
             fate = rng.choice(("apply", "drop", "tear"))
         if fate == "tear" and op[0] < 0:
@@ -241,12 +245,13 @@ def _survivor(inode: Inode, rng: random.Random, policy: str, psow: bool, sector:
             figures.dropped += 1
         else:
             figures.torn += 1
-            figures.garbled_sectors += _tear(buf, op, rng, psow, sector)
+            figures.garbled_sectors += _tear(buf, op, rng, psow, sector,
+                                             garbage=policy == "garbage")
     return bytes(buf)
 
 
 def _tear(buf: bytearray, op: tuple[int, Any], rng: random.Random, psow: bool,
-          sector: int) -> int:
+          sector: int, garbage: bool = False) -> int:
     """Write ``op`` sector by sector, each sector new, old or garbage; returns how many
     sectors became garbage. Without powersafe overwrite the garbage fills the sector,
     beyond the bytes written."""
@@ -258,7 +263,7 @@ def _tear(buf: bytearray, op: tuple[int, Any], rng: random.Random, psow: bool,
     start = offset - offset % sector
     while start < end:
         lo, hi = max(start, offset), min(start + sector, end)
-        fate = rng.randrange(3)
+        fate = 2 if garbage else rng.randrange(3)
         if fate == 0:
             buf[lo:hi] = data[lo - offset:hi - offset]
         elif fate == 2:

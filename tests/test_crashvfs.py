@@ -141,3 +141,63 @@ def test_the_shm_is_reset_at_reboot_and_sqlite_rebuilds_it(tmp_path: Path):
         conn.close()
     assert fates <= {"deleted", "empty", "stale", "garbage"} and len(fates) >= 3
     assert os.path.exists(path)
+
+
+def half_applied(tmp_path: Path, synchronous: str, psow: bool) -> dict[int, str]:
+    """Stage the worst case for a disk without powersafe overwrite: transaction 2
+    (row 1 again, and a new row 1000) is synced and copied into the database by a
+    checkpoint; a reader keeps the WAL from starting over, so transaction 3 is appended
+    in the sector where transaction 2 ends; the power goes while that sector is being
+    written, and it becomes garbage. Returns the rows 1, 1000 and 2000 after the reboot."""
+    path = tmp_path / f"{synchronous}-{psow}.db"
+    conn = apsw.Connection(str(path))
+    conn.pragma("page_size", 1024)
+    conn.pragma("journal_mode", "wal")
+    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT); CREATE INDEX tv ON t(v)")
+    with conn:
+        for k in range(1, 201):  # several leaf pages: row 1 and row 1000 on different ones
+            conn.execute("INSERT INTO t VALUES (?, ?)", (k, f"value-{k:04d}-" + "x" * 80))
+    conn.close()
+    disk = Disk(seed=1, psow=psow)
+    vfs = CrashVFS(disk)
+    try:
+        writer = apsw.Connection(str(path), vfs=vfs.name)
+        writer.pragma("synchronous", synchronous)
+        writer.wal_autocheckpoint(0)
+        reader = apsw.Connection(str(path), vfs=vfs.name)
+        writer.execute("UPDATE t SET v = 'a1' WHERE k = 1")
+        writer.execute("BEGIN; UPDATE t SET v = 'a2' WHERE k = 1; "
+                       "INSERT INTO t VALUES (1000, 'zzz'); COMMIT")
+        reader.execute("BEGIN; SELECT count(*) FROM t").fetchall()
+        frames, done = writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        assert frames == done > 0
+        writer.execute("INSERT INTO t VALUES (2000, 'after the checkpoint')")
+        disk.cut(policy="garbage")
+        reader.execute("COMMIT")
+        reader.close()
+        writer.close()
+        disk.reboot()
+    finally:
+        vfs.unregister()
+    conn = apsw.Connection(str(path))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return dict(conn.execute("SELECT k, v FROM t WHERE k IN (1, 1000, 2000)"))
+    finally:
+        conn.close()
+
+
+def test_normal_can_half_apply_a_transaction_on_a_disk_that_tears_whole_sectors(
+        tmp_path: Path):
+    """Why ``durability="normal"`` promises nothing on such a disk: SQLite pads a WAL
+    commit to the end of its sector only when it syncs that commit (FULL). Under NORMAL
+    the checkpoint syncs the WAL where it stands, the next commit is written into the
+    same sector, and tearing that sector destroys the end of transaction 2 in the WAL,
+    which recovery then drops, while the database file already holds what the checkpoint
+    copied of it: row 1 as transaction 1 left it beside transaction 2's row 1000, a state
+    that never existed (integrity_check cannot see it). SQLite's Unix VFS claims
+    powersafe overwrite, and with it NORMAL only loses transaction 3."""
+    assert half_applied(tmp_path, "NORMAL", psow=False) == {1: "a1", 1000: "zzz"}
+    assert half_applied(tmp_path, "NORMAL", psow=True) == {1: "a2", 1000: "zzz"}
+    assert half_applied(tmp_path, "FULL", psow=False) == {
+        1: "a2", 1000: "zzz", 2000: "after the checkpoint"}

@@ -216,6 +216,20 @@ def check_hold_timeout(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+#: The values of the ``durability`` option, the strongest first.
+DURABILITY = ("full", "normal")
+
+
+def check_durability(value: Any) -> str:
+    """``durability``: ``"full"`` (a write acknowledged is on disk: it survives a power
+    cut) or ``"normal"`` (it survives a crash of the process; a power cut or an OS crash
+    may lose the writes since the last sync; see
+    :func:`sessiondb.connection.connection_durability`)."""
+    if value not in DURABILITY:
+        raise ConfigurationError(f"durability must be 'full' or 'normal', not {value!r}")
+    return value
+
+
 # -- reading rows (pure functions of a connection) --------------------------------------
 
 def fetch(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[tuple]:

@@ -107,11 +107,28 @@ def connection_rollback_journal(conn: apsw.Connection) -> None:
             "unsafe_filesystem='journal'")
 
 
-def connection_durability(conn: apsw.Connection, journal: bool = False) -> None:
-    """``synchronous=NORMAL`` is durable against process crashes in WAL mode; a power
-    loss may lose the last transactions but never corrupts. The rollback journal needs
-    ``FULL`` for that (https://sqlite.org/pragma.html#pragma_synchronous)."""
-    conn.pragma("synchronous", "FULL" if journal else "NORMAL")
+def connection_durability(conn: apsw.Connection, durability: str = "full",
+                          journal: bool = False) -> None:
+    """What a commit waits for (https://sqlite.org/pragma.html#pragma_synchronous).
+
+    ``"full"``: ``synchronous=FULL``, so in WAL mode every commit syncs the ``-wal``
+    before it returns, and a write acknowledged survives a power cut (the first sync of
+    a new ``-wal`` also syncs its directory, which SQLite's Unix VFS does by itself);
+    ``fullfsync`` makes that sync reach the platter on macOS, where ``fsync()`` stops at
+    the drive's cache (a no-op elsewhere). ``"normal"``: ``synchronous=NORMAL``, durable
+    against a crash of the process; a power cut may lose the transactions committed since
+    the last checkpoint synced the ``-wal``, and leaves the store consistent on a disk
+    with powersafe overwrite (bytes outside a write survive its interruption: what
+    SQLite's own VFSes assume). On a disk that can garble a whole sector, NORMAL can
+    leave a transaction half applied, because SQLite pads a WAL commit to its sector's
+    end only when it syncs it; FULL cannot. Checkpoints sync the ``-wal`` and the
+    database file in both.
+    The rollback journal (``journal``) always gets FULL: with NORMAL a power cut can
+    corrupt it.
+    Rejected: ``synchronous=EXTRA``, which differs from FULL only for rollback journals."""
+    full = durability == "full" or journal
+    conn.pragma("synchronous", "FULL" if full else "NORMAL")
+    conn.pragma("fullfsync", full)
 
 
 def connection_foreign_keys(conn: apsw.Connection) -> None:
@@ -161,7 +178,8 @@ def connection_busy_timeout(conn: apsw.Connection, milliseconds: int) -> None:
 
 def open_connection(
     path: Path, *, busy_timeout_ms: int, journal_size_limit: int, timeout: float = 30.0,
-    vfs: str | None = None, create: bool = False, journal: bool = False,
+    vfs: str | None = None, create: bool = False, durability: str = "full",
+    journal: bool = False,
 ) -> apsw.Connection:
     """Open and configure one connection to the store at ``path``.
 
@@ -173,6 +191,7 @@ def open_connection(
 
     :param create: create the file (mode 0600) if missing; only :func:`create_store`
         does, under a private name, so a store never appears half-made.
+    :param durability: ``"full"`` or ``"normal"`` (:func:`connection_durability`).
     :param journal: use the rollback journal instead of WAL (an unsafe filesystem, see
         :mod:`sessiondb.filesystems`).
     :raises DatabaseOpenError: the path cannot be opened or is not a sessiondb store.
@@ -201,7 +220,7 @@ def open_connection(
         if created:
             _restrict_new_file(path)
         connection_busy_timeout(conn, busy_timeout_ms)
-        _configure(conn, path, journal_size_limit, timeout, journal)
+        _configure(conn, path, journal_size_limit, timeout, durability, journal)
     except apsw.Error as exc:
         conn.close()
         if isinstance(exc, (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError,
@@ -245,7 +264,8 @@ def create_store(path: Path, open_new: Callable[[Path], apsw.Connection],
     ``build`` creates the schema through the write path), closed (SQLite checkpoints
     and removes its ``-wal``), and then hard-linked to ``path``, which fails if the
     path exists meanwhile: of several processes creating one store at once, one wins and
-    the others open its file. The private name is then removed. So no process ever sees
+    the others open its file. The private name is then removed, and the directory
+    synced, so that the new name survives a power cut. So no process ever sees
     a zero-byte or schema-less store at ``path``, and a process killed while creating
     leaves only its private files, which the next creation removes.
 
@@ -272,6 +292,24 @@ def create_store(path: Path, open_new: Callable[[Path], apsw.Connection],
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{tmp}{suffix}")
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the directory's entries durable (``fsync`` of the directory): a new name
+    made by ``link()`` is otherwise not guaranteed to survive a power cut, however well
+    the file's own bytes were synced. Best effort: some systems cannot sync a directory
+    (Windows), and the store is usable all the same."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sweep_abandoned(path: Path) -> None:
@@ -299,7 +337,7 @@ def _alive(pid: int) -> bool:
 
 
 def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
-               timeout: float, journal: bool = False) -> None:
+               timeout: float, durability: str, journal: bool = False) -> None:
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
@@ -308,7 +346,7 @@ def _configure(conn: apsw.Connection, path: Path, journal_size_limit: int,
             refuse_unusable(conn, path)
             connection_new_file_layout(conn)
             (connection_rollback_journal if journal else connection_wal)(conn)
-            connection_durability(conn, journal)
+            connection_durability(conn, durability, journal)
             connection_foreign_keys(conn)
             connection_no_mmap(conn)
             connection_manual_checkpoints(conn, journal_size_limit)

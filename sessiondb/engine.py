@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import apsw
 import filelock
 
-from .backend import check_hold_timeout, check_seconds_option
+from .backend import check_durability, check_hold_timeout, check_seconds_option
 from .checkpoint import CheckpointPolicy
 from .dialect import SQLITE
 from .connection import (
@@ -132,6 +132,7 @@ class Engine:
         journal_size_limit: int = 8 * 1024 * 1024,
         gate: bool = True,
         vfs: str | None = None,
+        durability: str = "full",
         progress: ProgressCallback | None = None,
         unsafe_filesystem: str | None = None,
     ) -> None:
@@ -139,6 +140,7 @@ class Engine:
                             ("reset_timeout", reset_timeout)):
             check_seconds_option(name, value)
         check_hold_timeout(hold_timeout)
+        check_durability(durability)
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -158,7 +160,8 @@ class Engine:
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
-                             progress=check_progress(progress), journal=journal)
+                             durability=durability, progress=check_progress(progress),
+                             journal=journal)
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -256,7 +259,8 @@ class Engine:
         return open_connection(new_file or self.path, busy_timeout_ms=o["busy_timeout_ms"],
                                journal_size_limit=o["journal_size_limit"],
                                timeout=o["write_timeout"], vfs=o["vfs"],
-                               create=new_file is not None, journal=o["journal"])
+                               create=new_file is not None, durability=o["durability"],
+                               journal=o["journal"])
 
     def _park_for_fork(self) -> None:
         """Before fork(): take the instance lock and close an idle connection (see
@@ -617,6 +621,7 @@ class Engine:
             figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
             figures["journal_mode"] = "delete" if self._options["journal"] else "wal"
             figures["filesystem"] = self.filesystem.as_dict()
+            figures["durability"] = self._options["durability"]
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

@@ -73,6 +73,13 @@ class SessionDB(Handle, Coordination, Upkeep):
         journal there and on unknown filesystems: slower, readers and writers wait for each
         other, and every process of the store must do the same) or ``"allow"`` (WAL
         anyway). None: ``$SESSIONDB_UNSAFE_FILESYSTEM``, else ``"refuse"``.
+    :param durability: ``"full"`` (default): a write is on disk when its call returns,
+        and survives a power cut or an OS crash (SQLite: ``synchronous=FULL``, a sync of
+        the ``-wal`` per commit); ``"normal"``: it survives a crash of the process, but a
+        power cut may lose the writes since the last sync (SQLite: ``synchronous=NORMAL``,
+        consistent on a disk with powersafe overwrite, see
+        :func:`sessiondb.connection.connection_durability`; PostgreSQL:
+        ``synchronous_commit = off``).
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).

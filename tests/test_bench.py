@@ -21,11 +21,14 @@ def test_bench_quick_runs_and_writes_valid_json(tmp_path: Path, capsys):
     assert "== convoy" in printed and "== fast" in printed and "ratios:" in printed
     assert "== async-loop" in printed and "loop lag (aio)" in printed
     doc = json.loads(out.read_text())
-    assert {"python", "apsw", "sqlite_apsw", "sqlite_stdlib", "cpus", "options"} <= set(
-        doc["header"])
+    assert {"python", "apsw", "sqlite_apsw", "sqlite_stdlib", "cpus", "options", "fsync",
+            "load_average"} <= set(doc["header"])
+    assert doc["header"]["fsync"]["syncs"] > 0 and "disk: " in printed
+    assert "full_throughput_vs_normal" in printed
     strategies = {(r["scenario"], r["strategy"]) for r in doc["runs"]}
     assert strategies == {(s, k) for s in ("convoy", "fast")
-                          for k in ("serial", "naive", "seedfix", "sessiondb")} | {
+                          for k in ("serial", "naive", "seedfix", "sessiondb",
+                                    "sessiondb-normal")} | {
         ("async-loop", "aio"), ("async-loop", "sync-on-loop"), ("async-loop", "no-db")}
     for run in doc["runs"]:
         assert run["integrity"] == "ok" and run["lost_writes"] == 0 and not run["failed"]

@@ -36,7 +36,8 @@ def files_next_to(path: Path) -> set[str]:
 def test_connection_pragmas(db: SessionDB):
     conn = db._engine._conn
     assert conn.pragma("journal_mode") == "wal"
-    assert conn.pragma("synchronous") == 1  # NORMAL
+    assert conn.pragma("synchronous") == 2  # FULL: durability="full", the default
+    assert conn.pragma("fullfsync") == 1    # (macOS: a sync that reaches the platter)
     assert conn.pragma("foreign_keys") == 1
     assert conn.pragma("mmap_size") == 0
     assert conn.pragma("wal_autocheckpoint") == 0  # checkpoints are ours

@@ -246,7 +246,7 @@ _PRAGMA = re.compile(r'^\s*PRAGMA\s+(?:"?\w+"?\.)?"?(\w+)"?\s*([=(])?', re.IGNOR
 # Per-connection settings applied when a connection is opened (not data changes).
 _SETUP_PRAGMAS = {"journal_mode", "synchronous", "foreign_keys", "mmap_size",
                   "journal_size_limit", "auto_vacuum", "page_size", "busy_timeout", "wal_autocheckpoint",
-                  "cache_size", "temp_store"}
+                  "cache_size", "temp_store", "fullfsync"}
 _ALWAYS_MUTATING_PRAGMAS = {"incremental_vacuum", "optimize", "user_version",
                             "application_id", "writable_schema"}
 

@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timed rounds of every read shape (default 100)")
     scale.add_argument("--workdir", metavar="DIR",
                        help="where its temporary files go (default: the system's "
-                            "temporary directory); removed at the end")
+                            "temporary directory); removed at the end. The contention "
+                            "benchmark takes it too: put it on a real disk, not tmpfs, "
+                            "for the cost of durability to show")
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     doc = benchmark(quick=args.quick, duration=args.duration, writers=args.writers,
                     only=args.only, strategies=tuple(args.strategies or STRATEGIES),
-                    seed=args.seed)
+                    seed=args.seed, workdir=args.workdir)
     print(table(doc))
     if args.json_file:
         with open(args.json_file, "w", encoding="utf-8") as fh:

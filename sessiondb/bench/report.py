@@ -49,6 +49,7 @@ def summarize(run: RunResult, label: str) -> dict[str, Any]:
         "integrity": run.integrity,
         "lost_writes": max(0, total - run.rows),
         "failed": run.failed,
+        "load_average": run.load_average,
         "raw": {
             "latencies_s": [round(x, 6) for x in lat],
             "wal_samples": run.wal_samples,
@@ -101,6 +102,12 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                                                           sdb["latency_s"]["p99"])
                 row[f"throughput_vs_{other}"] = _div(sdb["throughput_per_s"],
                                                      o["throughput_per_s"])
+        normal = runs_of.get("sessiondb-normal")
+        if normal:  # what durability="full" (sessiondb) costs against "normal"
+            row["full_throughput_vs_normal"] = _div(sdb["throughput_per_s"],
+                                                    normal["throughput_per_s"])
+            row["full_p99_over_normal"] = _div(sdb["latency_s"]["p99"],
+                                               normal["latency_s"]["p99"])
         serial = runs_of.get("serial")
         if serial:
             row["throughput_vs_serial"] = _div(sdb["throughput_per_s"],
@@ -126,8 +133,16 @@ def table(doc: dict[str, Any]) -> str:
         f"Python {h['python']}, apsw {h['apsw']} (SQLite {h['sqlite_apsw']}), stdlib sqlite3 "
         f"SQLite {h['sqlite_stdlib']}, {h['cpus']} CPUs, {h['platform']}",
         f"options: { {k: v for k, v in h['options'].items() if k != 'scenarios'} }",
-        "",
     ]
+    if "fsync" in h:
+        f = h["fsync"]
+        fs = f.get("filesystem") or {}
+        lines.append(f"disk: {f['call']} after a 1 KiB append, p50 {f['p50_ms']:.3f} ms, "
+                     f"p99 {f['p99_ms']:.3f} ms, max {f['max_ms']:.3f} ms "
+                     f"({f['syncs']} syncs; {fs.get('type', '?')} on {fs.get('device', '?')}"
+                     f" at {fs.get('mount', '?')}); load average at start "
+                     f"{h.get('load_average')}")
+    lines.append("")
     cols = ("strategy", "sqlite", "commits", "/s", "p50ms", "p90ms", "p99ms", "p99.9ms",
             "max ms", "errors", "min/max", "jain", "starved", "hold p50", "hold p99",
             "WAL MB", "read p99", "integrity")
@@ -174,6 +189,10 @@ def table(doc: dict[str, Any]) -> str:
             lines.append("  ratios: " + ", ".join(f"{k} {v:.2f}" if "hold" not in k else
                                                   f"{k} {v * 1000:.2f} ms"
                                                   for k, v in rat[name].items()))
+        loads = [f"{r['strategy']} {r['load_average'][0]:.1f}" for r in runs
+                 if r.get("load_average")]
+        if loads:
+            lines.append("  load average (1 min) after each run: " + ", ".join(loads))
         for r in runs:
             if r["error_samples"]:
                 lines.append(f"  {r['strategy']} errors, e.g.: {r['error_samples'][0]}")

@@ -25,9 +25,12 @@ import apsw
 
 from .. import __version__
 from ..writes import percentile
+from .disk import fsync_probe, load_average
 from .workers import Job, Result, RunResult, run_job
 
-STRATEGIES = ("naive", "seedfix", "sessiondb")
+#: ``sessiondb`` runs with the default ``durability="full"``; ``sessiondb-normal`` with
+#: ``durability="normal"``, for the cost of a sync per commit (see :mod:`.disk`).
+STRATEGIES = ("naive", "seedfix", "sessiondb", "sessiondb-normal")
 # The async-loop scenario compares ways to call the store from an event loop instead
 # (its writers always use sessiondb): AsyncSessionDB, the sync API on the loop, and a
 # control whose clients make no call at all (the machine's own noise on the loop).
@@ -147,7 +150,20 @@ def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
     if len(collected) < len(jobs) and not out.failed:
         out.failed = f"{len(jobs) - len(collected)} process(es) never reported"
     out.integrity, out.rows = _check_file(path)
+    out.load_average = load_average()
     return out
+
+
+def _alternated(strategies: tuple[str, ...], number: int) -> list[str]:
+    """The strategies in their order, except that ``sessiondb`` and ``sessiondb-normal``
+    trade places in every other scenario: of two settings compared on a shared machine,
+    neither always runs first (after the same neighbour, on the same warm caches)."""
+    order = list(strategies)
+    pair = ("sessiondb", "sessiondb-normal")
+    if number % 2 and all(p in order for p in pair):
+        i, j = order.index(pair[0]), order.index(pair[1])
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 class _WalSampler(threading.Thread):
@@ -205,10 +221,14 @@ def header(options: dict[str, Any]) -> dict[str, Any]:
 def benchmark(*, quick: bool = False, duration: float | None = None,
               writers: int | None = None, only: list[str] | None = None,
               strategies: tuple[str, ...] = STRATEGIES, seed: int = 1,
+              workdir: str | None = None,
               progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
               ) -> dict[str, Any]:
     """Run every scenario with every strategy (plus a serial ceiling) and summarize.
 
+    :param workdir: where the stores go (a fresh directory inside it, removed at the
+        end; default: the system's temporary directory); it should be a real disk, as
+        the header's ``fsync`` figure and file system show.
     :returns: ``{"header": ..., "runs": [...]}``, the JSON document ``--json`` writes.
     """
     from .report import summarize
@@ -216,18 +236,21 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
     chosen = [s for s in scenarios(quick, duration, writers) if not only or s.name in only
               or s.name.split("-")[0] in only]
     options = {"quick": quick, "duration": duration, "writers": writers, "only": only,
-               "strategies": list(strategies), "seed": seed,
+               "strategies": list(strategies), "seed": seed, "workdir": workdir,
                "scenarios": [s.__dict__ for s in chosen]}
     doc: dict[str, Any] = {"header": header(options), "runs": []}
     total = sum(len(LOOP_MODES) if s.loop else len(strategies) + 1 for s in chosen)
     step = 0
-    workdir = tempfile.mkdtemp(prefix="sessiondb-bench-")
+    workdir = tempfile.mkdtemp(prefix="sessiondb-bench-", dir=workdir)
     try:
-        for scenario in chosen:
+        doc["header"]["fsync"] = fsync_probe(workdir)
+        doc["header"]["load_average"] = load_average()
+        for number, scenario in enumerate(chosen):
             if scenario.loop:
                 plan = [(mode, "sessiondb", False) for mode in LOOP_MODES]
             else:
-                plan = [("serial", "sessiondb", True)] + [(s, s, False) for s in strategies]
+                plan = [("serial", "sessiondb", True)] + [
+                    (s, s, False) for s in _alternated(strategies, number)]
             for label, strategy, serial in plan:
                 step += 1
                 # The serial ceiling runs as long as the contended runs: a short one

@@ -9,7 +9,9 @@ strategy). What differs is only how the transaction is run:
               checkpoints (the setup that froze).
 ``seedfix``   stdlib ``sqlite3``, ``timeout=1``, ``BEGIN IMMEDIATE`` with up to 15 retries
               sleeping 20-150 ms, PASSIVE checkpoint every 50 writes and at close.
-``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``.
+``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``
+              (``durability="full"``, the default: each commit syncs the ``-wal``).
+``sessiondb-normal`` the same with ``durability="normal"`` (no sync at commit).
 
 The ``async-loop`` scenario adds a gateway that serves clients from an asyncio event loop
 (:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: through
@@ -41,7 +43,7 @@ class Job:
     """What one worker process does (picklable; sent to a spawned process)."""
 
     role: str                 # "writer" | "gateway" | "poller" | "long_reader" | "loop"
-    strategy: str             # "naive" | "seedfix" | "sessiondb"
+    strategy: str             # "naive" | "seedfix" | "sessiondb" | "sessiondb-normal"
     path: str
     seed: int
     duration: float
@@ -85,6 +87,7 @@ class RunResult:
     integrity: str = ""
     rows: int = 0
     failed: str = ""
+    load_average: list[float] = field(default_factory=list)  # at the end of the run
 
 
 def message_text(rng: random.Random) -> str:
@@ -216,7 +219,7 @@ class Library:
         from sessiondb import SessionDB
         from sessiondb.connection import sqlite_version
 
-        self.db = SessionDB(job.path)
+        self.db = SessionDB(job.path, durability=_durability(job.strategy))
         self.sqlite_version = ".".join(map(str, sqlite_version()))
 
     def write(self, session_id: str, text: str, hold: float) -> float:
@@ -236,8 +239,12 @@ class Library:
 
 
 STRATEGIES: dict[str, Callable[[Job], Any]] = {
-    "naive": Naive, "seedfix": SeedFix, "sessiondb": Library,
+    "naive": Naive, "seedfix": SeedFix, "sessiondb": Library, "sessiondb-normal": Library,
 }
+
+
+def _durability(strategy: str) -> str:
+    return "normal" if strategy == "sessiondb-normal" else "full"
 
 
 # -- process bodies -----------------------------------------------------------------
@@ -349,9 +356,9 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
 def _poller(job: Job, result: Result, barriers: Any) -> None:
     """A TUI: every 20 ms list the newest sessions and run a search."""
     rng = random.Random(job.seed)
-    if job.strategy == "sessiondb":
+    if job.strategy.startswith("sessiondb"):
         from sessiondb import SessionDB
-        db = SessionDB(job.path)
+        db = SessionDB(job.path, durability=_durability(job.strategy))
 
         def poll() -> None:
             db.list_sessions(limit=20)
@@ -371,9 +378,9 @@ def _poller(job: Job, result: Result, barriers: Any) -> None:
 
 def _long_reader(job: Job, result: Result, barriers: Any) -> None:
     """A reader that holds a read transaction open 500 ms at a time, back to back."""
-    if job.strategy == "sessiondb":
+    if job.strategy.startswith("sessiondb"):
         from sessiondb import SessionDB
-        db = SessionDB(job.path)
+        db = SessionDB(job.path, durability=_durability(job.strategy))
 
         def read_500ms() -> None:
             with db.snapshot():

@@ -71,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// URL needs the PostgreSQL extra: pip install 'sessiondb[postgres]' "
         f"({exc})") from exc
 
-from ..backend import check_hold_timeout, check_seconds_option, mask
+from ..backend import check_durability, check_hold_timeout, check_seconds_option, mask
 from ..errors import (
     ClosedError, ConfigurationError, ConnectionLost, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
@@ -146,6 +146,12 @@ class PgEngine:
     :param pooler: True when the URL points at a pooler in transaction mode (PgBouncer):
         no server-side prepared statements are used (also the URL's ``?pooler=1``).
     :param application_name: shown in ``pg_stat_activity`` (default ``"sessiondb"``).
+    :param durability: ``"full"`` (default): commits are as durable as the server is
+        configured to make them (``synchronous_commit``, ``on`` unless changed);
+        ``"normal"``: every transaction runs with ``SET LOCAL synchronous_commit = off``,
+        so a commit returns before its WAL is flushed, and a crash of the server or the
+        machine may lose the last commits (up to about three ``wal_writer_delay``, 0.6 s
+        by default), never corrupting the database.
     """
 
     sql = POSTGRESQL
@@ -153,10 +159,11 @@ class PgEngine:
     def __init__(self, url: str, *, write_timeout: float = 30.0,
                  hold_timeout: float | None = 10.0, pool_size: int = 8,
                  schema: str | None = None, pooler: bool = False,
-                 application_name: str = "sessiondb",
+                 application_name: str = "sessiondb", durability: str = "full",
                  progress: ProgressCallback | None = None) -> None:
         check_seconds_option("write_timeout", write_timeout)
         check_hold_timeout(hold_timeout)
+        self._durability = check_durability(durability)
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an int >= 1")
         url, in_url = split_options(url)
@@ -296,6 +303,10 @@ class PgEngine:
                     f'"{self._schema}"; SET LOCAL lock_timeout = '
                     f"{max(1, int(lock_wait * 1000))}; SET LOCAL statement_timeout = "
                     f"{statement}; SET LOCAL idle_in_transaction_session_timeout = {idle}"
+                    # "full" leaves the server's setting alone (a stronger remote_apply
+                    # included); "normal" gives up waiting for the WAL flush.
+                    + ("; SET LOCAL synchronous_commit = off"
+                       if self._durability == "normal" else "")
                     # A snapshot is taken by the first query, not by BEGIN: take it now.
                     + ("; SELECT 1" if isolation.startswith("REPEATABLE") else "")
                     + (f"; {then}" if then else ""))
@@ -565,6 +576,7 @@ class PgEngine:
         figures["backend"] = "postgresql"
         figures["path"] = self.path
         figures["schema"] = self._schema
+        figures["durability"] = self._durability
         figures["schema_version"] = pg_schema.SCHEMA_VERSION
         figures["server_version"] = self._server_version
         figures["driver_version"] = psycopg.__version__

@@ -9,6 +9,7 @@ that may be SIGKILLed) an append-only ledger file of their own.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -210,3 +211,33 @@ def lock_probe(path: str, pipe: Any) -> None:
             fresh.close()
     kept.close()
     pipe.send("bye")
+
+
+# -- exhibit 12: power loss ---------------------------------------------------------------
+
+
+def power_writer(path: str, journal: str, ledger_path: str, session_id: str, seed: int,
+                 durability: str, psow: bool, options: dict[str, Any]) -> None:
+    """Append messages and ``transaction()`` turns to ``session_id`` through the
+    power-loss simulator's VFS (every write recorded in the shared ``journal``,
+    ``crashvfs.Journal``) until the test stops and kills this process: its power cut.
+    The ledger gets ``ready`` once the store is open, then ``ack <content>`` per message,
+    one ``os.write`` per call, only after the call returned."""
+    from crashjournal import Journal
+    from crashvfs import CrashVFS
+
+    fd = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    vfs = CrashVFS(Journal(journal, psow))
+    db = SessionDB(path, vfs=vfs.name, durability=durability, **options)
+    os.write(fd, b"ready\n")
+    rng = random.Random(seed)
+    for n in itertools.count():
+        contents = [f"{session_id}-{n}-{k}" for k in range(1 if rng.random() < 0.6 else 3)]
+        if len(contents) == 1:
+            db.append_message(session_id, "user", contents[0])
+        else:
+            with db.transaction():
+                for content in contents:
+                    db.append_message(session_id, "assistant", content)
+                db.update_token_counts(session_id, input_tokens=5, output_tokens=7)
+        os.write(fd, "".join(f"ack {c}\n" for c in contents).encode())

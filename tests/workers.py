@@ -291,6 +291,7 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
         db.get_messages("root")
     db.checkpoint()
     db.stats()
+    db.pop_message("child")
     db.clear_messages("child")
     tour_coordination(db, raw)
     try:

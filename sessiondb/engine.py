@@ -49,6 +49,7 @@ from .errors import (
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
+from .procs import claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
@@ -131,6 +132,7 @@ class Engine:
         gate: bool = True,
         vfs: str | None = None,
         progress: ProgressCallback | None = None,
+        procs: bool = True,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
@@ -151,7 +153,8 @@ class Engine:
                              checkpoint_every=checkpoint_every, wal_limit=wal_limit,
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
-                             progress=check_progress(progress))
+                             progress=check_progress(progress),
+                             procs=check_flag("procs", procs))
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -177,19 +180,26 @@ class Engine:
                          lambda conn, tmp: build_schema(conn, partial(
                              WritePath(NullGate(), o["write_timeout"], str(tmp)).run, conn)))
         conn = self._new_connection()
-        gate = None
+        gate = slot = None
         try:
             self._gate = gate = make_gate(self.path, o["gate"])
+            # This instance's row in the process record (sessiondb top), or None.
+            self._slot = slot = claim_slot(self.path, o["wal_limit"]) if o["procs"] else None
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path),
                                      o["hold_timeout"])
             self._walguard = WalGuard(self.path)
             self._walguard.record()
             self._writes.verify = self._walguard.check
             self._checkpoints = CheckpointPolicy(
-                lambda: make_gate(self.path, o["gate"]), self._new_connection,
+                watched_gate(lambda: make_gate(self.path, o["gate"]), slot),
+                self._new_connection,
                 o["checkpoint_every"], o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
             self._checkpoints.verify = lambda: self._walguard.lost() is None
+            if slot is not None:
+                slot.attach(self._writes.counters, self._checkpoints.counters)
+                self._writes.record = slot
+                self._checkpoints.on_reset = slot.reset_done
             self._conn = conn
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
@@ -204,6 +214,8 @@ class Engine:
             conn.close()
             if gate is not None:
                 gate.close()
+            if slot is not None:
+                slot.close()
             raise
 
     def _finish_conversion(self) -> None:
@@ -278,6 +290,8 @@ class Engine:
             conn, self._conn = self._conn, None
             if os.getpid() != self._pid:
                 return
+            if self._slot is not None:
+                self._slot.close()
             if conn is None:  # closed for a fork and not reopened since
                 self._gate.close()
                 return
@@ -574,6 +588,9 @@ class Engine:
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()
             figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            slot = self._slot
+            figures["procs"] = None if slot is None else {
+                "file": slot.path, "slot": slot.index, "error": slot.error or None}
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

@@ -101,6 +101,11 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                                                           sdb["latency_s"]["p99"])
                 row[f"throughput_vs_{other}"] = _div(sdb["throughput_per_s"],
                                                      o["throughput_per_s"])
+        off = runs_of.get("sessiondb-unrecorded")  # the process record's cost
+        if off:
+            row["throughput_vs_unrecorded"] = _div(sdb["throughput_per_s"],
+                                                   off["throughput_per_s"])
+            row["p99_vs_unrecorded"] = _div(sdb["latency_s"]["p99"], off["latency_s"]["p99"])
         serial = runs_of.get("serial")
         if serial:
             row["throughput_vs_serial"] = _div(sdb["throughput_per_s"],

@@ -128,7 +128,9 @@ def frame(snap: dict[str, Any], width: int = 120, height: int | None = None,
           footer: str = "") -> list[str]:
     """The lines of one screen (pure: a function of the snapshot)."""
     clock = time.strftime("%H:%M:%S", time.localtime(snap["at"]))
-    title = f"sessiondb top: {snap['path']}"
+    title, room = f"sessiondb top: {snap['path']}", max(20, width - len(clock) - 2)
+    if len(title) > room:  # keep the end of the path (the file's name) and the clock
+        title = "sessiondb top: …" + snap["path"][-(room - 16):]
     lines = [title + clock.rjust(max(1, width - len(title)))]
     if snap["backend"] == "postgresql":
         lines += _pg_summary(snap) + [""] + _pg_table(snap["rows"])

@@ -49,7 +49,7 @@ from .errors import (
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
-from .procs import claim as claim_slot, watched_gate
+from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
@@ -517,11 +517,15 @@ class Engine:
                     rollback(conn)
                     raise
                 pid = os.getpid()
+                if self._slot is not None:  # a long snapshot pins the WAL: top shows it
+                    self._slot.state(READING, time.monotonic())
                 try:
                     yield
                 finally:
                     if os.getpid() == pid:  # a fork child must not end the parent's
                         rollback(conn)
+                        if self._slot is not None:
+                            self._slot.publish()
             finally:
                 if in_room:
                     self._gate.leave_room()

@@ -4,7 +4,8 @@ Every instance that opens a SQLite store publishes a *slot* in ``<db>.sessiondb-
 who it is (pid, program, host, when it opened, its ``wal_limit``), the figures of its
 ``stats()`` (writes, failed writes, retries, timeouts, hold timeouts, contended writes,
 longest wait, longest hold, checkpoints), and what it is doing now: idle, waiting for the
-write lock since t, or holding it since t, and the same for its WAL reset. ``sessiondb
+write lock since t, holding it since t, or reading in a ``snapshot()`` block since t
+(which keeps the WAL from being reset), and the same for its WAL reset. ``sessiondb
 top`` and ``sessiondb stats`` read every slot (:func:`read_record`). The database file,
 its ``-wal`` and ``-shm`` are never touched here.
 
@@ -83,8 +84,8 @@ HEADER = 256
 SLOT = 512
 MAX_SLOTS = 4096
 
-IDLE, WAITING, HOLDING = 0, 1, 2
-STATES = ("idle", "waiting", "holding")
+IDLE, WAITING, HOLDING, READING = 0, 1, 2, 3
+STATES = ("idle", "waiting", "holding", "reading")  # reading: in a snapshot() block
 
 _HEAD = struct.Struct("<8sII")            # magic, version, slot size
 _RESET_AT = 32
@@ -520,7 +521,7 @@ def _row(index: int, raw: bytes, now: float, mine: bool) -> Row | None:
 
 def totals(rows: list[Row]) -> dict[str, Any]:
     """The figures of every row together: counts summed, longest wait and hold the
-    largest, and how many instances hold or wait."""
+    largest, and how many instances hold, wait, or read in a snapshot."""
     summed = ("writes", "failed_writes", "retries", "timeouts", "hold_timeouts",
               "contended_writes")
     out: dict[str, Any] = {"processes": len(rows)}
@@ -529,6 +530,7 @@ def totals(rows: list[Row]) -> dict[str, Any]:
     out["lock_hold_max_s"] = max((r.lock_hold_max_s for r in rows), default=0.0)
     out["holding"] = sum(1 for r in rows if "holding" in (r.state, r.reset_state))
     out["waiting"] = sum(1 for r in rows if "waiting" in (r.state, r.reset_state))
+    out["reading"] = sum(1 for r in rows if r.state == "reading")
     return out
 
 

@@ -65,12 +65,15 @@ class SessionDB(Handle, Coordination, Upkeep):
     :param gate: use the kernel-queued FIFO write gate where available (default True).
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the
         platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
+    :param procs: publish this instance's state and write figures in the process record
+        beside the store, which ``sessiondb top`` and ``sessiondb stats`` read (default
+        True; ``$SESSIONDB_PROCS=0`` turns it off too); see :mod:`sessiondb.procs`.
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).
 
     SQLite only: ``busy_timeout``, ``checkpoint_every``, ``wal_limit``, ``reset_timeout``,
-    ``journal_size_limit``, ``gate``, ``vfs``. PostgreSQL only (see
+    ``journal_size_limit``, ``gate``, ``vfs``, ``procs``. PostgreSQL only (see
     :class:`sessiondb.pg.engine.PgEngine`): ``pool_size``, ``schema``, ``pooler``,
     ``application_name``.
 

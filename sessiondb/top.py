@@ -6,7 +6,8 @@ A SQLite store's processes publish themselves in the process record
 and bound, the last WAL reset and the leases and claims per owner, :func:`frame` turns
 that into the lines of a screen (pure), and :func:`live` redraws them every second with
 ``curses``. Rows come in blocking order: whoever holds the write lock first, then the
-waiters, longest waiting first (the gate serves them in that order), then the idle.
+waiters, longest waiting first (the gate serves them in that order), then the readers in
+a ``snapshot()`` block (they hold WAL resets back), longest first, then the idle.
 
 A PostgreSQL store spans machines, so no file can hold its processes: there :func:`snapshot`
 asks the server (``pg_stat_activity`` and ``pg_blocking_pids`` for every client of the
@@ -34,7 +35,7 @@ __all__ = ["across_processes", "frame", "live", "open_store", "snapshot", "stats
 KEYS = "q quit  p pause  space refresh"
 _WRITE_FIGURES = ("writes", "failed_writes", "retries", "timeouts", "hold_timeouts",
                   "contended_writes", "lock_wait_max_s", "lock_hold_max_s")
-_ORDER = {"holding": 0, "waiting": 1, "idle": 2}
+_ORDER = {"holding": 0, "waiting": 1, "reading": 2, "idle": 3}
 _PG_ACTIVITY = (
     "SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), a.state, "
     "extract(epoch FROM now() - a.xact_start), extract(epoch FROM now() - a.backend_start), "
@@ -118,7 +119,7 @@ def _pg_rows(db: SessionDB) -> list[dict[str, Any]]:
                      "state_s": lasted, "server_state": state, "connected_s": float(conn_s),
                      "wait": f"{wait_type}:{wait}" if wait_type else "",
                      "blocked_by": list(blocked_by or []), "query": query or ""})
-    rows.sort(key=lambda r: (_ORDER.get(r["state"], 2), -r["state_s"]))
+    rows.sort(key=lambda r: (_ORDER.get(r["state"], 3), -r["state_s"]))
     return rows
 
 
@@ -156,7 +157,8 @@ def _summary(snap: dict[str, Any]) -> list[str]:
         f"{'ok' if reset['ok'] else 'FAILED'} in {_duration(reset['s'])} by pid {reset['pid']}")
     out = [f"write gate: {gate} | WAL {_size(snap['wal_bytes'])}{bound} | last WAL reset: "
            f"{last}",
-           f"instances: {t['processes']} ({t['holding']} holding, {t['waiting']} waiting) | "
+           f"instances: {t['processes']} ({t['holding']} holding, {t['waiting']} waiting, "
+           f"{t['reading']} reading) | "
            f"writes {t['writes']:,} | retries {t['retries']:,} | timeouts {t['timeouts']:,} | "
            f"longest wait {_duration(t['lock_wait_max_s'])} | "
            f"longest hold {_duration(t['lock_hold_max_s'])}"]
@@ -171,18 +173,18 @@ def _summary(snap: dict[str, Any]) -> list[str]:
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["no process has the store open"]
-    head = (f"{'PID':>7}  {'PROGRAM':<24} {'STATE':<8} {'FOR':>7} {'WRITES':>9} "
+    head = (f"{'PID':>7}  {'PROGRAM':<30} {'STATE':<8} {'FOR':>7} {'WRITES':>9} "
             f"{'RETRIES':>7} {'TIMEOUTS':>8} {'MAX WAIT':>8} {'MAX HOLD':>8}  OPENED")
     out = [head]
     for r in rows:
         opened = time.strftime("%H:%M:%S", time.localtime(r["opened_at"]))
-        out.append(f"{r['pid']:>7}  {_fit(r['program'], 24)} {r['state']:<8} "
+        out.append(f"{r['pid']:>7}  {_fit(r['program'], 30)} {r['state']:<8} "
                    f"{_duration(r['state_s']) if r['state'] != 'idle' else '':>7} "
                    f"{r['writes']:>9,} {r['retries']:>7,} {r['timeouts']:>8,} "
                    f"{_duration(r['lock_wait_max_s']):>8} "
                    f"{_duration(r['lock_hold_max_s']):>8}  {opened}")
         if r["reset_state"] != "idle":
-            out.append(f"{r['pid']:>7}  {_fit('  └ its WAL reset', 24)} "
+            out.append(f"{r['pid']:>7}  {_fit('  └ its WAL reset', 30)} "
                        f"{r['reset_state']:<8} {_duration(r['reset_state_s']):>7}")
     return out
 

@@ -91,7 +91,7 @@ def test_a_holder_and_two_waiters_in_blocking_order(store: Path, capsys):
         screen = capsys.readouterr().out.splitlines()
         table = [line.split() for line in screen if line.strip().split(" ")[0].isdigit()]
         assert [(int(t[0]), t[-8]) for t in table] == states
-        assert "1 holding, 2 waiting" in screen[2]
+        assert "1 holding, 2 waiting, 0 reading" in screen[2]
     finally:
         release.set()
     finish(started, release)
@@ -196,6 +196,15 @@ def test_a_fork_child_publishes_under_its_own_pid(store: Path):
     assert [(r.pid, r.slot) for r in rows(store)] == [(os.getpid(), parent_slot)]
     db.append_message("shared", "user", "from the parent")
     db.close()
+
+
+def test_a_snapshot_block_shows_as_reading(store: Path):
+    with SessionDB(store) as db:
+        with db.snapshot():
+            db.message_count()
+            (row,) = rows(store)
+            assert row.state == "reading" and row.state_s > 0
+        assert [r.state for r in rows(store)] == ["idle"]
 
 
 def test_off_by_option_or_environment(store: Path, monkeypatch):

@@ -338,13 +338,18 @@ class WritePath:
         if entered is not None and tx is None:
             return  # the watchdog ended this transaction and left the gate already
         held = None if entered is None else time.monotonic() - entered
-        self.gate.release(held if committed else None)
-        if held is not None:
-            c = self.counters
-            c.holds.append(held)
-            c.longest_hold_s = max(c.longest_hold_s, held)
-        if self.record is not None:
-            self.record.publish()  # idle, with the counters
+        try:
+            if held is not None:
+                c = self.counters
+                c.holds.append(held)
+                c.longest_hold_s = max(c.longest_hold_s, held)
+            if self.record is not None:
+                # Idle, with the counters. Published before letting go, so that it does
+                # not lengthen the gap between two writes, which decides whether this
+                # process's turn goes on (sessiondb.gate).
+                self.record.publish()
+        finally:
+            self.gate.release(held if committed else None)
 
     def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
         self.counters.timeouts += 1

@@ -111,7 +111,7 @@ class ProcessRecordError(SessionDBError):
 
 def sidecar(db_path: str | os.PathLike[str]) -> Path:
     """The process record of the store at ``db_path``."""
-    path = Path(db_path)
+    path = Path(os.path.abspath(db_path))
     return path.with_name(path.name + SUFFIX)
 
 
@@ -128,12 +128,17 @@ class _Handle:
 
     def __init__(self, path: str, fd: int, writable: bool) -> None:
         self.path, self.fd, self.writable = path, fd, writable
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
         self.users = 0
         self.slots: set[int] = set()
 
 
 _MU = threading.Lock()
-_HANDLES: dict[str, _Handle] = {}
+# By file, not by name: the same file reached under two names (a relative path, a
+# symlinked directory) must still get one descriptor, or closing the second would drop
+# the locks held through the first.
+_HANDLES: dict[tuple[int, int], _Handle] = {}
 _SLOTS: "weakref.WeakSet[Slot]" = weakref.WeakSet()
 
 
@@ -141,7 +146,11 @@ def _acquire(path: str, create: bool) -> _Handle | None:
     """The process's handle of ``path`` (opened if needed); None if ``create`` is False
     and the file does not exist. Raises OSError when it cannot be opened."""
     with _MU:
-        handle = _HANDLES.get(path)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            handle = _HANDLES.get((st.st_dev, st.st_ino))
+        except FileNotFoundError:
+            handle = None
         if handle is None:
             flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
             try:
@@ -152,7 +161,12 @@ def _acquire(path: str, create: bool) -> _Handle | None:
                 if create:
                     raise
                 fd, writable = os.open(path, flags & ~os.O_RDWR | os.O_RDONLY), False
-            handle = _HANDLES[path] = _Handle(path, fd, writable)
+            try:
+                handle = _Handle(path, fd, writable)
+            except OSError:
+                os.close(fd)
+                raise
+            _HANDLES[handle.key] = handle
         handle.users += 1
         return handle
 
@@ -160,9 +174,9 @@ def _acquire(path: str, create: bool) -> _Handle | None:
 def _release(handle: _Handle) -> None:
     with _MU:
         handle.users -= 1
-        if handle.users > 0 or _HANDLES.get(handle.path) is not handle:
+        if handle.users > 0 or _HANDLES.get(handle.key) is not handle:
             return
-        del _HANDLES[handle.path]
+        del _HANDLES[handle.key]
         try:
             os.close(handle.fd)  # the last user: no lock of this process is left in it
         except OSError:

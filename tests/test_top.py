@@ -177,6 +177,23 @@ def test_instances_of_one_process_each_have_a_row_and_give_it_back(store: Path):
     assert rows(store) == []
 
 
+def test_reading_under_another_name_keeps_this_process_rows(store: Path, monkeypatch):
+    """One descriptor per file: a second one, closed, would drop this process's locks."""
+    def seen_from_outside() -> int:
+        code = f"from sessiondb import procs; print(len(procs.read_record({str(store)!r}).rows))"
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, check=True).stdout)
+
+    with SessionDB(store) as db:
+        db.append_message("shared", "user", "x")
+        assert seen_from_outside() == 1
+        monkeypatch.chdir(store.parent)
+        assert len(procs.read_record("state.db").rows) == 1  # a relative name
+        (store.parent / "alias").symlink_to(store.parent)
+        assert len(procs.read_record(store.parent / "alias" / "state.db").rows) == 1
+        assert seen_from_outside() == 1
+
+
 def test_a_fork_child_publishes_under_its_own_pid(store: Path):
     db = SessionDB(store)
     parent_slot = db.stats()["procs"]["slot"]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from . import procs
 from .backend import is_url
-from .errors import DatabaseOpenError, SessionDBError
+from .errors import ConfigurationError, DatabaseOpenError, SessionDBError
 from .store import SessionDB
 
 __all__ = ["across_processes", "frame", "live", "open_store", "snapshot", "stats_text"]
@@ -278,6 +278,9 @@ def live(db: SessionDB, interval: float = 1.0) -> None:
         curses.wrapper(loop)
     except KeyboardInterrupt:
         pass
+    except curses.error as exc:  # no terminfo for $TERM, or not a terminal at all
+        raise ConfigurationError(f"cannot draw on this terminal ({exc}); use --once or "
+                                 "--json") from exc
 
 
 def _lines(db: SessionDB, width: int, height: int, interval: float) -> list[str]:

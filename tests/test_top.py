@@ -233,6 +233,23 @@ def test_off_by_option_or_environment(store: Path, monkeypatch):
         assert db.stats()["procs"] is None and rows(store) == []
 
 
+@pytest.mark.slow
+def test_the_bench_runs_sessiondb_with_the_record_off_beside_it(tmp_path: Path):
+    from sessiondb.bench.run import UNRECORDED, Scenario, run_one
+
+    scenario = Scenario("fast", 2, 0.5)
+    before = os.environ.get("SESSIONDB_PROCS")
+    sizes = {}
+    for strategy in ("sessiondb", UNRECORDED):
+        run = run_one(scenario, strategy, str(tmp_path), seed=1)
+        assert not run.failed and all(w.commits for w in run.writers), run.failed
+        sizes[strategy] = procs.sidecar(tmp_path / f"fast-{strategy}.db").stat().st_size
+    # Two writers and two readers took slots; unrecorded, only the parent (its setup).
+    assert sizes == {"sessiondb": procs.HEADER + 4 * procs.SLOT,
+                     UNRECORDED: procs.HEADER + procs.SLOT}
+    assert os.environ.get("SESSIONDB_PROCS") == before  # the parent's is left as it was
+
+
 # -- a damaged, foreign or unusable record ---------------------------------------------
 
 def test_a_truncated_record_is_rebuilt_and_writers_never_notice(store: Path):

@@ -539,12 +539,12 @@ def totals(rows: list[Row]) -> dict[str, Any]:
     summed = ("writes", "failed_writes", "retries", "timeouts", "hold_timeouts",
               "contended_writes")
     out: dict[str, Any] = {"processes": len(rows)}
-    out.update({k: sum(getattr(r, k) for r in rows) for k in summed})
-    out["lock_wait_max_s"] = max((r.lock_wait_max_s for r in rows), default=0.0)
-    out["lock_hold_max_s"] = max((r.lock_hold_max_s for r in rows), default=0.0)
     out["holding"] = sum(1 for r in rows if "holding" in (r.state, r.reset_state))
     out["waiting"] = sum(1 for r in rows if "waiting" in (r.state, r.reset_state))
     out["reading"] = sum(1 for r in rows if r.state == "reading")
+    out.update({k: sum(getattr(r, k) for r in rows) for k in summed})
+    out["lock_wait_max_s"] = max((r.lock_wait_max_s for r in rows), default=0.0)
+    out["lock_hold_max_s"] = max((r.lock_hold_max_s for r in rows), default=0.0)
     return out
 
 

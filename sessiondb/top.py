@@ -319,15 +319,16 @@ def across_processes(figures: dict[str, Any], db_path: str | Path) -> dict[str, 
     and hold the largest), plus ``processes``, ``holding``, ``waiting``, ``gate_queue``,
     ``wal_limit`` and ``per_process`` (a row per instance, as ``top --json`` gives)."""
     record = procs.read_record(db_path)
-    out = {k: v for k, v in figures.items()
-           if not k.startswith(("lock_wait_", "lock_hold_")) and k != "procs"}
-    out.update(procs.totals(record.rows))
+    out = procs.totals(record.rows)  # processes, holding, waiting, reading, write figures
     out["checkpoint"] = {k: sum(getattr(r, k) for r in record.rows)
                          for k in ("passive_runs", "resets_ok", "resets_failed")}
     out["checkpoint"]["last_reset"] = record.last_reset
     limits = [r.wal_limit for r in record.rows if r.wal_limit]
+    out["wal_bytes"] = figures["wal_bytes"]
     out["wal_limit"] = min(limits) if limits else None
     out["gate_queue"] = procs.gate_queue(db_path)
+    out.update((k, v) for k, v in figures.items() if k not in out and k != "procs"
+               and not k.startswith(("lock_wait_", "lock_hold_")))
     out["damaged_slots"] = record.damaged
     out["per_process"] = [r.as_dict() for r in record.rows]
     return out

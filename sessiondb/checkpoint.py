@@ -130,6 +130,9 @@ class CheckpointPolicy:
         #: False when the -wal/-shm are no longer SQLite's (set by the engine, walguard):
         #: then no checkpoint runs
         self.verify: Callable[[], bool] = lambda: True
+        #: told of every TRUNCATE attempt, (ok, seconds): the process record
+        #: (sessiondb.procs) keeps the store's last one for `sessiondb top`
+        self.on_reset: Callable[[bool, float], None] | None = None
         self._thread: threading.Thread | None = None
 
     def after_write(self, conn: apsw.Connection) -> bool:
@@ -350,6 +353,8 @@ class CheckpointPolicy:
             gate.release()
         c = self.counters
         c.longest_reset_s = max(c.longest_reset_s, time.monotonic() - start)
+        if self.on_reset is not None:
+            self.on_reset(ok, time.monotonic() - start)
         if ok:
             c.last_wal_frames = c.last_checkpointed_frames = self._wal_frames = 0
         return ok

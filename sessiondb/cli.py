@@ -24,7 +24,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream
+from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream, top
 from .backend import is_url, mask
 from .connection import ENV_PATH, default_path
 from .errors import SessionDBError
@@ -147,13 +147,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with _open(args) as db:
+    with top.open_store(_target(args), _progress(args)) as db:
         figures = db.stats()
         figures["sessions"] = db.session_count()
         figures["messages"] = db.message_count()
-    _emit(args, figures, lambda f: cli_text.table(["figure", "value"], [
-        [k, cli_text.figure(v)] for k, v in cli_text.flatten(cli_text.readable(f))]))
+        if db.backend == "sqlite":
+            figures = top.across_processes(figures, db.path)
+    _emit(args, figures, top.stats_text)
     return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    once = args.once or args.json or not sys.stdout.isatty()
+    return top.run(_target(args), interval=args.interval, once=once,
+                   progress=_progress(args), emit=lambda data, human: _emit(args, data, human))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -275,9 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("stats", cmd_stats, "print store figures: writes, lock waits, WAL size or "
             "connection pool, counts",
-            "Print the figures of SessionDB.stats() plus session and message counts. "
-            "Write and wait figures describe this process only; on PostgreSQL, pool.* "
-            "is this process's connection pool.")
+            "Print the store's figures plus session and message counts. On a SQLite "
+            "file the write, wait and checkpoint figures are those of every process that "
+            "has the store open now (from the process record, <db>.sessiondb-procs: "
+            "counts summed, longest wait and hold the largest), with a row per process. "
+            "On PostgreSQL they describe this process only, and pool.* is its "
+            "connection pool.")
+
+    p = command("top", cmd_top, "show live who holds the write lock, who waits and since "
+                "when",
+                "Show every process that has the store open, refreshed every second: the "
+                "one holding the write lock first, then the waiters, longest waiting "
+                "first, each with its pid, program, state and how long it has lasted, "
+                "writes, retries, timeouts, longest wait and hold; the write gate's queue, "
+                "the WAL's size and bound, the last WAL reset, and the leases and claims "
+                "of each owner. Keys: q quit, p pause, space refresh. On PostgreSQL: the "
+                "server's view of every client of the database, on every host "
+                "(pg_stat_activity, pg_blocking_pids). Prints one screen and exits with "
+                "--once or --json, or when stdout is not a terminal.")
+    p.add_argument("--once", action="store_true", help="print one screen and exit")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
 
     p = command("doctor", cmd_doctor, "check the store's health (exit 1 on problems)",
                 "SQLite: check integrity (PRAGMA integrity_check), the full-text index, "
@@ -530,6 +555,13 @@ def _lengths(text: str) -> tuple[int, ...]:
         return tuple(int(n) for n in text.replace(" ", ",").split(",") if n)
     except ValueError:
         raise argparse.ArgumentTypeError("must be lengths like 2,3,4 or 'none'") from None
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0.1 and 3600 seconds")
+    return value
 
 
 def _days(text: str) -> float:

@@ -50,6 +50,7 @@ from .errors import (
     WalDeletedError, translate,
 )
 from .gate import FifoGate, NullGate, make_gate
+from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
@@ -135,6 +136,7 @@ class Engine:
         durability: str = "full",
         progress: ProgressCallback | None = None,
         unsafe_filesystem: str | None = None,
+        procs: bool = True,
     ) -> None:
         for name, value in (("write_timeout", write_timeout), ("busy_timeout", busy_timeout),
                             ("reset_timeout", reset_timeout)):
@@ -161,7 +163,7 @@ class Engine:
                              reset_timeout=float(reset_timeout),
                              journal_size_limit=journal_size_limit, gate=gate, vfs=vfs,
                              durability=durability, progress=check_progress(progress),
-                             journal=journal)
+                             journal=journal, procs=check_flag("procs", procs))
         self._lock = threading.RLock()
         self._fork_locked = False
         self._ckpt_parked = False
@@ -190,9 +192,11 @@ class Engine:
                          lambda conn, tmp: build_schema(conn, partial(
                              WritePath(NullGate(), o["write_timeout"], str(tmp)).run, conn)))
         conn = self._new_connection()
-        gate = None
+        gate = slot = None
         try:
             self._gate = gate = make_gate(self.path, o["gate"])
+            # This instance's row in the process record (sessiondb top), or None.
+            self._slot = slot = claim_slot(self.path, o["wal_limit"]) if o["procs"] else None
             self._writes = WritePath(self._gate, o["write_timeout"], str(self.path),
                                      o["hold_timeout"])
             self._walguard = WalGuard(self.path)
@@ -201,12 +205,17 @@ class Engine:
             self._writes.verify = self._verify_files
             # The rollback journal has no WAL: nothing to checkpoint, nothing to bound.
             self._checkpoints = CheckpointPolicy(
-                lambda: make_gate(self.path, o["gate"]), self._new_connection,
+                watched_gate(lambda: make_gate(self.path, o["gate"]), slot),
+                self._new_connection,
                 0 if o["journal"] else o["checkpoint_every"],
                 0 if o["journal"] else o["wal_limit"], o["reset_timeout"],
                 o["busy_timeout_ms"], conn.filename_wal)
             self._checkpoints.verify = lambda: (self._walguard.lost() is None
                                                 and self._identity.intact())
+            if slot is not None:
+                slot.attach(self._writes.counters, self._checkpoints.counters)
+                self._writes.record = slot
+                self._checkpoints.on_reset = slot.reset_done
             self._conn = conn
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
@@ -223,6 +232,8 @@ class Engine:
             conn.close()
             if gate is not None:
                 gate.close()
+            if slot is not None:
+                slot.close()
             raise
 
     def _finish_conversion(self) -> None:
@@ -298,6 +309,8 @@ class Engine:
             conn, self._conn = self._conn, None
             if os.getpid() != self._pid:
                 return
+            if self._slot is not None:
+                self._slot.close()
             if conn is None:  # closed for a fork and not reopened since
                 self._gate.close()
                 return
@@ -545,11 +558,15 @@ class Engine:
                     rollback(conn)
                     raise
                 pid = os.getpid()
+                if self._slot is not None:  # a long snapshot pins the WAL: top shows it
+                    self._slot.state(READING, time.monotonic())
                 try:
                     yield
                 finally:
                     if os.getpid() == pid:  # a fork child must not end the parent's
                         rollback(conn)
+                        if self._slot is not None:
+                            self._slot.publish()
             finally:
                 if in_room:
                     self._gate.leave_room()
@@ -622,6 +639,9 @@ class Engine:
             figures["journal_mode"] = "delete" if self._options["journal"] else "wal"
             figures["filesystem"] = self.filesystem.as_dict()
             figures["durability"] = self._options["durability"]
+            slot = self._slot
+            figures["procs"] = None if slot is None else {
+                "file": slot.path, "slot": slot.index, "error": slot.error or None}
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

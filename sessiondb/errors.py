@@ -39,6 +39,9 @@ Every error the library raises on purpose derives from :class:`SessionDBError`, 
 ``.report``), and under it ``SameStoreError``, ``CopyConflict`` (sessions skipped) and
 ``CopyMismatch`` (the destination does not hold what was read).
 
+:mod:`sessiondb.procs` adds ``ProcessRecordError``: the process record that ``sessiondb
+top`` reads is not one (foreign, damaged) or of a newer layout.
+
 Warnings: :class:`CapWarning` (a ``UserWarning``) when an owner reaches 80% of a cap;
 :class:`PoolWarning` when 80% of a PostgreSQL connection pool is in use;
 :class:`FilesystemWarning` when a store is opened on a filesystem sessiondb does not know.

@@ -80,12 +80,16 @@ class SessionDB(Handle, Coordination, Upkeep):
         consistent on a disk with powersafe overwrite, see
         :func:`sessiondb.connection.connection_durability`; PostgreSQL:
         ``synchronous_commit = off``).
+    :param procs: publish this instance's state and write figures in the process record
+        beside the store, which ``sessiondb top`` and ``sessiondb stats`` read (default
+        True; ``$SESSIONDB_PROCS=0`` turns it off too); see :mod:`sessiondb.procs`.
     :param max_leases_per_owner: live leases one owner may hold (default 1000; None = no
         cap); see :mod:`sessiondb.coordination`.
     :param max_claims_per_owner: work claims one owner may hold (default 100; None = no cap).
 
     SQLite only: ``busy_timeout``, ``checkpoint_every``, ``wal_limit``, ``reset_timeout``,
-    ``journal_size_limit``, ``gate``, ``vfs``, ``unsafe_filesystem``. PostgreSQL only (see
+    ``journal_size_limit``, ``gate``, ``vfs``, ``unsafe_filesystem``,
+    ``procs``. PostgreSQL only (see
     :class:`sessiondb.pg.engine.PgEngine`): ``pool_size``, ``schema``, ``pooler``,
     ``application_name``.
 

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import apsw
 
@@ -46,6 +46,7 @@ from .gate import Gate, GateTimeout
 T = TypeVar("T")
 
 _BUSY = (apsw.BusyError, apsw.LockedError)
+_WAITING, _HOLDING = 1, 2  # states published in the process record (sessiondb.procs)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -126,6 +127,9 @@ class WritePath:
         #: called right after BEGIN IMMEDIATE; an exception rolls back and propagates
         #: (the engine checks that the -wal/-shm files are still SQLite's, walguard)
         self.verify: Callable[[], None] | None = None
+        #: told when this instance starts waiting, holds, and goes idle (with the
+        #: counters): its slot in the process record (sessiondb.procs), or None
+        self.record: Any = None
 
     @property
     def active(self) -> bool:
@@ -211,6 +215,8 @@ class WritePath:
             if done:
                 return outcome
             self.counters.retries += 1
+            if self.record is not None:  # still waiting, through the backoff below
+                self.record.publish(_WAITING, start)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._timed_out(start, attempt, outcome)
@@ -224,13 +230,18 @@ class WritePath:
         transaction open on the connection."""
         entered = None
         self._owner = os.getpid()
+        record = self.record
         try:
+            if record is not None:
+                record.state(_WAITING, start)
             try:
                 _, contended = self.gate.acquire(max(0.0, deadline - time.monotonic()))
             except GateTimeout:
                 self._timed_out(start, attempt, None)
             conn.execute("BEGIN IMMEDIATE")
             entered = time.monotonic()
+            if record is not None:
+                record.state(_HOLDING, entered)
             self._opened(conn, entered, bounded)
             if self.verify is not None:
                 self.verify()
@@ -306,6 +317,8 @@ class WritePath:
                 self.counters.failed += 1
             finally:
                 self.gate.release(None)
+                if self.record is not None:
+                    self.record.publish()
         finally:
             self._sql.release()
 
@@ -325,14 +338,23 @@ class WritePath:
         if entered is not None and tx is None:
             return  # the watchdog ended this transaction and left the gate already
         held = None if entered is None else time.monotonic() - entered
-        self.gate.release(held if committed else None)
-        if held is not None:
-            c = self.counters
-            c.holds.append(held)
-            c.longest_hold_s = max(c.longest_hold_s, held)
+        try:
+            if held is not None:
+                c = self.counters
+                c.holds.append(held)
+                c.longest_hold_s = max(c.longest_hold_s, held)
+            if self.record is not None:
+                # Idle, with the counters. Published before letting go, so that it does
+                # not lengthen the gap between two writes, which decides whether this
+                # process's turn goes on (sessiondb.gate).
+                self.record.publish()
+        finally:
+            self.gate.release(held if committed else None)
 
     def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
         self.counters.timeouts += 1
+        if self.record is not None:
+            self.record.publish()
         raise WriteTimeout(time.monotonic() - start, attempts) from cause
 
 

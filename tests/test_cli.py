@@ -59,7 +59,7 @@ def digest(path: Path) -> str:
 
 # -- help and options ------------------------------------------------------------------
 
-COMMANDS = ["path", "list", "show", "search", "export", "import", "prune", "stats", "doctor",
+COMMANDS = ["path", "list", "show", "search", "export", "import", "prune", "stats", "top", "doctor",
             "demo"]
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Callable
 
-from .run import STRATEGIES, benchmark
+from .run import STRATEGIES, UNRECORDED, benchmark
 
 __all__ = ["add_arguments", "main", "benchmark"]
 
@@ -29,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fast, agent-64, overhead); repeatable. 'scale' runs the scale "
                              "benchmark instead, 'frameworks' the frameworks benchmark "
                              "(neither is part of the default run)")
-    parser.add_argument("--strategy", action="append", choices=STRATEGIES, dest="strategies",
-                        help="run only this strategy (repeatable; default all)")
+    parser.add_argument("--strategy", action="append", choices=STRATEGIES + (UNRECORDED,),
+                        dest="strategies",
+                        help="run only this strategy (repeatable; default all but "
+                             f"{UNRECORDED}, which is sessiondb with the process record "
+                             "off, to compare with sessiondb)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
     parser.add_argument("--json", dest="json_file", metavar="FILE",
                         help="write every raw figure as JSON to FILE (schema in the README)")

@@ -108,6 +108,11 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                                                     normal["throughput_per_s"])
             row["full_p99_over_normal"] = _div(sdb["latency_s"]["p99"],
                                                normal["latency_s"]["p99"])
+        off = runs_of.get("sessiondb-unrecorded")  # the process record's cost
+        if off:
+            row["throughput_vs_unrecorded"] = _div(sdb["throughput_per_s"],
+                                                   off["throughput_per_s"])
+            row["p99_vs_unrecorded"] = _div(sdb["latency_s"]["p99"], off["latency_s"]["p99"])
         serial = runs_of.get("serial")
         if serial:
             row["throughput_vs_serial"] = _div(sdb["throughput_per_s"],

@@ -31,6 +31,10 @@ from .workers import Job, Result, RunResult, run_job
 #: ``sessiondb`` runs with the default ``durability="full"``; ``sessiondb-normal`` with
 #: ``durability="normal"``, for the cost of a sync per commit (see :mod:`.disk`).
 STRATEGIES = ("naive", "seedfix", "sessiondb", "sessiondb-normal")
+#: Run only when asked for (``--strategy``): sessiondb with the process record off
+#: (``$SESSIONDB_PROCS=0`` in its processes), beside ``sessiondb``, to measure what
+#: publishing each process's state costs the write path.
+UNRECORDED = "sessiondb-unrecorded"
 # The async-loop scenario compares ways to call the store from an event loop instead
 # (its writers always use sessiondb): AsyncSessionDB, the sync API on the loop, and a
 # control whose clients make no call at all (the machine's own noise on the loop).
@@ -95,6 +99,9 @@ def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
     with SessionDB(path) as db:
         for i in range(n):
             db.create_session(f"w-{i}", "bench")
+    env = {"SESSIONDB_PROCS": "0"} if strategy == UNRECORDED else {}
+    if strategy == UNRECORDED:
+        strategy = "sessiondb"  # the same workers, started with the record off
     jobs = [Job("writer", strategy, path, seed * 1000 + i, scenario.duration,
                 hold=scenario.hold, think=0.0 if serial else scenario.think,
                 burst=0 if serial else scenario.burst, session_id=f"w-{i}", index=i)
@@ -116,8 +123,17 @@ def run_one(scenario: Scenario, strategy: str, workdir: str, seed: int,
     results: Any = ctx.Queue()
     procs = [ctx.Process(target=run_job, args=(job, start, finish, results), daemon=True)
              for job in jobs]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # a spawned process gets the environment of its start()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = RunResult(scenario.name, strategy, scenario.duration)
     try:
         start.wait(timeout=120)
@@ -272,4 +288,4 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
     return doc
 
 
-__all__ = ["benchmark", "scenarios", "run_one", "Scenario", "percentile"]
+__all__ = ["benchmark", "scenarios", "run_one", "Scenario", "percentile", "UNRECORDED"]

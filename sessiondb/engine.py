@@ -48,7 +48,7 @@ from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, WalDeletedError, translate,
 )
-from .gate import FifoGate, NullGate, make_gate
+from .gate import NullGate, gate_kind, make_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
@@ -128,7 +128,7 @@ class Engine:
         wal_limit: int = 64 * 1024 * 1024,
         reset_timeout: float = 1.0,
         journal_size_limit: int = 8 * 1024 * 1024,
-        gate: bool = True,
+        gate: bool | str = "auto",
         vfs: str | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
@@ -136,6 +136,7 @@ class Engine:
                             ("reset_timeout", reset_timeout)):
             check_seconds_option(name, value)
         check_hold_timeout(hold_timeout)
+        gate = gate_kind(gate)  # "ofd", "posix" or "none", for every gate of this instance
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -573,7 +574,7 @@ class Engine:
             figures: dict[str, Any] = self._writes.counters.snapshot()
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()
-            figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            figures["gate"] = self._gate.kind
             figures["path"] = str(self.path)
             figures["schema_version"] = SCHEMA_VERSION
             figures["sqlite_version"] = ".".join(map(str, sqlite_version()))

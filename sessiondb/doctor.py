@@ -80,7 +80,7 @@ class DoctorReport(TypedDict):
     :ivar sidecars: ``{"name", "bytes"}`` of each file next to the database whose name
         starts with the database's name (``-wal``, ``-shm``, the write gate ...), as found.
     :ivar sessions, messages: row counts.
-    :ivar gate: the write gate in use (``"fifo"`` or ``"none"``).
+    :ivar gate: the write gate in use (``"ofd"``, ``"posix"`` or ``"none"``).
     :ivar repaired: with ``repair=True``, the full-text index state before the rebuild
         (``fts_index_before``) and the message total before it was recounted
         (``message_total_before``: ``"ok"`` or what was wrong).

@@ -10,6 +10,8 @@ strategy). What differs is only how the transaction is run:
 ``seedfix``   stdlib ``sqlite3``, ``timeout=1``, ``BEGIN IMMEDIATE`` with up to 15 retries
               sleeping 20-150 ms, PASSIVE checkpoint every 50 writes and at close.
 ``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``.
+``sessiondb-posix`` the same with the portable write gate forced (``gate="posix"``: classic
+              fcntl locks instead of Linux OFD locks), readers included.
 
 The ``async-loop`` scenario adds a gateway that serves clients from an asyncio event loop
 (:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: through
@@ -66,6 +68,7 @@ class Result:
     sqlite_version: str = ""
     crashed: str = ""
     lags: list[float] = field(default_factory=list)  # loop: how late each wake-up was
+    gate: str = ""            # the write gate sessiondb used ("ofd", "posix", "none")
 
 
 @dataclass
@@ -211,13 +214,23 @@ class SeedFix(_Stdlib):
             super().close()
 
 
+#: The strategies that run sessiondb itself, and the gate option each one opens it with.
+LIBRARY_GATES = {"sessiondb": "auto", "sessiondb-posix": "posix"}
+
+
+def open_library(job: Job) -> Any:
+    from sessiondb import SessionDB
+
+    return SessionDB(job.path, gate=LIBRARY_GATES[job.strategy])
+
+
 class Library:
     def __init__(self, job: Job) -> None:
-        from sessiondb import SessionDB
         from sessiondb.connection import sqlite_version
 
-        self.db = SessionDB(job.path)
+        self.db = open_library(job)
         self.sqlite_version = ".".join(map(str, sqlite_version()))
+        self.gate = self.db.stats()["gate"]
 
     def write(self, session_id: str, text: str, hold: float) -> float:
         with self.db.transaction():
@@ -236,7 +249,7 @@ class Library:
 
 
 STRATEGIES: dict[str, Callable[[Job], Any]] = {
-    "naive": Naive, "seedfix": SeedFix, "sessiondb": Library,
+    "naive": Naive, "seedfix": SeedFix, "sessiondb": Library, "sessiondb-posix": Library,
 }
 
 
@@ -287,6 +300,7 @@ def _writer(job: Job, result: Result, barriers: Any) -> None:
     rng = random.Random(job.seed)
     runner = STRATEGIES[job.strategy](job)
     result.sqlite_version = runner.sqlite_version
+    result.gate = getattr(runner, "gate", "")
     texts = [message_text(rng) for _ in range(64)]
     end = _begin(barriers, job.duration)
     try:
@@ -349,9 +363,8 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
 def _poller(job: Job, result: Result, barriers: Any) -> None:
     """A TUI: every 20 ms list the newest sessions and run a search."""
     rng = random.Random(job.seed)
-    if job.strategy == "sessiondb":
-        from sessiondb import SessionDB
-        db = SessionDB(job.path)
+    if job.strategy in LIBRARY_GATES:
+        db = open_library(job)
 
         def poll() -> None:
             db.list_sessions(limit=20)
@@ -371,9 +384,8 @@ def _poller(job: Job, result: Result, barriers: Any) -> None:
 
 def _long_reader(job: Job, result: Result, barriers: Any) -> None:
     """A reader that holds a read transaction open 500 ms at a time, back to back."""
-    if job.strategy == "sessiondb":
-        from sessiondb import SessionDB
-        db = SessionDB(job.path)
+    if job.strategy in LIBRARY_GATES:
+        db = open_library(job)
 
         def read_500ms() -> None:
             with db.snapshot():

@@ -23,8 +23,9 @@ writers never wedge the queue.
 The locks come from a handle of one of two kinds (:mod:`sessiondb.gate_locks`): Linux
 *open file description* locks, which belong to the handle's own descriptor, or, on every
 other POSIX system (macOS, the BSDs), classic ``fcntl`` record locks, which belong to the
-process and so are shared between the handles of a process through a registry that queues
-them in the process, one ticket per process at a time (:mod:`sessiondb.gate_posix`).
+process and so are shared between the handles of a process through a registry that keeps
+the process's tickets, so that its handles wait for each other in the process and for
+other processes in the kernel (:mod:`sessiondb.gate_posix`).
 Either way two :class:`~sessiondb.SessionDB` instances in one process exclude each other,
 and closing one never drops the other's locks. A blocking lock call has no timeout, so
 the wait runs in a helper thread while the caller waits on an event with the remaining
@@ -69,7 +70,7 @@ import weakref
 from pathlib import Path
 
 from .errors import ConfigurationError, DatabaseOpenError
-from .gate_locks import COUNTERS, DISPENSER, SLOT_BASE, SLOTS, OfdLocks
+from .gate_locks import COUNTERS, SLOT_BASE, SLOTS, OfdLocks
 from .gate_posix import PosixLocks, posix_locks_available
 
 try:
@@ -288,27 +289,22 @@ class FifoGate(Gate):
             return entered
         except BaseException:
             # A timeout, an OS error, or KeyboardInterrupt (any exception a signal
-            # handler raises, wherever it lands): never leave the dispenser, a ticket or
-            # the process's place behind, or every writer of every process would wedge
-            # behind it. Giving up a ticket that had already entered is safe as well:
-            # its successors treat it as a dead holder's and walk past it.
+            # handler raises, wherever it lands): never leave the dispenser or a ticket
+            # behind, or every writer of every process would wedge behind it. Giving up
+            # a ticket that had already entered is safe as well: its successors treat it
+            # as a dead holder's and walk past it.
             try:
-                if self._file.holds_process():  # (else another handle may be at it)
-                    self._file.unlock(DISPENSER)  # a no-op unless this handle holds it
-                    if self._ticket is not None:
-                        self._give_up(self._ticket)
-                    self._file.leave_process()
+                self._file.unlock_dispenser()  # a no-op unless this handle holds it
+                if self._ticket is not None:
+                    self._give_up(self._ticket)
             except (OSError, ValueError):  # e.g. the gate was closed: the error matters
                 pass
             raise
 
     def _enter(self, start: float, deadline: float) -> tuple[float, bool]:
-        queued_here = self._file.enter_process(deadline)  # classic locks: see gate_posix
-        if queued_here is None:
-            raise GateTimeout(time.monotonic() - start)
         ticket, done = self._take_ticket(deadline, start)
         if done >= ticket - 1:
-            return time.monotonic() - start, queued_here
+            return time.monotonic() - start, False
         wait = _Wait()
         try:
             self._waiter_queue().put((ticket, wait))
@@ -403,7 +399,8 @@ class FifoGate(Gate):
         if ticket is None or os.getpid() != self._pid:
             self._ticket = None
             return
-        release = self._file.releaser(self._slot(ticket))
+        slot = self._slot(ticket)
+        release = self._file.releaser(slot)
         try:
             os.pwrite(self._file.fd, _ONE.pack(ticket), COUNTERS + _ONE.size)
         finally:
@@ -414,7 +411,7 @@ class FifoGate(Gate):
             try:
                 release()
             finally:
-                self._file.leave_process()
+                self._file.let_go(slot)
 
     def close(self) -> None:
         if self._file.fd >= 0 and os.getpid() == self._pid:
@@ -431,12 +428,11 @@ class FifoGate(Gate):
     def queue_depth(self) -> int:
         """Writers holding or waiting for the gate: tickets issued and not yet done (read
         without a lock; a ticket given up, or a dead process's, counts until the next
-        writer leaves), plus, with classic locks, this process's instances queued for its
-        one ticket. A cheap read for a monitor, through this gate's own descriptor: with
-        classic locks, never open the sidecar yourself in a process that uses the gate
-        (closing it would drop the process's locks)."""
+        writer leaves). A cheap read for a monitor, through this gate's own descriptor:
+        with classic locks, never open the sidecar yourself in a process that uses the
+        gate (closing it would drop the process's locks)."""
         nxt, done = self._counters()
-        return max(0, nxt - done - 1) + self._file.waiting_here()
+        return max(0, nxt - done - 1)
 
     # -- the reader room (see sessiondb.checkpoint; kept by the lock handle) ------------
     def enter_room(self, timeout: float) -> bool:
@@ -460,13 +456,8 @@ class FifoGate(Gate):
 
     # -- internals --------------------------------------------------------------------
     def _take_ticket(self, deadline: float, start: float) -> tuple[int, int]:
-        # The dispenser is held for three system calls, so a short randomized poll is
-        # the right wait here (a blocking lock could hang on a holder stopped by SIGSTOP
-        # in that window).
-        while not self._file.try_lock(DISPENSER):
-            if time.monotonic() >= deadline:
-                raise GateTimeout(time.monotonic() - start)
-            time.sleep(random.uniform(20e-6, 200e-6))
+        if not self._file.lock_dispenser(deadline):
+            raise GateTimeout(time.monotonic() - start)
         try:
             while True:
                 # Reading a file whose ``done`` was never written as (0, 0) would hand
@@ -475,7 +466,7 @@ class FifoGate(Gate):
                 ticket = max(nxt, done + 1)
                 self._ticket = ticket  # before it is issued, so that acquire can give it back
                 os.pwrite(self._file.fd, _ONE.pack(ticket + 1), COUNTERS)
-                if self._file.try_lock(self._slot(ticket)):
+                if self._file.hold_slot(self._slot(ticket)):
                     break
                 # Someone holds this ticket's slot: the dispenser was not ours alone (with
                 # classic locks, a descriptor of the sidecar closed by code of this
@@ -483,7 +474,7 @@ class FifoGate(Gate):
                 # tickets old holds it. The next ticket is free of both.
                 self._ticket = None
         finally:
-            self._file.unlock(DISPENSER)
+            self._file.unlock_dispenser()
         return ticket, done
 
     def _walk(self, ticket: int, wait: _Wait) -> None:
@@ -506,11 +497,12 @@ class FifoGate(Gate):
     def _await(self, slot: int, wait: _Wait) -> None:
         """Block until the holder of ``slot`` leaves it. With classic locks the kernel
         refuses a wait that would close a cycle of processes waiting for each other's
-        locks (``EDEADLK``), judging per process, not per thread: say our predecessor
-        waits for a lock that another thread of ours holds (see
-        :mod:`sessiondb.gate_posix`). Such a cycle ends when one of its members moves on,
-        so wait a moment and ask again; our own slot stays locked meanwhile, so our place
-        in line is kept. The caller's budget still bounds the whole wait."""
+        locks (``EDEADLK``), judging per process, not per thread: say this process has a
+        ticket before and after another process's, or our predecessor waits for a lock
+        that another thread of ours holds (see :mod:`sessiondb.gate_posix`). Such a
+        cycle ends when one of its members moves on, so wait a moment and ask again; our
+        own slot stays locked meanwhile, so our place in line is kept. The caller's
+        budget still bounds the whole wait."""
         delay = 100e-6
         while not wait.abandoned:
             try:
@@ -525,7 +517,11 @@ class FifoGate(Gate):
 
     def _give_up(self, ticket: int) -> None:
         self._ticket = None
-        self._file.unlock(self._slot(ticket))
+        slot = self._slot(ticket)
+        try:
+            self._file.unlock(slot)
+        finally:
+            self._file.let_go(slot)
 
     def _drop_inherited(self) -> None:
         # Runs in a fork child (see _close_inherited_gates): see the handles'

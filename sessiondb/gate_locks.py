@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import struct
 import threading
 import time
@@ -60,6 +61,17 @@ def poll(attempt: Callable[[], bool], timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.001)
+    return True
+
+
+def take_dispenser(handle: Any, deadline: float) -> bool:
+    """Lock the dispenser byte, polling: it is held for three system calls, so a short
+    randomized poll is the right wait (a blocking lock could hang on a holder stopped by
+    SIGSTOP in that window). False if ``deadline`` (monotonic) passes first."""
+    while not handle.try_lock(DISPENSER):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(random.uniform(20e-6, 200e-6))
     return True
 
 
@@ -173,18 +185,18 @@ class OfdLocks:
                     _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
         self.unlock(offset)
 
-    # Each handle queues in the kernel on its own: nothing to order inside the process.
-    def enter_process(self, deadline: float) -> bool | None:
-        return False  # (whether it had to wait; None: the deadline passed)
+    # Each handle has its own descriptor, so the kernel orders them all.
+    def lock_dispenser(self, deadline: float) -> bool:
+        return take_dispenser(self, deadline)
 
-    def leave_process(self) -> None:
+    def unlock_dispenser(self) -> None:
+        self.unlock(DISPENSER)  # a no-op unless this handle holds it
+
+    def hold_slot(self, offset: int) -> bool:
+        return self.try_lock(offset)
+
+    def let_go(self, offset: int) -> None:
         pass
-
-    def holds_process(self) -> bool:
-        return True
-
-    def waiting_here(self) -> int:
-        return 0
 
     # -- the reader room (see sessiondb.checkpoint) -------------------------------------
     def enter_room(self, timeout: float) -> bool:

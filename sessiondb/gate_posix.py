@@ -16,22 +16,26 @@ OFD handles do:
   ``(st_dev, st_ino)``. The first handle opens it; it is closed only once the last handle
   is closed and no thread is inside a blocking lock call on it, so it is never closed
   while the process holds a lock through it. sessiondb opens the sidecar nowhere else.
-- *One ticket per process at a time*: handles queue first come first served inside the
-  process (:meth:`PosixLocks.enter_process`) before they take a ticket, and hand that
-  place on when they leave the gate. The kernel thus sees at most one slot lock per
-  process, held for exactly one handle, so no thread of the process ever waits on a byte
-  the process itself holds, and a process's waits only point to earlier tickets, which
-  cannot close a cycle among gate users.
+- *Every handle its own ticket*, as with OFD locks, so writers are served in the order
+  they came, whichever process they are in. The dispenser byte is the process's, so its
+  handles take tickets one at a time (the record names the handle at the dispenser), and
+  each slot lock is held for exactly one handle's ticket. The kernel would let a handle
+  "wait" for a slot its own process holds at once, so the record keeps the process's
+  tickets: a handle whose predecessor is a ticket of its own process waits for it on a
+  condition variable in the process, and only for other processes' tickets in the
+  kernel.
 - *The reader room* is counted in the process: how many of its snapshot readers are
   inside (the kernel's shared lock on the room byte stays while any is), and which handle
   shut the door or emptied the room. A handle never locks a byte the process already
   holds in another mode, which would convert that lock instead of conflicting with it.
 - *Deadlock detection*: the kernel refuses a blocking wait (``EDEADLK``) that would close
   a cycle of *processes* waiting for each other's classic locks, on any file, judged per
-  process rather than per thread; e.g. this process waits for its predecessor while that
-  one waits for a lock of an application's own that another thread of this process holds.
-  :meth:`sessiondb.gate.FifoGate._await` waits a moment and asks again, keeping its
-  ticket, so its place in line is kept.
+  process rather than per thread. With two tickets of one process in the queue, one each
+  side of another process's, it sees one where there is none: P holds ticket 1 and waits
+  (for its ticket 3) for ticket 2, whose process Q waits for ticket 1. Or this process
+  waits for its predecessor while that one waits for an application's own lock that
+  another thread of this process holds. :meth:`sessiondb.gate.FifoGate._await` waits a
+  moment and asks again, keeping its ticket, so its place in line is kept.
 - *Fork*: classic locks are not inherited, so a child holds none; it forgets the registry
   (closing the inherited descriptors, which drops nothing of the parent's) and attaches
   anew on first use.
@@ -51,12 +55,11 @@ import errno
 import os
 import threading
 import time
-from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from .gate_locks import DOOR, ROOM, close_sidecar, open_sidecar, poll
+from .gate_locks import DISPENSER, DOOR, ROOM, close_sidecar, open_sidecar, poll, take_dispenser
 
 try:
     import fcntl
@@ -81,19 +84,12 @@ class _Sidecar:
         self.users = 0              # PosixLocks handles attached (under _REGISTRY_LOCK)
         self.blocked = 0            # threads inside a blocking lock call (likewise)
         self.mu = threading.Lock()  # guards everything below
-        self.holder: PosixLocks | None = None   # whose is the process's place in the gate
-        self.line: deque[tuple[PosixLocks, threading.Event]] = deque()
+        self.changed = threading.Condition(self.mu)  # a ticket left, the dispenser freed
+        self.dispenser: PosixLocks | None = None     # the handle taking a ticket
+        self.tickets: dict[int, PosixLocks] = {}     # slot -> the handle whose ticket it is
         self.readers = 0            # this process's snapshot readers in the room
         self.door: PosixLocks | None = None     # the handle that shut the door
         self.room: PosixLocks | None = None     # the handle that holds the room empty
-
-    def hand_on(self) -> None:
-        """The place in the gate goes to the next handle in line (under ``mu``)."""
-        if self.line:
-            self.holder, event = self.line.popleft()
-            event.set()
-        else:
-            self.holder = None
 
 
 _REGISTRY: dict[tuple[int, int], _Sidecar] = {}
@@ -191,14 +187,21 @@ class PosixLocks:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
 
     def await_unlocked(self, offset: int) -> None:
-        """Sleep in the kernel until no other process holds ``offset``.
+        """Sleep until no other handle holds ``offset``: in the process for a ticket of
+        its own, else in the kernel.
 
         :raises OSError: ``EDEADLK`` when the kernel judges that the wait would close a
             cycle of waiting processes (see the module docstring).
         """
+        sidecar = self._attached()
+        with sidecar.changed:
+            if offset in sidecar.tickets:
+                # Tickets before ours were all issued, and so recorded, before ours.
+                while offset in sidecar.tickets:
+                    sidecar.changed.wait()
+                return
         with _REGISTRY_LOCK:
-            sidecar = self._sidecar
-            if sidecar is None or sidecar.fd < 0:
+            if sidecar.fd < 0:
                 raise OSError(errno.EBADF, "the write gate was closed")
             sidecar.blocked += 1  # the descriptor stays open until this call is done
         try:
@@ -209,52 +212,60 @@ class PosixLocks:
                 sidecar.blocked -= 1
                 _close_if_unused(sidecar)
 
-    # -- one ticket per process: the handles' line inside it ---------------------------
-    def enter_process(self, deadline: float) -> bool | None:
-        """Wait (first come, first served) until this handle has the process's place in
-        the gate. :returns: whether it had to wait; None if ``deadline`` (monotonic)
-        passed first."""
+    def _attached(self) -> _Sidecar:
         sidecar = self._sidecar
         if sidecar is None:
             raise OSError(errno.EBADF, "the write gate was closed")
-        with sidecar.mu:
-            if sidecar.holder is None and not sidecar.line:
-                sidecar.holder = self
-                return False
-            waiter = (self, threading.Event())
-            sidecar.line.append(waiter)
-        try:
-            while True:
-                waiter[1].wait(max(0.0, deadline - time.monotonic()))
-                with sidecar.mu:
-                    if sidecar.holder is self:
-                        return True
-                    if time.monotonic() >= deadline:
-                        sidecar.line.remove(waiter)
-                        return None
-        except BaseException:
-            with sidecar.mu:  # (a place granted meanwhile is given back by the caller)
-                if waiter in sidecar.line:
-                    sidecar.line.remove(waiter)
-            raise
+        return sidecar
 
-    def leave_process(self) -> None:
-        """Hand the process's place in the gate on, if it is this handle's."""
+    # -- tickets: one handle at the dispenser at a time, each slot one handle's ---------
+    def lock_dispenser(self, deadline: float) -> bool:
+        """Take the dispenser (in the process, then in the kernel); False if ``deadline``
+        (monotonic) passes first."""
+        sidecar = self._attached()
+        with sidecar.changed:
+            while sidecar.dispenser is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                sidecar.changed.wait(remaining)
+            sidecar.dispenser = self
+        if take_dispenser(self, deadline):
+            return True
+        self.unlock_dispenser()
+        return False
+
+    def unlock_dispenser(self) -> None:
+        """Let go of the dispenser, if this handle has it."""
         sidecar = self._sidecar
         if sidecar is None:
             return
+        with sidecar.changed:
+            if sidecar.dispenser is self:
+                try:
+                    self.unlock(DISPENSER)
+                finally:
+                    sidecar.dispenser = None
+                    sidecar.changed.notify_all()
+
+    def hold_slot(self, offset: int) -> bool:
+        """Lock the slot of a ticket just taken (at the dispenser) and record it as this
+        handle's; False if another process holds it."""
+        if not self.try_lock(offset):
+            return False
+        sidecar = self._attached()
         with sidecar.mu:
-            if sidecar.holder is self:
-                sidecar.hand_on()
+            sidecar.tickets[offset] = self
+        return True
 
-    def holds_process(self) -> bool:
+    def let_go(self, offset: int) -> None:
+        """After the slot's unlock: the ticket is no longer this process's."""
         sidecar = self._sidecar
-        return sidecar is not None and sidecar.holder is self
-
-    def waiting_here(self) -> int:
-        """Handles of this process queued for its place in the gate."""
-        sidecar = self._sidecar
-        return len(sidecar.line) if sidecar is not None else 0
+        if sidecar is not None:
+            with sidecar.changed:
+                if sidecar.tickets.get(offset) is self:
+                    del sidecar.tickets[offset]
+                    sidecar.changed.notify_all()
 
     # -- the reader room ----------------------------------------------------------------
     def enter_room(self, timeout: float) -> bool:
@@ -342,13 +353,16 @@ class PosixLocks:
         sidecar = self._sidecar
         if sidecar is None:
             return
-        with sidecar.mu:
+        self.unlock_dispenser()
+        with sidecar.changed:
             try:
                 self._leave_room(sidecar, self._inside)
                 self._open_door(sidecar)
             finally:
-                if sidecar.holder is self:
-                    sidecar.hand_on()
+                for slot in [s for s, owner in sidecar.tickets.items() if owner is self]:
+                    del sidecar.tickets[slot]
+                    self.unlock(slot)
+                sidecar.changed.notify_all()
         with _REGISTRY_LOCK:
             self._sidecar = None
             sidecar.users -= 1

@@ -5,10 +5,10 @@ portable gate of classic POSIX locks), through ``$SESSIONDB_GATE`` (``GATE_SUITE
 ``conftest.py``); workers open their gates with ``workers.open_gate``, which follows it.
 
 Nothing here asserts timing. Where a test needs "the waiter is queued now", it watches
-the gate's queue depth (:meth:`FifoGate.queue_depth`: tickets issued and not done, plus a
-process's instances queued for its ticket), read through a gate of the test's own: with
-classic locks, opening and closing the sidecar file directly would drop the test
-process's locks on it (see ``test_opening_and_closing_the_sidecar_file``).
+the gate's queue depth (:meth:`FifoGate.queue_depth`: tickets issued and not done), read
+through a gate of the test's own: with classic locks, opening and closing the sidecar
+file directly would drop the test process's locks on it (see
+``test_opening_and_closing_the_sidecar_file``).
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ class Orderly(threading.Thread):
 
 
 def test_fifo_order_among_instances_of_one_process(tmp_path: Path):
-    """Writers of one process are served in the order they came (in the kernel's queue
-    with OFD locks; in the process's own line, one ticket at a time, with classic locks)."""
+    """Writers of one process are served in the order they came: each has a ticket of its
+    own (classic locks: a ticket of the process waits for an earlier one of the process
+    inside it, not in the kernel)."""
     holder = open_gate(gate_path(tmp_path))
     holder.acquire(1.0)
     gates = [open_gate(gate_path(tmp_path)) for _ in range(5)]
@@ -289,8 +290,8 @@ def test_one_descriptor_per_sidecar_per_process(db_path: Path, gate_kind: str):
 def test_a_timed_out_waiter_gives_up_its_place(tmp_path: Path):
     holder, impatient, patient = (open_gate(gate_path(tmp_path)) for _ in range(3))
     holder.acquire(1.0)
-    for _ in range(3):  # three abandoned tickets (OFD; classic locks: places in the
-        with pytest.raises(GateTimeout):  # process's line) before the next waiter's
+    for _ in range(3):  # three abandoned tickets between the holder and the next waiter
+        with pytest.raises(GateTimeout):
             impatient.acquire(0.05)
     waiter = Acquirer(patient, 30.0)
     depth = holder.queue_depth()
@@ -476,9 +477,7 @@ def test_a_deadlock_refused_by_the_kernel_is_retried_in_place(tmp_path: Path,
     try:
         assert held.wait(60)
         # the holder is asleep in the kernel, waiting for the room byte
-        workers.wait_for(lambda: any(
-            "->" in line and f" {holder.pid} " in line
-            for line in Path("/proc/locks").read_text().splitlines()))
+        workers.wait_for(lambda: blocked_in_the_kernel(holder.pid))
         depth = gate.queue_depth()
         waiter = Acquirer(gate, 60.0)
         waiter.start()
@@ -505,6 +504,52 @@ def test_a_deadlock_refused_by_the_kernel_is_retried_in_place(tmp_path: Path,
         kill(holder)
         if late is not None:
             kill(late)
+
+
+def blocked_in_the_kernel(pid: int) -> bool:
+    """Whether process ``pid`` waits for a record lock (a ``->`` line of /proc/locks)."""
+    return any("->" in line and f" {pid} " in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+def test_two_tickets_of_one_process_around_another_s_are_no_deadlock(tmp_path: Path,
+                                                                     gate_kind: str):
+    """This process holds ticket 1 (instance A), another process queues with ticket 2,
+    then this process queues again with ticket 3 (instance B). With classic locks the
+    kernel sees this process wait for the other while the other waits for it, and
+    refuses B's wait (EDEADLK): B asks again until ticket 2 has left, and comes after it."""
+    path, log = gate_path(tmp_path), tmp_path / "order.log"
+    first, second = open_gate(path), open_gate(path)
+    first.acquire(1.0)
+    other = SPAWN.Process(target=workers.gate_order_worker, args=(str(path), 2, str(log)))
+    depth = first.queue_depth()
+    other.start()
+    try:
+        queued_beyond(first, depth)
+        if gate_kind == "posix":  # (/proc/locks shows no pid for OFD locks)
+            workers.wait_for(lambda: blocked_in_the_kernel(other.pid))
+        waiter = Acquirer(second, 60.0)
+        depth = first.queue_depth()
+        waiter.start()
+        queued_beyond(first, depth)
+        if gate_kind == "posix":
+            workers.wait_for(lambda: second.deadlock_retries > 0)
+        first.release()
+        waiter.join(60)
+        assert waiter.error is None and waiter.result is not None and waiter.result[1]
+        with open(log, "a") as fh:
+            fh.write("3\n")
+        second.release()
+        other.join(60)
+        assert other.exitcode == 0
+        assert log.read_text().split() == ["2", "3"]
+        assert (second.deadlock_retries > 0) == (gate_kind == "posix")
+    finally:
+        first.close()
+        second.close()
+        kill(other)
 
 
 @pytest.mark.slow

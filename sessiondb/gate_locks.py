@@ -64,6 +64,17 @@ def poll(attempt: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def attempt(lock_call: Callable[..., Any], *args: Any) -> bool:
+    """Run a non-blocking lock call; False if the byte is held by someone else."""
+    try:
+        lock_call(*args)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 def take_dispenser(handle: Any, deadline: float) -> bool:
     """Lock the dispenser byte, polling: it is held for three system calls, so a short
     randomized poll is the right wait (a blocking lock could hang on a holder stopped by
@@ -162,13 +173,8 @@ class OfdLocks:
     def try_lock(self, offset: int, shared: bool = False) -> bool:
         """Lock one byte without waiting; False if another handle holds it."""
         kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+        return attempt(fcntl.fcntl, self.fd, fcntl.F_OFD_SETLK,
+                       _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
 
     def releaser(self, offset: int) -> Callable[[], Any]:
         """A call that unlocks ``offset`` in one C call (no Python frame in which an

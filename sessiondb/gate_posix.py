@@ -59,7 +59,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from .gate_locks import DISPENSER, DOOR, ROOM, close_sidecar, open_sidecar, poll, take_dispenser
+from .gate_locks import (
+    DISPENSER, DOOR, ROOM, attempt, close_sidecar, open_sidecar, poll, take_dispenser,
+)
 
 try:
     import fcntl
@@ -170,14 +172,8 @@ class PosixLocks:
     # -- the ticket protocol's locks ----------------------------------------------------
     def try_lock(self, offset: int, shared: bool = False) -> bool:
         """Lock one byte without waiting; False if another process holds it."""
-        try:
-            fcntl.lockf(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB,
-                        1, offset)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+        return attempt(fcntl.lockf, self.fd,
+                       (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB, 1, offset)
 
     def releaser(self, offset: int) -> Callable[[], Any]:
         """A call that unlocks ``offset`` in one C call."""
@@ -268,27 +264,35 @@ class PosixLocks:
                     sidecar.changed.notify_all()
 
     # -- the reader room ----------------------------------------------------------------
-    def enter_room(self, timeout: float) -> bool:
+    def _poll(self, attempt_once: Callable[[_Sidecar], bool], timeout: float) -> bool:
+        """Poll ``attempt_once(record)`` under the record's lock; False once closed."""
         sidecar = self._sidecar
         if sidecar is None:
             return False
+
+        def once() -> bool:
+            with sidecar.mu:
+                return attempt_once(sidecar)
+
+        return poll(once, timeout)
+
+    def enter_room(self, timeout: float) -> bool:
         entered: list[bool] = []
 
-        def through_the_door() -> bool:
-            with sidecar.mu:
-                if sidecar.door is not None or not self.try_lock(DOOR, shared=True):
-                    return False  # shut, by a handle of ours or by another process
-                try:
-                    if sidecar.readers or (sidecar.room is None
-                                           and self.try_lock(ROOM, shared=True)):
-                        sidecar.readers += 1
-                        self._inside += 1
-                        entered.append(True)
-                finally:
-                    self.unlock(DOOR)
-                return True
+        def through_the_door(sidecar: _Sidecar) -> bool:
+            if sidecar.door is not None or not self.try_lock(DOOR, shared=True):
+                return False  # shut, by a handle of ours or by another process
+            try:
+                if sidecar.readers or (sidecar.room is None
+                                       and self.try_lock(ROOM, shared=True)):
+                    sidecar.readers += 1
+                    self._inside += 1
+                    entered.append(True)
+            finally:
+                self.unlock(DOOR)
+            return True
 
-        return poll(through_the_door, timeout) and bool(entered)
+        return self._poll(through_the_door, timeout) and bool(entered)
 
     def leave_room(self) -> None:
         sidecar = self._sidecar
@@ -304,33 +308,22 @@ class PosixLocks:
             self.unlock(ROOM)
 
     def close_door(self, timeout: float) -> bool:
-        sidecar = self._sidecar
-        if sidecar is None:
-            return False
+        def shut(sidecar: _Sidecar) -> bool:
+            if sidecar.door is None and self.try_lock(DOOR):
+                sidecar.door = self
+            return sidecar.door is self
 
-        def shut() -> bool:
-            with sidecar.mu:
-                if sidecar.door is None and self.try_lock(DOOR):
-                    sidecar.door = self
-                return sidecar.door is self
-
-        return poll(shut, timeout)
+        return self._poll(shut, timeout)
 
     def empty_room(self, timeout: float) -> bool:
-        sidecar = self._sidecar
-        if sidecar is None:
-            return False
+        def empty(sidecar: _Sidecar) -> bool:
+            # Our own readers inside: locking the room now would convert their shared
+            # lock into ours instead of waiting for them.
+            if sidecar.room is None and not sidecar.readers and self.try_lock(ROOM):
+                sidecar.room = self
+            return sidecar.room is self
 
-        def empty() -> bool:
-            with sidecar.mu:
-                # Our own readers inside: locking the room now would convert their
-                # shared lock into ours instead of waiting for them.
-                if (sidecar.room is None and not sidecar.readers
-                        and self.try_lock(ROOM)):
-                    sidecar.room = self
-                return sidecar.room is self
-
-        return poll(empty, timeout)
+        return self._poll(empty, timeout)
 
     def open_door(self) -> None:
         sidecar = self._sidecar

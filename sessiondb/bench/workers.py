@@ -214,14 +214,15 @@ class SeedFix(_Stdlib):
             super().close()
 
 
-#: The strategies that run sessiondb itself, and the gate option each one opens it with.
-LIBRARY_GATES = {"sessiondb": "auto", "sessiondb-posix": "posix"}
+#: The strategies that run sessiondb itself, and the options each one opens it with.
+LIBRARY_OPTIONS: dict[str, dict[str, Any]] = {"sessiondb": {},
+                                              "sessiondb-posix": {"gate": "posix"}}
 
 
 def open_library(job: Job) -> Any:
     from sessiondb import SessionDB
 
-    return SessionDB(job.path, gate=LIBRARY_GATES[job.strategy])
+    return SessionDB(job.path, **LIBRARY_OPTIONS.get(job.strategy, {}))
 
 
 class Library:
@@ -230,7 +231,7 @@ class Library:
 
         self.db = open_library(job)
         self.sqlite_version = ".".join(map(str, sqlite_version()))
-        self.gate = self.db.stats()["gate"]
+        self.gate = self.db.stats().get("gate", "")
 
     def write(self, session_id: str, text: str, hold: float) -> float:
         with self.db.transaction():
@@ -363,7 +364,7 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
 def _poller(job: Job, result: Result, barriers: Any) -> None:
     """A TUI: every 20 ms list the newest sessions and run a search."""
     rng = random.Random(job.seed)
-    if job.strategy in LIBRARY_GATES:
+    if job.strategy in LIBRARY_OPTIONS:
         db = open_library(job)
 
         def poll() -> None:
@@ -384,7 +385,7 @@ def _poller(job: Job, result: Result, barriers: Any) -> None:
 
 def _long_reader(job: Job, result: Result, barriers: Any) -> None:
     """A reader that holds a read transaction open 500 ms at a time, back to back."""
-    if job.strategy in LIBRARY_GATES:
+    if job.strategy in LIBRARY_OPTIONS:
         db = open_library(job)
 
         def read_500ms() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from sessiondb import SessionDB, cli
 from sessiondb.bench.gate_compare import compare_gates, gate_table
-from sessiondb.gate import ofd_locks_available
+from sessiondb.gate import gate_kind
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_bench_runs_both_gates_in_one_run_and_compares_them(tmp_path: Path, caps
     doc = json.loads(out.read_text())
     runs = [(r["strategy"], r.get("round"), r["gate"]) for r in doc["runs"]
             if r["strategy"] != "serial"]
-    best = "ofd" if ofd_locks_available() else "posix"
+    best = gate_kind()  # what "auto" picks here ($SESSIONDB_GATE included)
     assert runs == [("sessiondb", 0, best), ("sessiondb-posix", 0, "posix"),
                     ("sessiondb-posix", 1, "posix"), ("sessiondb", 1, best)]
     for run in doc["runs"]:

@@ -89,7 +89,7 @@ class DoctorReport(TypedDict):
     :ivar sidecars: ``{"name", "bytes"}`` of each file next to the database whose name
         starts with the database's name (``-wal``, ``-shm``, the write gate ...), as found.
     :ivar sessions, messages: row counts.
-    :ivar gate: the write gate in use (``"fifo"`` or ``"none"``).
+    :ivar gate: the write gate in use (``"ofd"``, ``"posix"`` or ``"none"``).
     :ivar filesystem: the filesystem of the store's directory
         (:meth:`sessiondb.filesystems.Filesystem.as_dict`: ``type``, ``magic``,
         ``mount_point``, ``source``, ``verdict``, ``reason``, ``directory``).

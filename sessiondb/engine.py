@@ -49,7 +49,7 @@ from .errors import (
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
     WalDeletedError, translate,
 )
-from .gate import FifoGate, NullGate, make_gate
+from .gate import NullGate, gate_kind, make_gate
 from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
@@ -131,7 +131,7 @@ class Engine:
         wal_limit: int = 64 * 1024 * 1024,
         reset_timeout: float = 1.0,
         journal_size_limit: int = 8 * 1024 * 1024,
-        gate: bool = True,
+        gate: bool | str = "auto",
         vfs: str | None = None,
         durability: str = "full",
         progress: ProgressCallback | None = None,
@@ -143,6 +143,7 @@ class Engine:
             check_seconds_option(name, value)
         check_hold_timeout(hold_timeout)
         check_durability(durability)
+        gate = gate_kind(gate)  # "ofd", "posix" or "none", for every gate of this instance
         for name, value in (("checkpoint_every", checkpoint_every), ("wal_limit", wal_limit),
                             ("journal_size_limit", journal_size_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -635,7 +636,10 @@ class Engine:
             figures: dict[str, Any] = self._writes.counters.snapshot()
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()
-            figures["gate"] = "fifo" if isinstance(self._gate, FifoGate) else "none"
+            figures["gate"] = self._gate.kind
+            # Through the gate's own descriptor: opening the sidecar anew and closing it
+            # would drop this process's classic locks under the portable gate.
+            figures["gate_queue"] = self._gate.queue_depth()
             figures["journal_mode"] = "delete" if self._options["journal"] else "wal"
             figures["filesystem"] = self.filesystem.as_dict()
             figures["durability"] = self._options["durability"]

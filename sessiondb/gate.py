@@ -20,17 +20,21 @@ unlocking slot ``t``. A predecessor that died or gave up leaves its slot unlocke
 advancing ``done``; the waiter then walks one ticket further back, so crashed or impatient
 writers never wedge the queue.
 
-The locks are Linux *open file description* locks (``F_OFD_SETLKW``): unlike classic
-POSIX locks they belong to this file descriptor, not to the process, so two
-:class:`~sessiondb.SessionDB` instances in one process exclude each other, and closing an
-unrelated descriptor never drops them. A blocking lock call has no timeout, so the wait
-runs in a short-lived helper thread while the caller waits on an event with the remaining
+The locks come from a handle of one of two kinds (:mod:`sessiondb.gate_locks`): Linux
+*open file description* locks, which belong to the handle's own descriptor, or, on every
+other POSIX system (macOS, the BSDs), classic ``fcntl`` record locks, which belong to the
+process and so are shared between the handles of a process through a registry that keeps
+the process's tickets, so that its handles wait for each other in the process and for
+other processes in the kernel (:mod:`sessiondb.gate_posix`).
+Either way two :class:`~sessiondb.SessionDB` instances in one process exclude each other,
+and closing one never drops the other's locks. A blocking lock call has no timeout, so
+the wait runs in a helper thread while the caller waits on an event with the remaining
 time budget; a caller that gives up (a timeout, or any exception while queued, Ctrl-C
 included) unlocks its slot (its successors walk past it), and the helper lets go of the
 predecessor's slot as soon as the kernel hands it over.
-A fork child closes its inherited copies of the sidecar descriptor at once (they share
-the parent's locks, and would keep a killed parent's ticket alive) and opens its own on
-first use.
+A fork child drops its inherited handles at once (an inherited OFD descriptor shares the
+parent's locks, and would keep a killed parent's ticket alive) and opens its own on first
+use.
 
 *Turns.* Handing the gate to another process costs more than the syscalls: after another
 connection wrote, SQLite drops its page cache, so a process's first write after a switch
@@ -45,9 +49,11 @@ tiny transactions. A process whose writes usually come further apart than
 turns at all and hands the gate on at once, so it never makes others wait for an idle
 timer.
 
-Where OFD locks do not exist (macOS, Windows) :class:`NullGate` is used: writes then rely
-on ``BEGIN IMMEDIATE`` plus jittered retry alone (fair enough for a few processes; the
-convoy protection is Linux-only).
+*Which kind.* ``gate="auto"`` (the default) takes OFD locks where they exist (Linux),
+else classic locks (macOS, the BSDs), else (Windows) :class:`NullGate`: writes then rely
+on ``BEGIN IMMEDIATE`` plus jittered retry alone. ``"ofd"`` or ``"posix"`` forces one,
+``"none"`` turns the gate off, and with ``"auto"`` the environment variable
+``SESSIONDB_GATE`` may name any of them (:func:`gate_kind`).
 """
 
 from __future__ import annotations
@@ -63,27 +69,25 @@ import time
 import weakref
 from pathlib import Path
 
-from .errors import DatabaseOpenError
+from .errors import ConfigurationError, DatabaseOpenError
+from .gate_locks import COUNTERS, SLOT_BASE, SLOTS, OfdLocks
+from .gate_posix import PosixLocks, posix_locks_available
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Gate", "FifoGate", "NullGate", "GateTimeout", "ofd_locks_available", "make_gate"]
+__all__ = ["Gate", "FifoGate", "NullGate", "GateTimeout", "ofd_locks_available",
+           "posix_locks_available", "gate_kind", "make_gate", "GATE_OPTIONS", "GATE_ENV"]
 
-# Byte offsets in the sidecar file.
-_DISPENSER = 0          # lock byte guarding the counters
-_DOOR = 2               # reader room: snapshot readers pass through the door (shared) ...
-_ROOM = 3               # ... and stay in the room (shared); a checkpointer locks both
-_COUNTERS = 8           # u64 next, u64 done (little endian), read and written with pread/pwrite
-_SLOT_BASE = 1 << 20    # lock byte of ticket t: _SLOT_BASE + t % _SLOTS
-_SLOTS = 1 << 20        # more outstanding tickets than this is impossible in practice
+#: The values of the ``gate`` option (True means "auto", False "none").
+GATE_OPTIONS = ("auto", "ofd", "posix", "none")
+#: Read when the option is "auto": forces a kind for every instance of the process.
+GATE_ENV = "SESSIONDB_GATE"
+_LOCKS = {"ofd": OfdLocks, "posix": PosixLocks}
 _PAIR = struct.Struct("<QQ")
 _ONE = struct.Struct("<Q")
-# struct flock on LP64 Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid (0 for OFD locks), padding.
-_FLOCK = struct.Struct("hhqqi4x")
 
 
 class GateTimeout(Exception):
@@ -101,9 +105,46 @@ def ofd_locks_available() -> bool:
     )
 
 
+def gate_kind(option: bool | str = "auto") -> str:
+    """The gate an instance uses: ``"ofd"``, ``"posix"`` or ``"none"``.
+
+    :param option: one of :data:`GATE_OPTIONS`, or True ("auto") / False ("none").
+        "auto" takes ``$SESSIONDB_GATE`` when it is set, else OFD locks where they exist,
+        else classic locks where ``fcntl`` exists, else none.
+    :raises ConfigurationError: an unknown value (of the option or of the variable), or a
+        kind this platform does not have.
+    """
+    value = {True: "auto", False: "none"}.get(option, option) if isinstance(
+        option, bool) else option
+    source = "gate"
+    if value not in GATE_OPTIONS:
+        raise ConfigurationError(f"gate must be one of {', '.join(map(repr, GATE_OPTIONS))} "
+                                 f"(or True/False), not {option!r}")
+    if value == "auto" and os.environ.get(GATE_ENV, "").strip():
+        value, source = os.environ[GATE_ENV].strip(), "$" + GATE_ENV
+        if value not in GATE_OPTIONS:
+            raise ConfigurationError(f"${GATE_ENV} must be one of "
+                                     f"{', '.join(GATE_OPTIONS)}, not {value!r}")
+    if value == "auto":
+        return ("ofd" if ofd_locks_available() else
+                "posix" if posix_locks_available() else "none")
+    if value == "ofd" and not ofd_locks_available():
+        raise ConfigurationError(
+            f"{source}='ofd' needs Linux open-file-description locks, which this platform "
+            f"({sys.platform}) does not have; use 'posix' (classic fcntl locks) or 'auto'")
+    if value == "posix" and not posix_locks_available():
+        raise ConfigurationError(
+            f"{source}='posix' needs fcntl record locks, which this platform "
+            f"({sys.platform}) does not have; use 'none' or 'auto'")
+    return value
+
+
 class Gate:
     """Interface of a write gate. ``acquire`` returns seconds waited and whether it had
     to queue; ``release`` lets the next writer in."""
+
+    #: which gate this is: "ofd", "posix" or "none" (``stats()["gate"]``)
+    kind = "none"
 
     def acquire(self, timeout: float) -> tuple[float, bool]:
         raise NotImplementedError
@@ -113,6 +154,10 @@ class Gate:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def queue_depth(self) -> int:
+        """Writers holding or waiting for the gate (0 without a queue)."""
+        return 0
 
     # The reader room (see sessiondb.checkpoint): long readers wait at the door while a
     # checkpointer resets the WAL; the checkpointer waits for the room to empty.
@@ -133,7 +178,7 @@ class Gate:
 
 
 class NullGate(Gate):
-    """No queue: writers meet only at SQLite's lock (the fallback without OFD locks)."""
+    """No queue: writers meet only at SQLite's lock (the fallback without fcntl locks)."""
 
     def acquire(self, timeout: float) -> tuple[float, bool]:
         return 0.0, False
@@ -165,19 +210,27 @@ class FifoGate(Gate):
     calls with its instance lock (one ticket per instance at a time).
 
     :param path: the sidecar file; created 0600, never followed if it is a symlink.
+    :param kind: "ofd" (Linux OFD locks) or "posix" (classic fcntl locks).
+    :raises ConfigurationError: this process holds the sidecar with the other kind.
     """
 
     TURN_WRITES = 64        # a turn ends after this many writes ...
     TURN_SECONDS = 0.020    # ... or once it has lasted this long
     IDLE_RELEASE = 0.0002   # a kept gate is handed on after this long without a write
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: str = "ofd") -> None:
         self.path = path
-        self._fd = self._open(path)
+        self._file: OfdLocks | PosixLocks = _LOCKS[kind](path)
         self._pid = os.getpid()
         self._ticket: int | None = None
+        #: blocking waits the kernel refused as a deadlock (EDEADLK), then retried
+        self.deadlock_retries = 0
         self._new_turn_state()
         _GATES.add(self)
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self._file.kind
 
     def _new_turn_state(self) -> None:
         self._mu = threading.Lock()
@@ -194,35 +247,17 @@ class FifoGate(Gate):
                                     # write: a process that pauses gets no turns
 
     @staticmethod
-    def _open(path: Path) -> int:
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(
-            os, "O_CLOEXEC", 0
-        )
-        return os.open(path, flags, 0o600)
-
-    # -- kernel lock primitives -------------------------------------------------------
-    def _lock(self, offset: int, wait: bool, shared: bool = False) -> bool:
-        cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
-        try:
-            fcntl.fcntl(self._fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
-
-    def _unlock(self, offset: int) -> None:
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
-                    _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
-
-    @staticmethod
     def _slot(ticket: int) -> int:
-        return _SLOT_BASE + ticket % _SLOTS
+        return SLOT_BASE + ticket % SLOTS
+
+    def _counters(self) -> tuple[int, int]:
+        # A short read is a new file, or one whose ``done`` was never written (no writer
+        # has left yet): missing bytes are zeros.
+        raw = os.pread(self._file.fd, _PAIR.size, COUNTERS)
+        return _PAIR.unpack(raw.ljust(_PAIR.size, b"\0"))
 
     def _done(self) -> int:
-        raw = os.pread(self._fd, _ONE.size, _COUNTERS + _ONE.size)
-        return _ONE.unpack(raw.ljust(_ONE.size, b"\0"))[0]
+        return self._counters()[1]
 
     # -- public -----------------------------------------------------------------------
     def acquire(self, timeout: float) -> tuple[float, bool]:
@@ -243,9 +278,9 @@ class FifoGate(Gate):
                 self._kept = False
                 return 0.0, False
         if self._ticket is not None:
-            # A second ticket on the same open file description would "lock" our own
-            # slot (OFD locks never conflict with themselves) and then unlock it while
-            # we still hold the gate, letting the next writer in early.
+            # A second ticket on the same handle would "lock" our own slot (a lock never
+            # conflicts with its owner) and then unlock it while we still hold the gate,
+            # letting the next writer in early.
             raise RuntimeError("this gate is already held; release it first")
         start = time.monotonic()
         try:
@@ -259,10 +294,10 @@ class FifoGate(Gate):
             # a ticket that had already entered is safe as well: its successors treat it
             # as a dead holder's and walk past it.
             try:
-                self._unlock(_DISPENSER)  # a no-op unless this description holds it
+                self._file.unlock_dispenser()  # a no-op unless this handle holds it
                 if self._ticket is not None:
                     self._give_up(self._ticket)
-            except OSError:  # e.g. the gate was closed: the original error matters
+            except (OSError, ValueError):  # e.g. the gate was closed: the error matters
                 pass
             raise
 
@@ -342,7 +377,7 @@ class FifoGate(Gate):
         """Hand a kept gate on once its holder has not written for IDLE_RELEASE."""
         pid = self._pid
         with self._cv:
-            while self._fd >= 0 and os.getpid() == pid:
+            while self._file.fd >= 0 and os.getpid() == pid:
                 if not self._kept:
                     self._idle_asleep = True
                     self._cv.wait(0.05)  # a timeout too, in case a notify was missed
@@ -364,88 +399,82 @@ class FifoGate(Gate):
         if ticket is None or os.getpid() != self._pid:
             self._ticket = None
             return
-        unlock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self._slot(ticket), 1, 0)
+        slot = self._slot(ticket)
+        release = self._file.releaser(slot)
         try:
-            os.pwrite(self._fd, _ONE.pack(ticket), _COUNTERS + _ONE.size)
+            os.pwrite(self._file.fd, _ONE.pack(ticket), COUNTERS + _ONE.size)
         finally:
-            # Only C calls from here on, so that an exception raised by a signal
-            # handler cannot land between forgetting the ticket and unlocking its slot.
+            # Only C calls from here to the unlock, so that an exception raised by a
+            # signal handler cannot land between forgetting the ticket and unlocking
+            # its slot.
             self._ticket = None
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, unlock)
+            try:
+                release()
+            finally:
+                self._file.let_go(slot)
 
     def close(self) -> None:
-        if self._fd >= 0 and os.getpid() == self._pid:
+        if self._file.fd >= 0 and os.getpid() == self._pid:
             self.release()
-            # Forget the number before closing it: a helper thread of an abandoned wait
-            # that wakes up later must find -1 (EBADF), never a reused descriptor; the
-            # idle thread sees -1 and ends.
+            # The handle forgets its descriptor before closing it: a helper thread of an
+            # abandoned wait that wakes up later must find -1 (EBADF), never a reused
+            # descriptor; the idle thread sees -1 and ends.
             with self._mu:
-                fd, self._fd = self._fd, -1
+                self._file.close()
                 self._cv.notify()
                 if self._waiter is not None:
                     self._waits.put(None)
-            os.close(fd)
-        self._fd = -1
 
-    # -- the reader room ----------------------------------------------------------------
-    # Door and room are held only for a checkpoint reset (rare) or one snapshot, so short
-    # polls are the right wait here: nothing on the write path waits on them.
-    def _poll(self, offset: int, shared: bool, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._lock(offset, wait=False, shared=shared):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
-        return True
+    def queue_depth(self) -> int:
+        """Writers holding or waiting for the gate: tickets issued and not yet done (read
+        without a lock; a ticket given up, or a dead process's, counts until the next
+        writer leaves). A cheap read for a monitor, through this gate's own descriptor:
+        with classic locks, never open the sidecar yourself in a process that uses the
+        gate (closing it would drop the process's locks)."""
+        nxt, done = self._counters()
+        return max(0, nxt - done - 1)
 
+    # -- the reader room (see sessiondb.checkpoint; kept by the lock handle) ------------
     def enter_room(self, timeout: float) -> bool:
         """A snapshot reader comes in (waits while a checkpointer has the door shut).
         :returns: False if the door stayed shut for ``timeout`` (read without the room)."""
-        if not self._poll(_DOOR, True, timeout):
-            return False
-        try:
-            return self._lock(_ROOM, wait=False, shared=True)
-        finally:
-            self._unlock(_DOOR)
+        return self._file.enter_room(timeout)
 
     def leave_room(self) -> None:
-        self._unlock(_ROOM)
+        self._file.leave_room()
 
     def close_door(self, timeout: float) -> bool:
         """A checkpointer stops new snapshot readers; False if another one holds it."""
-        return self._poll(_DOOR, False, timeout)
+        return self._file.close_door(timeout)
 
     def empty_room(self, timeout: float) -> bool:
         """Wait until no snapshot reader is inside (after :meth:`close_door`)."""
-        return self._poll(_ROOM, False, timeout)
+        return self._file.empty_room(timeout)
 
     def open_door(self) -> None:
-        self._unlock(_ROOM)
-        self._unlock(_DOOR)
+        self._file.open_door()
 
     # -- internals --------------------------------------------------------------------
     def _take_ticket(self, deadline: float, start: float) -> tuple[int, int]:
-        # The dispenser is held for three system calls, so a short randomized poll is
-        # the right wait here (a blocking lock could hang on a holder stopped by SIGSTOP
-        # in that window).
-        while not self._lock(_DISPENSER, wait=False):
-            if time.monotonic() >= deadline:
-                raise GateTimeout(time.monotonic() - start)
-            time.sleep(random.uniform(20e-6, 200e-6))
+        if not self._file.lock_dispenser(deadline):
+            raise GateTimeout(time.monotonic() - start)
         try:
-            # A short read is a new file, or one whose ``done`` was never written (no
-            # writer has left yet): missing bytes are zeros. Reading such a file as
-            # (0, 0) would hand out the same first ticket twice.
-            raw = os.pread(self._fd, _PAIR.size, _COUNTERS).ljust(_PAIR.size, b"\0")
-            nxt, done = _PAIR.unpack(raw)
-            ticket = max(nxt, done + 1)
-            self._ticket = ticket  # before it is issued, so that acquire can give it back
-            os.pwrite(self._fd, _ONE.pack(ticket + 1), _COUNTERS)
-            if not self._lock(self._slot(ticket), wait=False):
-                # Only a waiter 2**20 tickets old could hold this slot.
-                raise RuntimeError(f"gate slot for ticket {ticket} is unexpectedly held")
+            while True:
+                # Reading a file whose ``done`` was never written as (0, 0) would hand
+                # out the same first ticket twice: hence max(next, done + 1).
+                nxt, done = self._counters()
+                ticket = max(nxt, done + 1)
+                self._ticket = ticket  # before it is issued, so that acquire can give it back
+                os.pwrite(self._file.fd, _ONE.pack(ticket + 1), COUNTERS)
+                if self._file.hold_slot(self._slot(ticket)):
+                    break
+                # Someone holds this ticket's slot: the dispenser was not ours alone (with
+                # classic locks, a descriptor of the sidecar closed by code of this
+                # process drops its locks, see sessiondb.gate_posix) or a waiter 2**20
+                # tickets old holds it. The next ticket is free of both.
+                self._ticket = None
         finally:
-            self._unlock(_DISPENSER)
+            self._file.unlock_dispenser()
         return ticket, done
 
     def _walk(self, ticket: int, wait: _Wait) -> None:
@@ -453,9 +482,7 @@ class FifoGate(Gate):
         try:
             k = ticket - 1
             while self._done() < k:
-                slot = self._slot(k)
-                self._lock(slot, wait=True)  # sleeps in the kernel until ticket k leaves
-                self._unlock(slot)
+                self._await(self._slot(k), wait)  # sleeps in the kernel until k leaves
                 if wait.abandoned:
                     return
                 if self._done() < k:
@@ -467,29 +494,45 @@ class FifoGate(Gate):
                 wait.acquired = True
         wait.event.set()
 
+    def _await(self, slot: int, wait: _Wait) -> None:
+        """Block until the holder of ``slot`` leaves it. With classic locks the kernel
+        refuses a wait that would close a cycle of processes waiting for each other's
+        locks (``EDEADLK``), judging per process, not per thread: say this process has a
+        ticket before and after another process's, or our predecessor waits for a lock
+        that another thread of ours holds (see :mod:`sessiondb.gate_posix`). Such a
+        cycle ends when one of its members moves on, so wait a moment and ask again; our
+        own slot stays locked meanwhile, so our place in line is kept. The caller's
+        budget still bounds the whole wait."""
+        delay = 100e-6
+        while not wait.abandoned:
+            try:
+                self._file.await_unlocked(slot)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EDEADLK:
+                    raise
+            self.deadlock_retries += 1
+            time.sleep(random.uniform(0.5, 1.5) * delay)
+            delay = min(2 * delay, 0.010)
+
     def _give_up(self, ticket: int) -> None:
         self._ticket = None
-        self._unlock(self._slot(ticket))
+        slot = self._slot(ticket)
+        try:
+            self._file.unlock(slot)
+        finally:
+            self._file.let_go(slot)
 
     def _drop_inherited(self) -> None:
-        # Runs in a fork child (see _close_inherited_gates). The inherited descriptor
-        # shares the parent's open file description, and so its locks: as long as the
-        # child keeps it open, a ticket the parent holds or waits with outlives the
-        # parent (a parent killed while holding the gate would wedge every writer until
-        # the child exits). Closing our copy leaves the parent's locks intact, since
-        # OFD locks go only when the last descriptor of the description closes.
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd = -1
+        # Runs in a fork child (see _close_inherited_gates): see the handles'
+        # drop_inherited for why at once.
+        self._file.drop_inherited()
         self._ticket = None
         self._new_turn_state()  # the parent's idle thread and its lock did not come along
 
     def _after_fork(self) -> None:
         self._drop_inherited()  # already done at fork time where register_at_fork exists
-        self._fd = self._open(self.path)
+        self._file = _LOCKS[self.kind](self.path)
         self._pid = os.getpid()
 
 
@@ -506,17 +549,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_gates)
 
 
-def make_gate(db_path: Path, enabled: bool = True) -> Gate:
-    """The best gate for this platform: FIFO where OFD locks exist, else :class:`NullGate`.
+def make_gate(db_path: Path, gate: bool | str = "auto") -> Gate:
+    """The gate of a store: a :class:`FifoGate` of the kind :func:`gate_kind` picks, or
+    :class:`NullGate`.
 
+    :raises ConfigurationError: see :func:`gate_kind`, and :class:`FifoGate`.
     :raises DatabaseOpenError: the sidecar cannot be opened (a symlink, which is never
         followed, or no permission).
     """
-    if not (enabled and ofd_locks_available()):
+    kind = gate_kind(gate)
+    if kind == "none":
         return NullGate()
     sidecar = db_path.with_name(db_path.name + ".sessiondb-gate")
     try:
-        return FifoGate(sidecar)
+        return FifoGate(sidecar, kind)
     except OSError as exc:
         why = ("it is a symbolic link, which sessiondb never follows"
                if exc.errno == errno.ELOOP else exc.strerror)

@@ -74,7 +74,7 @@ except ImportError:  # Windows: no record, the store works without it
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ProcessRecordError", "Record", "Row", "Slot", "claim", "enabled",
-           "gate_queue", "read_record", "sidecar", "totals", "watched_gate"]
+           "read_record", "sidecar", "totals", "watched_gate"]
 
 SUFFIX = ".sessiondb-procs"
 ENV = "SESSIONDB_PROCS"
@@ -100,7 +100,6 @@ _STATE = struct.Struct("<Id")             # state, since (monotonic)
 # longest hold, passive checkpoints, resets ok, resets failed
 _WRITER = struct.Struct("<Id6Q2d3I")
 _CKPT_AT = 304                            # the WAL reset's state, since
-_GATE_COUNTERS = struct.Struct("<QQ")     # gate.py: u64 next, u64 done at offset 8
 
 
 class ProcessRecordError(SessionDBError):
@@ -546,23 +545,3 @@ def totals(rows: list[Row]) -> dict[str, Any]:
     out["lock_wait_max_s"] = max((r.lock_wait_max_s for r in rows), default=0.0)
     out["lock_hold_max_s"] = max((r.lock_hold_max_s for r in rows), default=0.0)
     return out
-
-
-def gate_queue(db_path: str | os.PathLike[str]) -> int | None:
-    """Tickets taken and not yet done in the store's write gate (the holder and its
-    waiters, and any that gave up since the holder entered): ``next - done - 1`` of the
-    gate sidecar's counters (:mod:`sessiondb.gate`). None without a gate sidecar."""
-    path = str(db_path) + ".sessiondb-gate"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        raw = os.pread(fd, _GATE_COUNTERS.size, 8)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    nxt, done = _GATE_COUNTERS.unpack(raw.ljust(_GATE_COUNTERS.size, b"\0"))
-    return max(0, nxt - done - 1)

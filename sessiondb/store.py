@@ -63,7 +63,10 @@ class SessionDB(Handle, Coordination, Upkeep):
         wait too while it does. It keeps ``wal_limit`` against foreign readers whose
         transactions last up to about half of it, see :mod:`sessiondb.checkpoint`.
     :param journal_size_limit: bytes the ``-wal`` file is truncated to after a reset.
-    :param gate: use the kernel-queued FIFO write gate where available (default True).
+    :param gate: the kernel-queued FIFO write gate (:mod:`sessiondb.gate`): ``"auto"``
+        (default; ``$SESSIONDB_GATE`` if set, else Linux OFD locks where they exist, else
+        classic POSIX locks, else none), ``"ofd"``, ``"posix"``, or ``"none"`` (True and
+        False mean "auto" and "none"). ``stats()["gate"]`` says which is in use.
     :param vfs: the name of a registered SQLite VFS to open the file through (default: the
         platform's); e.g. an :class:`apsw.VFS` shim that injects I/O faults in tests.
     :param unsafe_filesystem: what to do when the store's directory is on a filesystem

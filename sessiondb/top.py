@@ -67,7 +67,8 @@ def snapshot(db: SessionDB) -> dict[str, Any]:
     ``rows`` (blocking order), ``totals``, ``owners`` (leases and claims per owner);
     SQLite also ``gate_queue``, ``wal_bytes``, ``wal_limit``, ``last_reset``,
     ``damaged_slots``, ``record_error``."""
-    owners = db.stats()["coordination"]["owners"]
+    figures = db.stats()
+    owners = figures["coordination"]["owners"]
     if db.backend == "postgresql":
         rows = _pg_rows(db)
         return {"backend": "postgresql", "path": str(db.path), "at": time.time(),
@@ -92,7 +93,7 @@ def snapshot(db: SessionDB) -> dict[str, Any]:
         wal = 0
     return {"backend": "sqlite", "path": str(path), "at": time.time(), "rows": rows,
             "totals": procs.totals(record.rows), "owners": owners,
-            "gate_queue": procs.gate_queue(path), "wal_bytes": wal,
+            "gate_queue": figures["gate_queue"], "wal_bytes": wal,
             "wal_limit": min(limits) if limits else None, "last_reset": record.last_reset,
             "damaged_slots": record.damaged, "record_error": error}
 
@@ -326,7 +327,7 @@ def across_processes(figures: dict[str, Any], db_path: str | Path) -> dict[str, 
     limits = [r.wal_limit for r in record.rows if r.wal_limit]
     out["wal_bytes"] = figures["wal_bytes"]
     out["wal_limit"] = min(limits) if limits else None
-    out["gate_queue"] = procs.gate_queue(db_path)
+    out["gate_queue"] = figures["gate_queue"]
     out.update((k, v) for k, v in figures.items() if k not in out and k != "procs"
                and not k.startswith(("lock_wait_", "lock_hold_")))
     out["damaged_slots"] = record.damaged

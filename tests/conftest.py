@@ -10,6 +10,8 @@ import pytest
 
 from sessiondb import SessionDB
 from sessiondb.compat import hermes
+from sessiondb.gate import GATE_ENV, gate_kind as resolve_gate, ofd_locks_available
+from sessiondb.gate_posix import posix_locks_available
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 
 # The test PostgreSQL server, PgBouncer and a freezable proxy (tests/pg_fixtures.py).
@@ -43,10 +45,23 @@ def pytest_configure(config) -> None:
 POOLER_CONTRACT = CONTRACT
 
 
+#: The write gate's suite: every test of these modules runs once per kind of gate this
+#: platform has (on Linux OFD locks and classic POSIX locks), chosen through
+#: ``$SESSIONDB_GATE``, which spawned and forked workers inherit.
+GATE_SUITE = {
+    "test_gate", "test_turns", "test_write_path", "test_01_sigkill_chaos",
+    "test_02_stuck_writer", "test_04_fork", "test_09_files_and_permissions",
+}
+GATE_KINDS = [kind for kind, there in (("ofd", ofd_locks_available()),
+                                       ("posix", posix_locks_available())) if there]
+
+
 def pytest_generate_tests(metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in GATE_SUITE and "gate_kind" in metafunc.fixturenames:
+        metafunc.parametrize("gate_kind", GATE_KINDS, indirect=True)
     if "backend" not in metafunc.fixturenames:
         return
-    module = metafunc.module.__name__.rsplit(".", 1)[-1]
     if (module in CONTRACT or module in ADAPTERS) and not metafunc.definition.get_closest_marker(
             "sqlite_only"):
         backends = ["sqlite", "postgresql"] + (
@@ -61,6 +76,17 @@ def pytest_collection_modifyitems(items) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend", "sqlite") != "sqlite":
             item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(autouse=True)
+def gate_kind(request, monkeypatch) -> str:
+    """The kind of write gate this test's stores use: its parameter in the gate suite
+    (:data:`GATE_SUITE`, set as ``$SESSIONDB_GATE``), else whatever ``"auto"`` picks."""
+    kind = getattr(request, "param", None)
+    if kind is None:
+        return resolve_gate("auto")
+    monkeypatch.setenv(GATE_ENV, kind)
+    return kind
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from sessiondb import SessionDB, cli
+from sessiondb.bench.gate_compare import compare_gates, gate_table
+from sessiondb.gate import gate_kind
 
 
 @pytest.mark.slow
@@ -53,3 +55,45 @@ def test_lost_writes_are_counted_from_the_writers_sessions_only(tmp_path: Path) 
         for i in range(3):
             db.append_message("loop-0-0", "user", f"the gateway's {i}")
     assert _check_file(str(path)) == ("ok", 1)
+
+
+@pytest.mark.slow
+def test_bench_runs_both_gates_in_one_run_and_compares_them(tmp_path: Path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--only", "convoy", "--strategy", "sessiondb",
+                     "--strategy", "sessiondb-posix", "--rounds", "2", "--duration", "1",
+                     "--writers", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "the two gates side by side" in printed
+    doc = json.loads(out.read_text())
+    runs = [(r["strategy"], r.get("round"), r["gate"]) for r in doc["runs"]
+            if r["strategy"] != "serial"]
+    best = gate_kind()  # what "auto" picks here ($SESSIONDB_GATE included)
+    assert runs == [("sessiondb", 0, best), ("sessiondb-posix", 0, "posix"),
+                    ("sessiondb-posix", 1, "posix"), ("sessiondb", 1, best)]
+    for run in doc["runs"]:
+        assert run["integrity"] == "ok" and run["lost_writes"] == 0 and not run["failed"]
+        assert len(run["load_avg"]) == 3
+    [row] = doc["gate_comparison"]
+    assert row["scenario"] == "convoy" and row["rounds"] == 2
+    assert set(row["figures"]) == {"writes/s", "p50", "p99", "max", "jain"}
+
+
+def test_the_gate_comparison_judges_each_figure_against_the_goal() -> None:
+    def run(strategy: str, throughput: float, p99: float) -> dict:
+        return {"scenario": "convoy", "strategy": strategy, "throughput_per_s": throughput,
+                "jain": 1.0, "latency_s": {"p50": 0.1, "p99": p99, "max": 0.5}}
+
+    [row] = compare_gates([run("sessiondb", 100, 0.2), run("sessiondb-posix", 89, 0.21),
+                           run("sessiondb-posix", 95, 0.10), run("sessiondb", 100, 0.2),
+                           run("naive", 1, 9.0)])
+    figures = row["figures"]
+    assert figures["writes/s"]["ratio"] == pytest.approx(0.92)  # median 92 over 100
+    assert figures["writes/s"]["verdict"] == "ok"
+    assert figures["p99"]["verdict"] == "better"  # median 0.155 against 0.2
+    assert row["goal_met"]
+    [row] = compare_gates([run("sessiondb", 100, 0.2), run("sessiondb-posix", 89, 0.23)])
+    assert row["figures"]["writes/s"]["verdict"] == row["figures"]["p99"]["verdict"] == "MISS"
+    assert not row["goal_met"]
+    assert "goal missed on: convoy writes/s, convoy p99" in gate_table([row])

@@ -9,6 +9,7 @@ reports failure by raising: the child then exits non-zero and the test asserts
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import random
@@ -20,7 +21,8 @@ import apsw
 
 from sessiondb import SessionDB
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
-from sessiondb.gate import FifoGate
+from sessiondb.gate import FifoGate, GateTimeout, gate_kind
+from sessiondb.gate_locks import ROOM
 
 
 def read_only(path: Path, sql: str) -> list[tuple]:
@@ -87,11 +89,17 @@ def collect(results: Any, procs: list[Any], expected: int, timeout: float = 240)
 # -- gate workers ----------------------------------------------------------------------
 
 
+def open_gate(gate_path: str | Path) -> FifoGate:
+    """A gate on the sidecar, of the kind ``$SESSIONDB_GATE`` names (the gate suite's
+    parameter, inherited by every worker process), else of the platform's best kind."""
+    return FifoGate(Path(gate_path), gate_kind())
+
+
 def gate_cycle_worker(gate_path: str, log_path: str, rounds: int, seed: int,
                       start: Any) -> None:
     """Enter the gate ``rounds`` times; log ``enter``/``exit`` lines (O_APPEND) inside."""
     rng = random.Random(seed)
-    gate = FifoGate(Path(gate_path))
+    gate = open_gate(gate_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     pid = os.getpid()
     start.wait(60)
@@ -110,7 +118,7 @@ def gate_cycle_worker(gate_path: str, log_path: str, rounds: int, seed: int,
 
 def gate_hold_worker(gate_path: str, held: Any, release: Any) -> None:
     """Take the gate, say so, keep it until ``release`` is set (or the process is killed)."""
-    gate = FifoGate(Path(gate_path))
+    gate = open_gate(gate_path)
     gate.acquire(30.0)
     held.set()
     if not release.wait(120):
@@ -121,7 +129,7 @@ def gate_hold_worker(gate_path: str, held: Any, release: Any) -> None:
 
 def gate_wait_worker(gate_path: str, timeout: float, entered: Any) -> None:
     """Queue for the gate (killed while queued by the test, or let in)."""
-    gate = FifoGate(Path(gate_path))
+    gate = open_gate(gate_path)
     gate.acquire(timeout)
     entered.set()
     gate.release()
@@ -131,9 +139,9 @@ def gate_wait_worker(gate_path: str, timeout: float, entered: Any) -> None:
 def gate_hold_then_fork_worker(gate_path: str, held: Any, results: Any) -> None:
     """Take the gate, fork a child that outlives us (sleeping), report its pid, wait to
     be killed. The child must not keep our gate ticket alive."""
-    gate = FifoGate(Path(gate_path))
+    gate = open_gate(gate_path)
     gate.acquire(30.0)
-    inherited = gate._fd
+    inherited = gate._file.fd
     pid = os.fork()
     if pid == 0:  # the child: touch nothing of the gate, just live on
         # Close every other inherited descriptor (multiprocessing's sentinel pipe among
@@ -147,6 +155,46 @@ def gate_hold_then_fork_worker(gate_path: str, held: Any, results: Any) -> None:
     held.set()
     time.sleep(120)
     raise SystemExit(3)
+
+
+def gate_order_worker(gate_path: str, index: int, log_path: str) -> None:
+    """Queue for the gate; once in, append ``index`` to the log (O_APPEND) and leave."""
+    gate = open_gate(gate_path)
+    gate.acquire(60.0)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{index}\n".encode())
+    finally:
+        os.close(fd)
+        gate.release()
+        gate.close()
+
+
+def gate_try_worker(gate_path: str, timeout: float, results: Any) -> None:
+    """Try to enter the gate within ``timeout``; report "entered" or "timeout"."""
+    gate = open_gate(gate_path)
+    try:
+        gate.acquire(timeout)
+    except GateTimeout:
+        results.put("timeout")
+    else:
+        results.put("entered")
+        gate.release()
+    gate.close()
+
+
+def gate_deadlock_worker(gate_path: str, held: Any) -> None:
+    """Hold the gate, then wait in the kernel (a blocking classic lock, as an
+    application's own lock would) for the reader-room byte that the test process holds:
+    a process waiting for the test process while holding the slot the test's writer must
+    wait on. Leave once the room byte is had."""
+    gate = open_gate(gate_path)
+    gate.acquire(30.0)
+    held.set()
+    fcntl.lockf(gate._file.fd, fcntl.LOCK_EX, 1, ROOM)  # F_SETLKW
+    fcntl.lockf(gate._file.fd, fcntl.LOCK_UN, 1, ROOM)
+    gate.release()
+    gate.close()
 
 
 # -- store workers ---------------------------------------------------------------------

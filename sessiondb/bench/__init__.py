@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Callable
 
-from .run import STRATEGIES, UNRECORDED, benchmark
+from .run import EXTRA_STRATEGIES, STRATEGIES, benchmark
 
 __all__ = ["add_arguments", "main", "benchmark"]
 
@@ -29,11 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fast, agent-64, overhead); repeatable. 'scale' runs the scale "
                              "benchmark instead, 'frameworks' the frameworks benchmark "
                              "(neither is part of the default run)")
-    parser.add_argument("--strategy", action="append", choices=STRATEGIES + (UNRECORDED,),
+    parser.add_argument("--strategy", action="append", choices=STRATEGIES + EXTRA_STRATEGIES,
                         dest="strategies",
-                        help="run only this strategy (repeatable; default all but "
-                             f"{UNRECORDED}, which is sessiondb with the process record "
-                             "off, to compare with sessiondb)")
+                        help="run only this strategy (repeatable; default: naive, seedfix, "
+                             "sessiondb, sessiondb-normal). 'sessiondb-posix' forces the "
+                             "portable gate (classic POSIX locks); with 'sessiondb' beside it "
+                             "the run ends with the two gates side by side. "
+                             "'sessiondb-unrecorded' is sessiondb with the process record off")
+    parser.add_argument("--rounds", type=_at_least(1), default=1, metavar="N",
+                        help="run each scenario's strategies N times, alternating their "
+                             "order (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every worker (default 1)")
     parser.add_argument("--json", dest="json_file", metavar="FILE",
                         help="write every raw figure as JSON to FILE (schema in the README)")
@@ -86,10 +91,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_scale(args)
     from .report import plot, table
 
+    from .gate_compare import compare_gates, gate_table
+
     doc = benchmark(quick=args.quick, duration=args.duration, writers=args.writers,
                     only=args.only, strategies=tuple(args.strategies or STRATEGIES),
-                    seed=args.seed, workdir=args.workdir)
+                    seed=args.seed, workdir=args.workdir, rounds=args.rounds)
     print(table(doc))
+    doc["gate_comparison"] = compare_gates(doc["runs"])
+    if doc["gate_comparison"]:
+        print(gate_table(doc["gate_comparison"]))
     if args.json_file:
         with open(args.json_file, "w", encoding="utf-8") as fh:
             json.dump(doc, fh)

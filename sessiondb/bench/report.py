@@ -35,6 +35,7 @@ def summarize(run: RunResult, label: str) -> dict[str, Any]:
         "duration_s": run.duration,
         "writers": len(run.writers),
         "sqlite_version": next((r.sqlite_version for r in run.writers if r.sqlite_version), ""),
+        "gate": next((r.gate for r in run.writers if r.gate), ""),
         "commits": total,
         "throughput_per_s": total / run.duration if run.duration else 0.0,
         "latency_s": _dist(lat),
@@ -163,7 +164,7 @@ def table(doc: dict[str, Any]) -> str:
         for r in runs:
             lat = r["latency_s"]
             rows.append((
-                r["strategy"], r["sqlite_version"], str(r["commits"]),
+                r["strategy"] + (f" #{r['round']}" if "round" in r else ""), r["sqlite_version"], str(r["commits"]),
                 f"{r['throughput_per_s']:.0f}", _ms(lat["p50"]), _ms(lat["p90"]),
                 _ms(lat["p99"]), _ms(lat["p99.9"]), _ms(lat["max"]), str(r["errors"]),
                 f"{r['min_max_ratio']:.2f}", f"{r['jain']:.3f}", str(r["starved"]),

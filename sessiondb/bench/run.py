@@ -35,6 +35,10 @@ STRATEGIES = ("naive", "seedfix", "sessiondb", "sessiondb-normal")
 #: (``$SESSIONDB_PROCS=0`` in its processes), beside ``sessiondb``, to measure what
 #: publishing each process's state costs the write path.
 UNRECORDED = "sessiondb-unrecorded"
+#: Only when asked for (``--strategy``): ``sessiondb-posix``, sessiondb with the portable
+#: gate of classic POSIX locks forced, to compare with the default gate (Linux OFD
+#: locks) in the same run; and :data:`UNRECORDED`.
+EXTRA_STRATEGIES = ("sessiondb-posix", UNRECORDED)
 # The async-loop scenario compares ways to call the store from an event loop instead
 # (its writers always use sessiondb): AsyncSessionDB, the sync API on the loop, and a
 # control whose clients make no call at all (the machine's own noise on the loop).
@@ -237,10 +241,13 @@ def header(options: dict[str, Any]) -> dict[str, Any]:
 def benchmark(*, quick: bool = False, duration: float | None = None,
               writers: int | None = None, only: list[str] | None = None,
               strategies: tuple[str, ...] = STRATEGIES, seed: int = 1,
-              workdir: str | None = None,
+              workdir: str | None = None, rounds: int = 1,
               progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
               ) -> dict[str, Any]:
     """Run every scenario with every strategy (plus a serial ceiling) and summarize.
+    ``rounds`` > 1 runs each scenario's strategies that many times, their order reversed
+    every other round, so that strategies compared in one run share the machine's
+    changing load alike; each run records its ``round`` and the load average after it.
 
     :param workdir: where the stores go (a fresh directory inside it, removed at the
         end; default: the system's temporary directory); it should be a real disk, as
@@ -253,9 +260,10 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
               or s.name.split("-")[0] in only]
     options = {"quick": quick, "duration": duration, "writers": writers, "only": only,
                "strategies": list(strategies), "seed": seed, "workdir": workdir,
+               "rounds": rounds,
                "scenarios": [s.__dict__ for s in chosen]}
     doc: dict[str, Any] = {"header": header(options), "runs": []}
-    total = sum(len(LOOP_MODES) if s.loop else len(strategies) + 1 for s in chosen)
+    total = sum(len(LOOP_MODES) if s.loop else rounds * len(strategies) + 1 for s in chosen)
     step = 0
     workdir = tempfile.mkdtemp(prefix="sessiondb-bench-", dir=workdir)
     try:
@@ -266,7 +274,9 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
                 plan = [(mode, "sessiondb", False) for mode in LOOP_MODES]
             else:
                 plan = [("serial", "sessiondb", True)] + [
-                    (s, s, False) for s in _alternated(strategies, number)]
+                    (s, s, False) for r in range(rounds)
+                    for s in (_alternated(strategies, number) if r % 2 == 0
+                              else _alternated(strategies, number)[::-1])]
             for label, strategy, serial in plan:
                 step += 1
                 # The serial ceiling runs as long as the contended runs: a short one
@@ -278,6 +288,10 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
                 run = run_one(shown, strategy, workdir, seed, serial=serial,
                               loop_mode=label if scenario.loop else "")
                 summary = summarize(run, label)
+                if rounds > 1:
+                    summary["round"] = sum(1 for r in doc["runs"] if r["scenario"] ==
+                                           scenario.name and r["strategy"] == label)
+                summary["load_avg"] = [round(x, 2) for x in os.getloadavg()]
                 doc["runs"].append(summary)
                 progress(f"    done in {time.monotonic() - t0:.1f} s: "
                          f"{summary['commits']} commits, max {summary['latency_s']['max']:.3f} s, "
@@ -288,4 +302,5 @@ def benchmark(*, quick: bool = False, duration: float | None = None,
     return doc
 
 
-__all__ = ["benchmark", "scenarios", "run_one", "Scenario", "percentile", "UNRECORDED"]
+__all__ = ["benchmark", "scenarios", "run_one", "Scenario", "percentile", "STRATEGIES",
+           "EXTRA_STRATEGIES", "UNRECORDED"]

@@ -12,6 +12,8 @@ strategy). What differs is only how the transaction is run:
 ``sessiondb`` the public API: ``with db.transaction(): append_message; update_token_counts``
               (``durability="full"``, the default: each commit syncs the ``-wal``).
 ``sessiondb-normal`` the same with ``durability="normal"`` (no sync at commit).
+``sessiondb-posix`` the same with the portable write gate forced (``gate="posix"``: classic
+              fcntl locks instead of Linux OFD locks), readers included.
 
 The ``async-loop`` scenario adds a gateway that serves clients from an asyncio event loop
 (:func:`_loop_gateway`) while a monitor measures how late the loop wakes up: through
@@ -68,6 +70,7 @@ class Result:
     sqlite_version: str = ""
     crashed: str = ""
     lags: list[float] = field(default_factory=list)  # loop: how late each wake-up was
+    gate: str = ""            # the write gate sessiondb used ("ofd", "posix", "none")
 
 
 @dataclass
@@ -214,13 +217,25 @@ class SeedFix(_Stdlib):
             super().close()
 
 
+#: The strategies that run sessiondb itself, and the options each one opens it with.
+LIBRARY_OPTIONS: dict[str, dict[str, Any]] = {"sessiondb": {},
+                                              "sessiondb-normal": {"durability": "normal"},
+                                              "sessiondb-posix": {"gate": "posix"}}
+
+
+def open_library(job: Job) -> Any:
+    from sessiondb import SessionDB
+
+    return SessionDB(job.path, **LIBRARY_OPTIONS.get(job.strategy, {}))
+
+
 class Library:
     def __init__(self, job: Job) -> None:
-        from sessiondb import SessionDB
         from sessiondb.connection import sqlite_version
 
-        self.db = SessionDB(job.path, durability=_durability(job.strategy))
+        self.db = open_library(job)
         self.sqlite_version = ".".join(map(str, sqlite_version()))
+        self.gate = self.db.stats().get("gate", "")
 
     def write(self, session_id: str, text: str, hold: float) -> float:
         with self.db.transaction():
@@ -240,11 +255,8 @@ class Library:
 
 STRATEGIES: dict[str, Callable[[Job], Any]] = {
     "naive": Naive, "seedfix": SeedFix, "sessiondb": Library, "sessiondb-normal": Library,
+    "sessiondb-posix": Library,
 }
-
-
-def _durability(strategy: str) -> str:
-    return "normal" if strategy == "sessiondb-normal" else "full"
 
 
 # -- process bodies -----------------------------------------------------------------
@@ -294,6 +306,7 @@ def _writer(job: Job, result: Result, barriers: Any) -> None:
     rng = random.Random(job.seed)
     runner = STRATEGIES[job.strategy](job)
     result.sqlite_version = runner.sqlite_version
+    result.gate = getattr(runner, "gate", "")
     texts = [message_text(rng) for _ in range(64)]
     end = _begin(barriers, job.duration)
     try:
@@ -356,9 +369,8 @@ def _gateway(job: Job, result: Result, barriers: Any) -> None:
 def _poller(job: Job, result: Result, barriers: Any) -> None:
     """A TUI: every 20 ms list the newest sessions and run a search."""
     rng = random.Random(job.seed)
-    if job.strategy.startswith("sessiondb"):
-        from sessiondb import SessionDB
-        db = SessionDB(job.path, durability=_durability(job.strategy))
+    if job.strategy in LIBRARY_OPTIONS:
+        db = open_library(job)
 
         def poll() -> None:
             db.list_sessions(limit=20)
@@ -378,9 +390,8 @@ def _poller(job: Job, result: Result, barriers: Any) -> None:
 
 def _long_reader(job: Job, result: Result, barriers: Any) -> None:
     """A reader that holds a read transaction open 500 ms at a time, back to back."""
-    if job.strategy.startswith("sessiondb"):
-        from sessiondb import SessionDB
-        db = SessionDB(job.path, durability=_durability(job.strategy))
+    if job.strategy in LIBRARY_OPTIONS:
+        db = open_library(job)
 
         def read_500ms() -> None:
             with db.snapshot():

@@ -131,6 +131,7 @@ CLOSED_CALLS = {
     "get_messages": lambda db: db.get_messages("s"),
     "get_messages_as_conversation": lambda db: db.get_messages_as_conversation("s"),
     "clear_messages": lambda db: db.clear_messages("s"),
+    "pop_message": lambda db: db.pop_message("s"),
     "update_token_counts": lambda db: db.update_token_counts("s", 1),
     "set_token_counts": lambda db: db.set_token_counts("s", 1),
     "search_messages": lambda db: db.search_messages("x"),

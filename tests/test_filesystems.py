@@ -356,7 +356,8 @@ def test_a_real_fuse_filesystem_is_refused_and_works_with_the_journal(
             ids = [db.append_message("s", "user", f"over FUSE {i}") for i in range(20)]
             assert db.search_messages("FUSE")[0]["id"] == ids[-1]
             assert db.checkpoint() == {"wal_frames": 0, "checkpointed_frames": 0}
-        assert sorted(os.listdir(mnt)) == ["state.db", "state.db.sessiondb-gate"]
+        assert sorted(os.listdir(mnt)) == ["state.db", "state.db.sessiondb-gate",
+                                           "state.db.sessiondb-procs"]
         monkeypatch.setenv(ENV_POLICY, "journal")
         report = doctor.check(path)
         assert report["ok"] and report["journal_mode"] == "delete"

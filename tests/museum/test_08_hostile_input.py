@@ -364,6 +364,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "get_messages": call("get_messages", SESSION_ID, after_id=OPT_COUNT, limit=LIMIT),
     "get_messages_as_conversation": call("get_messages_as_conversation", SESSION_ID),
     "clear_messages": call("clear_messages", SESSION_ID),
+    "pop_message": call("pop_message", SESSION_ID),
     "update_token_counts": call("update_token_counts", SESSION_ID, absolute=FLAG,
                                 **ACCOUNTING),
     "set_token_counts": call("set_token_counts", SESSION_ID, **ACCOUNTING),

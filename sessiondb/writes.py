@@ -229,6 +229,7 @@ class WritePath:
         KeyboardInterrupt included, wherever it lands) can leave the gate held or a write
         transaction open on the connection."""
         entered = None
+        committed = False
         self._owner = os.getpid()
         record = self.record
         try:
@@ -256,24 +257,28 @@ class WritePath:
                                          "not commit the parent's transaction")
             self._raise_if_expired()
             conn.execute("COMMIT")
+            committed = True
+            self.counters.writes += 1
+            # Inside the handler's reach: a signal that arrived during COMMIT raises
+            # its exception at the next Python call, and that must not skip leaving.
+            self._leave(entered, committed=True)
+            return True, result
         except _BUSY as exc:
             rollback(conn)
             self._leave(entered)
             return False, exc
         except BaseException as exc:
             if os.getpid() == self._owner:
-                rollback(conn)
-                if entered is not None:
-                    self.counters.failed += 1
-                self._leave(entered)
+                if not committed:
+                    rollback(conn)
+                    if entered is not None:
+                        self.counters.failed += 1
+                self._leave(entered, committed)  # a no-op if the first one got through
                 if entered is not None and isinstance(exc, apsw.InterruptError):
                     self._raise_if_expired(exc)
             if isinstance(exc, apsw.Error):
                 raise translate(exc, self.path) from exc
             raise
-        self.counters.writes += 1
-        self._leave(entered, committed=True)
-        return True, result
 
     # -- the hold bound (see the module docstring) ------------------------------------
     def _opened(self, conn: apsw.Connection, entered: float, bounded: bool = True) -> None:
@@ -333,12 +338,14 @@ class WritePath:
         the gate learns how long it was held, so that it may keep a turn going for this
         process's next short write (see :mod:`sessiondb.gate`)."""
         self._active.depth = 0
-        with self._imu:
-            tx, self._tx = self._tx, None
-        if entered is not None and tx is None:
-            return  # the watchdog ended this transaction and left the gate already
         held = None if entered is None else time.monotonic() - entered
-        try:
+        leave = True
+        try:  # from taking the transaction on, so that an exception cannot skip leaving
+            with self._imu:
+                tx, self._tx = self._tx, None
+            if entered is not None and tx is None:
+                leave = False  # the watchdog ended this transaction and left already
+                return
             if held is not None:
                 c = self.counters
                 c.holds.append(held)
@@ -349,7 +356,8 @@ class WritePath:
                 # process's turn goes on (sessiondb.gate).
                 self.record.publish()
         finally:
-            self.gate.release(held if committed else None)
+            if leave:
+                self.gate.release(held if committed else None)
 
     def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
         self.counters.timeouts += 1

@@ -435,6 +435,21 @@ def test_closing_another_instance_drops_nothing(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not ofd_locks_available(), reason="needs both kinds of lock")
+def test_processes_using_different_kinds_exclude_each_other(tmp_path: Path, gate_kind: str,
+                                                            monkeypatch):
+    """Linux makes OFD and classic locks conflict: a process forcing one kind and a
+    process forcing the other share one queue."""
+    path = gate_path(tmp_path)
+    holder = open_gate(path)  # this test's kind
+    holder.acquire(1.0)
+    monkeypatch.setenv(GATE_ENV, "posix" if gate_kind == "ofd" else "ofd")  # the worker's
+    assert try_from_another_process(path) == "timeout"
+    holder.release()
+    assert try_from_another_process(path, 30.0) == "entered"
+    holder.close()
+
+@pytest.mark.slow
 def test_opening_and_closing_the_sidecar_file(tmp_path: Path, gate_kind: str):
     """Code of the process opens and closes the sidecar file itself. OFD locks belong to
     the gate's descriptor: nothing is dropped. Classic locks belong to the process, and

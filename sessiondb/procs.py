@@ -54,7 +54,6 @@ publishing off.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import sys
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import SessionDBError
+from .gate_locks import attempt
 from .process import holder_gone, this_process
 
 try:
@@ -203,14 +203,8 @@ if hasattr(os, "register_at_fork"):
 
 def _lock(fd: int, offset: int, exclusive: bool) -> bool:
     """Take a lock on one byte without waiting; False if another process holds one."""
-    try:
-        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB,
-                    1, offset, os.SEEK_SET)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
+    return attempt(fcntl.lockf, fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                   | fcntl.LOCK_NB, 1, offset, os.SEEK_SET)
 
 
 def _unlock(fd: int, offset: int) -> None:

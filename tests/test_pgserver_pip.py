@@ -87,6 +87,8 @@ def test_on_a_fresh_machine(pg_server):
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.postgres_pip
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="hides the machine's PostgreSQL in a mount namespace: root only")
 def test_without_the_machine_s_postgresql_the_fixtures_take_the_wheel(tmp_path: Path):
@@ -105,8 +107,9 @@ def test_without_the_machine_s_postgresql_the_fixtures_take_the_wheel(tmp_path: 
     passwd.chmod(0o644)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SESSIONDB_", "PYTEST_", "PG"))}
+    # No plugin autoloading: the frameworks' pytest plugins took most of its time.
     env.update(PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]),
-               SESSIONDB_REQUIRE_POSTGRES="1")
+               SESSIONDB_REQUIRE_POSTGRES="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     script = ("set -e; mount -t tmpfs tmpfs /usr/lib/postgresql 2>/dev/null || true; "
               f"mount --bind {passwd} /etc/passwd; exec \"$@\"")
     proc = subprocess.run(

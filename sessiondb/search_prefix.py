@@ -1,0 +1,296 @@
+"""Prefix queries (``abc*``) without a prefix index, run as an OR of the words.
+
+FTS5 answers ``abc*`` from a table without a ``prefix=`` index of that length by
+merging the doclists of every word that starts with ``abc`` into one before the first
+row comes out, in every statement: a prefix of a word found in most messages costs
+45-110 ms on a million messages however few rows are read. The same query written as
+an OR of those words (``("abc" OR "abcd" OR ...)``) matches the same rows, and FTS5
+reads an OR lazily, so a walk newest first stops as cheaply as for one word. It costs
+instead a seek per word (in every segment of the index) at the start of each statement,
+about 45 microseconds per word on a million messages in 10 segments, and a read of an
+OR grows with its words: a search may run many statements (a walk of a filter's
+sessions) where the merge happens once or twice. FTS5's merge costs about 25
+microseconds per leaf page of the doclists and 100-400 per word: a prefix of 83 words
+of which one is in nearly every message (3,900 pages) merges in 105 ms and starts in
+3.7 ms written out; a prefix of 2,300 words (one letter) takes 120-290 ms written out
+against about 1 s merged, but 2-3.5 s with a rare source's filter. So a prefix is
+written out when its words' seeks in :data:`STATEMENTS` statements cost less than the
+merge (:func:`expand`).
+
+**Finding the words.** ``fts5vocab`` lists them, but counts every occurrence of each
+word as it goes (a word in every message: 15 ms). The words are read instead from the
+index's own b-tree (https://sqlite.org/fts5.html, and the format described at the top
+of SQLite's ``fts5_index.c``, which FTS5 keeps stable across versions): ``%_idx`` holds,
+for every leaf page of a segment that has a word on it, a prefix of its first word; the
+leaf pages (rows of ``%_data``) whose words may start with the prefix are read, and
+their words decoded. A word found only as a deletion not yet merged away is listed too:
+it matches nothing, and costs only its seek. Words still in memory (written in this
+connection's open write transaction) are not in those tables, so a query run inside a
+write transaction is left to FTS5.
+
+**Ranking.** Each word of an expansion is a phrase of its own to FTS5; bm25 needs the
+occurrences of the prefix phrase, their sum. :func:`group_spec` describes which
+phrases of the expanded query make up each phrase of the original, and
+``sessiondb.search`` sums them (the largest group as the row's instances less the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import apsw
+
+from .schema import index_prefixes
+
+#: A prefix with more words than this is never written out (the query grows with them).
+MAX_WORDS = 4000
+# Microseconds, on a million messages in 10 segments: a statement's start per word of
+# an expansion (its seek in each segment); FTS5's merge per leaf page of the doclists
+# and per word (a lower bound: 100-400 measured).
+US_PER_WORD = 45.0
+US_MERGED_PAGE = 25.0
+US_MERGED_WORD = 100.0
+#: Statements of a search a prefix is written out for: one walk and one fetch of the
+#: hits, or a walk of a filter's sessions (its start is paid in every one).
+STATEMENTS = 10
+
+# An FTS5 query, part by part: spaces (ASCII ones: FTS5 reads U+00A0 as part of a
+# bareword), a string (``""`` is a quote in it), a bareword (ASCII letters, digits,
+# ``_``, ``\x1a`` and every character past ASCII), either one perhaps a prefix;
+# parentheses; anything else (``:``, ``^``, ``+``, ``-``, ``{``...) ends the rewrite.
+_PART = re.compile(r'([ \t\n\r]+)|("(?:[^"]|"")*")(\*?)|([A-Za-z0-9_\x1a\x80-\U0010ffff]+)(\*?)'
+                   r'|([()])|(.)', re.DOTALL)
+_OPERATORS = ("AND", "OR", "NOT")
+_MAIN = b"0"  # the byte before every word of the main index (prefix indexes: 1, 2...)
+_PAGE_BITS = 37  # a leaf page's %_data id: segment id << 37 | page number
+_FLAGS = apsw.FTS5_TOKENIZE_QUERY | apsw.FTS5_TOKENIZE_PREFIX
+_STARRED = re.compile(r'"([^"]*)"\*|([^\s"*]+)\*')
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """A query with its prefix phrases written as ORs of words."""
+
+    match: str  #: the rewritten query
+    groups: tuple[int, ...]  #: phrases of ``match`` per phrase of the original, in order
+    words: int  #: words of all expansions (each costs a seek per statement)
+
+    @property
+    def statement_us(self) -> float:
+        """Microseconds an FTS5 statement of ``match`` takes to start, beyond any
+        statement's."""
+        return self.words * US_PER_WORD
+
+
+def merges_doclists(conn: apsw.Connection, match: str) -> bool:
+    """True when ``match`` has a prefix phrase (``abc*``) that no ``prefix=`` index of
+    the table covers: FTS5 then merges the doclists of every word with the prefix
+    before the first row comes out (a prefix of a word in every message: 45-80 ms on a
+    million messages), in every statement; so a search then runs as few as it can."""
+    lengths: set[int] | None = None
+    for quoted, bare in _STARRED.findall(match):
+        words = _TOKEN.findall(quoted or bare)
+        if not words:
+            continue
+        if lengths is None:
+            lengths = set(index_prefixes(conn))
+        if len(words[-1]) not in lengths:
+            return True
+    return False
+
+
+def group_spec(groups: Sequence[int]) -> str:
+    """``groups`` as the text argument of the rank-data function (``"1 83 1"``)."""
+    return " ".join(map(str, groups))
+
+
+def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
+           ) -> Expansion | None:
+    """``match`` with each prefix phrase that no ``prefix=`` index covers written as an
+    OR of the index's words with that prefix; None when no phrase was rewritten
+    (nothing to rewrite; syntax it does not handle, such as ``NEAR``, column filters or
+    ``^``; a table with its own tokenizer; a write transaction open on ``conn``). A
+    prefix of more than :data:`MAX_WORDS` words, or whose words' seeks would cost more
+    than FTS5's merge (:func:`_cheaper_written_out`), is left to FTS5.
+
+    A prefix that no word has becomes the same phrase without the star (it matches
+    nothing either way). Phrases side by side (FTS5's implicit AND, which binds
+    tighter than ``NOT``, ``AND`` and ``OR``) become a parenthesized explicit AND when
+    one of them is rewritten, as FTS5 allows parentheses only between operators. The
+    rewrite matches exactly the rows ``match`` matches, with its phrases in the same
+    order.
+
+    :param within: the words of some rows (:func:`words_of`): only these are written
+        out, so the rewrite matches exactly what ``match`` matches among those rows,
+        and gives them the same phrase occurrences (a word absent from a row has none).
+    """
+    if "*" not in match or conn.txn_state("main") == apsw.SQLITE_TXN_WRITE:
+        return None
+    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'messages_fts'"
+                       ).fetchone()
+    if sql is None or "tokenize" in sql[0].lower():
+        return None
+    covered = set(index_prefixes(conn))
+    tokenizer = conn.fts5_tokenizer("unicode61")
+    # Each part: an operator or parenthesis (None), or a phrase as (text, rewritten).
+    parts: list[tuple[str, bool] | str] = []
+    groups: list[int] = []
+    words = 0
+    for m in _PART.finditer(match):
+        space, quoted, qstar, bare, bstar, paren, other = m.groups()
+        if other is not None or bare == "NEAR" or (bare in _OPERATORS and bstar):
+            return None  # not handled, or not FTS5 ("OR*"): FTS5 says what it is
+        if space is not None:
+            continue
+        if paren is not None or bare in _OPERATORS:
+            parts.append(m.group())
+            continue
+        groups.append(1)
+        text = quoted[1:-1].replace('""', '"') if quoted is not None else bare
+        tokens = [t[2] for t in tokenizer(text.encode("utf-8"), _FLAGS, None)
+                  ] if qstar or bstar else []
+        found = None
+        if tokens and len(tokens[-1]) not in covered:
+            listed = prefix_words(conn, tokens[-1])
+            if listed is not None and _cheaper_written_out(listed):
+                found = [w for w in listed.words if within is None or w in within]
+        if found is None:
+            parts.append((m.group(), False))
+        elif not found:
+            parts.append((_phrase(tokens), True))  # no word has the prefix
+        else:
+            parts.append(("(" + " OR ".join(_phrase(tokens[:-1] + [w]) for w in found)
+                          + ")", True))
+            groups[-1] = len(found)
+            words += len(found)
+    if not any(isinstance(part, tuple) and part[1] for part in parts):
+        return None
+    out: list[str] = []
+    run: list[tuple[str, bool]] = []
+    for part in [*parts, ""]:
+        if isinstance(part, tuple):
+            run.append(part)
+            continue
+        if len(run) > 1 and any(rewritten for _, rewritten in run):
+            out.append("(" + " AND ".join(text for text, _ in run) + ")")
+        else:
+            out += [text for text, _ in run]
+        run = []
+        out.append(part)
+    return Expansion(" ".join(out).strip(), tuple(groups), words)
+
+
+def _cheaper_written_out(listed: PrefixWords) -> bool:
+    """True when the words' seeks in the :data:`STATEMENTS` statements a search may run
+    cost less than FTS5's merge of their doclists in one."""
+    written = len(listed.words) * US_PER_WORD * STATEMENTS
+    return written <= listed.pages * US_MERGED_PAGE + len(listed.words) * US_MERGED_WORD
+
+
+def words_of(conn: apsw.Connection, ids: Sequence[int], budget: int) -> set[str] | None:
+    """The words of these messages as the index has them (their text through the
+    table's tokenizer); None when their texts hold more than ``budget`` bytes."""
+    listed = json.dumps(list(ids))
+    size = conn.execute("SELECT coalesce(sum(octet_length(content)), 0) FROM messages "
+                        "WHERE id IN (SELECT value FROM json_each(?))", (listed,)
+                        ).fetchone()[0]
+    if size > budget:
+        return None
+    tokenizer = conn.fts5_tokenizer("unicode61")
+    words: set[str] = set()
+    for (text,) in conn.execute("SELECT content FROM messages WHERE id IN (SELECT value "
+                                "FROM json_each(?))", (listed,)):
+        if text:
+            data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+            words.update(tokenizer(data, apsw.FTS5_TOKENIZE_DOCUMENT, None,
+                                   include_offsets=False, include_colocated=False))
+    return words
+
+
+class PrefixWords(NamedTuple):
+    """The index's words with a prefix, and how much a native prefix query merges."""
+
+    words: list[str]  #: sorted
+    pages: int  #: leaf pages their doclists span, in all segments
+
+
+def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
+    """The words of the index that start with ``prefix`` (a token as the tokenizer
+    gives it); None when they are more than :data:`MAX_WORDS`.
+
+    A segment's pages holding such words are the last one whose ``%_idx`` key is at
+    most the prefix's key, and those whose key lies in the prefix's range: a key is a
+    prefix of its page's first word, and greater than every word of the pages before.
+    Their doclists end where the first page of a key past the range begins.
+    """
+    low = _MAIN + prefix.encode("utf-8")
+    high = low + b"\xff"  # past every word with the prefix (UTF-8 never has 0xff)
+    found: set[bytes] = set()
+    pages = 0
+    segment = -1
+    while True:
+        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
+                           "ORDER BY segid LIMIT 1", (segment,)).fetchone()
+        if row is None:
+            break
+        segment = row[0]
+        rows = conn.execute(
+            "SELECT * FROM (SELECT 0, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            "term <= ?2 ORDER BY term DESC LIMIT 1) UNION ALL SELECT 0, pgno FROM "
+            "messages_fts_idx WHERE segid = ?1 AND term > ?2 AND term < ?3 UNION ALL "
+            "SELECT * FROM (SELECT 1, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            "term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)).fetchall()
+        numbers = [pgno >> 1 for past, pgno in rows if not past]
+        for number in numbers:
+            row = conn.execute("SELECT block FROM messages_fts_data WHERE id = ?",
+                               ((segment << _PAGE_BITS) + number,)).fetchone()
+            if row is not None:
+                found.update(w for w in leaf_words(row[0]) if w.startswith(low))
+        if numbers:
+            pages += (rows[-1][1] >> 1 if rows[-1][0] else numbers[-1] + 1) - numbers[0]
+        if len(found) > MAX_WORDS:
+            return None
+    return PrefixWords(sorted(w[1:].decode("utf-8", "replace") for w in found), pages)
+
+
+def leaf_words(page: bytes) -> list[bytes]:
+    """The words (keys, with their index byte) that start on an FTS5 leaf page: its
+    footer lists their offsets; the first is stored whole, each next one as the bytes
+    it shares with the one before and the rest."""
+    if len(page) < 4:
+        return []
+    footer = int.from_bytes(page[2:4], "big")
+    words: list[bytes] = []
+    at, offset, last = footer, 0, b""
+    while at < len(page):
+        delta, at = _varint(page, at)
+        offset += delta
+        if not words:
+            size, start = _varint(page, offset)
+            last = page[start:start + size]
+        else:
+            shared, start = _varint(page, offset)
+            size, start = _varint(page, start)
+            last = last[:shared] + page[start:start + size]
+        words.append(last)
+    return words
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's varint (big-endian 7-bit groups; a ninth byte counts 8 bits) at ``at``,
+    and the offset after it."""
+    value = 0
+    for i in range(8):
+        byte = data[at + i]
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + i + 1
+    return (value << 8) | data[at + 8], at + 9
+
+
+def _phrase(tokens: Sequence[str]) -> str:
+    return '"' + " ".join(tokens).replace('"', '""') + '"'

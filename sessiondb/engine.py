@@ -43,26 +43,25 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import filesystems, search_index
+from . import conversion, filesystems, search_index
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
     WalDeletedError, translate,
 )
-from .gate import NullGate, gate_kind, make_gate
+from .gate import GateTimeout, NullGate, gate_kind, make_gate
 from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
 )
 from .replacement import StoreIdentity, StoreMoved, handle_replaced, refuse_replaced
-from .schema import SCHEMA_VERSION, build_schema, ensure_schema
+from .schema import SCHEMA_VERSION, build_schema
 from .text import check_flag
 from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
 _STEP_CHECKPOINT_AT = 1 / 8  # of wal_limit: see Engine._between_steps
-INDEX_LOCK = ".sessiondb-index.lock"  # sidecar electing the builder: _finish_conversion
 
 # Connections inherited across fork(): kept referenced forever so that garbage collection
 # never closes them in the child (closing would touch files and locks the parent owns).
@@ -220,13 +219,21 @@ class Engine:
             self._conn = conn
             self._pid = os.getpid()
             # A migration is bounded work that cannot always be split (an index is
-            # built in one statement), so it is exempt from the hold bound. Both run
+            # built in one statement), so it is exempt from the hold bound (the long part
+            # of a conversion, its copy, runs in steps within the bound). Both run
             # through read(), which retries a read that meets a commit (busy): rare with
             # WAL, common with the rollback journal, where a commit locks readers out.
-            self.read(lambda c: ensure_schema(c, self.path, partial(
-                self.execute_write, bounded=False), o["write_timeout"]))
-            if self.read(search_index.finish_on_open):
-                self._finish_conversion()
+            builder = conversion.builder_lock(self.path)
+            try:
+                self.read(lambda c: conversion.ensure_schema(
+                    c, self.path, partial(self.execute_write, bounded=False),
+                    o["write_timeout"], self.run_steps, o["progress"],
+                    partial(conversion.elect, builder)))
+                if self.read(lambda c: search_index.finish_on_open(c)
+                             or conversion.leftover(c)):
+                    self._finish_conversion(builder)
+            finally:
+                builder.release(force=True)
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -237,22 +244,19 @@ class Engine:
                 slot.close()
             raise
 
-    def _finish_conversion(self) -> None:
-        """Index the messages of a converted hermes-agent file (it is searchable once
-        they are) and remove set-aside index tables
+    def _finish_conversion(self, builder: filelock.FileLock) -> None:
+        """Empty and drop a converted hermes-agent file's old messages table
+        (:func:`sessiondb.conversion.drain_step`), index its messages (it is searchable
+        once they are) and remove set-aside index tables
         (:func:`sessiondb.search_index.finish_on_open`) in short steps, unless another
-        process is at it: a lock on a sidecar
-        (``<db>.sessiondb-index.lock``, taken without waiting) elects one builder, and
-        the kernel frees it if that process dies, so a conversion cut short is finished
-        by the next process that opens the store."""
-        lock = filelock.FileLock(str(self.path.with_name(self.path.name + INDEX_LOCK)),
-                                 timeout=0, mode=0o600)
+        process is at it (:func:`sessiondb.conversion.elect`; the store works meanwhile,
+        and search says the index is being built)."""
+        if not conversion.elect(builder):
+            return
         try:
-            lock.acquire()
-        except (filelock.Timeout, OSError):
-            return  # another process is building it (or the sidecar is unusable: the
-            # store works meanwhile, search says the index is being built)
-        try:
+            # The old table first: until it is gone, deleting a session scans it.
+            self.run_steps(conversion.drain_step,
+                           Tracker("cleanup", "rows", None, self._options["progress"]))
             search_index.catch_up(self.run_steps, self._options["progress"],
                                   self.read(search_index.pending_messages))
         except (DatabaseBusyError, HoldTimeout):
@@ -261,8 +265,6 @@ class Engine:
             # being built, so the open succeeds and the next one carries on. Raising
             # would refuse a usable store, as no open of a finished one does.
             pass
-        finally:
-            lock.release()
 
     def _new_connection(self, new_file: Path | None = None) -> apsw.Connection:
         """A configured connection to the store, or to ``new_file`` (created) while
@@ -586,7 +588,22 @@ class Engine:
             self.between_steps()
 
         return run_steps(self.execute_write, step, step_budget(self._options["hold_timeout"]),
-                         tracker, between)
+                         tracker, between, self._pause_for_pollers)
+
+    def _pause_for_pollers(self, seconds: float) -> None:
+        """A pause between two steps of long work with this instance's write gate held
+        (and its instance lock, which guards the gate's handle): writers queued at the
+        gate wait it out, so the lock is free for writers that bypass the gate and poll
+        for it (see :func:`sessiondb.maintenance.run_steps`)."""
+        with self._connection():
+            try:
+                self._gate.acquire(seconds)
+            except GateTimeout:
+                return  # a long queue: its writers take the lock in turn meanwhile
+            try:
+                time.sleep(seconds)
+            finally:
+                self._gate.release(None)
 
     def between_steps(self) -> None:
         """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into

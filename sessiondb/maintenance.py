@@ -8,9 +8,11 @@ rightly ends it, and every other process waits meanwhile). So each operation is 
 the work inside one transaction and stops at ``deadline``, leaving the store consistent,
 and :func:`run_steps` calls it through the write path until it reports no more work.
 Between two steps the write gate serves the writers queued meanwhile (first come, first
-served), so another process waits at most about one step. A step's time budget is
-:func:`step_budget`: 0.05 s, or a quarter of ``hold_timeout`` when that is smaller; a step
-that still overruns the bound (a paused machine) is retried with half the budget.
+served), so another process waits at most about one step; a process that bypasses
+the gate and polls for the lock gets a longer pause at least every 0.25 s (see
+:func:`run_steps`). A step's time budget is :func:`step_budget`: 0.05 s, or a quarter
+of ``hold_timeout`` when that is smaller; a step that still overruns the bound (a paused
+machine) is retried with half the budget.
 A step function must therefore be idempotent in effect: it reads where the work stands
 inside its own transaction, so a rerun after a crash, or two processes doing the same
 work at once, simply carry on from there.
@@ -34,6 +36,10 @@ DEFAULT_STEP_S = 0.05
 _MIN_STEP_S = 0.002
 _HOLD_SHARE = 4  # a step may use at most a quarter of hold_timeout
 _YIELD_SHARE = 0.2  # pause after a step, as a share of its duration (see run_steps)
+# A longer pause at least this often (see run_steps): longer than the longest sleep of
+# SQLite's default busy handler between two polls of the lock (100 ms).
+_POLL_GAP_S = 0.11
+_POLL_GAP_EVERY_S = 0.25
 # Bytes of message content a step may index or delete per second of its budget: FTS5
 # tokenizes every byte it indexes, and every byte of a message it deletes from the
 # index (about 20 MB/s measured either way), so a chunk counted in messages alone
@@ -48,11 +54,13 @@ class Progress:
     step.
 
     :ivar task: what is running: ``"prune"``, ``"import"``, ``"index"`` (building the
-        full-text index), ``"cleanup"`` (removing an old index), ``"reclaim"`` (giving
-        space back).
+        full-text index), ``"cleanup"`` (removing an old index, or a converted file's old
+        messages table), ``"reclaim"`` (giving space back), ``"convert"`` (copying a
+        hermes-agent file's messages into sessiondb's table).
     :ivar done: units done so far.
     :ivar total: units in all, when known in advance (else None).
-    :ivar unit: what is counted: ``"sessions"``, ``"messages"``, ``"pages"``, ``"rows"``.
+    :ivar unit: what is counted: ``"sessions"``, ``"messages"``, ``"pages"``, ``"rows"``,
+        ``"ids"`` (message ids passed by the conversion's copy).
     :ivar elapsed_s: seconds since the task started.
     """
 
@@ -130,16 +138,20 @@ class Tracker:
 
 def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: Step,
               budget: float, tracker: Optional[Tracker] = None,
-              between: Optional[Callable[[], None]] = None) -> int:
+              between: Optional[Callable[[], None]] = None,
+              pause: Callable[[float], None] = time.sleep) -> int:
     """Call ``step`` through ``write`` (the instance's ``_execute_write``), one
     transaction per call, until it returns 0; returns the units done in all.
 
     :param budget: seconds per step (:func:`step_budget`).
     :param between: called after each step, outside the transaction (the engine's
         checkpoint between steps).
+    :param pause: makes the long pauses (below): the engine's holds its write gate
+        meanwhile, so that its queued writers leave the lock to those that poll.
     :raises HoldTimeout: a step overran the hold bound even with the smallest budget.
     """
     total = 0
+    gap = time.monotonic()  # when the last long pause ended
     while True:
         started = time.monotonic()
         try:
@@ -157,7 +169,19 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         # Writers that bypass the gate (an un-upgraded hermes-agent, a sqlite3 shell)
         # poll for the lock with sleeps of up to 100 ms: a step taken again the moment
         # the last one ended would starve them (seconds, measured). A pause of a fifth of
-        # the step lets one of their polls land on a free lock, at a fifth of the speed.
-        time.sleep(_YIELD_SHARE * (time.monotonic() - started))
+        # the step lets one of their polls land on a free lock, at a fifth of the speed,
+        # but not surely: polls 100 ms apart against a lock free 10 ms in 60 kept
+        # missing it for over a second (measured, hermes-agent's writer beside a
+        # conversion). So at least every 0.25 s the pause outlasts their longest sleep:
+        # each of them then polls while the lock is free, and waits about 0.4 s at most.
+        # With other sessiondb writers queued at the gate, they took the free lock as
+        # often as the pollers' one poll in the pause did (waits of 0.75 s, measured):
+        # ``pause`` holds the gate, leaving the lock to the pollers alone.
+        now = time.monotonic()
+        if now + _YIELD_SHARE * (now - started) - gap >= _POLL_GAP_EVERY_S:
+            pause(_POLL_GAP_S)
+            gap = time.monotonic()
+        else:
+            time.sleep(_YIELD_SHARE * (now - started))
         if tracker is not None:
             tracker.add(done)

@@ -1,11 +1,8 @@
 """The schema and its migration ladder, versioned by ``PRAGMA user_version``.
 
 A fresh file is brought to :data:`SCHEMA_VERSION` step by step, each step one write
-transaction through the normal write path, while a ``filelock`` sidecar
-(``<db>.sessiondb-migrate.lock``) makes the processes that open the same new file at once
-take turns: the first creates the schema, the others find it done. ``filelock`` polls,
-which is right for a once-per-file event and wrong for the hot write path (that is what
-:mod:`sessiondb.gate` is for).
+transaction through the normal write path (:func:`sessiondb.conversion.ensure_schema`
+runs the ladder on open, and converts a hermes-agent file).
 
 Lookups use real indexed columns (never JSON extraction). Messages are ordered by their
 integer key, which also serves keyset pagination. ``messages_fts`` is an FTS5
@@ -21,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import apsw
-import filelock
 
 from .errors import (
     DatabaseOpenError, ForeignDatabaseError, HermesSchemaError, SchemaTooNewError,
@@ -57,15 +53,51 @@ def index_prefixes(conn: apsw.Connection) -> tuple[int, ...]:
     return tuple(sorted({int(n) for option in _PREFIX_OPTION.findall(row[0] if row else "")
                          for n in re.findall(r"\d+", option)}))
 
-# The indexes of v1 (also made by the conversion of a hermes-agent file, see from_hermes).
-_INDEXES = """
+# The indexes of v1. The conversion of a hermes-agent file (sessiondb.conversion) makes
+# the session indexes at its swap and the message indexes on its new messages table.
+SESSION_INDEXES = """
 CREATE INDEX idx_sessions_source ON sessions(source);
 CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
 CREATE INDEX idx_sessions_started ON sessions(started_at DESC);
 CREATE UNIQUE INDEX idx_sessions_title_unique ON sessions(title) WHERE title IS NOT NULL;
-CREATE INDEX idx_messages_session ON messages(session_id, id);
-CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp);
 """
+#: The names of the message indexes (:func:`message_indexes`).
+MESSAGE_INDEX_NAMES = ("idx_messages_session", "idx_messages_session_ts")
+
+
+def message_indexes(table: str = "messages") -> str:
+    """The DDL of the message indexes, on ``table``."""
+    return (f"CREATE INDEX idx_messages_session ON {table}(session_id, id);\n"
+            f"CREATE INDEX idx_messages_session_ts ON {table}(session_id, timestamp);\n")
+
+
+_INDEXES = SESSION_INDEXES + message_indexes()
+
+#: The columns of ``messages``, as declared (the conversion of a hermes-agent file makes
+#: its new table from them, sessiondb.conversion).
+MESSAGE_COLUMNS = (
+    "id INTEGER PRIMARY KEY AUTOINCREMENT",
+    "session_id TEXT NOT NULL REFERENCES sessions(id)",
+    "role TEXT NOT NULL",
+    "content TEXT",
+    "tool_call_id TEXT",
+    "tool_calls TEXT",
+    "tool_name TEXT",
+    "timestamp REAL NOT NULL",
+    "token_count INTEGER",
+    "finish_reason TEXT",
+    "reasoning TEXT",
+    "reasoning_details TEXT",
+    "codex_reasoning_items TEXT",
+    "metadata TEXT",
+)
+
+
+def messages_table(name: str = "messages", extra: tuple[str, ...] = ()) -> str:
+    """``CREATE TABLE`` of the messages table under ``name``, with ``extra`` column
+    definitions at the end."""
+    return f"CREATE TABLE {name} (\n    " + ",\n    ".join(MESSAGE_COLUMNS + extra) + "\n)"
+
 
 # Column order follows the hermes-agent lineage (see README, "Coming from hermes-agent"),
 # so rows read naturally to code written against it.
@@ -99,22 +131,7 @@ CREATE TABLE sessions (
     title TEXT
 );
 
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id TEXT NOT NULL REFERENCES sessions(id),
-    role TEXT NOT NULL,
-    content TEXT,
-    tool_call_id TEXT,
-    tool_calls TEXT,
-    tool_name TEXT,
-    timestamp REAL NOT NULL,
-    token_count INTEGER,
-    finish_reason TEXT,
-    reasoning TEXT,
-    reasoning_details TEXT,
-    codex_reasoning_items TEXT,
-    metadata TEXT
-);
+{messages_table()};
 {_INDEXES}
 {FTS_TABLE};
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
@@ -295,48 +312,11 @@ def user_version(conn: apsw.Connection) -> int:
     return int(conn.pragma("user_version"))
 
 
-def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
-                  lock_timeout: float) -> int:
-    """Bring the store at ``path`` to :data:`SCHEMA_VERSION`; return the version found.
-
-    :param run_write: the instance's ``_execute_write`` (DDL is a mutation too).
-    :raises SchemaTooNewError: the file is newer than this library; it is not touched.
-    :raises DatabaseOpenError: the file holds tables that are not a sessiondb store.
-    """
-    found = user_version(conn)
-    if found == SCHEMA_VERSION:
-        stamp(conn, run_write)
-        return found
-    _refuse_newer(path, found)
-    lock_path = path.with_name(path.name + ".sessiondb-migrate.lock")
-    try:
-        with filelock.FileLock(str(lock_path), timeout=lock_timeout):
-            found = refuse_unusable(conn, path)
-            if found == 0 and hermes_version(conn, path) is not None:
-                run_write(from_hermes)
-            for version in range(user_version(conn), SCHEMA_VERSION):
-                run_write(_step(version))
-            stamp(conn, run_write)
-    except filelock.Timeout as exc:
-        raise DatabaseOpenError(
-            f"another process has been migrating {path} for over {lock_timeout:.0f}s; "
-            f"if none is running, remove the stale lock file {lock_path}",
-            str(path),
-        ) from exc
-    except OSError as exc:  # e.g. ELOOP: the sidecar is a symlink, never followed
-        raise DatabaseOpenError(
-            f"cannot open the migration lock sidecar {lock_path}: {exc.strerror}; "
-            "remove it (it holds no data) or fix its permissions, then retry",
-            str(path),
-        ) from exc
-    return found
-
-
 def build_schema(conn: apsw.Connection, run_write: WriteRunner) -> None:
     """Create the current schema in a brand-new store that no other process can see yet
     (see :func:`sessiondb.connection.create_store`), so no lock is needed."""
     for version in range(user_version(conn), SCHEMA_VERSION):
-        run_write(_step(version))
+        run_write(migrate_from(version))
     stamp(conn, run_write)
 
 
@@ -368,7 +348,7 @@ def refuse_unusable(conn: apsw.Connection, path: Path) -> int:
     :raises ForeignDatabaseError: the file's ``application_id`` is another application's.
     :raises SchemaTooNewError: ``user_version`` is above :data:`SCHEMA_VERSION`.
     :raises DatabaseOpenError: foreign tables and no schema version (a hermes-agent
-        ``state.db`` of schema 6 is not foreign: :func:`ensure_schema` converts it).
+        ``state.db`` of schema 6 is not foreign: :mod:`sessiondb.conversion` converts it).
     :raises HermesSchemaError: a hermes-agent ``state.db`` of another schema version.
     """
     found, names, app = conn.execute(
@@ -392,7 +372,9 @@ def refuse_foreign_application(path: Path, found: int) -> None:
         raise ForeignDatabaseError(str(path), found)
 
 
-def _step(version: int) -> Callable[[apsw.Connection], None]:
+def migrate_from(version: int) -> Callable[[apsw.Connection], None]:
+    """The write function that takes a store at ``version`` to the next one (nothing if
+    another process got there first)."""
     def migrate(conn: apsw.Connection) -> None:
         if user_version(conn) != version:  # another process got here first
             return
@@ -411,10 +393,12 @@ def _refuse_foreign(conn: apsw.Connection, path: Path) -> None:
     names = _table_names(conn)
     version = hermes_version(conn, path, names)
     if version is not None:
+        begun = (COPY_TABLE in names) * (
+            " (a conversion was begun and cut short: the next open carries it on)")
         raise DatabaseOpenError(
             f"{path} is a hermes-agent state.db (schema version {version}) that sessiondb "
-            "has not converted yet; nothing was changed. Opening it with SessionDB (or "
-            "sessiondb.compat.hermes.SessionDB) converts it in place", str(path))
+            f"has not converted yet{begun}; nothing was changed. Opening it with SessionDB "
+            "(or sessiondb.compat.hermes.SessionDB) converts it in place", str(path))
     _refuse_foreign_names(path, names)
 
 
@@ -470,7 +454,7 @@ HERMES_LADDER = (
 def hermes_version(conn: apsw.Connection, path: Path,
                    names: list[str] | None = None) -> int | None:
     """The hermes-agent schema version of a database without a sessiondb schema, if it is
-    a hermes-agent ``state.db`` that :func:`from_hermes` can convert (an empty
+    a hermes-agent ``state.db`` that :mod:`sessiondb.conversion` can convert (an empty
     ``schema_version`` counts as 6, as hermes-agent itself takes it); None if it is not
     one at all (no ``schema_version``, ``sessions`` and ``messages`` tables).
 
@@ -499,59 +483,45 @@ def hermes_version(conn: apsw.Connection, path: Path,
     return version
 
 
-def from_hermes(conn: apsw.Connection) -> None:
-    """Convert a hermes-agent file into the current sessiondb schema, in one write
-    transaction (a crash leaves the old file or the new one), except for the full-text
-    index, which is built afterwards in short steps (every message is left pending, see
-    :mod:`sessiondb.search_index`; the engine finishes it on open). A file older than
-    hermes-agent's schema 6 first gets the columns of hermes-agent's own steps.
-
-    Kept: every row, and hermes-agent's ``schema_version`` table, so that hermes-agent
-    itself still opens the file (its ``CREATE ... IF NOT EXISTS`` steps find everything
-    there). Replaced: the indexes of both tables by sessiondb's (hermes-agent's
-    ``idx_messages_session`` is on ``(session_id, timestamp)``, sessiondb's on
-    ``(session_id, id)``) and the full-text index and its triggers by sessiondb's; the
-    index is rebuilt from the messages, since hermes-agent never indexed the messages it
-    had before the index existed (hermes-agent's index table is set aside and emptied in
-    steps). Added: ``messages.metadata``, ``sessiondb_meta``.
-    """
-    if user_version(conn) != 0:  # another process converted it first
-        return
-    # hermes-agent's own steps first (an older file), as hermes-agent would take them:
-    # each added column goes at the end, whatever the file's version claims.
+def hermes_ladder(conn: apsw.Connection) -> None:
+    """hermes-agent's own migration steps on a file older than its schema 6, as
+    hermes-agent would take them: each added column goes at the end, whatever the file's
+    version claims; ``schema_version`` becomes 6 (a newer one is left alone)."""
     for _, table, column in HERMES_LADDER:
         if column.split()[0] not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
     if conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (HERMES_SCHEMA_VERSION,))
     conn.execute("UPDATE schema_version SET version = ? WHERE version < ?",
-                 (HERMES_SCHEMA_VERSION, HERMES_SCHEMA_VERSION))  # a newer one is left alone
-    if "metadata" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}:
-        conn.execute("ALTER TABLE messages ADD COLUMN metadata TEXT")
-    # Whatever hermes-agent named its index triggers and indexes: none may survive to
-    # feed the new index twice or to hold sessiondb's index names with other columns.
-    for kind, name in conn.execute(
-            "SELECT type, name FROM sqlite_schema WHERE tbl_name IN ('sessions', 'messages') "
-            "AND sql IS NOT NULL AND (type = 'index' OR (type = 'trigger' AND "
-            "sql LIKE '%messages_fts%'))").fetchall():
-        conn.execute(f'DROP {kind.upper()} "{name}"')
-    # Building the message indexes is the one part that cannot be split into steps
-    # (SQLite builds an index in one statement): about 0.1 s per 100,000 messages.
-    conn.execute(_INDEXES)
-    set_aside_index(conn)
+                 (HERMES_SCHEMA_VERSION, HERMES_SCHEMA_VERSION))
+
+
+def complete_conversion(conn: apsw.Connection) -> None:
+    """The end of the conversion of a hermes-agent file, once its tables are sessiondb's
+    (sessiondb.conversion): the session indexes, the full-text table and its triggers,
+    ``sessiondb_meta`` and the later migrations, every message pending for the
+    full-text index (built afterwards in short steps, :mod:`sessiondb.search_index`;
+    the engine finishes it on open), and the schema version. hermes-agent's full-text
+    triggers and every index of ``sessions`` must be gone, and its index table set
+    aside (:func:`set_aside_index`)."""
+    conn.execute(SESSION_INDEXES)
     conn.execute(FTS_TABLE)
     conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     conn.execute(_V2_TRIGGERS)
     for version in range(2, SCHEMA_VERSION):  # in this transaction: no writer may see
         conn.execute(MIGRATIONS[version])     # the v2 triggers index a deferred message
-    # Every message is indexed afterwards, in short steps (sessiondb.search_index).
-    conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "
-                 "FROM messages HAVING count(*) > 0")
+    # Two lookups of the key's ends: ``min(id), max(id)`` together would read every row.
+    conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT (SELECT min(id) FROM "
+                 "messages), (SELECT max(id) FROM messages) "
+                 "WHERE EXISTS (SELECT 1 FROM messages)")
     conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
                  (REBUILDING, CONVERSION))
     conn.pragma("user_version", SCHEMA_VERSION)
 
 
+#: The messages table that the conversion of a hermes-agent file fills while it runs
+#: (sessiondb.conversion).
+COPY_TABLE = "sessiondb_messages_new"
 #: ``sessiondb_meta`` key present while the whole index is being rebuilt (its value says
 #: why); search refuses to answer from a partial index meanwhile.
 REBUILDING = "fts_rebuilding"

@@ -97,3 +97,74 @@ def open_and_die_cleaning(path: str, steps: int, hold_timeout: float) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     SessionDB(path, hold_timeout=hold_timeout, progress=progress)
+
+
+def open_and_die_copied(path: str, steps: int, hold_timeout: float) -> None:
+    """Open a hermes-agent file (converting it) and die once every message is copied,
+    before the tables swap (``steps`` is unused: the point is fixed)."""
+    def progress(p: Any) -> None:
+        if p.task == "convert" and p.total is not None and p.done >= p.total:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    SessionDB(path, hold_timeout=hold_timeout, progress=progress)
+
+
+def open_and_die_converting(path: str, steps: int, hold_timeout: float) -> None:
+    """Open a hermes-agent file (converting it) and die while its messages are copied."""
+    SessionDB(path, hold_timeout=hold_timeout, progress=kill_after(steps, "convert"))
+
+
+def open_and_die_draining(path: str, steps: int, hold_timeout: float) -> None:
+    """Open a hermes-agent file (converting it) and die while its old messages table is
+    emptied (the first cleanup, before the full-text index)."""
+    SessionDB(path, hold_timeout=hold_timeout, progress=kill_after(steps, "cleanup"))
+
+
+def hermes_appender(path: str, session_id: str, stop: Any, results: Any) -> None:
+    """Append to one session as hermes-agent does (the stdlib sqlite3 module, raw SQL,
+    foreign keys on, ``BEGIN IMMEDIATE``, retried while the file is locked) until
+    ``stop`` is set; report the acknowledged ids and the errors (there must be none)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    acked: list[int] = []
+    errors: list[str] = []
+
+    def attempt(body: Any) -> Any:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(random.uniform(0.02, 0.15))
+                continue
+            try:
+                out = body()
+                conn.execute("COMMIT")
+                return out
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    attempt(lambda: conn.execute("INSERT OR IGNORE INTO sessions (id, source, started_at) "
+                                 "VALUES (?, 'cli', ?)", (session_id, time.time())))
+    results.put(("ready", session_id))
+
+    def append() -> int:
+        cur = conn.execute("INSERT INTO messages (session_id, role, content, timestamp) "
+                           "VALUES (?, 'user', ?, ?)",
+                           (session_id, f"hermes {len(acked)} kilo zulu", time.time()))
+        conn.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = ?",
+                     (session_id,))
+        return cur.lastrowid
+
+    while not stop.is_set():
+        try:
+            acked.append(attempt(append))
+        except Exception as exc:  # reported to the test, which fails on any
+            errors.append(repr(exc))
+        time.sleep(0.003)
+    conn.close()
+    results.put((acked, errors))

@@ -16,10 +16,12 @@ import pytest
 
 import maintenance_workers as mw
 from sessiondb import (
-    InvalidArgument, cli, InvalidArgumentType, Progress, SearchIndexError, SessionDB, pruning, schema,
-    search_index,
+    InvalidArgument, cli, doctor, InvalidArgumentType, Progress, SearchIndexError, SessionDB,
+    maintenance, pruning, schema, search_index,
 )
-from test_compat_hermes_file import _FTS, _INDEXES, _TITLE_INDEX, hermes_ddl
+from test_compat_hermes_file import (
+    _FTS, _INDEXES, _TITLE_INDEX, hermes_ddl, hermes_message, hermes_open,
+)
 
 pytestmark = pytest.mark.slow
 SPAWN = multiprocessing.get_context("spawn")
@@ -48,22 +50,30 @@ def search_all(db: SessionDB, words: tuple[str, ...] = ("kilo", "alpha", '"bravo
 
 
 class Writer:
-    """Another process appending to its own session meanwhile."""
+    """Another process appending to its own session meanwhile: through sessiondb, or
+    (``target=mw.hermes_appender``) as hermes-agent does, with raw SQL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, target: Any = mw.appender, session_id: str = "writer",
+                 wait: bool = True) -> None:
+        self.session_id = session_id
         self.stop, self.results = SPAWN.Event(), SPAWN.Queue()
-        self.proc = SPAWN.Process(target=mw.appender, daemon=True,  # never outlives a
-                                  args=(str(path), "writer", self.stop, self.results))
+        self.proc = SPAWN.Process(target=target, daemon=True,  # never outlives a
+                                  args=(str(path), session_id, self.stop, self.results))
         self.proc.start()
-        assert self.results.get(timeout=60)[0] == "ready"
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        assert self.results.get(timeout=120)[0] == "ready"
 
     def finish(self, path: Path) -> int:
         self.stop.set()
-        acked, errors = self.results.get(timeout=60)
+        acked, errors = self.results.get(timeout=120)
         self.proc.join(60)
         assert self.proc.exitcode == 0 and errors == []
         with SessionDB(path) as db:
-            have = {m["id"] for m in db.get_messages("writer")}
+            have = {m["id"] for m in db.get_messages(self.session_id)}
+            assert db.get_session(self.session_id)["message_count"] == len(have)
         assert set(acked) <= have and acked
         return len(acked)
 
@@ -249,6 +259,98 @@ def test_a_conversion_killed_midway_opens_and_finishes_at_the_next_open(
     consistent(db_path)
 
 
+def converted(path: Path) -> None:
+    """A finished conversion: nothing of it left, the store consistent and healthy,
+    search answering for every message."""
+    consistent(path)
+    report = doctor.check(path)
+    assert report["ok"], report["problems"]
+    with SessionDB(path) as db:
+        assert db._read(lambda c: c.execute(
+            "SELECT name FROM sqlite_schema WHERE name GLOB 'sessiondb_messages_*' "
+            "OR name GLOB 'sessiondb_fts_junk_*' OR name GLOB 'sessiondb_copy_*'"
+            ).fetchall()) == []
+        for word in ("kilo", "zulu"):
+            assert len(db.search_messages(word, limit=None)) == db._read(
+                lambda c: c.execute("SELECT count(*) FROM messages WHERE content LIKE ?",
+                                    (f"%{word}%",)).fetchone()[0])
+
+
+def test_a_conversion_copies_in_short_steps_beside_hermes_agent_and_sessiondb_writers(
+        db_path: Path) -> None:
+    build_hermes(db_path, sessions=600)
+    hermes = Writer(db_path, mw.hermes_appender, "hermes-writer")
+    late: list[Writer] = []
+    reports: list[Progress] = []
+
+    def progress(p: Progress) -> None:
+        reports.append(p)
+        if p.task == "convert" and not late:  # opens mid-copy: it joins the copy
+            late.append(Writer(db_path, wait=False))
+
+    with SessionDB(db_path, hold_timeout=TINY_HOLD, progress=progress) as db:
+        assert db._read(schema.user_version) == schema.SCHEMA_VERSION
+        assert db.message_count() >= 30_000
+    late[0].ready()
+    copies = [p for p in reports if p.task == "convert"]
+    assert len(copies) > 2, "a tiny hold bound must make the copy several steps"
+    assert [p.done for p in copies] == sorted(p.done for p in copies)
+    assert {p.task for p in reports} >= {"convert", "cleanup", "index"}
+    assert hermes.finish(db_path) > 0 and late[0].finish(db_path) > 0
+    converted(db_path)
+
+
+def hermes_side(path: Path) -> None:
+    """What hermes-agent does with a file cut short before the swap: opens it, writes
+    a message and finds it with its own full-text index."""
+    assert read_version(path) == 0
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        assert hermes_open(conn) == 6
+        hermes_message(conn, "h2", "user", "hermes-agent meanwhile yankee", 7.0)
+        assert conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH "
+                            "'yankee'").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM messages WHERE session_id = 'h2'"
+                            ).fetchone()[0] == 51
+    finally:
+        conn.close()
+
+
+def read_version(path: Path) -> int:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("target, steps, swapped", [
+    (mw.open_and_die_converting, 2, False), (mw.open_and_die_copied, 1, False),
+    (mw.open_and_die_draining, 1, True), (mw.open_and_die, 2, True)],
+    ids=["mid-copy", "copied-not-swapped", "mid-drain", "mid-index"])
+def test_a_conversion_killed_at_any_phase_loses_nothing_and_the_next_open_finishes(
+        db_path: Path, target: Any, steps: int, swapped: bool) -> None:
+    build_hermes(db_path, sessions=600)
+    hermes = Writer(db_path, mw.hermes_appender, "hermes-writer")  # across kill and rerun
+    killed(target, db_path, steps)
+    if swapped:
+        assert read_version(db_path) == schema.SCHEMA_VERSION
+    else:  # still a hermes-agent file, which hermes-agent keeps using
+        hermes_side(db_path)
+        assert "not converted yet (a conversion was begun and cut short" in (
+            doctor.check(db_path)["open_error"])
+    reports: list[Progress] = []
+    with SessionDB(db_path, hold_timeout=TINY_HOLD, progress=reports.append) as db:
+        assert reports, "the next open carries on"
+        assert db.message_count() == db._read(
+            lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0]) > 30_000
+        if not swapped:
+            assert [h["session_id"] for h in db.search_messages("yankee")] == ["h2"]
+    assert hermes.finish(db_path) > 0
+    converted(db_path)
+
+
 def test_prefix_indexes_are_set_kept_and_removed_by_a_rebuild(db_path: Path) -> None:
     mw.build(db_path, sessions=40)
     with SessionDB(db_path) as db:
@@ -428,3 +530,18 @@ def test_a_step_rolled_back_by_the_hold_bound_is_counted_once(db_path: Path,
         assert db.prune_sessions(90) == 20
         assert db.stats()["hold_timeouts"] >= 1 and db.session_count() == 20
     consistent(db_path)
+
+
+def test_long_work_pauses_for_writers_that_poll_for_the_lock() -> None:
+    # Writers that bypass the gate poll for the lock with sleeps of up to 100 ms: at least
+    # every 0.25 s of steps, the pause (the engine's holds its gate) must outlast that.
+    pauses: list[float] = []
+    left = [6]
+
+    def step(conn: Any, deadline: float) -> int:
+        mw.time.sleep(0.1)  # each step at least this long: 0.25 s pass within three
+        left[0] -= 1
+        return 1 if left[0] >= 0 else 0
+
+    assert maintenance.run_steps(lambda fn: fn(None), step, 0.05, pause=pauses.append) == 6
+    assert len(pauses) >= 2 and min(pauses) > 0.1

@@ -14,7 +14,7 @@ one write path (SQLite: the FIFO gate, ``BEGIN IMMEDIATE``, jittered retry until
 serialization failures) instead of the original's 15-attempt loop. A file is a sessiondb
 store: the ``sessiondb`` CLI and :class:`sessiondb.SessionDB` open it too, and an
 existing hermes-agent ``state.db`` is converted in place when first opened
-(:func:`sessiondb.schema.from_hermes`). A URL opens a sessiondb store on PostgreSQL
+(:mod:`sessiondb.conversion`). A URL opens a sessiondb store on PostgreSQL
 (there is nothing to convert; :class:`sessiondb.SessionDB` opens the same URL too).
 
 Where the original raised a ``sqlite3`` error, this raises a class that derives from both

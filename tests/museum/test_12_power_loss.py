@@ -47,8 +47,8 @@ fewer. In a soak of 3,080 cuts, ``full`` lost nothing and was never damaged, nor
 ``normal`` on a powersafe disk; ``normal`` on a disk tearing whole sectors was damaged
 in 4 of its 770 cuts (``prune`` and ``import``: FTS5's own check or doctor found the
 half-applied transaction described above). And a conversion of a hermes-agent file
-that the power interrupts before its structural transaction commits leaves the file as
-it was, still a hermes-agent file, which the next open converts.
+that the power interrupts before its tables swap leaves a hermes-agent file (with the
+copy made so far), which the next open finishes converting.
 """
 
 from __future__ import annotations
@@ -369,8 +369,8 @@ def inspect(path: Path, ledger: Ledger, template: Template, outcome: Outcome) ->
     upgrades if it must, and doctor finds nothing wrong; then count what was lost."""
     report = doctor.check(path, deep=True)
     if "has not converted yet" in (report["open_error"] or ""):
-        # The power went before the conversion's one structural transaction committed:
-        # the hermes-agent file is as it was, and the next open converts it.
+        # The power went before the conversion's swap committed: still a hermes-agent
+        # file (with the copy made so far), and the next open finishes converting it.
         outcome.conversions_redone += 1
         SessionDB(path).close()
         report = doctor.check(path, deep=True)

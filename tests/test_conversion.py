@@ -1,0 +1,132 @@
+"""The conversion of a hermes-agent file as an online table rebuild (sessiondb.conversion):
+what is written to hermes-agent's table while its rows are copied reaches the copy,
+whatever the row's place relative to the copy; ids are never handed out twice; what a
+hermes-agent file may hold beyond its schema 6 (newer columns, messages whose session is
+gone) is kept. The steps are driven by hand here, one chunk at a time; the runs beside
+other processes and the kills are in test_maintenance.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import apsw
+
+from sessiondb import SessionDB, conversion, doctor, schema
+from test_compat_hermes_file import build_hermes_db, hermes_message
+from workers import integrity, read_only
+
+HERMES_COLUMNS = ", ".join(schema.HERMES_MESSAGE_COLUMNS)
+
+
+def hermes_file(path: Path, messages: int = 40) -> None:
+    """build_hermes_db's file, with ``messages`` more in session x."""
+    build_hermes_db(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for n in range(messages):
+        hermes_message(conn, "x", "user", f"message {n} lima", 300.0 + n)
+    conn.close()
+
+
+def rows(conn: apsw.Connection, table: str = "messages") -> list[tuple]:
+    return conn.execute(f"SELECT {HERMES_COLUMNS} FROM {table} ORDER BY id").fetchall()
+
+
+def copy_some(conn: apsw.Connection) -> None:
+    """One chunk of the copy (a deadline already past: the step does its least)."""
+    with conn:
+        assert conversion.copy_step(conn, 0.0) > 0
+
+
+def test_writes_to_hermes_agents_table_during_the_copy_reach_the_copy(tmp_path):
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conversion.begin(conn)
+    copy_some(conn)
+    top = conn.execute(f"SELECT max(id) FROM {conversion.NEW}").fetchone()[0]
+    assert 1 < top < 40
+    # As hermes-agent would write them (its SQL, on its table), around the copy's edge:
+    with conn:
+        conn.execute("UPDATE messages SET content = 'edited below kilo' WHERE id = 2")
+        conn.execute("UPDATE messages SET content = 'edited above kilo' WHERE id = ?",
+                     (top + 5,))
+        conn.execute("DELETE FROM messages WHERE id = 3")
+        conn.execute("DELETE FROM messages WHERE id = ?", (top,))  # the copy's last row
+        conn.execute("UPDATE messages SET id = 1000 WHERE id = 4")  # moves above it all
+        conn.execute("INSERT INTO messages (id, session_id, role, content, timestamp) "
+                     "VALUES (3, 'x', 'user', 'back in a hole kilo', 9.0)")  # below C
+        conn.execute("INSERT OR REPLACE INTO messages (id, session_id, role, content, "
+                     "timestamp) VALUES (1, 'x', 'user', 'replaced kilo', 9.5)")
+    copy_some(conn)
+    with conn:
+        conn.execute("DELETE FROM messages WHERE id = 6")
+        conn.execute("UPDATE messages SET tool_name = 'grep' WHERE id = 1")
+        hermes_message_apsw(conn, "x", "appended during the copy kilo")
+        conn.execute("UPDATE sessions SET message_count = (SELECT count(*) FROM messages "
+                     "WHERE session_id = sessions.id)")
+    truth = rows(conn)
+    conn.close()
+    with SessionDB(path) as db:
+        assert db.message_count() == len(truth)
+        assert db._read(rows) == truth
+        assert sorted(h["id"] for h in db.search_messages("kilo", limit=None)) == sorted(
+            r[0] for r in truth if "kilo" in (r[3] or ""))
+        assert db.append_message("x", "user", "next") == truth[-1][0] + 1 == 1002
+    assert integrity(path) == [("ok",)]
+    assert doctor.check(path)["ok"]
+
+
+def hermes_message_apsw(conn: apsw.Connection, sid: str, content: str) -> None:
+    conn.execute("INSERT INTO messages (session_id, role, content, timestamp) "
+                 "VALUES (?, 'user', ?, 10.0)", (sid, content))
+    conn.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = ?", (sid,))
+
+
+def test_ids_of_deleted_messages_are_not_handed_out_again(tmp_path):
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    conn = apsw.Connection(str(path))
+    with conn:  # hermes-agent deletes its newest messages: AUTOINCREMENT remembers them
+        conn.execute("DELETE FROM messages WHERE id > 30")
+        conn.execute("UPDATE sessions SET message_count = 26 WHERE id = 'x'")
+    conn.close()
+    with SessionDB(path) as db:
+        assert db.append_message("x", "user", "after") == 45
+
+
+def test_a_newer_hermes_files_columns_and_orphaned_messages_are_kept(tmp_path):
+    path = tmp_path / "state.db"
+    build_hermes_db(path, version=7)
+    conn = sqlite3.connect(path, isolation_level=None)  # foreign keys off, as by default
+    conn.execute("ALTER TABLE messages ADD COLUMN mood TEXT DEFAULT 'calm'")
+    conn.execute("INSERT INTO messages (session_id, role, content, timestamp, mood) "
+                 "VALUES ('gone', 'user', 'orphan kilo', 1.0, 'lost')")
+    conn.close()
+    before = read_only(path, "SELECT id, content, mood FROM messages ORDER BY id")
+    with SessionDB(path) as db:
+        assert db.message_count() == 5
+        assert [h["id"] for h in db.search_messages("kubernetes")] == [1]
+    assert read_only(path, "SELECT id, content, mood FROM messages ORDER BY id") == before
+    columns = [r[1] for r in read_only(path, "PRAGMA table_info(messages)")]
+    assert columns[-2:] == ["metadata", "mood"]
+    assert integrity(path) == [("ok",)]
+
+
+def test_a_copy_cut_short_is_still_a_hermes_agent_file_until_the_next_open(tmp_path):
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conversion.begin(conn)
+    copy_some(conn)
+    conn.close()
+    assert read_only(path, "PRAGMA user_version") == [(0,)]
+    report = doctor.check(path)
+    assert "cut short" in report["open_error"]
+    with SessionDB(path) as db:
+        assert db.message_count() == 44
+    assert read_only(path, "SELECT name FROM sqlite_schema WHERE name GLOB "
+                           "'sessiondb_messages_*' OR name GLOB 'sessiondb_copy_*'") == []
+    assert doctor.check(path)["ok"]

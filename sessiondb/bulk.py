@@ -69,6 +69,9 @@ EXPORT_BATCH_MESSAGES = 5_000
 #: a step dirties a few MB of pages, and with a small cache SQLite spills them to the
 #: WAL before the commit, some several times (measured: 10-15% fewer rows per second).
 IMPORT_CACHE_KIB = 16_384
+#: KiB of page cache while free pages are given back (``reclaim_space``, a prune): the
+#: freelist's trunk pages and the pointer-map pages of a 2 GB file fit in it.
+RECLAIM_CACHE_KIB = 65_536
 
 #: The most rows (sessions plus messages) one step takes, however fast they go in.
 MAX_STEP_ROWS = 50_000
@@ -451,18 +454,18 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
 
 
 @contextmanager
-def larger_cache(read: Read) -> Iterator[None]:
-    """Give the connection :data:`IMPORT_CACHE_KIB` of page cache (unless it has more)
-    for the duration of the block, then the size it had."""
+def larger_cache(read: Read, wanted: int = IMPORT_CACHE_KIB) -> Iterator[None]:
+    """Give the connection ``wanted`` KiB of page cache (:data:`IMPORT_CACHE_KIB`;
+    unless it has more) for the duration of the block, then the size it had."""
     def size(conn: Conn) -> tuple[int, int]:
         return int(conn.pragma("cache_size")), int(conn.pragma("page_size"))
 
     before, page = read(size)
     kib = -before if before < 0 else before * page // 1024
-    if kib >= IMPORT_CACHE_KIB:
+    if kib >= wanted:
         yield
         return
-    read(lambda conn: conn.pragma("cache_size", -IMPORT_CACHE_KIB))
+    read(lambda conn: conn.pragma("cache_size", -wanted))
     try:
         yield
     finally:

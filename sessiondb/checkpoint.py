@@ -105,6 +105,8 @@ class CheckpointPolicy:
     QUICK_RESET_MS = 50     # busy timeout of a reset once cooperating readers are out
     HOLD_WRITERS_AT = 0.75  # WAL fraction past which a reset waits for readers in the gate
     INLINE_AT = 0.6         # WAL fraction past which the writer itself resets
+    STEP_WAIT_AT = 1 / 8    # WAL fraction past which long work waits for its copy
+    STEP_COPIES = 3         # copies it waits for at most, while writers add frames
 
     def __init__(self, open_gate: Callable[[], Gate],
                  open_conn: Callable[[], apsw.Connection], every: int, wal_limit: int,
@@ -126,6 +128,11 @@ class CheckpointPolicy:
         self._backoff = False       # the last reset failed: wait for the next periodic one
         self._reset_mu = threading.Lock()
         self._wanted = threading.Event()
+        self._reset_wanted = False
+        # Copies asked for by after_step, and done (a copy serves every request made
+        # before it started).
+        self._copy_cv = threading.Condition()
+        self._copy_asked = self._copy_done = 0
         self._stopped = False
         #: False when the -wal/-shm are no longer SQLite's (set by the engine, walguard):
         #: then no checkpoint runs
@@ -168,10 +175,13 @@ class CheckpointPolicy:
             self._wal_frames = frames
         return apsw.SQLITE_OK
 
-    def passive(self, conn: apsw.Connection, escalate: bool = True
+    def passive(self, conn: apsw.Connection, escalate: bool = True, wait: bool = False
                 ) -> tuple[int, int] | None:
         """Run a PASSIVE checkpoint; request a reset if the WAL is past half the limit.
 
+        :param wait: if this policy's own background thread is checkpointing (a copy
+            between steps, a reset), wait for it and then run (an explicit checkpoint
+            must not come back having copied nothing because of its own instance).
         :returns: (frames in the WAL, frames checkpointed), or None if another
             checkpoint was running (or a disk fault stopped the last one of a closing
             instance).
@@ -185,6 +195,10 @@ class CheckpointPolicy:
         try:
             frames, done = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
+            if wait and threading.current_thread() is not self._thread:
+                with self._reset_mu:  # held while the background thread checkpoints
+                    pass
+                return self.passive(conn, escalate)
             self.counters.passive_busy += 1
             return None
         except apsw.Error as exc:
@@ -203,6 +217,51 @@ class CheckpointPolicy:
             self._request_reset()
         return frames, done
 
+    def after_step(self) -> None:
+        """After one step of long work (:mod:`sessiondb.maintenance`), outside the
+        transaction: have the WAL copied into the database by the policy's background
+        thread (PASSIVE, on its own connection), and once the WAL holds
+        :data:`STEP_WAIT_AT` of ``wal_limit``, wait for that copy before the next step
+        (and for up to :data:`STEP_COPIES` in all while other writers' commits meanwhile
+        leave frames uncopied).
+
+        Maintenance writes megabytes of WAL per step. Copied as it goes, the periodic
+        PASSIVE that other writers run after their own writes (on the path of their
+        calls) finds the checkpointer busy or little to copy, instead of copying the
+        steps' megabytes itself (up to hundreds of ms of a writer's call, measured).
+        Waiting now and then lets the copy catch up with the steps, so that the WAL is
+        wholly copied and the next write starts it again from its beginning: the WAL
+        stays near that size and never reaches the reset threshold, whose TRUNCATE
+        every writer would wait for."""
+        if self._stopped or not self.wal_limit:
+            return
+        wait = self._over(self.STEP_WAIT_AT)
+        deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
+        for _ in range(self.STEP_COPIES if wait else 1):
+            with self._copy_cv:
+                self._copy_asked += 1
+                asked = self._copy_asked
+            self._request()
+            if not wait or not self._wait_for_copy(asked, deadline):
+                return
+            # Other writers committed while it copied: the WAL is not wholly copied,
+            # and will not start again from its beginning. Copy their few frames too.
+            c = self.counters
+            if c.last_checkpointed_frames >= c.last_wal_frames:
+                return
+
+    def _wait_for_copy(self, asked: int, deadline: float) -> bool:
+        """Wait until the copy asked for as number ``asked`` is done; False if it is not
+        by ``deadline`` (or the thread is gone)."""
+        with self._copy_cv:
+            while self._copy_done < asked and not self._stopped:
+                left = deadline - time.monotonic()
+                thread = self._thread  # (a fork child has its parent's, not alive)
+                if left <= 0 or thread is None or not thread.is_alive():
+                    return False
+                self._copy_cv.wait(left)
+            return not self._stopped
+
     def over_half(self) -> bool:
         """True when the WAL is past half of ``wal_limit`` (a reset is due)."""
         return self._over(0.5)
@@ -219,6 +278,10 @@ class CheckpointPolicy:
     def _request_reset(self) -> None:
         if self._stopped or self._backoff:
             return
+        self._reset_wanted = True
+        self._request()
+
+    def _request(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._reset_loop, daemon=True,
                                             name="sessiondb-checkpoint")
@@ -231,13 +294,35 @@ class CheckpointPolicy:
             if self._stopped:
                 return
             self._wanted.clear()
-            if self._backoff:
-                continue
+            reset, self._reset_wanted = self._reset_wanted, False
+            with self._copy_cv:
+                asked = self._copy_asked
             try:
-                self.reset(quiet=True)
+                if reset and not self._backoff:
+                    self.reset(quiet=True)
+                elif asked > self._copy_done:
+                    self._copy()
             except Exception:  # closed underneath us, or the OS failed: stop; a later
                 self._thread = None  # request starts a new thread
                 return
+            finally:
+                with self._copy_cv:  # (a reset copies everything too)
+                    self._copy_done = max(self._copy_done, asked)
+                    self._copy_cv.notify_all()
+
+    def _copy(self) -> None:
+        """The PASSIVE checkpoint that :meth:`after_step` requested; a busy
+        checkpointer (another process's) or a disk fault is only counted, as for the
+        periodic one."""
+        with self._reset_mu:
+            if self._stopped or not self.verify():
+                return
+            if self._conn is None:
+                self._conn = self._open_conn()
+            try:
+                self.passive(self._conn, escalate=False)
+            except SessionDBError:
+                pass  # counted by passive(); the step that asked has committed
 
     def reset(self, wait: bool = False, past: float = 0.0, *,
               quiet: bool | None = None) -> bool:
@@ -364,6 +449,8 @@ class CheckpointPolicy:
         the instance lock)."""
         self._stopped = True
         self._wanted.set()
+        with self._copy_cv:
+            self._copy_cv.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         with self._reset_mu:

@@ -61,7 +61,6 @@ from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
-_STEP_CHECKPOINT_AT = 1 / 8  # of wal_limit: see Engine._between_steps
 
 # Connections inherited across fork(): kept referenced forever so that garbage collection
 # never closes them in the child (closing would touch files and locks the parent owns).
@@ -606,19 +605,11 @@ class Engine:
                 self._gate.release(None)
 
     def between_steps(self) -> None:
-        """After one step of long work (:mod:`sessiondb.maintenance`): copy the WAL into
-        the database (PASSIVE: blocks nobody) once it holds an eighth of ``wal_limit``.
-        Maintenance writes megabytes per step; copied as it goes, the WAL restarts from
-        its beginning instead of reaching the reset threshold, whose TRUNCATE would make
-        every writer wait for it again and again."""
-        with self._connection() as conn:
-            if self._writes.active or not conn.get_autocommit():
-                return
-            if self._checkpoints.over(_STEP_CHECKPOINT_AT):
-                try:
-                    self._checkpoints.passive(conn, escalate=True)
-                except SessionDBError:
-                    pass  # counted; the step has committed (see sessiondb.checkpoint)
+        """After one step of long work (:mod:`sessiondb.maintenance`): the WAL is
+        copied into the database as the steps go
+        (:meth:`CheckpointPolicy.after_step <sessiondb.checkpoint.CheckpointPolicy.after_step>`)."""
+        if not self._writes.active:
+            self._checkpoints.after_step()
 
     # -- operations -------------------------------------------------------------------
     def checkpoint(self, reset: bool = False) -> dict[str, int]:
@@ -639,7 +630,7 @@ class Engine:
                 self._verify_files()  # never copy an orphaned WAL over the database
             if self._options["journal"]:
                 return {"wal_frames": 0, "checkpointed_frames": 0}
-            result = self._checkpoints.passive(conn, escalate=False)
+            result = self._checkpoints.passive(conn, escalate=False, wait=True)
             due = reset or self._checkpoints.over_half()
         if due:  # outside the lock: a background reset in progress may need it
             self._checkpoints.reset(wait=True)

@@ -11,8 +11,11 @@ Between two steps the write gate serves the writers queued meanwhile (first come
 served), so another process waits at most about one step; a process that bypasses
 the gate and polls for the lock gets a longer pause at least every 0.25 s (see
 :func:`run_steps`). A step's time budget is :func:`step_budget`: 0.05 s, or a quarter
-of ``hold_timeout`` when that is smaller; a step that still overruns the bound (a paused
-machine) is retried with half the budget.
+of ``hold_timeout`` when that is smaller, the step's commit included (the time the step
+function itself gets is adjusted after each step, since committing thousands of changed
+pages takes tens of ms); a step that still overruns the bound (a paused machine) is
+retried with half the budget. Between steps the engine has the WAL copied as the steps
+go (:meth:`sessiondb.checkpoint.CheckpointPolicy.after_step`).
 A step function must therefore be idempotent in effect: it reads where the work stands
 inside its own transaction, so a rerun after a crash, or two processes doing the same
 work at once, simply carry on from there.
@@ -143,7 +146,9 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
     """Call ``step`` through ``write`` (the instance's ``_execute_write``), one
     transaction per call, until it returns 0; returns the units done in all.
 
-    :param budget: seconds per step (:func:`step_budget`).
+    :param budget: seconds per step (:func:`step_budget`), its commit included: the
+        time a step itself gets is adjusted after each step so that with its commit it
+        holds the lock about that long.
     :param between: called after each step, outside the transaction (the engine's
         checkpoint between steps).
     :param pause: makes the long pauses (below): the engine's holds its write gate
@@ -152,18 +157,33 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
     """
     total = 0
     gap = time.monotonic()  # when the last long pause ended
+    work = budget  # the step's own time; its commit comes on top (see below)
     while True:
         started = time.monotonic()
+        entered = [started]
+
+        def call(conn: apsw.Connection) -> int:
+            entered[0] = time.monotonic()  # the lock is held from here
+            return step(conn, entered[0] + work)
+
         try:
-            done = write(lambda conn: step(conn, time.monotonic() + budget))
+            done = write(call)
         except HoldTimeout:
             if budget <= _MIN_STEP_S:
                 raise
             budget = max(_MIN_STEP_S, budget / 2)  # nothing was written: try a smaller one
+            work = min(work, budget)
             continue
         if not done:
             return total
         total += done
+        # A step's commit writes every page it changed to the WAL and syncs it: tens of
+        # ms after a step that moved or deleted thousands of pages. The lock is held
+        # for both, so the step's own time is adjusted until both fit the budget
+        # (halfway each time, so that one slow commit does not swing it).
+        held = time.monotonic() - entered[0]
+        if held > 0:
+            work = min(budget, max(budget / 8, work * (budget / held) ** 0.5))
         if between is not None:
             between()
         # Writers that bypass the gate (an un-upgraded hermes-agent, a sqlite3 shell)

@@ -168,3 +168,47 @@ def hermes_appender(path: str, session_id: str, stop: Any, results: Any) -> None
         time.sleep(0.003)
     conn.close()
     results.put((acked, errors))
+
+
+def prune_vacuuming_and_die(path: str, steps: int, hold_timeout: float) -> None:
+    """Prune with pages given back as it goes (a tiny freelist threshold, so that every
+    step vacuums first) and die midway."""
+    from sessiondb import pruning
+
+    pruning.RECLAIM_AT = 16
+    with SessionDB(path, hold_timeout=hold_timeout) as db:
+        db.prune_sessions(90, progress=kill_after(steps, "prune"))
+
+
+def few_pages_per_step() -> None:
+    """Make every reclaim step one statement of 8 pages (so that even a small store
+    takes many steps)."""
+    from sessiondb import pruning
+
+    real = pruning.reclaim_step
+    pruning._MAX_PAGES = 8
+    pruning.reclaim_step = lambda vacuum: (  # type: ignore[assignment]
+        lambda conn, deadline: real(vacuum)(conn, 0.0))
+
+
+def reclaim_and_die(path: str, steps: int, hold_timeout: float) -> None:
+    few_pages_per_step()
+    with SessionDB(path, hold_timeout=hold_timeout) as db:
+        db.reclaim_space(progress=kill_after(steps, "reclaim"))
+
+
+def delete_without_reclaim(path: str, share: float) -> int:
+    """Delete the first ``share`` of the sessions with their messages in one
+    transaction, leaving their pages on the freelist; returns the free pages."""
+    with SessionDB(path) as db:
+        ids = [s["id"] for s in db.list_sessions(limit=None)]
+        gone = sorted(ids)[:int(len(ids) * share)]
+
+        def delete(conn: Any) -> int:
+            for sid in gone:
+                conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
+                conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            return 0
+
+        db._execute_write(delete, bounded=False)
+        return int(db._read(lambda c: c.pragma("freelist_count")))

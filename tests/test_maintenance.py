@@ -545,3 +545,87 @@ def test_long_work_pauses_for_writers_that_poll_for_the_lock() -> None:
 
     assert maintenance.run_steps(lambda fn: fn(None), step, 0.05, pause=pauses.append) == 6
     assert len(pauses) >= 2 and min(pauses) > 0.1
+
+
+def file_pages(db: SessionDB) -> tuple[int, int]:
+    return db._read(lambda c: (int(c.pragma("page_count")),
+                               int(c.pragma("freelist_count"))))
+
+
+def test_a_prune_gives_pages_back_as_it_frees_them_beside_a_writer(db_path: Path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setattr(pruning, "RECLAIM_AT", 64)
+    mw.build(db_path, sessions=300)
+    writer = Writer(db_path)
+    seen: list[tuple[int, int]] = []
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        start = file_pages(db)
+
+        def watch(p: Progress) -> None:
+            if p.task == "prune":
+                seen.append(file_pages(db))
+
+        assert db.prune_sessions(90, progress=watch) == 150
+        end = file_pages(db)
+        # The background copy between steps ran (the WAL is copied as the steps go).
+        assert db.stats()["checkpoint"]["passive_runs"] > 0
+    assert writer.finish(db_path) > 0
+    assert len(seen) > 2
+    assert min(pages for pages, _ in seen) < start[0], "pages went back during the prune"
+    assert end[0] < start[0]
+    consistent(db_path)
+
+
+def test_a_prune_killed_while_giving_pages_back_loses_nothing_and_a_rerun_finishes(
+        db_path: Path) -> None:
+    mw.build(db_path, sessions=400)
+    killed(mw.prune_vacuuming_and_die, db_path, steps=2)
+    consistent(db_path)
+    with SessionDB(db_path) as db:
+        left = db.session_count()
+        assert 200 < left < 400, "the kill came midway"
+        assert db.prune_sessions(90) == left - 200
+        assert file_pages(db)[1] == 0
+    consistent(db_path)
+
+
+def test_reclaim_in_steps_beside_a_writer_and_killed_midway(db_path: Path) -> None:
+    mw.build(db_path, sessions=300)
+    free = mw.delete_without_reclaim(str(db_path), 0.5)
+    assert free > 1000
+    killed(mw.reclaim_and_die, db_path, steps=20)
+    consistent(db_path)
+    with SessionDB(db_path) as db:
+        pages, left = file_pages(db)
+        assert 0 < left < free, "the kill came midway; what was given back stays so"
+        messages = db.message_count()
+    writer = Writer(db_path)
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        reports: list[Progress] = []
+        result = db.reclaim_space(progress=reports.append)
+        assert result["freed_pages"] > 0  # (the writer may reuse a few free pages)
+        assert file_pages(db)[0] < pages
+    acked = writer.finish(db_path)
+    with SessionDB(db_path) as db:
+        assert db.message_count() == messages + acked
+        db.reclaim_space()  # what the writer's own writes freed since
+        assert file_pages(db)[1] == 0
+        # The file shrinks once a checkpoint copies the vacuum's last commit (one of
+        # the writer's own may have been running when the reclaim's came).
+        db.checkpoint()
+        assert db_path.stat().st_size < result["bytes_before"]
+    consistent(db_path)
+
+
+def test_reclaim_on_a_store_without_auto_vacuum_does_nothing(db_path: Path) -> None:
+    conn = apsw.Connection(str(db_path))
+    conn.execute("PRAGMA auto_vacuum = NONE; PRAGMA journal_mode = WAL")
+    conn.close()
+    mw.build(db_path, sessions=40)
+    mw.delete_without_reclaim(str(db_path), 0.5)
+    with SessionDB(db_path) as db:
+        before = file_pages(db)
+        assert before[1] > 0
+        assert db.reclaim_space()["freed_pages"] == 0
+        assert file_pages(db) == before
+    consistent(db_path)

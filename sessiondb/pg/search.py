@@ -90,6 +90,7 @@ import psycopg
 from ..records import context_item, search_hit
 from ..search import Filters
 from ..text import NO_LIMIT, query_parts
+from . import bands
 from .conn import PgConn
 from .schema import TSV_CHARS
 
@@ -142,6 +143,11 @@ _TERMS_SQL = (
     "THEN phraseto_tsquery('simple', t)::text ELSE '' END ORDER BY n), '{}') "
     "FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)"
 )
+# The names of the valid GIN indexes of the search column (see sessiondb.pg.bands).
+_INDEXES_SQL = ("SELECT coalesce(array_agg(c.relname::text), '{}') FROM pg_catalog.pg_index i "
+                "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'messages'::regclass AND i.indisvalid AND "
+                "(c.relname = 'idx_messages_fts' OR c.relname LIKE 'messages\\_fts\\_%%')")
 _HITS_SQL = f"""
 SELECT m.id, m.session_id, m.role, x.hl, m.timestamp, m.tool_name, s.source, s.model,
        s.started_at,
@@ -347,10 +353,15 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
     plan = _Plan(filters, query.text, query.for_index())
-    lowest, top = conn.raw.execute(f"SELECT min(id), max(id) {plan.bounds}", plan.args,
-                                   prepare=False).fetchone()
+    lowest, top, names = conn.raw.execute(
+        f"SELECT min(id), max(id), ({_INDEXES_SQL}) {plan.bounds}", plan.args,
+        prepare=False).fetchone()
+    if filters.session_id is None and top is not None and bands.wants_roll(names, top):
+        bands.start_roll(conn.raw, conn.raw.execute(
+            "SELECT current_schema()", prepare=False).fetchone()[0])
     if top is None:
         return []
+    segments = bands.layout(names)
     total = top - lowest + 1
     found: list[tuple[int, float]] = []
     hi, us_per_id = top, 0.0
@@ -364,19 +375,17 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
         else:
             density = len(found) / (top - hi)
             # The ids the rest needs at the density seen so far; nothing seen yet:
-            # MAX_GROWTH times the ids read (the whole index is a way of its own).
+            # MAX_GROWTH times the ids read.
             ids = min(rest, (top - hi) * MAX_GROWTH)
             if density and need >= 0:
                 ids = min(rest, int(left / density * SLICE_MARGIN) + 1)
             if gin is None:
                 gin = _gin_estimate(conn, query, total)
-            gin_us, candidates = gin
-            costs = {
-                ("walk", ids): us_per_id * ids,
-                ("gin", ids): gin_us + _US_RANGE_ID * ids
-                + _US_GIN_MATCH * candidates * ids / total,
-                ("gin-all", -1): gin_us + _US_GIN_MATCH * candidates * rest / total,
-            }
+            costs = {("walk", ids): us_per_id * ids,
+                     ("gin", ids): _gin_cost(gin, segments, lowest, top, hi - ids + 1,
+                                             hi, us_per_id, total),
+                     ("gin-all", -1): _gin_cost(gin, segments, lowest, top, lowest,
+                                                hi, us_per_id, total)}
             if plan.by_session:
                 if sessions is None:
                     sessions = plan.sessions(conn)
@@ -388,21 +397,59 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
             size = rest if size < 0 else size
         lo = max(lowest, hi - size + 1)
         began = time.perf_counter()
-        rows = plan.slice(conn, way, lo, hi, left)
+        parts = _parts(segments, lowest, top, lo, hi)
+        rows = plan.slice(conn, way, lo, hi, left, parts)
         if way == "walk":
             # The walk stops at the LIMIT: it read the ids down to its last row.
             read = hi - (rows[-1][0] if len(rows) == left else lo) + 1
             us = (time.perf_counter() - began) * 1e6 / read
             us_per_id = min(max(us, _US_MIN_PER_ID), _US_MAX_PER_ID)
         elif way.startswith("gin") and gin is not None:
-            # What this slice of the index took is what the next one will take.
+            # What this slice of the index took is what the next one will take, per
+            # id of the bands it read.
             spent = (time.perf_counter() - began) * 1e6 - _US_GIN_MATCH * len(rows)
-            gin = (max(gin[0], spent), gin[1])
+            banded = sum((top if seg.hi is None else seg.hi - 1) - max(seg.lo, lowest) + 1
+                         for seg, _, _, _ in parts if seg.index is not None)
+            if banded:
+                gin = (max(gin[0], spent * total / banded), gin[1])
         found += rows
         if 0 <= need <= len(found):
             return found
         hi = lo - 1
     return found
+
+
+def _parts(segments: list[bands.Segment], lowest: int, top: int, lo: int, hi: int
+           ) -> list[tuple[bands.Segment, int, int, bool]]:
+    """The segments holding ids ``lo``..``hi``: ``(segment, first id, last id, whole)``,
+    newest first; ``whole`` when those are all of the segment's ids from ``lowest`` to
+    ``top`` (its statement then needs no range of ids)."""
+    out = []
+    for seg in segments:
+        end = top if seg.hi is None else min(top, seg.hi - 1)
+        a, b = max(lo, seg.lo), min(hi, end)
+        if a <= b:
+            out.append((seg, a, b, a <= max(seg.lo, lowest) and b >= end))
+    return out
+
+
+def _gin_cost(gin: tuple[float, float], segments: list[bands.Segment], lowest: int,
+              top: int, lo: int, hi: int, us_per_id: float, total: int) -> float:
+    """Estimated microseconds of the GIN indexes over ids ``lo``..``hi``: the posting
+    lists of every band touched (whole, whatever part of it is wanted), a bitmap of the
+    ids of a band read in part, the matches' rows; ids without an index are walked."""
+    gin_us, candidates = gin
+    cost = 0.0
+    for seg, a, b, whole in _parts(segments, lowest, top, lo, hi):
+        if seg.index is None:
+            cost += us_per_id * (b - a + 1)
+            continue
+        seg_ids = (top if seg.hi is None else seg.hi - 1) - max(seg.lo, lowest) + 1
+        cost += gin_us * max(seg_ids, b - a + 1) / total
+        if not whole:
+            cost += _US_RANGE_ID * (b - a + 1)
+        cost += _US_GIN_MATCH * candidates * (b - a + 1) / total
+    return cost
 
 
 def _cheapest(costs: dict[tuple[str, int], float]) -> tuple[str, int]:
@@ -443,16 +490,15 @@ class _Plan:
         self.walk = (f"SELECT m.id, ts_rank(m.content_tsv, %(q)s::tsquery, 1) FROM "
                      f"messages m{join} WHERE {cond} AND {match} "
                      "ORDER BY m.id DESC LIMIT %(limit)s")
-        # The rank of the rows kept only: a slice of the index may hold many more.
+        # One branch per band: its predicate written out (the planner proves its
+        # partial index usable from it), the ids wanted of it, the filters.
+        self.branch = (f"(SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
+                       "{range} AND " + " AND ".join(where[1:] + of_sessions + [
+                           "m.content_tsv @@ %(qi)s::tsquery"]
+                           + ([] if indexed == tsquery else [match]))
+                       + " ORDER BY m.id DESC LIMIT %(limit)s)")
+        # The rank of the rows kept only: the bands may return many more.
         ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
-        self.gin = ranked.format(
-            f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE {cond} AND "
-            "m.content_tsv @@ %(qi)s::tsquery "
-            + ("" if indexed == tsquery else f"AND {match} ")
-            + "ORDER BY m.id DESC LIMIT %(limit)s")
-        # The whole index: the slice's ids are checked on each match (id + 0), not
-        # intersected with a bitmap of the primary key.
-        self.gin_all = self.gin.replace("m.id BETWEEN", "m.id + 0 BETWEEN")
         # Each session of the filter, its messages in the slice from the
         # (session_id, id) index: a rare source is never read among all messages.
         inner = " AND ".join(["m.session_id = s.id"] + where)
@@ -461,6 +507,22 @@ class _Plan:
             f"(SELECT m.id, m.content_tsv FROM messages m WHERE {inner} AND {match} "
             f"ORDER BY m.id DESC LIMIT %(limit)s) m WHERE {self.of_sessions} "
             "ORDER BY m.id DESC LIMIT %(limit)s")
+        self.ranked = ranked
+
+    def gin(self, parts: list[tuple[bands.Segment, int, int, bool]]) -> str:
+        """The statement reading ``parts`` (see :func:`_parts`) from their bands."""
+        branches = []
+        for seg, a, b, whole in parts:
+            # A band read whole needs no range; in part, the range lets the planner
+            # intersect the band with a bitmap of the primary key (fewer rows read).
+            # Ids without an index: the primary key's bitmap, each row checked.
+            ranges = [seg.where] if seg.where else []
+            if not whole or seg.index is None:
+                ranges.append(f"m.id BETWEEN {a} AND {b}")
+            branches.append(self.branch.replace("{range}", " AND ".join(ranges)))
+        union = branches[0] if len(branches) == 1 else " UNION ALL ".join(branches)
+        return self.ranked.format(f"SELECT id, tsv FROM ({union}) AS u "
+                                  "ORDER BY id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
 
     def sessions(self, conn: PgConn) -> tuple[int, int]:
         """The filter's sessions and their messages, counted up to one past
@@ -471,16 +533,16 @@ class _Plan:
             f"LIMIT {MAX_WALKED_SESSIONS + 1}) x",
             self.args, prepare=False).fetchone()
 
-    def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int
-              ) -> list[tuple[int, float]]:
+    def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int,
+              parts: list[tuple[bands.Segment, int, int, bool]]) -> list[tuple[int, float]]:
         args = {**self.args, "lo": lo, "hi": hi, "limit": limit}
         if way == "walk":
             return conn.raw.execute(self.walk, args, prepare=False).fetchall()
         if way == "sessions":
             return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
-        # The GIN index, alone or intersected with the slice's ids: an index scan
-        # would be the walk again, a sequential scan all of the table.
-        sql = self.gin_all if way == "gin-all" else self.gin
+        # The GIN indexes: an index scan would be the walk again, a sequential scan
+        # all of the table.
+        sql = self.gin(parts)
         old = conn.raw.execute(
             "SELECT current_setting('enable_indexscan'), current_setting('enable_seqscan'),"
             " set_config('enable_indexscan', 'off', true), "

@@ -42,8 +42,12 @@ import psycopg
 __all__ = ["BAND_IDS", "Segment", "layout", "wants_roll", "roll", "start_roll",
            "LAYOUT_SQL"]
 
-#: Ids per band of the GIN index.
-BAND_IDS = 65_536
+#: Ids per band of the GIN index (the narrowest; see :func:`plan`).
+BAND_IDS = 16_384
+#: Bands merged into one of the next width.
+MERGE = 8
+#: Widths of bands: BAND_IDS, MERGE times it, ...
+LEVELS = 4
 #: Seconds a roll claims the store for (another process may roll after that).
 ROLL_CLAIM = 900.0
 #: Seconds between two roll attempts of one process on one store.
@@ -137,6 +141,34 @@ def wants_roll(names: list[str], top: int) -> bool:
     return top + band_size(names) // 4 >= max(tails)
 
 
+def plan(lowest: int, top: int, size: int) -> tuple[int, list[tuple[int, int]]]:
+    """Where the tail starts, and the bands ``(lo, hi)`` below it down to the oldest
+    message ``lowest``, newest first, for ``size`` ids per band and the newest id
+    ``top``.
+
+    The tail starts on a band boundary at least half a band above ``top``. Below it,
+    a band is :data:`MERGE` times wider wherever that wider band is aligned on its own
+    width and ends at least half that width below the tail (so that it is not soon
+    wanted narrower again), up to :data:`LEVELS` widths: the newest ids stay in narrow
+    bands (a common word's newest matches cost a narrow band's postings), and the
+    indexes stay few (every statement on ``messages`` opens all of them): about
+    ``MERGE`` per width, 14 for a million messages.
+    """
+    start = ((top + size // 2) // size + 1) * size
+    bands: list[tuple[int, int]] = []
+    hi, floor = start, lowest // size * size
+    while hi > floor:
+        width = size
+        for _ in range(LEVELS - 1):
+            wider = width * MERGE
+            if hi % wider or hi > start - wider // 2:
+                break
+            width = wider
+        bands.append((hi - width, hi))
+        hi -= width
+    return start, bands
+
+
 def roll(conn: psycopg.Connection, schema: str, band: int | None = None,
          progress: Callable[[str], None] | None = None) -> list[str]:
     """Bring the bands up to date: drop the invalid leftovers of interrupted builds,
@@ -171,15 +203,9 @@ def roll(conn: psycopg.Connection, schema: str, band: int | None = None,
         names = [r[0] for r in rows if r[1]]
         lowest, top = conn.execute(f"SELECT coalesce(min(id), 0), coalesce(max(id), 0) "
                                    f"FROM {table}").fetchone()
-        size = band or band_size(names)
-        start = ((top + size // 2) // size + 1) * size
-        covered = [s for s in map(_span, names) if s is not None and s[1] is not None]
-        # Down to the band of the oldest message (ids below it, which only an import
-        # could add, are walked by the search until a later roll covers them).
-        wanted = [(lo, lo + size) for lo in range(start - size, lowest // size * size - 1,
-                                                  -size)
-                  if not any(a <= lo and lo + size <= b for a, b in covered)]
+        start, wanted = plan(lowest, top, band or band_size(names))
         tail = f"messages_fts_t{start}"
+        keep = {tail} | {f"messages_fts_b{lo}_{hi}" for lo, hi in wanted}
         for name, predicate in [(tail, f"id >= {start}")] + [
                 (f"messages_fts_b{lo}_{hi}", f"id >= {lo} AND id < {hi}")
                 for lo, hi in wanted]:
@@ -193,10 +219,11 @@ def roll(conn: psycopg.Connection, schema: str, band: int | None = None,
             except psycopg.errors.DuplicateTable:
                 pass  # built by someone who rolled without the claim (it expired)
         names = [r[0] for r in conn.execute(layout_sql).fetchall() if r[1]]
-        if tail in names and all(f"messages_fts_b{lo}_{hi}" in names for lo, hi in wanted):
+        if keep <= set(names):
+            # Everything the plan wants serves: the rest (older tails, bands merged
+            # into wider ones) goes.
             for name in names:
-                span = _span(name)
-                if span is not None and span[1] is None and name != tail:
+                if name not in keep:
                     say(f"dropping {name}")
                     conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS {q}."{name}"')
                     done.append(f"dropped {name}")

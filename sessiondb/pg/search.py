@@ -114,7 +114,7 @@ CONTEXT_CHARS = 200
 # preempted by another process must not look like a slow query).
 _US_TID = 0.15
 _US_PREFIX_TID = 0.45
-_US_GIN_MATCH = 10.0
+_US_GIN_MATCH = 3.0
 _US_MIN_PER_ID = 0.3
 _US_MAX_PER_ID = 10.0
 _US_RANGE_ID = 0.07  # an id in a bitmap of the primary key
@@ -122,6 +122,9 @@ _US_SESSION = 5.0  # a session of the filter looked up in the (session_id, id) i
 _US_ROW = 3.0  # one of its messages read and checked
 #: Walking more sessions than this is never chosen (listing them alone costs too much).
 MAX_WALKED_SESSIONS = 2000
+#: Ids of the bands read by a slice, at least, for its time to correct the estimate of
+#: the GIN index's cost.
+MIN_MEASURED_IDS = 32_768
 #: Terms of a group of ANDed terms given to the GIN index (the rest are checked on its
 #: rows).
 INDEX_TERMS = 4
@@ -407,10 +410,12 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
         elif way.startswith("gin") and gin is not None:
             # What this slice of the index took is what the next one will take, per
             # id of the bands it read.
+            # Only from bands of some size: a small one's time is mostly the
+            # statement's fixed cost, which would look like a dear index.
             spent = (time.perf_counter() - began) * 1e6 - _US_GIN_MATCH * len(rows)
-            banded = sum((top if seg.hi is None else seg.hi - 1) - max(seg.lo, lowest) + 1
-                         for seg, _, _, _ in parts if seg.index is not None)
-            if banded:
+            banded = sum(_band_ids(seg, lowest, top) for seg, _, _, _ in parts
+                         if seg.index is not None)
+            if banded >= MIN_MEASURED_IDS:
                 gin = (max(gin[0], spent * total / banded), gin[1])
         found += rows
         if 0 <= need <= len(found):
@@ -433,6 +438,12 @@ def _parts(segments: list[bands.Segment], lowest: int, top: int, lo: int, hi: in
     return out
 
 
+def _band_ids(seg: bands.Segment, lowest: int, top: int) -> int:
+    """The ids of the store in ``seg`` (its index holds their postings)."""
+    end = top if seg.hi is None else min(top, seg.hi - 1)
+    return max(0, end - max(seg.lo, lowest) + 1)
+
+
 def _gin_cost(gin: tuple[float, float], segments: list[bands.Segment], lowest: int,
               top: int, lo: int, hi: int, us_per_id: float, total: int) -> float:
     """Estimated microseconds of the GIN indexes over ids ``lo``..``hi``: the posting
@@ -444,8 +455,7 @@ def _gin_cost(gin: tuple[float, float], segments: list[bands.Segment], lowest: i
         if seg.index is None:
             cost += us_per_id * (b - a + 1)
             continue
-        seg_ids = (top if seg.hi is None else seg.hi - 1) - max(seg.lo, lowest) + 1
-        cost += gin_us * max(seg_ids, b - a + 1) / total
+        cost += gin_us * max(_band_ids(seg, lowest, top), b - a + 1) / total
         if not whole:
             cost += _US_RANGE_ID * (b - a + 1)
         cost += _US_GIN_MATCH * candidates * (b - a + 1) / total
@@ -600,6 +610,12 @@ def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, flo
         plain: list[float] = []
         for negated, lexemes, _ in group:
             if negated:
+                # The list of a negated word is read too, and the rows holding it are
+                # left out (a negated phrase is checked on the rows instead).
+                if len(lexemes) == 1 and not lexemes[0][1]:
+                    part = share.get(lexemes[0][0], rarest)
+                    plain.append(part)
+                    group_rows *= 1.0 - part
                 continue
             term_rows = 1.0
             for lexeme, prefix in lexemes:

@@ -215,9 +215,9 @@ def test_bands_roll_in_as_ids_grow(store: tuple[SessionDB, str],
     assert len(names) == len(segments) <= 1 + 2 * bands.MERGE
 
 
-def _v1_store(schema: str, messages: int) -> None:
+def _v1_store(schema: str, messages: int, url: str = "") -> None:
     """A store as schema version 1 made it, holding ``messages`` messages."""
-    with psycopg.connect(URL, autocommit=True) as conn:
+    with psycopg.connect(url or URL, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
         conn.execute(f'SET search_path = "{schema}"')
         conn.execute(pg_schema.MIGRATIONS[0])
@@ -316,3 +316,42 @@ def test_one_roll_at_a_time(store: tuple[SessionDB, str]) -> None:
     assert _roll(schema, band=10)
     assert _sql(f'SELECT value FROM "{schema}".sessiondb_meta WHERE key = '
                 "'fts_roll_until'") == [("0",)]
+
+
+def test_sixteen_processes_open_a_version_1_store_at_once(pg_url: str) -> None:
+    """One of them migrates (found version 1 under the lock), in a transaction that
+    changes no index on a store holding messages; the others find version 2."""
+    from test_pg_isolation import race
+    import pg_workers
+
+    _v1_rows = 200
+    _v1_store("sessiondb", _v1_rows, pg_url)
+    reports = race(pg_url, "open_empty", 16, target=pg_workers.open_empty)
+    found = sorted(report["found"][0] for report in reports.values())
+    assert found == [1] + [2] * 15, reports
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT value FROM sessiondb.sessiondb_meta WHERE key = "
+                            "'schema_version'").fetchone() == ("2",)
+        assert conn.execute("SELECT count(*) FROM sessiondb.messages").fetchone() == (
+            _v1_rows,)
+        names = [r[0] for r in conn.execute(
+            bands.LAYOUT_SQL.format(table="sessiondb.messages")).fetchall()]
+    assert names == ["idx_messages_fts"]  # the bands come with the first search
+
+
+def test_imported_ids_below_the_bands_are_found(store: tuple[SessionDB, str]) -> None:
+    """Ids below every band (an import keeps ids where free) are read without an index
+    until a roll covers them."""
+    db, schema = store
+    _fill(db, 100, random.Random(12))
+    _sql(f'DELETE FROM "{schema}".messages WHERE id <= 40')
+    _roll(schema, band=30)
+    assert min(seg.lo for seg in bands.layout(list(_names(schema)))
+               if seg.index) == 30
+    _sql(f'INSERT INTO "{schema}".messages (id, session_id, role, content, timestamp) '
+         "SELECT i, 's01', 'user', 'alpha imported ' || i, 1 FROM generate_series(5, 20) i")
+    _check(db, schema)
+    _roll(schema)
+    assert min(seg.lo for seg in bands.layout(list(_names(schema)))
+               if seg.index) == 0
+    _check(db, schema)

@@ -17,46 +17,44 @@ length, https://www.postgresql.org/docs/current/textsearch-controls.html
 one word therefore orders its window much as SQLite does (more occurrences, shorter
 message first); a query of several words may order its window differently.
 
-**Finding the matches.** The newest matches are read in *slices* of ids from the top,
-each slice a statement that stops at the matches still needed (``ORDER BY id DESC
-LIMIT``). The first slice (:data:`FIRST_SLICE` ids) is *walked*: its messages read newest
-first through the primary key (or the ``(session_id, id)`` index for ``session_id``) and
-each tested against the query; a word in most messages finds its window there. After it,
+**Finding the matches.** The search column is indexed in *bands* of ids, a partial GIN
+index each (:mod:`sessiondb.pg.bands`): the newest ids in bands of 16,384, older ones
+merged eight to one, and an open tail above the newest id; a band's index holds only
+its own postings. The newest matches are read in *slices* of ids from the top, each
+slice a statement that stops at the matches still needed (``ORDER BY id DESC LIMIT``).
+The first slice (:data:`FIRST_SLICE` ids) is *walked*: its messages read newest first
+through the primary key (or the ``(session_id, id)`` index for ``session_id``) and each
+tested against the query; a word in most messages finds its window there. After it,
 each slice is sized by the share of matches seen so far (with a margin; at most
 :data:`MAX_GROWTH` times the ids read when none was seen) and read the way estimated
-cheapest: the walk again (its pace measured on the first slice); the GIN index
-intersected with a bitmap of the slice's ids; the GIN index alone over all the ids left
-(each of its rows checked for the range); or, with a source filter of at most
-:data:`MAX_WALKED_SESSIONS` sessions, each such session's messages in the slice from the
-``(session_id, id)`` index (a rare source is never looked for among all messages). The
-GIN index reads the whole posting list of every lexeme it is given, whatever the slice:
-its cost is estimated from the column's statistics (``pg_stats.most_common_elems``) and
-corrected by what a slice of it took. All ways find the same rows; the choice changes
-the time, never the result. A group of more than :data:`INDEX_TERMS` ANDed terms (a
-pasted paragraph) gives the index only its longest terms and checks the rest on the
-rows. Statements are never prepared (``prepare=False``: a generic plan cannot see how
-common the words are), and JIT compilation is off for the search's statements (it costs
-more than the statements; settings are restored before returning).
+cheapest: the walk again (its pace measured on the first slice); the bands holding the
+slice, one branch of a ``UNION ALL`` per band with the band's predicate written out (so
+the planner uses its partial index; a band read in part also gets the slice's ids,
+which the planner may intersect with a bitmap of the primary key); the bands of all
+the ids left; or, with a source filter of at most :data:`MAX_WALKED_SESSIONS`
+sessions, each such session's messages in the slice from the ``(session_id, id)``
+index (a rare source is never looked for among all messages). A band's index reads
+the whole posting list of every lexeme it is given, whatever part of the band is
+wanted: its cost is estimated from the column's statistics
+(``pg_stats.most_common_elems``) per id of the bands touched, and corrected by what a
+slice of them took. Ids that no valid index holds (a band being rebuilt after an
+interrupted build, or dropped by hand) are read through the primary key. All ways
+find the same rows; the choice changes the time, never the result. A group of more
+than :data:`INDEX_TERMS` ANDed terms (a pasted paragraph) gives the index only its
+longest terms and checks the rest on the rows. Statements are never prepared
+(``prepare=False``: a generic plan could neither see how common the words are nor
+prove a band's partial index usable), and JIT compilation is off for the search's
+statements (it costs more than the statements; settings are restored before
+returning). A search that finds the newest id near the tail starts the roll of the
+bands in the background (:func:`sessiondb.pg.bands.start_roll`).
 
-**Limits.** The GIN index knows no positions and no order: a phrase (or ``a NOT b``) of
-words that are each common but rarely adjacent (rarely apart) is checked on every
-message holding all its words in the ids read, ``a NOT b`` of two words in nearly every
-message reads about ``WINDOW`` / (share without ``b``) messages, and a source or role
-filter that keeps a few percent of the matches of a common word reads the messages
-around them. ``limit=None`` ranks every match, window by window.
+**Limits.** The GIN index knows no positions: a phrase of words that are each common
+but rarely adjacent is checked on every message holding all its words in the ids read
+(for a phrase with fewer than :data:`WINDOW` matches, all of them: every band), and a
+source or role filter that keeps a few percent of the matches of a common word reads
+the messages around them. ``limit=None`` ranks every match, window by window.
 
-Measured on a million messages (``sessiondb/bench/pg_scale_search.py``, 2 CPUs shared
-with other work, ``shared_buffers`` 3 GB, everything cached): the floor of a page is a
-few milliseconds of statements and snippets, and a search costs what it reads. A word
-in 10% of the messages needs about 10,000 ids walked at 1.5-2 us each, or its whole
-posting list (0.15 us a posting, 15 ms for 100,000) read by the GIN index, which knows
-no id order: either way 20-40 ms of one CPU before any wait for it. A phrase of two
-such words adjacent in 74 messages (both are in 9,000) checks every one of those 9,000
-candidates (60-130 ms), an ``a NOT b`` of two words in nearly every message walks about
-35,000 ids (60-80 ms), a role or source filter keeping one match in ten of a medium word
-reads ten times the messages. Bounding the index's work by id range would take a GIN
-index per band of ids (a ``messages`` table partitioned by id, or partial indexes), and
-someone to create the next band as ids grow; it is not done here.
+MEASURED_PLACEHOLDER
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following

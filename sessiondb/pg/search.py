@@ -354,12 +354,11 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
     plan = _Plan(filters, query.text, query.for_index())
-    lowest, top, names = conn.raw.execute(
-        f"SELECT min(id), max(id), ({_INDEXES_SQL}) {plan.bounds}", plan.args,
-        prepare=False).fetchone()
+    lowest, top, names, schema = conn.raw.execute(
+        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text "
+        f"{plan.bounds}", plan.args, prepare=False).fetchone()
     if filters.session_id is None and top is not None and bands.wants_roll(names, top):
-        bands.start_roll(conn.raw, conn.raw.execute(
-            "SELECT current_schema()", prepare=False).fetchone()[0])
+        bands.start_roll(conn.raw, schema)
     if top is None:
         return []
     segments = bands.layout(names)
@@ -381,7 +380,7 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
             if density and need >= 0:
                 ids = min(rest, int(left / density * SLICE_MARGIN) + 1)
             if gin is None:
-                gin = _gin_estimate(conn, query, total)
+                gin = _gin_estimate(conn, schema, query, total)
             costs = {("walk", ids): us_per_id * ids,
                      ("gin", ids): _gin_cost(gin, segments, lowest, top, hi - ids + 1,
                                              hi, us_per_id, total),
@@ -572,7 +571,8 @@ def _usable(conn: Any) -> bool:
 _STATS: dict[tuple[Any, ...], tuple[float, dict[str, float], float]] = {}
 
 
-def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, float]:
+def _gin_estimate(conn: PgConn, schema: str, query: Query, messages: int
+                  ) -> tuple[float, float]:
     """Microseconds the GIN index takes to find every match of ``query`` (it reads
     whole posting lists, whatever the slice), and the number of rows it returns
     (each is read, and checked again for a phrase or NOT), estimated from the column's
@@ -581,8 +581,7 @@ def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, flo
     an OR all of its groups', a prefix every list of its lexemes; a lexeme missing
     from the statistics is rarer than the rarest there."""
     info = conn.raw.info
-    key = (info.host, info.port, info.dbname, conn.raw.execute(
-        "SELECT current_schema()", prepare=False).fetchone()[0])
+    key = (info.host, info.port, info.dbname, schema)
     cached = _STATS.get(key)
     if cached is None or cached[0] < time.monotonic():
         row = conn.raw.execute(

@@ -393,6 +393,13 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                 if count <= MAX_WALKED_SESSIONS:
                     costs[("sessions", ids)] = (count * _US_SESSION
                                                 + _US_ROW * messages * ids / total)
+                    # The bands read only the rows of those sessions (see _Plan).
+                    share = min(1.0, messages / total)
+                    for key in (("gin", ids), ("gin-all", -1)):
+                        costs[key] = _gin_cost((gin[0], gin[1] * share), segments,
+                                               lowest, top, hi - ids + 1 if key[1] > 0
+                                               else lowest, hi, us_per_id, total) \
+                            + _US_RANGE_ID * messages * ids / total
             way, size = _cheapest(costs)
             size = rest if size < 0 else size
         lo = max(lowest, hi - size + 1)
@@ -499,11 +506,18 @@ class _Plan:
                      "ORDER BY m.id DESC LIMIT %(limit)s")
         # One branch per band: its predicate written out (the planner proves its
         # partial index usable from it), the ids wanted of it, the filters.
+        # With a source filter of few sessions, their ids instead of the join: the
+        # planner can then intersect a band with the (session_id) index's bitmap and
+        # read only the rows of those sessions (a rare source among all messages).
         self.branch = (f"(SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
                        "{range} AND " + " AND ".join(where[1:] + of_sessions + [
                            "m.content_tsv @@ %(qi)s::tsquery"]
                            + ([] if indexed == tsquery else [match]))
                        + " ORDER BY m.id DESC LIMIT %(limit)s)")
+        self.branch_of_ids = self.branch.replace(join, "").replace(
+            " AND ".join(of_sessions), "m.session_id = ANY(%(sids)s::text[])") \
+            if of_sessions else self.branch
+        self.by_ids = False
         # The rank of the rows kept only: the bands may return many more.
         ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
         # Each session of the filter, its messages in the slice from the
@@ -526,19 +540,25 @@ class _Plan:
             ranges = [seg.where] if seg.where else []
             if not whole or seg.index is None:
                 ranges.append(f"m.id BETWEEN {a} AND {b}")
-            branches.append(self.branch.replace("{range}", " AND ".join(ranges)))
+            branch = self.branch_of_ids if self.by_ids else self.branch
+            branches.append(branch.replace("{range}", " AND ".join(ranges)))
         union = branches[0] if len(branches) == 1 else " UNION ALL ".join(branches)
         return self.ranked.format(f"SELECT id, tsv FROM ({union}) AS u "
                                   "ORDER BY id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
 
     def sessions(self, conn: PgConn) -> tuple[int, int]:
         """The filter's sessions and their messages, counted up to one past
-        :data:`MAX_WALKED_SESSIONS` sessions."""
-        return conn.raw.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT "
-            f"message_count FROM sessions s WHERE {self.of_sessions} "
+        :data:`MAX_WALKED_SESSIONS` sessions; up to that many, their ids are kept for
+        the bands' statements."""
+        count, messages, sids = conn.raw.execute(
+            "SELECT count(*), coalesce(sum(message_count), 0)::bigint, array_agg(id) "
+            f"FROM (SELECT id, message_count FROM sessions s WHERE {self.of_sessions} "
             f"LIMIT {MAX_WALKED_SESSIONS + 1}) x",
             self.args, prepare=False).fetchone()
+        if count <= MAX_WALKED_SESSIONS:
+            self.args["sids"] = sids or []
+            self.by_ids = True
+        return count, messages
 
     def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int,
               parts: list[tuple[bands.Segment, int, int, bool]]) -> list[tuple[int, float]]:

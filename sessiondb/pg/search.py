@@ -393,13 +393,6 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                 if count <= MAX_WALKED_SESSIONS:
                     costs[("sessions", ids)] = (count * _US_SESSION
                                                 + _US_ROW * messages * ids / total)
-                    # The bands read only the rows of those sessions (see _Plan).
-                    share = min(1.0, messages / total)
-                    for key in (("gin", ids), ("gin-all", -1)):
-                        costs[key] = _gin_cost((gin[0], gin[1] * share), segments,
-                                               lowest, top, hi - ids + 1 if key[1] > 0
-                                               else lowest, hi, us_per_id, total) \
-                            + _US_RANGE_ID * messages * ids / total
             way, size = _cheapest(costs)
             size = rest if size < 0 else size
         lo = max(lowest, hi - size + 1)
@@ -506,18 +499,11 @@ class _Plan:
                      "ORDER BY m.id DESC LIMIT %(limit)s")
         # One branch per band: its predicate written out (the planner proves its
         # partial index usable from it), the ids wanted of it, the filters.
-        # With a source filter of few sessions, their ids instead of the join: the
-        # planner can then intersect a band with the (session_id) index's bitmap and
-        # read only the rows of those sessions (a rare source among all messages).
         self.branch = (f"(SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
                        "{range} AND " + " AND ".join(where[1:] + of_sessions + [
                            "m.content_tsv @@ %(qi)s::tsquery"]
                            + ([] if indexed == tsquery else [match]))
                        + " ORDER BY m.id DESC LIMIT %(limit)s)")
-        self.branch_of_ids = self.branch.replace(join, "").replace(
-            " AND ".join(of_sessions), "m.session_id = ANY(%(sids)s::text[])") \
-            if of_sessions else self.branch
-        self.by_ids = False
         # The rank of the rows kept only: the bands may return many more.
         ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
         # Each session of the filter, its messages in the slice from the
@@ -540,25 +526,19 @@ class _Plan:
             ranges = [seg.where] if seg.where else []
             if not whole or seg.index is None:
                 ranges.append(f"m.id BETWEEN {a} AND {b}")
-            branch = self.branch_of_ids if self.by_ids else self.branch
-            branches.append(branch.replace("{range}", " AND ".join(ranges)))
+            branches.append(self.branch.replace("{range}", " AND ".join(ranges)))
         union = branches[0] if len(branches) == 1 else " UNION ALL ".join(branches)
         return self.ranked.format(f"SELECT id, tsv FROM ({union}) AS u "
                                   "ORDER BY id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
 
     def sessions(self, conn: PgConn) -> tuple[int, int]:
         """The filter's sessions and their messages, counted up to one past
-        :data:`MAX_WALKED_SESSIONS` sessions; up to that many, their ids are kept for
-        the bands' statements."""
-        count, messages, sids = conn.raw.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0)::bigint, array_agg(id) "
-            f"FROM (SELECT id, message_count FROM sessions s WHERE {self.of_sessions} "
+        :data:`MAX_WALKED_SESSIONS` sessions."""
+        return conn.raw.execute(
+            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT "
+            f"message_count FROM sessions s WHERE {self.of_sessions} "
             f"LIMIT {MAX_WALKED_SESSIONS + 1}) x",
             self.args, prepare=False).fetchone()
-        if count <= MAX_WALKED_SESSIONS:
-            self.args["sids"] = sids or []
-            self.by_ids = True
-        return count, messages
 
     def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int,
               parts: list[tuple[bands.Segment, int, int, bool]]) -> list[tuple[int, float]]:
@@ -568,14 +548,14 @@ class _Plan:
         if way == "sessions":
             return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
         # The GIN indexes: an index scan would be the walk again, a sequential scan
-        # all of the table. Joining sessions (a source filter of many sessions): no
-        # hash join, which each band would build again from every session of the
-        # filter (measured on a million messages, 3 bands: 11 ms, and 8 ms with a
-        # nested loop looking up each row's session), and no parallel workers (the
-        # planner's answer to the dearer joins: worse, 1-3 ms to start each).
+        # all of the table. Joining sessions (a source filter): no hash join, which
+        # each band would build again from every session of the filter (measured on
+        # a million messages, 3 bands: 11 ms, and 8 ms with a nested loop looking up
+        # each row's session), and no parallel workers (the planner's answer to the
+        # dearer joins: worse, 1-3 ms to start each).
         sql = self.gin(parts)
         names = ["enable_indexscan", "enable_seqscan"]
-        if self.by_session and not self.by_ids:
+        if self.by_session:
             names += ["enable_hashjoin", "enable_mergejoin"]
         settings = [(n, "off") for n in names] + [("max_parallel_workers_per_gather", "0")]
         old = conn.raw.execute(

@@ -54,7 +54,16 @@ but rarely adjacent is checked on every message holding all its words in the ids
 source or role filter that keeps a few percent of the matches of a common word reads
 the messages around them. ``limit=None`` ranks every match, window by window.
 
-MEASURED_PLACEHOLDER
+Measured on a million messages (``python -m sessiondb.bench.pg_scale_search URL
+--rounds 60``, 2026-12-06, 2 CPUs shared with other work at load average 3, ``shared_buffers``
+3 GB, everything cached; ``benchmarks/results/2026-12-06-pg-search-1m-bands.txt``): a page
+costs 4-8 ms of statements and snippets, plus what it reads. A word in 10% of the
+messages 10 ms at p50 (17 ms with one index over all messages), ``a NOT b`` of two words
+in nearly every message 11 ms (45 ms: a walk of 36,000 ids), an OR of two rare words 12
+ms, a role filter on a medium word 18 ms; every shape of the benchmark 21 ms or less at
+p50 and 50 ms or less at p99 but one: a phrase of two words each in 10% of the messages,
+adjacent in 74, checks all 11,300 messages holding both (27 ms for that statement;
+40 ms p50, 65 ms p99).
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following

@@ -173,7 +173,8 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM messages) THEN
         DROP INDEX idx_messages_fts;
         EXECUTE format('CREATE INDEX %I ON messages USING gin (content_tsv) '
-                       'WHERE id >= 0 AND id < %s', 'messages_fts_b0_{BAND_IDS}', {BAND_IDS});
+                       'WHERE id >= 0 AND id < %s', 'messages_fts_b0_{BAND_IDS}',
+                       {BAND_IDS});
         EXECUTE format('CREATE INDEX %I ON messages USING gin (content_tsv) '
                        'WHERE id >= %s', 'messages_fts_t{BAND_IDS}', {BAND_IDS});
     END IF;

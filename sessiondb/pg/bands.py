@@ -59,8 +59,9 @@ MERGE = 8
 LEVELS = 4
 #: Seconds a roll claims the store for (another process may roll after that).
 ROLL_CLAIM = 900.0
-#: Seconds between two roll attempts of one process on one store.
-ROLL_RETRY = 60.0
+#: Seconds between two roll attempts of one process on one store (a roll that fails,
+#: e.g. cancelled by a statement_timeout, is not tried again at every search).
+ROLL_RETRY = 300.0
 #: The index of schema version 1: every message.
 LEGACY = "idx_messages_fts"
 

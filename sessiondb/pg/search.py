@@ -62,7 +62,7 @@ Measured on a million messages (``python -m sessiondb.bench.pg_scale_search URL
 costs 4-8 ms of statements and snippets, plus what it reads. A word in 10% of the
 messages 10 ms at p50 (17 ms with one index over all messages), ``a NOT b`` of two words
 in nearly every message 11 ms (45 ms: a walk of 36,000 ids), an OR of two rare words 12
-ms, a role filter on a medium word 18 ms; every shape of the benchmark 21 ms or less at
+ms, a role filter on a medium word 18 ms; every shape of the benchmark 26 ms or less at
 p50 and 50 ms or less at p99 but one: a phrase of two words each in 10% of the messages,
 adjacent in 74, checks all 11,300 messages holding both (27 ms for that statement;
 40 ms p50, 65 ms p99).

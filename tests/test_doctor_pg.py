@@ -12,11 +12,14 @@ import pytest
 
 from sessiondb import SessionDB, cli, doctor
 from sessiondb.pg import doctor as pg_doctor
+from sessiondb.pg.bands import BAND_IDS
 from sessiondb.pg.schema import SCHEMA_VERSION
 
 OWN_INDEXES = {"idx_sessions_parent", "idx_sessions_title_unique", "idx_sessions_listing",
                "idx_sessions_source_listing", "idx_sessions_active_listing",
-               "idx_messages_session", "idx_messages_session_ts", "idx_messages_fts",
+               "idx_messages_session", "idx_messages_session_ts",
+               # schema 2: the search column's first band and tail (sessiondb.pg.bands)
+               f"messages_fts_b0_{BAND_IDS}", f"messages_fts_t{BAND_IDS}",
                "sessiondb_leases_owner", "sessiondb_claims_ready", "sessiondb_claims_held",
                "sessiondb_claims_expiry"}
 

@@ -16,7 +16,9 @@ to 20 long-lived sessions), sources cli 50%, telegram 25%, cron 15%, discord 9%,
 one by one, independently, with Zipf weights (rank ``r`` weighs ``1 / r``) from 50,000
 syllable words: two common words are rarely adjacent, as in real text, which a slice of
 one pre-drawn text (:mod:`sessiondb.bench.scale_data`) would not give. It is written by
-``COPY`` from two processes, the GIN index built afterwards, then ``VACUUM ANALYZE``.
+``COPY`` from two processes, the bands of the GIN index (:mod:`sessiondb.pg.bands`)
+built afterwards, then ``VACUUM ANALYZE``. A store built before the bands gets them
+rolled in first (printed).
 
 **The shapes** name words by their frequency rank, so the store needs no vocabulary
 lookup: rank 1 is in nearly every message, rank 124 in about 12%, rank 350 in about
@@ -44,6 +46,7 @@ import psycopg
 
 import sessiondb
 from sessiondb import SessionDB
+from sessiondb.pg import bands
 
 __all__ = ["build", "measure", "main"]
 
@@ -119,7 +122,8 @@ def build(url: str, schema: str, messages: int, sessions: int = SESSIONS) -> flo
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'SET search_path = "{schema}"')
         conn.execute("TRUNCATE messages, sessions CASCADE")
-        conn.execute("DROP INDEX IF EXISTS idx_messages_fts")
+        for name, *_ in conn.execute(bands.LAYOUT_SQL.format(table="messages")).fetchall():
+            conn.execute(f'DROP INDEX "{name}"')  # built after the load, faster
         rng = random.Random(9)
         with conn.cursor().copy("COPY sessions (id, source, model, started_at) "
                                 "FROM STDIN") as copy:
@@ -141,8 +145,16 @@ def build(url: str, schema: str, messages: int, sessions: int = SESSIONS) -> flo
                      "count(*) c FROM messages GROUP BY 1) m WHERE m.session_id = s.id")
         conn.execute(f"SELECT setval('messages_id_seq', {messages})")
         conn.execute("SET maintenance_work_mem = '1GB'")
-        conn.execute("CREATE INDEX idx_messages_fts ON messages USING gin (content_tsv)")
-        print(f"  indexed in {time.monotonic() - began:.0f}s", flush=True)
+        # The bands a roll would lay out (sessiondb.pg.bands), built directly: nobody
+        # else uses the store yet.
+        start, wanted = bands.plan(1, messages, bands.BAND_IDS)
+        for name, where in [(f"messages_fts_t{start}", f"id >= {start}")] + [
+                (f"messages_fts_b{lo}_{hi}", f"id >= {lo} AND id < {hi}")
+                for lo, hi in wanted]:
+            conn.execute(f'CREATE INDEX "{name}" ON messages USING gin (content_tsv) '
+                         f"WHERE {where}")
+        print(f"  indexed ({len(wanted) + 1} bands) in {time.monotonic() - began:.0f}s",
+              flush=True)
         conn.execute("VACUUM ANALYZE messages")
         conn.execute("VACUUM ANALYZE sessions")
     return time.monotonic() - began
@@ -232,6 +244,27 @@ def measure(url: str, schema: str, rounds: int, only: str = "", limit: int = 20
     return times
 
 
+def _bands(url: str, schema: str) -> None:
+    """Roll the bands of the GIN index in if due (a store built before them), so that
+    no search starts a roll during the run; print them."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        layout = conn.execute(bands.LAYOUT_SQL.format(table=f'"{schema}".messages'))
+        names = [r[0] for r in layout.fetchall() if r[1]]
+        top = conn.execute(f'SELECT coalesce(max(id), 0) FROM "{schema}".messages'
+                           ).fetchone()[0]
+        if bands.wants_roll(names, top):
+            began = time.monotonic()
+            print(f"rolling the bands in: {bands.roll(conn, schema)} "
+                  f"({time.monotonic() - began:.0f}s)", flush=True)
+            conn.execute(f'VACUUM ANALYZE "{schema}".messages')
+            names = [r[0] for r in conn.execute(bands.LAYOUT_SQL.format(
+                table=f'"{schema}".messages')).fetchall() if r[1]]
+    segments = bands.layout(names)
+    print(f"GIN index bands: {len(segments)} (" + ", ".join(
+        f"{seg.lo}-" + ("" if seg.hi is None else str(seg.hi - 1))
+        for seg in segments) + ")")
+
+
 def _fractions(url: str, schema: str) -> None:
     """The share of messages holding each word the shapes use."""
     w = vocabulary()
@@ -273,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rebuild or have != args.messages:
         print(f"building {args.messages} messages in schema {args.schema} ...", flush=True)
         print(f"  built in {build(args.url, args.schema, args.messages):.0f}s")
+    _bands(args.url, args.schema)
     _fractions(args.url, args.schema)
     print(f"limit=20; rounds={args.rounds} (+3 warm-up), shapes shuffled each round; one "
           f"client; load average before: {os.getloadavg()[0]:.2f}", flush=True)

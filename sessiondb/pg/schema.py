@@ -27,8 +27,9 @@ import re
 from typing import Any, Callable
 
 from ..errors import ConfigurationError, SchemaTooNewError
+from .bands import BAND_IDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The advisory lock key taken by migrations (any fixed 64-bit number).
 MIGRATION_LOCK = 0x5E55_10DB_0001
 #: Longest text the full-text vector is made from: to_tsvector refuses more than 1 MB
@@ -158,8 +159,30 @@ CREATE INDEX sessiondb_claims_held ON sessiondb_claims(owner) WHERE state = 'cla
 CREATE INDEX sessiondb_claims_expiry ON sessiondb_claims(expires_at) WHERE state = 'claimed';
 """
 
+# Version 2: the search column indexed per band of ids (sessiondb.pg.bands). An empty
+# store gets its first band and its tail here (the table is empty: the locks are held
+# for milliseconds). A store holding messages changes nothing in this transaction: it
+# keeps idx_messages_fts, which serves as a tail from id 0, until a search rolls the
+# bands in with CREATE INDEX CONCURRENTLY (writers are never locked out). The version
+# still changes, so that an older sessiondb, whose search would read every row
+# without idx_messages_fts, refuses the store instead. The statements go through
+# format() so that doctor does not take the bands for indexes every store must have.
+_V2 = f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM messages) THEN
+        DROP INDEX idx_messages_fts;
+        EXECUTE format('CREATE INDEX %I ON messages USING gin (content_tsv) '
+                       'WHERE id >= 0 AND id < %s', 'messages_fts_b0_{BAND_IDS}',
+                       {BAND_IDS});
+        EXECUTE format('CREATE INDEX %I ON messages USING gin (content_tsv) '
+                       'WHERE id >= %s', 'messages_fts_t{BAND_IDS}', {BAND_IDS});
+    END IF;
+END $$;
+"""
+
 #: MIGRATIONS[n] brings a schema from version n to n + 1.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 
 
 def check_schema_name(name: Any) -> str:

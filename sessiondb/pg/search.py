@@ -17,46 +17,55 @@ length, https://www.postgresql.org/docs/current/textsearch-controls.html
 one word therefore orders its window much as SQLite does (more occurrences, shorter
 message first); a query of several words may order its window differently.
 
-**Finding the matches.** The newest matches are read in *slices* of ids from the top,
-each slice a statement that stops at the matches still needed (``ORDER BY id DESC
-LIMIT``). The first slice (:data:`FIRST_SLICE` ids) is *walked*: its messages read newest
-first through the primary key (or the ``(session_id, id)`` index for ``session_id``) and
-each tested against the query; a word in most messages finds its window there. After it,
+**Finding the matches.** The search column is indexed in *bands* of ids, a partial GIN
+index each (:mod:`sessiondb.pg.bands`): the newest ids in bands of 16,384, older ones
+merged eight to one, and an open tail above the newest id; a band's index holds only
+its own postings. The newest matches are read in *slices* of ids from the top, each
+slice a statement that stops at the matches still needed (``ORDER BY id DESC LIMIT``).
+The first slice (:data:`FIRST_SLICE` ids) is *walked*: its messages read newest first
+through the primary key (or the ``(session_id, id)`` index for ``session_id``) and each
+tested against the query; a word in most messages finds its window there. After it,
 each slice is sized by the share of matches seen so far (with a margin; at most
 :data:`MAX_GROWTH` times the ids read when none was seen) and read the way estimated
-cheapest: the walk again (its pace measured on the first slice); the GIN index
-intersected with a bitmap of the slice's ids; the GIN index alone over all the ids left
-(each of its rows checked for the range); or, with a source filter of at most
-:data:`MAX_WALKED_SESSIONS` sessions, each such session's messages in the slice from the
-``(session_id, id)`` index (a rare source is never looked for among all messages). The
-GIN index reads the whole posting list of every lexeme it is given, whatever the slice:
-its cost is estimated from the column's statistics (``pg_stats.most_common_elems``) and
-corrected by what a slice of it took. All ways find the same rows; the choice changes
-the time, never the result. A group of more than :data:`INDEX_TERMS` ANDed terms (a
-pasted paragraph) gives the index only its longest terms and checks the rest on the
-rows. Statements are never prepared (``prepare=False``: a generic plan cannot see how
-common the words are), and JIT compilation is off for the search's statements (it costs
-more than the statements; settings are restored before returning).
+cheapest: the walk again (its pace measured on the first slice); the bands holding the
+slice, one branch of a ``UNION ALL`` per band with the band's predicate written out (so
+the planner uses its partial index; a band read in part also gets the slice's ids,
+which the planner may intersect with a bitmap of the primary key); the bands of all
+the ids left; or, with a source filter of at most
+:data:`~sessiondb.pg.slices.MAX_WALKED_SESSIONS`
+sessions, each such session's messages in the slice from the ``(session_id, id)``
+index (a rare source is never looked for among all messages). A band's index reads
+the whole posting list of every lexeme it is given, whatever part of the band is
+wanted: its cost is estimated from the column's statistics
+(``pg_stats.most_common_elems``) per id of the bands touched, and corrected by what a
+slice of them took. Ids that no valid index holds (a band being rebuilt after an
+interrupted build, or dropped by hand) are read through the primary key. All ways
+find the same rows; the choice changes the time, never the result. A group of more
+than :data:`INDEX_TERMS` ANDed terms (a pasted paragraph) gives the index only its
+longest terms and checks the rest on the rows. Statements are never prepared
+(``prepare=False``: a generic plan could neither see how common the words are nor
+prove a band's partial index usable), and JIT compilation is off for the search's
+statements (it costs more than the statements; settings are restored before
+returning). A search that finds the newest id near the tail starts the roll of the
+bands in the background (:func:`sessiondb.pg.bands.start_roll`).
 
-**Limits.** The GIN index knows no positions and no order: a phrase (or ``a NOT b``) of
-words that are each common but rarely adjacent (rarely apart) is checked on every
-message holding all its words in the ids read, ``a NOT b`` of two words in nearly every
-message reads about ``WINDOW`` / (share without ``b``) messages, and a source or role
-filter that keeps a few percent of the matches of a common word reads the messages
-around them. ``limit=None`` ranks every match, window by window.
+**Limits.** The GIN index knows no positions: a phrase of words that are each common
+but rarely adjacent is checked on every message holding all its words in the ids read
+(for a phrase with fewer than :data:`WINDOW` matches, all of them: every band), and a
+source or role filter that keeps a few percent of the matches of a common word reads
+the messages around them. ``limit=None`` ranks every match, window by window.
 
-Measured on a million messages (``sessiondb/bench/pg_scale_search.py``, 2 CPUs shared
-with other work, ``shared_buffers`` 3 GB, everything cached): the floor of a page is a
-few milliseconds of statements and snippets, and a search costs what it reads. A word
-in 10% of the messages needs about 10,000 ids walked at 1.5-2 us each, or its whole
-posting list (0.15 us a posting, 15 ms for 100,000) read by the GIN index, which knows
-no id order: either way 20-40 ms of one CPU before any wait for it. A phrase of two
-such words adjacent in 74 messages (both are in 9,000) checks every one of those 9,000
-candidates (60-130 ms), an ``a NOT b`` of two words in nearly every message walks about
-35,000 ids (60-80 ms), a role or source filter keeping one match in ten of a medium word
-reads ten times the messages. Bounding the index's work by id range would take a GIN
-index per band of ids (a ``messages`` table partitioned by id, or partial indexes), and
-someone to create the next band as ids grow; it is not done here.
+Measured on a million messages (``python -m sessiondb.bench.pg_scale_search URL
+--rounds 60``, 2026-12-06, 2 CPUs shared with other work at load average 3,
+``shared_buffers`` 3 GB, everything cached;
+``benchmarks/results/2026-12-06-pg-search-1m-bands.txt``): a page
+costs 4-8 ms of statements and snippets, plus what it reads. A word in 10% of the
+messages 10 ms at p50 (17 ms with one index over all messages), ``a NOT b`` of two words
+in nearly every message 11 ms (45 ms: a walk of 36,000 ids), an OR of two rare words 12
+ms, a role filter on a medium word 18 ms; every shape of the benchmark 26 ms or less at
+p50 and 50 ms or less at p99 but one: a phrase of two words each in 10% of the messages,
+adjacent in 74, checks all 11,300 messages holding both (27 ms for that statement;
+40 ms p50, 65 ms p99).
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following
@@ -85,11 +94,11 @@ import re
 import time
 from typing import Any, NamedTuple
 
-import psycopg
 
 from ..records import context_item, search_hit
 from ..search import Filters
 from ..text import NO_LIMIT, query_parts
+from . import bands, slices
 from .conn import PgConn
 from .schema import TSV_CHARS
 
@@ -107,28 +116,15 @@ SLICE_MARGIN = 1.25
 HEAD_CHARS = 8192
 #: Characters of each context message.
 CONTEXT_CHARS = 200
-# Unit costs (microseconds, measured on a million messages of about 1 KB): a posting
-# of the GIN index read (of a prefix's several lists: merged), a match found by the
-# index (its row read, its rank); the bounds of a walk's measured pace per id (a walk
-# preempted by another process must not look like a slow query).
-_US_TID = 0.15
-_US_PREFIX_TID = 0.45
-_US_GIN_MATCH = 10.0
-_US_MIN_PER_ID = 0.3
-_US_MAX_PER_ID = 10.0
-_US_RANGE_ID = 0.07  # an id in a bitmap of the primary key
-_US_SESSION = 5.0  # a session of the filter looked up in the (session_id, id) index
-_US_ROW = 3.0  # one of its messages read and checked
-#: Walking more sessions than this is never chosen (listing them alone costs too much).
-MAX_WALKED_SESSIONS = 2000
+#: Ids of the bands read by a slice, at least, for its time to correct the estimate of
+#: the GIN index's cost.
+MIN_MEASURED_IDS = 32_768
 #: Terms of a group of ANDed terms given to the GIN index (the rest are checked on its
 #: rows).
 INDEX_TERMS = 4
 #: Bytes of work_mem the search's statements get at least (exact bitmaps, see
 #: :func:`search_messages`).
 WORK_MEM = 64 * 1024 * 1024
-#: Seconds the column statistics read for the cost of the GIN index are kept.
-STATS_TTL = 300.0
 _HEADLINE = ("StartSel=>>>, StopSel=<<<, MaxWords=40, MinWords=20, ShortWord=0, "
              "MaxFragments=1, FragmentDelimiter=...")
 _OPERATORS = {"AND", "OR", "NOT"}
@@ -142,6 +138,12 @@ _TERMS_SQL = (
     "THEN phraseto_tsquery('simple', t)::text ELSE '' END ORDER BY n), '{}') "
     "FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)"
 )
+# The names of the valid GIN indexes of the search column (see sessiondb.pg.bands).
+_INDEXES_SQL = ("SELECT coalesce(array_agg(c.relname::text), '{}') "
+                "FROM pg_catalog.pg_index i "
+                "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'messages'::regclass AND i.indisvalid AND "
+                "(c.relname = 'idx_messages_fts' OR c.relname LIKE 'messages\\_fts\\_%%')")
 _HITS_SQL = f"""
 SELECT m.id, m.session_id, m.role, x.hl, m.timestamp, m.tool_name, s.source, s.model,
        s.started_at,
@@ -199,7 +201,8 @@ def search_messages(conn: PgConn, query: str, filters: Filters, limit: int,
         ids = ranked_ids(conn, built, filters, limit, offset)
         return fetch_hits(conn, built.text, ids) if ids else []
     finally:
-        if _usable(conn):  # after an error the transaction is over: nothing to restore
+        # After an error the transaction is over: nothing to restore.
+        if slices.usable(conn):
             conn.raw.execute("SELECT set_config('jit', %s, true), set_config('work_mem', "
                              "%s, true)", [jit, mem], prepare=False)
 
@@ -346,11 +349,15 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                    ) -> list[tuple[int, float]]:
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
-    plan = _Plan(filters, query.text, query.for_index())
-    lowest, top = conn.raw.execute(f"SELECT min(id), max(id) {plan.bounds}", plan.args,
-                                   prepare=False).fetchone()
+    plan = slices.Plan(filters, query.text, query.for_index())
+    lowest, top, names, schema = conn.raw.execute(
+        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text "
+        f"{plan.bounds}", plan.args, prepare=False).fetchone()
+    if filters.session_id is None and top is not None and bands.wants_roll(names, top):
+        bands.start_roll(conn.raw, schema)
     if top is None:
         return []
+    segments = bands.layout(names)
     total = top - lowest + 1
     found: list[tuple[int, float]] = []
     hi, us_per_id = top, 0.0
@@ -364,40 +371,46 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
         else:
             density = len(found) / (top - hi)
             # The ids the rest needs at the density seen so far; nothing seen yet:
-            # MAX_GROWTH times the ids read (the whole index is a way of its own).
+            # MAX_GROWTH times the ids read.
             ids = min(rest, (top - hi) * MAX_GROWTH)
             if density and need >= 0:
                 ids = min(rest, int(left / density * SLICE_MARGIN) + 1)
             if gin is None:
-                gin = _gin_estimate(conn, query, total)
-            gin_us, candidates = gin
-            costs = {
-                ("walk", ids): us_per_id * ids,
-                ("gin", ids): gin_us + _US_RANGE_ID * ids
-                + _US_GIN_MATCH * candidates * ids / total,
-                ("gin-all", -1): gin_us + _US_GIN_MATCH * candidates * rest / total,
-            }
+                gin = slices.gin_estimate(conn, schema, query.indexed(), total)
+            costs = {("walk", ids): us_per_id * ids,
+                     ("gin", ids): slices.gin_cost(gin, segments, lowest, top,
+                                                   hi - ids + 1, hi, us_per_id, total),
+                     ("gin-all", -1): slices.gin_cost(gin, segments, lowest, top,
+                                                      lowest, hi, us_per_id, total)}
             if plan.by_session:
                 if sessions is None:
                     sessions = plan.sessions(conn)
                 count, messages = sessions
-                if count <= MAX_WALKED_SESSIONS:
-                    costs[("sessions", ids)] = (count * _US_SESSION
-                                                + _US_ROW * messages * ids / total)
+                if count <= slices.MAX_WALKED_SESSIONS:
+                    costs[("sessions", ids)] = (count * slices.US_SESSION
+                                                + slices.US_ROW * messages * ids / total)
             way, size = _cheapest(costs)
             size = rest if size < 0 else size
         lo = max(lowest, hi - size + 1)
         began = time.perf_counter()
-        rows = plan.slice(conn, way, lo, hi, left)
+        parts = slices.parts(segments, lowest, top, lo, hi)
+        rows = plan.slice(conn, way, lo, hi, left, parts)
         if way == "walk":
             # The walk stops at the LIMIT: it read the ids down to its last row.
             read = hi - (rows[-1][0] if len(rows) == left else lo) + 1
             us = (time.perf_counter() - began) * 1e6 / read
-            us_per_id = min(max(us, _US_MIN_PER_ID), _US_MAX_PER_ID)
+            us_per_id = min(max(us, slices.US_MIN_PER_ID), slices.US_MAX_PER_ID)
         elif way.startswith("gin") and gin is not None:
-            # What this slice of the index took is what the next one will take.
-            spent = (time.perf_counter() - began) * 1e6 - _US_GIN_MATCH * len(rows)
-            gin = (max(gin[0], spent), gin[1])
+            # What this slice of the index took is what the next one will take, per
+            # id of the bands it read.
+            # Only from bands of some size: a small one's time is mostly the
+            # statement's fixed cost, which would look like a dear index.
+            spent = ((time.perf_counter() - began) * 1e6
+                     - slices.US_GIN_MATCH * len(rows))
+            banded = sum(slices.band_ids(seg, lowest, top) for seg, _, _, _ in parts
+                         if seg.index is not None)
+            if banded >= MIN_MEASURED_IDS:
+                gin = (max(gin[0], spent * total / banded), gin[1])
         found += rows
         if 0 <= need <= len(found):
             return found
@@ -408,152 +421,6 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
 def _cheapest(costs: dict[tuple[str, int], float]) -> tuple[str, int]:
     """The way (and slice size) of least estimated cost."""
     return min(costs, key=costs.__getitem__)
-
-
-class _Plan:
-    """The statements of a search's slices, with its filters."""
-
-    def __init__(self, filters: Filters, tsquery: str, indexed: str) -> None:
-        where = ["m.id BETWEEN %(lo)s AND %(hi)s"]
-        self.args: dict[str, Any] = {"q": tsquery, "qi": indexed}
-        if filters.session_id is not None:
-            where.append("m.session_id = %(session)s")
-            self.args["session"] = filters.session_id
-            self.bounds = "FROM messages WHERE session_id = %(session)s"
-        else:
-            self.bounds = "FROM messages"
-        if filters.roles:
-            where.append("m.role = ANY(%(roles)s::text[])")
-            self.args["roles"] = list(filters.roles)
-        of_sessions = []
-        if filters.sources:
-            of_sessions.append("s.source = ANY(%(sources)s::text[])")
-            self.args["sources"] = list(filters.sources)
-        if filters.exclude_sources:
-            of_sessions.append("s.source <> ALL(%(exclude)s::text[])")
-            self.args["exclude"] = list(filters.exclude_sources)
-        self.by_session = bool(of_sessions)
-        self.of_sessions = " AND ".join(of_sessions) or "true"
-        join = " JOIN sessions s ON s.id = m.session_id" if of_sessions else ""
-        cond = " AND ".join(where + of_sessions)
-        # IS TRUE: an expression the GIN index cannot serve, so the walk reads the
-        # slice's ids newest first and stops at the LIMIT; the rank is computed for
-        # the rows it returns only.
-        match = "(m.content_tsv @@ %(q)s::tsquery) IS TRUE"
-        self.walk = (f"SELECT m.id, ts_rank(m.content_tsv, %(q)s::tsquery, 1) FROM "
-                     f"messages m{join} WHERE {cond} AND {match} "
-                     "ORDER BY m.id DESC LIMIT %(limit)s")
-        # The rank of the rows kept only: a slice of the index may hold many more.
-        ranked = "SELECT id, ts_rank(tsv, %(q)s::tsquery, 1) FROM ({}) AS x"
-        self.gin = ranked.format(
-            f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE {cond} AND "
-            "m.content_tsv @@ %(qi)s::tsquery "
-            + ("" if indexed == tsquery else f"AND {match} ")
-            + "ORDER BY m.id DESC LIMIT %(limit)s")
-        # The whole index: the slice's ids are checked on each match (id + 0), not
-        # intersected with a bitmap of the primary key.
-        self.gin_all = self.gin.replace("m.id BETWEEN", "m.id + 0 BETWEEN")
-        # Each session of the filter, its messages in the slice from the
-        # (session_id, id) index: a rare source is never read among all messages.
-        inner = " AND ".join(["m.session_id = s.id"] + where)
-        self.by_sessions = ranked.format(
-            f"SELECT m.id, m.content_tsv AS tsv FROM sessions s CROSS JOIN LATERAL "
-            f"(SELECT m.id, m.content_tsv FROM messages m WHERE {inner} AND {match} "
-            f"ORDER BY m.id DESC LIMIT %(limit)s) m WHERE {self.of_sessions} "
-            "ORDER BY m.id DESC LIMIT %(limit)s")
-
-    def sessions(self, conn: PgConn) -> tuple[int, int]:
-        """The filter's sessions and their messages, counted up to one past
-        :data:`MAX_WALKED_SESSIONS` sessions."""
-        return conn.raw.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0)::bigint FROM (SELECT "
-            f"message_count FROM sessions s WHERE {self.of_sessions} "
-            f"LIMIT {MAX_WALKED_SESSIONS + 1}) x",
-            self.args, prepare=False).fetchone()
-
-    def slice(self, conn: PgConn, way: str, lo: int, hi: int, limit: int
-              ) -> list[tuple[int, float]]:
-        args = {**self.args, "lo": lo, "hi": hi, "limit": limit}
-        if way == "walk":
-            return conn.raw.execute(self.walk, args, prepare=False).fetchall()
-        if way == "sessions":
-            return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
-        # The GIN index, alone or intersected with the slice's ids: an index scan
-        # would be the walk again, a sequential scan all of the table.
-        sql = self.gin_all if way == "gin-all" else self.gin
-        old = conn.raw.execute(
-            "SELECT current_setting('enable_indexscan'), current_setting('enable_seqscan'),"
-            " set_config('enable_indexscan', 'off', true), "
-            "set_config('enable_seqscan', 'off', true)", prepare=False).fetchone()
-        try:
-            return conn.raw.execute(sql, args, prepare=False).fetchall()
-        finally:
-            if _usable(conn):
-                conn.raw.execute("SELECT set_config('enable_indexscan', %s, true), "
-                                 "set_config('enable_seqscan', %s, true)", old[:2],
-                                 prepare=False)
-
-
-def _usable(conn: Any) -> bool:
-    """Whether the transaction can still run statements (not failed by an error)."""
-    return conn.raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-
-
-_STATS: dict[tuple[Any, ...], tuple[float, dict[str, float], float]] = {}
-
-
-def _gin_estimate(conn: PgConn, query: Query, messages: int) -> tuple[float, float]:
-    """Microseconds the GIN index takes to find every match of ``query`` (it reads
-    whole posting lists, whatever the slice), and the number of rows it returns
-    (each is read, and checked again for a phrase or NOT), estimated from the column's
-    statistics (the most common lexemes and their share of messages; cached for
-    :data:`STATS_TTL` seconds): an AND reads about the shortest list of its terms,
-    an OR all of its groups', a prefix every list of its lexemes; a lexeme missing
-    from the statistics is rarer than the rarest there."""
-    info = conn.raw.info
-    key = (info.host, info.port, info.dbname, conn.raw.execute(
-        "SELECT current_schema()", prepare=False).fetchone()[0])
-    cached = _STATS.get(key)
-    if cached is None or cached[0] < time.monotonic():
-        row = conn.raw.execute(
-            "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
-            "WHERE schemaname = current_schema() AND tablename = 'messages' "
-            "AND attname = 'content_tsv'", prepare=False).fetchone()
-        elems, freqs = row if row is not None and row[0] is not None else ([], [])
-        rarest = freqs[len(elems)] if len(freqs) > len(elems) else 0.0
-        cached = (time.monotonic() + STATS_TTL, dict(zip(elems, freqs)), rarest)
-        _STATS[key] = cached
-    _, share, rarest = cached
-    rarest /= 2  # as PostgreSQL's own estimate of a lexeme missing from the statistics
-    us = rows = 0.0
-    for group in query.indexed():
-        # The index merges every list of a prefix's lexemes up front, but of the other
-        # lexemes of an AND it reads the shortest list and skips through the longer
-        # ones to each of its entries (a word in every message ANDed with a rare one
-        # costs what the rare one does: summing the lists made a pasted paragraph
-        # look a hundred times dearer than it is, and walk the whole table instead).
-        # The rows it returns are those holding every term (taken as independent),
-        # each of them all the lexemes of its phrase.
-        group_us, group_rows = 0.0, 1.0
-        plain: list[float] = []
-        for negated, lexemes, _ in group:
-            if negated:
-                continue
-            term_rows = 1.0
-            for lexeme, prefix in lexemes:
-                if prefix:
-                    part = sum(f for e, f in share.items() if e.startswith(lexeme)) + rarest
-                    group_us += part * _US_PREFIX_TID
-                else:
-                    part = share.get(lexeme, rarest)
-                    plain.append(part)
-                term_rows = min(term_rows, part)
-            group_rows *= term_rows
-        if plain:
-            group_us += min(plain) * len(plain) * _US_TID
-        us += group_us
-        rows += group_rows
-    return us * messages, rows * messages
 
 
 # -- the hits ------------------------------------------------------------------------

@@ -5,11 +5,7 @@ session per line (``--jsonl``). A million-message store is a file of about 1.5 G
 neither is read with ``json.load`` nor written with ``json.dumps`` of the whole: the
 writers emit one session at a time, and :func:`read_items` decodes one at a time with
 :meth:`json.JSONDecoder.raw_decode` over a buffer that holds about the session being
-decoded, whatever the format. JSON Lines go faster a line at a time (the file object
-finds the newlines; nothing is copied or counted twice): as long as each line holds one
-value, that is how they are read, and the first line that does not (a value over
-several lines, bad JSON) goes back to the buffer, which carries on from there and
-locates any error exactly as it would have.
+decoded, whatever the format.
 
 Nothing here touches a store (pure functions of file objects).
 """
@@ -19,7 +15,6 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections import deque
 from typing import IO, Any, Iterable, Iterator
 
 _DECODER = json.JSONDecoder()
@@ -51,7 +46,6 @@ class _Buffer:
         self._offset = 0        # characters dropped
         self._line_start = 0    # where the line of the first character kept starts
         self._decode = codecs.getincrementaldecoder("utf-8-sig")("strict").decode
-        self._lines: deque[str] = deque()  # read line by line, not yet decoded as JSON
 
     def more(self, at_least: int = 0) -> bool:
         """Append the next chunk (at least ``at_least`` characters' worth, when the file
@@ -113,71 +107,6 @@ class _Buffer:
             self.pos = end
             return value
 
-    def lines(self) -> Iterator[Any]:
-        """The values of JSON Lines from the position on, one per line (the fast way);
-        returns at the end of the input, or at the first line that does not hold exactly
-        one value, which is then left in the buffer (position 0, line and column
-        bookkeeping as if the buffer had read it) for :meth:`value`."""
-        readline = getattr(self.source, "readline", None)
-        if readline is None:
-            return
-        lines = self._lines
-        head = self.text[self.pos:].split("\n")
-        lines.extend(line + "\n" for line in head[:-1])
-        partial = head[-1]
-        # Line bookkeeping up to the position (the line it is on may start before it).
-        newline = self.text.rfind("\n", 0, self.pos)
-        if newline >= 0:
-            self._line_start = self._offset + newline + 1
-        self._lines_before += self.text.count("\n", 0, self.pos)
-        self._offset += self.pos
-        self.text, self.pos = "", 0
-        while True:
-            if not lines:
-                if self.eof:
-                    break
-                raw = readline()
-                self.bytes_read += len(raw)
-                if isinstance(raw, str):
-                    text = raw
-                else:
-                    try:
-                        text = self._decode(raw, final=not raw)
-                    except UnicodeDecodeError as exc:
-                        # (The line's values are not read: the error is on this line.)
-                        lines.append(partial)
-                        self._keep_lines()
-                        at = len(partial) + len(raw[:exc.start].decode("utf-8", "replace"))
-                        raise self.error(f"not UTF-8 text ({exc.reason})", at) from None
-                if not raw:
-                    self.eof = True
-                text, partial = partial + text, ""
-                if text:
-                    lines.append(text)
-                continue
-            line = lines[0]
-            start = _SPACE.match(line).end()  # type: ignore[union-attr]
-            if start < len(line):
-                try:
-                    value, end = _DECODER.raw_decode(line, start)
-                except json.JSONDecodeError:
-                    break
-                if _SPACE.match(line, end).end() != len(line):  # type: ignore[union-attr]
-                    break
-            lines.popleft()
-            self._lines_before += line.count("\n")
-            self._offset += len(line)
-            self._line_start = self._offset
-            if start < len(line):
-                yield value
-        lines.append(partial)
-        self._keep_lines()
-
-    def _keep_lines(self) -> None:
-        """Put the lines read but not decoded back in the buffer."""
-        self.text = "".join(self._lines)
-        self._lines.clear()
-
     def error(self, message: str, pos: int) -> ExportFormatError:
         line = self._lines_before + self.text.count("\n", 0, pos) + 1
         newline = self.text.rfind("\n", 0, pos)
@@ -209,7 +138,6 @@ class Reader:
         if first is None:
             raise buf.error("empty input: expected a JSON list or JSON Lines", buf.pos)
         if first != "[":
-            yield from buf.lines()
             while buf.peek() is not None:
                 yield buf.value()
             return

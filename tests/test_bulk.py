@@ -8,7 +8,6 @@ import io
 import json
 import multiprocessing
 import os
-import random
 import signal
 import sys
 import time
@@ -520,37 +519,3 @@ def test_a_long_value_is_read_in_linear_time() -> None:
     assert list(read_items(Counting(json.dumps(item).encode()), 1024)) == [item]
     assert len(reads) < 30
 
-
-class _ReadOnly:
-    """A binary source without ``readline``: read by the buffer alone."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = io.BytesIO(data)
-
-    def read(self, size: int = -1) -> bytes:
-        return self._data.read(size)
-
-
-def _read_all(source: Any, chunk: int) -> tuple:
-    values: list[Any] = []
-    try:
-        values.extend(read_items(source, chunk))
-    except ExportFormatError as exc:
-        return ("error", values, exc.line, exc.column, str(exc))
-    return ("ok", values)
-
-
-def test_json_lines_read_line_by_line_as_the_buffer_reads_them() -> None:
-    """JSON Lines are read a line at a time while each line holds one value, and by the
-    buffer from the first line that does not: the values, and the place of any error,
-    are the same as the buffer alone gives, whatever the mix of lines."""
-    rng = random.Random(3)
-    pieces = ['{"a": 1}', '{"b": [1, 2]}', "  ", "\n", "\n\n", '{"c":\n 3}', "{bad", "1",
-              '"x"', "tru", ' {"d": "\u00e9\u4e2d"}', "\t", "}", "[", "]", ",",
-              '{"e": 1} {"f": 2}', '"\\u00e9"', "\r\n"]
-    for _ in range(3000):
-        data = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))).encode()
-        if rng.random() < 0.1:
-            data = b"\xef\xbb\xbf" + data
-        for chunk in (1, 7, 1 << 20):
-            assert _read_all(io.BytesIO(data), chunk) == _read_all(_ReadOnly(data), chunk)

@@ -105,6 +105,7 @@ class CheckpointPolicy:
     QUICK_RESET_MS = 50     # busy timeout of a reset once cooperating readers are out
     HOLD_WRITERS_AT = 0.75  # WAL fraction past which a reset waits for readers in the gate
     INLINE_AT = 0.6         # WAL fraction past which the writer itself resets
+    STEP_COPY_AT = 1 / 64   # WAL fraction past which long work has it copied as it goes
     STEP_WAIT_AT = 1 / 8    # WAL fraction past which long work waits for its copy
     STEP_COPIES = 3         # copies it waits for at most, while writers add frames
 
@@ -232,8 +233,13 @@ class CheckpointPolicy:
         Waiting now and then lets the copy catch up with the steps, so that the WAL is
         wholly copied and the next write starts it again from its beginning: the WAL
         stays near that size and never reaches the reset threshold, whose TRUNCATE
-        every writer would wait for."""
-        if self._stopped or not self.wal_limit:
+        every writer would wait for.
+
+        Below :data:`STEP_COPY_AT` of ``wal_limit`` (1 MB of the default) nothing is
+        asked: the periodic PASSIVE copies a WAL that small in a moment, and short work
+        on a small store leaves no copy running behind it (a ``checkpoint()`` right
+        after it reports the same figures however the threads were scheduled)."""
+        if self._stopped or not self.wal_limit or not self._over(self.STEP_COPY_AT):
             return
         wait = self._over(self.STEP_WAIT_AT)
         deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)

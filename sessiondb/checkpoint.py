@@ -433,11 +433,22 @@ class CheckpointPolicy:
             return False
         try:
             conn.set_busy_timeout(busy_ms)
+            until = time.monotonic() + busy_ms / 1000
             try:
-                frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-                ok = frames == 0
-            except (apsw.BusyError, apsw.LockedError):
-                ok = False
+                while True:
+                    # SQLITE_BUSY comes at once, without the busy handler, while another
+                    # connection runs a checkpoint (the PASSIVE a writer of this process
+                    # runs after its write, outside the gate, or another process's): it
+                    # ends in milliseconds, so try again until the bound. Readers that
+                    # pin the WAL are waited for by the busy handler, up to the bound.
+                    try:
+                        frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+                        ok = frames == 0
+                    except (apsw.BusyError, apsw.LockedError):
+                        ok = False
+                    if ok or time.monotonic() >= until:
+                        break
+                    time.sleep(0.002)
             finally:
                 conn.set_busy_timeout(self.busy_timeout_ms)
         finally:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
+from test_pg_search import oracle_at
 
 from sessiondb import SessionDB, doctor
 from sessiondb.errors import SchemaTooNewError
@@ -87,20 +88,7 @@ def store() -> Iterator[tuple[SessionDB, str]]:
 
 def oracle(schema: str, tsquery: str, window: int, **filters: Any) -> list[int]:
     """Every match in the documented order, straight from the table."""
-    rows = _sql(
-        f'SELECT m.id, ts_rank(m.content_tsv, %s::tsquery, 1), m.session_id, m.role, '
-        f's.source FROM "{schema}".messages m JOIN "{schema}".sessions s '
-        "ON s.id = m.session_id WHERE m.content_tsv @@ %s::tsquery ORDER BY m.id DESC",
-        [tsquery, tsquery])
-    keep = [r for r in rows
-            if (filters.get("sources") is None or r[4] in filters["sources"])
-            and r[4] not in (filters.get("exclude_sources") or [])
-            and (not filters.get("roles") or r[3] in filters["roles"])
-            and filters.get("session_id") in (None, r[2])]
-    out: list[int] = []
-    for i in range(0, len(keep), window):
-        out += [r[0] for r in sorted(keep[i:i + window], key=lambda r: (-r[1], -r[0]))]
-    return out
+    return oracle_at(URL, schema, tsquery, window, **filters)
 
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [

@@ -284,7 +284,12 @@ def ordered() -> Iterator[tuple[SessionDB, str]]:
 def oracle(schema: str, tsquery: str, window: int, **filters: Any) -> list[int]:
     """Every match in the documented order, from PostgreSQL directly: newest first in
     windows, best ts_rank first within each, ties newest first."""
-    with psycopg.connect(URL) as conn:
+    return oracle_at(URL, schema, tsquery, window, **filters)
+
+
+def oracle_at(url: str, schema: str, tsquery: str, window: int, **filters: Any) -> list[int]:
+    """:func:`oracle` against the server at ``url`` (shared with tests/test_pg_bands.py)."""
+    with psycopg.connect(url) as conn:
         rows = conn.execute(
             f'SELECT m.id, ts_rank(m.content_tsv, %s::tsquery, 1), m.session_id, m.role, '
             f's.source FROM "{schema}".messages m JOIN "{schema}".sessions s '

@@ -45,18 +45,27 @@ comes out, in every statement (45-110 ms on a million messages for a prefix of a
 found in most of them). So each such prefix is written as an OR of the index's words
 that have it (:mod:`sessiondb.search_prefix`): the same rows, read lazily like any
 word, and bm25 of the prefix's occurrences as FTS5 counts them; the hits are then read
-with only the words they hold. The order is the same as with a ``prefix=`` index.
+with only the words they hold. The order is the same as with a ``prefix=`` index. A
+prefix of thousands of words (one letter), which FTS5 merges in about 1 s and whose
+words would take 0.1 s of seeks to start, matches nearly every message: its query is
+answered by testing the newest messages that pass the filters one by one against it
+(:mod:`sessiondb.search_rows`; their tokens, the rank data FTS5 would give, FTS5's own
+snippets), while that is estimated cheaper than the merge: the same hits in the same
+order.
 
 **Limits.** A statement of a prefix written out starts with a seek per word (about 45
 microseconds each on a million messages), so a prefix is written out only when that,
 over the statements a search may run, costs less than FTS5's merge
 (:mod:`sessiondb.search_prefix`): a prefix of thousands of words (one letter) is
-merged, about 1 s. Such a prefix, a query in FTS5 syntax the rewrite does not read
-(``NEAR``, column filters, ``^``) and a search inside a write transaction run as FTS5
-reads them: as few statements as possible, every phrase weighted alike. ``a NOT
-b`` with ``b`` in nearly every message reads both doclists until the window is full:
-with a filter that keeps few of its matches, all of them. The snippet of a prefix
-query may show another passage of the message than FTS5 with the prefix would: FTS5
+merged, about 1 s, when its messages cannot be tested one by one (a shape
+:mod:`sessiondb.search_rows` does not test, such as ``(a* OR b) c``; a walk estimated
+dearer than the merge, such as ``a* zebra`` with a rare ``zebra``; messages not indexed
+yet). Such a prefix, a query in FTS5 syntax the rewrite does not read (``NEAR``, column
+filters, ``^``) and a search inside a write transaction run as FTS5 reads them: as few
+statements as possible, every phrase weighted alike (also when tested one by one).
+``a NOT b`` with ``b`` in nearly every message reads both doclists until the window is
+full: with a filter that keeps few of its matches, all of them (about 42 ms on a million
+messages). The snippet of a prefix query may show another passage of the message than FTS5 with the prefix would: FTS5
 prefers the passage with the most different phrases, and each word of the prefix is
 one. ``limit=None`` ranks every match, window by window.
 """
@@ -72,11 +81,12 @@ from typing import Any, NamedTuple, Sequence
 
 import apsw
 
-from . import records, search_index, search_prefix
+from . import records, search_index, search_prefix, search_rows
 from .backend import fetch as _fetch
 from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
 from .search_prefix import merges_doclists
 from .search_rank import Scorer, prepare, rank_sql
+from .search_rows import session_conditions as _session_conditions
 # The reading of hits and the constants that shape them are part of this module's
 # interface (the hermes-agent facade reads hits through it).
 from .search_hits import (CONTEXT_BYTES, SNIPPET_BUDGET, fetch_hits, long_message_snippet,
@@ -196,7 +206,15 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     run = Run(match) if expansion is None else Run(
         expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
         expansion.statement_us)
-    found, scan_us = _candidates(conn, run, filters, need)
+    tested = None
+    if expansion is None and merges_doclists(conn, match):
+        test = search_rows.parse(conn, match)
+        if test is not None:
+            tested = _tested(conn, match, test, filters, need)
+    if tested is None:
+        found, scan_us = _candidates(conn, run, filters, need)
+    else:
+        found, scan_us = tested, 0.0
     first = offset // WINDOW
     windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
     if not windows:
@@ -208,8 +226,21 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     scorer = Scorer(conn, phrases, found[0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - first * WINDOW
-    return Page(ordered[start:] if limit < 0 else ordered[start:start + limit], scan_us,
-                run.match, run.statement_us)
+    ids = ordered[start:] if limit < 0 else ordered[start:start + limit]
+    return Page(ids, scan_us, run.match, run.statement_us, tested is not None)
+
+
+def _tested(conn: apsw.Connection, match: str, test: search_rows.RowTest,
+            filters: Filters, need: int) -> list[tuple[int, str]] | None:
+    """The candidates of a query FTS5 would merge whole doclists for, found by testing
+    the newest messages passing ``filters`` (:mod:`sessiondb.search_rows`); None when
+    that is estimated to cost more than the merge, or cannot be done."""
+    plan = _plan(conn, filters)
+    if plan is None:
+        return []
+    return search_rows.newest_matches(conn, test, search_rows.band_reader(conn, filters),
+                                      plan.lo, plan.hi, need,
+                                      search_prefix.merge_cost_us(conn, match))
 
 
 # -- candidates: the newest matches that pass the filters ----------------------------
@@ -476,20 +507,6 @@ def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
         where += " AND " + sql  # AND stops at the first false operand: a lookup per hit
         args += values
     return _Plan("", where, args, plan.lo, plan.hi)
-
-
-def _session_conditions(filters: Filters) -> tuple[str, list[Any]]:
-    cond = ["1"]
-    args: list[Any] = []
-    if filters.session_id is not None:
-        cond.append("s.id = ?")
-        args.append(filters.session_id)
-    for items, negate in ((filters.sources, False), (filters.exclude_sources, True)):
-        if items:
-            sql, values = filters.inside("s.source", items, negate)
-            cond.append(sql)
-            args += values
-    return " AND ".join(cond), args
 
 
 def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,

@@ -61,6 +61,9 @@ class Page(NamedTuple):
     #: the query as run (its prefixes written out, see sessiondb.search_prefix), or None
     match: str | None = None
     statement_us: float = 0.0  #: a statement's start beyond any statement's, for it
+    #: the hits were found by testing messages (sessiondb.search_rows): read them from
+    #: the tables, their snippets made by FTS5 over a table of their texts alone
+    from_texts: bool = False
 
 
 def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> list[tuple]:
@@ -74,6 +77,10 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     prefixes the page wrote out as ORs of words (:mod:`sessiondb.search_prefix`) is
     written again with only the words of the hits' texts: among them it matches the
     same rows with the same phrase occurrences, so the same snippets, and starts faster.
+    A page marked ``from_texts`` (hits found by :mod:`sessiondb.search_rows`) is read
+    from the tables, the snippets made by FTS5 over a temporary table of the hits'
+    texts alone: the same snippets for the queries that module tests, without the
+    merge of a prefix's doclists.
 
     FTS5's ``snippet()`` takes time that grows with the square of the matches in a
     message (a 10 MB one: hours, holding a read transaction); each phrase of the query
@@ -83,6 +90,8 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     :param terms: the number of phrases of ``match``, for that budget.
     """
     ids = sorted(page.ids)
+    if page.from_texts:
+        return _hits_from_texts(conn, match, page.ids, terms)
     rows: dict[int, tuple] = {}
     run, start_us = page.match or match, page.statement_us
     if ids and start_us > US_STATEMENT:
@@ -102,6 +111,41 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
                                            missing[0], missing[-1], json.dumps(missing))):
             rows[row[0]] = row
     return [rows[i] for i in page.ids if i in rows]
+
+
+_TEXTS_SQL = (
+    "SELECT m.id, m.session_id, m.role, NULL, m.timestamp, m.tool_name, s.source, s.model, "
+    "s.started_at, CASE WHEN octet_length(m.content) * ? <= ? THEN 1 END FROM messages m "
+    f"JOIN sessions s ON s.id = m.session_id WHERE m.id IN {IN_LIST}"
+)
+# A table of the hits' texts alone, for their snippets: FTS5's snippet() of a message
+# depends on its text and the query's phrase instances in it, which for the queries
+# sessiondb.search_rows can test are given by the text alone (see there); so it is the
+# snippet over the whole index, without reading the index (a prefix's merge of
+# doclists over every message).
+_SNIPPETS = "temp.sessiondb_snippets"
+
+
+def _hits_from_texts(conn: apsw.Connection, match: str, ids: list[int], terms: int
+                     ) -> list[tuple]:
+    """The rows of hits as :func:`fetch_hits` gives them, read from the tables, their
+    snippets made by FTS5 over a temporary table of their texts (under the same
+    budget)."""
+    rows = {row[0]: row for row in _fetch(conn, _TEXTS_SQL, (terms, SNIPPET_BUDGET,
+                                                              json.dumps(ids)))}
+    wanted = [i for i in ids if i in rows and rows[i][9]]
+    snippets: dict[int, str] = {}
+    if wanted:
+        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {_SNIPPETS} USING fts5(content)")
+        try:
+            conn.execute(f"INSERT INTO {_SNIPPETS} (rowid, content) SELECT id, content FROM "
+                         f"messages WHERE id IN {IN_LIST}", (json.dumps(wanted),))
+            snippets = dict(_fetch(
+                conn, f"SELECT rowid, snippet(sessiondb_snippets, 0, '>>>', '<<<', '...', "
+                      f"40) FROM {_SNIPPETS} WHERE sessiondb_snippets MATCH ?", (match,)))
+        finally:
+            conn.execute(f"DELETE FROM {_SNIPPETS}")
+    return [(*rows[i][:3], snippets.get(i), *rows[i][4:9]) for i in ids if i in rows]
 
 
 def complete_hit(conn: apsw.Connection, hit: dict[str, Any], match: str) -> None:

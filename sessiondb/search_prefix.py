@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -61,14 +62,17 @@ STATEMENTS = 10
 # bareword), a string (``""`` is a quote in it), a bareword (ASCII letters, digits,
 # ``_``, ``\x1a`` and every character past ASCII), either one perhaps a prefix;
 # parentheses; anything else (``:``, ``^``, ``+``, ``-``, ``{``...) ends the rewrite.
-_PART = re.compile(r'([ \t\n\r]+)|("(?:[^"]|"")*")(\*?)|([A-Za-z0-9_\x1a\x80-\U0010ffff]+)(\*?)'
-                   r'|([()])|(.)', re.DOTALL)
+QUERY_PART = re.compile(
+    r'([ \t\n\r]+)|("(?:[^"]|"")*")(\*?)|([A-Za-z0-9_\x1a\x80-\U0010ffff]+)(\*?)'
+    r'|([()])|(.)', re.DOTALL)
+_PART = QUERY_PART
 _OPERATORS = ("AND", "OR", "NOT")
 _MAIN = b"0"  # the byte before every word of the main index (prefix indexes: 1, 2...)
 _PAGE_BITS = 37  # a leaf page's %_data id: segment id << 37 | page number
 _FLAGS = apsw.FTS5_TOKENIZE_QUERY | apsw.FTS5_TOKENIZE_PREFIX
 _STARRED = re.compile(r'"([^"]*)"\*|([^\s"*]+)\*')
 _TOKEN = re.compile(r"[^\W_]+")
+_EXTENTS: "weakref.WeakKeyDictionary[apsw.Connection, tuple]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
         tokens = [t[2] for t in tokenizer(text.encode("utf-8"), _FLAGS, None)
                   ] if qstar or bstar else []
         found = None
-        if tokens and len(tokens[-1]) not in covered:
+        if tokens and len(tokens[-1]) not in covered and not _surely_merged(
+                conn, tokens[-1]):
             listed = prefix_words(conn, tokens[-1])
             if listed is not None and _cheaper_written_out(listed):
                 found = [w for w in listed.words if within is None or w in within]
@@ -189,6 +194,84 @@ def _cheaper_written_out(listed: PrefixWords) -> bool:
     cost less than FTS5's merge of their doclists in one."""
     written = len(listed.words) * US_PER_WORD * STATEMENTS
     return written <= listed.pages * US_MERGED_PAGE + len(listed.words) * US_MERGED_WORD
+
+
+def _surely_merged(conn: apsw.Connection, prefix: str) -> bool:
+    """True when the prefix's words are certainly too many for
+    :func:`_cheaper_written_out`, found from the index's b-tree alone: reading their
+    words (:func:`prefix_words`) costs 60-75 ms for one letter on a million messages, as
+    much as a search. The pages are counted as :func:`prefix_words` counts them, and
+    the words bounded from below (see :func:`_read_extent`); the decision is the one
+    the words would give whenever this says True."""
+    pages, words = _extent(conn, prefix)
+    return words * (US_PER_WORD * STATEMENTS - US_MERGED_WORD) > pages * US_MERGED_PAGE
+
+
+def merge_cost_us(conn: apsw.Connection, match: str) -> float:
+    """Microseconds FTS5's merge of the prefixes of ``match`` that no ``prefix=`` index
+    covers is estimated to take at least (leaf pages and words, see
+    :func:`_surely_merged`); 0.0 when it merges nothing."""
+    covered = set(index_prefixes(conn))
+    cost = 0.0
+    for quoted, bare in _STARRED.findall(match):
+        words = _TOKEN.findall(quoted or bare)
+        if words and len(words[-1]) not in covered:
+            tokenizer = conn.fts5_tokenizer("unicode61")
+            tokens = [t[2] for t in tokenizer((quoted or bare).encode("utf-8"), _FLAGS, None)]
+            if tokens:
+                pages, least = _extent(conn, tokens[-1])
+                cost += pages * US_MERGED_PAGE + least * US_MERGED_WORD
+    return cost
+
+
+def _extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
+    # Kept per connection until the database changes (by this connection: its count of
+    # changes; by another: PRAGMA data_version): a search asks twice, a few ms each.
+    state = (prefix, conn.total_changes(),
+             conn.execute("PRAGMA data_version").fetchone()[0])
+    kept = _EXTENTS.get(conn)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    _EXTENTS[conn] = (state, _read_extent(conn, prefix))
+    return _EXTENTS[conn][1]
+
+
+def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
+    """The leaf pages the doclists of the words with ``prefix`` span in all segments,
+    counted as :func:`prefix_words` counts them, and a lower bound of the words, from
+    the ``%_idx`` b-tree alone.
+
+    A page's key is a prefix of the first word on it, so two keys (of any segments)
+    that are not prefixes of one another begin different words; and the pages of one
+    segment all begin different words.
+    """
+    low = _MAIN + prefix.encode("utf-8")
+    high = low + b"\xff"
+    pages = most = 0
+    keys: set[bytes] = set()
+    segment = -1
+    while True:
+        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
+                           "ORDER BY segid LIMIT 1", (segment,)).fetchone()
+        if row is None:
+            break
+        segment = row[0]
+        start, past = conn.execute(
+            "SELECT (SELECT pgno FROM messages_fts_idx WHERE segid = ?1 AND term <= ?2 "
+            "ORDER BY term DESC LIMIT 1), (SELECT pgno FROM messages_fts_idx WHERE "
+            "segid = ?1 AND term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)
+        ).fetchone()
+        inside = conn.execute("SELECT term, pgno FROM messages_fts_idx WHERE segid = ? AND "
+                              "term > ? AND term < ?", (segment, low, high)).fetchall()
+        most = max(most, len(inside))
+        keys.update(term for term, _ in inside)
+        numbers = ([start >> 1] if start is not None else []) + [
+            pgno >> 1 for _, pgno in inside]
+        if numbers:
+            pages += (past >> 1 if past is not None else numbers[-1] + 1) - numbers[0]
+    ordered = sorted(keys)
+    return pages, max(most, sum(1 for i, key in enumerate(ordered) if i + 1 == len(ordered)
+                                or not ordered[i + 1].startswith(key)))
 
 
 def words_of(conn: apsw.Connection, ids: Sequence[int], budget: int) -> set[str] | None:

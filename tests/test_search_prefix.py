@@ -241,3 +241,28 @@ def test_a_prefix_merged_or_written_out_gives_the_same_hits(store: Path,
         merged = [[h["id"] for h in db.search_messages(q, limit=None)] for q in queries]
     for query, a, b in zip(queries, written, merged):
         assert a and (a == b if " " not in query else sorted(a) == sorted(b)), query
+
+
+def test_the_words_counted_from_the_index_alone_bound_the_words(store: Path,
+                                                                monkeypatch) -> None:
+    # A prefix of many words is known to be merged without reading its words (60-75
+    # ms for one letter on a million messages): the pages are those prefix_words
+    # counts, the bound at most its words, and the decision never differs from the
+    # one made of the words.
+    monkeypatch.setattr(search_prefix, "STATEMENTS", 10)
+    conn = apsw.Connection(str(store))
+    try:
+        prefixes = {word[:n] for word in _vocabulary(conn) for n in (1, 2)}
+        merged = 0
+        for prefix in sorted(prefixes):
+            listed = search_prefix.prefix_words(conn, prefix)
+            pages, least = search_prefix._extent(conn, prefix)
+            if listed is None:
+                continue
+            assert pages == listed.pages and least <= len(listed.words), prefix
+            if search_prefix._surely_merged(conn, prefix):
+                merged += 1
+                assert not search_prefix._cheaper_written_out(listed), prefix
+        assert merged  # "p" and "pr": 700 words of "pre"
+    finally:
+        conn.close()

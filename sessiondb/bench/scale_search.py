@@ -2,7 +2,7 @@
 
 Every shape of the scale issue is timed through the public API
 (:meth:`sessiondb.SessionDB.search_messages`): a common word, a two-word phrase, prefixes
-of 2, 3 and 4 letters, ``a OR b``, ``a NOT b`` (``b`` in a third of the messages, and
+of 1, 2, 3 and 4 letters, ``a OR b``, ``a NOT b`` (``b`` in a third of the messages, and
 ``b`` in nearly all of them), a mid-frequency word and a rare word,
 each alone and with ``sources`` (a rare and a common source), ``exclude_sources``,
 ``roles``, ``session_id`` and ``offset=100``. The words are picked by their document
@@ -78,6 +78,8 @@ def _queries(t: dict[str, Any]) -> dict[str, Callable[[int], str]]:
     return {
         "common word": lambda i: c[i % 3],
         "two-word phrase": lambda i: f'"{c[i % 3]} {c[(i + 1) % 3]}"',
+        # Thousands of words, one of them in nearly every message.
+        "prefix 1 letter": lambda i: c[i % 3][:1] + "*",
         "prefix 2 letters": lambda i: c[i % 3][:2] + "*",
         "prefix 3 letters": lambda i: c[i % 3][:3] + "*",
         "prefix 4 letters": lambda i: c[i % 3][:4] + "*",

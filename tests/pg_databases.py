@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 
 from pgserver import PgServer
 
-#: Drops allowed to wait for the thread; past that, give_back() drops the database
-#: itself, so that databases of finished tests never pile up in memory.
-MAX_PENDING_DROPS = 8
+#: Drops allowed to wait; past that, give_back() drops the database itself, so that
+#: databases of finished tests never pile up in memory (about 7.5 MB each).
+MAX_PENDING_DROPS = 32
+#: Threads dropping at once: a drop that had to end PgBouncer's connections mostly
+#: sleeps (100 ms), and one thread could fall behind tests shorter than that.
+DROPPERS = 2
 
 
 class FreshDatabases:
@@ -31,7 +34,8 @@ class FreshDatabases:
 
     The next database is made when a test gives its own back, so between two tests
     rather than during one (a test's first calls do not compete with a ``CREATE
-    DATABASE``); the drop follows, while the next test runs.
+    DATABASE``), by a thread of its own; other threads drop the old ones while the
+    next tests run.
 
     :param server: the server; it may be stopped and started again between tests.
     """
@@ -46,9 +50,12 @@ class FreshDatabases:
         self._making = False
         self._drops: collections.deque[str] = collections.deque()
         self._stop = False
-        self._thread = threading.Thread(target=self._work, name="fresh-databases",
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._make_ahead, name="make-database",
+                                          daemon=True)]
+        self._threads += [threading.Thread(target=self._drop_behind, name="drop-database",
+                                           daemon=True) for _ in range(DROPPERS)]
+        for thread in self._threads:
+            thread.start()
 
     def take(self) -> str:
         """The URL of a database nobody has used (the one made ahead, waited for if it
@@ -62,49 +69,50 @@ class FreshDatabases:
         return self.server.create_database()
 
     def give_back(self, url: str) -> None:
-        """Drop the database of ``url`` in the background, once the next test's is
-        made."""
+        """Have the next test's database made, and the database of ``url`` dropped, in
+        the background."""
         name = urlsplit(url).path.lstrip("/")
         with self._cond:
             self._want = True
-            if len(self._drops) < MAX_PENDING_DROPS:
+            queued = len(self._drops) < MAX_PENDING_DROPS
+            if queued:
                 self._drops.append(name)
-                self._cond.notify()
-                return
-            self._cond.notify()
-        self._drop(name)
+            self._cond.notify_all()
+        if not queued:
+            self._drop(name)
 
     def close(self) -> None:
-        """Stop the thread once the drops asked for are done; a database made ahead
+        """Stop the threads once the drops asked for are done; a database made ahead
         goes with the server's data directory."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
-        self._thread.join(60)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(60)
 
-    def _work(self) -> None:
+    def _make_ahead(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stop or self._drops
-                                    or (self._want and self._ready is None))
-                make = self._want and self._ready is None and not self._stop
-                self._want = False
-                if make:
-                    self._making = True
-                elif self._drops:
-                    name = self._drops.popleft()
-                else:
+                self._cond.wait_for(lambda: self._stop or (self._want and self._ready is None))
+                if self._stop:
+                    return
+                self._want, self._making = False, True
+            try:
+                made: str | BaseException = self.server.create_database()
+            except Exception as exc:  # noqa: BLE001 - take() makes its own then
+                made = exc
+            with self._cond:
+                self._ready, self._making = made, False
+                self._cond.notify_all()
+
+    def _drop_behind(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._drops)
+                if not self._drops:
                     return  # stopped, nothing left to drop
-            if make:  # the next test's database first: it may be waiting for it
-                try:
-                    made: str | BaseException = self.server.create_database()
-                except Exception as exc:  # noqa: BLE001 - take() makes its own then
-                    made = exc
-                with self._cond:
-                    self._ready, self._making = made, False
-                    self._cond.notify_all()
-            else:
-                self._drop(name)
+                name = self._drops.popleft()
+            self._drop(name)
 
     def _drop(self, name: str) -> None:
         if self.server.running:

@@ -4,7 +4,8 @@ Loaded from ``tests/conftest.py`` with ``pytest_plugins = ["pg_fixtures"]``.
 
 - ``pg_server`` (session): one :class:`~pgserver.PgServer` per process (so per xdist
   worker), started the first time a test asks for it.
-- ``pg_url`` (function): the URL of a fresh, empty database on it, dropped afterwards.
+- ``pg_url`` (function): the URL of a fresh, empty database on it, dropped afterwards
+  (both off the test's time: ``fresh_databases``, tests/pg_databases.py).
 - ``pgbouncer`` (session): a :class:`~pgserver.PgBouncer` in transaction mode in front of
   ``pg_server`` that recycles its server connections every 2 s.
 - ``pgbouncer_url`` (function): a fresh database reached through ``pgbouncer``.
@@ -31,11 +32,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from pg_databases import FreshDatabases
 from pgserver import FreezableProxy, PgBouncer, PgInfraError, PgServer, find_bindir
 
 PIP_FIXTURES = {"pip_pg_server"}
-PG_FIXTURES = {"pg_server", "pg_url", "pgbouncer", "pgbouncer_url", "make_pg_server",
-               "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
+PG_FIXTURES = {"pg_server", "fresh_databases", "pg_url", "pgbouncer", "pgbouncer_url",
+               "make_pg_server", "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
 
 REQUIRE_ENV = "SESSIONDB_REQUIRE_POSTGRES"
 REPORT_ENV = "SESSIONDB_PG_REPORT"
@@ -115,16 +117,27 @@ def pg_server() -> Iterator[PgServer]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def fresh_databases(pg_server: PgServer) -> Iterator[FreshDatabases]:
+    """Databases of ``pg_server`` made one test ahead and dropped behind, off the tests'
+    own time (tests/pg_databases.py)."""
+    fresh = FreshDatabases(pg_server)
+    try:
+        yield fresh
+    finally:
+        fresh.close()
+
+
 @pytest.fixture
-def pg_url(pg_server: PgServer) -> Iterator[str]:
+def pg_url(pg_server: PgServer, fresh_databases: FreshDatabases) -> Iterator[str]:
     """``postgresql://postgres@127.0.0.1:PORT/test_...``: an empty database of this test's
-    own (about 15 ms to create and drop), superuser, no password."""
+    own, superuser, no password; made while the previous test ran, dropped while the
+    next one runs."""
     if not pg_server.running:  # a test stopped the shared server after all
         pg_server.start()
-    url = pg_server.create_database()
+    url = fresh_databases.take()
     yield url
-    if pg_server.running:
-        pg_server.drop_database(urlsplit(url).path.lstrip("/"))
+    fresh_databases.give_back(url)
 
 
 @pytest.fixture

@@ -126,10 +126,13 @@ def test_extend_keeps_a_claim(db: SessionDB) -> None:
 def test_the_reaper_runs_even_when_the_caller_is_at_its_cap(db_path: Path) -> None:
     """The pool-full trap: stale work must go back although every slot is busy."""
     with SessionDB(db_path, max_claims_per_owner=1) as db:
-        stuck = db.enqueue("jobs")
+        # The busy worker claims first: a claim after the 50 ms one could find it
+        # lapsed already (a slow machine, a pooler) and reap and take it itself.
         db.enqueue("jobs")
-        hung = db.claim("jobs", "crashed-worker", ttl=0.05)
+        stuck = db.enqueue("jobs")
         db.claim("jobs", "busy-worker", ttl=30)
+        hung = db.claim("jobs", "crashed-worker", ttl=0.05)
+        assert hung.id == stuck
         expire(hung)
         db.enqueue("jobs")
         with pytest.raises(CapExceeded) as info:

@@ -92,6 +92,12 @@ class Dialect(Protocol):
         """Update the session's row after taking the lock ``key``, in one statement;
         whether the session exists."""
 
+    def insert_for_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
+                           session_id: str, table: str, row: dict[str, Any]) -> int | None:
+        """:meth:`update_session`, then ``INSERT INTO table`` the ``row`` (column: value)
+        if the session exists; the new row's id, or None when the session does not
+        exist (nothing written)."""
+
     def now(self, conn: Conn) -> float:
         """The clock that decides expiry (seconds since the epoch): this host's on SQLite
         (one machine), the server's on PostgreSQL (many hosts, one clock)."""

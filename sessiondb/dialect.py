@@ -42,6 +42,16 @@ class SQLiteDialect:
         conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", (*args, session_id))
         return conn.changes() > 0
 
+    def insert_for_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
+                           session_id: str, table: str, row: dict[str, Any]) -> int | None:
+        """:meth:`update_session`, then the INSERT if the session exists: two statements
+        (SQLite has no INSERT inside WITH, and a statement costs no round trip here)."""
+        if not self.update_session(conn, key, assignments, args, session_id):
+            return None
+        return conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
+                            f"({', '.join('?' * len(row))}) RETURNING id",
+                            tuple(row.values())).fetchone()[0]
+
     def now(self, conn: Conn) -> float:
         return time.time()
 

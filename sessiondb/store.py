@@ -522,15 +522,13 @@ class SessionDB(Handle, Coordination, Upkeep):
         calls = records.count_tool_calls(tool_calls)
 
         def write(conn: Conn) -> int:
-            if not self._sql.update_session(
-                    conn, _key(session_id), "message_count = message_count + 1, "
-                    "tool_call_count = tool_call_count + ?", [calls], session_id):
+            new_id = self._sql.insert_for_session(
+                conn, _key(session_id), "message_count = message_count + 1, "
+                "tool_call_count = tool_call_count + ?", [calls], session_id, "messages",
+                {**row, "timestamp": time.time()})
+            if new_id is None:
                 raise SessionNotFound(session_id)
-            cols = ", ".join(row)
-            marks = ", ".join("?" * len(row))
-            return conn.execute(f"INSERT INTO messages ({cols}, timestamp) VALUES "
-                                f"({marks}, ?) RETURNING id",
-                                (*row.values(), time.time())).fetchone()[0]
+            return new_id
 
         return self._execute_write(write)
 

@@ -17,6 +17,21 @@ is the loop of both). The clients, each doing the same work per write:
                       session's counters, ``INSERT`` the message ``RETURNING id``, the
                       scenario's hold, ``COMMIT``. The reference for the library's cost.
 
+What each sends per write, in round trips (the ``overhead`` scenario compares them):
+
+- ``psycopg``, 4: ``BEGIN``; one ``UPDATE sessions`` (``message_count``,
+  ``input_tokens``, ``output_tokens``); ``INSERT INTO messages`` (4 columns)
+  ``RETURNING id``; ``COMMIT``. The work of a whole turn (message, counter and tokens)
+  in the fewest statements a hand-written client would use: stricter than the library's
+  own statements, which update the session row twice in a turn (one call each).
+- ``sessiondb-append``, 3: ``BEGIN`` with four ``SET LOCAL`` (one simple query); one
+  statement taking the session's advisory lock, updating its counters and inserting
+  the message (13 columns) ``RETURNING id``; ``COMMIT``.
+- ``sessiondb``, 5: ``BEGIN``, the ``SET LOCAL`` and ``SAVEPOINT`` (one simple
+  query); the append's statement as above; ``RELEASE SAVEPOINT`` and ``SAVEPOINT``
+  (one simple query); the token call's advisory lock and ``UPDATE sessions`` (one
+  statement); ``COMMIT``.
+
 Readers are :mod:`.workers`' (the poller and the 500 ms reader), always through
 sessiondb, so every client of a scenario runs beside the same read load. psycopg is
 imported only by what talks to PostgreSQL directly.

@@ -85,6 +85,24 @@ class PgDialect:
             locked()  # the hold bound starts now (see lock)
         return conn.changes() > 0
 
+    def insert_for_session(self, conn: Conn, key: str, assignments: str, args: list[Any],
+                           session_id: str, table: str, row: dict[str, Any]) -> int | None:
+        """:meth:`update_session` and the INSERT in one statement, one round trip instead
+        of two: the INSERT reads the UPDATE's RETURNING, so it inserts nothing when the
+        session does not exist (None). Rejected: ``VALUES ((SELECT id FROM up), ...)``,
+        which fails on the NOT NULL of ``session_id`` when the session is missing and
+        would need an error to say so."""
+        found = conn.execute(
+            "WITH lk AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended("
+            f"current_schema(), ?))), up AS (UPDATE sessions SET {assignments} FROM lk "
+            f"WHERE id = ? RETURNING id) INSERT INTO {table} ({', '.join(row)}) SELECT "
+            f"{', '.join('?' * len(row))} FROM up RETURNING id",
+            (lock_key(key), *args, session_id, *row.values())).fetchone()
+        locked = getattr(conn, "locked", None)
+        if locked is not None:
+            locked()  # the hold bound starts now (see lock)
+        return None if found is None else found[0]
+
     def now(self, conn: Conn) -> float:
         # The server's clock: hosts' clocks differ, the server's is one for all.
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")

@@ -383,6 +383,75 @@ def test_wal_reset_truncates_and_counts(db_path: Path):
     db.close()
 
 
+def _long_step(db: SessionDB) -> None:
+    """One transaction that leaves more than an eighth of a 1 MB wal_limit in the WAL,
+    as a step of maintenance does of the default limit."""
+    with db.transaction():
+        for i in range(200):
+            db.append_message("s", "user", f"m{i} " + "x" * 1000)
+    assert db._engine._checkpoints.over(1 / 8)
+
+
+def test_after_a_long_step_the_next_write_starts_the_wal_again(db_path: Path):
+    """After a step that left an eighth of wal_limit in the WAL, the maintainer has it
+    copied and then runs a RESTART checkpoint in the gate: the next write, by any
+    process, goes to the beginning of the WAL instead of growing it."""
+    with SessionDB(db_path, wal_limit=1 << 20, checkpoint_every=0) as db, \
+            SessionDB(db_path, checkpoint_every=0) as other:
+        db.create_session("s", "cli")
+        _long_step(db)
+        size = db.stats()["wal_bytes"]
+        db._engine.between_steps()
+        cp = db.stats()["checkpoint"]
+        assert cp["step_restarts"] == 1
+        assert cp["last_checkpointed_frames"] == cp["last_wal_frames"] > 200
+        other.append_message("s", "user", "after the step")
+        assert 0 < other.checkpoint()["wal_frames"] < cp["last_wal_frames"] / 10
+        assert db.stats()["wal_bytes"] == size  # overwritten from its beginning
+
+
+@pytest.mark.sqlite_only
+def test_no_restart_after_a_step_while_a_snapshot_reads(db_path: Path):
+    """A snapshot reader in the room is not waited for (writers would queue behind it
+    in the gate): the step's copy alone, and the RESTART after the next step."""
+    with SessionDB(db_path, wal_limit=1 << 20, checkpoint_every=0) as db, \
+            SessionDB(db_path) as reader:
+        db.create_session("s", "cli")
+        _long_step(db)
+        with reader.snapshot():
+            assert reader.message_count("s") == 200
+            db._engine.between_steps()
+            assert db.stats()["checkpoint"]["step_restarts"] == 0
+            db.append_message("s", "user", "while it reads")
+        db._engine.between_steps()
+        assert db.stats()["checkpoint"]["step_restarts"] == 1
+        assert db.message_count("s") == 201
+
+
+def test_a_restart_after_a_step_gives_up_on_a_pinned_reader_and_tries_later(
+        db_path: Path, monkeypatch):
+    """A reader that does not cooperate makes the RESTART give up at its busy bound
+    (busy is not a fault); the next one is tried only after a pause."""
+    with SessionDB(db_path, wal_limit=1 << 20, checkpoint_every=0) as db:
+        db.create_session("s", "cli")
+        _long_step(db)
+        reader = apsw.Connection(str(db_path))
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchall()
+        db._engine.between_steps()
+        cp = db.stats()["checkpoint"]
+        assert cp["step_restarts"] == 0 and cp["passive_failed"] == 0
+        policy = db._engine._checkpoints
+        assert policy._restart_after > time.monotonic()  # the pause
+        reader.execute("COMMIT")
+        reader.close()
+        db._engine.between_steps()
+        assert db.stats()["checkpoint"]["step_restarts"] == 0  # still in the pause
+        monkeypatch.setattr(policy, "_restart_after", 0.0)
+        db._engine.between_steps()
+        assert db.stats()["checkpoint"]["step_restarts"] == 1
+
+
 def test_wal_reset_fails_against_a_pinned_reader_but_writes_flow(db_path: Path):
     """A foreign reader that never ends its snapshot defeats the reset (counted as
     failed, bounded by reset_timeout); every write still succeeds."""

@@ -1,7 +1,7 @@
 """The index of adjacent word pairs (sessiondb.pg.pairs): phrase search results
 identical to an oracle computed in SQL with the pairs read, with every other way and
 the cost model's choice; messages whose pairs are not all indexed (words past position
-16,383, too many pairs) still found; the migration of a version 2 store (the index
+16,383) still found; the migration of a version 2 store (the index
 built by the roll, in the background); an older sessiondb refusing a version 3 store."""
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ('"alpha bravo" -charlie', "'alpha' <-> 'bravo' & !'charlie'", {}),
     ('"alpha bravo" char*', "'alpha' <-> 'bravo' & 'char':*", {}),
     ('"alpha bravo"', "'alpha' <-> 'bravo'", {"sources": ["slack"]}),
-    ('"bravo alpha"', "'bravo' <-> 'alpha'", {"exclude_sources": ["cli"], "roles": ["tool"]}),
+    ('"bravo alpha"', "'bravo' <-> 'alpha'",
+     {"exclude_sources": ["cli"], "roles": ["tool"]}),
     ('"charlie alpha"', "'charlie' <-> 'alpha'", {"session_id": "s2"}),
 ]
 
@@ -120,36 +121,46 @@ def test_the_pairs_of_a_query() -> None:
     assert pairs.term_pairs("'word'") == []
     assert pairs.term_pairs("'a' <2> 'b'") == []
     assert pairs.term_pairs("'it''s' <-> 'a\\\\b'") == ["it's a\\b"]
-    long = "x" * 40
-    assert pairs.term_pairs(f"'{long}' <-> 'y'") == [f"{long[:pairs.HALF]} y"]
-    query = pairs.tsquery([[(False, [], "'a' <-> 'b'"), (True, [], "'c' <-> 'd'")],
+    chosen = pairs.wanted([[(False, [], "'a' <-> 'b'"), (True, [], "'c' <-> 'd'")],
                            [(False, [], "'e' <-> 'f' <-> 'g'")]])
-    assert query == ("('a b') | ('e f' & 'f g') | '*'", [["a b"], ["e f", "f g"]])
-    assert pairs.tsquery([[(False, [], "'a' <-> 'b'")], [(False, [], "'c'")]]) is None
+    assert chosen == [["a b"], ["e f", "f g"]]
+    assert pairs.query(chosen, {"a b": "1f", "e f": "2", "f g": "3"}) == \
+        "('1f') | ('2' & '3') | '*'"
+    assert pairs.wanted([[(False, [], "'a' <-> 'b'")], [(False, [], "'c'")]]) is None
+
+
+def _pair_query(schema: str, tsquery: str) -> str:
+    """The query of the index of pairs for a phrase's tsquery, with the store's keys."""
+    chosen = pairs.wanted([[(False, [], tsquery)]])
+    assert chosen is not None
+    with psycopg.connect(URL) as conn:
+        conn.execute(f'SET search_path = "{schema}"')
+        keys = conn.execute(pairs.KEYS_SQL, {"pairs": chosen[0]}).fetchone()[0]
+    return pairs.query(chosen, dict(zip(chosen[0], keys)))
 
 
 def test_every_phrase_match_holds_its_pairs(store: tuple[SessionDB, str]) -> None:
     """The function's pairs against the phrase operator, on every message: a message
-    matching the phrase holds its pairs (quotes, backslashes and long words too)."""
+    matching the phrase holds its pairs (quotes, backslashes and long words too), and
+    the keys are those the search computes."""
     db, schema = store
     db.append_message("s0", "user", "it's a back\\slash and " + "é" * 30 + " ζeta end")
     for phrase in ["it's a", "a back\\slash", "é" * 30 + " ζeta", "alpha bravo",
                    "hotel hotel golf"]:
         lexed = _sql("SELECT phraseto_tsquery('simple', %s)::text", [phrase])[0][0]
-        query = pairs.tsquery([[(False, [], lexed)]])
-        assert query is not None
+        query = _pair_query(schema, lexed)
         rows = _sql(
             f'SELECT count(*) FILTER (WHERE content_tsv @@ %s::tsquery), count(*) FILTER '
             f'(WHERE content_tsv @@ %s::tsquery AND NOT "{schema}".sessiondb_pairs('
             f'content_tsv) @@ %s::tsquery) FROM "{schema}".messages',
-            [lexed, lexed, query[0]])
+            [lexed, lexed, query])
         assert rows[0][0] > 0 and rows[0][1] == 0, (phrase, rows)
 
 
 def test_messages_with_pairs_unindexed_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
     """Words past position 16,383 all stand at 16,383 (a phrase of the word at 16,382
-    and any of them matches), and pairs too many for a tsvector: such messages are
-    marked, and found by every phrase search."""
+    and any of them matches): such messages are marked, and found by every phrase
+    search."""
     monkeypatch.setattr(pg_search, "_cheapest", lambda costs: next(
         key for key in costs if key[0] == "pairs-all"))
     monkeypatch.setattr(bands, "start_roll", lambda *a: False)
@@ -160,7 +171,7 @@ def test_messages_with_pairs_unindexed_are_found(monkeypatch: pytest.MonkeyPatch
             db.create_session("s", "cli")
             rng = random.Random(5)
             long_words = " ".join(f"w{i}" for i in range(16_382)) + " lastword zz yy"
-            # 10,000 words of 24 letters, two bytes each: about 1 MB of pairs
+            # 10,000 words of 24 letters, two bytes each: still 10,000 keys at most
             many = " ".join("Ж" * 20 + "".join("абвгдежзий"[int(d)] for d in f"{i:04d}")
                             for i in range(10_000))
             with db.transaction():
@@ -172,8 +183,8 @@ def test_messages_with_pairs_unindexed_are_found(monkeypatch: pytest.MonkeyPatch
                     db.append_message("s", "user", _text(rng))
             marked = _sql(f'SELECT id FROM "{schema}".messages WHERE '
                           f'"{schema}".sessiondb_pairs(content_tsv) @@ %s::tsquery',
-                          [pairs.tsquery([[(False, [], "'zz' <-> 'nothing'")]])[0]])
-            assert sorted(r[0] for r in marked) == [long_id, many_id]
+                          [_pair_query(schema, "'zz' <-> 'nothing'")])
+            assert sorted(r[0] for r in marked) == [long_id]
             # 'w16381' stands at 16,382: with any word after it, a phrase to the tsvector
             for query, found in [('"w16381 yy"', [long_id]), ('"w100 w101"', [long_id]),
                                  (f'"{many.split()[7]} {many.split()[8]}"', [many_id])]:

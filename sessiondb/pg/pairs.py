@@ -5,30 +5,37 @@ A GIN index of the search column knows no positions: ``"a b"`` finds every messa
 holding both words and checks each one for the phrase. Two common words that are
 rarely adjacent (each in 10% of a million messages, side by side in 74) cost 11,300
 rows read and checked. So the *pairs* of adjacent lexemes of each message are indexed
-too: ``sessiondb_pairs(content_tsv)`` (:data:`FUNCTION_SQL`) is a ``tsvector`` whose
-lexemes are ``"a b"`` for every lexeme ``a`` at a position ``p`` of ``content_tsv``
-and ``b`` at ``p + 1``, and the GIN index :data:`INDEX` on it (one over all messages:
-a pair's posting list is short wherever the phrase is rare, and a common pair is
-never read from it, see :func:`sessiondb.pg.slices.pairs_estimate`). A phrase's
-search reads the lists of its pairs (:func:`tsquery`) and checks the phrase on the
-messages found.
+too: ``sessiondb_pairs(content_tsv)`` (:data:`FUNCTION_SQL`) is a ``tsvector`` of the
+*keys* of the pairs ``"a b"`` of a lexeme ``a`` at a position ``p`` of ``content_tsv``
+and ``b`` at ``p + 1``, a key being the pair's hash in :data:`KEYS` buckets, and the
+GIN index :data:`INDEX` is on it (one over all messages: a rare pair's posting list is
+short everywhere, and a common pair is never read from it, see
+:func:`sessiondb.pg.slices.pairs_estimate`). A phrase's search reads the lists of its
+pairs' keys (:func:`wanted`, :data:`KEYS_SQL`, :func:`query`) and checks the phrase on
+the messages found.
+
+**Keys, not the pairs themselves.** A million messages of about 150 words hold tens
+of millions of distinct pairs, most of them once: indexed as text, 3.0 GB, as big as
+the table (measured). Hashed into :data:`KEYS` buckets, the index keeps few keys with
+long, well compressed posting lists, and a phrase's candidates are the messages of its
+buckets: its own, plus on average (pairs in the store) / :data:`KEYS` others, each
+checked against the phrase and left out. The hash is ``hashtextextended``, the one
+PostgreSQL keeps stable across versions for hash partitioning.
 
 **Exact, never a guess.** The pairs come from ``content_tsv`` itself, so they are
 the positions the phrase operator ``<->`` checks: a message matching ``a <-> b``
-holds the pair ``"a b"``, and one matching ``a <-> b <-> c`` holds ``"a b"`` and
-``"b c"``. Each half is cut to :data:`HALF` characters (the phrase's pairs are cut
-the same way: a pair of long words stays small, and a cut pair only finds more
-candidates). Two cases leave a message marked with the lexeme :data:`MARKER` instead
-of (some of) its pairs, and every pair query finds the marked messages too (they are
-checked like the others): words past position 16,383, which ``to_tsvector`` puts all
-at 16,383 (so ``x <-> y`` matches for the word ``x`` at 16,382 and *any* word ``y``
-after it), and pairs that would not fit in a ``tsvector`` (1 MB).
+holds the key of ``"a b"``, and one matching ``a <-> b <-> c`` those of ``"a b"``
+and ``"b c"``. Words past position 16,383, which ``to_tsvector`` puts all at 16,383
+(so ``x <-> y`` matches for the word ``x`` at 16,382 and *any* word ``y`` after it),
+are paired with nothing; such a message is marked with the lexeme :data:`MARKER`
+instead, which every pair query finds (its messages are checked like the others).
+A message has at most 16,382 pairs: the keys always fit in a ``tsvector``.
 
-**Cost.** Every append computes the pairs of its message (about 80 us for 150 words
-on the machine measured) and adds an entry per distinct pair to :data:`INDEX`, beside
-the band's entry per distinct word. On a store holding messages the index is built
-by the roll of the bands (:func:`sessiondb.pg.bands.roll`), with ``CREATE INDEX
-CONCURRENTLY`` (writes go on), then the table analyzed for the pairs' statistics; until
+**Cost.** Every append computes the keys of its message's pairs (about 80 us for 150
+words on the machine measured) and adds an entry per distinct key to :data:`INDEX`,
+beside the band's entry per distinct word. On a store holding messages the index is
+built by the roll of the bands (:func:`sessiondb.pg.bands.roll`), with ``CREATE INDEX
+CONCURRENTLY`` (writes go on), then the table analyzed for the keys' statistics; until
 it is valid a phrase is searched without it.
 """
 
@@ -39,45 +46,44 @@ from typing import Callable
 
 import psycopg
 
-__all__ = ["INDEX", "FUNCTION_SQL", "HALF", "MARKER", "tsquery", "term_pairs", "state",
-           "build", "stats_sql"]
+__all__ = ["INDEX", "FUNCTION_SQL", "KEYS", "KEYS_SQL", "MARKER", "wanted", "query",
+           "term_pairs", "state", "build", "stats_sql"]
 
-#: The GIN index of the pairs, over all messages.
+#: The GIN index of the pairs' keys, over all messages.
 INDEX = "messages_fts_pairs"
-#: Characters of each half of a pair (a longer lexeme is cut).
-HALF = 24
+#: Buckets the pairs are hashed into (a power of two).
+KEYS = 1 << 22
 #: The lexeme of a message whose pairs are not all indexed (words past position
-#: 16,383, or too many pairs): found by every pair query.
+#: 16,383): found by every pair query.
 MARKER = "*"
 #: Pairs of a group of ANDed terms given to the index at most (the rest are checked on
 #: the rows, with the whole query): the longest ones, likely the rarest.
 INDEX_PAIRS = 4
-#: Bytes of pairs above which a message is only marked (a tsvector holds 1 MB).
-MAX_BYTES = 900_000
 
-#: The function of the index's expression, created in the store's schema. SQL, not
+#: The functions of the index's expression, created in the store's schema. SQL, not
 #: PL/pgSQL: the positions unnested in the select list (a ProjectSet) cost half of a
 #: lateral ``unnest`` per lexeme; the pairs are joined on position, not taken with
 #: ``lead()``, which pairs a word with only one of several at the same position.
 FUNCTION_SQL = f"""
+CREATE FUNCTION sessiondb_pair_key(pair text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+SELECT pg_catalog.to_hex(pg_catalog.hashtextextended(pair, 0) & {KEYS - 1})
+$$;
 CREATE FUNCTION sessiondb_pairs(v tsvector) RETURNS tsvector
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
 WITH p AS MATERIALIZED (
-    SELECT lexeme, pg_catalog.unnest(positions) AS pos FROM pg_catalog.unnest(v)),
-x AS (
-    SELECT pg_catalog.left(a.lexeme, {HALF}) || ' ' || pg_catalog.left(b.lexeme, {HALF})
-           AS pair, b.pos
-    FROM p a JOIN p b ON b.pos = a.pos + 1)
-SELECT pg_catalog.array_to_tsvector(CASE
-    WHEN pg_catalog.sum(pg_catalog.octet_length(pair) + 6) > {MAX_BYTES}
-        THEN '{{"{MARKER}"}}'::text[]
-    ELSE coalesce(pg_catalog.array_agg(pair) FILTER (WHERE pos < 16383), '{{}}')
-        || CASE WHEN pg_catalog.max(pos) >= 16383 THEN '{{"{MARKER}"}}'::text[]
-                ELSE '{{}}' END
-    END)
-FROM x
+    SELECT lexeme, pg_catalog.unnest(positions) AS pos FROM pg_catalog.unnest(v))
+SELECT pg_catalog.array_to_tsvector(
+    coalesce(pg_catalog.array_agg(pg_catalog.to_hex(pg_catalog.hashtextextended(
+        a.lexeme || ' ' || b.lexeme, 0) & {KEYS - 1})) FILTER (WHERE b.pos < 16383), '{{}}')
+    || CASE WHEN pg_catalog.max(b.pos) >= 16383 THEN '{{"{MARKER}"}}'::text[]
+            ELSE '{{}}' END)
+FROM p a JOIN p b ON b.pos = a.pos + 1
 $$;
 """
+#: The keys of the pairs ``%(pairs)s`` (a text array), in their order.
+KEYS_SQL = ("SELECT coalesce(array_agg(sessiondb_pair_key(p) ORDER BY n), '{}') "
+            "FROM unnest(%(pairs)s::text[]) WITH ORDINALITY AS u(p, n)")
 
 # A term's tsquery as phraseto_tsquery writes it: quoted lexemes ('' and \ escaped),
 # a prefix's :*, joined by <->.
@@ -95,9 +101,9 @@ def _quote(lexeme: str) -> str:
 
 
 def term_pairs(term: str) -> list[str]:
-    """The pairs of a term's tsquery (``'a' <-> 'b' <-> 'c'``: ``["a b", "b c"]``),
-    each half cut to :data:`HALF` characters; none for a single word, or a term with
-    another operator than ``<->``. A prefix lexeme pairs with nothing."""
+    """The pairs of a term's tsquery (``'a' <-> 'b' <-> 'c'``: ``["a b", "b c"]``);
+    none for a single word, or a term with another operator than ``<->``. A prefix
+    lexeme pairs with nothing."""
     lexemes: list[str | None] = []
     at = 0
     while True:
@@ -112,15 +118,15 @@ def term_pairs(term: str) -> list[str]:
         if op is None:
             return []
         at = op.end()
-    return [f"{a[:HALF]} {b[:HALF]}" for a, b in zip(lexemes, lexemes[1:])
+    return [f"{a} {b}" for a, b in zip(lexemes, lexemes[1:])
             if a is not None and b is not None]
 
 
-def tsquery(groups: list[list[tuple[bool, list[tuple[str, bool]], str]]]
-            ) -> tuple[str, list[list[str]]] | None:
-    """The query of :data:`INDEX` for a search's groups (see
-    :class:`sessiondb.pg.search.Query`), and the pairs asked of each group; None when
-    a group has no phrase of two words or more (its matches hold no pair known)."""
+def wanted(groups: list[list[tuple[bool, list[tuple[str, bool]], str]]]
+           ) -> list[list[str]] | None:
+    """The pairs asked of :data:`INDEX` for each of a search's groups (see
+    :class:`sessiondb.pg.search.Query`); None when a group has no phrase of two words
+    or more (its matches hold no pair known)."""
     chosen: list[list[str]] = []
     for group in groups:
         found = sorted({p for negated, _, term in group if not negated
@@ -128,8 +134,15 @@ def tsquery(groups: list[list[tuple[bool, list[tuple[str, bool]], str]]]
         if not found:
             return None
         chosen.append(found[:INDEX_PAIRS])
-    text = " | ".join("(" + " & ".join(map(_quote, pairs)) + ")" for pairs in chosen)
-    return f"{text} | {_quote(MARKER)}", chosen
+    return chosen
+
+
+def query(chosen: list[list[str]], keys: dict[str, str]) -> str:
+    """The tsquery of :data:`INDEX` for the pairs of :func:`wanted`, given their keys
+    (:data:`KEYS_SQL`): each group's keys ANDed, the groups and :data:`MARKER` ORed."""
+    text = " | ".join("(" + " & ".join(_quote(keys[p]) for p in group) + ")"
+                      for group in chosen)
+    return f"{text} | {_quote(MARKER)}"
 
 
 def state(conn: psycopg.Connection, schema: str) -> tuple[bool, bool] | None:
@@ -145,7 +158,7 @@ def state(conn: psycopg.Connection, schema: str) -> tuple[bool, bool] | None:
 def build(conn: psycopg.Connection, schema: str,
           say: Callable[[str], None] = lambda _: None) -> list[str]:
     """Build :data:`INDEX` if it is missing (an invalid one, left by an interrupted
-    build, dropped first), then analyze ``messages`` for the pairs' statistics.
+    build, dropped first), then analyze ``messages`` for the keys' statistics.
 
     :param conn: an autocommit connection; statements name the schema.
     :returns: what was done.
@@ -165,7 +178,7 @@ def build(conn: psycopg.Connection, schema: str,
     except psycopg.errors.DuplicateTable:
         return done  # built by someone who rolled without the claim (it expired)
     done.append(f"built {INDEX}")
-    # The pairs' statistics (pg_stats of the index's expression) are what the search
+    # The keys' statistics (pg_stats of the index's expression) are what the search
     # costs the index by; without them it takes a pair for as common as its words.
     conn.execute(f"ANALYZE {q}.messages")
     done.append("analyzed messages")
@@ -173,7 +186,7 @@ def build(conn: psycopg.Connection, schema: str,
 
 
 def stats_sql() -> str:
-    """The statement reading the pairs' statistics (most common pairs and their share
+    """The statement reading the keys' statistics (most common keys and their share
     of messages) from ``pg_stats`` of :data:`INDEX` in the current schema."""
     return ("SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
             f"WHERE schemaname = current_schema() AND tablename = '{INDEX}'")

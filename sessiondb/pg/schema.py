@@ -7,8 +7,9 @@ Types follow the SQLite store's so that rows read the same: ``TEXT`` stays ``tex
 ``bigint``; JSON columns stay text holding JSON (the API decodes them; nothing looks
 inside them in SQL, and every lookup goes through an indexed column).
 
-Full-text search uses a generated ``tsvector`` column and a GIN index (see
-:mod:`sessiondb.pg.search`). The revision of a session is kept by a trigger, as on
+Full-text search uses a generated ``tsvector`` column, GIN indexes of it per band of
+ids, and a GIN index of the keys of its adjacent word pairs (see
+:mod:`sessiondb.pg.search`, :mod:`sessiondb.pg.bands`, :mod:`sessiondb.pg.pairs`). The revision of a session is kept by a trigger, as on
 SQLite. There is no message total table (on SQLite it saves counting a million index
 entries): on PostgreSQL a single row updated by every append would serialize writers
 of different sessions, which row locks otherwise let run at once; the total is the sum

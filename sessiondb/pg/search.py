@@ -42,10 +42,11 @@ matches, not every message holding its words). A band's index reads
 the whole posting list of every lexeme it is given, whatever part of the band is
 wanted: its cost is estimated from the column's statistics
 (``pg_stats.most_common_elems``) per id of the bands touched, and corrected by what a
-slice of them took; the index of pairs' from the statistics of its expression (a pair
-missing from them is rarer than the rarest there). Ids that no valid index holds (a band being rebuilt after an
-interrupted build, or dropped by hand) are read through the primary key. All ways
-find the same rows; the choice changes the time, never the result. A group of more
+slice of them took; the index of pairs' from the statistics of its expression (a key
+missing from them is rarer than the rarest there). Ids that no valid index holds (a
+band being rebuilt after an interrupted build, or dropped by hand) are read through
+the primary key. All ways find the same rows; the choice changes the time, never the
+result. A group of more
 than :data:`INDEX_TERMS` ANDed terms (a pasted paragraph) gives the index only its
 longest terms and checks the rest on the rows. Statements are never prepared
 (``prepare=False``: a generic plan could neither see how common the words are nor
@@ -357,19 +358,24 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                    ) -> list[tuple[int, float]]:
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
-    paired = pairs.tsquery(query.groups)
-    plan = slices.Plan(filters, query.text, query.for_index(),
-                       paired[0] if paired is not None else None)
-    lowest, top, names, schema = conn.raw.execute(
-        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text "
-        f"{plan.bounds}", plan.args, prepare=False).fetchone()
+    plan = slices.Plan(filters, query.text, query.for_index())
+    paired = pairs.wanted(query.groups)
+    asked = sorted({p for group in paired or [] for p in group})
+    lowest, top, names, schema, keys = conn.raw.execute(
+        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text, "
+        f"({pairs.KEYS_SQL}) {plan.bounds}", {**plan.args, "pairs": asked},
+        prepare=False).fetchone()
     if filters.session_id is None and top is not None and (
             bands.wants_roll(names, top) or pairs.INDEX not in names):
         bands.start_roll(conn.raw, schema)
     if top is None:
         return []
-    if pairs.INDEX not in names:
-        paired = None  # being built (or not yet): the phrase is found without it
+    keyed = dict(zip(asked, keys))
+    if paired is not None and pairs.INDEX in names:
+        # Not while it is built (or before): the phrase is found without it.
+        plan.use_pairs(pairs.query(paired, keyed))
+    else:
+        paired = None
     segments = bands.layout(names)
     total = top - lowest + 1
     found: list[tuple[int, float]] = []
@@ -398,7 +404,9 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                                                       lowest, hi, us_per_id, total)}
             if paired is not None:
                 if by_pairs is None:
-                    by_pairs = slices.pairs_estimate(conn, schema, paired[1], total)
+                    by_pairs = slices.pairs_estimate(
+                        conn, schema, [[(p, keyed[p]) for p in group] for group in paired],
+                        total)
                 pair_us, pair_rows = by_pairs
                 costs[("pairs", ids)] = (pair_us + slices.US_RANGE_ID * ids
                                          + slices.US_GIN_MATCH * pair_rows * ids / total)

@@ -21,8 +21,8 @@ from ..search import Filters
 from . import bands, pairs
 from .conn import PgConn
 
-__all__ = ["Plan", "parts", "band_ids", "gin_cost", "gin_estimate", "pairs_estimate", "usable",
-           "MAX_WALKED_SESSIONS"]
+__all__ = ["Plan", "parts", "band_ids", "gin_cost", "gin_estimate", "pairs_estimate",
+           "usable", "MAX_WALKED_SESSIONS"]
 
 # Unit costs (microseconds, measured on a million messages of about 1 KB): a posting
 # of the GIN index read (of a prefix's several lists: merged), a match found by the
@@ -85,8 +85,7 @@ def gin_cost(gin: tuple[float, float], segments: list[bands.Segment], lowest: in
 class Plan:
     """The statements of a search's slices, with its filters."""
 
-    def __init__(self, filters: Filters, tsquery: str, indexed: str,
-                 pair_query: str | None = None) -> None:
+    def __init__(self, filters: Filters, tsquery: str, indexed: str) -> None:
         where = ["m.id BETWEEN %(lo)s AND %(hi)s"]
         self.args: dict[str, Any] = {"q": tsquery, "qi": indexed}
         if filters.session_id is not None:
@@ -137,14 +136,16 @@ class Plan:
         # The messages holding the phrase's pairs (the index of pairs is the only one
         # the statement can use: the query itself is tested on each row, with IS TRUE),
         # then the filters; {range}: the slice's ids, unless it is every id.
-        self.by_pairs = None
-        if pair_query is not None:
-            self.args["qp"] = pair_query
-            self.by_pairs = ranked.format(
-                f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
-                "sessiondb_pairs(m.content_tsv) @@ %(qp)s::tsquery{range} AND "
-                + " AND ".join(where[1:] + of_sessions + [match])
-                + " ORDER BY m.id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
+        self.by_pairs = ranked.format(
+            f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
+            "sessiondb_pairs(m.content_tsv) @@ %(qp)s::tsquery{range} AND "
+            + " AND ".join(where[1:] + of_sessions + [match])
+            + " ORDER BY m.id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
+
+    def use_pairs(self, pair_query: str) -> None:
+        """Let the slices be read by the index of pairs, asked ``pair_query``
+        (:func:`.pairs.query`)."""
+        self.args["qp"] = pair_query
 
     def gin(self, parts: list[tuple[bands.Segment, int, int, bool]]) -> str:
         """The statement reading ``parts`` (see :func:`parts`) from their bands."""
@@ -178,13 +179,12 @@ class Plan:
         if way == "sessions":
             return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
         # The GIN indexes (of the bands, or of the pairs): an index scan would be the
-        # walk again, a sequential scan all of the table. Joining sessions (a source filter): no hash join, which
-        # each band would build again from every session of the filter (measured on
-        # a million messages, 3 bands: 11 ms, and 8 ms with a nested loop looking up
-        # each row's session), and no parallel workers (the planner's answer to the
-        # dearer joins: worse, 1-3 ms to start each).
+        # walk again, a sequential scan all of the table. Joining sessions (a source
+        # filter): no hash join, which each band would build again from every session
+        # of the filter (measured on a million messages, 3 bands: 11 ms, and 8 ms with
+        # a nested loop looking up each row's session), and no parallel workers (the
+        # planner's answer to the dearer joins: worse, 1-3 ms to start each).
         if way.startswith("pairs"):
-            assert self.by_pairs is not None
             whole = all(w for _, _, _, w in parts)
             sql = self.by_pairs.replace(
                 "{range}", "" if whole else " AND m.id BETWEEN %(lo)s AND %(hi)s")
@@ -286,26 +286,31 @@ def gin_estimate(conn: PgConn, schema: str,
     return us * messages, rows * messages
 
 
-def pairs_estimate(conn: PgConn, schema: str, chosen: list[list[str]],
+def pairs_estimate(conn: PgConn, schema: str, chosen: list[list[tuple[str, str]]],
                    messages: int) -> tuple[float, float]:
     """Microseconds the index of pairs takes to find the candidates of a phrase search
-    (every posting list of the pairs asked, :func:`.pairs.tsquery`), and the rows it
-    returns, estimated from the pairs' statistics as :func:`gin_estimate` does from the
-    words'; before the index is analyzed, a pair counts as common as the rarer of its
-    two words (never cheaper than it may be)."""
+    (the posting list of every key asked, :func:`.pairs.query`), and the rows it
+    returns, estimated from the keys' statistics as :func:`gin_estimate` does from the
+    words' (a key missing from them holds fewer messages than the rarest there:
+    a rare pair's own, and those of the others hashed to it); before the index is
+    analyzed, a pair counts as common as the rarer of its two words (never cheaper
+    than it may be).
+
+    :param chosen: per group, its pairs ``(pair, key)``.
+    """
     stats = _shares(conn, schema, pairs.stats_sql())
     words, rarest_word = _shares(conn, schema, _WORD_STATS_SQL) or ({}, 0.0)
 
-    def share(pair: str) -> float:
+    def share(pair: str, key: str) -> float:
         if stats is not None:
-            return stats[0].get(pair, stats[1])
+            return stats[0].get(key, stats[1])
         a, _, b = pair.partition(" ")
         return min(words.get(a, rarest_word), words.get(b, rarest_word))
 
-    marked = share(pairs.MARKER) if stats is not None else 0.0
+    marked = share("", pairs.MARKER) if stats is not None else 0.0
     us, rows = marked * US_TID, marked
     for group in chosen:
-        parts = [share(pair) for pair in group]
+        parts = [share(pair, key) for pair, key in group]
         # As the words of an AND: the shortest list read, the others skipped through.
         us += min(parts) * len(parts) * US_TID
         rows += min(parts)

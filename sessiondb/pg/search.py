@@ -73,8 +73,9 @@ messages 10 ms at p50 (17 ms with one index over all messages), ``a NOT b`` of t
 in nearly every message 11 ms (45 ms: a walk of 36,000 ids), an OR of two rare words 12
 ms, a role filter on a medium word 18 ms; every shape of the benchmark 26 ms or less at
 p50 and 50 ms or less at p99 but one: a phrase of two words each in 10% of the messages,
-adjacent in 74, checks all 11,300 messages holding both (27 ms for that statement;
-40 ms p50, 65 ms p99).
+adjacent in 74, checked all 11,300 messages holding both (27 ms for that statement;
+40 ms p50, 65 ms p99). With the index of pairs it reads the messages of its pair's key:
+11.5 ms p50, 16.8 ms p99 (``benchmarks/results/2026-12-06-pg-search-1m-pairs.txt``).
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following

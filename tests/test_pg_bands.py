@@ -234,7 +234,7 @@ def test_migration_of_a_version_1_store(monkeypatch: pytest.MonkeyPatch) -> None
         _v1_store(schema, 300)
         with SessionDB(f"{URL}?schema={schema}") as db:
             assert _sql(f'SELECT value FROM "{schema}".sessiondb_meta WHERE key = '
-                        "'schema_version'") == [("2",)]
+                        "'schema_version'") == [(str(pg_schema.SCHEMA_VERSION),)]
             assert _names(schema) == {"idx_messages_fts": True}
             _check(db, schema)  # through idx_messages_fts, as a tail from id 0
             assert started
@@ -308,7 +308,7 @@ def test_one_roll_at_a_time(store: tuple[SessionDB, str]) -> None:
 
 def test_sixteen_processes_open_a_version_1_store_at_once(pg_url: str) -> None:
     """One of them migrates (found version 1 under the lock), in a transaction that
-    changes no index on a store holding messages; the others find version 2."""
+    changes no index on a store holding messages; the others find the current version."""
     from test_pg_isolation import race
     import pg_workers
 
@@ -316,10 +316,11 @@ def test_sixteen_processes_open_a_version_1_store_at_once(pg_url: str) -> None:
     _v1_store("sessiondb", _v1_rows, pg_url)
     reports = race(pg_url, "open_empty", 16, target=pg_workers.open_empty)
     found = sorted(report["found"][0] for report in reports.values())
-    assert found == [1] + [2] * 15, reports
+    assert found == [1] + [pg_schema.SCHEMA_VERSION] * 15, reports
     with psycopg.connect(pg_url, autocommit=True) as conn:
         assert conn.execute("SELECT value FROM sessiondb.sessiondb_meta WHERE key = "
-                            "'schema_version'").fetchone() == ("2",)
+                            "'schema_version'").fetchone() == (
+                                str(pg_schema.SCHEMA_VERSION),)
         assert conn.execute("SELECT count(*) FROM sessiondb.messages").fetchone() == (
             _v1_rows,)
         names = [r[0] for r in conn.execute(

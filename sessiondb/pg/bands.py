@@ -29,6 +29,9 @@ connection of its own (:func:`start_roll`); a row of ``sessiondb_meta``
 the roller dies (a build it left half done is an invalid index, dropped and built
 again by the next roll).
 
+The roll also builds the index of word pairs (:mod:`sessiondb.pg.pairs`) when it
+is missing, after the bands: a store migrated to schema version 3 gets it there.
+
 **Locks.** Builds are ``CREATE INDEX CONCURRENTLY``, drops ``DROP INDEX
 CONCURRENTLY``: each holds ``SHARE UPDATE EXCLUSIVE`` on ``messages`` while it runs,
 which blocks neither reads nor writes (only ``VACUUM`` and other schema changes of the
@@ -47,6 +50,8 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import psycopg
+
+from . import pairs
 
 __all__ = ["BAND_IDS", "Segment", "layout", "plan", "wants_roll", "roll", "start_roll",
            "LAYOUT_SQL"]
@@ -183,8 +188,8 @@ def roll(conn: psycopg.Connection, schema: str, band: int | None = None,
          progress: Callable[[str], None] | None = None) -> list[str]:
     """Bring the bands up to date: drop the invalid leftovers of interrupted builds,
     build the missing bands below the new tail's start and the new tail, drop the older
-    tails. Returns what was done (empty: another process holds the roll, or nothing was
-    due).
+    tails; build the index of word pairs if it is missing (:func:`.pairs.build`).
+    Returns what was done (empty: another process holds the roll, or nothing was due).
 
     :param conn: an autocommit connection (``CREATE INDEX CONCURRENTLY`` cannot run in
         a transaction); every statement names the schema (nothing is set in the
@@ -237,6 +242,8 @@ def roll(conn: psycopg.Connection, schema: str, band: int | None = None,
                     say(f"dropping {name}")
                     conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS {q}."{name}"')
                     done.append(f"dropped {name}")
+        # The index of word pairs, once the bands serve (a phrase is found without it).
+        done += pairs.build(conn, schema, say)
     finally:
         if not conn.closed and conn.info.transaction_status == \
                 psycopg.pq.TransactionStatus.IDLE:

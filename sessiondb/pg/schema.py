@@ -7,8 +7,9 @@ Types follow the SQLite store's so that rows read the same: ``TEXT`` stays ``tex
 ``bigint``; JSON columns stay text holding JSON (the API decodes them; nothing looks
 inside them in SQL, and every lookup goes through an indexed column).
 
-Full-text search uses a generated ``tsvector`` column and a GIN index (see
-:mod:`sessiondb.pg.search`). The revision of a session is kept by a trigger, as on
+Full-text search uses a generated ``tsvector`` column, GIN indexes of it per band of
+ids, and a GIN index of the keys of its adjacent word pairs (see
+:mod:`sessiondb.pg.search`, :mod:`sessiondb.pg.bands`, :mod:`sessiondb.pg.pairs`). The revision of a session is kept by a trigger, as on
 SQLite. There is no message total table (on SQLite it saves counting a million index
 entries): on PostgreSQL a single row updated by every append would serialize writers
 of different sessions, which row locks otherwise let run at once; the total is the sum
@@ -27,9 +28,10 @@ import re
 from typing import Any, Callable
 
 from ..errors import ConfigurationError, SchemaTooNewError
+from . import pairs
 from .bands import BAND_IDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The advisory lock key taken by migrations (any fixed 64-bit number).
 MIGRATION_LOCK = 0x5E55_10DB_0001
 #: Longest text the full-text vector is made from: to_tsvector refuses more than 1 MB
@@ -181,8 +183,25 @@ BEGIN
 END $$;
 """
 
+# Version 3: the index of adjacent word pairs (sessiondb.pg.pairs), which a phrase
+# search narrows its candidates by. Its function is created here; its index too on an
+# empty store, while a store holding messages gets it built by the next roll of the
+# bands (CREATE INDEX CONCURRENTLY: writers go on). The version changes at once, so
+# that an older sessiondb refuses the store: its appends would pay for an index it
+# never reads. Through format(), as version 2, so that doctor does not take the index
+# for one every store must have.
+_V3 = pairs.FUNCTION_SQL + f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM messages) THEN
+        EXECUTE format('CREATE INDEX %I ON messages USING gin (sessiondb_pairs(content_tsv))',
+                       '{pairs.INDEX}');
+    END IF;
+END $$;
+"""
+
 #: MIGRATIONS[n] brings a schema from version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 
 
 def check_schema_name(name: Any) -> str:

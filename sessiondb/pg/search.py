@@ -34,13 +34,19 @@ which the planner may intersect with a bitmap of the primary key); the bands of 
 the ids left; or, with a source filter of at most
 :data:`~sessiondb.pg.slices.MAX_WALKED_SESSIONS`
 sessions, each such session's messages in the slice from the ``(session_id, id)``
-index (a rare source is never looked for among all messages). A band's index reads
+index (a rare source is never looked for among all messages); or, for a query whose
+every group holds a phrase of two words or more, the messages holding the phrase's
+adjacent word pairs, from the index of pairs (:mod:`sessiondb.pg.pairs`), each one
+tested against the query (a phrase of common words rarely adjacent reads its few
+matches, not every message holding its words). A band's index reads
 the whole posting list of every lexeme it is given, whatever part of the band is
 wanted: its cost is estimated from the column's statistics
 (``pg_stats.most_common_elems``) per id of the bands touched, and corrected by what a
-slice of them took. Ids that no valid index holds (a band being rebuilt after an
-interrupted build, or dropped by hand) are read through the primary key. All ways
-find the same rows; the choice changes the time, never the result. A group of more
+slice of them took; the index of pairs' from the statistics of its expression (a key
+missing from them is rarer than the rarest there). Ids that no valid index holds (a
+band being rebuilt after an interrupted build, or dropped by hand) are read through
+the primary key. All ways find the same rows; the choice changes the time, never the
+result. A group of more
 than :data:`INDEX_TERMS` ANDed terms (a pasted paragraph) gives the index only its
 longest terms and checks the rest on the rows. Statements are never prepared
 (``prepare=False``: a generic plan could neither see how common the words are nor
@@ -49,11 +55,14 @@ statements (it costs more than the statements; settings are restored before
 returning). A search that finds the newest id near the tail starts the roll of the
 bands in the background (:func:`sessiondb.pg.bands.start_roll`).
 
-**Limits.** The GIN index knows no positions: a phrase of words that are each common
-but rarely adjacent is checked on every message holding all its words in the ids read
-(for a phrase with fewer than :data:`WINDOW` matches, all of them: every band), and a
-source or role filter that keeps a few percent of the matches of a common word reads
-the messages around them. ``limit=None`` ranks every match, window by window.
+**Limits.** The GIN index of the words knows no positions: until the index of pairs
+is built (a store migrated from schema version 2, see :mod:`sessiondb.pg.pairs`), a
+phrase of words that are each common but rarely adjacent is checked on every message
+holding all its words in the ids read (for a phrase with fewer than :data:`WINDOW`
+matches, all of them: every band); with it, a phrase whose pairs are common but
+whose whole is rare (three words, each pair frequent) still is. A source or role
+filter that keeps a few percent of the matches of a common word reads the messages
+around them. ``limit=None`` ranks every match, window by window.
 
 Measured on a million messages (``python -m sessiondb.bench.pg_scale_search URL
 --rounds 60``, 2026-12-06, 2 CPUs shared with other work at load average 3,
@@ -64,8 +73,9 @@ messages 10 ms at p50 (17 ms with one index over all messages), ``a NOT b`` of t
 in nearly every message 11 ms (45 ms: a walk of 36,000 ids), an OR of two rare words 12
 ms, a role filter on a medium word 18 ms; every shape of the benchmark 26 ms or less at
 p50 and 50 ms or less at p99 but one: a phrase of two words each in 10% of the messages,
-adjacent in 74, checks all 11,300 messages holding both (27 ms for that statement;
-40 ms p50, 65 ms p99).
+adjacent in 74, checked all 11,300 messages holding both (27 ms for that statement;
+40 ms p50, 65 ms p99). With the index of pairs it reads the messages of its pair's key:
+11.5 ms p50, 16.8 ms p99 (``benchmarks/results/2026-12-06-pg-search-1m-pairs.txt``).
 
 **The query language**, built into a ``tsquery`` here, never by ``to_tsquery`` on the
 user's text (which raises syntax errors), following
@@ -98,7 +108,7 @@ from typing import Any, NamedTuple
 from ..records import context_item, search_hit
 from ..search import Filters
 from ..text import NO_LIMIT, query_parts
-from . import bands, slices
+from . import bands, pairs, slices
 from .conn import PgConn
 from .schema import TSV_CHARS
 
@@ -350,18 +360,29 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
     """``(id, rank)`` of the newest ``need`` matches passing ``filters`` (all of them if
     ``need`` is negative), newest first, read in slices of ids (module docstring)."""
     plan = slices.Plan(filters, query.text, query.for_index())
-    lowest, top, names, schema = conn.raw.execute(
-        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text "
-        f"{plan.bounds}", plan.args, prepare=False).fetchone()
-    if filters.session_id is None and top is not None and bands.wants_roll(names, top):
+    paired = pairs.wanted(query.groups)
+    asked = sorted({p for group in paired or [] for p in group})
+    lowest, top, names, schema, keys = conn.raw.execute(
+        f"SELECT min(id), max(id), ({_INDEXES_SQL}), current_schema()::text, "
+        f"({pairs.KEYS_SQL}) {plan.bounds}", {**plan.args, "pairs": asked},
+        prepare=False).fetchone()
+    if filters.session_id is None and top is not None and (
+            bands.wants_roll(names, top) or pairs.INDEX not in names):
         bands.start_roll(conn.raw, schema)
     if top is None:
         return []
+    keyed = dict(zip(asked, keys))
+    if paired is not None and pairs.INDEX in names:
+        # Not while it is built (or before): the phrase is found without it.
+        plan.use_pairs(pairs.query(paired, keyed))
+    else:
+        paired = None
     segments = bands.layout(names)
     total = top - lowest + 1
     found: list[tuple[int, float]] = []
     hi, us_per_id = top, 0.0
     gin: tuple[float, float] | None = None
+    by_pairs: tuple[float, float] | None = None
     sessions: tuple[int, int] | None = None
     while hi >= lowest:
         left = need - len(found) if need >= 0 else NO_LIMIT
@@ -382,6 +403,16 @@ def newest_matches(conn: PgConn, query: Query, filters: Filters, need: int
                                                    hi - ids + 1, hi, us_per_id, total),
                      ("gin-all", -1): slices.gin_cost(gin, segments, lowest, top,
                                                       lowest, hi, us_per_id, total)}
+            if paired is not None:
+                if by_pairs is None:
+                    by_pairs = slices.pairs_estimate(
+                        conn, schema, [[(p, keyed[p]) for p in group] for group in paired],
+                        total)
+                pair_us, pair_rows = by_pairs
+                costs[("pairs", ids)] = (pair_us + slices.US_RANGE_ID * ids
+                                         + slices.US_GIN_MATCH * pair_rows * ids / total)
+                costs[("pairs-all", -1)] = (pair_us + slices.US_GIN_MATCH * pair_rows
+                                            * rest / total)
             if plan.by_session:
                 if sessions is None:
                     sessions = plan.sessions(conn)

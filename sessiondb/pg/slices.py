@@ -1,10 +1,12 @@
 """The statements that read one slice of ids for :mod:`sessiondb.pg.search`, and what
 each way of reading it is estimated to cost.
 
-Three ways find the same rows of a slice: the *walk* (the primary key, newest first,
+Four ways find the same rows of a slice: the *walk* (the primary key, newest first,
 each row tested), the *bands* (one ``UNION ALL`` branch per band of the GIN index that
-holds ids of the slice, see :mod:`sessiondb.pg.bands`), and the *sessions* of a source
-filter (each one's messages from the ``(session_id, id)`` index). The unit costs below
+holds ids of the slice, see :mod:`sessiondb.pg.bands`), the *sessions* of a source
+filter (each one's messages from the ``(session_id, id)`` index), and for a phrase the
+*pairs* (the messages holding its adjacent word pairs, from the index of
+:mod:`sessiondb.pg.pairs`, each row tested). The unit costs below
 were measured on a million messages of about 1 KB.
 """
 
@@ -16,11 +18,11 @@ from typing import Any
 import psycopg
 
 from ..search import Filters
-from . import bands
+from . import bands, pairs
 from .conn import PgConn
 
-__all__ = ["Plan", "parts", "band_ids", "gin_cost", "gin_estimate", "usable",
-           "MAX_WALKED_SESSIONS"]
+__all__ = ["Plan", "parts", "band_ids", "gin_cost", "gin_estimate", "pairs_estimate",
+           "usable", "MAX_WALKED_SESSIONS"]
 
 # Unit costs (microseconds, measured on a million messages of about 1 KB): a posting
 # of the GIN index read (of a prefix's several lists: merged), a match found by the
@@ -131,6 +133,19 @@ class Plan:
             f"ORDER BY m.id DESC LIMIT %(limit)s) m WHERE {self.of_sessions} "
             "ORDER BY m.id DESC LIMIT %(limit)s")
         self.ranked = ranked
+        # The messages holding the phrase's pairs (the index of pairs is the only one
+        # the statement can use: the query itself is tested on each row, with IS TRUE),
+        # then the filters; {range}: the slice's ids, unless it is every id.
+        self.by_pairs = ranked.format(
+            f"SELECT m.id, m.content_tsv AS tsv FROM messages m{join} WHERE "
+            "sessiondb_pairs(m.content_tsv) @@ %(qp)s::tsquery{range} AND "
+            + " AND ".join(where[1:] + of_sessions + [match])
+            + " ORDER BY m.id DESC LIMIT %(limit)s") + " ORDER BY id DESC"
+
+    def use_pairs(self, pair_query: str) -> None:
+        """Let the slices be read by the index of pairs, asked ``pair_query``
+        (:func:`.pairs.query`)."""
+        self.args["qp"] = pair_query
 
     def gin(self, parts: list[tuple[bands.Segment, int, int, bool]]) -> str:
         """The statement reading ``parts`` (see :func:`parts`) from their bands."""
@@ -163,13 +178,18 @@ class Plan:
             return conn.raw.execute(self.walk, args, prepare=False).fetchall()
         if way == "sessions":
             return conn.raw.execute(self.by_sessions, args, prepare=False).fetchall()
-        # The GIN indexes: an index scan would be the walk again, a sequential scan
-        # all of the table. Joining sessions (a source filter): no hash join, which
-        # each band would build again from every session of the filter (measured on
-        # a million messages, 3 bands: 11 ms, and 8 ms with a nested loop looking up
-        # each row's session), and no parallel workers (the planner's answer to the
-        # dearer joins: worse, 1-3 ms to start each).
-        sql = self.gin(parts)
+        # The GIN indexes (of the bands, or of the pairs): an index scan would be the
+        # walk again, a sequential scan all of the table. Joining sessions (a source
+        # filter): no hash join, which each band would build again from every session
+        # of the filter (measured on a million messages, 3 bands: 11 ms, and 8 ms with
+        # a nested loop looking up each row's session), and no parallel workers (the
+        # planner's answer to the dearer joins: worse, 1-3 ms to start each).
+        if way.startswith("pairs"):
+            whole = all(w for _, _, _, w in parts)
+            sql = self.by_pairs.replace(
+                "{range}", "" if whole else " AND m.id BETWEEN %(lo)s AND %(hi)s")
+        else:
+            sql = self.gin(parts)
         names = ["enable_indexscan", "enable_seqscan"]
         if self.by_session:
             names += ["enable_hashjoin", "enable_mergejoin"]
@@ -191,7 +211,31 @@ def usable(conn: Any) -> bool:
     return conn.raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
 
 
-_STATS: dict[tuple[Any, ...], tuple[float, dict[str, float], float]] = {}
+_STATS: dict[tuple[Any, ...], tuple[float, tuple[dict[str, float], float] | None]] = {}
+_WORD_STATS_SQL = (
+    "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
+    "WHERE schemaname = current_schema() AND tablename = 'messages' "
+    "AND attname = 'content_tsv'")
+
+
+def _shares(conn: PgConn, schema: str, sql: str) -> tuple[dict[str, float], float] | None:
+    """The most common elements of a ``tsvector`` column and their share of rows, and
+    the share of an element missing from them (half the rarest's, as PostgreSQL's own
+    estimate), from ``pg_stats`` (cached for :data:`STATS_TTL` seconds); None when
+    the column has no statistics yet."""
+    info = conn.raw.info
+    key = (info.host, info.port, info.dbname, schema, sql)
+    cached = _STATS.get(key)
+    if cached is None or cached[0] < time.monotonic():
+        row = conn.raw.execute(sql, prepare=False).fetchone()
+        found = None
+        if row is not None and row[0] is not None:
+            elems, freqs = row
+            rarest = freqs[len(elems)] if len(freqs) > len(elems) else 0.0
+            found = (dict(zip(elems, freqs)), rarest / 2)
+        cached = (time.monotonic() + STATS_TTL, found)
+        _STATS[key] = cached
+    return cached[1]
 
 
 def gin_estimate(conn: PgConn, schema: str,
@@ -204,20 +248,7 @@ def gin_estimate(conn: PgConn, schema: str,
     :data:`STATS_TTL` seconds): an AND reads about the shortest list of its terms,
     an OR all of its groups', a prefix every list of its lexemes; a lexeme missing
     from the statistics is rarer than the rarest there."""
-    info = conn.raw.info
-    key = (info.host, info.port, info.dbname, schema)
-    cached = _STATS.get(key)
-    if cached is None or cached[0] < time.monotonic():
-        row = conn.raw.execute(
-            "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
-            "WHERE schemaname = current_schema() AND tablename = 'messages' "
-            "AND attname = 'content_tsv'", prepare=False).fetchone()
-        elems, freqs = row if row is not None and row[0] is not None else ([], [])
-        rarest = freqs[len(elems)] if len(freqs) > len(elems) else 0.0
-        cached = (time.monotonic() + STATS_TTL, dict(zip(elems, freqs)), rarest)
-        _STATS[key] = cached
-    _, share, rarest = cached
-    rarest /= 2  # as PostgreSQL's own estimate of a lexeme missing from the statistics
+    share, rarest = _shares(conn, schema, _WORD_STATS_SQL) or ({}, 0.0)
     us = rows = 0.0
     for group in groups:
         # The index merges every list of a prefix's lexemes up front, but of the other
@@ -253,3 +284,34 @@ def gin_estimate(conn: PgConn, schema: str,
         us += group_us
         rows += group_rows
     return us * messages, rows * messages
+
+
+def pairs_estimate(conn: PgConn, schema: str, chosen: list[list[tuple[str, str]]],
+                   messages: int) -> tuple[float, float]:
+    """Microseconds the index of pairs takes to find the candidates of a phrase search
+    (the posting list of every key asked, :func:`.pairs.query`), and the rows it
+    returns, estimated from the keys' statistics as :func:`gin_estimate` does from the
+    words' (a key missing from them holds fewer messages than the rarest there:
+    a rare pair's own, and those of the others hashed to it); before the index is
+    analyzed, a pair counts as common as the rarer of its two words (never cheaper
+    than it may be).
+
+    :param chosen: per group, its pairs ``(pair, key)``.
+    """
+    stats = _shares(conn, schema, pairs.stats_sql())
+    words, rarest_word = _shares(conn, schema, _WORD_STATS_SQL) or ({}, 0.0)
+
+    def share(pair: str, key: str) -> float:
+        if stats is not None:
+            return stats[0].get(key, stats[1])
+        a, _, b = pair.partition(" ")
+        return min(words.get(a, rarest_word), words.get(b, rarest_word))
+
+    marked = share("", pairs.MARKER) if stats is not None else 0.0
+    us, rows = marked * US_TID, marked
+    for group in chosen:
+        parts = [share(pair, key) for pair, key in group]
+        # As the words of an AND: the shortest list read, the others skipped through.
+        us += min(parts) * len(parts) * US_TID
+        rows += min(parts)
+    return us * messages, min(rows, 1.0) * messages

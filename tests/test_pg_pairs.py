@@ -115,6 +115,34 @@ def test_phrases_equal_the_oracle(store: tuple[SessionDB, str], way: str) -> Non
     _check(db, schema)
 
 
+def test_a_slice_spanning_whole_bands_reads_only_its_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest id one below a band's end (17,407: bands ``b0_16384`` and ``t16384``):
+    the second slice spans whole bands, and the index of pairs covers every message,
+    so it must still read only the slice's ids (it once read the first slice's again:
+    each hit twice, older ones missed)."""
+    # No roll of the bands: it would change the layout under test (and race the DROP).
+    monkeypatch.setattr(bands, "start_roll", lambda *a: False)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    db = SessionDB(f"{URL}?schema={schema}")
+    try:
+        db.create_session("s", "cli")
+        db.append_message("s", "user", "warm up")
+        _sql(f'INSERT INTO "{schema}".messages (session_id, role, content, timestamp) '
+             "SELECT 's', 'user', CASE WHEN g % 100 = 0 THEN 'alpha bravo here' "
+             "ELSE 'alpha charlie bravo ' || g END, g FROM generate_series(2, 17407) g")
+        _sql(f"UPDATE \"{schema}\".sessions SET message_count = 17407")
+        _sql(f'ANALYZE "{schema}".messages')
+        expected = oracle_at(URL, schema, "'alpha' <-> 'bravo'", pg_search.WINDOW)
+        assert len(expected) == 174
+        for limit in (20, None):
+            got = [h["id"] for h in db.search_messages('"alpha bravo"', limit=limit)]
+            assert got == expected[:limit]
+    finally:
+        db.close()
+        _sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 def test_the_pairs_of_a_query() -> None:
     assert pairs.term_pairs("'stor' <-> 'shiumim'") == ["stor shiumim"]
     assert pairs.term_pairs("'a' <-> 'b':* <-> 'c' <-> 'd'") == ["c d"]

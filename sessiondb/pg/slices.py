@@ -185,9 +185,10 @@ class Plan:
         # a nested loop looking up each row's session), and no parallel workers (the
         # planner's answer to the dearer joins: worse, 1-3 ms to start each).
         if way.startswith("pairs"):
-            whole = all(w for _, _, _, w in parts)
-            sql = self.by_pairs.replace(
-                "{range}", "" if whole else " AND m.id BETWEEN %(lo)s AND %(hi)s")
+            # Always bounded: the pairs index covers every message, not a band's, so
+            # a slice that spans whole bands still must not read above ``hi`` (ids
+            # an earlier slice returned) or below ``lo``.
+            sql = self.by_pairs.replace("{range}", " AND m.id BETWEEN %(lo)s AND %(hi)s")
         else:
             sql = self.gin(parts)
         names = ["enable_indexscan", "enable_seqscan"]

@@ -78,6 +78,7 @@ class CheckpointCounters:
     resets_failed: int = 0
     resets_skipped: int = 0     # another process's checkpointer was already at it
     step_restarts: int = 0      # WAL restarts made ready after a step (after_step)
+    step_restarts_failed: int = 0  # a disk fault (not busy) stopped one of those
     last_wal_frames: int = 0
     last_checkpointed_frames: int = 0
     longest_reset_s: float = 0.0
@@ -283,33 +284,37 @@ class CheckpointPolicy:
             if self._conn is None:
                 self._conn = self._open_conn()
             gate, conn = self._gate, self._conn
-            if not gate.close_door(0):
+            # The gate first, within the busy bound, and the door only then, without
+            # waiting: a shut door stops new snapshot readers, so it must never stay
+            # shut while this waits for a writer to leave the gate.
+            try:
+                gate.acquire(self.STEP_RESTART_MS / 1000)
+            except GateTimeout:
                 return
             done = None
             try:
-                if not gate.empty_room(0):
+                if not gate.close_door(0):
                     return
                 try:
-                    gate.acquire(self.reset_timeout)
-                except GateTimeout:
-                    return
-                try:
+                    if not gate.empty_room(0):
+                        return
                     done = self._checkpoint_until(conn, apsw.SQLITE_CHECKPOINT_RESTART,
                                                   self.STEP_RESTART_MS,
                                                   lambda frames, copied: frames == copied)
                 except apsw.Error as exc:
-                    self.counters.passive_failed += 1
+                    self.counters.step_restarts_failed += 1
                     self.counters.last_error = repr(exc)
                 finally:
-                    gate.release()
+                    gate.open_door()
             finally:
-                gate.open_door()
+                gate.release()
             if done is None:
                 self._restart_after = time.monotonic() + self.STEP_RESTART_PAUSE
                 return
             c = self.counters
             c.step_restarts += 1
             c.last_wal_frames, c.last_checkpointed_frames = done
+            self._wal_frames = done[0]
 
     def _checkpoint_until(self, conn: apsw.Connection, mode: int, busy_ms: int,
                           ok: Callable[[int, int], bool]) -> tuple[int, int] | None:

@@ -40,7 +40,7 @@ import json
 import re
 import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import apsw
 
@@ -249,13 +249,7 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
     high = low + b"\xff"
     pages = most = 0
     keys: set[bytes] = set()
-    segment = -1
-    while True:
-        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
-                           "ORDER BY segid LIMIT 1", (segment,)).fetchone()
-        if row is None:
-            break
-        segment = row[0]
+    for segment in _segments(conn):
         start, past = conn.execute(
             "SELECT (SELECT pgno FROM messages_fts_idx WHERE segid = ?1 AND term <= ?2 "
             "ORDER BY term DESC LIMIT 1), (SELECT pgno FROM messages_fts_idx WHERE "
@@ -272,6 +266,19 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
     ordered = sorted(keys)
     return pages, max(most, sum(1 for i, key in enumerate(ordered) if i + 1 == len(ordered)
                                 or not ordered[i + 1].startswith(key)))
+
+
+def _segments(conn: apsw.Connection) -> Iterator[int]:
+    """The ids of the index's segments, in order, each read when the one before is done
+    (a seek in the ``%_idx`` b-tree each)."""
+    segment = -1
+    while True:
+        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
+                           "ORDER BY segid LIMIT 1", (segment,)).fetchone()
+        if row is None:
+            return
+        segment = row[0]
+        yield segment
 
 
 def words_of(conn: apsw.Connection, ids: Sequence[int], budget: int) -> set[str] | None:
@@ -314,13 +321,7 @@ def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
     high = low + b"\xff"  # past every word with the prefix (UTF-8 never has 0xff)
     found: set[bytes] = set()
     pages = 0
-    segment = -1
-    while True:
-        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
-                           "ORDER BY segid LIMIT 1", (segment,)).fetchone()
-        if row is None:
-            break
-        segment = row[0]
+    for segment in _segments(conn):
         rows = conn.execute(
             "SELECT * FROM (SELECT 0, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
             "term <= ?2 ORDER BY term DESC LIMIT 1) UNION ALL SELECT 0, pgno FROM "

@@ -755,8 +755,12 @@ def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
                 except Interrupted:
                     pass
             # Whatever happened, nothing is left behind (a turn kept after a short
-            # write is handed on by the gate's idle thread within IDLE_RELEASE):
-            assert db._engine._gate._ticket is None or db._engine._gate._kept
+            # write is handed on by the gate's idle thread within IDLE_RELEASE). Read
+            # under the gate's lock: the idle thread clears ``_kept`` and then the
+            # ticket, both under it, and a read in between saw a ticket not kept.
+            gate = db._engine._gate
+            with gate._mu:
+                assert gate._ticket is None or gate._kept
             assert db._engine._conn.get_autocommit()
             assert not db._engine._writes.active
     finally:

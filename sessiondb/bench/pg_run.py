@@ -12,7 +12,9 @@ with row locks or several pools:
                 process one store instance with the default pool (8 connections), so
                 threads wait for a connection as well as for locks;
 ``overhead``    one writer, tiny transactions, no readers: the library's cost per write
-                against the same SQL through plain psycopg (:mod:`.pg_workers`).
+                against plain psycopg sending the turn's work in the fewest
+                statements, and sending the library's own statements
+                (:mod:`.pg_workers`).
 
 Each (scenario, backend, client) runs on a fresh store: a file in a temporary directory,
 or a schema ``sessiondb_bench_<scenario>_<client>`` in the given database, created and
@@ -76,7 +78,7 @@ def shapes(quick: bool = False, duration: float | None = None,
         # The clients take turns in rounds, so that a change in the machine's load
         # during the run does not land on one client only.
         Shape("overhead", 1, 10.0, readers=False, rounds=5,
-              clients=("psycopg", "sessiondb", "sessiondb-append"),
+              clients=("psycopg", "psycopg-same", "sessiondb", "sessiondb-append"),
               description="one writer, tiny transactions, no readers; the clients take "
                           "turns in 5 rounds"),
     ]

@@ -16,6 +16,9 @@ is the loop of both). The clients, each doing the same work per write:
                       process of the library's default size: ``BEGIN``, ``UPDATE`` the
                       session's counters, ``INSERT`` the message ``RETURNING id``, the
                       scenario's hold, ``COMMIT``. The reference for the library's cost.
+``psycopg-same``      the statements of the ``sessiondb`` client's turn, recorded from
+                      the library once and sent as they are through plain psycopg
+                      (:class:`SameSql`): the library's cost beyond its own SQL.
 
 What each sends per write, in round trips (the ``overhead`` scenario compares them):
 
@@ -108,14 +111,8 @@ class PlainPsycopg:
 
     def __init__(self, job: Job) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool
 
-        url, schema = split_schema(job.path)
-        self.pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, timeout=30,
-                                   kwargs={"autocommit": True,
-                                           "options": f"-c search_path={schema}"},
-                                   open=False, name=f"bench-psycopg-{job.index}")
-        self.pool.open(wait=True, timeout=30)
+        self.pool = _plain_pool(job)
         self.sqlite_version = f"psycopg {psycopg.__version__}"
 
     def write(self, session_id: str, text: str, hold: float) -> float:
@@ -152,8 +149,103 @@ class PlainPsycopg:
         self.pool.close()
 
 
+class SameSql:
+    """The statements of the library's ``transaction()`` turn (:class:`.workers.Library`),
+    sent as they are through plain psycopg: what the library costs beyond its SQL.
+
+    They are recorded once, from a turn of the library on a session of this process's
+    own, at every ``psycopg.Connection.execute`` (the only way the library sends SQL),
+    and replayed for each write with that session's id, lock key, text and timestamp
+    replaced by the write's."""
+
+    PROBE_TEXT = "the probe turn of the same-SQL client"
+
+    def __init__(self, job: Job) -> None:
+        import psycopg
+
+        probe = f"probe-{job.index}"
+        self.sent = _trace_turn(job.path, probe, self.PROBE_TEXT)
+        self.probe = probe
+        self.probe_key = _lock_arg(probe)
+        self.pool = _plain_pool(job)
+        self.sqlite_version = f"psycopg {psycopg.__version__}"
+
+    def write(self, session_id: str, text: str, hold: float) -> float:
+        swap = {self.probe: session_id, self.probe_key: _lock_arg(session_id),
+                self.PROBE_TEXT: text}
+        with self.pool.connection() as conn:
+            held_from = time.monotonic()
+            try:
+                for query, args in self.sent:
+                    if args is None:
+                        if hold and query == "COMMIT":  # held as the library's turn
+                            time.sleep(hold)
+                        conn.execute(query)
+                        continue
+                    now = time.time()
+                    conn.execute(query, [now if isinstance(a, float) else swap.get(a, a)
+                                         for a in args])
+            except BaseException:
+                try:
+                    conn.execute("ROLLBACK")
+                except Exception:
+                    pass
+                raise
+        return time.monotonic() - held_from
+
+    pool_stats = PlainPsycopg.pool_stats
+    close = PlainPsycopg.close
+
+
+def _plain_pool(job: Job) -> Any:
+    """A psycopg_pool pool of the library's default size on the store's schema."""
+    from psycopg_pool import ConnectionPool
+
+    url, schema = split_schema(job.path)
+    pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, timeout=30,
+                          kwargs={"autocommit": True, "options": f"-c search_path={schema}"},
+                          open=False, name=f"bench-psycopg-{job.index}")
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def _lock_arg(session_id: str) -> Any:
+    """The advisory lock argument the library's statements carry for a session."""
+    from ..pg.dialect import lock_key
+    from ..backend import session_lock_key
+
+    return lock_key(session_lock_key(session_id))
+
+
+def _trace_turn(path: str, session_id: str, text: str) -> list[tuple[str, list | None]]:
+    """``(query, arguments)`` of every statement a ``transaction()`` turn of the library
+    (:meth:`.workers.Library.write`) sends, in order, on a new session ``session_id``."""
+    import psycopg
+
+    from .. import SessionDB
+
+    sent: list[tuple[str, list | None]] = []
+    original = psycopg.Connection.execute
+
+    def record(self: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        sent.append((query, None if params is None else list(params)))
+        return original(self, query, params, **kw)
+
+    with SessionDB(path, pool_size=1) as db:
+        db.create_session(session_id, "bench")
+        psycopg.Connection.execute = record  # type: ignore[method-assign]
+        try:
+            with db.transaction():
+                db.append_message(session_id, "assistant", text)
+                db.update_token_counts(session_id, 120, 40)
+        finally:
+            psycopg.Connection.execute = original  # type: ignore[method-assign]
+    return sent
+
+
 CLIENTS: dict[str, Callable[[Job], Any]] = {
     "sessiondb": Library, "sessiondb-append": AppendOnly, "psycopg": PlainPsycopg,
+    "psycopg-same": SameSql,
 }
 
 

@@ -4,16 +4,25 @@
 common word over a million messages took 770 ms. Search here reads a bounded number of
 matches instead, and this fixes the order of the results.
 
-**The order.** The matches that pass the filters are taken in *windows* of
-:data:`WINDOW` (1,000), newest first: the first window holds the 1,000 most recent
-matching messages (highest ids), the second the 1,000 before them, and so on. Within a
-window the best match comes first (bm25, below), ties newest first. ``offset`` counts
-through that sequence, so consecutive pages never repeat or skip a hit, and a page that
+**The order.** The matches that pass the filters are taken in *windows*, newest
+first: the first window holds the :data:`WINDOW` (1,000) most recent matching messages
+(highest ids) among the :data:`HORIZON` (262,144) newest ids, the second the 1,000 most
+recent below the first within 262,144 ids of its start, and so on (a window is the
+1,000 matches, or every match in its 262,144 ids when they are fewer). Within a window
+the best match comes first (bm25, below), ties newest first. ``offset`` counts through
+that sequence, so consecutive pages never repeat or skip a hit, and a page that
 straddles two windows takes the end of one and the start of the next. A query with at
-most 1,000 matches (every rare word) is therefore ordered exactly best match first; a
-common word gives the best of its 1,000 most recent matches. Recency was chosen as the
-window because an agent's transcripts are searched mostly for recent work, and because
-FTS5 reads its doclists in rowid order, so the newest matches are the cheap ones to find.
+most 1,000 matches in a store of at most 262,144 messages (every rare word in most
+stores) is therefore ordered exactly best match first; a common word gives the best of
+its 1,000 most recent matches; a rare word in a larger store the best of its matches
+among the newest 262,144 messages, then the best of those before them. Recency was
+chosen as the window because an agent's transcripts are searched mostly for recent
+work, and because FTS5 reads its doclists in rowid order, so the newest matches are the
+cheap ones to find. The horizon bounds the ids a page reads whatever the store's size:
+a query whose words are in nearly every message but whose matches are few (``a NOT b``
+with ``b`` nearly everywhere) makes FTS5 read both doclists to find them, and without
+a horizon a filter that keeps few of them had every id of the store read (a million:
+60 ms) to fill a window.
 
 **bm25.** The score is FTS5's bm25 (k1 = 1.2, b = 0.75, https://sqlite.org/fts5.html
 #the_bm25_function), except for the number of messages containing each phrase, which
@@ -64,14 +73,16 @@ yet). Such a prefix, a query in FTS5 syntax the rewrite does not read (``NEAR``,
 filters, ``^``) and a search inside a write transaction run as FTS5 reads them: as few
 statements as possible, every phrase weighted alike (also when tested one by one).
 ``a NOT b`` with ``b`` in nearly every message reads both doclists until the window is
-full: with a filter that keeps few of its matches, all of them (about 42 ms on a million
-messages). The snippet of a prefix query may show another passage of the message than FTS5 with the prefix would: FTS5
+full: with a filter that keeps few of its matches, all of them within the horizon (about
+11 ms per 262,144 ids), and all of them in the store when the page needs more matches
+than the horizons before it hold. The snippet of a prefix query may show another passage of the message than FTS5 with the prefix would: FTS5
 prefers the passage with the most different phrases, and each word of the prefix is
 one. ``limit=None`` ranks every match, window by window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import re
@@ -93,12 +104,14 @@ from .search_hits import (CONTEXT_BYTES, SNIPPET_BUDGET, fetch_hits, long_messag
                           message_head)
 from .search_rank import IDF_SLICE
 
-__all__ = ["CHUNK", "CONTEXT_BYTES", "FIRST_SPAN", "IDF_SLICE", "MAX_WALKED_SESSIONS",
+__all__ = ["CHUNK", "CONTEXT_BYTES", "FIRST_SPAN", "HORIZON", "IDF_SLICE", "MAX_WALKED_SESSIONS",
            "SNIPPET_BUDGET", "WINDOW", "Filters", "Page", "Run", "fetch_hits",
            "long_message_snippet", "message_head", "ranked_ids", "search_messages"]
 
 #: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
 WINDOW = 1000
+#: ... each within this many ids below its newest id (fewer matches if fewer are there).
+HORIZON = 1 << 18
 #: Rows (ids) of the index walk's first span, after which it may switch strategy.
 FIRST_SPAN = 1024
 #: A session's messages matched per range query when its sessions are walked.
@@ -200,46 +213,56 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     if limit == 0 or (filters.sources is not None and not filters.sources):
         return Page([], 0.0)
     end = offset + limit if limit > 0 else -1
-    need = -1 if end < 0 else -(-end // WINDOW) * WINDOW  # whole windows
     prepare(conn)
     expansion = search_prefix.expand(conn, match)
     run = Run(match) if expansion is None else Run(
         expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
         expansion.statement_us)
-    tested = None
+    test = None
     if expansion is None and merges_doclists(conn, match):
         test = search_rows.parse(conn, match)
-        if test is not None:
-            tested = _tested(conn, match, test, filters, need)
-    if tested is None:
-        found, scan_us = _candidates(conn, run, filters, need)
-    else:
-        found, scan_us = tested, 0.0
-    first = offset // WINDOW
-    windows = [found[i:i + WINDOW] for i in range(first * WINDOW, len(found), WINDOW)]
+    plan = _plan(conn, filters)
+    windows: list[list[tuple[int, str]]] = []
+    scan_us: float | None = None
+    from_texts = False
+    skipped = 0  # matches in the windows before the page's first
+    top = -1 if plan is None else plan.hi
+    while plan is not None and top >= plan.lo and (end < 0 or skipped + sum(
+            map(len, windows)) < end):
+        bottom = max(plan.lo, top - HORIZON + 1)
+        part = dataclasses.replace(plan, lo=bottom, hi=top)
+        found = None if test is None else _tested(conn, match, test, filters, part)
+        if found is None:
+            found, us = _candidates(conn, run, filters, part, WINDOW)
+        else:
+            us, from_texts = 0.0, True
+        scan_us = us if scan_us is None else scan_us
+        top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
+        if not windows and skipped + len(found) <= offset:
+            skipped += len(found)  # a window wholly before the page: not ranked
+        elif found:
+            windows.append(found)
     if not windows:
-        return Page([], scan_us, run.match, run.statement_us)
+        return Page([], scan_us or 0.0, run.match, run.statement_us)
     if merges_doclists(conn, run.match):
         phrases = None
     elif expansion is not None and phrases is not None and len(phrases) > 1:
         phrases = [getattr(search_prefix.expand(conn, p), "match", p) for p in phrases]
-    scorer = Scorer(conn, phrases, found[0][1])
+    scorer = Scorer(conn, phrases, windows[0][0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
-    start = offset - first * WINDOW
+    start = offset - skipped
     ids = ordered[start:] if limit < 0 else ordered[start:start + limit]
-    return Page(ids, scan_us, run.match, run.statement_us, tested is not None)
+    return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts)
 
 
 def _tested(conn: apsw.Connection, match: str, test: search_rows.RowTest,
-            filters: Filters, need: int) -> list[tuple[int, str]] | None:
-    """The candidates of a query FTS5 would merge whole doclists for, found by testing
-    the newest messages passing ``filters`` (:mod:`sessiondb.search_rows`); None when
-    that is estimated to cost more than the merge, or cannot be done."""
-    plan = _plan(conn, filters)
-    if plan is None:
-        return []
+            filters: Filters, plan: "_Plan") -> list[tuple[int, str]] | None:
+    """The newest :data:`WINDOW` matches of a query FTS5 would merge whole doclists
+    for with ids in the plan's range, found by testing the newest messages passing
+    ``filters`` (:mod:`sessiondb.search_rows`); None when that is estimated to cost
+    more than the merge, or cannot be done."""
     return search_rows.newest_matches(conn, test, search_rows.band_reader(conn, filters),
-                                      plan.lo, plan.hi, need,
+                                      plan.lo, plan.hi, WINDOW,
                                       search_prefix.merge_cost_us(conn, match))
 
 
@@ -247,20 +270,27 @@ def _tested(conn: apsw.Connection, match: str, test: search_rows.RowTest,
 
 @dataclass
 class _Plan:
-    """The filters as SQL for the index walk, and the id range the hits lie in."""
+    """The filters as SQL for the index walk, and the id range the hits lie in (a
+    window's part of the store's, or of the session's, range of ``ids`` ids)."""
 
     joins: str
     where: str
     args: list[Any]
     lo: int
     hi: int
+    ids: int
+
+    @property
+    def share(self) -> float:
+        """The share of the store's (or session's) ids in this plan's range."""
+        return (self.hi - self.lo + 1) / max(1, self.ids)
 
 
-def _candidates(conn: apsw.Connection, run: Run, filters: Filters,
+def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan",
                 need: int) -> tuple[list[tuple[int, str]], float]:
-    """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` (all of
-    them if ``need`` is negative), newest first; and the microseconds a range read of
-    this query takes per id (:func:`_scan_cost`).
+    """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` with ids
+    in the plan's range (all of them if ``need`` is negative), newest first; and the
+    microseconds a range read of this query takes per id (:func:`_scan_cost`).
 
     The index walk reads the first span (:data:`FIRST_SPAN` ids); if that did not fill
     the window and a source or session filter applies, the rest is found the cheapest of
@@ -269,9 +299,6 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters,
     message ids (built once from the ``(session_id, id)`` index); or the session walk
     (:func:`_session_walk`). All three find the same rows.
     """
-    plan = _plan(conn, filters)
-    if plan is None:
-        return [], 0.0
     found: list[tuple[int, str]] = []
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
     if merges_doclists(conn, run.match):
@@ -285,12 +312,12 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters,
     span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
                  us / max(1, first - span_lo))
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
-        way = _cheapest_way(conn, filters, need, span, run.statement_us)
+        way = _cheapest_way(conn, filters, need, span, run.statement_us, plan.share)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
         scan_us = _scan_cost(visited, plan.hi - span_lo + 1, pace)
         found += _session_walk(conn, run, filters, _sessions(conn, filters, span_lo - 1),
-                               left, scan_us)
+                               left, scan_us, plan.lo)
         return found, scan_us
     if way == "list":
         plan = _listed_plan(filters, plan)
@@ -330,7 +357,7 @@ class _Span:
 
 
 def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
-                  statement_us: float = 0.0) -> str:
+                  statement_us: float = 0.0, in_range: float = 1.0) -> str:
     """``"join"``, ``"list"`` or ``"sessions"``: the way to find the rest of the
     candidates estimated cheapest (see :func:`_candidates`).
 
@@ -340,7 +367,8 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
     ``a NOT b`` of two common words. The list lookup saves the join of every match;
     the session walk costs a range query per session (``statement_us`` more for a
     query whose statements start slowly), for the share of the filter's sessions
-    needed.
+    needed. ``in_range``: the share of the store's ids in the window's range, taken as
+    the share of the filter's sessions and messages in it (all of them are listed).
     """
     ids, per_id = _walk_ids(span, need)
     density = span.matches / span.ids  # matches per id
@@ -350,14 +378,15 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
         f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)).fetchone()
     costs = {"join": ids * per_id}
     if count <= MAX_WALKED_SESSIONS:
+        messages, walkable = messages * in_range, count * in_range
         saved = density * (_US_JOINED_MATCH - _US_LISTED_MATCH)
         costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
         expected = messages * density  # matches in the filter's sessions
         share = 1.0 if need < 0 or expected <= need else need / expected
         # A session's query, or reading the ids up to the next one's (see _session_walk).
-        spacing = (span.ids + span.left) / max(1, count)
+        spacing = (span.ids + span.left) / max(1.0, walkable)
         walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
-        costs["sessions"] = count * (_US_LISTED_SESSION + share * walked)
+        costs["sessions"] = count * _US_LISTED_SESSION + walkable * share * walked
     return min(costs, key=costs.__getitem__)
 
 
@@ -440,7 +469,7 @@ def _plan(conn: apsw.Connection, filters: Filters) -> _Plan | None:
         joins = " CROSS JOIN messages m ON m.id = messages_fts.rowid"
         if sessions:
             joins += " CROSS JOIN sessions s ON s.id = m.session_id"
-    return _Plan(joins, " AND ".join(cond) or "1", args, lo, hi)
+    return _Plan(joins, " AND ".join(cond) or "1", args, lo, hi, hi - lo + 1)
 
 
 def _index_walk(conn: apsw.Connection, run: Run, plan: _Plan, lo: int, hi: int,
@@ -506,14 +535,15 @@ def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
             "(SELECT role FROM messages WHERE id = messages_fts.rowid)", filters.roles)
         where += " AND " + sql  # AND stops at the first false operand: a lookup per hit
         args += values
-    return _Plan("", where, args, plan.lo, plan.hi)
+    return _Plan("", where, args, plan.lo, plan.hi, plan.ids)
 
 
 def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
-                  sessions: list[tuple[int, str]], need: int, scan_us: float
-                  ) -> list[tuple[int, str]]:
+                  sessions: list[tuple[int, str]], need: int, scan_us: float,
+                  floor: int) -> list[tuple[int, str]]:
     """The newest ``need`` matches (all if negative) among the messages of
-    ``sessions`` (``(newest id, session id)``, newest first), newest first.
+    ``sessions`` (``(newest id, session id)``, newest first) with ids from ``floor``
+    on, newest first.
 
     Each session's messages are read newest first, :data:`CHUNK` ids at a time from the
     ``(session_id, id)`` index, and chunks are matched by FTS5 queries over their id
@@ -529,8 +559,8 @@ def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
     if filters.roles:
         sql, args = filters.inside("role", filters.roles)
         roles = " AND " + sql
-    ids_sql = (f"SELECT id FROM messages WHERE session_id = ? AND id <= ?{roles} "
-               "ORDER BY id DESC LIMIT ?")
+    ids_sql = (f"SELECT id FROM messages WHERE session_id = ? AND id <= ? AND id >= ?"
+               f"{roles} ORDER BY id DESC LIMIT ?")
     # The unary plus: the list is checked per row (rank data made only for the rows in
     # it), not handed to FTS5, which would run the query once per listed id.
     range_sql = (f"SELECT rowid, {run.rank} FROM messages_fts WHERE messages_fts MATCH ? "
@@ -555,11 +585,12 @@ def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
         return 0 <= need <= len(kept) and rowid < kept[0][0]
 
     for newest, session_id in sessions:
-        if full_below(newest):
+        if newest < floor or full_below(newest):
             break
         cursor = newest
         while not full_below(cursor):
-            ids = [r[0] for r in _fetch(conn, ids_sql, (session_id, cursor, *args, CHUNK))]
+            ids = [r[0] for r in _fetch(conn, ids_sql, (session_id, cursor, floor, *args,
+                                                        CHUNK))]
             if not ids:
                 break
             if pending and (min(pending) - ids[0] > gap or ids[-1] - max(pending) > gap):

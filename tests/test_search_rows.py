@@ -81,11 +81,14 @@ def tested(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return answered
 
 
+@pytest.mark.parametrize("horizon", [search.HORIZON, 150])
 @pytest.mark.parametrize("query", ["a*", "é*", "b* NOT alpha"])
-def test_one_phrase_matches_the_oracle(store, tested, query: str) -> None:
+def test_one_phrase_matches_the_oracle(store, tested, monkeypatch, query: str,
+                                       horizon: int) -> None:
     db, path = store
+    monkeypatch.setattr(search, "HORIZON", horizon)  # 150: the 1,200 ids in 8 and more
     for kw in FILTERS:
-        expected = oracle(path, query, 25, **kw)
+        expected = oracle(path, query, 25, horizon=horizon, **kw)
         assert found(db, query, limit=None, **kw) == expected, kw
         assert found(db, query, limit=10, offset=20, **kw) == expected[20:30], kw
         assert found(db, query, limit=7, offset=45, **kw) == expected[45:52], kw
@@ -138,8 +141,10 @@ def test_shapes_it_does_not_test_are_left_to_fts5(store, query: str) -> None:
 def test_a_walk_dearer_than_the_merge_is_left_to_fts5(store, tested, monkeypatch) -> None:
     db, path = store
     # A first band is tested (the rate of matches is unknown), then the rest of the
-    # walk is estimated to cost more than the merge; the hits are the same.
-    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 2_000.0)
+    # walk is estimated to cost more than the merge; the hits are the same. (The walk
+    # of a window of 25 "a*" costs less than a band of 16 messages: a merge estimated
+    # at 50 microseconds is cheaper.)
+    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 50.0)
     everything = found(db, "zulu a*", limit=None)
     assert everything and sorted(everything) == sorted(oracle(path, "zulu a*", 25))
     assert found(db, "a*", limit=None) == oracle(path, "a*", 25)
@@ -151,9 +156,10 @@ def test_messages_not_indexed_yet_are_left_to_fts5(store, tested) -> None:
     conn = apsw.Connection(str(path))
     try:
         top = conn.execute("SELECT max(id) FROM messages").fetchone()[0]
-        # A range past every message: nothing is waiting, but the walk cannot know.
+        # A range over every message and past them (so over every window): nothing is
+        # waiting, but the walk cannot know.
         conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) VALUES (?, ?)",
-                     (top - 5, top + 5))
+                     (0, top + 5))
         assert found(db, "a*", limit=None) == oracle(path, "a*", 25)
         assert not tested
     finally:

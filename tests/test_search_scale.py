@@ -55,9 +55,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionDB,
 
 @pytest.fixture
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Windows of 25, a first span of 40 ids, chunks of 7 messages, prefixes written
-    out."""
+    """Windows of 25 within 300 ids, a first span of 40 ids, chunks of 7 messages,
+    prefixes written out."""
     monkeypatch.setattr(search, "WINDOW", 25)
+    monkeypatch.setattr(search, "HORIZON", HORIZON)
     monkeypatch.setattr(search, "FIRST_SPAN", 40)
     monkeypatch.setattr(search, "CHUNK", 7)
     # Every prefix written out as an OR of its words (FTS5's merge is cheaper in a
@@ -83,12 +84,19 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
+#: The horizon of the ``small`` fixture: the store's 3,000 ids in ten and more windows.
+HORIZON = 300
+
+
 def oracle(path: Path, query: str, window: int, sources: list[str] | None = None,
            exclude_sources: list[str] | None = None, roles: list[str] | None = None,
-           session_id: str | None = None, raw: bool = False) -> list[int]:
+           session_id: str | None = None, raw: bool = False,
+           horizon: int = search.HORIZON) -> list[int]:
     """Every match in the documented order, from FTS5's own bm25 and a Python filter:
-    newest first in windows of ``window``, best bm25 first within each, ties newest
-    first. ``raw``: the query is FTS5 already (not sanitized)."""
+    newest first in windows of ``window`` within ``horizon`` ids of the window's start
+    (the newest id of the store, or of the session; then the id below the window),
+    best bm25 first within each, ties newest first. ``raw``: the query is FTS5 already
+    (not sanitized)."""
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         scores = dict(conn.execute(
@@ -108,9 +116,14 @@ def oracle(path: Path, query: str, window: int, sources: list[str] | None = None
                 and (session_id is None or sid == session_id))
 
     newest = sorted((r for r in scores if keep(r)), reverse=True)
+    ids = [r for r in meta if session_id is None or meta[r][0] == session_id]
+    top = max(ids, default=0)
     out: list[int] = []
-    for i in range(0, len(newest), window):
-        out += sorted(newest[i:i + window], key=lambda r: (scores[r], -r))
+    while newest:
+        part = [r for r in newest if r > top - horizon][:window]
+        out += sorted(part, key=lambda r: (scores[r], -r))
+        newest = newest[len(part):]
+        top = part[-1] - 1 if len(part) == window else top - horizon
     return out
 
 
@@ -141,7 +154,7 @@ _STORE_ORACLE: dict[tuple[Path, str, str], list[int]] = {}
 def store_oracle(path: Path, query: str, kw: dict[str, Any]) -> list[int]:
     key = (path, query, repr(sorted(kw.items())))
     if key not in _STORE_ORACLE:
-        _STORE_ORACLE[key] = oracle(path, query, 25, **kw)
+        _STORE_ORACLE[key] = oracle(path, query, 25, horizon=HORIZON, **kw)
     return list(_STORE_ORACLE[key])
 
 

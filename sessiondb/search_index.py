@@ -27,8 +27,8 @@ import apsw
 from .errors import SearchIndexError
 from .maintenance import ProgressCallback, Step, Tracker, byte_budget, fit_bytes
 from .schema import (
-    CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, REBUILDING, fts_table, index_prefixes, junk_tables,
-    set_aside_index,
+    CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, PEND_EVERY_MESSAGE, REBUILDING, fts_table,
+    index_prefixes, junk_tables, set_aside_index,
 )
 
 _KEY = "fts_damaged"
@@ -119,8 +119,7 @@ def begin_rebuild(conn: apsw.Connection, reason: str,
     conn.execute(fts_table(prefixes))
     conn.execute(FTS_TRIGGERS)
     conn.execute("DELETE FROM sessiondb_fts_pending")
-    conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) SELECT min(id), max(id) "
-                 "FROM messages HAVING count(*) > 0")
+    conn.execute(PEND_EVERY_MESSAGE)
     conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (_KEY,))
     conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
                  (REBUILDING, reason))

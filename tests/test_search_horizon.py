@@ -258,3 +258,55 @@ def test_a_one_letter_prefix_tested_over_many_windows(store, one_by_one) -> None
             assert found(db, query, limit=3, offset=WINDOW, **kw) == expected[
                 WINDOW:WINDOW + 3], (query, kw)
     assert one_by_one
+
+
+def _statements(monkeypatch: pytest.MonkeyPatch, path: Path, query: str, **kw: Any
+                ) -> tuple[list[int], list[str]]:
+    """The hits of a search by a new handle, and the SQL of every statement it ran."""
+    ran: list[str] = []
+
+    def trace(conn: apsw.Connection) -> None:
+        conn.set_exec_trace(lambda cursor, sql, bindings: ran.append(sql) or True)
+
+    monkeypatch.setattr(apsw, "connection_hooks", [*apsw.connection_hooks, trace])
+    db = SessionDB(path)
+    try:
+        ran.clear()
+        return found(db, query, **kw), list(ran)
+    finally:
+        db.close()
+
+
+def test_a_merged_prefix_is_read_once_however_many_windows(store, horizon,
+                                                           monkeypatch) -> None:
+    # A prefix FTS5 merges (not written out, and its test one by one estimated dearer
+    # than the merge) costs the merge in every statement whatever the statement's id
+    # range (a one-letter prefix: about 1 s on a million messages): its windows are
+    # cut from one statement, not one per window.
+    _, path = store
+    monkeypatch.setattr(search_prefix, "STATEMENTS", 10**9)
+    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 0.0)
+    for query, kw in (("z*", {}), ("n*", {"roles": ["tool"]}), ("z*", {"sources": ["slack"]}),
+                      ("z*", {"session_id": "long"}), ("z* NOT zy", {})):
+        expected = oracle(path, query, WINDOW, horizon=HORIZON, **kw)
+        hits, ran = _statements(monkeypatch, path, query, limit=None, **kw)
+        assert hits == expected and len(expected) > 2 * WINDOW + 3, (query, kw)
+        walks = [sql for sql in ran if "ORDER BY messages_fts.rowid" in sql]  # not the hits
+        assert len(walks) == 1, (query, kw, walks)
+        hits, _ = _statements(monkeypatch, path, query, limit=4, offset=2 * WINDOW - 1, **kw)
+        assert hits == expected[2 * WINDOW - 1:2 * WINDOW + 3], (query, kw)
+
+
+def test_the_filters_sessions_are_counted_once_per_search(store, horizon,
+                                                          monkeypatch) -> None:
+    # The cost model's count of the filter's sessions and messages does not depend on
+    # the window: a search over twenty windows asks once.
+    _, path = store
+    for kw in ({"sources": ["slack"]}, {"exclude_sources": ["cli"]}, {"session_id": "long"}):
+        hits, ran = _statements(monkeypatch, path, "nothing", limit=None, **kw)
+        assert hits == []
+        assert sum("sum(message_count)" in sql for sql in ran) <= 1, kw
+        hits, ran = _statements(monkeypatch, path, "needle", limit=None, **kw)
+        assert hits == oracle(path, "needle", WINDOW, horizon=HORIZON, **kw)
+        assert sum("sum(message_count)" in sql for sql in ran) <= 1, kw
+

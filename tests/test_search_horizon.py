@@ -231,9 +231,11 @@ def one_by_one(monkeypatch: pytest.MonkeyPatch, horizon) -> list[int]:
     return answered
 
 
-def test_a_range_not_indexed_yet_leaves_only_its_windows_to_fts5(store, one_by_one) -> None:
-    # The pending range covers the newest window only: that window is FTS5's, the
-    # others are tested one by one; together, the rule's order.
+def test_a_range_not_indexed_yet_is_left_to_fts5(store, one_by_one) -> None:
+    # The pending range covers the newest window only: that window is FTS5's (and the
+    # windows below it are cut from the same statement's rows); a session whose
+    # messages all lie below the range is tested one by one. Either way, the rule's
+    # order.
     db, path = store
     conn = apsw.Connection(str(path))
     try:
@@ -244,7 +246,7 @@ def test_a_range_not_indexed_yet_leaves_only_its_windows_to_fts5(store, one_by_o
             expected = oracle(path, "z*", WINDOW, horizon=HORIZON, **kw)
             assert found(db, "z*", limit=None, **kw) == expected, kw
             assert found(db, "z*", limit=4, offset=3, **kw) == expected[3:7], kw
-        assert one_by_one  # the windows below the pending range
+        assert one_by_one  # the session "long", whose newest message is below the range
     finally:
         conn.close()
 

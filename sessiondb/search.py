@@ -88,7 +88,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import apsw
 
@@ -226,22 +226,21 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     scan_us: float | None = None
     from_texts = False
     skipped = 0  # matches in the windows before the page's first
-    top = -1 if plan is None else plan.hi
-    while plan is not None and top >= plan.lo and (end < 0 or skipped + sum(
-            map(len, windows)) < end):
-        bottom = max(plan.lo, top - HORIZON + 1)
-        part = dataclasses.replace(plan, lo=bottom, hi=top)
-        found = None if test is None else _tested(conn, match, test, filters, part)
-        if found is None:
-            found, us = _candidates(conn, run, filters, part, WINDOW)
-        else:
-            us, from_texts = 0.0, True
-        scan_us = us if scan_us is None else scan_us
-        top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
-        if not windows and skipped + len(found) <= offset:
-            skipped += len(found)  # a window wholly before the page: not ranked
-        elif found:
-            windows.append(found)
+    taken = 0  # matches in ``windows``
+    each = _windows(conn, match, run, test, filters, plan)
+    try:
+        for found, us, tested in each:
+            scan_us = us if scan_us is None else scan_us
+            from_texts |= tested
+            if not windows and skipped + len(found) <= offset:
+                skipped += len(found)  # a window wholly before the page: not ranked
+            elif found:
+                windows.append(found)
+                taken += len(found)
+            if 0 <= end <= skipped + taken:
+                break
+    finally:
+        each.close()  # a window read by a statement still open (_merged_windows)
     if not windows:
         return Page([], scan_us or 0.0, run.match, run.statement_us)
     if merges_doclists(conn, run.match):
@@ -255,15 +254,81 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts)
 
 
-def _tested(conn: apsw.Connection, match: str, test: search_rows.RowTest,
-            filters: Filters, plan: "_Plan") -> list[tuple[int, str]] | None:
+def _windows(conn: apsw.Connection, match: str, run: Run,
+             test: search_rows.RowTest | None, filters: Filters, plan: "_Plan | None"
+             ) -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
+    """The windows of the order (module docstring), newest first: each one's matches
+    newest first, the microseconds per id of a range read (:func:`_candidates`), and
+    whether they were found by testing messages one by one (:func:`_tested`)."""
+    top = -1 if plan is None else plan.hi
+    band = budget = None
+    while plan is not None and top >= plan.lo:
+        bottom = max(plan.lo, top - HORIZON + 1)
+        part = dataclasses.replace(plan, lo=bottom, hi=top)
+        found = None
+        if test is not None:
+            if band is None:  # once per search, not per window
+                band = search_rows.band_reader(conn, filters)
+                budget = search_prefix.merge_cost_us(conn, match)
+            found = _tested(conn, test, band, part, budget)
+        if found is not None:
+            yield found, 0.0, True
+        elif merges_doclists(conn, run.match):
+            # Each statement would merge the whole doclists again, whatever its range
+            # (a one-letter prefix: about 1 s on a million messages): the windows left
+            # are cut from one statement's rows instead of one statement per window.
+            yield from _merged_windows(conn, run, dataclasses.replace(plan, hi=top))
+            return
+        else:
+            found, us = _candidates(conn, run, filters, part, WINDOW)
+            yield found, us, False
+        top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
+
+
+def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
+                    ) -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
+    """The windows from the plan's newest id down, as :func:`_windows` gives them, cut
+    from one walk of the matches in the plan's range (for a query whose statements
+    merge whole doclists)."""
+    sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} END "
+           f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
+           "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid DESC")
+    window: list[tuple[int, str]] = []
+    bottom = max(plan.lo, plan.hi - HORIZON + 1)
+    visited, began = 0, time.perf_counter()
+
+    def cost(rowid: int) -> float:
+        ids = plan.hi - rowid + 1
+        return _scan_cost(visited, ids, (time.perf_counter() - began) * 1e6 / ids)
+
+    cursor = conn.execute(sql, (*plan.args, run.match, plan.lo, plan.hi))
+    try:
+        for rowid, data in cursor:
+            visited += 1
+            if data is None:
+                continue
+            while rowid < bottom:  # the window's range holds no more matches
+                yield window, cost(rowid), False
+                window, bottom = [], max(plan.lo, bottom - HORIZON)
+            window.append((rowid, data))
+            if len(window) == WINDOW:
+                yield window, cost(rowid), False
+                window, bottom = [], max(plan.lo, rowid - HORIZON)
+    finally:
+        cursor.close()
+    if window:
+        yield window, cost(plan.lo), False
+
+
+def _tested(conn: apsw.Connection, test: search_rows.RowTest,
+            band: Callable[[int, int], Iterable[tuple[int, Any]]], plan: "_Plan",
+            budget_us: float) -> list[tuple[int, str]] | None:
     """The newest :data:`WINDOW` matches of a query FTS5 would merge whole doclists
-    for with ids in the plan's range, found by testing the newest messages passing
-    ``filters`` (:mod:`sessiondb.search_rows`); None when that is estimated to cost
-    more than the merge, or cannot be done."""
-    return search_rows.newest_matches(conn, test, search_rows.band_reader(conn, filters),
-                                      plan.lo, plan.hi, WINDOW,
-                                      search_prefix.merge_cost_us(conn, match))
+    for with ids in the plan's range, found by testing the newest messages ``band``
+    gives (:mod:`sessiondb.search_rows`); None when that is estimated to cost more
+    than the merge (``budget_us``), or cannot be done."""
+    return search_rows.newest_matches(conn, test, band, plan.lo, plan.hi, WINDOW,
+                                      budget_us)
 
 
 # -- candidates: the newest matches that pass the filters ----------------------------
@@ -279,6 +344,8 @@ class _Plan:
     lo: int
     hi: int
     ids: int
+    #: Figures worked out once per search, shared by every window's copy of the plan.
+    memo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def share(self) -> float:
@@ -301,8 +368,6 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     """
     found: list[tuple[int, str]] = []
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
-    if merges_doclists(conn, run.match):
-        span_lo = plan.lo  # every statement merges whole doclists: read them once
     visited, first, us, reached = _index_walk(conn, run, plan, span_lo, plan.hi, need,
                                               found)
     pace = us / max(1, first - reached) if visited else 0.0
@@ -312,7 +377,8 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
                  us / max(1, first - span_lo))
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
-        way = _cheapest_way(conn, filters, need, span, run.statement_us, plan.share)
+        way = _cheapest_way(conn, filters, need, span, run.statement_us, plan.share,
+                            plan.memo)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
         scan_us = _scan_cost(visited, plan.hi - span_lo + 1, pace)
@@ -357,7 +423,8 @@ class _Span:
 
 
 def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
-                  statement_us: float = 0.0, in_range: float = 1.0) -> str:
+                  statement_us: float = 0.0, in_range: float = 1.0,
+                  memo: dict[str, Any] | None = None) -> str:
     """``"join"``, ``"list"`` or ``"sessions"``: the way to find the rest of the
     candidates estimated cheapest (see :func:`_candidates`).
 
@@ -369,13 +436,19 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
     query whose statements start slowly), for the share of the filter's sessions
     needed. ``in_range``: the share of the store's ids in the window's range, taken as
     the share of the filter's sessions and messages in it (all of them are listed).
+    ``memo``: where the filter's sessions and messages are kept once counted (every
+    window of a search asks).
     """
     ids, per_id = _walk_ids(span, need)
     density = span.matches / span.ids  # matches per id
-    cond, args = _session_conditions(filters)
-    count, messages = conn.execute(
-        "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
-        f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)).fetchone()
+    memo = {} if memo is None else memo
+    if "sessions" not in memo:
+        cond, args = _session_conditions(filters)
+        memo["sessions"] = conn.execute(
+            "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
+            f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)
+        ).fetchone()
+    count, messages = memo["sessions"]
     costs = {"join": ids * per_id}
     if count <= MAX_WALKED_SESSIONS:
         messages, walkable = messages * in_range, count * in_range
@@ -535,7 +608,7 @@ def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
             "(SELECT role FROM messages WHERE id = messages_fts.rowid)", filters.roles)
         where += " AND " + sql  # AND stops at the first false operand: a lookup per hit
         args += values
-    return _Plan("", where, args, plan.lo, plan.hi, plan.ids)
+    return _Plan("", where, args, plan.lo, plan.hi, plan.ids, plan.memo)
 
 
 def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,

@@ -4,25 +4,27 @@
 common word over a million messages took 770 ms. Search here reads a bounded number of
 matches instead, and this fixes the order of the results.
 
-**The order.** The matches that pass the filters are taken in *windows*, newest
-first: the first window holds the :data:`WINDOW` (1,000) most recent matching messages
-(highest ids) among the :data:`HORIZON` (262,144) newest ids, the second the 1,000 most
-recent below the first within 262,144 ids of its start, and so on (a window is the
-1,000 matches, or every match in its 262,144 ids when they are fewer). Within a window
-the best match comes first (bm25, below), ties newest first. ``offset`` counts through
-that sequence, so consecutive pages never repeat or skip a hit, and a page that
-straddles two windows takes the end of one and the start of the next. A query with at
-most 1,000 matches in a store of at most 262,144 messages (every rare word in most
-stores) is therefore ordered exactly best match first; a common word gives the best of
-its 1,000 most recent matches; a rare word in a larger store the best of its matches
-among the newest 262,144 messages, then the best of those before them. Recency was
-chosen as the window because an agent's transcripts are searched mostly for recent
-work, and because FTS5 reads its doclists in rowid order, so the newest matches are the
-cheap ones to find. The horizon bounds the ids a page reads whatever the store's size:
-a query whose words are in nearly every message but whose matches are few (``a NOT b``
+**The order.** Message ids are cut into *blocks* of :data:`HORIZON` (262,144): ids 1
+to 262,144, then 262,145 to 524,288, and so on. The matches that pass the filters are
+taken in *windows*, newest first: the first window holds the :data:`WINDOW` (1,000)
+most recent matching messages (highest ids) of the newest block, the second the 1,000
+before them in that block (or, once the block has no more, the newest 1,000 of the
+block below), and so on. Within a window the best match comes first (bm25, below),
+ties newest first. ``offset`` counts through that sequence, so consecutive pages never
+repeat or skip a hit, and a page that straddles two windows takes the end of one and
+the start of the next; a message that does not match, appended or deleted between two
+pages, changes no window (a matching one moves the windows of its block). A query with
+at most 1,000 matches in one block (every rare word in a store of up to 262,144
+messages) is therefore ordered exactly best match first; a common word gives the best
+of its 1,000 most recent matches; a rare word in a larger store the best of its matches
+in the newest block, then the best of those in the block below. Recency was chosen as
+the window because an agent's transcripts are searched mostly for recent work, and
+because FTS5 reads its doclists in rowid order, so the newest matches are the cheap
+ones to find. The blocks bound the ids a window reads whatever the store's size: a
+query whose words are in nearly every message but whose matches are few (``a NOT b``
 with ``b`` nearly everywhere) makes FTS5 read both doclists to find them, and without
-a horizon a filter that keeps few of them had every id of the store read (a million:
-60 ms) to fill a window.
+blocks a filter that keeps few of them had every id of the store read (a million: 60
+ms) to fill a window.
 
 **bm25.** The score is FTS5's bm25 (k1 = 1.2, b = 0.75, https://sqlite.org/fts5.html
 #the_bm25_function), except for the number of messages containing each phrase, which
@@ -73,11 +75,11 @@ yet). Such a prefix, a query in FTS5 syntax the rewrite does not read (``NEAR``,
 filters, ``^``) and a search inside a write transaction run as FTS5 reads them: as few
 statements as possible, every phrase weighted alike (also when tested one by one).
 ``a NOT b`` with ``b`` in nearly every message reads both doclists until the window is
-full: with a filter that keeps few of its matches, all of them within the horizon (about
-11 ms per 262,144 ids), and all of them in the store when the page needs more matches
-than the horizons before it hold. The snippet of a prefix query may show another passage of the message than FTS5 with the prefix would: FTS5
-prefers the passage with the most different phrases, and each word of the prefix is
-one. ``limit=None`` ranks every match, window by window.
+full: with a filter that keeps few of its matches, all of them in the block (about 11
+ms per 262,144 ids), and all of them in the store when the page needs more matches than
+the blocks before it hold. The snippet of a prefix query may show another passage of
+the message than FTS5 with the prefix would: FTS5 prefers the passage with the most
+different phrases, and each word of the prefix is one. ``limit=None`` ranks every match, window by window.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ __all__ = ["CHUNK", "CONTEXT_BYTES", "FIRST_SPAN", "HORIZON", "IDF_SLICE", "MAX_
 
 #: Matches ranked together: the newest WINDOW, then the WINDOW before them, ...
 WINDOW = 1000
-#: ... each within this many ids below its newest id (fewer matches if fewer are there).
+#: ... each within one block of this many ids (fewer matches if fewer are there).
 HORIZON = 1 << 18
 #: Rows (ids) of the index walk's first span, after which it may switch strategy.
 FIRST_SPAN = 1024
@@ -263,7 +265,7 @@ def _windows(conn: apsw.Connection, match: str, run: Run,
     top = -1 if plan is None else plan.hi
     band = budget = None
     while plan is not None and top >= plan.lo:
-        bottom = max(plan.lo, top - HORIZON + 1)
+        bottom = _block_start(top, plan.lo)
         part = dataclasses.replace(plan, lo=bottom, hi=top)
         found = None
         if test is not None:
@@ -285,6 +287,15 @@ def _windows(conn: apsw.Connection, match: str, run: Run,
         top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
 
 
+def _block_start(top: int, lo: int) -> int:
+    """The lowest id of the window that starts at ``top``: the first of the block of
+    :data:`HORIZON` ids holding ``top`` (ids 1 to HORIZON, then HORIZON + 1 to 2 *
+    HORIZON, ...), or ``lo`` if higher. Fixed blocks rather than a span counted from the
+    newest id: a message appended (or deleted) between two pages moves no window but
+    the newest block's."""
+    return max(lo, (top - 1) // HORIZON * HORIZON + 1)
+
+
 def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
                     ) -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
     """The windows from the plan's newest id down, as :func:`_windows` gives them, cut
@@ -294,7 +305,7 @@ def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
            f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
            "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid DESC")
     window: list[tuple[int, str]] = []
-    bottom = max(plan.lo, plan.hi - HORIZON + 1)
+    bottom = _block_start(plan.hi, plan.lo)
     visited, began = 0, time.perf_counter()
 
     def cost(rowid: int) -> float:
@@ -309,11 +320,11 @@ def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
                 continue
             while rowid < bottom:  # the window's range holds no more matches
                 yield window, cost(rowid), False
-                window, bottom = [], max(plan.lo, bottom - HORIZON)
+                window, bottom = [], _block_start(bottom - 1, plan.lo)
             window.append((rowid, data))
             if len(window) == WINDOW:
                 yield window, cost(rowid), False
-                window, bottom = [], max(plan.lo, rowid - HORIZON)
+                window, bottom = [], _block_start(rowid - 1, plan.lo)
     finally:
         cursor.close()
     if window:

@@ -675,10 +675,11 @@ class SessionDB(Handle, Coordination, Upkeep):
         Hits come in windows of 1,000 matches, newest first: the first window is the
         1,000 most recent messages that match and pass the filters, best match (bm25)
         first, ties newest first; then the 1,000 before them, and so on; on SQLite a
-        window reaches back at most 262,144 message ids (fewer matches if fewer are
-        there). ``offset`` counts through that order, so pages never repeat or skip a
-        hit; a query with at most 1,000 matches is ordered best match first (on SQLite,
-        within each 262,144 ids). The time of a search does not grow with the number of
+        window stays within one block of 262,144 message ids (ids 1 to 262,144, then
+        262,145 to 524,288, ...; fewer matches if fewer are left in the block).
+        ``offset`` counts through that order, so pages never repeat or skip a hit; a
+        query with at most 1,000 matches is ordered best match first (on SQLite, within
+        each block). The time of a search does not grow with the number of
         matches (see :mod:`sessiondb.search`).
 
         Any text up to 1,000 characters is accepted (quotes, ``-``, ``AND``/``OR``/

@@ -1,5 +1,5 @@
-"""The search horizon (SQLite): windows of ranked matches that also end 'HORIZON' ids
-below their start. Sparse matches spread over many windows (and many empty ones) in a
+"""The search horizon (SQLite): windows of ranked matches that also end at the lower
+end of their block of 'HORIZON' ids. Sparse matches spread over many windows (and many empty ones) in a
 store of a few thousand messages with a small horizon, every offset (so pages that start
 on a window's boundary, straddle one, or skip whole windows), a session whose ids span
 the store, messages deleted between searches, a range not indexed yet, and searches
@@ -116,8 +116,8 @@ def test_every_way_of_finding_candidates_keeps_the_windows(store, horizon, strat
 
 def test_window_boundaries_follow_the_rule(store, horizon) -> None:
     # The oracle's rule, spelled out on the store itself: a window is full (WINDOW
-    # matches, the next one starting below its oldest) or holds every match within
-    # HORIZON ids of its start (the next one starting HORIZON ids lower).
+    # matches, the next one starting below its oldest) or holds every match left in
+    # its block of HORIZON ids (the next one starting in the block below).
     db, path = store
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
@@ -129,9 +129,10 @@ def test_window_boundaries_follow_the_rule(store, horizon) -> None:
         conn.close()
     sizes = []
     while top > 0:
-        part = [r for r in matches if top - HORIZON < r <= top][:WINDOW]
+        block = (top - 1) // HORIZON * HORIZON + 1
+        part = [r for r in matches if block <= r <= top][:WINDOW]
         sizes.append(len(part))
-        top = part[-1] - 1 if len(part) == WINDOW else top - HORIZON
+        top = part[-1] - 1 if len(part) == WINDOW else block - 1
     assert 0 in sizes and any(0 < s < WINDOW for s in sizes) and WINDOW in sizes
     everything = found(db, "needle", limit=None)
     at = 0
@@ -313,14 +314,10 @@ def test_the_filters_sessions_are_counted_once_per_search(store, horizon,
         assert sum("sum(message_count)" in sql for sql in ran) <= 1, kw
 
 
-@pytest.mark.xfail(strict=True, reason="a window's horizon is counted from the store's "
-                   "newest id, so a message appended (or the newest one deleted) between "
-                   "two pages moves every window's lower end: pages repeat and skip hits "
-                   "of a query with fewer than WINDOW matches within a horizon")
 def test_pages_keep_their_windows_when_other_messages_are_appended(store, horizon) -> None:
     # Messages that do not match, appended between pages (an agent's own tool results
-    # while it pages through a search) change no window when windows are counted in
-    # matches only; with the horizon counted from the newest id they do.
+    # while it pages through a search), change no window: the blocks are fixed ranges
+    # of ids, not counted from the newest id (which moved every window's lower end).
     db, _ = store
     everything = found(db, "zz NOT zy", limit=None)  # about 2 matches per 100 ids
     pages: list[int] = []

@@ -84,7 +84,7 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
-#: The horizon of the ``small`` fixture: the store's 3,000 ids in ten and more windows.
+#: The block of the ``small`` fixture: the store's 3,000 ids in ten and more windows.
 HORIZON = 300
 
 
@@ -93,10 +93,9 @@ def oracle(path: Path, query: str, window: int, sources: list[str] | None = None
            session_id: str | None = None, raw: bool = False,
            horizon: int = search.HORIZON) -> list[int]:
     """Every match in the documented order, from FTS5's own bm25 and a Python filter:
-    newest first in windows of ``window`` within ``horizon`` ids of the window's start
-    (the newest id of the store, or of the session; then the id below the window),
-    best bm25 first within each, ties newest first. ``raw``: the query is FTS5 already
-    (not sanitized)."""
+    newest first in windows of ``window`` within one block of ``horizon`` ids (ids 1
+    to horizon, horizon + 1 to 2 * horizon, ...), best bm25 first within each, ties
+    newest first. ``raw``: the query is FTS5 already (not sanitized)."""
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         scores = dict(conn.execute(
@@ -120,10 +119,11 @@ def oracle(path: Path, query: str, window: int, sources: list[str] | None = None
     top = max(ids, default=0)
     out: list[int] = []
     while newest:
-        part = [r for r in newest if r > top - horizon][:window]
+        block = (top - 1) // horizon * horizon + 1  # the first id of top's block
+        part = [r for r in newest if r >= block][:window]
         out += sorted(part, key=lambda r: (scores[r], -r))
         newest = newest[len(part):]
-        top = part[-1] - 1 if len(part) == window else top - horizon
+        top = part[-1] - 1 if len(part) == window else block - 1
     return out
 
 

@@ -38,7 +38,8 @@ PASSIVE checkpoint; lock contention waits up to ``write_timeout`` (16 s) in a FI
 rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snippet()``
 gets sessiondb's linear-time snippet; search ranks in windows of the 1,000 most recent
 matches, best first within each (:mod:`sessiondb.search`; fewer matches than that: best
-first, as the original; on SQLite within each 262,144 message ids). A query that is still invalid FTS5 after sanitizing returns
+first, as the original; on SQLite within each block of 262,144 message ids). A query
+that is still invalid FTS5 after sanitizing returns
 ``[]`` exactly as in the original (the permitted difference of answering it with matches
 is not taken), on PostgreSQL too.
 
@@ -612,9 +613,9 @@ class SessionDB(Handle):
 
         The order is sessiondb's (:mod:`sessiondb.search`): windows of the 1,000 most
         recent matches, best match first within each (SQLite: bm25; PostgreSQL:
-        ``ts_rank``), ties newest first, on SQLite each window within 262,144 message
-        ids; a query with at most 1,000 matches is ordered best match first (on SQLite,
-        within each 262,144 ids), as hermes-agent's was. A query that is still not valid FTS5
+        ``ts_rank``), ties newest first, on SQLite each window within one block of
+        262,144 message ids; a query with at most 1,000 matches is ordered best match
+        first (on SQLite, within each block), as hermes-agent's was. A query that is still not valid FTS5
         after sanitizing finds nothing (``[]``), on PostgreSQL too. (PostgreSQL's
         matches, ranks and snippets differ in details: see the module docstring.)
 

@@ -183,8 +183,9 @@ class SameSql:
                         conn.execute(query)
                         continue
                     now = time.time()
+                    # The probe's timestamp is the turn's one float argument.
                     conn.execute(query, [now if isinstance(a, float) else swap.get(a, a)
-                                         for a in args])
+                                         if isinstance(a, (str, int)) else a for a in args])
             except BaseException:
                 try:
                     conn.execute("ROLLBACK")

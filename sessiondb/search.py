@@ -79,7 +79,8 @@ full: with a filter that keeps few of its matches, all of them in the block (abo
 ms per 262,144 ids), and all of them in the store when the page needs more matches than
 the blocks before it hold. The snippet of a prefix query may show another passage of
 the message than FTS5 with the prefix would: FTS5 prefers the passage with the most
-different phrases, and each word of the prefix is one. ``limit=None`` ranks every match, window by window.
+different phrases, and each word of the prefix is one. ``limit=None`` ranks every
+match, window by window.
 """
 
 from __future__ import annotations

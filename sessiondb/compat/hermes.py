@@ -39,9 +39,9 @@ rather than 15 jittered attempts; a message too long for FTS5's quadratic ``snip
 gets sessiondb's linear-time snippet; search ranks in windows of the 1,000 most recent
 matches, best first within each (:mod:`sessiondb.search`; fewer matches than that: best
 first, as the original; on SQLite within each block of 262,144 message ids). A query
-that is still invalid FTS5 after sanitizing returns
-``[]`` exactly as in the original (the permitted difference of answering it with matches
-is not taken), on PostgreSQL too.
+that is still invalid FTS5 after sanitizing returns ``[]`` exactly as in the original
+(the permitted difference of answering it with matches is not taken), on PostgreSQL
+too.
 
 On PostgreSQL, besides (see :mod:`sessiondb.compat._hermes_search` and
 :mod:`sessiondb.pg.search`):

@@ -376,9 +376,16 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     three ways, estimated from what the span showed: the same walk (each match joined
     with its message); the walk with each match looked up in the list of the filter's
     message ids (built once from the ``(session_id, id)`` index); or the session walk
-    (:func:`_session_walk`). All three find the same rows.
+    (:func:`_session_walk`). All three find the same rows. Once a window of a search
+    has walked the filter's sessions, the windows below it walk them too, without a
+    first span: a filter that keeps so few matches that a window of a block did not
+    fill keeps few in the blocks below (and each span is a statement more).
     """
     found: list[tuple[int, str]] = []
+    if "session_walk" in plan.memo:
+        scan_us = plan.memo["session_walk"]
+        return _session_walk(conn, run, filters, _sessions_of(conn, filters, plan, plan.hi),
+                             need, scan_us, plan.lo), scan_us
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
     visited, first, us, reached = _index_walk(conn, run, plan, span_lo, plan.hi, need,
                                               found)
@@ -393,9 +400,10 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
                             plan.memo)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
-        scan_us = _scan_cost(visited, plan.hi - span_lo + 1, pace)
-        found += _session_walk(conn, run, filters, _sessions(conn, filters, span_lo - 1),
-                               left, scan_us, plan.lo)
+        scan_us = plan.memo["session_walk"] = _scan_cost(visited, plan.hi - span_lo + 1, pace)
+        found += _session_walk(conn, run, filters,
+                               _sessions_of(conn, filters, plan, span_lo - 1), left, scan_us,
+                               plan.lo)
         return found, scan_us
     if way == "list":
         plan = _listed_plan(filters, plan)
@@ -603,6 +611,17 @@ def _sessions(conn: apsw.Connection, filters: Filters, below: int
                         f"s.id AND m.id <= ?), s.id FROM sessions s WHERE {cond}",
                   (below, *args))
     return sorted((r for r in rows if r[0] is not None), reverse=True)
+
+
+def _sessions_of(conn: apsw.Connection, filters: Filters, plan: _Plan, below: int
+                 ) -> list[tuple[int, str]]:
+    """:func:`_sessions` below ``below``, listed once per search (kept in the plan's
+    memo for the windows below: a session's newest message there is its newest up to
+    the window's top, which keeps the list's order)."""
+    listed = plan.memo.get("sessions_listed")
+    if listed is None or listed[0] < below:
+        listed = plan.memo["sessions_listed"] = (below, _sessions(conn, filters, below))
+    return [(min(newest, below), sid) for newest, sid in listed[1]]
 
 
 def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:

@@ -18,7 +18,7 @@ from .aio import AsyncSessionDB
 from .store import SessionDB
 from .text import sanitize_title
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "SessionDB", "AsyncSessionDB", "sanitize_title", "__version__",

@@ -15,9 +15,10 @@ from typing import Any, Iterator
 
 import apsw
 import pytest
+from test_search_rows import count_tested
 from test_search_scale import found, oracle, strategy  # noqa: F401 (a fixture)
 
-from sessiondb import SessionDB, search, search_prefix, search_rows
+from sessiondb import SessionDB, search, search_prefix
 
 WINDOW, HORIZON = 5, 100
 FILTERS: list[dict[str, Any]] = [
@@ -216,20 +217,7 @@ def test_inside_a_transaction_prefixes_are_fts5s_in_every_window(store, horizon)
 def one_by_one(monkeypatch: pytest.MonkeyPatch, horizon) -> list[int]:
     """Every one-letter prefix tested message by message whatever it costs (as on a
     large store); returns a list that grows by one per window answered that way."""
-    monkeypatch.setattr(search_rows, "FIRST_BAND", 16)
-    monkeypatch.setattr(search_prefix, "STATEMENTS", 10**9)
-    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 1e12)
-    answered: list[int] = []
-    walk = search_rows.newest_matches
-
-    def counted(*args: Any) -> Any:
-        rows = walk(*args)
-        if rows is not None:
-            answered.append(1)
-        return rows
-
-    monkeypatch.setattr(search_rows, "newest_matches", counted)
-    return answered
+    return count_tested(monkeypatch)
 
 
 def test_a_range_not_indexed_yet_is_left_to_fts5(store, one_by_one) -> None:

@@ -65,6 +65,12 @@ def tested(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     row by row whatever it costs; returns a list that grows by one per search answered
     that way."""
     monkeypatch.setattr(search, "WINDOW", 25)
+    return count_tested(monkeypatch)
+
+
+def count_tested(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bands from 16 ids and every prefix merged by FTS5, so tested row by row whatever
+    it costs; returns a list that grows by one per walk answered that way."""
     monkeypatch.setattr(search_rows, "FIRST_BAND", 16)
     monkeypatch.setattr(search_prefix, "STATEMENTS", 10**9)
     monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 1e12)

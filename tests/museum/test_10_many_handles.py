@@ -72,6 +72,17 @@ def posix_locks(files: dict[int, str]) -> set[tuple[str, str, int, int]]:
 
 
 
+def covered(lock: tuple[str, str, int, int], locks: set[tuple[str, str, int, int]]) -> bool:
+    """True when ``locks`` still hold ``lock``'s bytes, as it is or stronger: the kernel
+    keeps one record per run of a process's adjacent locks of one type, so a lock that
+    this process takes next to a held one (another handle's checkpoint lock at byte 121
+    of the -shm beside the write lock at 120) merges the two into one record, which
+    compared as a tuple looked like a lost lock."""
+    label, kind, first, last = lock
+    return any(other[0] == label and other[1] in (kind, "WRITE") and other[2] <= first
+               and other[3] >= last for other in locks)
+
+
 def test_fifty_instances_in_a_loop_leak_nothing_and_lose_no_lock(tmp_path: Path, exhibit):
     path = tmp_path / "state.db"
     # Warm-up: whatever sessiondb starts once per process (not per instance) exists from
@@ -147,7 +158,8 @@ def test_fifty_instances_in_a_loop_leak_nothing_and_lose_no_lock(tmp_path: Path,
             lost_locks: list[set] = []
 
             def check_locks() -> None:
-                missing = held_locks - posix_locks(files)
+                now = posix_locks(files)
+                missing = {lock for lock in held_locks if not covered(lock, now)}
                 if missing:
                     lost_locks.append(missing)
                 held_probes.append(probe())

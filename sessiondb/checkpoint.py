@@ -109,6 +109,7 @@ class CheckpointPolicy:
     INLINE_AT = 0.6         # WAL fraction past which the writer itself resets
     STEP_COPY_AT = 1 / 64   # WAL fraction past which long work has it copied as it goes
     STEP_WAIT_AT = 1 / 8    # WAL fraction past which long work waits for its copy
+    STEP_PAGES_AT = 1 / 16  # WAL fraction one step of long work should write at most
     STEP_RESTART_MS = 20    # busy bound of the RESTART checkpoint that follows that copy
     STEP_RESTART_PAUSE = 1.0  # seconds without one after a RESTART that did not get through
 
@@ -174,6 +175,14 @@ class CheckpointPolicy:
         conn.set_wal_hook(self._on_commit)
         self._hooked = conn
         self._frame_bytes = int(conn.pragma("page_size")) + 24
+
+    def step_pages(self) -> int:
+        """The pages one step of long work should write at most: half of what
+        :meth:`after_step` lets the WAL hold before it waits for the copy
+        (:class:`sessiondb.maintenance.WalBudget`); 0 with no ``wal_limit``."""
+        if not self.wal_limit or not self._frame_bytes:
+            return 0
+        return max(1, int(self.wal_limit * self.STEP_PAGES_AT) // self._frame_bytes)
 
     def _on_commit(self, conn: apsw.Connection, dbname: str, frames: int) -> int:
         if dbname == "main":

@@ -52,7 +52,8 @@ from .errors import (
 from .gate import GateTimeout, NullGate, gate_kind, make_gate
 from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
-    ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget,
+    ProgressCallback, Step, Tracker, WalBudget, cache_writes, check_progress, run_steps,
+    step_budget,
 )
 from .replacement import StoreIdentity, StoreMoved, handle_replaced, refuse_replaced
 from .schema import SCHEMA_VERSION, build_schema
@@ -586,8 +587,10 @@ class Engine:
                 committed()
             self.between_steps()
 
+        pages = self._checkpoints.step_pages()
         return run_steps(self.execute_write, step, step_budget(self._options["hold_timeout"]),
-                         tracker, between, self._pause_for_pollers)
+                         tracker, between, self._pause_for_pollers,
+                         WalBudget(pages, cache_writes) if pages else None)
 
     def _pause_for_pollers(self, seconds: float) -> None:
         """A pause between two steps of long work with this instance's write gate held

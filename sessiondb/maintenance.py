@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import apsw
 
@@ -139,10 +139,37 @@ class Tracker:
                                     time.monotonic() - self._start))
 
 
+@dataclass(frozen=True)
+class WalBudget:
+    """The WAL pages one step of long work may write (SQLite).
+
+    A step bounded in time alone can still write tens of megabytes: at ten million
+    messages a step of the full-text rebuild indexes a few hundred messages in its 50
+    ms, and FTS5 merges index segments in proportion to what a commit adds and to the
+    index's depth, in that commit. The WAL then passed the point where the next writer
+    of another process resets it on its own call (copying all of it into a 24 GB file:
+    up to 2 s of its call, measured). Steps whose pages stay under this budget let the
+    copy between steps keep up (:meth:`sessiondb.checkpoint.CheckpointPolicy.after_step`).
+
+    :ivar pages: pages a step should write at most.
+    :ivar written: pages a connection has written so far (SQLite's
+        ``SQLITE_DBSTATUS_CACHE_WRITE``: to the WAL, commits included).
+    """
+
+    pages: int
+    written: Callable[[Any], int]
+
+
+def cache_writes(conn: apsw.Connection) -> int:
+    """Pages ``conn`` has written to the WAL since it was opened."""
+    return int(conn.status(apsw.SQLITE_DBSTATUS_CACHE_WRITE)[0])
+
+
 def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: Step,
               budget: float, tracker: Optional[Tracker] = None,
               between: Optional[Callable[[], None]] = None,
-              pause: Callable[[float], None] = time.sleep) -> int:
+              pause: Callable[[float], None] = time.sleep,
+              wal: Optional["WalBudget"] = None) -> int:
     """Call ``step`` through ``write`` (the instance's ``_execute_write``), one
     transaction per call, until it returns 0; returns the units done in all.
 
@@ -153,6 +180,8 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         checkpoint between steps).
     :param pause: makes the long pauses (below): the engine's holds its write gate
         meanwhile, so that its queued writers leave the lock to those that poll.
+    :param wal: the pages a step may write to the WAL, and how to count them (SQLite):
+        a step that wrote more has the next one's time cut to match.
     :raises HoldTimeout: a step overran the hold bound even with the smallest budget.
     """
     total = 0
@@ -162,8 +191,12 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         started = time.monotonic()
         entered = [started]
 
+        used: list[Any] = []  # the step's connection and the pages it had written before
+
         def call(conn: apsw.Connection) -> int:
             entered[0] = time.monotonic()  # the lock is held from here
+            if wal is not None:
+                used[:] = [conn, wal.written(conn)]
             return step(conn, entered[0] + work)
 
         try:
@@ -180,10 +213,15 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         # A step's commit writes every page it changed to the WAL and syncs it: tens of
         # ms after a step that moved or deleted thousands of pages. The lock is held
         # for both, so the step's own time is adjusted until both fit the budget
-        # (halfway each time, so that one slow commit does not swing it).
+        # (halfway each time, so that one slow commit does not swing it); and until
+        # its pages fit the WAL budget (see WalBudget).
         held = time.monotonic() - entered[0]
-        if held > 0:
-            work = min(budget, max(budget / 8, work * (budget / held) ** 0.5))
+        scale = budget / held if held > 0 else 1.0
+        if wal is not None and used:
+            pages = wal.written(used[0]) - used[1]
+            if pages > wal.pages:
+                scale = min(scale, wal.pages / pages)
+        work = min(budget, max(budget / 8, work * scale ** 0.5))
         if between is not None:
             between()
         # Writers that bypass the gate (an un-upgraded hermes-agent, a sqlite3 shell)

@@ -9,13 +9,8 @@ step (as many as the step's time allows, by their bytes), with ``message_count``
 its last chunk. A parent is
 pruned only once no remaining session names it (its children went in earlier steps).
 
-*Giving the space back* (:class:`Vacuum`) moves pages from the end of the file into free
-slots and truncates it (``PRAGMA incremental_vacuum``). SQLite finds a free page at the
-end of the file by walking the freelist from its head, so on a long freelist (a million
-pages after a large prune) each such page costs milliseconds, and giving a million pages
-back took a quarter of an hour. A prune therefore gives the pages back as it frees them:
-once the freelist passes :data:`RECLAIM_AT` pages, a step first vacuums it down (the
-pages it moves are found near the head of a short list), then deletes.
+A prune gives the pages it frees back as it goes (:func:`sessiondb.vacuum.give_back`):
+a long freelist makes every page slow to give back.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ from . import records
 from .backend import Conn, Dialect, session_lock_key
 from .maintenance import Step, byte_budget, fit_bytes
 from .text import from_json
+from .vacuum import Vacuum, give_back
 
 #: Sessions with more messages than this, or more bytes of content than
 #: :data:`BIG_SESSION_BYTES`, are deleted in chunks (see the module docstring).
@@ -36,12 +32,6 @@ BIG_SESSION = 2000
 BIG_SESSION_BYTES = 4_000_000
 _CHUNK = 500  # messages at most per chunk; fewer when they are large (maintenance.fit_bytes)
 _PICK = 200  # candidates read per query
-#: Free pages past which a prune step gives pages back before it deletes.
-RECLAIM_AT = 4096
-_RECLAIM_SHARE = 0.6  # of a prune step's time the vacuum may take, deletions the rest
-_STATEMENT_S = 0.004  # what one incremental_vacuum statement aims at (it cannot stop early)
-_FIRST_PAGES = 16     # pages of the first statement, before the cost per page is known
-_MAX_PAGES = 4096
 
 # What a prunable session is: ended, started before the cutoff, of the source if given,
 # and no other session names it as its parent.
@@ -90,49 +80,12 @@ class Tally:
         self.attempt = 0
 
 
-class Vacuum:
-    """``PRAGMA incremental_vacuum`` in statements sized to the measured cost of a page:
-    a statement runs to completion, and moving a page costs from microseconds (a leaf
-    of a table) to milliseconds (a free page deep in a long freelist, an interior page
-    with hundreds of children), so each aims at :data:`_STATEMENT_S` at the cost per page
-    of the last one."""
-
-    def __init__(self) -> None:
-        self.pages = _FIRST_PAGES
-        self.off = False  # the store has no incremental auto-vacuum: nothing to give back
-
-    def run(self, conn: Any, deadline: float, floor: int = 0) -> int:
-        """Give pages back until ``deadline`` or until ``floor`` pages are left free;
-        returns the pages given back (0 when none or the store cannot)."""
-        freed = 0
-        free = int(conn.pragma("freelist_count"))
-        while free > floor and not self.off:
-            started = time.monotonic()
-            conn.execute(f"PRAGMA incremental_vacuum({min(self.pages, free - floor)})"
-                         ).fetchall()
-            spent = time.monotonic() - started
-            left = int(conn.pragma("freelist_count"))
-            moved = free - left
-            if moved <= 0:  # auto_vacuum is off: only a full VACUUM could shrink the file
-                self.off = True
-                break
-            freed, free = freed + moved, left
-            per_page = max(spent / moved, 1e-7)
-            # Twice the last at most: the cost per page varies along the file.
-            self.pages = max(1, min(_MAX_PAGES, 2 * self.pages,
-                                    int(_STATEMENT_S / per_page)))
-            if time.monotonic() >= deadline:
-                break
-        return freed
-
-
 def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect,
                vacuum: Vacuum | None = None) -> Step:
     """A step function deleting prunable sessions with their messages; it returns the
     rows (sessions + messages) deleted and counts the sessions in ``deleted``. With
-    ``vacuum``, a step first gives pages back while the freelist holds more than
-    :data:`RECLAIM_AT` (for up to :data:`_RECLAIM_SHARE` of its time; it deletes at
-    least one session or chunk all the same)."""
+    ``vacuum``, a step first gives pages back (:func:`sessiondb.vacuum.give_back`; it
+    deletes at least one session or chunk all the same)."""
     pick = (f"SELECT id FROM sessions s WHERE {_where(source)} AND {_CHILDLESS} "
             f"ORDER BY started_at, id LIMIT {_PICK}")
     args = _args(cutoff, source)
@@ -141,10 +94,7 @@ def prune_step(cutoff: float, source: str | None, deleted: Tally, sql: Dialect,
     def step(conn: Conn, deadline: float) -> int:
         rows = 0
         deleted.attempt = 0
-        if (vacuum is not None and not vacuum.off
-                and int(conn.pragma("freelist_count")) > RECLAIM_AT):
-            now = time.monotonic()
-            vacuum.run(conn, now + _RECLAIM_SHARE * (deadline - now), RECLAIM_AT // 4)
+        give_back(vacuum, conn, deadline)
         while True:
             ids = [r[0] for r in conn.execute(pick, args)]
             if not ids:

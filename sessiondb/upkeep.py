@@ -16,6 +16,7 @@ from .errors import InvalidArgument, InvalidArgumentType
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .schema import index_prefixes
 from .text import check_cost, check_flag, check_text
+from .vacuum import Vacuum
 
 
 class Upkeep:
@@ -119,9 +120,9 @@ class Upkeep:
         if dry_run or not sessions:
             return sessions
         deleted = pruning.Tally()
-        # The pages are given back as the deletions free them (pruning.Vacuum: a long
+        # The pages are given back as the deletions free them (sessiondb.vacuum: a long
         # freelist makes every page slow to give back).
-        vacuum = pruning.Vacuum() if self._sql.reclaims_space else None
+        vacuum = Vacuum() if self._sql.reclaims_space else None
         with self._reclaim_context():
             self._run_steps(pruning.prune_step(cutoff, source, deleted, self._sql, vacuum),
                             Tracker("prune", "rows", sessions + messages, progress),
@@ -149,7 +150,7 @@ class Upkeep:
             return {"freed_pages": 0, "bytes_before": size, "bytes_after": size}
         before = _file_size(self.path)
         free = self._read(lambda c: int(c.pragma("freelist_count")))
-        vacuum = pruning.Vacuum()
+        vacuum = Vacuum()
         with self._reclaim_context():
             freed = self._run_steps(pruning.reclaim_step(vacuum),
                                     Tracker("reclaim", "pages", free, progress))

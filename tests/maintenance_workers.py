@@ -173,9 +173,9 @@ def hermes_appender(path: str, session_id: str, stop: Any, results: Any) -> None
 def prune_vacuuming_and_die(path: str, steps: int, hold_timeout: float) -> None:
     """Prune with pages given back as it goes (a tiny freelist threshold, so that every
     step vacuums first) and die midway."""
-    from sessiondb import pruning
+    from sessiondb import vacuum
 
-    pruning.RECLAIM_AT = 16
+    vacuum.RECLAIM_AT = 16
     with SessionDB(path, hold_timeout=hold_timeout) as db:
         db.prune_sessions(90, progress=kill_after(steps, "prune"))
 
@@ -183,10 +183,10 @@ def prune_vacuuming_and_die(path: str, steps: int, hold_timeout: float) -> None:
 def few_pages_per_step() -> None:
     """Make every reclaim step one statement of 8 pages (so that even a small store
     takes many steps)."""
-    from sessiondb import pruning
+    from sessiondb import pruning, vacuum
 
     real = pruning.reclaim_step
-    pruning._MAX_PAGES = 8
+    vacuum._MAX_PAGES = 8
     pruning.reclaim_step = lambda vacuum: (  # type: ignore[assignment]
         lambda conn, deadline: real(vacuum)(conn, 0.0))
 

@@ -17,7 +17,7 @@ import pytest
 import maintenance_workers as mw
 from sessiondb import (
     InvalidArgument, cli, doctor, InvalidArgumentType, Progress, SearchIndexError, SessionDB,
-    maintenance, pruning, schema, search_index,
+    maintenance, pruning, schema, search_index, vacuum,
 )
 from test_compat_hermes_file import (
     _FTS, _INDEXES, _TITLE_INDEX, hermes_ddl, hermes_message, hermes_open,
@@ -554,7 +554,7 @@ def file_pages(db: SessionDB) -> tuple[int, int]:
 
 def test_a_prune_gives_pages_back_as_it_frees_them_beside_a_writer(db_path: Path,
                                                                    monkeypatch) -> None:
-    monkeypatch.setattr(pruning, "RECLAIM_AT", 64)
+    monkeypatch.setattr(vacuum, "RECLAIM_AT", 64)
     mw.build(db_path, sessions=300)
     writer = Writer(db_path)
     seen: list[tuple[int, int]] = []
@@ -662,3 +662,53 @@ def test_the_first_step_of_a_rebuild_reads_the_ends_of_the_ids_not_every_message
         conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+def test_a_rebuild_gives_the_old_index_pages_back_as_it_removes_it(db_path: Path,
+                                                                   monkeypatch) -> None:
+    # Left on the freelist, an old index made every later prune crawl (each page it gave
+    # back was looked for along millions of free pages). The same rebuild twice: first
+    # with nothing given back, to learn how many pages the old index takes, then with
+    # the pages given back as the cleanup frees them.
+    mw.build(db_path, sessions=800)
+    monkeypatch.setattr(vacuum, "RECLAIM_AT", 10**9)
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        db.rebuild_search_index()
+        kept_pages, kept_free = file_pages(db)
+    assert kept_free > 1000, "the old index's pages, left free"
+    monkeypatch.setattr(vacuum, "RECLAIM_AT", 64)
+    seen: list[tuple[int, int]] = []
+    with SessionDB(db_path, hold_timeout=TINY_HOLD) as db:
+        before = search_all(db)
+
+        def watch(p: Progress) -> None:
+            if p.task == "cleanup":
+                seen.append(file_pages(db))
+
+        db.rebuild_search_index(progress=watch)
+        pages, free = file_pages(db)
+        assert search_all(db) == before
+        assert db._read(search_index.junk_tables) == []
+    assert len(seen) >= 2, "a tiny hold bound must make the cleanup several steps"
+    assert min(p for p, _ in seen[1:]) < seen[0][0], "pages went back during the cleanup"
+    assert free < kept_free / 4 and pages < kept_pages - kept_free / 2
+    consistent(db_path)
+
+
+def test_a_step_that_wrote_past_its_wal_budget_gets_less_time_next() -> None:
+    # A step bounded in time alone can write tens of MB of WAL (FTS5 merging segments in
+    # its commit): the next step's time is cut in proportion, as for a slow commit.
+    budget = 0.05
+    given: list[float] = []
+    written = [0]
+
+    def step(conn: Any, deadline: float) -> int:
+        given.append(deadline - mw.time.monotonic())
+        written[0] += 4000 if len(given) == 1 else 100  # 4x the budget, then a 25th
+        return 1 if len(given) < 4 else 0
+
+    wal = maintenance.WalBudget(1000, lambda conn: written[0])
+    assert maintenance.run_steps(lambda fn: fn(None), step, budget, wal=wal) == 3
+    assert given[0] > budget * 0.8  # the first step gets the whole budget
+    assert given[1] < budget * 0.55  # 4x over: half the time (halfway to a quarter)
+    assert given[3] > given[1]  # and it grows back once the pages fit again

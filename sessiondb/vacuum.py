@@ -5,11 +5,12 @@ incremental auto-vacuum, as sessiondb makes them).
 (``PRAGMA incremental_vacuum``, https://sqlite.org/pragma.html#pragma_incremental_vacuum).
 SQLite finds a free page at the end of the file by walking the freelist from its head,
 so on a long freelist (a million pages after a large prune) each such page costs
-milliseconds, and giving a million pages back took a quarter of an hour. Work that
-frees many pages -- a prune, the removal of a set-aside full-text index -- therefore
-gives them back as it frees them (:func:`give_back`): once the freelist passes
-:data:`RECLAIM_AT` pages, a step first vacuums it down (the pages it moves are found
-near the head of a short list), then goes on with its work.
+milliseconds, and giving a million pages back took a quarter of an hour. A prune
+therefore gives pages back as it frees them (:func:`give_back`): once the freelist
+passes :data:`RECLAIM_AT` pages, a step first vacuums it down (the pages it moves are
+found near the head of a short list), then goes on with its work. (A rebuild of the
+full-text index has no pages to give back: it writes the new index into the old one's,
+see :func:`sessiondb.search_index.catch_up`.)
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import apsw
+
 from sessiondb import SessionDB
 
 DAY = 86400.0
@@ -90,10 +92,22 @@ def appender(path: str, session_id: str, stop: Any, results: Any) -> None:
 
 
 def open_and_die_cleaning(path: str, steps: int, hold_timeout: float) -> None:
-    """Open a hermes-agent file (converting it) and die when every message is indexed,
-    before its old index is removed (``steps`` is unused: the point is fixed)."""
+    """Open a hermes-agent file (converting it) and die while its old full-text index is
+    removed: after its old messages table was emptied, before the new index is built
+    (``steps`` is unused: the point is fixed)."""
     def progress(p: Any) -> None:
-        if p.task == "index" and p.total is not None and p.done >= p.total:
+        if p.task != "cleanup":
+            return
+        # apsw, the library of the process's SessionDB: another SQLite library in the
+        # same process (the stdlib sqlite3) would drop its locks on close (POSIX locks
+        # are per process) and delete the WAL under it.
+        raw = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            names = {r[0] for r in raw.execute("SELECT name FROM sqlite_schema")}
+        finally:
+            raw.close()
+        if "sessiondb_messages_old" not in names and any(
+                n.startswith("sessiondb_fts_junk_") for n in names):
             os.kill(os.getpid(), signal.SIGKILL)
 
     SessionDB(path, hold_timeout=hold_timeout, progress=progress)

@@ -179,10 +179,14 @@ def run_pytest(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Compl
     report.unlink(missing_ok=True)
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("SESSIONDB_", "PYTEST_"))}
-    environ.update(PYTHONPATH=str(TESTS), SESSIONDB_PG_REPORT=str(report), **env)
+    # No plugin autoloading (xdist named instead): the frameworks' pytest plugins
+    # (langsmith's, hypothesis's, anyio's) cost about 2 s of CPU in each pytest process
+    # started here, and play no part in what is tested.
+    environ.update(PYTHONPATH=str(TESTS), SESSIONDB_PG_REPORT=str(report),
+                   PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "pg_fixtures", "-p", "no:cacheprovider",
-         "-q", "-rs", "test_probe.py", *args],
+        [sys.executable, "-m", "pytest", "-p", "pg_fixtures", "-p", "xdist",
+         "-p", "no:cacheprovider", "-q", "-rs", "test_probe.py", *args],
         cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120)
     return proc, report.read_text().strip() if report.exists() else ""
 

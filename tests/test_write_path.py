@@ -8,6 +8,7 @@ wait or raise exactly as specified.
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 import re
 import threading
@@ -478,4 +479,58 @@ def test_wal_reset_fails_against_a_pinned_reader_but_writes_flow(db_path: Path):
     db.checkpoint()
     assert db.stats()["checkpoint"]["resets_ok"] == before["resets_ok"] + 1
     assert db.stats()["wal_bytes"] == 0
+    db.close()
+
+
+@pytest.mark.slow
+def test_wal_reset_gets_through_foreign_readers_that_overlap(db_path: Path):
+    """A foreign process always has a read transaction open (two of 0.3 s in turns, a
+    half period apart) while a writer keeps appending: every reset gets through, by
+    waiting for the readers open when it starts and then for those that began before
+    its copy completed. One long checkpoint call could wait, past any busy timeout, for
+    a reader slot that the next readers keep taking (``_checkpoint_until`` in
+    sessiondb.checkpoint): before it waited in short calls, about a third of these
+    resets waited out the whole ``reset_timeout``. The 3 s bound is about five times
+    what the readers make a reset wait; it bounds the test, it is not a timing."""
+    spawn = multiprocessing.get_context("spawn")
+    stop, ready, results = spawn.Event(), spawn.Event(), spawn.Queue()
+    reader = spawn.Process(target=workers.overlapping_readers,
+                           args=(str(db_path), 0.3, stop, ready, results))
+    db = SessionDB(db_path, reset_timeout=3.0)  # the default wal_limit: no reset of its own
+    db.create_session("s", "cli")
+    reads = None
+    try:
+        reader.start()
+        assert ready.wait(60), "the readers never started"
+        for round_ in range(8):
+            halt = threading.Event()
+
+            def write() -> None:
+                i = 0
+                while not halt.is_set():
+                    db.append_message("s", "user", f"r{round_}-{i} " + "x" * 3000)
+                    i += 1
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            try:
+                time.sleep(0.3)  # the readers' snapshots fall behind the WAL's end
+                db.checkpoint(reset=True)
+                cp = db.stats()["checkpoint"]
+                assert (cp["resets_ok"], cp["resets_failed"]) == (round_ + 1, 0)
+            finally:
+                halt.set()
+                writer.join(60)
+    finally:
+        stop.set()
+        reads = (workers.collect(results, [reader], 1, timeout=60) or [None])[0]
+        reader.join(60)
+        if reader.is_alive():
+            reader.kill()
+            reader.join(10)
+    assert reader.exitcode == 0 and reads is not None and reads["errors"] == []
+    assert min(len(per_reader) for per_reader in reads["intervals"]) >= 2
+    db.checkpoint(reset=True)
+    assert db.stats()["wal_bytes"] == 0
+    assert workers.integrity(db_path) == [("ok",)]
     db.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import threading
 import time
 import traceback
 from typing import Any
@@ -74,61 +73,8 @@ def chaos_writer(path: str, writer: int, ledger_path: str, sessions: list[str],
 
 
 # -- exhibit 3: readers that never stop ----------------------------------------------
-
-
-def overlapping_readers(path: str, hold_s: float, stop: Any, ready: Any,
-                        results: Any) -> None:
-    """A foreign process (plain apsw, not sessiondb) that always has a read transaction
-    open: two connections each run ``BEGIN; SELECT; hold; COMMIT`` back to back, a half
-    period apart, and a reader commits only once the other one holds a transaction of
-    its own (a hand-off, so the overlap holds by construction, however the machine
-    schedules us). Reports every transaction as (snapshot taken, about to commit)
-    in ``time.monotonic()`` seconds, which is one clock for every process of the host.
-    """
-    intervals: list[list[tuple[float, float]]] = [[], []]
-    cond = threading.Condition()
-    open_now = [0]
-    started = [threading.Event(), threading.Event()]
-    errors: list[str] = []
-
-    def reader(n: int) -> None:
-        try:
-            conn = apsw.Connection(path)
-            conn.set_busy_timeout(5000)
-            if n == 1:
-                started[0].wait(30)
-                time.sleep(hold_s / 2)
-            while not stop.is_set():
-                conn.execute("BEGIN")
-                conn.execute("SELECT COUNT(*) FROM messages").fetchall()  # the snapshot
-                began = time.monotonic()
-                with cond:
-                    open_now[0] += 1
-                    cond.notify_all()
-                started[n].set()
-                time.sleep(hold_s)
-                with cond:  # hand off: leave only while the other reader is inside
-                    while open_now[0] < 2 and not stop.is_set():
-                        cond.wait(0.05)
-                    open_now[0] -= 1
-                    ended = time.monotonic()
-                conn.execute("COMMIT")
-                intervals[n].append((began, ended))
-            conn.close()
-        except BaseException:
-            errors.append(traceback.format_exc())
-            started[n].set()
-            raise
-
-    threads = [threading.Thread(target=reader, args=(n,)) for n in (0, 1)]
-    for t in threads:
-        t.start()
-    for event in started:
-        event.wait(30)
-    ready.set()
-    for t in threads:
-        t.join()
-    results.put({"intervals": intervals, "errors": errors})
+# Its foreign readers, ``workers.overlapping_readers``, live in ``tests/workers.py``:
+# the checkpoint tests use them too.
 
 
 def bounded_wal_writer(path: str, count: int, size: int, wal_limit: int,

@@ -48,7 +48,7 @@ def test_wal_stays_bounded_while_foreign_readers_never_stop(tmp_path: Path, exhi
     count, size = 600, 4000  # ~36 MB of WAL without resets (measured): 4x the limit
     SessionDB(path, wal_limit=wal_limit).close()
     stop, ready, reader_results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
-    reader = SPAWN.Process(target=museum_workers.overlapping_readers,
+    reader = SPAWN.Process(target=workers.overlapping_readers,
                            args=(str(path), 0.3, stop, ready, reader_results))
     writer_results = SPAWN.Queue()
     writer = SPAWN.Process(target=museum_workers.bounded_wal_writer,

@@ -325,6 +325,12 @@ class FifoGate(Gate):
         :param held: seconds the write that just committed held the gate; a short one
             keeps this process's turn going (see "Turns" in the module docstring).
             None (a failed write, a checkpoint, close) always leaves.
+
+        An exception that lands in here (one raised by a signal handler: it can land at
+        the entry of any Python function, this one's helpers included, and after any
+        call) still leaves. One that lands at the very entry of this method cannot be
+        caught in it: a caller that must not keep the gate calls ``release(None)`` from
+        its own handler (a no-op once the gate was left).
         """
         try:
             if held is not None and self._ticket is not None:
@@ -343,14 +349,18 @@ class FifoGate(Gate):
                         if self._idle_asleep:
                             self._cv.notify()
                         return
-        except BaseException:  # e.g. a signal handler's exception: never keep by accident
+            # Inside the handler too: an exception landing as _leave or one of its
+            # helpers is entered, before ``done`` is written, would leave the ticket
+            # held and not kept: every other writer would wait for this process, and
+            # its own next write would find the gate still held.
             with self._mu:
                 self._kept = False
                 self._leave()
+        except BaseException:  # e.g. a signal handler's exception: never keep by accident
+            with self._mu:
+                self._kept = False
+                self._leave()  # a no-op if the first one got through
             raise
-        with self._mu:
-            self._kept = False
-            self._leave()
 
     def _waiter_queue(self) -> "queue.SimpleQueue[tuple[int, _Wait] | None]":
         """The queue of this gate's waiter thread, started on first use. One long-lived

@@ -339,13 +339,12 @@ class WritePath:
         process's next short write (see :mod:`sessiondb.gate`)."""
         self._active.depth = 0
         held = None if entered is None else time.monotonic() - entered
-        leave = True
         try:  # from taking the transaction on, so that an exception cannot skip leaving
             with self._imu:
                 tx, self._tx = self._tx, None
             if entered is not None and tx is None:
-                leave = False  # the watchdog ended this transaction and left already
-                return
+                return  # the watchdog ended this transaction (and left), or it was never
+                        # recorded: an exception landed between BEGIN and _opened
             if held is not None:
                 c = self.counters
                 c.holds.append(held)
@@ -356,8 +355,19 @@ class WritePath:
                 # process's turn goes on (sessiondb.gate).
                 self.record.publish()
         finally:
-            if leave:
+            # Always, not only for the transaction we took: after the watchdog left,
+            # leaving again is a no-op (nothing of this instance entered the gate since:
+            # this thread holds the instance lock, and _sql against the watchdog). Had
+            # the transaction decided it, an exception raised by a signal handler
+            # between BEGIN and _opened, or in the first call's release (whose second
+            # call finds the transaction taken), would keep the gate held for good.
+            try:
                 self.gate.release(held if committed else None)
+            except BaseException:
+                # Landed as release was entered, where release cannot catch it: leave
+                # here (a no-op if the first call got through).
+                self.gate.release(None)
+                raise
 
     def _timed_out(self, start: float, attempts: int, cause: BaseException | None):
         self.counters.timeouts += 1

@@ -49,7 +49,8 @@ POOLER_CONTRACT = CONTRACT
 #: platform has (on Linux OFD locks and classic POSIX locks), chosen through
 #: ``$SESSIONDB_GATE``, which spawned and forked workers inherit.
 GATE_SUITE = {
-    "test_gate", "test_turns", "test_write_path", "test_01_sigkill_chaos",
+    "test_gate", "test_gate_interrupts", "test_turns", "test_write_path",
+    "test_01_sigkill_chaos",
     "test_02_stuck_writer", "test_04_fork", "test_09_files_and_permissions",
 }
 GATE_KINDS = [kind for kind, there in (("ofd", ofd_locks_available()),

@@ -769,13 +769,7 @@ def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
     rival.join(60)
     assert rival.exitcode == 0 and len(reports) == 1
     assert interrupted > 0
-    present = [m["content"] for m in db.get_messages("mine")]
-    assert set(acked) <= set(present) <= set(attempted)
-    assert len(present) == len(set(present))
-    assert db.get_session("mine")["message_count"] == len(present)
-    other = SessionDB(db_path, write_timeout=5)
-    other.append_message("mine", "user", "after")  # the gate is free
-    other.close()
+    workers.assert_interrupted_writes_accounted(db, db_path, "mine", acked, attempted)
     db.close()
 
 

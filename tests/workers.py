@@ -91,6 +91,20 @@ def collect(results: Any, procs: list[Any], expected: int, timeout: float = 240)
 # -- gate workers ----------------------------------------------------------------------
 
 
+def assert_interrupted_writes_accounted(db: SessionDB, path: Path, session_id: str,
+                                        acked: list[str], attempted: list[str]) -> None:
+    """After writes interrupted at random: every acknowledged one is there once, none
+    that was not attempted, the counter exact, and the gate free for another
+    instance. (One interrupted after its COMMIT may be there unacknowledged.)"""
+    present = [m["content"] for m in db.get_messages(session_id)]
+    assert set(acked) <= set(present) <= set(attempted)
+    assert len(present) == len(set(present))
+    assert db.get_session(session_id)["message_count"] == len(present)
+    other = SessionDB(path, write_timeout=5)
+    other.append_message(session_id, "user", "after")  # the gate is free
+    other.close()
+
+
 def open_gate(gate_path: str | Path) -> FifoGate:
     """A gate on the sidecar, of the kind ``$SESSIONDB_GATE`` names (the gate suite's
     parameter, inherited by every worker process), else of the platform's best kind."""

@@ -217,6 +217,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
         return Page([], 0.0)
     end = offset + limit if limit > 0 else -1
     prepare(conn)
+    search_prefix.new_search(conn)
     expansion = search_prefix.expand(conn, match)
     run = Run(match) if expansion is None else Run(
         expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),

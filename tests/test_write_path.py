@@ -24,6 +24,7 @@ from sessiondb import (
     DatabaseBusyError, IntegrityViolation, SessionDB, SessionNotFound, StorageError,
     WriteTimeout,
 )
+from sessiondb.checkpoint import CheckpointPolicy
 
 
 def hold_write_lock(path: Path, how: str = "EXCLUSIVE") -> apsw.Connection:
@@ -451,6 +452,49 @@ def test_a_restart_after_a_step_gives_up_on_a_pinned_reader_and_tries_later(
         monkeypatch.setattr(policy, "_restart_after", 0.0)
         db._engine.between_steps()
         assert db.stats()["checkpoint"]["step_restarts"] == 1
+
+
+def test_only_the_writer_that_grew_the_wal_resets_it_inline(db_path: Path, monkeypatch):
+    """A write that takes the WAL past 60% of the limit resets it before its call
+    returns (it pays for what it wrote); a small write of another instance that finds
+    the WAL already past the line, grown by the first one, does not: it only requests
+    the background reset. (At ten million messages an appender's small writes each
+    reset the WAL inline after a maintainer's large steps, 1.1 s per call.) A foreign
+    reader pins the WAL, so the large writer's reset fails and leaves it large."""
+    limit = 256 * 1024
+    inline: list[str] = []
+    reset = CheckpointPolicy.reset
+
+    def spy(self: CheckpointPolicy, wait: bool = False, past: float = 0.0, **kw: object
+            ) -> bool:
+        if past:
+            inline.append(threading.current_thread().name)
+        return reset(self, wait, past, **kw)
+
+    monkeypatch.setattr(CheckpointPolicy, "reset", spy)
+    with SessionDB(db_path, checkpoint_every=0, wal_limit=limit, reset_timeout=0.05) as big, \
+            SessionDB(db_path, checkpoint_every=0, wal_limit=limit,
+                      reset_timeout=0.05) as small:
+        big.create_session("s", "cli")
+        small.append_message("s", "user", "before")
+        reader = apsw.Connection(str(db_path))
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchall()
+        try:
+            inline.clear()
+            big.append_message("s", "tool", "z" * (limit * 7 // 10))
+            assert inline == [threading.current_thread().name]  # it grew it: it paid
+            inline.clear()
+            for i in range(5):
+                small.append_message("s", "user", f"small {i}")
+            assert small._engine._checkpoints.over(0.6)  # past the line, not its doing
+            assert inline == []
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        small.checkpoint(reset=True)
+        assert small.stats()["wal_bytes"] == 0
+        assert small.message_count("s") == 7
 
 
 def test_wal_reset_fails_against_a_pinned_reader_but_writes_flow(db_path: Path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from sessiondb import (
-    ConfigurationError, IntegrityViolation, InvalidArgumentType, SessionDB, SessionNotFound,
-    SessionDBError, TitleConflict,
+    ConfigurationError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDB,
+    SessionNotFound, SessionDBError, TitleConflict, WriteTimeout,
 )
 
 
@@ -70,6 +72,62 @@ def test_caught_failure_inside_undoes_only_itself(db: SessionDB) -> None:
     assert s["message_count"] == 2
     assert s["title"] is None
     assert [m["content"] for m in db.get_messages("s1")] == ["kept", "also kept"]
+
+
+def test_a_long_block_goes_on_after_each_failed_call(db: SessionDB) -> None:
+    # 200 calls in one block (on PostgreSQL one savepoint each), every tenth failing in
+    # turn on a missing session, a title taken (a unique index) and a counter overflowing
+    # (on PostgreSQL the server refuses it: the statement itself fails).
+    db.create_session("s", "cli")
+    db.create_session("other", "cli", title="Taken")
+    most = 2 ** 63 - 1
+    failing = [(SessionNotFound, lambda: db.append_message("ghost", "user", "x")),
+               (TitleConflict, lambda: db.set_session_title("s", "Taken")),
+               (InvalidArgument, lambda: db.update_token_counts("s", 1))]
+    with db.transaction():
+        db.update_token_counts("s", most)
+        for i in range(200):
+            if i % 10 == 5:
+                error, call = failing[i // 10 % 3]
+                with pytest.raises(error):
+                    call()
+            else:
+                db.append_message("s", "user", f"m{i}")
+    s = db.get_session("s")
+    assert (s["message_count"], s["input_tokens"], s["title"]) == (180, most, None)
+    assert [m["content"] for m in db.get_messages("s")] == [
+        f"m{i}" for i in range(200) if i % 10 != 5]
+
+
+def test_a_call_that_waits_too_long_for_a_lock_inside_a_block_fails_alone(
+        db_path, backend: str) -> None:
+    if backend == "sqlite":
+        pytest.skip("a SQLite block holds the write lock from its start: no call in it waits")
+    with SessionDB(db_path, write_timeout=0.5) as mine, SessionDB(db_path) as other:
+        mine.create_session("mine", "cli")
+        mine.create_session("held", "cli")
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # another writer holds the session "held" (its lock)
+            with other.transaction():
+                other.append_message("held", "user", "the holder's")
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert held.wait(30)
+            with mine.transaction():
+                mine.append_message("mine", "user", "before")
+                with pytest.raises(WriteTimeout):  # lock_timeout, inside the block
+                    mine.append_message("held", "user", "waited too long")
+                mine.append_message("mine", "user", "after")
+        finally:
+            release.set()
+            holder.join(30)
+        assert [m["content"] for m in mine.get_messages("mine")] == ["before", "after"]
+        assert [m["content"] for m in mine.get_messages("held")] == ["the holder's"]
 
 
 def test_failed_delete_inside_is_undone_alone(db: SessionDB) -> None:

@@ -424,7 +424,10 @@ class PgEngine:
         720 us against 470, since the server then parses and plans every statement
         (nothing stays prepared) and a round trip on a local socket costs less; psycopg's
         pipeline mode, which keeps prepared statements: more client time per call than
-        the round trip it saves."""
+        the round trip it saves (entering and leaving a pipeline costs about a round
+        trip). Without that round trip at all (no savepoint before a later call: unsafe)
+        a turn measured 1.35x plain psycopg's fewest statements against 1.46x with it:
+        the savepoints are a small part of what a turn costs beyond plain psycopg."""
         block.txn.check()
         raw = block.raw
         try:

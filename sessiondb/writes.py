@@ -274,19 +274,20 @@ class WritePath:
             self._leave(entered, committed=True)
             return True, result
         except BaseException as exc:
-            # Ending first, before any other call: an exception can land as any call
-            # returns (see _end).
+            busy = False
+            # Ending inside the handler's own handler: an exception can land as any
+            # call returns (see _end). Counted before: _leave publishes the counters.
             try:
+                busy = isinstance(exc, _BUSY)
                 if os.getpid() == self._owner:
+                    if entered is not None and not (committed or busy):
+                        self.counters.failed += 1
                     self._end(conn, entered, committed)
             except BaseException:
                 if os.getpid() == self._owner:
                     self._end(conn, entered, committed)
                 raise
-            busy = isinstance(exc, _BUSY)
             if os.getpid() == self._owner:
-                if entered is not None and not (committed or busy):
-                    self.counters.failed += 1
                 if entered is not None and isinstance(exc, apsw.InterruptError):
                     self._raise_if_expired(exc)
             if busy:

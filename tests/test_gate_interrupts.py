@@ -158,7 +158,9 @@ def assert_no_ticket_recorded(gate: Any, where: str) -> None:
     handle = gate._file
     sidecar = getattr(handle, "_sidecar", None)
     if sidecar is not None:
-        with sidecar.mu:
+        # Under the gate's _mu too: the idle thread hands a kept turn on under it, and
+        # forgets the ticket before it unlocks the slot and then the record.
+        with gate._mu, sidecar.mu:
             assert handle not in sidecar.tickets.values(), f"ticket recorded after {where}"
 
 

@@ -61,6 +61,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import apsw
@@ -68,6 +69,7 @@ import apsw
 from .connection import close_for_fork
 from .errors import SessionDBError, translate
 from .gate import Gate, GateTimeout
+from .holding import held
 
 
 @dataclass
@@ -313,26 +315,15 @@ class CheckpointPolicy:
             # waiting: a shut door stops new snapshot readers, so it must never stay
             # shut while this waits for a writer to leave the gate.
             try:
-                gate.acquire(self.STEP_RESTART_MS / 1000)
+                done = held(partial(gate.acquire, self.STEP_RESTART_MS / 1000),
+                            lambda _: held(partial(gate.close_door, 0),
+                                           partial(self._restart, gate, conn),
+                                           gate.open_door),
+                            gate.release)
             except GateTimeout:
                 return
-            done = None
-            try:
-                if not gate.close_door(0):
-                    return
-                try:
-                    if not gate.empty_room(0):
-                        return
-                    done = self._checkpoint_until(conn, apsw.SQLITE_CHECKPOINT_RESTART,
-                                                  self.STEP_RESTART_MS,
-                                                  lambda frames, copied: frames == copied)
-                except apsw.Error as exc:
-                    self.counters.step_restarts_failed += 1
-                    self.counters.last_error = repr(exc)
-                finally:
-                    gate.open_door()
-            finally:
-                gate.release()
+            if done is False:
+                return
             if done is None:
                 self._restart_after = time.monotonic() + self.STEP_RESTART_PAUSE
                 return
@@ -340,6 +331,22 @@ class CheckpointPolicy:
             c.step_restarts += 1
             c.last_wal_frames, c.last_checkpointed_frames = done
             self._wal_frames = done[0]
+
+    def _restart(self, gate: Gate, conn: apsw.Connection, shut: bool
+                 ) -> tuple[int, int] | bool | None:
+        """The RESTART of :meth:`_restart_after_step`, in the gate, once the door is
+        ``shut`` (by this handle): its figures; None if it did not get through; False
+        if it was not tried (the door not ours, or a snapshot reader in the room)."""
+        try:
+            if not shut or not gate.empty_room(0):
+                return False
+            return self._checkpoint_until(conn, apsw.SQLITE_CHECKPOINT_RESTART,
+                                          self.STEP_RESTART_MS,
+                                          lambda frames, copied: frames == copied)
+        except apsw.Error as exc:
+            self.counters.step_restarts_failed += 1
+            self.counters.last_error = repr(exc)
+            return None
 
     def _checkpoint_until(self, conn: apsw.Connection, mode: int, busy_ms: int,
                           ok: Callable[[int, int], bool]) -> tuple[int, int] | None:
@@ -467,21 +474,24 @@ class CheckpointPolicy:
         """
         if quiet is None:
             quiet = past > 0
-        if not self._reset_mu.acquire(blocking=wait):
+        if not wait and self._reset_mu.locked():
             return False  # the background thread is at it
-        try:
-            return self._reset(past)
-        except (apsw.Error, SessionDBError) as exc:  # busy is handled inside: the disk
-            self.counters.resets_failed += 1
-            self.counters.last_error = repr(exc)
-            self._backoff = True
-            if quiet:
-                return False
-            if isinstance(exc, SessionDBError):
-                raise
-            raise translate(exc, self.wal_path.removesuffix("-wal")) from exc
-        finally:
-            self._reset_mu.release()
+        # ``with``, not acquire() and try: an exception raised by a signal handler as
+        # acquire() returned would keep the lock for good, and every later reset and
+        # close() would wait for it. (Without ``wait`` this may wait for a reset that
+        # began just now, and then run: the background thread, the only such caller.)
+        with self._reset_mu:
+            try:
+                return self._reset(past)
+            except (apsw.Error, SessionDBError) as exc:  # busy is handled inside: disk
+                self.counters.resets_failed += 1
+                self.counters.last_error = repr(exc)
+                self._backoff = True
+                if quiet:
+                    return False
+                if isinstance(exc, SessionDBError):
+                    raise
+                raise translate(exc, self.wal_path.removesuffix("-wal")) from exc
 
     def _reset(self, past: float) -> bool:
         """The body of :meth:`reset`, under ``_reset_mu``."""
@@ -496,23 +506,29 @@ class CheckpointPolicy:
         if self._conn is None:
             self._conn = self._open_conn()
         gate, conn = self._gate, self._conn
-        if not gate.close_door(0.1):
+        ok = held(partial(gate.close_door, 0.1), partial(self._reset_in_room, gate, conn),
+                  gate.open_door)
+        if ok is None:
             self.counters.resets_skipped += 1
             return False
-        try:
-            deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
-            emptied = self._wait_for_room(gate, deadline)
-            ok = self._truncate(conn, self.QUICK_RESET_MS,
-                                None if emptied else deadline)
-            if not ok:  # a reader that does not cooperate: wait for it, writers too
-                ok = self._truncate(conn, int(self.reset_timeout * 1000))
-        finally:
-            gate.open_door()
         if ok:
             self.counters.resets_ok += 1
         else:
             self.counters.resets_failed += 1
         self._backoff = not ok
+        return ok
+
+    def _reset_in_room(self, gate: Gate, conn: apsw.Connection, shut: bool
+                       ) -> bool | None:
+        """Steps 2 and 3 of a reset (the module docstring), once the door is ``shut``
+        by this handle: whether the WAL was reset; None if the door was not ours."""
+        if not shut:
+            return None
+        deadline = time.monotonic() + max(2.0, 2 * self.reset_timeout)
+        emptied = self._wait_for_room(gate, deadline)
+        ok = self._truncate(conn, self.QUICK_RESET_MS, None if emptied else deadline)
+        if not ok:  # a reader that does not cooperate: wait for it, writers too
+            ok = self._truncate(conn, int(self.reset_timeout * 1000))
         return ok
 
     def _wait_for_room(self, gate: Gate, deadline: float) -> bool:
@@ -537,27 +553,24 @@ class CheckpointPolicy:
         gate = self._gate
         if readers_until is not None:
             try:
-                gate.acquire(self.reset_timeout)
+                held(partial(gate.acquire, self.reset_timeout),
+                     lambda _: gate.empty_room(max(0.0, readers_until - time.monotonic())),
+                     gate.release)
             except GateTimeout:
                 return False
-            try:
-                gate.empty_room(max(0.0, readers_until - time.monotonic()))
-            finally:
-                gate.release()
         try:
             self._wal_frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
             pass
         start = time.monotonic()
         try:
-            gate.acquire(max(self.reset_timeout, busy_ms / 1000))
+            ok = held(partial(gate.acquire, max(self.reset_timeout, busy_ms / 1000)),
+                      lambda _: self._checkpoint_until(
+                          conn, apsw.SQLITE_CHECKPOINT_TRUNCATE, busy_ms,
+                          lambda frames, _: frames == 0) is not None,
+                      gate.release)
         except GateTimeout:
             return False
-        try:
-            ok = self._checkpoint_until(conn, apsw.SQLITE_CHECKPOINT_TRUNCATE, busy_ms,
-                                        lambda frames, _: frames == 0) is not None
-        finally:
-            gate.release()
         c = self.counters
         c.longest_reset_s = max(c.longest_reset_s, time.monotonic() - start)
         if self.on_reset is not None:

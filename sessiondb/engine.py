@@ -50,6 +50,7 @@ from .errors import (
     WalDeletedError, translate,
 )
 from .gate import GateTimeout, NullGate, gate_kind, make_gate
+from .holding import held
 from .procs import READING, claim as claim_slot, watched_gate
 from .maintenance import (
     ProgressCallback, Step, Tracker, WalBudget, cache_writes, check_progress, run_steps,
@@ -341,27 +342,29 @@ class Engine:
         # Named after the public class that holds it: this is what errors show.
         return f"SessionDB({str(self.path)!r}{', closed' if self._closed else ''})"
 
-    @contextmanager
-    def _connection(self) -> Iterator[apsw.Connection]:
-        """The instance lock plus a usable connection (reopened after fork)."""
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed; open a new SessionDB")
-            if self._lost is not None:
-                raise WalDeletedError(str(self._lost), *self._lost_args())
-            if self._replaced is not None:
-                e = self._replaced
-                raise StoreReplacedError(str(e), e.path, e.marker, e.was, e.now)
-            if os.getpid() != self._pid:
-                if self._conn is not None:
-                    _INHERITED.append(self._conn)
-                self._conn = None
-                self._open()
-            elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
-                self._conn = self._new_connection()
-                self._walguard.record()  # SQLite may have made new -wal/-shm files
-            assert self._conn is not None
-            yield self._conn
+    def _connected(self) -> apsw.Connection:
+        """A usable connection (reopened after fork); call holding the instance lock,
+        as ``with self._lock: conn = self._connected()``. Not a context manager holding
+        the lock across a ``yield``: an exception (a signal handler's) landing in
+        contextlib's frames around it would keep the lock until garbage collection,
+        and every other thread using the instance would wait for it."""
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed; open a new SessionDB")
+        if self._lost is not None:
+            raise WalDeletedError(str(self._lost), *self._lost_args())
+        if self._replaced is not None:
+            e = self._replaced
+            raise StoreReplacedError(str(e), e.path, e.marker, e.was, e.now)
+        if os.getpid() != self._pid:
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
+            self._conn = None
+            self._open()
+        elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
+            self._conn = self._new_connection()
+            self._walguard.record()  # SQLite may have made new -wal/-shm files
+        assert self._conn is not None
+        return self._conn
 
     @property
     def hold_timeout(self) -> float | None:
@@ -397,7 +400,8 @@ class Engine:
             return self._write(fn, bounded)
 
     def _write(self, fn: Callable[[apsw.Connection], T], bounded: bool = True) -> T:
-        with self._connection() as conn:
+        with self._lock:
+            conn = self._connected()
             if self._writes.active:
                 return self._nested(conn, fn)
             if not conn.get_autocommit():
@@ -438,39 +442,46 @@ class Engine:
         return e.path, e.marker, e.rescue
 
     def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        with self._writes.guard():  # raises HoldTimeout if the watchdog ended the block
-            if conn.get_autocommit():
-                # SQLite itself rolled the whole transaction back (disk full, I/O
-                # error): running on would commit the rest of the block call by call.
-                raise StorageError(f"the transaction on {self.path} was rolled back by an "
-                                   "earlier error; leave the transaction() block and retry")
-            conn.execute("SAVEPOINT sessiondb_nested")
-            try:
-                result = fn(conn)
-            except BaseException as exc:
-                if not conn.get_autocommit():
-                    conn.execute("ROLLBACK TO sessiondb_nested; RELEASE sessiondb_nested")
-                if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
-                    raise translate(exc, str(self.path)) from exc
-                raise
-            conn.execute("RELEASE sessiondb_nested")
-            return result
+        # Raises HoldTimeout if the watchdog ended the block.
+        return self._writes.guarded(partial(self._savepoint, conn, fn))
+
+    def _savepoint(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        if conn.get_autocommit():
+            # SQLite itself rolled the whole transaction back (disk full, I/O
+            # error): running on would commit the rest of the block call by call.
+            raise StorageError(f"the transaction on {self.path} was rolled back by an "
+                               "earlier error; leave the transaction() block and retry")
+        conn.execute("SAVEPOINT sessiondb_nested")
+        try:
+            result = fn(conn)
+        except BaseException as exc:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK TO sessiondb_nested")
+                try:
+                    conn.execute("RELEASE sessiondb_nested")
+                except apsw.BusyError:
+                    # A write statement of fn's is still in progress: an exception (a
+                    # signal handler's) landed as it returned its first row, and its
+                    # cursor lives on in the traceback. The savepoint, rolled back,
+                    # stays open inside the block's transaction, harmless: the block's
+                    # COMMIT or ROLLBACK ends it.
+                    pass
+            if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
+                raise translate(exc, str(self.path)) from exc
+            raise
+        conn.execute("RELEASE sessiondb_nested")
+        return result
 
     def read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors
         (rare in WAL mode) are retried like writes; other errors are translated."""
-        with self._connection() as conn:
+        with self._lock:
+            conn = self._connected()
             deadline = time.monotonic() + self._options["write_timeout"]
             attempt = 0
-            if self._writes.active:  # a read inside a transaction() block: the guard
-                # first, since the watchdog may be rolling this connection back
-                with self._writes.guard():
-                    try:
-                        return fn(conn)
-                    except apsw.Error as exc:
-                        if isinstance(exc, apsw.InterruptError):
-                            raise  # the guard turns it into HoldTimeout (typed)
-                        raise translate(exc, str(self.path)) from exc
+            if self._writes.active:  # a read inside a transaction() block: guarded,
+                # since the watchdog may be rolling this connection back
+                return self._writes.guarded(partial(self._read_in_block, conn, fn))
             nested = not conn.get_autocommit()
             while True:
                 attempt += 1
@@ -494,6 +505,14 @@ class Engine:
                         rollback(conn)
                     raise translate(exc, str(self.path)) from exc
 
+    def _read_in_block(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        try:
+            return fn(conn)
+        except apsw.Error as exc:
+            if isinstance(exc, apsw.InterruptError):
+                raise  # guarded() turns it into HoldTimeout (typed)
+            raise translate(exc, str(self.path)) from exc
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Group several calls into one atomic write transaction::
@@ -508,20 +527,29 @@ class Engine:
         as savepoints: a call that raises undoes only itself; an exception leaving the
         block rolls back everything.
         """
-        with self._connection() as conn:
+        with self._lock:
+            conn = self._connected()
             if self._writes.active:
                 raise ConfigurationError("transaction() blocks cannot be nested")
             if not conn.get_autocommit():
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
-            with self._files_guard(conn):
-                started = self._writes.begin(conn)
             ok = False
-            try:
+            try:  # from before begin: see WritePath.begin
+                with self._files_guard(conn):
+                    self._writes.begin(conn)
                 yield
                 ok = True
             finally:
-                self._writes.finish(conn, started, ok)
+                try:
+                    self._writes.finish(conn, ok)
+                except BaseException:
+                    # Landed as finish was entered, where finish cannot catch it (a
+                    # signal handler's exception): end it here (a no-op if the first
+                    # call got through). The block's generator is closed on garbage
+                    # collection if contextlib's own frames were interrupted.
+                    self._writes.finish(conn, False)
+                    raise
             if ok:
                 with self._files_guard(conn):
                     self._identity.check(committed=True)
@@ -547,7 +575,8 @@ class Engine:
         is being prepared, a new snapshot waits for it (typically well under a second;
         past ``2 x reset_timeout + 1`` s it proceeds without cooperating).
         """
-        with self._connection() as conn:
+        with self._lock:
+            conn = self._connected()
             if self._writes.active or not conn.get_autocommit():
                 raise ConfigurationError("snapshot() cannot be nested or used inside "
                                          "transaction()")
@@ -597,15 +626,13 @@ class Engine:
         (and its instance lock, which guards the gate's handle): writers queued at the
         gate wait it out, so the lock is free for writers that bypass the gate and poll
         for it (see :func:`sessiondb.maintenance.run_steps`)."""
-        with self._connection():
+        with self._lock:
+            self._connected()
             try:
-                self._gate.acquire(seconds)
+                held(partial(self._gate.acquire, seconds), lambda _: time.sleep(seconds),
+                     partial(self._gate.release, None))
             except GateTimeout:
-                return  # a long queue: its writers take the lock in turn meanwhile
-            try:
-                time.sleep(seconds)
-            finally:
-                self._gate.release(None)
+                pass  # a long queue: its writers take the lock in turn meanwhile
 
     def between_steps(self) -> None:
         """After one step of long work (:mod:`sessiondb.maintenance`): the WAL is
@@ -625,7 +652,8 @@ class Engine:
         :raises StorageError: a disk fault stopped it; nothing is lost.
         """
         reset = check_flag("reset", reset)
-        with self._connection() as conn:
+        with self._lock:
+            conn = self._connected()
             if self._writes.active or not conn.get_autocommit():
                 raise ConfigurationError("checkpoint() cannot run inside a transaction() "
                                          "or snapshot() block; call it after the block")
@@ -643,7 +671,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Figures to act on: writes, retries, timeouts, lock-wait percentiles (s),
         longest lock hold (s), checkpoints and their results, current WAL size (bytes)."""
-        with self._connection():
+        with self._lock:
+            self._connected()
             figures: dict[str, Any] = self._writes.counters.snapshot()
             figures["checkpoint"] = self._checkpoints.counters.snapshot()
             figures["wal_bytes"] = self._checkpoints.wal_bytes()

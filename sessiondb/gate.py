@@ -223,6 +223,7 @@ class FifoGate(Gate):
         self._file: OfdLocks | PosixLocks = _LOCKS[kind](path)
         self._pid = os.getpid()
         self._ticket: int | None = None
+        self._letting_go: int | None = None  # a slot unlocked, its record not yet (_let_go)
         #: blocking waits the kernel refused as a deadlock (EDEADLK), then retried
         self.deadlock_retries = 0
         self._new_turn_state()
@@ -408,6 +409,7 @@ class FifoGate(Gate):
         ticket = self._ticket
         if ticket is None or os.getpid() != self._pid:
             self._ticket = None
+            self._let_go()  # one that an exception cut short: this call redoes it
             return
         slot = self._slot(ticket)
         release = self._file.releaser(slot)
@@ -417,11 +419,21 @@ class FifoGate(Gate):
             # Only C calls from here to the unlock, so that an exception raised by a
             # signal handler cannot land between forgetting the ticket and unlocking
             # its slot.
-            self._ticket = None
+            self._letting_go, self._ticket = slot, None
             try:
                 release()
             finally:
-                self._file.let_go(slot)
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """After the unlock of a ticket's slot: the process's record forgets the ticket
+        (sessiondb.gate_posix). An exception that lands as this is entered leaves it
+        pending, and the next release (the caller's second one) does it: a stale record
+        would keep this process's next handle in line waiting for good."""
+        slot = self._letting_go
+        if slot is not None:
+            self._file.let_go(slot)
+            self._letting_go = None
 
     def close(self) -> None:
         if self._file.fd >= 0 and os.getpid() == self._pid:
@@ -526,18 +538,19 @@ class FifoGate(Gate):
             delay = min(2 * delay, 0.010)
 
     def _give_up(self, ticket: int) -> None:
-        self._ticket = None
         slot = self._slot(ticket)
+        release = self._file.releaser(slot)
+        self._letting_go, self._ticket = slot, None  # then only C calls, as in _leave
         try:
-            self._file.unlock(slot)
+            release()
         finally:
-            self._file.let_go(slot)
+            self._let_go()
 
     def _drop_inherited(self) -> None:
         # Runs in a fork child (see _close_inherited_gates): see the handles'
         # drop_inherited for why at once.
         self._file.drop_inherited()
-        self._ticket = None
+        self._ticket = self._letting_go = None
         self._new_turn_state()  # the parent's idle thread and its lock did not come along
 
     def _after_fork(self) -> None:

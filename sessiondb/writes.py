@@ -34,9 +34,8 @@ import random
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import apsw
 
@@ -146,26 +145,39 @@ class WritePath:
         """
         return self._attempts(conn, fn, bounded)
 
-    def begin(self, conn: apsw.Connection) -> float:
+    def begin(self, conn: apsw.Connection) -> None:
         """Enter the gate and ``BEGIN IMMEDIATE`` (retrying busy), for a transaction whose
-        body the caller runs; pair with :meth:`finish`. Returns the time it started."""
-        return self._attempts(conn, None)
+        body the caller runs; end it with :meth:`finish`, from a handler that covers this
+        call too: an exception may come out of it with the transaction open (one raised
+        by a signal handler as its last call returns)."""
+        self._attempts(conn, None)
 
-    @contextmanager
-    def guard(self) -> Iterator[None]:
-        """Around SQL that the caller runs inside an open transaction (a call inside a
-        ``transaction()`` block): excludes the watchdog, and raises
-        :class:`~sessiondb.errors.HoldTimeout` if it already ended the transaction."""
+    def guarded(self, fn: Callable[[], T]) -> T:
+        """``fn()``, SQL that the caller runs inside an open transaction (a call inside
+        a ``transaction()`` block), with the watchdog excluded; raises
+        :class:`~sessiondb.errors.HoldTimeout` if it already ended the transaction.
+
+        A call, not a context manager: a generator holding ``_sql`` across its
+        ``yield`` would keep it when an exception (a signal handler's) landed in
+        contextlib's frames around it, until garbage collection, and the block's own
+        end would wait for it for good."""
         with self._sql:
             self._raise_if_expired()
             try:
-                yield
+                return fn()
             except apsw.InterruptError as exc:
                 self._raise_if_expired(exc)
                 raise translate(exc, self.path) from exc
 
-    def finish(self, conn: apsw.Connection, started: float, ok: bool) -> None:
-        """Commit (``ok``) or roll back a transaction opened with :meth:`begin`."""
+    def finish(self, conn: apsw.Connection, ok: bool) -> None:
+        """Commit (``ok``) or roll back the transaction this thread opened with
+        :meth:`begin`, and leave the gate.
+
+        A no-op when this thread has none open, so that the caller calls it again (not
+        ``ok``) when an exception comes out of it: one raised by a signal handler as it
+        is entered cannot be caught inside it, every later one is (:meth:`_end`)."""
+        if not self.active:
+            return
         if os.getpid() != self._owner:
             # A fork child leaving the parent's transaction() block: that transaction
             # (and SQLite's lock state for it) belongs to the parent; ending it here
@@ -176,32 +188,30 @@ class WritePath:
                 "belongs to the parent and was left alone (nothing was written here)")
         committed = False
         with self._sql:
-            if self._tx is None:  # the watchdog rolled it back and left the gate
-                self._active.depth = 0
-                rollback(conn)  # a no-op, unless the watchdog's ROLLBACK failed
-                if ok:
-                    self._raise_if_expired()
-                return
+            tx = self._tx  # None: the watchdog rolled it back and left the gate
+            entered = None if tx is None else tx[2]
             try:
                 if ok:
-                    try:
-                        self._raise_if_expired()
-                        conn.execute("COMMIT")
-                    except BaseException as exc:
-                        rollback(conn)
-                        if isinstance(exc, apsw.InterruptError):
-                            self._raise_if_expired(exc)
-                        raise
-                    self.counters.writes += 1
+                    self._raise_if_expired()
+                    conn.execute("COMMIT")
                     committed = True
-                else:
-                    rollback(conn)
+                    self.counters.writes += 1
+                elif tx is not None:
                     self.counters.failed += 1
-            except apsw.Error as exc:
-                self.counters.failed += 1
-                raise translate(exc, self.path) from exc
+            except BaseException as exc:
+                if tx is not None:
+                    self.counters.failed += 1
+                if isinstance(exc, apsw.InterruptError):
+                    self._raise_if_expired(exc)
+                if isinstance(exc, apsw.Error):
+                    raise translate(exc, self.path) from exc
+                raise
             finally:
-                self._leave(started, committed)
+                try:
+                    self._end(conn, entered, committed)
+                except BaseException:
+                    self._end(conn, entered, committed)  # see _end
+                    raise
 
     # -- internals --------------------------------------------------------------------
     def _attempts(self, conn: apsw.Connection, fn, bounded: bool = True):
@@ -263,19 +273,25 @@ class WritePath:
             # its exception at the next Python call, and that must not skip leaving.
             self._leave(entered, committed=True)
             return True, result
-        except _BUSY as exc:
-            rollback(conn)
-            self._leave(entered)
-            return False, exc
         except BaseException as exc:
-            if os.getpid() == self._owner:
-                if not committed:
-                    rollback(conn)
-                    if entered is not None:
+            busy = False
+            # Ending inside the handler's own handler: an exception can land as any
+            # call returns (see _end). Counted before: _leave publishes the counters.
+            try:
+                busy = isinstance(exc, _BUSY)
+                if os.getpid() == self._owner:
+                    if entered is not None and not (committed or busy):
                         self.counters.failed += 1
-                self._leave(entered, committed)  # a no-op if the first one got through
+                    self._end(conn, entered, committed)
+            except BaseException:
+                if os.getpid() == self._owner:
+                    self._end(conn, entered, committed)
+                raise
+            if os.getpid() == self._owner:
                 if entered is not None and isinstance(exc, apsw.InterruptError):
                     self._raise_if_expired(exc)
+            if busy:
+                return False, exc
             if isinstance(exc, apsw.Error):
                 raise translate(exc, self.path) from exc
             raise
@@ -332,6 +348,19 @@ class WritePath:
         c.waits.append(waited)
         c.longest_wait_s = max(c.longest_wait_s, waited)
         c.contended += contended
+
+    def _end(self, conn: apsw.Connection, entered: float | None, committed: bool) -> None:
+        """Roll back unless ``committed``, then leave the gate: how every transaction
+        ends, and both are no-ops once done. So a handler calls it once more if an
+        exception comes out of it: one raised by a signal handler (it can land as any
+        Python function is entered, and as any call returns) as this method, the
+        rollback or :meth:`_leave` is entered cannot be caught where it lands, and
+        would otherwise leave the transaction open or the gate held."""
+        try:
+            if not committed:
+                rollback(conn)
+        finally:
+            self._leave(entered, committed)
 
     def _leave(self, entered: float | None, committed: bool = False) -> None:
         """Leave the gate; ``entered`` is None when BEGIN never succeeded. After a commit

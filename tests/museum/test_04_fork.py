@@ -247,7 +247,7 @@ def test_a_child_leaving_the_parents_transaction_block_touches_nothing(db_path: 
         if pid == 0:  # the child leaves the block the parent is in
             code = 3
             try:
-                db._engine._writes.finish(db._engine._conn, 0.0, True)
+                db._engine._writes.finish(db._engine._conn, True)
             except sessiondb.ConfigurationError:
                 code = 0
             except BaseException:  # noqa: BLE001 - reported through the exit code

@@ -3,6 +3,7 @@ museum's figures table (see ``tests/museum/conftest.py``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +39,18 @@ ADAPTERS = {"test_adapter_tables", "test_adapter_openai", "test_adapter_langgrap
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a contract-file test about SQLite itself")
+
+
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """``-n auto``: one worker more than the CPUs. Many tests mostly wait (on spawned
+    processes, a lock holder's sleep, a PostgreSQL server), and a worker per CPU left
+    part of the CPU time idle; ``$PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when
+    set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return len(os.sched_getaffinity(0)) + 1
 
 
 #: The contract files that also run a third time, through PgBouncer in transaction mode

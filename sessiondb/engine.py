@@ -43,7 +43,7 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import conversion, filesystems, search_index
+from . import conversion, filesystems, fts_tables, search_index
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
@@ -186,6 +186,7 @@ class Engine:
                 "transaction (sessiondb waits up to write_timeout for one to finish)",
                 str(self.path))
         o = self._options
+        self._rolls = False  # until the store is sessiondb's (a hermes-agent file is not)
         if not self.path.exists():
             refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
@@ -235,6 +236,7 @@ class Engine:
                     self._finish_conversion(builder)
             finally:
                 builder.release(force=True)
+            self._rolls = True
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -411,9 +413,18 @@ class Engine:
                 result = self._writes.run(conn, fn, bounded)
                 self._identity.check(committed=True)  # into the old file? (replacement)
             overgrown = self._checkpoints.after_write(conn)
+            roll = fn is not fts_tables.roll and self._roll_due(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
+        if roll:
+            self._write(fts_tables.roll)
         return result
+
+    def _roll_due(self, conn: apsw.Connection) -> bool:
+        """True when the full-text index's tail is to be sealed at the next block
+        (:mod:`sessiondb.fts_tables`): checked after each write, and done by a short
+        write of its own."""
+        return self._rolls and fts_tables.due(conn)
 
     def _verify_files(self) -> None:
         """Right after BEGIN IMMEDIATE: the files are still the ones this instance
@@ -554,8 +565,11 @@ class Engine:
                 with self._files_guard(conn):
                     self._identity.check(committed=True)
             overgrown = self._checkpoints.after_write(conn)
+            roll = ok and self._roll_due(conn)
         if overgrown:
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
+        if roll:
+            self._write(fts_tables.roll)
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -106,6 +106,12 @@ def table_for(conn: apsw.Connection, rowid: int) -> Table:
     return next(t for t in tables(conn) if t.covers(rowid))
 
 
+def on(table: str, sql: str) -> str:
+    """``sql``, written for the tail, made to read ``table`` instead (the SQL of search
+    names ``messages_fts``; each window of a search lies in one table)."""
+    return sql if table == TAIL else sql.replace(TAIL, table)
+
+
 def tail_max(conn: apsw.Connection) -> Optional[int]:
     """The highest id in the tail (its ``%_docsize`` table's last key), or None."""
     return conn.execute(f"SELECT max(id) FROM {TAIL}_docsize").fetchone()[0]
@@ -170,8 +176,8 @@ def rows_view(lo: Optional[int]) -> str:
 def _view(conn: apsw.Connection, table: Table) -> None:
     view = rows_view(table.lo)
     conn.execute(f"DROP VIEW IF EXISTS {view}")
-    conn.execute(f"CREATE VIEW {view} AS SELECT id, content FROM messages "
-                 f"WHERE {table.where('id')}")
+    where = "" if table.lo is None and table.hi is None else f" WHERE {table.where('id')}"
+    conn.execute(f"CREATE VIEW {view} AS SELECT id, content FROM messages{where}")
 
 
 def create(conn: apsw.Connection, table: Table, prefixes: tuple[int, ...]) -> None:
@@ -187,8 +193,9 @@ def table_triggers(table: Table) -> str:
     range (the v4 triggers, named as they were, for the tail)."""
     sql = FTS_TRIGGERS
     for row in ("new", "old"):
-        sql = sql.replace(f"WHEN {indexed_condition(row)}",
-                          f"WHEN {table.where(row + '.id')} AND {indexed_condition(row)}")
+        if table.lo is not None or table.hi is not None:
+            sql = sql.replace(f"WHEN {indexed_condition(row)}",
+                              f"WHEN {table.where(row + '.id')} AND {indexed_condition(row)}")
     if table.name != TAIL:
         sql = sql.replace("messages_fts", table.name)
     return sql

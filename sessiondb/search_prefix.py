@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import apsw
 
+from .fts_tables import TAIL
 from .schema import index_prefixes
 
 #: A prefix with more words than this is never written out (the query grows with them).
@@ -112,8 +113,8 @@ def group_spec(groups: Sequence[int]) -> str:
     return " ".join(map(str, groups))
 
 
-def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
-           ) -> Expansion | None:
+def expand(conn: apsw.Connection, match: str, within: set[str] | None = None,
+           table: str = TAIL) -> Expansion | None:
     """``match`` with each prefix phrase that no ``prefix=`` index covers written as an
     OR of the index's words with that prefix; None when no phrase was rewritten
     (nothing to rewrite; syntax it does not handle, such as ``NEAR``, column filters or
@@ -131,6 +132,9 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
     :param within: the words of some rows (:func:`words_of`): only these are written
         out, so the rewrite matches exactly what ``match`` matches among those rows,
         and gives them the same phrase occurrences (a word absent from a row has none).
+    :param table: the index table whose words are written out (the index is cut into
+        tables by id block, :mod:`sessiondb.fts_tables`: the rewrite is for that
+        table's rows).
     """
     if "*" not in match or conn.txn_state("main") == apsw.SQLITE_TXN_WRITE:
         return None
@@ -159,8 +163,8 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
                   ] if qstar or bstar else []
         found = None
         if tokens and len(tokens[-1]) not in covered and not _surely_merged(
-                conn, tokens[-1]):
-            listed = _kept(conn, ("words", tokens[-1]), prefix_words)
+                conn, tokens[-1], table):
+            listed = _kept(conn, ("words", tokens[-1], table), prefix_words)
             if listed is not None and _cheaper_written_out(listed):
                 found = [w for w in listed.words if within is None or w in within]
         if found is None:
@@ -196,18 +200,18 @@ def _cheaper_written_out(listed: PrefixWords) -> bool:
     return written <= listed.pages * US_MERGED_PAGE + len(listed.words) * US_MERGED_WORD
 
 
-def _surely_merged(conn: apsw.Connection, prefix: str) -> bool:
+def _surely_merged(conn: apsw.Connection, prefix: str, table: str = TAIL) -> bool:
     """True when the prefix's words are certainly too many for
     :func:`_cheaper_written_out`, found from the index's b-tree alone: reading their
     words (:func:`prefix_words`) costs 60-75 ms for one letter on a million messages, as
     much as a search. The pages are counted as :func:`prefix_words` counts them, and
     the words bounded from below (see :func:`_read_extent`); the decision is the one
     the words would give whenever this says True."""
-    pages, words = _extent(conn, prefix)
+    pages, words = _extent(conn, prefix, table)
     return words * (US_PER_WORD * STATEMENTS - US_MERGED_WORD) > pages * US_MERGED_PAGE
 
 
-def merge_cost_us(conn: apsw.Connection, match: str) -> float:
+def merge_cost_us(conn: apsw.Connection, match: str, table: str = TAIL) -> float:
     """Microseconds FTS5's merge of the prefixes of ``match`` that no ``prefix=`` index
     covers is estimated to take at least (leaf pages and words, see
     :func:`_surely_merged`); 0.0 when it merges nothing."""
@@ -219,13 +223,13 @@ def merge_cost_us(conn: apsw.Connection, match: str) -> float:
             tokenizer = conn.fts5_tokenizer("unicode61")
             tokens = [t[2] for t in tokenizer((quoted or bare).encode("utf-8"), _FLAGS, None)]
             if tokens:
-                pages, least = _extent(conn, tokens[-1])
+                pages, least = _extent(conn, tokens[-1], table)
                 cost += pages * US_MERGED_PAGE + least * US_MERGED_WORD
     return cost
 
 
-def _extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
-    return _kept(conn, ("extent", prefix), _read_extent)
+def _extent(conn: apsw.Connection, prefix: str, table: str = TAIL) -> tuple[int, int]:
+    return _kept(conn, ("extent", prefix, table), _read_extent)
 
 
 def new_search(conn: apsw.Connection) -> None:
@@ -235,8 +239,8 @@ def new_search(conn: apsw.Connection) -> None:
     _KEPT.pop(conn, None)
 
 
-def _kept(conn: apsw.Connection, key: tuple[str, str], read: Callable) -> Any:
-    """``read(conn, key[1])``, kept for ``conn`` during a search (:func:`new_search`)
+def _kept(conn: apsw.Connection, key: tuple[str, str, str], read: Callable) -> Any:
+    """``read(conn, key[1], key[2])``, kept for ``conn`` during a search (:func:`new_search`)
     while the database does not change (by this connection: its count of changes; by
     another: PRAGMA data_version): a search asks for a prefix's extent and words twice
     (the query, then its hits), 5-10 ms for a prefix of hundreds of words."""
@@ -246,11 +250,11 @@ def _kept(conn: apsw.Connection, key: tuple[str, str], read: Callable) -> Any:
         kept = (state, {})
         _KEPT[conn] = kept
     if key not in kept[1]:
-        kept[1][key] = read(conn, key[1])
+        kept[1][key] = read(conn, key[1], key[2])
     return kept[1][key]
 
 
-def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
+def _read_extent(conn: apsw.Connection, prefix: str, table: str = TAIL) -> tuple[int, int]:
     """The leaf pages the doclists of the words with ``prefix`` span in all segments,
     counted as :func:`prefix_words` counts them, and a lower bound of the words, from
     the ``%_idx`` b-tree alone.
@@ -263,13 +267,13 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
     high = low + b"\xff"
     pages = most = 0
     keys: set[bytes] = set()
-    for segment in _segments(conn):
+    for segment in _segments(conn, table):
         start, past = conn.execute(
-            "SELECT (SELECT pgno FROM messages_fts_idx WHERE segid = ?1 AND term <= ?2 "
-            "ORDER BY term DESC LIMIT 1), (SELECT pgno FROM messages_fts_idx WHERE "
+            f"SELECT (SELECT pgno FROM {table}_idx WHERE segid = ?1 AND term <= ?2 "
+            f"ORDER BY term DESC LIMIT 1), (SELECT pgno FROM {table}_idx WHERE "
             "segid = ?1 AND term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)
         ).fetchone()
-        inside = conn.execute("SELECT term, pgno FROM messages_fts_idx WHERE segid = ? AND "
+        inside = conn.execute(f"SELECT term, pgno FROM {table}_idx WHERE segid = ? AND "
                               "term > ? AND term < ?", (segment, low, high)).fetchall()
         most = max(most, len(inside))
         keys.update(term for term, _ in inside)
@@ -282,12 +286,12 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
                                 or not ordered[i + 1].startswith(key)))
 
 
-def _segments(conn: apsw.Connection) -> Iterator[int]:
+def _segments(conn: apsw.Connection, table: str = TAIL) -> Iterator[int]:
     """The ids of the index's segments, in order, each read when the one before is done
     (a seek in the ``%_idx`` b-tree each)."""
     segment = -1
     while True:
-        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
+        row = conn.execute(f"SELECT segid FROM {table}_idx WHERE segid > ? "
                            "ORDER BY segid LIMIT 1", (segment,)).fetchone()
         if row is None:
             return
@@ -322,7 +326,8 @@ class PrefixWords(NamedTuple):
     pages: int  #: leaf pages their doclists span, in all segments
 
 
-def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
+def prefix_words(conn: apsw.Connection, prefix: str, table: str = TAIL
+                 ) -> PrefixWords | None:
     """The words of the index that start with ``prefix`` (a token as the tokenizer
     gives it); None when they are more than :data:`MAX_WORDS`.
 
@@ -335,16 +340,16 @@ def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
     high = low + b"\xff"  # past every word with the prefix (UTF-8 never has 0xff)
     found: set[bytes] = set()
     pages = 0
-    for segment in _segments(conn):
+    for segment in _segments(conn, table):
         rows = conn.execute(
-            "SELECT * FROM (SELECT 0, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            f"SELECT * FROM (SELECT 0, pgno FROM {table}_idx WHERE segid = ?1 AND "
             "term <= ?2 ORDER BY term DESC LIMIT 1) UNION ALL SELECT 0, pgno FROM "
-            "messages_fts_idx WHERE segid = ?1 AND term > ?2 AND term < ?3 UNION ALL "
-            "SELECT * FROM (SELECT 1, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            f"{table}_idx WHERE segid = ?1 AND term > ?2 AND term < ?3 UNION ALL "
+            f"SELECT * FROM (SELECT 1, pgno FROM {table}_idx WHERE segid = ?1 AND "
             "term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)).fetchall()
         numbers = [pgno >> 1 for past, pgno in rows if not past]
         for number in numbers:
-            row = conn.execute("SELECT block FROM messages_fts_data WHERE id = ?",
+            row = conn.execute(f"SELECT block FROM {table}_data WHERE id = ?",
                                ((segment << _PAGE_BITS) + number,)).fetchone()
             if row is not None:
                 found.update(w for w in leaf_words(row[0]) if w.startswith(low))
@@ -365,20 +370,20 @@ def leaf_words(page: bytes) -> list[bytes]:
     words: list[bytes] = []
     at, offset, last = footer, 0, b""
     while at < len(page):
-        delta, at = _varint(page, at)
+        delta, at = varint(page, at)
         offset += delta
         if not words:
-            size, start = _varint(page, offset)
+            size, start = varint(page, offset)
             last = page[start:start + size]
         else:
-            shared, start = _varint(page, offset)
-            size, start = _varint(page, start)
+            shared, start = varint(page, offset)
+            size, start = varint(page, start)
             last = last[:shared] + page[start:start + size]
         words.append(last)
     return words
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
+def varint(data: bytes, at: int) -> tuple[int, int]:
     """SQLite's varint (big-endian 7-bit groups; a ninth byte counts 8 bits) at ``at``,
     and the offset after it."""
     value = 0

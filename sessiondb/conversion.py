@@ -353,8 +353,8 @@ def swap(conn: apsw.Connection) -> None:
     _carry_sequence(conn)
     set_aside_index(conn)
     schema.complete_conversion(conn)  # through the module: a test replaces its DDL
-    fts_tables.drop_all(conn)
-    conn.execute(f"DROP TABLE {fts_tables.TAIL}")  # empty: remade cut by id block
+    for name in fts_tables.drop_all(conn):  # one, empty: made again, cut by id block
+        conn.execute(f"DROP TABLE {name}")
     fts_tables.lay_out(conn, ())
     for _, name, sql in dropped:
         if name not in _MIRROR and "messages_fts" not in sql:

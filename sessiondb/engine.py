@@ -187,6 +187,7 @@ class Engine:
                 str(self.path))
         o = self._options
         self._rolls = False  # until the store is sessiondb's (a hermes-agent file is not)
+        self._roll_after = 0.0  # (monotonic) no seal tried before, after one failed
         if not self.path.exists():
             refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
@@ -417,14 +418,31 @@ class Engine:
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
         if roll:
-            self._write(fts_tables.roll)
+            self._roll()
         return result
 
     def _roll_due(self, conn: apsw.Connection) -> bool:
         """True when the full-text index's tail is to be sealed at the next block
-        (:mod:`sessiondb.fts_tables`): checked after each write, and done by a short
-        write of its own."""
-        return self._rolls and fts_tables.due(conn)
+        (:mod:`sessiondb.fts_tables`): checked after each write, outside its transaction.
+        A check that fails (busy: a commit locks readers out in the rollback journal)
+        says no; the next write checks again (a block's last 4,096 ids leave plenty)."""
+        if not self._rolls or time.monotonic() < self._roll_after:
+            return False
+        try:
+            return fts_tables.due(conn)
+        except apsw.Error:
+            return False
+
+    def _roll(self) -> None:
+        """Seal the index's tail, a short write of its own after the caller's has
+        committed: so its failure is never the caller's (who would retry a write that
+        is done). It is tried again a second later; meanwhile the tail only grows past
+        its block. Exempt from the hold bound: a seal's DDL cannot be split, and takes a
+        few milliseconds."""
+        try:
+            self._write(fts_tables.roll, bounded=False)
+        except (SessionDBError, apsw.Error):
+            self._roll_after = time.monotonic() + 1.0
 
     def _verify_files(self) -> None:
         """Right after BEGIN IMMEDIATE: the files are still the ones this instance
@@ -569,7 +587,7 @@ class Engine:
         if overgrown:
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
         if roll:
-            self._write(fts_tables.roll)
+            self._roll()
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

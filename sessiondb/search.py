@@ -240,7 +240,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     finally:
         each.close()  # a window read by a statement still open (_merged_windows)
     if not windows:
-        run = queries.run(fts_tables.TAIL)[0]
+        run = queries.run(fts_tables.tables(conn)[0].name)[0]
         return Page([], scan_us or 0.0, run.match, run.statement_us)
     run = queries.run(fts_tables.table_for(conn, windows[0][0][0]).name)[0]
     scorer = Scorer(conn, lambda table: queries.phrases(table, phrases), windows[0][0][1])
@@ -404,7 +404,7 @@ class _Plan:
     hi: int
     ids: int
     #: The index table the range lies in (sessiondb.fts_tables).
-    table: str = fts_tables.TAIL
+    table: str = fts_tables.FIRST
     #: Figures worked out once per search, shared by every window's copy of the plan.
     memo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -717,7 +717,7 @@ def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
 
 def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
                   sessions: list[tuple[int, str]], need: int, scan_us: float,
-                  floor: int, table: str = fts_tables.TAIL) -> list[tuple[int, str]]:
+                  floor: int, table: str = fts_tables.FIRST) -> list[tuple[int, str]]:
     """The newest ``need`` matches (all if negative) among the messages of
     ``sessions`` (``(newest id, session id)``, newest first) with ids from ``floor``
     on, newest first.

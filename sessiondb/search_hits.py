@@ -95,9 +95,10 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     by_table: dict[str, list[int]] = {}
     for rowid in sorted(page.ids):
         by_table.setdefault(fts_tables.table_for(conn, rowid).name, []).append(rowid)
+    single = len(by_table) == 1 and len(fts_tables.tables(conn)) == 1
     for table, ids in by_table.items():
         as_run, start_us = page.match or match, page.statement_us
-        if table != fts_tables.TAIL and as_run != match:  # written out with the tail's words
+        if not single:  # the page's query is written out with one table's words
             expansion = search_prefix.expand(conn, match, table=table)
             as_run, start_us = (match, 0.0) if expansion is None else (
                 expansion.match, expansion.statement_us)

@@ -28,7 +28,7 @@ from . import fts_tables
 from .errors import SearchIndexError
 from .maintenance import ProgressCallback, Step, Tracker, byte_budget, fit_bytes
 from .schema import (
-    CONVERSION, DROP_FTS_TRIGGERS, PEND_EVERY_MESSAGE, REBUILDING,
+    CONVERSION, PEND_EVERY_MESSAGE, REBUILDING,
     index_prefixes, junk_tables, set_aside_index,
 )
 
@@ -119,9 +119,7 @@ def begin_rebuild(conn: apsw.Connection, reason: str,
     """
     if prefixes is None:
         prefixes = index_prefixes(conn)
-    sealed = fts_tables.drop_all(conn)
-    conn.execute(DROP_FTS_TRIGGERS)  # those of a table too damaged to be listed
-    for name in [fts_tables.TAIL, *sealed]:
+    for name in fts_tables.drop_all(conn):
         set_aside_index(conn, name)
     conn.execute("DELETE FROM sessiondb_fts_pending")
     conn.execute(PEND_EVERY_MESSAGE)
@@ -202,6 +200,16 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,))
             return done
         lo, hi = row
+        # From the range's first message: a range may span empty blocks (an import of
+        # ids far apart), which would otherwise be walked one block per loop.
+        first = conn.execute("SELECT min(id) FROM messages WHERE id >= ? AND id <= ?",
+                             (lo, hi)).fetchone()[0]
+        if first is None:
+            conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (lo,))
+            continue
+        if first != lo:
+            conn.execute("UPDATE sessiondb_fts_pending SET lo = ? WHERE lo = ?", (first, lo))
+            lo = first
         table = _table_for(conn, lo)
         # A smaller chunk when little time is left (a small hold bound), in messages
         # and in bytes: FTS5 tokenizes every byte, so a count alone let a chunk of large

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import apsw
 
-from .fts_tables import TAIL
+from .fts_tables import FIRST
 from .schema import index_prefixes
 
 #: A prefix with more words than this is never written out (the query grows with them).
@@ -114,7 +114,7 @@ def group_spec(groups: Sequence[int]) -> str:
 
 
 def expand(conn: apsw.Connection, match: str, within: set[str] | None = None,
-           table: str = TAIL) -> Expansion | None:
+           table: str = FIRST) -> Expansion | None:
     """``match`` with each prefix phrase that no ``prefix=`` index covers written as an
     OR of the index's words with that prefix; None when no phrase was rewritten
     (nothing to rewrite; syntax it does not handle, such as ``NEAR``, column filters or
@@ -200,7 +200,7 @@ def _cheaper_written_out(listed: PrefixWords) -> bool:
     return written <= listed.pages * US_MERGED_PAGE + len(listed.words) * US_MERGED_WORD
 
 
-def _surely_merged(conn: apsw.Connection, prefix: str, table: str = TAIL) -> bool:
+def _surely_merged(conn: apsw.Connection, prefix: str, table: str = FIRST) -> bool:
     """True when the prefix's words are certainly too many for
     :func:`_cheaper_written_out`, found from the index's b-tree alone: reading their
     words (:func:`prefix_words`) costs 60-75 ms for one letter on a million messages, as
@@ -211,7 +211,7 @@ def _surely_merged(conn: apsw.Connection, prefix: str, table: str = TAIL) -> boo
     return words * (US_PER_WORD * STATEMENTS - US_MERGED_WORD) > pages * US_MERGED_PAGE
 
 
-def merge_cost_us(conn: apsw.Connection, match: str, table: str = TAIL) -> float:
+def merge_cost_us(conn: apsw.Connection, match: str, table: str = FIRST) -> float:
     """Microseconds FTS5's merge of the prefixes of ``match`` that no ``prefix=`` index
     covers is estimated to take at least (leaf pages and words, see
     :func:`_surely_merged`); 0.0 when it merges nothing."""
@@ -228,7 +228,7 @@ def merge_cost_us(conn: apsw.Connection, match: str, table: str = TAIL) -> float
     return cost
 
 
-def _extent(conn: apsw.Connection, prefix: str, table: str = TAIL) -> tuple[int, int]:
+def _extent(conn: apsw.Connection, prefix: str, table: str = FIRST) -> tuple[int, int]:
     return _kept(conn, ("extent", prefix, table), _read_extent)
 
 
@@ -254,7 +254,7 @@ def _kept(conn: apsw.Connection, key: tuple[str, str, str], read: Callable) -> A
     return kept[1][key]
 
 
-def _read_extent(conn: apsw.Connection, prefix: str, table: str = TAIL) -> tuple[int, int]:
+def _read_extent(conn: apsw.Connection, prefix: str, table: str = FIRST) -> tuple[int, int]:
     """The leaf pages the doclists of the words with ``prefix`` span in all segments,
     counted as :func:`prefix_words` counts them, and a lower bound of the words, from
     the ``%_idx`` b-tree alone.
@@ -286,7 +286,7 @@ def _read_extent(conn: apsw.Connection, prefix: str, table: str = TAIL) -> tuple
                                 or not ordered[i + 1].startswith(key)))
 
 
-def _segments(conn: apsw.Connection, table: str = TAIL) -> Iterator[int]:
+def _segments(conn: apsw.Connection, table: str = FIRST) -> Iterator[int]:
     """The ids of the index's segments, in order, each read when the one before is done
     (a seek in the ``%_idx`` b-tree each)."""
     segment = -1
@@ -326,7 +326,7 @@ class PrefixWords(NamedTuple):
     pages: int  #: leaf pages their doclists span, in all segments
 
 
-def prefix_words(conn: apsw.Connection, prefix: str, table: str = TAIL
+def prefix_words(conn: apsw.Connection, prefix: str, table: str = FIRST
                  ) -> PrefixWords | None:
     """The words of the index that start with ``prefix`` (a token as the tokenizer
     gives it); None when they are more than :data:`MAX_WORDS`.

@@ -7,7 +7,8 @@ runs the ladder on open, and converts a hermes-agent file).
 Lookups use real indexed columns (never JSON extraction). Messages are ordered by their
 integer key, which also serves keyset pagination. ``messages_fts`` is an FTS5
 external-content index over ``messages.content`` kept in sync by triggers
-(https://sqlite.org/fts5.html#external_content_tables).
+(https://sqlite.org/fts5.html#external_content_tables); past one block of message ids
+it is cut into one such table per block (:mod:`sessiondb.fts_tables`).
 """
 
 from __future__ import annotations

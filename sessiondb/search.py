@@ -26,6 +26,11 @@ with ``b`` nearly everywhere) makes FTS5 read both doclists to find them, and wi
 blocks a filter that keeps few of them had every id of the store read (a million: 60
 ms) to fill a window.
 
+**Tables.** The index is cut into one FTS5 table per block (:mod:`sessiondb.fts_tables`),
+and each window is read from the table it lies in; a prefix is written out with the
+words of each table the windows reach. bm25 takes the whole index's rows and tokens
+(not those of the window's table), so the order is the one a single table would give.
+
 **bm25.** The score is FTS5's bm25 (k1 = 1.2, b = 0.75, https://sqlite.org/fts5.html
 #the_bm25_function), except for the number of messages containing each phrase, which
 FTS5 counts over the whole index on every query (every match of a common word: 23 ms; of
@@ -279,10 +284,9 @@ class _Queries:
     def merge_cost_us(self, table: str) -> float:
         """FTS5's merge of the query's prefixes on ``table``, estimated (once per
         table)."""
-        key = "merge:" + table
-        if key not in self._costs:
-            self._costs[key] = search_prefix.merge_cost_us(self.conn, self.match, table)
-        return self._costs[key]
+        if table not in self._costs:
+            self._costs[table] = search_prefix.merge_cost_us(self.conn, self.match, table)
+        return self._costs[table]
 
     def phrases(self, table: str, phrases: Sequence[str] | None) -> Sequence[str] | None:
         """The query's phrases as run on ``table`` (for bm25's document frequencies);

@@ -245,7 +245,9 @@ def _table_for(conn: apsw.Connection, rowid: int) -> fts_tables.Table:
     if table.hi is None:
         held = fts_tables.tail_max(conn)
         start = fts_tables.block_start(rowid)
-        if held is not None and held < start:
+        # Never at or below id 1: ids <= 0 (imported id 0, foreign SQL) go with the
+        # first table, as the triggers' roll and the rebuild's layout keep them.
+        if held is not None and held < start and start > 1:
             fts_tables.seal(conn, start)
             table = fts_tables.table_for(conn, rowid)
     return table

@@ -116,6 +116,30 @@ def on(table: str, sql: str) -> str:
     return sql if table == FIRST else sql.replace(FIRST, table)
 
 
+def varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's varint (big-endian 7-bit groups; a ninth byte counts 8 bits) at ``at``,
+    and the offset after it."""
+    value = 0
+    for i in range(8):
+        byte = data[at + i]
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + i + 1
+    return (value << 8) | data[at + 8], at + 9
+
+
+def averages(conn: apsw.Connection, table: str) -> tuple[int, int]:
+    """The rows and tokens of ``table``, from its averages record (``%_data`` row 1: a
+    varint of rows, then one of tokens per column; see SQLite's fts5_index.c). Inside
+    a write transaction that changed the table, FTS5's own figures may be ahead of
+    these by the changes not flushed yet."""
+    blob = conn.execute(f"SELECT block FROM {table}_data WHERE id = 1").fetchone()
+    if not blob or not blob[0]:
+        return 0, 0
+    rows, at = varint(blob[0], 0)
+    return rows, varint(blob[0], at)[0]
+
+
 def tail_max(conn: apsw.Connection) -> Optional[int]:
     """The highest id in the tail (its ``%_docsize`` table's last key), or None."""
     return conn.execute(f"SELECT max(id) FROM {tables(conn)[0].name}_docsize").fetchone()[0]

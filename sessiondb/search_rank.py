@@ -19,7 +19,6 @@ import apsw
 
 from . import fts_tables
 from .backend import first as _first
-from .search_prefix import varint
 
 #: Newest messages over which each phrase's document frequency is counted for bm25.
 IDF_SLICE = 10_000
@@ -151,15 +150,11 @@ def idf(conn: apsw.Connection, phrases: Callable[[str], Sequence[str] | None],
 
 
 def index_totals(conn: apsw.Connection) -> tuple[int, int]:
-    """The rows and tokens of every table of the index together, from each table's
-    averages record (``%_data`` row 1: a varint of rows, then one of tokens per
-    column; see SQLite's fts5_index.c). Inside a write transaction that changed the
-    index, FTS5's own figures may be ahead of these by the changes not flushed yet."""
+    """The rows and tokens of every table of the index together
+    (:func:`sessiondb.fts_tables.averages`)."""
     rows = tokens = 0
     for table in fts_tables.tables(conn):
-        blob = _first(conn, f"SELECT block FROM {table.name}_data WHERE id = 1", ())
-        if blob:
-            n, at = varint(blob, 0)
-            rows += n
-            tokens += varint(blob, at)[0]
+        n, t = fts_tables.averages(conn, table.name)
+        rows += n
+        tokens += t
     return rows, tokens

@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 import apsw
 import filelock
 
-from . import schema
+from . import fts_tables, schema
 from .errors import DatabaseOpenError
 from .maintenance import ProgressCallback, Step, Tracker, fit_bytes, run_steps, step_budget
 from .schema import (
@@ -353,6 +353,9 @@ def swap(conn: apsw.Connection) -> None:
     _carry_sequence(conn)
     set_aside_index(conn)
     schema.complete_conversion(conn)  # through the module: a test replaces its DDL
+    for name in fts_tables.drop_all(conn):  # one, empty: made again, cut by id block
+        conn.execute(f"DROP TABLE {name}")
+    fts_tables.lay_out(conn, ())
     for _, name, sql in dropped:
         if name not in _MIRROR and "messages_fts" not in sql:
             conn.execute(sql)

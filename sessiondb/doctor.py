@@ -33,7 +33,7 @@ from typing import Any, Sequence, TypedDict
 
 import apsw
 
-from . import __version__, filesystems, replacement, search_index
+from . import __version__, filesystems, fts_tables, replacement, search_index
 from .backend import is_url
 from .connection import ENV_PATH, _open_advice, default_path, refuse_empty_file
 from .errors import (
@@ -53,7 +53,6 @@ __all__ = ["DoctorReport", "check", "rebuild_search_index"]
 # rank = 1 also compares the index with the external content table (the messages); the
 # plain command checks only the index's internal structure and passes an index that has
 # drifted from the messages (https://sqlite.org/fts5.html#the_integrity_check_command).
-_FTS_CHECK = "INSERT INTO messages_fts(messages_fts, rank) VALUES('integrity-check', 1)"
 _COUNTER_CHECK = (
     "SELECT id, message_count, n FROM (SELECT s.id, s.message_count, "
     "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n FROM sessions s) "
@@ -349,11 +348,16 @@ def _fts_state(db: SessionDB, deep: bool = True) -> str:
                 "SELECT count(*) > ? FROM (SELECT 1 FROM messages LIMIT ?)",
                 (DEEP_CHECK_AT, DEEP_CHECK_AT + 1)).fetchone()[0]):
             return NOT_CHECKED
-        db._execute_write(lambda conn: conn.execute(_FTS_CHECK), bounded=False)
+        db._execute_write(_check_index, bounded=False)
     except SessionDBError as exc:
         cause = exc.__cause__ or exc
         return f"does not match the messages ({cause})"
     return "ok"
+
+
+def _check_index(conn: Any) -> None:
+    for sql in fts_tables.checks(conn):
+        conn.execute(sql)
 
 
 #: Stores with more messages get the full-text content check only with ``deep``.

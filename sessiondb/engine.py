@@ -43,7 +43,7 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import conversion, filesystems, search_index
+from . import conversion, filesystems, fts_tables, search_index
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
     DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
@@ -186,6 +186,8 @@ class Engine:
                 "transaction (sessiondb waits up to write_timeout for one to finish)",
                 str(self.path))
         o = self._options
+        self._rolls = False  # until the store is sessiondb's (a hermes-agent file is not)
+        self._roll_after = 0.0  # (monotonic) no seal tried before, after one failed
         if not self.path.exists():
             refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
@@ -235,6 +237,7 @@ class Engine:
                     self._finish_conversion(builder)
             finally:
                 builder.release(force=True)
+            self._rolls = True
         except BaseException:
             self._conn = None
             self._pid = -1  # the next call opens everything again
@@ -411,9 +414,35 @@ class Engine:
                 result = self._writes.run(conn, fn, bounded)
                 self._identity.check(committed=True)  # into the old file? (replacement)
             overgrown = self._checkpoints.after_write(conn)
+            roll = fn is not fts_tables.roll and self._roll_due(conn)
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
+        if roll:
+            self._roll()
         return result
+
+    def _roll_due(self, conn: apsw.Connection) -> bool:
+        """True when the full-text index's tail is to be sealed at the next block
+        (:mod:`sessiondb.fts_tables`): checked after each write, outside its transaction.
+        A check that fails (busy: a commit locks readers out in the rollback journal)
+        says no; the next write checks again (a block's last 4,096 ids leave plenty)."""
+        if not self._rolls or time.monotonic() < self._roll_after:
+            return False
+        try:
+            return fts_tables.due(conn)
+        except apsw.Error:
+            return False
+
+    def _roll(self) -> None:
+        """Seal the index's tail, a short write of its own after the caller's has
+        committed: so its failure is never the caller's (who would retry a write that
+        is done). It is tried again a second later; meanwhile the tail only grows past
+        its block. Exempt from the hold bound: a seal's DDL cannot be split, and takes a
+        few milliseconds."""
+        try:
+            self._write(fts_tables.roll, bounded=False)
+        except (SessionDBError, apsw.Error):
+            self._roll_after = time.monotonic() + 1.0
 
     def _verify_files(self) -> None:
         """Right after BEGIN IMMEDIATE: the files are still the ones this instance
@@ -554,8 +583,11 @@ class Engine:
                 with self._files_guard(conn):
                     self._identity.check(committed=True)
             overgrown = self._checkpoints.after_write(conn)
+            roll = ok and self._roll_due(conn)
         if overgrown:
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
+        if roll:
+            self._roll()
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

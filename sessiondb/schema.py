@@ -7,7 +7,8 @@ runs the ladder on open, and converts a hermes-agent file).
 Lookups use real indexed columns (never JSON extraction). Messages are ordered by their
 integer key, which also serves keyset pagination. ``messages_fts`` is an FTS5
 external-content index over ``messages.content`` kept in sync by triggers
-(https://sqlite.org/fts5.html#external_content_tables).
+(https://sqlite.org/fts5.html#external_content_tables); past one block of message ids
+it is cut into one such table per block (:mod:`sessiondb.fts_tables`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import (
     DatabaseOpenError, ForeignDatabaseError, HermesSchemaError, SchemaTooNewError,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: ``PRAGMA application_id`` of a sessiondb store: the bytes ``SsDB``
 #: (https://sqlite.org/fileformat2.html#application_id). Set when a store is created,
@@ -31,20 +32,28 @@ SCHEMA_VERSION = 4
 #: files, have 0); a file with another non-zero id belongs to another application.
 APPLICATION_ID = 0x53734442
 
-#: The full-text index table (also recreated by sessiondb.search_index.rebuild).
+#: The full-text index table (also recreated by sessiondb.search_index.rebuild). Its
+#: content is read through a view of the messages of its range of ids (all of them, until
+#: the index is cut into tables by id block: sessiondb.fts_tables), so that FTS5's own
+#: content check ('integrity-check' with rank 1) compares each table with its messages.
+#: Stores made before 0.8 read ``messages`` itself.
 FTS_TABLE = """CREATE VIRTUAL TABLE messages_fts USING fts5(
-    content, content='messages', content_rowid='id'
+    content, content='messages_fts_rows_0', content_rowid='id'
 )"""
+FTS_ROWS = "CREATE VIEW messages_fts_rows_0 AS SELECT id, content FROM messages"
 _PREFIX_OPTION = re.compile(r"prefix\s*=\s*'?([\d\s,]+)", re.IGNORECASE)
 
 
-def fts_table(prefixes: tuple[int, ...] = ()) -> str:
-    """The full-text table, with FTS5 prefix indexes of these lengths, if any
-    (https://sqlite.org/fts5.html#prefix_indexes)."""
+def fts_table(prefixes: tuple[int, ...] = (), name: str = "messages_fts",
+              content: str = "messages_fts_rows_0") -> str:
+    """A full-text table named ``name`` over the view ``content``, with FTS5 prefix
+    indexes of these lengths, if any (https://sqlite.org/fts5.html#prefix_indexes)."""
+    sql = FTS_TABLE.replace("TABLE messages_fts ", f"TABLE {name} ", 1).replace(
+        "'messages_fts_rows_0'", f"'{content}'", 1)
     if not prefixes:
-        return FTS_TABLE
-    return FTS_TABLE.replace("content_rowid='id'", "content_rowid='id', prefix='"
-                             + " ".join(map(str, prefixes)) + "'")
+        return sql
+    return sql.replace("content_rowid='id'", "content_rowid='id', prefix='"
+                       + " ".join(map(str, prefixes)) + "'")
 
 
 def index_prefixes(conn: apsw.Connection) -> tuple[int, ...]:
@@ -133,6 +142,7 @@ CREATE TABLE sessions (
 
 {messages_table()};
 {_INDEXES}
+{FTS_ROWS};
 {FTS_TABLE};
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
@@ -242,7 +252,7 @@ _PENDING = """CREATE TABLE sessiondb_fts_pending (
 )"""
 
 
-def _indexed(row: str) -> str:
+def indexed_condition(row: str) -> str:
     """The trigger condition: the index is not marked damaged and ``row``'s id is in no
     pending range (the range starting at or before it ends before it)."""
     return (f"{_WHEN_INDEX_OK[5:]} AND NOT COALESCE((SELECT hi >= {row}.id FROM "
@@ -251,13 +261,13 @@ def _indexed(row: str) -> str:
 
 #: The index triggers of v4 (also recreated by a rebuild, sessiondb.search_index).
 FTS_TRIGGERS = f"""
-CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN {_indexed("new")} BEGIN
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN {indexed_condition("new")} BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
-CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages WHEN {_indexed("old")} BEGIN
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages WHEN {indexed_condition("old")} BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
 END;
-CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages WHEN {_indexed("old")} BEGIN
+CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages WHEN {indexed_condition("old")} BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
@@ -302,8 +312,14 @@ _V4 = _V4_FTS + _V4_LISTING
 #: The statement that reads the message total kept by the v4 triggers.
 MESSAGE_TOTAL_SQL = "SELECT value FROM sessiondb_totals WHERE name = 'messages'"
 
+# v5: the full-text index may be cut into tables by id block (sessiondb.fts_tables). A
+# v4 store is a v5 store whose index is one table (its tail, from the lowest id): no
+# change to make; the version keeps a library that knows one table only from opening a
+# store it would search partly and rebuild wrongly.
+_V5 = "SELECT 1"
+
 #: MIGRATIONS[n] brings a store from version n to n + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 
 WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
 
@@ -505,7 +521,7 @@ def complete_conversion(conn: apsw.Connection) -> None:
     triggers and every index of ``sessions`` must be gone, and its index table set
     aside (:func:`set_aside_index`)."""
     conn.execute(SESSION_INDEXES)
-    conn.execute(FTS_TABLE)
+    conn.execute(f"DROP VIEW IF EXISTS messages_fts_rows_0; {FTS_ROWS}; {FTS_TABLE}")
     conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     conn.execute(_V2_TRIGGERS)
     for version in range(2, SCHEMA_VERSION):  # in this transaction: no writer may see
@@ -534,24 +550,24 @@ PEND_EVERY_MESSAGE = (
     "(SELECT max(id) FROM messages) WHERE EXISTS (SELECT 1 FROM messages)")
 
 
-def set_aside_index(conn: apsw.Connection) -> None:
-    """Rename the full-text index table, if there is one, to a free
+def set_aside_index(conn: apsw.Connection, name: str = "messages_fts") -> None:
+    """Rename a full-text index table (the tail by default), if there is one, to a free
     ``sessiondb_fts_junk_<n>`` name: dropping a large index is one long statement, so
     its shadow tables are emptied later in short steps (sessiondb.search_index) and the
     empty table dropped. The index triggers must be gone first: a rename rewrites the
     triggers that name the table to name the new one. A table too damaged to rename (a
     shadow table missing) is dropped instead, in this one statement.
     """
-    if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'messages_fts'").fetchone():
+    if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?", (name,)).fetchone():
         return
     taken = set(junk_tables(conn))
     n = next(i for i in range(1, len(taken) + 2) if f"{_JUNK}_{i}" not in taken)
     conn.execute("SAVEPOINT sessiondb_set_aside")
     try:
-        conn.execute(f"ALTER TABLE messages_fts RENAME TO {_JUNK}_{n}")
+        conn.execute(f'ALTER TABLE "{name}" RENAME TO {_JUNK}_{n}')
     except apsw.Error:
         conn.execute("ROLLBACK TO sessiondb_set_aside")
-        conn.execute("DROP TABLE messages_fts")
+        conn.execute(f'DROP TABLE "{name}"')
     conn.execute("RELEASE sessiondb_set_aside")
 
 

@@ -26,6 +26,11 @@ with ``b`` nearly everywhere) makes FTS5 read both doclists to find them, and wi
 blocks a filter that keeps few of them had every id of the store read (a million: 60
 ms) to fill a window.
 
+**Tables.** The index is cut into one FTS5 table per block (:mod:`sessiondb.fts_tables`),
+and each window is read from the table it lies in; a prefix is written out with the
+words of each table the windows reach. bm25 takes the whole index's rows and tokens
+(not those of the window's table), so the order is the one a single table would give.
+
 **bm25.** The score is FTS5's bm25 (k1 = 1.2, b = 0.75, https://sqlite.org/fts5.html
 #the_bm25_function), except for the number of messages containing each phrase, which
 FTS5 counts over the whole index on every query (every match of a common word: 23 ms; of
@@ -95,7 +100,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import apsw
 
-from . import records, search_index, search_prefix, search_rows
+from . import fts_tables, records, search_index, search_prefix, search_rows
 from .backend import fetch as _fetch
 from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
 from .search_prefix import merges_doclists
@@ -218,20 +223,14 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     end = offset + limit if limit > 0 else -1
     prepare(conn)
     search_prefix.new_search(conn)
-    expansion = search_prefix.expand(conn, match)
-    run = Run(match) if expansion is None else Run(
-        expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
-        expansion.statement_us)
-    test = None
-    if expansion is None and merges_doclists(conn, match):
-        test = search_rows.parse(conn, match)
+    queries = _Queries(conn, match)
     plan = _plan(conn, filters)
     windows: list[list[tuple[int, str]]] = []
     scan_us: float | None = None
     from_texts = False
     skipped = 0  # matches in the windows before the page's first
     taken = 0  # matches in ``windows``
-    each = _windows(conn, match, run, test, filters, plan)
+    each = _windows(conn, queries, filters, plan)
     try:
         for found, us, tested in each:
             scan_us = us if scan_us is None else scan_us
@@ -246,43 +245,93 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     finally:
         each.close()  # a window read by a statement still open (_merged_windows)
     if not windows:
+        run = queries.run(fts_tables.tables(conn)[0].name)[0]
         return Page([], scan_us or 0.0, run.match, run.statement_us)
-    if merges_doclists(conn, run.match):
-        phrases = None
-    elif expansion is not None and phrases is not None and len(phrases) > 1:
-        phrases = [getattr(search_prefix.expand(conn, p), "match", p) for p in phrases]
-    scorer = Scorer(conn, phrases, windows[0][0][1])
+    run = queries.run(fts_tables.table_for(conn, windows[0][0][0]).name)[0]
+    scorer = Scorer(conn, lambda table: queries.phrases(table, phrases), windows[0][0][1])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - skipped
     ids = ordered[start:] if limit < 0 else ordered[start:start + limit]
     return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts)
 
 
-def _windows(conn: apsw.Connection, match: str, run: Run,
-             test: search_rows.RowTest | None, filters: Filters, plan: "_Plan | None"
-             ) -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
+class _Queries:
+    """The query as run on each table of the index (:mod:`sessiondb.fts_tables`): its
+    prefixes written out with that table's words (:mod:`sessiondb.search_prefix`), or
+    tested row by row (:mod:`sessiondb.search_rows`); made when a window first reaches
+    the table."""
+
+    def __init__(self, conn: apsw.Connection, match: str) -> None:
+        self.conn, self.match = conn, match
+        self._made: dict[str, tuple[Run, search_rows.RowTest | None, bool]] = {}
+        self._costs: dict[str, float] = {}
+
+    def run(self, table: str) -> tuple[Run, search_rows.RowTest | None]:
+        """The query as run on ``table``, and its row test when its statements would
+        merge whole doclists and its shape can be tested."""
+        if table not in self._made:
+            conn, match = self.conn, self.match
+            expansion = search_prefix.expand(conn, match, table=table)
+            run = Run(match) if expansion is None else Run(
+                expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
+                expansion.statement_us)
+            test = None
+            if expansion is None and merges_doclists(conn, match):
+                test = search_rows.parse(conn, match)
+            self._made[table] = (run, test, expansion is not None)
+        return self._made[table][:2]
+
+    def merge_cost_us(self, table: str) -> float:
+        """FTS5's merge of the query's prefixes on ``table``, estimated (once per
+        table)."""
+        if table not in self._costs:
+            self._costs[table] = search_prefix.merge_cost_us(self.conn, self.match, table)
+        return self._costs[table]
+
+    def phrases(self, table: str, phrases: Sequence[str] | None) -> Sequence[str] | None:
+        """The query's phrases as run on ``table`` (for bm25's document frequencies);
+        None when its statements merge whole doclists (they would be counted at that
+        cost)."""
+        run = self.run(table)[0]
+        if merges_doclists(self.conn, run.match):
+            return None
+        if self._made[table][2] and phrases is not None and len(phrases) > 1:
+            return [getattr(search_prefix.expand(self.conn, p, table=table), "match", p)
+                    for p in phrases]
+        return phrases
+
+
+def _windows(conn: apsw.Connection, queries: _Queries, filters: Filters,
+             plan: "_Plan | None") -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
     """The windows of the order (module docstring), newest first: each one's matches
     newest first, the microseconds per id of a range read (:func:`_candidates`), and
-    whether they were found by testing messages one by one (:func:`_tested`)."""
+    whether they were found by testing messages one by one (:func:`_tested`). A window
+    lies in one block and one table of the index (whose bounds are block starts, except
+    in an index made before 0.8)."""
     top = -1 if plan is None else plan.hi
-    band = budget = None
+    band = None
     while plan is not None and top >= plan.lo:
-        bottom = _block_start(top, plan.lo)
-        part = dataclasses.replace(plan, lo=bottom, hi=top)
+        table = fts_tables.table_for(conn, top)
+        floor = plan.lo if table.lo is None else max(plan.lo, table.lo)
+        run, test = queries.run(table.name)
+        bottom = _block_start(top, floor)
+        part = dataclasses.replace(plan, lo=bottom, hi=top, table=table.name)
         found = None
         if test is not None:
             if band is None:  # once per search, not per window
                 band = search_rows.band_reader(conn, filters)
-                budget = search_prefix.merge_cost_us(conn, match)
-            found = _tested(conn, test, band, part, budget)
+            found = _tested(conn, test, band, part, queries.merge_cost_us(table.name))
         if found is not None:
             yield found, 0.0, True
         elif merges_doclists(conn, run.match):
             # Each statement would merge the whole doclists again, whatever its range
-            # (a one-letter prefix: about 1 s on a million messages): the windows left
-            # are cut from one statement's rows instead of one statement per window.
-            yield from _merged_windows(conn, run, dataclasses.replace(plan, hi=top))
-            return
+            # (a one-letter prefix: about 1 s on a million messages): the table's
+            # windows left are cut from one statement's rows instead of one statement
+            # per window.
+            yield from _merged_windows(conn, run, dataclasses.replace(
+                plan, lo=floor, hi=top, table=table.name))
+            top = floor - 1
+            continue
         else:
             found, us = _candidates(conn, run, filters, part, WINDOW)
             yield found, us, False
@@ -303,9 +352,10 @@ def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
     """The windows from the plan's newest id down, as :func:`_windows` gives them, cut
     from one walk of the matches in the plan's range (for a query whose statements
     merge whole doclists)."""
-    sql = (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} END "
-           f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
-           "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid DESC")
+    sql = fts_tables.on(plan.table, (
+        f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} END "
+        f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
+        "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid DESC"))
     window: list[tuple[int, str]] = []
     bottom = _block_start(plan.hi, plan.lo)
     visited, began = 0, time.perf_counter()
@@ -357,6 +407,8 @@ class _Plan:
     lo: int
     hi: int
     ids: int
+    #: The index table the range lies in (sessiondb.fts_tables).
+    table: str = fts_tables.FIRST
     #: Figures worked out once per search, shared by every window's copy of the plan.
     memo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -386,7 +438,7 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     if "session_walk" in plan.memo:
         scan_us = plan.memo["session_walk"]
         return _session_walk(conn, run, filters, _sessions_of(conn, filters, plan, plan.hi),
-                             need, scan_us, plan.lo), scan_us
+                             need, scan_us, plan.lo, plan.table), scan_us
     span_lo = max(plan.lo, plan.hi - FIRST_SPAN + 1)
     visited, first, us, reached = _index_walk(conn, run, plan, span_lo, plan.hi, need,
                                               found)
@@ -404,7 +456,7 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
         scan_us = plan.memo["session_walk"] = _scan_cost(visited, plan.hi - span_lo + 1, pace)
         found += _session_walk(conn, run, filters,
                                _sessions_of(conn, filters, plan, span_lo - 1), left, scan_us,
-                               plan.lo)
+                               plan.lo, plan.table)
         return found, scan_us
     if way == "list":
         plan = _listed_plan(filters, plan)
@@ -573,13 +625,15 @@ def _walk_sql(run: Run, plan: _Plan, lo: int, hi: int, counted: bool, order: str
     """The statement of an index walk over ``lo..hi`` and its arguments (see
     :func:`_index_walk` for ``counted``)."""
     if counted:
-        return (f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} END "
-                f"FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
-                f"messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid {order}",
-                (*plan.args, run.match, lo, hi))
-    return (f"SELECT messages_fts.rowid, {run.rank} FROM messages_fts{plan.joins} "
-            "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? AND "
-            f"({plan.where}) ORDER BY messages_fts.rowid {order}",
+        return (fts_tables.on(plan.table, (
+                    f"SELECT messages_fts.rowid, CASE WHEN {plan.where} THEN {run.rank} "
+                    f"END FROM messages_fts{plan.joins} WHERE messages_fts MATCH ? AND "
+                    "messages_fts.rowid BETWEEN ? AND ? ORDER BY messages_fts.rowid "
+                    f"{order}")), (*plan.args, run.match, lo, hi))
+    return (fts_tables.on(plan.table, (
+                f"SELECT messages_fts.rowid, {run.rank} FROM messages_fts{plan.joins} "
+                "WHERE messages_fts MATCH ? AND messages_fts.rowid BETWEEN ? AND ? AND "
+                f"({plan.where}) ORDER BY messages_fts.rowid {order}")),
             (run.match, lo, hi, *plan.args))
 
 
@@ -662,12 +716,12 @@ def _listed_plan(filters: Filters, plan: _Plan) -> _Plan:
             "(SELECT role FROM messages WHERE id = messages_fts.rowid)", filters.roles)
         where += " AND " + sql  # AND stops at the first false operand: a lookup per hit
         args += values
-    return _Plan("", where, args, plan.lo, plan.hi, plan.ids, plan.memo)
+    return _Plan("", where, args, plan.lo, plan.hi, plan.ids, plan.table, plan.memo)
 
 
 def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
                   sessions: list[tuple[int, str]], need: int, scan_us: float,
-                  floor: int) -> list[tuple[int, str]]:
+                  floor: int, table: str = fts_tables.FIRST) -> list[tuple[int, str]]:
     """The newest ``need`` matches (all if negative) among the messages of
     ``sessions`` (``(newest id, session id)``, newest first) with ids from ``floor``
     on, newest first.
@@ -690,8 +744,9 @@ def _session_walk(conn: apsw.Connection, run: Run, filters: Filters,
                f"{roles} ORDER BY id DESC LIMIT ?")
     # The unary plus: the list is checked per row (rank data made only for the rows in
     # it), not handed to FTS5, which would run the query once per listed id.
-    range_sql = (f"SELECT rowid, {run.rank} FROM messages_fts WHERE messages_fts MATCH ? "
-                 f"AND rowid BETWEEN ? AND ? AND +rowid IN {_IN_LIST} ORDER BY rowid")
+    range_sql = fts_tables.on(table, (
+        f"SELECT rowid, {run.rank} FROM messages_fts WHERE messages_fts MATCH ? "
+        f"AND rowid BETWEEN ? AND ? AND +rowid IN {_IN_LIST} ORDER BY rowid"))
     gap = (_US_STATEMENT + run.statement_us) / max(scan_us, 1e-3)
     kept: list[tuple[int, str]] = []  # a min-heap of the newest found so far
     pending: list[int] = []  # the ids of the chunks for the next query

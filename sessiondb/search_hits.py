@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import apsw
 
-from . import records
+from . import fts_tables, records
 from .backend import fetch as _fetch, first as _first
 from . import search_prefix
 from .text import plain_snippet
@@ -89,28 +89,50 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
 
     :param terms: the number of phrases of ``match``, for that budget.
     """
-    ids = sorted(page.ids)
     if page.from_texts:
         return _hits_from_texts(conn, match, page.ids, terms)
     rows: dict[int, tuple] = {}
-    run, start_us = page.match or match, page.statement_us
+    by_table: dict[str, list[int]] = {}
+    for rowid in sorted(page.ids):
+        by_table.setdefault(fts_tables.table_for(conn, rowid).name, []).append(rowid)
+    single = len(by_table) == 1 and len(fts_tables.tables(conn)) == 1
+    for table, ids in by_table.items():
+        as_run, start_us = page.match or match, page.statement_us
+        if not single:  # the page's query is written out with one table's words
+            expansion = search_prefix.expand(conn, match, table=table)
+            as_run, start_us = (match, 0.0) if expansion is None else (
+                expansion.match, expansion.statement_us)
+        rows.update(_table_hits(conn, table, match, as_run, start_us, page.scan_us, ids,
+                                terms))
+    return [rows[i] for i in page.ids if i in rows]
+
+
+def _table_hits(conn: apsw.Connection, table: str, match: str, as_run: str,
+                start_us: float, scan_us: float, ids: list[int], terms: int
+                ) -> dict[int, tuple]:
+    """The rows of the hits ``ids`` (sorted) of one index table, by id (see
+    :func:`fetch_hits`); ``as_run``: the query as the search ran it on that table."""
+    rows: dict[int, tuple] = {}
+    run = as_run
     if ids and start_us > US_STATEMENT:
         words = search_prefix.words_of(conn, ids, WORDS_OF_HITS)
-        narrowed = None if words is None else search_prefix.expand(conn, match, words)
+        narrowed = None if words is None else search_prefix.expand(conn, match, words,
+                                                                   table=table)
         if narrowed is not None:
             run, start_us = narrowed.match, narrowed.statement_us
-    gap = (US_STATEMENT + start_us) / max(page.scan_us, 1e-9)
+    gap = (US_STATEMENT + start_us) / max(scan_us, 1e-9)
     groups = [ids] if ids and search_prefix.merges_doclists(conn, run) else _clusters(ids, gap)
+    sql = fts_tables.on(table, _HIT_SQL)
     for group in groups:
-        for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, run, group[0],
-                                           group[-1], json.dumps(group))):
+        for row in _fetch(conn, sql, (terms, SNIPPET_BUDGET, run, group[0], group[-1],
+                                      json.dumps(group))):
             rows[row[0]] = row
     missing = [i for i in ids if i not in rows]
-    if missing and run != (page.match or match):  # not expected: ask the whole query
-        for row in _fetch(conn, _HIT_SQL, (terms, SNIPPET_BUDGET, page.match or match,
-                                           missing[0], missing[-1], json.dumps(missing))):
+    if missing and run != as_run:  # not expected: ask the whole query
+        for row in _fetch(conn, sql, (terms, SNIPPET_BUDGET, as_run, missing[0],
+                                      missing[-1], json.dumps(missing))):
             rows[row[0]] = row
-    return [rows[i] for i in page.ids if i in rows]
+    return rows
 
 
 _TEXTS_SQL = (

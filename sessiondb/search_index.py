@@ -24,10 +24,11 @@ from typing import Callable
 
 import apsw
 
+from . import fts_tables
 from .errors import SearchIndexError
 from .maintenance import ProgressCallback, Step, Tracker, byte_budget, fit_bytes
 from .schema import (
-    CONVERSION, DROP_FTS_TRIGGERS, FTS_TRIGGERS, PEND_EVERY_MESSAGE, REBUILDING, fts_table,
+    CONVERSION, PEND_EVERY_MESSAGE, REBUILDING,
     index_prefixes, junk_tables, set_aside_index,
 )
 
@@ -109,20 +110,20 @@ _JUNK_PER_SECOND = 40_000  # a cautious rate (230,000/s measured at ten million 
 
 def begin_rebuild(conn: apsw.Connection, reason: str,
                   prefixes: tuple[int, ...] | None = None) -> None:
-    """Start a full rebuild (a write function): the index table set aside, an empty one
-    in its place with every message pending, the damage mark replaced by the
+    """Start a full rebuild (a write function): the index tables set aside, empty ones
+    for the messages' blocks in their place (:func:`sessiondb.fts_tables.lay_out`) with
+    every message pending, the damage mark replaced by the
     ``fts_rebuilding`` mark. Finish it with :func:`index_step` and :func:`junk_step`.
 
     :param prefixes: prefix index lengths of the new table; None keeps the old table's.
     """
     if prefixes is None:
         prefixes = index_prefixes(conn)
-    conn.execute(DROP_FTS_TRIGGERS)
-    set_aside_index(conn)
-    conn.execute(fts_table(prefixes))
-    conn.execute(FTS_TRIGGERS)
+    for name in fts_tables.drop_all(conn):
+        set_aside_index(conn, name)
     conn.execute("DELETE FROM sessiondb_fts_pending")
     conn.execute(PEND_EVERY_MESSAGE)
+    fts_tables.lay_out(conn, prefixes)
     conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (_KEY,))
     conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
                  (REBUILDING, reason))
@@ -199,6 +200,17 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,))
             return done
         lo, hi = row
+        # From the range's first message: a range may span empty blocks (an import of
+        # ids far apart), which would otherwise be walked one block per loop.
+        first = conn.execute("SELECT min(id) FROM messages WHERE id >= ? AND id <= ?",
+                             (lo, hi)).fetchone()[0]
+        if first is None:
+            conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (lo,))
+            continue
+        if first != lo:
+            conn.execute("UPDATE sessiondb_fts_pending SET lo = ? WHERE lo = ?", (first, lo))
+            lo = first
+        table = _table_for(conn, lo)
         # A smaller chunk when little time is left (a small hold bound), in messages
         # and in bytes: FTS5 tokenizes every byte, so a count alone let a chunk of large
         # messages (100 of 1 MB) hold the lock for seconds, past any hold bound.
@@ -208,7 +220,10 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
             "ORDER BY id LIMIT ?", (lo, hi, chunk)).fetchall()
         ids = fit_bytes(rows, byte_budget(deadline))
         upto = ids[-1] if len(ids) < len(rows) or len(rows) == chunk else hi
-        conn.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content "
+        upto = min(upto, table.hi - 1 if table.hi is not None
+                   else fts_tables.block_start(lo) + fts_tables.BLOCK - 1)
+        ids = [i for i in ids if i <= upto]
+        conn.execute(f"INSERT INTO {table.name} (rowid, content) SELECT id, content "
                      "FROM messages WHERE id >= ? AND id <= ?", (lo, upto))
         if upto >= hi:
             conn.execute("DELETE FROM sessiondb_fts_pending WHERE lo = ?", (lo,))
@@ -220,6 +235,22 @@ def index_step(conn: apsw.Connection, deadline: float) -> int:
         # messages were all deleted meanwhile indexes none (the next one is cheap).
         if done and time.monotonic() >= deadline:
             return done
+
+
+def _table_for(conn: apsw.Connection, rowid: int) -> fts_tables.Table:
+    """The table to index ``rowid`` into: the one whose range holds it; the tail is
+    first sealed below ``rowid``'s block if it holds ids of an earlier block (so that a
+    table holds one block's ids, as the triggers' roll keeps it)."""
+    table = fts_tables.table_for(conn, rowid)
+    if table.hi is None:
+        held = fts_tables.tail_max(conn)
+        start = fts_tables.block_start(rowid)
+        # Never at or below id 1: ids <= 0 (imported id 0, foreign SQL) go with the
+        # first table, as the triggers' roll and the rebuild's layout keep them.
+        if held is not None and held < start and start > 1:
+            fts_tables.seal(conn, start)
+            table = fts_tables.table_for(conn, rowid)
+    return table
 
 
 def junk_step(conn: apsw.Connection, deadline: float) -> int:

@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import apsw
 
+from . import fts_tables
+from .fts_tables import FIRST, varint
 from .schema import index_prefixes
 
 #: A prefix with more words than this is never written out (the query grows with them).
@@ -112,8 +114,8 @@ def group_spec(groups: Sequence[int]) -> str:
     return " ".join(map(str, groups))
 
 
-def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
-           ) -> Expansion | None:
+def expand(conn: apsw.Connection, match: str, within: set[str] | None = None,
+           table: str = FIRST) -> Expansion | None:
     """``match`` with each prefix phrase that no ``prefix=`` index covers written as an
     OR of the index's words with that prefix; None when no phrase was rewritten
     (nothing to rewrite; syntax it does not handle, such as ``NEAR``, column filters or
@@ -131,6 +133,9 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
     :param within: the words of some rows (:func:`words_of`): only these are written
         out, so the rewrite matches exactly what ``match`` matches among those rows,
         and gives them the same phrase occurrences (a word absent from a row has none).
+    :param table: the index table whose words are written out (the index is cut into
+        tables by id block, :mod:`sessiondb.fts_tables`: the rewrite is for that
+        table's rows).
     """
     if "*" not in match or conn.txn_state("main") == apsw.SQLITE_TXN_WRITE:
         return None
@@ -159,9 +164,9 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
                   ] if qstar or bstar else []
         found = None
         if tokens and len(tokens[-1]) not in covered and not _surely_merged(
-                conn, tokens[-1]):
-            listed = _kept(conn, ("words", tokens[-1]), prefix_words)
-            if listed is not None and _cheaper_written_out(listed):
+                conn, tokens[-1], table):
+            listed = _kept(conn, ("words", tokens[-1], table), prefix_words)
+            if listed is not None and _cheaper_written_out(listed, _share(conn, table)):
                 found = [w for w in listed.words if within is None or w in within]
         if found is None:
             parts.append((m.group(), False))
@@ -189,25 +194,50 @@ def expand(conn: apsw.Connection, match: str, within: set[str] | None = None
     return Expansion(" ".join(out).strip(), tuple(groups), words)
 
 
-def _cheaper_written_out(listed: PrefixWords) -> bool:
+def _cheaper_written_out(listed: PrefixWords, share: float = 1.0) -> bool:
     """True when the words' seeks in the :data:`STATEMENTS` statements a search may run
-    cost less than FTS5's merge of their doclists in one."""
+    cost less than FTS5's merge of their doclists in one, the pages taken as the whole
+    index would have them (the table's over its ``share`` of the index's rows: see
+    :func:`_share`)."""
     written = len(listed.words) * US_PER_WORD * STATEMENTS
-    return written <= listed.pages * US_MERGED_PAGE + len(listed.words) * US_MERGED_WORD
+    return written <= (listed.pages / share * US_MERGED_PAGE
+                       + len(listed.words) * US_MERGED_WORD)
 
 
-def _surely_merged(conn: apsw.Connection, prefix: str) -> bool:
+def _share(conn: apsw.Connection, table: str) -> float:
+    """The share of the index's rows in ``table`` (1.0 for an index of one table).
+
+    The choice between writing a prefix out and FTS5's merge is made as over the whole
+    index, as it was before the index was cut into tables by block: a table of a
+    quarter of the rows has a quarter of the pages to merge, and the same words to
+    seek, so its merge would look cheap; but the merged walk then reads every match of
+    the table for a filter that keeps few (a two-letter prefix with a source of 1% of
+    the sessions: 142 ms merged against 55 ms written out, a million messages in four
+    tables, measured), where the words written out let the filter's sessions be walked
+    instead."""
+    listed = fts_tables.tables(conn)
+    if len(listed) == 1:
+        return 1.0
+    rows = {t.name: fts_tables.averages(conn, t.name)[0] for t in listed}
+    return max(1, rows[table]) / max(1, sum(rows.values()))
+
+
+def _surely_merged(conn: apsw.Connection, prefix: str, table: str = FIRST) -> bool:
     """True when the prefix's words are certainly too many for
     :func:`_cheaper_written_out`, found from the index's b-tree alone: reading their
     words (:func:`prefix_words`) costs 60-75 ms for one letter on a million messages, as
     much as a search. The pages are counted as :func:`prefix_words` counts them, and
     the words bounded from below (see :func:`_read_extent`); the decision is the one
-    the words would give whenever this says True."""
-    pages, words = _extent(conn, prefix)
+    the words would give whenever this says True, with the table's own pages (an index
+    cut into tables: :func:`_cheaper_written_out` takes the whole index's, so a prefix
+    of a few hundred words may be written out where this, on one table, would merge
+    it; one of thousands (a letter) is merged or tested row by row either way, as over
+    one table)."""
+    pages, words = _extent(conn, prefix, table)
     return words * (US_PER_WORD * STATEMENTS - US_MERGED_WORD) > pages * US_MERGED_PAGE
 
 
-def merge_cost_us(conn: apsw.Connection, match: str) -> float:
+def merge_cost_us(conn: apsw.Connection, match: str, table: str = FIRST) -> float:
     """Microseconds FTS5's merge of the prefixes of ``match`` that no ``prefix=`` index
     covers is estimated to take at least (leaf pages and words, see
     :func:`_surely_merged`); 0.0 when it merges nothing."""
@@ -219,13 +249,13 @@ def merge_cost_us(conn: apsw.Connection, match: str) -> float:
             tokenizer = conn.fts5_tokenizer("unicode61")
             tokens = [t[2] for t in tokenizer((quoted or bare).encode("utf-8"), _FLAGS, None)]
             if tokens:
-                pages, least = _extent(conn, tokens[-1])
+                pages, least = _extent(conn, tokens[-1], table)
                 cost += pages * US_MERGED_PAGE + least * US_MERGED_WORD
     return cost
 
 
-def _extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
-    return _kept(conn, ("extent", prefix), _read_extent)
+def _extent(conn: apsw.Connection, prefix: str, table: str = FIRST) -> tuple[int, int]:
+    return _kept(conn, ("extent", prefix, table), _read_extent)
 
 
 def new_search(conn: apsw.Connection) -> None:
@@ -235,8 +265,8 @@ def new_search(conn: apsw.Connection) -> None:
     _KEPT.pop(conn, None)
 
 
-def _kept(conn: apsw.Connection, key: tuple[str, str], read: Callable) -> Any:
-    """``read(conn, key[1])``, kept for ``conn`` during a search (:func:`new_search`)
+def _kept(conn: apsw.Connection, key: tuple[str, str, str], read: Callable) -> Any:
+    """``read(conn, key[1], key[2])``, kept for ``conn`` during a search (:func:`new_search`)
     while the database does not change (by this connection: its count of changes; by
     another: PRAGMA data_version): a search asks for a prefix's extent and words twice
     (the query, then its hits), 5-10 ms for a prefix of hundreds of words."""
@@ -246,11 +276,11 @@ def _kept(conn: apsw.Connection, key: tuple[str, str], read: Callable) -> Any:
         kept = (state, {})
         _KEPT[conn] = kept
     if key not in kept[1]:
-        kept[1][key] = read(conn, key[1])
+        kept[1][key] = read(conn, key[1], key[2])
     return kept[1][key]
 
 
-def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
+def _read_extent(conn: apsw.Connection, prefix: str, table: str = FIRST) -> tuple[int, int]:
     """The leaf pages the doclists of the words with ``prefix`` span in all segments,
     counted as :func:`prefix_words` counts them, and a lower bound of the words, from
     the ``%_idx`` b-tree alone.
@@ -263,13 +293,13 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
     high = low + b"\xff"
     pages = most = 0
     keys: set[bytes] = set()
-    for segment in _segments(conn):
+    for segment in _segments(conn, table):
         start, past = conn.execute(
-            "SELECT (SELECT pgno FROM messages_fts_idx WHERE segid = ?1 AND term <= ?2 "
-            "ORDER BY term DESC LIMIT 1), (SELECT pgno FROM messages_fts_idx WHERE "
+            f"SELECT (SELECT pgno FROM {table}_idx WHERE segid = ?1 AND term <= ?2 "
+            f"ORDER BY term DESC LIMIT 1), (SELECT pgno FROM {table}_idx WHERE "
             "segid = ?1 AND term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)
         ).fetchone()
-        inside = conn.execute("SELECT term, pgno FROM messages_fts_idx WHERE segid = ? AND "
+        inside = conn.execute(f"SELECT term, pgno FROM {table}_idx WHERE segid = ? AND "
                               "term > ? AND term < ?", (segment, low, high)).fetchall()
         most = max(most, len(inside))
         keys.update(term for term, _ in inside)
@@ -282,12 +312,12 @@ def _read_extent(conn: apsw.Connection, prefix: str) -> tuple[int, int]:
                                 or not ordered[i + 1].startswith(key)))
 
 
-def _segments(conn: apsw.Connection) -> Iterator[int]:
+def _segments(conn: apsw.Connection, table: str = FIRST) -> Iterator[int]:
     """The ids of the index's segments, in order, each read when the one before is done
     (a seek in the ``%_idx`` b-tree each)."""
     segment = -1
     while True:
-        row = conn.execute("SELECT segid FROM messages_fts_idx WHERE segid > ? "
+        row = conn.execute(f"SELECT segid FROM {table}_idx WHERE segid > ? "
                            "ORDER BY segid LIMIT 1", (segment,)).fetchone()
         if row is None:
             return
@@ -322,7 +352,8 @@ class PrefixWords(NamedTuple):
     pages: int  #: leaf pages their doclists span, in all segments
 
 
-def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
+def prefix_words(conn: apsw.Connection, prefix: str, table: str = FIRST
+                 ) -> PrefixWords | None:
     """The words of the index that start with ``prefix`` (a token as the tokenizer
     gives it); None when they are more than :data:`MAX_WORDS`.
 
@@ -335,16 +366,16 @@ def prefix_words(conn: apsw.Connection, prefix: str) -> PrefixWords | None:
     high = low + b"\xff"  # past every word with the prefix (UTF-8 never has 0xff)
     found: set[bytes] = set()
     pages = 0
-    for segment in _segments(conn):
+    for segment in _segments(conn, table):
         rows = conn.execute(
-            "SELECT * FROM (SELECT 0, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            f"SELECT * FROM (SELECT 0, pgno FROM {table}_idx WHERE segid = ?1 AND "
             "term <= ?2 ORDER BY term DESC LIMIT 1) UNION ALL SELECT 0, pgno FROM "
-            "messages_fts_idx WHERE segid = ?1 AND term > ?2 AND term < ?3 UNION ALL "
-            "SELECT * FROM (SELECT 1, pgno FROM messages_fts_idx WHERE segid = ?1 AND "
+            f"{table}_idx WHERE segid = ?1 AND term > ?2 AND term < ?3 UNION ALL "
+            f"SELECT * FROM (SELECT 1, pgno FROM {table}_idx WHERE segid = ?1 AND "
             "term >= ?3 ORDER BY term LIMIT 1)", (segment, low, high)).fetchall()
         numbers = [pgno >> 1 for past, pgno in rows if not past]
         for number in numbers:
-            row = conn.execute("SELECT block FROM messages_fts_data WHERE id = ?",
+            row = conn.execute(f"SELECT block FROM {table}_data WHERE id = ?",
                                ((segment << _PAGE_BITS) + number,)).fetchone()
             if row is not None:
                 found.update(w for w in leaf_words(row[0]) if w.startswith(low))
@@ -365,29 +396,17 @@ def leaf_words(page: bytes) -> list[bytes]:
     words: list[bytes] = []
     at, offset, last = footer, 0, b""
     while at < len(page):
-        delta, at = _varint(page, at)
+        delta, at = varint(page, at)
         offset += delta
         if not words:
-            size, start = _varint(page, offset)
+            size, start = varint(page, offset)
             last = page[start:start + size]
         else:
-            shared, start = _varint(page, offset)
-            size, start = _varint(page, start)
+            shared, start = varint(page, offset)
+            size, start = varint(page, start)
             last = last[:shared] + page[start:start + size]
         words.append(last)
     return words
-
-
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    """SQLite's varint (big-endian 7-bit groups; a ninth byte counts 8 bits) at ``at``,
-    and the offset after it."""
-    value = 0
-    for i in range(8):
-        byte = data[at + i]
-        value = (value << 7) | (byte & 0x7F)
-        if byte < 0x80:
-            return value, at + i + 1
-    return (value << 8) | data[at + 8], at + 9
 
 
 def _phrase(tokens: Sequence[str]) -> str:

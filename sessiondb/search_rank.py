@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import apsw
 
+from . import fts_tables
 from .backend import first as _first
 
 #: Newest messages over which each phrase's document frequency is counted for bm25.
@@ -76,13 +77,21 @@ class Scorer:
     """bm25 of rank data (see :func:`rank_data`), with each phrase's document
     frequency counted over the newest :data:`IDF_SLICE` messages."""
 
-    def __init__(self, conn: apsw.Connection, phrases: Sequence[str] | None,
-                 sample: str) -> None:
+    def __init__(self, conn: apsw.Connection,
+                 phrases: Callable[[str], Sequence[str] | None], sample: str) -> None:
+        """:param phrases: the query's phrases as run on an index table, given its
+        name (:func:`idf`); None when they cannot be counted.
+        :param sample: a row's rank data (for the number of phrases)."""
         fields = sample.split()
         count = len(fields) - 3
+        # An index cut into tables: each row's data has its own table's rows and
+        # tokens; the whole index's are used instead, so that the scores do not depend
+        # on how the index is cut (with one table they are the same).
+        self.totals = index_totals(conn) if len(fts_tables.tables(conn)) > 1 else None
         self.idf = [1.0] * count
-        if count > 1 and phrases is not None and len(phrases) == count:
-            self.idf = idf(conn, phrases, int(fields[0])) or self.idf
+        if count > 1:
+            rows = int(fields[0]) if self.totals is None else self.totals[0]
+            self.idf = idf(conn, phrases, count, rows) or self.idf
 
     def order(self, window: Iterable[tuple[int, str]]) -> list[int]:
         """The ids of ``window`` best first, ties newest first."""
@@ -92,6 +101,8 @@ class Scorer:
     def score(self, data: str) -> float:
         """FTS5's bm25 (fts5_aux.c, fts5Bm25Function) with these IDFs: lower is better."""
         rows, tokens, length, *freqs = map(int, data.split())
+        if self.totals is not None:
+            rows, tokens = self.totals
         avgdl = tokens / rows if rows else 1.0
         norm = _K1 * (1 - _B + _B * length / avgdl)
         score = 0.0
@@ -100,13 +111,15 @@ class Scorer:
         return -1.0 * score
 
 
-def idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
-        ) -> list[float] | None:
+def idf(conn: apsw.Connection, phrases: Callable[[str], Sequence[str] | None],
+        count: int, index_rows: int) -> list[float] | None:
     """Each phrase's IDF as FTS5's bm25 computes it, ``log((N - n + 0.5) / (n + 0.5))``
     (at least 1e-6), over the newest :data:`IDF_SLICE` ids: ``N`` of them, ``n`` the
     messages among them containing the phrase (in a store no larger: the index's rows
-    and every message containing it, so exactly FTS5's). None when a phrase cannot be
-    counted; the caller then weighs every phrase alike."""
+    and every message containing it, so exactly FTS5's). The slice is counted in each
+    index table it reaches (:mod:`sessiondb.fts_tables`), with the phrases as run on
+    that table (``phrases(name)``). None when a phrase cannot be counted (or the
+    phrases are not ``count``); the caller then weighs every phrase alike."""
     top = _first(conn, "SELECT max(id) FROM messages", ())
     slice_lo = (top or 0) - IDF_SLICE + 1
     if _first(conn, "SELECT 1 FROM messages WHERE id < ? LIMIT 1", (slice_lo,)) is None:
@@ -115,13 +128,33 @@ def idf(conn: apsw.Connection, phrases: Sequence[str], index_rows: int
         # The slice's ids, not its rows: counting them reads every message of it (a few
         # ms), and recent ids have few gaps (deletions prune the oldest sessions).
         rows, bound = IDF_SLICE, slice_lo
-    out = []
-    for phrase in phrases:
-        try:
-            hits = _first(conn, "SELECT count(*) FROM messages_fts WHERE messages_fts "
-                                "MATCH ? AND rowid >= ?", (phrase, bound or 0))
-        except apsw.SQLError:
+    hits = [0] * count
+    for table in fts_tables.tables(conn):
+        if bound is not None and table.hi is not None and table.hi <= bound:
+            break
+        run = phrases(table.name)
+        if run is None or len(run) != count:
             return None
-        value = math.log((rows - hits + 0.5) / (hits + 0.5))
+        for i, phrase in enumerate(run):
+            try:
+                hits[i] += _first(conn, fts_tables.on(
+                    table.name, "SELECT count(*) FROM messages_fts WHERE messages_fts "
+                                "MATCH ? AND rowid >= ?"), (phrase, bound or 0))
+            except apsw.SQLError:
+                return None
+    out = []
+    for n in hits:
+        value = math.log((rows - n + 0.5) / (n + 0.5))
         out.append(value if value > 0.0 else 1e-6)
     return out
+
+
+def index_totals(conn: apsw.Connection) -> tuple[int, int]:
+    """The rows and tokens of every table of the index together
+    (:func:`sessiondb.fts_tables.averages`)."""
+    rows = tokens = 0
+    for table in fts_tables.tables(conn):
+        n, t = fts_tables.averages(conn, table.name)
+        rows += n
+        tokens += t
+    return rows, tokens

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import apsw
 
+from . import fts_tables
 from .backend import first as _first
 from .search_hits import IN_LIST
 from .search_prefix import QUERY_PART
@@ -229,8 +230,10 @@ def _index_totals(conn: apsw.Connection, rowid: int, tokens: list[str]) -> str:
     with a query of one word of this message."""
     if not tokens:
         raise _Unsure
-    data = _first(conn, f"SELECT {rank_sql(None)} FROM messages_fts WHERE messages_fts "
-                        "MATCH ? AND rowid = ?", ('"' + tokens[0] + '"', rowid))
+    table = fts_tables.table_for(conn, rowid).name
+    data = _first(conn, fts_tables.on(table, f"SELECT {rank_sql(None)} FROM messages_fts "
+                                             "WHERE messages_fts MATCH ? AND rowid = ?"),
+                  ('"' + tokens[0] + '"', rowid))
     fields = (data or "").split()
     if len(fields) < 3 or int(fields[2]) != len(tokens):
         raise _Unsure  # not tokenized as FTS5 did

@@ -207,7 +207,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path):
                  "VALUES ('old', 'user', 'written by 0.1.0', 1.0)")
     conn.close()
     with SessionDB(path) as db:
-        assert db._engine._conn.pragma("user_version") == SCHEMA_VERSION == 4
+        assert db._engine._conn.pragma("user_version") == SCHEMA_VERSION == 5
         assert db.get_session("old")["revision"] == 0
         assert [h["session_id"] for h in db.search_messages("written")] == ["old"]
         db.append_message("old", "user", "written by this version")

@@ -359,7 +359,7 @@ def test_a_version_3_store_is_migrated_keeping_its_data(db_path):
         conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
     conn.close()
     with SessionDB(db_path) as db:
-        assert db._engine._conn.pragma("user_version") == schema.SCHEMA_VERSION == 4
+        assert db._engine._conn.pragma("user_version") == schema.SCHEMA_VERSION == 5
         assert db.message_count() == 60
         assert [r["id"] for r in db.list_sessions(limit=3)] == ["s29", "s28", "s27"]
         assert [r["id"] for r in db.list_sessions("cli", active=False)] == [

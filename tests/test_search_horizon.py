@@ -276,7 +276,7 @@ def test_a_merged_prefix_is_read_once_however_many_windows(store, horizon,
     # cut from one statement, not one per window.
     _, path = store
     monkeypatch.setattr(search_prefix, "STATEMENTS", 10**9)
-    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 0.0)
+    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match, table="messages_fts": 0.0)
     for query, kw in (("z*", {}), ("n*", {"roles": ["tool"]}), ("z*", {"sources": ["slack"]}),
                       ("z*", {"session_id": "long"}), ("z* NOT zy", {})):
         expected = oracle(path, query, WINDOW, horizon=HORIZON, **kw)

@@ -73,7 +73,7 @@ def count_tested(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     it costs; returns a list that grows by one per walk answered that way."""
     monkeypatch.setattr(search_rows, "FIRST_BAND", 16)
     monkeypatch.setattr(search_prefix, "STATEMENTS", 10**9)
-    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 1e12)
+    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match, table="messages_fts": 1e12)
     answered: list[int] = []
     walk = search_rows.newest_matches
 
@@ -150,7 +150,7 @@ def test_a_walk_dearer_than_the_merge_is_left_to_fts5(store, tested, monkeypatch
     # walk is estimated to cost more than the merge; the hits are the same. (The walk
     # of a window of 25 "a*" costs less than a band of 16 messages: a merge estimated
     # at 50 microseconds is cheaper.)
-    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match: 50.0)
+    monkeypatch.setattr(search_prefix, "merge_cost_us", lambda conn, match, table="messages_fts": 50.0)
     everything = found(db, "zulu a*", limit=None)
     assert everything and sorted(everything) == sorted(oracle(path, "zulu a*", 25))
     assert found(db, "a*", limit=None) == oracle(path, "a*", 25)

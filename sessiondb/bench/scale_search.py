@@ -41,11 +41,21 @@ def pick_terms(db_path: str, seed: int = 1) -> dict[str, Any]:
     """
     conn = apsw.Connection(db_path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        conn.execute("CREATE VIRTUAL TABLE temp.bench_vocab USING "
-                     "fts5vocab(main, messages_fts, row)")
+        # Every table of the index (cut into tables by id block since 0.8).
+        try:
+            from sessiondb.fts_tables import tables
+            names = [t.name for t in tables(conn)]
+        except ImportError:  # an older sessiondb: one table
+            names = ["messages_fts"]
+        docs: dict[str, int] = {}
+        for n, name in enumerate(names):
+            conn.execute(f"CREATE VIRTUAL TABLE temp.bench_vocab_{n} USING "
+                         f"fts5vocab(main, {name}, row)")
+            for doc, term in conn.execute(f"SELECT doc, term FROM temp.bench_vocab_{n} "
+                                          "WHERE term GLOB '[a-z]*'"):
+                docs[term] = docs.get(term, 0) + doc
         total = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-        vocab = sorted(conn.execute("SELECT doc, term FROM temp.bench_vocab "
-                                    "WHERE term GLOB '[a-z]*'"), reverse=True)
+        vocab = sorted(((doc, term) for term, doc in docs.items()), reverse=True)
         sources = [r[0] for r in conn.execute(
             "SELECT source FROM sessions GROUP BY source ORDER BY count(*)")]
         session_ids = [r[0] for r in conn.execute("SELECT id FROM sessions")]

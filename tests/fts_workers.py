@@ -3,11 +3,10 @@ them), and the store builder those tests share."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any, Sequence
 
+from maintenance_workers import kill_after
 from sessiondb import SessionDB
 from sessiondb.fts_tables import BLOCK
 
@@ -63,19 +62,6 @@ def appender(path: str, go: Any, did: Any, stop: Any, results: Any, first: int) 
             if len(acked) == first:
                 did.set()
     results.put((acked, errors))
-
-
-def kill_after(steps: int, task: str) -> Any:
-    """A progress callback that SIGKILLs its own process at the ``steps``-th report of
-    ``task``."""
-    seen = [0]
-
-    def progress(p: Any) -> None:
-        seen[0] += p.task == task
-        if seen[0] >= steps:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return progress
 
 
 def rebuild_and_die(path: str, task: str, steps: int, hold_timeout: float) -> None:

@@ -262,7 +262,7 @@ class Engine:
             self.run_steps(conversion.drain_step,
                            Tracker("cleanup", "rows", None, self._options["progress"]))
             search_index.catch_up(self.run_steps, self._options["progress"],
-                                  self.read(search_index.pending_messages))
+                                  self.read(search_index.pending_total))
         except (DatabaseBusyError, HoldTimeout):
             # Contention (a writer holding the lock past write_timeout, a paused
             # machine): the store works without this work, and search says the index is

@@ -213,7 +213,7 @@ class Upkeep:
     def _index_pending(self, progress: ProgressCallback | None) -> int:
         if not self._sql.defers_index:
             return 0
-        total = self._read(search_index.pending_messages)
+        total = self._read(search_index.pending_total)
         return search_index.catch_up(self._run_steps, progress, total)
 
 

@@ -96,7 +96,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import apsw
 
@@ -104,7 +104,8 @@ from . import fts_tables, records, search_index, search_prefix, search_rows
 from .backend import fetch as _fetch
 from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
 from .search_prefix import merges_doclists
-from .search_rank import Scorer, prepare, rank_sql
+from .search_queries import Queries, Run
+from .search_rank import Scorer, prepare
 from .search_rows import session_conditions as _session_conditions
 # The reading of hits and the constants that shape them are part of this module's
 # interface (the hermes-agent facade reads hits through it).
@@ -148,16 +149,6 @@ _IN_LIST = IN_LIST
 _US_MATCH_WORK = 3.0
 _US_SCANNED_MATCH = 0.3
 _QUOTED = re.compile(r'"[^"]*"\*?')
-
-class Run(NamedTuple):
-    """A query as it is run: its FTS5 text, the SQL of its rows' rank data, and what a
-    statement of it costs to start beyond any statement's (see
-    :mod:`sessiondb.search_prefix`)."""
-
-    match: str
-    rank: str = rank_sql(None)
-    statement_us: float = 0.0
-
 
 @dataclass(frozen=True)
 class Filters:
@@ -223,7 +214,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     end = offset + limit if limit > 0 else -1
     prepare(conn)
     search_prefix.new_search(conn)
-    queries = _Queries(conn, match)
+    queries = Queries(conn, match)
     plan = _plan(conn, filters)
     windows: list[list[tuple[int, str]]] = []
     scan_us: float | None = None
@@ -255,53 +246,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts)
 
 
-class _Queries:
-    """The query as run on each table of the index (:mod:`sessiondb.fts_tables`): its
-    prefixes written out with that table's words (:mod:`sessiondb.search_prefix`), or
-    tested row by row (:mod:`sessiondb.search_rows`); made when a window first reaches
-    the table."""
-
-    def __init__(self, conn: apsw.Connection, match: str) -> None:
-        self.conn, self.match = conn, match
-        self._made: dict[str, tuple[Run, search_rows.RowTest | None, bool]] = {}
-        self._costs: dict[str, float] = {}
-
-    def run(self, table: str) -> tuple[Run, search_rows.RowTest | None]:
-        """The query as run on ``table``, and its row test when its statements would
-        merge whole doclists and its shape can be tested."""
-        if table not in self._made:
-            conn, match = self.conn, self.match
-            expansion = search_prefix.expand(conn, match, table=table)
-            run = Run(match) if expansion is None else Run(
-                expansion.match, rank_sql(search_prefix.group_spec(expansion.groups)),
-                expansion.statement_us)
-            test = None
-            if expansion is None and merges_doclists(conn, match):
-                test = search_rows.parse(conn, match)
-            self._made[table] = (run, test, expansion is not None)
-        return self._made[table][:2]
-
-    def merge_cost_us(self, table: str) -> float:
-        """FTS5's merge of the query's prefixes on ``table``, estimated (once per
-        table)."""
-        if table not in self._costs:
-            self._costs[table] = search_prefix.merge_cost_us(self.conn, self.match, table)
-        return self._costs[table]
-
-    def phrases(self, table: str, phrases: Sequence[str] | None) -> Sequence[str] | None:
-        """The query's phrases as run on ``table`` (for bm25's document frequencies);
-        None when its statements merge whole doclists (they would be counted at that
-        cost)."""
-        run = self.run(table)[0]
-        if merges_doclists(self.conn, run.match):
-            return None
-        if self._made[table][2] and phrases is not None and len(phrases) > 1:
-            return [getattr(search_prefix.expand(self.conn, p, table=table), "match", p)
-                    for p in phrases]
-        return phrases
-
-
-def _windows(conn: apsw.Connection, queries: _Queries, filters: Filters,
+def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
              plan: "_Plan | None") -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
     """The windows of the order (module docstring), newest first: each one's matches
     newest first, the microseconds per id of a range read (:func:`_candidates`), and

@@ -8,13 +8,8 @@ session API (:mod:`sessiondb.store`) over it; this is SQLite's half of the seam 
 :mod:`sessiondb.backend` (PostgreSQL's is :mod:`sessiondb.pg.engine`).
 
 All calls of an instance are serialized by an instance lock, so an instance may be shared
-by the threads of a process. Just before ``fork()`` every instance waits for its call in
-progress (up to ``write_timeout``) and closes its idle connections, because SQLite's
-per-process lock state would otherwise be copied into the child (see
-:func:`sessiondb.connection.close_for_fork`); parent and child reopen at their next call,
-the child with a new gate descriptor. A connection that was inside a transaction at fork
-time is never touched, not even closed, in the child, and the child refuses its file
-with :class:`~sessiondb.errors.DatabaseOpenError`.
+by the threads of a process. Around ``fork()`` every instance is parked and reopened
+(:mod:`sessiondb.forks`).
 
 Reads are single short statements or short snapshots (all rows fetched before the lock
 is released); no read transaction is ever held across user code, except inside an
@@ -23,11 +18,9 @@ explicit :meth:`Engine.snapshot` block.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -43,11 +36,10 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import conversion, filesystems, fts_tables, search_index
+from . import conversion, filesystems, forks, fts_tables, search_index
 from .errors import (
-    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, HoldTimeout, SessionDBError, StorageError, StoreReplacedError,
-    WalDeletedError, translate,
+    ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError, HoldTimeout,
+    SessionDBError, StoreReplacedError, WalDeletedError, translate,
 )
 from .gate import GateTimeout, NullGate, gate_kind, make_gate
 from .holding import held
@@ -63,55 +55,6 @@ from .walguard import FilesLost, WalGuard, handle_lost
 from .writes import WritePath, backoff, rollback
 
 T = TypeVar("T")
-
-# Connections inherited across fork(): kept referenced forever so that garbage collection
-# never closes them in the child (closing would touch files and locks the parent owns).
-_INHERITED: list[apsw.Connection] = []
-_INSTANCES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-# Files that had a connection in use (mid-transaction) when this process was forked: no
-# connection to them is safe in this process (see connection.close_for_fork).
-_FORKED_BUSY: set[Path] = set()
-
-
-def _before_fork() -> None:
-    # Wait for calls in progress (bounded by write_timeout), then close idle connections
-    # so the child inherits no SQLite lock state; both sides reopen at their next call.
-    for db in list(_INSTANCES):
-        db._park_for_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for db in list(_INSTANCES):
-        db._unpark()
-
-
-def _after_fork_in_child() -> None:
-    for db in list(_INSTANCES):
-        # Held by the forking thread, or by a parent thread that does not exist here.
-        db._lock = threading.RLock()
-        db._fork_locked = False
-        reset_conn = None if db._ckpt_parked else db._checkpoints.take_connection()
-        db._ckpt_parked = False
-        if (db._conn is not None or reset_conn is not None) and not db._closed:
-            _FORKED_BUSY.add(db.path)
-            for conn in (db._conn, reset_conn):
-                if conn is not None:
-                    _keep_forever(conn)
-
-
-def _keep_forever(conn: apsw.Connection) -> None:
-    """Make sure a connection inherited mid-transaction is never closed in this process,
-    not even when the interpreter shuts down: closing it would roll the parent's
-    transaction back through the shared WAL index, under other processes' writes (seen
-    as "database disk image is malformed" in a concurrent writer). The extra reference
-    is never released; the OS reclaims the memory when the process exits."""
-    _INHERITED.append(conn)
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
 
 
 class Engine:
@@ -174,17 +117,11 @@ class Engine:
         self._replaced: StoreReplacedError | None = None  # see sessiondb.replacement
         self._identity = StoreIdentity(self.path)
         self._open()
-        _INSTANCES.add(self)
+        forks.register(self)
 
     # -- connection lifecycle ---------------------------------------------------------
     def _open(self) -> None:
-        if self.path in _FORKED_BUSY:
-            raise DatabaseOpenError(
-                f"this process was forked while another thread of its parent was writing "
-                f"to {self.path}; SQLite's lock state for that file was copied mid-write, "
-                "so no connection to it is safe here. Fork while no thread is inside a "
-                "transaction (sessiondb waits up to write_timeout for one to finish)",
-                str(self.path))
+        forks.refuse_if_forked_busy(self.path)
         o = self._options
         self._rolls = False  # until the store is sessiondb's (a hermes-agent file is not)
         self._roll_after = 0.0  # (monotonic) no seal tried before, after one failed
@@ -305,6 +242,18 @@ class Engine:
             self._fork_locked = False
             self._lock.release()
 
+    def _in_child(self) -> list[apsw.Connection]:
+        """After fork(), in the child: the instance lock is new (the parent's is held by
+        the forking thread, or by a thread that does not exist here); returns the
+        connections that were mid-transaction at fork time (never to be closed here)."""
+        self._lock = threading.RLock()
+        self._fork_locked = False
+        reset_conn = None if self._ckpt_parked else self._checkpoints.take_connection()
+        self._ckpt_parked = False
+        if self._closed:
+            return []
+        return [c for c in (self._conn, reset_conn) if c is not None]
+
     def close(self) -> None:
         """Run a last PASSIVE checkpoint and close the connection. Idempotent."""
         if os.getpid() == self._pid and not self._closed:
@@ -360,7 +309,7 @@ class Engine:
             raise StoreReplacedError(str(e), e.path, e.marker, e.was, e.now)
         if os.getpid() != self._pid:
             if self._conn is not None:
-                _INHERITED.append(self._conn)
+                forks.inherit(self._conn)
             self._conn = None
             self._open()
         elif self._conn is None:  # closed before a fork: reopen (same gate and stats)
@@ -406,7 +355,7 @@ class Engine:
         with self._lock:
             conn = self._connected()
             if self._writes.active:
-                return self._nested(conn, fn)
+                return self._writes.nested(conn, fn)
             if not conn.get_autocommit():
                 raise ConfigurationError("cannot write inside a snapshot() block; "
                                          "write after it ends")
@@ -469,37 +418,6 @@ class Engine:
         e = self._lost
         assert e is not None
         return e.path, e.marker, e.rescue
-
-    def _nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        # Raises HoldTimeout if the watchdog ended the block.
-        return self._writes.guarded(partial(self._savepoint, conn, fn))
-
-    def _savepoint(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
-        if conn.get_autocommit():
-            # SQLite itself rolled the whole transaction back (disk full, I/O
-            # error): running on would commit the rest of the block call by call.
-            raise StorageError(f"the transaction on {self.path} was rolled back by an "
-                               "earlier error; leave the transaction() block and retry")
-        conn.execute("SAVEPOINT sessiondb_nested")
-        try:
-            result = fn(conn)
-        except BaseException as exc:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK TO sessiondb_nested")
-                try:
-                    conn.execute("RELEASE sessiondb_nested")
-                except apsw.BusyError:
-                    # A write statement of fn's is still in progress: an exception (a
-                    # signal handler's) landed as it returned its first row, and its
-                    # cursor lives on in the traceback. The savepoint, rolled back,
-                    # stays open inside the block's transaction, harmless: the block's
-                    # COMMIT or ROLLBACK ends it.
-                    pass
-            if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
-                raise translate(exc, str(self.path)) from exc
-            raise
-        conn.execute("RELEASE sessiondb_nested")
-        return result
 
     def read(self, fn: Callable[[apsw.Connection], T], snapshot: bool = False) -> T:
         """Run a read; ``snapshot`` wraps it in one short read transaction. Busy errors

@@ -39,7 +39,7 @@ from typing import Any, Callable, TypeVar
 
 import apsw
 
-from .errors import ConfigurationError, HoldTimeout, WriteTimeout, translate
+from .errors import ConfigurationError, HoldTimeout, StorageError, WriteTimeout, translate
 from .gate import Gate, GateTimeout
 
 T = TypeVar("T")
@@ -168,6 +168,39 @@ class WritePath:
             except apsw.InterruptError as exc:
                 self._raise_if_expired(exc)
                 raise translate(exc, self.path) from exc
+
+    def nested(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        """``fn(conn)`` as a savepoint of the open transaction (a call inside a
+        ``transaction()`` block): if it raises, only its own changes are undone. Raises
+        :class:`~sessiondb.errors.HoldTimeout` if the watchdog ended the block."""
+        return self.guarded(lambda: self._savepoint(conn, fn))
+
+    def _savepoint(self, conn: apsw.Connection, fn: Callable[[apsw.Connection], T]) -> T:
+        if conn.get_autocommit():
+            # SQLite itself rolled the whole transaction back (disk full, I/O
+            # error): running on would commit the rest of the block call by call.
+            raise StorageError(f"the transaction on {self.path} was rolled back by an "
+                               "earlier error; leave the transaction() block and retry")
+        conn.execute("SAVEPOINT sessiondb_nested")
+        try:
+            result = fn(conn)
+        except BaseException as exc:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK TO sessiondb_nested")
+                try:
+                    conn.execute("RELEASE sessiondb_nested")
+                except apsw.BusyError:
+                    # A write statement of fn's is still in progress: an exception (a
+                    # signal handler's) landed as it returned its first row, and its
+                    # cursor lives on in the traceback. The savepoint, rolled back,
+                    # stays open inside the block's transaction, harmless: the block's
+                    # COMMIT or ROLLBACK ends it.
+                    pass
+            if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
+                raise translate(exc, self.path) from exc
+            raise  # an interrupt: guarded() turns it into HoldTimeout
+        conn.execute("RELEASE sessiondb_nested")
+        return result
 
     def finish(self, conn: apsw.Connection, ok: bool) -> None:
         """Commit (``ok``) or roll back the transaction this thread opened with

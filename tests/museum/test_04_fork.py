@@ -24,7 +24,7 @@ import pytest
 import workers
 
 import sessiondb
-import sessiondb.engine
+import sessiondb.forks
 from sessiondb import DatabaseOpenError, SessionDB
 
 pytestmark = [pytest.mark.slow,
@@ -216,7 +216,7 @@ def test_fork_inside_a_transaction_makes_the_file_unusable_in_the_child(db_path:
             pass
         if used_in_child:
             return 12
-        if inherited not in sessiondb.engine._INHERITED:  # kept referenced, never closed
+        if inherited not in sessiondb.forks._INHERITED:  # kept referenced, never closed
             return 13
         db.close()
         return 0

@@ -37,6 +37,10 @@ Step = Callable[[apsw.Connection, float], int]
 
 DEFAULT_STEP_S = 0.05
 _MIN_STEP_S = 0.002
+# Steps of the smallest budget the hold bound may end in a row before the work gives up:
+# one that overran it once may have met a stall (a commit's fsync behind a busy disk, a
+# process starved of CPU), which a retry after a pause does not meet again.
+_MIN_STEP_TRIES = 4
 _HOLD_SHARE = 4  # a step may use at most a quarter of hold_timeout
 _YIELD_SHARE = 0.2  # pause after a step, as a share of its duration (see run_steps)
 # A longer pause at least this often (see run_steps): longer than the longest sleep of
@@ -186,11 +190,13 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         meanwhile, so that its queued writers leave the lock to those that poll.
     :param wal: the pages a step may write to the WAL, and how to count them (SQLite):
         a step that wrote more has the next one's time cut to match.
-    :raises HoldTimeout: a step overran the hold bound even with the smallest budget.
+    :raises HoldTimeout: a step overran the hold bound even with the smallest budget,
+        :data:`_MIN_STEP_TRIES` times in a row (each rolled back: nothing half-done).
     """
     total = 0
     gap = time.monotonic()  # when the last long pause ended
     work = budget  # the step's own time; its commit comes on top (see below)
+    overruns = 0  # steps of the smallest budget the hold bound ended, in a row
     while True:
         started = time.monotonic()
         entered = [started]
@@ -207,10 +213,14 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
             done = write(call)
         except HoldTimeout:
             if budget <= _MIN_STEP_S:
-                raise
+                overruns += 1
+                if overruns >= _MIN_STEP_TRIES:
+                    raise
+                pause(_POLL_GAP_S)  # the others' turn; then the same step again
             budget = max(_MIN_STEP_S, budget / 2)  # nothing was written: try a smaller one
             work = min(work, budget)
             continue
+        overruns = 0
         if not done:
             return total
         total += done

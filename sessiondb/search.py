@@ -280,6 +280,16 @@ def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
         else:
             found, us = _candidates(conn, run, filters, part, WINDOW)
             yield found, us, False
+            if (len(found) == WINDOW and "session_walk" not in plan.memo
+                    and run.statement_us > us * (top - found[-1][0] + 1)):
+                # A statement of this query costs more to start than reading a
+                # window's ids (a prefix written out as many words, each sought in every
+                # segment): the table's windows below, read for a deep page, are cut
+                # from one statement's rows instead of one statement each.
+                yield from _merged_windows(conn, run, dataclasses.replace(
+                    plan, lo=floor, hi=found[-1][0] - 1, table=table.name))
+                top = floor - 1
+                continue
         top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
 
 

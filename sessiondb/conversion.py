@@ -14,19 +14,23 @@ write lock, measured), and every writer would wait that long. Instead, each step
 short write transaction:
 
 1. :func:`begin`: hermes-agent's own column steps (an older file), then a new, empty
-   table (``sessiondb_messages_new``, sessiondb's columns and indexes) and triggers on
-   hermes-agent's table that keep the rows copied so far equal to their originals
-   (below). hermes-agent's ``idx_messages_session`` is dropped, since the new table's
-   index takes its name (SQLite cannot rename an index; rejected: editing the schema
-   table with ``PRAGMA writable_schema``, which SQLite documents as a way to corrupt a
-   file). Dropping it reads every page it frees: they are read first, outside the write
-   lock (:func:`_warm`).
-2. :func:`copy_step`, repeated: the next rows, in id order, a chunk bounded by time and
+   table (``sessiondb_messages_new``, sessiondb's columns and indexes, the message total
+   kept by its triggers) and triggers on hermes-agent's table that keep the rows copied
+   so far equal to their originals (below). hermes-agent's ``idx_messages_session`` is
+   dropped, since the new table's index takes its name (SQLite cannot rename an index;
+   rejected: editing the schema table with ``PRAGMA writable_schema``, which SQLite
+   documents as a way to corrupt a file). Dropping it reads every page it frees: they
+   are read first, outside the write lock (:func:`_warm`).
+2. sessiondb's indexes of ``sessions``, one per transaction
+   (:func:`sessiondb.schema.missing_session_indexes`).
+3. :func:`copy_step`, repeated: the next rows, in id order, a chunk bounded by time and
    bytes per step.
-3. :func:`swap`: the last rows, then the tables trade names (hermes-agent's becomes
+4. :func:`swap`: the last rows, then the tables trade names (hermes-agent's becomes
    ``sessiondb_messages_old``), its sequence carried over, and the rest of sessiondb's
-   schema (:func:`sessiondb.schema.complete_conversion`).
-4. :func:`drain_step`, repeated (by the engine, on open): the old table emptied a chunk
+   schema (:func:`sessiondb.schema.complete_conversion`). Nothing in it reads every
+   message or session: on ten million messages a count and the session indexes made
+   here held the lock 5.2 s (measured), hence the total and the indexes made before.
+5. :func:`drain_step`, repeated (by the engine, on open): the old table emptied a chunk
    at a time and dropped once empty (dropping a full table frees every page in one
    statement: seconds on a million messages); then the full-text index is built in
    steps (:mod:`sessiondb.search_index`).
@@ -40,12 +44,13 @@ above ``C`` is left to the steps). hermes-agent's own writers, which know nothin
 this, keep writing its table throughout, and the triggers are in the file, so a process
 that is killed leaves them working: the next open carries on from ``C``.
 
-Until the swap the file is a hermes-agent file with one more table and three triggers:
-hermes-agent opens and writes it (its reads of a session scan the table meanwhile: its
-session index is gone), and sessiondb's open resumes the copy: the process elected by
-the engine (the first to open it, or the next one if that one died) copies, and another
-one waits for the swap. After the swap it is a sessiondb store. Every kill leaves one of
-those two states, and the next open finishes the job. The copy needs free disk space about the size of the
+Until the swap the file is a hermes-agent file with two more tables (the copy and its
+total), three more triggers and more session indexes: hermes-agent opens and writes it
+(its reads of a session scan the table meanwhile: its message index is gone), and
+sessiondb's open resumes the copy: the process elected by the engine (the first to open
+it, or the next one if that one died) copies, and another one waits for the swap. After
+the swap it is a sessiondb store. Every kill leaves one of those two states, and the
+next open finishes the job. The copy needs free disk space about the size of the
 messages; the old table's pages are reused afterwards (hermes-agent files have no
 auto-vacuum). While the old table is emptied, deleting a session scans what is left of
 it (it still references ``sessions``, without an index), so the engine empties it before
@@ -67,8 +72,9 @@ from .errors import DatabaseOpenError
 from .maintenance import ProgressCallback, Step, Tracker, fit_bytes, run_steps, step_budget
 from .schema import (
     COPY_TABLE, MESSAGE_COLUMNS, MESSAGE_INDEX_NAMES, SCHEMA_VERSION, WriteRunner, _refuse_newer,
-    hermes_ladder, hermes_version, message_indexes, messages_table, migrate_from,
-    refuse_unusable, set_aside_index, stamp, user_version,
+    hermes_ladder, hermes_version, message_indexes, message_totals, messages_table,
+    migrate_from, missing_session_indexes, refuse_unusable, set_aside_index, stamp,
+    user_version,
 )
 
 NEW = COPY_TABLE
@@ -137,6 +143,8 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
         seen, since = None, time.monotonic()
         while _copying(conn):
             if elect():
+                for ddl in missing_session_indexes(conn):
+                    run_write(lambda c, ddl=ddl: c.execute(ddl))
                 run(copy_step, Tracker("convert", "ids", _ids_left(conn), progress))
                 with _migrate_lock(path, lock_timeout):
                     run_write(swap)
@@ -264,9 +272,10 @@ def _warm(conn: apsw.Connection) -> None:
 def begin(conn: apsw.Connection) -> None:
     """Start the conversion of a hermes-agent file (a write function; nothing if it has
     begun or is done): hermes-agent's own column steps, the new messages table with
-    sessiondb's indexes, and the triggers that keep the copied rows equal to their
-    originals. hermes-agent's full-text index and its triggers stay until the swap, so
-    hermes-agent's search keeps working meanwhile."""
+    sessiondb's indexes and the message total kept by its triggers (from 0: counting ten
+    million messages at the swap held the lock for seconds), and the triggers that keep
+    the copied rows equal to their originals. hermes-agent's full-text index and its
+    triggers stay until the swap, so hermes-agent's search keeps working meanwhile."""
     if user_version(conn) != 0 or _exists(conn, NEW):
         return
     hermes_ladder(conn)
@@ -279,6 +288,7 @@ def begin(conn: apsw.Connection) -> None:
                   if r[1] not in known)  # a newer hermes-agent's columns, kept
     conn.execute(messages_table(NEW, extra))
     conn.execute(message_indexes(NEW))
+    conn.execute(message_totals(NEW, count=False))
     conn.execute(_mirror_triggers(_columns(conn)))
 
 
@@ -295,14 +305,16 @@ def _mirror_triggers(columns: list[str]) -> str:
     below = f"new.id <= (SELECT max(id) FROM {NEW})"
     return f"""
 CREATE TRIGGER {_MIRROR[0]} AFTER INSERT ON messages WHEN {below} BEGIN
-    INSERT OR REPLACE INTO {NEW} ({cols}) VALUES ({new});
+    DELETE FROM {NEW} WHERE id = new.id;
+    INSERT INTO {NEW} ({cols}) VALUES ({new});
 END;
 CREATE TRIGGER {_MIRROR[1]} AFTER DELETE ON messages BEGIN
     DELETE FROM {NEW} WHERE id = old.id;
 END;
 CREATE TRIGGER {_MIRROR[2]} AFTER UPDATE ON messages BEGIN
     DELETE FROM {NEW} WHERE id = old.id;
-    INSERT OR REPLACE INTO {NEW} ({cols}) SELECT {new} WHERE {below};
+    DELETE FROM {NEW} WHERE id = new.id;
+    INSERT INTO {NEW} ({cols}) SELECT {new} WHERE {below};
 END;
 """
 
@@ -333,15 +345,21 @@ def copy_step(conn: apsw.Connection, deadline: float) -> int:
             return passed
         ids = fit_bytes(rows, budget - spent)
         upto = ids[-1]
-        # OR REPLACE: by the invariant no copy lies above C; were one there, hermes-agent's
-        # row is the one to keep.
-        conn.execute(f"INSERT OR REPLACE INTO {NEW} ({cols}) SELECT {cols} FROM messages "
-                     "WHERE id >= ? AND id <= ?", (lo, upto))
+        _copy(conn, cols, lo, upto)
         passed += upto - (rows[0][0] if lo == _LOWEST else lo) + 1
         spent += sum(size or 0 for _, size in rows[:len(ids)])
         lo = upto + 1
         if time.monotonic() >= deadline or spent >= budget:
             return passed
+
+
+def _copy(conn: apsw.Connection, cols: str, lo: int, hi: int) -> None:
+    """Copy hermes-agent's rows of ids ``lo`` to ``hi``. By the invariant no copy lies
+    above C; were one there, hermes-agent's row is the one to keep: it is deleted first
+    (not by ``OR REPLACE``, whose delete fires no trigger, so the total would keep it)."""
+    conn.execute(f"DELETE FROM {NEW} WHERE id >= ? AND id <= ?", (lo, hi))
+    conn.execute(f"INSERT INTO {NEW} ({cols}) SELECT {cols} FROM messages "
+                 "WHERE id >= ? AND id <= ?", (lo, hi))
 
 
 def swap(conn: apsw.Connection) -> None:
@@ -352,21 +370,16 @@ def swap(conn: apsw.Connection) -> None:
     """
     if not _copying(conn):
         return
-    cols = ", ".join(_columns(conn))
-    conn.execute(f"INSERT OR REPLACE INTO {NEW} ({cols}) SELECT {cols} FROM messages "
-                 "WHERE id >= ?", (_first_uncopied(conn),))
+    _copy(conn, ", ".join(_columns(conn)), _first_uncopied(conn), 2 ** 63 - 1)
     # Whatever hermes-agent named its index triggers: none may survive to feed the new
     # index twice. Other triggers and the views are made again once the tables have
-    # swapped: a rename rewrites those naming the table to name its new name.
+    # swapped: a rename rewrites those naming the table to name its new name. The copy's
+    # own (its total's) go with it.
     dropped = conn.execute(
         "SELECT type, name, sql FROM sqlite_schema WHERE type IN ('trigger', 'view') "
-        "AND sql IS NOT NULL ORDER BY rowid").fetchall()
+        "AND sql IS NOT NULL AND tbl_name != ? ORDER BY rowid", (NEW,)).fetchall()
     for kind, name, _ in dropped:
         conn.execute(f"DROP {kind.upper()} {_quote(name)}")
-    # hermes-agent's session indexes: sessiondb's are made anew (a few thousand rows).
-    for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index' AND "
-                                "tbl_name = 'sessions' AND sql IS NOT NULL").fetchall():
-        conn.execute(f"DROP INDEX {_quote(name)}")
     conn.execute(f"ALTER TABLE messages RENAME TO {OLD}")
     conn.execute(f"ALTER TABLE {NEW} RENAME TO messages")
     _carry_sequence(conn)

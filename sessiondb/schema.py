@@ -62,8 +62,9 @@ def index_prefixes(conn: apsw.Connection) -> tuple[int, ...]:
     return tuple(sorted({int(n) for option in _PREFIX_OPTION.findall(row[0] if row else "")
                          for n in re.findall(r"\d+", option)}))
 
-# The indexes of v1. The conversion of a hermes-agent file (sessiondb.conversion) makes
-# the session indexes at its swap and the message indexes on its new messages table.
+# The indexes of v1. The conversion of a hermes-agent file (sessiondb.conversion) keeps
+# hermes-agent's session indexes (the same) and makes the message indexes on its new
+# messages table.
 SESSION_INDEXES = """
 CREATE INDEX idx_sessions_source ON sessions(source);
 CREATE INDEX idx_sessions_parent ON sessions(parent_session_id);
@@ -293,20 +294,33 @@ _V4_FTS = f"{_PENDING};{DROP_FTS_TRIGGERS}{FTS_TRIGGERS}"
 #   a bulk DELETE of messages loses SQLite's truncate optimization (already lost to
 #   the full-text triggers). A REPLACE that deletes a message without recursive
 #   triggers would not count it out: nothing here does; doctor checks the total.
-_V4_LISTING = """
+_LISTING_INDEXES = """
 CREATE INDEX idx_sessions_listing ON sessions(started_at DESC, id, source, ended_at);
 CREATE INDEX idx_sessions_source_listing ON sessions(source, started_at DESC, id, ended_at);
 CREATE INDEX idx_sessions_active_listing ON sessions(started_at DESC, id, source, ended_at)
     WHERE ended_at IS NULL;
-CREATE TABLE sessiondb_totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO sessiondb_totals (name, value) SELECT 'messages', COUNT(*) FROM messages;
-CREATE TRIGGER messages_total_insert AFTER INSERT ON messages BEGIN
-    UPDATE sessiondb_totals SET value = value + 1 WHERE name = 'messages';
+"""
+_TOTALS = "sessiondb_totals"
+
+
+def message_totals(table: str = "messages", count: bool = True) -> str:
+    """The DDL of the message total kept by triggers on ``table`` (v4, above), starting
+    from a count of ``table``'s rows, or from 0 with ``count=False`` (the conversion's
+    copy table, empty when it is made)."""
+    start = f"SELECT 'messages', COUNT(*) FROM {table}" if count else "VALUES ('messages', 0)"
+    return f"""
+CREATE TABLE {_TOTALS} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO {_TOTALS} (name, value) {start};
+CREATE TRIGGER messages_total_insert AFTER INSERT ON {table} BEGIN
+    UPDATE {_TOTALS} SET value = value + 1 WHERE name = 'messages';
 END;
-CREATE TRIGGER messages_total_delete AFTER DELETE ON messages BEGIN
-    UPDATE sessiondb_totals SET value = value - 1 WHERE name = 'messages';
+CREATE TRIGGER messages_total_delete AFTER DELETE ON {table} BEGIN
+    UPDATE {_TOTALS} SET value = value - 1 WHERE name = 'messages';
 END;
 """
+
+
+_V4_LISTING = _LISTING_INDEXES + message_totals()
 _V4 = _V4_FTS + _V4_LISTING
 
 #: The statement that reads the message total kept by the v4 triggers.
@@ -514,22 +528,54 @@ def hermes_ladder(conn: apsw.Connection) -> None:
 
 def complete_conversion(conn: apsw.Connection) -> None:
     """The end of the conversion of a hermes-agent file, once its tables are sessiondb's
-    (sessiondb.conversion): the session indexes, the full-text table and its triggers,
-    ``sessiondb_meta`` and the later migrations, every message pending for the
-    full-text index (built afterwards in short steps, :mod:`sessiondb.search_index`;
-    the engine finishes it on open), and the schema version. hermes-agent's full-text
-    triggers and every index of ``sessions`` must be gone, and its index table set
-    aside (:func:`set_aside_index`)."""
-    conn.execute(SESSION_INDEXES)
+    (sessiondb.conversion): the full-text table and its triggers, ``sessiondb_meta`` and
+    the later migrations, every message pending for the full-text index (built
+    afterwards in short steps, :mod:`sessiondb.search_index`; the engine finishes it on
+    open), and the schema version. hermes-agent's full-text triggers must be gone and
+    its index table set aside (:func:`set_aside_index`). What the conversion made
+    before, each in a transaction of its own, is not made again: the session indexes
+    (:func:`missing_session_indexes`, made here for a file whose copy began without
+    them) and the message total (counted here for such a file)."""
+    for ddl in missing_session_indexes(conn):
+        conn.execute(ddl)
     conn.execute(f"DROP VIEW IF EXISTS messages_fts_rows_0; {FTS_ROWS}; {FTS_TABLE}")
     conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     conn.execute(_V2_TRIGGERS)
-    for version in range(2, SCHEMA_VERSION):  # in this transaction: no writer may see
-        conn.execute(MIGRATIONS[version])     # the v2 triggers index a deferred message
+    counted = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?",
+                           (_TOTALS,)).fetchone() is not None
+    # In this transaction: no writer may see the v2 triggers index a deferred message.
+    for version in range(2, SCHEMA_VERSION):
+        if MIGRATIONS[version] is _V4:  # its indexes made above
+            conn.execute(_V4_FTS + ("" if counted else message_totals()))
+        else:
+            conn.execute(MIGRATIONS[version])
     conn.execute(PEND_EVERY_MESSAGE)
     conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
                  (REBUILDING, CONVERSION))
     conn.pragma("user_version", SCHEMA_VERSION)
+
+
+def missing_session_indexes(conn: apsw.Connection) -> list[str]:
+    """The statements that give a hermes-agent file sessiondb's indexes of ``sessions``
+    (v1's and v4's listing ones) and no other, each to run in a transaction of its own
+    (an index of 200,000 sessions takes 0.1-0.4 s to make, measured): an index of the
+    same name and definition is kept (hermes-agent's are v1's), one of another
+    definition made again; the others are dropped last, once sessiondb's are there (a
+    unique one under another name keeps titles unique until then)."""
+    found = dict(conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'index' "
+                              "AND tbl_name = 'sessions' AND sql IS NOT NULL").fetchall())
+    made, out = [], []
+    wanted = (SESSION_INDEXES + _LISTING_INDEXES).split(";")
+    for ddl in filter(None, (d.strip() for d in wanted)):
+        name = re.search(r"INDEX (\w+)", ddl)[1]
+        made.append(name)
+        have = found.get(name)
+        if have is None:
+            out.append(ddl)
+        elif have.split() != ddl.split():
+            out.append(f'DROP INDEX "{name}"; {ddl}')
+    quoted = ('"' + name.replace('"', '""') + '"' for name in found if name not in made)
+    return out + [f"DROP INDEX {name}" for name in quoted]
 
 
 #: The messages table that the conversion of a hermes-agent file fills while it runs

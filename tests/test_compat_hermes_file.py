@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import sqlite3
 from pathlib import Path
 
@@ -180,8 +181,8 @@ def test_a_hermes_state_db_is_converted_in_place_losing_nothing(tmp_path, migrat
 def layout(path: Path) -> list[tuple]:
     """The indexes and triggers of the two tables, as SQL. The converted messages table
     was renamed to ``messages`` (sessiondb.conversion), and SQLite writes a renamed
-    table's name quoted into the SQL of its indexes: the same index either way."""
-    return [(kind, name, table, sql.replace(' ON "messages"(', " ON messages("))
+    table's name quoted into the SQL of its indexes and triggers: the same either way."""
+    return [(kind, name, table, re.sub(r' ON "messages"([( ])', r" ON messages\1", sql))
             for kind, name, table, sql in read_only(
                 path, "SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE "
                       "type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY name")]

@@ -7,6 +7,7 @@ other processes and the kills are in test_maintenance.py."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -129,4 +130,92 @@ def test_a_copy_cut_short_is_still_a_hermes_agent_file_until_the_next_open(tmp_p
         assert db.message_count() == 44
     assert read_only(path, "SELECT name FROM sqlite_schema WHERE name GLOB "
                            "'sessiondb_messages_*' OR name GLOB 'sessiondb_copy_*'") == []
+    assert doctor.check(path)["ok"]
+
+
+def total(conn: apsw.Connection) -> int:
+    return conn.execute(schema.MESSAGE_TOTAL_SQL).fetchone()[0]
+
+
+def test_the_message_total_is_kept_from_the_start_of_the_copy(tmp_path):
+    """The swap counts nothing (ten million messages: seconds under the lock): the copy's
+    total is kept by its triggers from begin(), through every kind of write
+    hermes-agent makes meanwhile, and is the store's total after the swap."""
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conversion.begin(conn)
+    assert total(conn) == 0
+    copy_some(conn)
+    top = conn.execute(f"SELECT max(id) FROM {conversion.NEW}").fetchone()[0]
+    with conn:  # below the copy's edge: each reaches the copy, and the total
+        conn.execute("DELETE FROM messages WHERE id = 2")
+        conn.execute("INSERT OR REPLACE INTO messages (id, session_id, role, content, "
+                     "timestamp) VALUES (1, 'x', 'user', 'replaced', 9.5)")
+        conn.execute("INSERT INTO messages (id, session_id, role, content, timestamp) "
+                     "VALUES (2, 'x', 'user', 'back in its hole', 9.0)")
+        conn.execute("UPDATE messages SET id = 9999 WHERE id = ?", (top,))
+        conn.execute("UPDATE sessions SET message_count = (SELECT count(*) FROM messages "
+                     "WHERE session_id = sessions.id)")
+    copied = conn.execute(f"SELECT count(*) FROM {conversion.NEW}").fetchone()[0]
+    assert total(conn) == copied == top - 1
+    with conn:
+        conversion.swap(conn)
+    assert total(conn) == conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 44
+    conn.close()
+    with SessionDB(path) as db:
+        assert db.message_count() == 44
+    assert doctor.check(path)["ok"]
+
+
+def test_the_session_indexes_are_made_before_the_swap_one_at_a_time(tmp_path):
+    """hermes-agent's session indexes that are sessiondb's are kept; the others are made
+    (each a statement of its own), and an index under another name dropped once they
+    are there."""
+    same, other = tmp_path / "same.db", tmp_path / "other.db"
+    build_hermes_db(same)
+    build_hermes_db(other, rename=True)
+    listing = ["idx_sessions_listing", "idx_sessions_source_listing",
+               "idx_sessions_active_listing"]
+    for path, made, dropped in ((same, listing, []),
+                                (other, ["idx_sessions_source", "idx_sessions_title_unique",
+                                         *listing], ["by_source", "idx_title"])):
+        conn = apsw.Connection(str(path))
+        with conn:
+            conversion.begin(conn)
+        todo = schema.missing_session_indexes(conn)
+        assert [re.findall(r'INDEX "?(\w+)', s)[-1] for s in todo] == made + dropped
+        assert [s.startswith("DROP") for s in todo] == [False] * len(made) + [True] * len(
+            dropped)
+        for ddl in todo:
+            with conn:
+                conn.execute(ddl)
+        assert schema.missing_session_indexes(conn) == []
+        conn.close()
+        with SessionDB(path) as db:
+            assert [r["id"] for r in db.list_sessions()] == ["x", "c", "p"]
+        assert doctor.check(path)["ok"]
+
+
+def test_a_copy_begun_without_the_total_and_session_indexes_is_finished(tmp_path):
+    """A file whose copy an older sessiondb began (no total on the copy, hermes-agent's
+    session indexes only): the swap counts the messages and makes the indexes."""
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conversion.begin(conn)
+        conn.execute("DROP TRIGGER messages_total_insert; DROP TRIGGER messages_total_delete;"
+                     "DROP TABLE sessiondb_totals")
+    copy_some(conn)
+    conn.close()
+    with SessionDB(path) as db:
+        assert db.message_count() == 44
+        assert db.append_message("x", "user", "after") == 45
+        assert db.message_count() == 45
+    fresh = tmp_path / "fresh.db"
+    SessionDB(fresh).close()
+    names = "SELECT name FROM sqlite_schema WHERE tbl_name IN ('sessions', 'sessiondb_totals')"
+    assert sorted(read_only(path, names)) == sorted(read_only(fresh, names))
     assert doctor.check(path)["ok"]

@@ -558,7 +558,7 @@ def complete_conversion(conn: apsw.Connection) -> None:
 def missing_session_indexes(conn: apsw.Connection) -> list[str]:
     """The statements that give a hermes-agent file sessiondb's indexes of ``sessions``
     (v1's and v4's listing ones) and no other, each to run in a transaction of its own
-    (an index of 200,000 sessions takes 0.1-0.4 s to make, measured): an index of the
+    (an index of 131,000 sessions took 0.1-0.4 s to make, measured): an index of the
     same name and definition is kept (hermes-agent's are v1's), one of another
     definition made again; the others are dropped last, once sessiondb's are there (a
     unique one under another name keeps titles unique until then)."""

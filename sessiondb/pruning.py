@@ -51,7 +51,11 @@ def _args(cutoff: float, source: str | None) -> tuple[Any, ...]:
 def count(conn: Conn, cutoff: float, source: str | None) -> tuple[int, int]:
     """``(sessions, messages)`` that a prune with these options would delete, without
     deleting anything: the candidates that no remaining session keeps as an ancestor
-    (a session that stays blocks its parent, and so on up the chain)."""
+    (a session that stays blocks its parent, and so on up the chain). The messages are
+    their sessions' ``message_count`` (a progress total): counting them by the index
+    read 3.4 million entries in 25 s on a store of 6.9 million messages, a read that
+    kept every checkpoint from resetting the WAL meanwhile (writers waited 1 s each,
+    measured)."""
     where, args = _where(source), _args(cutoff, source)
     row = conn.execute(
         "WITH RECURSIVE blocked(id) AS ("
@@ -59,8 +63,7 @@ def count(conn: Conn, cutoff: float, source: str | None) -> tuple[int, int]:
         "  AND parent_session_id IS NOT NULL AND parent_session_id != id"
         " UNION SELECT s.parent_session_id FROM sessions s JOIN blocked b ON s.id = b.id"
         "  WHERE s.parent_session_id IS NOT NULL AND s.parent_session_id != s.id) "
-        "SELECT count(*), coalesce(sum((SELECT count(*) FROM messages m "
-        f"WHERE m.session_id = s.id)), 0) FROM sessions s WHERE {where} "
+        f"SELECT count(*), coalesce(sum(s.message_count), 0) FROM sessions s WHERE {where} "
         "AND s.id NOT IN (SELECT id FROM blocked WHERE id IS NOT NULL)",
         (*args, *args)).fetchone()
     return int(row[0]), int(row[1])

@@ -9,8 +9,7 @@ Exit status: 0 success; 1 nothing found (``show``, ``export --session``), proble
 usage or an error from the library (one line on stderr, no traceback); 130 interrupted.
 
 ``prune`` is a dry run unless ``--yes`` is given: it reports how many sessions it would
-delete (counted by running the real prune in a transaction that is then rolled back) and
-deletes nothing.
+delete (counted with the prune's own selection rules) and deletes nothing.
 """
 
 from __future__ import annotations
@@ -417,13 +416,16 @@ def _progress(args: argparse.Namespace) -> Callable[[Progress], None] | None:
         return None
     tty = sys.stderr.isatty()
     last = [0.0]
+    ended: list[str | None] = [None]  # the task whose finished line was shown last
 
     def show(p: Progress) -> None:
         now = time.monotonic()
         finished = p.total is not None and p.done >= p.total
-        if not finished and now - last[0] < (0.2 if tty else 5.0):
+        # Unthrottled once when a task finishes (a total that is an estimate may be
+        # passed, and every report after it is then "finished").
+        if (not finished or ended[0] == p.task) and now - last[0] < (0.2 if tty else 5.0):
             return
-        last[0] = now
+        last[0], ended[0] = now, p.task if finished else None
         print(("\r" if tty else "") + _progress_line(p), end="" if tty else "\n",
               file=sys.stderr, flush=True)
         if tty and finished:

@@ -29,7 +29,8 @@ short write transaction:
    ``sessiondb_messages_old``), its sequence carried over, and the rest of sessiondb's
    schema (:func:`sessiondb.schema.complete_conversion`). Nothing in it reads every
    message or session: on ten million messages a count and the session indexes made
-   here held the lock 5.2 s (measured), hence the total and the indexes made before.
+   here held the lock 5.2 s (measured), hence the total and the indexes made before
+   (a copy that an older sessiondb began, without them, still gets them here).
 5. :func:`drain_step`, repeated (by the engine, on open): the old table emptied a chunk
    at a time and dropped once empty (dropping a full table frees every page in one
    statement: seconds on a million messages); then the full-text index is built in
@@ -45,16 +46,18 @@ this, keep writing its table throughout, and the triggers are in the file, so a 
 that is killed leaves them working: the next open carries on from ``C``.
 
 Until the swap the file is a hermes-agent file with two more tables (the copy and its
-total), three more triggers and more session indexes: hermes-agent opens and writes it
-(its reads of a session scan the table meanwhile: its message index is gone), and
-sessiondb's open resumes the copy: the process elected by the engine (the first to open
-it, or the next one if that one died) copies, and another one waits for the swap. After
-the swap it is a sessiondb store. Every kill leaves one of those two states, and the
-next open finishes the job. The copy needs free disk space about the size of the
-messages; the old table's pages are reused afterwards (hermes-agent files have no
-auto-vacuum). While the old table is emptied, deleting a session scans what is left of
-it (it still references ``sessions``, without an index), so the engine empties it before
-building the full-text index.
+total), five more triggers (three on its table, two on the copy) and more session
+indexes: hermes-agent opens and writes it (its reads of a session scan the table
+meanwhile: its message index is gone), and sessiondb's open resumes the copy: the
+process elected by the engine (the first to open it, or the next one if that one died)
+copies, and another one waits for the swap. After the swap it is a sessiondb store.
+Every kill leaves one of those two states, and the next open finishes the job. The copy
+needs free disk space about the size of the messages; the old table's pages are reused
+afterwards (hermes-agent files have no auto-vacuum). While the old table is emptied,
+deleting a session scans what is left of it (it still references ``sessions``, without
+an index), so the engine empties it before building the full-text index. A copy begun
+by this version is finished by this version or a later one: an older sessiondb's swap
+knows nothing of the copy's total, and fails (rolled back) each time it tries.
 """
 
 from __future__ import annotations
@@ -143,8 +146,8 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
         seen, since = None, time.monotonic()
         while _copying(conn):
             if elect():
-                for ddl in missing_session_indexes(conn):
-                    run_write(lambda c, ddl=ddl: c.execute(ddl))
+                while run_write(_index_sessions):
+                    pass
                 run(copy_step, Tracker("convert", "ids", _ids_left(conn), progress))
                 with _migrate_lock(path, lock_timeout):
                     run_write(swap)
@@ -290,6 +293,17 @@ def begin(conn: apsw.Connection) -> None:
     conn.execute(message_indexes(NEW))
     conn.execute(message_totals(NEW, count=False))
     conn.execute(_mirror_triggers(_columns(conn)))
+
+
+def _index_sessions(conn: apsw.Connection) -> bool:
+    """Make or drop the first of the session indexes that
+    :func:`~sessiondb.schema.missing_session_indexes` lists (a write function; the list
+    is read in its transaction, as another process, or hermes-agent opening the file,
+    may have made one meanwhile); False when none is left."""
+    todo = missing_session_indexes(conn)
+    if todo:
+        conn.execute(todo[0])
+    return bool(todo)
 
 
 def _definition(info: tuple) -> str:

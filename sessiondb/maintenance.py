@@ -65,7 +65,8 @@ class Progress:
         messages table), ``"reclaim"`` (giving space back), ``"convert"`` (copying a
         hermes-agent file's messages into sessiondb's table).
     :ivar done: units done so far.
-    :ivar total: units in all, when known in advance (else None).
+    :ivar total: units in all, when known in advance (else None); for a prune, an
+        estimate (the sessions' ``message_count``), which ``done`` may pass.
     :ivar unit: what is counted: ``"sessions"``, ``"messages"``, ``"pages"``, ``"rows"``,
         ``"ids"`` (message ids passed by the conversion's copy).
     :ivar elapsed_s: seconds since the task started.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import apsw
 
@@ -335,7 +335,8 @@ _V5 = "SELECT 1"
 #: MIGRATIONS[n] brings a store from version n to n + 1.
 MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 
-WriteRunner = Callable[[Callable[[apsw.Connection], None]], None]
+#: Runs a write function in one write transaction and returns what it returned.
+WriteRunner = Callable[[Callable[[apsw.Connection], Any]], Any]
 
 
 def user_version(conn: apsw.Connection) -> int:

@@ -446,3 +446,16 @@ def test_demo_on_postgresql(capsys, pg_url):
     result = json.loads(out)
     assert code == 0, (result["problems"], result["processes"])
     assert result["messages_found"] == 20 and result["counters_exact"] and result["kept"]
+
+
+def test_a_progress_total_passed_shows_one_finished_line_per_task(capsys):
+    """A prune's total is an estimate (its sessions' message_count), which the work may
+    pass: the bar shows the finish of each task once, then keeps its pace."""
+    from sessiondb.maintenance import Progress
+    show = cli._progress(argparse.Namespace(json=False))
+    assert show is not None
+    for done in range(90, 140, 5):  # the total, 100, passed at the third report
+        show(Progress("prune", done, 100, "rows", 1.0))
+    show(Progress("reclaim", 7, 7, "pages", 0.1))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[0] for line in lines] == ["prune", "prune", "reclaim"]

@@ -149,6 +149,7 @@ def test_the_message_total_is_kept_from_the_start_of_the_copy(tmp_path):
     assert total(conn) == 0
     copy_some(conn)
     top = conn.execute(f"SELECT max(id) FROM {conversion.NEW}").fetchone()[0]
+    assert 8 <= top < 44
     with conn:  # below the copy's edge: each reaches the copy, and the total
         conn.execute("DELETE FROM messages WHERE id = 2")
         conn.execute("INSERT OR REPLACE INTO messages (id, session_id, role, content, "
@@ -156,16 +157,18 @@ def test_the_message_total_is_kept_from_the_start_of_the_copy(tmp_path):
         conn.execute("INSERT INTO messages (id, session_id, role, content, timestamp) "
                      "VALUES (2, 'x', 'user', 'back in its hole', 9.0)")
         conn.execute("UPDATE messages SET id = 9999 WHERE id = ?", (top,))
+        # onto a copied id: its row goes by REPLACE's delete, which fires no trigger
+        conn.execute("UPDATE OR REPLACE messages SET id = 5 WHERE id = 7")
         conn.execute("UPDATE sessions SET message_count = (SELECT count(*) FROM messages "
                      "WHERE session_id = sessions.id)")
     copied = conn.execute(f"SELECT count(*) FROM {conversion.NEW}").fetchone()[0]
-    assert total(conn) == copied == top - 1
+    assert total(conn) == copied == top - 2
     with conn:
         conversion.swap(conn)
-    assert total(conn) == conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 44
+    assert total(conn) == conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 43
     conn.close()
     with SessionDB(path) as db:
-        assert db.message_count() == 44
+        assert db.message_count() == 43
     assert doctor.check(path)["ok"]
 
 
@@ -200,7 +203,7 @@ def test_the_session_indexes_are_made_before_the_swap_one_at_a_time(tmp_path):
 
 def test_a_copy_begun_without_the_total_and_session_indexes_is_finished(tmp_path):
     """A file whose copy an older sessiondb began (no total on the copy, hermes-agent's
-    session indexes only): the swap counts the messages and makes the indexes."""
+    session indexes only): its swap counts the messages and makes the indexes."""
     path = tmp_path / "state.db"
     hermes_file(path)
     conn = apsw.Connection(str(path))
@@ -209,6 +212,11 @@ def test_a_copy_begun_without_the_total_and_session_indexes_is_finished(tmp_path
         conn.execute("DROP TRIGGER messages_total_insert; DROP TRIGGER messages_total_delete;"
                      "DROP TABLE sessiondb_totals")
     copy_some(conn)
+    assert len(schema.missing_session_indexes(conn)) == 3  # the listing ones
+    with conn:
+        conversion.swap(conn)
+    assert schema.missing_session_indexes(conn) == []
+    assert total(conn) == 44
     conn.close()
     with SessionDB(path) as db:
         assert db.message_count() == 44
@@ -219,3 +227,22 @@ def test_a_copy_begun_without_the_total_and_session_indexes_is_finished(tmp_path
     names = "SELECT name FROM sqlite_schema WHERE tbl_name IN ('sessions', 'sessiondb_totals')"
     assert sorted(read_only(path, names)) == sorted(read_only(fresh, names))
     assert doctor.check(path)["ok"]
+
+
+def test_session_indexes_another_process_made_meanwhile_are_not_made_again(tmp_path):
+    """The indexes still to make are read inside each write: hermes-agent opening the
+    file (CREATE INDEX IF NOT EXISTS) or another copier may have made one."""
+    path = tmp_path / "state.db"
+    build_hermes_db(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conversion.begin(conn)
+    first = schema.missing_session_indexes(conn)[0]
+    with conn:  # made by someone else between the list and the write
+        conn.execute(first)
+    while True:
+        with conn:
+            if not conversion._index_sessions(conn):
+                break
+    assert schema.missing_session_indexes(conn) == []
+    conn.close()

@@ -259,15 +259,16 @@ def _ids_left(conn: apsw.Connection) -> Optional[int]:
 def _warm(conn: apsw.Connection) -> None:
     """Read every page of the message indexes that :func:`begin` drops, before it takes
     the write lock: dropping an index reads each of its pages to free it, and from the
-    disk when the file is not in memory (begin() held the lock 13.4 s on a file of ten
-    million messages just built, with a test run on the same disk, measured). A read
-    (no lock held): the pages stay in the OS's cache for the drop."""
+    disk when the file is not in memory (an index of ten million entries, measured:
+    4.4 s cold, 0.13 s once read). A read (no lock held): the pages stay in the OS's
+    cache for the drop."""
     for (name,) in conn.execute(
             "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'messages' "
             f"AND name IN ({', '.join('?' * len(MESSAGE_INDEX_NAMES))})",
             MESSAGE_INDEX_NAMES).fetchall():
-        try:  # count(*) by the index walks all of its pages (sqlite3BtreeCount)
-            conn.execute(f"SELECT count(*) FROM messages INDEXED BY {_quote(name)}").fetchall()
+        try:  # a scan of the index alone: count(*) would count the smallest index
+            conn.execute(f"SELECT count(session_id) FROM messages "
+                         f"INDEXED BY {_quote(name)}").fetchall()
         except apsw.SQLError:
             pass  # an index that cannot answer it (a partial one): dropped unread
 

@@ -246,3 +246,23 @@ def test_session_indexes_another_process_made_meanwhile_are_not_made_again(tmp_p
                 break
     assert schema.missing_session_indexes(conn) == []
     conn.close()
+
+
+def test_the_warm_up_reads_each_index_that_begin_drops(tmp_path):
+    # Each index is read by a scan of that index (count(*) would count the smallest
+    # index of the table whatever INDEXED BY names, so one index was read twice and the
+    # other dropped cold, its pages read from the disk with the write lock held).
+    conn = apsw.Connection(str(tmp_path / "h.db"))
+    conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, session_id TEXT, "
+                 "timestamp REAL, content TEXT);"
+                 "CREATE INDEX idx_messages_session ON messages(session_id, content);"
+                 "CREATE INDEX idx_messages_session_ts ON messages(session_id, timestamp)")
+    statements: list[str] = []
+    conn.exec_trace = lambda _cursor, sql, _bindings: statements.append(sql) or True
+    conversion._warm(conn)
+    conn.exec_trace = None
+    plans = [" ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+             for sql in statements if sql.lstrip().upper().startswith("SELECT COUNT")]
+    assert plans == [f"SCAN messages USING COVERING INDEX {name}"
+                     for name in ("idx_messages_session", "idx_messages_session_ts")]
+    conn.close()

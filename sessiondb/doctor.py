@@ -147,7 +147,8 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     :param repair: rebuild the full-text index from the ``messages`` table and recount the
         message total before checking (messages are not touched; the state found before
         is in ``repaired``); the rebuild runs in short steps while other processes keep
-        writing, and finishes one that was cut short.
+        writing, and finishes one that was cut short; then the index's sealed tables are
+        merged (:meth:`SessionDB.optimize_search_index`), in steps too.
     :param deep: compare the full-text index with every message also on a store of
         over 100,000 messages (it holds the write lock while it reads the whole index).
     :param prefixes: with ``repair``, the prefix index lengths of the rebuilt index
@@ -198,6 +199,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
             report["repaired"] = {"fts_index_before": _fts_state(db, deep),
                                   "message_total_before": _total_state(db)}
             db.rebuild_search_index(prefixes=prefixes, progress=progress)
+            db.optimize_search_index(progress=progress)
             db._execute_write(lambda conn: conn.execute(_TOTAL_RECOUNT))
         _inspect(db, report, deep)
     return _finish(report)

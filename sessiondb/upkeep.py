@@ -10,7 +10,7 @@ import time
 from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
-from . import bulk, pruning, search_index
+from . import bulk, fts_merge, pruning, search_index
 from .backend import Dialect, Engine
 from .errors import InvalidArgument, InvalidArgumentType
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
@@ -158,6 +158,27 @@ class Upkeep:
             self.checkpoint()
         return {"freed_pages": freed, "bytes_before": before,
                 "bytes_after": _file_size(self.path)}
+
+    def optimize_search_index(self, *, progress: ProgressCallback | None = None) -> int:
+        """Merge each sealed table of the full-text index into one segment, in short
+        steps while other processes keep writing (:mod:`sessiondb.fts_merge`): searches
+        that run a query per range of ids (a rare source's) then look each word up once
+        per table. Writers do the same a step at a time after their own writes once a
+        table has more than four segments; this does it now, for every sealed table of
+        more than one (after an import, a rebuild or a prune, say). The newest table,
+        which takes every new message, is left to FTS5's own merges. Nothing on
+        PostgreSQL, or while the index is damaged or being rebuilt.
+
+        :param progress: called after each step (task ``"merge"``, unit ``"pages"``:
+            the index pages merged, about; the total is those of the tables to merge).
+        :returns: the pages merged (about).
+        """
+        progress = check_progress(progress)
+        if not self._sql.defers_index:  # PostgreSQL: a GIN index has no segments
+            return 0
+        total = self._read(lambda c: fts_merge.pages_due(c, 1))
+        return self._run_steps(lambda c, deadline: fts_merge.merge_step(c, deadline, 1),
+                               Tracker("merge", "pages", total, progress))
 
     def _reclaim_context(self) -> Any:
         """A larger page cache while pages are given back: moving a page reads the

@@ -149,6 +149,7 @@ SCRIPT: list[tuple[str, tuple, dict]] = [
     ("prune_sessions", (), {"older_than_days": 0}),
     ("rebuild_search_index", (), {}),
     ("reclaim_space", (), {}),
+    ("optimize_search_index", (), {}),
     ("checkpoint", (), {}),
     ("stats", (), {}),
 ]

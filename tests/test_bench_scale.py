@@ -48,6 +48,7 @@ def test_scale_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path: Path
     assert imp["messages_per_s"] > 0 and imp["wall_messages_per_s"] > 0
     assert imp["progress"]["calls"] >= 1
     assert txn["messages_per_s"] > 0 and txn["messages_per_transaction"] == 50
+    assert run["ingest"]["optimize"]["pages"] == 0  # one table of 2,000 ids: none sealed
     assert run["store"]["sessions"] == 40 and run["store"]["db_bytes"] > 0
 
     # every search shape and every listing shape, in the measuring functions' own format

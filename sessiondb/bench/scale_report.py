@@ -141,6 +141,10 @@ def table(doc: dict[str, Any]) -> str:
             t = ingest["transaction"]
             lines.append(f"  transaction() of 50 append_message: {t['messages']:,} messages"
                          f" in {t['duration_s']:.1f} s: {t['messages_per_s']:,.0f} messages/s")
+        if ingest.get("optimize"):
+            o = ingest["optimize"]
+            lines.append(f"  optimize_search_index: {o['pages']:,} pages merged in "
+                         f"{o['duration_s']:.1f} s")
         if "store" in run:
             s = run["store"]
             lines.append(f"  store: {s['sessions']:,} sessions, {s['messages']:,} messages, "

@@ -382,6 +382,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Call]] = {
     "rebuild_search_index": call("rebuild_search_index", prefixes=PREFIXES,
                                  progress=PROGRESS),
     "reclaim_space": call("reclaim_space", progress=PROGRESS),
+    "optimize_search_index": call("optimize_search_index", progress=PROGRESS),
     "checkpoint": call("checkpoint", reset=FLAG),
     "stats": call("stats"),
     "close": call("close"),

@@ -1,0 +1,196 @@
+"""The sealed tables of the full-text index merged into one segment each, in short
+steps (sessiondb.fts_merge): by ``optimize_search_index`` and by writers after their
+own writes; searches answer the same before and after, FTS5's integrity check passes,
+the newest table is left alone, and a merge killed midway is finished by the next
+process. Stores of a few thousand messages cut into tables of 200 ids stand in for
+the real blocks of 262,144; each table is split into many segments by rewriting its
+rows one transaction at a time with FTS5's merges off, in pages of 128 bytes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import apsw
+import pytest
+from test_search_horizon import FILTERS, _fill
+from test_search_scale import found
+
+from sessiondb import SessionDB, fts_merge, fts_tables, search
+from sessiondb.schema import REBUILDING
+
+QUERIES = ["needle", "early", "zz NOT zy", "needle OR late", "w1*", "w1* needle"]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionDB]:
+    """2,000 messages in tables of 200 ids (windows of 5 within blocks of 100), each
+    sealed table in more than MERGE_AT segments; the tail is empty."""
+    monkeypatch.setattr(search, "WINDOW", 5)
+    monkeypatch.setattr(search, "HORIZON", 100)
+    monkeypatch.setattr(search, "FIRST_SPAN", 16)
+    monkeypatch.setattr(search, "CHUNK", 4)
+    monkeypatch.setattr(fts_tables, "BLOCK", 200)
+    monkeypatch.setattr(fts_tables, "MARGIN", 20)
+    monkeypatch.setattr(fts_merge, "EVERY_S", 3600.0)  # no writer merges unless a test says
+    db = SessionDB(tmp_path / "state.db")
+    _fill(db, random.Random(7), 2000)
+    db.rebuild_search_index()
+    for table in names(db):
+        fragment(db.path, table, fts_merge.MERGE_AT + 4)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def names(db: SessionDB) -> list[str]:
+    """The index's tables, the newest (the tail) first."""
+    return [t.name for t in db._engine.read(fts_tables.tables)]
+
+
+def fragment(path: Path, table: str, rows: int) -> None:
+    """Add ``rows`` segments to ``table``: its FTS5 merges off, ``rows`` of its messages
+    each deleted from it and indexed again in a transaction of its own (what it holds
+    stays the same)."""
+    conn = apsw.Connection(str(path))
+    conn.set_busy_timeout(5000)
+    try:
+        conn.execute(f"INSERT INTO {table}({table}, rank) VALUES ('automerge', 0);"
+                     f"INSERT INTO {table}({table}, rank) VALUES ('crisismerge', 1000);"
+                     # pages of 128 bytes: a merge of the table takes many pages
+                     f"INSERT INTO {table}({table}, rank) VALUES ('pgsz', 128)")
+        lo = 1 if table == fts_tables.FIRST else int(table.rsplit("_", 1)[1])
+        for rowid, content in conn.execute(
+                "SELECT id, content FROM messages WHERE id >= ? AND content IS NOT NULL "
+                "ORDER BY id LIMIT ?", (lo, rows)).fetchall():
+            with conn:
+                conn.execute(f"INSERT INTO {table}({table}, rowid, content) "
+                             "VALUES ('delete', ?, ?)", (rowid, content))
+                conn.execute(f"INSERT INTO {table}(rowid, content) VALUES (?, ?)",
+                             (rowid, content))
+        conn.execute(f"INSERT INTO {table}({table}, rank) VALUES ('automerge', 4);"
+                     f"INSERT INTO {table}({table}, rank) VALUES ('crisismerge', 16)")
+    finally:
+        conn.close()
+
+
+def segments(db: SessionDB) -> dict[str, int]:
+    """Each table's segments, read two ways: FTS5's structure record (as fts_merge
+    reads it) and the segment ids of its ``%_idx`` table."""
+    def read(conn: apsw.Connection) -> dict[str, int]:
+        out = {}
+        for t in fts_tables.tables(conn):
+            out[t.name] = fts_merge.segments(conn, t.name)
+            ids = conn.execute(f"SELECT count(DISTINCT segid) FROM {t.name}_idx").fetchone()[0]
+            assert ids == out[t.name], t.name
+        return out
+    return db._engine.read(read)
+
+
+def answers(db: SessionDB) -> list[list[int]]:
+    return [found(db, q, limit=None, **kw) for q in QUERIES for kw in FILTERS]
+
+
+def intact(db: SessionDB) -> None:
+    """FTS5's own check of every table against its messages, and SQLite's."""
+    def check(conn: apsw.Connection) -> None:
+        for t in fts_tables.tables(conn):
+            conn.execute(f"INSERT INTO {t.name}({t.name}, rank) VALUES ('integrity-check', 1)")
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db._engine.read(check)
+
+
+def test_optimize_merges_each_sealed_table_into_one_segment(store: SessionDB) -> None:
+    before = segments(store)
+    tail, *sealed = names(store)
+    assert len(sealed) == 10 and all(before[t] > fts_merge.MERGE_AT for t in sealed)
+    store.append_message("s1", "user", "needle in the tail")
+    fragment(store.path, tail, 3)
+    before = segments(store)
+    expected = answers(store)
+    reports: list[Any] = []
+    merged = store.optimize_search_index(progress=reports.append)
+    after = segments(store)
+    assert {t: after[t] for t in sealed} == {t: 1 for t in sealed}
+    assert after[tail] == before[tail]  # the newest table is left to FTS5
+    assert answers(store) == expected
+    intact(store)
+    assert merged > 0 and reports and {r.task for r in reports} == {"merge"}
+    assert reports[-1].done == merged and reports[0].total > 0
+    assert store._engine.read(lambda c: c.execute(
+        "SELECT 1 FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall()) == []
+    assert store.optimize_search_index() == 0  # nothing left to merge
+
+
+def test_writers_merge_a_table_of_too_many_segments_a_step_after_their_writes(
+        store: SessionDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    tail, first, second, *rest = names(store)
+    store.optimize_search_index()
+    fragment(store.path, first, fts_merge.MERGE_AT + 2)  # due
+    fragment(store.path, second, fts_merge.MERGE_AT - 2)  # not yet
+    expected = answers(store)
+    monkeypatch.setattr(fts_merge, "EVERY_S", 0.0)
+    store._engine._merges = fts_merge.Merger()  # the fixture's waits an hour
+    monkeypatch.setattr(fts_merge, "STEP_S", 0.0)  # one command a step
+    monkeypatch.setattr(fts_merge, "STEP_PAGES", 1)
+    seen = []
+    for n in range(200):
+        store.append_message("s1", "user", f"quiet {n}")  # matches no query
+        now = segments(store)
+        going = store._engine.read(lambda c: c.execute(
+            "SELECT value FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall())
+        seen.append((now[first], going))
+        if now[first] == 1:
+            break
+    assert seen[-1] == (1, [])
+    assert len(seen) > 2 and (seen[0][0] > 1 and seen[0][1] == [(first,)])  # in steps
+    assert segments(store)[second] == fts_merge.MERGE_AT - 1  # at most MERGE_AT: left
+    assert answers(store) == expected
+    intact(store)
+
+
+def test_nothing_is_merged_while_the_index_is_being_rebuilt(store: SessionDB) -> None:
+    def mark(conn: apsw.Connection) -> None:
+        conn.execute("INSERT INTO sessiondb_meta (key, value) VALUES (?, 'a test')",
+                     (REBUILDING,))
+    store._engine.execute_write(mark)
+    assert store._engine.read(fts_merge.due_table) is None
+    assert store.optimize_search_index() == 0
+    store._engine.execute_write(
+        lambda c: c.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,)))
+    assert store._engine.read(fts_merge.due_table) is not None
+
+
+def optimize_and_die(path: str) -> None:
+    from maintenance_workers import kill_after
+    real = fts_merge.merge_step  # steps of one command of one page
+    fts_merge.STEP_PAGES = 1
+    fts_merge.merge_step = lambda conn, deadline, at=1: real(conn, 0.0, at)  # type: ignore
+    with SessionDB(path, hold_timeout=0.05) as db:
+        db.optimize_search_index(progress=kill_after(5, "merge"))
+
+
+def test_a_merge_killed_midway_is_finished_by_the_next_process(store: SessionDB) -> None:
+    expected = answers(store)
+    store.close()
+    proc = multiprocessing.get_context("spawn").Process(target=optimize_and_die,
+                                                         args=(str(store.path),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -9
+    db = SessionDB(store.path)
+    try:
+        left = db._engine.read(lambda c: c.execute(
+            "SELECT value FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall())
+        assert left and segments(db)[left[0][0]] > 1  # cut short in a table
+        assert answers(db) == expected
+        intact(db)
+        db.optimize_search_index()
+        assert set(segments(db).values()) - {segments(db)[names(db)[0]]} == {1}
+        assert answers(db) == expected
+        intact(db)
+    finally:
+        db.close()

@@ -21,8 +21,10 @@ short write transaction:
    rejected: editing the schema table with ``PRAGMA writable_schema``, which SQLite
    documents as a way to corrupt a file). Dropping it reads every page it frees: they
    are read first, outside the write lock (:func:`_warm`).
-2. sessiondb's indexes of ``sessions``, one per transaction
-   (:func:`sessiondb.schema.missing_session_indexes`).
+2. sessiondb's indexes of ``sessions``, one per transaction, as the steps of long work
+   are run: with pauses between them that hermes-agent's writers, polling for the
+   lock, get in by (:func:`sessiondb.schema.missing_session_indexes`); such a pause
+   also follows :func:`begin` and precedes :func:`swap`.
 3. :func:`copy_step`, repeated: the next rows, in id order, a chunk bounded by time and
    bytes per step.
 4. :func:`swap`: the last rows, then the tables trade names (hermes-agent's becomes
@@ -72,7 +74,9 @@ import filelock
 
 from . import fts_tables, schema
 from .errors import DatabaseOpenError
-from .maintenance import ProgressCallback, Step, Tracker, fit_bytes, run_steps, step_budget
+from .maintenance import (
+    POLL_GAP_S, ProgressCallback, Step, Tracker, fit_bytes, run_steps, step_budget,
+)
 from .schema import (
     COPY_TABLE, MESSAGE_COLUMNS, MESSAGE_INDEX_NAMES, SCHEMA_VERSION, WriteRunner, _refuse_newer,
     hermes_ladder, hermes_version, message_indexes, message_totals, messages_table,
@@ -131,7 +135,8 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
         if not (found == 0 and hermes_version(conn, path) is not None):
             _ladder(conn, run_write)
             return found
-        if not _exists(conn, NEW):
+        fresh = not _exists(conn, NEW)
+        if fresh:
             _warm(conn)
         run_write(begin)
     if run is None:
@@ -146,9 +151,15 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
         seen, since = None, time.monotonic()
         while _copying(conn):
             if elect():
-                while run_write(_index_sessions):
-                    pass
+                # hermes-agent's writers poll for the lock, sleeping up to 100 ms: each
+                # transaction here (begin()'s drop of a 10-million-entry index: 0.3 s)
+                # is followed by a pause longer than that, or a writer waits out two or
+                # three of them back to back (0.74 s, measured at ten million messages).
+                if fresh:
+                    time.sleep(POLL_GAP_S)
+                run(_index_sessions, Tracker("convert", "indexes", None, None))
                 run(copy_step, Tracker("convert", "ids", _ids_left(conn), progress))
+                time.sleep(POLL_GAP_S)
                 with _migrate_lock(path, lock_timeout):
                     run_write(swap)
                 break
@@ -296,15 +307,16 @@ def begin(conn: apsw.Connection) -> None:
     conn.execute(_mirror_triggers(_columns(conn)))
 
 
-def _index_sessions(conn: apsw.Connection) -> bool:
+def _index_sessions(conn: apsw.Connection, deadline: float = 0.0) -> int:
     """Make or drop the first of the session indexes that
-    :func:`~sessiondb.schema.missing_session_indexes` lists (a write function; the list
-    is read in its transaction, as another process, or hermes-agent opening the file,
-    may have made one meanwhile); False when none is left."""
+    :func:`~sessiondb.schema.missing_session_indexes` lists (a step, each index its own:
+    one statement that cannot stop at ``deadline``; the list is read in its transaction,
+    as another process, or hermes-agent opening the file, may have made one meanwhile);
+    0 when none is left."""
     todo = missing_session_indexes(conn)
     if todo:
         conn.execute(todo[0])
-    return bool(todo)
+    return int(bool(todo))
 
 
 def _definition(info: tuple) -> str:

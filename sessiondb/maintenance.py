@@ -45,7 +45,7 @@ _HOLD_SHARE = 4  # a step may use at most a quarter of hold_timeout
 _YIELD_SHARE = 0.2  # pause after a step, as a share of its duration (see run_steps)
 # A longer pause at least this often (see run_steps): longer than the longest sleep of
 # SQLite's default busy handler between two polls of the lock (100 ms).
-_POLL_GAP_S = 0.11
+POLL_GAP_S = 0.11
 _POLL_GAP_EVERY_S = 0.25
 # Bytes of message content a step may index or delete per second of its budget: FTS5
 # tokenizes every byte it indexes, and every byte of a message it deletes from the
@@ -217,7 +217,7 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
                 overruns += 1
                 if overruns >= _MIN_STEP_TRIES:
                     raise
-                pause(_POLL_GAP_S)  # the others' turn; then the same step again
+                pause(POLL_GAP_S)  # the others' turn; then the same step again
             budget = max(_MIN_STEP_S, budget / 2)  # nothing was written: try a smaller one
             work = min(work, budget)
             continue
@@ -252,7 +252,7 @@ def run_steps(write: Callable[[Callable[[apsw.Connection], int]], int], step: St
         # ``pause`` holds the gate, leaving the lock to the pollers alone.
         now = time.monotonic()
         if now + _YIELD_SHARE * (now - started) - gap >= _POLL_GAP_EVERY_S:
-            pause(_POLL_GAP_S)
+            pause(POLL_GAP_S)
             gap = time.monotonic()
         else:
             time.sleep(_YIELD_SHARE * (now - started))

@@ -36,7 +36,7 @@ from .connection import (
     close_for_fork, create_store, default_path, open_connection, prepare_directory,
     sqlite_version,
 )
-from . import conversion, filesystems, forks, fts_merge, fts_tables, search_index
+from . import conversion, filesystems, forks, fts_tables, search_index
 from .errors import (
     ClosedError, ConfigurationError, CorruptDatabaseError, DatabaseBusyError, HoldTimeout,
     SessionDBError, StoreReplacedError, WalDeletedError, translate,
@@ -125,7 +125,6 @@ class Engine:
         o = self._options
         self._rolls = False  # until the store is sessiondb's (a hermes-agent file is not)
         self._roll_after = 0.0  # (monotonic) no seal tried before, after one failed
-        self._merges = fts_merge.Merger()
         if not self.path.exists():
             refuse_replaced(self.path)  # moved away in use: no new store in its place
             prepare_directory(self.path)
@@ -365,14 +364,10 @@ class Engine:
                 self._identity.check(committed=True)  # into the old file? (replacement)
             overgrown = self._checkpoints.after_write(conn)
             roll = fn is not fts_tables.roll and self._roll_due(conn)
-            merge = (not roll and self._rolls and fn is not fts_merge.after_write
-                     and self._merges.due(conn))
         if overgrown:  # outside the lock: the background reset may be waiting for it
             self._checkpoints.reset(wait=True, past=self._checkpoints.INLINE_AT, quiet=True)
         if roll:
             self._roll()
-        elif merge:
-            self._merge()
         return result
 
     def _roll_due(self, conn: apsw.Connection) -> bool:
@@ -397,15 +392,6 @@ class Engine:
             self._write(fts_tables.roll, bounded=False)
         except (SessionDBError, apsw.Error):
             self._roll_after = time.monotonic() + 1.0
-
-    def _merge(self) -> None:
-        """One step of merging a sealed index table (:mod:`sessiondb.fts_merge`), a short
-        write of its own after the caller's, as the seal: a failure is not the caller's,
-        and the next step comes after a later write."""
-        try:
-            self._write(fts_merge.after_write)
-        except (SessionDBError, apsw.Error):
-            pass
 
     def _verify_files(self) -> None:
         """Right after BEGIN IMMEDIATE: the files are still the ones this instance

@@ -1,59 +1,45 @@
 """The sealed tables of the full-text index merged into one segment each, in short
-steps (SQLite).
+steps (SQLite): :meth:`sessiondb.SessionDB.optimize_search_index`.
 
 FTS5 keeps a table as a set of segments, merged level by level as it grows: a table
 filled by appends is left in 10-16 of them. Every query looks each of its words up in
 every segment, so a search that runs one query per range of ids (a rare source's,
 :mod:`sessiondb.search`) pays that many seeks per word per query. On the
-million-message store of the scale benchmark, measured in one run: ``a NOT b`` with
-``b`` everywhere over the rarest source 48.8 ms p50 and 85.1 ms p99 with 9-16
-segments per table, 28.4 and 31.2 ms with one; a prefix of two letters over it 47.1 and
-56.8 ms against 33.5 and 40.6.
+million-message store of the scale benchmark, in one run: ``a NOT b`` with ``b``
+everywhere over the rarest source took 49.2 ms at p50 with its three sealed tables in
+10-16 segments, 32.1 ms with each in one.
 
-A sealed table (:mod:`sessiondb.fts_tables`) takes only the deletions and rewrites of
-its messages from then on, so one merge lasts: FTS5's ``merge`` command with a negative
-page count merges every segment of the table into one, :data:`STEP_PAGES` pages at a
-time, each in the caller's write transaction (a command also finishes the word it is
-in: at most one word's doclist of one block, as any merge). A table is merged once it
-has more than :data:`MERGE_AT` segments, and then down to one; the deletions of a prune
-add segments again, and when they are more than :data:`MERGE_AT` the table is merged
-again (one merge reads and writes the whole table: tens of MB for a block of long
-messages). The table being merged is named in ``sessiondb_meta`` (:data:`KEY`) until
-it is one segment, so a merge cut short by a crash is finished, not left half-way.
+A sealed table (:mod:`sessiondb.fts_tables`) takes only the deletions of its messages
+from then on, so one merge lasts. FTS5's ``merge`` command with a negative page count
+merges every segment of the table into one, about :data:`STEP_PAGES` pages at a time,
+each command in the caller's write transaction; a command also finishes the word it
+is in, so one may copy a common word's whole doclist in the block (about 8 MB). Reading
+that from the disk with the lock held took 0.7-0.8 s per command on a store of ten
+million messages (measured), so a table's pages are read first, outside the lock
+(:func:`warm`). The newest table, which takes every new message, is left to FTS5's own
+merges: merged into one, it is back to many segments within a few hundred writes, and
+each merge of it rewrites the whole table.
 
-Who merges: every process that writes, one step after a write of its own at most every
-:data:`EVERY_S` seconds (:class:`Merger`, in the engine), as the tail's seal is done;
-:meth:`sessiondb.SessionDB.optimize_search_index` merges every sealed table of more than
-one segment at once, in steps. Nothing is merged while the index is damaged, rebuilt or
-converted (its tables are then remade)."""
+Nothing merges on its own: writers that did (a step after a write of their own) held
+the lock up to 0.8 s at ten million messages with cold pages, and made their own
+callers wait for it. A merge cut short (a kill) leaves a valid index, in more than one
+segment: the next ``optimize_search_index`` finishes it."""
 
 from __future__ import annotations
 
 import time
-import weakref
-from typing import Optional
+from typing import Callable
 
 import apsw
 
 from .fts_tables import tables, varint
 from .schema import REBUILDING
 
-#: A sealed table with more segments than this is merged into one.
-MERGE_AT = 4
-#: Pages of merge work per ``merge`` command (about 10 ms; see the module docstring).
+#: Pages of merge work per ``merge`` command (see the module docstring).
 STEP_PAGES = 128
-#: The shortest time between two steps run after a process's own writes.
-EVERY_S = 2.0
-#: The time such a step merges for (one command more at most).
-STEP_S = 0.05
-#: ``sessiondb_meta`` key naming the table being merged.
-KEY = "fts_merging"
 _STRUCTURE = 10  # FTS5_STRUCTURE_ROWID: the row of %_data that lists the segments
 _V2 = b"\xff\x00\x00\x01"  # after the 4-byte cookie of a version-2 structure record
 _BLOCKED = ("fts_damaged", REBUILDING)  # search_index's keys: damaged, being rebuilt
-#: When each connection last ran a merge step (an optimize's steps are not followed by
-#: a writer's step of its own).
-_STEPPED: "weakref.WeakKeyDictionary[apsw.Connection, float]" = weakref.WeakKeyDictionary()
 
 
 def segments(conn: apsw.Connection, table: str) -> int:
@@ -70,78 +56,40 @@ def segments(conn: apsw.Connection, table: str) -> int:
     return varint(data, at)[0]
 
 
-def due_table(conn: apsw.Connection, at: int = MERGE_AT) -> Optional[str]:
-    """The sealed table to merge next: the one a merge was left in, else the first of
-    more than ``at`` segments; None when there is none, or while the index is damaged,
-    rebuilt or converted."""
-    keys = dict(conn.execute(
-        "SELECT key, value FROM sessiondb_meta WHERE key IN (?, ?, ?)",
-        (KEY,) + _BLOCKED).fetchall())
-    if any(k in keys for k in _BLOCKED):
-        return None
-    sealed = [t.name for t in tables(conn)[1:]]
-    going = keys.get(KEY)
-    if going in sealed and segments(conn, going) > 1:
-        return going
-    return next((name for name in sealed if segments(conn, name) > at), None)
+def due(conn: apsw.Connection) -> list[str]:
+    """The sealed tables of more than one segment, newest first; none while the index is
+    damaged or being rebuilt (its tables are then remade)."""
+    blocked = conn.execute("SELECT 1 FROM sessiondb_meta WHERE key IN (?, ?)",
+                           _BLOCKED).fetchone()
+    if blocked:
+        return []
+    return [t.name for t in tables(conn)[1:] if segments(conn, t.name) > 1]
 
 
-def merge_step(conn: apsw.Connection, deadline: float, at: int = MERGE_AT) -> int:
-    """Merge the table :func:`due_table` names until ``deadline`` (a write function, in
-    a write transaction): ``merge`` commands of :data:`STEP_PAGES` pages, at least one;
-    the table is named in ``sessiondb_meta`` until it is one segment. Returns the
-    pages of work done (about), 0 when no table is due."""
-    name = due_table(conn, at)
-    if name is None:
-        if conn.execute("SELECT 1 FROM sessiondb_meta WHERE key = ?", (KEY,)).fetchone():
-            conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (KEY,))
-        return 0
-    _STEPPED[conn] = time.monotonic()
-    done = 0
-    while True:
-        conn.execute(f'INSERT INTO "{name}"("{name}", rank) VALUES (\'merge\', ?)',
-                     (-STEP_PAGES,))
-        done += STEP_PAGES
-        left = segments(conn, name)
-        if left <= 1 or time.monotonic() >= deadline:
-            break
-    if left > 1:
-        conn.execute("INSERT OR REPLACE INTO sessiondb_meta (key, value) VALUES (?, ?)",
-                      (KEY, name))
-    else:
-        conn.execute("DELETE FROM sessiondb_meta WHERE key = ?", (KEY,))
-    return done
+def pages(conn: apsw.Connection, table: str) -> int:
+    """The rows of ``table``'s ``%_data`` (about its pages): a progress total."""
+    return int(conn.execute(f'SELECT count(*) FROM "{table}_data"').fetchone()[0])
 
 
-def after_write(conn: apsw.Connection) -> int:
-    """The step an engine runs after a write of its own (:class:`Merger`): merge
-    commands for about :data:`STEP_S` seconds."""
-    return merge_step(conn, time.monotonic() + STEP_S)
+def warm(conn: apsw.Connection, table: str) -> None:
+    """Read every page of ``table``'s index, outside a write: they stay in the OS's cache
+    for the merge."""
+    for _ in conn.execute(f'SELECT block FROM "{table}_data"'):
+        pass
 
 
-def pages_due(conn: apsw.Connection, at: int = MERGE_AT) -> int:
-    """The pages of the sealed tables :func:`merge_step` would merge (each is read and
-    written once): a progress total."""
-    if due_table(conn, at) is None:
-        return 0
-    return sum(conn.execute(f'SELECT count(*) FROM "{t.name}_data"').fetchone()[0]
-               for t in tables(conn)[1:] if segments(conn, t.name) > 1)
-
-
-class Merger:
-    """When an engine runs a merge step after one of its own writes: at most every
-    :data:`EVERY_S` seconds, and only when a table is due (read outside the write's
-    transaction, like the tail's seal)."""
-
-    def __init__(self) -> None:
-        self._next = 0.0
-
-    def due(self, conn: apsw.Connection) -> bool:
-        now = time.monotonic()
-        if now < max(self._next, _STEPPED.get(conn, -EVERY_S) + EVERY_S):
-            return False
-        self._next = now + EVERY_S
-        try:
-            return due_table(conn) is not None
-        except apsw.Error:  # busy (a commit in the rollback journal): the next write
-            return False
+def merge_step(table: str) -> Callable[[apsw.Connection, float], int]:
+    """A step that merges ``table`` until ``deadline`` (at least one ``merge`` command);
+    it returns the pages of work done (about), 0 once the table is one segment, or while
+    the index is damaged or being rebuilt."""
+    def step(conn: apsw.Connection, deadline: float) -> int:
+        if table not in due(conn):
+            return 0
+        done = 0
+        while True:
+            conn.execute(f'INSERT INTO "{table}"("{table}", rank) VALUES (\'merge\', ?)',
+                         (-STEP_PAGES,))
+            done += STEP_PAGES
+            if segments(conn, table) <= 1 or time.monotonic() >= deadline:
+                return done
+    return step

@@ -161,13 +161,13 @@ class Upkeep:
 
     def optimize_search_index(self, *, progress: ProgressCallback | None = None) -> int:
         """Merge each sealed table of the full-text index into one segment, in short
-        steps while other processes keep writing (:mod:`sessiondb.fts_merge`): searches
-        that run a query per range of ids (a rare source's) then look each word up once
-        per table. Writers do the same a step at a time after their own writes once a
-        table has more than four segments; this does it now, for every sealed table of
-        more than one (after an import, a rebuild or a prune, say). The newest table,
-        which takes every new message, is left to FTS5's own merges. Nothing on
-        PostgreSQL, or while the index is damaged or being rebuilt.
+        steps while other processes keep writing (:mod:`sessiondb.fts_merge`): a search
+        that runs a query per range of ids (a rare source's) then looks each word up
+        once per table. Worth running after a large import, a rebuild or a prune; a
+        table already in one segment is skipped, and one cut short is finished. Each
+        table's pages are read first, outside the write lock. The newest table, which
+        takes every new message, is left to FTS5's own merges. Nothing on PostgreSQL,
+        or while the index is damaged or being rebuilt.
 
         :param progress: called after each step (task ``"merge"``, unit ``"pages"``:
             the index pages merged, about; the total is those of the tables to merge).
@@ -176,9 +176,13 @@ class Upkeep:
         progress = check_progress(progress)
         if not self._sql.defers_index:  # PostgreSQL: a GIN index has no segments
             return 0
-        total = self._read(lambda c: fts_merge.pages_due(c, 1))
-        return self._run_steps(lambda c, deadline: fts_merge.merge_step(c, deadline, 1),
-                               Tracker("merge", "pages", total, progress))
+        todo = self._read(fts_merge.due)
+        total = self._read(lambda c: sum(fts_merge.pages(c, t) for t in todo))
+        tracker = Tracker("merge", "pages", total, progress)
+        for table in todo:
+            self._read(lambda c: fts_merge.warm(c, table))  # noqa: B023 (called now)
+            self._run_steps(fts_merge.merge_step(table), tracker)
+        return tracker.done
 
     def _reclaim_context(self) -> Any:
         """A larger page cache while pages are given back: moving a page reads the

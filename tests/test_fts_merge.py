@@ -1,8 +1,7 @@
 """The sealed tables of the full-text index merged into one segment each, in short
-steps (sessiondb.fts_merge): by ``optimize_search_index`` and by writers after their
-own writes; searches answer the same before and after, FTS5's integrity check passes,
-the newest table is left alone, and a merge killed midway is finished by the next
-process. Stores of a few thousand messages cut into tables of 200 ids stand in for
+steps, by ``optimize_search_index`` (sessiondb.fts_merge): searches answer the same
+before and after, FTS5's integrity check passes, the newest table is left alone,
+writers go on meanwhile, and a merge killed midway is finished by the next call. Stores of a few thousand messages cut into tables of 200 ids stand in for
 the real blocks of 262,144; each table is split into many segments by rewriting its
 rows one transaction at a time with FTS5's merges off, in pages of 128 bytes."""
 
@@ -27,19 +26,18 @@ QUERIES = ["needle", "early", "zz NOT zy", "needle OR late", "w1*", "w1* needle"
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionDB]:
     """2,000 messages in tables of 200 ids (windows of 5 within blocks of 100), each
-    sealed table in more than MERGE_AT segments; the tail is empty."""
+    sealed table in many segments; the tail is empty."""
     monkeypatch.setattr(search, "WINDOW", 5)
     monkeypatch.setattr(search, "HORIZON", 100)
     monkeypatch.setattr(search, "FIRST_SPAN", 16)
     monkeypatch.setattr(search, "CHUNK", 4)
     monkeypatch.setattr(fts_tables, "BLOCK", 200)
     monkeypatch.setattr(fts_tables, "MARGIN", 20)
-    monkeypatch.setattr(fts_merge, "EVERY_S", 3600.0)  # no writer merges unless a test says
     db = SessionDB(tmp_path / "state.db")
     _fill(db, random.Random(7), 2000)
     db.rebuild_search_index()
     for table in names(db):
-        fragment(db.path, table, fts_merge.MERGE_AT + 4)
+        fragment(db.path, table, 8)
     try:
         yield db
     finally:
@@ -106,7 +104,7 @@ def intact(db: SessionDB) -> None:
 def test_optimize_merges_each_sealed_table_into_one_segment(store: SessionDB) -> None:
     before = segments(store)
     tail, *sealed = names(store)
-    assert len(sealed) == 10 and all(before[t] > fts_merge.MERGE_AT for t in sealed)
+    assert len(sealed) == 10 and all(before[t] > 4 for t in sealed)
     store.append_message("s1", "user", "needle in the tail")
     fragment(store.path, tail, 3)
     before = segments(store)
@@ -120,36 +118,53 @@ def test_optimize_merges_each_sealed_table_into_one_segment(store: SessionDB) ->
     intact(store)
     assert merged > 0 and reports and {r.task for r in reports} == {"merge"}
     assert reports[-1].done == merged and reports[0].total > 0
-    assert store._engine.read(lambda c: c.execute(
-        "SELECT 1 FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall()) == []
     assert store.optimize_search_index() == 0  # nothing left to merge
 
 
-def test_writers_merge_a_table_of_too_many_segments_a_step_after_their_writes(
-        store: SessionDB, monkeypatch: pytest.MonkeyPatch) -> None:
-    tail, first, second, *rest = names(store)
-    store.optimize_search_index()
-    fragment(store.path, first, fts_merge.MERGE_AT + 2)  # due
-    fragment(store.path, second, fts_merge.MERGE_AT - 2)  # not yet
-    expected = answers(store)
-    monkeypatch.setattr(fts_merge, "EVERY_S", 0.0)
-    store._engine._merges = fts_merge.Merger()  # the fixture's waits an hour
-    monkeypatch.setattr(fts_merge, "STEP_S", 0.0)  # one command a step
+def test_a_writer_goes_on_while_tables_are_merged(store: SessionDB,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Steps of one command of one page: the merge of each table takes many
+    # transactions, and another process writes between them.
+    real = fts_merge.merge_step
     monkeypatch.setattr(fts_merge, "STEP_PAGES", 1)
-    seen = []
-    for n in range(200):
-        store.append_message("s1", "user", f"quiet {n}")  # matches no query
-        now = segments(store)
-        going = store._engine.read(lambda c: c.execute(
-            "SELECT value FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall())
-        seen.append((now[first], going))
-        if now[first] == 1:
-            break
-    assert seen[-1] == (1, [])
-    assert len(seen) > 2 and (seen[0][0] > 1 and seen[0][1] == [(first,)])  # in steps
-    assert segments(store)[second] == fts_merge.MERGE_AT - 1  # at most MERGE_AT: left
-    assert answers(store) == expected
-    intact(store)
+    monkeypatch.setattr(fts_merge, "merge_step",
+                        lambda table: lambda conn, deadline: real(table)(conn, 0.0))
+    store.close()
+    ctx = multiprocessing.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    writer = ctx.Process(target=appender, args=(str(store.path), "s1", stop, ready, results))
+    writer.start()
+    db = SessionDB(store.path, hold_timeout=0.05)
+    try:
+        assert ready.wait(60)
+        before, sealed = db.message_count("s1"), names(db)[1:]
+        steps: list[Any] = []
+        db.optimize_search_index(progress=steps.append)
+        stop.set()
+        written = results.get(timeout=60)
+        writer.join(30)
+        assert len(steps) > 3 * len(sealed)
+        assert db.message_count("s1") > before  # written between the steps
+        assert {segments(db)[t] for t in sealed} == {1}
+        assert db.message_count("s1") >= written  # every acknowledged write is there
+        intact(db)
+    finally:
+        stop.set()
+        db.close()
+
+
+def appender(path: str, session_id: str, stop: Any, ready: Any, results: Any) -> None:
+    """Append to ``session_id`` until ``stop`` (``ready`` set after the first); put the
+    number acknowledged."""
+    done = 0
+    with SessionDB(path) as db:
+        while not stop.is_set():
+            db.append_message(session_id, "user", f"quiet {done}")  # matches no query
+            done += 1
+            ready.set()
+            stop.wait(0.005)
+    results.put(done)
 
 
 def test_nothing_is_merged_while_the_index_is_being_rebuilt(store: SessionDB) -> None:
@@ -157,18 +172,19 @@ def test_nothing_is_merged_while_the_index_is_being_rebuilt(store: SessionDB) ->
         conn.execute("INSERT INTO sessiondb_meta (key, value) VALUES (?, 'a test')",
                      (REBUILDING,))
     store._engine.execute_write(mark)
-    assert store._engine.read(fts_merge.due_table) is None
+    assert store._engine.read(fts_merge.due) == []
     assert store.optimize_search_index() == 0
     store._engine.execute_write(
         lambda c: c.execute("DELETE FROM sessiondb_meta WHERE key = ?", (REBUILDING,)))
-    assert store._engine.read(fts_merge.due_table) is not None
+    assert len(store._engine.read(fts_merge.due)) == 10
 
 
 def optimize_and_die(path: str) -> None:
     from maintenance_workers import kill_after
     real = fts_merge.merge_step  # steps of one command of one page
     fts_merge.STEP_PAGES = 1
-    fts_merge.merge_step = lambda conn, deadline, at=1: real(conn, 0.0, at)  # type: ignore
+    fts_merge.merge_step = lambda table: (  # type: ignore[assignment]
+        lambda conn, deadline: real(table)(conn, 0.0))
     with SessionDB(path, hold_timeout=0.05) as db:
         db.optimize_search_index(progress=kill_after(5, "merge"))
 
@@ -183,9 +199,8 @@ def test_a_merge_killed_midway_is_finished_by_the_next_process(store: SessionDB)
     assert proc.exitcode == -9
     db = SessionDB(store.path)
     try:
-        left = db._engine.read(lambda c: c.execute(
-            "SELECT value FROM sessiondb_meta WHERE key = ?", (fts_merge.KEY,)).fetchall())
-        assert left and segments(db)[left[0][0]] > 1  # cut short in a table
+        cut = segments(db)
+        assert max(cut[t] for t in names(db)[1:]) > 1  # cut short
         assert answers(db) == expected
         intact(db)
         db.optimize_search_index()

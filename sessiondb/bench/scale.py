@@ -6,7 +6,7 @@ In a fresh working directory, in this order:
    with the bulk path, ``import_sessions`` fed by a generator of session dicts (streamed,
    never all in memory), then a sample of up to 20,000 messages through ``transaction()``
    blocks of 50 ``append_message`` calls; the rate of each path; then
-   ``optimize_search_index`` (the sealed index tables merged, as writers do over time).
+   ``optimize_search_index`` (the sealed index tables merged, as advised after an import).
 2. **Read**: every search shape (:func:`~sessiondb.bench.scale_search.measure_search`)
    and every listing, count and page shape
    (:func:`~sessiondb.bench.scale_listing.measure_listing`), timed.
@@ -108,8 +108,8 @@ def build(path: str, corpus: Corpus, shape: dict[str, int], seed: int) -> dict[s
                "messages_per_transaction": PER_SESSION}
         print(f"  transaction(): {txn['messages_per_s']:,.0f} messages/s", file=sys.stderr,
               flush=True)
-        # The sealed index tables merged now, as writers would over time (sessiondb.fts_merge):
-        # the reads measure the store as its use leaves it, not as the import did.
+        # The sealed index tables merged (sessiondb.fts_merge), as the README advises
+        # after a large import: the reads measure the store as its user keeps it.
         merged: dict[str, Any] = {}
         if hasattr(db, "optimize_search_index"):
             progress = Progress("optimize")

@@ -142,6 +142,7 @@ CLOSED_CALLS = {
     "prune_sessions": lambda db: db.prune_sessions(1),
     "rebuild_search_index": lambda db: db.rebuild_search_index(),
     "reclaim_space": lambda db: db.reclaim_space(),
+    "optimize_search_index": lambda db: db.optimize_search_index(),
     "checkpoint": lambda db: db.checkpoint(),
     "stats": lambda db: db.stats(),
     "update_session": lambda db: db.update_session("s", title="t"),

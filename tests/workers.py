@@ -375,6 +375,7 @@ def tour_api(path: Path, on_open: Callable[[SessionDB], None] = lambda db: None)
     db.prune_sessions(older_than_days=0, dry_run=True)
     db.rebuild_search_index()
     db.reclaim_space()
+    db.optimize_search_index()
     db.delete_session("root")
     assert exported is not None
     assert db.import_sessions(exported) == 1

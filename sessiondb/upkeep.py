@@ -175,7 +175,7 @@ class Upkeep:
         """
         progress = check_progress(progress)
         if not self._sql.defers_index:  # PostgreSQL: a GIN index has no segments
-            return 0
+            return int(self._read(lambda c: 0))  # (ClosedError on a closed instance)
         todo = self._read(fts_merge.due)
         total = self._read(lambda c: sum(fts_merge.pages(c, t) for t in todo))
         tracker = Tracker("merge", "pages", total, progress)

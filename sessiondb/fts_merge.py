@@ -59,11 +59,14 @@ def segments(conn: apsw.Connection, table: str) -> int:
 def due(conn: apsw.Connection) -> list[str]:
     """The sealed tables of more than one segment, newest first; none while the index is
     damaged or being rebuilt (its tables are then remade)."""
-    blocked = conn.execute("SELECT 1 FROM sessiondb_meta WHERE key IN (?, ?)",
-                           _BLOCKED).fetchone()
-    if blocked:
+    if _blocked(conn):
         return []
     return [t.name for t in tables(conn)[1:] if segments(conn, t.name) > 1]
+
+
+def _blocked(conn: apsw.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sessiondb_meta WHERE key IN (?, ?)",
+                        _BLOCKED).fetchone() is not None
 
 
 def pages(conn: apsw.Connection, table: str) -> int:
@@ -83,7 +86,7 @@ def merge_step(table: str) -> Callable[[apsw.Connection, float], int]:
     it returns the pages of work done (about), 0 once the table is one segment, or while
     the index is damaged or being rebuilt."""
     def step(conn: apsw.Connection, deadline: float) -> int:
-        if table not in due(conn):
+        if _blocked(conn) or segments(conn, table) <= 1:
             return 0
         done = 0
         while True:

@@ -16,8 +16,9 @@ import apsw
 import pytest
 from test_search_horizon import FILTERS, _fill
 from test_search_scale import found
+from test_search_tables import small_tables, small_windows
 
-from sessiondb import SessionDB, fts_merge, fts_tables, search
+from sessiondb import SessionDB, fts_merge, fts_tables
 from sessiondb.schema import REBUILDING
 
 QUERIES = ["needle", "early", "zz NOT zy", "needle OR late", "w1*", "w1* needle"]
@@ -27,12 +28,8 @@ QUERIES = ["needle", "early", "zz NOT zy", "needle OR late", "w1*", "w1* needle"
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionDB]:
     """2,000 messages in tables of 200 ids (windows of 5 within blocks of 100), each
     sealed table in many segments; the tail is empty."""
-    monkeypatch.setattr(search, "WINDOW", 5)
-    monkeypatch.setattr(search, "HORIZON", 100)
-    monkeypatch.setattr(search, "FIRST_SPAN", 16)
-    monkeypatch.setattr(search, "CHUNK", 4)
-    monkeypatch.setattr(fts_tables, "BLOCK", 200)
-    monkeypatch.setattr(fts_tables, "MARGIN", 20)
+    small_windows(monkeypatch)
+    small_tables(monkeypatch)
     db = SessionDB(tmp_path / "state.db")
     _fill(db, random.Random(7), 2000)
     db.rebuild_search_index()

@@ -21,17 +21,27 @@ QUERIES = ["needle", "early", "late", "zz NOT zy", "needle OR late", "w1*", "w1*
            "needle NOT w2*", "z*", "nothing"]
 
 
-@pytest.fixture
-def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-         ) -> Iterator[tuple[SessionDB, SessionDB, Path]]:
+def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of 5 within blocks of 100 ids, a first span of 16, chunks of 4."""
     monkeypatch.setattr(search, "WINDOW", 5)
     monkeypatch.setattr(search, "HORIZON", 100)
     monkeypatch.setattr(search, "FIRST_SPAN", 16)
     monkeypatch.setattr(search, "CHUNK", 4)
-    one = SessionDB(tmp_path / "one.db")
-    _fill(one, random.Random(7), 2000)
+
+
+def small_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Index tables of 200 ids, the tail sealed 20 ids before the next block."""
     monkeypatch.setattr(fts_tables, "BLOCK", 200)
     monkeypatch.setattr(fts_tables, "MARGIN", 20)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+         ) -> Iterator[tuple[SessionDB, SessionDB, Path]]:
+    small_windows(monkeypatch)
+    one = SessionDB(tmp_path / "one.db")
+    _fill(one, random.Random(7), 2000)
+    small_tables(monkeypatch)
     cut = SessionDB(tmp_path / "cut.db")
     _fill(cut, random.Random(7), 2000)
     cut.rebuild_search_index()

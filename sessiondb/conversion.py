@@ -151,13 +151,16 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
         seen, since = None, time.monotonic()
         while _copying(conn):
             if elect():
-                # hermes-agent's writers poll for the lock, sleeping up to 100 ms: each
-                # transaction here (begin()'s drop of a 10-million-entry index: 0.3 s)
-                # is followed by a pause longer than that, or a writer waits out two or
-                # three of them back to back (0.74 s, measured at ten million messages).
+                # hermes-agent's writers poll for the lock, sleeping up to 100 ms: begin()
+                # (the drop of a 10-million-entry index: 0.3 s) and each session index
+                # are followed by a pause (run_steps': 0.11 s after a step of 0.25 s or
+                # more), or a writer waits out two or three of them back to back (0.74 s,
+                # measured at ten million messages).
                 if fresh:
                     time.sleep(POLL_GAP_S)
-                run(_index_sessions, Tracker("convert", "indexes", None, None))
+                # Through run_write: an index is one statement, exempt from the hold bound.
+                run_steps(run_write, _index_sessions, step_budget(None),
+                          Tracker("convert", "indexes", None, None))
                 run(copy_step, Tracker("convert", "ids", _ids_left(conn), progress))
                 time.sleep(POLL_GAP_S)
                 with _migrate_lock(path, lock_timeout):

@@ -154,7 +154,7 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
     :param prefixes: with ``repair``, the prefix index lengths of the rebuilt index
         (:meth:`SessionDB.rebuild_search_index`); None keeps the current ones.
     :param progress: called with a :class:`~sessiondb.maintenance.Progress` during long
-        work (the rebuild; finishing a conversion when the store is opened).
+        work (the rebuild and the merge; finishing a conversion when the store is opened).
     :returns: the report; ``report["ok"]`` is False when any problem was found.
     :raises ConfigurationError: ``prefixes`` given for a PostgreSQL store (they are
         SQLite's full-text index's).
@@ -199,8 +199,8 @@ def check(path: str | os.PathLike[str] | None = None, *, repair: bool = False,
             report["repaired"] = {"fts_index_before": _fts_state(db, deep),
                                   "message_total_before": _total_state(db)}
             db.rebuild_search_index(prefixes=prefixes, progress=progress)
-            db.optimize_search_index(progress=progress)
             db._execute_write(lambda conn: conn.execute(_TOTAL_RECOUNT))
+            db.optimize_search_index(progress=progress)
         _inspect(db, report, deep)
     return _finish(report)
 

@@ -9,8 +9,8 @@ million-message store of the scale benchmark, in one run: ``a NOT b`` with ``b``
 everywhere over the rarest source took 49.2 ms at p50 with its three sealed tables in
 10-16 segments, 32.1 ms with each in one.
 
-A sealed table (:mod:`sessiondb.fts_tables`) takes only the deletions of its messages
-from then on, so one merge lasts. FTS5's ``merge`` command with a negative page count
+A sealed table (:mod:`sessiondb.fts_tables`) whose range the newest messages have
+passed takes only the deletions of its messages from then on, so one merge lasts. FTS5's ``merge`` command with a negative page count
 merges every segment of the table into one, about :data:`STEP_PAGES` pages at a time,
 each command in the caller's write transaction; a command also finishes the word it
 is in, so one may copy a common word's whole doclist in the block (about 8 MB). Reading
@@ -32,14 +32,13 @@ from typing import Callable
 
 import apsw
 
+from . import search_index
 from .fts_tables import tables, varint
-from .schema import REBUILDING
 
 #: Pages of merge work per ``merge`` command (see the module docstring).
 STEP_PAGES = 128
 _STRUCTURE = 10  # FTS5_STRUCTURE_ROWID: the row of %_data that lists the segments
 _V2 = b"\xff\x00\x00\x01"  # after the 4-byte cookie of a version-2 structure record
-_BLOCKED = ("fts_damaged", REBUILDING)  # search_index's keys: damaged, being rebuilt
 
 
 def segments(conn: apsw.Connection, table: str) -> int:
@@ -57,16 +56,22 @@ def segments(conn: apsw.Connection, table: str) -> int:
 
 
 def due(conn: apsw.Connection) -> list[str]:
-    """The sealed tables of more than one segment, newest first; none while the index is
-    damaged or being rebuilt (its tables are then remade)."""
+    """The sealed tables of more than one segment, newest first, but for one whose range
+    new messages still reach (a table is sealed up to 4,096 ids before its last); none
+    while the index is damaged or being rebuilt (its tables are then remade).
+
+    :returns: the tables' names.
+    """
     if _blocked(conn):
         return []
-    return [t.name for t in tables(conn)[1:] if segments(conn, t.name) > 1]
+    top = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+    return [t.name for t in tables(conn)[1:]
+            if (t.hi is None or top >= t.hi) and segments(conn, t.name) > 1]
 
 
 def _blocked(conn: apsw.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sessiondb_meta WHERE key IN (?, ?)",
-                        _BLOCKED).fetchone() is not None
+    return (search_index.damage_note(conn) is not None
+            or search_index.rebuilding(conn) is not None)
 
 
 def pages(conn: apsw.Connection, table: str) -> int:

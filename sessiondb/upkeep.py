@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import bulk, fts_merge, pruning, search_index
 from .backend import Dialect, Engine
-from .errors import InvalidArgument, InvalidArgumentType
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
 from .schema import index_prefixes
 from .text import check_cost, check_flag, check_text
@@ -172,14 +172,20 @@ class Upkeep:
         :param progress: called after each step (task ``"merge"``, unit ``"pages"``:
             the index pages merged, about; the total is those of the tables to merge).
         :returns: the pages merged (about).
+        :raises ConfigurationError: inside a ``transaction()`` or ``snapshot()`` block.
         """
         progress = check_progress(progress)
+        if self._engine.in_transaction:
+            raise ConfigurationError("optimize_search_index() runs in steps of its own: "
+                                     "call it outside transaction() and snapshot() blocks")
         if not self._sql.defers_index:  # PostgreSQL: a GIN index has no segments
             return int(self._read(lambda c: 0))  # (ClosedError on a closed instance)
         todo = self._read(fts_merge.due)
         total = self._read(lambda c: sum(fts_merge.pages(c, t) for t in todo))
         tracker = Tracker("merge", "pages", total, progress)
         for table in todo:
+            if table not in self._read(fts_merge.due):  # a rebuild began, or done by another
+                continue
             self._read(lambda c: fts_merge.warm(c, table))  # noqa: B023 (called now)
             self._run_steps(fts_merge.merge_step(table), tracker)
         return tracker.done

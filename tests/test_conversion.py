@@ -8,6 +8,7 @@ other processes and the kills are in test_maintenance.py."""
 from __future__ import annotations
 
 import re
+import time
 import sqlite3
 from pathlib import Path
 
@@ -266,3 +267,26 @@ def test_the_warm_up_reads_each_index_that_begin_drops(tmp_path):
     assert plans == [f"SCAN messages USING COVERING INDEX {name}"
                      for name in ("idx_messages_session", "idx_messages_session_ts")]
     conn.close()
+
+
+def test_a_session_index_longer_than_the_hold_bound_is_made(tmp_path, monkeypatch):
+    # An index is one statement: made through the write path exempt from the hold
+    # bound, as every step of the migration is, or a store of many sessions could
+    # never be converted with a short hold_timeout.
+    path = tmp_path / "state.db"
+    hermes_file(path)
+    real = conversion._index_sessions
+
+    def slow(conn: apsw.Connection, deadline: float = 0.0) -> int:
+        time.sleep(0.15)  # as a CREATE INDEX over many sessions takes
+        return real(conn, deadline)
+
+    monkeypatch.setattr(conversion, "_index_sessions", slow)
+    with SessionDB(path, hold_timeout=0.1) as db:
+        assert db.message_count("x") == 40
+    conn = apsw.Connection(str(path))
+    try:
+        assert schema.user_version(conn) == schema.SCHEMA_VERSION
+        assert schema.missing_session_indexes(conn) == []
+    finally:
+        conn.close()

@@ -1,7 +1,8 @@
 """The sealed tables of the full-text index merged into one segment each, in short
 steps, by ``optimize_search_index`` (sessiondb.fts_merge): searches answer the same
-before and after, FTS5's integrity check passes, the newest table is left alone,
-writers go on meanwhile, and a merge killed midway is finished by the next call. Stores of a few thousand messages cut into tables of 200 ids stand in for
+before and after, FTS5's integrity check passes, the newest table is left alone (and
+a sealed one that new messages still reach), writers go on meanwhile, and a merge
+killed midway is finished by the next call. Stores of a few thousand messages cut into tables of 200 ids stand in for
 the real blocks of 262,144; each table is split into many segments by rewriting its
 rows one transaction at a time with FTS5's merges off, in pages of 128 bytes."""
 
@@ -18,7 +19,7 @@ from test_search_horizon import FILTERS, _fill
 from test_search_scale import found
 from test_search_tables import small_tables, small_windows
 
-from sessiondb import SessionDB, fts_merge, fts_tables
+from sessiondb import ConfigurationError, SessionDB, fts_merge, fts_tables
 from sessiondb.schema import REBUILDING
 
 QUERIES = ["needle", "early", "zz NOT zy", "needle OR late", "w1*", "w1* needle"]
@@ -35,6 +36,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionDB
     db.rebuild_search_index()
     for table in names(db):
         fragment(db.path, table, 8)
+    db.append_message("s1", "user", "quiet tail")  # past the last sealed table's ids
     try:
         yield db
     finally:
@@ -102,7 +104,6 @@ def test_optimize_merges_each_sealed_table_into_one_segment(store: SessionDB) ->
     before = segments(store)
     tail, *sealed = names(store)
     assert len(sealed) == 10 and all(before[t] > 4 for t in sealed)
-    store.append_message("s1", "user", "needle in the tail")
     fragment(store.path, tail, 3)
     before = segments(store)
     expected = answers(store)
@@ -145,6 +146,7 @@ def test_a_writer_goes_on_while_tables_are_merged(store: SessionDB,
         assert db.message_count("s1") > before  # written between the steps
         assert {segments(db)[t] for t in sealed} == {1}
         assert db.message_count("s1") >= written  # every acknowledged write is there
+        assert writer.exitcode == 0
         intact(db)
     finally:
         stop.set()
@@ -201,8 +203,33 @@ def test_a_merge_killed_midway_is_finished_by_the_next_process(store: SessionDB)
         assert answers(db) == expected
         intact(db)
         db.optimize_search_index()
-        assert set(segments(db).values()) - {segments(db)[names(db)[0]]} == {1}
+        assert {segments(db)[t] for t in names(db)[1:]} == {1}
         assert answers(db) == expected
         intact(db)
     finally:
         db.close()
+
+
+def test_a_sealed_table_new_messages_still_reach_is_left(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A table is sealed 20 ids (here; 4,096 for real) before its last: appends go on
+    # reaching it, and a merge would start over with each of them.
+    small_tables(monkeypatch)
+    with SessionDB(tmp_path / "state.db") as db:
+        _fill(db, random.Random(7), 1990)
+        db.rebuild_search_index()  # the tables laid out per block
+        db.append_message("s1", "user", "quiet")  # 1,991: the tail is sealed
+        last = names(db)[1]
+        assert last == "messages_fts_1801"
+        fragment(db.path, last, 8)
+        assert last not in db._engine.read(fts_merge.due)
+        for n in range(10):
+            db.append_message("s1", "user", f"quiet {n}")
+        assert last in db._engine.read(fts_merge.due)
+
+
+def test_optimize_refuses_a_transaction_block(store: SessionDB) -> None:
+    with pytest.raises(ConfigurationError, match="outside transaction"):
+        with store.transaction():
+            store.optimize_search_index()
+    assert len(store._engine.read(fts_merge.due)) == 10

@@ -110,13 +110,11 @@ def build(path: str, corpus: Corpus, shape: dict[str, int], seed: int) -> dict[s
               flush=True)
         # The sealed index tables merged (sessiondb.fts_merge), as the README advises
         # after a large import: the reads measure the store as its user keeps it.
-        merged: dict[str, Any] = {}
-        if hasattr(db, "optimize_search_index"):
-            progress = Progress("optimize")
-            t0 = time.perf_counter()
-            pages = db.optimize_search_index(progress=progress)
-            merged = {"pages": pages, "duration_s": time.perf_counter() - t0,
-                      "progress": progress.figures()}
+        progress = Progress("optimize")
+        t0 = time.perf_counter()
+        pages = db.optimize_search_index(progress=progress)
+        merged = {"pages": pages, "duration_s": time.perf_counter() - t0,
+                  "progress": progress.figures()}
     return {"import": imported, "transaction": txn, "optimize": merged}
 
 

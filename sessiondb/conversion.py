@@ -166,7 +166,10 @@ def ensure_schema(conn: apsw.Connection, path: Path, run_write: WriteRunner,
                 with _migrate_lock(path, lock_timeout):
                     run_write(swap)
                 break
-            mark = conn.execute(f"SELECT max(id) FROM {NEW}").fetchone()[0]
+            try:
+                mark = conn.execute(f"SELECT max(id) FROM {NEW}").fetchone()[0]
+            except apsw.SQLError:  # swapped since _copying() looked: the loop ends
+                continue
             if mark != seen:
                 seen, since = mark, time.monotonic()
             elif time.monotonic() - since > lock_timeout:

@@ -161,12 +161,33 @@ def import_session(item: Any) -> dict[str, Any]:
 def _message_row(sid: str, m: dict[str, Any]) -> tuple:
     """One message as a tuple in :data:`MESSAGE_COLUMNS` order.
 
-    The common case (plain str, int and float values, as JSON decodes them) is checked
-    inline: a bulk import validates a million of these, and the check functions' names
-    and error texts cost more than the checks. Anything else goes through the check
-    functions of :mod:`sessiondb.text`, which raise the documented errors (or accept,
-    e.g., a str subclass).
+    The common case (plain str, int and float values, as JSON decodes them; ASCII text;
+    no JSON columns) is checked inline, in one expression: a bulk import validates a
+    million of these, and the check functions' calls and error texts cost more than the
+    checks. Anything else goes through :func:`_checked_row`, which raises the documented
+    errors (or accepts, e.g., a str subclass or non-ASCII text).
     """
+    get = m.get
+    mid, role, stamp, tokens = get("id"), get("role"), get("timestamp"), get("token_count")
+    content, call_id, tool_name = get("content"), get("tool_call_id"), get("tool_name")
+    finish, reasoning, calls = get("finish_reason"), get("reasoning"), get("tool_calls")
+    details, items, metadata = (get("reasoning_details"), get("codex_reasoning_items"),
+                                get("metadata"))
+    if ((mid is None or (type(mid) is int and 0 <= mid <= _INT64_MAX))
+            and type(role) is str and 0 < len(role) <= MAX_ID_LENGTH and role.isascii()
+            and type(stamp) is float and -math.inf < stamp < math.inf
+            and (tokens is None or (type(tokens) is int and 0 <= tokens <= _INT64_MAX))
+            and (content is None or (type(content) is str and content.isascii()))
+            and call_id is None and tool_name is None and finish is None
+            and reasoning is None and calls is None and details is None and items is None
+            and metadata is None):
+        return (mid, sid, role, content, None, None, None, stamp, tokens, None, None,
+                None, None, None)
+    return _checked_row(sid, m)
+
+
+def _checked_row(sid: str, m: dict[str, Any]) -> tuple:
+    """:func:`_message_row` for any message: each value checked on its own."""
     get = m.get
     mid, role, stamp, tokens = get("id"), get("role"), get("timestamp"), get("token_count")
     if mid is not None and not (type(mid) is int and 0 <= mid <= _INT64_MAX):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import apsw
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sessiondb import (
     IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDB,
@@ -268,3 +270,43 @@ def test_imported_title_is_sanitized(fresh: SessionDB) -> None:
     fresh.import_sessions({"id": "s", "source": "cli", "started_at": 1.0,
                            "title": " a\u200b  b\n"})
     assert fresh.get_session("s")["title"] == "a b"
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2, max_value=2**64),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.text(alphabet="ab\u00e9\ud800", max_size=4), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+_COMMON = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "tool", "\u00e9", "", "r" * 300]),
+    "timestamp": st.one_of(st.floats(), st.integers(min_value=0, max_value=9)),
+    "content": st.one_of(st.none(), st.text(max_size=6), st.text(alphabet="ab", max_size=6)),
+    "id": st.one_of(st.none(), st.integers(min_value=-1, max_value=2**64)),
+})
+_KEYS = st.sampled_from(
+    ("id", "role", "timestamp", "token_count", "content", "tool_call_id", "tool_name",
+     "finish_reason", "reasoning", "tool_calls", "reasoning_details",
+     "codex_reasoning_items", "metadata", "other"))
+
+
+@given(_COMMON, st.dictionaries(_KEYS, _VALUES, max_size=3))
+@settings(max_examples=600, deadline=None)
+def test_a_message_is_checked_alike_on_the_fast_path_and_the_general_one(common, extra
+                                                                         ) -> None:
+    # The import checks the common message (ASCII text, no JSON columns) in one
+    # expression and sends every other through the check functions: both must accept
+    # the same messages, make the same row, and refuse with the same error.
+    from sessiondb import records
+
+    message = {**common, **extra}
+
+    def outcome(check):
+        try:
+            return check("s", dict(message))
+        except (InvalidArgument, InvalidArgumentType) as exc:
+            return type(exc), str(exc)
+
+    assert outcome(records._message_row) == outcome(records._checked_row)

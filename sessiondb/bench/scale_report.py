@@ -76,9 +76,14 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
         i = m["import"]
         row("import", f"{i.get('imported', 0):,} sessions")
         if "peak_rss_bytes" in i:
+            phase = ((i.get("progress") or {}).get("tasks") or {}).get("import") or {}
+            rows_rate = phase.get("done", 0) / phase["elapsed_s"] if phase.get(
+                "elapsed_s") else 0
             notes.append(f"  import: peak RSS {_mb(i['peak_rss_bytes'])} MB (after opening "
                          f"the store: {_mb(i['baseline_rss_bytes'])} MB), "
-                         f"{i.get('messages_per_s', 0):,.0f} messages/s")
+                         f"{i.get('messages_per_s', 0):,.0f} messages/s; rows phase "
+                         f"(JSON decoding included, as `sessiondb import`) "
+                         f"{rows_rate:,.0f} messages/s")
     if "round_trip" in m:
         r = m["round_trip"]
         if "sessions" in r:
@@ -137,6 +142,10 @@ def table(doc: dict[str, Any]) -> str:
             tasks = i["progress"].get("tasks", {})
             if len(tasks) > 1:
                 lines.append("    as its progress reported: " + _tasks(tasks))
+            if "rows_messages_per_s" in i:
+                lines.append(f"    rows phase (the rows in, before the index catch-up): "
+                             f"{i['rows_messages_per_s']:,.0f} messages/s (generating the "
+                             f"data left out; {i['messages'] / i['rows_s']:,.0f} with it)")
         if "transaction" in ingest:
             t = ingest["transaction"]
             lines.append(f"  transaction() of 50 append_message: {t['messages']:,} messages"

@@ -77,11 +77,11 @@ from .errors import DatabaseOpenError
 from .maintenance import (
     POLL_GAP_S, ProgressCallback, Step, Tracker, fit_bytes, run_steps, step_budget,
 )
+from .hermes_schema import hermes_ladder, hermes_version
 from .schema import (
     COPY_TABLE, MESSAGE_COLUMNS, MESSAGE_INDEX_NAMES, SCHEMA_VERSION, WriteRunner, _refuse_newer,
-    hermes_ladder, hermes_version, message_indexes, message_totals, messages_table,
-    migrate_from, missing_session_indexes, refuse_unusable, set_aside_index, stamp,
-    user_version,
+    message_indexes, message_totals, messages_table, migrate_from, missing_session_indexes,
+    refuse_unusable, set_aside_index, stamp, user_version,
 )
 
 NEW = COPY_TABLE

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import apsw
 
-from sessiondb import SessionDB, conversion, doctor, schema
+from sessiondb import SessionDB, conversion, doctor, hermes_schema, schema
 from test_compat_hermes_file import build_hermes_db, hermes_message
 from workers import integrity, read_only
 
-HERMES_COLUMNS = ", ".join(schema.HERMES_MESSAGE_COLUMNS)
+HERMES_COLUMNS = ", ".join(hermes_schema.HERMES_MESSAGE_COLUMNS)
 
 
 def hermes_file(path: Path, messages: int = 40) -> None:

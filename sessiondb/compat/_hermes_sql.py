@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 
 from ..backend import Conn, first as _first, rows as _engine_rows
-from ..schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
+from ..hermes_schema import HERMES_MESSAGE_COLUMNS, HERMES_SESSION_COLUMNS
 from ..text import NO_LIMIT, from_json
 
 SESSION = ", ".join(HERMES_SESSION_COLUMNS)

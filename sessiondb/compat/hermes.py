@@ -87,7 +87,7 @@ from ..errors import (
     ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
     StorageError, TitleConflict, WriteTimeout,
 )
-from ..schema import HERMES_MESSAGE_COLUMNS
+from ..hermes_schema import HERMES_MESSAGE_COLUMNS
 from ..text import lineage_number, split_lineage
 from . import _hermes_search as searching, _hermes_sql as q, _hermes_text as rules
 

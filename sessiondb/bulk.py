@@ -1,6 +1,7 @@
-"""Bulk import and export: whole stores in and out in short steps, with bounded memory.
+"""Bulk import: whole stores in, in short steps, with bounded memory (export, the way
+out: :mod:`sessiondb.export`).
 
-*Import* (:func:`import_sessions`) takes a session dict, a list of them, or any iterable
+:func:`import_sessions` takes a session dict, a list of them, or any iterable
 of them (a generator over a JSON Lines file). It writes a series of short write
 transactions (as :mod:`sessiondb.maintenance` describes): a step takes as many sessions
 as fit half the step budget at the rates (rows, and bytes of text) the last step ran,
@@ -32,12 +33,6 @@ makes more wait than that (exports list sessions oldest first, so a parent comes
 unless it started after its child). A session id twice in a list is refused before
 anything is written; in a stream, twice within a batch likewise, and across batches
 the second is "already exists" (skipped with ``skip_existing``).
-
-*Export* (:func:`export_batches`) reads sessions oldest first in batches of at most
-:data:`EXPORT_BATCH_SESSIONS` sessions or about :data:`EXPORT_BATCH_MESSAGES` messages,
-each batch in one short snapshot (a session is read consistently with its messages; the
-export as a whole is not one snapshot unless it runs inside ``snapshot()``). One
-session is never split, so memory is bounded by the largest session.
 """
 
 from __future__ import annotations
@@ -50,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from . import records, search_index
-from .backend import Conn, Dialect, rows as fetch_rows
+from .backend import Conn, Dialect
 from .errors import (
     HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
@@ -62,8 +57,6 @@ BATCH_MESSAGES = 20_000
 #: Children that may wait for a parent later in a stream, and their messages.
 WAITING_SESSIONS = 2_000
 WAITING_MESSAGES = 20_000
-EXPORT_BATCH_SESSIONS = 200
-EXPORT_BATCH_MESSAGES = 5_000
 
 #: KiB of page cache the connection gets while it imports (SQLite's default is 2,000):
 #: a step dirties a few MB of pages, and with a small cache SQLite spills them to the
@@ -595,64 +588,3 @@ def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
         write(insert)
     except _Clean:
         pass
-
-
-# -- export --------------------------------------------------------------------------
-
-def export_batch(conn: Conn, source: Optional[str],
-                 after: Optional[tuple[float, str]], sql: Dialect) -> list[dict[str, Any]]:
-    """The next sessions (oldest first, after ``after`` = ``(started_at, id)``), each
-    with its messages: at most :data:`EXPORT_BATCH_SESSIONS`, and no more once
-    :data:`EXPORT_BATCH_MESSAGES` messages are read (at least one session). Run it in
-    one snapshot."""
-    where, args = [], []
-    if source is not None:
-        # "+source": walk the started_at index and filter, rather than sort all the
-        # source's sessions for every batch (quadratic in a source's size).
-        where.append(f"{sql.unindexed('source')} = ?")
-        args.append(source)
-    if after is not None:
-        # Spelled out so that SQLite can seek the started_at index to the cursor.
-        where.append("started_at >= ? AND (started_at > ? OR id > ?)")
-        args += [after[0], after[0], after[1]]
-    query = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
-             + " ORDER BY started_at, id LIMIT ?")
-    out, messages = [], 0
-    for row in fetch_rows(conn, query, (*args, EXPORT_BATCH_SESSIONS)):
-        item = records.session(row)
-        item["messages"] = _messages(conn, item["id"])
-        out.append(item)
-        messages += len(item["messages"])
-        if messages >= EXPORT_BATCH_MESSAGES:
-            break
-    return out
-
-
-def export_session(conn: Conn, session_id: str) -> Optional[dict[str, Any]]:
-    """The session with its messages (run it in one snapshot), or None."""
-    found = fetch_rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
-    if not found:
-        return None
-    item = records.session(found[0])
-    item["messages"] = _messages(conn, session_id)
-    return item
-
-
-def _messages(conn: Conn, session_id: str) -> list[dict[str, Any]]:
-    return [records.message(r) for r in fetch_rows(
-        conn, f"SELECT {records.MESSAGE_SELECT} FROM messages WHERE session_id = ? "
-              "ORDER BY id", (session_id,))]
-
-
-def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]],
-                   sql: Dialect) -> Iterator[dict[str, Any]]:
-    """Every session of ``source`` (None: all), oldest first, with its messages: the
-    batch ``first`` (read by the caller, so that errors surface at the call), then one
-    :func:`export_batch` after another, each in its own short snapshot."""
-    batch = first
-    while batch:
-        yield from batch
-        last = batch[-1]
-        del batch  # hold no more than the batch being read
-        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(
-            c, source, a, sql), snapshot=True)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypedDict
 
-from . import bulk, records
+from . import export, records
 from .backend import Conn, is_url
 from .errors import (
     DatabaseOpenError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
@@ -210,7 +210,7 @@ class _Run:
                        _title_holders(c, self.target, titles)), snapshot=True)
         there = [sid for sid in ids if sid in found]
         theirs = {s["id"]: s for s in self.target._read(
-            lambda c: [bulk.export_session(c, sid) for sid in there], snapshot=True)
+            lambda c: [export.export_session(c, sid) for sid in there], snapshot=True)
             if s is not None}
         new: list[dict[str, Any]] = []
         known = set(found)  # in the destination, or going in with this chunk

@@ -10,7 +10,7 @@ import time
 from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
-from . import bulk, fts_merge, pruning, search_index
+from . import bulk, export, fts_merge, pruning, search_index
 from .backend import Dialect, Engine
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .maintenance import ProgressCallback, Tracker, check_progress, step_budget
@@ -35,7 +35,7 @@ class Upkeep:
     def export_session(self, session_id: str) -> dict[str, Any] | None:
         """The session and its messages as one JSON-ready dict, or None."""
         check_text("session_id", session_id, optional=False)
-        return self._read(lambda c: bulk.export_session(c, session_id), snapshot=True)
+        return self._read(lambda c: export.export_session(c, session_id), snapshot=True)
 
     def iter_export(self, source: str | None = None) -> Iterator[dict[str, Any]]:
         """Every session (optionally of one source), oldest first, with its messages (as
@@ -47,9 +47,9 @@ class Upkeep:
         :raises InvalidArgumentType: ``source`` is not a str.
         """
         source = check_text("source", source)
-        first = self._read(lambda c: bulk.export_batch(c, source, None, self._sql),
+        first = self._read(lambda c: export.export_batch(c, source, None, self._sql),
                            snapshot=True)
-        return bulk.export_batches(self._read, source, first, self._sql)
+        return export.export_batches(self._read, source, first, self._sql)
 
     def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
         """Every session (optionally of one source), oldest first, with its messages, as

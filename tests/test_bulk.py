@@ -20,7 +20,7 @@ import pytest
 import bulk_workers
 from sessiondb import (
     AsyncSessionDB, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDB, bulk,
-    cli,
+    cli, export,
 )
 from sessiondb.jsonstream import ExportFormatError, read_items, write_json_list, write_jsonl
 
@@ -78,9 +78,9 @@ def fresh(tmp_path: Path) -> Iterator[SessionDB]:
 def test_iter_export_streams_in_batches_oldest_first(source: SessionDB, monkeypatch) -> None:
     expected = [source.export_session(sid) for (sid,) in apsw.Connection(
         str(source.path)).execute("SELECT id FROM sessions ORDER BY started_at, id")]
-    monkeypatch.setattr(bulk, "EXPORT_BATCH_SESSIONS", 7)  # ties across batch edges too
+    monkeypatch.setattr(export, "EXPORT_BATCH_SESSIONS", 7)  # ties across batch edges too
     assert list(source.iter_export()) == expected
-    monkeypatch.setattr(bulk, "EXPORT_BATCH_MESSAGES", 30)  # two sessions per batch
+    monkeypatch.setattr(export, "EXPORT_BATCH_MESSAGES", 30)  # two sessions per batch
     assert list(source.iter_export()) == expected
     assert source.export_all() == expected
     assert [s["id"] for s in source.iter_export("telegram")] == \
@@ -91,7 +91,7 @@ def test_iter_export_streams_in_batches_oldest_first(source: SessionDB, monkeypa
 def test_iter_export_reads_batch_by_batch(source: SessionDB, monkeypatch) -> None:
     """A session created while an export runs shows up if it starts after the last one
     read: no snapshot is held between batches."""
-    monkeypatch.setattr(bulk, "EXPORT_BATCH_SESSIONS", 10)
+    monkeypatch.setattr(export, "EXPORT_BATCH_SESSIONS", 10)
     sessions = source.iter_export()
     first = [next(sessions) for _ in range(10)]
     source.import_sessions({"id": "late", "source": "cli", "started_at": 9e9})

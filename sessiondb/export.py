@@ -1,0 +1,79 @@
+"""Export: whole stores out a batch of sessions at a time, with bounded memory.
+
+:func:`export_batches` reads sessions oldest first in batches of at most
+:data:`EXPORT_BATCH_SESSIONS` sessions or about :data:`EXPORT_BATCH_MESSAGES` messages,
+each batch in one short snapshot (a session is read consistently with its messages; the
+export as a whole is not one snapshot unless it runs inside ``snapshot()``). One
+session is never split, so memory is bounded by the largest session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+from . import records
+from .backend import Conn, Dialect, rows as fetch_rows
+
+EXPORT_BATCH_SESSIONS = 200
+EXPORT_BATCH_MESSAGES = 5_000
+
+Read = Callable[..., Any]
+
+
+def export_batch(conn: Conn, source: Optional[str],
+                 after: Optional[tuple[float, str]], sql: Dialect) -> list[dict[str, Any]]:
+    """The next sessions (oldest first, after ``after`` = ``(started_at, id)``), each
+    with its messages: at most :data:`EXPORT_BATCH_SESSIONS`, and no more once
+    :data:`EXPORT_BATCH_MESSAGES` messages are read (at least one session). Run it in
+    one snapshot."""
+    where, args = [], []
+    if source is not None:
+        # "+source": walk the started_at index and filter, rather than sort all the
+        # source's sessions for every batch (quadratic in a source's size).
+        where.append(f"{sql.unindexed('source')} = ?")
+        args.append(source)
+    if after is not None:
+        # Spelled out so that SQLite can seek the started_at index to the cursor.
+        where.append("started_at >= ? AND (started_at > ? OR id > ?)")
+        args += [after[0], after[0], after[1]]
+    query = ("SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
+             + " ORDER BY started_at, id LIMIT ?")
+    out, messages = [], 0
+    for row in fetch_rows(conn, query, (*args, EXPORT_BATCH_SESSIONS)):
+        item = records.session(row)
+        item["messages"] = _messages(conn, item["id"])
+        out.append(item)
+        messages += len(item["messages"])
+        if messages >= EXPORT_BATCH_MESSAGES:
+            break
+    return out
+
+
+def export_session(conn: Conn, session_id: str) -> Optional[dict[str, Any]]:
+    """The session with its messages (run it in one snapshot), or None."""
+    found = fetch_rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
+    if not found:
+        return None
+    item = records.session(found[0])
+    item["messages"] = _messages(conn, session_id)
+    return item
+
+
+def _messages(conn: Conn, session_id: str) -> list[dict[str, Any]]:
+    return [records.message(r) for r in fetch_rows(
+        conn, f"SELECT {records.MESSAGE_SELECT} FROM messages WHERE session_id = ? "
+              "ORDER BY id", (session_id,))]
+
+
+def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]],
+                   sql: Dialect) -> Iterator[dict[str, Any]]:
+    """Every session of ``source`` (None: all), oldest first, with its messages: the
+    batch ``first`` (read by the caller, so that errors surface at the call), then one
+    :func:`export_batch` after another, each in its own short snapshot."""
+    batch = first
+    while batch:
+        yield from batch
+        last = batch[-1]
+        del batch  # hold no more than the batch being read
+        batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(
+            c, source, a, sql), snapshot=True)

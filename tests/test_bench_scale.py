@@ -47,6 +47,9 @@ def test_scale_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path: Path
     assert imp["messages"] + txn["messages"] == 2000 == run["store"]["messages"]
     assert imp["messages_per_s"] > 0 and imp["wall_messages_per_s"] > 0
     assert imp["progress"]["calls"] >= 1
+    assert imp["rows_messages_per_s"] > 0 and 0 < imp["rows_s"] <= imp["duration_s"]
+    assert "rows phase (the rows in, before the index catch-up):" in printed.out
+    assert "; rows phase (JSON decoding included, beside the appender)" in printed.out
     assert txn["messages_per_s"] > 0 and txn["messages_per_transaction"] == 50
     assert run["ingest"]["optimize"]["pages"] == 0  # one table of 2,000 ids: none sealed
     assert run["store"]["sessions"] == 40 and run["store"]["db_bytes"] > 0

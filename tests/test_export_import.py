@@ -8,7 +8,7 @@ from pathlib import Path
 
 import apsw
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sessiondb import (
@@ -294,6 +294,14 @@ _KEYS = st.sampled_from(
 
 @given(_COMMON, st.dictionaries(_KEYS, _VALUES, max_size=3))
 @settings(max_examples=600, deadline=None)
+@example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**63 - 1},
+         {"token_count": 2**63 - 1})
+@example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**63}, {})
+@example({"role": "r" * 1024, "timestamp": -0.0, "content": "", "id": 0}, {})
+@example({"role": "r" * 1025, "timestamp": 1.0, "content": None, "id": None}, {})
+@example({"role": "user", "timestamp": 1, "content": "a\x00b", "id": None}, {})
+@example({"role": "user", "timestamp": float("nan"), "content": "a", "id": True}, {})
+@example({"role": "user", "timestamp": 1.0, "content": "a", "id": None}, {"token_count": True})
 def test_a_message_is_checked_alike_on_the_fast_path_and_the_general_one(common, extra
                                                                          ) -> None:
     # The import checks the common message (ASCII text, no JSON columns) in one
@@ -305,8 +313,9 @@ def test_a_message_is_checked_alike_on_the_fast_path_and_the_general_one(common,
 
     def outcome(check):
         try:
-            return check("s", dict(message))
+            row = check("s", dict(message))
         except (InvalidArgument, InvalidArgumentType) as exc:
             return type(exc), str(exc)
+        return tuple((type(v), repr(v)) for v in row)  # 1 is not 1.0, -0.0 is not 0.0
 
     assert outcome(records._message_row) == outcome(records._checked_row)

@@ -64,7 +64,9 @@ def build(path: str, corpus: Corpus, shape: dict[str, int], seed: int) -> dict[s
 
     :returns: ``import`` and ``transaction`` figures: ``sessions``, ``messages``,
         ``duration_s`` and ``messages_per_s`` (for ``import``, the time spent generating
-        the data left out; ``generate_s`` and ``wall_messages_per_s`` include it); then
+        the data left out; ``generate_s`` and ``wall_messages_per_s`` include it), and
+        for ``import`` the rows phase (up to the last ``"import"`` progress report):
+        ``rows_s`` and ``rows_messages_per_s`` (generation left out); then
         ``optimize``: ``optimize_search_index``'s ``pages`` and ``duration_s``.
     """
     from .. import SessionDB

@@ -77,13 +77,13 @@ def _maintenance(m: dict[str, Any]) -> list[str]:
         row("import", f"{i.get('imported', 0):,} sessions")
         if "peak_rss_bytes" in i:
             phase = ((i.get("progress") or {}).get("tasks") or {}).get("import") or {}
-            rows_rate = phase.get("done", 0) / phase["elapsed_s"] if phase.get(
-                "elapsed_s") else 0
+            rows_phase = ""
+            if phase.get("unit") == "messages" and phase.get("elapsed_s"):
+                rows_phase = (f"; rows phase (JSON decoding included, beside the appender) "
+                              f"{phase['done'] / phase['elapsed_s']:,.0f} messages/s")
             notes.append(f"  import: peak RSS {_mb(i['peak_rss_bytes'])} MB (after opening "
                          f"the store: {_mb(i['baseline_rss_bytes'])} MB), "
-                         f"{i.get('messages_per_s', 0):,.0f} messages/s; rows phase "
-                         f"(JSON decoding included, as `sessiondb import`) "
-                         f"{rows_rate:,.0f} messages/s")
+                         f"{i.get('messages_per_s', 0):,.0f} messages/s{rows_phase}")
     if "round_trip" in m:
         r = m["round_trip"]
         if "sessions" in r:

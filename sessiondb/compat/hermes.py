@@ -72,24 +72,22 @@ On PostgreSQL, besides (see :mod:`sessiondb.compat._hermes_search` and
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-import apsw
-
 from .. import records, search, search_index
 from ..backend import Conn, Handle, fetch as _fetch, first as _first, is_url
 from ..opening import open_engine
-from ..errors import (
-    ClosedError, DatabaseBusyError, IntegrityViolation, InvalidArgumentType, SessionDBError,
-    StorageError, TitleConflict, WriteTimeout,
-)
+from ..errors import StorageError
 from ..hermes_schema import HERMES_MESSAGE_COLUMNS
 from ..text import lineage_number, split_lineage
 from . import _hermes_search as searching, _hermes_sql as q, _hermes_text as rules
+from ._hermes_errors import (
+    DatabaseClosed, DatabaseLocked, IntegrityError, LockTimeout, ProgrammingError, TitleInUse,
+    bindable, compatible_errors, page,
+)
 
 __all__ = [
     "SessionDB", "DEFAULT_DB_PATH", "SCHEMA_VERSION", "IntegrityError", "ProgrammingError",
@@ -104,119 +102,6 @@ SCHEMA_VERSION = 6
 DEFAULT_DB_PATH = Path(os.environ.get("HERMES_HOME") or Path.home() / ".hermes") / "state.db"
 #: Seconds a write waits for the lock before :class:`LockTimeout` (see SessionDB).
 WRITE_TIMEOUT = 16.0
-
-
-# -- errors -----------------------------------------------------------------------------
-
-class IntegrityError(IntegrityViolation, sqlite3.IntegrityError):
-    """A constraint failed (foreign key, NOT NULL, a datatype mismatch); nothing was
-    written. Also a ``sqlite3.IntegrityError``, as the original raised."""
-
-
-class ProgrammingError(InvalidArgumentType, sqlite3.ProgrammingError):
-    """A value of a type SQLite cannot store (a list as content, say); nothing was
-    written. Also a ``sqlite3.ProgrammingError``, as the original raised."""
-
-
-class DatabaseLocked(DatabaseBusyError, sqlite3.OperationalError):
-    """The database stayed locked past the time budget. Also a
-    ``sqlite3.OperationalError``, as the original raised after its last retry."""
-
-
-class LockTimeout(WriteTimeout, DatabaseLocked):
-    """No write lock within ``write_timeout``; nothing was written."""
-
-
-class DatabaseClosed(ClosedError, AttributeError):
-    """The instance was closed. Also an ``AttributeError``, as the original raised."""
-
-
-class TitleInUse(TitleConflict):
-    """Another session has the title; hermes-agent's message, word for word."""
-
-    def __init__(self, title: str, session_id: str) -> None:
-        super().__init__(title, session_id)
-        self.args = (f"Title '{title}' is already in use by session {session_id}",)
-
-
-@contextmanager
-def _compatible_errors() -> Iterator[None]:
-    """Raise the engine's errors in their hermes-compatible form (chained)."""
-    try:
-        yield
-    except (IntegrityError, ProgrammingError, DatabaseLocked, DatabaseClosed):
-        raise
-    except ClosedError as exc:
-        raise DatabaseClosed(str(exc)) from None
-    except SessionDBError as exc:
-        cause = exc.__cause__
-        state = getattr(cause, "sqlstate", None)  # a psycopg error's (PostgreSQL)
-        if state in _PG_TYPE_ERRORS:
-            raise ProgrammingError(f"a value of another type than its column's "
-                                   f"(PostgreSQL: {str(cause).splitlines()[0]})") from exc
-        if isinstance(exc, IntegrityViolation) or isinstance(
-                cause, (apsw.ConstraintError, apsw.MismatchError)):
-            # SQLite's own words, as sqlite3 gave them: "FOREIGN KEY constraint failed"
-            text = str(cause) if isinstance(cause, apsw.Error) else str(exc)
-            if state is not None:
-                text = _sqlite_words(cause, state)
-            raise IntegrityError(text) from exc
-        if isinstance(exc, WriteTimeout):
-            raise LockTimeout(exc.waited_s, exc.attempts) from exc
-        if isinstance(exc, DatabaseBusyError):
-            raise DatabaseLocked(str(exc)) from exc
-        raise
-
-
-#: SQLSTATEs of a value PostgreSQL cannot take where SQLite took anything (an int
-#: compared with text, text for a number): undefined operator, datatype mismatch,
-#: indeterminate type, invalid text representation, numeric value out of range.
-_PG_TYPE_ERRORS = {"42883", "42804", "42P18", "22P02", "22003"}
-#: SQLite's words for PostgreSQL's integrity violations.
-_PG_CONSTRAINTS = {"23503": "FOREIGN KEY", "23502": "NOT NULL", "23505": "UNIQUE",
-                   "23514": "CHECK"}
-
-
-def _sqlite_words(cause: BaseException, state: str) -> str:
-    """A PostgreSQL integrity violation in SQLite's words (``NOT NULL constraint failed:
-    messages.role``), which code written against hermes-agent may look for, followed by
-    PostgreSQL's."""
-    kind = _PG_CONSTRAINTS.get(state)
-    if kind is None:
-        return str(cause)
-    diag = getattr(cause, "diag", None)
-    table, column = getattr(diag, "table_name", None), getattr(diag, "column_name", None)
-    where = f": {table}.{column}" if kind != "FOREIGN KEY" and table and column else ""
-    return f"{kind} constraint failed{where} (PostgreSQL: {str(cause).splitlines()[0]})"
-
-
-_BINDABLE = (type(None), int, float, str, bytes, bytearray, memoryview)
-
-
-Args = TypeVar("Args", tuple, list, dict)
-
-
-def _bindable(args: Args) -> Args:
-    """:raises ProgrammingError: an argument SQLite cannot store (checked before any SQL
-    runs, with the message of Python's ``sqlite3``)."""
-    named = args.items() if isinstance(args, dict) else enumerate(args, 1)
-    for key, value in named:
-        if not isinstance(value, _BINDABLE):
-            raise ProgrammingError(f"Error binding parameter {key}: type "
-                                   f"'{type(value).__name__}' is not supported")
-    return args
-
-
-def _page(limit: Any, offset: Any) -> tuple[int, int]:
-    """``limit`` and ``offset`` as the original's SQLite read them
-    (:func:`_hermes_sql.sqlite_page`), on either backend.
-
-    :raises IntegrityError: not an integer (None: "datatype mismatch", as the original).
-    """
-    try:
-        return q.sqlite_page(limit, offset)
-    except apsw.MismatchError as exc:
-        raise IntegrityError(str(exc)) from exc
 
 
 _ASSISTANT_ONLY = ("reasoning", "reasoning_details", "codex_reasoning_items")
@@ -269,38 +154,38 @@ class SessionDB(Handle):
     @contextmanager
     def transaction(self) -> Iterator["SessionDB"]:
         """One atomic write transaction for several calls (as :meth:`sessiondb.SessionDB.transaction`)."""
-        with _compatible_errors(), self._engine.transaction():
+        with compatible_errors(), self._engine.transaction():
             yield self
 
     def checkpoint(self, reset: bool = False) -> dict[str, int]:
         """As :meth:`sessiondb.SessionDB.checkpoint`."""
-        with _compatible_errors():
+        with compatible_errors():
             return self._engine.checkpoint(reset)
 
     def stats(self) -> dict[str, Any]:
         """The write path's and checkpoints' figures (as :meth:`sessiondb.SessionDB.stats`)."""
-        with _compatible_errors():
+        with compatible_errors():
             return self._engine.stats()
 
     # -- the engine's doors, with hermes-compatible errors ------------------------------
     def _execute_write(self, fn: Callable[[Conn], T], *, bounded: bool = True) -> T:
-        with _compatible_errors():
+        with compatible_errors():
             return self._engine.execute_write(fn, bounded=bounded)
 
     def _read(self, fn: Callable[[Conn], T], snapshot: bool = False) -> T:
-        with _compatible_errors():
+        with compatible_errors():
             return self._engine.read(fn, snapshot)
 
     def _run(self, sql: str, args: tuple | dict) -> None:
-        _bindable(args)
+        bindable(args)
         self._execute_write(lambda conn: conn.execute(sql, args))
 
     def _select(self, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
-        _bindable(args)
+        bindable(args)
         return self._read(lambda conn: q.rows(conn, sql, args))
 
     def _value(self, sql: str, args: tuple | list = ()) -> Any:
-        _bindable(args)
+        bindable(args)
         return self._read(lambda conn: _first(conn, sql, args))
 
     def _insert_or_ignore(self, values: dict[str, Any]) -> None:
@@ -310,7 +195,7 @@ class SessionDB(Handle):
         returns quietly); a missing parent still fails. Written as ``ON CONFLICT DO
         NOTHING``, which both databases read and which skips only the taken id, after
         a check of the NOT NULL columns (PostgreSQL has no OR IGNORE)."""
-        args = _bindable(tuple(values.values()))
+        args = bindable(tuple(values.values()))
         if any(values[column] is None for column in self._not_null):
             return
         sql = (f"INSERT INTO sessions ({', '.join(values)}) VALUES "
@@ -361,7 +246,7 @@ class SessionDB(Handle):
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session row (``model_config`` as JSON text), or None."""
-        _bindable((session_id,))
+        bindable((session_id,))
         return self._read(lambda conn: q.session(conn, session_id))
 
     # -- token and cost accounting ----------------------------------------------------
@@ -394,7 +279,7 @@ class SessionDB(Handle):
 
     def _account(self, mode: str, args: dict[str, Any]) -> None:
         # Checked as the named parameters the original bound (its error message).
-        _bindable({k: args[k] for k in _ACCOUNT_ARGS})
+        bindable({k: args[k] for k in _ACCOUNT_ARGS})
         values = q.account_args(mode, args)
         self._execute_write(lambda conn: conn.execute(q.ACCOUNT_SQL[mode], values))
 
@@ -415,7 +300,7 @@ class SessionDB(Handle):
             even when ``session_id`` does not exist).
         """
         clean = self.sanitize_title(title)
-        _bindable((session_id,))
+        bindable((session_id,))
 
         def write(conn: Conn) -> bool:
             # PostgreSQL: setters of this title queue, so the check below stays true
@@ -444,7 +329,7 @@ class SessionDB(Handle):
     def resolve_session_by_title(self, title: str) -> str | None:
         """The newest (by ``started_at``) of the numbered variants ``<title> #...``
         (ASCII case folded), else the exact title's session, else None."""
-        _bindable((title,))
+        bindable((title,))
 
         def read(conn: Conn) -> str | None:
             # ASCII-case-insensitive prefix, every other character literal (the
@@ -475,7 +360,7 @@ class SessionDB(Handle):
         """The exact id, else the only id starting with the text (ASCII case folded,
         ``%``/``_`` literal); None for no match or several."""
         key = session_id_or_prefix
-        _bindable((key,))
+        bindable((key,))
 
         def read(conn: Conn) -> str | None:
             if _first(conn, "SELECT id FROM sessions WHERE id = ?", (key,)) is not None:
@@ -499,8 +384,8 @@ class SessionDB(Handle):
         the order of the index SQLite picks, as they did in the original; on
         PostgreSQL in no defined order.)"""
         where, args = q.source_filters(source, exclude_sources)
-        _bindable((*args, limit, offset))
-        first, skip = _page(limit, offset)
+        bindable((*args, limit, offset))
+        first, skip = page(limit, offset)
         window = 4 * rules.PREVIEW_WINDOW  # the bytes of head_sql()
 
         def read(conn: Conn) -> list[dict[str, Any]]:
@@ -516,8 +401,8 @@ class SessionDB(Handle):
     def search_sessions(self, source: str | None = None, limit: int = 20,
                         offset: int = 0) -> list[dict[str, Any]]:
         """Session rows, newest first, of one source if given."""
-        _bindable((*q.source_filters(source)[1], limit, offset))
-        return self._select(*q.search_sessions_sql(source, *_page(limit, offset)))
+        bindable((*q.source_filters(source)[1], limit, offset))
+        return self._select(*q.search_sessions_sql(source, *page(limit, offset)))
 
     def session_count(self, source: str | None = None) -> int:
         """The number of sessions, of one source if given."""
@@ -547,7 +432,7 @@ class SessionDB(Handle):
         :raises ProgrammingError: a value SQLite cannot store (e.g. list content).
         :raises TypeError: a JSON field is not serializable (nothing is written).
         """
-        args = _bindable((
+        args = bindable((
             session_id, role, content, tool_call_id, rules.encode_if_truthy(tool_calls),
             tool_name, time.time(), token_count, finish_reason, reasoning,
             rules.encode_if_truthy(reasoning_details),
@@ -571,7 +456,7 @@ class SessionDB(Handle):
     def get_messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's messages, oldest first; ``tool_calls`` decoded (text that is
         not JSON kept as it is), the reasoning fields as JSON text."""
-        _bindable((session_id,))
+        bindable((session_id,))
         return self._read(lambda conn: q.messages(conn, session_id))
 
     def get_messages_as_conversation(self, session_id: str) -> list[dict[str, Any]]:
@@ -633,9 +518,9 @@ class SessionDB(Handle):
         terms = max(1, len(match.split()))
         # Checked as one statement's parameters, in the order this search bound them
         # before it ranked in windows (the numbers in the error message stay the same).
-        _bindable((terms, search.SNIPPET_BUDGET, match, *(sources or ()), *excluded,
+        bindable((terms, search.SNIPPET_BUDGET, match, *(sources or ()), *excluded,
                    *roles, limit, offset))
-        first, skip = _page(limit, offset)
+        first, skip = page(limit, offset)
         # Bound one by one, as the original did (its types, its variable limit).
         filters = search.Filters(sources=sources, exclude_sources=excluded, roles=roles,
                                  bind_each=True)
@@ -662,7 +547,7 @@ class SessionDB(Handle):
     # -- export and cleanup -----------------------------------------------------------
     def export_session(self, session_id: str) -> dict[str, Any] | None:
         """The session row plus ``messages`` (as :meth:`get_messages`), or None."""
-        _bindable((session_id,))
+        bindable((session_id,))
 
         def read(conn: Conn) -> dict[str, Any] | None:
             session = q.session(conn, session_id)
@@ -687,7 +572,7 @@ class SessionDB(Handle):
     def clear_messages(self, session_id: str) -> None:
         """Delete the session's messages and zero its message and tool-call counts; the
         session row keeps everything else. A missing session is a no-op."""
-        _bindable((session_id,))
+        bindable((session_id,))
 
         def write(conn: Conn) -> None:
             # The counters first: on PostgreSQL the UPDATE locks the session's row, so
@@ -704,7 +589,7 @@ class SessionDB(Handle):
 
         :raises IntegrityError: another session names it as parent (nothing deleted).
         """
-        _bindable((session_id,))
+        bindable((session_id,))
 
         def write(conn: Conn) -> bool:
             if not q.exists_locked(conn, session_id, self._sql.for_update):
@@ -728,7 +613,7 @@ class SessionDB(Handle):
         # then find them gone), as BEGIN IMMEDIATE keeps everything still on SQLite.
         sql = (f"SELECT s.id FROM sessions s{q.where(where)} ORDER BY s.started_at DESC"
                + self._sql.for_update)
-        params = _bindable((*args, cutoff))
+        params = bindable((*args, cutoff))
 
         def write(conn: Conn) -> int:
             ids = [r[0] for r in _fetch(conn, sql, params)]

@@ -70,7 +70,7 @@ import weakref
 from pathlib import Path
 
 from .errors import ConfigurationError, DatabaseOpenError
-from .gate_locks import COUNTERS, SLOT_BASE, SLOTS, OfdLocks
+from .gate_locks import COUNTERS, SLOT_BASE, SLOTS, OfdLocks, wait_event
 from .gate_posix import PosixLocks, posix_locks_available
 
 try:
@@ -309,7 +309,7 @@ class FifoGate(Gate):
         wait = _Wait()
         try:
             self._waiter_queue().put((ticket, wait))
-            wait.event.wait(max(0.0, deadline - time.monotonic()))
+            wait_event(wait.event, deadline - time.monotonic())
         finally:
             with wait.lock:
                 if not wait.acquired:

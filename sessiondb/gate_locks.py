@@ -64,6 +64,23 @@ def poll(attempt: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+#: The longest a caller's wait sleeps in one call. A signal that arrives just before a
+#: blocking wait starts interrupts nothing: its Python handler (Ctrl-C's
+#: KeyboardInterrupt) would run only when the wait ends, up to ``write_timeout`` later.
+#: Waiting in slices runs it within a slice.
+SIGNAL_SLICE = 0.1
+
+
+def wait_event(event: threading.Event, timeout: float) -> bool:
+    """``event.wait(timeout)`` in slices of :data:`SIGNAL_SLICE`, so that a signal
+    handler's exception reaches the caller within a slice, wherever the signal landed."""
+    deadline = time.monotonic() + timeout
+    while not event.wait(min(max(0.0, deadline - time.monotonic()), SIGNAL_SLICE)):
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
 def attempt(lock_call: Callable[..., Any], *args: Any) -> bool:
     """Run a non-blocking lock call; False if the byte is held by someone else."""
     try:

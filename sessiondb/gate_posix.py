@@ -60,7 +60,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .gate_locks import (
-    DISPENSER, DOOR, ROOM, attempt, close_sidecar, open_sidecar, poll, take_dispenser,
+    DISPENSER, DOOR, ROOM, SIGNAL_SLICE, attempt, close_sidecar, open_sidecar, poll,
+    take_dispenser,
 )
 
 try:
@@ -224,7 +225,7 @@ class PosixLocks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                sidecar.changed.wait(remaining)
+                sidecar.changed.wait(min(remaining, SIGNAL_SLICE))
             sidecar.dispenser = self
         if take_dispenser(self, deadline):
             return True

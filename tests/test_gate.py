@@ -713,6 +713,51 @@ def test_a_waiter_interrupted_by_a_signal_gives_up_its_place(tmp_path: Path):
         kill(holder)
 
 
+def test_a_signal_that_lands_outside_the_waiting_thread_still_interrupts_the_wait(
+        tmp_path: Path):
+    """A signal that arrives just before the caller's thread starts its blocking wait
+    (or that the kernel hands to another thread) interrupts no system call: its Python
+    handler runs only when the main thread next runs Python code. The kernel is made to
+    hand it to another thread here (the main thread blocks it): the queued writer still
+    gets its handler's exception at once, not when its wait times out."""
+    path = gate_path(tmp_path)
+    holder, release = start_holder(path)
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    gate = open_gate(path)
+    depth = gate.queue_depth()
+
+    def send_once_queued() -> None:
+        queued_beyond(gate, depth)
+        os.kill(os.getpid(), signal.SIGUSR1)  # only this thread takes it: see below
+
+    sender = threading.Thread(target=send_once_queued)
+    sender.start()  # (a thread keeps the signal mask it started with)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        start = time.monotonic()
+        with pytest.raises(Interrupted):
+            gate.acquire(100.0)
+        # Not a timing test: without slices the wait ends at its timeout, 100 s (the
+        # holder holds for up to 120 s).
+        assert time.monotonic() - start < 50
+        sender.join()
+        release.set()
+        holder.join(30)
+        other = open_gate(path)
+        other.acquire(10.0)  # the interrupted ticket was not left behind
+        other.release()
+        gate.close()
+        other.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGUSR1, previous)
+        kill(holder)
+
+
 @pytest.mark.slow
 def test_interrupts_anywhere_in_a_write_leave_nothing_behind(db_path: Path):
     """Exceptions raised by a signal handler at random moments of contended writes

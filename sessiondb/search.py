@@ -48,12 +48,14 @@ of :data:`FIRST_SPAN` ids the rest is found the way estimated cheapest from what
 span showed: the same walk; the walk with each match looked up in the list of the
 filter's message ids; or the filter's sessions walked newest first, each one's messages
 :data:`CHUNK` at a time, chunks matched by range queries (chunks close together share
-one). A walk estimated long (``a NOT b`` of two words in nearly every message, where
-FTS5 reads all of ``a`` and ``b`` to find the few messages without ``b``) goes on in
-slices of ids newest first, each read in ascending order, which FTS5 reads at about two
-thirds of the cost. All ways find the same rows, so the choice changes the time, never
-the result. A ``roles`` filter alone is applied to each match (roles are few and
-common).
+one); or, for a query whose prefixes are written out (below: each of its statements
+starts with a seek per word, and reads an OR of its words), the filter's messages
+tested one by one, newest first, as a one-letter prefix is. A walk estimated long
+(``a NOT b`` of two words in nearly every message, where FTS5 reads all of ``a`` and
+``b`` to find the few messages without ``b``) goes on in slices of ids newest first,
+each read in ascending order, which FTS5 reads at about two thirds of the cost. All
+ways find the same rows, so the choice changes the time, never the result. A ``roles``
+filter alone is applied to each match (roles are few and common).
 
 **Prefixes.** FTS5 answers a prefix (``abc*``) without a ``prefix=`` index of that
 length by merging the doclists of every word with the prefix before the first row
@@ -278,7 +280,8 @@ def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
             top = floor - 1
             continue
         else:
-            found, us = _candidates(conn, run, filters, part, WINDOW)
+            found, us = _candidates(conn, run, filters, part, WINDOW,
+                                    queries.row_test(table.name))
             yield found, us, False
             if (len(found) == WINDOW and "session_walk" not in plan.memo
                     and run.statement_us > us * (top - found[-1][0] + 1)):
@@ -374,7 +377,8 @@ class _Plan:
 
 
 def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan",
-                need: int) -> tuple[list[tuple[int, str]], float]:
+                need: int, test: search_rows.RowTest | None = None
+                ) -> tuple[list[tuple[int, str]], float]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` with ids
     in the plan's range (all of them if ``need`` is negative), newest first; and the
     microseconds a range read of this query takes per id (:func:`_scan_cost`).
@@ -384,10 +388,13 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     three ways, estimated from what the span showed: the same walk (each match joined
     with its message); the walk with each match looked up in the list of the filter's
     message ids (built once from the ``(session_id, id)`` index); or the session walk
-    (:func:`_session_walk`). All three find the same rows. Once a window of a search
-    has walked the filter's sessions, the windows below it walk them too, without a
-    first span: a filter that keeps so few matches that a window of a block did not
-    fill keeps few in the blocks below (and each span is a statement more).
+    (:func:`_session_walk`). A query whose prefixes are written out (``test``: its row
+    test) has a fourth: the filter's messages tested one by one (:func:`_tested_rest`),
+    as its statements, each starting with a seek per word, make the session walk dear.
+    All find the same rows. Once a window of a search has walked the filter's sessions,
+    the windows below it walk them too, without a first span: a filter that keeps so few
+    matches that a window of a block did not fill keeps few in the blocks below (and
+    each span is a statement more).
     """
     found: list[tuple[int, str]] = []
     if "session_walk" in plan.memo:
@@ -405,7 +412,12 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
                  us / max(1, first - span_lo))
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
         way = _cheapest_way(conn, filters, need, span, run.statement_us, plan.share,
-                            plan.memo)
+                            plan.memo, test is not None)
+    if way == "rows":
+        way, more = _tested_rest(conn, test, filters, plan, span, need, run.statement_us)
+        if more is not None:
+            found += more
+            return found, _scan_cost(visited, plan.hi - span_lo + 1, pace)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
         scan_us = plan.memo["session_walk"] = _scan_cost(visited, plan.hi - span_lo + 1, pace)
@@ -455,9 +467,20 @@ class _Span:
 
 def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
                   statement_us: float = 0.0, in_range: float = 1.0,
-                  memo: dict[str, Any] | None = None) -> str:
-    """``"join"``, ``"list"`` or ``"sessions"``: the way to find the rest of the
-    candidates estimated cheapest (see :func:`_candidates`).
+                  memo: dict[str, Any] | None = None, tested: bool = False) -> str:
+    """``"join"``, ``"list"``, ``"sessions"`` or ``"rows"``: the way to find the rest
+    of the candidates estimated cheapest (see :func:`_candidates` and
+    :func:`_way_costs`)."""
+    costs = _way_costs(conn, filters, need, span, statement_us, in_range, memo, tested)
+    return min(costs, key=costs.__getitem__)
+
+
+def _way_costs(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
+               statement_us: float = 0.0, in_range: float = 1.0,
+               memo: dict[str, Any] | None = None, tested: bool = False
+               ) -> dict[str, float]:
+    """Microseconds each way of finding the rest of the candidates is estimated to
+    cost (see :func:`_candidates`).
 
     The index walk's cost is what the span cost per id, times the ids still to walk
     (all that are left, or as many as the rate of kept matches says the rest needs):
@@ -468,7 +491,9 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
     needed. ``in_range``: the share of the store's ids in the window's range, taken as
     the share of the filter's sessions and messages in it (all of them are listed).
     ``memo``: where the filter's sessions and messages are kept once counted (every
-    window of a search asks).
+    window of a search asks). ``tested``: the query has a row test; testing the
+    filter's messages costs :data:`~sessiondb.search_rows.US_TESTED` each, as many as
+    the span's rate of matches says the rest needs (all of them, for every match).
     """
     ids, per_id = _walk_ids(span, need)
     density = span.matches / span.ids  # matches per id
@@ -481,7 +506,12 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
         ).fetchone()
     count, messages = memo["sessions"]
     costs = {"join": ids * per_id}
-    if count <= MAX_WALKED_SESSIONS:
+    listed = count <= MAX_WALKED_SESSIONS  # else ``messages`` counts only some of them
+    if tested and density > 0 and (listed or need >= 0):
+        to_test = messages * in_range if need < 0 else (need - span.kept) / density
+        costs["rows"] = (min(to_test, messages * in_range) if listed else to_test) \
+            * search_rows.US_TESTED
+    if listed:
         messages, walkable = messages * in_range, count * in_range
         saved = density * (_US_JOINED_MATCH - _US_LISTED_MATCH)
         costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
@@ -491,7 +521,25 @@ def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Spa
         spacing = (span.ids + span.left) / max(1.0, walkable)
         walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
         costs["sessions"] = count * _US_LISTED_SESSION + walkable * share * walked
-    return min(costs, key=costs.__getitem__)
+    return costs
+
+
+def _tested_rest(conn: apsw.Connection, test: search_rows.RowTest | None,
+                 filters: Filters, plan: _Plan, span: _Span, need: int,
+                 statement_us: float) -> tuple[str, list[tuple[int, str]] | None]:
+    """The matches below the span (the newest ``need`` less those it kept) found by
+    testing the messages that pass the filters one by one (:mod:`sessiondb.search_rows`),
+    within what the cheapest other way is estimated to cost; and that way, for when the
+    test gives up (its rate of matches says it would cost more) or cannot be run."""
+    costs = _way_costs(conn, filters, need, span, statement_us, plan.share, plan.memo)
+    other = min(costs, key=costs.__getitem__)
+    if test is None:
+        return other, None
+    if "band" not in plan.memo:  # once per search
+        plan.memo["band"] = search_rows.band_reader(conn, filters)
+    left = -1 if need < 0 else need - span.kept
+    return other, search_rows.newest_matches(conn, test, plan.memo["band"], plan.lo,
+                                             plan.lo + span.left - 1, left, costs[other])
 
 
 def _walk_ids(span: _Span, need: int) -> tuple[float, float]:

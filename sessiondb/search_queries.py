@@ -34,6 +34,7 @@ class Queries:
         self.conn, self.match = conn, match
         self._made: dict[str, tuple[Run, search_rows.RowTest | None, bool]] = {}
         self._costs: dict[str, float] = {}
+        self._tests: dict[str, search_rows.RowTest | None] = {}
 
     def run(self, table: str) -> tuple[Run, search_rows.RowTest | None]:
         """The query as run on ``table``, and its row test when its statements would
@@ -49,6 +50,19 @@ class Queries:
                 test = search_rows.parse(conn, match)
             self._made[table] = (run, test, expansion is not None)
         return self._made[table][:2]
+
+    def row_test(self, table: str) -> search_rows.RowTest | None:
+        """The row test of a query whose prefixes are written out on ``table`` (None for
+        any other query, or a shape that cannot be tested): one way of finding the
+        matches of a filter that keeps few of them, where each statement of a walk of
+        its sessions would start with a seek per word (:func:`sessiondb.search.
+        _candidates`)."""
+        if table not in self._tests:
+            self.run(table)
+            written_out = self._made[table][2]
+            self._tests[table] = search_rows.parse(self.conn, self.match) if written_out \
+                else None
+        return self._tests[table]
 
     def merge_cost_us(self, table: str) -> float:
         """FTS5's merge of the query's prefixes on ``table``, estimated (once per

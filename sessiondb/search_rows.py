@@ -46,8 +46,8 @@ MAX_LISTED_SESSIONS = 2000
 #: Ids of the first band of messages read; each next band is sized by the rate of
 #: matches so far.
 FIRST_BAND = 1024
-# Microseconds a message is assumed to cost before any was tested.
-_US_GUESS = 20.0
+#: Microseconds a message (about 1 KB) is assumed to cost to test before any was.
+US_TESTED = 20.0
 # FTS5 truncates a longer token (bytes) when it indexes it; such texts are left to FTS5.
 _MAX_TOKEN_BYTES = 32768
 _OPERATORS = ("AND", "OR", "NOT")
@@ -187,7 +187,7 @@ def newest_matches(conn: apsw.Connection, test: RowTest,
                                        / len(found) * 1.25), size * 16))
                 else:
                     size *= 16
-            elif budget_us < FIRST_BAND * _US_GUESS:
+            elif budget_us < FIRST_BAND * US_TESTED:
                 return None
             bottom = max(lo, top - size + 1)
             for rowid, content in band(bottom, top):

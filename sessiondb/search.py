@@ -102,9 +102,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import apsw
 
-from . import fts_tables, records, search_index, search_prefix, search_rows
+from . import (fts_tables, records, search_costs, search_index, search_prefix,
+               search_rows)
 from .backend import fetch as _fetch
 from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
+from .search_costs import MAX_WALKED_SESSIONS, Span, scan_cost, walk_cost, way_costs
 from .search_prefix import merges_doclists
 from .search_queries import Queries, Run
 from .search_rank import Scorer, prepare
@@ -127,19 +129,6 @@ HORIZON = 1 << 18
 FIRST_SPAN = 1024
 #: A session's messages matched per range query when its sessions are walked.
 CHUNK = 512
-#: Walking more sessions than this is never chosen (listing them alone costs too much).
-MAX_WALKED_SESSIONS = 2000
-# Unit costs (microseconds, measured on a million-message store) of the ways to find
-# candidates (see _candidates): a match read and joined with its message (and session);
-# a message id put in the list of a filter's messages; a match read and looked up in
-# that list; a session listed with its newest message; a session walked (its first
-# chunk: an index read and an FTS5 range query, whose seek dominates).
-_US_JOINED_MATCH = 1.6
-_US_LISTED_ID = 0.15
-_US_LISTED_MATCH = 0.5
-_US_LISTED_SESSION = 2.0
-_US_WALKED_SESSION = 130.0
-_US_MAX_PER_ID = 2.0
 # The sliced walk is chosen when FTS5 reads far more than it returns (the span's time
 # per match over this) and the walk is estimated to cost more than _SLICED_WALK
 # statement starts (it runs a few statements more than one walk).
@@ -147,9 +136,6 @@ _US_READ_PER_MATCH = 20.0
 _SLICED_WALK = 20
 # A list argument as one bound JSON array (see search_hits).
 _IN_LIST = IN_LIST
-# ... a match the walk returned: its join and its rank data; a match read in a range.
-_US_MATCH_WORK = 3.0
-_US_SCANNED_MATCH = 0.3
 _QUOTED = re.compile(r'"[^"]*"\*?')
 
 @dataclass(frozen=True)
@@ -320,7 +306,7 @@ def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
 
     def cost(rowid: int) -> float:
         ids = plan.hi - rowid + 1
-        return _scan_cost(visited, ids, (time.perf_counter() - began) * 1e6 / ids)
+        return scan_cost(visited, ids, (time.perf_counter() - began) * 1e6 / ids)
 
     cursor = conn.execute(sql, (*plan.args, run.match, plan.lo, plan.hi))
     try:
@@ -381,7 +367,8 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
                 ) -> tuple[list[tuple[int, str]], float]:
     """``(id, rank data)`` of the newest ``need`` matches passing ``filters`` with ids
     in the plan's range (all of them if ``need`` is negative), newest first; and the
-    microseconds a range read of this query takes per id (:func:`_scan_cost`).
+    microseconds a range read of this query takes per id
+    (:func:`~sessiondb.search_costs.scan_cost`).
 
     The index walk reads the first span (:data:`FIRST_SPAN` ids); if that did not fill
     the window and a source or session filter applies, the rest is found the cheapest of
@@ -406,21 +393,21 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
                                               found)
     pace = us / max(1, first - reached) if visited else 0.0
     if len(found) == need or span_lo == plan.lo:
-        return found, _scan_cost(visited, plan.hi - reached + 1, pace)
+        return found, scan_cost(visited, plan.hi - reached + 1, pace)
     way = "join"
-    span = _Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
-                 us / max(1, first - span_lo))
+    span = Span(plan.hi - span_lo + 1, span_lo - plan.lo, visited, len(found),
+                us / max(1, first - span_lo))
     if filters.session_id is not None or filters.sources or filters.exclude_sources:
-        way = _cheapest_way(conn, filters, need, span, run.statement_us, plan.share,
-                            plan.memo, test is not None)
+        way = search_costs.cheapest_way(conn, filters, need, span, run.statement_us,
+                                        plan.share, plan.memo, test is not None)
     if way == "rows":
         way, more = _tested_rest(conn, test, filters, plan, span, need, run.statement_us)
         if more is not None:
             found += more
-            return found, _scan_cost(visited, plan.hi - span_lo + 1, pace)
+            return found, scan_cost(visited, plan.hi - span_lo + 1, pace)
     if way == "sessions":
         left = -1 if need < 0 else need - len(found)
-        scan_us = plan.memo["session_walk"] = _scan_cost(visited, plan.hi - span_lo + 1, pace)
+        scan_us = plan.memo["session_walk"] = scan_cost(visited, plan.hi - span_lo + 1, pace)
         found += _session_walk(conn, run, filters,
                                _sessions_of(conn, filters, plan, span_lo - 1), left, scan_us,
                                plan.lo, plan.table)
@@ -428,7 +415,7 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     if way == "list":
         plan = _listed_plan(filters, plan)
     if (span.us_per_id * span.ids > _US_READ_PER_MATCH * max(1, span.matches)
-            and _walk_cost(span, need) > _SLICED_WALK * (_US_STATEMENT + run.statement_us)):
+            and walk_cost(span, need) > _SLICED_WALK * (_US_STATEMENT + run.statement_us)):
         _, low, rest_us = _sliced_walk(conn, run, plan, span, need, found)
         rest_pace = rest_us / max(1, span_lo - low)
     else:
@@ -439,99 +426,18 @@ def _candidates(conn: apsw.Connection, run: Run, filters: Filters, plan: "_Plan"
     # taken at the span's density.
     more = round(span.matches / span.ids * (span_lo - low))
     # A span of at most one match tells nothing of the pace: the rest of the walk does.
-    return found, _scan_cost(visited + more, plan.hi - low + 1, pace or rest_pace,
+    return found, scan_cost(visited + more, plan.hi - low + 1, pace or rest_pace,
                              visited / (plan.hi - reached + 1))
 
 
-def _scan_cost(matches: int, ids: int, pace: float, span_density: float | None = None
-               ) -> float:
-    """Microseconds per id of reading a range of this query's matches: at least their
-    reading (``matches`` over ``ids``), or the walk's ``pace`` per id less its work on
-    the matches it returned (joins, rank data), which is higher when FTS5 reads much
-    more than it returns (``a NOT b`` of two words found everywhere)."""
-    density = matches / max(1, ids)
-    work = (density if span_density is None else span_density) * _US_MATCH_WORK
-    return max(density * _US_SCANNED_MATCH, pace - work)
-
-
-@dataclass(frozen=True)
-class _Span:
-    """What the first span of the index walk showed."""
-
-    ids: int  # ids it covered
-    left: int  # ids below it
-    matches: int  # matches read
-    kept: int  # matches that passed the filters
-    us_per_id: float  # its pace after the first match (0 if it had at most one)
-
-
-def _cheapest_way(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
-                  statement_us: float = 0.0, in_range: float = 1.0,
-                  memo: dict[str, Any] | None = None, tested: bool = False) -> str:
-    """``"join"``, ``"list"``, ``"sessions"`` or ``"rows"``: the way to find the rest
-    of the candidates estimated cheapest (see :func:`_candidates` and
-    :func:`_way_costs`)."""
-    costs = _way_costs(conn, filters, need, span, statement_us, in_range, memo, tested)
-    return min(costs, key=costs.__getitem__)
-
-
-def _way_costs(conn: apsw.Connection, filters: Filters, need: int, span: _Span,
-               statement_us: float = 0.0, in_range: float = 1.0,
-               memo: dict[str, Any] | None = None, tested: bool = False
-               ) -> dict[str, float]:
-    """Microseconds each way of finding the rest of the candidates is estimated to
-    cost (see :func:`_candidates`).
-
-    The index walk's cost is what the span cost per id, times the ids still to walk
-    (all that are left, or as many as the rate of kept matches says the rest needs):
-    a per-match figure alone would miss that FTS5 reads far more than it returns for
-    ``a NOT b`` of two common words. The list lookup saves the join of every match;
-    the session walk costs a range query per session (``statement_us`` more for a
-    query whose statements start slowly), for the share of the filter's sessions
-    needed. ``in_range``: the share of the store's ids in the window's range, taken as
-    the share of the filter's sessions and messages in it (all of them are listed).
-    ``memo``: where the filter's sessions and messages are kept once counted (every
-    window of a search asks). ``tested``: the query has a row test; testing the
-    filter's messages costs :data:`~sessiondb.search_rows.US_TESTED` each, as many as
-    the span's rate of matches says the rest needs (all of them, for every match).
-    """
-    ids, per_id = _walk_ids(span, need)
-    density = span.matches / span.ids  # matches per id
-    memo = {} if memo is None else memo
-    if "sessions" not in memo:
-        cond, args = _session_conditions(filters)
-        memo["sessions"] = conn.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
-            f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)
-        ).fetchone()
-    count, messages = memo["sessions"]
-    costs = {"join": ids * per_id}
-    listed = count <= MAX_WALKED_SESSIONS  # else ``messages`` counts only some of them
-    if tested and density > 0 and (listed or need >= 0):
-        to_test = messages * in_range if need < 0 else (need - span.kept) / density
-        costs["rows"] = (min(to_test, messages * in_range) if listed else to_test) \
-            * search_rows.US_TESTED
-    if listed:
-        messages, walkable = messages * in_range, count * in_range
-        saved = density * (_US_JOINED_MATCH - _US_LISTED_MATCH)
-        costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
-        expected = messages * density  # matches in the filter's sessions
-        share = 1.0 if need < 0 or expected <= need else need / expected
-        # A session's query, or reading the ids up to the next one's (see _session_walk).
-        spacing = (span.ids + span.left) / max(1.0, walkable)
-        walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
-        costs["sessions"] = count * _US_LISTED_SESSION + walkable * share * walked
-    return costs
-
-
 def _tested_rest(conn: apsw.Connection, test: search_rows.RowTest | None,
-                 filters: Filters, plan: _Plan, span: _Span, need: int,
+                 filters: Filters, plan: _Plan, span: Span, need: int,
                  statement_us: float) -> tuple[str, list[tuple[int, str]] | None]:
     """The matches below the span (the newest ``need`` less those it kept) found by
     testing the messages that pass the filters one by one (:mod:`sessiondb.search_rows`),
     within what the cheapest other way is estimated to cost; and that way, for when the
     test gives up (its rate of matches says it would cost more) or cannot be run."""
-    costs = _way_costs(conn, filters, need, span, statement_us, plan.share, plan.memo)
+    costs = way_costs(conn, filters, need, span, statement_us, plan.share, plan.memo)
     other = min(costs, key=costs.__getitem__)
     if test is None:
         return other, None
@@ -542,24 +448,7 @@ def _tested_rest(conn: apsw.Connection, test: search_rows.RowTest | None,
                                              plan.lo + span.left - 1, left, costs[other])
 
 
-def _walk_ids(span: _Span, need: int) -> tuple[float, float]:
-    """The ids the index walk has still to read (all that are left, or as many as the
-    rate of kept matches says the rest needs), and its cost per id: the span's pace,
-    within what reading and joining the matches alone costs and a bound (a walk
-    preempted by another process must not look like a slow query)."""
-    ids = float(span.left)
-    if span.kept and need >= 0:
-        ids = min(ids, (need - span.kept) * span.ids / span.kept)
-    density = span.matches / span.ids
-    return ids, min(max(span.us_per_id, density * _US_JOINED_MATCH), _US_MAX_PER_ID)
-
-
-def _walk_cost(span: _Span, need: int) -> float:
-    ids, per_id = _walk_ids(span, need)
-    return ids * per_id
-
-
-def _sliced_walk(conn: apsw.Connection, run: Run, plan: _Plan, span: _Span, need: int,
+def _sliced_walk(conn: apsw.Connection, run: Run, plan: _Plan, span: Span, need: int,
                  found: list[tuple[int, str]]) -> tuple[int, int, float]:
     """The index walk below the span, as slices of ids newest first, each read in
     ascending order: FTS5 reads a doclist backwards at 1.4-1.8 times the cost (``a NOT

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessiondb import SessionDB, search, search_prefix, search_rows
+from sessiondb import SessionDB, search, search_costs, search_prefix, search_rows
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 from sessiondb.text import sanitize_fts_query
 
@@ -70,8 +70,8 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Strategy(NamedTuple):
-    """The strategy a test runs under, every answer ``search._cheapest_way`` gave in it
-    so far (forced or the cost model's), and the ranges of ids whose messages were
+    """The strategy a test runs under, every answer ``search_costs.cheapest_way`` gave in
+    it so far (forced or the cost model's), and the ranges of ids whose messages were
     tested one by one instead (``search_rows.newest_matches``)."""
 
     name: str
@@ -92,13 +92,13 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     way, _, how = request.param.partition(", ")
     asked: list[str] = []
     tested: list[tuple[int, int]] = []
-    choose = search._cheapest_way if way == "cost model" else lambda *args: way
+    choose = search_costs.cheapest_way if way == "cost model" else lambda *args: way
 
     def cheapest_way(*args: Any, **kwargs: Any) -> str:
         asked.append(choose(*args, **kwargs))
         return asked[-1]
 
-    monkeypatch.setattr(search, "_cheapest_way", cheapest_way)
+    monkeypatch.setattr(search_costs, "cheapest_way", cheapest_way)
     newest_matches = search_rows.newest_matches
 
     def unbounded(conn, test, band, lo, hi, need, budget_us):  # noqa: ANN001 - as wrapped
@@ -115,7 +115,7 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return Strategy(request.param, asked, tested)
 
 
-#: The strategies that differ from another only in the way ``_cheapest_way`` is made
+#: The strategies that differ from another only in the way ``cheapest_way`` is made
 #: to answer: "join", "list", "sessions" and "rows" from "cost model", "list, sliced"
 #: from "join, sliced". Under a filter with no choice of way (no source or session filter)
 #: nothing asks it (:func:`checks`), so they would run the very statements of the
@@ -125,7 +125,7 @@ ANSWER_ONLY = {"join", "list", "sessions", "rows", "list, sliced"}
 
 def has_a_choice(kw: dict[str, Any]) -> bool:
     """Whether a search with these filters may choose its way (``search._candidates``
-    asks ``_cheapest_way`` only under a source or session filter)."""
+    asks ``cheapest_way`` only under a source or session filter)."""
     return (kw.get("session_id") is not None or bool(kw.get("sources"))
             or bool(kw.get("exclude_sources")))
 
@@ -134,7 +134,7 @@ def has_a_choice(kw: dict[str, Any]) -> bool:
 def checks(strategy: Strategy, kw: dict[str, Any]) -> Iterator[bool]:
     """Whether this strategy checks these filters (False: one that runs the same
     statements does); around the searches of a filter with no choice of way, that
-    nothing asked ``_cheapest_way`` (what makes the strategies of :data:`ANSWER_ONLY`
+    nothing asked ``cheapest_way`` (what makes the strategies of :data:`ANSWER_ONLY`
     the same there)."""
     before = len(strategy.asked)
     yield not (strategy.name in ANSWER_ONLY and not has_a_choice(kw))
@@ -404,16 +404,16 @@ def test_a_written_out_prefix_under_a_rare_source_tests_its_messages() -> None:
     # matches, none of slack's) and slack's 195 sessions of 9,750 messages. Its session
     # walk (a statement per session, each starting with 103 seeks) took 60-90 ms;
     # testing slack's newest messages one by one, 21 ms.
-    span = search._Span(ids=1024, left=212544, matches=1003, kept=0, us_per_id=2.0)
+    span = search_costs.Span(ids=1024, left=212544, matches=1003, kept=0, us_per_id=2.0)
     memo: dict[str, Any] = {"sessions": (195, 9750)}
     filters = search.Filters(sources=["slack"])
     args = (None, filters, 1000, span, 4635.0, 0.214, memo)
-    costs = search._way_costs(*args, True)
+    costs = search_costs.way_costs(*args, True)
     assert min(costs, key=costs.__getitem__) == "rows"
     assert costs["rows"] < costs["sessions"] / 2
-    assert "rows" not in search._way_costs(*args)  # no row test: the others only
-    assert search._cheapest_way(*args) == "sessions"
+    assert "rows" not in search_costs.way_costs(*args)  # no row test: the others only
+    assert search_costs.cheapest_way(*args) == "sessions"
     # No match in the span: no rate to go by, so no estimate.
     none = dataclasses.replace(span, matches=0)
-    assert "rows" not in search._way_costs(None, filters, 1000, none, 4635.0, 0.214, memo,
-                                           True)
+    assert "rows" not in search_costs.way_costs(None, filters, 1000, none, 4635.0, 0.214,
+                                                memo, True)

@@ -239,8 +239,8 @@ class ImportRun:
             if sid in known or (sid not in ids and _present(conn, self.sql, [sid])):
                 if not self.skip_existing:
                     done = self.done_before() if self.imported else (
-                        "nothing was imported (pass skip_existing=True to import only the "
-                        "new ones)")
+                        "nothing was imported (pass skip_existing=True, or --skip-existing "
+                        "to sessiondb import, to import only the new ones)")
                     raise IntegrityViolation(f"session {sid!r} already exists; {done}")
                 out.skipped += 1
             else:
@@ -267,7 +267,7 @@ class ImportRun:
         if not self.imported:
             return "nothing was imported"
         return (f"{self.imported:,} session(s) were imported before it, each complete "
-                "(rerun with skip_existing=True to import the rest)")
+                "(rerun with skip_existing=True, or --skip-existing, to import the rest)")
 
     def _apply(self, out: _Outcome) -> None:
         for _ in range(out.taken):
@@ -538,7 +538,8 @@ def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read:
         if not skip_existing:
             sid = next(r["id"] for r in rows if r["id"] in existing)
             raise IntegrityViolation(f"session {sid!r} already exists; nothing was imported "
-                                     "(pass skip_existing=True to import only the new ones)")
+                                     "(pass skip_existing=True, or --skip-existing to "
+                                     "sessiondb import, to import only the new ones)")
         rows = [r for r in rows if r["id"] not in existing]
     order = records.parents_first(rows)
     by_id = {r["id"]: r for r in order}

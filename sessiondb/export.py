@@ -5,6 +5,12 @@
 each batch in one short snapshot (a session is read consistently with its messages; the
 export as a whole is not one snapshot unless it runs inside ``snapshot()``). One
 session is never split, so memory is bounded by the largest session.
+
+A parent comes before its children, as an import needs (it holds a child whose parent
+has not come yet in memory, and refuses past a bound: :mod:`sessiondb.bulk`). Oldest
+first gives that order unless a parent started after a child (an import may make such
+a pair; so may the clocks of two hosts): such a parent is read out of its turn, right
+before the first of its children, and skipped at its turn.
 """
 
 from __future__ import annotations
@@ -69,11 +75,56 @@ def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]
                    sql: Dialect) -> Iterator[dict[str, Any]]:
     """Every session of ``source`` (None: all), oldest first, with its messages: the
     batch ``first`` (read by the caller, so that errors surface at the call), then one
-    :func:`export_batch` after another, each in its own short snapshot."""
+    :func:`export_batch` after another, each in its own short snapshot; a parent that
+    started after its child right before the child (module docstring)."""
+    ahead: set[str] = set()  # sessions given out of their turn, skipped at it
     batch = first
     while batch:
-        yield from batch
+        late = read(lambda c, b=batch: _late_parents(c, b, source), snapshot=True)
+        for item in batch:
+            if item["id"] in ahead:
+                ahead.discard(item["id"])
+                continue
+            if item["id"] in late:
+                yield from _ancestors_ahead(read, item, source, ahead)
+            yield item
         last = batch[-1]
         del batch  # hold no more than the batch being read
         batch = read(lambda c, a=(last["started_at"], last["id"]): export_batch(
             c, source, a, sql), snapshot=True)
+
+
+def _late_parents(conn: Conn, batch: list[dict[str, Any]], source: Optional[str]
+                  ) -> set[str]:
+    """The sessions of ``batch`` whose parent the export reaches after them."""
+    late = set()
+    for item in batch:
+        parent = item.get("parent_session_id")
+        if parent is None:
+            continue
+        found = fetch_rows(conn, "SELECT started_at, source FROM sessions WHERE id = ?",
+                           (parent,))
+        if found and (source is None or found[0]["source"] == source) and \
+                (found[0]["started_at"], parent) > (item["started_at"], item["id"]):
+            late.add(item["id"])
+    return late
+
+
+def _ancestors_ahead(read: Read, item: dict[str, Any], source: Optional[str],
+                     ahead: set[str]) -> list[dict[str, Any]]:
+    """The ancestors of ``item`` that the export has not given yet (after it in the
+    order, not given ahead already), oldest generation first, with their messages;
+    each added to ``ahead``."""
+    cursor = (item["started_at"], item["id"])
+    chain: list[dict[str, Any]] = []
+    parent, seen = item.get("parent_session_id"), {item["id"]}
+    while parent is not None and parent not in ahead and parent not in seen:
+        seen.add(parent)
+        found = read(lambda c, p=parent: export_session(c, p), snapshot=True)
+        if found is None or (source is not None and found["source"] != source) or \
+                (found["started_at"], found["id"]) < cursor:
+            break  # gone meanwhile, not in this export, or given already
+        chain.append(found)
+        parent = found.get("parent_session_id")
+    ahead.update(found["id"] for found in chain)
+    return chain[::-1]

@@ -101,6 +101,10 @@ class _Buffer:
                 # (At the end of the input the next try reports the error where it is.)
                 self.more(2 * (len(self.text) - self.pos))
                 continue
+            except RecursionError:
+                raise self.error("a value nested too deeply to read", self.pos) from None
+            except ValueError as exc:  # a number of more digits than Python converts
+                raise self.error(f"a value Python cannot read ({exc})", self.pos) from None
             if end == len(self.text) and not isinstance(value, (dict, list, str)) \
                     and not self.eof and self.more():
                 continue  # a number (or literal) may go on in the next chunk

@@ -279,7 +279,26 @@ def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
                     plan, lo=floor, hi=found[-1][0] - 1, table=table.name))
                 top = floor - 1
                 continue
-        top = found[-1][0] - 1 if len(found) == WINDOW else bottom - 1
+        if len(found) == WINDOW:
+            top = found[-1][0] - 1
+        else:  # the block is done
+            top = _newest_below(conn, filters, plan, bottom)
+
+
+def _newest_below(conn: apsw.Connection, filters: Filters, plan: "_Plan", bottom: int
+                  ) -> int:
+    """The newest id below ``bottom`` of a message the plan's range may hold (of its
+    session, with a session filter), or ``plan.lo - 1``: the next window starts in its
+    block, past the blocks that hold no message (an import may keep ids far apart:
+    one statement per empty block of 262,144 ids made a store with a message at id
+    10**12 and one at 5 take hours to search)."""
+    if filters.session_id is None:
+        sql, args = "SELECT max(id) FROM messages WHERE id < ?", (bottom,)
+    else:
+        sql, args = ("SELECT max(id) FROM messages WHERE session_id = ? AND id < ?",
+                     (filters.session_id, bottom))
+    newest = conn.execute(sql, args).fetchone()[0]
+    return plan.lo - 1 if newest is None else newest
 
 
 def _block_start(top: int, lo: int) -> int:
@@ -314,9 +333,10 @@ def _merged_windows(conn: apsw.Connection, run: Run, plan: "_Plan"
             visited += 1
             if data is None:
                 continue
-            while rowid < bottom:  # the window's range holds no more matches
-                yield window, cost(rowid), False
-                window, bottom = [], _block_start(bottom - 1, plan.lo)
+            if rowid < bottom:  # the window's range holds no more matches
+                if window:  # (blocks without a match between: no window to yield)
+                    yield window, cost(rowid), False
+                window, bottom = [], _block_start(rowid, plan.lo)
             window.append((rowid, data))
             if len(window) == WINDOW:
                 yield window, cost(rowid), False

@@ -512,6 +512,19 @@ def test_bad_input_is_located(text: str, where: tuple[int, int]) -> None:
         list(read_items(io.BytesIO(b'{"a": "\xff"}')))
 
 
+@pytest.mark.parametrize("text, message", [
+    # Valid JSON that Python's decoder will not read: an integer of more than 4,300
+    # digits (ValueError), values nested 100,000 deep (RecursionError). Previously these
+    # reached the CLI as a traceback and exit 1.
+    ('{"a": 1}\n{"n": ' + "9" * 5000 + "}", "a value Python cannot read"),
+    ('{"a": 1}\n{"n": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+])
+def test_json_python_cannot_read_is_bad_input(text: str, message: str) -> None:
+    with pytest.raises(ExportFormatError, match=message) as info:
+        list(read_items(io.BytesIO(text.encode())))
+    assert (info.value.line, info.value.column) == (2, 1)
+
+
 def test_a_long_value_is_read_in_linear_time() -> None:
     """A 4 MB session read in 1 KB chunks: the buffer grows geometrically, so the value
     is decoded a handful of times, not once per chunk."""

@@ -228,6 +228,10 @@ def test_import_bad_file_exits_2(capsys, cli_db, tmp_path):
     assert code == 2 and "not a JSON export" in err
     code, _, err = run(capsys, "import", str(tmp_path / "missing.json"), "--db", str(cli_db))
     assert code == 2 and "cannot read" in err
+    deep = tmp_path / "deep.jsonl"  # valid JSON, deeper than Python's decoder goes
+    deep.write_text('{"id": "x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    code, _, err = run(capsys, "import", str(deep), "--db", str(cli_db))
+    assert code == 2 and "not a JSON export" in err and "nested too deeply" in err
 
 
 def test_prune_is_a_dry_run_without_yes(capsys, cli_db):

@@ -246,6 +246,25 @@ def test_prune_bad_days(aged: SessionDB, days, error) -> None:
     assert aged.session_count() == 5
 
 
+def test_an_imported_id_leaves_room_for_the_messages_added_after_it(fresh: SessionDB
+                                                                     ) -> None:
+    # A message with id 2**63 - 1 made SQLite's AUTOINCREMENT refuse every later insert
+    # into the store, as "database or disk is full". The highest id kept is 2**62 - 1.
+    from sessiondb.records import MAX_MESSAGE_ID
+    session = {"id": "s", "source": "cli", "started_at": 1.0, "messages": [
+        {"id": MAX_MESSAGE_ID + 1, "role": "user", "content": "a", "timestamp": 1.0}]}
+    with pytest.raises(InvalidArgument, match=r"above 4611686018427387903 \(2\*\*62 - 1\)"):
+        fresh.import_sessions([session])
+    assert fresh.session_count() == 0
+    session["messages"][0]["id"] = MAX_MESSAGE_ID
+    fresh.import_sessions([session])
+    after = fresh.append_message("s", "user", "next")
+    assert after > MAX_MESSAGE_ID
+    fresh.import_sessions([{"id": "t", "source": "cli", "started_at": 2.0,
+                            "messages": [{"role": "user", "content": "b", "timestamp": 2.0}]}])
+    assert [m["id"] for m in fresh.get_messages("t")] == [after + 1]
+
+
 @pytest.mark.parametrize("field, value, error", [
     ("started_at", 2**1100, InvalidArgument), ("started_at", float("nan"), InvalidArgument),
     ("ended_at", "yesterday", InvalidArgumentType), ("input_tokens", -5, InvalidArgument),
@@ -255,6 +274,7 @@ def test_prune_bad_days(aged: SessionDB, days, error) -> None:
     ("model", b"m", InvalidArgumentType), ("model_config", {1, 2}, InvalidArgumentType),
     ("messages", [{"role": "user", "timestamp": 1.0, "tool_name": "\ud800"}], InvalidArgument),
     ("messages", [{"role": "user", "timestamp": 1.0, "id": 2**63}], InvalidArgument),
+    ("messages", [{"role": "user", "timestamp": 1.0, "id": 2**62}], InvalidArgument),
     ("messages", [{"role": "user", "timestamp": 1.0, "metadata": object()}],
      InvalidArgumentType),
 ])
@@ -297,6 +317,8 @@ _KEYS = st.sampled_from(
 @example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**63 - 1},
          {"token_count": 2**63 - 1})
 @example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**63}, {})
+@example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**62 - 1}, {})
+@example({"role": "user", "timestamp": 1.0, "content": "a", "id": 2**62}, {})
 @example({"role": "r" * 1024, "timestamp": -0.0, "content": "", "id": 0}, {})
 @example({"role": "r" * 1025, "timestamp": 1.0, "content": None, "id": None}, {})
 @example({"role": "user", "timestamp": 1, "content": "a\x00b", "id": None}, {})
@@ -319,3 +341,45 @@ def test_a_message_is_checked_alike_on_the_fast_path_and_the_general_one(common,
         return tuple((type(v), repr(v)) for v in row)  # 1 is not 1.0, -0.0 is not 0.0
 
     assert outcome(records._message_row) == outcome(records._checked_row)
+
+
+def test_a_parent_that_started_after_its_children_is_exported_before_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Oldest first put such children before their parent, and an import of the export
+    # held them (and their messages) waiting for it, refusing past 2,000 sessions or
+    # 20,000 messages: a store's own export did not import. A parent that started
+    # after its child now comes right before the child (its own late parent first).
+    from sessiondb import bulk
+
+    def session(sid: str, started: float, parent: str | None = None,
+                source: str = "cli") -> dict:
+        return {"id": sid, "source": source, "started_at": started,
+                "parent_session_id": parent,
+                "messages": [{"role": "user", "content": f"{sid} {n}", "timestamp": started}
+                             for n in range(3)]}
+
+    items = [session("grand", 300.0), session("parent", 200.0, "grand"),
+             session("early", 50.0)] + \
+        [session(f"child-{n}", 100.0 + n, "parent") for n in range(4)] + \
+        [session("other", 150.0, "child-1"), session("slack-parent", 500.0, source="slack"),
+         session("cli-child", 60.0, "slack-parent")]
+    source_db = SessionDB(tmp_path / "a.db")
+    source_db.import_sessions(items)  # a list: placed parents first, whatever the times
+    exported = source_db.export_all()
+    ids = [s["id"] for s in exported]
+    assert sorted(ids) == sorted(s["id"] for s in items)  # each once
+    for position, item in enumerate(exported):
+        parent = item["parent_session_id"]
+        assert parent is None or ids.index(parent) < position, (item["id"], ids)
+    assert ids[:6] == ["early", "slack-parent", "cli-child", "grand", "parent", "child-0"]
+    # Of one source: a parent outside it is not exported, so nothing is moved for it.
+    assert [s["id"] for s in source_db.export_all("cli")][:3] == ["early", "cli-child",
+                                                                  "grand"]
+    # The export imports as a stream with no child ever waiting for its parent.
+    monkeypatch.setattr(bulk, "WAITING_SESSIONS", 0)
+    monkeypatch.setattr(bulk, "WAITING_MESSAGES", 0)
+    copy = SessionDB(tmp_path / "b.db")
+    copy.import_sessions(iter(source_db.iter_export()))
+    assert copy.export_all() == exported
+    source_db.close()
+    copy.close()

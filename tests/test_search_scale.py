@@ -417,3 +417,39 @@ def test_a_written_out_prefix_under_a_rare_source_tests_its_messages() -> None:
     none = dataclasses.replace(span, matches=0)
     assert "rows" not in search_costs.way_costs(None, filters, 1000, none, 4635.0, 0.214,
                                                 memo, True)
+
+
+@pytest.mark.parametrize("query, kw, merged", [
+    ("lexer", {}, False), ("lexer", {"sources": ["cli"]}, False),
+    ("lexer", {"session_id": "far"}, False), ("lex*", {"sources": ["cli"]}, False),
+    ("l*", {}, False), ("l*", {}, True)])
+def test_ids_far_apart_cost_no_window_per_empty_block(tmp_path: Path, monkeypatch,
+                                                       query: str, kw: dict, merged: bool
+                                                       ) -> None:
+    # An import keeps the ids it is given. Windows went down one block of 262,144 ids
+    # at a time, a statement each, also through blocks holding no message: a store
+    # with messages at ids 5 and 10**15 took hours to search. merged: the windows of a
+    # one-letter prefix cut from one statement's rows (no row test).
+    far = [5, 6, 10**9, 10**12, 10**15, 10**15 + 1]
+    near = [7, 8, 10**9 + 1]
+    with SessionDB(tmp_path / "s.db") as db:
+        db.import_sessions([
+            {"id": sid, "source": source, "started_at": 1.0, "messages": [
+                {"id": i, "role": "user", "content": f"lexer {i}", "timestamp": 1.0}
+                for i in ids]}
+            for sid, source, ids in (("far", "cli", far), ("near", "slack", near))])
+        windows: list[int] = []
+        block_start = search._block_start
+
+        def counted(top: int, lo: int) -> int:
+            windows.append(top)
+            assert len(windows) < 1000, "a window per empty block"
+            return block_start(top, lo)
+
+        monkeypatch.setattr(search, "_block_start", counted)
+        if merged:
+            monkeypatch.setattr(search, "_tested", lambda *args: None)
+        # One word in every message, all two words long: equal bm25, ties newest first.
+        expected = sorted(far if kw else far + near, reverse=True)
+        assert found(db, query, limit=None, **kw) == expected
+        assert found(db, query, limit=2, offset=3, **kw) == expected[3:5]

@@ -433,13 +433,15 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
             assert stream is not None
             _stream(run, stream)
     except Exception:
-        # What was imported before the failure is made searchable too (a failure of
-        # that is left to a rerun: the error that stopped the import is the news).
-        if run.deferred:
-            try:
+        # What was imported before the failure is made searchable too, and so is what
+        # an import that was killed left pending: a rerun that stops at once (on a
+        # session imported already) still finishes that. A failure of this is left to
+        # a rerun: the error that stopped the import is the news.
+        try:
+            if run.deferred or (defer and read(_anything_pending)):
                 index(progress)
-            except Exception:
-                pass
+        except Exception:
+            pass
         raise
     if run.deferred or (defer and read(_anything_pending)):
         index(progress)  # also what an import that was killed left pending

@@ -378,6 +378,31 @@ def test_a_fresh_import_keeps_one_pending_range_then_none(fresh: SessionDB) -> N
     check_store(fresh.path)
 
 
+def test_a_rerun_that_stops_at_once_still_indexes_what_a_cut_import_left(
+        tmp_path: Path) -> None:
+    # Cut during its indexing (as by a kill), an import leaves its messages pending,
+    # unsearchable. A rerun without skip_existing stopped at the first session already
+    # there, and left them so; it now indexes them before it raises.
+    data = generated(100, 50)
+
+    def cut(p: Any) -> None:
+        if p.task == "index" and p.done < (p.total or 0):
+            raise KeyboardInterrupt
+
+    fresh = SessionDB(tmp_path / "cut.db", hold_timeout=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.import_sessions(iter(data), progress=cut)
+    reader = apsw.Connection(str(fresh.path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert reader.execute("SELECT count(*) FROM sessiondb_fts_pending").fetchone()[0]
+    finally:
+        reader.close()
+    with pytest.raises(IntegrityViolation, match="already exists"):
+        fresh.import_sessions(iter(data))
+    fresh.close()
+    check_store(fresh.path)
+
+
 def test_import_in_a_transaction_block_is_one_call(fresh: SessionDB) -> None:
     fresh.create_session("taken", "cli")
     data = generated(5, 3) + [{"id": "taken", "source": "x", "started_at": 1.0}]

@@ -513,11 +513,12 @@ def test_an_import_across_blocks_is_indexed_in_a_table_per_block(tmp_path: Path,
 
 def test_an_import_with_ids_far_apart_is_indexed_in_steps_that_end(tmp_path: Path) -> None:
     """A pending range across empty blocks is indexed from its first message on, not
-    walked one empty block at a time (2**62 ids apart: forever)."""
+    walked one empty block at a time (2**61 ids apart: forever). (An import keeps ids
+    up to 2**62 - 1.)"""
     with SessionDB(tmp_path / "s.db", hold_timeout=TINY_HOLD) as db:
-        assert db.import_sessions(fw.spread([(5, 3), (2**62, 3)])) == 2
-        far = fts_tables.block_start(2**62)  # 2**62 ends a block: the run spans two
-        assert layout(db) == [sealed(None, far), sealed(far, 2**62 + 1), tail(2**62 + 1)]
+        assert db.import_sessions(fw.spread([(5, 3), (2**61, 3)])) == 2
+        far = fts_tables.block_start(2**61)  # 2**61 ends a block: the run spans two
+        assert layout(db) == [sealed(None, far), sealed(far, 2**61 + 1), tail(2**61 + 1)]
         assert len(assert_indexed(db)) == 6
 
 

@@ -25,7 +25,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream, top
 from .backend import is_url, mask
-from .connection import ENV_PATH, default_path
+from .connection import ENV_PATH, default_path, process_alive
 from .errors import SessionDBError
 from .maintenance import Progress
 from .store import SessionDB
@@ -523,7 +523,9 @@ class _Counted:
 
 def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
     """Write through ``write`` into a temporary file next to ``path``, then rename it over
-    ``path``: readers see the old file or the whole new one, never a part."""
+    ``path``: readers see the old file or the whole new one, never a part. The temporary
+    files of earlier writes to ``path`` that were killed are removed first."""
+    _sweep_temporary(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", buffering=1 << 20) as fh:
@@ -534,6 +536,33 @@ def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
         if isinstance(exc, OSError):
             raise _InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+#: Seconds a temporary file of a dead process must have been left unwritten before it
+#: is removed (its pid could be another host's, on a shared directory, still writing).
+STALE_TEMPORARY = 60.0
+
+
+def _sweep_temporary(path: Path) -> None:
+    """Remove ``.NAME.PID.tmp`` files next to ``path`` left by a write that was killed
+    (SIGKILL, or SIGTERM, whose default action runs no cleanup): the pid no longer
+    runs and the file has not changed for :data:`STALE_TEMPORARY` seconds."""
+    prefix, now = f".{path.name}.", time.time()
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):-len(".tmp")]
+        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
+            continue
+        left = path.parent / name
+        try:
+            if not process_alive(int(pid)) and \
+                    now - left.stat().st_mtime > STALE_TEMPORARY:
+                left.unlink()
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
 
 
 def _count(text: str) -> int:

@@ -207,6 +207,28 @@ def test_export_import_round_trip_through_files(capsys, cli_db, tmp_path):
                     "--skip-existing") == {"imported": 0}
 
 
+def test_export_removes_the_temporary_files_of_killed_exports(capsys, cli_db, tmp_path):
+    # An export killed while writing (SIGKILL, or SIGTERM: no cleanup runs) left its
+    # .NAME.PID.tmp beside the file for good, tens of MB at a time.
+    dump = tmp_path / "dump.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old_dead = tmp_path / f".dump.jsonl.{dead.pid}.tmp"
+    recent_dead = tmp_path / f".dump.jsonl.{dead.pid + 1000000}.tmp"  # no such pid
+    mine = tmp_path / f".dump.jsonl.{os.getppid()}.tmp"  # a live process's
+    other = tmp_path / ".other.jsonl.1.tmp"
+    for left in (old_dead, recent_dead, mine, other):
+        left.write_text("partial")
+    past = time.time() - 3600
+    for left in (old_dead, mine, other):
+        os.utime(left, (past, past))
+    assert run_json(capsys, "export", "--db", str(cli_db), "--jsonl", "-o", str(dump))
+    assert not old_dead.exists()  # dead and untouched for an hour: removed
+    assert recent_dead.exists()  # written to lately: perhaps another host's, writing
+    assert mine.exists() and other.exists()  # a live process's; another file's
+    assert dump.exists()
+
+
 def test_export_one_session_by_prefix(capsys, cli_db):
     code, out, _ = run(capsys, "export", "--session", "beta", "--db", str(cli_db))
     assert code == 0 and [s["id"] for s in json.loads(out)] == ["beta-2222"]

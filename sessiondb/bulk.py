@@ -548,10 +548,12 @@ def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read:
     coming = set(by_id) | present
     holders: dict[str, str] = {}
     doomed: set[str] = set()
+    orphans: list[dict[str, Any]] = []
     for row in order:
         sid, parent, title = row["id"], row.get("parent_session_id"), row.get("title")
         if parent is not None and parent != sid and parent not in coming:
             doomed.add(sid)
+            orphans.append(row)
         if title is not None:
             if title in titled:
                 doomed.add(sid)
@@ -566,7 +568,17 @@ def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read:
             while sid in by_id and sid not in needed:
                 needed.add(sid)
                 sid = by_id[sid].get("parent_session_id")
-        _probe(write, [r for r in order if r["id"] in needed])
+        try:
+            _probe(write, [r for r in order if r["id"] in needed])
+        except IntegrityViolation as exc:
+            if not orphans or "FOREIGN KEY" not in str(exc).upper():
+                raise
+            # SQLite's (or PostgreSQL's) text names no session: this one does, with
+            # the same cause.
+            raise IntegrityViolation(
+                f"session {orphans[0]['id']!r} names parent "
+                f"{orphans[0]['parent_session_id']!r}, which is neither in the store nor "
+                "in the import; nothing was imported") from (exc.__cause__ or exc)
     return order
 
 

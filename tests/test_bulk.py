@@ -322,7 +322,8 @@ def test_bad_input_in_a_stream(fresh: SessionDB, monkeypatch) -> None:
 
 def test_a_list_is_checked_as_a_whole_before_anything_is_written(db_path: Path) -> None:
     """A conflict at the end of a list that takes many steps: nothing is written, and
-    SQLite's own refusal is what is raised (as when the import was one transaction)."""
+    SQLite's own refusal is what is raised (as when the import was one transaction;
+    for a missing parent, in words that name the session)."""
     with SessionDB(db_path, hold_timeout=0.05) as db:
         db.create_session("taken-title", "cli", title="taken")
         for bad in ({"parent_session_id": "nowhere"}, {"title": "taken"},

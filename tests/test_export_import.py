@@ -116,7 +116,9 @@ def test_import_parents_before_children(db: SessionDB, fresh: SessionDB) -> None
 def test_import_with_missing_parent_is_refused(fresh: SessionDB) -> None:
     data = [{"id": "ok", "source": "cli", "started_at": 1.0},
             {"id": "orphan", "source": "cli", "started_at": 2.0, "parent_session_id": "x"}]
-    with pytest.raises(IntegrityViolation):
+    # Named (the foreign key error SQLite gives names no session).
+    with pytest.raises(IntegrityViolation, match="session 'orphan' names parent 'x', which "
+                                                 "is neither in the store nor in the import"):
         fresh.import_sessions(data)
     assert fresh.session_count() == 0
 

@@ -186,7 +186,9 @@ class ImportRun:
         """After the input ended: the children still waiting get their last chance
         (their parent may have been created meanwhile), then are refused."""
         self.stream = False
-        for row in records.parents_first([r for rows in self.waiting.values() for r in rows]):
+        left = [r for rows in self.waiting.values() for r in rows]
+        _refuse_cycle(left, self.done_before())
+        for row in records.parents_first(left):
             self.add(row)
         self.waiting.clear()
         self.waiting_sessions = self.waiting_messages = 0
@@ -300,6 +302,15 @@ class ImportRun:
                 "messages) wait for a parent session that has not come yet; "
                 f"{self.done_before()}. Put parents before their children (as export "
                 "does)")
+
+
+def _refuse_cycle(rows: list[dict[str, Any]], done: str) -> None:
+    """Refuse sessions whose parents form a cycle: none of them can go in first."""
+    cycle = records.parent_cycle(rows)
+    if cycle is not None:
+        raise IntegrityViolation(
+            f"the parents of imported sessions {', '.join(map(repr, cycle))} form a "
+            f"cycle (each names the next as its parent); {done}")
 
 
 def _text_size(row: dict[str, Any]) -> int:
@@ -543,6 +554,7 @@ def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read:
                                      "(pass skip_existing=True, or --skip-existing to "
                                      "sessiondb import, to import only the new ones)")
         rows = [r for r in rows if r["id"] not in existing]
+    _refuse_cycle(rows, "nothing was imported")
     order = records.parents_first(rows)
     by_id = {r["id"]: r for r in order}
     coming = set(by_id) | present

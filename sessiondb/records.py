@@ -237,6 +237,29 @@ def _storable(text: str) -> bool:
     return True
 
 
+def parent_cycle(items: list[dict[str, Any]]) -> list[str] | None:
+    """The ids of a cycle of parents among ``items`` (each session's parent the next
+    one's id, the last one's the first's), or None. A session that is its own parent is
+    no cycle here (its row refers to itself, which the database accepts)."""
+    by_id = {item["id"]: item for item in items}
+    done: set[str] = set()
+    for item in items:
+        path: list[str] = []
+        at: dict[str, int] = {}
+        current = item["id"]
+        while current in by_id and current not in done:
+            if current in at:
+                return path[at[current]:]
+            at[current] = len(path)
+            path.append(current)
+            parent = by_id[current].get("parent_session_id")
+            if parent == current:
+                break
+            current = parent
+        done.update(path)
+    return None
+
+
 def parents_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Order sessions so that every imported parent precedes its children (a cycle is
     left in the order met; SQLite then refuses the first of it)."""

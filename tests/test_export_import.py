@@ -385,3 +385,19 @@ def test_a_parent_that_started_after_its_children_is_exported_before_them(
     assert copy.export_all() == exported
     source_db.close()
     copy.close()
+
+
+def test_parents_that_form_a_cycle_are_refused_by_name(fresh: SessionDB) -> None:
+    # Previously: "session 'b' names parent 'a', which is neither in the store nor in
+    # the import", though 'a' was in the import.
+    cycle = [{"id": "a", "source": "cli", "started_at": 1.0, "parent_session_id": "c"},
+             {"id": "b", "source": "cli", "started_at": 2.0, "parent_session_id": "a"},
+             {"id": "c", "source": "cli", "started_at": 3.0, "parent_session_id": "b"}]
+    for data in (cycle, iter(cycle)):  # a list, a stream
+        with pytest.raises(IntegrityViolation, match=r"the parents of imported sessions "
+                                                     r"'a', 'c', 'b' form a cycle"):
+            fresh.import_sessions(data)
+        assert fresh.session_count() == 0
+    # Its own parent: no cycle.
+    assert fresh.import_sessions([{"id": "self", "source": "cli", "started_at": 4.0,
+                                   "parent_session_id": "self"}]) == 1

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import records, search_index
 from .backend import Conn, Dialect
+from .bulk_checks import Read, Write, check_list, check_titles, present, refuse_cycle
 from .errors import (
     HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
@@ -80,8 +81,6 @@ _INT64_MAX = 2**63 - 1
 _MESSAGE_INSERT = (f"INSERT INTO messages ({', '.join(records.MESSAGE_COLUMNS)}) "
                    f"VALUES ({', '.join('?' * len(records.MESSAGE_COLUMNS))})")
 
-Write = Callable[[Callable[[Conn], Any]], Any]
-Read = Callable[..., Any]
 
 
 # -- input ---------------------------------------------------------------------------
@@ -187,7 +186,7 @@ class ImportRun:
         (their parent may have been created meanwhile), then are refused."""
         self.stream = False
         left = [r for rows in self.waiting.values() for r in rows]
-        _refuse_cycle(left, self.done_before())
+        refuse_cycle(left, self.done_before())
         for row in records.parents_first(left):
             self.add(row)
         self.waiting.clear()
@@ -206,7 +205,7 @@ class ImportRun:
                 break
         out.taken = len(take)
         work = self._place(conn, take, out)
-        _check_titles(conn, self.sql, work, self.done_before())
+        check_titles(conn, self.sql, work, self.done_before())
         messages = [m for row in work for m in row["messages"]]
         if messages:
             messages = self.sql.assign_ids(conn, messages, _assign_ids)
@@ -229,16 +228,16 @@ class ImportRun:
         refused), children of missing parents held back (or refused), and children
         that were waiting for a session of this step right after it."""
         ids = {row["id"] for row in take}
-        existing = _present(conn, self.sql, list(ids))
+        existing = present(conn, self.sql, list(ids))
         parents = {row.get("parent_session_id") for row in take} - {None}
-        known = existing | _present(conn, self.sql, list(parents - ids))  # in the store
+        known = existing | present(conn, self.sql, list(parents - ids))  # in the store
         work: list[dict[str, Any]] = []
         todo = deque(take)
         while todo:
             row = todo.popleft()
             sid = row["id"]
             # A released child was not looked up with the step's sessions.
-            if sid in known or (sid not in ids and _present(conn, self.sql, [sid])):
+            if sid in known or (sid not in ids and present(conn, self.sql, [sid])):
                 if not self.skip_existing:
                     done = self.done_before() if self.imported else (
                         "nothing was imported (pass skip_existing=True, or --skip-existing "
@@ -304,44 +303,11 @@ class ImportRun:
                 "does)")
 
 
-def _refuse_cycle(rows: list[dict[str, Any]], done: str) -> None:
-    """Refuse sessions whose parents form a cycle: none of them can go in first."""
-    cycle = records.parent_cycle(rows)
-    if cycle is not None:
-        raise IntegrityViolation(
-            f"the parents of imported sessions {', '.join(map(repr, cycle))} form a "
-            f"cycle (each names the next as its parent); {done}")
-
-
 def _text_size(row: dict[str, Any]) -> int:
     """Characters of text a session's messages carry (content, reasoning, the JSON
     columns): what makes a message expensive to write besides its count."""
     return sum(len(m[3] or "") + len(m[5] or "") + len(m[10] or "") + len(m[11] or "")
                + len(m[12] or "") + len(m[13] or "") for m in row["messages"])
-
-
-def _present(conn: Conn, sql: Dialect, ids: list[str]) -> set[str]:
-    """Which of ``ids`` are sessions of the store."""
-    if not ids:
-        return set()
-    return {r[0] for r in conn.execute(
-        f"SELECT id FROM sessions WHERE id IN {sql.in_list}", (sql.list_arg(ids),))}
-
-
-def _check_titles(conn: Conn, sql: Dialect, work: list[dict[str, Any]], done: str
-                  ) -> None:
-    """Refuse a title that another session has (in the store, or earlier in the step):
-    the unique index would refuse it anyway, without saying which session."""
-    titled = [(row["title"], row["id"]) for row in work if row.get("title") is not None]
-    if not titled:
-        return
-    taken = dict(conn.execute(f"SELECT title, id FROM sessions WHERE title IN {sql.in_list}",
-                              (sql.list_arg([t for t, _ in titled]),)).fetchall())
-    for title, sid in titled:
-        other = taken.setdefault(title, sid)
-        if other != sid:
-            raise IntegrityViolation(f"session {sid!r} has the title {title!r}, which "
-                                     f"session {other!r} already has; {done}")
 
 
 def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
@@ -436,8 +402,8 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
                     stream=rows is None, tracker=tracker, between=between)
     try:
         if rows is not None:
-            for row in _check_list(rows, sql=sql, write=write, read=read,
-                                   skip_existing=skip_existing):
+            for row in check_list(rows, sql=sql, write=write, read=read,
+                                  skip_existing=skip_existing):
                 run.add(row)
             run.drain()
         else:
@@ -523,95 +489,3 @@ def _validated(run: ImportRun, item: Any) -> dict[str, Any]:
 
 def _anything_pending(conn: Conn) -> bool:
     return conn.execute("SELECT 1 FROM sessiondb_fts_pending LIMIT 1").fetchone() is not None
-
-
-def _check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read: Read,
-                skip_existing: bool) -> list[dict[str, Any]]:
-    """A list is checked against the store before anything is written, so that a
-    conflict leaves the store untouched, as an import in one transaction would: an
-    existing session (unless ``skip_existing``, which drops it), a missing parent, a
-    title taken. The last two are left for SQLite to refuse, in a transaction that is
-    rolled back (:func:`_probe`), so that the error is the one a single transaction
-    would have raised.
-
-    :returns: the rows to import, parents first.
-    """
-    ids = [r["id"] for r in rows]
-    titles = [r["title"] for r in rows if r.get("title") is not None]
-    parents = list({r.get("parent_session_id") for r in rows} - {None})
-
-    def look(conn: Conn) -> tuple[set[str], set[str], set[str]]:
-        return (_present(conn, sql, ids), _present(conn, sql, parents),
-                {r[0] for r in conn.execute(
-                    f"SELECT title FROM sessions WHERE title IN {sql.in_list}",
-                    (sql.list_arg(titles),))} if titles else set())
-
-    existing, present, titled = read(look, snapshot=True)
-    if existing:
-        if not skip_existing:
-            sid = next(r["id"] for r in rows if r["id"] in existing)
-            raise IntegrityViolation(f"session {sid!r} already exists; nothing was imported "
-                                     "(pass skip_existing=True, or --skip-existing to "
-                                     "sessiondb import, to import only the new ones)")
-        rows = [r for r in rows if r["id"] not in existing]
-    _refuse_cycle(rows, "nothing was imported")
-    order = records.parents_first(rows)
-    by_id = {r["id"]: r for r in order}
-    coming = set(by_id) | present
-    holders: dict[str, str] = {}
-    doomed: set[str] = set()
-    orphans: list[dict[str, Any]] = []
-    for row in order:
-        sid, parent, title = row["id"], row.get("parent_session_id"), row.get("title")
-        if parent is not None and parent != sid and parent not in coming:
-            doomed.add(sid)
-            orphans.append(row)
-        if title is not None:
-            if title in titled:
-                doomed.add(sid)
-            elif title in holders:
-                doomed.update((sid, holders[title]))
-            holders.setdefault(title, sid)
-    if doomed:
-        # The doomed sessions with their imported ancestors, so that each meets the
-        # refusal it is doomed to, not a missing parent.
-        needed = set()
-        for sid in doomed:
-            while sid in by_id and sid not in needed:
-                needed.add(sid)
-                sid = by_id[sid].get("parent_session_id")
-        try:
-            _probe(write, [r for r in order if r["id"] in needed])
-        except IntegrityViolation as exc:
-            if not orphans or "FOREIGN KEY" not in str(exc).upper():
-                raise
-            # SQLite's (or PostgreSQL's) text names no session: this one does, with
-            # the same cause.
-            raise IntegrityViolation(
-                f"session {orphans[0]['id']!r} names parent "
-                f"{orphans[0]['parent_session_id']!r}, which is neither in the store nor "
-                "in the import; nothing was imported") from (exc.__cause__ or exc)
-    return order
-
-
-class _Clean(Exception):
-    """Rolls a probe back when SQLite did not refuse it."""
-
-
-def _probe(write: Write, rows: list[dict[str, Any]]) -> None:
-    """Insert the session rows (without their messages) that the checks expect SQLite
-    to refuse, in a transaction that is always rolled back:
-    SQLite's refusal propagates (a constraint error, translated); if it accepts them
-    (the store changed since the check), nothing is kept and the import goes on."""
-
-    def insert(conn: Conn) -> None:
-        for row in rows:
-            columns = [c for c in row if c != "messages"]
-            conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
-                         f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
-        raise _Clean
-
-    try:
-        write(insert)
-    except _Clean:
-        pass

@@ -313,10 +313,10 @@ def _text_size(row: dict[str, Any]) -> int:
 def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
                 ) -> list[tuple]:
     """Give every message its id before it is inserted, and return the tuples with
-    them: the exported id while it is free and above the session's previous one; from
-    the first message of a session that cannot keep its id on, the next ids
-    AUTOINCREMENT would give, so the session's messages stay in their order (they are
-    read back by id). Assigning them here, rather than letting SQLite, lets the step
+    them: the exported id while it is free, above the session's previous one and at most
+    :data:`~sessiondb.records.MAX_MESSAGE_ID`; from the first message of a session that
+    cannot keep its id on, the next ids AUTOINCREMENT would give, so the session's
+    messages stay in their order (they are read back by id). Assigning them here, rather than letting SQLite, lets the step
     defer their indexing by id."""
     wanted = [m[0] for m in messages if m[0] is not None]
     taken = set()
@@ -329,7 +329,8 @@ def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
         if m[1] != session:  # a step's messages come session by session
             session, moved, last = m[1], False, -1
         mid = m[0]
-        if moved or mid is None or mid in taken or mid <= last:
+        if moved or mid is None or mid > records.MAX_MESSAGE_ID or mid in taken \
+                or mid <= last:
             moved = True
             if top >= _INT64_MAX:
                 out.append((None,) + m[1:])  # SQLite reports the exhausted id space

@@ -94,9 +94,10 @@ MESSAGE_COLUMNS = ("id", "session_id", "role", "content", "tool_call_id", "tool_
 #: The message columns, for SELECTs (the PostgreSQL table has a search column besides).
 MESSAGE_SELECT = ", ".join(MESSAGE_COLUMNS)
 _INT64_MAX = 2**63 - 1
-#: The highest message id an import keeps. Once a message had the largest id SQLite
-#: allows (2**63 - 1), AUTOINCREMENT refuses every later insert (SQLITE_FULL, as if the
-#: disk were full), so an import leaves room above its ids: 2**62 of them.
+#: The highest message id an import keeps (a higher one is given a new id, as a taken
+#: one is: :mod:`sessiondb.bulk`). Once a message had the largest id SQLite allows
+#: (2**63 - 1), AUTOINCREMENT refuses every later insert (SQLITE_FULL, as if the disk
+#: were full), so an import leaves room above the ids it keeps: 2**62 of them.
 MAX_MESSAGE_ID = 2**62 - 1
 
 
@@ -177,7 +178,7 @@ def _message_row(sid: str, m: dict[str, Any]) -> tuple:
     finish, reasoning, calls = get("finish_reason"), get("reasoning"), get("tool_calls")
     details, items, metadata = (get("reasoning_details"), get("codex_reasoning_items"),
                                 get("metadata"))
-    if ((mid is None or (type(mid) is int and 0 <= mid <= MAX_MESSAGE_ID))
+    if ((mid is None or (type(mid) is int and 0 <= mid <= _INT64_MAX))
             and type(role) is str and 0 < len(role) <= MAX_ID_LENGTH and role.isascii()
             and type(stamp) is float and -math.inf < stamp < math.inf
             and (tokens is None or (type(tokens) is int and 0 <= tokens <= _INT64_MAX))
@@ -194,12 +195,8 @@ def _checked_row(sid: str, m: dict[str, Any]) -> tuple:
     """:func:`_message_row` for any message: each value checked on its own."""
     get = m.get
     mid, role, stamp, tokens = get("id"), get("role"), get("timestamp"), get("token_count")
-    if mid is not None and not (type(mid) is int and 0 <= mid <= MAX_MESSAGE_ID):
+    if mid is not None and not (type(mid) is int and 0 <= mid <= _INT64_MAX):
         mid = check_count(_of("id", sid), mid, optional=True)
-        if mid is not None and mid > MAX_MESSAGE_ID:
-            raise InvalidArgument(
-                f"{_of('id', sid)} is {mid}, above {MAX_MESSAGE_ID} (2**62 - 1): the "
-                "store keeps the ids above it for the messages added later")
     if not (type(role) is str and role and len(role) <= MAX_ID_LENGTH and _storable(role)):
         role = check_id(_of("role", sid), role)
     if type(stamp) is float and math.isfinite(stamp):

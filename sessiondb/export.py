@@ -80,7 +80,7 @@ def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]
     ahead: set[str] = set()  # sessions given out of their turn, skipped at it
     batch = first
     while batch:
-        late = read(lambda c, b=batch: _late_parents(c, b, source), snapshot=True)
+        late = read(lambda c, b=batch: _late_parents(c, b, source, sql), snapshot=True)
         for item in batch:
             if item["id"] in ahead:
                 ahead.discard(item["id"])
@@ -94,37 +94,50 @@ def export_batches(read: Read, source: Optional[str], first: list[dict[str, Any]
             c, source, a, sql), snapshot=True)
 
 
-def _late_parents(conn: Conn, batch: list[dict[str, Any]], source: Optional[str]
-                  ) -> set[str]:
+# Whether a session comes after the cursor (started_at, id) in the export's order, as
+# the database orders it (export_batch pages the same way: its collation of ids, which
+# on PostgreSQL need not be Python's).
+_AFTER = "(started_at > ? OR (started_at = ? AND id > ?))"
+
+
+def _late_parents(conn: Conn, batch: list[dict[str, Any]], source: Optional[str],
+                  sql: Dialect) -> set[str]:
     """The sessions of ``batch`` whose parent the export reaches after them."""
-    late = set()
-    for item in batch:
-        parent = item.get("parent_session_id")
-        if parent is None:
-            continue
-        found = fetch_rows(conn, "SELECT started_at, source FROM sessions WHERE id = ?",
-                           (parent,))
-        if found and (source is None or found[0]["source"] == source) and \
-                (found[0]["started_at"], parent) > (item["started_at"], item["id"]):
-            late.add(item["id"])
-    return late
+    children = [item["id"] for item in batch if item.get("parent_session_id") is not None]
+    if not children:
+        return set()
+    query = ("SELECT c.id FROM sessions c JOIN sessions p ON p.id = c.parent_session_id "
+             f"WHERE c.id IN {sql.in_list} AND (p.started_at > c.started_at OR "
+             "(p.started_at = c.started_at AND p.id > c.id))")
+    args: list[Any] = [sql.list_arg(children)]
+    if source is not None:
+        query += " AND p.source = ?"
+        args.append(source)
+    return {r[0] for r in conn.execute(query, args)}
 
 
 def _ancestors_ahead(read: Read, item: dict[str, Any], source: Optional[str],
-                     ahead: set[str]) -> list[dict[str, Any]]:
+                     ahead: set[str]) -> Iterator[dict[str, Any]]:
     """The ancestors of ``item`` that the export has not given yet (after it in the
-    order, not given ahead already), oldest generation first, with their messages;
-    each added to ``ahead``."""
-    cursor = (item["started_at"], item["id"])
-    chain: list[dict[str, Any]] = []
+    order, of ``source``, not given ahead already), oldest generation first, each with
+    its messages, read one at a time; each added to ``ahead``."""
+    cursor = [item["started_at"], item["started_at"], item["id"]]
+    chain: list[str] = []
     parent, seen = item.get("parent_session_id"), {item["id"]}
     while parent is not None and parent not in ahead and parent not in seen:
         seen.add(parent)
-        found = read(lambda c, p=parent: export_session(c, p), snapshot=True)
-        if found is None or (source is not None and found["source"] != source) or \
-                (found["started_at"], found["id"]) < cursor:
+        query = f"SELECT parent_session_id FROM sessions WHERE id = ? AND {_AFTER}"
+        args = [parent, *cursor]
+        if source is not None:
+            query += " AND source = ?"
+            args.append(source)
+        found = read(lambda c, q=query, a=args: fetch_rows(c, q, a), snapshot=True)
+        if not found:
             break  # gone meanwhile, not in this export, or given already
-        chain.append(found)
-        parent = found.get("parent_session_id")
-    ahead.update(found["id"] for found in chain)
-    return chain[::-1]
+        chain.append(parent)
+        parent = found[0]["parent_session_id"]
+    ahead.update(chain)
+    for sid in reversed(chain):
+        session = read(lambda c, s=sid: export_session(c, s), snapshot=True)
+        if session is not None:  # (deleted meanwhile: nothing to give)
+            yield session

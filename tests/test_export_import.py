@@ -355,12 +355,12 @@ def test_a_message_is_checked_alike_on_the_fast_path_and_the_general_one(common,
 
 
 def test_a_parent_that_started_after_its_children_is_exported_before_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: SessionDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Oldest first put such children before their parent, and an import of the export
     # held them (and their messages) waiting for it, refusing past 2,000 sessions or
     # 20,000 messages: a store's own export did not import. A parent that started
     # after its child now comes right before the child (its own late parent first).
-    from sessiondb import bulk
+    from sessiondb import bulk, export
 
     def session(sid: str, started: float, parent: str | None = None,
                 source: str = "cli") -> dict:
@@ -373,27 +373,30 @@ def test_a_parent_that_started_after_its_children_is_exported_before_them(
              session("early", 50.0)] + \
         [session(f"child-{n}", 100.0 + n, "parent") for n in range(4)] + \
         [session("other", 150.0, "child-1"), session("slack-parent", 500.0, source="slack"),
-         session("cli-child", 60.0, "slack-parent")]
-    source_db = SessionDB(tmp_path / "a.db")
-    source_db.import_sessions(items)  # a list: placed parents first, whatever the times
-    exported = source_db.export_all()
-    ids = [s["id"] for s in exported]
-    assert sorted(ids) == sorted(s["id"] for s in items)  # each once
-    for position, item in enumerate(exported):
-        parent = item["parent_session_id"]
-        assert parent is None or ids.index(parent) < position, (item["id"], ids)
-    assert ids[:6] == ["early", "slack-parent", "cli-child", "grand", "parent", "child-0"]
-    # Of one source: a parent outside it is not exported, so nothing is moved for it.
-    assert [s["id"] for s in source_db.export_all("cli")][:3] == ["early", "cli-child",
-                                                                  "grand"]
+         session("cli-child", 60.0, "slack-parent"),
+         # Started together: which comes first is the database's order of the ids
+         # (PostgreSQL's collation may put "a" before "B"; SQLite does not).
+         session("a-par", 700.0), session("B-kid", 700.0, "a-par")]
+    db.import_sessions(items)  # a list: placed parents first, whatever the times
+    for batch in (export.EXPORT_BATCH_SESSIONS, 2):
+        monkeypatch.setattr(export, "EXPORT_BATCH_SESSIONS", batch)
+        exported = db.export_all()
+        ids = [s["id"] for s in exported]
+        assert sorted(ids) == sorted(s["id"] for s in items)  # each once
+        for position, item in enumerate(exported):
+            parent = item["parent_session_id"]
+            assert parent is None or ids.index(parent) < position, (item["id"], ids)
+        assert ids[:6] == ["early", "slack-parent", "cli-child", "grand", "parent",
+                           "child-0"]
+        # Of one source: a parent outside it is not exported, so nothing moves for it.
+        assert [s["id"] for s in db.export_all("cli")][:3] == ["early", "cli-child",
+                                                               "grand"]
     # The export imports as a stream with no child ever waiting for its parent.
     monkeypatch.setattr(bulk, "WAITING_SESSIONS", 0)
     monkeypatch.setattr(bulk, "WAITING_MESSAGES", 0)
-    copy = SessionDB(tmp_path / "b.db")
-    copy.import_sessions(iter(source_db.iter_export()))
-    assert copy.export_all() == exported
-    source_db.close()
-    copy.close()
+    with SessionDB(tmp_path / "copy.db") as copy:
+        copy.import_sessions(iter(db.iter_export()))
+        assert [s["id"] for s in copy.export_all()] == ids
 
 
 def test_parents_that_form_a_cycle_are_refused_by_name(fresh: SessionDB) -> None:

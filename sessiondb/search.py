@@ -238,11 +238,11 @@ def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
              plan: "_Plan | None") -> Iterator[tuple[list[tuple[int, str]], float, bool]]:
     """The windows of the order (module docstring), newest first: each one's matches
     newest first, the microseconds per id of a range read (:func:`_candidates`), and
-    whether they were found by testing messages one by one (:func:`_tested`). A window
+    whether they were found by :func:`_tested` for a query whose statements merge whole
+    doclists (their snippets are then made from their texts). A window
     lies in one block and one table of the index (whose bounds are block starts, except
     in an index made before 0.8)."""
     top = -1 if plan is None else plan.hi
-    band = None
     while plan is not None and top >= plan.lo:
         table = fts_tables.table_for(conn, top)
         floor = plan.lo if table.lo is None else max(plan.lo, table.lo)
@@ -251,9 +251,8 @@ def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,
         part = dataclasses.replace(plan, lo=bottom, hi=top, table=table.name)
         found = None
         if test is not None:
-            if band is None:  # once per search, not per window
-                band = search_rows.band_reader(conn, filters)
-            found = _tested(conn, test, band, part, queries.merge_cost_us(table.name))
+            found = _tested(conn, test, _band(conn, filters, plan), part,
+                            queries.merge_cost_us(table.name))
         if found is not None:
             yield found, 0.0, True
         elif merges_doclists(conn, run.match):
@@ -459,13 +458,21 @@ def _tested_rest(conn: apsw.Connection, test: search_rows.RowTest | None,
     test gives up (its rate of matches says it would cost more) or cannot be run."""
     costs = way_costs(conn, filters, need, span, statement_us, plan.share, plan.memo)
     other = min(costs, key=costs.__getitem__)
-    if test is None:
-        return other, None
-    if "band" not in plan.memo:  # once per search
-        plan.memo["band"] = search_rows.band_reader(conn, filters)
+    if test is None or costs[other] < search_rows.FIRST_BAND * search_rows.US_TESTED:
+        return other, None  # (a budget the test's first band would exceed: none run)
     left = -1 if need < 0 else need - span.kept
-    return other, search_rows.newest_matches(conn, test, plan.memo["band"], plan.lo,
-                                             plan.lo + span.left - 1, left, costs[other])
+    return other, search_rows.newest_matches(conn, test, _band(conn, filters, plan),
+                                             plan.lo, plan.lo + span.left - 1, left,
+                                             costs[other])
+
+
+def _band(conn: apsw.Connection, filters: Filters, plan: _Plan
+          ) -> Callable[[int, int], Iterable[tuple[int, Any]]]:
+    """The search's reader of the messages that pass the filters, by id range
+    (:func:`sessiondb.search_rows.band_reader`), made once per search."""
+    if "band" not in plan.memo:
+        plan.memo["band"] = search_rows.band_reader(conn, filters)
+    return plan.memo["band"]
 
 
 def _sliced_walk(conn: apsw.Connection, run: Run, plan: _Plan, span: Span, need: int,

@@ -129,5 +129,6 @@ def walk_ids(span: Span, need: int) -> tuple[float, float]:
 
 
 def walk_cost(span: Span, need: int) -> float:
+    """Microseconds the index walk below the span is estimated to cost (:func:`walk_ids`)."""
     ids, per_id = walk_ids(span, need)
     return ids * per_id

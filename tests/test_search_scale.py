@@ -107,6 +107,8 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
                               float("inf") if way == "rows" else budget_us)
 
     monkeypatch.setattr(search_rows, "newest_matches", unbounded)
+    if way == "rows":  # tested whatever the others are estimated to cost
+        monkeypatch.setattr(search_rows, "US_TESTED", 0.0)
     if how == "sliced":
         monkeypatch.setattr(search, "_SLICED_WALK", -1)
         monkeypatch.setattr(search, "_US_READ_PER_MATCH", -1)
@@ -429,14 +431,16 @@ def test_ids_far_apart_cost_no_window_per_empty_block(tmp_path: Path, monkeypatc
     # An import keeps the ids it is given. Windows went down one block of 262,144 ids
     # at a time, a statement each, also through blocks holding no message: a store
     # with messages at ids 5 and 10**15 took hours to search. merged: the windows of a
-    # one-letter prefix cut from one statement's rows (no row test).
-    far = [5, 6, 10**9, 10**12, 10**15, 10**15 + 1]
-    near = [7, 8, 10**9 + 1]
+    # one-letter prefix cut from one statement's rows (no row test). Windows of 2, and
+    # texts that score by their count of the word, so that the windows' edges show.
+    far = [5, 6, 10**9, 10**9 + 3, 10**12, 10**15, 10**15 + 1, 10**15 + 2]
+    near = [7, 8, 10**9 + 1, 10**9 + 2]
+    count = {i: 1 + n % 3 for ids in (far, near) for n, i in enumerate(ids)}
     with SessionDB(tmp_path / "s.db") as db:
         db.import_sessions([
             {"id": sid, "source": source, "started_at": 1.0, "messages": [
-                {"id": i, "role": "user", "content": f"lexer {i}", "timestamp": 1.0}
-                for i in ids]}
+                {"id": i, "role": "user", "timestamp": 1.0,
+                 "content": " ".join(["lexer"] * count[i])} for i in ids]}
             for sid, source, ids in (("far", "cli", far), ("near", "slack", near))])
         windows: list[int] = []
         block_start = search._block_start
@@ -447,9 +451,18 @@ def test_ids_far_apart_cost_no_window_per_empty_block(tmp_path: Path, monkeypatc
             return block_start(top, lo)
 
         monkeypatch.setattr(search, "_block_start", counted)
+        monkeypatch.setattr(search, "WINDOW", 2)
         if merged:
             monkeypatch.setattr(search, "_tested", lambda *args: None)
-        # One word in every message, all two words long: equal bm25, ties newest first.
-        expected = sorted(far if kw else far + near, reverse=True)
+        # The documented order: windows of the 2 newest matches left in the block of
+        # the newest, each best first (more of the word: a higher bm25), ties newest.
+        matches, expected = sorted(far if kw else far + near, reverse=True), []
+        while matches:
+            block = (matches[0] - 1) // search.HORIZON * search.HORIZON + 1
+            window = [m for m in matches if m >= block][:2]
+            expected += sorted(window, key=lambda m: (-count[m], -m))
+            matches = matches[len(window):]
         assert found(db, query, limit=None, **kw) == expected
-        assert found(db, query, limit=2, offset=3, **kw) == expected[3:5]
+        for offset in range(0, len(expected), 3):
+            assert found(db, query, limit=3, offset=offset, **kw) == \
+                expected[offset:offset + 3]

@@ -748,13 +748,15 @@ def test_a_signal_that_lands_outside_the_waiting_thread_still_interrupts_the_wai
         release.set()
         holder.join(30)
         other = open_gate(path)
-        other.acquire(10.0)  # the interrupted ticket was not left behind
-        other.release()
-        gate.close()
-        other.close()
+        try:
+            other.acquire(10.0)  # the interrupted ticket was not left behind
+            other.release()
+        finally:
+            other.close()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         signal.signal(signal.SIGUSR1, previous)
+        gate.close()
         kill(holder)
 
 

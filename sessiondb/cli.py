@@ -15,6 +15,7 @@ delete (counted with the prune's own selection rules) and deletes nothing.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -548,17 +549,10 @@ def _sweep_temporary(path: Path) -> None:
     (SIGKILL, or SIGTERM, whose default action runs no cleanup): the pid no longer
     runs and the file has not changed for :data:`STALE_TEMPORARY` seconds."""
     prefix, now = f".{path.name}.", time.time()
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(prefix):-len(".tmp")]
-        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
-            continue
-        left = path.parent / name
+    for left in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = left.name[len(prefix):-len(".tmp")]
         try:
-            if not process_alive(int(pid)) and \
+            if pid.isdigit() and not process_alive(int(pid)) and \
                     now - left.stat().st_mtime > STALE_TEMPORARY:
                 left.unlink()
         except OSError:

@@ -248,7 +248,12 @@ def test_a_conversion_killed_midway_opens_and_finishes_at_the_next_open(
                     "VALUES ('h1', 'user', 'hermes wrote this kilo', 5.0)")
         raw.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = 'h1'")
     reports: list[Progress] = []
-    with SessionDB(db_path, hold_timeout=TINY_HOLD, progress=reports.append) as db:
+    # The default hold bound: under a tiny one, a pause of a loaded machine longer than
+    # the bound cuts the open's indexing short, and the open then leaves the rest to the
+    # next open (by design: a store is usable meanwhile), so search still said "being
+    # rebuilt" (seen once in CI). Resuming in tiny steps beside a writer:
+    # test_a_conversion_killed_at_any_phase_loses_nothing_and_the_next_open_finishes.
+    with SessionDB(db_path, progress=reports.append) as db:
         assert reports and reports[-1].task in ("index", "cleanup")
         assert db.message_count() == 15001
         hits = db.search_messages("kilo", limit=None)

@@ -24,7 +24,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, cli_text, copy, demo, doctor, jsonstream, top
+from . import __version__, bench, cli_args, cli_text, copy, demo, doctor, jsonstream, top
 from .backend import is_url, mask
 from .connection import ENV_PATH, default_path, process_alive
 from .errors import SessionDBError
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("list", cmd_list, "list sessions, newest first")
     p.add_argument("--source", help="only sessions of this source")
-    p.add_argument("--limit", type=_count, default=20, help="at most N sessions (default 20)")
+    p.add_argument("--limit", type=cli_args.count, default=20,
+                   help="at most N sessions (default 20)")
     p.add_argument("--after", metavar="ID",
                    help="the next page: the sessions after this one (the last id listed)")
     state = p.add_mutually_exclusive_group()
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only sessions of this source (repeatable)")
     p.add_argument("--role", action="append",
                    help="only messages with this role, e.g. user (repeatable)")
-    p.add_argument("--limit", type=_count, default=20, help="at most N hits (default 20)")
+    p.add_argument("--limit", type=cli_args.count, default=20,
+                   help="at most N hits (default 20)")
 
     p = command("export", cmd_export, "export sessions with their messages as JSON",
                 "Export sessions with their messages, oldest first, as a JSON list (the "
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Delete ended sessions started more than N days ago, with their messages, "
                 "and give the space back. Active sessions are never pruned. Without "
                 "--yes this only reports how many would be deleted.")
-    p.add_argument("--days", type=_days, required=True, metavar="N",
+    p.add_argument("--days", type=cli_args.days, required=True, metavar="N",
                    help="prune sessions started more than N days ago")
     p.add_argument("--source", help="only sessions of this source")
     p.add_argument("--yes", action="store_true", help="really delete them")
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(pg_stat_activity, pg_blocking_pids). Prints one screen and exits with "
                 "--once or --json, or when stdout is not a terminal.")
     p.add_argument("--once", action="store_true", help="print one screen and exit")
-    p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=cli_args.seconds, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default 1)")
 
     p = command("doctor", cmd_doctor, "check the store's health (exit 1 on problems)",
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true",
                    help="SQLite: compare the full-text index with the messages also on a "
                         "store of over 100,000 messages (stops writers meanwhile)")
-    p.add_argument("--prefix-index", type=_lengths, metavar="N,N,...",
+    p.add_argument("--prefix-index", type=cli_args.lengths, metavar="N,N,...",
                    help="with --repair: rebuild with FTS5 prefix indexes of these lengths "
                         "(e.g. 2,3,4: fast prefix queries like dep*, a larger index); "
                         "'none' removes them")
@@ -350,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "while a gateway process creates sessions, all sharing one database; then "
                 "print per-process commits, the longest lock wait and the integrity "
                 "check. Without --db a temporary database is used and removed.")
-    p.add_argument("--workers", type=_positive, default=4, help="worker processes (default 4)")
-    p.add_argument("--messages", type=_count, default=200,
+    p.add_argument("--workers", type=cli_args.positive, default=4,
+                   help="worker processes (default 4)")
+    p.add_argument("--messages", type=cli_args.count, default=200,
                    help="messages each worker appends (default 200)")
 
     # Not a store verb: no --db (every run uses fresh files) and its --json takes a FILE.
@@ -558,39 +561,3 @@ def _sweep_temporary(path: Path) -> None:
         except OSError:
             pass  # gone meanwhile, or not ours to remove
 
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _lengths(text: str) -> tuple[int, ...]:
-    if text.strip().lower() == "none":
-        return ()
-    try:
-        return tuple(int(n) for n in text.replace(" ", ",").split(",") if n)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be lengths like 2,3,4 or 'none'") from None
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0.1 and 3600 seconds")
-    return value
-
-
-def _days(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a number of days >= 0")
-    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
@@ -24,11 +25,14 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__, bench, cli_args, cli_text, copy, demo, doctor, jsonstream, top
+from . import (
+    __version__, bench, cli_args, cli_text, copy, demo, doctor, jsonstream, records, top,
+)
 from .backend import is_url, mask
 from .connection import ENV_PATH, default_path, process_alive
 from .errors import SessionDBError
 from .maintenance import Progress
+from .opening import require_store
 from .store import SessionDB
 
 __all__ = ["main", "build_parser"]
@@ -111,10 +115,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with _input(args.file, args) as (source, size), _open(args) as db:
+    with _input(args.file, args) as (source, size):
         reader = jsonstream.Reader(source)
         show = _progress(args)
-        counted = _Counted(_input_errors(reader, args.file), "read", None, None)
+        items = _first_checked(_input_errors(reader, args.file))  # before the store opens
+        counted = _Counted(items, "read", None, None)
 
         def progress(p: Progress) -> None:
             # A stream has no total: estimate it from the share of the file read.
@@ -124,8 +129,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             assert show is not None
             show(p)
 
-        count = db.import_sessions(counted, skip_existing=args.skip_existing,
-                                   progress=progress if show else None)
+        with _open(args, create=True) as db:
+            count = db.import_sessions(counted, skip_existing=args.skip_existing,
+                                       progress=progress if show else None)
     _emit(args, {"imported": count}, lambda d: f"imported {d['imported']} session(s)")
     return 0
 
@@ -268,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Import sessions written by `export` (a JSON list or JSON Lines, told "
                 "apart by the first character), streamed a batch at a time, in short "
                 "write transactions while others keep writing. If it stops midway, what "
-                "was imported stays, each session complete: rerun with --skip-existing.")
+                "was imported stays, each session complete: rerun with --skip-existing. "
+                "A missing store is created, once the first session reads and is valid.")
     p.add_argument("file", help="file written by `export` ('-' for stdin)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip sessions that already exist instead of failing")
@@ -396,9 +403,16 @@ class _InputError(Exception):
     """A problem with a file the user named (not with the store): exit 2, one line."""
 
 
-def _open(args: argparse.Namespace) -> SessionDB:
+def _open(args: argparse.Namespace, create: bool = False) -> SessionDB:
     """The store, with a progress bar for work done while opening it (finishing the
-    conversion of a hermes-agent file)."""
+    conversion of a hermes-agent file). Only ``import`` creates a missing store: the
+    commands that read (and ``prune``, which has nothing to prune in none) refuse one
+    and create nothing, so that a mistyped path is an error, not an empty result.
+
+    :raises DatabaseOpenError: there is no store and ``create`` is false.
+    """
+    if not create:
+        require_store(_target(args))
     return SessionDB(args.db, progress=_progress(args))
 
 
@@ -492,6 +506,22 @@ def _input(name: str, args: argparse.Namespace) -> Iterator[tuple[IO[Any], int |
     with fh:
         size = os.fstat(fh.fileno()).st_size
         yield fh, size if size > 0 else None
+
+
+def _first_checked(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, with the first one read and its values validated now: an input that
+    is not an export, or whose first session has a value the store would refuse, then
+    fails before the store is opened, and an import into a new path leaves no empty
+    store behind. (Removing the store the import created was rejected: nothing but
+    SQLite deletes a database's files.) What goes wrong later (bad JSON further on, a
+    session already in the store) is found by the import, with the store open.
+
+    :raises InvalidArgument, InvalidArgumentType: the first session is invalid.
+    """
+    first = list(itertools.islice(items, 1))
+    for item in first:
+        records.import_session(item)
+    return itertools.chain(first, items)
 
 
 def _input_errors(items: Iterable[Any], name: str) -> Iterator[Any]:

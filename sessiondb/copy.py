@@ -50,9 +50,10 @@ from typing import Any, Iterable, Iterator, TypedDict
 from . import export, records
 from .backend import Conn, is_url
 from .errors import (
-    DatabaseOpenError, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
+    IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
 from .maintenance import Progress, ProgressCallback, check_progress
+from .opening import require_store
 from .store import SessionDB
 
 __all__ = ["CopyConflict", "CopyError", "CopyMismatch", "CopyReport", "SameStoreError",
@@ -158,7 +159,7 @@ def copy_store(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     progress = check_progress(progress)
     started = time.monotonic()
     _refuse_same_file(src, dst)
-    _require_store(src)
+    require_store(src)
     with SessionDB(src) as source, SessionDB(dst) as target:
         if _identity(source) == _identity(target):
             raise SameStoreError(f"{source.path} and {target.path} are the same store; "
@@ -422,25 +423,6 @@ def _refuse_same_file(src: Any, dst: Any) -> None:
         pass  # the destination does not exist yet: not the source
     if same:
         raise SameStoreError(f"{src} and {dst} are the same store; nothing was copied")
-
-
-def _require_store(src: Any) -> None:
-    """The source must be a store already: opening a missing file (or an empty
-    PostgreSQL schema) would create an empty store, and the copy would copy nothing.
-
-    :raises DatabaseOpenError: there is none.
-    """
-    if is_url(src):
-        from .pg.doctor import store_version  # psycopg is imported only for a URL
-        where, version = store_version(str(src))
-        if version == 0:
-            raise DatabaseOpenError(f"no sessiondb store in {where} (nothing was created "
-                                    "there); check the URL and its ?schema=", where)
-        return
-    path = Path(src).expanduser()
-    if not path.is_file() or path.stat().st_size == 0:
-        raise DatabaseOpenError(f"no sessiondb store at {path} (nothing was created)",
-                                str(path))
 
 
 def _identity(db: SessionDB) -> tuple[Any, ...]:

@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from . import procs
 from .backend import is_url
-from .errors import ConfigurationError, DatabaseOpenError, SessionDBError
+from .errors import ConfigurationError, SessionDBError
+from .opening import require_store
 from .store import SessionDB
 
 __all__ = ["across_processes", "frame", "live", "open_store", "snapshot", "stats_text"]
@@ -52,12 +53,10 @@ def open_store(target: str | Path, progress: Any = None) -> SessionDB:
 
     :raises DatabaseOpenError: there is no store at ``target``.
     """
+    require_store(target)
     if is_url(target):
         return SessionDB(str(target), progress=progress)
-    path = Path(target)
-    if not path.exists():
-        raise DatabaseOpenError(f"no store at {path} (nothing to show)", str(path))
-    return SessionDB(path, progress=progress, procs=False)
+    return SessionDB(Path(target), progress=progress, procs=False)
 
 
 # -- what there is to show -------------------------------------------------------------

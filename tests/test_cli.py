@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -256,6 +257,107 @@ def test_import_bad_file_exits_2(capsys, cli_db, tmp_path):
     assert code == 2 and "not a JSON export" in err and "nested too deeply" in err
 
 
+# -- a store that is not there: read commands refuse it, import creates it only to import
+
+#: The commands that only read a store, and prune (nothing to prune in none).
+READERS = [["list"], ["show", "alpha"], ["search", "lexer"], ["export"],
+           ["export", "--session", "alpha"], ["export", "--jsonl", "-o", "out.jsonl"],
+           ["prune", "--days", "30"], ["prune", "--days", "30", "--yes"], ["stats"],
+           ["top", "--once"]]
+
+
+@pytest.mark.parametrize("argv", READERS, ids=" ".join)
+def test_a_read_command_on_a_missing_store_fails_and_creates_nothing(
+        capsys, tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)  # where out.jsonl would be written
+    for typo in (tmp_path / "typo.db", tmp_path / "sub" / "typo.db"):
+        code, out, err = run(capsys, *argv, "--db", str(typo))
+        assert code == 2 and out == ""
+        assert err == f"sessiondb: error: no sessiondb store at {typo} (nothing was " \
+                      "created); check the path\n"
+        assert list(tmp_path.iterdir()) == []  # no store, -wal, -shm, sidecars, dir, out
+    monkeypatch.setenv("SESSIONDB_PATH", str(tmp_path / "env.db"))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "no sessiondb store at" in err and list(tmp_path.iterdir()) == []
+
+
+def test_doctor_repair_on_a_missing_store_creates_nothing(capsys, tmp_path):
+    code, out, _ = run(capsys, "doctor", "--repair", "--db", str(tmp_path / "typo.db"))
+    assert code == 1 and "no database at" in out and list(tmp_path.iterdir()) == []
+
+
+def test_read_commands_still_refuse_an_empty_file_untouched(capsys, tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    for argv in READERS[:4]:
+        code, _, err = run(capsys, *argv, "--db", str(empty))
+        assert code == 2 and "an empty file (0 bytes)" in err
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("empty.db", 0)]
+
+
+BAD_INPUTS = {
+    "not JSON": ("bad.jsonl", "{not json\n", "not a JSON export"),
+    "empty": ("empty.json", "", "empty input"),
+    "invalid first session": ("inv.jsonl", '{"id": 5, "source": "cli"}\n',
+                              "session id must be a str"),
+    "not a session": ("list.json", "[[1, 2]]", "must be a dict"),
+    "bad first of a list": ("bad.json", '[{"id": "a", "source": "cli", "started_at": '
+                            '"noon"}, {"id": "b", "source": "cli", "started_at": 1}]',
+                            "started_at"),
+    "missing": ("missing.json", None, "cannot read"),
+}
+
+
+@pytest.mark.parametrize("name,text,error", BAD_INPUTS.values(), ids=list(BAD_INPUTS))
+def test_an_import_that_fails_at_its_first_session_creates_no_store(
+        capsys, tmp_path, name, text, error):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    if text is not None:
+        (inputs / name).write_text(text)
+    where = tmp_path / "stores"
+    where.mkdir()
+    code, out, err = run(capsys, "import", str(inputs / name), "--db", str(where / "new.db"))
+    assert code == 2 and out == "" and error in err and err.count("\n") == 1
+    assert list(where.iterdir()) == []
+
+
+def test_an_import_from_stdin_that_fails_at_once_creates_no_store(capsys, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"not json\n")))
+    code, _, err = run(capsys, "import", "-", "--db", str(tmp_path / "new.db"))
+    assert code == 2 and "not a JSON export" in err and list(tmp_path.iterdir()) == []
+
+
+def test_an_import_into_a_new_path_creates_the_store_with_every_session(capsys, tmp_path):
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("".join(json.dumps({"id": f"s{i}", "source": "cli", "started_at": i,
+                                        "messages": [{"role": "user", "content": "hi",
+                                                      "timestamp": i}]})
+                            + "\n" for i in range(3)))
+    assert run_json(capsys, "import", str(dump), "--db", str(tmp_path / "new.db")) == \
+        {"imported": 3}
+    with SessionDB(tmp_path / "new.db") as db:
+        assert [s["id"] for s in db.iter_export()] == ["s0", "s1", "s2"]  # s0 once
+        assert db.message_count() == 3
+    # An export of an empty store is a valid input: the import makes the store it names.
+    (tmp_path / "none.json").write_text("[]\n")
+    assert run_json(capsys, "import", str(tmp_path / "none.json"), "--db",
+                    str(tmp_path / "empty.db")) == {"imported": 0}
+    assert run_json(capsys, "list", "--db", str(tmp_path / "empty.db")) == []
+
+
+def test_an_import_that_fails_at_once_leaves_an_existing_store_as_it_was(
+        capsys, cli_db, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "source": "cli", "started_at": "noon"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run(capsys, "import", str(bad), "--db", str(cli_db))
+    assert code == 2 and "started_at" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(run_json(capsys, "list", "--db", str(cli_db))) == 3
+
+
 def test_prune_is_a_dry_run_without_yes(capsys, cli_db):
     result = run_json(capsys, "prune", "--days", "30", "--db", str(cli_db))
     assert result["dry_run"] and result["would_delete"] == 1 and result["deleted"] == 0
@@ -442,6 +544,20 @@ def test_export_import_prune_on_postgresql(capsys, pg_cli_url, tmp_path):
     assert run_json(capsys, "prune", "--days", "30", "--yes", "--db", url)["deleted"] == 1
     with SessionDB(url) as db:
         assert db.get_session("old-3333") is None and db.session_count() == 2
+
+
+def test_read_commands_on_a_missing_postgresql_store_create_nothing(
+        capsys, pg_url, tmp_path, monkeypatch):
+    import psycopg
+    monkeypatch.chdir(tmp_path)  # where out.jsonl would be written
+    typo = pg_url + "?schema=typo"
+    for argv in READERS:
+        code, out, err = run(capsys, *argv, "--db", typo)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert "no sessiondb store in" in err and "'typo'" in err
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regnamespace('typo')").fetchone()[0] is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stats_on_postgresql_shows_the_pool(capsys, pg_cli_url):

@@ -10,7 +10,11 @@ commit leaves the store consistent and a kill loses nothing already committed, a
 ``skip_existing=True`` makes a rerun finish the job. Between two steps the engine's
 checkpoint runs and the lock stays free for a fifth of the step's length, as between
 maintenance steps; a stream's next step's worth of sessions is read and validated
-meanwhile, so about one step is held ahead of the writes.
+meanwhile, so about one step is held ahead of the writes. A stream that may be read in
+another thread (``read_in_thread``; by default the iterator
+:func:`sessiondb.jsonstream.read_items` returns) is read and validated by a staging
+thread instead, beside the writes, at most :data:`sessiondb.bulk_stage.AHEAD_ROWS` rows
+ahead (:mod:`sessiondb.bulk_stage`).
 
 *Message ids* are kept where free (so a round trip into a fresh store is equal, ids
 included). From the first message of a session that cannot keep its id (taken, or not
@@ -44,9 +48,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from . import records, search_index
+from . import bulk_stage, records, search_index
 from .backend import Conn, Dialect
 from .bulk_checks import Read, Write, check_list, check_titles, present, refuse_cycle
+from .bulk_stage import Stage, Staged
+from .jsonstream import Items
 from .errors import (
     HoldTimeout, IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
@@ -137,6 +143,7 @@ class ImportRun:
         self.write, self.budget, self.between, self.sql = write, budget, between, sql
         self.skip_existing, self.defer, self.stream = skip_existing, defer, stream
         self.tracker = tracker
+        self.stage: Optional[Stage] = None  # a stream read by a staging thread
         # (session row, its rows: itself and its messages, characters of its text)
         self.queue: deque[tuple[dict[str, Any], int, int]] = deque()
         self.queued = 0                  # rows (sessions + messages) in the queue
@@ -151,7 +158,9 @@ class ImportRun:
 
     def add(self, row: dict[str, Any]) -> None:
         rows = 1 + len(row["messages"])
-        self.queue.append((row, rows, _text_size(row)))
+        msgs = row["messages"]
+        self.queue.append((row, rows, msgs.size if isinstance(msgs, Staged)
+                           else records.text_size(msgs)))
         self.queued += rows
 
     def drain(self) -> None:
@@ -206,21 +215,67 @@ class ImportRun:
         out.taken = len(take)
         work = self._place(conn, take, out)
         check_titles(conn, self.sql, work, self.done_before())
-        messages = [m for row in work for m in row["messages"]]
-        if messages:
-            messages = self.sql.assign_ids(conn, messages, _assign_ids)
+        # A staged session's messages are known here by their ids only (bulk_stage).
+        keys = [m for row in work for m in _keys(row)]
+        if keys:
+            keys = self.sql.assign_ids(conn, keys, _assign_ids)
             if self.defer:
-                ids = sorted(m[0] for m in messages if m[0] is not None)
+                ids = sorted(m[0] for m in keys if m[0] is not None)
                 out.deferred = search_index.defer_ids(conn, ids)
+        messages, runs = self._messages(conn, work, keys)
+        self._insert_sessions(conn, work)
+        if messages:
+            conn.executemany(_MESSAGE_INSERT, messages)
+        if runs:
+            bulk_stage.insert_messages(conn, runs)
+        if keys:
+            self.sql.ids_used(conn)
+        out.imported, out.messages, out.size = len(work), len(keys), size
+        return out
+
+    def _messages(self, conn: Conn, work: list[dict[str, Any]], keys: list[tuple]
+                  ) -> tuple[list[tuple], list[bulk_stage.Run]]:
+        """The step's messages with their ids: as tuples to insert, and as runs of
+        staging rows that the store's connection copies in SQL. On a connection the
+        staging file is not attached to (opened again since), staged sessions take
+        their rows back from the staging file."""
+        messages: list[tuple] = []
+        runs: list[bulk_stage.Run] = []
+        attached = self.stage is not None and self.stage.attached(conn)
+        at = 0
         for row in work:
+            msgs = row["messages"]
+            got = keys[at:at + len(msgs)]
+            at += len(msgs)
+            if not isinstance(msgs, Staged):
+                messages.extend(got)
+            elif attached:
+                bulk_stage.add_run(runs, msgs, [k[0] for k in got])
+            else:
+                assert self.stage is not None
+                messages.extend((k[0],) + m[1:] for k, m in zip(got, self.stage.fetch(msgs)))
+        return messages, runs
+
+    def _insert_sessions(self, conn: Conn, work: list[dict[str, Any]]) -> None:
+        """Insert the step's sessions in their order (parents first): staged ones a
+        run at a time, in SQL, when the staging file is attached to ``conn``."""
+        stage = self.stage if self.stage is not None and self.stage.attached(conn) else None
+        staged: list[int] = []
+        for row in work:
+            msgs = row["messages"]
+            if stage is not None and isinstance(msgs, Staged):
+                staged.append(msgs.session)
+                continue
+            if staged:
+                assert stage is not None
+                stage.insert_sessions(conn, staged)
+                staged = []
             columns = [c for c in row if c != "messages"]
             conn.execute(f"INSERT INTO sessions ({', '.join(columns)}) VALUES "
                          f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
-        if messages:
-            conn.executemany(_MESSAGE_INSERT, messages)
-            self.sql.ids_used(conn)
-        out.imported, out.messages, out.size = len(work), len(messages), size
-        return out
+        if staged:
+            assert stage is not None
+            stage.insert_sessions(conn, staged)
 
     def _place(self, conn: Conn, take: list[dict[str, Any]], out: _Outcome
                ) -> list[dict[str, Any]]:
@@ -271,8 +326,20 @@ class ImportRun:
                 "(rerun with skip_existing=True, or --skip-existing, to import the rest)")
 
     def _apply(self, out: _Outcome) -> None:
+        staged = None
         for _ in range(out.taken):
-            self.queued -= self.queue.popleft()[1]
+            row, rows, _ = self.queue.popleft()
+            self.queued -= rows
+            if isinstance(row["messages"], Staged):
+                staged = row["messages"]
+        for row in out.waiting:  # held in memory, so that the staging file moves on
+            msgs = row["messages"]
+            if isinstance(msgs, Staged):
+                assert self.stage is not None
+                row["messages"] = self.stage.fetch(msgs)
+        if staged is not None:
+            assert self.stage is not None
+            self.stage.consumed(staged.session, staged.last)
         for sid in out.released:
             for row in self.waiting.pop(sid):
                 self.waiting_sessions -= 1
@@ -303,11 +370,13 @@ class ImportRun:
                 "does)")
 
 
-def _text_size(row: dict[str, Any]) -> int:
-    """Characters of text a session's messages carry (content, reasoning, the JSON
-    columns): what makes a message expensive to write besides its count."""
-    return sum(len(m[3] or "") + len(m[5] or "") + len(m[10] or "") + len(m[11] or "")
-               + len(m[12] or "") + len(m[13] or "") for m in row["messages"])
+def _keys(row: dict[str, Any]) -> list[tuple]:
+    """A session's messages as :func:`_assign_ids` takes them: its tuples, or for a
+    staged session (id, session id) pairs."""
+    msgs = row["messages"]
+    if isinstance(msgs, Staged):
+        return [(i, row["id"]) for i in msgs.ids]
+    return msgs
 
 
 def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
@@ -350,10 +419,14 @@ def _assign_ids(conn: Conn, messages: list[tuple], top: int, in_list: str
 def import_sessions(data: Any, *, sql: Dialect, write: Write, read: Read, budget: float,
                     between: Optional[Callable[[], None]], skip_existing: bool,
                     progress: Optional[ProgressCallback],
-                    index: Callable[[Optional[ProgressCallback]], int]) -> int:
+                    index: Callable[[Optional[ProgressCallback]], int],
+                    read_in_thread: Optional[bool] = None) -> int:
     """Import ``data`` (see :func:`source_of` and the module docstring) in steps of
     ``budget`` seconds, deferring the indexing; returns the sessions imported.
 
+    :param read_in_thread: read and validate a stream in a staging thread
+        (:mod:`sessiondb.bulk_stage`; SQLite only); None: only the iterator that
+        :func:`sessiondb.jsonstream.read_items` returns.
     :param write: ``_execute_write``.
     :param read: ``_read``.
     :param between: called after each step (``_between_steps``).
@@ -362,9 +435,10 @@ def import_sessions(data: Any, *, sql: Dialect, write: Write, read: Read, budget
         parent is missing, a title is taken; the message says what was imported before.
     """
     rows, stream = source_of(data)
+    threaded = isinstance(stream, Items) if read_in_thread is None else read_in_thread
     return _import(rows, stream, sql=sql, write=write, read=read, budget=budget,
                    between=between, defer=sql.name == "sqlite", skip_existing=skip_existing,
-                   progress=progress, index=index)
+                   progress=progress, index=index, threaded=threaded)
 
 
 def import_in_block(data: Any, *, sql: Dialect, write: Write, skip_existing: bool,
@@ -395,7 +469,7 @@ def import_in_block(data: Any, *, sql: Dialect, write: Write, skip_existing: boo
 def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]], *,
             sql: Dialect, write: Write, read: Read, budget: float, between: Optional[Callable[[], None]],
             defer: bool, skip_existing: bool, progress: Optional[ProgressCallback],
-            index: Callable[[Optional[ProgressCallback]], int]) -> int:
+            index: Callable[[Optional[ProgressCallback]], int], threaded: bool = False) -> int:
     tracker = Tracker("import", "messages",
                       None if rows is None else sum(len(r["messages"]) for r in rows),
                       progress)
@@ -407,6 +481,11 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
                                   skip_existing=skip_existing):
                 run.add(row)
             run.drain()
+        elif threaded and defer:
+            assert stream is not None
+            with bulk_stage.staging(stream, read) as stage:
+                run.stage = stage
+                _stream(run, stream)
         else:
             assert stream is not None
             _stream(run, stream)
@@ -457,12 +536,10 @@ def _stream(run: ImportRun, items: Iterator[Any]) -> None:
     ended = False
     while True:
         while not ended and (run.queued < run.step_rows or not run.queue):
-            try:
-                item = next(items)
-            except StopIteration:
+            row = _next_row(run, items)
+            if row is None:
                 ended = True
                 break
-            row = _validated(run, item)
             if row["id"] in recent:
                 raise InvalidArgument(f"session {row['id']!r} appears twice in the import; "
                                       f"{run.done_before()}")
@@ -477,8 +554,15 @@ def _stream(run: ImportRun, items: Iterator[Any]) -> None:
     run.finish()
 
 
-def _validated(run: ImportRun, item: Any) -> dict[str, Any]:
+def _next_row(run: ImportRun, items: Iterator[Any]) -> Optional[dict[str, Any]]:
+    """The next session of the stream, validated (None at its end)."""
     try:
+        if run.stage is not None:
+            return run.stage.next_row()
+        try:
+            item = next(items)
+        except StopIteration:
+            return None
         return records.import_session(item)
     except (InvalidArgument, InvalidArgumentType) as exc:
         if not run.imported:

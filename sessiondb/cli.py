@@ -129,9 +129,10 @@ def cmd_import(args: argparse.Namespace) -> int:
             assert show is not None
             show(p)
 
-        with _open(args, create=True) as db:
+        with _open(args, create=True) as db:  # the file is read beside the writes
             count = db.import_sessions(counted, skip_existing=args.skip_existing,
-                                       progress=progress if show else None)
+                                       progress=progress if show else None,
+                                       read_in_thread=True)
     _emit(args, {"imported": count}, lambda d: f"imported {d['imported']} session(s)")
     return 0
 

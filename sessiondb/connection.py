@@ -207,9 +207,15 @@ def open_connection(
         refuse_marked(path)
         refuse_replaced(path)
         refuse_empty_file(path)
-    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    # URI names are taken by ATTACH (a bulk import attaches its staging file read-only:
+    # sessiondb.bulk_stage); the store's own name is never read as one.
+    flags = (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI
+             | (apsw.SQLITE_OPEN_CREATE if create else 0))
+    name = str(path)
+    if name.startswith("file:"):
+        name = "./" + name
     try:
-        conn = apsw.Connection(str(path), flags=flags, vfs=vfs)
+        conn = apsw.Connection(name, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise DatabaseOpenError(_open_advice(path, exc), str(path)) from exc
     try:

@@ -162,9 +162,22 @@ class Reader:
             raise buf.error("unexpected data after the end of the list", buf.pos)
 
 
-def read_items(source: IO[Any], chunk: int = _CHUNK) -> Iterator[Any]:
+class Items(Iterator[Any]):
+    """The iterator :func:`read_items` returns. It reads nothing but its source, so
+    another thread may consume it: ``SessionDB.import_sessions`` reads it in a staging
+    thread of its own (:mod:`sessiondb.bulk_stage`)."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self._items = iter(reader)
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+
+def read_items(source: IO[Any], chunk: int = _CHUNK) -> Items:
     """The sessions of an export, one at a time (see :class:`Reader`)."""
-    return iter(Reader(source, chunk))
+    return Items(Reader(source, chunk))
 
 
 def write_jsonl(target: IO[str], items: Iterable[Any]) -> None:

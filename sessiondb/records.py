@@ -93,6 +93,13 @@ MESSAGE_COLUMNS = ("id", "session_id", "role", "content", "tool_call_id", "tool_
                    "reasoning_details", "codex_reasoning_items", "metadata")
 #: The message columns, for SELECTs (the PostgreSQL table has a search column besides).
 MESSAGE_SELECT = ", ".join(MESSAGE_COLUMNS)
+#: The session columns an imported session may set: every key of the dict that
+#: :func:`import_session` returns but ``messages``.
+IMPORT_SESSION_COLUMNS = (("id", "source") + _SESSION_TEXT
+                          + ("title", "model_config", "started_at", "ended_at")
+                          + _SESSION_COUNTERS + ("revision", "estimated_cost_usd",
+                                                 "actual_cost_usd", "message_count",
+                                                 "tool_call_count"))
 _INT64_MAX = 2**63 - 1
 #: The highest message id an import keeps (a higher one is given a new id, as a taken
 #: one is: :mod:`sessiondb.bulk`). Once a message had the largest id SQLite allows
@@ -161,6 +168,13 @@ def import_session(item: Any) -> dict[str, Any]:
     row = {c: v for c, v in row.items() if v is not None}
     row["messages"] = [_message_row(sid, m) for m in messages]
     return row
+
+
+def text_size(messages: list[tuple]) -> int:
+    """Characters of text imported messages carry (content, reasoning, the JSON
+    columns): what makes a message expensive to write besides its count."""
+    return sum(len(m[3] or "") + len(m[5] or "") + len(m[10] or "") + len(m[11] or "")
+               + len(m[12] or "") + len(m[13] or "") for m in messages)
 
 
 def _message_row(sid: str, m: dict[str, Any]) -> tuple:

@@ -73,6 +73,22 @@ def fresh(tmp_path: Path) -> Iterator[SessionDB]:
     store.close()
 
 
+@pytest.fixture(params=["caller", "thread"])
+def reading(request, monkeypatch) -> str:
+    """A stream read in the caller's thread, or in a staging thread
+    (``read_in_thread=True``, sessiondb.bulk_stage): each test runs both ways."""
+    if request.param == "thread":
+        real = SessionDB.import_sessions
+
+        def threaded(self: SessionDB, data: Any, **kw: Any) -> int:
+            if not isinstance(data, (dict, list)):
+                kw.setdefault("read_in_thread", True)
+            return real(self, data, **kw)
+
+        monkeypatch.setattr(SessionDB, "import_sessions", threaded)
+    return request.param
+
+
 # -- export ---------------------------------------------------------------------------
 
 def test_iter_export_streams_in_batches_oldest_first(source: SessionDB, monkeypatch) -> None:
@@ -224,6 +240,7 @@ def test_a_generator_is_consumed_lazily(db_path: Path, monkeypatch) -> None:
     check_store(db_path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_a_conflict_midway_in_a_stream_says_what_was_imported(fresh: SessionDB,
                                                                monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 100)
@@ -242,6 +259,7 @@ def test_a_conflict_midway_in_a_stream_says_what_was_imported(fresh: SessionDB,
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_a_child_waits_for_its_parent_later_in_the_stream(fresh: SessionDB,
                                                           monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
@@ -256,6 +274,7 @@ def test_a_child_waits_for_its_parent_later_in_the_stream(fresh: SessionDB,
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_a_child_whose_parent_never_comes_is_refused_at_the_end(fresh: SessionDB,
                                                                 monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
@@ -268,6 +287,7 @@ def test_a_child_whose_parent_never_comes_is_refused_at_the_end(fresh: SessionDB
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_waiting_children_go_in_when_someone_else_creates_the_parent(
         fresh: SessionDB, monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 20)
@@ -286,6 +306,7 @@ def test_waiting_children_go_in_when_someone_else_creates_the_parent(
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_too_many_children_waiting_is_refused(fresh: SessionDB, monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 20)
     monkeypatch.setattr(bulk, "WAITING_SESSIONS", 5)
@@ -295,6 +316,7 @@ def test_too_many_children_waiting_is_refused(fresh: SessionDB, monkeypatch) -> 
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_bad_input_in_a_stream(fresh: SessionDB, monkeypatch) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 50)
     for data, error in [("text", InvalidArgumentType), (b"x", InvalidArgumentType),
@@ -338,6 +360,7 @@ def test_a_list_is_checked_as_a_whole_before_anything_is_written(db_path: Path) 
     check_store(db_path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_taken_message_ids_keep_each_session_in_order(fresh: SessionDB) -> None:
     # Previously the taken id moved past the store's last and the free one stayed.
     fresh.import_sessions({"id": "mine", "source": "cli", "started_at": 1.0, "messages": [
@@ -362,6 +385,7 @@ def test_taken_message_ids_keep_each_session_in_order(fresh: SessionDB) -> None:
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_a_fresh_import_keeps_one_pending_range_then_none(fresh: SessionDB) -> None:
     reader = apsw.Connection(str(fresh.path), flags=apsw.SQLITE_OPEN_READONLY)
     ranges: list[int] = []
@@ -379,6 +403,7 @@ def test_a_fresh_import_keeps_one_pending_range_then_none(fresh: SessionDB) -> N
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_a_rerun_that_stops_at_once_still_indexes_what_a_cut_import_left(
         tmp_path: Path) -> None:
     # Cut during its indexing (as by a kill), an import leaves its messages pending,
@@ -404,6 +429,7 @@ def test_a_rerun_that_stops_at_once_still_indexes_what_a_cut_import_left(
     check_store(fresh.path)
 
 
+@pytest.mark.usefixtures("reading")
 def test_import_in_a_transaction_block_is_one_call(fresh: SessionDB) -> None:
     fresh.create_session("taken", "cli")
     data = generated(5, 3) + [{"id": "taken", "source": "x", "started_at": 1.0}]

@@ -339,7 +339,7 @@ class ImportRun:
                 row["messages"] = self.stage.fetch(msgs)
         if staged is not None:
             assert self.stage is not None
-            self.stage.consumed(staged.session, staged.last)
+            self.stage.consumed(staged)
         for sid in out.released:
             for row in self.waiting.pop(sid):
                 self.waiting_sessions -= 1
@@ -484,7 +484,7 @@ def _import(rows: Optional[list[dict[str, Any]]], stream: Optional[Iterator[Any]
         elif threaded and defer:
             assert stream is not None
             with bulk_stage.staging(stream, read) as stage:
-                run.stage = stage
+                run.stage = stage  # None: the staging file could not be made
                 _stream(run, stream)
         else:
             assert stream is not None

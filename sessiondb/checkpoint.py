@@ -225,7 +225,11 @@ class CheckpointPolicy:
         if not self.verify():
             return None  # an orphaned WAL must never be copied (sessiondb.walguard)
         try:
-            frames, done = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            # "main" only: without a name SQLite checkpoints every attached database
+            # (a bulk import's read-only staging file fails that: sessiondb.bulk_stage)
+            # and the frame counts it returns are undefined.
+            frames, done = conn.wal_checkpoint(dbname="main",
+                                               mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
             if wait and threading.current_thread() is not self._thread:
                 with self._reset_mu:  # held while the background thread checkpoints
@@ -374,7 +378,7 @@ class CheckpointPolicy:
         try:
             while True:
                 try:
-                    frames, copied = conn.wal_checkpoint(mode=mode)
+                    frames, copied = conn.wal_checkpoint(dbname="main", mode=mode)
                     if ok(frames, copied):
                         return frames, copied
                 except (apsw.BusyError, apsw.LockedError):
@@ -559,7 +563,8 @@ class CheckpointPolicy:
             except GateTimeout:
                 return False
         try:
-            self._wal_frames, _ = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            self._wal_frames, _ = conn.wal_checkpoint(dbname="main",
+                                                      mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except (apsw.BusyError, apsw.LockedError):
             pass
         start = time.monotonic()

@@ -71,10 +71,12 @@ class Upkeep:
         :param progress: called after each step: task ``"import"`` (``"messages"``),
             then ``"index"``.
         :param read_in_thread: read and validate a stream in a thread of its own, beside
-            the writes (:mod:`sessiondb.bulk_stage`; SQLite; about a fifth faster). None
-            (the default) does for the iterator :func:`sessiondb.jsonstream.read_items`
-            returns, which only reads its file; pass True for another iterable that
-            another thread may consume.
+            the writes, through a staging file in the temporary directory
+            (:mod:`sessiondb.bulk_stage`; SQLite, outside a :meth:`transaction` block;
+            ignored otherwise). None (the default) does so for the iterator
+            :func:`sessiondb.jsonstream.read_items` returns, which only reads its file;
+            pass True for another iterable that another thread may consume, False to
+            read in the caller's thread.
         :returns: number of sessions imported.
         :raises IntegrityViolation: a session already exists (unless ``skip_existing``),
             a parent is neither in the store nor in the import, or a title is taken.

@@ -4,6 +4,7 @@ go away however the import ends. (tests/test_bulk.py runs its stream tests both 
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -16,7 +17,9 @@ import apsw
 import pytest
 
 import bulk_workers
-from sessiondb import IntegrityViolation, InvalidArgumentType, SessionDB, bulk, bulk_stage
+from sessiondb import (
+    IntegrityViolation, InvalidArgumentType, SessionDB, bulk, bulk_stage, records,
+)
 from sessiondb.jsonstream import ExportFormatError, read_items
 
 
@@ -83,6 +86,14 @@ def test_a_staged_import_writes_what_the_callers_thread_writes(
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", step_rows)
     monkeypatch.setattr(bulk_stage, "FLUSH_ROWS", 10)
     data = dump(varied(120))
+    copies: list[bool] = []  # per run of staged messages: did its ids change?
+    real = bulk_stage.insert_messages
+
+    def spy(conn: Any, runs: list[bulk_stage.Run]) -> None:
+        copies.extend(r.ids is not None for r in runs)
+        real(conn, runs)
+
+    monkeypatch.setattr(bulk_stage, "insert_messages", spy)
     paths = {}
     for how in (False, True):
         paths[how] = tmp_path / f"{how}.db"
@@ -98,6 +109,77 @@ def test_a_staged_import_writes_what_the_callers_thread_writes(
     for name in ("sessions", "messages", "sessiondb_totals", "sqlite_sequence"):
         assert table(paths[True], name) == table(paths[False], name), name
     assert list(staging_dir.iterdir()) == []
+    assert True in copies and False in copies  # copied in SQL, with new ids and without
+
+
+def test_every_key_of_an_imported_session_is_a_staged_column() -> None:
+    full = {c: None for c in records.IMPORT_SESSION_COLUMNS}
+    full.update(id="s", source="cli", started_at=1.0, ended_at=2.0, title="t", model="m",
+                model_config={"a": 1}, estimated_cost_usd=0.5, actual_cost_usd=0.5,
+                **{c: 1 for c in ("input_tokens", "output_tokens", "cache_read_tokens",
+                                  "cache_write_tokens", "reasoning_tokens", "revision")},
+                **{c: "x" for c in ("user_id", "system_prompt", "end_reason",
+                                    "billing_provider", "billing_base_url", "billing_mode",
+                                    "cost_status", "cost_source", "pricing_version")},
+                parent_session_id="p", messages=[{"role": "user", "content": "x",
+                                                  "timestamp": 1.0}])
+    row = records.import_session(full)
+    assert set(row) - {"messages"} == set(bulk_stage.SESSION_COLUMNS)
+
+
+def test_checkpoints_of_the_store_go_on_while_the_staging_file_is_attached(
+        fresh_path: Path, staging_dir: Path) -> None:
+    # Without a name, a checkpoint covers every attached database, and the read-only
+    # staging file made it fail ("disk I/O error"), counted as a disk fault.
+    data = dump(list(bulk_workers.sessions(100, 20)))
+    with SessionDB(fresh_path, checkpoint_every=1) as db:
+        seen: list[dict[str, Any]] = []
+
+        def progress(p: Any) -> None:
+            if p.task == "import":
+                seen.append(db.checkpoint())
+
+        db.import_sessions(read_items(io.BytesIO(data)), progress=progress)
+        assert seen and db.stats()["checkpoint"]["passive_failed"] == 0
+        assert db.stats()["checkpoint"]["last_error"] in (None, "")
+
+
+def test_a_connection_opened_again_midway_takes_the_rows_back(
+        fresh_path: Path, monkeypatch, staging_dir: Path) -> None:
+    monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 100)
+    fetched: list[int] = []
+    real = bulk_stage.Stage.fetch
+
+    def spy(self: bulk_stage.Stage, staged: bulk_stage.Staged) -> list[tuple]:
+        fetched.append(staged.session)
+        return real(self, staged)
+
+    monkeypatch.setattr(bulk_stage.Stage, "fetch", spy)
+    data = dump(varied(60))
+    with SessionDB(fresh_path) as db:
+        reopened: list[int] = []
+
+        def progress(p: Any) -> None:
+            if p.task == "import" and len(reopened) < 3:
+                db._engine._park_for_fork()  # closes the idle connection, as a fork does
+                db._engine._unpark()
+                reopened.append(p.done)
+
+        assert db.import_sessions(read_items(io.BytesIO(data)), progress=progress) == 60
+        assert len(reopened) == 3 and attached(db) == ["main"]
+        assert len(fetched) > 20  # the sessions after the first reopening, and waiting ones
+    with SessionDB(fresh_path.with_name("plain.db")) as db:
+        db.import_sessions(read_items(io.BytesIO(data)), read_in_thread=False)
+    for name in ("sessions", "messages"):
+        assert table(fresh_path, name) == table(fresh_path.with_name("plain.db"), name)
+
+
+def test_an_import_reads_in_the_callers_thread_when_no_staging_file_can_be_made(
+        fresh_path: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing" / "dir"))
+    with SessionDB(fresh_path) as db:
+        assert db.import_sessions(read_items(io.BytesIO(dump(varied(20))))) == 20
+        assert db.session_count() == 20
 
 
 def test_read_items_is_read_in_a_thread_unless_told_otherwise(
@@ -147,28 +229,39 @@ def test_the_staging_files_go_away_however_the_import_ends(
 
 def test_a_killed_imports_staging_directory_is_removed_by_the_next_import(
         fresh_path: Path, staging_dir: Path) -> None:
-    dead = 2**22 + 12345  # above the usual pid_max: no such process
     old = time.time() - 3600
-    left = {name: staging_dir / name for name in (
-        f"sessiondb-import-{dead}-abc",            # killed an hour ago: removed
-        f"sessiondb-import-{dead}-new",            # touched just now: kept (another host?)
-        f"sessiondb-import-{os.getpid()}-live",    # this process: kept
-        "unrelated")}
-    for name, path in left.items():
-        path.mkdir()
-        (path / "stage.db").write_bytes(b"x")
-        if not name.endswith("new"):
-            os.utime(path, (old, old))
-    with SessionDB(fresh_path) as db:
-        db.import_sessions(read_items(io.BytesIO(dump(varied(3)))))
-    assert sorted(p.name for p in staging_dir.iterdir()) == sorted(
-        n for n in left if not n.endswith("abc"))
+    names = ["sessiondb-import-1-killed",   # old, its lock free: removed
+             "sessiondb-import-2-nolock",   # old, no lock file (as an older version's)
+             "sessiondb-import-3-running",  # old, its lock held: an import runs
+             "sessiondb-import-4-new",      # made just now (its lock not taken yet)
+             "unrelated"]
+    for name in names:
+        (staging_dir / name).mkdir()
+        (staging_dir / name / "stage.db").write_bytes(b"x")
+        if name != "sessiondb-import-2-nolock":
+            (staging_dir / name / "lock").touch()
+    (staging_dir / "sessiondb-import-5-link").symlink_to(staging_dir / "unrelated")
+    held = open(staging_dir / "sessiondb-import-3-running" / "lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for name in names + ["sessiondb-import-5-link"]:
+        if name != "sessiondb-import-4-new":
+            os.utime(staging_dir / name, (old, old), follow_symlinks=False)
+    try:
+        with SessionDB(fresh_path) as db:
+            db.import_sessions(read_items(io.BytesIO(dump(varied(3)))))
+    finally:
+        held.close()
+    assert sorted(p.name for p in staging_dir.iterdir()) == [
+        "sessiondb-import-3-running", "sessiondb-import-4-new", "sessiondb-import-5-link",
+        "unrelated"]
+    assert (staging_dir / "unrelated" / "stage.db").exists()
 
 
 def test_the_staging_thread_stays_a_bounded_way_ahead(fresh_path: Path, monkeypatch,
                                                       staging_dir: Path) -> None:
     monkeypatch.setattr(bulk, "MAX_STEP_ROWS", 100)
     monkeypatch.setattr(bulk_stage, "AHEAD_ROWS", 200)
+    monkeypatch.setattr(bulk_stage, "AHEAD_CHARS", 10**12)
     monkeypatch.setattr(bulk_stage, "FLUSH_ROWS", 40)
     pulled: list[int] = []
     seen: list[tuple[int, int]] = []

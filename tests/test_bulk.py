@@ -456,6 +456,7 @@ def test_async_iter_export(source: SessionDB) -> None:
 # -- import beside another writer, with a tiny hold bound; and a kill ------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reading")
 def test_import_in_short_steps_beside_another_writer(db_path: Path) -> None:
     SessionDB(db_path).close()
     results, ready, stop = SPAWN.Queue(), SPAWN.Event(), SPAWN.Event()

@@ -32,7 +32,7 @@ from .backend import is_url, mask
 from .connection import ENV_PATH, default_path, process_alive
 from .errors import SessionDBError
 from .maintenance import Progress
-from .opening import require_store
+from .presence import require_store
 from .store import SessionDB
 
 __all__ = ["main", "build_parser"]

@@ -53,7 +53,7 @@ from .errors import (
     IntegrityViolation, InvalidArgument, InvalidArgumentType, SessionDBError,
 )
 from .maintenance import Progress, ProgressCallback, check_progress
-from .opening import require_store
+from .presence import require_store
 from .store import SessionDB
 
 __all__ = ["CopyConflict", "CopyError", "CopyMismatch", "CopyReport", "SameStoreError",

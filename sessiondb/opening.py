@@ -5,7 +5,7 @@ seam import each other)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Callable
 
 from .backend import Engine, is_url
@@ -14,7 +14,7 @@ from .connection import ENV_PATH
 # that drops privileges after importing sessiondb must not need to load modules (and the
 # C extensions they use) afterwards.
 from .engine import Engine as SQLiteEngine
-from .errors import ConfigurationError, DatabaseOpenError
+from .errors import ConfigurationError
 
 
 def open_engine(path: Any, options: dict[str, Any]) -> Engine:
@@ -43,25 +43,3 @@ def open_engine(path: Any, options: dict[str, Any]) -> Engine:
         name = str(exc).rsplit(" ", 1)[-1]
         raise ConfigurationError(f"option {name} does not apply to a {kind} store") from None
 
-
-def require_store(target: Any) -> None:
-    """Refuse to go on when there is no store at ``target`` (a path or a URL), creating
-    nothing: opening a missing file, or a PostgreSQL schema without sessiondb's tables,
-    would create an empty store there, and a command that only reads it (or a copy from
-    it) would quietly find nothing. A file that is there is left to the open, which
-    refuses what is not a store (an empty file, another application's database) with its
-    bytes untouched.
-
-    :raises DatabaseOpenError: there is no store (or the server cannot be reached).
-    """
-    if is_url(target):
-        from .pg.doctor import store_version  # psycopg is imported only for a URL
-        where, version = store_version(str(target))
-        if version == 0:
-            raise DatabaseOpenError(f"no sessiondb store in {where} (nothing was created "
-                                    "there); check the URL and its ?schema=", where)
-        return
-    path = Path(target).expanduser()
-    if not path.exists():
-        raise DatabaseOpenError(f"no sessiondb store at {path} (nothing was created); "
-                                "check the path", str(path))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from . import procs
 from .backend import is_url
 from .errors import ConfigurationError, SessionDBError
-from .opening import require_store
+from .presence import require_store
 from .store import SessionDB
 
 __all__ = ["across_processes", "frame", "live", "open_store", "snapshot", "stats_text"]

@@ -287,6 +287,7 @@ class ImportRun:
         parents = {row.get("parent_session_id") for row in take} - {None}
         known = existing | present(conn, self.sql, list(parents - ids))  # in the store
         work: list[dict[str, Any]] = []
+        held: dict[str, list[dict[str, Any]]] = {}  # this step's waiting, by parent
         todo = deque(take)
         while todo:
             row = todo.popleft()
@@ -303,7 +304,7 @@ class ImportRun:
                 parent = row.get("parent_session_id")
                 if parent is not None and parent != sid and parent not in known:
                     if self.stream:
-                        out.waiting.append(row)
+                        held.setdefault(parent, []).append(row)
                         continue
                     raise IntegrityViolation(
                         f"session {sid!r} names parent {parent!r}, which is neither in the "
@@ -311,11 +312,14 @@ class ImportRun:
                 work.append(row)
             known.add(sid)
             # A session now in the store (imported or there already) lets its waiting
-            # children in, right after it.
-            children = self.waiting.get(sid)
-            if children is not None and sid not in out.released:
+            # children in, right after it: those of earlier steps, then this step's. So
+            # where a child goes does not depend on where the steps end.
+            children = held.pop(sid, [])
+            if sid in self.waiting and sid not in out.released:
                 out.released.append(sid)
-                todo.extendleft(reversed(children))
+                children = self.waiting[sid] + children
+            todo.extendleft(reversed(children))
+        out.waiting = [row for rows in held.values() for row in rows]
         return work
 
     def done_before(self) -> str:

@@ -112,6 +112,23 @@ def test_a_staged_import_writes_what_the_callers_thread_writes(
     assert True in copies and False in copies  # copied in SQL, with new ids and without
 
 
+@pytest.mark.parametrize("step_rows", [1, 3, 7, 40])
+def test_the_order_of_an_import_does_not_depend_on_its_step_sizes(
+        tmp_path: Path, monkeypatch, step_rows: int) -> None:
+    # A child read before its parent goes in right after the parent, whether the parent
+    # comes in a later step or in the same one; the ids its messages take follow.
+    data = dump(varied(120))
+    paths = {}
+    for rows in (step_rows, 50_000):
+        monkeypatch.setattr(bulk, "MAX_STEP_ROWS", rows)
+        paths[rows] = tmp_path / f"{rows}.db"
+        with SessionDB(paths[rows]) as db:
+            assert db.import_sessions(read_items(io.BytesIO(data)),
+                                      read_in_thread=False) == 120
+    for name in ("sessions", "messages", "sqlite_sequence"):
+        assert table(paths[step_rows], name) == table(paths[50_000], name), name
+
+
 def test_every_key_of_an_imported_session_is_a_staged_column() -> None:
     full = {c: None for c in records.IMPORT_SESSION_COLUMNS}
     full.update(id="s", source="cli", started_at=1.0, ended_at=2.0, title="t", model="m",

@@ -50,7 +50,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import bulk_stage, records, search_index
 from .backend import Conn, Dialect
-from .bulk_checks import Read, Write, check_list, check_titles, present, refuse_cycle
+from .bulk_checks import (
+    Read, Write, check_list, check_titles, missing_parent, present, refuse_cycle,
+)
 from .bulk_stage import Stage, Staged
 from .jsonstream import Items
 from .errors import (
@@ -307,8 +309,7 @@ class ImportRun:
                         held.setdefault(parent, []).append(row)
                         continue
                     raise IntegrityViolation(
-                        f"session {sid!r} names parent {parent!r}, which is neither in the "
-                        f"store nor in the import; {self.done_before()}")
+                        f"{missing_parent(sid, parent)}; {self.done_before()}")
                 work.append(row)
             known.add(sid)
             # A session now in the store (imported or there already) lets its waiting

@@ -112,10 +112,17 @@ def check_list(rows: list[dict[str, Any]], *, sql: Dialect, write: Write, read: 
             # SQLite's (or PostgreSQL's) text names no session: this one does, with
             # the same cause.
             raise IntegrityViolation(
-                f"session {orphans[0]['id']!r} names parent "
-                f"{orphans[0]['parent_session_id']!r}, which is neither in the store nor "
-                "in the import; nothing was imported") from (exc.__cause__ or exc)
+                f"{missing_parent(orphans[0]['id'], orphans[0]['parent_session_id'])}; "
+                "nothing was imported") from (exc.__cause__ or exc)
     return order
+
+
+def missing_parent(session_id: str, parent: str) -> str:
+    """What an error says of a session whose parent is neither in the store nor in the
+    import, with the usual cause (an export of one source) and what to do."""
+    return (f"session {session_id!r} names parent {parent!r}, which is neither in the "
+            "store nor in the import (an export of one source leaves out parents of "
+            "other sources: import the parent's sessions first, or export every source)")
 
 
 class _Clean(Exception):

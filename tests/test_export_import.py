@@ -118,8 +118,10 @@ def test_import_with_missing_parent_is_refused(fresh: SessionDB) -> None:
             {"id": "orphan", "source": "cli", "started_at": 2.0, "parent_session_id": "x"}]
     # Named (the foreign key error SQLite gives names no session).
     with pytest.raises(IntegrityViolation, match="session 'orphan' names parent 'x', which "
-                                                 "is neither in the store nor in the import"):
+                       "is neither in the store nor in the import") as info:
         fresh.import_sessions(data)
+    # The usual cause, and the way out, are named.
+    assert "an export of one source leaves out parents of other sources" in str(info.value)
     assert fresh.session_count() == 0
 
 

@@ -366,9 +366,12 @@ class FifoGate(Gate):
     def _waiter_queue(self) -> "queue.SimpleQueue[tuple[int, _Wait] | None]":
         """The queue of this gate's waiter thread, started on first use. One long-lived
         thread, not one per wait: starting a thread blocks until it has run, which on a
-        busy machine costs more than the wait it serves."""
+        busy machine costs more than the wait it serves. Started again (with a new queue)
+        if it is no longer alive: an exception raised by a signal handler inside
+        ``Thread.start()`` can end the new thread before it serves anything, and every
+        later wait of this gate would then last its whole timeout."""
         with self._mu:
-            if self._waiter is None:
+            if self._waiter is None or not self._waiter.is_alive():
                 self._waits: "queue.SimpleQueue[tuple[int, _Wait] | None]" = \
                     queue.SimpleQueue()
                 self._waiter = threading.Thread(target=self._waiter_loop,

@@ -674,6 +674,39 @@ class Interrupted(BaseException):
     """Raised by a signal handler, like KeyboardInterrupt from Ctrl-C."""
 
 
+def test_a_waiter_thread_that_ended_is_started_again(tmp_path: Path, monkeypatch):
+    """A signal handler's exception landing inside ``Thread.start()`` can end the gate's
+    new waiter thread before it serves a wait (seen in a loop of queued acquires and
+    signals, a few times in 40,000). The gate must not keep queueing its waits for a
+    thread that is gone: each would last its whole timeout."""
+    path = gate_path(tmp_path)
+    holder, release = start_holder(path)
+    real = FifoGate._waiter_loop
+    ended: list[int] = []
+
+    def first_one_ends(self, waits) -> None:  # the first waiter thread serves nothing
+        if not ended:
+            ended.append(1)
+            return
+        real(self, waits)
+
+    monkeypatch.setattr(FifoGate, "_waiter_loop", first_one_ends)
+    gate = open_gate(path)
+    try:
+        with pytest.raises(GateTimeout):
+            gate.acquire(0.3)  # its wait was queued for the thread that ended
+        assert ended
+        threading.Timer(0.3, release.set).start()
+        waited, _ = gate.acquire(30.0)  # queued behind the holder, then served
+        gate.release()
+        assert waited < 25  # before: GateTimeout after 30 s
+        holder.join(30)
+        assert holder.exitcode == 0
+    finally:
+        gate.close()
+        kill(holder)
+
+
 @pytest.mark.slow
 def test_a_waiter_interrupted_by_a_signal_gives_up_its_place(tmp_path: Path):
     """Ctrl-C (or any exception raised by a signal handler) while a writer is queued

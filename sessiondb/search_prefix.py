@@ -378,7 +378,7 @@ def prefix_words(conn: apsw.Connection, prefix: str, table: str = FIRST
             row = conn.execute(f"SELECT block FROM {table}_data WHERE id = ?",
                                ((segment << _PAGE_BITS) + number,)).fetchone()
             if row is not None:
-                found.update(w for w in leaf_words(row[0]) if w.startswith(low))
+                found.update(leaf_words(row[0], low, high))
         if numbers:
             pages += (rows[-1][1] >> 1 if rows[-1][0] else numbers[-1] + 1) - numbers[0]
         if len(found) > MAX_WORDS:
@@ -386,27 +386,41 @@ def prefix_words(conn: apsw.Connection, prefix: str, table: str = FIRST
     return PrefixWords(sorted(w[1:].decode("utf-8", "replace") for w in found), pages)
 
 
-def leaf_words(page: bytes) -> list[bytes]:
-    """The words (keys, with their index byte) that start on an FTS5 leaf page: its
-    footer lists their offsets; the first is stored whole, each next one as the bytes
-    it shares with the one before and the rest."""
+def leaf_words(page: bytes, low: bytes = b"", high: bytes | None = None) -> list[bytes]:
+    """The words (keys, with their index byte) that start on an FTS5 leaf page, from
+    ``low`` up to ``high`` (excluded; None: no bound): its footer lists their offsets;
+    the first is stored whole, each next one as the bytes it shares with the one before
+    and the rest. A page's words are in order, so the reading stops at the first past
+    ``high`` (a page of a small segment holds hundreds of words: read whole, the
+    pages of a two-letter prefix in a table of 19 segments took 5 ms, measured)."""
     if len(page) < 4:
         return []
-    footer = int.from_bytes(page[2:4], "big")
+    end = len(page)
+    at = int.from_bytes(page[2:4], "big")  # the footer
     words: list[bytes] = []
-    at, offset, last = footer, 0, b""
-    while at < len(page):
-        delta, at = varint(page, at)
+    offset, last, first = 0, b"", True
+    while at < end:
+        delta, at = _varint(page, at)
         offset += delta
-        if not words:
-            size, start = varint(page, offset)
-            last = page[start:start + size]
+        if first:
+            size, start = _varint(page, offset)
+            last, first = page[start:start + size], False
         else:
-            shared, start = varint(page, offset)
-            size, start = varint(page, start)
+            shared, start = _varint(page, offset)
+            size, start = _varint(page, start)
             last = last[:shared] + page[start:start + size]
-        words.append(last)
+        if last >= low:
+            if high is not None and last >= high:
+                break
+            words.append(last)
     return words
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """:func:`~sessiondb.fts_tables.varint`, the one-byte case (nearly every one on a
+    leaf page) without a call."""
+    byte = data[at]
+    return (byte, at + 1) if byte < 0x80 else varint(data, at)
 
 
 def _phrase(tokens: Sequence[str]) -> str:

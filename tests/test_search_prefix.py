@@ -94,6 +94,32 @@ def test_the_words_read_are_every_word_with_the_prefix(store: Path) -> None:
         conn.close()
 
 
+def test_a_page_read_between_two_keys_gives_its_words_between_them(tmp_path: Path
+                                                                    ) -> None:
+    """The reading of a leaf page stops at the first word past the range: the same
+    words as the whole page's, filtered, on pages of words of every length (one of
+    more than 127 bytes has a length of two bytes, and may share as many)."""
+    rng = random.Random(3)
+    conn = apsw.Connection(str(tmp_path / "t.db"))
+    conn.execute("CREATE VIRTUAL TABLE t USING fts5(c);"
+                 "INSERT INTO t(t, rank) VALUES('pgsz', 512)")
+    stems = ["a" * 130, "ab", "b" * 200, "é"]
+    with conn:
+        for _ in range(300):
+            conn.execute("INSERT INTO t(c) VALUES(?)", (" ".join(
+                rng.choice(stems) + str(rng.randint(0, 400)) for _ in range(20)),))
+    pages = [bytes(r[0]) for r in conn.execute("SELECT block FROM t_data WHERE id > 10")]
+    assert len(pages) > 20
+    for page in pages:
+        every = search_prefix.leaf_words(page)
+        assert every == sorted(every)
+        for low, high in ((b"0a", b"0a\xff"), (b"0" + b"a" * 130 + b"1", b"0b"),
+                          (b"0b", None), (b"0", b"0ab"), (b"1", None)):
+            assert search_prefix.leaf_words(page, low, high) == [
+                w for w in every if w >= low and (high is None or w < high)]
+    conn.close()
+
+
 def test_more_words_than_the_limit_are_left_to_fts5(store: Path, monkeypatch) -> None:
     monkeypatch.setattr(search_prefix, "MAX_WORDS", 50)
     conn = apsw.Connection(str(store), flags=apsw.SQLITE_OPEN_READONLY)

@@ -89,14 +89,7 @@ def way_costs(conn: apsw.Connection, filters: Any, need: int, span: Span,
     """
     ids, per_id = walk_ids(span, need)
     density = span.matches / span.ids  # matches per id
-    memo = {} if memo is None else memo
-    if "sessions" not in memo:
-        cond, args = session_conditions(filters)
-        memo["sessions"] = conn.execute(
-            "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
-            f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)
-        ).fetchone()
-    count, messages = memo["sessions"]
+    count, messages = filter_sessions(conn, filters, {} if memo is None else memo)
     costs = {"join": ids * per_id}
     listed = count <= MAX_WALKED_SESSIONS  # else ``messages`` counts only some of them
     if tested and density > 0 and (listed or need >= 0):
@@ -114,6 +107,20 @@ def way_costs(conn: apsw.Connection, filters: Any, need: int, span: Span,
         walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
         costs["sessions"] = count * _US_LISTED_SESSION + walkable * share * walked
     return costs
+
+
+def filter_sessions(conn: apsw.Connection, filters: Any, memo: dict[str, Any]
+                    ) -> tuple[int, int]:
+    """The sessions passing the filters on sessions, and their messages, counted once
+    per search (kept in ``memo``); at most :data:`MAX_WALKED_SESSIONS` + 1 are counted,
+    and only their messages."""
+    if "sessions" not in memo:
+        cond, args = session_conditions(filters)
+        memo["sessions"] = tuple(conn.execute(
+            "SELECT count(*), coalesce(sum(message_count), 0) FROM (SELECT message_count "
+            f"FROM sessions s WHERE {cond} LIMIT ?)", (*args, MAX_WALKED_SESSIONS + 1)
+        ).fetchone())
+    return memo["sessions"]
 
 
 def walk_ids(span: Span, need: int) -> tuple[float, float]:

@@ -152,7 +152,8 @@ class _Unsure(Exception):
 
 def newest_matches(conn: apsw.Connection, test: RowTest,
                    band: Callable[[int, int], Iterable[tuple[int, Any]]], lo: int, hi: int,
-                   need: int, budget_us: float) -> list[tuple[int, str]] | None:
+                   need: int, budget_us: float, tally: list[int] | None = None,
+                   share: float = 1.0) -> list[tuple[int, str]] | None:
     """``(id, rank data)`` of the newest ``need`` matches (all if negative) among the
     messages ``band(low, high)`` yields (``(id, content)`` of those passing the
     filters with ids in ``low..high``, newest first), newest first; None when the walk
@@ -164,6 +165,12 @@ def newest_matches(conn: apsw.Connection, test: RowTest,
     The ids are read in bands newest first: :data:`FIRST_BAND` ids, then as many as
     the rate of matches so far says the rest needs (a quarter more, at most 16 times
     the band before).
+
+    :param tally: if given, the number of messages tested is appended to it (when the
+        matches are returned).
+    :param share: the share of the ids that ``band`` is expected to yield (the walk
+        does not start when the messages of its first band are estimated to cost more
+        than ``budget_us``).
     """
     if conn.txn_state("main") == apsw.SQLITE_TXN_WRITE or _pending(conn, lo, hi):
         return None
@@ -187,7 +194,7 @@ def newest_matches(conn: apsw.Connection, test: RowTest,
                                        / len(found) * 1.25), size * 16))
                 else:
                     size *= 16
-            elif budget_us < FIRST_BAND * US_TESTED:
+            elif budget_us < FIRST_BAND * share * US_TESTED:
                 return None
             bottom = max(lo, top - size + 1)
             for rowid, content in band(bottom, top):
@@ -205,6 +212,8 @@ def newest_matches(conn: apsw.Connection, test: RowTest,
             top = bottom - 1
     except _Unsure:
         return None
+    if tally is not None:
+        tally.append(tested)
     return found
 
 

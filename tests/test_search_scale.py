@@ -101,10 +101,10 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(search_costs, "cheapest_way", cheapest_way)
     newest_matches = search_rows.newest_matches
 
-    def unbounded(conn, test, band, lo, hi, need, budget_us):  # noqa: ANN001 - as wrapped
+    def unbounded(conn, test, band, lo, hi, need, budget_us, *rest):  # noqa: ANN001
         tested.append((lo, hi))
         return newest_matches(conn, test, band, lo, hi, need,
-                              float("inf") if way == "rows" else budget_us)
+                              float("inf") if way == "rows" else budget_us, *rest)
 
     monkeypatch.setattr(search_rows, "newest_matches", unbounded)
     if way == "rows":  # tested whatever the others are estimated to cost
@@ -232,6 +232,32 @@ def test_every_filter_matches_the_oracle(store, small, strategy, query: str) -> 
         # few of the first span's matches), not found another way. ('"alpha br"*' is
         # searched as the phrase "alpha br": the sanitizing drops a quoted phrase's star.)
         assert strategy.tested
+
+
+def test_a_rare_sources_first_span_is_found_by_testing_its_messages(store, small,
+                                                                      monkeypatch) -> None:
+    """A query whose prefixes are written out (each statement starts with a seek per
+    word) and a filter that keeps few messages: the first span is found by testing the
+    filter's messages one by one, not by the index walk; a common source's span by the
+    index walk. Either way the hits are the oracle's."""
+    db, path = store
+    spans: list[bool] = []
+    span_by_rows = search._span_by_rows
+
+    def spy(*args: Any) -> Any:
+        answer = span_by_rows(*args)
+        spans.append(answer is not None)
+        return answer
+
+    monkeypatch.setattr(search, "_span_by_rows", spy)
+    for kw, by_rows in (({"sources": ["slack"]}, True), ({"session_id": "s07"}, True),
+                        ({"sources": ["cli"]}, False)):
+        for query in ("fi*", "fi* NOT alpha"):
+            spans.clear()
+            expected = store_oracle(path, query, kw)
+            assert found(db, query, limit=None, **kw) == expected, (query, kw)
+            assert found(db, query, limit=10, offset=20, **kw) == expected[20:30]
+            assert spans and spans[0] is by_rows, (query, kw)
 
 
 @pytest.mark.parametrize("query", ["alpha", "bravo delta", "ju*", "charlie OR kilo"])

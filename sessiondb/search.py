@@ -237,8 +237,7 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - skipped
     ids = ordered[start:] if limit < 0 else ordered[start:start + limit]
-    return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts,
-                "*" in match and search_rows.parse(conn, match) is not None)
+    return Page(ids, scan_us or 0.0, run.match, run.statement_us, from_texts)
 
 
 def _windows(conn: apsw.Connection, queries: Queries, filters: Filters,

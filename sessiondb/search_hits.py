@@ -64,9 +64,6 @@ class Page(NamedTuple):
     #: the hits were found by testing messages (sessiondb.search_rows): read them from
     #: the tables, their snippets made by FTS5 over a table of their texts alone
     from_texts: bool = False
-    #: the query has a shape sessiondb.search_rows tests: a hit's snippet is given by
-    #: its text alone, whatever other rows the table holds
-    text_snippets: bool = False
 
 
 def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> list[tuple]:
@@ -83,10 +80,7 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
     A page marked ``from_texts`` (hits found by :mod:`sessiondb.search_rows`) is read
     from the tables, the snippets made by FTS5 over a temporary table of the hits'
     texts alone: the same snippets for the queries that module tests, without the
-    merge of a prefix's doclists. A page marked ``text_snippets`` whose query is
-    written out is read the same way, with the query written with the hits' words: one
-    statement over the hits' texts instead of a statement per group of hits, each
-    starting with a seek per word in every segment of the table.
+    merge of a prefix's doclists.
 
     FTS5's ``snippet()`` takes time that grows with the square of the matches in a
     message (a 10 MB one: hours, holding a read transaction); each phrase of the query
@@ -109,13 +103,13 @@ def fetch_hits(conn: apsw.Connection, match: str, page: Page, terms: int) -> lis
             as_run, start_us = (match, 0.0) if expansion is None else (
                 expansion.match, expansion.statement_us)
         rows.update(_table_hits(conn, table, match, as_run, start_us, page.scan_us, ids,
-                                terms, page.text_snippets))
+                                terms))
     return [rows[i] for i in page.ids if i in rows]
 
 
 def _table_hits(conn: apsw.Connection, table: str, match: str, as_run: str,
-                start_us: float, scan_us: float, ids: list[int], terms: int,
-                text_snippets: bool = False) -> dict[int, tuple]:
+                start_us: float, scan_us: float, ids: list[int], terms: int
+                ) -> dict[int, tuple]:
     """The rows of the hits ``ids`` (sorted) of one index table, by id (see
     :func:`fetch_hits`); ``as_run``: the query as the search ran it on that table."""
     rows: dict[int, tuple] = {}
@@ -124,9 +118,6 @@ def _table_hits(conn: apsw.Connection, table: str, match: str, as_run: str,
         words = search_prefix.words_of(conn, ids, WORDS_OF_HITS)
         narrowed = None if words is None else search_prefix.expand(conn, match, words,
                                                                    table=table)
-        if narrowed is not None and text_snippets:
-            return {row[0]: row for row in _hits_from_texts(conn, narrowed.match, ids,
-                                                            terms)}
         if narrowed is not None:
             run, start_us = narrowed.match, narrowed.statement_us
     gap = (US_STATEMENT + start_us) / max(scan_us, 1e-9)

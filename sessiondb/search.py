@@ -488,7 +488,7 @@ def _span_by_rows(conn: apsw.Connection, test: search_rows.RowTest | None,
                                        messages / max(1, plan.ids))
     if found is None:
         return None
-    if len(found) < want:  # every message in the range was tested
+    if len(found) < want or not found:  # every message in the range was tested
         return found, Span(plan.hi - plan.lo + 1, 0, len(found), len(found), 0.0)
     ids = plan.hi - found[-1][0] + 1
     return found, Span(ids, found[-1][0] - plan.lo, round(len(found) / tally[0] * ids),

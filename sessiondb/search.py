@@ -233,7 +233,9 @@ def ranked_ids(conn: apsw.Connection, match: str, filters: Filters, limit: int,
         run = queries.run(fts_tables.tables(conn)[0].name)[0]
         return Page([], scan_us or 0.0, run.match, run.statement_us)
     run = queries.run(fts_tables.table_for(conn, windows[0][0][0]).name)[0]
-    scorer = Scorer(conn, lambda table: queries.phrases(table, phrases), windows[0][0][1])
+    shape = search_rows.parse(conn, match) if " NOT " in match else None
+    scorer = Scorer(conn, lambda table: queries.phrases(table, phrases), windows[0][0][1],
+                    None if shape is None else [p.excluded for p in shape.phrases])
     ordered = [rowid for window in windows for rowid in scorer.order(window)]
     start = offset - skipped
     ids = ordered[start:] if limit < 0 else ordered[start:start + limit]

@@ -78,10 +78,14 @@ class Scorer:
     frequency counted over the newest :data:`IDF_SLICE` messages."""
 
     def __init__(self, conn: apsw.Connection,
-                 phrases: Callable[[str], Sequence[str] | None], sample: str) -> None:
+                 phrases: Callable[[str], Sequence[str] | None], sample: str,
+                 excluded: Sequence[bool] | None = None) -> None:
         """:param phrases: the query's phrases as run on an index table, given its
         name (:func:`idf`); None when they cannot be counted.
-        :param sample: a row's rank data (for the number of phrases)."""
+        :param sample: a row's rank data (for the number of phrases).
+        :param excluded: for each phrase, whether it comes after ``NOT`` (a match
+        holds none of it, so its term of the score is 0 whatever its IDF: it is not
+        counted); None when not known."""
         fields = sample.split()
         count = len(fields) - 3
         # An index cut into tables: each row's data has its own table's rows and
@@ -89,9 +93,11 @@ class Scorer:
         # on how the index is cut (with one table they are the same).
         self.totals = index_totals(conn) if len(fts_tables.tables(conn)) > 1 else None
         self.idf = [1.0] * count
-        if count > 1:
+        skip = list(excluded) if excluded is not None and len(excluded) == count \
+            else [False] * count
+        if count - sum(skip) > 1:  # one phrase scored: every score alike, scaled
             rows = int(fields[0]) if self.totals is None else self.totals[0]
-            self.idf = idf(conn, phrases, count, rows) or self.idf
+            self.idf = idf(conn, phrases, count, rows, skip) or self.idf
 
     def order(self, window: Iterable[tuple[int, str]]) -> list[int]:
         """The ids of ``window`` best first, ties newest first."""
@@ -112,14 +118,15 @@ class Scorer:
 
 
 def idf(conn: apsw.Connection, phrases: Callable[[str], Sequence[str] | None],
-        count: int, index_rows: int) -> list[float] | None:
+        count: int, index_rows: int, skip: Sequence[bool] = ()) -> list[float] | None:
     """Each phrase's IDF as FTS5's bm25 computes it, ``log((N - n + 0.5) / (n + 0.5))``
     (at least 1e-6), over the newest :data:`IDF_SLICE` ids: ``N`` of them, ``n`` the
     messages among them containing the phrase (in a store no larger: the index's rows
     and every message containing it, so exactly FTS5's). The slice is counted in each
     index table it reaches (:mod:`sessiondb.fts_tables`), with the phrases as run on
     that table (``phrases(name)``). None when a phrase cannot be counted (or the
-    phrases are not ``count``); the caller then weighs every phrase alike."""
+    phrases are not ``count``); the caller then weighs every phrase alike. A phrase
+    whose ``skip`` is true is not counted (its IDF is given as 1.0)."""
     top = _first(conn, "SELECT max(id) FROM messages", ())
     slice_lo = (top or 0) - IDF_SLICE + 1
     if _first(conn, "SELECT 1 FROM messages WHERE id < ? LIMIT 1", (slice_lo,)) is None:
@@ -136,6 +143,8 @@ def idf(conn: apsw.Connection, phrases: Callable[[str], Sequence[str] | None],
         if run is None or len(run) != count:
             return None
         for i, phrase in enumerate(run):
+            if i < len(skip) and skip[i]:
+                continue
             try:
                 hits[i] += _first(conn, fts_tables.on(
                     table.name, "SELECT count(*) FROM messages_fts WHERE messages_fts "
@@ -143,9 +152,9 @@ def idf(conn: apsw.Connection, phrases: Callable[[str], Sequence[str] | None],
             except apsw.SQLError:
                 return None
     out = []
-    for n in hits:
+    for i, n in enumerate(hits):
         value = math.log((rows - n + 0.5) / (n + 0.5))
-        out.append(value if value > 0.0 else 1e-6)
+        out.append(1.0 if i < len(skip) and skip[i] else value if value > 0.0 else 1e-6)
     return out
 
 

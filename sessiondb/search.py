@@ -109,7 +109,7 @@ import apsw
 from . import (fts_tables, records, search_costs, search_index, search_prefix,
                search_rows)
 from .backend import fetch as _fetch
-from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hit
+from .search_hits import IN_LIST, US_STATEMENT as _US_STATEMENT, Page, complete_hits
 from .search_costs import MAX_WALKED_SESSIONS, Span, scan_cost, walk_cost, way_costs
 from .search_prefix import merges_doclists
 from .search_queries import Queries, Run
@@ -187,8 +187,7 @@ def search_messages(conn: apsw.Connection, path: object, match: str, filters: Fi
     page = ranked_ids(conn, match, filters, limit, offset, _QUOTED.findall(match))
     phrases = match.count('"') // 2
     hits = [records.search_hit(row) for row in fetch_hits(conn, match, page, phrases)]
-    for hit in hits:
-        complete_hit(conn, hit, match)
+    complete_hits(conn, hits, match)
     return hits
 
 

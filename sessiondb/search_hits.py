@@ -30,16 +30,19 @@ WORDS_OF_HITS = 256_000
 _PLAIN_SNIPPET_SCAN = 1_000_000  # bytes of a long message searched for its snippet
 #: Bytes of a context message read (200 characters are at most 800 bytes).
 CONTEXT_BYTES = 800
-# The context of a hit: the previous message, the hit and the next one of its session,
-# each as (role, id, size, its bytes when they are few; see message_head).
+# The context of each hit of a page: the previous message, the hit and the next one of
+# its session, each as (the hit's id, role, id, size, its bytes when they are few; see
+# message_head), in one statement for the page (one per hit took 1.7-1.9 ms a page of
+# 20, this 0.2-0.3 ms, measured on a million messages).
 _CONTEXT_SQL = (
-    "SELECT role, id, octet_length(content), CASE WHEN octet_length(content) <= "
-    f"{CONTEXT_BYTES} THEN CAST(content AS BLOB) END FROM ("
-    " SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ? AND id < ?"
-    "  ORDER BY id DESC LIMIT 1)"
-    " UNION ALL SELECT id, role, content FROM messages WHERE session_id = ? AND id = ?"
-    " UNION ALL SELECT * FROM (SELECT id, role, content FROM messages WHERE session_id = ?"
-    "  AND id > ? ORDER BY id LIMIT 1)) ORDER BY id"
+    "WITH h(k, sid, hid) AS (SELECT key, value ->> 0, value ->> 1 FROM json_each(?)) "
+    "SELECT h.hid, m.role, m.id, octet_length(m.content), CASE WHEN "
+    f"octet_length(m.content) <= {CONTEXT_BYTES} THEN CAST(m.content AS BLOB) END "
+    "FROM h CROSS JOIN messages m WHERE m.id IN ("
+    " (SELECT id FROM messages WHERE session_id = h.sid AND id < h.hid ORDER BY id DESC"
+    "  LIMIT 1), h.hid,"
+    " (SELECT id FROM messages WHERE session_id = h.sid AND id > h.hid ORDER BY id LIMIT 1))"
+    " AND m.session_id = h.sid ORDER BY h.k, m.id"
 )
 _HIT_SQL = (
     "SELECT m.id, m.session_id, m.role, CASE WHEN octet_length(m.content) * ? <= ? "
@@ -170,18 +173,23 @@ def _hits_from_texts(conn: apsw.Connection, match: str, ids: list[int], terms: i
     return [(*rows[i][:3], snippets.get(i), *rows[i][4:9]) for i in ids if i in rows]
 
 
-def complete_hit(conn: apsw.Connection, hit: dict[str, Any], match: str) -> None:
-    """Give a hit of :func:`sessiondb.search.search_messages` its ``context`` (the
+def complete_hits(conn: apsw.Connection, hits: list[dict[str, Any]], match: str) -> None:
+    """Give each hit of :func:`sessiondb.search.search_messages` its ``context`` (the
     previous message of its session, itself and the next one, each
     :data:`CONTEXT_BYTES` at most), and its snippet when FTS5's was not made.
 
     :param match: a query as :func:`~sessiondb.text.sanitize_fts_query` returns it.
     """
-    if hit["snippet"] is None:
-        hit["snippet"] = long_message_snippet(conn, hit["id"], match)
-    around = _fetch(conn, _CONTEXT_SQL, (hit["session_id"], hit["id"]) * 3)
-    hit["context"] = [records.context_item((role, _decode(message_head(
-        conn, rowid, size, inline, CONTEXT_BYTES)))) for role, rowid, size, inline in around]
+    around: dict[int, list[dict[str, Any]]] = {hit["id"]: [] for hit in hits}
+    if hits:
+        pairs = json.dumps([[hit["session_id"], hit["id"]] for hit in hits])
+        for hit_id, role, rowid, size, inline in _fetch(conn, _CONTEXT_SQL, (pairs,)):
+            around[hit_id].append(records.context_item((role, _decode(message_head(
+                conn, rowid, size, inline, CONTEXT_BYTES)))))
+    for hit in hits:
+        if hit["snippet"] is None:
+            hit["snippet"] = long_message_snippet(conn, hit["id"], match)
+        hit["context"] = around[hit["id"]]
 
 
 def long_message_snippet(conn: apsw.Connection, message_id: int, match: str) -> str:

@@ -112,6 +112,25 @@ def test_context_is_neighbours_in_same_session(db: SessionDB) -> None:
     assert [c["content"] for c in hit["context"]] == ["first", "middle needle"]
 
 
+def test_each_hit_of_a_page_gets_its_own_sessions_context(db: SessionDB) -> None:
+    # The contexts of a page are read together: each hit gets its own session's
+    # neighbours, whatever its session's id looks like (a number, quotes, NUL, JSON).
+    ids = ["plain", "42", 'say "hi"', '["a", 1]', "é😀"]
+    if db.backend == "sqlite":  # PostgreSQL text cannot hold U+0000
+        ids.append("nul\x00inside")
+    for sid in ids:
+        db.create_session(sid, "cli")
+    for n in range(3):
+        for sid in ids:
+            db.append_message(sid, "user", f"{sid} turn {n}" + (" needle" if n == 1 else ""))
+    hits = db.search_messages("needle", limit=None)
+    assert sorted(h["session_id"] for h in hits) == sorted(ids)
+    for hit in hits:
+        sid = hit["session_id"]
+        assert [c["content"] for c in hit["context"]] == [
+            f"{sid} turn 0", f"{sid} turn 1 needle", f"{sid} turn 2"], sid
+
+
 def test_phrases_and_operators(corpus: SessionDB) -> None:
     # A balanced quoted phrase stays a phrase: adjacent tokens in order.
     assert ids(corpus.search_messages('"chat send"')) == [("a", "assistant")]

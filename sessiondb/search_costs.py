@@ -1,11 +1,11 @@
 """The cost model of a search's ways of finding a window's candidates (see
-:func:`sessiondb.search._candidates`): what each way is estimated to cost, in
+:func:`sessiondb.search_walks.candidates`): what each way is estimated to cost, in
 microseconds, from what the first span of the index walk showed. All ways find the same
 rows, so the model changes the time of a search, never its result.
 
 Functions of the span's figures and of the filter's sessions (counted once per search,
-with one query); used by :mod:`sessiondb.search`, whose :class:`~sessiondb.search.Filters`
-the ``filters`` arguments are (not imported here: that module imports this one).
+with one query); used by :mod:`sessiondb.search_walks`. The ``filters`` arguments are
+:class:`sessiondb.search.Filters` (not imported here: that module imports this one).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def cheapest_way(conn: apsw.Connection, filters: Any, need: int, span: Span,
                  statement_us: float = 0.0, in_range: float = 1.0,
                  memo: dict[str, Any] | None = None, tested: bool = False) -> str:
     """``"join"``, ``"list"``, ``"sessions"`` or ``"rows"``: the way to find the rest
-    of the candidates estimated cheapest (see :func:`sessiondb.search._candidates` and
+    of the candidates estimated cheapest (see :func:`sessiondb.search_walks.candidates` and
     :func:`way_costs`)."""
     costs = way_costs(conn, filters, need, span, statement_us, in_range, memo, tested)
     return min(costs, key=costs.__getitem__)
@@ -72,7 +72,7 @@ def way_costs(conn: apsw.Connection, filters: Any, need: int, span: Span,
               memo: dict[str, Any] | None = None, tested: bool = False
               ) -> dict[str, float]:
     """Microseconds each way of finding the rest of the candidates is estimated to
-    cost (see :func:`sessiondb.search._candidates`).
+    cost (see :func:`sessiondb.search_walks.candidates`).
 
     The index walk's cost is what the span cost per id, times the ids still to walk
     (all that are left, or as many as the rate of kept matches says the rest needs):
@@ -102,7 +102,7 @@ def way_costs(conn: apsw.Connection, filters: Any, need: int, span: Span,
         costs["list"] = messages * _US_LISTED_ID + ids * max(per_id - saved, per_id / 4)
         expected = messages * density  # matches in the filter's sessions
         share = 1.0 if need < 0 or expected <= need else need / expected
-        # A session's query, or reading the ids up to the next one's (search._session_walk).
+        # A session's query, or reading the ids up to the next one's (search_walks._session_walk).
         spacing = (span.ids + span.left) / max(1.0, walkable)
         walked = _US_WALKED_SESSION + min(statement_us, spacing * per_id)
         costs["sessions"] = count * _US_LISTED_SESSION + walkable * share * walked

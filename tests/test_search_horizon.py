@@ -18,7 +18,7 @@ import pytest
 from test_search_rows import count_tested
 from test_search_scale import found, oracle, strategy  # noqa: F401 (a fixture)
 
-from sessiondb import SessionDB, search, search_prefix
+from sessiondb import SessionDB, search, search_prefix, search_walks
 
 WINDOW, HORIZON = 5, 100
 FILTERS: list[dict[str, Any]] = [
@@ -33,8 +33,8 @@ def horizon(monkeypatch: pytest.MonkeyPatch) -> None:
     """Windows of 5 within 100 ids, a first span of 16 ids, chunks of 4 messages."""
     monkeypatch.setattr(search, "WINDOW", WINDOW)
     monkeypatch.setattr(search, "HORIZON", HORIZON)
-    monkeypatch.setattr(search, "FIRST_SPAN", 16)
-    monkeypatch.setattr(search, "CHUNK", 4)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 16)
+    monkeypatch.setattr(search_walks, "CHUNK", 4)
 
 
 def _fill(db: SessionDB, rng: random.Random, count: int) -> None:

@@ -13,7 +13,7 @@ import apsw
 import pytest
 from test_search_scale import found, oracle
 
-from sessiondb import SessionDB, search, search_hits, search_prefix
+from sessiondb import SessionDB, search, search_hits, search_prefix, search_walks
 
 WORDS = ["alpha", "alps", "alpine", "bravo", "brave", "école", "écrire", "Über", "übel",
          "straße", "straßen", "δέλτα", "δεσμός", "日本語", "x_y", "quote"]
@@ -215,7 +215,7 @@ def test_a_prefix_index_of_the_length_is_used_instead(tmp_path: Path) -> None:
                                    "pre2* OR bravo", "x_*"])
 def test_search_order_matches_the_oracle(store: Path, monkeypatch, query: str) -> None:
     monkeypatch.setattr(search, "WINDOW", 40)
-    monkeypatch.setattr(search, "FIRST_SPAN", 64)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 64)
     with SessionDB(store) as db:
         for kw in ({}, {"sources": ["slack"]}, {"roles": ["tool"]}, {"session_id": "s07"},
                    {"exclude_sources": ["slack"], "roles": ["user"]}):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessiondb import (SessionDB, search, search_costs, search_prefix, search_rank,
-                       search_rows)
+                       search_rows, search_walks)
 from sessiondb.compat.hermes import SessionDB as HermesSessionDB
 from sessiondb.text import sanitize_fts_query
 
@@ -63,8 +63,8 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     prefixes written out."""
     monkeypatch.setattr(search, "WINDOW", 25)
     monkeypatch.setattr(search, "HORIZON", HORIZON)
-    monkeypatch.setattr(search, "FIRST_SPAN", 40)
-    monkeypatch.setattr(search, "CHUNK", 7)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 40)
+    monkeypatch.setattr(search_walks, "CHUNK", 7)
     # Every prefix written out as an OR of its words (FTS5's merge is cheaper in a
     # store this small, and keeps its own path: test_a_prefix_index_changes...).
     monkeypatch.setattr(search_prefix, "STATEMENTS", 0)
@@ -111,10 +111,10 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if way == "rows":  # tested whatever the others are estimated to cost
         monkeypatch.setattr(search_rows, "US_TESTED", 0.0)
     if how == "sliced":
-        monkeypatch.setattr(search, "_SLICED_WALK", -1)
-        monkeypatch.setattr(search, "_US_READ_PER_MATCH", -1)
+        monkeypatch.setattr(search_walks, "_SLICED_WALK", -1)
+        monkeypatch.setattr(search_walks, "_US_READ_PER_MATCH", -1)
     if how == "batched":
-        monkeypatch.setattr(search, "_US_STATEMENT", 1e9)
+        monkeypatch.setattr(search_walks, "_US_STATEMENT", 1e9)
     return Strategy(request.param, asked, tested)
 
 
@@ -127,7 +127,7 @@ ANSWER_ONLY = {"join", "list", "sessions", "rows", "list, sliced"}
 
 
 def has_a_choice(kw: dict[str, Any]) -> bool:
-    """Whether a search with these filters may choose its way (``search._candidates``
+    """Whether a search with these filters may choose its way (``search_walks.candidates``
     asks ``cheapest_way`` only under a source or session filter)."""
     return (kw.get("session_id") is not None or bool(kw.get("sources"))
             or bool(kw.get("exclude_sources")))
@@ -243,14 +243,14 @@ def test_a_rare_sources_first_span_is_found_by_testing_its_messages(store, small
     index walk. Either way the hits are the oracle's."""
     db, path = store
     spans: list[bool] = []
-    span_by_rows = search._span_by_rows
+    span_by_rows = search_walks._span_by_rows
 
     def spy(*args: Any) -> Any:
         answer = span_by_rows(*args)
         spans.append(answer is not None)
         return answer
 
-    monkeypatch.setattr(search, "_span_by_rows", spy)
+    monkeypatch.setattr(search_walks, "_span_by_rows", spy)
     for kw, by_rows in (({"sources": ["slack"]}, True), ({"session_id": "s07"}, True),
                         ({"sources": ["cli"]}, False)):
         for query in ("fi*", "fi* NOT alpha"):
@@ -333,8 +333,8 @@ def test_fewer_matches_than_a_window_are_simply_best_first(db: SessionDB) -> Non
 
 def test_a_session_filter_finds_old_messages_of_a_common_word(db: SessionDB,
                                                               monkeypatch) -> None:
-    monkeypatch.setattr(search, "CHUNK", 4)
-    monkeypatch.setattr(search, "FIRST_SPAN", 16)
+    monkeypatch.setattr(search_walks, "CHUNK", 4)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 16)
     db.create_session("old", "cli")
     db.create_session("busy", "cli")
     db.create_session("rare", "slack")
@@ -399,7 +399,7 @@ def test_a_prefix_index_changes_the_time_not_the_hits(db: SessionDB, monkeypatch
     # would merge whole doclists) and weighs its phrases alike; with one it runs as any
     # query. The same windows either way.
     monkeypatch.setattr(search, "WINDOW", 30)
-    monkeypatch.setattr(search, "FIRST_SPAN", 20)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 20)
     rng = random.Random(5)
     for sid, source in (("a", "cli"), ("b", "slack"), ("c", "cron")):
         db.create_session(sid, source)

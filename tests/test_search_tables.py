@@ -15,7 +15,7 @@ import pytest
 from test_search_horizon import FILTERS, _fill
 from test_search_scale import found, oracle
 
-from sessiondb import SessionDB, fts_tables, search
+from sessiondb import SessionDB, fts_tables, search, search_walks
 
 QUERIES = ["needle", "early", "late", "zz NOT zy", "needle OR late", "w1*", "w1* needle",
            "needle NOT w2*", "z*", "nothing"]
@@ -25,8 +25,8 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Windows of 5 within blocks of 100 ids, a first span of 16, chunks of 4."""
     monkeypatch.setattr(search, "WINDOW", 5)
     monkeypatch.setattr(search, "HORIZON", 100)
-    monkeypatch.setattr(search, "FIRST_SPAN", 16)
-    monkeypatch.setattr(search, "CHUNK", 4)
+    monkeypatch.setattr(search_walks, "FIRST_SPAN", 16)
+    monkeypatch.setattr(search_walks, "CHUNK", 4)
 
 
 def small_tables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,9 @@ def test_scale_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path: Path
         assert op["error"] == "" and op["duration_s"] >= 0
         assert op["writer"]["errors"] == 0 and op["writer"]["crashed"] == ""
         _timed(op["writer"])
+        # When the longest wait began, from the operation's start (a call that began
+        # just before it counts).
+        assert -60 < op["writer"]["max_at_s"] <= op["duration_s"] + 1
     for name in ("rebuild_search_index", "prune_sessions", "reclaim_space"):
         assert m[name]["progress"]["calls"] >= 0
     for name in ("export", "import"):

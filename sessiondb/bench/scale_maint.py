@@ -112,11 +112,15 @@ class WriterRun:
 
     def figures(self, t0: float, t1: float) -> dict[str, Any]:
         """``kind``, ``calls``, ``latency_s`` (``p50``, ``p90``, ``p99``, ``max``),
-        ``errors`` and ``error_samples`` of the calls overlapping ``[t0, t1]``."""
-        lat = [d for s, d in self.result.get("calls", []) if s <= t1 and s + d >= t0]
+        ``max_at_s`` (when the longest call began, in seconds from ``t0``: to match
+        with the operation's progress), ``errors`` and ``error_samples`` of the calls
+        overlapping ``[t0, t1]``."""
+        calls = [(s, d) for s, d in self.result.get("calls", []) if s <= t1 and s + d >= t0]
         errs = [e for s, e in self.result.get("errors", []) if t0 <= s <= t1]
         crashed = self.result.get("crashed", "")
-        return {"kind": self.kind, "calls": len(lat), "latency_s": dist(lat),
+        longest = max(calls, key=lambda call: call[1], default=(t0, 0.0))
+        return {"kind": self.kind, "calls": len(calls), "latency_s": dist(
+                    [d for _, d in calls]), "max_at_s": round(longest[0] - t0, 3),
                 "errors": len(errs), "error_samples": errs[:3],
                 "crashed": crashed.strip().splitlines()[-1] if crashed else ""}
 
@@ -142,8 +146,9 @@ def with_writer(label: str, path: str, fn: Callable[[], Any], seed: int, *,
     out = {"duration_s": duration, "error": error, "writer": w.figures(t0, t1)}
     wr = out["writer"]
     print(f"  {label}: {duration:.1f} s" + (f", FAILED: {error}" if error else "")
-          + f"; writer max wait {wr['latency_s']['max'] * 1000:.0f} ms over {wr['calls']} "
-          f"calls, errors {wr['errors']}", file=sys.stderr, flush=True)
+          + f"; writer max wait {wr['latency_s']['max'] * 1000:.0f} ms (at "
+          f"{wr['max_at_s']:.1f} s) over {wr['calls']} calls, errors {wr['errors']}",
+          file=sys.stderr, flush=True)
     return out, result
 
 
@@ -351,8 +356,9 @@ def hermes_conversion(workdir: str, corpus: Corpus, session_count: int,
     out["messages_after"] = count_messages(path)
     wr = out["writer"]
     print(f"  hermes_conversion: {duration:.1f} s" + (f", FAILED: {error}" if error else "")
-          + f"; hermes writer max wait {wr['latency_s']['max'] * 1000:.0f} ms over "
-          f"{wr['calls']} calls, errors {wr['errors']}", file=sys.stderr, flush=True)
+          + f"; hermes writer max wait {wr['latency_s']['max'] * 1000:.0f} ms (at "
+          f"{wr['max_at_s']:.1f} s) over {wr['calls']} calls, errors {wr['errors']}",
+          file=sys.stderr, flush=True)
     for name in (path, path + "-wal", path + "-shm"):
         if os.path.exists(name):
             os.unlink(name)

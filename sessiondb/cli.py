@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from . import (
-    __version__, bench, cli_args, cli_text, copy, demo, doctor, jsonstream, records, top,
+    __version__, bench, cli_args, cli_text, copy, demo, doctor, jsonstream, outfile,
+    records, top,
 )
 from .backend import is_url, mask
 from .connection import ENV_PATH, default_path, process_alive
@@ -557,15 +558,18 @@ class _Counted:
 
 
 def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
-    """Write through ``write`` into a temporary file next to ``path``, then rename it over
-    ``path``: readers see the old file or the whole new one, never a part. The temporary
+    """Write through ``write`` into a temporary file next to ``path``, synced as it grows
+    and at the end (:mod:`sessiondb.outfile`), then rename it over ``path``: readers see
+    the old file or the whole new one, never a part, after a power cut too. The temporary
     files of earlier writes to ``path`` that were killed are removed first."""
     _sweep_temporary(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", buffering=1 << 20) as fh:
-            write(fh)
-        os.replace(tmp, path)
+            synced = outfile.SyncedText(fh)
+            write(synced)  # type: ignore[arg-type]  # a write() is all it takes
+            synced.sync()
+        outfile.replace_synced(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -228,6 +229,54 @@ def test_export_removes_the_temporary_files_of_killed_exports(capsys, cli_db, tm
     assert recent_dead.exists()  # written to lately: perhaps another host's, writing
     assert mine.exists() and other.exists()  # a live process's; another file's
     assert dump.exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "list"])
+def test_an_export_file_is_synced_as_it_grows_and_before_it_takes_its_name(
+        capsys, cli_db, tmp_path, monkeypatch, fmt):
+    # Unsynced, a large export went to the disk in one burst when the kernel chose, and
+    # the store's writers' commits queued behind it; and its new name could be lost to
+    # a power cut.
+    from sessiondb import connection, outfile
+
+    with SessionDB(cli_db) as db:  # a line (a write) of about 5,000 characters each
+        for i in range(20):
+            db.ensure_session(f"big-{i}", "cli")
+            db.append_message(f"big-{i}", "user", f"{i} " + "x" * 5_000)
+    events: list[tuple[str, int]] = []
+    real_sync, real_replace, real_dir = outfile._datasync, os.replace, connection.sync_directory
+    dump = tmp_path / "dump.out"
+
+    def sync(fd: int) -> None:
+        real_sync(fd)  # the real one: this only watches
+        events.append(("sync", os.fstat(fd).st_size))
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        events.append(("replace", dump.stat().st_size))
+
+    def sync_dir(directory: Path) -> None:
+        real_dir(directory)
+        events.append(("directory", 0))
+
+    monkeypatch.setattr(outfile, "SYNC_CHARS", 10_000)
+    monkeypatch.setattr(outfile, "_datasync", sync)
+    monkeypatch.setattr(outfile.os, "replace", replace)
+    monkeypatch.setattr(outfile, "sync_directory", sync_dir)
+    flags = ["--jsonl"] if fmt == "jsonl" else []
+    assert run_json(capsys, "export", "--db", str(cli_db), *flags, "-o", str(dump))
+    size = dump.stat().st_size
+    kinds = [kind for kind, _ in events]
+    # a sync once 10,000 characters (ASCII: a byte each) were written since the last,
+    # one at the end with every byte written, then the rename, then the directory
+    assert kinds == ["sync"] * (len(kinds) - 2) + ["replace", "directory"]
+    syncs = [at for kind, at in events if kind == "sync"]
+    assert syncs == sorted(syncs) and syncs[-1] == size and events[-2] == ("replace", size)
+    assert len(syncs) > 5  # no more than 10,000 characters and a line between two:
+    assert all(b - a <= 10_000 + 6_000 for a, b in zip([0] + syncs, syncs))
+    text = dump.read_text()
+    items = json.loads(text) if fmt == "list" else [json.loads(x) for x in text.splitlines()]
+    assert len(items) == 23 and sum(len(i["messages"]) for i in items) == 24
 
 
 def test_export_one_session_by_prefix(capsys, cli_db):

@@ -24,6 +24,7 @@ import time
 import traceback
 from typing import Any, Iterator
 
+from ..outfile import SyncedText
 from . import scale_api
 
 #: Seconds between two progress lines on stderr.
@@ -191,7 +192,11 @@ def export_child(path: str, out_file: str, results: Any) -> None:
         sessions = messages = 0
         shown = time.monotonic()
         t0 = time.perf_counter()
-        with open(out_file, "w", encoding="utf-8") as fh:
+        # Synced as it grows, as `sessiondb export -o FILE` writes (sessiondb.outfile):
+        # left to the kernel, the file went to the disk in one burst during the import
+        # that follows, whose writers' commits queued behind it.
+        with open(out_file, "w", encoding="utf-8") as raw:
+            fh = SyncedText(raw)
             for session in scale_api.iter_export(db):
                 fh.write(json.dumps(session, ensure_ascii=False))
                 fh.write("\n")
@@ -201,6 +206,7 @@ def export_child(path: str, out_file: str, results: Any) -> None:
                     shown = time.monotonic()
                     print(f"    export: {sessions:,} sessions, {messages:,} messages, "
                           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            fh.sync()
         out.update(duration_s=time.perf_counter() - t0, sessions=sessions,
                    messages=messages, file_bytes=os.path.getsize(out_file),
                    peak_rss_bytes=peak_rss())

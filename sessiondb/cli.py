@@ -557,7 +557,7 @@ class _Counted:
                                         time.monotonic() - started))
 
 
-def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
+def _write_atomically(path: Path, write: Callable[[jsonstream.TextSink], None]) -> None:
     """Write through ``write`` into a temporary file next to ``path``, synced as it grows
     and at the end (:mod:`sessiondb.outfile`), then rename it over ``path``: readers see
     the old file or the whole new one, never a part, after a power cut too. The temporary
@@ -567,8 +567,8 @@ def _write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
     try:
         with open(tmp, "w", encoding="utf-8", buffering=1 << 20) as fh:
             synced = outfile.SyncedText(fh)
-            write(synced)  # type: ignore[arg-type]  # a write() is all it takes
-            synced.sync()
+            write(synced)
+            synced.sync(last=True)
         outfile.replace_synced(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

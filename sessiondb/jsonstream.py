@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Protocol
 
 _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -180,7 +180,14 @@ def read_items(source: IO[Any], chunk: int = _CHUNK) -> Items:
     return Items(Reader(source, chunk))
 
 
-def write_jsonl(target: IO[str], items: Iterable[Any]) -> None:
+class TextSink(Protocol):
+    """Where the writers below write: a text file, or anything with its ``write``
+    (:class:`sessiondb.outfile.SyncedText`)."""
+
+    def write(self, text: str, /) -> int: ...
+
+
+def write_jsonl(target: TextSink, items: Iterable[Any]) -> None:
     """Write ``items`` as JSON Lines: one compact JSON value per line, UTF-8 text as
     it is (not ``\\u`` escapes)."""
     for item in items:
@@ -188,7 +195,7 @@ def write_jsonl(target: IO[str], items: Iterable[Any]) -> None:
         target.write("\n")
 
 
-def write_json_list(target: IO[str], items: Iterable[Any]) -> None:
+def write_json_list(target: TextSink, items: Iterable[Any]) -> None:
     """Write ``items`` as one JSON list, an item at a time, indented by 2: the same text
     as ``json.dumps(list(items), indent=2, ensure_ascii=False, default=str)`` plus a
     newline, without holding the list."""

@@ -244,7 +244,7 @@ def test_an_export_file_is_synced_as_it_grows_and_before_it_takes_its_name(
             db.ensure_session(f"big-{i}", "cli")
             db.append_message(f"big-{i}", "user", f"{i} " + "x" * 5_000)
     events: list[tuple[str, int]] = []
-    real_sync, real_replace, real_dir = outfile._datasync, os.replace, connection.sync_directory
+    real_sync, real_replace, real_dir = outfile._datasync, outfile._replace, connection.sync_directory
     dump = tmp_path / "dump.out"
 
     def sync(fd: int) -> None:
@@ -257,11 +257,12 @@ def test_an_export_file_is_synced_as_it_grows_and_before_it_takes_its_name(
 
     def sync_dir(directory: Path) -> None:
         real_dir(directory)
+        assert directory == tmp_path
         events.append(("directory", 0))
 
     monkeypatch.setattr(outfile, "SYNC_CHARS", 10_000)
     monkeypatch.setattr(outfile, "_datasync", sync)
-    monkeypatch.setattr(outfile.os, "replace", replace)
+    monkeypatch.setattr(outfile, "_replace", replace)
     monkeypatch.setattr(outfile, "sync_directory", sync_dir)
     flags = ["--jsonl"] if fmt == "jsonl" else []
     assert run_json(capsys, "export", "--db", str(cli_db), *flags, "-o", str(dump))

@@ -206,7 +206,7 @@ def export_child(path: str, out_file: str, results: Any) -> None:
                     shown = time.monotonic()
                     print(f"    export: {sessions:,} sessions, {messages:,} messages, "
                           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            fh.sync()
+            fh.sync(last=True)
         out.update(duration_s=time.perf_counter() - t0, sessions=sessions,
                    messages=messages, file_bytes=os.path.getsize(out_file),
                    peak_rss_bytes=peak_rss())

@@ -59,17 +59,6 @@ AHEAD_ROWS = 100_000
 AHEAD_CHARS = 64 * 1024 * 1024
 #: Rows staged per transaction of the staging database.
 FLUSH_ROWS = 2_000
-#: Pages (of 64 KiB) of the staging file's WAL after which it is copied into the file
-#: and both are synced: the staging file goes to disk 4 MiB at a time as it is written.
-#: Never synced, its dirty pages piled up in the page cache until the kernel wrote them
-#: back all at once (30 s after they were first dirtied, by Linux's default
-#: ``vm.dirty_expire_centisecs``): up to 250 MB for the million-message import, and
-#: every fsync of the store's writers meanwhile, the import's commits included, queued
-#: behind that writeback. Measured beside an appender (a message every 5-10 ms), three
-#: imports each way: its longest call 119-158 ms unsynced, 59-77 ms synced so. It costs
-#: an import short enough to end before that writeback (about 25 s alone here) some 5%
-#: of its rate: those pages then never reached the disk.
-SYNC_PAGES = 64
 #: The name the staging database is attached under on the store's connection.
 SCHEMA = "sessiondb_stage"
 _PREFIX = "sessiondb-import-"
@@ -131,10 +120,14 @@ class Stage:
             conn = self._conn = apsw.Connection(self.path)
             conn.pragma("page_size", 65536)
             conn.pragma("journal_mode", "WAL")  # the writes read it while it grows
-            # Synced only when its WAL is copied into it (NORMAL), every SYNC_PAGES: a
-            # crash loses nothing of the store, but the pages must not pile up unwritten.
-            conn.pragma("synchronous", "NORMAL")
-            conn.pragma("wal_autocheckpoint", SYNC_PAGES)
+            # Never synced: a crash loses nothing of the store. The kernel then writes
+            # its pages back in bursts (up to 250 MB for the million-message import,
+            # 30 s after they were first dirtied), and the store's commits meanwhile
+            # wait for their fsync behind it: an appender's longest call 119-158 ms in
+            # the rows phase, measured. Tried: synced 4 MiB at a time (NORMAL, a WAL of
+            # 64 pages), 59-77 ms, but the rows 1-20% slower (median 6%, ten alternated
+            # runs); both within the 0.5 s bar of a writer's wait, the rate under its bar.
+            conn.pragma("synchronous", "OFF")
             conn.execute(
                 f"CREATE TABLE s (k INTEGER PRIMARY KEY, {', '.join(SESSION_COLUMNS)});"
                 f"CREATE TABLE m (k INTEGER PRIMARY KEY, {', '.join(_MESSAGE_COLUMNS)});")

@@ -4,7 +4,6 @@ go away however the import ends. (tests/test_bulk.py runs its stream tests both 
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import io
 import json
@@ -273,53 +272,6 @@ def test_a_killed_imports_staging_directory_is_removed_by_the_next_import(
         "sessiondb-import-3-running", "sessiondb-import-4-new", "sessiondb-import-5-link",
         "unrelated"]
     assert (staging_dir / "unrelated" / "stage.db").exists()
-
-
-class _SyncCounter(apsw.VFS):
-    """The default VFS for a while, counting each file's syncs (by its name)."""
-
-    def __init__(self) -> None:
-        self.base = apsw.vfs_names()[0]
-        self.syncs: collections.Counter[str] = collections.Counter()
-        super().__init__("sessiondb-test-syncs", base=self.base, makedefault=True)
-
-    def xOpen(self, name: Any, flags: Any) -> apsw.VFSFile:
-        counter = self.syncs
-        path = name.filename() if isinstance(name, apsw.URIFilename) else (name or "")
-
-        class File(apsw.VFSFile):
-            def xSync(self, flags: int) -> None:
-                counter[os.path.basename(path)] += 1
-                super().xSync(flags)
-
-        return File(self.base, name, flags)
-
-
-def test_the_staging_file_is_synced_as_it_is_written(fresh_path: Path, monkeypatch,
-                                                    staging_dir: Path) -> None:
-    """Its pages go to disk a few pages at a time (synchronous NORMAL, a small WAL), not
-    all at once when the kernel's writeback finds them old: that burst held up the
-    store's own commits. Never synced before: 0 syncs of its WAL."""
-    monkeypatch.setattr(bulk_stage, "SYNC_PAGES", 2)  # 128 KiB
-    stream = dump([{"id": f"s{i}", "source": "cli", "started_at": 1000.0 + i,
-                    "messages": [{"role": "user", "content": f"{i} {k} " + "y" * 3000,
-                                  "timestamp": 1000.0 + i}
-                                 for k in range(10)]} for i in range(60)])
-    vfs = _SyncCounter()
-    try:
-        with SessionDB(fresh_path) as db:
-            assert db.import_sessions(read_items(io.BytesIO(stream))) == 60
-    finally:
-        vfs.unregister()
-    assert vfs.syncs["stage.db-wal"] >= 3 and vfs.syncs["stage.db"] >= 3, vfs.syncs
-    assert not list(staging_dir.iterdir())
-    stage = bulk_stage.Stage(iter([]))
-    try:
-        assert stage._conn is not None
-        assert stage._conn.pragma("synchronous") == 1  # NORMAL
-        assert stage._conn.pragma("wal_autocheckpoint") == 2
-    finally:
-        stage.close()
 
 
 def test_the_staging_thread_stays_a_bounded_way_ahead(fresh_path: Path, monkeypatch,

@@ -299,7 +299,8 @@ CREATE INDEX idx_sessions_source_listing ON sessions(source, started_at DESC, id
 CREATE INDEX idx_sessions_active_listing ON sessions(started_at DESC, id, source, ended_at)
     WHERE ended_at IS NULL;
 """
-_TOTALS = "sessiondb_totals"
+#: The table of the message total (v4, above).
+TOTALS = "sessiondb_totals"
 
 
 def message_totals(table: str = "messages", count: bool = True) -> str:
@@ -308,13 +309,13 @@ def message_totals(table: str = "messages", count: bool = True) -> str:
     copy table, empty when it is made)."""
     start = f"SELECT 'messages', COUNT(*) FROM {table}" if count else "VALUES ('messages', 0)"
     return f"""
-CREATE TABLE {_TOTALS} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO {_TOTALS} (name, value) {start};
+CREATE TABLE {TOTALS} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO {TOTALS} (name, value) {start};
 CREATE TRIGGER messages_total_insert AFTER INSERT ON {table} BEGIN
-    UPDATE {_TOTALS} SET value = value + 1 WHERE name = 'messages';
+    UPDATE {TOTALS} SET value = value + 1 WHERE name = 'messages';
 END;
 CREATE TRIGGER messages_total_delete AFTER DELETE ON {table} BEGIN
-    UPDATE {_TOTALS} SET value = value - 1 WHERE name = 'messages';
+    UPDATE {TOTALS} SET value = value - 1 WHERE name = 'messages';
 END;
 """
 
@@ -462,7 +463,7 @@ def complete_conversion(conn: apsw.Connection) -> None:
     conn.execute(_V2_META.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     conn.execute(_V2_TRIGGERS)
     counted = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?",
-                           (_TOTALS,)).fetchone() is not None
+                           (TOTALS,)).fetchone() is not None
     # In this transaction: no writer may see the v2 triggers index a deferred message.
     for version in range(2, SCHEMA_VERSION):
         if MIGRATIONS[version] is _V4:  # its indexes made above

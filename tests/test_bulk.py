@@ -40,8 +40,10 @@ def check_store(path: Path) -> None:
             "SELECT id FROM sessions s WHERE message_count != "
             "(SELECT count(*) FROM messages m WHERE m.session_id = s.id)").fetchall() == []
         assert conn.execute("SELECT * FROM sessiondb_fts_pending").fetchall() == []
-        indexed = conn.execute("SELECT count(*) FROM messages_fts_docsize").fetchone()[0]
-        assert indexed == conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM messages_fts_docsize").fetchone()[0] == count
+        assert conn.execute("SELECT value FROM sessiondb_totals WHERE name = 'messages'"
+                            ).fetchone()[0] == count
     finally:
         conn.close()
 
@@ -401,6 +403,54 @@ def test_a_fresh_import_keeps_one_pending_range_then_none(fresh: SessionDB) -> N
         reader.close()
     assert len(ranges) > 1 and set(ranges) == {1}
     check_store(fresh.path)
+
+
+@pytest.mark.usefixtures("reading")
+def test_an_import_counts_its_rows_and_leaves_the_triggers_on(fresh: SessionDB) -> None:
+    # Its deferred rows go in with the connection's triggers off (they would only have
+    # counted them): the total is kept by the import itself, and every later write of
+    # the connection fires them again.
+    fresh.create_session("before", "cli")
+    fresh.append_message("before", "user", "zebra before")
+    fresh.import_sessions(iter(generated(80, 30)))
+    fresh.append_message("before", "user", "zebra after")
+    assert [h["snippet"] for h in fresh.search_messages("zebra")] == [
+        ">>>zebra<<< after", ">>>zebra<<< before"]
+    assert fresh.message_count() == 1 + 80 * 30 + 1  # "zebra after" counted
+    check_store(fresh.path)
+
+
+@pytest.mark.usefixtures("reading")
+def test_a_trigger_of_someone_elses_on_messages_fires_for_imported_rows(
+        fresh: SessionDB) -> None:
+    conn = apsw.Connection(str(fresh.path))
+    conn.execute("CREATE TABLE audit (id INTEGER); CREATE TRIGGER audit_insert AFTER "
+                 "INSERT ON messages BEGIN INSERT INTO audit VALUES (new.id); END")
+    conn.close()
+    fresh.import_sessions(iter(generated(40, 25)))
+    conn = apsw.Connection(str(fresh.path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 40 * 25
+        assert conn.execute("SELECT count(*) FROM audit WHERE id NOT IN "
+                            "(SELECT id FROM messages)").fetchone()[0] == 0
+    finally:
+        conn.close()
+    check_store(fresh.path)
+
+
+def test_the_triggers_are_on_again_after_a_failed_insert(db_path: Path) -> None:
+    from sessiondb import search_index
+
+    SessionDB(db_path).close()
+    conn = apsw.Connection(str(db_path))
+    with pytest.raises(apsw.ConstraintError):
+        with conn:
+            with search_index.inserting_pending(conn):
+                assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 0
+                conn.execute("INSERT INTO messages (session_id, role, timestamp) "
+                             "VALUES ('none', NULL, 1)")
+    assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 1
+    conn.close()
 
 
 @pytest.mark.usefixtures("reading")

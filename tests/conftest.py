@@ -112,21 +112,17 @@ def backend(request) -> str:
 
 @pytest.fixture
 def db_path(backend: str, tmp_path: Path, request) -> Any:
-    """Where this test's store lives (not created yet): a file; for PostgreSQL a URL of a
-    fresh database in the test server; for PgBouncer the URL of one through the shared
-    pooler, with ``pooler=1`` (no server-side prepared statements)."""
+    """Where this test's store lives: a file, not created yet; for PostgreSQL the URL of
+    a fresh database of the test server holding an empty store (its schema made:
+    ``pg_store_url``; the tests of the schema's making take ``pg_url``); for PgBouncer
+    the URL of one through the shared pooler, with ``pooler=1`` (no server-side
+    prepared statements)."""
     if backend == "postgresql":
         return request.getfixturevalue("pg_store_url")
     if backend == "pgbouncer":
-        url = request.getfixturevalue("pgbouncer_url")
+        url = request.getfixturevalue("pgbouncer_store_url")
         return url + ("&" if "?" in url else "?") + "pooler=1"
     return tmp_path / "state.db"
-
-
-@pytest.fixture
-def pg_store_url(pg_url: str) -> str:
-    """A URL of a store in a fresh database of the test PostgreSQL server."""
-    return pg_url
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Callable
 from urllib.parse import urlsplit
 
 from pgserver import PgServer
@@ -38,10 +39,18 @@ class FreshDatabases:
     next tests run.
 
     :param server: the server; it may be stopped and started again between tests.
+    :param prepare: given the URL of a new, empty database, fills it (a store's schema,
+        say); then every database handed out is a copy of that one, made once (named
+        ``template``), instead of an empty one.
+    :param template: the name of that database.
     """
 
-    def __init__(self, server: PgServer) -> None:
+    def __init__(self, server: PgServer, prepare: Callable[[str], None] | None = None,
+                 template: str = "prepared_template") -> None:
         self.server = server
+        self._prepare, self._template = prepare, template
+        self._prepared = False
+        self._template_lock = threading.Lock()
         self._cond = threading.Condition()
         # A URL ready for the next test, or the exception that making it raised (the
         # server was down, say), so that take() makes its own and reports a real failure.
@@ -66,7 +75,7 @@ class FreshDatabases:
             made, self._ready = self._ready, None
         if isinstance(made, str):
             return made
-        return self.server.create_database()
+        return self._create()
 
     def give_back(self, url: str) -> None:
         """Have the next test's database made, and the database of ``url`` dropped, in
@@ -98,12 +107,26 @@ class FreshDatabases:
                     return
                 self._want, self._making = False, True
             try:
-                made: str | BaseException = self.server.create_database()
+                made: str | BaseException = self._create()
             except Exception as exc:  # noqa: BLE001 - take() makes its own then
                 made = exc
             with self._cond:
                 self._ready, self._making = made, False
                 self._cond.notify_all()
+
+    def _create(self) -> str:
+        if self._prepare is None:
+            return self.server.create_database()
+        with self._template_lock:  # take() may make one while the thread makes one
+            if not self._prepared:
+                url = self.server.create_database(self._template)
+                try:
+                    self._prepare(url)
+                except BaseException:
+                    self.server.drop_database(self._template)
+                    raise
+                self._prepared = True
+        return self.server.create_database(template=self._template)
 
     def _drop_behind(self) -> None:
         while True:

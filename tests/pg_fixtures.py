@@ -9,6 +9,9 @@ Loaded from ``tests/conftest.py`` with ``pytest_plugins = ["pg_fixtures"]``.
 - ``pgbouncer`` (session): a :class:`~pgserver.PgBouncer` in transaction mode in front of
   ``pg_server`` that recycles its server connections every 2 s.
 - ``pgbouncer_url`` (function): a fresh database reached through ``pgbouncer``.
+- ``pg_store_url``, ``pgbouncer_store_url`` (function): the same holding an empty store,
+  its schema made once per server and copied (``store_databases``): for the tests of
+  what a store does, not of how its schema is made.
 - ``make_pg_server(**kw)``, ``make_pgbouncer(server=None, **kw)``, ``freezable_proxy(url)``
   (function): factories for servers and proxies of the test's own, closed afterwards;
   a test that kills or restarts a server should take its own.
@@ -37,7 +40,7 @@ from pgserver import FreezableProxy, PgBouncer, PgInfraError, PgServer, find_bin
 
 PIP_FIXTURES = {"pip_pg_server"}
 PG_FIXTURES = {"pg_server", "fresh_databases", "pg_url", "pgbouncer", "pgbouncer_url",
-               "make_pg_server", "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
+               "store_databases", "pg_store_url", "pgbouncer_store_url", "make_pg_server", "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
 
 REQUIRE_ENV = "SESSIONDB_REQUIRE_POSTGRES"
 REPORT_ENV = "SESSIONDB_PG_REPORT"
@@ -140,6 +143,35 @@ def pg_url(pg_server: PgServer, fresh_databases: FreshDatabases) -> Iterator[str
     fresh_databases.give_back(url)
 
 
+@pytest.fixture(scope="session")
+def store_databases(pg_server: PgServer) -> Iterator[FreshDatabases]:
+    """Databases of ``pg_server`` holding an empty store, copies of one whose schema
+    this sessiondb made (``SessionDB(url)``) once per server: a copy costs the server
+    about 30 ms less CPU than an empty database whose schema each test's first open
+    makes (measured), over a thousand tests."""
+    def make_store(url: str) -> None:
+        from sessiondb import SessionDB
+
+        SessionDB(url).close()
+
+    fresh = FreshDatabases(pg_server, make_store, template="store_template")
+    try:
+        yield fresh
+    finally:
+        fresh.close()
+
+
+@pytest.fixture
+def pg_store_url(pg_server: PgServer, store_databases: FreshDatabases) -> Iterator[str]:
+    """The URL of a fresh database of this test's own holding an empty store (its
+    schema made; ``pg_url`` for an empty database). Made and dropped as ``pg_url``'s."""
+    if not pg_server.running:
+        pg_server.start()
+    url = store_databases.take()
+    yield url
+    store_databases.give_back(url)
+
+
 @pytest.fixture
 def make_pg_server() -> Iterator[Callable[..., PgServer]]:
     """``make_pg_server(settings=None) -> PgServer``, started; for tests that stop, kill or
@@ -193,6 +225,12 @@ def pgbouncer(pg_server: PgServer) -> Iterator[PgBouncer]:
 def pgbouncer_url(pgbouncer: PgBouncer, pg_url: str) -> str:
     """The URL of this test's fresh database (``pg_url``) through ``pgbouncer``."""
     return pgbouncer.url(urlsplit(pg_url).path.lstrip("/"))
+
+
+@pytest.fixture
+def pgbouncer_store_url(pgbouncer: PgBouncer, pg_store_url: str) -> str:
+    """The URL of this test's fresh store (``pg_store_url``) through ``pgbouncer``."""
+    return pgbouncer.url(urlsplit(pg_store_url).path.lstrip("/"))
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 machine, PostgreSQL across machines)."""
 
 from .bounded import Deadline, Heartbeat
-from .coordination import Claim, Lease
+from .holdings import Claim, Lease
 from .errors import (
     CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, ConnectionLost,
     CoordinationError,

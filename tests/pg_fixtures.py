@@ -136,11 +136,15 @@ def pg_url(pg_server: PgServer, fresh_databases: FreshDatabases) -> Iterator[str
     """``postgresql://postgres@127.0.0.1:PORT/test_...``: an empty database of this test's
     own, superuser, no password; made while the previous test ran, dropped while the
     next one runs."""
-    if not pg_server.running:  # a test stopped the shared server after all
-        pg_server.start()
-    url = fresh_databases.take()
+    yield from _database_of_its_own(pg_server, fresh_databases)
+
+
+def _database_of_its_own(server: PgServer, databases: FreshDatabases) -> Iterator[str]:
+    if not server.running:  # a test stopped the shared server after all
+        server.start()
+    url = databases.take()
     yield url
-    fresh_databases.give_back(url)
+    databases.give_back(url)
 
 
 @pytest.fixture(scope="session")
@@ -165,11 +169,7 @@ def store_databases(pg_server: PgServer) -> Iterator[FreshDatabases]:
 def pg_store_url(pg_server: PgServer, store_databases: FreshDatabases) -> Iterator[str]:
     """The URL of a fresh database of this test's own holding an empty store (its
     schema made; ``pg_url`` for an empty database). Made and dropped as ``pg_url``'s."""
-    if not pg_server.running:
-        pg_server.start()
-    url = store_databases.take()
-    yield url
-    store_databases.give_back(url)
+    yield from _database_of_its_own(pg_server, store_databases)
 
 
 @pytest.fixture

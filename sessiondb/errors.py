@@ -58,7 +58,7 @@ builtin) classes hermes-agent raised, so its callers' ``except`` clauses keep wo
 
 Errors from SQLite are translated at one boundary (:func:`translate`) and chained, so the
 original ``apsw`` exception stays reachable as ``__cause__``; errors from PostgreSQL
-likewise, at :func:`sessiondb.pg.engine.translate` (a ``psycopg`` exception as the cause;
+likewise, at :func:`sessiondb.pg.translate.translate` (a ``psycopg`` exception as the cause;
 the hermes classes above then wrap those too).
 """
 

@@ -309,7 +309,7 @@ def test_two_stores_in_one_database_do_not_see_each_other(pg_url: str) -> None:
 
 def test_url_options_are_sessiondbs_own_and_checked(pg_url: str) -> None:
     from sessiondb import ConfigurationError
-    from sessiondb.pg.engine import split_options
+    from sessiondb.pg.urls import split_options
 
     assert split_options("postgresql://u@h/db?sslmode=disable&schema=a&pooler=1") == (
         "postgresql://u@h/db?sslmode=disable", {"schema": "a", "pooler": "1"})

@@ -47,7 +47,7 @@ from .. import __version__
 from ..errors import SessionDBError
 from ..maintenance import ProgressCallback, Tracker
 from ..backend import mask
-from .engine import split_schema
+from .urls import split_schema
 from .bands import LEGACY as LEGACY_FTS_INDEX
 from .schema import MIGRATIONS, SCHEMA_VERSION, check_schema_name, found_version
 

@@ -18,7 +18,8 @@ Built on four PostgreSQL incidents, each answered here:
   :class:`~sessiondb.errors.WriteTimeout` when every connection is in use (in
   :class:`~sessiondb.errors.ConnectionLost` when the pool had room but no connection
   could be made: the server is down or unreachable); at 80% in use a
-  :class:`~sessiondb.errors.PoolWarning` is issued; ``stats()`` shows the pool.
+  :class:`~sessiondb.errors.PoolWarning` is issued; ``stats()`` shows the pool
+  (:mod:`sessiondb.pg.pool`).
 - *Hung work holding every slot while cleanup waited for a free one.* Work never holds a
   connection (only ``transaction()`` blocks do: their locks are bounded by
   ``hold_timeout``, but a block whose code hangs keeps its pooled connection until it
@@ -56,15 +57,14 @@ import os
 import socket
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 try:
     import psycopg
     import psycopg.errors as pgerr
-    from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+    import psycopg_pool  # noqa: F401 - sessiondb.pg.pool's: missing, said below
 except ImportError as exc:  # pragma: no cover - depends on the install
     from ..errors import ConfigurationError
     raise ConfigurationError(
@@ -73,9 +73,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from ..backend import check_durability, check_hold_timeout, check_seconds_option, mask
 from ..errors import (
-    ClosedError, ConfigurationError, ConnectionLost, CorruptDatabaseError, DatabaseBusyError,
-    DatabaseOpenError, DiskFullError, HoldTimeout, IntegrityViolation, InvalidArgument,
-    PoolWarning, SessionDBError, StorageError, TitleConflict, WriteTimeout,
+    ClosedError, ConfigurationError, DatabaseBusyError, HoldTimeout, StorageError,
+    WriteTimeout,
 )
 from ..maintenance import ProgressCallback, Step, Tracker, check_progress, run_steps, step_budget
 from ..text import check_flag
@@ -83,6 +82,9 @@ from ..writes import WriteCounters, backoff
 from . import schema as pg_schema
 from .conn import PgConn
 from .dialect import POSTGRESQL
+from .pool import BoundedPool
+from .translate import translate
+from .urls import split_options, url_flag
 
 T = TypeVar("T")
 
@@ -91,48 +93,8 @@ T = TypeVar("T")
 IDLE_GRACE = 1.0
 #: Seconds after a cancel that a statement may still run before its socket is shut.
 CANCEL_GRACE = 2.0
-#: Share of the pool in use at which a PoolWarning is issued.
-POOL_WARN_AT = 0.8
 _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 _SAVEPOINT = "sessiondb_nested"
-_INHERITED: list[Any] = []  # pools of a parent process: never closed by a fork child
-
-
-#: The URL query parameters that are sessiondb's own options, not libpq's (libpq would
-#: refuse them): ``?schema=profile_a&pooler=1``.
-URL_OPTIONS = ("schema", "pooler")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def split_options(url: str) -> tuple[str, dict[str, str]]:
-    """The URL without sessiondb's own query parameters (:data:`URL_OPTIONS`), and those
-    parameters (the last value of each wins)."""
-    parts = urlsplit(url)
-    pairs = [p for p in parts.query.split("&") if p]
-    mine: dict[str, str] = {}
-    rest: list[str] = []
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        if name in URL_OPTIONS:
-            mine[name] = value
-        else:
-            rest.append(pair)
-    return urlunsplit(parts._replace(query="&".join(rest))), mine
-
-
-def split_schema(url: str) -> tuple[str, str | None]:
-    """The URL without sessiondb's own query parameters, and its ``schema=``."""
-    plain, mine = split_options(url)
-    return plain, mine.get("schema")
-
-
-def _url_flag(name: str, value: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise ConfigurationError(f"the URL parameter {name}={value} must be 1 or 0 "
-                             "(true/false, yes/no, on/off)")
 
 
 class PgEngine:
@@ -174,21 +136,18 @@ class PgEngine:
                                                    or "sessiondb")
         # The option, or the URL's ?pooler=1 (a URL in $SESSIONDB_PATH says it all).
         self._pooler = check_flag("pooler", pooler) or (
-            "pooler" in in_url and _url_flag("pooler", in_url["pooler"]))
+            "pooler" in in_url and url_flag("pooler", in_url["pooler"]))
         self.write_timeout = float(write_timeout)
         self._hold = None if hold_timeout is None else float(hold_timeout)
-        self._pool_size = pool_size
-        self._app = str(application_name)[:63]
         self._progress = check_progress(progress)
         self.counters = WriteCounters()
         self._local = threading.local()  # this thread's transaction()/snapshot() block
-        self._in_use = 0
-        self._warned = False
-        self._count_lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
         self._watchdog = _Watchdog()
-        self._pool = self._new_pool()
+        self._pool = BoundedPool(url, self.path, pool_size, str(application_name)[:63],
+                                 pooler=self._pooler, timeout=self.write_timeout,
+                                 counters=self.counters)
         try:
             self._server_version = self.read(
                 lambda c: c.raw.info.server_version)
@@ -198,37 +157,6 @@ class PgEngine:
             raise
 
     # -- connections ------------------------------------------------------------------
-    def _new_pool(self) -> ConnectionPool:
-        timeout = self.write_timeout
-        kwargs: dict[str, Any] = {
-            # Transactions are begun explicitly, with their settings, in one round trip.
-            "autocommit": True,
-            "application_name": self._app,
-            # Dead peers are found in ~20 s even when nothing is being sent...
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
-            "keepalives_count": 3,
-            # ... and when something is: keepalives are not sent while data waits for
-            # its acknowledgement (a partition mid-statement), retransmissions go on
-            # for about 15 minutes unless this bounds them (milliseconds).
-            "tcp_user_timeout": 20_000,
-            "connect_timeout": max(2, int(min(timeout, 10))),
-        }
-        if self._pooler:
-            kwargs["prepare_threshold"] = None  # a pooler may not keep prepared statements
-        try:
-            pool = ConnectionPool(self._url, min_size=1, max_size=self._pool_size,
-                                  kwargs=kwargs, timeout=timeout, open=False,
-                                  name=f"sessiondb-{id(self):x}", reconnect_timeout=timeout)
-            pool.open(wait=True, timeout=timeout)
-        except PoolTimeout as exc:
-            raise DatabaseOpenError(
-                f"cannot connect to {self.path} within {timeout:g}s: is the server running "
-                "and the URL right (user, password, host, port, database)?",
-                self.path) from exc
-        except psycopg.Error as exc:
-            raise DatabaseOpenError(f"cannot connect to {self.path}: {exc}", self.path) from exc
-        return pool
-
     @contextmanager
     def _connection(self, deadline: float) -> Iterator[psycopg.Connection]:
         """A pooled connection until the block ends; the wait is bounded by ``deadline``."""
@@ -236,58 +164,16 @@ class PgEngine:
             raise ClosedError(f"{self!r} is closed; open a new SessionDB")
         if os.getpid() != self._pid:
             self._after_fork()
-        waited = time.monotonic()
-        try:
-            raw = self._pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
-        except PoolClosed as exc:  # closed by another thread meanwhile
-            raise ClosedError(f"{self!r} is closed; open a new SessionDB") from exc
-        except PoolTimeout as exc:
-            waited = time.monotonic() - waited
-            if self._in_use < self._pool_size:
-                # The pool had room for another connection and none could be made: the
-                # server is down or unreachable, which "pool in use" would misreport.
-                raise ConnectionLost(
-                    f"could not connect to the server within {waited:.2f}s ({self.path}): "
-                    "it is down, restarting or unreachable; nothing was written; later "
-                    "calls reconnect", self.path) from exc
-            self.counters.timeouts += 1
-            raise WriteTimeout(waited, 1,
-                               f"all {self._pool_size} connections of the pool were in use; "
-                               "raise pool_size or use fewer threads") from exc
-        try:
-            self._count(+1)
+        with self._pool.connection(deadline) as raw:
             yield raw
-        finally:
-            self._count(-1)
-            self._pool.putconn(raw)
 
     def _after_fork(self) -> None:
-        """In a fork child: a pool of its own (the parent's connections share their
-        sockets with the parent and are never touched here, not even closed), and none
-        of the parent's per-thread or per-pool state."""
-        pool = self._new_pool()  # first: if it fails, the next call tries again
-        _INHERITED.append(self._pool)
-        self._pool, self._pid = pool, os.getpid()
+        """In a fork child: a pool of its own (:meth:`BoundedPool.after_fork`), and none
+        of the parent's per-thread state."""
+        self._pool.after_fork()  # first: if it fails, the next call tries again
+        self._pid = os.getpid()
         self._watchdog = _Watchdog()
         self._local = threading.local()
-        self._count_lock = threading.Lock()
-        self._in_use, self._warned = 0, False
-
-    def _count(self, delta: int) -> None:
-        with self._count_lock:
-            self._in_use += delta
-            warn = False
-            if self._in_use >= POOL_WARN_AT * self._pool_size and self._pool_size > 1:
-                warn, self._warned = not self._warned, True
-            elif self._in_use <= self._pool_size // 2:
-                # Warned again only after use fell to half: a pool hovering at its
-                # threshold warns once, not at every call.
-                self._warned = False
-        if warn:
-            warnings.warn(PoolWarning(
-                f"{self._in_use} of {self._pool_size} connections of the pool of "
-                f"{self.path} are in use; raise pool_size if calls start timing out"),
-                stacklevel=4)
 
     def _begin(self, raw: psycopg.Connection, lock_wait: float, hold: float | None,
                isolation: str = "READ COMMITTED", then: str = "") -> None:
@@ -576,14 +462,7 @@ class PgEngine:
         if self._closed:
             raise ClosedError(f"{self!r} is closed; open a new SessionDB")
         figures: dict[str, Any] = self.counters.snapshot()
-        pool = self._pool.get_stats()
-        figures["pool"] = {"size": self._pool_size, "in_use": self._in_use,
-                           "open": pool.get("pool_size", 0),
-                           "available": pool.get("pool_available", 0),
-                           "waiting": pool.get("requests_waiting", 0),
-                           "waited": pool.get("requests_queued", 0),
-                           "wait_timeouts": pool.get("requests_errors", 0),
-                           "connections_lost": pool.get("connections_lost", 0)}
+        figures["pool"] = self._pool.figures()
         figures["backend"] = "postgresql"
         figures["path"] = self.path
         figures["schema"] = self._schema
@@ -744,34 +623,3 @@ def _rollback(raw: psycopg.Connection, expired: bool = False) -> None:
             raw.execute("ROLLBACK")
     except psycopg.Error:
         pass  # a broken connection: the pool discards it when it comes back
-
-
-def translate(exc: BaseException, url: str = "", hold: float | None = None) -> BaseException:
-    """Map a psycopg exception to the sessiondb equivalent (chain it with ``from``);
-    others are returned unchanged."""
-    if isinstance(exc, SessionDBError) or not isinstance(exc, psycopg.Error):
-        return exc
-    where = f" ({url})" if url else ""
-    text = str(exc).strip()
-    if isinstance(exc, pgerr.UniqueViolation) and getattr(exc.diag, "constraint_name", "") \
-            == "idx_sessions_title_unique":
-        title = text.split("(title)=(", 1)[-1].split(")", 1)[0] if "(title)=(" in text else ""
-        return TitleConflict(title, "another session")
-    if isinstance(exc, psycopg.IntegrityError):
-        return IntegrityViolation(f"constraint failed{where}: {text}")
-    if isinstance(exc, (pgerr.QueryCanceled, pgerr.IdleInTransactionSessionTimeout)):
-        return HoldTimeout(hold or 0.0, hold or 0.0)
-    if isinstance(exc, pgerr.LockNotAvailable):
-        return WriteTimeout(0.0, 1, f"PostgreSQL: {text}")
-    if isinstance(exc, (pgerr.DiskFull, pgerr.OutOfMemory)):
-        return DiskFullError(f"the server is out of space{where}: {text}; free space, "
-                             "then retry")
-    if isinstance(exc, (pgerr.DataCorrupted, pgerr.IndexCorrupted)):
-        return CorruptDatabaseError(f"database is damaged{where}: {text}")
-    if isinstance(exc, psycopg.DataError) or "NUL (0x00)" in text:
-        return InvalidArgument(f"a value PostgreSQL cannot store{where}: {text}")
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-        return ConnectionLost(f"lost the connection to the server{where}: {text}; nothing "
-                              "of this call was committed unless it was cut off during "
-                              "COMMIT; later calls reconnect", url)
-    return StorageError(f"PostgreSQL error{where}: {text}")

@@ -2,7 +2,7 @@
 machine, PostgreSQL across machines)."""
 
 from .bounded import Deadline, Heartbeat
-from .holdings import Claim, Lease
+from .coordination import Claim, Lease
 from .errors import (
     CapExceeded, CapWarning, ClaimLost, ClosedError, ConfigurationError, ConnectionLost,
     CoordinationError,

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -226,12 +226,18 @@ class ImportRun:
                 out.deferred = search_index.defer_ids(conn, ids)
         messages, runs = self._messages(conn, work, keys)
         self._insert_sessions(conn, work)
-        # Deferred, every id is pending: the triggers would only count the rows.
-        with search_index.inserting_pending(conn) if out.deferred else nullcontext():
+
+        def insert() -> None:
             if messages:
                 conn.executemany(_MESSAGE_INSERT, messages)
             if runs:
                 bulk_stage.insert_messages(conn, runs)
+
+        # Deferred, every id is pending: the triggers would only count the rows.
+        if out.deferred and all(k[0] is not None for k in keys):
+            search_index.insert_pending(conn, insert)
+        else:
+            insert()
         if keys:
             self.sql.ids_used(conn)
         out.imported, out.messages, out.size = len(work), len(keys), size

@@ -21,8 +21,7 @@ from __future__ import annotations
 import bisect
 import re
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import apsw
 
@@ -153,7 +152,9 @@ def defer_ids(conn: apsw.Connection, ids: list[int]) -> bool:
     spans ids of the list with no message in between (a range may only be made where no
     message exists yet, see :func:`defer`); a new range is joined with its neighbours
     when no message lies between them, so that an import keeps one range, not one per
-    step. Returns True if any id is pending now (then :func:`catch_up` indexes them).
+    step. Returns True if any id is pending now (then :func:`catch_up` indexes them),
+    that is whenever ``ids`` is not empty: every one of them is pending then
+    (:func:`insert_pending` relies on it).
     """
     pending = False
     i, n = 0, len(ids)
@@ -195,32 +196,42 @@ _OWN_TRIGGER = re.compile(r"messages_total_(?:insert|delete)\Z"
 _TOTAL_INSERT = "messages_total_insert"
 
 
-@contextmanager
-def inserting_pending(conn: apsw.Connection) -> Iterator[None]:
-    """Around INSERTs of messages whose ids are all pending (:func:`defer_ids`, in the
-    same transaction): ``conn``'s triggers are off while they run, when the only
-    triggers on ``messages`` are sessiondb's. For those rows the index's triggers do
-    nothing (the ids are pending) and the total's adds one per row, which this adds
-    once at the end instead. Any trigger only costs SQLite a subprogram per row: a bulk
-    import's rows went in about 20% faster without (200,000 rows of 1 KB, measured).
-    ``SQLITE_DBCONFIG_ENABLE_TRIGGER`` is a setting of the connection alone: other
-    connections, and this one after the block (also after an error), fire them as
-    always. With a trigger of anyone else's on ``messages``, nothing changes."""
+def insert_pending(conn: apsw.Connection, insert: Callable[[], None]) -> None:
+    """Run ``insert``, INSERTs of messages whose ids are all pending (:func:`defer_ids`,
+    in the same transaction), with ``conn``'s triggers off, when the only triggers on
+    ``messages`` are sessiondb's (known by their names). For those rows the index's
+    triggers do nothing (the ids are pending) and the total's adds one per row, which
+    this adds once at the end instead. Any trigger costs SQLite a subprogram per row: a
+    bulk import's rows went in about 20% faster without (200,000 rows of 1 KB,
+    measured). ``SQLITE_DBCONFIG_ENABLE_TRIGGER`` is a setting of the connection alone:
+    other connections, and this one after the call (also after an error or an
+    interrupt), fire them as always. With a trigger of anyone else's on ``messages``,
+    or any TEMP trigger (which the setting does not turn off), ``insert`` runs as it
+    is."""
     names = [name for (name,) in conn.execute(
-        "SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = 'messages'")]
-    if not all(_OWN_TRIGGER.match(name) for name in names):
-        yield
+        "SELECT name FROM sqlite_schema WHERE type = 'trigger' "
+        "AND tbl_name = 'messages' COLLATE NOCASE")]
+    if not all(_OWN_TRIGGER.match(name) for name in names) or _temp_triggers(conn):
+        insert()
         return
     was = conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1)
     before = conn.total_changes()
-    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
     try:
-        yield
+        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+        insert()
     finally:
         conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, was)
     if _TOTAL_INSERT in names:
         conn.execute(f"UPDATE {TOTALS} SET value = value + ? WHERE name = 'messages'",
                      (conn.total_changes() - before,))
+
+
+def _temp_triggers(conn: apsw.Connection) -> bool:
+    """Whether ``conn`` has TEMP triggers (its temp schema is looked at only when it has
+    one: reading ``sqlite_temp_schema`` would make it)."""
+    return conn.execute("SELECT 1 FROM pragma_database_list WHERE name = 'temp'").fetchone(
+        ) is not None and conn.execute("SELECT 1 FROM sqlite_temp_schema WHERE type = "
+                                       "'trigger' LIMIT 1").fetchone() is not None
 
 
 def index_step(conn: apsw.Connection, deadline: float) -> int:

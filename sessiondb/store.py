@@ -22,8 +22,7 @@ from .backend import (
     session_lock_key as _key,
 )
 from .opening import open_engine
-from .coordination import Coordination
-from .holdings import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER
+from .coordination import MAX_CLAIMS_PER_OWNER, MAX_LEASES_PER_OWNER, Coordination
 from .errors import (
     ClosedError, IntegrityViolation, InvalidArgument, InvalidArgumentType,
     SessionNotFound, StaleRevision, TitleConflict,

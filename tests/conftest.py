@@ -114,13 +114,23 @@ def backend(request) -> str:
 def db_path(backend: str, tmp_path: Path, request) -> Any:
     """Where this test's store lives: a file, not created yet; for PostgreSQL the URL of
     a fresh database of the test server holding an empty store (its schema made:
-    ``pg_store_url``; the tests of the schema's making take ``pg_url``); for PgBouncer
-    the URL of one through the shared pooler, with ``pooler=1`` (no server-side
-    prepared statements)."""
+    ``pg_store_url``); for PgBouncer the URL of one through the shared pooler, with
+    ``pooler=1`` (no server-side prepared statements)."""
+    return _store_path(backend, tmp_path, request, "pg_store_url", "pgbouncer_store_url")
+
+
+@pytest.fixture
+def empty_db_path(backend: str, tmp_path: Path, request) -> Any:
+    """``db_path``, but on PostgreSQL and PgBouncer a database with no store in it yet,
+    for the tests of a store's first opens (its schema's making)."""
+    return _store_path(backend, tmp_path, request, "pg_url", "pgbouncer_url")
+
+
+def _store_path(backend: str, tmp_path: Path, request, pg: str, pgbouncer: str) -> Any:
     if backend == "postgresql":
-        return request.getfixturevalue("pg_store_url")
+        return request.getfixturevalue(pg)
     if backend == "pgbouncer":
-        url = request.getfixturevalue("pgbouncer_store_url")
+        url = request.getfixturevalue(pgbouncer)
         return url + ("&" if "?" in url else "?") + "pooler=1"
     return tmp_path / "state.db"
 

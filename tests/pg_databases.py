@@ -6,8 +6,9 @@ create, 31 ms to drop, and 102 ms to drop one that PgBouncer still holds server
 connections to (``DROP ... WITH (FORCE)`` ends them, then polls every 100 ms until they
 are gone). Neither is what a test is about, so a thread of the test process does both
 while the tests run: it creates the next test's database during the current test and
-drops the last one's. Every test still gets a database of its own, created from
-``template0`` as before and empty, that no other test ever saw.
+drops the last one's. Every test still gets a database of its own, that no other test
+ever saw: created from ``template0``, empty, or (``prepare``) a copy of one prepared once,
+holding an empty store.
 
 Plain Python, like :mod:`pgserver`; the fixture using it is ``pg_url``
 (``tests/pg_fixtures.py``).
@@ -119,12 +120,9 @@ class FreshDatabases:
             return self.server.create_database()
         with self._template_lock:  # take() may make one while the thread makes one
             if not self._prepared:
+                self.server.drop_database(self._template)  # one a failed prepare left
                 url = self.server.create_database(self._template)
-                try:
-                    self._prepare(url)
-                except BaseException:
-                    self.server.drop_database(self._template)
-                    raise
+                self._prepare(url)
                 self._prepared = True
         return self.server.create_database(template=self._template)
 

@@ -40,7 +40,8 @@ from pgserver import FreezableProxy, PgBouncer, PgInfraError, PgServer, find_bin
 
 PIP_FIXTURES = {"pip_pg_server"}
 PG_FIXTURES = {"pg_server", "fresh_databases", "pg_url", "pgbouncer", "pgbouncer_url",
-               "store_databases", "pg_store_url", "pgbouncer_store_url", "make_pg_server", "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
+               "store_databases", "pg_store_url", "pgbouncer_store_url", "make_pg_server",
+               "make_pgbouncer", "freezable_proxy", *PIP_FIXTURES}
 
 REQUIRE_ENV = "SESSIONDB_REQUIRE_POSTGRES"
 REPORT_ENV = "SESSIONDB_PG_REPORT"

@@ -106,7 +106,9 @@ def test_rows_go_with_their_session(db: SessionDB, make_session) -> None:
     assert _rows(db, "SELECT session_id FROM demo_items") == [("keep",)]
 
 
-def test_processes_making_them_at_once(db_path) -> None:
+def test_processes_making_them_at_once(empty_db_path) -> None:
+    # Their first opens make the store too (on PostgreSQL, through PgBouncer as well).
+    db_path = empty_db_path
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(6)
     procs = [ctx.Process(target=make_tables, args=(str(db_path), barrier)) for _ in range(6)]

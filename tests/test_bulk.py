@@ -421,11 +421,12 @@ def test_an_import_counts_its_rows_and_leaves_the_triggers_on(fresh: SessionDB) 
 
 
 @pytest.mark.usefixtures("reading")
+@pytest.mark.parametrize("table", ["messages", "Messages"])
 def test_a_trigger_of_someone_elses_on_messages_fires_for_imported_rows(
-        fresh: SessionDB) -> None:
+        fresh: SessionDB, table: str) -> None:
     conn = apsw.Connection(str(fresh.path))
-    conn.execute("CREATE TABLE audit (id INTEGER); CREATE TRIGGER audit_insert AFTER "
-                 "INSERT ON messages BEGIN INSERT INTO audit VALUES (new.id); END")
+    conn.execute(f"CREATE TABLE audit (id INTEGER); CREATE TRIGGER audit_insert AFTER "
+                 f"INSERT ON {table} BEGIN INSERT INTO audit VALUES (new.id); END")
     conn.close()
     fresh.import_sessions(iter(generated(40, 25)))
     conn = apsw.Connection(str(fresh.path), flags=apsw.SQLITE_OPEN_READONLY)
@@ -443,13 +444,36 @@ def test_the_triggers_are_on_again_after_a_failed_insert(db_path: Path) -> None:
 
     SessionDB(db_path).close()
     conn = apsw.Connection(str(db_path))
+
+    def insert() -> None:
+        assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 0
+        conn.execute("INSERT INTO messages (session_id, role, timestamp) "
+                     "VALUES ('none', NULL, 1)")
+
     with pytest.raises(apsw.ConstraintError):
         with conn:
-            with search_index.inserting_pending(conn):
-                assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 0
-                conn.execute("INSERT INTO messages (session_id, role, timestamp) "
-                             "VALUES ('none', NULL, 1)")
+            search_index.insert_pending(conn, insert)
     assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, -1) == 1
+    conn.close()
+
+
+def test_a_temp_trigger_keeps_the_triggers_on(db_path: Path) -> None:
+    # The setting does not turn TEMP triggers off, and their changes would be counted
+    # into the total: with one, the rows go in the ordinary way.
+    from sessiondb import search_index
+
+    with SessionDB(db_path) as db:
+        db.create_session("s", "cli")
+    conn = apsw.Connection(str(db_path))
+    conn.execute("CREATE TEMP TABLE seen (id INTEGER); CREATE TEMP TRIGGER seen_insert "
+                 "AFTER INSERT ON main.messages BEGIN INSERT INTO seen VALUES (new.id); END")
+    with conn:
+        conn.execute("INSERT INTO sessiondb_fts_pending (lo, hi) VALUES (1, 100)")
+        search_index.insert_pending(conn, lambda: conn.executemany(
+            "INSERT INTO messages (id, session_id, role, content, timestamp) "
+            "VALUES (?, 's', 'user', 'x', 1)", [(i,) for i in range(1, 4)]))
+    assert conn.execute("SELECT count(*) FROM seen").fetchone()[0] == 3
+    assert conn.execute("SELECT value FROM sessiondb_totals").fetchone()[0] == 3
     conn.close()
 
 

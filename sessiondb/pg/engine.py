@@ -46,7 +46,7 @@ rolled back by closing its connection, never by a ROLLBACK that could wait behin
 partition. A connection lost during ``COMMIT`` is
 :class:`~sessiondb.errors.ConnectionLost` (it may have committed), never
 :class:`~sessiondb.errors.HoldTimeout` (which says nothing was written). Errors are
-translated at one boundary (:func:`translate`).
+translated at one boundary (:func:`sessiondb.pg.translate.translate`).
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ def split_schema(url: str) -> tuple[str, str | None]:
 
 
 def url_flag(name: str, value: str) -> bool:
+    """A URL parameter's yes or no (``1``/``0``, ``true``/``false``, ``yes``/``no``,
+    ``on``/``off``).
+
+    :raises ConfigurationError: anything else."""
     if value.lower() in _TRUE:
         return True
     if value.lower() in _FALSE:

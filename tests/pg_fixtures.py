@@ -125,11 +125,7 @@ def pg_server() -> Iterator[PgServer]:
 def fresh_databases(pg_server: PgServer) -> Iterator[FreshDatabases]:
     """Databases of ``pg_server`` made one test ahead and dropped behind, off the tests'
     own time (tests/pg_databases.py)."""
-    fresh = FreshDatabases(pg_server)
-    try:
-        yield fresh
-    finally:
-        fresh.close()
+    yield from _closed_after(FreshDatabases(pg_server))
 
 
 @pytest.fixture
@@ -159,7 +155,10 @@ def store_databases(pg_server: PgServer) -> Iterator[FreshDatabases]:
 
         SessionDB(url).close()
 
-    fresh = FreshDatabases(pg_server, make_store, template="store_template")
+    yield from _closed_after(FreshDatabases(pg_server, make_store, template="store_template"))
+
+
+def _closed_after(fresh: FreshDatabases) -> Iterator[FreshDatabases]:
     try:
         yield fresh
     finally:
